@@ -1,0 +1,543 @@
+//! Configuration rows: what the operator writes for each resource and what nodes load into
+//! their snapshot. The SQL for both directions lives here so that the column lists exist once.
+
+use ipnet::IpNet;
+use rust_decimal::Decimal;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgPool, Row, postgres::PgRow};
+
+use crate::types::{AuthMethod, Codec, DestinationType, Direction, Transport, TrunkSelection};
+
+/// One provider address of a trunk. Failover tries gateways by ascending `priority` and spreads
+/// calls by `weight` within a priority, as DNS SRV does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayConfig {
+    pub address: String,
+    pub port: u16,
+    pub transport: Transport,
+    pub priority: u16,
+    pub weight: u16,
+    pub enabled: bool,
+}
+
+/// Where a call goes: the inline destination of a number or the target of an inbound rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Destination {
+    /// `websocket` (AI agent), `sip` (a SIP URI), `number` (dial out through a trunk) or `reject`.
+    #[serde(rename = "type")]
+    pub kind: DestinationType,
+    /// Agent URL for `websocket` (`ws://` or `wss://`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Target for `sip`, e.g. `sip:agent@10.0.0.5:5060`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    /// E.164 number for `number`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub number: Option<String>,
+    /// Trunk to dial `number` through; defaults to the called number's own trunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trunk_ref: Option<String>,
+    /// SIP status for `reject` (4xx–6xx, default 603).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reject_code: Option<u16>,
+}
+
+/// What an inbound or outbound rule matches. Empty lists match everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MatchSpec {
+    /// Called numbers (E.164) an inbound rule applies to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub numbers: Vec<String>,
+    /// Regular expressions on the caller's number.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub caller_patterns: Vec<String>,
+    /// Regular expressions on the dialled number (outbound rules).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination_patterns: Vec<String>,
+}
+
+/// A trunk as stored: the validated, defaulted form of the `Trunk` resource's spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrunkConfig {
+    pub namespace: String,
+    pub name: String,
+    pub provider: String,
+    pub display_name: Option<String>,
+    pub suspended: bool,
+    pub gateways: Vec<GatewayConfig>,
+    pub registrar_address: Option<String>,
+    pub registrar_port: Option<u16>,
+    pub realm: Option<String>,
+    pub auth_method: AuthMethod,
+    pub registration_enabled: bool,
+    pub registration_expires: u32,
+    pub inbound_enabled: bool,
+    pub allowed_source_cidrs: Vec<IpNet>,
+    pub outbound_enabled: bool,
+    pub dial_prefix: Option<String>,
+    pub strip_digits: u32,
+    pub prepend_digits: Option<String>,
+    pub max_concurrent_calls: Option<u32>,
+    pub calls_per_second: Option<u32>,
+    pub codecs: Vec<Codec>,
+    pub dtmf_relay: bool,
+    pub rtp_timeout_seconds: u32,
+    pub options_interval_seconds: u32,
+    pub failover_timeout_seconds: u32,
+    pub backup_trunks: Vec<String>,
+    pub rate_outbound_per_minute: Decimal,
+    pub rate_inbound_per_minute: Decimal,
+    pub rate_per_message: Decimal,
+    pub currency: String,
+}
+
+/// Digest credentials of a trunk, resolved from its Secret.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credential {
+    pub namespace: String,
+    pub trunk_name: String,
+    pub username: String,
+    pub password: String,
+    pub secret_name: String,
+}
+
+impl std::fmt::Debug for Credential {
+    /// Never prints the password, so that credentials can sit in logged structs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("namespace", &self.namespace)
+            .field("trunk_name", &self.trunk_name)
+            .field("username", &self.username)
+            .field("secret_name", &self.secret_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A phone number (DID) as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NumberConfig {
+    pub namespace: String,
+    pub name: String,
+    pub number: String,
+    pub trunk_ref: String,
+    pub routing_rule_ref: Option<String>,
+    pub destination: Option<Destination>,
+    pub message_webhook: Option<String>,
+    pub caller_id_allowed: bool,
+}
+
+/// A routing rule as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleConfig {
+    pub namespace: String,
+    pub name: String,
+    pub direction: Direction,
+    pub priority: i32,
+    pub match_spec: MatchSpec,
+    pub destination: Option<Destination>,
+    pub trunks: Vec<String>,
+    pub trunk_selection: TrunkSelection,
+    pub status_callback: Option<String>,
+}
+
+/// The stored generation and hash that tell whether a resource's rows are current.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredHash {
+    pub namespace: String,
+    pub name: String,
+    pub spec_hash: String,
+}
+
+fn parse_text<T: std::str::FromStr<Err = String>>(row: &PgRow, column: &str) -> Result<T, sqlx::Error> {
+    let text: String = row.try_get(column)?;
+    text.parse().map_err(|e: String| sqlx::Error::ColumnDecode {
+        index: column.to_string(),
+        source: e.into(),
+    })
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(row: &PgRow, column: &str) -> Result<T, sqlx::Error> {
+    let value: serde_json::Value = row.try_get(column)?;
+    serde_json::from_value(value).map_err(|e| sqlx::Error::ColumnDecode {
+        index: column.to_string(),
+        source: e.into(),
+    })
+}
+
+fn opt_u16(row: &PgRow, column: &str) -> Result<Option<u16>, sqlx::Error> {
+    Ok(row.try_get::<Option<i32>, _>(column)?.map(|v| v.clamp(0, u16::MAX as i32) as u16))
+}
+
+fn opt_u32(row: &PgRow, column: &str) -> Result<Option<u32>, sqlx::Error> {
+    Ok(row.try_get::<Option<i32>, _>(column)?.map(|v| v.max(0) as u32))
+}
+
+fn u32_col(row: &PgRow, column: &str) -> Result<u32, sqlx::Error> {
+    Ok(row.try_get::<i32, _>(column)?.max(0) as u32)
+}
+
+fn to_i32(v: u32) -> i32 {
+    i32::try_from(v).unwrap_or(i32::MAX)
+}
+
+impl TrunkConfig {
+    fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
+        let codecs: Vec<String> = row.try_get("codecs")?;
+        let codecs = codecs
+            .iter()
+            .map(|c| c.parse::<Codec>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| sqlx::Error::ColumnDecode { index: "codecs".into(), source: e.into() })?;
+        Ok(Self {
+            namespace: row.try_get("namespace")?,
+            name: row.try_get("name")?,
+            provider: row.try_get("provider")?,
+            display_name: row.try_get("display_name")?,
+            suspended: row.try_get("suspended")?,
+            gateways: parse_json(row, "gateways")?,
+            registrar_address: row.try_get("registrar_address")?,
+            registrar_port: opt_u16(row, "registrar_port")?,
+            realm: row.try_get("realm")?,
+            auth_method: parse_text(row, "auth_method")?,
+            registration_enabled: row.try_get("registration_enabled")?,
+            registration_expires: u32_col(row, "registration_expires")?,
+            inbound_enabled: row.try_get("inbound_enabled")?,
+            allowed_source_cidrs: row.try_get("allowed_source_cidrs")?,
+            outbound_enabled: row.try_get("outbound_enabled")?,
+            dial_prefix: row.try_get("dial_prefix")?,
+            strip_digits: u32_col(row, "strip_digits")?,
+            prepend_digits: row.try_get("prepend_digits")?,
+            max_concurrent_calls: opt_u32(row, "max_concurrent_calls")?,
+            calls_per_second: opt_u32(row, "calls_per_second")?,
+            codecs,
+            dtmf_relay: row.try_get("dtmf_relay")?,
+            rtp_timeout_seconds: u32_col(row, "rtp_timeout_seconds")?,
+            options_interval_seconds: u32_col(row, "options_interval_seconds")?,
+            failover_timeout_seconds: u32_col(row, "failover_timeout_seconds")?,
+            backup_trunks: row.try_get("backup_trunks")?,
+            rate_outbound_per_minute: row.try_get("rate_outbound_per_minute")?,
+            rate_inbound_per_minute: row.try_get("rate_inbound_per_minute")?,
+            rate_per_message: row.try_get("rate_per_message")?,
+            currency: row.try_get("currency")?,
+        })
+    }
+
+    /// Inserts or replaces the trunk's row, recording the hash of the spec it came from and the
+    /// generation of the change.
+    pub async fn upsert(&self, conn: &mut PgConnection, spec_hash: &str, generation: i64) -> Result<(), sqlx::Error> {
+        let codecs: Vec<&str> = self.codecs.iter().map(|c| c.as_str()).collect();
+        sqlx::query(
+            "INSERT INTO trunks (namespace, name, provider, display_name, suspended, gateways,
+                registrar_address, registrar_port, realm, auth_method, registration_enabled,
+                registration_expires, inbound_enabled, allowed_source_cidrs, outbound_enabled,
+                dial_prefix, strip_digits, prepend_digits, max_concurrent_calls, calls_per_second,
+                codecs, dtmf_relay, rtp_timeout_seconds, options_interval_seconds,
+                failover_timeout_seconds, backup_trunks, rate_outbound_per_minute,
+                rate_inbound_per_minute, rate_per_message, currency, spec_hash, config_generation,
+                updated_at)
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,
+                $23,$24,$25,$26,$27,$28,$29,$30,$31,$32, now())
+             ON CONFLICT (namespace, name) DO UPDATE SET
+                provider = EXCLUDED.provider, display_name = EXCLUDED.display_name,
+                suspended = EXCLUDED.suspended, gateways = EXCLUDED.gateways,
+                registrar_address = EXCLUDED.registrar_address, registrar_port = EXCLUDED.registrar_port,
+                realm = EXCLUDED.realm, auth_method = EXCLUDED.auth_method,
+                registration_enabled = EXCLUDED.registration_enabled,
+                registration_expires = EXCLUDED.registration_expires,
+                inbound_enabled = EXCLUDED.inbound_enabled,
+                allowed_source_cidrs = EXCLUDED.allowed_source_cidrs,
+                outbound_enabled = EXCLUDED.outbound_enabled, dial_prefix = EXCLUDED.dial_prefix,
+                strip_digits = EXCLUDED.strip_digits, prepend_digits = EXCLUDED.prepend_digits,
+                max_concurrent_calls = EXCLUDED.max_concurrent_calls,
+                calls_per_second = EXCLUDED.calls_per_second, codecs = EXCLUDED.codecs,
+                dtmf_relay = EXCLUDED.dtmf_relay, rtp_timeout_seconds = EXCLUDED.rtp_timeout_seconds,
+                options_interval_seconds = EXCLUDED.options_interval_seconds,
+                failover_timeout_seconds = EXCLUDED.failover_timeout_seconds,
+                backup_trunks = EXCLUDED.backup_trunks,
+                rate_outbound_per_minute = EXCLUDED.rate_outbound_per_minute,
+                rate_inbound_per_minute = EXCLUDED.rate_inbound_per_minute,
+                rate_per_message = EXCLUDED.rate_per_message, currency = EXCLUDED.currency,
+                spec_hash = EXCLUDED.spec_hash, config_generation = EXCLUDED.config_generation,
+                updated_at = now()",
+        )
+        .bind(&self.namespace)
+        .bind(&self.name)
+        .bind(&self.provider)
+        .bind(&self.display_name)
+        .bind(self.suspended)
+        .bind(serde_json::to_value(&self.gateways).expect("gateways serialize"))
+        .bind(&self.registrar_address)
+        .bind(self.registrar_port.map(i32::from))
+        .bind(&self.realm)
+        .bind(self.auth_method.as_str())
+        .bind(self.registration_enabled)
+        .bind(to_i32(self.registration_expires))
+        .bind(self.inbound_enabled)
+        .bind(&self.allowed_source_cidrs)
+        .bind(self.outbound_enabled)
+        .bind(&self.dial_prefix)
+        .bind(to_i32(self.strip_digits))
+        .bind(&self.prepend_digits)
+        .bind(self.max_concurrent_calls.map(to_i32))
+        .bind(self.calls_per_second.map(to_i32))
+        .bind(&codecs)
+        .bind(self.dtmf_relay)
+        .bind(to_i32(self.rtp_timeout_seconds))
+        .bind(to_i32(self.options_interval_seconds))
+        .bind(to_i32(self.failover_timeout_seconds))
+        .bind(&self.backup_trunks)
+        .bind(self.rate_outbound_per_minute)
+        .bind(self.rate_inbound_per_minute)
+        .bind(self.rate_per_message)
+        .bind(&self.currency)
+        .bind(spec_hash)
+        .bind(generation)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Every stored trunk.
+    pub async fn load_all(pool: &PgPool) -> Result<Vec<Self>, sqlx::Error> {
+        let rows = sqlx::query("SELECT * FROM trunks ORDER BY namespace, name").fetch_all(pool).await?;
+        rows.iter().map(Self::from_row).collect()
+    }
+}
+
+impl Credential {
+    /// Inserts or replaces the credential of a trunk.
+    pub async fn upsert(&self, conn: &mut PgConnection, generation: i64) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO credentials (namespace, trunk_name, username, password, secret_name, config_generation)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (namespace, trunk_name) DO UPDATE SET username = EXCLUDED.username,
+                password = EXCLUDED.password, secret_name = EXCLUDED.secret_name,
+                config_generation = EXCLUDED.config_generation, updated_at = now()",
+        )
+        .bind(&self.namespace)
+        .bind(&self.trunk_name)
+        .bind(&self.username)
+        .bind(&self.password)
+        .bind(&self.secret_name)
+        .bind(generation)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Removes a trunk's credential (the trunk no longer uses digest, or is gone).
+    pub async fn delete(conn: &mut PgConnection, namespace: &str, trunk_name: &str) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query("DELETE FROM credentials WHERE namespace = $1 AND trunk_name = $2")
+            .bind(namespace)
+            .bind(trunk_name)
+            .execute(conn)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Every stored credential.
+    pub async fn load_all(pool: &PgPool) -> Result<Vec<Self>, sqlx::Error> {
+        let rows = sqlx::query("SELECT namespace, trunk_name, username, password, secret_name FROM credentials")
+            .fetch_all(pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Self {
+                    namespace: row.try_get("namespace")?,
+                    trunk_name: row.try_get("trunk_name")?,
+                    username: row.try_get("username")?,
+                    password: row.try_get("password")?,
+                    secret_name: row.try_get("secret_name")?,
+                })
+            })
+            .collect()
+    }
+}
+
+impl NumberConfig {
+    fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
+        let destination: Option<serde_json::Value> = row.try_get("destination")?;
+        Ok(Self {
+            namespace: row.try_get("namespace")?,
+            name: row.try_get("name")?,
+            number: row.try_get("number")?,
+            trunk_ref: row.try_get("trunk_ref")?,
+            routing_rule_ref: row.try_get("routing_rule_ref")?,
+            destination: destination
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(|e| sqlx::Error::ColumnDecode { index: "destination".into(), source: e.into() })?,
+            message_webhook: row.try_get("message_webhook")?,
+            caller_id_allowed: row.try_get("caller_id_allowed")?,
+        })
+    }
+
+    /// Inserts or replaces the number's row.
+    pub async fn upsert(&self, conn: &mut PgConnection, spec_hash: &str, generation: i64) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO phone_numbers (namespace, name, number, trunk_ref, routing_rule_ref,
+                destination, message_webhook, caller_id_allowed, spec_hash, config_generation)
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)
+             ON CONFLICT (namespace, name) DO UPDATE SET number = EXCLUDED.number,
+                trunk_ref = EXCLUDED.trunk_ref, routing_rule_ref = EXCLUDED.routing_rule_ref,
+                destination = EXCLUDED.destination, message_webhook = EXCLUDED.message_webhook,
+                caller_id_allowed = EXCLUDED.caller_id_allowed, spec_hash = EXCLUDED.spec_hash,
+                config_generation = EXCLUDED.config_generation, updated_at = now()",
+        )
+        .bind(&self.namespace)
+        .bind(&self.name)
+        .bind(&self.number)
+        .bind(&self.trunk_ref)
+        .bind(&self.routing_rule_ref)
+        .bind(self.destination.as_ref().map(|d| serde_json::to_value(d).expect("destination serializes")))
+        .bind(&self.message_webhook)
+        .bind(self.caller_id_allowed)
+        .bind(spec_hash)
+        .bind(generation)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Every stored number.
+    pub async fn load_all(pool: &PgPool) -> Result<Vec<Self>, sqlx::Error> {
+        let rows = sqlx::query("SELECT * FROM phone_numbers ORDER BY number").fetch_all(pool).await?;
+        rows.iter().map(Self::from_row).collect()
+    }
+
+    /// The resource that holds `number`, if any: used to refuse a second resource claiming it.
+    pub async fn holder_of(conn: &mut PgConnection, number: &str) -> Result<Option<(String, String)>, sqlx::Error> {
+        sqlx::query_as("SELECT namespace, name FROM phone_numbers WHERE number = $1")
+            .bind(number)
+            .fetch_optional(conn)
+            .await
+    }
+}
+
+impl RuleConfig {
+    fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
+        let destination: Option<serde_json::Value> = row.try_get("destination")?;
+        Ok(Self {
+            namespace: row.try_get("namespace")?,
+            name: row.try_get("name")?,
+            direction: parse_text(row, "direction")?,
+            priority: row.try_get("priority")?,
+            match_spec: parse_json(row, "match_spec")?,
+            destination: destination
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(|e| sqlx::Error::ColumnDecode { index: "destination".into(), source: e.into() })?,
+            trunks: row.try_get("trunks")?,
+            trunk_selection: parse_text(row, "trunk_selection")?,
+            status_callback: row.try_get("status_callback")?,
+        })
+    }
+
+    /// Inserts or replaces the rule's row.
+    pub async fn upsert(&self, conn: &mut PgConnection, spec_hash: &str, generation: i64) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO routing_rules (namespace, name, direction, priority, match_spec, destination,
+                trunks, trunk_selection, status_callback, spec_hash, config_generation)
+             VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11)
+             ON CONFLICT (namespace, name) DO UPDATE SET direction = EXCLUDED.direction,
+                priority = EXCLUDED.priority, match_spec = EXCLUDED.match_spec,
+                destination = EXCLUDED.destination, trunks = EXCLUDED.trunks,
+                trunk_selection = EXCLUDED.trunk_selection, status_callback = EXCLUDED.status_callback,
+                spec_hash = EXCLUDED.spec_hash, config_generation = EXCLUDED.config_generation,
+                updated_at = now()",
+        )
+        .bind(&self.namespace)
+        .bind(&self.name)
+        .bind(self.direction.as_str())
+        .bind(self.priority)
+        .bind(serde_json::to_value(&self.match_spec).expect("match spec serializes"))
+        .bind(self.destination.as_ref().map(|d| serde_json::to_value(d).expect("destination serializes")))
+        .bind(&self.trunks)
+        .bind(self.trunk_selection.as_str())
+        .bind(&self.status_callback)
+        .bind(spec_hash)
+        .bind(generation)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Every stored rule, in evaluation order (priority, then name).
+    pub async fn load_all(pool: &PgPool) -> Result<Vec<Self>, sqlx::Error> {
+        let rows = sqlx::query("SELECT * FROM routing_rules ORDER BY priority, namespace, name")
+            .fetch_all(pool)
+            .await?;
+        rows.iter().map(Self::from_row).collect()
+    }
+}
+
+/// The three configuration tables, one per resource kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ConfigTable {
+    Trunks,
+    PhoneNumbers,
+    RoutingRules,
+}
+
+impl ConfigTable {
+    fn delete_sql(self) -> &'static str {
+        match self {
+            Self::Trunks => "DELETE FROM trunks WHERE namespace = $1 AND name = $2",
+            Self::PhoneNumbers => "DELETE FROM phone_numbers WHERE namespace = $1 AND name = $2",
+            Self::RoutingRules => "DELETE FROM routing_rules WHERE namespace = $1 AND name = $2",
+        }
+    }
+
+    fn hashes_sql(self) -> &'static str {
+        match self {
+            Self::Trunks => "SELECT namespace, name, spec_hash FROM trunks",
+            Self::PhoneNumbers => "SELECT namespace, name, spec_hash FROM phone_numbers",
+            Self::RoutingRules => "SELECT namespace, name, spec_hash FROM routing_rules",
+        }
+    }
+
+    /// Deletes a resource's row; returns whether there was one.
+    pub async fn delete(self, conn: &mut PgConnection, namespace: &str, name: &str) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(self.delete_sql()).bind(namespace).bind(name).execute(conn).await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// The stored spec hash of every row, to tell what changed without reading whole rows.
+    pub async fn hashes(self, conn: &mut PgConnection) -> Result<Vec<StoredHash>, sqlx::Error> {
+        let rows = sqlx::query(self.hashes_sql()).fetch_all(conn).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(StoredHash {
+                    namespace: row.try_get("namespace")?,
+                    name: row.try_get("name")?,
+                    spec_hash: row.try_get("spec_hash")?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Bumps the configuration generation inside the caller's transaction and returns the new value.
+pub async fn bump_generation(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE config_state SET generation = generation + 1, updated_at = now() WHERE singleton RETURNING generation",
+    )
+    .fetch_one(conn)
+    .await
+}
+
+/// Announces a committed generation to listening nodes. Inside a transaction the notification
+/// is delivered at commit, so a node never sees a generation before its rows.
+pub async fn notify_generation(conn: &mut PgConnection, generation: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(crate::db::CONFIG_CHANNEL)
+        .bind(generation.to_string())
+        .execute(conn)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,35 @@
+//! Process-wide `tracing` setup shared by every Switchboard binary.
+
+use tracing_subscriber::{EnvFilter, fmt};
+
+/// Log output format, chosen by `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines (the default: what an operator reads in a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(format!("unknown log format {other:?}: write \"text\" or \"json\"")),
+        }
+    }
+}
+
+/// Installs the global subscriber. The filter comes from `RUST_LOG`, defaulting to `info`.
+/// Calling it twice is harmless (the second call is ignored), which keeps tests simple.
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}

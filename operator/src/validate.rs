@@ -1,0 +1,1 @@
+//! The one validation path: the same checks for every source (folder, Kubernetes, REST API).

@@ -1,0 +1,1 @@
+//! Postgres for local mode: the one named by DATABASE_URL, or a private throwaway cluster.
