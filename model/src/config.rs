@@ -15,7 +15,8 @@ use crate::types::{AuthMethod, Codec, DestinationType, Direction, Transport, Tru
 #[serde(rename_all = "camelCase")]
 pub struct GatewayConfig {
     pub address: String,
-    pub port: u16,
+    /// `None`: resolve the address per RFC 3263 (SRV, then A/AAAA with the transport's port).
+    pub port: Option<u16>,
     pub transport: Transport,
     pub priority: u16,
     pub weight: u16,
@@ -31,18 +32,23 @@ pub struct Destination {
     pub kind: DestinationType,
     /// Agent URL for `websocket` (`ws://` or `wss://`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
     pub url: Option<String>,
     /// Target for `sip`, e.g. `sip:agent@10.0.0.5:5060`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
     pub uri: Option<String>,
     /// E.164 number for `number`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^\+[1-9][0-9]{1,14}$"))]
     pub number: Option<String>,
     /// Trunk to dial `number` through; defaults to the called number's own trunk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
     pub trunk_ref: Option<String>,
     /// SIP status for `reject` (4xx–6xx, default 603).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 400, max = 699))]
     pub reject_code: Option<u16>,
 }
 
@@ -52,12 +58,15 @@ pub struct Destination {
 pub struct MatchSpec {
     /// Called numbers (E.164) an inbound rule applies to.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1000), inner(regex(pattern = r"^\+[1-9][0-9]{1,14}$")))]
     pub numbers: Vec<String>,
     /// Regular expressions on the caller's number.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 256)))]
     pub caller_patterns: Vec<String>,
     /// Regular expressions on the dialled number (outbound rules).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 256)))]
     pub destination_patterns: Vec<String>,
 }
 
@@ -145,12 +154,14 @@ pub struct RuleConfig {
     pub status_callback: Option<String>,
 }
 
-/// The stored generation and hash that tell whether a resource's rows are current.
+/// The stored hash and generation that tell whether a resource's rows are current.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredHash {
     pub namespace: String,
     pub name: String,
     pub spec_hash: String,
+    /// The configuration generation that last wrote the row.
+    pub config_generation: i64,
 }
 
 fn parse_text<T: std::str::FromStr<Err = String>>(row: &PgRow, column: &str) -> Result<T, sqlx::Error> {
@@ -410,12 +421,10 @@ impl NumberConfig {
         rows.iter().map(Self::from_row).collect()
     }
 
-    /// The resource that holds `number`, if any: used to refuse a second resource claiming it.
-    pub async fn holder_of(conn: &mut PgConnection, number: &str) -> Result<Option<(String, String)>, sqlx::Error> {
-        sqlx::query_as("SELECT namespace, name FROM phone_numbers WHERE number = $1")
-            .bind(number)
-            .fetch_optional(conn)
-            .await
+    /// `(namespace, name, number)` of every stored number: who holds which number, so that a
+    /// second resource claiming one can be refused.
+    pub async fn holders(conn: &mut PgConnection) -> Result<Vec<(String, String, String)>, sqlx::Error> {
+        sqlx::query_as("SELECT namespace, name, number FROM phone_numbers").fetch_all(conn).await
     }
 }
 
@@ -495,9 +504,9 @@ impl ConfigTable {
 
     fn hashes_sql(self) -> &'static str {
         match self {
-            Self::Trunks => "SELECT namespace, name, spec_hash FROM trunks",
-            Self::PhoneNumbers => "SELECT namespace, name, spec_hash FROM phone_numbers",
-            Self::RoutingRules => "SELECT namespace, name, spec_hash FROM routing_rules",
+            Self::Trunks => "SELECT namespace, name, spec_hash, config_generation FROM trunks",
+            Self::PhoneNumbers => "SELECT namespace, name, spec_hash, config_generation FROM phone_numbers",
+            Self::RoutingRules => "SELECT namespace, name, spec_hash, config_generation FROM routing_rules",
         }
     }
 
@@ -516,6 +525,7 @@ impl ConfigTable {
                     namespace: row.try_get("namespace")?,
                     name: row.try_get("name")?,
                     spec_hash: row.try_get("spec_hash")?,
+                    config_generation: row.try_get("config_generation")?,
                 })
             })
             .collect()

@@ -55,10 +55,11 @@ pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
 }
 
 /// The current configuration generation.
-pub async fn current_generation(pool: &PgPool) -> Result<i64, DbError> {
-    Ok(sqlx::query_scalar("SELECT generation FROM config_state WHERE singleton")
-        .fetch_one(pool)
-        .await?)
+pub async fn current_generation<'c, E>(executor: E) -> Result<i64, sqlx::Error>
+where
+    E: sqlx::PgExecutor<'c>,
+{
+    sqlx::query_scalar("SELECT generation FROM config_state WHERE singleton").fetch_one(executor).await
 }
 
 #[cfg(test)]

@@ -60,7 +60,7 @@ pub struct RoutingRuleSpec {
 
     /// Outbound: trunks (same namespace), tried in order with failover.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16))]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 253)))]
     pub trunks: Vec<String>,
 
     /// Outbound: `ordered` (as listed) or `cheapest` (lowest outbound rate first).

@@ -115,7 +115,7 @@ pub struct TrunkSpec {
 
     /// Trunks (same namespace) tried when this one fails or is at its limits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 8))]
+    #[schemars(length(max = 8), inner(length(min = 1, max = 253)))]
     #[x_kube(validation = Rule::new("self.all(t, t.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$'))").message("backupTrunks must be Trunk names"))]
     pub backup_trunks: Vec<String>,
 
@@ -208,7 +208,7 @@ pub struct InboundSpec {
     pub enabled: bool,
     /// Source networks the provider signals from, e.g. `52.41.52.34/32`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 64), inner(length(min = 3, max = 49)))]
     #[x_kube(validation = Rule::new("self.all(c, isCIDR(c))").message("allowedSourceCidrs must be CIDRs such as 203.0.113.0/24 or 2001:db8::/32"))]
     pub allowed_source_cidrs: Vec<String>,
 }

@@ -1,10 +1,20 @@
-//! The manifest-folder source of local mode: every `*.yaml`/`*.yml` file under a directory.
+//! The manifest-folder source of local mode: every `*.yaml`/`*.yml` file under a directory,
+//! read the way `kubectl apply -f DIR -R` would (multi-document files, `kind: Secret` with
+//! `stringData` or base64 `data`).
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
+use base64::Engine;
+use serde::Deserialize;
 
-use super::{DesiredState, DesiredStateSource, SourceError};
+use super::{
+    BrokenResource, DesiredResource, DesiredState, DesiredStateSource, Kind, ResourceKey, SecretData, SourceError,
+    SourceProblem,
+};
+use crate::crd::API_VERSION;
+use crate::validate;
 
 /// Reads the YAML manifests of a folder (recursively): Trunk, PhoneNumber, RoutingRule and Secret.
 pub struct FolderSource {
@@ -16,8 +26,25 @@ impl FolderSource {
         Self { dir: dir.into() }
     }
 
-    pub fn dir(&self) -> &std::path::Path {
+    pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Reads the folder synchronously (the work is CPU and local disk only).
+    pub fn read(&self) -> Result<DesiredState, SourceError> {
+        let mut files = Vec::new();
+        collect_manifests(&self.dir, &mut files)
+            .map_err(|source| SourceError::Folder { path: self.dir.display().to_string(), source })?;
+        files.sort();
+        let mut reader = StateBuilder::default();
+        for file in files {
+            let origin = file.strip_prefix(&self.dir).unwrap_or(&file).display().to_string();
+            match std::fs::read_to_string(&file) {
+                Ok(text) => reader.read_file(&origin, &text),
+                Err(error) => reader.unreadable(&origin, format!("cannot read {origin}: {error}")),
+            }
+        }
+        Ok(reader.finish())
     }
 }
 
@@ -28,6 +55,270 @@ impl DesiredStateSource for FolderSource {
     }
 
     async fn desired_state(&self) -> Result<DesiredState, SourceError> {
-        todo!()
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || FolderSource::new(dir).read())
+            .await
+            .unwrap_or_else(|join| Err(SourceError::Folder { path: String::new(), source: std::io::Error::other(join) }))
+    }
+}
+
+/// Whether a path names a manifest file (hidden files such as editor swap files are skipped).
+pub fn is_manifest(path: &Path) -> bool {
+    let hidden = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.'));
+    let yaml = matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml"));
+    yaml && !hidden
+}
+
+fn collect_manifests(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        let hidden = entry.file_name().to_str().is_some_and(|n| n.starts_with('.'));
+        if entry.file_type()?.is_dir() {
+            if !hidden {
+                collect_manifests(&path, out)?;
+            }
+        } else if is_manifest(&path) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// The envelope every manifest shares.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Manifest {
+    api_version: Option<String>,
+    kind: Option<String>,
+    #[serde(default)]
+    metadata: Metadata,
+    #[serde(default)]
+    spec: Option<serde_json::Value>,
+    #[serde(default)]
+    data: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    string_data: Option<BTreeMap<String, String>>,
+    #[serde(flatten)]
+    rest: BTreeMap<String, serde_json::Value>,
+}
+
+#[derive(Deserialize, Default)]
+struct Metadata {
+    name: Option<String>,
+    namespace: Option<String>,
+    generation: Option<i64>,
+}
+
+/// Accumulates the desired state while files are read.
+#[derive(Default)]
+struct StateBuilder {
+    state: DesiredState,
+    /// Where each key was first defined, to report duplicates.
+    seen: BTreeMap<ResourceKey, String>,
+    secrets_seen: BTreeMap<(String, String), String>,
+}
+
+impl StateBuilder {
+    fn problem(&mut self, origin: String, message: String) {
+        self.state.problems.push(SourceProblem { origin, message });
+    }
+
+    fn unreadable(&mut self, origin: &str, message: String) {
+        self.state.unreadable_origins.push(origin.to_string());
+        self.problem(origin.to_string(), message);
+    }
+
+    fn read_file(&mut self, origin: &str, text: &str) {
+        // Parse every document first: a syntax error anywhere makes the whole file unreadable, so
+        // that none of its resources is deleted because of a typo.
+        let mut documents = Vec::new();
+        for document in serde_yaml::Deserializer::from_str(text) {
+            match serde_yaml::Value::deserialize(document) {
+                Ok(value) => documents.push(value),
+                Err(error) => {
+                    let at = error
+                        .location()
+                        .map(|l| format!("{origin}:{}:{}", l.line(), l.column()))
+                        .unwrap_or_else(|| origin.to_string());
+                    self.unreadable(origin, format!("{at}: YAML syntax error: {error}; none of this file's resources were changed"));
+                    return;
+                }
+            }
+        }
+        let several = documents.len() > 1;
+        for (index, document) in documents.into_iter().enumerate() {
+            let place = if several { format!("{origin} (document {})", index + 1) } else { origin.to_string() };
+            self.read_document(origin, &place, document);
+        }
+    }
+
+    fn read_document(&mut self, origin: &str, place: &str, document: serde_yaml::Value) {
+        if document.is_null() {
+            return;
+        }
+        let json = match serde_json::to_value(&document) {
+            Ok(json) => json,
+            Err(error) => return self.problem(origin.into(), format!("{place}: cannot be read as JSON: {error}")),
+        };
+        let manifest: Manifest = match serde_json::from_value(json) {
+            Ok(manifest) => manifest,
+            Err(error) => return self.problem(origin.into(), format!("{place}: not a Kubernetes manifest: {error}")),
+        };
+        let Some(kind) = manifest.kind.clone() else {
+            return self.problem(origin.into(), format!("{place}: no kind; write kind: Trunk, PhoneNumber, RoutingRule or Secret"));
+        };
+        let namespace = manifest.metadata.namespace.clone().unwrap_or_else(|| "default".to_string());
+        let Some(name) = manifest.metadata.name.clone() else {
+            return self.problem(origin.into(), format!("{place}: {kind} has no metadata.name; add one"));
+        };
+        match kind.as_str() {
+            "Secret" => self.read_secret(origin, place, namespace, name, manifest),
+            "Trunk" | "PhoneNumber" | "RoutingRule" => {
+                let kind = match kind.as_str() {
+                    "Trunk" => Kind::Trunk,
+                    "PhoneNumber" => Kind::PhoneNumber,
+                    _ => Kind::RoutingRule,
+                };
+                self.read_resource(origin, place, ResourceKey { kind, namespace, name }, manifest)
+            }
+            other => self.problem(
+                origin.into(),
+                format!(
+                    "{place}: unknown kind {other:?}; Switchboard reads Trunk, PhoneNumber and RoutingRule ({API_VERSION}) and Secret (v1)"
+                ),
+            ),
+        }
+    }
+
+    fn read_secret(&mut self, origin: &str, place: &str, namespace: String, name: String, manifest: Manifest) {
+        if manifest.api_version.as_deref() != Some("v1") {
+            return self.problem(origin.into(), format!("{place}: Secret {namespace}/{name} needs apiVersion: v1"));
+        }
+        let mut data = SecretData::new();
+        for (key, value) in manifest.data.unwrap_or_default() {
+            match base64::engine::general_purpose::STANDARD.decode(value.trim()) {
+                Ok(bytes) => {
+                    data.insert(key, bytes);
+                }
+                Err(error) => {
+                    return self.problem(
+                        origin.into(),
+                        format!("{place}: Secret {namespace}/{name} data.{key} is not base64 ({error}); use stringData for plain text"),
+                    );
+                }
+            }
+        }
+        for (key, value) in manifest.string_data.unwrap_or_default() {
+            data.insert(key, value.into_bytes());
+        }
+        let id = (namespace, name);
+        if let Some(first) = self.secrets_seen.get(&id) {
+            let message = format!("{place}: Secret {}/{} is also defined in {first}; this copy is ignored", id.0, id.1);
+            return self.problem(origin.into(), message);
+        }
+        self.secrets_seen.insert(id.clone(), place.to_string());
+        self.state.secrets.insert(id, data);
+    }
+
+    fn read_resource(&mut self, origin: &str, place: &str, key: ResourceKey, manifest: Manifest) {
+        if let Some(first) = self.seen.get(&key) {
+            let message = format!("{place}: {key} is also defined in {first}; this copy is ignored, remove one of them");
+            return self.problem(origin.into(), message);
+        }
+        self.seen.insert(key.clone(), place.to_string());
+        let generation = manifest.metadata.generation;
+        let broken = |message: String| BrokenResource { key: key.clone(), generation, origin: origin.to_string(), message };
+        if manifest.api_version.as_deref() != Some(API_VERSION) {
+            let found = manifest.api_version.as_deref().unwrap_or("nothing");
+            let message = format!("{place}: apiVersion is {found}; write apiVersion: {API_VERSION}");
+            return self.state.broken.push(broken(message));
+        }
+        let unknown: Vec<&String> = manifest.rest.keys().filter(|k| k.as_str() != "status").collect();
+        if !unknown.is_empty() {
+            let fields = unknown.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ");
+            let message = format!("{place}: unknown top-level field(s) {fields}; a {} has apiVersion, kind, metadata and spec", key.kind);
+            return self.state.broken.push(broken(message));
+        }
+        let Some(spec) = manifest.spec else {
+            return self.state.broken.push(broken(format!("{place}: {key} has no spec")));
+        };
+        match validate::parse_spec(&key, spec) {
+            Ok(spec) => self.state.resources.push(DesiredResource { key, generation, origin: origin.to_string(), spec }),
+            Err(invalid) => self.state.broken.push(broken(format!("{place}: {invalid}"))),
+        }
+    }
+
+    fn finish(self) -> DesiredState {
+        self.state
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(files: &[(&str, &str)]) -> DesiredState {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+        FolderSource::new(dir.path()).read().unwrap()
+    }
+
+    const TRUNK: &str = "apiVersion: switchboard.dev/v1alpha1
+kind: Trunk
+metadata: {name: skyetel}
+spec:
+  provider: skyetel
+  gateways: [{address: sip.skyetel.com}]
+  inbound: {allowedSourceCidrs: [52.41.52.34/32]}
+";
+
+    #[test]
+    fn reads_multi_document_files_and_secrets() {
+        let secret = "apiVersion: v1\nkind: Secret\nmetadata: {name: creds}\nstringData: {password: s3cret}\ndata: {other: aGk=}\n";
+        let state = read(&[("a/trunk.yaml", &format!("{TRUNK}---\n{secret}")), ("notes.txt", "ignored")]);
+        assert_eq!(state.resources.len(), 1);
+        assert_eq!(state.resources[0].key.namespace, "default");
+        assert_eq!(state.resources[0].origin, "a/trunk.yaml");
+        let data = &state.secrets[&("default".to_string(), "creds".to_string())];
+        assert_eq!(data["password"], b"s3cret");
+        assert_eq!(data["other"], b"hi");
+        assert!(state.problems.is_empty(), "{:?}", state.problems);
+    }
+
+    #[test]
+    fn syntax_errors_name_file_and_line_and_keep_the_file() {
+        let state = read(&[("bad.yaml", "kind: Trunk\nmetadata: {name: x\n  spec: [\n"), ("good.yaml", TRUNK)]);
+        assert_eq!(state.resources.len(), 1);
+        assert_eq!(state.unreadable_origins, vec!["bad.yaml"]);
+        assert!(state.problems[0].message.starts_with("bad.yaml:"), "{}", state.problems[0].message);
+    }
+
+    #[test]
+    fn unknown_kinds_and_fields_are_reported() {
+        let state = read(&[
+            ("kind.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n"),
+            ("field.yaml", &TRUNK.replace("provider: skyetel", "provider: skyetel\n  proivder: typo")),
+        ]);
+        assert!(state.problems.iter().any(|p| p.message.contains("unknown kind \"ConfigMap\"")));
+        assert_eq!(state.broken.len(), 1);
+        assert!(state.broken[0].message.contains("spec.proivder: unknown field"), "{}", state.broken[0].message);
+    }
+
+    #[test]
+    fn duplicates_keep_the_first_definition() {
+        let state = read(&[("a.yaml", TRUNK), ("b.yaml", TRUNK)]);
+        assert_eq!(state.resources.len(), 1);
+        assert_eq!(state.resources[0].origin, "a.yaml");
+        assert!(state.problems[0].message.contains("also defined in a.yaml"));
+    }
+
+    #[test]
+    fn missing_folder_is_an_error() {
+        assert!(FolderSource::new("/nonexistent/switchboard").read().is_err());
     }
 }
