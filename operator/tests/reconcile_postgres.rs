@@ -219,3 +219,32 @@ async fn a_missing_secret_is_reported_and_a_new_password_is_applied(pool: PgPool
     assert!(report.not_ready.is_empty(), "{:?}", report.not_ready);
     assert_eq!(Credential::load_all(&pool).await.unwrap()[0].password, "rotated");
 }
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_failure_mid_pass_writes_nothing_and_a_retry_converges(pool: PgPool) {
+    // The database fails after the trunks were written, while the numbers are (a trigger stands
+    // in for a connection lost mid-transaction).
+    sqlx::query(
+        "CREATE FUNCTION fail_insert() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN RAISE EXCEPTION 'simulated outage'; END $$",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("CREATE TRIGGER outage BEFORE INSERT ON phone_numbers FOR EACH ROW EXECUTE FUNCTION fail_insert()")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let folder = Folder::with_examples();
+    let state = FolderSource::new(folder.dir.path()).read().unwrap();
+    let reconciler = Reconciler::new(pool.clone());
+    let error = reconciler.reconcile_all(&state).await.unwrap_err();
+    assert!(error.to_string().contains("nothing was written"), "{error}");
+    assert_eq!(count(&pool, "trunks").await, 0, "no half-written change");
+    assert_eq!(switchboard_model::db::current_generation(&pool).await.unwrap(), 0);
+
+    sqlx::query("DROP TRIGGER outage ON phone_numbers").execute(&pool).await.unwrap();
+    let report = reconciler.reconcile_all(&state).await.unwrap();
+    assert_eq!(report.generation, 1);
+    assert_eq!(count(&pool, "phone_numbers").await, 2);
+}
