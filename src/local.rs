@@ -1,14 +1,675 @@
 //! `switchboard local`: the whole stack on one machine from a folder of manifests.
+//!
+//! Brings up Postgres (DATABASE_URL or a private throwaway cluster), applies the migrations,
+//! reconciles the folder into the database, starts one SIP node as a child process and prints
+//! what runs where. Then it follows the folder: every change to a `*.yaml`/`*.yml` file re-runs
+//! the full reconcile, which commits a new configuration generation that the node picks up. A
+//! node that exits is restarted with backoff. Ctrl-C or SIGTERM stops the node, then the
+//! private Postgres, and exits 0.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use notify_debouncer_full::notify::{self, EventKind, RecommendedWatcher, RecursiveMode};
+use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
+use sqlx::PgPool;
+use switchboard_model::db::{self, DbError};
+use switchboard_model::logging::LogFormat;
+use switchboard_operator::reconcile::{ReconcileReport, Reconciler};
+use switchboard_operator::source::folder::FolderSource;
+use switchboard_operator::source::{DesiredState, DesiredStateSource, ResourceKey, SourceError};
+use tokio::process::{Child, Command};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::postgres::{Postgres, PostgresError};
+use crate::process::{self, Backoff};
+
+/// Quiet time after a file change before the folder is reconciled.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+/// Connections of local mode's own pool.
+const POOL_SIZE: u32 = 5;
+/// Attempts at the first connection before local mode gives up.
+const CONNECT_ATTEMPTS: u32 = 6;
+/// Reconcile retries back off from this delay ...
+const RETRY_INITIAL: Duration = Duration::from_millis(500);
+/// ... up to this one.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// A node that ran this long before exiting restarts after the shortest delay again.
+const NODE_STABLE_RUN: Duration = Duration::from_secs(60);
+/// How long a node may take to stop after SIGTERM before it is killed.
+const NODE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Arguments of `switchboard local`.
 #[derive(clap::Args, Debug)]
 pub struct LocalArgs {
-    /// Folder of manifests to reconcile and watch.
+    /// Folder of manifests to reconcile and watch (recursively).
     #[arg(default_value = "examples")]
-    pub dir: std::path::PathBuf,
+    pub dir: PathBuf,
+    /// Postgres connection URL. Without it a private throwaway cluster is started (and removed
+    /// again on exit).
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Id of the SIP node local mode starts.
+    #[arg(long, default_value = "local-1")]
+    pub node_id: String,
+    /// Start no SIP node: only the database and the folder reconcile.
+    #[arg(long)]
+    pub no_node: bool,
 }
 
-pub async fn run(args: LocalArgs) -> anyhow::Result<()> {
-    let _ = args;
-    todo!()
+/// Errors of local mode, each saying what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    #[error(
+        "manifest folder {0} does not exist or is not a directory: pass the folder of your \
+         Trunk/PhoneNumber/RoutingRule manifests, e.g. `switchboard local examples/`"
+    )]
+    FolderMissing(PathBuf),
+    #[error(transparent)]
+    Postgres(#[from] PostgresError),
+    #[error(
+        "{0}; check DATABASE_URL / --database-url, or unset it to run a private throwaway Postgres"
+    )]
+    Connect(#[source] DbError),
+    #[error("{0}")]
+    Migrate(#[source] DbError),
+    #[error("{0}")]
+    Source(#[from] SourceError),
+    #[error("cannot watch {path} for changes: {source}")]
+    Watch {
+        path: PathBuf,
+        #[source]
+        source: notify::Error,
+    },
+    #[error("cannot find this program's executable to start the SIP node: {0}")]
+    CurrentExe(#[source] std::io::Error),
+    #[error("cannot start the SIP node ({exe}): {source}")]
+    SpawnNode {
+        exe: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot install the Ctrl-C/SIGTERM handler: {0}")]
+    Signal(#[source] std::io::Error),
+}
+
+/// Runs local mode until Ctrl-C or SIGTERM. `log_format` is passed on to the SIP node.
+pub async fn run(args: LocalArgs, log_format: LogFormat) -> anyhow::Result<()> {
+    let mut shutdown = Shutdown::install()?;
+    if !args.dir.is_dir() {
+        return Err(LocalError::FolderMissing(args.dir).into());
+    }
+    let postgres = tokio::select! {
+        postgres = Postgres::ensure(args.database_url.clone()) => postgres?,
+        () = shutdown.requested() => return Ok(()),
+    };
+    let result = serve(&args, log_format, &postgres, &mut shutdown).await;
+    postgres.stop().await;
+    tracing::info!("local stack stopped");
+    Ok(result?)
+}
+
+/// Everything after Postgres is up: connect, migrate, reconcile, node, summary, follow changes.
+async fn serve(
+    args: &LocalArgs,
+    log_format: LogFormat,
+    postgres: &Postgres,
+    shutdown: &mut Shutdown,
+) -> Result<(), LocalError> {
+    let pool = tokio::select! {
+        pool = connect(postgres.url()) => pool?,
+        () = shutdown.requested() => return Ok(()),
+    };
+    db::migrate(&pool).await.map_err(LocalError::Migrate)?;
+    let result = serve_with_pool(args, log_format, postgres, &pool, shutdown).await;
+    pool.close().await;
+    result
+}
+
+async fn serve_with_pool(
+    args: &LocalArgs,
+    log_format: LogFormat,
+    postgres: &Postgres,
+    pool: &PgPool,
+    shutdown: &mut Shutdown,
+) -> Result<(), LocalError> {
+    let source = FolderSource::new(&args.dir);
+    let reconciler = Reconciler::new(pool.clone());
+    // Watch before the first read so that no change slips in between.
+    let (_watcher, mut changes) = watch_folder(&args.dir)?;
+    let Some(first) = reconcile_with_retry(&source, &reconciler, shutdown).await? else {
+        return Ok(());
+    };
+    let node = match args.no_node {
+        true => None,
+        false => Some(NodeSupervisor::start(node_command(
+            args, postgres, log_format,
+        )?)?),
+    };
+    let summary = Summary {
+        database_url: postgres.url(),
+        database_origin: postgres.describe(),
+        folder: &args.dir,
+        generation: first.report.generation,
+        node: node
+            .as_ref()
+            .map(|node| (args.node_id.as_str(), node.first_pid)),
+        not_ready: &first.report.not_ready,
+        problems: first.problems,
+    };
+    println!("{}", summary.render());
+    follow_changes(&source, &reconciler, &mut changes, shutdown).await;
+    if let Some(node) = node {
+        node.stop().await;
+    }
+    Ok(())
+}
+
+/// Connects, retrying a few times with backoff (the database may still be starting).
+async fn connect(url: &str) -> Result<PgPool, LocalError> {
+    let mut backoff = Backoff::new(RETRY_INITIAL, Duration::from_secs(8));
+    for attempt in 1.. {
+        match db::connect(url, POOL_SIZE).await {
+            Ok(pool) => return Ok(pool),
+            Err(error) if attempt < CONNECT_ATTEMPTS => {
+                let delay = backoff.next_delay();
+                tracing::warn!("{error}; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+            }
+            Err(error) => return Err(LocalError::Connect(error)),
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// The outcome of one successful reconcile pass.
+struct Pass {
+    report: ReconcileReport,
+    /// Invalid resources and unreadable files, each already logged as a warning.
+    problems: usize,
+}
+
+/// Reads the folder and reconciles it, retrying failed passes (the database is down) with
+/// exponential backoff. `None` when shutdown was requested while waiting.
+async fn reconcile_with_retry(
+    source: &FolderSource,
+    reconciler: &Reconciler,
+    shutdown: &mut Shutdown,
+) -> Result<Option<Pass>, LocalError> {
+    let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
+    loop {
+        let state = source.desired_state().await?;
+        match reconciler.reconcile_all(&state).await {
+            Ok(report) => {
+                return Ok(Some(Pass {
+                    report,
+                    problems: log_problems(&state),
+                }));
+            }
+            Err(error) => {
+                let delay = backoff.next_delay();
+                tracing::warn!("{error}; retrying the reconcile in {delay:?}");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.requested() => return Ok(None),
+                }
+            }
+        }
+    }
+}
+
+/// Logs every invalid resource and unreadable file as a warning; returns how many there were.
+fn log_problems(state: &DesiredState) -> usize {
+    for problem in &state.problems {
+        tracing::warn!("{}", with_origin(&problem.origin, &problem.message));
+    }
+    for broken in &state.broken {
+        tracing::warn!(
+            "{} is invalid ({}); its last good configuration stays in effect",
+            broken.key,
+            with_origin(&broken.origin, &broken.message)
+        );
+    }
+    state.problems.len() + state.broken.len()
+}
+
+/// `origin: message`, unless the message already starts with its origin.
+fn with_origin(origin: &str, message: &str) -> String {
+    match message.starts_with(origin) {
+        true => message.to_string(),
+        false => format!("{origin}: {message}"),
+    }
+}
+
+/// Logs what a pass after a file change did.
+fn log_report(report: &ReconcileReport) {
+    if report.changed.is_empty() && report.deleted.is_empty() {
+        tracing::info!(
+            "folder changed; configuration unchanged (generation {})",
+            report.generation
+        );
+    } else {
+        tracing::info!(
+            "reconciled the folder into config generation {}: changed [{}], deleted [{}]",
+            report.generation,
+            join_keys(&report.changed),
+            join_keys(&report.deleted)
+        );
+    }
+    for (key, reason, message) in &report.not_ready {
+        tracing::warn!("{key} not ready: {reason}: {message}");
+    }
+}
+
+fn join_keys(keys: &[ResourceKey]) -> String {
+    keys.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+type FolderWatcher = Debouncer<RecommendedWatcher, RecommendedCache>;
+
+/// Watches `dir` recursively; debounced batches of events arrive on the receiver. The watcher
+/// stops when the returned handle is dropped.
+fn watch_folder(
+    dir: &Path,
+) -> Result<(FolderWatcher, mpsc::UnboundedReceiver<DebounceEventResult>), LocalError> {
+    let watch_error = |source| LocalError::Watch {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let (sender, receiver) = mpsc::unbounded_channel();
+    let mut debouncer = new_debouncer(DEBOUNCE, None, move |result: DebounceEventResult| {
+        let _ = sender.send(result);
+    })
+    .map_err(watch_error)?;
+    debouncer
+        .watch(dir, RecursiveMode::Recursive)
+        .map_err(watch_error)?;
+    Ok((debouncer, receiver))
+}
+
+/// Re-runs the full reconcile after every relevant change until shutdown is requested.
+async fn follow_changes(
+    source: &FolderSource,
+    reconciler: &Reconciler,
+    changes: &mut mpsc::UnboundedReceiver<DebounceEventResult>,
+    shutdown: &mut Shutdown,
+) {
+    loop {
+        let batch = tokio::select! {
+            batch = changes.recv() => batch,
+            () = shutdown.requested() => return,
+        };
+        let Some(batch) = batch else {
+            // The watcher is gone; nothing more to follow.
+            return shutdown.requested().await;
+        };
+        // Coalesce everything that queued up meanwhile into one pass.
+        let mut relevant = batch_is_relevant(batch);
+        while let Ok(more) = changes.try_recv() {
+            relevant |= batch_is_relevant(more);
+        }
+        if !relevant {
+            continue;
+        }
+        match reconcile_with_retry(source, reconciler, shutdown).await {
+            Ok(Some(pass)) => log_report(&pass.report),
+            Ok(None) => return,
+            Err(error) => tracing::warn!("{error}; the configuration in effect stays as it is"),
+        }
+    }
+}
+
+/// True when a debounced batch touches manifests. Watch errors are logged and count as a
+/// change (a full reconcile is harmless when nothing changed).
+fn batch_is_relevant(batch: DebounceEventResult) -> bool {
+    match batch {
+        Ok(events) => events.iter().any(|event| is_relevant(&event.event)),
+        Err(errors) => {
+            for error in errors {
+                tracing::warn!("watching the manifest folder: {error}");
+            }
+            true
+        }
+    }
+}
+
+/// True for a created, modified, removed or renamed `*.yaml`/`*.yml` file, and for folders
+/// appearing, disappearing or being renamed (they may carry manifests).
+fn is_relevant(event: &notify::Event) -> bool {
+    use notify::event::{CreateKind, ModifyKind, RemoveKind};
+    match event.kind {
+        EventKind::Access(_) => false,
+        EventKind::Create(CreateKind::Folder) | EventKind::Remove(RemoveKind::Folder) => true,
+        EventKind::Modify(ModifyKind::Name(_)) => event
+            .paths
+            .iter()
+            .any(|path| is_manifest(path) || path.extension().is_none()),
+        _ => event.paths.iter().any(|path| is_manifest(path)),
+    }
+}
+
+fn is_manifest(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|ext| ext.to_str()),
+        Some("yaml" | "yml")
+    )
+}
+
+/// How to start the SIP node: this executable, `node --database-url URL --node-id ID`.
+#[derive(Debug, Clone)]
+struct NodeCommand {
+    exe: PathBuf,
+    database_url: String,
+    node_id: String,
+    log_format: LogFormat,
+}
+
+fn node_command(
+    args: &LocalArgs,
+    postgres: &Postgres,
+    log_format: LogFormat,
+) -> Result<NodeCommand, LocalError> {
+    Ok(NodeCommand {
+        exe: std::env::current_exe().map_err(LocalError::CurrentExe)?,
+        database_url: postgres.url().to_string(),
+        node_id: args.node_id.clone(),
+        log_format,
+    })
+}
+
+impl NodeCommand {
+    /// Starts the node with inherited stdout/stderr, in its own process group (so that a
+    /// terminal Ctrl-C reaches local mode only, which then stops the node in order).
+    fn spawn(&self) -> Result<Child, LocalError> {
+        let log_format = match self.log_format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        };
+        let mut command = Command::new(&self.exe);
+        command
+            .args([
+                "--log-format",
+                log_format,
+                "node",
+                "--database-url",
+                &self.database_url,
+            ])
+            .args(["--node-id", &self.node_id])
+            .stdin(Stdio::null())
+            .process_group(0)
+            .kill_on_drop(true);
+        process::die_with_parent(&mut command, Signal::SIGTERM);
+        command.spawn().map_err(|source| LocalError::SpawnNode {
+            exe: self.exe.clone(),
+            source,
+        })
+    }
+}
+
+/// The SIP node child process and the task that restarts it when it exits.
+struct NodeSupervisor {
+    first_pid: u32,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
+}
+
+impl NodeSupervisor {
+    /// Starts the node and supervises it in a background task.
+    fn start(command: NodeCommand) -> Result<Self, LocalError> {
+        let child = command.spawn()?;
+        let first_pid = child.id().unwrap_or_default();
+        tracing::info!(node_id = %command.node_id, pid = first_pid, "started SIP node");
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(supervise(command, child, stopped));
+        Ok(Self {
+            first_pid,
+            stop,
+            task,
+        })
+    }
+
+    /// Stops the node (SIGTERM, bounded wait, SIGKILL) and the supervision.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Waits for the node to exit and restarts it with backoff, until `stop` fires.
+async fn supervise(command: NodeCommand, mut child: Child, mut stop: oneshot::Receiver<()>) {
+    let mut backoff = Backoff::new(Duration::from_secs(1), RETRY_MAX);
+    loop {
+        let started = Instant::now();
+        let Some(exit) = wait_or_stop(&mut child, &mut stop).await else {
+            return;
+        };
+        if started.elapsed() >= NODE_STABLE_RUN {
+            backoff.reset();
+        }
+        let reason = format!("exited unexpectedly ({exit})");
+        let Some(next) = restart(&command, reason, &mut backoff, &mut stop).await else {
+            return;
+        };
+        child = next;
+    }
+}
+
+/// Waits for the node to exit (`Some(exit status)`), or for `stop`: then stops it and returns
+/// `None`.
+async fn wait_or_stop(child: &mut Child, stop: &mut oneshot::Receiver<()>) -> Option<String> {
+    tokio::select! {
+        status = child.wait() => Some(match status {
+            Ok(status) => status.to_string(),
+            Err(error) => error.to_string(),
+        }),
+        _ = stop => {
+            let pid = child.id();
+            if !process::stop_child(child, Signal::SIGTERM, NODE_STOP_TIMEOUT).await {
+                tracing::warn!(?pid, "SIP node did not stop within {NODE_STOP_TIMEOUT:?}; killed it");
+            }
+            None
+        }
+    }
+}
+
+/// Sleeps with backoff and starts the node again until it starts; `None` when `stop` fires.
+async fn restart(
+    command: &NodeCommand,
+    mut reason: String,
+    backoff: &mut Backoff,
+    stop: &mut oneshot::Receiver<()>,
+) -> Option<Child> {
+    loop {
+        let delay = backoff.next_delay();
+        tracing::warn!(node_id = %command.node_id, "SIP node {reason}; restarting it in {delay:?}");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            _ = &mut *stop => return None,
+        }
+        match command.spawn() {
+            Ok(child) => {
+                tracing::info!(node_id = %command.node_id, pid = child.id(), "restarted SIP node");
+                return Some(child);
+            }
+            Err(error) => reason = format!("could not be started: {error}"),
+        }
+    }
+}
+
+/// Ctrl-C (SIGINT) and SIGTERM, installed before anything starts so that neither kills the
+/// process before it has stopped its children.
+struct Shutdown {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    fn install() -> Result<Self, LocalError> {
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).map_err(LocalError::Signal)?,
+            terminate: signal(SignalKind::terminate()).map_err(LocalError::Signal)?,
+        })
+    }
+
+    /// Completes when a shutdown signal arrives.
+    async fn requested(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        tracing::info!("shutting down the local stack");
+    }
+}
+
+/// What local mode runs where, printed once the stack is up. A new component (SIP listeners,
+/// the REST API) is one more row in [`Summary::rows`].
+struct Summary<'a> {
+    /// Redacted when rendered.
+    database_url: &'a str,
+    database_origin: String,
+    folder: &'a Path,
+    generation: i64,
+    /// Node id and PID.
+    node: Option<(&'a str, u32)>,
+    not_ready: &'a [(ResourceKey, String, String)],
+    problems: usize,
+}
+
+impl Summary<'_> {
+    fn rows(&self) -> Vec<(&'static str, String)> {
+        let mut rows = vec![
+            ("database", db::redact_url(self.database_url)),
+            ("postgres", self.database_origin.clone()),
+            (
+                "folder",
+                format!("{} (watched: changes apply live)", self.folder.display()),
+            ),
+            ("generation", self.generation.to_string()),
+        ];
+        rows.push(match self.node {
+            Some((id, pid)) => ("node", format!("{id} (pid {pid})")),
+            None => ("node", "none (--no-node)".to_string()),
+        });
+        if self.problems > 0 {
+            rows.push((
+                "problems",
+                format!(
+                    "{} invalid resources or files (see the warnings above)",
+                    self.problems
+                ),
+            ));
+        }
+        rows.push(("not ready", self.not_ready.len().to_string()));
+        rows
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::from("\nSwitchboard local stack is running\n");
+        for (label, value) in self.rows() {
+            let _ = writeln!(out, "  {label:<11} {value}");
+        }
+        for (key, reason, message) in self.not_ready {
+            let _ = writeln!(out, "    {key}: {reason}: {message}");
+        }
+        out.push_str("Press Ctrl-C to stop.");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use notify::event::{AccessKind, CreateKind, DataChange, ModifyKind, RemoveKind, RenameMode};
+    use switchboard_operator::source::Kind;
+
+    use super::*;
+
+    fn event(kind: EventKind, paths: &[&str]) -> notify::Event {
+        paths.iter().fold(notify::Event::new(kind), |event, path| {
+            event.add_path(PathBuf::from(path))
+        })
+    }
+
+    #[test]
+    fn manifest_changes_are_relevant() {
+        let modify = EventKind::Modify(ModifyKind::Data(DataChange::Content));
+        assert!(is_relevant(&event(modify, &["/m/trunk.yaml"])));
+        assert!(is_relevant(&event(
+            EventKind::Create(CreateKind::File),
+            &["/m/a/rule.yml"]
+        )));
+        assert!(is_relevant(&event(
+            EventKind::Remove(RemoveKind::File),
+            &["/m/number.yaml"]
+        )));
+        let rename = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
+        assert!(is_relevant(&event(rename, &["/m/old.txt", "/m/new.yaml"])));
+        assert!(is_relevant(&event(rename, &["/m/dir", "/m/elsewhere"])));
+        assert!(is_relevant(&event(
+            EventKind::Remove(RemoveKind::Folder),
+            &["/m/dir"]
+        )));
+    }
+
+    #[test]
+    fn other_files_and_reads_are_not() {
+        let modify = EventKind::Modify(ModifyKind::Data(DataChange::Content));
+        assert!(!is_relevant(&event(modify, &["/m/notes.txt"])));
+        assert!(!is_relevant(&event(modify, &["/m/.trunk.yaml.swp"])));
+        assert!(!is_relevant(&event(
+            EventKind::Access(AccessKind::Any),
+            &["/m/trunk.yaml"]
+        )));
+    }
+
+    #[test]
+    fn summary_lists_components_and_not_ready_resources_without_passwords() {
+        let key = ResourceKey {
+            kind: Kind::PhoneNumber,
+            namespace: "default".into(),
+            name: "main".into(),
+        };
+        let not_ready = vec![(
+            key,
+            "TrunkNotFound".to_string(),
+            "trunk \"x\" does not exist".to_string(),
+        )];
+        let summary = Summary {
+            database_url: "postgres://app:secret@db:5432/switchboard",
+            database_origin: "external".into(),
+            folder: Path::new("examples"),
+            generation: 7,
+            node: Some(("local-1", 4242)),
+            not_ready: &not_ready,
+            problems: 0,
+        };
+        let text = summary.render();
+        assert!(!text.contains("secret"), "{text}");
+        for expected in [
+            "app:***@db",
+            "examples",
+            "generation  7",
+            "local-1 (pid 4242)",
+            "not ready   1",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in {text}");
+        }
+        assert!(
+            text.contains("PhoneNumber default/main: TrunkNotFound: trunk \"x\" does not exist"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn origin_is_not_repeated() {
+        assert_eq!(with_origin("a.yaml", "a.yaml: bad"), "a.yaml: bad");
+        assert_eq!(with_origin("a.yaml", "bad"), "a.yaml: bad");
+    }
 }

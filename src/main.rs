@@ -12,6 +12,7 @@ use switchboard_model::logging::{self, LogFormat};
 mod bench;
 mod local;
 mod postgres;
+mod process;
 
 /// Switchboard: declarative, GitOps-configured telephony. Trunk, PhoneNumber and RoutingRule
 /// resources (from Kubernetes or a folder of YAML manifests) are reconciled into Postgres, and SIP
@@ -57,7 +58,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Local(args) => local::run(args).await,
+            Command::Local(args) => local::run(args, cli.log_format).await,
             Command::Node(args) => switchboard_node::run(args).await,
             Command::Crds(args) => switchboard_operator::commands::crds(args),
             Command::Status(args) => switchboard_operator::commands::status(args).await,

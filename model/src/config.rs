@@ -5,7 +5,7 @@ use ipnet::IpNet;
 use rust_decimal::Decimal;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use sqlx::{PgConnection, PgPool, Row, postgres::PgRow};
+use sqlx::{PgConnection, Row, postgres::PgRow};
 
 use crate::types::{AuthMethod, Codec, DestinationType, Direction, Transport, TrunkSelection};
 
@@ -314,8 +314,8 @@ impl TrunkConfig {
     }
 
     /// Every stored trunk.
-    pub async fn load_all(pool: &PgPool) -> Result<Vec<Self>, sqlx::Error> {
-        let rows = sqlx::query("SELECT * FROM trunks ORDER BY namespace, name").fetch_all(pool).await?;
+    pub async fn load_all<'c, E: sqlx::PgExecutor<'c>>(executor: E) -> Result<Vec<Self>, sqlx::Error> {
+        let rows = sqlx::query("SELECT * FROM trunks ORDER BY namespace, name").fetch_all(executor).await?;
         rows.iter().map(Self::from_row).collect()
     }
 }
@@ -352,9 +352,9 @@ impl Credential {
     }
 
     /// Every stored credential.
-    pub async fn load_all(pool: &PgPool) -> Result<Vec<Self>, sqlx::Error> {
+    pub async fn load_all<'c, E: sqlx::PgExecutor<'c>>(executor: E) -> Result<Vec<Self>, sqlx::Error> {
         let rows = sqlx::query("SELECT namespace, trunk_name, username, password, secret_name FROM credentials")
-            .fetch_all(pool)
+            .fetch_all(executor)
             .await?;
         rows.iter()
             .map(|row| {
@@ -416,8 +416,8 @@ impl NumberConfig {
     }
 
     /// Every stored number.
-    pub async fn load_all(pool: &PgPool) -> Result<Vec<Self>, sqlx::Error> {
-        let rows = sqlx::query("SELECT * FROM phone_numbers ORDER BY number").fetch_all(pool).await?;
+    pub async fn load_all<'c, E: sqlx::PgExecutor<'c>>(executor: E) -> Result<Vec<Self>, sqlx::Error> {
+        let rows = sqlx::query("SELECT * FROM phone_numbers ORDER BY number").fetch_all(executor).await?;
         rows.iter().map(Self::from_row).collect()
     }
 
@@ -476,10 +476,10 @@ impl RuleConfig {
         Ok(())
     }
 
-    /// Every stored rule, in evaluation order (priority, then name).
-    pub async fn load_all(pool: &PgPool) -> Result<Vec<Self>, sqlx::Error> {
-        let rows = sqlx::query("SELECT * FROM routing_rules ORDER BY priority, namespace, name")
-            .fetch_all(pool)
+    /// Every stored rule, in evaluation order (priority, then name, then namespace).
+    pub async fn load_all<'c, E: sqlx::PgExecutor<'c>>(executor: E) -> Result<Vec<Self>, sqlx::Error> {
+        let rows = sqlx::query("SELECT * FROM routing_rules ORDER BY priority, name, namespace")
+            .fetch_all(executor)
             .await?;
         rows.iter().map(Self::from_row).collect()
     }

@@ -29,11 +29,17 @@ pub enum DbError {
 /// Removes the password from a connection URL so that it can be logged.
 pub fn redact_url(url: &str) -> String {
     match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
             parsed.to_string()
         }
-        _ => url.to_string(),
+        // Unparsable: mask everything between the scheme and the last '@' by hand.
+        Err(_) => match (url.find("://"), url.rfind('@')) {
+            (Some(start), Some(end)) if end > start + 3 => format!("{}***{}", &url[..start + 3], &url[end..]),
+            _ => url.to_string(),
+        },
     }
 }
 
@@ -70,5 +76,6 @@ mod tests {
     fn redacts_passwords_only() {
         assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("postgres://u:secret@h:notaport/db"), "postgres://***@h:notaport/db");
     }
 }

@@ -23,11 +23,17 @@ impl std::str::FromStr for LogFormat {
     }
 }
 
-/// Installs the global subscriber. The filter comes from `RUST_LOG`, defaulting to `info`.
+/// Installs the global subscriber. The filter comes from `RUST_LOG`, defaulting to
+/// `info,sqlx=warn`; colours only when stderr is a terminal.
 /// Calling it twice is harmless (the second call is ignored), which keeps tests simple.
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    // sqlx logs every failed ping at info during an outage; the node reports outages itself.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

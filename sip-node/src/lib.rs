@@ -1,14 +1,314 @@
 //! The Switchboard SIP node.
+//!
+//! This layer gives the node its configuration: it loads an immutable [`config::Snapshot`] of
+//! the trunks, numbers, routing rules and credentials the operator stored in Postgres, follows
+//! every change (`LISTEN` plus a periodic check), swaps the snapshot atomically, and reports the
+//! generation it applied and a heartbeat in the `nodes` table. When Postgres goes away the node
+//! keeps serving its last snapshot and catches up when the database is back.
+//!
+//! The node never migrates the schema: the operator (or local mode) owns it.
+
+pub mod config;
+mod node_state;
+mod retry;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sqlx::PgPool;
+use switchboard_model::db::{self, DbError};
+use tokio::task::JoinSet;
+
+use crate::config::{SnapshotHandle, Watcher};
+use crate::node_state::NodeIdentity;
+use crate::retry::{Backoff, DbHealth};
+
+/// Connections of the node's query pool: one for config reloads, one for node-state writes,
+/// and headroom. The `LISTEN` connection has a pool of its own.
+const POOL_SIZE: u32 = 4;
+/// How long the node may spend recording that it stopped.
+const STOP_WRITE_LIMIT: Duration = Duration::from_secs(2);
+/// Longest interval accepted for the heartbeat and the config poll (one day): beyond that a
+/// timer would be meaningless, and huge values would overflow the timer arithmetic.
+const MAX_INTERVAL_MS: u64 = 86_400_000;
 
 /// Arguments of a SIP node.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct NodeArgs {
     /// Postgres connection URL.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: String,
+
+    /// Identity of this node in the `nodes` table. Must be stable across restarts so that a
+    /// restarted node replaces its own row; defaults to the hostname (the pod name in
+    /// Kubernetes).
+    #[arg(long, env = "SWITCHBOARD_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// How often the node records that it is alive, in milliseconds.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_HEARTBEAT_INTERVAL_MS",
+        default_value_t = 5000,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_INTERVAL_MS)
+    )]
+    pub heartbeat_interval_ms: u64,
+
+    /// How often the node compares the stored config generation with the one it applied, in
+    /// milliseconds: catches changes whose notification was missed.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_CONFIG_POLL_INTERVAL_MS",
+        default_value_t = 5000,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_INTERVAL_MS)
+    )]
+    pub config_poll_interval_ms: u64,
 }
 
+/// Runs a SIP node until SIGTERM or SIGINT, then records that it stopped and returns `Ok`.
+///
+/// Waits (with backoff, logging why) while Postgres is unreachable or its schema is not
+/// migrated yet; returns an error only for what waiting cannot fix, such as a malformed
+/// database URL or an unknown hostname with no `--node-id`.
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
-    let _ = args;
-    todo!()
+    let hostname = hostname::get()
+        .ok()
+        .map(|name| name.to_string_lossy().into_owned())
+        .filter(|name| !name.is_empty());
+    let node_id = match (args.node_id.as_deref().map(str::trim), &hostname) {
+        (Some(""), _) => anyhow::bail!("--node-id must not be empty"),
+        (Some(id), _) => id.to_owned(),
+        (None, Some(hostname)) => hostname.clone(),
+        (None, None) => {
+            anyhow::bail!("cannot determine the hostname to use as the node id; pass --node-id")
+        }
+    };
+    let hostname = hostname.unwrap_or_else(|| "unknown".into());
+    let node = NodeIdentity {
+        node_id,
+        hostname,
+        version: env!("CARGO_PKG_VERSION"),
+        started_at: chrono::Utc::now(),
+    };
+    tracing::info!(
+        node_id = %node.node_id,
+        version = node.version,
+        database = %redact_url(&args.database_url),
+        "starting SIP node {}",
+        node.node_id
+    );
+
+    let handle = SnapshotHandle::default();
+    let pool_slot = OnceLock::new();
+    let mut tasks = JoinSet::new();
+    let outcome = tokio::select! {
+        result = start(&args, &node, &handle, &pool_slot, &mut tasks) => result,
+        signal = shutdown_signal() => signal.map(|name| tracing::info!("received {name}; stopping")),
+    };
+    tasks.shutdown().await;
+    if let Some(pool) = pool_slot.get() {
+        node_state::mark_stopped(pool, &node.node_id, STOP_WRITE_LIMIT).await;
+    }
+    outcome
 }
+
+/// Connects, starts the watcher and the node-state task, and returns only if one of them
+/// fails unexpectedly (or the configuration is unusable).
+async fn start(
+    args: &NodeArgs,
+    node: &NodeIdentity,
+    handle: &SnapshotHandle,
+    pool_slot: &OnceLock<PgPool>,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<()> {
+    let pool = connect(&args.database_url).await?;
+    wait_for_schema(&pool).await;
+    let pool = pool_slot.get_or_init(|| pool).clone();
+
+    let health = DbHealth::default();
+    let watcher = Watcher::new(
+        pool.clone(),
+        config::listener_pool(&pool),
+        handle.clone(),
+        health.clone(),
+        Duration::from_millis(args.config_poll_interval_ms),
+    );
+    tasks.spawn(watcher.run());
+    tasks.spawn(node_state::run(
+        pool,
+        node.clone(),
+        handle.clone(),
+        health,
+        Duration::from_millis(args.heartbeat_interval_ms),
+    ));
+    match tasks.join_next().await {
+        Some(Err(error)) => Err(anyhow::anyhow!("a node task failed: {error}")),
+        _ => Err(anyhow::anyhow!("a node task stopped unexpectedly")),
+    }
+}
+
+/// Opens the query pool, retrying with backoff while Postgres is unreachable. Fails only when
+/// the URL itself is unusable.
+async fn connect(url: &str) -> anyhow::Result<PgPool> {
+    check_url(url)?;
+    let mut backoff = Backoff::reconnect();
+    let mut failures = 0u32;
+    loop {
+        match db::connect(url, POOL_SIZE).await {
+            Ok(pool) => {
+                if failures > 0 {
+                    tracing::info!(
+                        "connected to Postgres at {} after {failures} failed attempts",
+                        redact_url(url)
+                    );
+                }
+                return Ok(pool);
+            }
+            Err(DbError::Connect {
+                source: sqlx::Error::Configuration(error),
+                ..
+            }) => {
+                anyhow::bail!(
+                    "the database URL {} is not usable: {error}",
+                    redact_url(url)
+                );
+            }
+            Err(error) => {
+                failures += 1;
+                let delay = backoff.next_delay();
+                let error = match error {
+                    DbError::Connect { source, .. } => source.to_string(),
+                    other => other.to_string(),
+                };
+                // The first failure and every eighth one (about every 80 s once the backoff is
+                // at its cap) at error level, the rest at debug: a long outage must not flood
+                // the log, but must stay visible.
+                if failures == 1 || failures.is_multiple_of(8) {
+                    tracing::error!(
+                        database = %redact_url(url),
+                        attempts = failures,
+                        "database unreachable: cannot connect to Postgres at {}: {error}; retrying (the node waits \
+                         for the database and does not exit)",
+                        redact_url(url)
+                    );
+                } else {
+                    tracing::debug!(
+                        attempts = failures,
+                        "database still unreachable: {error}; retrying in {delay:?}"
+                    );
+                }
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// The URL with its password masked, for logs and errors. `db::redact_url` returns a URL it
+/// cannot parse unchanged, password included; this masks the user-info password by hand then.
+fn redact_url(url: &str) -> String {
+    let redacted = db::redact_url(url);
+    if redacted != url {
+        return redacted;
+    }
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return redacted;
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rsplit_once('@') {
+        Some((user_info, host)) if user_info.contains(':') => {
+            let user = user_info
+                .split_once(':')
+                .map_or(user_info, |(user, _)| user);
+            format!("{scheme}://{user}:***@{host}{}", &rest[authority_end..])
+        }
+        _ => redacted,
+    }
+}
+
+/// Refuses a URL that no amount of waiting makes usable: not `postgres://` or
+/// `postgresql://`, or malformed.
+fn check_url(url: &str) -> anyhow::Result<()> {
+    let scheme = url
+        .split_once(':')
+        .map(|(scheme, _)| scheme.to_ascii_lowercase());
+    if !matches!(scheme.as_deref(), Some("postgres" | "postgresql")) {
+        anyhow::bail!(
+            "the database URL {} is not usable: it must start with postgres://",
+            redact_url(url)
+        );
+    }
+    if let Err(error) = url.parse::<sqlx::postgres::PgConnectOptions>() {
+        anyhow::bail!(
+            "the database URL {} is not usable: {error}",
+            redact_url(url)
+        );
+    }
+    Ok(())
+}
+
+/// Whether the configuration schema is in place, as far as the node can tell.
+#[derive(Debug, PartialEq, Eq)]
+enum SchemaState {
+    Ready,
+    /// `config_state` does not exist (or has no row): migrations have not run yet.
+    NotMigrated,
+    /// The check itself failed (the database went away again); the message says why.
+    Unavailable(String),
+}
+
+async fn schema_state(pool: &PgPool) -> SchemaState {
+    match db::current_generation(pool).await {
+        Ok(_) => SchemaState::Ready,
+        Err(sqlx::Error::RowNotFound) => SchemaState::NotMigrated,
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P01") => {
+            SchemaState::NotMigrated
+        }
+        Err(error) => SchemaState::Unavailable(error.to_string()),
+    }
+}
+
+/// Waits until the operator (or local mode) has migrated the schema. The node never migrates
+/// it: two writers of the schema would race.
+async fn wait_for_schema(pool: &PgPool) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    let mut reported = None;
+    loop {
+        let state = schema_state(pool).await;
+        match &state {
+            SchemaState::Ready => {
+                if reported.is_some() {
+                    tracing::info!("schema is migrated; continuing");
+                }
+                return;
+            }
+            _ if reported.as_ref() == Some(&state) => {}
+            SchemaState::NotMigrated => tracing::warn!(
+                "schema not migrated yet; waiting (the operator or `switchboard local` applies the migrations)"
+            ),
+            SchemaState::Unavailable(error) => {
+                tracing::warn!("cannot check the database schema: {error}; retrying")
+            }
+        }
+        reported = Some(state);
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+/// Resolves on SIGTERM (Kubernetes stopping the pod) or SIGINT (Ctrl-C) with the signal's name.
+async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate =
+        signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut interrupt =
+        signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    tokio::select! {
+        _ = terminate.recv() => Ok("SIGTERM"),
+        _ = interrupt.recv() => Ok("SIGINT"),
+    }
+}
+
+#[cfg(test)]
+mod test_support;
+#[cfg(test)]
+mod tests;

@@ -2,8 +2,9 @@
 //! read the way `kubectl apply -f DIR -R` would (multi-document files, `kind: Secret` with
 //! `stringData` or base64 `data`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use base64::Engine;
@@ -17,13 +18,18 @@ use crate::crd::API_VERSION;
 use crate::validate;
 
 /// Reads the YAML manifests of a folder (recursively): Trunk, PhoneNumber, RoutingRule and Secret.
+///
+/// Parsed files are cached by content, so that after one edit only that file is parsed again:
+/// the rest of a pass is merging and the reconcile core's diff.
+#[derive(Clone)]
 pub struct FolderSource {
     dir: PathBuf,
+    cache: Arc<Mutex<HashMap<PathBuf, (u64, Arc<DesiredState>)>>>,
 }
 
 impl FolderSource {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self { dir: dir.into(), cache: Arc::default() }
     }
 
     pub fn dir(&self) -> &Path {
@@ -36,16 +42,86 @@ impl FolderSource {
         collect_manifests(&self.dir, &mut files)
             .map_err(|source| SourceError::Folder { path: self.dir.display().to_string(), source })?;
         files.sort();
-        let mut reader = StateBuilder::default();
-        for file in files {
-            let origin = file.strip_prefix(&self.dir).unwrap_or(&file).display().to_string();
-            match std::fs::read_to_string(&file) {
-                Ok(text) => reader.read_file(&origin, &text),
-                Err(error) => reader.unreadable(&origin, format!("cannot read {origin}: {error}")),
+        let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut parsed = Vec::with_capacity(files.len());
+        for file in &files {
+            let origin = file.strip_prefix(&self.dir).unwrap_or(file).display().to_string();
+            let state = match std::fs::read_to_string(file) {
+                Ok(text) => {
+                    let hash = content_hash(&text);
+                    match cache.get(file) {
+                        Some((cached, state)) if *cached == hash => state.clone(),
+                        _ => {
+                            let mut reader = StateBuilder::default();
+                            reader.read_file(&origin, &text);
+                            let state = Arc::new(reader.finish());
+                            cache.insert(file.clone(), (hash, state.clone()));
+                            state
+                        }
+                    }
+                }
+                Err(error) => {
+                    let mut reader = StateBuilder::default();
+                    reader.unreadable(&origin, format!("cannot read {origin}: {error}"));
+                    Arc::new(reader.finish())
+                }
+            };
+            parsed.push((origin, state));
+        }
+        cache.retain(|path, _| files.binary_search(path).is_ok());
+        Ok(merge(&parsed))
+    }
+}
+
+fn content_hash(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// Joins the files' states in path order. A resource or Secret defined in two files keeps the
+/// first definition; the second is reported.
+fn merge(files: &[(String, Arc<DesiredState>)]) -> DesiredState {
+    let mut state = DesiredState::default();
+    let mut seen: HashMap<&ResourceKey, &str> = HashMap::new();
+    let mut secrets_seen: HashMap<&(String, String), &str> = HashMap::new();
+    let duplicate = |origin: &str, what: String, first: &str| SourceProblem {
+        origin: origin.to_string(),
+        message: format!("{origin}: {what} is also defined in {first}; this copy is ignored, remove one of them"),
+    };
+    for (origin, file) in files {
+        for resource in &file.resources {
+            match seen.get(&resource.key) {
+                Some(first) => state.problems.push(duplicate(origin, resource.key.to_string(), first)),
+                None => {
+                    seen.insert(&resource.key, origin);
+                    state.resources.push(resource.clone());
+                }
             }
         }
-        Ok(reader.finish())
+        for broken in &file.broken {
+            match seen.get(&broken.key) {
+                Some(first) => state.problems.push(duplicate(origin, broken.key.to_string(), first)),
+                None => {
+                    seen.insert(&broken.key, origin);
+                    state.broken.push(broken.clone());
+                }
+            }
+        }
+        for (id, data) in &file.secrets {
+            match secrets_seen.get(id) {
+                Some(first) => state.problems.push(duplicate(origin, format!("Secret {}/{}", id.0, id.1), first)),
+                None => {
+                    secrets_seen.insert(id, origin);
+                    state.secrets.insert(id.clone(), data.clone());
+                }
+            }
+        }
+        state.problems.extend(file.problems.iter().cloned());
+        state.unreadable_origins.extend(file.unreadable_origins.iter().cloned());
     }
+    state
 }
 
 #[async_trait]
@@ -55,8 +131,8 @@ impl DesiredStateSource for FolderSource {
     }
 
     async fn desired_state(&self) -> Result<DesiredState, SourceError> {
-        let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || FolderSource::new(dir).read())
+        let source = self.clone();
+        tokio::task::spawn_blocking(move || source.read())
             .await
             .unwrap_or_else(|join| Err(SourceError::Folder { path: String::new(), source: std::io::Error::other(join) }))
     }
@@ -315,6 +391,21 @@ spec:
         assert_eq!(state.resources.len(), 1);
         assert_eq!(state.resources[0].origin, "a.yaml");
         assert!(state.problems[0].message.contains("also defined in a.yaml"));
+    }
+
+    #[test]
+    fn cached_reads_follow_edits_and_removals() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), TRUNK).unwrap();
+        std::fs::write(dir.path().join("b.yaml"), TRUNK.replace("name: skyetel", "name: other")).unwrap();
+        let source = FolderSource::new(dir.path());
+        assert_eq!(source.read().unwrap().resources.len(), 2);
+        std::fs::write(dir.path().join("b.yaml"), TRUNK.replace("name: skyetel", "name: renamed")).unwrap();
+        let names: Vec<String> = source.read().unwrap().resources.into_iter().map(|r| r.key.name).collect();
+        assert_eq!(names, vec!["skyetel", "renamed"]);
+        std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
+        assert_eq!(source.read().unwrap().resources.len(), 1);
+        assert_eq!(source.cache.lock().unwrap().len(), 1, "removed files leave the cache");
     }
 
     #[test]
