@@ -34,7 +34,7 @@ const DEBOUNCE: Duration = Duration::from_millis(100);
 /// Connections of local mode's own pool.
 const POOL_SIZE: u32 = 5;
 /// Attempts at the first connection before local mode gives up.
-const CONNECT_ATTEMPTS: u32 = 6;
+const CONNECT_ATTEMPTS: u32 = 3;
 /// Reconcile retries back off from this delay ...
 const RETRY_INITIAL: Duration = Duration::from_millis(500);
 /// ... up to this one.
@@ -62,7 +62,8 @@ pub struct LocalArgs {
     pub no_node: bool,
 }
 
-/// Errors of local mode, each saying what to do about it.
+/// Errors of local mode, each saying what to do about it. Messages carry their cause inline
+/// (no `source()` chain), so that `{:#}` prints every cause exactly once.
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
     #[error(
@@ -72,30 +73,20 @@ pub enum LocalError {
     FolderMissing(PathBuf),
     #[error(transparent)]
     Postgres(#[from] PostgresError),
-    #[error(
-        "{0}; check DATABASE_URL / --database-url, or unset it to run a private throwaway Postgres"
-    )]
-    Connect(#[source] DbError),
+    #[error("{0}; check DATABASE_URL / --database-url, or unset it to run a private throwaway Postgres")]
+    Connect(DbError),
     #[error("{0}")]
-    Migrate(#[source] DbError),
+    Migrate(DbError),
     #[error("{0}")]
-    Source(#[from] SourceError),
-    #[error("cannot watch {path} for changes: {source}")]
-    Watch {
-        path: PathBuf,
-        #[source]
-        source: notify::Error,
-    },
+    Source(SourceError),
+    #[error("cannot watch {path} for changes: {error}")]
+    Watch { path: PathBuf, error: notify::Error },
     #[error("cannot find this program's executable to start the SIP node: {0}")]
-    CurrentExe(#[source] std::io::Error),
-    #[error("cannot start the SIP node ({exe}): {source}")]
-    SpawnNode {
-        exe: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    CurrentExe(std::io::Error),
+    #[error("cannot start the SIP node ({exe}): {error}")]
+    SpawnNode { exe: PathBuf, error: std::io::Error },
     #[error("cannot install the Ctrl-C/SIGTERM handler: {0}")]
-    Signal(#[source] std::io::Error),
+    Signal(std::io::Error),
 }
 
 /// Runs local mode until Ctrl-C or SIGTERM. `log_format` is passed on to the SIP node.
@@ -147,18 +138,14 @@ async fn serve_with_pool(
     };
     let node = match args.no_node {
         true => None,
-        false => Some(NodeSupervisor::start(node_command(
-            args, postgres, log_format,
-        )?)?),
+        false => Some(NodeSupervisor::start(node_command(args, postgres, log_format)?)?),
     };
     let summary = Summary {
         database_url: postgres.url(),
         database_origin: postgres.describe(),
         folder: &args.dir,
         generation: first.report.generation,
-        node: node
-            .as_ref()
-            .map(|node| (args.node_id.as_str(), node.first_pid)),
+        node: node.as_ref().map(|node| (args.node_id.as_str(), node.first_pid)),
         not_ready: &first.report.not_ready,
         problems: first.problems,
     };
@@ -203,13 +190,10 @@ async fn reconcile_with_retry(
 ) -> Result<Option<Pass>, LocalError> {
     let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
     loop {
-        let state = source.desired_state().await?;
+        let state = source.desired_state().await.map_err(LocalError::Source)?;
         match reconciler.reconcile_all(&state).await {
             Ok(report) => {
-                return Ok(Some(Pass {
-                    report,
-                    problems: log_problems(&state),
-                }));
+                return Ok(Some(Pass { report, problems: log_problems(&state) }));
             }
             Err(error) => {
                 let delay = backoff.next_delay();
@@ -249,10 +233,7 @@ fn with_origin(origin: &str, message: &str) -> String {
 /// Logs what a pass after a file change did.
 fn log_report(report: &ReconcileReport) {
     if report.changed.is_empty() && report.deleted.is_empty() {
-        tracing::info!(
-            "folder changed; configuration unchanged (generation {})",
-            report.generation
-        );
+        tracing::info!("folder changed; configuration unchanged (generation {})", report.generation);
     } else {
         tracing::info!(
             "reconciled the folder into config generation {}: changed [{}], deleted [{}]",
@@ -267,31 +248,21 @@ fn log_report(report: &ReconcileReport) {
 }
 
 fn join_keys(keys: &[ResourceKey]) -> String {
-    keys.iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(", ")
+    keys.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
 }
 
 type FolderWatcher = Debouncer<RecommendedWatcher, RecommendedCache>;
 
 /// Watches `dir` recursively; debounced batches of events arrive on the receiver. The watcher
 /// stops when the returned handle is dropped.
-fn watch_folder(
-    dir: &Path,
-) -> Result<(FolderWatcher, mpsc::UnboundedReceiver<DebounceEventResult>), LocalError> {
-    let watch_error = |source| LocalError::Watch {
-        path: dir.to_path_buf(),
-        source,
-    };
+fn watch_folder(dir: &Path) -> Result<(FolderWatcher, mpsc::UnboundedReceiver<DebounceEventResult>), LocalError> {
+    let watch_error = |error| LocalError::Watch { path: dir.to_path_buf(), error };
     let (sender, receiver) = mpsc::unbounded_channel();
     let mut debouncer = new_debouncer(DEBOUNCE, None, move |result: DebounceEventResult| {
         let _ = sender.send(result);
     })
     .map_err(watch_error)?;
-    debouncer
-        .watch(dir, RecursiveMode::Recursive)
-        .map_err(watch_error)?;
+    debouncer.watch(dir, RecursiveMode::Recursive).map_err(watch_error)?;
     Ok((debouncer, receiver))
 }
 
@@ -348,19 +319,15 @@ fn is_relevant(event: &notify::Event) -> bool {
     match event.kind {
         EventKind::Access(_) => false,
         EventKind::Create(CreateKind::Folder) | EventKind::Remove(RemoveKind::Folder) => true,
-        EventKind::Modify(ModifyKind::Name(_)) => event
-            .paths
-            .iter()
-            .any(|path| is_manifest(path) || path.extension().is_none()),
+        EventKind::Modify(ModifyKind::Name(_)) => {
+            event.paths.iter().any(|path| is_manifest(path) || path.extension().is_none())
+        }
         _ => event.paths.iter().any(|path| is_manifest(path)),
     }
 }
 
 fn is_manifest(path: &Path) -> bool {
-    matches!(
-        path.extension().and_then(|ext| ext.to_str()),
-        Some("yaml" | "yml")
-    )
+    matches!(path.extension().and_then(|ext| ext.to_str()), Some("yaml" | "yml"))
 }
 
 /// How to start the SIP node: this executable, `node --database-url URL --node-id ID`.
@@ -372,11 +339,7 @@ struct NodeCommand {
     log_format: LogFormat,
 }
 
-fn node_command(
-    args: &LocalArgs,
-    postgres: &Postgres,
-    log_format: LogFormat,
-) -> Result<NodeCommand, LocalError> {
+fn node_command(args: &LocalArgs, postgres: &Postgres, log_format: LogFormat) -> Result<NodeCommand, LocalError> {
     Ok(NodeCommand {
         exe: std::env::current_exe().map_err(LocalError::CurrentExe)?,
         database_url: postgres.url().to_string(),
@@ -395,22 +358,13 @@ impl NodeCommand {
         };
         let mut command = Command::new(&self.exe);
         command
-            .args([
-                "--log-format",
-                log_format,
-                "node",
-                "--database-url",
-                &self.database_url,
-            ])
+            .args(["--log-format", log_format, "node", "--database-url", &self.database_url])
             .args(["--node-id", &self.node_id])
             .stdin(Stdio::null())
             .process_group(0)
             .kill_on_drop(true);
         process::die_with_parent(&mut command, Signal::SIGTERM);
-        command.spawn().map_err(|source| LocalError::SpawnNode {
-            exe: self.exe.clone(),
-            source,
-        })
+        command.spawn().map_err(|error| LocalError::SpawnNode { exe: self.exe.clone(), error })
     }
 }
 
@@ -429,11 +383,7 @@ impl NodeSupervisor {
         tracing::info!(node_id = %command.node_id, pid = first_pid, "started SIP node");
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(supervise(command, child, stopped));
-        Ok(Self {
-            first_pid,
-            stop,
-            task,
-        })
+        Ok(Self { first_pid, stop, task })
     }
 
     /// Stops the node (SIGTERM, bounded wait, SIGKILL) and the supervision.
@@ -548,10 +498,7 @@ impl Summary<'_> {
         let mut rows = vec![
             ("database", db::redact_url(self.database_url)),
             ("postgres", self.database_origin.clone()),
-            (
-                "folder",
-                format!("{} (watched: changes apply live)", self.folder.display()),
-            ),
+            ("folder", format!("{} (watched: changes apply live)", self.folder.display())),
             ("generation", self.generation.to_string()),
         ];
         rows.push(match self.node {
@@ -559,13 +506,7 @@ impl Summary<'_> {
             None => ("node", "none (--no-node)".to_string()),
         });
         if self.problems > 0 {
-            rows.push((
-                "problems",
-                format!(
-                    "{} invalid resources or files (see the warnings above)",
-                    self.problems
-                ),
-            ));
+            rows.push(("problems", format!("{} invalid resources or files (see the warnings above)", self.problems)));
         }
         rows.push(("not ready", self.not_ready.len().to_string()));
         rows
@@ -592,30 +533,19 @@ mod tests {
     use super::*;
 
     fn event(kind: EventKind, paths: &[&str]) -> notify::Event {
-        paths.iter().fold(notify::Event::new(kind), |event, path| {
-            event.add_path(PathBuf::from(path))
-        })
+        paths.iter().fold(notify::Event::new(kind), |event, path| event.add_path(PathBuf::from(path)))
     }
 
     #[test]
     fn manifest_changes_are_relevant() {
         let modify = EventKind::Modify(ModifyKind::Data(DataChange::Content));
         assert!(is_relevant(&event(modify, &["/m/trunk.yaml"])));
-        assert!(is_relevant(&event(
-            EventKind::Create(CreateKind::File),
-            &["/m/a/rule.yml"]
-        )));
-        assert!(is_relevant(&event(
-            EventKind::Remove(RemoveKind::File),
-            &["/m/number.yaml"]
-        )));
+        assert!(is_relevant(&event(EventKind::Create(CreateKind::File), &["/m/a/rule.yml"])));
+        assert!(is_relevant(&event(EventKind::Remove(RemoveKind::File), &["/m/number.yaml"])));
         let rename = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
         assert!(is_relevant(&event(rename, &["/m/old.txt", "/m/new.yaml"])));
         assert!(is_relevant(&event(rename, &["/m/dir", "/m/elsewhere"])));
-        assert!(is_relevant(&event(
-            EventKind::Remove(RemoveKind::Folder),
-            &["/m/dir"]
-        )));
+        assert!(is_relevant(&event(EventKind::Remove(RemoveKind::Folder), &["/m/dir"])));
     }
 
     #[test]
@@ -623,24 +553,13 @@ mod tests {
         let modify = EventKind::Modify(ModifyKind::Data(DataChange::Content));
         assert!(!is_relevant(&event(modify, &["/m/notes.txt"])));
         assert!(!is_relevant(&event(modify, &["/m/.trunk.yaml.swp"])));
-        assert!(!is_relevant(&event(
-            EventKind::Access(AccessKind::Any),
-            &["/m/trunk.yaml"]
-        )));
+        assert!(!is_relevant(&event(EventKind::Access(AccessKind::Any), &["/m/trunk.yaml"])));
     }
 
     #[test]
     fn summary_lists_components_and_not_ready_resources_without_passwords() {
-        let key = ResourceKey {
-            kind: Kind::PhoneNumber,
-            namespace: "default".into(),
-            name: "main".into(),
-        };
-        let not_ready = vec![(
-            key,
-            "TrunkNotFound".to_string(),
-            "trunk \"x\" does not exist".to_string(),
-        )];
+        let key = ResourceKey { kind: Kind::PhoneNumber, namespace: "default".into(), name: "main".into() };
+        let not_ready = vec![(key, "TrunkNotFound".to_string(), "trunk \"x\" does not exist".to_string())];
         let summary = Summary {
             database_url: "postgres://app:secret@db:5432/switchboard",
             database_origin: "external".into(),
@@ -652,19 +571,10 @@ mod tests {
         };
         let text = summary.render();
         assert!(!text.contains("secret"), "{text}");
-        for expected in [
-            "app:***@db",
-            "examples",
-            "generation  7",
-            "local-1 (pid 4242)",
-            "not ready   1",
-        ] {
+        for expected in ["app:***@db", "examples", "generation  7", "local-1 (pid 4242)", "not ready   1"] {
             assert!(text.contains(expected), "missing {expected:?} in {text}");
         }
-        assert!(
-            text.contains("PhoneNumber default/main: TrunkNotFound: trunk \"x\" does not exist"),
-            "{text}"
-        );
+        assert!(text.contains("PhoneNumber default/main: TrunkNotFound: trunk \"x\" does not exist"), "{text}");
     }
 
     #[test]

@@ -36,7 +36,8 @@ const SHUTDOWN_SIGNAL: Signal = Signal::SIGINT;
 /// Attempts at starting the server (a free port can be taken by someone else in between).
 const START_ATTEMPTS: u32 = 3;
 
-/// Errors of bringing up (or finding) Postgres, each saying what to do about it.
+/// Errors of bringing up (or finding) Postgres, each saying what to do about it. Messages carry
+/// their cause inline (no `source()` chain), so that `{:#}` prints every cause exactly once.
 #[derive(Debug, thiserror::Error)]
 pub enum PostgresError {
     #[error(
@@ -57,47 +58,31 @@ pub enum PostgresError {
          non-root user"
     )]
     ServerUser { message: String },
-    #[error("cannot {action}: {source}")]
-    Io {
-        action: String,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("cannot {action}: {error}")]
+    Io { action: String, error: std::io::Error },
     #[error(
         "initdb failed ({status}) for {dir}:\n{output}\nCheck that the directory is writable by \
          the server user, or set DATABASE_URL to an existing database"
     )]
-    Initdb {
-        status: ExitStatus,
-        dir: PathBuf,
-        output: String,
-    },
+    Initdb { status: ExitStatus, dir: PathBuf, output: String },
     #[error(
         "the private Postgres server exited during startup ({status}); its log ({log}) ends \
          with:\n{log_tail}"
     )]
-    Exited {
-        status: ExitStatus,
-        log: PathBuf,
-        log_tail: String,
-    },
+    Exited { status: ExitStatus, log: PathBuf, log_tail: String },
     #[error(
         "the private Postgres server did not accept connections within {timeout:?}; its log \
          ({log}) ends with:\n{log_tail}"
     )]
-    StartupTimeout {
-        timeout: Duration,
-        log: PathBuf,
-        log_tail: String,
-    },
+    StartupTimeout { timeout: Duration, log: PathBuf, log_tail: String },
     #[error("cannot create database `{DATABASE_NAME}` in the private cluster: {0}")]
-    CreateDatabase(#[source] sqlx::Error),
+    CreateDatabase(sqlx::Error),
 }
 
 impl PostgresError {
     fn io(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
         let action = action.into();
-        move |source| Self::Io { action, source }
+        move |error| Self::Io { action, error }
     }
 }
 
@@ -169,23 +154,14 @@ impl PrivateCluster {
         let dir = create_cluster_dir(&owner)?;
         init_cluster(&bindir, dir.path(), &owner).await?;
         let log = dir.path().join("postgres.log");
-        let mut cluster = Self {
-            server: None,
-            port: 0,
-            url: String::new(),
-            log,
-            dir,
-        };
+        let mut cluster = Self { server: None, port: 0, url: String::new(), log, dir };
         for attempt in 1..=START_ATTEMPTS {
             cluster.launch(&bindir, &owner)?;
             match cluster.wait_until_ready().await {
                 Ok(()) => break,
                 // The port was taken between choosing and binding it: try another one.
                 Err(error) if is_port_clash(&error) && attempt < START_ATTEMPTS => {
-                    tracing::debug!(
-                        port = cluster.port,
-                        "port taken; starting Postgres on another one"
-                    );
+                    tracing::debug!(port = cluster.port, "port taken; starting Postgres on another one");
                 }
                 Err(error) => {
                     cluster.stop_server().await;
@@ -240,10 +216,7 @@ impl PrivateCluster {
         if let Some(mut server) = self.server.take() {
             tracing::debug!(pid = server.pid, "stopping the private Postgres");
             if !process::stop_child(&mut server.child, SHUTDOWN_SIGNAL, SHUTDOWN_TIMEOUT).await {
-                tracing::warn!(
-                    pid = server.pid,
-                    "Postgres did not stop within {SHUTDOWN_TIMEOUT:?}; killed it"
-                );
+                tracing::warn!(pid = server.pid, "Postgres did not stop within {SHUTDOWN_TIMEOUT:?}; killed it");
             }
         }
     }
@@ -251,11 +224,8 @@ impl PrivateCluster {
     /// Starts `postgres` on a free loopback port, its output going to the log file.
     fn launch(&mut self, bindir: &Path, owner: &ServerOwner) -> Result<(), PostgresError> {
         let port = free_loopback_port()?;
-        let log = File::create(&self.log)
-            .map_err(PostgresError::io(format!("create {}", self.log.display())))?;
-        let log_err = log
-            .try_clone()
-            .map_err(PostgresError::io("duplicate the log file handle"))?;
+        let log = File::create(&self.log).map_err(PostgresError::io(format!("create {}", self.log.display())))?;
+        let log_err = log.try_clone().map_err(PostgresError::io("duplicate the log file handle"))?;
         let dir = self.dir.path();
         let mut command = Command::new(bindir.join("postgres"));
         command
@@ -265,14 +235,7 @@ impl PrivateCluster {
             .arg(dir)
             .args(["-h", "127.0.0.1", "-p", &port.to_string()])
             // A throwaway cluster: durability is not worth the fsyncs.
-            .args([
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
-            ])
+            .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(log)
@@ -284,9 +247,7 @@ impl PrivateCluster {
             .kill_on_drop(true);
         owner.apply(&mut command);
         process::die_with_parent(&mut command, SHUTDOWN_SIGNAL);
-        let child = command
-            .spawn()
-            .map_err(PostgresError::io("start the postgres server"))?;
+        let child = command.spawn().map_err(PostgresError::io("start the postgres server"))?;
         let pid = child.id().unwrap_or_default();
         tracing::debug!(pid, port, dir = %dir.display(), "started private Postgres");
         self.server = Some(Server { child, pid });
@@ -300,17 +261,10 @@ impl PrivateCluster {
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         let url = self.admin_url();
         loop {
-            let exited = self
-                .server
-                .as_mut()
-                .and_then(|server| server.child.try_wait().ok().flatten());
+            let exited = self.server.as_mut().and_then(|server| server.child.try_wait().ok().flatten());
             if let Some(status) = exited {
                 self.server = None;
-                return Err(PostgresError::Exited {
-                    status,
-                    log: self.log.clone(),
-                    log_tail: self.log_tail(),
-                });
+                return Err(PostgresError::Exited { status, log: self.log.clone(), log_tail: self.log_tail() });
             }
             if let Ok(conn) = PgConnection::connect(&url).await {
                 let _ = conn.close().await;
@@ -318,24 +272,15 @@ impl PrivateCluster {
             }
             if Instant::now() >= deadline {
                 let (log, log_tail) = (self.log.clone(), self.log_tail());
-                return Err(PostgresError::StartupTimeout {
-                    timeout: STARTUP_TIMEOUT,
-                    log,
-                    log_tail,
-                });
+                return Err(PostgresError::StartupTimeout { timeout: STARTUP_TIMEOUT, log, log_tail });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     async fn create_database(&self) -> Result<(), PostgresError> {
-        let mut conn = PgConnection::connect(&self.admin_url())
-            .await
-            .map_err(PostgresError::CreateDatabase)?;
-        sqlx::query("CREATE DATABASE switchboard")
-            .execute(&mut conn)
-            .await
-            .map_err(PostgresError::CreateDatabase)?;
+        let mut conn = PgConnection::connect(&self.admin_url()).await.map_err(PostgresError::CreateDatabase)?;
+        sqlx::query("CREATE DATABASE switchboard").execute(&mut conn).await.map_err(PostgresError::CreateDatabase)?;
         let _ = conn.close().await;
         Ok(())
     }
@@ -378,16 +323,14 @@ impl ServerOwner {
             return Ok(Self { switch_to: None });
         }
         let user = server_user()?;
-        Ok(Self {
-            switch_to: Some((user.uid, user.gid)),
-        })
+        Ok(Self { switch_to: Some((user.uid, user.gid)) })
     }
 
     fn chown(&self, path: &Path) -> Result<(), PostgresError> {
         if let Some((uid, gid)) = self.switch_to {
             nix::unistd::chown(path, Some(uid), Some(gid)).map_err(|errno| PostgresError::Io {
                 action: format!("give {} to the {SERVER_USER} user", path.display()),
-                source: errno.into(),
+                error: errno.into(),
             })?;
         }
         Ok(())
@@ -403,25 +346,15 @@ impl ServerOwner {
 
 /// The `postgres` system user, created (`useradd --system`) when missing.
 fn server_user() -> Result<User, PostgresError> {
-    let lookup = || {
-        User::from_name(SERVER_USER).map_err(|errno| PostgresError::ServerUser {
-            message: errno.to_string(),
-        })
-    };
+    let lookup =
+        || User::from_name(SERVER_USER).map_err(|errno| PostgresError::ServerUser { message: errno.to_string() });
     if let Some(user) = lookup()? {
         return Ok(user);
     }
     eprintln!("switchboard: creating the `{SERVER_USER}` system user to run a private Postgres");
     let group_exists = Group::from_name(SERVER_USER).ok().flatten().is_some();
     let mut command = std::process::Command::new("useradd");
-    command.args([
-        "--system",
-        "--no-create-home",
-        "--home-dir",
-        "/nonexistent",
-        "--shell",
-        "/usr/sbin/nologin",
-    ]);
+    command.args(["--system", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin"]);
     if group_exists {
         command.args(["--gid", SERVER_USER]);
     } else {
@@ -430,20 +363,12 @@ fn server_user() -> Result<User, PostgresError> {
     let output = command
         .arg(SERVER_USER)
         .output()
-        .map_err(|error| PostgresError::ServerUser {
-            message: format!("cannot run useradd: {error}"),
-        })?;
+        .map_err(|error| PostgresError::ServerUser { message: format!("cannot run useradd: {error}") })?;
     if !output.status.success() {
-        let message = format!(
-            "useradd failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
+        let message = format!("useradd failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr).trim());
         return Err(PostgresError::ServerUser { message });
     }
-    lookup()?.ok_or_else(|| PostgresError::ServerUser {
-        message: "useradd succeeded but the user is missing".into(),
-    })
+    lookup()?.ok_or_else(|| PostgresError::ServerUser { message: "useradd succeeded but the user is missing".into() })
 }
 
 /// A fresh temporary directory for the cluster, owned by the server user.
@@ -451,9 +376,7 @@ fn create_cluster_dir(owner: &ServerOwner) -> Result<tempfile::TempDir, Postgres
     let dir = tempfile::Builder::new()
         .prefix("switchboard-postgres-")
         .tempdir()
-        .map_err(PostgresError::io(
-            "create a temporary directory for the private Postgres",
-        ))?;
+        .map_err(PostgresError::io("create a temporary directory for the private Postgres"))?;
     owner.chown(dir.path())?;
     Ok(dir)
 }
@@ -465,35 +388,18 @@ async fn init_cluster(bindir: &Path, dir: &Path, owner: &ServerOwner) -> Result<
     command
         .arg("-D")
         .arg(&data)
-        .args([
-            "--username",
-            SERVER_USER,
-            "--auth",
-            "trust",
-            "--encoding",
-            "UTF8",
-            "--locale",
-            "C",
-            "--no-sync",
-        ])
+        .args(["--username", SERVER_USER, "--auth", "trust", "--encoding", "UTF8", "--locale", "C", "--no-sync"])
         .current_dir(dir)
         .stdin(Stdio::null())
         .kill_on_drop(true);
     owner.apply(&mut command);
-    let output = command
-        .output()
-        .await
-        .map_err(PostgresError::io("run initdb"))?;
+    let output = command.output().await.map_err(PostgresError::io("run initdb"))?;
     if output.status.success() {
         return Ok(());
     }
     let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&output.stderr));
-    Err(PostgresError::Initdb {
-        status: output.status,
-        dir: data,
-        output: text.trim().to_string(),
-    })
+    Err(PostgresError::Initdb { status: output.status, dir: data, output: text.trim().to_string() })
 }
 
 /// The server binaries' directory, installing the `postgresql` package when they are missing
@@ -519,11 +425,7 @@ pub fn find_server_binaries() -> Option<PathBuf> {
         .ok()
         .filter(|output| output.status.success())
         .map(|output| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()));
-    from_pg_config
-        .into_iter()
-        .chain(debian_bindirs())
-        .chain(path_bindirs())
-        .find(|dir| has_server_binaries(dir))
+    from_pg_config.into_iter().chain(debian_bindirs()).chain(path_bindirs()).find(|dir| has_server_binaries(dir))
 }
 
 fn has_server_binaries(dir: &Path) -> bool {
@@ -539,11 +441,7 @@ fn debian_bindirs() -> Vec<PathBuf> {
         .filter_map(Result::ok)
         .filter_map(|entry| {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let version = name
-                .split('.')
-                .map(str::parse)
-                .collect::<Result<Vec<u64>, _>>()
-                .ok()?;
+            let version = name.split('.').map(str::parse).collect::<Result<Vec<u64>, _>>().ok()?;
             Some((version, entry.path().join("bin")))
         })
         .collect();
@@ -567,16 +465,12 @@ fn path_bindirs() -> Vec<PathBuf> {
 
 fn which(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(program))
-        .find(|candidate| candidate.is_file())
+    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|candidate| candidate.is_file())
 }
 
 /// `apt-get update` and `apt-get install postgresql`, showing the user what happens.
 async fn install_postgresql() -> Result<(), PostgresError> {
-    eprintln!(
-        "switchboard: PostgreSQL server binaries not found; installing the `{PACKAGE}` package"
-    );
+    eprintln!("switchboard: PostgreSQL server binaries not found; installing the `{PACKAGE}` package");
     run_apt(&["update"]).await?;
     run_apt(&["install", "-y", "--no-install-recommends", PACKAGE]).await
 }
@@ -590,28 +484,19 @@ async fn run_apt(args: &[&str]) -> Result<(), PostgresError> {
         .stdin(Stdio::null())
         .status()
         .await
-        .map_err(|error| PostgresError::Install {
-            command: command_line.clone(),
-            outcome: error.to_string(),
-        })?;
+        .map_err(|error| PostgresError::Install { command: command_line.clone(), outcome: error.to_string() })?;
     if status.success() {
         Ok(())
     } else {
-        Err(PostgresError::Install {
-            command: command_line,
-            outcome: format!("failed: {status}"),
-        })
+        Err(PostgresError::Install { command: command_line, outcome: format!("failed: {status}") })
     }
 }
 
 /// A loopback TCP port that was free a moment ago.
 fn free_loopback_port() -> Result<u16, PostgresError> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .map_err(PostgresError::io("find a free loopback port"))?;
-    let port = listener
-        .local_addr()
-        .map_err(PostgresError::io("find a free loopback port"))?
-        .port();
+    let listener =
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(PostgresError::io("find a free loopback port"))?;
+    let port = listener.local_addr().map_err(PostgresError::io("find a free loopback port"))?.port();
     Ok(port)
 }
 
@@ -641,20 +526,15 @@ mod tests {
         let clash = PostgresError::Exited {
             status: std::process::ExitStatus::default(),
             log: PathBuf::from("log"),
-            log_tail: "LOG:  could not bind IPv4 address \"127.0.0.1\": Address already in use"
-                .into(),
+            log_tail: "LOG:  could not bind IPv4 address \"127.0.0.1\": Address already in use".into(),
         };
         assert!(is_port_clash(&clash));
     }
 
     #[test]
     fn external_url_is_used_as_given() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let postgres = runtime
-            .block_on(Postgres::ensure(Some("postgres://u:p@h/db".into())))
-            .unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let postgres = runtime.block_on(Postgres::ensure(Some("postgres://u:p@h/db".into()))).unwrap();
         assert_eq!(postgres.url(), "postgres://u:p@h/db");
         assert!(!postgres.describe().contains("u:p"));
     }

@@ -14,8 +14,7 @@ pub fn die_with_parent(command: &mut Command, signal: Signal) {
     // SAFETY: the closure only makes the async-signal-safe prctl(2) system call. It runs after
     // std's uid switch, which would otherwise clear the setting again.
     unsafe {
-        command
-            .pre_exec(move || nix::sys::prctl::set_pdeathsig(signal).map_err(std::io::Error::from));
+        command.pre_exec(move || nix::sys::prctl::set_pdeathsig(signal).map_err(std::io::Error::from));
     }
 }
 
@@ -62,11 +61,7 @@ pub struct Backoff {
 impl Backoff {
     /// A backoff starting at `initial` and never exceeding `max`.
     pub fn new(initial: Duration, max: Duration) -> Self {
-        Self {
-            initial,
-            max,
-            next: initial,
-        }
+        Self { initial, max, next: initial }
     }
 
     /// The delay to wait now; the following one is twice as long (capped).
@@ -97,11 +92,8 @@ mod tests {
 
     #[tokio::test]
     async fn stop_child_ends_a_process_that_ignores_the_signal() {
-        let mut child = Command::new("sh")
-            .args(["-c", "trap '' TERM; exec sleep 30"])
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+        let mut child =
+            Command::new("sh").args(["-c", "trap '' TERM; exec sleep 30"]).kill_on_drop(true).spawn().unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         let graceful = stop_child(&mut child, Signal::SIGTERM, Duration::from_millis(300)).await;
         assert!(!graceful);

@@ -38,36 +38,20 @@ fn is_running(pid: u32) -> bool {
 async fn private_cluster_serves_the_switchboard_database_and_stops_cleanly() {
     let cluster = start().await;
     let url = cluster.url().to_string();
-    assert!(
-        url.starts_with("postgres://postgres@127.0.0.1:") && url.ends_with("/switchboard"),
-        "{url}"
-    );
+    assert!(url.starts_with("postgres://postgres@127.0.0.1:") && url.ends_with("/switchboard"), "{url}");
     let (dir, pid) = (cluster.dir().to_path_buf(), cluster.pid().expect("running"));
     assert!(cluster.log_path().starts_with(&dir));
 
-    let pool = switchboard_model::db::connect(&url, 2)
-        .await
-        .expect("connects");
-    switchboard_model::db::migrate(&pool)
-        .await
-        .expect("migrations apply");
-    let database: String = sqlx::query_scalar("SELECT current_database()")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let pool = switchboard_model::db::connect(&url, 2).await.expect("connects");
+    switchboard_model::db::migrate(&pool).await.expect("migrations apply");
+    let database: String = sqlx::query_scalar("SELECT current_database()").fetch_one(&pool).await.unwrap();
     assert_eq!(database, "switchboard");
     pool.close().await;
 
     Postgres::Private(Box::new(cluster)).stop().await;
-    assert!(
-        !is_running(pid),
-        "postgres (pid {pid}) still runs after stop"
-    );
+    assert!(!is_running(pid), "postgres (pid {pid}) still runs after stop");
     assert!(!dir.exists(), "{} still exists after stop", dir.display());
-    assert!(
-        switchboard_model::db::connect(&url, 1).await.is_err(),
-        "the server still accepts connections"
-    );
+    assert!(switchboard_model::db::connect(&url, 1).await.is_err(), "the server still accepts connections");
 }
 
 #[tokio::test]
@@ -75,14 +59,9 @@ async fn dropping_a_cluster_stops_it_too() {
     let cluster = start().await;
     let (dir, pid) = (cluster.dir().to_path_buf(), cluster.pid().expect("running"));
     // Hold a connection open: the fast shutdown must not wait for it.
-    let pool = switchboard_model::db::connect(cluster.url(), 1)
-        .await
-        .expect("connects");
+    let pool = switchboard_model::db::connect(cluster.url(), 1).await.expect("connects");
     let _conn = pool.acquire().await.unwrap();
     drop(cluster);
-    assert!(
-        !is_running(pid),
-        "postgres (pid {pid}) still runs after drop"
-    );
+    assert!(!is_running(pid), "postgres (pid {pid}) still runs after drop");
     assert!(!dir.exists(), "{} still exists after drop", dir.display());
 }

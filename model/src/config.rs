@@ -164,20 +164,67 @@ pub struct StoredHash {
     pub config_generation: i64,
 }
 
+/// A row that does not decode, named by its key so that the message points at the resource:
+/// `trunk default/main: error decoding column "codecs": "G729" is not one of PCMU, ...`. `load_all` returns
+/// it as [`sqlx::Error::Decode`]; the message carries the cause, so it has no `source()`.
+#[derive(Debug)]
+struct RowError {
+    /// What the row is, e.g. `trunk`.
+    kind: &'static str,
+    /// `namespace/name` of the row.
+    key: String,
+    error: sqlx::Error,
+}
+
+impl std::fmt::Display for RowError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: ", self.kind, self.key)?;
+        match &self.error {
+            sqlx::Error::ColumnDecode { index, source } => write!(f, "error decoding column {index}: {source}"),
+            other => write!(f, "{other}"),
+        }
+    }
+}
+
+impl std::error::Error for RowError {}
+
+/// Decodes every row with `from_row`; the first row that does not decode fails the whole load
+/// with a [`RowError`] naming it by its `key_columns` (`?` for a key column that does not decode).
+fn decode_rows<T>(
+    rows: &[PgRow],
+    kind: &'static str,
+    [namespace, name]: [&str; 2],
+    from_row: fn(&PgRow) -> Result<T, sqlx::Error>,
+) -> Result<Vec<T>, sqlx::Error> {
+    let text = |row: &PgRow, column: &str| row.try_get::<String, _>(column).unwrap_or_else(|_| "?".into());
+    rows.iter()
+        .map(|row| {
+            from_row(row).map_err(|error| {
+                let key = format!("{}/{}", text(row, namespace), text(row, name));
+                sqlx::Error::Decode(Box::new(RowError { kind, key, error }))
+            })
+        })
+        .collect()
+}
+
+/// A value of `column` that was read but is not valid. The index is quoted as sqlx quotes it.
+fn column_error(column: &str, source: impl Into<sqlx::error::BoxDynError>) -> sqlx::Error {
+    sqlx::Error::ColumnDecode { index: format!("{column:?}"), source: source.into() }
+}
+
 fn parse_text<T: std::str::FromStr<Err = String>>(row: &PgRow, column: &str) -> Result<T, sqlx::Error> {
     let text: String = row.try_get(column)?;
-    text.parse().map_err(|e: String| sqlx::Error::ColumnDecode {
-        index: column.to_string(),
-        source: e.into(),
-    })
+    text.parse().map_err(|e: String| column_error(column, e))
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(row: &PgRow, column: &str) -> Result<T, sqlx::Error> {
     let value: serde_json::Value = row.try_get(column)?;
-    serde_json::from_value(value).map_err(|e| sqlx::Error::ColumnDecode {
-        index: column.to_string(),
-        source: e.into(),
-    })
+    serde_json::from_value(value).map_err(|e| column_error(column, e))
+}
+
+fn parse_opt_json<T: serde::de::DeserializeOwned>(row: &PgRow, column: &str) -> Result<Option<T>, sqlx::Error> {
+    let value: Option<serde_json::Value> = row.try_get(column)?;
+    value.map(serde_json::from_value).transpose().map_err(|e| column_error(column, e))
 }
 
 fn opt_u16(row: &PgRow, column: &str) -> Result<Option<u16>, sqlx::Error> {
@@ -203,7 +250,7 @@ impl TrunkConfig {
             .iter()
             .map(|c| c.parse::<Codec>())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| sqlx::Error::ColumnDecode { index: "codecs".into(), source: e.into() })?;
+            .map_err(|e| column_error("codecs", e))?;
         Ok(Self {
             namespace: row.try_get("namespace")?,
             name: row.try_get("name")?,
@@ -313,14 +360,25 @@ impl TrunkConfig {
         Ok(())
     }
 
-    /// Every stored trunk.
+    /// Every stored trunk. A row that does not decode fails the load with
+    /// [`sqlx::Error::Decode`] naming the trunk (`trunk default/main: error decoding column ...`).
     pub async fn load_all<'c, E: sqlx::PgExecutor<'c>>(executor: E) -> Result<Vec<Self>, sqlx::Error> {
         let rows = sqlx::query("SELECT * FROM trunks ORDER BY namespace, name").fetch_all(executor).await?;
-        rows.iter().map(Self::from_row).collect()
+        decode_rows(&rows, "trunk", ["namespace", "name"], Self::from_row)
     }
 }
 
 impl Credential {
+    fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            namespace: row.try_get("namespace")?,
+            trunk_name: row.try_get("trunk_name")?,
+            username: row.try_get("username")?,
+            password: row.try_get("password")?,
+            secret_name: row.try_get("secret_name")?,
+        })
+    }
+
     /// Inserts or replaces the credential of a trunk.
     pub async fn upsert(&self, conn: &mut PgConnection, generation: i64) -> Result<(), sqlx::Error> {
         sqlx::query(
@@ -351,38 +409,25 @@ impl Credential {
         Ok(done.rows_affected() > 0)
     }
 
-    /// Every stored credential.
+    /// Every stored credential. A row that does not decode fails the load with
+    /// [`sqlx::Error::Decode`] naming the trunk (`credential of trunk default/main: ...`).
     pub async fn load_all<'c, E: sqlx::PgExecutor<'c>>(executor: E) -> Result<Vec<Self>, sqlx::Error> {
         let rows = sqlx::query("SELECT namespace, trunk_name, username, password, secret_name FROM credentials")
             .fetch_all(executor)
             .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(Self {
-                    namespace: row.try_get("namespace")?,
-                    trunk_name: row.try_get("trunk_name")?,
-                    username: row.try_get("username")?,
-                    password: row.try_get("password")?,
-                    secret_name: row.try_get("secret_name")?,
-                })
-            })
-            .collect()
+        decode_rows(&rows, "credential of trunk", ["namespace", "trunk_name"], Self::from_row)
     }
 }
 
 impl NumberConfig {
     fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
-        let destination: Option<serde_json::Value> = row.try_get("destination")?;
         Ok(Self {
             namespace: row.try_get("namespace")?,
             name: row.try_get("name")?,
             number: row.try_get("number")?,
             trunk_ref: row.try_get("trunk_ref")?,
             routing_rule_ref: row.try_get("routing_rule_ref")?,
-            destination: destination
-                .map(serde_json::from_value)
-                .transpose()
-                .map_err(|e| sqlx::Error::ColumnDecode { index: "destination".into(), source: e.into() })?,
+            destination: parse_opt_json(row, "destination")?,
             message_webhook: row.try_get("message_webhook")?,
             caller_id_allowed: row.try_get("caller_id_allowed")?,
         })
@@ -415,10 +460,11 @@ impl NumberConfig {
         Ok(())
     }
 
-    /// Every stored number.
+    /// Every stored number. A row that does not decode fails the load with
+    /// [`sqlx::Error::Decode`] naming the resource (`phone number default/support: ...`).
     pub async fn load_all<'c, E: sqlx::PgExecutor<'c>>(executor: E) -> Result<Vec<Self>, sqlx::Error> {
         let rows = sqlx::query("SELECT * FROM phone_numbers ORDER BY number").fetch_all(executor).await?;
-        rows.iter().map(Self::from_row).collect()
+        decode_rows(&rows, "phone number", ["namespace", "name"], Self::from_row)
     }
 
     /// `(namespace, name, number)` of every stored number: who holds which number, so that a
@@ -430,17 +476,13 @@ impl NumberConfig {
 
 impl RuleConfig {
     fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
-        let destination: Option<serde_json::Value> = row.try_get("destination")?;
         Ok(Self {
             namespace: row.try_get("namespace")?,
             name: row.try_get("name")?,
             direction: parse_text(row, "direction")?,
             priority: row.try_get("priority")?,
             match_spec: parse_json(row, "match_spec")?,
-            destination: destination
-                .map(serde_json::from_value)
-                .transpose()
-                .map_err(|e| sqlx::Error::ColumnDecode { index: "destination".into(), source: e.into() })?,
+            destination: parse_opt_json(row, "destination")?,
             trunks: row.try_get("trunks")?,
             trunk_selection: parse_text(row, "trunk_selection")?,
             status_callback: row.try_get("status_callback")?,
@@ -476,12 +518,13 @@ impl RuleConfig {
         Ok(())
     }
 
-    /// Every stored rule, in evaluation order (priority, then name, then namespace).
+    /// Every stored rule, in evaluation order (priority, then name, then namespace). A row that
+    /// does not decode fails the load with [`sqlx::Error::Decode`] naming the rule
+    /// (`routing rule default/to-agent: ...`).
     pub async fn load_all<'c, E: sqlx::PgExecutor<'c>>(executor: E) -> Result<Vec<Self>, sqlx::Error> {
-        let rows = sqlx::query("SELECT * FROM routing_rules ORDER BY priority, name, namespace")
-            .fetch_all(executor)
-            .await?;
-        rows.iter().map(Self::from_row).collect()
+        let rows =
+            sqlx::query("SELECT * FROM routing_rules ORDER BY priority, name, namespace").fetch_all(executor).await?;
+        decode_rows(&rows, "routing rule", ["namespace", "name"], Self::from_row)
     }
 }
 
@@ -550,4 +593,55 @@ pub async fn notify_generation(conn: &mut PgConnection, generation: i64) -> Resu
         .execute(conn)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A trunk row with every required column; the caller breaks one of them.
+    const INSERT_TRUNK: &str = "INSERT INTO trunks (namespace, name, provider, gateways, auth_method,
+            registration_enabled, registration_expires, inbound_enabled, outbound_enabled, codecs, dtmf_relay,
+            rtp_timeout_seconds, options_interval_seconds, failover_timeout_seconds, spec_hash, config_generation)
+         VALUES ('default', 'main', 'acme', '[]', 'none', false, 3600, true, true, '{PCMU}', true, 30, 60, 5, 'h', 1)";
+
+    #[test]
+    fn row_errors_name_the_row_and_the_column() {
+        let error =
+            RowError { kind: "trunk", key: "default/main".into(), error: column_error("codecs", "unknown codec G729") };
+        assert_eq!(error.to_string(), r#"trunk default/main: error decoding column "codecs": unknown codec G729"#);
+        let error =
+            RowError { kind: "routing rule", key: "?/broken".into(), error: sqlx::Error::ColumnNotFound("x".into()) };
+        assert_eq!(error.to_string(), "routing rule ?/broken: no column found for name: x");
+    }
+
+    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
+    async fn load_all_reads_inside_a_transaction_and_names_bad_rows(pool: sqlx::PgPool) {
+        sqlx::query(INSERT_TRUNK).execute(&pool).await.unwrap();
+        let mut tx = pool.begin().await.unwrap();
+        let trunks = TrunkConfig::load_all(&mut *tx).await.unwrap();
+        assert_eq!(
+            trunks.iter().map(|t| (t.name.as_str(), t.codecs.clone())).collect::<Vec<_>>(),
+            [("main", vec![Codec::Pcmu])]
+        );
+        // Uncommitted writes of the same transaction are visible: the load runs on its connection.
+        sqlx::query("UPDATE trunks SET codecs = '{PCMU,G729}'").execute(&mut *tx).await.unwrap();
+        let error = TrunkConfig::load_all(&mut *tx).await.expect_err("G729 is not a codec");
+        let sqlx::Error::Decode(problem) = &error else { panic!("expected a decode error, got {error}") };
+        let problem = problem.to_string();
+        assert!(problem.starts_with(r#"trunk default/main: error decoding column "codecs": "#), "{problem}");
+        assert!(problem.contains("G729"), "{problem}");
+        tx.rollback().await.unwrap();
+
+        sqlx::query(
+            r#"INSERT INTO routing_rules (namespace, name, direction, match_spec, spec_hash, config_generation)
+               VALUES ('default', 'broken', 'inbound', '{"numbers": "not a list"}', 'h', 0)"#,
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        let error = RuleConfig::load_all(&pool).await.expect_err("match_spec is malformed").to_string();
+        assert!(error.contains(r#"routing rule default/broken: error decoding column "match_spec": "#), "{error}");
+        assert_eq!(TrunkConfig::load_all(&pool).await.unwrap().len(), 1, "the rollback kept the good row");
+    }
 }

@@ -35,9 +35,15 @@ pub fn redact_url(url: &str) -> String {
             }
             parsed.to_string()
         }
-        // Unparsable: mask everything between the scheme and the last '@' by hand.
+        // Unparsable: mask the password (between the user and the last '@') by hand.
         Err(_) => match (url.find("://"), url.rfind('@')) {
-            (Some(start), Some(end)) if end > start + 3 => format!("{}***{}", &url[..start + 3], &url[end..]),
+            (Some(start), Some(end)) if end > start + 3 => {
+                let userinfo = &url[start + 3..end];
+                match userinfo.find(':') {
+                    Some(colon) => format!("{}{}:***{}", &url[..start + 3], &userinfo[..colon], &url[end..]),
+                    None => url.to_string(),
+                }
+            }
             _ => url.to_string(),
         },
     }
@@ -76,6 +82,6 @@ mod tests {
     fn redacts_passwords_only() {
         assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
-        assert_eq!(redact_url("postgres://u:secret@h:notaport/db"), "postgres://***@h:notaport/db");
+        assert_eq!(redact_url("postgres://u:secret@h:notaport/db"), "postgres://u:***@h:notaport/db");
     }
 }

@@ -2,6 +2,10 @@
 //! and [`RoutingRule`], with their status types. The CRDs in `crds/` are generated from these
 //! types by `switchboard crds`; a test fails when the checked-in files drift.
 
+// kube's `printcolumn(type_ = ...)` repeats the same key in several columns, which clippy
+// mistakes for duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 mod phone_number;
 mod routing_rule;
 mod status;

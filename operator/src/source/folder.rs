@@ -17,6 +17,9 @@ use super::{
 use crate::crd::API_VERSION;
 use crate::validate;
 
+/// Parsed files by path, with the hash of the content they were parsed from.
+type ParseCache = HashMap<PathBuf, (u64, Arc<DesiredState>)>;
+
 /// Reads the YAML manifests of a folder (recursively): Trunk, PhoneNumber, RoutingRule and Secret.
 ///
 /// Parsed files are cached by content, so that after one edit only that file is parsed again:
@@ -24,7 +27,7 @@ use crate::validate;
 #[derive(Clone)]
 pub struct FolderSource {
     dir: PathBuf,
-    cache: Arc<Mutex<HashMap<PathBuf, (u64, Arc<DesiredState>)>>>,
+    cache: Arc<Mutex<ParseCache>>,
 }
 
 impl FolderSource {
