@@ -100,7 +100,11 @@ async fn measure(args: &BenchArgs, url: &str) -> anyhow::Result<()> {
         report.generation
     );
     if !report.not_ready.is_empty() {
-        bail!("the generated folder has {} resources that are not ready: {:?}", report.not_ready.len(), report.not_ready.first());
+        bail!(
+            "the generated folder has {} resources that are not ready: {:?}",
+            report.not_ready.len(),
+            report.not_ready.first()
+        );
     }
 
     let log = folder.path().join("..").join(format!("switchboard-bench-{}.log", std::process::id()));
@@ -159,7 +163,9 @@ async fn timed_edits(
         latencies.last().map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     );
     match local_pid.and_then(node_rss) {
-        Some((rss, peak)) => println!("node RSS with this snapshot: {:.1} MB (peak {:.1} MB)", rss as f64 / 1024.0, peak as f64 / 1024.0),
+        Some((rss, peak)) => {
+            println!("node RSS with this snapshot: {:.1} MB (peak {:.1} MB)", rss as f64 / 1024.0, peak as f64 / 1024.0)
+        }
         None => println!("node RSS: could not be read from /proc"),
     }
     Ok(())

@@ -19,7 +19,7 @@ use sqlx::PgPool;
 use switchboard_model::db::{self, DbError};
 use switchboard_model::logging::LogFormat;
 use switchboard_operator::reconcile::{ReconcileReport, Reconciler};
-use switchboard_operator::source::folder::FolderSource;
+use switchboard_operator::source::folder::{FolderSource, is_manifest};
 use switchboard_operator::source::{DesiredState, DesiredStateSource, ResourceKey, SourceError};
 use tokio::process::{Child, Command};
 use tokio::signal::unix::{SignalKind, signal};
@@ -136,10 +136,8 @@ async fn serve_with_pool(
     let Some(first) = reconcile_with_retry(&source, &reconciler, shutdown).await? else {
         return Ok(());
     };
-    let node = match args.no_node {
-        true => None,
-        false => Some(NodeSupervisor::start(node_command(args, postgres, log_format)?)?),
-    };
+    let node =
+        if args.no_node { None } else { Some(NodeSupervisor::start(node_command(args, postgres, log_format)?)?) };
     let summary = Summary {
         database_url: postgres.url(),
         database_origin: postgres.describe(),
@@ -160,18 +158,19 @@ async fn serve_with_pool(
 /// Connects, retrying a few times with backoff (the database may still be starting).
 async fn connect(url: &str) -> Result<PgPool, LocalError> {
     let mut backoff = Backoff::new(RETRY_INITIAL, Duration::from_secs(8));
-    for attempt in 1.. {
+    let mut attempt = 1;
+    loop {
         match db::connect(url, POOL_SIZE).await {
             Ok(pool) => return Ok(pool),
             Err(error) if attempt < CONNECT_ATTEMPTS => {
                 let delay = backoff.next_delay();
                 tracing::warn!("{error}; retrying in {delay:?}");
                 tokio::time::sleep(delay).await;
+                attempt += 1;
             }
             Err(error) => return Err(LocalError::Connect(error)),
         }
     }
-    unreachable!("the loop returns")
 }
 
 /// The outcome of one successful reconcile pass.
@@ -224,10 +223,7 @@ fn log_problems(state: &DesiredState) -> usize {
 
 /// `origin: message`, unless the message already starts with its origin.
 fn with_origin(origin: &str, message: &str) -> String {
-    match message.starts_with(origin) {
-        true => message.to_string(),
-        false => format!("{origin}: {message}"),
-    }
+    if message.starts_with(origin) { message.to_string() } else { format!("{origin}: {message}") }
 }
 
 /// Logs what a pass after a file change did.
@@ -326,11 +322,7 @@ fn is_relevant(event: &notify::Event) -> bool {
     }
 }
 
-fn is_manifest(path: &Path) -> bool {
-    matches!(path.extension().and_then(|ext| ext.to_str()), Some("yaml" | "yml"))
-}
-
-/// How to start the SIP node: this executable, `node --database-url URL --node-id ID`.
+/// How to start the SIP node: this executable, `node --node-id ID` with DATABASE_URL set.
 #[derive(Debug, Clone)]
 struct NodeCommand {
     exe: PathBuf,
@@ -358,8 +350,10 @@ impl NodeCommand {
         };
         let mut command = Command::new(&self.exe);
         command
-            .args(["--log-format", log_format, "node", "--database-url", &self.database_url])
-            .args(["--node-id", &self.node_id])
+            .args(["--log-format", log_format, "node", "--node-id", &self.node_id])
+            // Through the environment, not argv: the URL may carry a password, and argv is
+            // visible to every user in `ps`.
+            .env("DATABASE_URL", &self.database_url)
             .stdin(Stdio::null())
             .process_group(0)
             .kill_on_drop(true);

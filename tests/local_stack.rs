@@ -25,7 +25,10 @@ impl Database {
             .expect("DATABASE_URL must name a Postgres server for this test; run it through scripts/test");
         let admin = PgPool::connect(&server).await.expect("connect to DATABASE_URL");
         let name = format!("switchboard_local_stack_{}", std::process::id());
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&admin).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")))
+            .execute(&admin)
+            .await
+            .unwrap();
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&admin).await.unwrap();
         let mut url = url::Url::parse(&server).unwrap();
         url.set_path(&format!("/{name}"));
@@ -142,7 +145,9 @@ async fn local_stack_follows_the_folder() {
     copy_examples(folder.path());
     let log = folder.path().with_extension("log");
     let mut stack = Stack::start(folder.path(), &database.url, log.clone());
-    let pool = eventually("the database to be reachable", &stack, || async { PgPool::connect(&database.url).await.ok() }).await;
+    let pool =
+        eventually("the database to be reachable", &stack, || async { PgPool::connect(&database.url).await.ok() })
+            .await;
 
     // Start: the examples are reconciled and the node applies them.
     let first = wait_applied_after(&pool, &stack, 0).await;
@@ -169,11 +174,12 @@ async fn local_stack_follows_the_folder() {
     // Break: an invalid value is refused with a clear status; the last good row stays.
     std::fs::write(&extra, number.replace("+15559990000", "5559990000")).unwrap();
     let message: String = eventually("the InvalidSpec status", &stack, || async {
-        let row = sqlx::query("SELECT reason, message FROM resource_status WHERE kind = 'PhoneNumber' AND name = 'extra'")
-            .fetch_optional(&pool)
-            .await
-            .ok()
-            .flatten()?;
+        let row =
+            sqlx::query("SELECT reason, message FROM resource_status WHERE kind = 'PhoneNumber' AND name = 'extra'")
+                .fetch_optional(&pool)
+                .await
+                .ok()
+                .flatten()?;
         (row.get::<String, _>("reason") == "InvalidSpec").then(|| row.get("message"))
     })
     .await;

@@ -14,7 +14,7 @@ pub const CONFIG_CHANNEL: &str = "switchboard_config";
 /// Errors of the database layer, with the context a user needs to act on them.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("cannot connect to Postgres at {url}: {source}")]
+    #[error("cannot connect to Postgres at {url}")]
     Connect {
         url: String,
         #[source]

@@ -10,4 +10,4 @@ pub mod logging;
 pub mod types;
 
 pub use config::{Credential, GatewayConfig, NumberConfig, RuleConfig, TrunkConfig};
-pub use types::{AuthMethod, Codec, DestinationType, Direction, TrunkSelection, Transport};
+pub use types::{AuthMethod, Codec, DestinationType, Direction, Transport, TrunkSelection};

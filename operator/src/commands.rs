@@ -98,11 +98,8 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     .bind(args.node_timeout_seconds as f64)
     .fetch_all(&pool)
     .await?;
-    let live: Vec<i64> = nodes
-        .iter()
-        .filter(|n| n.get::<bool, _>("live"))
-        .map(|n| n.get::<i64, _>("applied_generation"))
-        .collect();
+    let live: Vec<i64> =
+        nodes.iter().filter(|n| n.get::<bool, _>("live")).map(|n| n.get::<i64, _>("applied_generation")).collect();
     println!("{:<28} {:<6} {:>8} {:>14}", "NODE", "LIVE", "APPLIED", "HEARTBEAT");
     for node in &nodes {
         let live = if node.get::<bool, _>("live") { "yes" } else { "no" };

@@ -150,7 +150,10 @@ fn parse_typed<T: DeserializeOwned>(key: &ResourceKey, spec: serde_json::Value) 
                 problems.push(
                     path,
                     "unknown field",
-                    format!("remove it or check its spelling against `kubectl explain {}.spec`", key.kind.as_str().to_lowercase()),
+                    format!(
+                        "remove it or check its spelling against `kubectl explain {}.spec`",
+                        key.kind.as_str().to_lowercase()
+                    ),
                 );
             }
             problems.finish(key).map(|()| value)
@@ -171,7 +174,9 @@ fn kubectl_path(path: &serde_ignored::Path) -> String {
         Path::Root => String::new(),
         Path::Seq { parent, index } => format!("{}[{index}]", kubectl_path(parent)),
         Path::Map { parent, key } => format!("{}.{key}", kubectl_path(parent)),
-        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => kubectl_path(parent),
+        Path::Some { parent } | Path::NewtypeStruct { parent } | Path::NewtypeVariant { parent } => {
+            kubectl_path(parent)
+        }
     }
 }
 
@@ -222,11 +227,19 @@ fn trunk(p: &mut Problems, name: &str, spec: &TrunkSpec) {
     }
     if let Some(credentials) = &spec.credentials {
         if credentials.username.is_empty() || credentials.username.len() > 255 {
-            p.push("spec.credentials.username", "empty or longer than 255 characters", "write the provider's SIP username");
+            p.push(
+                "spec.credentials.username",
+                "empty or longer than 255 characters",
+                "write the provider's SIP username",
+            );
         }
         p.name_ref("spec.credentials.passwordSecretRef.name", &credentials.password_secret_ref.name, "Secret");
         if credentials.password_secret_ref.key.is_empty() {
-            p.push("spec.credentials.passwordSecretRef.key", "empty", "write the Secret key that holds the password, e.g. password");
+            p.push(
+                "spec.credentials.passwordSecretRef.key",
+                "empty",
+                "write the Secret key that holds the password, e.g. password",
+            );
         }
     }
     let registering = spec.registration.as_ref().is_some_and(|r| r.enabled);
@@ -238,7 +251,11 @@ fn trunk(p: &mut Problems, name: &str, spec: &TrunkSpec) {
         );
     }
     if registering && spec.credentials.is_none() {
-        p.push("spec.credentials", "registration needs credentials", "set spec.credentials or registration.enabled: false");
+        p.push(
+            "spec.credentials",
+            "registration needs credentials",
+            "set spec.credentials or registration.enabled: false",
+        );
     }
     if let Some(registration) = &spec.registration {
         p.range("spec.registration.expiresSeconds", registration.expires_seconds.into(), 60, 86400);
@@ -269,7 +286,11 @@ fn trunk(p: &mut Problems, name: &str, spec: &TrunkSpec) {
             if let Some(value) = value
                 && !DIGITS.is_match(value)
             {
-                p.push(format!("spec.numberFormat.{field}"), format!("{value:?} is not a digit string"), "write 1 to 16 of 0-9 * # +");
+                p.push(
+                    format!("spec.numberFormat.{field}"),
+                    format!("{value:?} is not a digit string"),
+                    "write 1 to 16 of 0-9 * # +",
+                );
             }
         }
         p.range("spec.numberFormat.stripDigits", format.strip_digits.into(), 0, 15);
@@ -393,12 +414,17 @@ fn match_spec(p: &mut Problems, spec: &MatchSpec) {
     for (i, number) in spec.numbers.iter().enumerate() {
         p.e164(&format!("spec.match.numbers[{i}]"), number);
     }
-    for (field, patterns) in [("callerPatterns", &spec.caller_patterns), ("destinationPatterns", &spec.destination_patterns)] {
+    for (field, patterns) in
+        [("callerPatterns", &spec.caller_patterns), ("destinationPatterns", &spec.destination_patterns)]
+    {
         for (i, pattern) in patterns.iter().enumerate() {
             if let Err(error) = Regex::new(pattern) {
                 p.push(
                     format!("spec.match.{field}[{i}]"),
-                    format!("{pattern:?} is not a regular expression: {}", error.to_string().lines().last().unwrap_or("")),
+                    format!(
+                        "{pattern:?} is not a regular expression: {}",
+                        error.to_string().lines().last().unwrap_or("")
+                    ),
                     "write a regular expression such as ^\\+1[2-9][0-9]{9}$",
                 );
             }
@@ -408,12 +434,10 @@ fn match_spec(p: &mut Problems, spec: &MatchSpec) {
 
 fn destination(p: &mut Problems, path: &str, destination: &Destination) {
     let kind = destination.kind;
-    let misplaced = |field: &str, used_by: DestinationType| {
-        FieldError {
-            path: format!("{path}.{field}"),
-            problem: format!("{field} is only used by {used_by} destinations"),
-            fix: format!("remove it, or set type: {used_by}"),
-        }
+    let misplaced = |field: &str, used_by: DestinationType| FieldError {
+        path: format!("{path}.{field}"),
+        problem: format!("{field} is only used by {used_by} destinations"),
+        fix: format!("remove it, or set type: {used_by}"),
     };
     match (kind, &destination.url) {
         (DestinationType::Websocket, Some(url)) => {
@@ -421,9 +445,11 @@ fn destination(p: &mut Problems, path: &str, destination: &Destination) {
                 p.push(format!("{path}.url"), format!("{url:?} is not a WebSocket URL"), "write ws://... or wss://...");
             }
         }
-        (DestinationType::Websocket, None) => {
-            p.push(format!("{path}.url"), "a websocket destination needs url", "write url: wss://agent.example.com/stream")
-        }
+        (DestinationType::Websocket, None) => p.push(
+            format!("{path}.url"),
+            "a websocket destination needs url",
+            "write url: wss://agent.example.com/stream",
+        ),
         (_, Some(_)) => p.0.push(misplaced("url", DestinationType::Websocket)),
         (_, None) => {}
     }
@@ -433,7 +459,9 @@ fn destination(p: &mut Problems, path: &str, destination: &Destination) {
                 p.push(format!("{path}.uri"), format!("{uri:?} is not a SIP URI"), "write sip:user@host[:port]");
             }
         }
-        (DestinationType::Sip, None) => p.push(format!("{path}.uri"), "a sip destination needs uri", "write uri: sip:agent@10.0.0.5"),
+        (DestinationType::Sip, None) => {
+            p.push(format!("{path}.uri"), "a sip destination needs uri", "write uri: sip:agent@10.0.0.5")
+        }
         (_, Some(_)) => p.0.push(misplaced("uri", DestinationType::Sip)),
         (_, None) => {}
     }

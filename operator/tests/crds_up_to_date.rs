@@ -33,8 +33,7 @@ fn crds_carry_the_conventions() {
         assert_eq!(version.name, "v1alpha1");
         assert_eq!(crd.spec.scope, "Namespaced");
         assert!(version.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(), "status subresource");
-        let columns: Vec<&str> =
-            version.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
+        let columns: Vec<&str> = version.additional_printer_columns.iter().flatten().map(|c| c.name.as_str()).collect();
         assert!(columns.contains(&"Ready") && columns.contains(&"Age"), "{columns:?}");
         assert!(crd.spec.names.short_names.as_ref().is_some_and(|s| !s.is_empty()));
         let schema = serde_json::to_string(&version.schema).unwrap();

@@ -67,7 +67,8 @@ fn rust_check(object: &serde_json::Value) -> Result<(), String> {
         "PhoneNumber" => Kind::PhoneNumber,
         _ => Kind::RoutingRule,
     };
-    let key = ResourceKey { kind, namespace: "default".into(), name: object["metadata"]["name"].as_str().unwrap().into() };
+    let key =
+        ResourceKey { kind, namespace: "default".into(), name: object["metadata"]["name"].as_str().unwrap().into() };
     let spec: Spec = parse_spec(&key, object["spec"].clone()).map_err(|e| e.to_string())?;
     validate(&key, &spec).map_err(|e| e.to_string())
 }

@@ -104,7 +104,8 @@ async fn one_edit_bumps_the_generation_once_and_notifies(pool: PgPool) {
     let report = folder.reconcile(&pool).await;
     assert_eq!(report.generation, 2);
     assert_eq!(report.changed.len(), 1);
-    let notification = tokio::time::timeout(std::time::Duration::from_secs(10), listener.recv()).await.unwrap().unwrap();
+    let notification =
+        tokio::time::timeout(std::time::Duration::from_secs(10), listener.recv()).await.unwrap().unwrap();
     assert_eq!(notification.payload(), "2");
     let stored: i32 = sqlx::query_scalar("SELECT max_concurrent_calls FROM trunks WHERE name = 'skyetel-main'")
         .fetch_one(&pool)
@@ -123,7 +124,10 @@ async fn a_dangling_trunk_reference_is_stored_and_heals(pool: PgPool) {
     assert_eq!(reason, "TrunkNotFound");
     assert!(message.contains("skyetel-main"), "{message}");
     assert_eq!(count(&pool, "phone_numbers").await, 2, "stored despite the missing trunk");
-    assert!(report.not_ready.iter().any(|(k, r, _)| k.name == "didforsale-main" && r == "TrunkNotFound"), "backup trunk missing");
+    assert!(
+        report.not_ready.iter().any(|(k, r, _)| k.name == "didforsale-main" && r == "TrunkNotFound"),
+        "backup trunk missing"
+    );
 
     let folder_with_trunk = Folder::with_examples();
     for name in ["trunk-didforsale.yaml", "numbers.yaml", "rule-inbound-ai-agent.yaml", "rule-outbound-us.yaml"] {

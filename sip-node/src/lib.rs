@@ -72,10 +72,7 @@ pub struct NodeArgs {
 /// migrated yet; returns an error only for what waiting cannot fix, such as a malformed
 /// database URL or an unknown hostname with no `--node-id`.
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
-    let hostname = hostname::get()
-        .ok()
-        .map(|name| name.to_string_lossy().into_owned())
-        .filter(|name| !name.is_empty());
+    let hostname = hostname::get().ok().map(|name| name.to_string_lossy().into_owned()).filter(|name| !name.is_empty());
     let node_id = match (args.node_id.as_deref().map(str::trim), &hostname) {
         (Some(""), _) => anyhow::bail!("--node-id must not be empty"),
         (Some(id), _) => id.to_owned(),
@@ -85,12 +82,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         }
     };
     let hostname = hostname.unwrap_or_else(|| "unknown".into());
-    let node = NodeIdentity {
-        node_id,
-        hostname,
-        version: env!("CARGO_PKG_VERSION"),
-        started_at: chrono::Utc::now(),
-    };
+    let node = NodeIdentity { node_id, hostname, version: env!("CARGO_PKG_VERSION"), started_at: chrono::Utc::now() };
     tracing::info!(
         node_id = %node.node_id,
         version = node.version,
@@ -158,21 +150,12 @@ async fn connect(url: &str) -> anyhow::Result<PgPool> {
         match db::connect(url, POOL_SIZE).await {
             Ok(pool) => {
                 if failures > 0 {
-                    tracing::info!(
-                        "connected to Postgres at {} after {failures} failed attempts",
-                        redact_url(url)
-                    );
+                    tracing::info!("connected to Postgres at {} after {failures} failed attempts", redact_url(url));
                 }
                 return Ok(pool);
             }
-            Err(DbError::Connect {
-                source: sqlx::Error::Configuration(error),
-                ..
-            }) => {
-                anyhow::bail!(
-                    "the database URL {} is not usable: {error}",
-                    redact_url(url)
-                );
+            Err(DbError::Connect { source: sqlx::Error::Configuration(error), .. }) => {
+                anyhow::bail!("the database URL {} is not usable: {error}", redact_url(url));
             }
             Err(error) => {
                 failures += 1;
@@ -193,10 +176,7 @@ async fn connect(url: &str) -> anyhow::Result<PgPool> {
                         redact_url(url)
                     );
                 } else {
-                    tracing::debug!(
-                        attempts = failures,
-                        "database still unreachable: {error}; retrying in {delay:?}"
-                    );
+                    tracing::debug!(attempts = failures, "database still unreachable: {error}; retrying in {delay:?}");
                 }
                 tokio::time::sleep(delay).await;
             }
@@ -217,9 +197,7 @@ fn redact_url(url: &str) -> String {
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     match rest[..authority_end].rsplit_once('@') {
         Some((user_info, host)) if user_info.contains(':') => {
-            let user = user_info
-                .split_once(':')
-                .map_or(user_info, |(user, _)| user);
+            let user = user_info.split_once(':').map_or(user_info, |(user, _)| user);
             format!("{scheme}://{user}:***@{host}{}", &rest[authority_end..])
         }
         _ => redacted,
@@ -229,20 +207,12 @@ fn redact_url(url: &str) -> String {
 /// Refuses a URL that no amount of waiting makes usable: not `postgres://` or
 /// `postgresql://`, or malformed.
 fn check_url(url: &str) -> anyhow::Result<()> {
-    let scheme = url
-        .split_once(':')
-        .map(|(scheme, _)| scheme.to_ascii_lowercase());
+    let scheme = url.split_once(':').map(|(scheme, _)| scheme.to_ascii_lowercase());
     if !matches!(scheme.as_deref(), Some("postgres" | "postgresql")) {
-        anyhow::bail!(
-            "the database URL {} is not usable: it must start with postgres://",
-            redact_url(url)
-        );
+        anyhow::bail!("the database URL {} is not usable: it must start with postgres://", redact_url(url));
     }
     if let Err(error) = url.parse::<sqlx::postgres::PgConnectOptions>() {
-        anyhow::bail!(
-            "the database URL {} is not usable: {error}",
-            redact_url(url)
-        );
+        anyhow::bail!("the database URL {} is not usable: {error}", redact_url(url));
     }
     Ok(())
 }
@@ -261,9 +231,7 @@ async fn schema_state(pool: &PgPool) -> SchemaState {
     match db::current_generation(pool).await {
         Ok(_) => SchemaState::Ready,
         Err(sqlx::Error::RowNotFound) => SchemaState::NotMigrated,
-        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P01") => {
-            SchemaState::NotMigrated
-        }
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("42P01") => SchemaState::NotMigrated,
         Err(error) => SchemaState::Unavailable(error.to_string()),
     }
 }
@@ -298,10 +266,8 @@ async fn wait_for_schema(pool: &PgPool) {
 /// Resolves on SIGTERM (Kubernetes stopping the pod) or SIGINT (Ctrl-C) with the signal's name.
 async fn shutdown_signal() -> anyhow::Result<&'static str> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut terminate =
-        signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut interrupt =
-        signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+    let mut terminate = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
     tokio::select! {
         _ = terminate.recv() => Ok("SIGTERM"),
         _ = interrupt.recv() => Ok("SIGINT"),

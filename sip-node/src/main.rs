@@ -64,15 +64,6 @@ mod tests {
         .expect("valid arguments");
         assert_eq!(cli.log_format, LogFormat::Json);
         assert_eq!(cli.node.node_id.as_deref(), Some("node-a"));
-        assert!(
-            Cli::try_parse_from([
-                "switchboard-node",
-                "--log-format",
-                "xml",
-                "--database-url",
-                "x"
-            ])
-            .is_err()
-        );
+        assert!(Cli::try_parse_from(["switchboard-node", "--log-format", "xml", "--database-url", "x"]).is_err());
     }
 }

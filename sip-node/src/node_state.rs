@@ -27,11 +27,7 @@ pub(crate) struct NodeIdentity {
 /// Inserts or replaces the node's row as of its start: a restarted node has applied nothing
 /// yet (`applied_generation` 0, `applied_at` NULL) unless `applied` says otherwise, and is not
 /// stopped.
-async fn upsert(
-    pool: &PgPool,
-    node: &NodeIdentity,
-    applied: Option<(i64, DateTime<Utc>)>,
-) -> Result<(), sqlx::Error> {
+async fn upsert(pool: &PgPool, node: &NodeIdentity, applied: Option<(i64, DateTime<Utc>)>) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO nodes (node_id, hostname, version, started_at, heartbeat_at, applied_generation,
             applied_at, stopped_at)
@@ -54,11 +50,7 @@ async fn upsert(
 
 /// Refreshes the heartbeat, and the applied generation when `applied` is given. Returns
 /// whether the row exists (it may have been removed while the node was cut off).
-async fn update(
-    pool: &PgPool,
-    node_id: &str,
-    applied: Option<(i64, DateTime<Utc>)>,
-) -> Result<bool, sqlx::Error> {
+async fn update(pool: &PgPool, node_id: &str, applied: Option<(i64, DateTime<Utc>)>) -> Result<bool, sqlx::Error> {
     let done = match applied {
         Some((generation, at)) => {
             sqlx::query(
@@ -84,10 +76,9 @@ async fn update(
 /// Records that the node stopped. Best effort, bounded by `limit`: a node that is shutting
 /// down must not hang on an unreachable database.
 pub(crate) async fn mark_stopped(pool: &PgPool, node_id: &str, limit: Duration) {
-    let query =
-        sqlx::query("UPDATE nodes SET stopped_at = now(), heartbeat_at = now() WHERE node_id = $1")
-            .bind(node_id)
-            .execute(pool);
+    let query = sqlx::query("UPDATE nodes SET stopped_at = now(), heartbeat_at = now() WHERE node_id = $1")
+        .bind(node_id)
+        .execute(pool);
     match timeout(limit, query).await {
         Ok(Ok(done)) if done.rows_affected() > 0 => {
             tracing::info!(%node_id, "recorded the node as stopped")
@@ -105,13 +96,7 @@ pub(crate) async fn mark_stopped(pool: &PgPool, node_id: &str, limit: Duration) 
 /// The node-state task: registers the node, then writes a heartbeat every `every` and the
 /// applied generation as soon as the snapshot changes. Failures are retried at the next tick
 /// or change; the watcher never waits for this task. Runs until aborted.
-pub(crate) async fn run(
-    pool: PgPool,
-    node: NodeIdentity,
-    handle: SnapshotHandle,
-    health: DbHealth,
-    every: Duration,
-) {
+pub(crate) async fn run(pool: PgPool, node: NodeIdentity, handle: SnapshotHandle, health: DbHealth, every: Duration) {
     let mut changes = handle.subscribe();
     let mut ticks = interval(every);
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -132,11 +117,7 @@ pub(crate) async fn run(
         let snapshot = handle.current();
         let applied = applied_of(&snapshot);
         let started = Instant::now();
-        let result = timeout(
-            WRITE_TIMEOUT,
-            write(&pool, &node, applied, registered.then_some(reported)),
-        )
-        .await;
+        let result = timeout(WRITE_TIMEOUT, write(&pool, &node, applied, registered.then_some(reported))).await;
         match result {
             Ok(Ok(())) => {
                 health.ok(started);
@@ -154,8 +135,7 @@ pub(crate) async fn run(
 
 /// The generation to report, if the node has loaded one.
 fn applied_of(snapshot: &Snapshot) -> Option<(i64, DateTime<Utc>)> {
-    (snapshot.generation() != Snapshot::UNLOADED)
-        .then(|| (snapshot.generation(), snapshot.loaded_at()))
+    (snapshot.generation() != Snapshot::UNLOADED).then(|| (snapshot.generation(), snapshot.loaded_at()))
 }
 
 /// One heartbeat: an upsert when the row is not known to exist (`reported` is `None`) or has
@@ -208,10 +188,7 @@ mod tests {
     }
 
     async fn row(pool: &PgPool) -> Option<Row> {
-        sqlx::query_as("SELECT * FROM nodes WHERE node_id = 'node-a'")
-            .fetch_optional(pool)
-            .await
-            .expect("query nodes")
+        sqlx::query_as("SELECT * FROM nodes WHERE node_id = 'node-a'").fetch_optional(pool).await.expect("query nodes")
     }
 
     fn snapshot(generation: i64) -> Snapshot {
@@ -232,32 +209,19 @@ mod tests {
         let handle = SnapshotHandle::default();
         let health = DbHealth::default();
         // The heartbeat interval is an hour: every write after the first comes from a swap.
-        let task = tokio::spawn(run(
-            pool.clone(),
-            identity(),
-            handle.clone(),
-            health,
-            Duration::from_secs(3600),
-        ));
+        let task = tokio::spawn(run(pool.clone(), identity(), handle.clone(), health, Duration::from_secs(3600)));
 
-        wait_for("the registration", LIMIT, || async {
-            row(&pool).await.is_some_and(|r| r.hostname == "host-a")
-        })
-        .await;
+        wait_for("the registration", LIMIT, || async { row(&pool).await.is_some_and(|r| r.hostname == "host-a") })
+            .await;
         let registered = row(&pool).await.expect("row");
         assert_eq!(registered.version, env!("CARGO_PKG_VERSION"));
-        assert_eq!(
-            (registered.applied_generation, registered.applied_at),
-            (0, None)
-        );
+        assert_eq!((registered.applied_generation, registered.applied_at), (0, None));
         assert_eq!(registered.stopped_at, None);
 
         // Generation 0 (an empty configuration) is a generation like any other.
         handle.swap_if_newer(snapshot(0));
-        wait_for("applied generation 0", LIMIT, || async {
-            row(&pool).await.is_some_and(|r| r.applied_at.is_some())
-        })
-        .await;
+        wait_for("applied generation 0", LIMIT, || async { row(&pool).await.is_some_and(|r| r.applied_at.is_some()) })
+            .await;
         assert_eq!(row(&pool).await.map(|r| r.applied_generation), Some(0));
 
         handle.swap_if_newer(snapshot(3));
@@ -266,22 +230,14 @@ mod tests {
         })
         .await;
         let applied = row(&pool).await.expect("row");
-        assert_eq!(
-            applied.applied_at,
-            Some(handle.current().loaded_at()).map(|t| t.trunc_subsecs(6))
-        );
+        assert_eq!(applied.applied_at, Some(handle.current().loaded_at()).map(|t| t.trunc_subsecs(6)));
         assert!(applied.heartbeat_at >= registered.heartbeat_at);
 
         // A row removed behind the node's back is registered again, with what it applied.
-        sqlx::query("DELETE FROM nodes")
-            .execute(&pool)
-            .await
-            .expect("delete");
+        sqlx::query("DELETE FROM nodes").execute(&pool).await.expect("delete");
         handle.swap_if_newer(snapshot(4));
-        wait_for("re-registration", LIMIT, || async {
-            row(&pool).await.is_some_and(|r| r.applied_generation == 4)
-        })
-        .await;
+        wait_for("re-registration", LIMIT, || async { row(&pool).await.is_some_and(|r| r.applied_generation == 4) })
+            .await;
 
         task.abort();
         let _ = task.await;

@@ -25,11 +25,7 @@ impl Backoff {
     /// A backoff from `initial`, doubling up to `cap`.
     pub(crate) fn new(initial: Duration, cap: Duration) -> Self {
         let initial = initial.min(cap);
-        Self {
-            initial,
-            cap,
-            next: initial,
-        }
+        Self { initial, cap, next: initial }
     }
 
     /// The delay to wait before the next attempt; each call doubles the following one.
@@ -69,13 +65,7 @@ impl DbHealth {
     /// Records a failed database operation that started at `started`. Logs a warning only when
     /// this starts an outage; further failures during the same outage (and stale ones) are
     /// logged at debug level.
-    pub(crate) fn failed(
-        &self,
-        what: &str,
-        error: &dyn std::fmt::Display,
-        started: Instant,
-        applied_generation: i64,
-    ) {
+    pub(crate) fn failed(&self, what: &str, error: &dyn std::fmt::Display, started: Instant, applied_generation: i64) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let stale = state.up_since.is_some_and(|up| started < up);
         if state.down_since.is_none() && !stale {
@@ -113,11 +103,7 @@ impl DbHealth {
     /// Whether an outage is in progress.
     #[cfg(test)]
     pub(crate) fn is_down(&self) -> bool {
-        self.state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .down_since
-            .is_some()
+        self.state.lock().unwrap_or_else(PoisonError::into_inner).down_since.is_some()
     }
 }
 
@@ -129,10 +115,7 @@ mod tests {
     fn backoff_doubles_to_the_cap_and_resets() {
         let mut backoff = Backoff::reconnect();
         let delays: Vec<u128> = (0..10).map(|_| backoff.next_delay().as_millis()).collect();
-        assert_eq!(
-            delays,
-            [100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000, 10_000]
-        );
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000, 10_000]);
         backoff.reset();
         assert_eq!(backoff.next_delay(), Duration::from_millis(100));
     }

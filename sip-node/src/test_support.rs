@@ -25,38 +25,22 @@ pub(crate) async fn publish(pool: &PgPool, change: Change, notify: bool) -> i64 
     let mut tx = pool.begin().await.expect("begin");
     let generation = bump_generation(&mut tx).await.expect("bump generation");
     for trunk in &change.trunks {
-        trunk
-            .upsert(&mut tx, "hash", generation)
-            .await
-            .expect("upsert trunk");
+        trunk.upsert(&mut tx, "hash", generation).await.expect("upsert trunk");
     }
     for number in &change.numbers {
-        number
-            .upsert(&mut tx, "hash", generation)
-            .await
-            .expect("upsert number");
+        number.upsert(&mut tx, "hash", generation).await.expect("upsert number");
     }
     for rule in &change.rules {
-        rule.upsert(&mut tx, "hash", generation)
-            .await
-            .expect("upsert rule");
+        rule.upsert(&mut tx, "hash", generation).await.expect("upsert rule");
     }
     for credential in &change.credentials {
-        credential
-            .upsert(&mut tx, generation)
-            .await
-            .expect("upsert credential");
+        credential.upsert(&mut tx, generation).await.expect("upsert credential");
     }
     for sql in &change.sql {
-        sqlx::query(sqlx::AssertSqlSafe(*sql))
-            .execute(&mut *tx)
-            .await
-            .expect("raw SQL");
+        sqlx::query(sqlx::AssertSqlSafe(*sql)).execute(&mut *tx).await.expect("raw SQL");
     }
     if notify {
-        notify_generation(&mut tx, generation)
-            .await
-            .expect("notify");
+        notify_generation(&mut tx, generation).await.expect("notify");
     }
     tx.commit().await.expect("commit");
     generation
@@ -70,10 +54,7 @@ where
 {
     let deadline = tokio::time::Instant::now() + limit;
     while !condition().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -30,54 +30,26 @@ fn args(database_url: &str) -> NodeArgs {
 #[test]
 fn arguments_have_sensible_defaults() {
     let args = parse(&[]).expect("defaults");
-    assert_eq!(
-        (args.heartbeat_interval_ms, args.config_poll_interval_ms),
-        (5000, 5000)
-    );
-    let args = parse(&[
-        "--node-id",
-        "pod-1",
-        "--heartbeat-interval-ms",
-        "250",
-        "--config-poll-interval-ms",
-        "100",
-    ])
-    .expect("explicit values");
+    assert_eq!((args.heartbeat_interval_ms, args.config_poll_interval_ms), (5000, 5000));
+    let args = parse(&["--node-id", "pod-1", "--heartbeat-interval-ms", "250", "--config-poll-interval-ms", "100"])
+        .expect("explicit values");
     assert_eq!(args.node_id.as_deref(), Some("pod-1"));
-    assert_eq!(
-        (args.heartbeat_interval_ms, args.config_poll_interval_ms),
-        (250, 100)
-    );
+    assert_eq!((args.heartbeat_interval_ms, args.config_poll_interval_ms), (250, 100));
 }
 
 #[test]
 fn intervals_out_of_range_are_refused_by_the_parser() {
     for bad in ["0", "-5", "86400001", "18446744073709551615", "soon"] {
-        assert!(
-            parse(&["--heartbeat-interval-ms", bad]).is_err(),
-            "heartbeat {bad}"
-        );
-        assert!(
-            parse(&["--config-poll-interval-ms", bad]).is_err(),
-            "poll {bad}"
-        );
+        assert!(parse(&["--heartbeat-interval-ms", bad]).is_err(), "heartbeat {bad}");
+        assert!(parse(&["--config-poll-interval-ms", bad]).is_err(), "poll {bad}");
     }
 }
 
 #[test]
 fn passwords_never_reach_the_log() {
-    assert_eq!(
-        redact_url("postgres://u:secret@h:5432/db"),
-        "postgres://u:***@h:5432/db"
-    );
-    assert_eq!(
-        redact_url("postgres://u:secret@h:notaport/db?x=1"),
-        "postgres://u:***@h:notaport/db?x=1"
-    );
-    assert_eq!(
-        redact_url("postgres://u:p@ss@h:x/db"),
-        "postgres://u:***@h:x/db"
-    );
+    assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+    assert_eq!(redact_url("postgres://u:secret@h:notaport/db?x=1"), "postgres://u:***@h:notaport/db?x=1");
+    assert_eq!(redact_url("postgres://u:p@ss@h:x/db"), "postgres://u:***@h:x/db");
     assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
     assert_eq!(redact_url("not a url"), "not a url");
     assert_eq!(redact_url(""), "");
@@ -85,64 +57,35 @@ fn passwords_never_reach_the_log() {
 
 #[tokio::test]
 async fn an_unusable_url_is_an_error_not_a_retry_loop() {
-    for url in [
-        "mysql://nowhere/db",
-        "not a url",
-        "postgres://u:secret@h:notaport/db",
-    ] {
+    for url in ["mysql://nowhere/db", "not a url", "postgres://u:secret@h:notaport/db"] {
         let result = tokio::time::timeout(Duration::from_secs(10), run(args(url))).await;
-        let error = result
-            .expect("returns promptly")
-            .expect_err("not a usable Postgres URL");
-        assert!(
-            error.to_string().contains("is not usable"),
-            "{url}: {error:#}"
-        );
+        let error = result.expect("returns promptly").expect_err("not a usable Postgres URL");
+        assert!(error.to_string().contains("is not usable"), "{url}: {error:#}");
         assert!(!error.to_string().contains("secret"), "{url}: {error:#}");
     }
 
-    let result = tokio::time::timeout(
-        Duration::from_secs(10),
-        run(NodeArgs {
-            node_id: Some("  ".into()),
-            ..args("x")
-        }),
-    )
-    .await;
-    let error = result
-        .expect("returns promptly")
-        .expect_err("blank node id");
+    let result =
+        tokio::time::timeout(Duration::from_secs(10), run(NodeArgs { node_id: Some("  ".into()), ..args("x") })).await;
+    let error = result.expect("returns promptly").expect_err("blank node id");
     assert!(error.to_string().contains("--node-id"), "{error:#}");
 }
 
 #[tokio::test]
 async fn an_unreachable_database_is_waited_for() {
     // Nothing listens on port 1: the node must keep retrying rather than exit.
-    let result = tokio::time::timeout(
-        Duration::from_secs(2),
-        run(args("postgres://postgres:secret@127.0.0.1:1/postgres")),
-    )
-    .await;
-    assert!(
-        result.is_err(),
-        "run returned {result:?} while the database was unreachable"
-    );
+    let result =
+        tokio::time::timeout(Duration::from_secs(2), run(args("postgres://postgres:secret@127.0.0.1:1/postgres")))
+            .await;
+    assert!(result.is_err(), "run returned {result:?} while the database was unreachable");
 }
 
 #[sqlx::test(migrations = false)]
 async fn an_unmigrated_schema_is_reported_and_waited_for(pool: PgPool) {
     assert_eq!(schema_state(&pool).await, SchemaState::NotMigrated);
     let waiting = tokio::time::timeout(Duration::from_millis(500), wait_for_schema(&pool)).await;
-    assert!(
-        waiting.is_err(),
-        "wait_for_schema returned before the schema existed"
-    );
+    assert!(waiting.is_err(), "wait_for_schema returned before the schema existed");
 
-    switchboard_model::db::migrate(&pool)
-        .await
-        .expect("migrate");
-    tokio::time::timeout(Duration::from_secs(10), wait_for_schema(&pool))
-        .await
-        .expect("schema is ready");
+    switchboard_model::db::migrate(&pool).await.expect("migrate");
+    tokio::time::timeout(Duration::from_secs(10), wait_for_schema(&pool)).await.expect("schema is ready");
     assert_eq!(schema_state(&pool).await, SchemaState::Ready);
 }

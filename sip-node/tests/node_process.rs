@@ -23,12 +23,7 @@ impl Node {
     fn start(database_url: &str, node_id: &str) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard-node"))
             .args(["--database-url", database_url, "--node-id", node_id])
-            .args([
-                "--heartbeat-interval-ms",
-                "200",
-                "--config-poll-interval-ms",
-                "200",
-            ])
+            .args(["--heartbeat-interval-ms", "200", "--config-poll-interval-ms", "200"])
             .env("RUST_LOG", "info")
             .env_remove("SWITCHBOARD_LOG_FORMAT")
             .stdout(Stdio::null())
@@ -47,11 +42,7 @@ impl Node {
     }
 
     fn logged(&self, needle: &str) -> bool {
-        self.log
-            .lock()
-            .expect("log lock")
-            .iter()
-            .any(|line| line.contains(needle))
+        self.log.lock().expect("log lock").iter().any(|line| line.contains(needle))
     }
 
     fn dump(&self) -> String {
@@ -61,11 +52,7 @@ impl Node {
     async fn wait_for_log(&self, needle: &str) {
         let deadline = tokio::time::Instant::now() + LIMIT;
         while !self.logged(needle) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no log line containing {needle:?}; log:\n{}",
-                self.dump()
-            );
+            assert!(tokio::time::Instant::now() < deadline, "no log line containing {needle:?}; log:\n{}", self.dump());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -73,10 +60,7 @@ impl Node {
     /// Sends SIGTERM and waits (bounded) for the exit status.
     async fn terminate(mut self) -> (ExitStatus, String) {
         let pid = self.child.id().to_string();
-        let sent = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("run kill");
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
         assert!(sent.success(), "kill -TERM {pid} failed");
         let deadline = tokio::time::Instant::now() + LIMIT;
         loop {
@@ -105,22 +89,16 @@ fn url_of(pool: &PgPool) -> String {
     let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set for sqlx tests");
     let base = base.split('?').next().unwrap_or(&base);
     let server = base.rsplit_once('/').map_or(base, |(server, _)| server);
-    let database = pool
-        .connect_options()
-        .get_database()
-        .expect("test database name")
-        .to_owned();
+    let database = pool.connect_options().get_database().expect("test database name").to_owned();
     format!("{server}/{database}")
 }
 
 async fn applied_generation(pool: &PgPool, node_id: &str) -> Option<(i64, bool)> {
-    sqlx::query_as::<_, (i64, bool)>(
-        "SELECT applied_generation, applied_at IS NOT NULL FROM nodes WHERE node_id = $1",
-    )
-    .bind(node_id)
-    .fetch_optional(pool)
-    .await
-    .unwrap_or(None)
+    sqlx::query_as::<_, (i64, bool)>("SELECT applied_generation, applied_at IS NOT NULL FROM nodes WHERE node_id = $1")
+        .bind(node_id)
+        .fetch_optional(pool)
+        .await
+        .unwrap_or(None)
 }
 
 async fn wait_for_applied(pool: &PgPool, node: &Node, node_id: &str, generation: i64) {
@@ -140,11 +118,8 @@ async fn follows_changes_and_stops_cleanly(pool: PgPool) {
     let node = Node::start(&url_of(&pool), "proc-node");
     node.wait_for_log("schema not migrated yet; waiting").await;
 
-    switchboard_model::db::migrate(&pool)
-        .await
-        .expect("migrate");
-    node.wait_for_log("applied config generation 0: 0 trunks, 0 numbers, 0 rules")
-        .await;
+    switchboard_model::db::migrate(&pool).await.expect("migrate");
+    node.wait_for_log("applied config generation 0: 0 trunks, 0 numbers, 0 rules").await;
     wait_for_applied(&pool, &node, "proc-node", 0).await;
 
     let mut tx = pool.begin().await.expect("begin");
@@ -159,49 +134,29 @@ async fn follows_changes_and_stops_cleanly(pool: PgPool) {
         message_webhook: None,
         caller_id_allowed: true,
     };
-    number
-        .upsert(&mut tx, "hash", generation)
-        .await
-        .expect("upsert");
-    notify_generation(&mut tx, generation)
-        .await
-        .expect("notify");
+    number.upsert(&mut tx, "hash", generation).await.expect("upsert");
+    notify_generation(&mut tx, generation).await.expect("notify");
     tx.commit().await.expect("commit");
 
-    node.wait_for_log(&format!(
-        "applied config generation {generation}: 0 trunks, 1 numbers, 0 rules"
-    ))
-    .await;
+    node.wait_for_log(&format!("applied config generation {generation}: 0 trunks, 1 numbers, 0 rules")).await;
     wait_for_applied(&pool, &node, "proc-node", generation).await;
 
     let (status, log) = node.terminate().await;
     assert!(status.success(), "exit status {status}; log:\n{log}");
-    let stopped: bool =
-        sqlx::query_scalar("SELECT stopped_at IS NOT NULL FROM nodes WHERE node_id = 'proc-node'")
-            .fetch_one(&pool)
-            .await
-            .expect("nodes row");
+    let stopped: bool = sqlx::query_scalar("SELECT stopped_at IS NOT NULL FROM nodes WHERE node_id = 'proc-node'")
+        .fetch_one(&pool)
+        .await
+        .expect("nodes row");
     assert!(stopped, "stopped_at not set; log:\n{log}");
 }
 
 #[tokio::test]
 async fn waits_for_an_unreachable_database_and_stops_on_sigterm() {
     // Nothing listens on port 1.
-    let node = Node::start(
-        "postgres://postgres:hunter2@127.0.0.1:1/postgres",
-        "proc-unreachable",
-    );
+    let node = Node::start("postgres://postgres:hunter2@127.0.0.1:1/postgres", "proc-unreachable");
     node.wait_for_log("database unreachable").await;
-    assert!(
-        !node.logged("hunter2"),
-        "the password was logged:\n{}",
-        node.dump()
-    );
-    assert!(
-        node.logged("postgres://postgres:***@127.0.0.1:1/postgres"),
-        "{}",
-        node.dump()
-    );
+    assert!(!node.logged("hunter2"), "the password was logged:\n{}", node.dump());
+    assert!(node.logged("postgres://postgres:***@127.0.0.1:1/postgres"), "{}", node.dump());
     let (status, log) = node.terminate().await;
     assert!(status.success(), "exit status {status}; log:\n{log}");
 }
@@ -216,15 +171,9 @@ struct Proxy {
 
 impl Proxy {
     async fn start(upstream: String) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind proxy");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let port = listener.local_addr().expect("proxy address").port();
-        let mut proxy = Self {
-            port,
-            upstream,
-            task: None,
-        };
+        let mut proxy = Self { port, upstream, task: None };
         proxy.serve(listener);
         proxy
     }
@@ -258,9 +207,7 @@ impl Proxy {
 
     /// Accepts connections again on the same port.
     async fn restore(&mut self) {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
-            .await
-            .expect("rebind proxy");
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await.expect("rebind proxy");
         self.serve(listener);
     }
 }
@@ -275,10 +222,7 @@ async fn keeps_its_snapshot_through_an_outage_and_catches_up(pool: PgPool) {
         &format!("@127.0.0.1:{}/", proxy.port),
         1,
     );
-    assert!(
-        url.contains(&format!(":{}/", proxy.port)),
-        "cannot route {url} through the proxy"
-    );
+    assert!(url.contains(&format!(":{}/", proxy.port)), "cannot route {url} through the proxy");
 
     let node = Node::start(&url, "outage-node");
     node.wait_for_log("applied config generation 0:").await;
@@ -288,31 +232,16 @@ async fn keeps_its_snapshot_through_an_outage_and_catches_up(pool: PgPool) {
     // A change the node cannot see: committed (and notified) during the outage.
     let mut tx = pool.begin().await.expect("begin");
     let generation = bump_generation(&mut tx).await.expect("bump");
-    notify_generation(&mut tx, generation)
-        .await
-        .expect("notify");
+    notify_generation(&mut tx, generation).await.expect("notify");
     tx.commit().await.expect("commit");
     // Several retries of the listener, the poll and the heartbeat fail meanwhile.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(
-        !node.logged(&format!("applied config generation {generation}:")),
-        "{}",
-        node.dump()
-    );
-    let warnings = node
-        .log
-        .lock()
-        .expect("log lock")
-        .iter()
-        .filter(|l| l.contains("lost connection"))
-        .count();
+    assert!(!node.logged(&format!("applied config generation {generation}:")), "{}", node.dump());
+    let warnings = node.log.lock().expect("log lock").iter().filter(|l| l.contains("lost connection")).count();
     assert_eq!(warnings, 1, "one warning per outage; log:\n{}", node.dump());
 
     proxy.restore().await;
-    node.wait_for_log(&format!(
-        "applied config generation {generation}: 0 trunks, 0 numbers, 0 rules"
-    ))
-    .await;
+    node.wait_for_log(&format!("applied config generation {generation}: 0 trunks, 0 numbers, 0 rules")).await;
     node.wait_for_log("Postgres is reachable again").await;
     wait_for_applied(&pool, &node, "outage-node", generation).await;
 

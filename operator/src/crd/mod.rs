@@ -19,8 +19,8 @@ pub use trunk::{
     SecretKeyRef, Trunk, TrunkSpec, TrunkStatus,
 };
 
-use kube::CustomResourceExt;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
 
 /// API group of every Switchboard resource.
 pub const GROUP: &str = "switchboard.dev";

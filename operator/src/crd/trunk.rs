@@ -23,9 +23,18 @@ use super::status::{Condition, NodeCounts};
     doc = "A connection to a wholesale SIP provider: gateways, authentication, registration, limits, failover and rates.",
     printcolumn(name = "Provider", type_ = "string", json_path = ".spec.provider"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Registered", type_ = "string", json_path = ".status.conditions[?(@.type==\"Registered\")].status"),
+    printcolumn(
+        name = "Registered",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Registered\")].status"
+    ),
     printcolumn(name = "Active", type_ = "integer", json_path = ".status.activeCalls"),
-    printcolumn(name = "Reason", type_ = "string", priority = 1, json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        priority = 1,
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[x_kube(
@@ -181,7 +190,10 @@ pub struct Credentials {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
     pub name: String,
     #[serde(default = "default_password_key")]
     #[schemars(length(min = 1, max = 253))]

@@ -21,7 +21,10 @@ impl std::fmt::Display for CredentialError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::SecretNotFound { secret } => {
-                write!(f, "Secret {secret} does not exist; create it with the provider password under the referenced key")
+                write!(
+                    f,
+                    "Secret {secret} does not exist; create it with the provider password under the referenced key"
+                )
             }
             Self::KeyNotFound { secret, key } => {
                 write!(f, "Secret {secret} has no key {key:?}; add it, or point passwordSecretRef.key at the right key")

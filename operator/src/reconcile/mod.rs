@@ -76,9 +76,11 @@ struct Stored {
 impl Stored {
     async fn load(conn: &mut PgConnection) -> Result<Self, sqlx::Error> {
         let mut hashes = HashMap::new();
-        for (kind, table) in
-            [(Kind::Trunk, ConfigTable::Trunks), (Kind::PhoneNumber, ConfigTable::PhoneNumbers), (Kind::RoutingRule, ConfigTable::RoutingRules)]
-        {
+        for (kind, table) in [
+            (Kind::Trunk, ConfigTable::Trunks),
+            (Kind::PhoneNumber, ConfigTable::PhoneNumbers),
+            (Kind::RoutingRule, ConfigTable::RoutingRules),
+        ] {
             for hash in table.hashes(&mut *conn).await? {
                 let key = ResourceKey { kind, namespace: hash.namespace.clone(), name: hash.name.clone() };
                 hashes.insert(key, hash);
@@ -154,7 +156,13 @@ fn plan(state: &DesiredState, stored: &Stored) -> Plan {
     // Invalid resources keep their rows; their status says why.
     let mut valid = Vec::new();
     for broken in &state.broken {
-        plan.statuses.push(invalid_status(stored, &broken.key, broken.generation, &broken.origin, broken.message.clone()));
+        plan.statuses.push(invalid_status(
+            stored,
+            &broken.key,
+            broken.generation,
+            &broken.origin,
+            broken.message.clone(),
+        ));
     }
     for resource in &state.resources {
         match validate::validate(&resource.key, &resource.spec) {
@@ -202,8 +210,7 @@ fn plan(state: &DesiredState, stored: &Stored) -> Plan {
     let mut claims: HashMap<&str, &ResourceKey> = HashMap::new();
     for (number, key) in &stored.numbers {
         let kept_invalid = mentioned.contains(key) && !valid_by_key.contains_key(key);
-        let unchanged_valid =
-            matches!(valid_by_key.get(key), Some(Spec::PhoneNumber(spec)) if &spec.number == number);
+        let unchanged_valid = matches!(valid_by_key.get(key), Some(Spec::PhoneNumber(spec)) if &spec.number == number);
         let protected_gone = !mentioned.contains(key) && !deleted.contains(key);
         if kept_invalid || unchanged_valid || protected_gone {
             claims.insert(number.as_str(), key);
@@ -247,7 +254,8 @@ fn plan(state: &DesiredState, stored: &Stored) -> Plan {
                 let credential = match trunk_credential(ns, name, spec, secret) {
                     Ok(credential) => credential,
                     Err(error) => {
-                        problem = Some((reason::SECRET_NOT_FOUND, format!("{error}; the last stored password stays in use")));
+                        problem =
+                            Some((reason::SECRET_NOT_FOUND, format!("{error}; the last stored password stays in use")));
                         None
                     }
                 };
@@ -256,7 +264,10 @@ fn plan(state: &DesiredState, stored: &Stored) -> Plan {
                 if problem.is_none() && !missing.is_empty() {
                     problem = Some((
                         reason::TRUNK_NOT_FOUND,
-                        format!("backup trunk(s) {} do not exist in namespace {ns}; create them or remove them from backupTrunks", missing.join(", ")),
+                        format!(
+                            "backup trunk(s) {} do not exist in namespace {ns}; create them or remove them from backupTrunks",
+                            missing.join(", ")
+                        ),
                     ));
                 }
                 let config = trunk_config(ns, name, spec);
@@ -292,7 +303,8 @@ fn plan(state: &DesiredState, stored: &Stored) -> Plan {
                 }
             }
             Spec::RoutingRule(spec) => {
-                let mut missing: Vec<&str> = spec.trunks.iter().map(String::as_str).filter(|t| !trunk_exists(ns, t)).collect();
+                let mut missing: Vec<&str> =
+                    spec.trunks.iter().map(String::as_str).filter(|t| !trunk_exists(ns, t)).collect();
                 if let Some(trunk) = spec.destination.as_ref().and_then(|d| d.trunk_ref.as_deref())
                     && !trunk_exists(ns, trunk)
                 {
@@ -301,7 +313,10 @@ fn plan(state: &DesiredState, stored: &Stored) -> Plan {
                 if !missing.is_empty() {
                     problem = Some((
                         reason::TRUNK_NOT_FOUND,
-                        format!("trunk(s) {} do not exist in namespace {ns}; create them or fix the names", missing.join(", ")),
+                        format!(
+                            "trunk(s) {} do not exist in namespace {ns}; create them or fix the names",
+                            missing.join(", ")
+                        ),
                     ));
                 }
                 let config = rule_config(ns, name, spec);
@@ -323,7 +338,13 @@ fn plan(state: &DesiredState, stored: &Stored) -> Plan {
     plan
 }
 
-fn invalid_status(stored: &Stored, key: &ResourceKey, generation: Option<i64>, origin: &str, message: String) -> PendingStatus {
+fn invalid_status(
+    stored: &Stored,
+    key: &ResourceKey,
+    generation: Option<i64>,
+    origin: &str,
+    message: String,
+) -> PendingStatus {
     let rows = stored_rows(stored, key);
     let message = match rows {
         RowGeneration::Stored(_) => format!("{message}; the last valid configuration stays in force"),
@@ -465,7 +486,11 @@ impl Reconciler {
                 // Credentials are no longer used; a missing Secret keeps the last one instead.
                 Credential::delete(&mut *conn, &config.namespace, &config.name).await?;
             }
-            report.changed.push(ResourceKey { kind: Kind::Trunk, namespace: config.namespace.clone(), name: config.name.clone() });
+            report.changed.push(ResourceKey {
+                kind: Kind::Trunk,
+                namespace: config.namespace.clone(),
+                name: config.name.clone(),
+            });
         }
         for (config, hash) in &plan.rules {
             config.upsert(&mut *conn, hash, generation).await?;

@@ -145,7 +145,8 @@ pub async fn write_changed(
         ready.push(status.ready);
         reasons.push(status.reason.as_str());
         messages.push(status.message.as_str());
-        conditions.push(serde_json::to_value(status.conditions(stored.get(&status.key))).expect("conditions serialize"));
+        conditions
+            .push(serde_json::to_value(status.conditions(stored.get(&status.key))).expect("conditions serialize"));
         origins.push(status.origin.as_str());
         generations.push(status.config_generation);
     }

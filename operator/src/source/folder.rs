@@ -135,9 +135,9 @@ impl DesiredStateSource for FolderSource {
 
     async fn desired_state(&self) -> Result<DesiredState, SourceError> {
         let source = self.clone();
-        tokio::task::spawn_blocking(move || source.read())
-            .await
-            .unwrap_or_else(|join| Err(SourceError::Folder { path: String::new(), source: std::io::Error::other(join) }))
+        tokio::task::spawn_blocking(move || source.read()).await.unwrap_or_else(|join| {
+            Err(SourceError::Folder { path: String::new(), source: std::io::Error::other(join) })
+        })
     }
 }
 
@@ -220,7 +220,10 @@ impl StateBuilder {
                         .location()
                         .map(|l| format!("{origin}:{}:{}", l.line(), l.column()))
                         .unwrap_or_else(|| origin.to_string());
-                    self.unreadable(origin, format!("{at}: YAML syntax error: {error}; none of this file's resources were changed"));
+                    self.unreadable(
+                        origin,
+                        format!("{at}: YAML syntax error: {error}; none of this file's resources were changed"),
+                    );
                     return;
                 }
             }
@@ -245,7 +248,10 @@ impl StateBuilder {
             Err(error) => return self.problem(origin.into(), format!("{place}: not a Kubernetes manifest: {error}")),
         };
         let Some(kind) = manifest.kind.clone() else {
-            return self.problem(origin.into(), format!("{place}: no kind; write kind: Trunk, PhoneNumber, RoutingRule or Secret"));
+            return self.problem(
+                origin.into(),
+                format!("{place}: no kind; write kind: Trunk, PhoneNumber, RoutingRule or Secret"),
+            );
         };
         let namespace = manifest.metadata.namespace.clone().unwrap_or_else(|| "default".to_string());
         let Some(name) = manifest.metadata.name.clone() else {
@@ -302,12 +308,14 @@ impl StateBuilder {
 
     fn read_resource(&mut self, origin: &str, place: &str, key: ResourceKey, manifest: Manifest) {
         if let Some(first) = self.seen.get(&key) {
-            let message = format!("{place}: {key} is also defined in {first}; this copy is ignored, remove one of them");
+            let message =
+                format!("{place}: {key} is also defined in {first}; this copy is ignored, remove one of them");
             return self.problem(origin.into(), message);
         }
         self.seen.insert(key.clone(), place.to_string());
         let generation = manifest.metadata.generation;
-        let broken = |message: String| BrokenResource { key: key.clone(), generation, origin: origin.to_string(), message };
+        let broken =
+            |message: String| BrokenResource { key: key.clone(), generation, origin: origin.to_string(), message };
         if manifest.api_version.as_deref() != Some(API_VERSION) {
             let found = manifest.api_version.as_deref().unwrap_or("nothing");
             let message = format!("{place}: apiVersion is {found}; write apiVersion: {API_VERSION}");
@@ -316,14 +324,19 @@ impl StateBuilder {
         let unknown: Vec<&String> = manifest.rest.keys().filter(|k| k.as_str() != "status").collect();
         if !unknown.is_empty() {
             let fields = unknown.iter().map(|k| k.as_str()).collect::<Vec<_>>().join(", ");
-            let message = format!("{place}: unknown top-level field(s) {fields}; a {} has apiVersion, kind, metadata and spec", key.kind);
+            let message = format!(
+                "{place}: unknown top-level field(s) {fields}; a {} has apiVersion, kind, metadata and spec",
+                key.kind
+            );
             return self.state.broken.push(broken(message));
         }
         let Some(spec) = manifest.spec else {
             return self.state.broken.push(broken(format!("{place}: {key} has no spec")));
         };
         match validate::parse_spec(&key, spec) {
-            Ok(spec) => self.state.resources.push(DesiredResource { key, generation, origin: origin.to_string(), spec }),
+            Ok(spec) => {
+                self.state.resources.push(DesiredResource { key, generation, origin: origin.to_string(), spec })
+            }
             Err(invalid) => self.state.broken.push(broken(format!("{place}: {invalid}"))),
         }
     }

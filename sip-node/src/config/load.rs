@@ -38,9 +38,7 @@ pub enum LoadError {
 /// `REPEATABLE READ` transaction.
 pub async fn load_snapshot(pool: &PgPool) -> Result<Snapshot, LoadError> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
     let generation = current_generation(&mut *tx).await?;
     let invalid = |error| rows_invalid(generation, error);
     let trunks = TrunkConfig::load_all(&mut *tx).await.map_err(invalid)?;
@@ -56,10 +54,7 @@ pub async fn load_snapshot(pool: &PgPool) -> Result<Snapshot, LoadError> {
 /// anything else is the database's and worth retrying.
 fn rows_invalid(generation: i64, error: sqlx::Error) -> LoadError {
     match error {
-        sqlx::Error::Decode(problem) => LoadError::Invalid {
-            generation,
-            problem: problem.to_string(),
-        },
+        sqlx::Error::Decode(problem) => LoadError::Invalid { generation, problem: problem.to_string() },
         other => LoadError::Database(other),
     }
 }
@@ -75,14 +70,7 @@ mod tests {
     async fn an_empty_database_is_generation_zero(pool: PgPool) {
         let snapshot = load_snapshot(&pool).await.expect("load");
         assert_eq!(snapshot.generation(), 0);
-        assert_eq!(
-            (
-                snapshot.trunk_count(),
-                snapshot.number_count(),
-                snapshot.rules().len()
-            ),
-            (0, 0, 0)
-        );
+        assert_eq!((snapshot.trunk_count(), snapshot.number_count(), snapshot.rules().len()), (0, 0, 0));
     }
 
     #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
@@ -103,67 +91,30 @@ mod tests {
             ..Change::default()
         };
         let first = publish(&pool, change, true).await;
-        let second = publish(
-            &pool,
-            Change {
-                trunks: vec![trunk("default", "late")],
-                ..Change::default()
-            },
-            true,
-        )
-        .await;
+        let second = publish(&pool, Change { trunks: vec![trunk("default", "late")], ..Change::default() }, true).await;
         assert_eq!((first, second), (1, 2));
 
         let snapshot = load_snapshot(&pool).await.expect("load");
         assert_eq!(snapshot.generation(), 2);
         assert_eq!(snapshot.trunk_count(), 3);
-        assert_eq!(
-            snapshot.trunk("default", "main").map(|t| t.as_ref()),
-            Some(&main)
-        );
-        assert_eq!(
-            snapshot.number("+15550002222").map(|n| n.name.as_str()),
-            Some("sales")
-        );
-        assert_eq!(
-            snapshot
-                .rules()
-                .iter()
-                .map(|r| r.name.as_str())
-                .collect::<Vec<_>>(),
-            ["us-out", "to-agent"]
-        );
+        assert_eq!(snapshot.trunk("default", "main").map(|t| t.as_ref()), Some(&main));
+        assert_eq!(snapshot.number("+15550002222").map(|n| n.name.as_str()), Some("sales"));
+        assert_eq!(snapshot.rules().iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["us-out", "to-agent"]);
         assert_eq!(snapshot.inbound_rules().len(), 1);
-        assert_eq!(
-            snapshot.rule("default", "to-agent").map(|r| r.priority),
-            Some(50)
-        );
+        assert_eq!(snapshot.rule("default", "to-agent").map(|r| r.priority), Some(50));
         let secret = snapshot.credential("default", "main").expect("credential");
         assert_eq!(secret, &credential("default", "main"));
     }
 
     #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
     async fn a_bad_row_names_itself_and_fails_the_whole_generation(pool: PgPool) {
-        publish(
-            &pool,
-            Change {
-                trunks: vec![trunk("default", "main")],
-                ..Change::default()
-            },
-            false,
-        )
-        .await;
-        let change = Change {
-            sql: vec!["UPDATE trunks SET codecs = '{PCMU,G729}' WHERE name = 'main'"],
-            ..Change::default()
-        };
+        publish(&pool, Change { trunks: vec![trunk("default", "main")], ..Change::default() }, false).await;
+        let change =
+            Change { sql: vec!["UPDATE trunks SET codecs = '{PCMU,G729}' WHERE name = 'main'"], ..Change::default() };
         let generation = publish(&pool, change, false).await;
         let error = load_snapshot(&pool).await.expect_err("G729 is not a codec");
         match &error {
-            LoadError::Invalid {
-                generation: bad,
-                problem,
-            } => {
+            LoadError::Invalid { generation: bad, problem } => {
                 assert_eq!(*bad, generation);
                 assert!(problem.starts_with("trunk default/main: "), "{problem}");
                 assert!(problem.contains("G729"), "{problem}");
@@ -180,13 +131,8 @@ mod tests {
             ..Change::default()
         };
         publish(&pool, change, false).await;
-        let error = load_snapshot(&pool)
-            .await
-            .expect_err("match_spec is malformed");
-        assert!(
-            error.to_string().contains("routing rule default/broken: "),
-            "{error}"
-        );
+        let error = load_snapshot(&pool).await.expect_err("match_spec is malformed");
+        assert!(error.to_string().contains("routing rule default/broken: "), "{error}");
         assert!(error.to_string().contains("match_spec"), "{error}");
     }
 }

@@ -50,20 +50,13 @@ impl Snapshot {
         rules: Vec<RuleConfig>,
         credentials: Vec<Credential>,
     ) -> Result<Self, LoadError> {
-        let duplicate = |what: &str, key: String| LoadError::Invalid {
-            generation,
-            problem: format!("{what} {key} appears twice"),
-        };
+        let duplicate =
+            |what: &str, key: String| LoadError::Invalid { generation, problem: format!("{what} {key} appears twice") };
 
         let mut trunk_map: ByName<Arc<TrunkConfig>> = HashMap::new();
         for trunk in trunks {
             let key = format!("{}/{}", trunk.namespace, trunk.name);
-            if !insert_by_name(
-                &mut trunk_map,
-                trunk.namespace.clone(),
-                trunk.name.clone(),
-                Arc::new(trunk),
-            ) {
+            if !insert_by_name(&mut trunk_map, trunk.namespace.clone(), trunk.name.clone(), Arc::new(trunk)) {
                 return Err(duplicate("trunk", key));
             }
         }
@@ -88,27 +81,15 @@ impl Snapshot {
         }
 
         let mut rules: Vec<Arc<RuleConfig>> = rules.into_iter().map(Arc::new).collect();
-        rules.sort_by(|a, b| {
-            (a.priority, &a.name, &a.namespace).cmp(&(b.priority, &b.name, &b.namespace))
-        });
+        rules.sort_by(|a, b| (a.priority, &a.name, &a.namespace).cmp(&(b.priority, &b.name, &b.namespace)));
         let mut rules_by_name: ByName<Arc<RuleConfig>> = HashMap::new();
         for rule in &rules {
-            if !insert_by_name(
-                &mut rules_by_name,
-                rule.namespace.clone(),
-                rule.name.clone(),
-                Arc::clone(rule),
-            ) {
-                return Err(duplicate(
-                    "routing rule",
-                    format!("{}/{}", rule.namespace, rule.name),
-                ));
+            if !insert_by_name(&mut rules_by_name, rule.namespace.clone(), rule.name.clone(), Arc::clone(rule)) {
+                return Err(duplicate("routing rule", format!("{}/{}", rule.namespace, rule.name)));
             }
         }
-        let (inbound, outbound): (Vec<_>, Vec<_>) = rules
-            .iter()
-            .cloned()
-            .partition(|rule| rule.direction == Direction::Inbound);
+        let (inbound, outbound): (Vec<_>, Vec<_>) =
+            rules.iter().cloned().partition(|rule| rule.direction == Direction::Inbound);
 
         let mut credential_map: ByName<Credential> = HashMap::new();
         for credential in credentials {
@@ -266,12 +247,7 @@ impl SnapshotHandle {
     /// A handle serving `initial` (usually [`Snapshot::default`], the unloaded placeholder).
     pub fn new(initial: Snapshot) -> Self {
         let (applied, _) = watch::channel(initial.generation);
-        Self {
-            inner: Arc::new(Inner {
-                current: ArcSwap::from_pointee(initial),
-                applied,
-            }),
-        }
+        Self { inner: Arc::new(Inner { current: ArcSwap::from_pointee(initial), applied }) }
     }
 
     /// The snapshot to use from now on. Keep the returned `Arc` for the whole call: a swap
@@ -320,9 +296,7 @@ impl Default for SnapshotHandle {
 
 impl std::fmt::Debug for SnapshotHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("SnapshotHandle")
-            .field(&self.current())
-            .finish()
+        f.debug_tuple("SnapshotHandle").field(&self.current()).finish()
     }
 }
 
@@ -388,12 +362,7 @@ pub(crate) mod tests {
         }
     }
 
-    pub(crate) fn rule(
-        namespace: &str,
-        name: &str,
-        direction: Direction,
-        priority: i32,
-    ) -> RuleConfig {
+    pub(crate) fn rule(namespace: &str, name: &str, direction: Direction, priority: i32) -> RuleConfig {
         RuleConfig {
             namespace: namespace.into(),
             name: name.into(),
@@ -435,49 +404,23 @@ pub(crate) mod tests {
     }
 
     fn names(rules: &[Arc<RuleConfig>]) -> Vec<String> {
-        rules
-            .iter()
-            .map(|r| format!("{}/{}", r.namespace, r.name))
-            .collect()
+        rules.iter().map(|r| format!("{}/{}", r.namespace, r.name)).collect()
     }
 
     #[test]
     fn lookups_find_what_was_loaded() {
         let snapshot = sample(7);
         assert_eq!(snapshot.generation(), 7);
-        assert_eq!(
-            snapshot.number("+15550001111").map(|n| n.name.as_str()),
-            Some("support")
-        );
+        assert_eq!(snapshot.number("+15550001111").map(|n| n.name.as_str()), Some("support"));
         assert!(snapshot.number("+15550002222").is_none());
         assert!(snapshot.number("").is_none());
-        assert_eq!(
-            snapshot
-                .trunk("other", "main")
-                .map(|t| t.namespace.as_str()),
-            Some("other")
-        );
+        assert_eq!(snapshot.trunk("other", "main").map(|t| t.namespace.as_str()), Some("other"));
         assert!(snapshot.trunk("missing", "main").is_none());
         assert!(snapshot.trunk("default", "missing").is_none());
-        assert_eq!(
-            snapshot.rule("a", "alpha").map(|r| r.direction),
-            Some(Direction::Outbound)
-        );
-        assert_eq!(
-            snapshot
-                .credential("default", "main")
-                .map(|c| c.username.as_str()),
-            Some("user")
-        );
+        assert_eq!(snapshot.rule("a", "alpha").map(|r| r.direction), Some(Direction::Outbound));
+        assert_eq!(snapshot.credential("default", "main").map(|c| c.username.as_str()), Some("user"));
         assert!(snapshot.credential("other", "main").is_none());
-        assert_eq!(
-            (
-                snapshot.trunk_count(),
-                snapshot.number_count(),
-                snapshot.credential_count()
-            ),
-            (2, 1, 1)
-        );
+        assert_eq!((snapshot.trunk_count(), snapshot.number_count(), snapshot.credential_count()), (2, 1, 1));
         assert_eq!(snapshot.trunks().count(), 2);
         assert_eq!(snapshot.numbers().count(), 1);
     }
@@ -487,94 +430,47 @@ pub(crate) mod tests {
         let snapshot = sample(1);
         assert_eq!(
             names(snapshot.rules()),
-            [
-                "default/first",
-                "default/zeta",
-                "a/alpha",
-                "default/alpha",
-                "default/beta"
-            ]
+            ["default/first", "default/zeta", "a/alpha", "default/alpha", "default/beta"]
         );
-        assert_eq!(
-            names(snapshot.inbound_rules()),
-            ["default/first", "default/alpha", "default/beta"]
-        );
-        assert_eq!(
-            names(snapshot.outbound_rules()),
-            ["default/zeta", "a/alpha"]
-        );
+        assert_eq!(names(snapshot.inbound_rules()), ["default/first", "default/alpha", "default/beta"]);
+        assert_eq!(names(snapshot.outbound_rules()), ["default/zeta", "a/alpha"]);
     }
 
     #[test]
     fn duplicate_keys_are_an_error_not_a_panic() {
-        let err = Snapshot::from_parts(
-            3,
-            vec![trunk("d", "t"), trunk("d", "t")],
-            vec![],
-            vec![],
-            vec![],
-        )
-        .expect_err("duplicate trunk");
-        assert_eq!(
-            err.to_string(),
-            "configuration generation 3 is invalid: trunk d/t appears twice"
-        );
+        let err = Snapshot::from_parts(3, vec![trunk("d", "t"), trunk("d", "t")], vec![], vec![], vec![])
+            .expect_err("duplicate trunk");
+        assert_eq!(err.to_string(), "configuration generation 3 is invalid: trunk d/t appears twice");
 
         let err = Snapshot::from_parts(
             3,
             vec![],
-            vec![
-                number("a", "one", "+15550001111", "t"),
-                number("b", "two", "+15550001111", "t"),
-            ],
+            vec![number("a", "one", "+15550001111", "t"), number("b", "two", "+15550001111", "t")],
             vec![],
             vec![],
         )
         .expect_err("duplicate number");
-        assert!(
-            err.to_string()
-                .contains("number +15550001111 is claimed by both a/one and b/two"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("number +15550001111 is claimed by both a/one and b/two"), "{err}");
 
         let err = Snapshot::from_parts(
             3,
             vec![],
             vec![],
-            vec![
-                rule("d", "r", Direction::Inbound, 1),
-                rule("d", "r", Direction::Outbound, 2),
-            ],
+            vec![rule("d", "r", Direction::Inbound, 1), rule("d", "r", Direction::Outbound, 2)],
             vec![],
         )
         .expect_err("duplicate rule");
-        assert!(
-            err.to_string().contains("routing rule d/r appears twice"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("routing rule d/r appears twice"), "{err}");
 
-        let err = Snapshot::from_parts(
-            3,
-            vec![],
-            vec![],
-            vec![],
-            vec![credential("d", "t"), credential("d", "t")],
-        )
-        .expect_err("duplicate credential");
-        assert!(
-            err.to_string()
-                .contains("credential of trunk d/t appears twice"),
-            "{err}"
-        );
+        let err = Snapshot::from_parts(3, vec![], vec![], vec![], vec![credential("d", "t"), credential("d", "t")])
+            .expect_err("duplicate credential");
+        assert!(err.to_string().contains("credential of trunk d/t appears twice"), "{err}");
     }
 
     #[test]
     fn debug_output_is_a_summary_without_secrets() {
         let text = format!("{:?}", SnapshotHandle::new(sample(2)));
-        assert!(
-            text.contains("generation: 2") && text.contains("numbers: 1"),
-            "{text}"
-        );
+        assert!(text.contains("generation: 2") && text.contains("numbers: 1"), "{text}");
         assert!(!text.contains("s3cret"), "{text}");
     }
 
@@ -585,8 +481,7 @@ pub(crate) mod tests {
         let mut changes = handle.subscribe();
 
         // Generation 0 (an empty database) is newer than "nothing loaded".
-        let replaced =
-            handle.swap_if_newer(Snapshot::from_parts(0, vec![], vec![], vec![], vec![]).unwrap());
+        let replaced = handle.swap_if_newer(Snapshot::from_parts(0, vec![], vec![], vec![], vec![]).unwrap());
         assert_eq!(replaced.map(|s| s.generation()), Some(Snapshot::UNLOADED));
         assert!(changes.has_changed().unwrap());
         assert_eq!(*changes.borrow_and_update(), 0);

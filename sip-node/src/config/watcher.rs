@@ -101,24 +101,15 @@ impl Watcher {
         health: DbHealth,
         poll_interval: Duration,
     ) -> Self {
-        Self {
-            pool,
-            listener_pool,
-            handle,
-            health,
-            poll_interval,
-            rejected: None,
-            last_server_error: None,
-        }
+        Self { pool, listener_pool, handle, health, poll_interval, rejected: None, last_server_error: None }
     }
 
     /// Runs until the task is aborted: loads the current generation, then follows changes.
     pub(crate) async fn run(mut self) {
         let (events_tx, mut events) = mpsc::channel(256);
         let listener_pool = self.listener_pool.clone();
-        let spawn_listener = |tx: &mpsc::Sender<ListenEvent>| {
-            AbortOnDrop(tokio::spawn(listen(listener_pool.clone(), tx.clone())))
-        };
+        let spawn_listener =
+            |tx: &mpsc::Sender<ListenEvent>| AbortOnDrop(tokio::spawn(listen(listener_pool.clone(), tx.clone())));
         let mut listener = spawn_listener(&events_tx);
         let mut listening = false;
 
@@ -153,12 +144,7 @@ impl Watcher {
 
     /// Handles `first` and everything else already queued, then reloads at most once: a burst
     /// of notifications costs one reload.
-    async fn on_events(
-        &mut self,
-        first: ListenEvent,
-        events: &mut mpsc::Receiver<ListenEvent>,
-        listening: &mut bool,
-    ) {
+    async fn on_events(&mut self, first: ListenEvent, events: &mut mpsc::Receiver<ListenEvent>, listening: &mut bool) {
         let mut must_check = false;
         let mut newest: Option<i64> = None;
         let mut next = Some(first);
@@ -174,15 +160,12 @@ impl Watcher {
                     newest = newest.max(Some(generation));
                 }
                 ListenEvent::Notified(None) => {
-                    tracing::warn!(
-                        "notification on {CONFIG_CHANNEL} without a generation; checking the database"
-                    );
+                    tracing::warn!("notification on {CONFIG_CHANNEL} without a generation; checking the database");
                     must_check = true;
                 }
                 ListenEvent::Lost(error, started) => {
                     *listening = false;
-                    self.health
-                        .failed("LISTEN", &error, started, self.handle.generation());
+                    self.health.failed("LISTEN", &error, started, self.handle.generation());
                 }
             }
             next = events.try_recv().ok();
@@ -199,8 +182,7 @@ impl Watcher {
     /// Whether `generation` is worth loading: newer than the applied one and than the last
     /// invalid one.
     fn wants(&self, generation: i64) -> bool {
-        generation > self.handle.generation()
-            && self.rejected.is_none_or(|rejected| generation > rejected)
+        generation > self.handle.generation() && self.rejected.is_none_or(|rejected| generation > rejected)
     }
 
     /// Reports a failed query. An error returned by Postgres itself (a missing table, a
@@ -208,8 +190,7 @@ impl Watcher {
     /// once at error level, not reported as an outage, and retried at the next check.
     fn query_failed(&mut self, what: &str, error: &sqlx::Error, started: Instant) {
         if !matches!(error, sqlx::Error::Database(_)) {
-            self.health
-                .failed(what, error, started, self.handle.generation());
+            self.health.failed(what, error, started, self.handle.generation());
             return;
         }
         self.health.ok(started);
@@ -236,36 +217,23 @@ impl Watcher {
             }
             Err(_) => {
                 let error = format!("no answer within {CHECK_TIMEOUT:?}");
-                self.health.failed(
-                    "config generation check",
-                    &error,
-                    started,
-                    self.handle.generation(),
-                );
+                self.health.failed("config generation check", &error, started, self.handle.generation());
                 return Outcome::Unavailable;
             }
         };
         self.health.ok(started);
-        if self.wants(generation) {
-            self.reload().await
-        } else {
-            Outcome::UpToDate
-        }
+        if self.wants(generation) { self.reload().await } else { Outcome::UpToDate }
     }
 
     /// Loads the current generation and swaps it in if it is newer than the applied one.
     pub(crate) async fn reload(&mut self) -> Outcome {
         let started = Instant::now();
-        let loaded = timeout(LOAD_TIMEOUT, load_snapshot(&self.pool))
-            .await
-            .unwrap_or(Err(LoadError::TimedOut(LOAD_TIMEOUT)));
+        let loaded =
+            timeout(LOAD_TIMEOUT, load_snapshot(&self.pool)).await.unwrap_or(Err(LoadError::TimedOut(LOAD_TIMEOUT)));
         let applied = self.handle.generation();
         let snapshot = match loaded {
             Ok(snapshot) => snapshot,
-            Err(LoadError::Invalid {
-                generation,
-                problem,
-            }) => {
+            Err(LoadError::Invalid { generation, problem }) => {
                 self.health.ok(started);
                 if self.rejected.is_none_or(|rejected| generation > rejected) {
                     tracing::error!(
@@ -283,8 +251,7 @@ impl Watcher {
                 return Outcome::Unavailable;
             }
             Err(error) => {
-                self.health
-                    .failed("config reload", &error, started, applied);
+                self.health.failed("config reload", &error, started, applied);
                 return Outcome::Unavailable;
             }
         };
@@ -292,11 +259,7 @@ impl Watcher {
         self.last_server_error = None;
 
         let generation = snapshot.generation();
-        let (trunks, numbers, rules) = (
-            snapshot.trunk_count(),
-            snapshot.number_count(),
-            snapshot.rules().len(),
-        );
+        let (trunks, numbers, rules) = (snapshot.trunk_count(), snapshot.number_count(), snapshot.rules().len());
         let credentials = snapshot.credential_count();
         match self.handle.swap_if_newer(snapshot) {
             Some(previous) => {
@@ -334,14 +297,9 @@ async fn listen(pool: PgPool, events: mpsc::Sender<ListenEvent>) {
                 }
                 loop {
                     let event = match listener.try_recv().await {
-                        Ok(Some(notification)) => {
-                            ListenEvent::Notified(parse_generation(notification.payload()))
-                        }
+                        Ok(Some(notification)) => ListenEvent::Notified(parse_generation(notification.payload())),
                         Ok(None) => {
-                            break ListenEvent::Lost(
-                                "the connection was closed".into(),
-                                Instant::now(),
-                            );
+                            break ListenEvent::Lost("the connection was closed".into(), Instant::now());
                         }
                         Err(error) => break ListenEvent::Lost(error.to_string(), Instant::now()),
                     };
@@ -392,25 +350,13 @@ mod tests {
         fn start(pool: &PgPool, poll_interval: Duration) -> Self {
             let handle = SnapshotHandle::default();
             let listener_pool = listener_pool(pool);
-            let watcher = Watcher::new(
-                pool.clone(),
-                listener_pool.clone(),
-                handle.clone(),
-                DbHealth::default(),
-                poll_interval,
-            );
-            Self {
-                handle,
-                task: tokio::spawn(watcher.run()),
-                listener_pool,
-            }
+            let watcher =
+                Watcher::new(pool.clone(), listener_pool.clone(), handle.clone(), DbHealth::default(), poll_interval);
+            Self { handle, task: tokio::spawn(watcher.run()), listener_pool }
         }
 
         async fn wait_for_generation(&self, generation: i64, what: &str) {
-            wait_for(what, LIMIT, || async {
-                self.handle.generation() == generation
-            })
-            .await;
+            wait_for(what, LIMIT, || async { self.handle.generation() == generation }).await;
         }
 
         async fn stop(self) {
@@ -422,10 +368,7 @@ mod tests {
 
     fn numbered(generation: i64) -> Change {
         let e164 = format!("+1555000{generation:04}");
-        Change {
-            numbers: vec![number("default", &format!("n{generation}"), &e164, "main")],
-            ..Change::default()
-        }
+        Change { numbers: vec![number("default", &format!("n{generation}"), &e164, "main")], ..Change::default() }
     }
 
     #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
@@ -437,9 +380,7 @@ mod tests {
         wait_for("the LISTEN connection", LIMIT, || someone_listens(&pool)).await;
         for _ in 0..3 {
             let generation = publish(&pool, numbered(running.handle.generation() + 1), true).await;
-            running
-                .wait_for_generation(generation, "a notified generation")
-                .await;
+            running.wait_for_generation(generation, "a notified generation").await;
         }
         let snapshot = running.handle.current();
         assert_eq!(snapshot.number_count(), 3);
@@ -450,9 +391,7 @@ mod tests {
         for _ in 0..20 {
             last = publish(&pool, numbered(running.handle.generation() + 1), true).await;
         }
-        running
-            .wait_for_generation(last, "the end of a burst")
-            .await;
+        running.wait_for_generation(last, "the end of a burst").await;
         running.stop().await;
     }
 
@@ -462,9 +401,7 @@ mod tests {
         running.wait_for_generation(0, "the initial load").await;
         for _ in 0..3 {
             let generation = publish(&pool, numbered(running.handle.generation() + 1), false).await;
-            running
-                .wait_for_generation(generation, "an unannounced generation")
-                .await;
+            running.wait_for_generation(generation, "an unannounced generation").await;
         }
         running.stop().await;
     }
@@ -486,15 +423,11 @@ mod tests {
 
         // Committed while the listener is down or reconnecting: its notification may be lost.
         let generation = publish(&pool, numbered(1), true).await;
-        running
-            .wait_for_generation(generation, "the generation committed during the outage")
-            .await;
+        running.wait_for_generation(generation, "the generation committed during the outage").await;
         // And notifications flow again afterwards.
         for _ in 0..2 {
             let generation = publish(&pool, numbered(running.handle.generation() + 1), true).await;
-            running
-                .wait_for_generation(generation, "a generation after reconnecting")
-                .await;
+            running.wait_for_generation(generation, "a generation after reconnecting").await;
         }
         running.stop().await;
     }
@@ -503,25 +436,13 @@ mod tests {
     async fn invalid_data_keeps_the_last_good_snapshot(pool: PgPool) {
         let handle = SnapshotHandle::default();
         let listener_pool = listener_pool(&pool);
-        let mut watcher = Watcher::new(
-            pool.clone(),
-            listener_pool,
-            handle.clone(),
-            DbHealth::default(),
-            NEVER,
-        );
+        let mut watcher = Watcher::new(pool.clone(), listener_pool, handle.clone(), DbHealth::default(), NEVER);
 
-        let good = Change {
-            trunks: vec![trunk("default", "main")],
-            ..numbered(1)
-        };
+        let good = Change { trunks: vec![trunk("default", "main")], ..numbered(1) };
         let good = publish(&pool, good, true).await;
         assert_eq!(watcher.check().await, Outcome::Applied(good));
 
-        let bad = Change {
-            sql: vec![r#"UPDATE trunks SET gateways = '[{"address": "x"}]'"#],
-            ..Change::default()
-        };
+        let bad = Change { sql: vec![r#"UPDATE trunks SET gateways = '[{"address": "x"}]'"#], ..Change::default() };
         let bad = publish(&pool, bad, true).await;
         assert_eq!(watcher.check().await, Outcome::Rejected(bad));
         assert_eq!(handle.generation(), good);
@@ -530,10 +451,7 @@ mod tests {
         assert_eq!(watcher.check().await, Outcome::UpToDate);
         assert_eq!(watcher.reload().await, Outcome::Rejected(bad));
 
-        let fixed = Change {
-            trunks: vec![trunk("default", "main")],
-            ..Change::default()
-        };
+        let fixed = Change { trunks: vec![trunk("default", "main")], ..Change::default() };
         let fixed = publish(&pool, fixed, true).await;
         assert_eq!(watcher.check().await, Outcome::Applied(fixed));
         assert_eq!(watcher.check().await, Outcome::UpToDate);
@@ -543,27 +461,13 @@ mod tests {
     async fn a_server_error_is_not_an_outage(pool: PgPool) {
         let handle = SnapshotHandle::default();
         let health = DbHealth::default();
-        let mut watcher = Watcher::new(
-            pool.clone(),
-            listener_pool(&pool),
-            handle.clone(),
-            health.clone(),
-            NEVER,
-        );
+        let mut watcher = Watcher::new(pool.clone(), listener_pool(&pool), handle.clone(), health.clone(), NEVER);
         assert_eq!(watcher.check().await, Outcome::Applied(0));
         publish(&pool, numbered(1), false).await;
-        sqlx::query("DROP TABLE routing_rules")
-            .execute(&pool)
-            .await
-            .expect("drop");
+        sqlx::query("DROP TABLE routing_rules").execute(&pool).await.expect("drop");
         assert_eq!(watcher.check().await, Outcome::Unavailable);
         assert!(!health.is_down());
-        assert!(
-            watcher
-                .last_server_error
-                .as_deref()
-                .is_some_and(|e| e.contains("routing_rules"))
-        );
+        assert!(watcher.last_server_error.as_deref().is_some_and(|e| e.contains("routing_rules")));
         assert_eq!(handle.generation(), 0);
     }
 
@@ -573,18 +477,10 @@ mod tests {
             .acquire_timeout(Duration::from_secs(2))
             .connect_lazy("postgres://postgres@127.0.0.1:1/postgres")
             .expect("valid URL");
-        let loaded =
-            Snapshot::from_parts(5, vec![trunk("default", "main")], vec![], vec![], vec![])
-                .expect("valid");
+        let loaded = Snapshot::from_parts(5, vec![trunk("default", "main")], vec![], vec![], vec![]).expect("valid");
         let handle = SnapshotHandle::new(loaded);
         let health = DbHealth::default();
-        let mut watcher = Watcher::new(
-            pool.clone(),
-            listener_pool(&pool),
-            handle.clone(),
-            health.clone(),
-            NEVER,
-        );
+        let mut watcher = Watcher::new(pool.clone(), listener_pool(&pool), handle.clone(), health.clone(), NEVER);
         assert_eq!(watcher.check().await, Outcome::Unavailable);
         assert_eq!(watcher.reload().await, Outcome::Unavailable);
         assert!(health.is_down());
