@@ -48,29 +48,15 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
+    let log_format = cli.log_format;
+    logging::run_main(log_format, async move {
         match cli.command {
-            Command::Local(args) => local::run(args, cli.log_format).await,
+            Command::Local(args) => local::run(args, log_format).await,
             Command::Node(args) => switchboard_node::run(args).await,
             Command::Crds(args) => switchboard_operator::commands::crds(args),
             Command::Status(args) => switchboard_operator::commands::status(args).await,
             Command::Validate(args) => switchboard_operator::commands::validate(args),
             Command::Bench(args) => bench::run(args).await,
         }
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
