@@ -112,6 +112,8 @@ async fn measure(args: &BenchArgs, url: &str) -> anyhow::Result<()> {
     let mut local = Command::new(std::env::current_exe()?)
         .args(["local", "--database-url", url, "--node-id", "bench-node"])
         .arg(folder.path())
+        .env("SWITCHBOARD_SIP_LISTEN", "127.0.0.1:0")
+        .env("SWITCHBOARD_HTTP_LISTEN", "127.0.0.1:0")
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
         .stderr(log_file)

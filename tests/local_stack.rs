@@ -54,6 +54,8 @@ impl Stack {
         let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
             .args(["local", "--database-url", url, "--node-id", NODE])
             .arg(dir)
+            .env("SWITCHBOARD_SIP_LISTEN", "127.0.0.1:0")
+            .env("SWITCHBOARD_HTTP_LISTEN", "127.0.0.1:0")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)

@@ -9,5 +9,5 @@ pub mod db;
 pub mod logging;
 pub mod types;
 
-pub use config::{Credential, GatewayConfig, NumberConfig, RuleConfig, TrunkConfig};
+pub use config::{Credential, Destination, GatewayConfig, MatchSpec, NumberConfig, RuleConfig, TrunkConfig};
 pub use types::{AuthMethod, Codec, DestinationType, Direction, Transport, TrunkSelection};

@@ -9,8 +9,13 @@
 //! The node never migrates the schema: the operator (or local mode) owns it.
 
 pub mod config;
+pub mod http;
+pub mod metrics;
 mod node_state;
 mod retry;
+pub mod signaling;
+pub mod sip;
+pub mod store;
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -64,6 +69,10 @@ pub struct NodeArgs {
         value_parser = clap::value_parser!(u64).range(1..=MAX_INTERVAL_MS)
     )]
     pub config_poll_interval_ms: u64,
+
+    /// SIP and HTTP settings.
+    #[command(flatten)]
+    pub sip: signaling::SipArgs,
 }
 
 /// Runs a SIP node until SIGTERM or SIGINT, then records that it stopped and returns `Ok`.
@@ -94,10 +103,22 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     let handle = SnapshotHandle::default();
     let pool_slot = OnceLock::new();
     let mut tasks = JoinSet::new();
+    let mut graceful = JoinSet::new();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let outcome = tokio::select! {
-        result = start(&args, &node, &handle, &pool_slot, &mut tasks) => result,
+        result = start(&args, &node, &handle, &pool_slot, &mut tasks, &mut graceful, stop_rx) => result,
         signal = shutdown_signal() => signal.map(|name| tracing::info!("received {name}; stopping")),
     };
+    // Un-REGISTER and flush the store before the rest stops, within a grace period.
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(signaling::STOP_GRACE + Duration::from_secs(1), async {
+        while graceful.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("shutdown grace period over; stopping anyway");
+    }
+    graceful.shutdown().await;
     tasks.shutdown().await;
     if let Some(pool) = pool_slot.get() {
         node_state::mark_stopped(pool, &node.node_id, STOP_WRITE_LIMIT).await;
@@ -113,6 +134,8 @@ async fn start(
     handle: &SnapshotHandle,
     pool_slot: &OnceLock<PgPool>,
     tasks: &mut JoinSet<()>,
+    graceful: &mut JoinSet<()>,
+    stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let pool = connect(&args.database_url).await?;
     wait_for_schema(&pool).await;
@@ -127,6 +150,7 @@ async fn start(
         Duration::from_millis(args.config_poll_interval_ms),
     );
     tasks.spawn(watcher.run());
+    signaling::start(&args.sip, pool.clone(), &node.node_id, handle.clone(), stop, tasks, graceful).await?;
     tasks.spawn(node_state::run(
         pool,
         node.clone(),

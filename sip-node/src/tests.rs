@@ -24,6 +24,14 @@ fn args(database_url: &str) -> NodeArgs {
         node_id: Some("test-node".into()),
         heartbeat_interval_ms: 5000,
         config_poll_interval_ms: 5000,
+        sip: crate::signaling::SipArgs {
+            sip_listen: vec!["127.0.0.1:0".parse().unwrap()],
+            advertised_host: None,
+            advertised_port: None,
+            http_listen: "127.0.0.1:0".parse().unwrap(),
+            sip_t1_ms: 500,
+            per_source_rate: 20_000,
+        },
     }
 }
 

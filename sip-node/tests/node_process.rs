@@ -24,6 +24,7 @@ impl Node {
         let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard-node"))
             .args(["--database-url", database_url, "--node-id", node_id])
             .args(["--heartbeat-interval-ms", "200", "--config-poll-interval-ms", "200"])
+            .args(["--sip-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
             .env("RUST_LOG", "info")
             .env_remove("SWITCHBOARD_LOG_FORMAT")
             .stdout(Stdio::null())

@@ -1,0 +1,452 @@
+//! Prometheus metrics of the node.
+//!
+//! [`NodeMetrics`] owns its own [`prometheus::Registry`] (no global state, so tests and several
+//! nodes in one process do not mix) and is cheap to clone. Callers say what happened
+//! (`call_ended`, `retransmission`, ...) rather than touching metric fields. Label values that
+//! come from the network (SIP methods) are reduced to a fixed set so that hostile input cannot
+//! create unbounded series.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use rust_decimal::Decimal;
+use rust_decimal::prelude::ToPrimitive as _;
+
+/// The content type of [`NodeMetrics::render`].
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Buckets of `sip_call_duration_seconds`, in seconds: up to an hour.
+const DURATION_BUCKETS: &[f64] = &[1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0];
+
+/// SIP methods counted by name; any other method is counted as `other`.
+const METHODS: &[&str] = &[
+    "INVITE",
+    "ACK",
+    "BYE",
+    "CANCEL",
+    "OPTIONS",
+    "REGISTER",
+    "PRACK",
+    "UPDATE",
+    "INFO",
+    "REFER",
+    "MESSAGE",
+    "SUBSCRIBE",
+    "NOTIFY",
+    "PUBLISH",
+];
+/// Response classes counted by name.
+const CLASSES: &[&str] = &["1xx", "2xx", "3xx", "4xx", "5xx", "6xx"];
+/// Transports counted by name in parse errors.
+const TRANSPORTS: &[&str] = &["UDP", "TCP", "TLS", "WS", "WSS"];
+
+/// How a call (or call attempt) ended, for `sip_calls_total{status}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CallStatus {
+    Answered,
+    /// Network, server or timeout failure (5xx, 408 from the node, no response).
+    Failed,
+    /// 486 Busy Here, 600 Busy Everywhere.
+    Busy,
+    /// 480 Temporarily Unavailable, 408 Request Timeout from the callee side, ringing timeout.
+    NoAnswer,
+    /// Canceled by the caller before answer (487).
+    Canceled,
+    /// Refused: 403, 404, 603 and the other 4xx/6xx.
+    Rejected,
+}
+
+impl CallStatus {
+    pub const ALL: [CallStatus; 6] =
+        [Self::Answered, Self::Failed, Self::Busy, Self::NoAnswer, Self::Canceled, Self::Rejected];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Answered => "answered",
+            Self::Failed => "failed",
+            Self::Busy => "busy",
+            Self::NoAnswer => "no_answer",
+            Self::Canceled => "canceled",
+            Self::Rejected => "rejected",
+        }
+    }
+
+    /// The status of an attempt that ended with the final SIP response `code`.
+    pub fn from_final_code(code: u16) -> Self {
+        match code {
+            200..=299 => Self::Answered,
+            486 | 600 => Self::Busy,
+            408 | 480 => Self::NoAnswer,
+            487 => Self::Canceled,
+            400..=499 | 600..=699 => Self::Rejected,
+            _ => Self::Failed,
+        }
+    }
+}
+
+/// The node's metrics. Cheap to clone: every clone updates the same series.
+#[derive(Clone)]
+pub struct NodeMetrics {
+    registry: Registry,
+    registration_status: IntGaugeVec,
+    calls: IntCounterVec,
+    call_duration: HistogramVec,
+    cost_per_minute: prometheus::GaugeVec,
+    active_calls: IntGauge,
+    trunk_active_calls: IntGaugeVec,
+    transactions: IntGauge,
+    retransmissions: IntCounter,
+    parse_errors: IntCounterVec,
+    messages: IntCounterVec,
+    dropped: IntCounterVec,
+    store_pending: IntGauge,
+    store_dropped: IntCounter,
+    config_generation: IntGauge,
+}
+
+impl Default for NodeMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for NodeMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeMetrics").finish_non_exhaustive()
+    }
+}
+
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    registry.register(Box::new(metric.clone())).expect("metric names are unique and valid");
+    metric
+}
+
+impl NodeMetrics {
+    /// A fresh registry with every metric of the node.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let int_gauge = |name: &str, help: &str| register(&registry, IntGauge::new(name, help).expect("valid metric"));
+        let int_gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            register(&registry, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"))
+        };
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            register(&registry, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"))
+        };
+        let metrics = Self {
+            registration_status: int_gauge_vec(
+                "sip_trunk_registration_status",
+                "Whether the node is registered with the trunk (1) or not (0).",
+                &["provider", "trunk"],
+            ),
+            calls: counter_vec("sip_calls_total", "Call attempts by provider and outcome.", &["provider", "status"]),
+            call_duration: register(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new("sip_call_duration_seconds", "Talk time of answered calls.")
+                        .buckets(DURATION_BUCKETS.to_vec()),
+                    &["provider"],
+                )
+                .expect("valid metric"),
+            ),
+            cost_per_minute: register(
+                &registry,
+                prometheus::GaugeVec::new(
+                    Opts::new("sip_trunk_cost_per_minute", "Outbound rate per minute of the provider's trunks."),
+                    &["provider"],
+                )
+                .expect("valid metric"),
+            ),
+            active_calls: int_gauge("switchboard_active_calls", "Calls in progress on this node."),
+            trunk_active_calls: int_gauge_vec(
+                "switchboard_trunk_active_calls",
+                "Calls in progress on this node, by trunk.",
+                &["trunk"],
+            ),
+            transactions: int_gauge("switchboard_sip_transactions", "SIP transactions in progress."),
+            retransmissions: register(
+                &registry,
+                IntCounter::new("switchboard_sip_retransmissions_total", "SIP messages retransmitted by the node.")
+                    .expect("valid metric"),
+            ),
+            parse_errors: counter_vec(
+                "switchboard_sip_parse_errors_total",
+                "Received SIP messages that could not be parsed.",
+                &["transport"],
+            ),
+            messages: counter_vec(
+                "switchboard_sip_messages_total",
+                "SIP messages by direction (in, out) and kind (method or response class).",
+                &["direction", "kind"],
+            ),
+            dropped: counter_vec("switchboard_sip_dropped_total", "SIP messages dropped, by reason.", &["reason"]),
+            store_pending: int_gauge("switchboard_store_pending", "Call and CDR writes waiting for Postgres."),
+            store_dropped: register(
+                &registry,
+                IntCounter::new(
+                    "switchboard_store_dropped_total",
+                    "Call and CDR writes dropped (store full, or refused by Postgres as invalid).",
+                )
+                .expect("valid metric"),
+            ),
+            config_generation: int_gauge(
+                "switchboard_config_generation",
+                "Configuration generation the node serves (-1 before the first load).",
+            ),
+            registry,
+        };
+        metrics.config_generation.set(-1);
+        metrics
+    }
+
+    /// The registry, to add metrics of other components.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Every metric in the Prometheus text exposition format ([`CONTENT_TYPE`]).
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
+            tracing::warn!(%error, "cannot encode the metrics: {error}");
+        }
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+
+    // --- trunks ---
+
+    /// The node's registration with `trunk` (of `provider`) is up or down.
+    pub fn registration_changed(&self, provider: &str, trunk: &str, registered: bool) {
+        self.registration_status.with_label_values(&[provider, trunk]).set(i64::from(registered));
+    }
+
+    /// The outbound per-minute rate of `provider`'s trunks.
+    pub fn trunk_rate(&self, provider: &str, rate_per_minute: Decimal) {
+        self.cost_per_minute.with_label_values(&[provider]).set(rate_per_minute.to_f64().unwrap_or(f64::NAN));
+    }
+
+    /// `trunk` was removed from the configuration: its series go away.
+    pub fn trunk_removed(&self, provider: &str, trunk: &str) {
+        let _ = self.registration_status.remove_label_values(&[provider, trunk]);
+        let _ = self.trunk_active_calls.remove_label_values(&[trunk]);
+    }
+
+    /// `provider` no longer has any trunk: its rate series goes away.
+    pub fn provider_removed(&self, provider: &str) {
+        let _ = self.cost_per_minute.remove_label_values(&[provider]);
+    }
+
+    // --- calls ---
+
+    /// A call started (on `trunk`, when it involves one). The call counts as active until the
+    /// returned guard is dropped.
+    pub fn call_active(&self, trunk: Option<&str>) -> ActiveCallGuard {
+        self.active_calls.inc();
+        let trunk = trunk.map(|trunk| {
+            let gauge = self.trunk_active_calls.with_label_values(&[trunk]);
+            gauge.inc();
+            gauge
+        });
+        ActiveCallGuard { total: self.active_calls.clone(), trunk }
+    }
+
+    /// A call attempt through `provider` ended with `status`; `talk_time` is given for answered
+    /// calls and goes into `sip_call_duration_seconds`.
+    pub fn call_ended(&self, provider: &str, status: CallStatus, talk_time: Option<Duration>) {
+        self.calls.with_label_values(&[provider, status.as_str()]).inc();
+        if let Some(talk_time) = talk_time {
+            self.call_duration.with_label_values(&[provider]).observe(talk_time.as_secs_f64());
+        }
+    }
+
+    /// The duration histogram of `provider` (for tests and other components).
+    pub fn call_duration(&self, provider: &str) -> Histogram {
+        self.call_duration.with_label_values(&[provider])
+    }
+
+    // --- SIP ---
+
+    /// Number of SIP transactions in progress.
+    pub fn set_transactions(&self, count: usize) {
+        self.transactions.set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// The node retransmitted a request or response.
+    pub fn retransmission(&self) {
+        self.retransmissions.inc();
+    }
+
+    /// A message received over `transport` could not be parsed.
+    pub fn parse_error(&self, transport: &str) {
+        self.parse_errors.with_label_values(&[known(transport, TRANSPORTS)]).inc();
+    }
+
+    /// A message was received; `kind` is the method (`INVITE`) or the response class (`2xx`).
+    pub fn message_received(&self, kind: &str) {
+        self.messages.with_label_values(&["in", message_kind(kind)]).inc();
+    }
+
+    /// A message was sent; `kind` as for [`NodeMetrics::message_received`].
+    pub fn message_sent(&self, kind: &str) {
+        self.messages.with_label_values(&["out", message_kind(kind)]).inc();
+    }
+
+    /// A message was dropped for `reason` (a short fixed word chosen by the caller, such as
+    /// `flood` or `stray_response`; never text from the network).
+    pub fn message_dropped(&self, reason: &str) {
+        self.dropped.with_label_values(&[reason]).inc();
+    }
+
+    // --- store and config ---
+
+    /// Events waiting in the store.
+    pub fn set_store_pending(&self, pending: u64) {
+        self.store_pending.set(i64::try_from(pending).unwrap_or(i64::MAX));
+    }
+
+    /// The store dropped `count` events.
+    pub fn store_dropped(&self, count: u64) {
+        self.store_dropped.inc_by(count);
+    }
+
+    /// The node now serves configuration generation `generation`.
+    pub fn config_applied(&self, generation: i64) {
+        self.config_generation.set(generation);
+    }
+}
+
+/// Keeps a call counted in `switchboard_active_calls` until dropped.
+#[derive(Debug)]
+#[must_use = "the call stops counting as active when the guard is dropped"]
+pub struct ActiveCallGuard {
+    total: IntGauge,
+    trunk: Option<IntGauge>,
+}
+
+impl Drop for ActiveCallGuard {
+    fn drop(&mut self) {
+        self.total.dec();
+        if let Some(trunk) = &self.trunk {
+            trunk.dec();
+        }
+    }
+}
+
+fn known<'a>(value: &'a str, allowed: &[&'static str]) -> &'a str {
+    if allowed.contains(&value) { value } else { "other" }
+}
+
+fn message_kind(kind: &str) -> &str {
+    if CLASSES.contains(&kind) { kind } else { known(kind, METHODS) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line_value(text: &str, series: &str) -> Option<f64> {
+        text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn render_shows_every_recorded_series() {
+        let metrics = NodeMetrics::new();
+        metrics.registration_changed("acme", "acme-main", true);
+        metrics.registration_changed("acme", "acme-backup", false);
+        metrics.trunk_rate("acme", Decimal::new(12, 3));
+        metrics.call_ended("acme", CallStatus::Answered, Some(Duration::from_secs(42)));
+        metrics.call_ended("acme", CallStatus::from_final_code(486), None);
+        let guard = metrics.call_active(Some("acme-main"));
+        let other = metrics.clone().call_active(None);
+        metrics.set_transactions(3);
+        metrics.retransmission();
+        metrics.parse_error("UDP");
+        metrics.message_received("INVITE");
+        metrics.message_sent("2xx");
+        metrics.message_dropped("flood");
+        metrics.set_store_pending(7);
+        metrics.store_dropped(2);
+        metrics.config_applied(5);
+
+        let text = metrics.render();
+        let expect = [
+            (r#"sip_trunk_registration_status{provider="acme",trunk="acme-main"}"#, 1.0),
+            (r#"sip_trunk_registration_status{provider="acme",trunk="acme-backup"}"#, 0.0),
+            (r#"sip_trunk_cost_per_minute{provider="acme"}"#, 0.012),
+            (r#"sip_calls_total{provider="acme",status="answered"}"#, 1.0),
+            (r#"sip_calls_total{provider="acme",status="busy"}"#, 1.0),
+            (r#"sip_call_duration_seconds_bucket{provider="acme",le="30"}"#, 0.0),
+            (r#"sip_call_duration_seconds_bucket{provider="acme",le="60"}"#, 1.0),
+            (r#"sip_call_duration_seconds_bucket{provider="acme",le="3600"}"#, 1.0),
+            (r#"sip_call_duration_seconds_sum{provider="acme"}"#, 42.0),
+            ("switchboard_active_calls", 2.0),
+            (r#"switchboard_trunk_active_calls{trunk="acme-main"}"#, 1.0),
+            ("switchboard_sip_transactions", 3.0),
+            ("switchboard_sip_retransmissions_total", 1.0),
+            (r#"switchboard_sip_parse_errors_total{transport="UDP"}"#, 1.0),
+            (r#"switchboard_sip_messages_total{direction="in",kind="INVITE"}"#, 1.0),
+            (r#"switchboard_sip_messages_total{direction="out",kind="2xx"}"#, 1.0),
+            (r#"switchboard_sip_dropped_total{reason="flood"}"#, 1.0),
+            ("switchboard_store_pending", 7.0),
+            ("switchboard_store_dropped_total", 2.0),
+            ("switchboard_config_generation", 5.0),
+        ];
+        for (series, value) in expect {
+            assert_eq!(line_value(&text, series), Some(value), "{series} in\n{text}");
+        }
+        assert!(text.contains("# TYPE sip_call_duration_seconds histogram"), "{text}");
+
+        drop(guard);
+        drop(other);
+        let text = metrics.render();
+        assert_eq!(line_value(&text, "switchboard_active_calls"), Some(0.0));
+        assert_eq!(line_value(&text, r#"switchboard_trunk_active_calls{trunk="acme-main"}"#), Some(0.0));
+
+        metrics.trunk_removed("acme", "acme-main");
+        let text = metrics.render();
+        assert!(!text.contains(r#"trunk="acme-main""#), "{text}");
+    }
+
+    #[test]
+    fn network_label_values_are_bounded() {
+        let metrics = NodeMetrics::new();
+        metrics.message_received("XYZZY");
+        metrics.message_received("7xx");
+        metrics.parse_error("carrier-pigeon");
+        let text = metrics.render();
+        assert_eq!(line_value(&text, r#"switchboard_sip_messages_total{direction="in",kind="other"}"#), Some(2.0));
+        assert_eq!(line_value(&text, r#"switchboard_sip_parse_errors_total{transport="other"}"#), Some(1.0));
+        assert!(!text.contains("XYZZY") && !text.contains("pigeon"), "{text}");
+    }
+
+    #[test]
+    fn final_codes_map_to_statuses() {
+        let cases = [
+            (200, CallStatus::Answered),
+            (486, CallStatus::Busy),
+            (600, CallStatus::Busy),
+            (480, CallStatus::NoAnswer),
+            (408, CallStatus::NoAnswer),
+            (487, CallStatus::Canceled),
+            (404, CallStatus::Rejected),
+            (603, CallStatus::Rejected),
+            (503, CallStatus::Failed),
+            (302, CallStatus::Failed),
+        ];
+        for (code, status) in cases {
+            assert_eq!(CallStatus::from_final_code(code), status, "{code}");
+        }
+        assert_eq!(CallStatus::ALL.len(), 6);
+    }
+
+    #[test]
+    fn metrics_of_two_nodes_do_not_mix() {
+        let a = NodeMetrics::new();
+        let b = NodeMetrics::new();
+        a.retransmission();
+        assert_eq!(line_value(&b.render(), "switchboard_sip_retransmissions_total"), Some(0.0));
+    }
+}

@@ -1,0 +1,157 @@
+//! Starting the node's signaling: transports, the transaction endpoint, the call router, the
+//! registration supervisor, the buffered store and the HTTP endpoint, wired together.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sqlx::PgPool;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::config::SnapshotHandle;
+use crate::metrics::NodeMetrics;
+use crate::sip::call::{self, CallContext};
+use crate::sip::digest::Challenger;
+use crate::sip::endpoint::Endpoint;
+use crate::sip::limits::Limits;
+use crate::sip::registration;
+use crate::sip::resolve::Resolver;
+use crate::sip::transaction::TimerConfig;
+use crate::sip::transport::{TransportConfig, TransportLayer};
+use crate::store::{Store, StoreEvent};
+
+/// How many parsed messages may wait for the endpoint before the transports apply
+/// backpressure (UDP then drops in the kernel, which is what overload should look like).
+const RECEIVE_QUEUE: usize = 8192;
+/// How long a stopping node may spend un-registering and flushing its store.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// SIP and HTTP settings of a node.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SipArgs {
+    /// Address(es) to listen on for SIP over UDP and TCP (repeat for IPv4 and IPv6).
+    #[arg(long = "sip-listen", env = "SWITCHBOARD_SIP_LISTEN", value_delimiter = ',', default_value = "0.0.0.0:5060")]
+    pub sip_listen: Vec<SocketAddr>,
+
+    /// Host or IP to advertise in Via and Contact (the public address when behind NAT).
+    #[arg(long, env = "SWITCHBOARD_ADVERTISED_HOST")]
+    pub advertised_host: Option<String>,
+
+    /// Port to advertise in Via and Contact (defaults to the listen port).
+    #[arg(long, env = "SWITCHBOARD_ADVERTISED_PORT")]
+    pub advertised_port: Option<u16>,
+
+    /// Address of the node's HTTP endpoint (/metrics, /healthz, /readyz).
+    #[arg(long, env = "SWITCHBOARD_HTTP_LISTEN", default_value = "0.0.0.0:9090")]
+    pub http_listen: SocketAddr,
+
+    /// SIP timer T1 in milliseconds (RFC 3261: 500).
+    #[arg(long, env = "SWITCHBOARD_SIP_T1_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=10_000))]
+    pub sip_t1_ms: u64,
+
+    /// Messages per second accepted from one source IP; the rest is dropped and counted.
+    #[arg(long, env = "SWITCHBOARD_SIP_PER_SOURCE_RATE", default_value_t = 20_000)]
+    pub per_source_rate: u32,
+}
+
+/// Where a started node listens (the ports may have been chosen by the OS).
+#[derive(Debug, Clone, Copy)]
+pub struct Listening {
+    pub sip: SocketAddr,
+    pub http: SocketAddr,
+}
+
+/// Starts signaling. Tasks that must finish cleanly on shutdown (un-REGISTER, store flush)
+/// go into `graceful` and end once `stop` turns true; the rest into `tasks`.
+pub async fn start(
+    args: &SipArgs,
+    pool: PgPool,
+    node_id: &str,
+    snapshot: SnapshotHandle,
+    stop: watch::Receiver<bool>,
+    tasks: &mut JoinSet<()>,
+    graceful: &mut JoinSet<()>,
+) -> anyhow::Result<Listening> {
+    let metrics = NodeMetrics::new();
+    let (store, store_task) = Store::spawn(pool, node_id.to_string(), Some(metrics.clone()));
+    // Rows of calls a crashed run of this node left behind are not calls any more.
+    store.record(StoreEvent::ClearActiveCalls);
+    tasks.spawn(follow_config(snapshot.clone(), metrics.clone()));
+    let t1 = Duration::from_millis(args.sip_t1_ms);
+    let timers = TimerConfig { t1, t2: (t1 * 8).max(Duration::from_secs(4)), t4: Duration::from_secs(5) };
+    let (received_tx, received_rx) = mpsc::channel(RECEIVE_QUEUE);
+    let transport = TransportLayer::bind(
+        &TransportConfig {
+            listen: args.sip_listen.clone(),
+            advertised_host: args.advertised_host.clone(),
+            advertised_port: args.advertised_port,
+            per_source_rate: args.per_source_rate,
+        },
+        received_tx,
+        metrics.clone(),
+    )
+    .await
+    .with_context(|| format!("cannot listen for SIP on {:?}", args.sip_listen))?;
+    tracing::info!(sip = %transport.local_addr(), "SIP listening on UDP and TCP");
+    let (endpoint, new_requests) = Endpoint::start(Arc::clone(&transport), received_rx, timers, metrics.clone());
+
+    let ctx = Arc::new(CallContext {
+        endpoint,
+        snapshot: snapshot.clone(),
+        limits: Limits::default(),
+        store,
+        metrics: metrics.clone(),
+        resolver: Resolver::from_system(),
+        challenger: Challenger::new(rand::random(), "switchboard".into(), Duration::from_secs(300)),
+        node_id: node_id.to_string(),
+        timers,
+    });
+    tasks.spawn(call::route_requests(Arc::clone(&ctx), new_requests));
+    // On stop: un-REGISTER first (its state goes through the store), then flush the store.
+    let registrations = tokio::spawn(registration::supervise(Arc::clone(&ctx), stop.clone()));
+    {
+        let mut stop = stop.clone();
+        graceful.spawn(async move {
+            let _ = stop.wait_for(|s| *s).await;
+            let _ = tokio::time::timeout(STOP_GRACE / 2, registrations).await;
+            store_task.shutdown(STOP_GRACE / 2).await;
+        });
+    }
+
+    let listener = tokio::net::TcpListener::bind(args.http_listen)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {}", args.http_listen))?;
+    let http = listener.local_addr()?;
+    tracing::info!(%http, "metrics and health on HTTP");
+    let mut http_stop = stop.clone();
+    let ready = {
+        let snapshot = snapshot.clone();
+        move || snapshot.generation() >= 0
+    };
+    tasks.spawn(async move {
+        let shutdown = async move {
+            let _ = http_stop.wait_for(|s| *s).await;
+        };
+        if let Err(error) = crate::http::serve(listener, metrics, ready, shutdown).await {
+            tracing::error!(%error, "HTTP endpoint failed");
+        }
+    });
+    Ok(Listening { sip: transport.local_addr(), http })
+}
+
+/// Keeps the configuration gauges (generation, per-provider rates) in step with the snapshot.
+async fn follow_config(snapshot: SnapshotHandle, metrics: NodeMetrics) {
+    let mut generations = snapshot.subscribe();
+    loop {
+        let current = snapshot.current();
+        metrics.config_applied(current.generation());
+        for trunk in current.trunks() {
+            metrics.trunk_rate(&trunk.provider, trunk.rate_outbound_per_minute);
+        }
+        if generations.changed().await.is_err() {
+            return;
+        }
+    }
+}

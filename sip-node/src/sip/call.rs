@@ -1,0 +1,995 @@
+//! The B2BUA: every call is one task holding an inbound leg (the caller's dialog, where we are
+//! the UAS) and an outbound leg (our dialog towards the callee, where we are the UAC), each
+//! with its own Call-ID, tags and CSeq. The task decides routing and limits, tries targets with
+//! failover, passes provisional responses, answers, re-INVITEs, UPDATEs, INFOs and BYEs across,
+//! handles CANCEL, and writes the call's active row and one CDR per attempt.
+//!
+//! SDP passes through unchanged (media anchoring is a later layer).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rsip::headers::{self, Header};
+use rsip::prelude::*;
+use rsip::{Method, Request, Response};
+use switchboard_model::{AuthMethod, Credential, Direction, NumberConfig, Transport, TrunkConfig};
+use tokio::sync::mpsc;
+use tracing::Instrument as _;
+
+use super::dialog::{Dialog, content_type};
+use super::digest::{Challenger, Verification, answer_challenge};
+use super::endpoint::{Endpoint, NewRequest, TuEvent};
+use super::limits::{CallPermit, Limits};
+use super::message;
+use super::resolve::Resolver;
+use super::routing::{self, Target};
+use super::transaction::{TimerConfig, TransactionKey, new_tag, response_to};
+use super::transport::{Peer, Protocol};
+use crate::config::{Snapshot, SnapshotHandle};
+use crate::metrics::{ActiveCallGuard, CallStatus, NodeMetrics};
+use crate::store::{ActiveCall, CallState, CdrRecord, HangupBy, Store, StoreEvent, billable_seconds, cdr_cost};
+
+/// Methods the node accepts, for Allow headers.
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO";
+/// How long the node waits for the far side to confirm a BYE before it forgets the call.
+const BYE_WAIT: Duration = Duration::from_secs(4);
+/// How long an outbound leg may ring before the node gives up with 480 (the transaction layer
+/// has no timer once a provisional response arrived).
+const RING_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What every call needs from the node.
+pub struct CallContext {
+    pub endpoint: Endpoint,
+    pub snapshot: SnapshotHandle,
+    pub limits: Limits,
+    pub store: Store,
+    pub metrics: NodeMetrics,
+    pub resolver: Resolver,
+    pub challenger: Challenger,
+    pub node_id: String,
+    pub timers: TimerConfig,
+}
+
+/// Answers out-of-dialog requests: INVITEs become calls, OPTIONS is answered, the rest is
+/// refused with the right code. Runs until the endpoint stops.
+pub async fn route_requests(ctx: Arc<CallContext>, mut requests: mpsc::Receiver<NewRequest>) {
+    while let Some(NewRequest { request, key, peer }) = requests.recv().await {
+        match request.method {
+            Method::Invite => {
+                let ctx = Arc::clone(&ctx);
+                let span = tracing::info_span!("call", call_id = %message::call_id(&request), from = %peer.addr);
+                tokio::spawn(inbound_call(ctx, request, key, peer).instrument(span));
+            }
+            Method::Options => {
+                let mut response = response_to(&request, 200, Some("OK"), Some(&new_tag()));
+                response.headers.push(Header::Allow(ALLOW.into()));
+                response.headers.push(Header::Accept("application/sdp".into()));
+                ctx.endpoint.respond(&key, response);
+            }
+            Method::Bye | Method::Update | Method::Info | Method::PRack => {
+                ctx.endpoint.respond(&key, response_to(&request, 481, Some("Call/Transaction Does Not Exist"), None));
+            }
+            _ => {
+                let mut response = response_to(&request, 405, Some("Method Not Allowed"), None);
+                response.headers.push(Header::Allow(ALLOW.into()));
+                ctx.endpoint.respond(&key, response);
+            }
+        }
+    }
+}
+
+/// Why the inbound leg was refused before any outbound attempt.
+struct Refuse {
+    code: u16,
+    reason: String,
+    extra: Vec<Header>,
+}
+
+impl Refuse {
+    fn new(code: u16, reason: impl Into<String>) -> Refuse {
+        Refuse { code, reason: reason.into(), extra: vec![] }
+    }
+}
+
+/// A place one outbound INVITE goes to.
+#[derive(Clone)]
+struct AttemptTarget {
+    uri: rsip::Uri,
+    to_user: String,
+    peer: Peer,
+    trunk: Option<Arc<TrunkConfig>>,
+    gateway: String,
+}
+
+/// How one outbound attempt ended.
+enum AttemptEnd {
+    /// Answered: the outbound dialog and the 2xx.
+    Answered(Box<(Dialog, Response)>),
+    /// A final non-2xx or a timeout (`code` 408); `failover` says whether to try the next target.
+    Failed { code: u16, reason: String, failover: bool },
+    /// The caller cancelled.
+    Cancelled,
+}
+
+/// Timing and parties of one attempt, for its CDR.
+struct AttemptRecord {
+    number: u32,
+    trunk: Option<Arc<TrunkConfig>>,
+    gateway: Option<String>,
+    setup_at: DateTime<Utc>,
+    ring_at: Option<DateTime<Utc>>,
+    answer_at: Option<DateTime<Utc>>,
+}
+
+/// The shared facts of a call.
+struct CallFacts {
+    call_id: String,
+    from: String,
+    to: String,
+    inbound_trunk: Option<Arc<TrunkConfig>>,
+}
+
+async fn inbound_call(ctx: Arc<CallContext>, invite: Request, key: TransactionKey, peer: Peer) {
+    let snapshot = ctx.snapshot.current();
+    let (a_tx, mut a_rx) = mpsc::unbounded_channel();
+    ctx.endpoint.attach(&key, a_tx.clone());
+    let a_tag = new_tag();
+    let setup_at = Utc::now();
+    let from = message::from_user(&invite).unwrap_or_default();
+    let caller = message::normalize_number(&from).unwrap_or(from.clone());
+    let dialled = invite.uri.user().map(str::to_string).or_else(|| message::to_user(&invite)).unwrap_or_default();
+    let called = message::normalize_number(&dialled).unwrap_or(dialled.clone());
+    let facts =
+        CallFacts { call_id: message::call_id(&invite), from: caller.clone(), to: called.clone(), inbound_trunk: None };
+
+    let admitted = admit(&ctx, &snapshot, &invite, peer, &called, &caller);
+    let (_number, trunk, target, permit) = match admitted {
+        Ok(admitted) => admitted,
+        Err(refuse) => {
+            tracing::info!(code = refuse.code, reason = %refuse.reason, "inbound call refused");
+            let mut response = response_to(&invite, refuse.code, None, Some(&a_tag));
+            response.headers.extend(refuse.extra);
+            if refuse.code >= 400 && refuse.code != 401 && refuse.code != 407 {
+                response.headers.push(reason_header(refuse.code, &refuse.reason));
+            }
+            ctx.endpoint.respond(&key, response);
+            if refuse.code != 401 && refuse.code != 407 {
+                let provider = admitted_provider(&snapshot, &called);
+                ctx.metrics.call_ended(&provider, CallStatus::from_final_code(refuse.code), None);
+            }
+            return;
+        }
+    };
+    let _permit: CallPermit = permit;
+    let facts = CallFacts { inbound_trunk: Some(Arc::clone(&trunk)), ..facts };
+    ctx.store.record(StoreEvent::CallStarted(ActiveCall {
+        call_id: facts.call_id.clone(),
+        namespace: Some(trunk.namespace.clone()),
+        trunk_name: Some(trunk.name.clone()),
+        provider: Some(trunk.provider.clone()),
+        direction: Direction::Inbound,
+        from_number: caller.clone(),
+        to_number: called.clone(),
+        state: CallState::Setup,
+        started_at: setup_at,
+        answered_at: None,
+    }));
+    let _active: ActiveCallGuard = ctx.metrics.call_active(Some(&trunk.name));
+
+    let mut call = Call {
+        ctx: Arc::clone(&ctx),
+        snapshot,
+        invite,
+        key,
+        a_peer: peer,
+        a_tag,
+        a_tx,
+        facts,
+        attempts: 0,
+        ring_at: None,
+        answer_at: None,
+        b_rx: None,
+        b_tx: None,
+    };
+    let outcome = call.run(target, &mut a_rx).await;
+    call.finish(outcome, setup_at);
+}
+
+/// The provider of the trunk that owns `called`, for the metrics of refused calls.
+fn admitted_provider(snapshot: &Snapshot, called: &str) -> String {
+    snapshot
+        .number(called)
+        .and_then(|n| snapshot.trunk(&n.namespace, &n.trunk_ref))
+        .map(|t| t.provider.clone())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+type Admitted = (NumberConfig, Arc<TrunkConfig>, Target, CallPermit);
+
+/// Source, number, trunk, authentication, limits and routing, in the order a carrier expects
+/// the answers: 403 for strangers, 404 for numbers nobody owns, 407 for digest, 503 for limits.
+fn admit(
+    ctx: &CallContext,
+    snapshot: &Snapshot,
+    invite: &Request,
+    peer: Peer,
+    called: &str,
+    caller: &str,
+) -> Result<Admitted, Refuse> {
+    if message::max_forwards(invite) == 0 {
+        return Err(Refuse::new(483, "Too Many Hops"));
+    }
+    let source = peer.addr.ip();
+    let known_source = snapshot.trunks().any(|t| t.inbound_enabled && routing::trunk_accepts_source(t, source));
+    let digest_possible = snapshot.trunks().any(|t| t.inbound_enabled && t.auth_method == AuthMethod::Digest);
+    let open_trunk = snapshot.trunks().any(|t| t.inbound_enabled && t.auth_method == AuthMethod::None);
+    if !known_source && !digest_possible && !open_trunk {
+        return Err(Refuse::new(403, format!("source {source} is not allowed by any trunk")));
+    }
+    let number = snapshot
+        .number(called)
+        .cloned()
+        .ok_or_else(|| Refuse::new(404, format!("number {called} is not configured")))?;
+    let trunk = snapshot
+        .trunk(&number.namespace, &number.trunk_ref)
+        .cloned()
+        .ok_or_else(|| Refuse::new(404, format!("trunk {} of number {called} is missing", number.trunk_ref)))?;
+    if !trunk.inbound_enabled || trunk.suspended {
+        return Err(Refuse::new(403, format!("trunk {} does not accept inbound calls", trunk.name)));
+    }
+    let accepted_by_ip = routing::trunk_accepts_source(&trunk, source);
+    match trunk.auth_method {
+        AuthMethod::None => {}
+        AuthMethod::Digest if !accepted_by_ip => {
+            let credential = snapshot.credential(&trunk.namespace, &trunk.name);
+            check_digest(ctx, invite, credential)?;
+        }
+        _ if !accepted_by_ip => {
+            return Err(Refuse::new(403, format!("source {source} is not allowed by trunk {}", trunk.name)));
+        }
+        _ => {}
+    }
+    let permit = ctx.limits.try_acquire(&trunk).map_err(|limit| {
+        let mut refuse = Refuse::new(503, limit.reason());
+        refuse.extra.push(Header::RetryAfter("5".into()));
+        refuse
+    })?;
+    let target = routing::inbound_target(snapshot, &number, caller).map_err(|r| Refuse::new(r.code, r.reason))?;
+    let target = match target {
+        Target::Reject(code) => return Err(Refuse::new(code, format!("routing rejects calls to {called}"))),
+        Target::WebSocket(_) => {
+            return Err(Refuse::new(
+                503,
+                "AI WebSocket destinations need the media layer, which this node does not have yet",
+            ));
+        }
+        other => other,
+    };
+    Ok((number, trunk, target, permit))
+}
+
+fn check_digest(ctx: &CallContext, invite: &Request, credential: Option<&Credential>) -> Result<(), Refuse> {
+    let Some(credential) = credential else {
+        return Err(Refuse::new(403, "trunk uses digest but its Secret is missing"));
+    };
+    let now = Utc::now().timestamp().max(0) as u64;
+    match ctx.challenger.verify(invite, &credential.username, &credential.password, now) {
+        Verification::Ok => Ok(()),
+        Verification::Stale => {
+            let mut refuse = Refuse::new(407, "stale nonce");
+            refuse.extra.push(ctx.challenger.challenge_stale(now, true));
+            Err(refuse)
+        }
+        Verification::Missing => {
+            let mut refuse = Refuse::new(407, "Proxy Authentication Required");
+            refuse.extra.push(ctx.challenger.challenge(now, true));
+            Err(refuse)
+        }
+        Verification::Invalid(why) => Err(Refuse::new(403, format!("digest authentication failed: {why}"))),
+    }
+}
+
+/// A `Reason` header (RFC 3326) carrying the node's explanation.
+fn reason_header(code: u16, text: &str) -> Header {
+    let text: String = text.chars().filter(|c| *c != '"' && !c.is_control()).take(200).collect();
+    Header::Other("Reason".into(), format!("SIP;cause={code};text=\"{text}\""))
+}
+
+/// Which side ended a call.
+#[derive(Clone, Copy)]
+enum Ender {
+    Caller,
+    Callee,
+    System,
+}
+
+/// How the whole call ended, for the CDR of the last attempt and the metrics.
+struct Outcome {
+    code: u16,
+    reason: String,
+    hangup_by: Ender,
+    attempt: Option<AttemptRecord>,
+}
+
+struct Call {
+    ctx: Arc<CallContext>,
+    snapshot: Arc<Snapshot>,
+    invite: Request,
+    key: TransactionKey,
+    a_peer: Peer,
+    a_tag: String,
+    a_tx: mpsc::UnboundedSender<TuEvent>,
+    facts: CallFacts,
+    attempts: u32,
+    ring_at: Option<DateTime<Utc>>,
+    answer_at: Option<DateTime<Utc>>,
+    /// The answered outbound leg's event channel (kept registered for in-dialog requests).
+    b_rx: Option<mpsc::UnboundedReceiver<TuEvent>>,
+    b_tx: Option<mpsc::UnboundedSender<TuEvent>>,
+}
+
+/// Which leg a message belongs to.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Leg {
+    A,
+    B,
+}
+
+/// An in-dialog request forwarded from one leg to the other, waiting for its final response.
+struct Pending {
+    from: Leg,
+    key: TransactionKey,
+    request: Request,
+    cseq: u32,
+}
+
+impl Call {
+    async fn run(&mut self, target: Target, a_rx: &mut mpsc::UnboundedReceiver<TuEvent>) -> Outcome {
+        let targets = self.targets(target).await;
+        if targets.is_empty() {
+            return self.refuse_caller(503, "no reachable target for this call".into(), None);
+        }
+        let mut last = (503u16, "all targets failed".to_string());
+        for (target, _permit) in targets {
+            self.attempts += 1;
+            let mut record = AttemptRecord {
+                number: self.attempts,
+                trunk: target.trunk.clone(),
+                gateway: Some(target.gateway.clone()),
+                setup_at: Utc::now(),
+                ring_at: None,
+                answer_at: None,
+            };
+            tracing::info!(attempt = self.attempts, gateway = %target.gateway, trunk = target.trunk.as_ref().map(|t| t.name.as_str()), "outbound attempt");
+            match self.attempt(&target, &mut record, a_rx).await {
+                AttemptEnd::Answered(answered) => {
+                    let (b_dialog, answer) = *answered;
+                    record.answer_at = Some(Utc::now());
+                    return self.connected(b_dialog, answer, record, a_rx).await;
+                }
+                AttemptEnd::Cancelled => {
+                    self.respond_a(487, "Request Terminated", None);
+                    return Outcome {
+                        code: 487,
+                        reason: "caller cancelled".into(),
+                        hangup_by: Ender::Caller,
+                        attempt: Some(record),
+                    };
+                }
+                AttemptEnd::Failed { code, reason, failover } => {
+                    tracing::info!(attempt = self.attempts, code, %reason, failover, "attempt failed");
+                    if !failover {
+                        return self.refuse_caller(code, reason, Some(record));
+                    }
+                    self.write_cdr(&record, Utc::now(), code, &reason, Ender::System);
+                    last = (code, reason);
+                }
+            }
+        }
+        let code = match last.0 {
+            408 => 408,
+            code if (500..600).contains(&code) => 503,
+            code => code,
+        };
+        self.refuse_caller(code, last.1, None)
+    }
+
+    fn refuse_caller(&self, code: u16, reason: String, attempt: Option<AttemptRecord>) -> Outcome {
+        self.respond_a(code, &reason, Some(&reason));
+        let ender = if matches!(code, 486 | 600 | 603 | 480) { Ender::Callee } else { Ender::System };
+        Outcome { code, reason, hangup_by: ender, attempt }
+    }
+
+    fn respond_a(&self, code: u16, reason_phrase: &str, reason_text: Option<&str>) {
+        let phrase = if (100..700).contains(&code) && !reason_phrase.is_empty() && reason_phrase.len() < 60 {
+            Some(reason_phrase)
+        } else {
+            None
+        };
+        let mut response = response_to(&self.invite, code, phrase, Some(&self.a_tag));
+        if let Some(text) = reason_text {
+            response.headers.push(reason_header(code, text));
+        }
+        self.ctx.endpoint.respond(&self.key, response);
+    }
+
+    /// Every place to try, in order, each with the permit of its trunk (a trunk at its limit is
+    /// skipped: the next trunk takes the call).
+    async fn targets(&self, target: Target) -> Vec<(AttemptTarget, Option<CallPermit>)> {
+        let mut out = Vec::new();
+        match target {
+            Target::SipUri(uri) => {
+                let Ok(uri) = rsip::Uri::try_from(uri.as_str()) else { return out };
+                let protocol = match uri.transport() {
+                    Some(rsip::Transport::Tcp) => Protocol::Tcp,
+                    _ => Protocol::Udp,
+                };
+                let host = uri.host().to_string();
+                let port = uri.port().map(|p| *p.value());
+                if let Ok(addrs) = self.ctx.resolver.resolve(&host, port, protocol).await {
+                    let to_user = uri.user().unwrap_or_default().to_string();
+                    for addr in addrs {
+                        out.push((
+                            AttemptTarget {
+                                uri: uri.clone(),
+                                to_user: to_user.clone(),
+                                peer: Peer { protocol, addr },
+                                trunk: None,
+                                gateway: addr.to_string(),
+                            },
+                            None,
+                        ));
+                    }
+                }
+            }
+            Target::Number { number, trunks } => {
+                for trunk in trunks {
+                    let permit = match self.ctx.limits.try_acquire(&trunk) {
+                        Ok(permit) => permit,
+                        Err(limit) => {
+                            tracing::info!(trunk = %trunk.name, reason = %limit.reason(), "skipping trunk at its limit");
+                            continue;
+                        }
+                    };
+                    let permit = Arc::new(permit);
+                    let user = routing::format_for_trunk(&trunk, &number);
+                    for gateway in routing::gateway_order(&trunk) {
+                        let protocol = match gateway.transport {
+                            Transport::Tcp => Protocol::Tcp,
+                            _ => Protocol::Udp,
+                        };
+                        let Ok(addrs) = self.ctx.resolver.resolve(&gateway.address, gateway.port, protocol).await
+                        else {
+                            tracing::warn!(gateway = %gateway.address, "gateway does not resolve");
+                            continue;
+                        };
+                        let host = match gateway.port {
+                            Some(port) => format!("{}:{port}", gateway.address),
+                            None => gateway.address.clone(),
+                        };
+                        let Ok(uri) = rsip::Uri::try_from(format!("sip:{user}@{host}").as_str()) else { continue };
+                        for addr in addrs {
+                            out.push((
+                                AttemptTarget {
+                                    uri: uri.clone(),
+                                    to_user: user.clone(),
+                                    peer: Peer { protocol, addr },
+                                    trunk: Some(Arc::clone(&trunk)),
+                                    gateway: host.clone(),
+                                },
+                                None,
+                            ));
+                        }
+                    }
+                    // The first target of the trunk holds its permit for the whole attempt chain.
+                    if let Some(slot) =
+                        out.iter_mut().rev().find(|(t, _)| t.trunk.as_ref().is_some_and(|x| Arc::ptr_eq(x, &trunk)))
+                    {
+                        slot.1 = Arc::into_inner(permit);
+                    }
+                }
+            }
+            Target::WebSocket(_) | Target::Reject(_) => {}
+        }
+        out
+    }
+
+    /// Builds the outbound INVITE for `target`.
+    fn outbound_invite(&self, target: &AttemptTarget, call_id: &str, tag: &str, cseq: u32) -> Request {
+        let endpoint = &self.ctx.endpoint;
+        let (host, port) = endpoint.transport().sent_by(target.peer.addr);
+        let caller = self.caller_id(target);
+        let uri_host = target.uri.host_with_port.to_string();
+        let mut headers: Vec<Header> = vec![
+            endpoint.via_for(target.peer),
+            Header::MaxForwards(headers::MaxForwards::from(message::max_forwards(&self.invite).saturating_sub(1))),
+            Header::From(headers::From::new(format!("<sip:{caller}@{host}:{port}>;tag={tag}"))),
+            Header::To(headers::To::new(format!("<sip:{}@{uri_host}>", target.to_user))),
+            Header::CallId(headers::CallId::new(call_id.to_string())),
+            Header::CSeq(headers::CSeq::new(format!("{cseq} INVITE"))),
+            Header::Contact(headers::Contact::new(endpoint.contact_for(target.peer, &caller))),
+            Header::Allow(ALLOW.into()),
+            Header::UserAgent("switchboard".into()),
+        ];
+        if let Some(value) = message::header_value(&self.invite.headers, "Supported") {
+            headers.push(Header::Supported(value.into_owned().into()));
+        }
+        let mut request = Request {
+            method: Method::Invite,
+            uri: target.uri.clone(),
+            version: rsip::Version::V2,
+            headers: headers.into(),
+            body: vec![],
+        };
+        let ct = content_type(&self.invite.headers);
+        let body = self.invite.body.clone();
+        message::set_body(
+            &mut request.headers,
+            &mut request.body,
+            body,
+            if self.invite.body.is_empty() { None } else { ct.as_deref() },
+        );
+        request
+    }
+
+    /// The caller ID presented on the outbound leg: the caller's number as it came in.
+    fn caller_id(&self, _target: &AttemptTarget) -> String {
+        if self.facts.from.is_empty() { "anonymous".into() } else { self.facts.from.clone() }
+    }
+
+    async fn attempt(
+        &mut self,
+        target: &AttemptTarget,
+        record: &mut AttemptRecord,
+        a_rx: &mut mpsc::UnboundedReceiver<TuEvent>,
+    ) -> AttemptEnd {
+        let call_id = format!("{}-b{}", uuid::Uuid::new_v4().simple(), self.attempts);
+        let b_tag = new_tag();
+        let (b_tx, mut b_rx) = mpsc::unbounded_channel();
+        let mut cseq = 1;
+        let mut invite = self.outbound_invite(target, &call_id, &b_tag, cseq);
+        self.ctx.endpoint.register_dialog(&call_id, &b_tag, b_tx.clone());
+        self.ctx.endpoint.send_request(invite.clone(), target.peer, b_tx.clone());
+        let failover_after = Duration::from_secs(
+            u64::from(target.trunk.as_ref().map(|t| t.failover_timeout_seconds).unwrap_or(0)).clamp(1, 300),
+        );
+        let no_answer = tokio::time::sleep(failover_after);
+        tokio::pin!(no_answer);
+        let ring_limit = tokio::time::sleep(RING_TIMEOUT);
+        tokio::pin!(ring_limit);
+        let mut provisional = false;
+        let mut cancel_pending = false;
+        let mut authenticated = false;
+        let end = loop {
+            tokio::select! {
+                event = b_rx.recv() => match event {
+                    Some(TuEvent::Response(response)) => {
+                        if !matches!(message::cseq(&response), Some((n, Method::Invite)) if n == cseq) {
+                            continue;
+                        }
+                        let code = message::status(&response);
+                        match code {
+                            100 => provisional = true,
+                            101..=199 => {
+                                provisional = true;
+                                if record.ring_at.is_none() {
+                                    record.ring_at = Some(Utc::now());
+                                    self.ring_at.get_or_insert(Utc::now());
+                                }
+                                if cancel_pending {
+                                    self.cancel_b(&invite, target.peer, &b_tx);
+                                } else {
+                                    self.relay_provisional(&response);
+                                }
+                            }
+                            200..=299 => {
+                                let contact = self.ctx.endpoint.contact_for(target.peer, &self.caller_id(target));
+                                let Some(mut dialog) = Dialog::as_uac(&invite, &response, target.peer, contact) else {
+                                    break AttemptEnd::Failed { code: 502, reason: "unusable 2xx from callee".into(), failover: true };
+                                };
+                                dialog.peer = self.in_dialog_peer(&dialog, target.peer).await;
+                                let ack = dialog.request(Method::Ack, self.ctx.endpoint.via_for(dialog.peer), Some(cseq), None);
+                                self.ctx.endpoint.send_stateless(rsip::SipMessage::Request(ack), dialog.peer);
+                                if cancel_pending {
+                                    let bye = dialog.request(Method::Bye, self.ctx.endpoint.via_for(dialog.peer), None, None);
+                                    self.ctx.endpoint.send_request(bye, dialog.peer, b_tx.clone());
+                                    break AttemptEnd::Cancelled;
+                                }
+                                // The dialog's channel stays registered: in-dialog requests from
+                                // the callee keep arriving on b_rx after this function returns.
+                                self.b_rx = Some(b_rx);
+                                self.b_tx = Some(b_tx);
+                                return AttemptEnd::Answered(Box::new((dialog, response)));
+                            }
+                            401 | 407 if !authenticated => {
+                                let credential = target.trunk.as_ref().and_then(|t| self.snapshot.credential(&t.namespace, &t.name));
+                                let Some(credential) = credential else {
+                                    break AttemptEnd::Failed { code, reason: "callee asks for authentication but the trunk has no credentials".into(), failover: true };
+                                };
+                                match answer_challenge(&response, &Method::Invite, &invite.uri, &credential.username, &credential.password, 1) {
+                                    Ok(header) => {
+                                        authenticated = true;
+                                        cseq += 1;
+                                        invite = self.outbound_invite(target, &call_id, &b_tag, cseq);
+                                        invite.headers.push(header);
+                                        self.ctx.endpoint.send_request(invite.clone(), target.peer, b_tx.clone());
+                                    }
+                                    Err(error) => break AttemptEnd::Failed { code, reason: format!("cannot answer the challenge: {error}"), failover: true },
+                                }
+                            }
+                            _ => {
+                                let reason = format!("{} from {}", response.status_code, target.gateway);
+                                let failover = !routing::is_final_for_caller(code);
+                                break AttemptEnd::Failed { code, reason, failover };
+                            }
+                        }
+                    }
+                    Some(TuEvent::Timeout) => break AttemptEnd::Failed { code: 408, reason: format!("no answer from {}", target.gateway), failover: true },
+                    Some(TuEvent::Request { request, key, .. }) => {
+                        // An in-dialog request before the 2xx (early dialog): refuse politely.
+                        if let Some(key) = key {
+                            self.ctx.endpoint.respond(&key, response_to(&request, 491, None, None));
+                        }
+                    }
+                    Some(TuEvent::Cancelled) | None => {}
+                },
+                event = a_rx.recv() => match event {
+                    Some(TuEvent::Cancelled) => {
+                        if provisional {
+                            self.cancel_b(&invite, target.peer, &b_tx);
+                            break AttemptEnd::Cancelled;
+                        }
+                        cancel_pending = true;
+                    }
+                    Some(TuEvent::Request { request, key: Some(key), .. }) => {
+                        self.ctx.endpoint.respond(&key, response_to(&request, 491, None, None));
+                    }
+                    _ => {}
+                },
+                () = &mut ring_limit => {
+                    self.cancel_b(&invite, target.peer, &b_tx);
+                    break AttemptEnd::Failed { code: 480, reason: format!("no answer within {}s", RING_TIMEOUT.as_secs()), failover: false };
+                }
+                () = &mut no_answer, if !provisional => {
+                    if cancel_pending {
+                        break AttemptEnd::Cancelled;
+                    }
+                    break AttemptEnd::Failed { code: 408, reason: format!("no response from {} within {}s", target.gateway, failover_after.as_secs()), failover: true };
+                }
+            }
+        };
+        self.ctx.endpoint.unregister_dialog(&call_id, &b_tag);
+        end
+    }
+
+    /// Where in-dialog requests of the outbound leg go: the first route, else the Contact when it
+    /// is an address, else the hop the INVITE went to.
+    async fn in_dialog_peer(&self, dialog: &Dialog, fallback: Peer) -> Peer {
+        let uri = match dialog.route_set.first() {
+            Some(route) => rsip::Uri::try_from(route.trim_start_matches('<').split('>').next().unwrap_or(route)).ok(),
+            None => Some(dialog.remote_target.clone()),
+        };
+        let Some(uri) = uri else { return fallback };
+        let host = uri.host().to_string();
+        let port = uri.port().map(|p| *p.value());
+        match self.ctx.resolver.resolve(&host, port, fallback.protocol).await {
+            Ok(addrs) => {
+                addrs.first().map(|addr| Peer { protocol: fallback.protocol, addr: *addr }).unwrap_or(fallback)
+            }
+            Err(_) => fallback,
+        }
+    }
+
+    fn cancel_b(&self, invite: &Request, peer: Peer, b_tx: &mpsc::UnboundedSender<TuEvent>) {
+        let mut headers: Vec<Header> = Vec::new();
+        for header in invite.headers.iter() {
+            match header {
+                Header::Via(_) if headers.iter().all(|h| !matches!(h, Header::Via(_))) => headers.push(header.clone()),
+                Header::From(_) | Header::To(_) | Header::CallId(_) | Header::Route(_) => headers.push(header.clone()),
+                _ => {}
+            }
+        }
+        let number = message::cseq(invite).map(|(n, _)| n).unwrap_or(1);
+        headers.push(Header::CSeq(headers::CSeq::new(format!("{number} CANCEL"))));
+        headers.push(Header::MaxForwards(headers::MaxForwards::from(70u32)));
+        headers.push(Header::ContentLength(headers::ContentLength::from(0u32)));
+        let cancel = Request {
+            method: Method::Cancel,
+            uri: invite.uri.clone(),
+            version: rsip::Version::V2,
+            headers: headers.into(),
+            body: vec![],
+        };
+        self.ctx.endpoint.send_request(cancel, peer, b_tx.clone());
+    }
+
+    fn relay_provisional(&self, response: &Response) {
+        let code = message::status(response);
+        let mut relayed = response_to(&self.invite, code, None, Some(&self.a_tag));
+        relayed.headers.push(Header::Contact(headers::Contact::new(self.ctx.endpoint.contact_for(self.a_peer, ""))));
+        if !response.body.is_empty() {
+            let ct = content_type(&response.headers);
+            message::set_body(&mut relayed.headers, &mut relayed.body, response.body.clone(), ct.as_deref());
+        }
+        self.ctx.endpoint.respond(&self.key, relayed);
+    }
+
+    fn write_cdr(&self, record: &AttemptRecord, end_at: DateTime<Utc>, code: u16, reason: &str, ender: Ender) {
+        let trunk = record.trunk.as_ref().or(self.facts.inbound_trunk.as_ref());
+        let outbound = record.trunk.is_some();
+        let billable = billable_seconds(record.answer_at, end_at);
+        let rate = match (trunk, outbound) {
+            (Some(t), true) => t.rate_outbound_per_minute,
+            (Some(t), false) => t.rate_inbound_per_minute,
+            (None, _) => rust_decimal::Decimal::ZERO,
+        };
+        self.ctx.store.record(StoreEvent::Cdr(CdrRecord {
+            call_id: self.facts.call_id.clone(),
+            attempt: record.number,
+            namespace: trunk.map(|t| t.namespace.clone()),
+            trunk_name: trunk.map(|t| t.name.clone()),
+            provider: trunk.map(|t| t.provider.clone()),
+            gateway: record.gateway.clone(),
+            direction: if outbound { Direction::Outbound } else { Direction::Inbound },
+            from_number: self.facts.from.clone(),
+            to_number: self.facts.to.clone(),
+            setup_at: record.setup_at,
+            ring_at: record.ring_at,
+            answer_at: record.answer_at,
+            end_at,
+            sip_code: Some(code),
+            reason: Some(reason.to_string()),
+            hangup_by: Some(match ender {
+                Ender::Caller => HangupBy::Caller,
+                Ender::Callee => HangupBy::Callee,
+                Ender::System => HangupBy::System,
+            }),
+            billable_seconds: billable,
+            cost: cdr_cost(rate, billable),
+            currency: trunk.map(|t| t.currency.clone()).unwrap_or_else(|| "USD".into()),
+        }));
+    }
+
+    fn finish(&self, outcome: Outcome, setup_at: DateTime<Utc>) {
+        let end_at = Utc::now();
+        let record = outcome.attempt.unwrap_or(AttemptRecord {
+            number: self.attempts.max(1),
+            trunk: None,
+            gateway: None,
+            setup_at,
+            ring_at: self.ring_at,
+            answer_at: self.answer_at,
+        });
+        self.write_cdr(&record, end_at, outcome.code, &outcome.reason, outcome.hangup_by);
+        self.ctx.store.record(StoreEvent::CallEnded { call_id: self.facts.call_id.clone() });
+        let provider = self.facts.inbound_trunk.as_ref().map(|t| t.provider.as_str()).unwrap_or("unknown");
+        let talk_time = record.answer_at.map(|a| (end_at - a).to_std().unwrap_or_default());
+        let status =
+            if record.answer_at.is_some() { CallStatus::Answered } else { CallStatus::from_final_code(outcome.code) };
+        self.ctx.metrics.call_ended(provider, status, talk_time);
+        tracing::info!(code = outcome.code, reason = %outcome.reason, attempts = self.attempts, "call ended");
+    }
+}
+
+impl Call {
+    /// The established phase: answer the caller, then pass in-dialog requests across until
+    /// either side hangs up.
+    async fn connected(
+        &mut self,
+        mut b: Dialog,
+        answer: Response,
+        mut record: AttemptRecord,
+        a_rx: &mut mpsc::UnboundedReceiver<TuEvent>,
+    ) -> Outcome {
+        let (Some(mut b_rx), Some(b_tx)) = (self.b_rx.take(), self.b_tx.take()) else {
+            return Outcome {
+                code: 500,
+                reason: "internal: outbound leg lost".into(),
+                hangup_by: Ender::System,
+                attempt: Some(record),
+            };
+        };
+        let contact = self.ctx.endpoint.contact_for(self.a_peer, "");
+        let Some(mut a) = Dialog::as_uas(&self.invite, &self.a_tag, self.a_peer, contact.clone()) else {
+            return Outcome {
+                code: 500,
+                reason: "internal: inbound dialog unusable".into(),
+                hangup_by: Ender::System,
+                attempt: Some(record),
+            };
+        };
+        self.ctx.endpoint.register_dialog(&a.call_id, &a.local_tag, self.a_tx.clone());
+        let original_b_cseq = b.local_cseq;
+
+        let mut ok = response_to(&self.invite, 200, Some("OK"), Some(&self.a_tag));
+        ok.headers.push(Header::Contact(headers::Contact::new(contact)));
+        ok.headers.push(Header::Allow(ALLOW.into()));
+        let ct = content_type(&answer.headers);
+        message::set_body(
+            &mut ok.headers,
+            &mut ok.body,
+            answer.body.clone(),
+            if answer.body.is_empty() { None } else { ct.as_deref() },
+        );
+        self.ctx.endpoint.respond(&self.key, ok.clone());
+        let answered_at = record.answer_at.unwrap_or_else(Utc::now);
+        self.answer_at = Some(answered_at);
+        self.ctx.store.record(StoreEvent::CallAnswered { call_id: self.facts.call_id.clone(), at: answered_at });
+
+        // RFC 3261 13.3.1.4: the 2xx is retransmitted until the ACK comes (UDP only).
+        let reliable = self.a_peer.protocol.is_reliable();
+        let mut acked = reliable;
+        let mut interval = self.ctx.timers.t1;
+        let give_up = tokio::time::Instant::now() + self.ctx.timers.t1 * 64;
+        let retransmit = tokio::time::sleep(interval);
+        tokio::pin!(retransmit);
+        let mut pending: Vec<Pending> = Vec::new();
+
+        let (code, reason, ender) = loop {
+            tokio::select! {
+                () = &mut retransmit, if !acked => {
+                    if tokio::time::Instant::now() >= give_up {
+                        tracing::warn!("no ACK for the 200 OK from the caller; ending the call");
+                        self.send_bye(&mut b, &b_tx);
+                        self.send_bye(&mut a, &self.a_tx.clone());
+                        break (408, "caller never acknowledged the answer".to_string(), Ender::System);
+                    }
+                    self.ctx.endpoint.send_stateless(rsip::SipMessage::Response(ok.clone()), self.a_peer);
+                    self.ctx.metrics.retransmission();
+                    interval = (interval * 2).min(self.ctx.timers.t2);
+                    retransmit.as_mut().reset(tokio::time::Instant::now() + interval);
+                }
+                event = a_rx.recv() => {
+                    let Some(event) = event else { break (500, "internal: channel closed".into(), Ender::System) };
+                    match event {
+                        TuEvent::Request { request, key, .. } => match (request.method, key) {
+                            (Method::Ack, _) => acked = true,
+                            (Method::Bye, Some(key)) => {
+                                self.ctx.endpoint.respond(&key, response_to(&request, 200, Some("OK"), None));
+                                self.bye_and_wait(&mut b, &b_tx, &mut b_rx).await;
+                                break (200, "caller hung up".into(), Ender::Caller);
+                            }
+                            (_, Some(key)) => {
+                                acked = true;
+                                self.forward(Leg::A, request, key, &mut b, &b_tx, &mut pending);
+                            }
+                            (_, None) => {}
+                        },
+                        TuEvent::Response(response) => self.relay_final(Leg::A, response, &mut a, &mut pending),
+                        TuEvent::Timeout => self.fail_pending(Leg::A, &mut pending),
+                        TuEvent::Cancelled => {}
+                    }
+                }
+                event = b_rx.recv() => {
+                    let Some(event) = event else { break (500, "internal: channel closed".into(), Ender::System) };
+                    match event {
+                        TuEvent::Request { request, key, .. } => match (request.method, key) {
+                            (Method::Ack, _) => {}
+                            (Method::Bye, Some(key)) => {
+                                self.ctx.endpoint.respond(&key, response_to(&request, 200, Some("OK"), None));
+                                let a_tx = self.a_tx.clone();
+                                self.bye_and_wait(&mut a, &a_tx, a_rx).await;
+                                break (200, "callee hung up".into(), Ender::Callee);
+                            }
+                            (_, Some(key)) => self.forward(Leg::B, request, key, &mut a, &self.a_tx.clone(), &mut pending),
+                            (_, None) => {}
+                        },
+                        TuEvent::Response(response) => {
+                            let is_original_2xx = matches!(message::cseq(&response), Some((n, Method::Invite)) if n == original_b_cseq)
+                                && (200..300).contains(&message::status(&response));
+                            if is_original_2xx {
+                                // Our ACK was lost: the callee retransmits its 2xx.
+                                let ack = b.request(Method::Ack, self.ctx.endpoint.via_for(b.peer), Some(original_b_cseq), None);
+                                self.ctx.endpoint.send_stateless(rsip::SipMessage::Request(ack), b.peer);
+                            } else {
+                                self.relay_final(Leg::B, response, &mut b, &mut pending);
+                            }
+                        }
+                        TuEvent::Timeout => self.fail_pending(Leg::B, &mut pending),
+                        TuEvent::Cancelled => {}
+                    }
+                }
+            }
+        };
+        self.ctx.endpoint.unregister_dialog(&a.call_id, &a.local_tag);
+        self.ctx.endpoint.unregister_dialog(&b.call_id, &b.local_tag);
+        record.answer_at = Some(answered_at);
+        Outcome { code, reason, hangup_by: ender, attempt: Some(record) }
+    }
+
+    /// Passes an in-dialog request (re-INVITE, UPDATE, INFO, ...) from one leg to the other.
+    fn forward(
+        &self,
+        from: Leg,
+        request: Request,
+        key: TransactionKey,
+        other: &mut Dialog,
+        other_tx: &mpsc::UnboundedSender<TuEvent>,
+        pending: &mut Vec<Pending>,
+    ) {
+        let ct = content_type(&request.headers);
+        let body =
+            (!request.body.is_empty()).then(|| (ct.as_deref().unwrap_or("application/sdp"), request.body.clone()));
+        let forwarded = other.request(request.method, self.ctx.endpoint.via_for(other.peer), None, body);
+        let cseq = other.local_cseq;
+        self.ctx.endpoint.send_request(forwarded, other.peer, other_tx.clone());
+        pending.push(Pending { from, key, request, cseq });
+    }
+
+    /// Relays the final response to a forwarded request back to the leg it came from; `leg` is
+    /// the leg the response arrived on. A 2xx to a forwarded re-INVITE is ACKed here.
+    fn relay_final(&self, leg: Leg, response: Response, dialog: &mut Dialog, pending: &mut Vec<Pending>) {
+        let Some((number, method)) = message::cseq(&response) else { return };
+        let code = message::status(&response);
+        let Some(index) = pending.iter().position(|p| p.from != leg && p.cseq == number && p.request.method == method)
+        else {
+            return;
+        };
+        if code < 200 {
+            return;
+        }
+        let p = pending.remove(index);
+        if method == Method::Invite && (200..300).contains(&code) {
+            let ack = dialog.request(Method::Ack, self.ctx.endpoint.via_for(dialog.peer), Some(number), None);
+            self.ctx.endpoint.send_stateless(rsip::SipMessage::Request(ack), dialog.peer);
+        }
+        let mut relayed = response_to(&p.request, code, None, None);
+        if matches!(method, Method::Invite | Method::Update) && (200..300).contains(&code) {
+            let peer = if p.from == Leg::A { self.a_peer } else { dialog.peer };
+            relayed.headers.push(Header::Contact(headers::Contact::new(self.ctx.endpoint.contact_for(peer, ""))));
+        }
+        if !response.body.is_empty() {
+            let ct = content_type(&response.headers);
+            message::set_body(&mut relayed.headers, &mut relayed.body, response.body.clone(), ct.as_deref());
+        }
+        self.ctx.endpoint.respond(&p.key, relayed);
+    }
+
+    /// A forwarded request timed out on `leg`: answer its originator with 408.
+    fn fail_pending(&self, leg: Leg, pending: &mut Vec<Pending>) {
+        pending.retain(|p| {
+            if p.from != leg {
+                self.ctx.endpoint.respond(&p.key, response_to(&p.request, 408, None, None));
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    fn send_bye(&self, dialog: &mut Dialog, tx: &mpsc::UnboundedSender<TuEvent>) {
+        let bye = dialog.request(Method::Bye, self.ctx.endpoint.via_for(dialog.peer), None, None);
+        self.ctx.endpoint.send_request(bye, dialog.peer, tx.clone());
+    }
+
+    /// Sends BYE on a leg and waits (bounded) for its final response.
+    async fn bye_and_wait(
+        &self,
+        dialog: &mut Dialog,
+        tx: &mpsc::UnboundedSender<TuEvent>,
+        rx: &mut mpsc::UnboundedReceiver<TuEvent>,
+    ) {
+        self.send_bye(dialog, tx);
+        let bye_cseq = dialog.local_cseq;
+        let _ = tokio::time::timeout(BYE_WAIT, async {
+            while let Some(event) = rx.recv().await {
+                match event {
+                    TuEvent::Response(r)
+                        if message::cseq(&r) == Some((bye_cseq, Method::Bye)) && message::status(&r) >= 200 =>
+                    {
+                        return;
+                    }
+                    TuEvent::Timeout => return,
+                    TuEvent::Request { request, key: Some(key), .. } => {
+                        // A crossing BYE (both hung up at once) or anything else: answer it.
+                        let code = if request.method == Method::Bye { 200 } else { 481 };
+                        self.ctx.endpoint.respond(&key, response_to(&request, code, None, None));
+                    }
+                    _ => {}
+                }
+            }
+        })
+        .await;
+    }
+}

@@ -1,0 +1,14 @@
+//! SIP signaling: message helpers around rsip, transports, RFC 3261 transactions, digest
+//! authentication, dialogs and the B2BUA call logic.
+
+pub mod call;
+pub mod dialog;
+pub mod digest;
+pub mod endpoint;
+pub mod limits;
+pub mod message;
+pub mod registration;
+pub mod resolve;
+pub mod routing;
+pub mod transaction;
+pub mod transport;

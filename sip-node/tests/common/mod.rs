@@ -1,0 +1,240 @@
+//! Test harness shared by the cross-process SIP tests: the node in-process on a test
+//! database, sipp and Kamailio as child processes with bounded waits, and configuration
+//! builders.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use rust_decimal::Decimal;
+use sqlx::PgPool;
+use switchboard_model::{
+    AuthMethod, Codec, Credential, Destination, DestinationType, GatewayConfig, NumberConfig, Transport, TrunkConfig,
+};
+use switchboard_node::config::{Snapshot, SnapshotHandle};
+use switchboard_node::signaling::{self, Listening, SipArgs};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+pub const DID: &str = "+15550001111";
+
+pub fn scenario(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sipp").join(name).to_string_lossy().into_owned()
+}
+
+/// A UDP port that was free a moment ago on `ip`.
+pub fn free_port(ip: &str) -> u16 {
+    UdpSocket::bind((ip, 0)).unwrap().local_addr().unwrap().port()
+}
+
+pub fn trunk(name: &str, gateways: Vec<(String, u16)>) -> TrunkConfig {
+    TrunkConfig {
+        namespace: "default".into(),
+        name: name.into(),
+        provider: "testcarrier".into(),
+        display_name: None,
+        suspended: false,
+        gateways: gateways
+            .into_iter()
+            .enumerate()
+            .map(|(i, (address, port))| GatewayConfig {
+                address,
+                port: Some(port),
+                transport: Transport::Udp,
+                priority: i as u16,
+                weight: 1,
+                enabled: true,
+            })
+            .collect(),
+        registrar_address: None,
+        registrar_port: None,
+        realm: None,
+        auth_method: AuthMethod::Ip,
+        registration_enabled: false,
+        registration_expires: 3600,
+        inbound_enabled: true,
+        allowed_source_cidrs: vec!["127.0.0.1/32".parse().unwrap()],
+        outbound_enabled: true,
+        dial_prefix: None,
+        strip_digits: 0,
+        prepend_digits: None,
+        max_concurrent_calls: None,
+        calls_per_second: None,
+        codecs: vec![Codec::Pcmu],
+        dtmf_relay: true,
+        rtp_timeout_seconds: 60,
+        options_interval_seconds: 0,
+        failover_timeout_seconds: 5,
+        backup_trunks: vec![],
+        rate_outbound_per_minute: Decimal::new(12, 3),
+        rate_inbound_per_minute: Decimal::new(6, 3),
+        rate_per_message: Decimal::ZERO,
+        currency: "USD".into(),
+    }
+}
+
+pub fn number_to(destination: Destination) -> NumberConfig {
+    NumberConfig {
+        namespace: "default".into(),
+        name: "did".into(),
+        number: DID.into(),
+        trunk_ref: "carrier".into(),
+        routing_rule_ref: None,
+        destination: Some(destination),
+        message_webhook: None,
+        caller_id_allowed: true,
+    }
+}
+
+pub fn sip_destination(port: u16) -> Destination {
+    Destination {
+        kind: DestinationType::Sip,
+        url: None,
+        uri: Some(format!("sip:callee@127.0.0.1:{port}")),
+        number: None,
+        trunk_ref: None,
+        reject_code: None,
+    }
+}
+
+/// The node under test.
+pub struct Node {
+    pub addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    graceful: JoinSet<()>,
+}
+
+impl Node {
+    pub async fn start(pool: &PgPool, trunks: Vec<TrunkConfig>, numbers: Vec<NumberConfig>) -> Node {
+        Node::start_with(pool, trunks, numbers, vec![]).await
+    }
+
+    pub async fn start_with(
+        pool: &PgPool,
+        trunks: Vec<TrunkConfig>,
+        numbers: Vec<NumberConfig>,
+        credentials: Vec<Credential>,
+    ) -> Node {
+        sqlx::query("INSERT INTO nodes (node_id, hostname, version) VALUES ('sipp-node', 'test', 'test')")
+            .execute(pool)
+            .await
+            .unwrap();
+        let snapshot = Snapshot::from_parts(1, trunks, numbers, vec![], credentials).unwrap();
+        let handle = SnapshotHandle::new(snapshot);
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        let mut graceful = JoinSet::new();
+        let args = SipArgs {
+            sip_listen: vec!["127.0.0.1:0".parse().unwrap()],
+            advertised_host: None,
+            advertised_port: None,
+            http_listen: "127.0.0.1:0".parse().unwrap(),
+            sip_t1_ms: 500,
+            per_source_rate: 20_000,
+        };
+        let Listening { sip, .. } =
+            signaling::start(&args, pool.clone(), "sipp-node", handle, stop_rx, &mut tasks, &mut graceful)
+                .await
+                .unwrap();
+        Node { addr: sip, stop, tasks, graceful }
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        let _ =
+            tokio::time::timeout(Duration::from_secs(8), async { while self.graceful.join_next().await.is_some() {} })
+                .await;
+        self.tasks.shutdown().await;
+    }
+}
+
+/// A sipp process; killed on drop if still running.
+pub struct Sipp {
+    child: Child,
+    name: String,
+}
+
+impl Sipp {
+    pub fn start(name: &str, args: &[String]) -> Sipp {
+        let child = Command::new("sipp")
+            .args(args)
+            .args(["-timeout", "20s", "-timeout_error", "-nostdin", "-trace_err", "-error_file"])
+            .arg(std::env::temp_dir().join(format!("sipp-{name}-{}.log", std::process::id())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sipp (Debian package sip-tester) must be installed");
+        Sipp { child, name: name.into() }
+    }
+
+    /// Waits (bounded) for sipp to exit.
+    pub async fn wait(mut self) -> ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "sipp {} did not finish", self.name);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Sipp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn uas(scenario_arg: &[&str], port: u16, calls: u32) -> Sipp {
+    let mut args: Vec<String> = scenario_arg.iter().map(|s| s.to_string()).collect();
+    args.extend(["-i", "127.0.0.1", "-p", &port.to_string(), "-m", &calls.to_string()].map(String::from));
+    Sipp::start("uas", &args)
+}
+
+pub fn uac(scenario_arg: &[&str], node: SocketAddr, local_ip: &str, calls: u32, extra: &[&str]) -> Sipp {
+    let mut args: Vec<String> = scenario_arg.iter().map(|s| s.to_string()).collect();
+    args.push(node.to_string());
+    args.extend(
+        ["-s", DID, "-i", local_ip, "-p", &free_port(local_ip).to_string(), "-m", &calls.to_string()].map(String::from),
+    );
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Sipp::start("uac", &args)
+}
+
+#[derive(Debug, sqlx::FromRow)]
+pub struct Cdr {
+    pub attempt: i32,
+    pub sip_code: Option<i32>,
+    pub hangup_by: Option<String>,
+    pub trunk_name: Option<String>,
+    pub gateway: Option<String>,
+    pub answer_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub cost: Decimal,
+}
+
+/// CDRs once the store has written `expected` of them (bounded wait).
+pub async fn cdrs(pool: &PgPool, expected: usize) -> Vec<Cdr> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows: Vec<Cdr> = sqlx::query_as(
+            "SELECT attempt, sip_code, hangup_by, trunk_name, gateway, answer_at, cost FROM cdrs ORDER BY call_id, attempt",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap();
+        if rows.len() >= expected || Instant::now() > deadline {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn active_calls(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM active_calls").fetch_one(pool).await.unwrap()
+}
