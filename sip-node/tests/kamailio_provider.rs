@@ -105,10 +105,14 @@ struct Registration {
     state: String,
     expires_at: Option<chrono::DateTime<chrono::Utc>>,
     last_error: Option<String>,
+    reachable: Option<bool>,
+    options_rtt_ms: Option<i32>,
 }
 
 async fn registration(pool: &PgPool) -> Option<Registration> {
-    sqlx::query_as("SELECT state, expires_at, last_error FROM registrations WHERE trunk_name = 'kamailio'")
+    sqlx::query_as(
+        "SELECT state, expires_at, last_error, reachable, options_rtt_ms FROM registrations WHERE trunk_name = 'kamailio'",
+    )
         .fetch_optional(pool)
         .await
         .unwrap()
@@ -135,7 +139,10 @@ async fn the_node_registers_with_digest_refreshes_and_unregisters(pool: PgPool) 
     let mut trunk = provider_trunk(port);
     trunk.registration_enabled = true;
     trunk.registration_expires = 3;
+    trunk.options_interval_seconds = 1;
     let node = Node::start_with(&pool, vec![trunk], vec![], vec![credential(PASSWORD)]).await;
+    let pinged = wait_registration(&pool, "reachable by OPTIONS", |r| r.reachable == Some(true)).await;
+    assert!(pinged.options_rtt_ms.is_some());
     let first = wait_registration(&pool, "registered", |r| r.state == "registered").await;
     let first_expiry = first.expires_at.expect("a registered row has an expiry");
     // Refreshed before it expires: the expiry moves forward while the state stays registered.
@@ -189,5 +196,15 @@ async fn calls_go_out_through_a_provider_that_challenges_invite(pool: PgPool) {
     let cdrs = cdrs(&pool, 1).await;
     assert_eq!(cdrs.last().and_then(|c| c.sip_code), Some(200), "{cdrs:?}");
     assert_eq!(cdrs.last().and_then(|c| c.trunk_name.clone()).as_deref(), Some("kamailio"));
+    node.stop().await;
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_silent_gateway_is_unreachable(pool: PgPool) {
+    // Nothing listens on this port: OPTIONS times out (64*T1 with T1 = 20 ms).
+    let mut trunk = provider_trunk(free_port("127.0.0.1"));
+    trunk.options_interval_seconds = 1;
+    let node = Node::start_tuned(&pool, vec![trunk], vec![], vec![], |args| args.sip_t1_ms = 20).await;
+    wait_registration(&pool, "unreachable", |r| r.reachable == Some(false)).await;
     node.stop().await;
 }

@@ -137,3 +137,16 @@ async fn calls_complete_under_udp_loss(pool: PgPool) {
     assert!(uac_status.success(), "calls failed under 5 % loss");
     node.stop().await;
 }
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_hold_re_invite_passes_across_with_its_sdp(pool: PgPool) {
+    let callee = free_port("127.0.0.1");
+    let node = Node::start(&pool, vec![trunk("carrier", vec![])], vec![number_to(sip_destination(callee))]).await;
+    let uas = uas(&["-sf", &scenario("uas_reinvite.xml")], callee, 1);
+    let uac = uac(&["-sf", &scenario("uac_reinvite.xml")], node.addr, "127.0.0.1", 1, &[]);
+    assert!(uac.wait().await.success(), "caller: re-INVITE not answered with the callee's recvonly SDP");
+    assert!(uas.wait().await.success(), "callee: re-INVITE with sendonly SDP did not arrive");
+    let cdrs = cdrs(&pool, 1).await;
+    assert_eq!(cdrs[0].hangup_by.as_deref(), Some("caller"), "{cdrs:?}");
+    node.stop().await;
+}

@@ -552,7 +552,7 @@ impl Call {
         self.ctx.endpoint.register_dialog(&call_id, &b_tag, b_tx.clone());
         self.ctx.endpoint.send_request(invite.clone(), target.peer, b_tx.clone());
         let failover_after = Duration::from_secs(
-            u64::from(target.trunk.as_ref().map(|t| t.failover_timeout_seconds).unwrap_or(0)).clamp(1, 300),
+            u64::from(target.trunk.as_ref().map(|t| t.failover_timeout_seconds).unwrap_or(5)).clamp(1, 300),
         );
         let no_answer = tokio::time::sleep(failover_after);
         tokio::pin!(no_answer);

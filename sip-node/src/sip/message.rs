@@ -8,6 +8,10 @@
 //! answer requests whose method rsip does not know with `501` instead of dropping them.
 
 use std::borrow::Cow;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::LazyLock;
+
+use regex::Regex;
 
 use rsip::headers::{ContentLength, Header};
 use rsip::prelude::*;
@@ -43,6 +47,31 @@ pub enum Incoming {
     /// placeholder method `OPTIONS` so that a `501` can be built from its headers (the CSeq
     /// header keeps the original method text).
     UnknownMethod { method: String, request: Request },
+}
+
+/// rsip 0.4 cannot parse bracketed IPv6 references (`sip:[2001:db8::1]:5060`): it splits host
+/// and port at the first colon. Inside the node an IPv6 literal is therefore carried as a
+/// reserved domain name (`2001-db8--1.ipv6.invalid`, RFC 6761 `.invalid`), written by
+/// [`parse`] and [`v6_host`], read back by [`host_ip`], and turned back into brackets on the
+/// wire by [`encode`].
+const V6_SUFFIX: &str = ".ipv6.invalid";
+static BRACKETED_V6: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"\[([0-9A-Fa-f:.]+)\]").expect("IPv6 reference pattern compiles"));
+static V6_PLACEHOLDER: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"([0-9A-Fa-f_-]+)\.ipv6\.invalid").expect("IPv6 placeholder pattern compiles"));
+
+/// The in-node host form of an IPv6 address (see [`V6_SUFFIX`]).
+pub fn v6_host(ip: Ipv6Addr) -> String {
+    format!("{}{V6_SUFFIX}", ip.to_string().replace(':', "-").replace('.', "_"))
+}
+
+/// The IP address a host string stands for: an IPv4/IPv6 literal (bracketed or not) or the
+/// in-node IPv6 form. `None` for domain names.
+pub fn host_ip(host: &str) -> Option<IpAddr> {
+    if let Some(encoded) = host.strip_suffix(V6_SUFFIX) {
+        return encoded.replace('-', ":").replace('_', ".").parse::<Ipv6Addr>().ok().map(IpAddr::V6);
+    }
+    host.trim_start_matches('[').trim_end_matches(']').parse().ok()
 }
 
 /// Compact header forms of RFC 3261 7.3.3 and the extensions in common use.
@@ -115,6 +144,14 @@ fn normalize_head(head: &str) -> Result<(String, Option<String>), ParseError> {
         out.push_str(value.trim_start());
     }
     out.push_str("\r\n\r\n");
+    if out.contains('[') {
+        out = BRACKETED_V6
+            .replace_all(&out, |caps: &regex::Captures| match caps[1].parse::<Ipv6Addr>() {
+                Ok(ip) => v6_host(ip),
+                Err(_) => caps[0].to_string(),
+            })
+            .into_owned();
+    }
     Ok((out, unknown_method))
 }
 
@@ -270,6 +307,16 @@ pub fn encode(message: &SipMessage) -> Vec<u8> {
     let (head, body) = match message {
         SipMessage::Request(r) => (format!("{} {} {}\r\n{}\r\n", r.method, r.uri, r.version, r.headers), &r.body),
         SipMessage::Response(r) => (format!("{} {}\r\n{}\r\n", r.version, r.status_code, r.headers), &r.body),
+    };
+    let head = if head.contains(V6_SUFFIX) {
+        V6_PLACEHOLDER
+            .replace_all(&head, |caps: &regex::Captures| match host_ip(&caps[0]) {
+                Some(ip) => format!("[{ip}]"),
+                None => caps[0].to_string(),
+            })
+            .into_owned()
+    } else {
+        head
     };
     let mut out = head.into_bytes();
     out.extend_from_slice(body);
@@ -473,6 +520,22 @@ l: 4\r\n\r\nv=0\r\nEXTRA";
         let bytes = encode(&SipMessage::Request(request));
         let SipMessage::Request(back) = message(&bytes, true) else { panic!() };
         assert_eq!(back.body, vec![0, 159, 255, 10]);
+    }
+
+    #[test]
+    fn ipv6_references_survive_parse_and_encode() {
+        let text = "OPTIONS sip:+15550001111@[2001:db8::1]:5070 SIP/2.0\r\nVia: SIP/2.0/UDP [::1]:9;branch=z9hG4bKx\r\n\
+From: <sip:a@[::ffff:192.0.2.1]>;tag=1\r\nTo: <sip:b@[::1]>\r\nCall-ID: c\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n";
+        let Incoming::Message(SipMessage::Request(request)) = parse(text.as_bytes(), false).unwrap() else { panic!() };
+        assert_eq!(host_ip(&request.uri.host().to_string()), Some("2001:db8::1".parse().unwrap()));
+        assert_eq!(request.uri.port().map(|p| *p.value()), Some(5070));
+        let wire = String::from_utf8(encode(&SipMessage::Request(request))).unwrap();
+        assert!(wire.starts_with("OPTIONS sip:+15550001111@[2001:db8::1]:5070 SIP/2.0\r\n"), "{wire}");
+        assert!(wire.contains("Via: SIP/2.0/UDP [::1]:9;branch=z9hG4bKx"), "{wire}");
+        assert!(wire.contains("<sip:a@[::ffff:192.0.2.1]>"), "{wire}");
+        assert_eq!(host_ip("192.0.2.1"), Some("192.0.2.1".parse().unwrap()));
+        assert_eq!(host_ip("[::1]"), Some("::1".parse().unwrap()));
+        assert_eq!(host_ip("example.com"), None);
     }
 
     #[test]

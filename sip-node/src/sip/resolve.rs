@@ -6,7 +6,7 @@
 //! SRV queries go through hickory-resolver with the system configuration; A/AAAA through the
 //! system resolver (so `/etc/hosts` works as operators expect).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use hickory_resolver::TokioResolver;
 use rand::Rng as _;
@@ -50,10 +50,10 @@ impl Resolver {
         port: Option<u16>,
         protocol: Protocol,
     ) -> Result<Vec<SocketAddr>, ResolveError> {
-        let bare = host.trim_start_matches('[').trim_end_matches(']');
-        if let Ok(ip) = bare.parse::<IpAddr>() {
+        if let Some(ip) = super::message::host_ip(host) {
             return Ok(vec![SocketAddr::new(ip, port.unwrap_or(SIP_PORT))]);
         }
+        let bare = host;
         if let Some(port) = port {
             return lookup_host(bare, port).await;
         }

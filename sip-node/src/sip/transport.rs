@@ -185,7 +185,7 @@ impl TransportLayer {
             None => {
                 let ip = if local.ip().is_unspecified() { loopback_or_unspecified(to, local) } else { local.ip() };
                 match ip {
-                    IpAddr::V6(v6) => format!("[{v6}]"),
+                    IpAddr::V6(v6) => message::v6_host(v6),
                     IpAddr::V4(v4) => v4.to_string(),
                 }
             }
@@ -307,7 +307,7 @@ fn stamp_received(request: &mut rsip::Request, source: SocketAddr) {
     let Ok(mut typed) = via.typed() else { return };
     let sent_by_ip = match &typed.uri.host_with_port.host {
         rsip::Host::IpAddr(ip) => Some(*ip),
-        rsip::Host::Domain(_) => None,
+        rsip::Host::Domain(domain) => message::host_ip(&domain.to_string()),
     };
     let mut changed = false;
     if sent_by_ip != Some(source.ip()) && typed.received().ok().flatten().is_none() {

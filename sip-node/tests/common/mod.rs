@@ -102,6 +102,7 @@ pub fn sip_destination(port: u16) -> Destination {
 /// The node under test.
 pub struct Node {
     pub addr: SocketAddr,
+    pub http: SocketAddr,
     stop: watch::Sender<bool>,
     tasks: JoinSet<()>,
     graceful: JoinSet<()>,
@@ -118,6 +119,17 @@ impl Node {
         numbers: Vec<NumberConfig>,
         credentials: Vec<Credential>,
     ) -> Node {
+        Node::start_tuned(pool, trunks, numbers, credentials, |_| {}).await
+    }
+
+    /// Starts the node with `tune` applied to its SIP settings.
+    pub async fn start_tuned(
+        pool: &PgPool,
+        trunks: Vec<TrunkConfig>,
+        numbers: Vec<NumberConfig>,
+        credentials: Vec<Credential>,
+        tune: impl FnOnce(&mut SipArgs),
+    ) -> Node {
         sqlx::query("INSERT INTO nodes (node_id, hostname, version) VALUES ('sipp-node', 'test', 'test')")
             .execute(pool)
             .await
@@ -127,7 +139,7 @@ impl Node {
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let mut graceful = JoinSet::new();
-        let args = SipArgs {
+        let mut args = SipArgs {
             sip_listen: vec!["127.0.0.1:0".parse().unwrap()],
             advertised_host: None,
             advertised_port: None,
@@ -135,11 +147,12 @@ impl Node {
             sip_t1_ms: 500,
             per_source_rate: 20_000,
         };
-        let Listening { sip, .. } =
+        tune(&mut args);
+        let Listening { sip, http } =
             signaling::start(&args, pool.clone(), "sipp-node", handle, stop_rx, &mut tasks, &mut graceful)
                 .await
                 .unwrap();
-        Node { addr: sip, stop, tasks, graceful }
+        Node { addr: sip, http, stop, tasks, graceful }
     }
 
     pub async fn stop(mut self) {
@@ -237,4 +250,17 @@ pub async fn cdrs(pool: &PgPool, expected: usize) -> Vec<Cdr> {
 
 pub async fn active_calls(pool: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM active_calls").fetch_one(pool).await.unwrap()
+}
+
+/// GET on the node's HTTP endpoint with a plain HTTP/1.1 request; returns the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await.unwrap().unwrap();
+    response
 }
