@@ -150,3 +150,28 @@ async fn a_hold_re_invite_passes_across_with_its_sdp(pool: PgPool) {
     assert_eq!(cdrs[0].hangup_by.as_deref(), Some("caller"), "{cdrs:?}");
     node.stop().await;
 }
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn an_outbound_trunk_at_its_limit_moves_the_call_to_its_backup(pool: PgPool) {
+    let callee = free_port("127.0.0.1");
+    let mut full = trunk("outbound", vec![("127.0.0.1".into(), free_port("127.0.0.1"))]);
+    full.max_concurrent_calls = Some(0);
+    full.backup_trunks = vec!["backup".into()];
+    let backup = trunk("backup", vec![("127.0.0.1".into(), callee)]);
+    let destination = Destination {
+        kind: DestinationType::Number,
+        url: None,
+        uri: None,
+        number: Some("+15559990000".into()),
+        trunk_ref: Some("outbound".into()),
+        reject_code: None,
+    };
+    let node = Node::start(&pool, vec![trunk("carrier", vec![]), full, backup], vec![number_to(destination)]).await;
+    let uas = uas(&["-sn", "uas"], callee, 1);
+    let uac = uac(&["-sn", "uac"], node.addr, "127.0.0.1", 1, &[]);
+    assert!(uac.wait().await.success(), "the call must move to the backup trunk");
+    assert!(uas.wait().await.success());
+    let cdrs = cdrs(&pool, 1).await;
+    assert_eq!(cdrs.last().and_then(|c| c.trunk_name.clone()).as_deref(), Some("backup"), "{cdrs:?}");
+    node.stop().await;
+}

@@ -351,7 +351,23 @@ impl Call {
             return self.refuse_caller(503, "no reachable target for this call".into(), None);
         }
         let mut last = (503u16, "all targets failed".to_string());
-        for (target, _permit) in targets {
+        // The outbound trunk's slot is taken when its first attempt starts and held until the
+        // call moves to another trunk or ends; a trunk at its limit is skipped (failover).
+        let mut slot: Option<(Arc<TrunkConfig>, CallPermit)> = None;
+        for target in targets {
+            if let Some(trunk) = &target.trunk
+                && slot.as_ref().is_none_or(|(held, _)| !Arc::ptr_eq(held, trunk))
+            {
+                slot = None;
+                match self.ctx.limits.try_acquire(trunk) {
+                    Ok(permit) => slot = Some((Arc::clone(trunk), permit)),
+                    Err(limit) => {
+                        tracing::info!(trunk = %trunk.name, reason = %limit.reason(), "skipping trunk at its limit");
+                        last = (503, limit.reason());
+                        continue;
+                    }
+                }
+            }
             self.attempts += 1;
             let mut record = AttemptRecord {
                 number: self.attempts,
@@ -414,9 +430,9 @@ impl Call {
         self.ctx.endpoint.respond(&self.key, response);
     }
 
-    /// Every place to try, in order, each with the permit of its trunk (a trunk at its limit is
-    /// skipped: the next trunk takes the call).
-    async fn targets(&self, target: Target) -> Vec<(AttemptTarget, Option<CallPermit>)> {
+    /// Every place to try, in order: each gateway address of each trunk, or the SIP URI's
+    /// addresses.
+    async fn targets(&self, target: Target) -> Vec<AttemptTarget> {
         let mut out = Vec::new();
         match target {
             Target::SipUri(uri) => {
@@ -430,29 +446,18 @@ impl Call {
                 if let Ok(addrs) = self.ctx.resolver.resolve(&host, port, protocol).await {
                     let to_user = uri.user().unwrap_or_default().to_string();
                     for addr in addrs {
-                        out.push((
-                            AttemptTarget {
-                                uri: uri.clone(),
-                                to_user: to_user.clone(),
-                                peer: Peer { protocol, addr },
-                                trunk: None,
-                                gateway: addr.to_string(),
-                            },
-                            None,
-                        ));
+                        out.push(AttemptTarget {
+                            uri: uri.clone(),
+                            to_user: to_user.clone(),
+                            peer: Peer { protocol, addr },
+                            trunk: None,
+                            gateway: addr.to_string(),
+                        });
                     }
                 }
             }
             Target::Number { number, trunks } => {
                 for trunk in trunks {
-                    let permit = match self.ctx.limits.try_acquire(&trunk) {
-                        Ok(permit) => permit,
-                        Err(limit) => {
-                            tracing::info!(trunk = %trunk.name, reason = %limit.reason(), "skipping trunk at its limit");
-                            continue;
-                        }
-                    };
-                    let permit = Arc::new(permit);
                     let user = routing::format_for_trunk(&trunk, &number);
                     for gateway in routing::gateway_order(&trunk) {
                         let protocol = match gateway.transport {
@@ -470,23 +475,14 @@ impl Call {
                         };
                         let Ok(uri) = rsip::Uri::try_from(format!("sip:{user}@{host}").as_str()) else { continue };
                         for addr in addrs {
-                            out.push((
-                                AttemptTarget {
-                                    uri: uri.clone(),
-                                    to_user: user.clone(),
-                                    peer: Peer { protocol, addr },
-                                    trunk: Some(Arc::clone(&trunk)),
-                                    gateway: host.clone(),
-                                },
-                                None,
-                            ));
+                            out.push(AttemptTarget {
+                                uri: uri.clone(),
+                                to_user: user.clone(),
+                                peer: Peer { protocol, addr },
+                                trunk: Some(Arc::clone(&trunk)),
+                                gateway: host.clone(),
+                            });
                         }
-                    }
-                    // The first target of the trunk holds its permit for the whole attempt chain.
-                    if let Some(slot) =
-                        out.iter_mut().rev().find(|(t, _)| t.trunk.as_ref().is_some_and(|x| Arc::ptr_eq(x, &trunk)))
-                    {
-                        slot.1 = Arc::into_inner(permit);
                     }
                 }
             }
