@@ -42,6 +42,9 @@ enum Command {
     Status(switchboard_operator::commands::StatusArgs),
     /// Check a folder of manifests without touching a database: every problem, with file and field.
     Validate(switchboard_operator::commands::ValidateArgs),
+    /// Run the operator against a Kubernetes cluster: watch Trunk, PhoneNumber and RoutingRule
+    /// resources (and the Secrets they use), reconcile them into Postgres, write their status.
+    Operator(switchboard_operator::kubernetes::OperatorArgs),
     /// Measure reconcile and propagation figures on a generated folder (10,000 numbers by default).
     Bench(bench::BenchArgs),
 }
@@ -57,6 +60,7 @@ fn main() -> ExitCode {
             Command::Status(args) => switchboard_operator::commands::status(args).await,
             Command::Validate(args) => switchboard_operator::commands::validate(args),
             Command::Bench(args) => bench::run(args).await,
+            Command::Operator(args) => switchboard_operator::kubernetes::run(args).await,
         }
     })
 }

@@ -3,6 +3,7 @@
 
 pub mod commands;
 pub mod crd;
+pub mod kubernetes;
 pub mod reconcile;
 pub mod source;
 pub mod validate;

@@ -27,7 +27,8 @@ use switchboard_model::config::{
 };
 
 pub use mapping::{CredentialError, fingerprint, number_config, rule_config, trunk_config, trunk_credential};
-use status::{ResourceStatus, StoredStatus, reason};
+pub use status::ResourceStatus;
+use status::{StoredStatus, reason};
 
 use crate::source::{DesiredState, Kind, ResourceKey, Spec};
 use crate::validate;
@@ -57,6 +58,8 @@ pub struct ReconcileReport {
     pub not_ready: Vec<(ResourceKey, String, String)>,
     /// Status rows written.
     pub statuses_written: usize,
+    /// The status of every resource the source mentioned, as stored after the pass.
+    pub statuses: Vec<ResourceStatus>,
 }
 
 /// Writes desired state into Postgres.
@@ -461,6 +464,7 @@ impl Reconciler {
             status::delete(&mut tx, key).await?;
         }
         tx.commit().await?;
+        report.statuses = statuses;
         Ok(report)
     }
 

@@ -1,0 +1,204 @@
+//! Operator metrics (Prometheus text format on `/metrics`) and the health endpoints.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::crd::{Condition, ConditionStatus};
+use crate::source::ResourceKey;
+
+/// Every metric of the operator, in its own registry.
+pub struct Metrics {
+    pub registry: Registry,
+    reconciles: IntCounterVec,
+    errors: IntCounterVec,
+    duration: HistogramVec,
+    passes: IntCounterVec,
+    pass_duration: Histogram,
+    api_writes: IntCounterVec,
+    condition: IntGaugeVec,
+    pub leader: IntGauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let reconciles = IntCounterVec::new(
+            Opts::new("switchboard_operator_reconcile_total", "Reconciles of one object, by kind"),
+            &["kind"],
+        )
+        .expect("metric");
+        let errors = IntCounterVec::new(
+            Opts::new("switchboard_operator_reconcile_errors_total", "Reconciles that failed, by kind and reason"),
+            &["kind", "reason"],
+        )
+        .expect("metric");
+        let duration = HistogramVec::new(
+            HistogramOpts::new("switchboard_operator_reconcile_duration_seconds", "Duration of one object's reconcile")
+                .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]),
+            &["kind"],
+        )
+        .expect("metric");
+        let passes = IntCounterVec::new(
+            Opts::new("switchboard_operator_passes_total", "Reconcile passes over the complete desired state"),
+            &["result"],
+        )
+        .expect("metric");
+        let pass_duration = Histogram::with_opts(
+            HistogramOpts::new("switchboard_operator_pass_duration_seconds", "Duration of one reconcile pass")
+                .buckets(vec![0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+        )
+        .expect("metric");
+        let api_writes = IntCounterVec::new(
+            Opts::new("switchboard_operator_api_writes_total", "Writes to the Kubernetes API, by what was written"),
+            &["what"],
+        )
+        .expect("metric");
+        let condition = IntGaugeVec::new(
+            Opts::new(
+                "switchboard_resource_condition",
+                "1 for the current status of each condition of each resource, 0 for the other statuses",
+            ),
+            &["kind", "namespace", "name", "condition", "status"],
+        )
+        .expect("metric");
+        let leader = IntGauge::new("switchboard_operator_leader", "1 while this replica holds the leader lease")
+            .expect("metric");
+        for collector in [
+            Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(errors.clone()),
+            Box::new(duration.clone()),
+            Box::new(passes.clone()),
+            Box::new(pass_duration.clone()),
+            Box::new(api_writes.clone()),
+            Box::new(condition.clone()),
+            Box::new(leader.clone()),
+        ] {
+            registry.register(collector).expect("metric names are unique");
+        }
+        Self { registry, reconciles, errors, duration, passes, pass_duration, api_writes, condition, leader }
+    }
+
+    pub fn observe_reconcile(&self, kind: &str, elapsed: Duration, error: Option<&str>) {
+        self.reconciles.with_label_values(&[kind]).inc();
+        self.duration.with_label_values(&[kind]).observe(elapsed.as_secs_f64());
+        if let Some(reason) = error {
+            self.errors.with_label_values(&[kind, reason]).inc();
+        }
+    }
+
+    pub fn observe_pass(&self, elapsed: Duration, ok: bool) {
+        self.passes.with_label_values(&[if ok { "ok" } else { "error" }]).inc();
+        self.pass_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one write to the API server (`finalizer`, `status`, `event`).
+    pub fn api_write(&self, what: &str) {
+        self.api_writes.with_label_values(&[what]).inc();
+    }
+
+    /// Writes to the API server so far, all kinds together.
+    pub fn api_writes_total(&self) -> u64 {
+        ["finalizer", "status", "event"].iter().map(|w| self.api_writes.with_label_values(&[w]).get()).sum()
+    }
+
+    /// Sets the condition gauges of one resource.
+    pub fn set_conditions(&self, key: &ResourceKey, conditions: &[Condition]) {
+        for condition in conditions {
+            for status in [ConditionStatus::True, ConditionStatus::False, ConditionStatus::Unknown] {
+                self.condition
+                    .with_label_values(&[
+                        key.kind.as_str(),
+                        &key.namespace,
+                        &key.name,
+                        &condition.type_,
+                        status.as_str(),
+                    ])
+                    .set(i64::from(condition.status == status));
+            }
+        }
+    }
+
+    /// Drops the gauges of a resource that is gone.
+    pub fn forget(&self, key: &ResourceKey) {
+        for condition in ["Ready", "Synced", "Registered", "Reachable"] {
+            for status in ["True", "False", "Unknown"] {
+                let _ = self.condition.remove_label_values(&[
+                    key.kind.as_str(),
+                    &key.namespace,
+                    &key.name,
+                    condition,
+                    status,
+                ]);
+            }
+        }
+    }
+
+    /// The registry in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buffer).expect("text encoding");
+        String::from_utf8(buffer).expect("the text format is UTF-8")
+    }
+}
+
+/// What `/readyz` reports.
+#[derive(Default)]
+pub struct Health {
+    /// Started: connected to the database and the API server (leader or standby).
+    pub ready: AtomicBool,
+}
+
+#[derive(Clone)]
+struct HttpState {
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+/// The HTTP router: `/metrics`, `/healthz`, `/readyz`.
+pub fn router(metrics: Arc<Metrics>, health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/metrics", get(|State(s): State<HttpState>| async move { s.metrics.render() }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(s): State<HttpState>| async move {
+                if s.health.ready.load(Ordering::SeqCst) {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "starting")
+                }
+            }),
+        )
+        .with_state(HttpState { metrics, health })
+}
+
+/// Serves the router until `shutdown`.
+pub async fn serve(
+    address: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    tracing::info!("metrics and health on http://{}", listener.local_addr()?);
+    axum::serve(listener, router(metrics, health))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}

@@ -1,0 +1,179 @@
+//! Operator mode: Kubernetes as the desired-state source of the same reconcile core local mode
+//! uses. Three kube-runtime controllers (Trunk, PhoneNumber, RoutingRule, the trunk one watching
+//! Secrets too) trigger level-triggered passes over the whole desired state (see [`passes`]);
+//! each object gets a finalizer, a truthful status ([`status`]) and events. One replica works at a
+//! time ([`leader`]); metrics and health are served over HTTP ([`metrics`]).
+
+pub mod controller;
+pub mod leader;
+pub mod metrics;
+pub mod nodes;
+pub mod passes;
+pub mod source;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
+use tokio_util::sync::CancellationToken;
+
+use crate::reconcile::Reconciler;
+use controller::{ControllerSettings, WatchScope};
+use leader::{Ended, LeaderElection, LeaseTiming};
+use metrics::{Health, Metrics};
+
+/// Arguments of `switchboard operator`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OperatorArgs {
+    /// Postgres connection URL (the same database the SIP nodes read).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// Watch one namespace only (default: all namespaces).
+    #[arg(long, env = "SWITCHBOARD_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, env = "SWITCHBOARD_METRICS_ADDRESS", default_value = "0.0.0.0:8080")]
+    pub metrics_address: SocketAddr,
+    /// Turn leader election off (only for a single replica, e.g. in development).
+    #[arg(long)]
+    pub no_leader_election: bool,
+    /// Namespace of the leader Lease (in a pod: its own namespace).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "switchboard-system")]
+    pub lease_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "switchboard-operator")]
+    pub lease_name: String,
+    /// This replica's identity in the Lease (default: the pod name, else the host name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// How often the nodes' heartbeats, registrations and calls are read from Postgres.
+    #[arg(long, default_value_t = 5)]
+    pub node_poll_seconds: u64,
+    /// Nodes whose last heartbeat is older than this count as gone.
+    #[arg(long, default_value_t = 30)]
+    pub node_timeout_seconds: u64,
+    /// Do not apply the database migrations at start.
+    #[arg(long)]
+    pub no_migrate: bool,
+}
+
+/// Runs the operator until SIGTERM/SIGINT (exit 0) or a lost lease (an error: the pod restarts
+/// and stands by).
+pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signals(shutdown.clone()));
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let server = tokio::spawn(metrics::serve(args.metrics_address, metrics.clone(), health.clone(), shutdown.clone()));
+
+    let pool = connect(&args, &shutdown).await?;
+    let Some(pool) = pool else { return Ok(()) };
+    let client = Client::try_default()
+        .await
+        .context("cannot configure the Kubernetes client (in-cluster service account or KUBECONFIG)")?;
+    health.ready.store(true, Ordering::SeqCst);
+
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = hostname::get().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "switchboard".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let election = (!args.no_leader_election).then(|| {
+        LeaderElection::new(
+            Api::<Lease>::namespaced(client.clone(), &args.lease_namespace),
+            &args.lease_name,
+            identity,
+            LeaseTiming::default(),
+        )
+    });
+    let leader = match &election {
+        Some(election) => {
+            if !election.acquire(&shutdown).await {
+                return Ok(());
+            }
+            election.is_leader.clone()
+        }
+        None => Arc::new(AtomicBool::new(true)),
+    };
+    metrics.leader.set(1);
+
+    // Controllers stop on shutdown and on a lost lease.
+    let stop = shutdown.child_token();
+    let settings = ControllerSettings {
+        scope: WatchScope { namespace: args.namespace.clone() },
+        node_poll: Duration::from_secs(args.node_poll_seconds.max(1)),
+        node_timeout: Duration::from_secs(args.node_timeout_seconds),
+        pass_resync: Duration::from_secs(60),
+    };
+    let controllers = controller::run_controllers(
+        client,
+        Reconciler::new(pool),
+        metrics.clone(),
+        leader.clone(),
+        settings,
+        stop.clone(),
+    );
+    let ended = match &election {
+        Some(election) => {
+            let holder = async {
+                let ended = election.hold(&shutdown).await;
+                stop.cancel();
+                ended
+            };
+            let (ended, ()) = tokio::join!(holder, controllers);
+            ended
+        }
+        None => {
+            controllers.await;
+            Ended::Shutdown
+        }
+    };
+    metrics.leader.set(0);
+    shutdown.cancel();
+    let _ = server.await;
+    match ended {
+        Ended::Shutdown => {
+            tracing::info!("operator stopped");
+            Ok(())
+        }
+        Ended::Lost => anyhow::bail!("lost the leader lease; exiting so that this replica restarts as a standby"),
+    }
+}
+
+/// Connects and migrates, retrying with backoff until it works or shutdown (`None`).
+async fn connect(args: &OperatorArgs, shutdown: &CancellationToken) -> anyhow::Result<Option<sqlx::PgPool>> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        let attempt = async {
+            let pool = switchboard_model::db::connect(&args.database_url, 8).await?;
+            if !args.no_migrate {
+                switchboard_model::db::migrate(&pool).await?;
+            }
+            Ok::<_, switchboard_model::db::DbError>(pool)
+        };
+        match attempt.await {
+            Ok(pool) => return Ok(Some(pool)),
+            Err(error) => tracing::warn!(error = %format!("{error:#}"), "database not ready; retrying in {delay:?}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.cancelled() => return Ok(None),
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT.
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else { return };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: shutting down"),
+    }
+    shutdown.cancel();
+}
