@@ -114,6 +114,7 @@ async fn measure(args: &BenchArgs, url: &str) -> anyhow::Result<()> {
         .arg(folder.path())
         .env("SWITCHBOARD_SIP_LISTEN", "127.0.0.1:0")
         .env("SWITCHBOARD_HTTP_LISTEN", "127.0.0.1:0")
+        .env("SWITCHBOARD_API_LISTEN", "127.0.0.1:0")
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
         .stderr(log_file)

@@ -60,6 +60,8 @@ pub struct LocalArgs {
     /// Start no SIP node: only the database and the folder reconcile.
     #[arg(long)]
     pub no_node: bool,
+    #[command(flatten)]
+    pub api: switchboard_operator::api::ApiArgs,
 }
 
 /// Errors of local mode, each saying what to do about it. Messages carry their cause inline
@@ -85,6 +87,8 @@ pub enum LocalError {
     CurrentExe(std::io::Error),
     #[error("cannot start the SIP node ({exe}): {error}")]
     SpawnNode { exe: PathBuf, error: std::io::Error },
+    #[error("REST API: {0}")]
+    Api(String),
     #[error("cannot install the Ctrl-C/SIGTERM handler: {0}")]
     Signal(std::io::Error),
 }
@@ -136,6 +140,7 @@ async fn serve_with_pool(
     let Some(first) = reconcile_with_retry(&source, &reconciler, shutdown).await? else {
         return Ok(());
     };
+    let api = start_api(args, pool).await?;
     let node =
         if args.no_node { None } else { Some(NodeSupervisor::start(node_command(args, postgres, log_format)?)?) };
     let summary = Summary {
@@ -148,11 +153,43 @@ async fn serve_with_pool(
         problems: first.problems,
     };
     println!("{}", summary.render());
+    println!("{}", api.summary);
     follow_changes(&source, &reconciler, &mut changes, shutdown).await;
+    api.stop.cancel();
+    let _ = api.task.await;
     if let Some(node) = node {
         node.stop().await;
     }
     Ok(())
+}
+
+/// The REST API of local mode: writes go into the folder, which the watcher reconciles.
+struct LocalApi {
+    task: JoinHandle<anyhow::Result<()>>,
+    stop: tokio_util::sync::CancellationToken,
+    summary: String,
+}
+
+async fn start_api(args: &LocalArgs, pool: &PgPool) -> Result<LocalApi, LocalError> {
+    use switchboard_operator::api;
+    let (verifier, generated) = api::local_verifier(&args.api.jwt).map_err(|e| LocalError::Api(format!("{e:#}")))?;
+    let address = args.api.api_listen.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 8080)));
+    let listener = api::bind(address).await.map_err(|e| LocalError::Api(format!("{e:#}")))?;
+    let address = listener.local_addr().map_err(|e| LocalError::Api(e.to_string()))?;
+    let store = std::sync::Arc::new(api::store::FolderStore::new(&args.dir));
+    let state = api::AppState::new(pool.clone(), store, args.api.api_namespace.clone());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(api::serve(listener, api::router(state, verifier), stop.clone()));
+    let token_hint = match generated {
+        Some(path) => format!(
+            "a secret generated for this run in {}; token: switchboard token --subject me --jwt-secret-file {}",
+            path.display(),
+            path.display()
+        ),
+        None => "token: switchboard token --subject me (with the same secret settings)".to_string(),
+    };
+    let summary = format!("  REST API: http://{address}/api (docs: http://{address}/docs); {token_hint}");
+    Ok(LocalApi { task, stop, summary })
 }
 
 /// Connects, retrying a few times with backoff (the database may still be starting).

@@ -45,6 +45,8 @@ enum Command {
     /// Run the operator against a Kubernetes cluster: watch Trunk, PhoneNumber and RoutingRule
     /// resources (and the Secrets they use), reconcile them into Postgres, write their status.
     Operator(switchboard_operator::kubernetes::OperatorArgs),
+    /// Mint a REST API token (HS256 JWT) with the API's secret and print it.
+    Token(switchboard_operator::api::auth::TokenArgs),
     /// Measure reconcile and propagation figures on a generated folder (10,000 numbers by default).
     Bench(bench::BenchArgs),
 }
@@ -60,6 +62,7 @@ fn main() -> ExitCode {
             Command::Status(args) => switchboard_operator::commands::status(args).await,
             Command::Validate(args) => switchboard_operator::commands::validate(args),
             Command::Bench(args) => bench::run(args).await,
+            Command::Token(args) => switchboard_operator::api::auth::token_command(args),
             Command::Operator(args) => switchboard_operator::kubernetes::run(args).await,
         }
     })

@@ -56,6 +56,7 @@ impl Stack {
             .arg(dir)
             .env("SWITCHBOARD_SIP_LISTEN", "127.0.0.1:0")
             .env("SWITCHBOARD_HTTP_LISTEN", "127.0.0.1:0")
+            .env("SWITCHBOARD_API_LISTEN", "127.0.0.1:0")
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)

@@ -1,6 +1,7 @@
 //! The Switchboard operator: resource types, the one validation path, the reconcile core that
 //! writes desired state into Postgres, and the desired-state sources that feed it.
 
+pub mod api;
 pub mod commands;
 pub mod crd;
 pub mod kubernetes;

@@ -60,6 +60,8 @@ pub struct OperatorArgs {
     /// Do not apply the database migrations at start.
     #[arg(long)]
     pub no_migrate: bool,
+    #[command(flatten)]
+    pub api: crate::api::ApiArgs,
 }
 
 /// Runs the operator until SIGTERM/SIGINT (exit 0) or a lost lease (an error: the pod restarts
@@ -77,6 +79,8 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         .await
         .context("cannot configure the Kubernetes client (in-cluster service account or KUBECONFIG)")?;
     health.ready.store(true, Ordering::SeqCst);
+    // The REST API serves on every replica (writes go to the Kubernetes API, not to Postgres).
+    let api = crate::api::start_for_operator(&args.api, pool.clone(), client.clone(), shutdown.clone()).await?;
 
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = hostname::get().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "switchboard".into());
@@ -135,6 +139,9 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     metrics.leader.set(0);
     shutdown.cancel();
     let _ = server.await;
+    if let Some(api) = api {
+        let _ = api.await;
+    }
     match ended {
         Ended::Shutdown => {
             tracing::info!("operator stopped");

@@ -1,0 +1,251 @@
+//! The REST API compatibility layer: the seed guide's `/api/trunks`, `/api/calls` and
+//! `/api/sms` endpoints over the resources and the database, with JWT auth, OpenAPI at
+//! `/openapi.json` and an interactive page at `/docs` (assets embedded in the binary).
+//!
+//! Trunk writes go through a [`store::TrunkStore`]: the manifest folder in local mode, server-side
+//! apply in Kubernetes. Calls and messages are queued in Postgres for the SIP nodes.
+
+pub mod auth;
+pub mod calls;
+pub mod error;
+pub mod store;
+pub mod trunk_model;
+pub mod trunks;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::HeaderValue;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use prometheus::{Encoder, IntCounterVec, Opts, Registry, TextEncoder};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_swagger_ui::SwaggerUi;
+
+use auth::JwtVerifier;
+use store::TrunkStore;
+
+/// The request id header, taken from the request or generated.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Address of the API (`switchboard operator` and `switchboard local`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// Address of the REST API (/api/..., /docs, /openapi.json, /healthz, /metrics). Default:
+    /// 127.0.0.1:8080 in local mode; 0.0.0.0:8081 for the operator, whose metrics use 8080.
+    #[arg(long, env = "SWITCHBOARD_API_LISTEN")]
+    pub api_listen: Option<SocketAddr>,
+    /// Namespace the API's trunks live in.
+    #[arg(long, env = "SWITCHBOARD_API_NAMESPACE", default_value = "default")]
+    pub api_namespace: String,
+    #[command(flatten)]
+    pub jwt: auth::JwtArgs,
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: PgPool,
+    pub store: Arc<dyn TrunkStore>,
+    pub namespace: String,
+    /// Serializes trunk read-merge-write sequences, so that concurrent PUTs do not lose fields.
+    pub write_lock: Arc<tokio::sync::Mutex<()>>,
+    pub metrics: Arc<ApiMetrics>,
+}
+
+impl AppState {
+    pub fn new(pool: PgPool, store: Arc<dyn TrunkStore>, namespace: impl Into<String>) -> Self {
+        Self {
+            pool,
+            store,
+            namespace: namespace.into(),
+            write_lock: Arc::default(),
+            metrics: Arc::new(ApiMetrics::new()),
+        }
+    }
+}
+
+/// Request counters of the API.
+pub struct ApiMetrics {
+    registry: Registry,
+    requests: IntCounterVec,
+}
+
+impl ApiMetrics {
+    fn new() -> Self {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("switchboard_api_requests_total", "REST API requests by method and status code"),
+            &["method", "status"],
+        )
+        .expect("metric");
+        registry.register(Box::new(requests.clone())).expect("register");
+        Self { registry, requests }
+    }
+
+    fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buffer).expect("text encoding");
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Switchboard API", description = "Trunks, calls and SMS over Switchboard's resources. Authenticate with `Authorization: Bearer <JWT>` (mint one with `switchboard token --subject NAME`)."),
+    paths(
+        trunks::create, trunks::list, trunks::get, trunks::update, trunks::delete, trunks::activate,
+        trunks::status, trunks::status_all, trunks::stats_summary,
+        calls::initiate, calls::get_call, calls::active, calls::cdrs, calls::send_sms, calls::sms_history,
+        healthz,
+    ),
+    components(schemas(error::ErrorBody, error::ErrorDetail)),
+    modifiers(&BearerAuth),
+    tags((name = "trunks"), (name = "calls"), (name = "sms"), (name = "health"))
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+        );
+    }
+}
+
+/// Liveness: the process serves requests.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "ok", body = String)))]
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    ([("content-type", "text/plain; version=0.0.4")], state.metrics.render())
+}
+
+/// Request ids (taken or generated, echoed in the response), a span per request, one log line
+/// per request with method, path, status and duration (never headers or bodies).
+async fn request_context(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(String::from)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let header = HeaderValue::from_str(&id).expect("checked ASCII");
+    request.headers_mut().insert(REQUEST_ID, header.clone());
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let span = tracing::info_span!("api", request_id = %id);
+    let started = Instant::now();
+    let mut response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
+    response.headers_mut().insert(REQUEST_ID, header);
+    let status = response.status();
+    state.metrics.requests.with_label_values(&[method.as_str(), status.as_str()]).inc();
+    span.in_scope(|| {
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        if status.is_server_error() {
+            tracing::warn!(%method, %path, status = status.as_u16(), elapsed_ms, "request failed");
+        } else {
+            tracing::info!(%method, %path, status = status.as_u16(), elapsed_ms, "request");
+        }
+    });
+    response
+}
+
+/// The whole API.
+pub fn router(state: AppState, verifier: Arc<JwtVerifier>) -> Router {
+    let api = Router::new()
+        .route("/api/trunks", post(trunks::create).get(trunks::list))
+        .route("/api/trunks/", post(trunks::create).get(trunks::list))
+        .route("/api/trunks/status", get(trunks::status_all))
+        .route("/api/trunks/stats/summary", get(trunks::stats_summary))
+        .route("/api/trunks/{trunk_id}", get(trunks::get).put(trunks::update).delete(trunks::delete))
+        .route("/api/trunks/{trunk_id}/activate", post(trunks::activate))
+        .route("/api/trunks/{trunk_id}/status", get(trunks::status))
+        .route("/api/calls/initiate", post(calls::initiate))
+        .route("/api/calls/active", get(calls::active))
+        .route("/api/calls/cdr", get(calls::cdrs))
+        .route("/api/calls/{call_id}", get(calls::get_call))
+        .route("/api/sms/send", post(calls::send_sms))
+        .route("/api/sms/history", get(calls::sms_history))
+        .route_layer(middleware::from_fn_with_state(verifier, auth::require_token));
+    let open = Router::new().route("/healthz", get(healthz)).route("/metrics", get(metrics));
+    let app: Router = api
+        .merge(open)
+        .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .with_state(state.clone());
+    app.merge(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+        .layer(middleware::from_fn_with_state(state, request_context))
+}
+
+/// Binds the API's address (fails early when it is taken).
+pub async fn bind(address: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|error| anyhow::anyhow!("cannot listen on {address} for the REST API: {error}; pass --api-listen"))
+}
+
+/// Serves the API until `shutdown`.
+pub async fn serve(listener: tokio::net::TcpListener, app: Router, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let address = listener.local_addr()?;
+    tracing::info!("REST API on http://{address} (docs: http://{address}/docs)");
+    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
+    Ok(())
+}
+
+/// The verifier of local mode: the configured secret, else a random one written (0600) to a
+/// file whose path is returned, for `switchboard token --jwt-secret-file PATH`.
+pub fn local_verifier(args: &auth::JwtArgs) -> anyhow::Result<(Arc<JwtVerifier>, Option<std::path::PathBuf>)> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(secret) = args.secret()? {
+        return Ok((Arc::new(JwtVerifier::new(&secret, &args.jwt_issuer)), None));
+    }
+    let dir = std::env::temp_dir().join(format!("switchboard-local-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("jwt-secret");
+    let mut bytes = [0u8; 32];
+    for chunk in bytes.chunks_mut(16) {
+        chunk.copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+    }
+    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+    file.write_all(secret.as_bytes())?;
+    Ok((Arc::new(JwtVerifier::new(secret.as_bytes(), &args.jwt_issuer)), Some(path)))
+}
+
+/// Starts the API of `switchboard operator` (Kubernetes store) on a spawned task; `None` (with a
+/// warning) when no JWT secret is configured.
+pub async fn start_for_operator(
+    args: &ApiArgs,
+    pool: PgPool,
+    client: kube::Client,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<anyhow::Result<()>>>> {
+    let verifier = match args.jwt.verifier() {
+        Ok(verifier) => verifier,
+        Err(auth::SecretError::Missing) => {
+            tracing::warn!("REST API off: no JWT secret (pass --jwt-secret-file or set SWITCHBOARD_JWT_SECRET)");
+            return Ok(None);
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let address = args.api_listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8081)));
+    let listener = bind(address).await?;
+    let state = AppState::new(pool, Arc::new(store::KubernetesStore::new(client)), args.api_namespace.clone());
+    Ok(Some(tokio::spawn(serve(listener, router(state, verifier), shutdown))))
+}

@@ -1,0 +1,562 @@
+//! Where API writes go: the manifest folder (local mode; the folder stays the source of truth
+//! and the local runner's watcher reconciles the change) or the Kubernetes API (server-side
+//! apply with field manager [`FIELD_MANAGER`]). Reads come from the same place, so a GET after
+//! a write sees it at once.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+
+use super::error::ApiError;
+use super::trunk_model::{PASSWORD_KEY, TRUNK_ID_ANNOTATION};
+use crate::crd::{API_VERSION, Trunk, TrunkSpec};
+use crate::source::folder::{FolderSource, is_manifest};
+use crate::source::{Kind, Spec};
+
+/// The field manager of every API write in Kubernetes.
+pub const FIELD_MANAGER: &str = "switchboard-api";
+
+/// A trunk as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredTrunk {
+    pub namespace: String,
+    pub name: String,
+    /// The API's id (annotation), else the name.
+    pub trunk_id: String,
+    pub spec: TrunkSpec,
+    /// A GitOps tool that owns the resource, e.g. `Argo CD (argocd.argoproj.io/tracking-id=...)`.
+    pub gitops_owner: Option<String>,
+}
+
+/// One write: the whole spec (already merged and validated) and, when given, a new password.
+pub struct TrunkWrite {
+    pub namespace: String,
+    pub name: String,
+    pub trunk_id: String,
+    pub spec: TrunkSpec,
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for TrunkWrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrunkWrite")
+            .field("namespace", &self.namespace)
+            .field("name", &self.name)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Read and write access to Trunk resources (and their password Secrets).
+#[async_trait]
+pub trait TrunkStore: Send + Sync {
+    /// `folder DIR` or `kubernetes`, for messages.
+    fn describe(&self) -> String;
+    async fn list(&self, namespace: &str) -> Result<Vec<StoredTrunk>, ApiError>;
+    async fn get(&self, namespace: &str, name: &str) -> Result<Option<StoredTrunk>, ApiError>;
+    /// Creates or replaces the trunk (and its Secret when a password is given).
+    async fn put(&self, write: TrunkWrite) -> Result<(), ApiError>;
+    /// Removes the trunk; false when it did not exist.
+    async fn delete(&self, namespace: &str, name: &str) -> Result<bool, ApiError>;
+}
+
+/// The GitOps tool that manages an object, judged from its labels and annotations.
+pub fn gitops_owner(labels: &BTreeMap<String, String>, annotations: &BTreeMap<String, String>) -> Option<String> {
+    if let Some(id) = annotations.get("argocd.argoproj.io/tracking-id") {
+        return Some(format!("Argo CD (annotation argocd.argoproj.io/tracking-id={id})"));
+    }
+    if let Some(app) = labels.get("argocd.argoproj.io/instance") {
+        return Some(format!("Argo CD (label argocd.argoproj.io/instance={app})"));
+    }
+    if let Some(manager) = labels.get("app.kubernetes.io/managed-by")
+        && matches!(manager.to_ascii_lowercase().as_str(), "argocd" | "argo-cd" | "flux" | "fluxcd")
+    {
+        let tool = if manager.to_ascii_lowercase().starts_with("argo") { "Argo CD" } else { "Flux" };
+        return Some(format!("{tool} (label app.kubernetes.io/managed-by={manager})"));
+    }
+    for (label, what) in [
+        ("kustomize.toolkit.fluxcd.io/name", "Flux Kustomization"),
+        ("helm.toolkit.fluxcd.io/name", "Flux HelmRelease"),
+    ] {
+        if let Some(name) = labels.get(label).or_else(|| annotations.get(label)) {
+            let namespace_key = label.replace("/name", "/namespace");
+            let namespace = labels.get(&namespace_key).or_else(|| annotations.get(&namespace_key));
+            let full = namespace.map(|ns| format!("{ns}/{name}")).unwrap_or_else(|| name.clone());
+            return Some(format!("{what} {full} (label {label})"));
+        }
+    }
+    None
+}
+
+/// The 409 for a GitOps-owned resource.
+pub fn gitops_conflict(namespace: &str, name: &str, owner: &str) -> ApiError {
+    ApiError::conflict(
+        "managed_by_gitops",
+        format!(
+            "Trunk {namespace}/{name} is managed by {owner}: a change made here would be reverted from Git; change it in its Git repository instead"
+        ),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kubernetes
+
+/// Writes through the Kubernetes API with server-side apply.
+pub struct KubernetesStore {
+    client: Client,
+}
+
+impl KubernetesStore {
+    pub fn new(client: Client) -> Self {
+        Self { client }
+    }
+
+    fn stored(trunk: Trunk) -> StoredTrunk {
+        let metadata = &trunk.metadata;
+        let labels = metadata.labels.clone().unwrap_or_default();
+        let annotations = metadata.annotations.clone().unwrap_or_default();
+        let name = metadata.name.clone().unwrap_or_default();
+        StoredTrunk {
+            namespace: metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+            trunk_id: annotations.get(TRUNK_ID_ANNOTATION).cloned().unwrap_or_else(|| name.clone()),
+            name,
+            gitops_owner: gitops_owner(&labels, &annotations),
+            spec: trunk.spec,
+        }
+    }
+}
+
+fn kube_error(context: &str, error: kube::Error) -> ApiError {
+    match &error {
+        kube::Error::Api(status) if status.code == 409 => {
+            ApiError::conflict("conflict", format!("{context}: {}", status.message))
+        }
+        kube::Error::Api(status) if status.code == 422 || status.code == 400 => ApiError::new(
+            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+            "rejected_by_kubernetes",
+            format!("{context}: {}", status.message),
+        ),
+        kube::Error::Api(status) if status.code == 403 => ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("{context}: the operator's service account may not do this: {}", status.message),
+        ),
+        _ => ApiError::unavailable(context, error),
+    }
+}
+
+#[async_trait]
+impl TrunkStore for KubernetesStore {
+    fn describe(&self) -> String {
+        "kubernetes".into()
+    }
+
+    async fn list(&self, namespace: &str) -> Result<Vec<StoredTrunk>, ApiError> {
+        let api: Api<Trunk> = Api::namespaced(self.client.clone(), namespace);
+        let list = api.list(&ListParams::default()).await.map_err(|e| kube_error("cannot list Trunks", e))?;
+        Ok(list.items.into_iter().map(Self::stored).collect())
+    }
+
+    async fn get(&self, namespace: &str, name: &str) -> Result<Option<StoredTrunk>, ApiError> {
+        let api: Api<Trunk> = Api::namespaced(self.client.clone(), namespace);
+        let trunk = api.get_opt(name).await.map_err(|e| kube_error("cannot read the Trunk", e))?;
+        Ok(trunk.map(Self::stored))
+    }
+
+    async fn put(&self, write: TrunkWrite) -> Result<(), ApiError> {
+        if let Some(existing) = self.get(&write.namespace, &write.name).await?
+            && let Some(owner) = existing.gitops_owner
+        {
+            return Err(gitops_conflict(&write.namespace, &write.name, &owner));
+        }
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        if let (Some(password), Some(credentials)) = (&write.password, &write.spec.credentials) {
+            let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+                Api::namespaced(self.client.clone(), &write.namespace);
+            let secret = json!({
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {
+                    "name": credentials.password_secret_ref.name,
+                    "namespace": write.namespace,
+                    "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER},
+                },
+                "type": "Opaque",
+                "stringData": {credentials.password_secret_ref.key.clone(): password},
+            });
+            secrets
+                .patch(&credentials.password_secret_ref.name, &params, &Patch::Apply(&secret))
+                .await
+                .map_err(|e| kube_error("cannot write the password Secret", e))?;
+        }
+        let api: Api<Trunk> = Api::namespaced(self.client.clone(), &write.namespace);
+        let body = trunk_manifest(&write);
+        api.patch(&write.name, &params, &Patch::Apply(&body))
+            .await
+            .map_err(|e| kube_error("cannot apply the Trunk", e))?;
+        Ok(())
+    }
+
+    async fn delete(&self, namespace: &str, name: &str) -> Result<bool, ApiError> {
+        let Some(existing) = self.get(namespace, name).await? else { return Ok(false) };
+        if let Some(owner) = existing.gitops_owner {
+            return Err(gitops_conflict(namespace, name, &owner));
+        }
+        let api: Api<Trunk> = Api::namespaced(self.client.clone(), namespace);
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+            Err(error) => Err(kube_error("cannot delete the Trunk", error)),
+        }
+    }
+}
+
+/// The Trunk manifest of a write (the server-side apply body, and the folder's document).
+pub fn trunk_manifest(write: &TrunkWrite) -> Value {
+    let mut metadata = json!({"name": write.name, "namespace": write.namespace});
+    if write.trunk_id != write.name {
+        metadata["annotations"] = json!({ TRUNK_ID_ANNOTATION: write.trunk_id });
+    }
+    json!({"apiVersion": API_VERSION, "kind": "Trunk", "metadata": metadata, "spec": write.spec})
+}
+
+// ---------------------------------------------------------------------------------------------
+// Folder
+
+/// Writes manifest files into the watched folder, atomically (temp file + rename). A trunk
+/// defined in an existing file is rewritten in that file (its document only; other documents
+/// and their comments stay as they are); a new trunk gets `api/trunk-NAME.yaml`. The password
+/// Secret goes into the trunk's file unless the folder already defines it elsewhere.
+pub struct FolderStore {
+    dir: PathBuf,
+    source: FolderSource,
+}
+
+/// One YAML document of a file, with the identity of what it defines.
+#[derive(Debug, Clone)]
+struct Document {
+    text: String,
+    kind: Option<String>,
+    namespace: String,
+    name: Option<String>,
+    labels: BTreeMap<String, String>,
+    annotations: BTreeMap<String, String>,
+}
+
+impl Document {
+    fn is(&self, kind: &str, namespace: &str, name: &str) -> bool {
+        self.kind.as_deref() == Some(kind) && self.namespace == namespace && self.name.as_deref() == Some(name)
+    }
+}
+
+fn split_documents(text: &str) -> Vec<Document> {
+    let mut chunks = vec![String::new()];
+    for line in text.lines() {
+        let trimmed = line.trim_end();
+        if trimmed == "---" || trimmed.starts_with("--- ") {
+            chunks.push(String::new());
+        } else {
+            let chunk = chunks.last_mut().expect("one chunk");
+            chunk.push_str(line);
+            chunk.push('\n');
+        }
+    }
+    chunks.into_iter().filter(|c| !c.trim().is_empty()).map(describe_document).collect()
+}
+
+fn describe_document(text: String) -> Document {
+    let value: Value = serde_yaml::from_str(&text).unwrap_or(Value::Null);
+    let strings = |field: &str| -> BTreeMap<String, String> {
+        value["metadata"][field]
+            .as_object()
+            .map(|m| m.iter().filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string()))).collect())
+            .unwrap_or_default()
+    };
+    Document {
+        kind: value["kind"].as_str().map(String::from),
+        namespace: value["metadata"]["namespace"].as_str().unwrap_or("default").to_string(),
+        name: value["metadata"]["name"].as_str().map(String::from),
+        labels: strings("labels"),
+        annotations: strings("annotations"),
+        text,
+    }
+}
+
+fn join_documents(documents: &[Document]) -> String {
+    documents.iter().map(|d| d.text.trim_end().to_string() + "\n").collect::<Vec<_>>().join("---\n")
+}
+
+/// The leading comment lines of a document (kept when the document is replaced).
+fn leading_comments(text: &str) -> String {
+    text.lines().take_while(|l| l.starts_with('#') || l.trim().is_empty()).map(|l| format!("{l}\n")).collect()
+}
+
+fn to_yaml(value: &Value) -> Result<String, ApiError> {
+    serde_yaml::to_string(value).map_err(|e| ApiError::internal("cannot render the manifest", e))
+}
+
+/// Writes `text` to `path` atomically: a hidden temp file beside it (ignored by the watcher's
+/// manifest filter), fsync, rename. Files holding secrets are created 0600.
+fn write_atomically(path: &Path, text: &str, secret: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let file_name = path.file_name().and_then(|n| n.to_str()).unwrap_or("manifest");
+    let temp = dir.join(format!(".{file_name}.{}.tmp", uuid::Uuid::new_v4().simple()));
+    let result = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(if secret { 0o600 } else { 0o644 })
+            .open(&temp)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&temp, path)?;
+        if let Ok(dir) = std::fs::File::open(dir) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}
+
+fn io_error(context: &str, error: std::io::Error) -> ApiError {
+    ApiError::internal(context, error)
+}
+
+impl FolderStore {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        let dir = dir.into();
+        Self { source: FolderSource::new(&dir), dir }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The file a new trunk is written to.
+    pub fn api_file(&self, name: &str) -> PathBuf {
+        self.dir.join("api").join(format!("trunk-{name}.yaml"))
+    }
+
+    /// Every manifest file with its documents, in path order.
+    fn scan(&self) -> Result<Vec<(PathBuf, Vec<Document>)>, ApiError> {
+        fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+            for entry in std::fs::read_dir(dir)? {
+                let entry = entry?;
+                let path = entry.path();
+                let hidden = entry.file_name().to_str().is_some_and(|n| n.starts_with('.'));
+                if entry.file_type()?.is_dir() {
+                    if !hidden {
+                        collect(&path, out)?;
+                    }
+                } else if is_manifest(&path) {
+                    out.push(path);
+                }
+            }
+            Ok(())
+        }
+        let mut files = Vec::new();
+        collect(&self.dir, &mut files).map_err(|e| io_error("cannot read the manifest folder", e))?;
+        files.sort();
+        files
+            .into_iter()
+            .map(|path| {
+                let text = std::fs::read_to_string(&path).map_err(|e| io_error("cannot read a manifest", e))?;
+                Ok((path, split_documents(&text)))
+            })
+            .collect()
+    }
+
+    fn locate<'a>(
+        files: &'a [(PathBuf, Vec<Document>)],
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Option<(&'a PathBuf, &'a Document)> {
+        files.iter().find_map(|(path, docs)| docs.iter().find(|d| d.is(kind, namespace, name)).map(|d| (path, d)))
+    }
+
+    fn read_blocking(&self, namespace: &str) -> Result<Vec<StoredTrunk>, ApiError> {
+        let state = self.source.read().map_err(|e| ApiError::internal("cannot read the manifest folder", e))?;
+        let files = self.scan()?;
+        let mut trunks = Vec::new();
+        for resource in state.resources {
+            let (Kind::Trunk, Spec::Trunk(spec)) = (resource.key.kind, resource.spec) else { continue };
+            if resource.key.namespace != namespace {
+                continue;
+            }
+            let document = Self::locate(&files, "Trunk", namespace, &resource.key.name).map(|(_, d)| d);
+            let annotations = document.map(|d| d.annotations.clone()).unwrap_or_default();
+            let labels = document.map(|d| d.labels.clone()).unwrap_or_default();
+            trunks.push(StoredTrunk {
+                namespace: resource.key.namespace,
+                trunk_id: annotations.get(TRUNK_ID_ANNOTATION).cloned().unwrap_or_else(|| resource.key.name.clone()),
+                name: resource.key.name,
+                gitops_owner: gitops_owner(&labels, &annotations),
+                spec,
+            });
+        }
+        Ok(trunks)
+    }
+
+    fn put_blocking(&self, write: &TrunkWrite) -> Result<(), ApiError> {
+        let files = self.scan()?;
+        let trunk_file = Self::locate(&files, "Trunk", &write.namespace, &write.name)
+            .map(|(path, _)| path.clone())
+            .unwrap_or_else(|| self.api_file(&write.name));
+        let trunk_doc = to_yaml(&trunk_manifest(write))?;
+        // The Secret: in its existing file, else beside the trunk.
+        let secret = match (&write.password, &write.spec.credentials) {
+            (Some(password), Some(credentials)) => {
+                let name = &credentials.password_secret_ref.name;
+                let manifest = json!({
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "metadata": {"name": name, "namespace": write.namespace},
+                    "type": "Opaque",
+                    "stringData": {credentials.password_secret_ref.key.clone(): password},
+                });
+                let file = Self::locate(&files, "Secret", &write.namespace, name)
+                    .map(|(path, _)| path.clone())
+                    .unwrap_or_else(|| trunk_file.clone());
+                Some((file, name.clone(), to_yaml(&manifest)?))
+            }
+            _ => None,
+        };
+        let documents_of = |path: &Path| -> Vec<Document> {
+            files.iter().find(|(p, _)| p == path).map(|(_, d)| d.clone()).unwrap_or_default()
+        };
+        let upsert = |documents: &mut Vec<Document>, kind: &str, name: &str, text: &str| {
+            let position = documents.iter().position(|d| d.is(kind, &write.namespace, name));
+            match position {
+                Some(index) => {
+                    let comments = leading_comments(&documents[index].text);
+                    documents[index] = describe_document(format!("{comments}{text}"));
+                }
+                None => documents.push(describe_document(text.to_string())),
+            }
+        };
+        if let Some((secret_file, secret_name, secret_doc)) = &secret
+            && *secret_file != trunk_file
+        {
+            let mut documents = documents_of(secret_file);
+            upsert(&mut documents, "Secret", secret_name, secret_doc);
+            write_atomically(secret_file, &join_documents(&documents), true)
+                .map_err(|e| io_error("cannot write the Secret manifest", e))?;
+        }
+        let mut documents = documents_of(&trunk_file);
+        upsert(&mut documents, "Trunk", &write.name, &trunk_doc);
+        let mut holds_secret = documents.iter().any(|d| d.kind.as_deref() == Some("Secret"));
+        if let Some((secret_file, secret_name, secret_doc)) = &secret
+            && *secret_file == trunk_file
+        {
+            upsert(&mut documents, "Secret", secret_name, secret_doc);
+            holds_secret = true;
+        }
+        write_atomically(&trunk_file, &join_documents(&documents), holds_secret)
+            .map_err(|e| io_error("cannot write the Trunk manifest", e))
+    }
+
+    fn delete_blocking(&self, namespace: &str, name: &str) -> Result<bool, ApiError> {
+        let files = self.scan()?;
+        let Some((path, document)) = Self::locate(&files, "Trunk", namespace, name) else { return Ok(false) };
+        if let Some(owner) = gitops_owner(&document.labels, &document.annotations) {
+            return Err(gitops_conflict(namespace, name, &owner));
+        }
+        let value: Value = serde_yaml::from_str(&document.text).unwrap_or(Value::Null);
+        let secret = value["spec"]["credentials"]["passwordSecretRef"]["name"].as_str().map(String::from);
+        let documents: Vec<Document> = files
+            .iter()
+            .find(|(p, _)| p == path)
+            .map(|(_, docs)| docs.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|d| !d.is("Trunk", namespace, name))
+            // Its password Secret goes too when it lives in the same file.
+            .filter(|d| secret.as_deref().is_none_or(|secret| !d.is("Secret", namespace, secret)))
+            .collect();
+        let only_comments = documents.iter().all(|d| d.kind.is_none());
+        if only_comments {
+            std::fs::remove_file(path).map_err(|e| io_error("cannot remove the manifest", e))?;
+        } else {
+            let secret = documents.iter().any(|d| d.kind.as_deref() == Some("Secret"));
+            write_atomically(path, &join_documents(&documents), secret)
+                .map_err(|e| io_error("cannot write the manifest", e))?;
+        }
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl TrunkStore for FolderStore {
+    fn describe(&self) -> String {
+        format!("folder {}", self.dir.display())
+    }
+
+    async fn list(&self, namespace: &str) -> Result<Vec<StoredTrunk>, ApiError> {
+        let (this, namespace) = (self.clone_for_blocking(), namespace.to_string());
+        blocking(move || this.read_blocking(&namespace)).await
+    }
+
+    async fn get(&self, namespace: &str, name: &str) -> Result<Option<StoredTrunk>, ApiError> {
+        Ok(self.list(namespace).await?.into_iter().find(|t| t.name == name))
+    }
+
+    async fn put(&self, write: TrunkWrite) -> Result<(), ApiError> {
+        let this = self.clone_for_blocking();
+        blocking(move || this.put_blocking(&write)).await
+    }
+
+    async fn delete(&self, namespace: &str, name: &str) -> Result<bool, ApiError> {
+        let (this, namespace, name) = (self.clone_for_blocking(), namespace.to_string(), name.to_string());
+        blocking(move || this.delete_blocking(&namespace, &name)).await
+    }
+}
+
+impl FolderStore {
+    fn clone_for_blocking(&self) -> Self {
+        Self { dir: self.dir.clone(), source: self.source.clone() }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| Err(ApiError::internal("a file task failed", e)))
+}
+
+/// The key under which the API writes passwords (re-exported for tests).
+pub const SECRET_KEY: &str = PASSWORD_KEY;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owners_are_recognised() {
+        let labels = BTreeMap::from([("kustomize.toolkit.fluxcd.io/name".to_string(), "apps".to_string())]);
+        assert!(gitops_owner(&labels, &BTreeMap::new()).unwrap().starts_with("Flux Kustomization apps"));
+        let annotations = BTreeMap::from([("argocd.argoproj.io/tracking-id".to_string(), "app:x".to_string())]);
+        assert!(gitops_owner(&BTreeMap::new(), &annotations).unwrap().starts_with("Argo CD"));
+        assert_eq!(gitops_owner(&BTreeMap::new(), &BTreeMap::new()), None);
+    }
+
+    #[test]
+    fn documents_split_and_keep_comments() {
+        let text = "# head\nkind: Trunk\nmetadata: {name: a}\n---\n# second\nkind: Secret\nmetadata: {name: b, namespace: x}\n";
+        let docs = split_documents(text);
+        assert_eq!(docs.len(), 2);
+        assert!(docs[1].is("Secret", "x", "b"));
+        assert_eq!(leading_comments(&docs[1].text), "# second\n");
+        assert_eq!(join_documents(&docs), text);
+    }
+}

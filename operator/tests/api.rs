@@ -1,0 +1,400 @@
+//! The REST API over a temp manifest folder and a real Postgres (a fresh database per test):
+//! trunk CRUD into files, the error shape, auth, calls and CDR pagination.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use switchboard_operator::api::auth::JwtVerifier;
+use switchboard_operator::api::store::FolderStore;
+use switchboard_operator::api::{AppState, router};
+use tower::ServiceExt;
+
+const SECRET: &[u8] = b"test-secret-test-secret-test-secret!";
+const PASSWORD: &str = "your_skyetel_password";
+
+struct Api {
+    app: Router,
+    token: String,
+    dir: tempfile::TempDir,
+}
+
+fn api(pool: PgPool) -> Api {
+    let dir = tempfile::tempdir().unwrap();
+    let verifier = Arc::new(JwtVerifier::new(SECRET, "switchboard"));
+    let token = verifier.mint("test", 300);
+    let state = AppState::new(pool, Arc::new(FolderStore::new(dir.path())), "default");
+    Api { app: router(state, verifier), token, dir }
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: Method,
+        uri: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> (StatusCode, Value, http::HeaderMap) {
+        let mut request = Request::builder().method(method).uri(uri);
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        if body.is_some() {
+            request = request.header("content-type", "application/json");
+        }
+        let request = request.body(body.map(|b| Body::from(b.to_string())).unwrap_or_default()).unwrap();
+        let response = self.app.clone().oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let value =
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+        (status, value, headers)
+    }
+
+    async fn send(&self, method: Method, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let body = body.map(|b| b.to_string());
+        let (status, value, _) = self.call(method, uri, body.as_deref(), Some(&self.token.clone())).await;
+        (status, value)
+    }
+}
+
+fn skyetel() -> Value {
+    json!({
+        "trunk_id": "skyetel_main", "name": "Skyetel Main Trunk", "provider": "skyetel",
+        "proxy_address": "sip.skyetel.com", "proxy_port": 5060, "username": "your_skyetel_username",
+        "password": PASSWORD, "realm": "sip.skyetel.com", "supports_outbound": true, "supports_inbound": true,
+        "transport": "UDP", "preferred_codecs": ["PCMU", "PCMA"], "max_concurrent_calls": 100, "calls_per_second_limit": 10
+    })
+}
+
+fn files(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in walk(dir) {
+        out.push(entry.strip_prefix(dir).unwrap().display().to_string());
+    }
+    out.sort();
+    out
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() { out.extend(walk(&path)) } else { out.push(path) }
+    }
+    out
+}
+
+fn assert_error_shape(body: &Value, code: &str) {
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn trunk_crud_writes_the_folder(pool: PgPool) {
+    let api = api(pool);
+    let (status, created) = api.send(Method::POST, "/api/trunks", Some(skyetel())).await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["trunk_id"], "skyetel_main");
+    assert_eq!(created["auth_method"], "digest");
+    assert_eq!(files(api.dir.path()), vec!["api/trunk-skyetel-main.yaml"]);
+    let text = std::fs::read_to_string(api.dir.path().join("api/trunk-skyetel-main.yaml")).unwrap();
+    assert!(text.contains("kind: Secret") && text.contains(PASSWORD), "the Secret manifest holds the password");
+    assert!(text.contains("switchboard.dev/trunk-id: skyetel_main"), "{text}");
+    // The folder source reads it back as a valid Trunk plus its Secret.
+    let state = switchboard_operator::source::folder::FolderSource::new(api.dir.path()).read().unwrap();
+    assert_eq!(state.resources.len(), 1, "{:?}", state.broken);
+    assert_eq!(state.secrets.len(), 1);
+
+    let (status, again) = api.send(Method::POST, "/api/trunks/", Some(skyetel())).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_error_shape(&again, "already_exists");
+
+    for uri in ["/api/trunks", "/api/trunks/skyetel_main", "/api/trunks/skyetel-main"] {
+        let (status, body) = api.send(Method::GET, uri, None).await;
+        assert_eq!(status, StatusCode::OK, "{uri}: {body}");
+        assert!(!body.to_string().contains(PASSWORD), "GET {uri} returned the password");
+        assert!(body.to_string().contains("skyetel_main"));
+    }
+
+    // PUT merges: the seed's security update keeps every other field.
+    let update = json!({"allowed_ips": ["203.0.113.0/24"], "transport": "TLS", "auth_method": "digest"});
+    let (status, body) = api.send(Method::PUT, "/api/trunks/skyetel_main", Some(update)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["transport"], "TLS");
+    assert_eq!(body["allowed_ips"], json!(["203.0.113.0/24"]));
+    assert_eq!(body["max_concurrent_calls"], 100);
+    assert_eq!(body["username"], "your_skyetel_username");
+    assert_eq!(body["name"], "Skyetel Main Trunk");
+    let text = std::fs::read_to_string(api.dir.path().join("api/trunk-skyetel-main.yaml")).unwrap();
+    assert!(text.contains(PASSWORD), "a PUT without a password keeps the Secret");
+
+    // 422 with the API field, nothing written.
+    let before = std::fs::read_to_string(api.dir.path().join("api/trunk-skyetel-main.yaml")).unwrap();
+    let (status, body) = api
+        .send(Method::PUT, "/api/trunks/skyetel_main", Some(json!({"allowed_ips": ["provider.ip.range.0/24"]})))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_error_shape(&body, "invalid_field");
+    assert_eq!(body["error"]["field"], "allowed_ips[0]");
+    let (status, body) = api.send(Method::PUT, "/api/trunks/skyetel_main", Some(json!({"rtp_timeout": 1}))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["error"]["field"], "rtp_timeout");
+    assert_eq!(std::fs::read_to_string(api.dir.path().join("api/trunk-skyetel-main.yaml")).unwrap(), before);
+    let mut bad = skyetel();
+    bad["trunk_id"] = json!("other");
+    bad["proxy_address"] = json!("not a host");
+    let (status, body) = api.send(Method::POST, "/api/trunks", Some(bad)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["error"]["field"], "proxy_address");
+    assert_eq!(files(api.dir.path()), vec!["api/trunk-skyetel-main.yaml"]);
+
+    // Unknown ids.
+    for (method, uri) in [
+        (Method::GET, "/api/trunks/nope"),
+        (Method::PUT, "/api/trunks/nope"),
+        (Method::DELETE, "/api/trunks/nope"),
+        (Method::POST, "/api/trunks/nope/activate"),
+        (Method::GET, "/api/trunks/nope/status"),
+    ] {
+        let body = (method == Method::PUT).then(|| json!({"name": "x"}));
+        let (status, body) = api.send(method.clone(), uri, body).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{method} {uri}");
+        assert_error_shape(&body, "not_found");
+    }
+
+    // Activate clears suspend; status answers; stats summary lists the trunk.
+    let path = api.dir.path().join("api/trunk-skyetel-main.yaml");
+    std::fs::write(&path, std::fs::read_to_string(&path).unwrap().replace("suspend: false", "suspend: true")).unwrap();
+    let (_, body) = api.send(Method::GET, "/api/trunks/skyetel_main", None).await;
+    assert_eq!(body["status"], "suspended");
+    let (status, body) = api.send(Method::POST, "/api/trunks/skyetel_main/activate", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(!std::fs::read_to_string(&path).unwrap().contains("suspend: true"));
+    let (status, body) = api.send(Method::GET, "/api/trunks/skyetel_main/status", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "pending");
+    let (status, body) = api.send(Method::GET, "/api/trunks/status", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.as_array().unwrap().len(), 1);
+    let (status, body) = api.send(Method::GET, "/api/trunks/stats/summary", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["trunks"][0]["trunk_id"], "skyetel_main");
+    assert_eq!(body["total"]["calls"], 0);
+
+    let (status, _) = api.send(Method::DELETE, "/api/trunks/skyetel_main", None).await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert!(files(api.dir.path()).is_empty(), "{:?}", files(api.dir.path()));
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_hand_written_trunk_is_edited_in_its_own_file(pool: PgPool) {
+    let api = api(pool);
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    for entry in std::fs::read_dir(&examples).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, api.dir.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let (status, body) = api
+        .send(
+            Method::PUT,
+            "/api/trunks/didforsale_main",
+            Some(json!({"max_concurrent_calls": 1000, "calls_per_second_limit": 50})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let text = std::fs::read_to_string(api.dir.path().join("trunk-didforsale.yaml")).unwrap();
+    assert!(text.starts_with("# DIDForSale"), "the leading comment stays: {text}");
+    assert!(text.contains("maxConcurrentCalls: 1000") && text.contains("kind: Secret"), "{text}");
+    let state = switchboard_operator::source::folder::FolderSource::new(api.dir.path()).read().unwrap();
+    assert!(state.broken.is_empty() && state.problems.is_empty(), "{:?} {:?}", state.broken, state.problems);
+    assert!(!files(api.dir.path()).iter().any(|f| f.starts_with("api/")));
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn concurrent_puts_leave_a_valid_file(pool: PgPool) {
+    let api = Arc::new(api(pool));
+    assert_eq!(api.send(Method::POST, "/api/trunks", Some(skyetel())).await.0, StatusCode::CREATED);
+    let mut tasks = Vec::new();
+    for i in 0..16u32 {
+        let api = api.clone();
+        tasks.push(tokio::spawn(async move {
+            let body = if i % 2 == 0 {
+                json!({"max_concurrent_calls": 100 + i})
+            } else {
+                json!({"calls_per_second_limit": i})
+            };
+            api.send(Method::PUT, "/api/trunks/skyetel_main", Some(body)).await.0
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), StatusCode::OK);
+    }
+    let state = switchboard_operator::source::folder::FolderSource::new(api.dir.path()).read().unwrap();
+    assert_eq!(state.resources.len(), 1, "{:?}", state.broken);
+    assert_eq!(files(api.dir.path()), vec!["api/trunk-skyetel-main.yaml"], "no temp files left");
+    let (_, body) = api.send(Method::GET, "/api/trunks/skyetel_main", None).await;
+    let max = body["max_concurrent_calls"].as_u64().unwrap();
+    let cps = body["calls_per_second_limit"].as_u64().unwrap();
+    assert!(
+        max >= 100 && max % 2 == 0 && cps % 2 == 1,
+        "both kinds of PUT merged, none lost the other's field: {body}"
+    );
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn auth_and_error_shapes(pool: PgPool) {
+    let api = api(pool);
+    let expired = {
+        let claims = json!({"sub": "x", "iss": "switchboard", "iat": 1, "exp": 1000});
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(SECRET))
+            .unwrap()
+    };
+    let wrong_issuer = JwtVerifier::new(SECRET, "someone").mint("x", 300);
+    for token in [None, Some("garbage"), Some(expired.as_str()), Some(wrong_issuer.as_str())] {
+        let (status, body, headers) = api.call(Method::GET, "/api/trunks", None, token).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{token:?}");
+        assert_error_shape(&body, "unauthorized");
+        assert!(headers.contains_key("x-request-id"));
+    }
+    let (_, body, _) = api.call(Method::GET, "/api/trunks", None, Some(&expired)).await;
+    assert!(body["error"]["message"].as_str().unwrap().contains("expired"));
+
+    for open in ["/healthz", "/metrics", "/openapi.json", "/docs/"] {
+        let (status, _, _) = api.call(Method::GET, open, None, None).await;
+        assert_eq!(status, StatusCode::OK, "{open}");
+    }
+    let (_, openapi, _) = api.call(Method::GET, "/openapi.json", None, None).await;
+    assert!(openapi["paths"]["/api/trunks/{trunk_id}"].is_object());
+    assert!(openapi["components"]["schemas"]["TrunkFields"].is_object());
+
+    let (status, body, headers) = api.call(Method::GET, "/nowhere", None, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_error_shape(&body, "not_found");
+    assert!(headers.contains_key("x-request-id"));
+
+    let token = api.token.clone();
+    let cases = [
+        ("{\"trunk_id\": ", StatusCode::BAD_REQUEST, "malformed_json", None),
+        ("{\"trunk_id\": \"a\", \"colour\": 1}", StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", Some("colour")),
+        (
+            "{\"trunk_id\": \"a\", \"proxy_port\": \"x\"}",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("proxy_port"),
+        ),
+        (
+            "{\"trunk_id\": \"a\", \"gateways\": [{\"adress\": \"x\"}]}",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("gateways[0].adress"),
+        ),
+    ];
+    for (body, expected, code, field) in cases {
+        let (status, value, _) = api.call(Method::POST, "/api/trunks", Some(body), Some(&token)).await;
+        assert_eq!(status, expected, "{body}: {value}");
+        assert_error_shape(&value, code);
+        assert_eq!(value["error"]["field"].as_str(), field, "{value}");
+    }
+    let request = Request::builder()
+        .method(Method::POST)
+        .uri("/api/trunks")
+        .header("authorization", format!("Bearer {token}"))
+        .header("x-request-id", "abc-123")
+        .body(Body::from("{}"))
+        .unwrap();
+    let response = api.app.clone().oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(response.headers()["x-request-id"], "abc-123");
+    let (status, body, _) = api.call(Method::PATCH, "/api/trunks", Some("{}"), Some(&token)).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_error_shape(&body, "method_not_allowed");
+    let (status, body, _) = api.call(Method::GET, "/api/calls/cdr?limit=abc", None, Some(&token)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["field"], "limit");
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn initiate_queues_a_call_request(pool: PgPool) {
+    let api = api(pool.clone());
+    let body = json!({"from_number": "+15551234567", "to_number": "+19876543210", "webhook_url": "https://yourdomain.com/call-webhook"});
+    let (status, created) = api.send(Method::POST, "/api/calls/initiate", Some(body)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    let id: uuid::Uuid = created["call_id"].as_str().unwrap().parse().unwrap();
+    let (state, webhook): (String, Option<String>) =
+        sqlx::query_as("SELECT state, webhook_url FROM call_requests WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(state, "queued");
+    assert_eq!(webhook.as_deref(), Some("https://yourdomain.com/call-webhook"));
+    let (status, body) = api.send(Method::GET, &format!("/api/calls/{id}"), None).await;
+    assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("queued")));
+
+    let bad = json!({"from_number": "5551234567", "to_number": "+19876543210"});
+    let (status, body) = api.send(Method::POST, "/api/calls/initiate", Some(bad)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["error"]["field"], "from_number");
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM call_requests").fetch_one(&pool).await.unwrap();
+    assert_eq!(count, 1, "nothing written for a bad request");
+
+    let (status, body) = api.send(Method::GET, "/api/calls/active", None).await;
+    assert_eq!((status, body), (StatusCode::OK, json!([])));
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn cdr_pages_follow_the_cursor(pool: PgPool) {
+    sqlx::query(
+        "INSERT INTO cdrs (call_id, node_id, namespace, trunk_name, provider, direction, from_number, to_number, setup_at, end_at, answer_at, billable_seconds, cost)
+         SELECT 'call-' || i, 'n1', 'default', CASE WHEN i % 2 = 0 THEN 'skyetel-main' ELSE 'didforsale-main' END,
+                CASE WHEN i % 2 = 0 THEN 'skyetel' ELSE 'didforsale' END, 'outbound', '+15551234567', '+19876543210',
+                now() - (i / 3) * interval '1 minute', now(), now(), 60, 0.0045
+           FROM generate_series(1, 250) i",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let api = api(pool);
+    let mut seen = std::collections::HashSet::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    let mut last: Option<(String, i64)> = None;
+    loop {
+        let uri = match &cursor {
+            Some(c) => format!("/api/calls/cdr?provider=skyetel&limit=40&cursor={c}"),
+            None => "/api/calls/cdr?provider=skyetel&limit=40".to_string(),
+        };
+        let (status, body) = api.send(Method::GET, &uri, None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        pages += 1;
+        for item in body["items"].as_array().unwrap() {
+            assert_eq!(item["provider"], "skyetel");
+            let key = (item["setup_at"].as_str().unwrap().to_string(), item["id"].as_i64().unwrap());
+            if let Some(previous) = &last {
+                assert!(key.0 < previous.0 || (key.0 == previous.0 && key.1 < previous.1), "newest first, strictly");
+            }
+            assert!(seen.insert(key.1), "no row twice");
+            last = Some(key);
+        }
+        match body["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 125);
+    assert_eq!(pages, 4);
+    let (_, body) = api.send(Method::GET, "/api/calls/cdr?trunk=didforsale_main&limit=1000", None).await;
+    assert_eq!(body["items"].as_array().unwrap().len(), 125);
+    let (status, body) = api.send(Method::GET, "/api/calls/cdr?cursor=bogus", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"]["field"], "cursor");
+    let (_, body) = api.send(Method::GET, "/api/trunks/stats/summary", None).await;
+    assert_eq!(body["total"]["calls"], 0, "no trunks in the folder: per-trunk rows only for known trunks");
+}
