@@ -8,8 +8,10 @@
 //!
 //! The node never migrates the schema: the operator (or local mode) owns it.
 
+pub mod bridge;
 pub mod config;
 pub mod http;
+pub mod media;
 pub mod metrics;
 mod node_state;
 mod retry;

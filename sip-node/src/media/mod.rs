@@ -1,0 +1,17 @@
+//! Media: what the node needs to anchor a call's audio.
+//!
+//! - [`sdp`]: SDP (RFC 4566) parsing and serialisation, and the offer/answer rules (RFC 3264)
+//!   that pick a codec, a direction and the addresses of both legs.
+//! - [`ports`]: RTP/RTCP port pairs from the configured range, released when dropped.
+//! - [`rtp`]: RTP/RTCP headers (RFC 3550), the stream rewriter that keeps a relayed stream
+//!   monotonic across re-INVITEs, and RFC 4733 telephone events (DTMF).
+//! - [`g711`]: μ-law and A-law companding and transcoding.
+//! - [`relay`]: the per-call RTP relay task between two legs, or between a leg and the AI bridge.
+//!
+//! Nothing here speaks SIP: the call layer feeds SDP bodies in and takes SDP bodies out.
+
+pub mod g711;
+pub mod ports;
+pub mod relay;
+pub mod rtp;
+pub mod sdp;
