@@ -18,6 +18,7 @@ mod retry;
 pub mod signaling;
 pub mod sip;
 pub mod store;
+pub mod webhook;
 
 use std::sync::OnceLock;
 use std::time::Duration;

@@ -16,11 +16,12 @@ use crate::sip::call::{self, CallContext};
 use crate::sip::digest::Challenger;
 use crate::sip::endpoint::Endpoint;
 use crate::sip::limits::Limits;
-use crate::sip::registration;
 use crate::sip::resolve::Resolver;
 use crate::sip::transaction::TimerConfig;
 use crate::sip::transport::{TransportConfig, TransportLayer};
+use crate::sip::{originate, registration};
 use crate::store::{Store, StoreEvent};
+use crate::webhook::Signer;
 
 /// How many parsed messages may wait for the endpoint before the transports apply
 /// backpressure (UDP then drops in the kernel, which is what overload should look like).
@@ -54,6 +55,11 @@ pub struct SipArgs {
     /// Messages per second accepted from one source IP; the rest is dropped and counted.
     #[arg(long, env = "SWITCHBOARD_SIP_PER_SOURCE_RATE", default_value_t = 20_000)]
     pub per_source_rate: u32,
+
+    /// Key that signs the status callbacks of API-placed calls (HMAC-SHA256); the same on
+    /// every node so that receivers can verify any of them.
+    #[arg(long, env = "SWITCHBOARD_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
 }
 
 /// Where a started node listens (the ports may have been chosen by the OS).
@@ -75,7 +81,7 @@ pub async fn start(
     graceful: &mut JoinSet<()>,
 ) -> anyhow::Result<Listening> {
     let metrics = NodeMetrics::new();
-    let (store, store_task) = Store::spawn(pool, node_id.to_string(), Some(metrics.clone()));
+    let (store, store_task) = Store::spawn(pool.clone(), node_id.to_string(), Some(metrics.clone()));
     // Rows of calls a crashed run of this node left behind are not calls any more.
     store.record(StoreEvent::ClearActiveCalls);
     tasks.spawn(follow_config(snapshot.clone(), metrics.clone()));
@@ -109,6 +115,16 @@ pub async fn start(
         timers,
     });
     tasks.spawn(call::route_requests(Arc::clone(&ctx), new_requests));
+    let signer = match &args.webhook_secret {
+        Some(secret) => Signer::new(secret.as_bytes()),
+        None => {
+            tracing::warn!(
+                "SWITCHBOARD_WEBHOOK_SECRET is not set: webhooks are signed with a random key nobody can verify"
+            );
+            Signer::new(rand::random::<[u8; 32]>().to_vec())
+        }
+    };
+    tasks.spawn(originate::run(Arc::clone(&ctx), pool.clone(), signer));
     // On stop: un-REGISTER first (its state goes through the store), then flush the store.
     let registrations = tokio::spawn(registration::supervise(Arc::clone(&ctx), stop.clone()));
     {

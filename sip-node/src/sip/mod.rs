@@ -7,6 +7,7 @@ pub mod digest;
 pub mod endpoint;
 pub mod limits;
 pub mod message;
+pub mod originate;
 pub mod registration;
 pub mod resolve;
 pub mod routing;

@@ -146,6 +146,7 @@ impl Node {
             http_listen: "127.0.0.1:0".parse().unwrap(),
             sip_t1_ms: 500,
             per_source_rate: 20_000,
+            webhook_secret: Some("test-webhook-secret".into()),
         };
         tune(&mut args);
         let Listening { sip, http } =

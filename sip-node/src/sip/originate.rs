@@ -1,0 +1,515 @@
+//! Calls placed through the REST API: the API queues a row in `call_requests`; every node
+//! listens for them, exactly one claims each (`FOR UPDATE SKIP LOCKED`), places the call through
+//! the from-number's trunks with failover, reports `initiated`, `ringing`, `answered` and
+//! `completed`/`failed` to the request's webhook, and writes the request's state and a CDR.
+//!
+//! Media is not anchored yet (the media layer will bridge the answered call to an agent): the
+//! offer points at the node's address with the discard port, so the callee hears silence.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use rsip::headers::{self, Header};
+use rsip::prelude::*;
+use rsip::{Method, Request};
+use serde::Serialize;
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use switchboard_model::{Direction, Transport, TrunkConfig};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use super::call::{ALLOW, CallContext};
+use super::dialog::Dialog;
+use super::digest::answer_challenge;
+use super::endpoint::TuEvent;
+use super::message;
+use super::routing;
+use super::transaction::new_tag;
+use super::transport::{Peer, Protocol};
+use crate::metrics::CallStatus;
+use crate::store::{CdrRecord, HangupBy, StoreEvent, billable_seconds, cdr_cost};
+use crate::webhook::{CallHooks, Signer};
+
+/// Channel the API notifies on when it queues a call.
+pub const CHANNEL: &str = "switchboard_call_requests";
+/// How often queued requests are looked for even without a notification.
+const POLL: Duration = Duration::from_secs(2);
+/// Longest an API call may last before the node hangs up.
+const MAX_DURATION: Duration = Duration::from_secs(4 * 3600);
+/// How long an outbound attempt may go without any response.
+const NO_RESPONSE: Duration = Duration::from_secs(8);
+/// How long the callee may ring.
+const RING_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A claimed request.
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct CallRequest {
+    id: Uuid,
+    from_number: String,
+    to_number: String,
+    webhook_url: Option<String>,
+}
+
+/// A status callback body.
+#[derive(Debug, Serialize)]
+struct StatusEvent<'a> {
+    call_id: String,
+    request_id: String,
+    status: &'a str,
+    from_number: &'a str,
+    to_number: &'a str,
+    timestamp: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duration_seconds: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cost: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    currency: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sip_code: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+/// Claims and places queued calls until the node stops.
+pub async fn run(ctx: Arc<CallContext>, pool: PgPool, signer: Signer) {
+    let client = reqwest::Client::builder().build().unwrap_or_default();
+    let mut listener = PgListener::connect_with(&pool).await.ok();
+    if let Some(listener) = listener.as_mut()
+        && let Err(error) = listener.listen(CHANNEL).await
+    {
+        tracing::warn!(%error, "cannot LISTEN for call requests; polling only");
+    }
+    loop {
+        loop {
+            match claim(&pool, &ctx.node_id).await {
+                Ok(Some(request)) => {
+                    let ctx = Arc::clone(&ctx);
+                    let pool = pool.clone();
+                    let hooks = CallHooks::start(client.clone(), signer.clone(), request.webhook_url.clone());
+                    let span = tracing::info_span!("api_call", request = %request.id);
+                    tokio::spawn(tracing::Instrument::instrument(place(ctx, pool, request, hooks), span));
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    tracing::debug!(%error, "cannot claim call requests now");
+                    break;
+                }
+            }
+        }
+        match listener.as_mut() {
+            Some(listener) => {
+                let _ = tokio::time::timeout(POLL, listener.try_recv()).await;
+            }
+            None => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
+async fn claim(pool: &PgPool, node_id: &str) -> Result<Option<CallRequest>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE call_requests SET state = 'claimed', claimed_by = $1, claimed_at = now(), updated_at = now()
+         WHERE id = (SELECT id FROM call_requests WHERE state = 'queued' ORDER BY created_at
+                     FOR UPDATE SKIP LOCKED LIMIT 1)
+         RETURNING id, from_number, to_number, webhook_url",
+    )
+    .bind(node_id)
+    .fetch_optional(pool)
+    .await
+}
+
+async fn set_state(pool: &PgPool, id: Uuid, state: &str, call_id: &str, error: Option<&str>) {
+    let result =
+        sqlx::query("UPDATE call_requests SET state = $2, call_id = $3, error = $4, updated_at = now() WHERE id = $1")
+            .bind(id)
+            .bind(state)
+            .bind(call_id)
+            .bind(error)
+            .execute(pool)
+            .await;
+    if let Err(error) = result {
+        tracing::warn!(%error, "cannot record the call request's state");
+    }
+}
+
+/// How the outbound call ended.
+struct Ended {
+    code: u16,
+    reason: String,
+    trunk: Option<Arc<TrunkConfig>>,
+    gateway: Option<String>,
+    answer_at: Option<chrono::DateTime<Utc>>,
+    ring_at: Option<chrono::DateTime<Utc>>,
+    hangup_by: HangupBy,
+    attempt: u32,
+}
+
+async fn place(ctx: Arc<CallContext>, pool: PgPool, request: CallRequest, hooks: CallHooks) {
+    let call_id = format!("{}@switchboard", Uuid::new_v4().simple());
+    let setup_at = Utc::now();
+    let event = |status: &'static str| StatusEvent {
+        call_id: call_id.clone(),
+        request_id: request.id.to_string(),
+        status,
+        from_number: &request.from_number,
+        to_number: &request.to_number,
+        timestamp: Utc::now().to_rfc3339(),
+        duration_seconds: None,
+        cost: None,
+        currency: None,
+        sip_code: None,
+        reason: None,
+    };
+    hooks.send(&event("initiated"));
+    let snapshot = ctx.snapshot.current();
+    let trunks = match snapshot.number(&request.from_number) {
+        Some(number) => {
+            let mut trunks = routing::outbound_trunks(&snapshot, &number.namespace, &request.to_number, None);
+            if trunks.is_empty() {
+                trunks =
+                    routing::outbound_trunks(&snapshot, &number.namespace, &request.to_number, Some(&number.trunk_ref));
+            }
+            trunks
+        }
+        None => vec![],
+    };
+    let ended = if trunks.is_empty() {
+        Ended {
+            code: 404,
+            reason: format!("no outbound trunk for {} from {}", request.to_number, request.from_number),
+            trunk: None,
+            gateway: None,
+            answer_at: None,
+            ring_at: None,
+            hangup_by: HangupBy::System,
+            attempt: 1,
+        }
+    } else {
+        dial(&ctx, &pool, &request, &call_id, trunks, &hooks, &event).await
+    };
+    let end_at = Utc::now();
+    let billable = billable_seconds(ended.answer_at, end_at);
+    let rate = ended.trunk.as_ref().map(|t| t.rate_outbound_per_minute).unwrap_or_default();
+    let cost = cdr_cost(rate, billable);
+    let currency = ended.trunk.as_ref().map(|t| t.currency.clone()).unwrap_or_else(|| "USD".into());
+    let answered = ended.answer_at.is_some();
+    ctx.store.record(StoreEvent::Cdr(CdrRecord {
+        call_id: call_id.clone(),
+        attempt: ended.attempt,
+        namespace: ended.trunk.as_ref().map(|t| t.namespace.clone()),
+        trunk_name: ended.trunk.as_ref().map(|t| t.name.clone()),
+        provider: ended.trunk.as_ref().map(|t| t.provider.clone()),
+        gateway: ended.gateway.clone(),
+        direction: Direction::Outbound,
+        from_number: request.from_number.clone(),
+        to_number: request.to_number.clone(),
+        setup_at,
+        ring_at: ended.ring_at,
+        answer_at: ended.answer_at,
+        end_at,
+        sip_code: Some(ended.code),
+        reason: Some(ended.reason.clone()),
+        hangup_by: Some(ended.hangup_by),
+        billable_seconds: billable,
+        cost,
+        currency: currency.clone(),
+    }));
+    let provider = ended.trunk.as_ref().map(|t| t.provider.as_str()).unwrap_or("unknown");
+    let status = if answered { CallStatus::Answered } else { CallStatus::from_final_code(ended.code) };
+    ctx.metrics.call_ended(provider, status, ended.answer_at.map(|a| (end_at - a).to_std().unwrap_or_default()));
+    let (state, hook) = if answered { ("completed", "completed") } else { ("failed", "failed") };
+    set_state(&pool, request.id, state, &call_id, (!answered).then_some(ended.reason.as_str())).await;
+    let mut last = event(hook);
+    last.duration_seconds = Some(billable);
+    last.cost = Some(cost.to_string());
+    last.currency = Some(currency);
+    last.sip_code = Some(ended.code);
+    last.reason = Some(ended.reason);
+    hooks.send(&last);
+    tracing::info!(code = ended.code, answered, "API call ended");
+}
+
+fn protocol_of(transport: Transport) -> Protocol {
+    match transport {
+        Transport::Tcp => Protocol::Tcp,
+        _ => Protocol::Udp,
+    }
+}
+
+/// Tries the trunks' gateways in order until one answers or a final answer ends the call.
+async fn dial<'a>(
+    ctx: &Arc<CallContext>,
+    pool: &PgPool,
+    request: &'a CallRequest,
+    call_id: &str,
+    trunks: Vec<Arc<TrunkConfig>>,
+    hooks: &CallHooks,
+    event: &(dyn Fn(&'static str) -> StatusEvent<'a> + Sync),
+) -> Ended {
+    let mut attempt = 0;
+    let mut last = Ended {
+        code: 503,
+        reason: "no gateway answered".into(),
+        trunk: None,
+        gateway: None,
+        answer_at: None,
+        ring_at: None,
+        hangup_by: HangupBy::System,
+        attempt: 1,
+    };
+    let mut rang = false;
+    for trunk in trunks {
+        let Ok(_permit) = ctx.limits.try_acquire(&trunk) else {
+            last.reason = format!("trunk {} is at its limit", trunk.name);
+            continue;
+        };
+        let user = routing::format_for_trunk(&trunk, &request.to_number);
+        for gateway in routing::gateway_order(&trunk) {
+            let protocol = protocol_of(gateway.transport);
+            let Ok(addrs) = ctx.resolver.resolve(&gateway.address, gateway.port, protocol).await else { continue };
+            let host = match gateway.port {
+                Some(port) => format!("{}:{port}", gateway.address),
+                None => gateway.address.clone(),
+            };
+            for addr in addrs {
+                attempt += 1;
+                let peer = Peer { protocol, addr };
+                let attempt_call_id = if attempt == 1 { call_id.to_string() } else { format!("{call_id}-{attempt}") };
+                let outcome = one_attempt(
+                    ctx,
+                    request,
+                    &attempt_call_id,
+                    &user,
+                    &host,
+                    peer,
+                    &trunk,
+                    pool,
+                    hooks,
+                    event,
+                    &mut rang,
+                )
+                .await;
+                let mut ended = outcome;
+                ended.trunk = Some(Arc::clone(&trunk));
+                ended.gateway = Some(host.clone());
+                ended.attempt = attempt;
+                if ended.answer_at.is_some() || routing::is_final_for_caller(ended.code) {
+                    return ended;
+                }
+                tracing::info!(attempt, code = ended.code, reason = %ended.reason, "API call attempt failed; trying the next");
+                last = ended;
+            }
+        }
+    }
+    last
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn one_attempt<'a>(
+    ctx: &Arc<CallContext>,
+    request: &'a CallRequest,
+    call_id: &str,
+    user: &str,
+    host: &str,
+    peer: Peer,
+    trunk: &Arc<TrunkConfig>,
+    pool: &PgPool,
+    hooks: &CallHooks,
+    event: &(dyn Fn(&'static str) -> StatusEvent<'a> + Sync),
+    rang: &mut bool,
+) -> Ended {
+    let failed = |code: u16, reason: String, ring_at| Ended {
+        code,
+        reason,
+        trunk: None,
+        gateway: None,
+        answer_at: None,
+        ring_at,
+        hangup_by: HangupBy::System,
+        attempt: 1,
+    };
+    let tag = new_tag();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    ctx.endpoint.register_dialog(call_id, &tag, tx.clone());
+    let mut cseq = 1;
+    let Some(mut invite) = build_invite(ctx, request, call_id, &tag, user, host, peer, cseq) else {
+        return failed(400, format!("cannot build a request URI for {user}@{host}"), None);
+    };
+    ctx.endpoint.send_request(invite.clone(), peer, tx.clone());
+    let mut ring_at = None;
+    let mut authenticated = false;
+    let no_response = tokio::time::sleep(NO_RESPONSE);
+    tokio::pin!(no_response);
+    let ring_limit = tokio::time::sleep(RING_TIMEOUT);
+    tokio::pin!(ring_limit);
+    let mut provisional = false;
+    let result = loop {
+        tokio::select! {
+            event_in = rx.recv() => match event_in {
+                Some(TuEvent::Response(response)) => {
+                    if !matches!(message::cseq(&response), Some((n, Method::Invite)) if n == cseq) { continue; }
+                    let code = message::status(&response);
+                    match code {
+                        100..=199 => {
+                            provisional = true;
+                            if code >= 180 && ring_at.is_none() {
+                                ring_at = Some(Utc::now());
+                                if !*rang {
+                                    *rang = true;
+                                    hooks.send(&event("ringing"));
+                                    set_state(pool, request.id, "ringing", call_id, None).await;
+                                }
+                            }
+                        }
+                        200..=299 => {
+                            let contact = ctx.endpoint.contact_for(peer, &request.from_number);
+                            let Some(mut dialog) = Dialog::as_uac(&invite, &response, peer, contact) else {
+                                break failed(502, "unusable 2xx".into(), ring_at);
+                            };
+                            let ack = dialog.request(Method::Ack, ctx.endpoint.via_for(peer), Some(cseq), None);
+                            ctx.endpoint.send_stateless(rsip::SipMessage::Request(ack), peer);
+                            let answer_at = Utc::now();
+                            hooks.send(&event("answered"));
+                            set_state(pool, request.id, "answered", call_id, None).await;
+                            let (hangup_by, reason) = hold_until_hangup(ctx, &mut dialog, &tx, &mut rx, cseq).await;
+                            break Ended { code: 200, reason, trunk: None, gateway: None, answer_at: Some(answer_at), ring_at, hangup_by, attempt: 1 };
+                        }
+                        401 | 407 if !authenticated => {
+                            let Some(credential) = ctx.snapshot.current().credential(&trunk.namespace, &trunk.name).cloned() else {
+                                break failed(code, "challenged but the trunk has no credentials".into(), ring_at);
+                            };
+                            match answer_challenge(&response, &Method::Invite, &invite.uri, &credential.username, &credential.password, 1) {
+                                Ok(header) => {
+                                    authenticated = true;
+                                    cseq += 1;
+                                    let Some(next) = build_invite(ctx, request, call_id, &tag, user, host, peer, cseq) else { break failed(400, "bad URI".into(), ring_at) };
+                                    invite = next;
+                                    invite.headers.push(header);
+                                    ctx.endpoint.send_request(invite.clone(), peer, tx.clone());
+                                }
+                                Err(error) => break failed(code, format!("cannot answer the challenge: {error}"), ring_at),
+                            }
+                        }
+                        _ => break failed(code, format!("{} from {host}", response.status_code), ring_at),
+                    }
+                }
+                Some(TuEvent::Timeout) => break failed(408, format!("no answer from {host}"), ring_at),
+                Some(TuEvent::Request { request: r, key: Some(key), .. }) => {
+                    ctx.endpoint.respond(&key, super::transaction::response_to(&r, 481, None, None));
+                }
+                _ => {}
+            },
+            () = &mut no_response, if !provisional => break failed(408, format!("no response from {host}"), ring_at),
+            () = &mut ring_limit => {
+                cancel(ctx, &invite, peer, &tx);
+                break failed(480, "no answer".into(), ring_at);
+            }
+        }
+    };
+    ctx.endpoint.unregister_dialog(call_id, &tag);
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_invite(
+    ctx: &CallContext,
+    request: &CallRequest,
+    call_id: &str,
+    tag: &str,
+    user: &str,
+    host: &str,
+    peer: Peer,
+    cseq: u32,
+) -> Option<Request> {
+    let (our_host, our_port) = ctx.endpoint.transport().sent_by(peer.addr);
+    let uri = rsip::Uri::try_from(format!("sip:{user}@{host}").as_str()).ok()?;
+    let headers: Vec<Header> = vec![
+        ctx.endpoint.via_for(peer),
+        Header::MaxForwards(headers::MaxForwards::from(70u32)),
+        Header::From(headers::From::new(format!("<sip:{}@{our_host}:{our_port}>;tag={tag}", request.from_number))),
+        Header::To(headers::To::new(format!("<sip:{user}@{host}>"))),
+        Header::CallId(headers::CallId::new(call_id.to_string())),
+        Header::CSeq(headers::CSeq::new(format!("{cseq} INVITE"))),
+        Header::Contact(headers::Contact::new(ctx.endpoint.contact_for(peer, &request.from_number))),
+        Header::Allow(ALLOW.into()),
+        Header::UserAgent("switchboard".into()),
+    ];
+    let mut invite =
+        Request { method: Method::Invite, uri, version: rsip::Version::V2, headers: headers.into(), body: vec![] };
+    let ip = if our_host.ends_with(".invalid") { "IP6 ::" } else { "IP4" };
+    let address = if ip == "IP4" { our_host.as_str() } else { "" };
+    let sdp = format!(
+        "v=0\r\no=switchboard 1 1 IN {ip} {address}\r\ns=switchboard\r\nc=IN {ip} {address}\r\nt=0 0\r\n\
+         m=audio 9 RTP/AVP 0 8 101\r\na=rtpmap:0 PCMU/8000\r\na=rtpmap:8 PCMA/8000\r\na=rtpmap:101 telephone-event/8000\r\n\
+         a=fmtp:101 0-15\r\na=ptime:20\r\na=sendrecv\r\n"
+    );
+    message::set_body(&mut invite.headers, &mut invite.body, sdp.into_bytes(), Some("application/sdp"));
+    Some(invite)
+}
+
+fn cancel(ctx: &CallContext, invite: &Request, peer: Peer, tx: &mpsc::UnboundedSender<TuEvent>) {
+    let mut headers: Vec<Header> = Vec::new();
+    if let Ok(via) = invite.via_header() {
+        headers.push(Header::Via(via.clone()));
+    }
+    for header in invite.headers.iter() {
+        if matches!(header, Header::From(_) | Header::To(_) | Header::CallId(_)) {
+            headers.push(header.clone());
+        }
+    }
+    let number = message::cseq(invite).map(|(n, _)| n).unwrap_or(1);
+    headers.push(Header::CSeq(headers::CSeq::new(format!("{number} CANCEL"))));
+    headers.push(Header::MaxForwards(headers::MaxForwards::from(70u32)));
+    headers.push(Header::ContentLength(headers::ContentLength::from(0u32)));
+    let cancel = Request {
+        method: Method::Cancel,
+        uri: invite.uri.clone(),
+        version: rsip::Version::V2,
+        headers: headers.into(),
+        body: vec![],
+    };
+    ctx.endpoint.send_request(cancel, peer, tx.clone());
+}
+
+/// Keeps the answered call up until the callee hangs up or the maximum duration passes.
+async fn hold_until_hangup(
+    ctx: &CallContext,
+    dialog: &mut Dialog,
+    tx: &mpsc::UnboundedSender<TuEvent>,
+    rx: &mut mpsc::UnboundedReceiver<TuEvent>,
+    invite_cseq: u32,
+) -> (HangupBy, String) {
+    let limit = tokio::time::sleep(MAX_DURATION);
+    tokio::pin!(limit);
+    loop {
+        tokio::select! {
+            event = rx.recv() => match event {
+                Some(TuEvent::Request { request, key: Some(key), .. }) => {
+                    let bye = request.method == Method::Bye;
+                    // Without anchored media a new offer cannot be answered; 488 keeps the call up
+                    // (RFC 3261 14.2). Everything else in the dialog is acknowledged.
+                    let offer = matches!(request.method, Method::Invite | Method::Update) && !request.body.is_empty();
+                    let code = if offer { 488 } else { 200 };
+                    ctx.endpoint.respond(&key, super::transaction::response_to(&request, code, None, None));
+                    if bye {
+                        return (HangupBy::Callee, "callee hung up".into());
+                    }
+                }
+                Some(TuEvent::Response(response)) if message::cseq(&response) == Some((invite_cseq, Method::Invite)) => {
+                    // The callee did not get our ACK and retransmits its 2xx.
+                    let ack = dialog.request(Method::Ack, ctx.endpoint.via_for(dialog.peer), Some(invite_cseq), None);
+                    ctx.endpoint.send_stateless(rsip::SipMessage::Request(ack), dialog.peer);
+                }
+                None => return (HangupBy::System, "internal: channel closed".into()),
+                _ => {}
+            },
+            () = &mut limit => {
+                let bye = dialog.request(Method::Bye, ctx.endpoint.via_for(dialog.peer), None, None);
+                ctx.endpoint.send_request(bye, dialog.peer, tx.clone());
+                return (HangupBy::System, "maximum call duration reached".into());
+            }
+        }
+    }
+}
