@@ -19,7 +19,7 @@ use crate::sip::limits::Limits;
 use crate::sip::resolve::Resolver;
 use crate::sip::transaction::TimerConfig;
 use crate::sip::transport::{TransportConfig, TransportLayer};
-use crate::sip::{originate, registration};
+use crate::sip::{originate, registration, sms};
 use crate::store::{Store, StoreEvent};
 use crate::webhook::Signer;
 
@@ -103,6 +103,16 @@ pub async fn start(
     tracing::info!(sip = %transport.local_addr(), "SIP listening on UDP and TCP");
     let (endpoint, new_requests) = Endpoint::start(Arc::clone(&transport), received_rx, timers, metrics.clone());
 
+    let signer = match &args.webhook_secret {
+        Some(secret) => Signer::new(secret.as_bytes()),
+        None => {
+            tracing::warn!(
+                "SWITCHBOARD_WEBHOOK_SECRET is not set: webhooks are signed with a random key nobody can verify"
+            );
+            Signer::new(rand::random::<[u8; 32]>().to_vec())
+        }
+    };
+    let webhook_client = reqwest::Client::builder().build().unwrap_or_default();
     let ctx = Arc::new(CallContext {
         endpoint,
         snapshot: snapshot.clone(),
@@ -113,18 +123,12 @@ pub async fn start(
         challenger: Challenger::new(rand::random(), "switchboard".into(), Duration::from_secs(300)),
         node_id: node_id.to_string(),
         timers,
+        pool: pool.clone(),
+        webhooks: (webhook_client, signer.clone()),
     });
     tasks.spawn(call::route_requests(Arc::clone(&ctx), new_requests));
-    let signer = match &args.webhook_secret {
-        Some(secret) => Signer::new(secret.as_bytes()),
-        None => {
-            tracing::warn!(
-                "SWITCHBOARD_WEBHOOK_SECRET is not set: webhooks are signed with a random key nobody can verify"
-            );
-            Signer::new(rand::random::<[u8; 32]>().to_vec())
-        }
-    };
     tasks.spawn(originate::run(Arc::clone(&ctx), pool.clone(), signer));
+    tasks.spawn(sms::run(Arc::clone(&ctx), pool.clone()));
     // On stop: un-REGISTER first (its state goes through the store), then flush the store.
     let registrations = tokio::spawn(registration::supervise(Arc::clone(&ctx), stop.clone()));
     {

@@ -31,7 +31,7 @@ use crate::metrics::{ActiveCallGuard, CallStatus, NodeMetrics};
 use crate::store::{ActiveCall, CallState, CdrRecord, HangupBy, Store, StoreEvent, billable_seconds, cdr_cost};
 
 /// Methods the node accepts, for Allow headers.
-pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO";
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, MESSAGE";
 /// How long the node waits for the far side to confirm a BYE before it forgets the call.
 const BYE_WAIT: Duration = Duration::from_secs(4);
 /// How long an outbound leg may ring before the node gives up with 480 (the transaction layer
@@ -49,6 +49,10 @@ pub struct CallContext {
     pub challenger: Challenger,
     pub node_id: String,
     pub timers: TimerConfig,
+    /// For what is not buffered: inbound messages must be stored before they are accepted.
+    pub pool: sqlx::PgPool,
+    /// Client and key of the signed webhooks (message webhooks, call status callbacks).
+    pub webhooks: (reqwest::Client, crate::webhook::Signer),
 }
 
 /// Answers out-of-dialog requests: INVITEs become calls, OPTIONS is answered, the rest is
@@ -60,6 +64,12 @@ pub async fn route_requests(ctx: Arc<CallContext>, mut requests: mpsc::Receiver<
                 let ctx = Arc::clone(&ctx);
                 let span = tracing::info_span!("call", call_id = %message::call_id(&request), from = %peer.addr);
                 tokio::spawn(inbound_call(ctx, request, key, peer).instrument(span));
+            }
+            Method::Message => {
+                let ctx = Arc::clone(&ctx);
+                let pool = ctx.pool.clone();
+                let hooks = ctx.webhooks.clone();
+                tokio::spawn(super::sms::receive(ctx, pool, hooks, NewRequest { request, key, peer }));
             }
             Method::Options => {
                 let mut response = response_to(&request, 200, Some("OK"), Some(&new_tag()));

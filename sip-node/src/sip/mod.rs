@@ -11,5 +11,6 @@ pub mod originate;
 pub mod registration;
 pub mod resolve;
 pub mod routing;
+pub mod sms;
 pub mod transaction;
 pub mod transport;
