@@ -97,9 +97,13 @@ async fn examples_become_ready_follow_edits_secrets_and_nodes_and_are_cleaned_up
     }
     let running = start(&fake, &pool, Duration::from_millis(200));
 
-    wait_for("every example Ready=True", Duration::from_secs(30), async || {
+    // Ready comes from the reconcile pass, Synced from the node-table poll that follows it: wait
+    // for both, or the check below races the first poll.
+    wait_for("every example Ready=True with the nodes' state read", Duration::from_secs(30), async || {
         let objects = all_objects(&fake);
-        objects.len() == 6 && objects.iter().all(ready)
+        objects.len() == 6
+            && objects.iter().all(ready)
+            && objects.iter().all(|o| condition(o, "Synced").is_some_and(|(_, reason)| reason != "NodeStatusUnknown"))
     })
     .await;
     for object in all_objects(&fake) {
