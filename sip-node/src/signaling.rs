@@ -12,7 +12,7 @@ use tokio::task::JoinSet;
 
 use crate::config::SnapshotHandle;
 use crate::metrics::NodeMetrics;
-use crate::sip::call::{self, CallContext};
+use crate::sip::call::{self, CallContext, MediaContext};
 use crate::sip::digest::Challenger;
 use crate::sip::endpoint::Endpoint;
 use crate::sip::limits::Limits;
@@ -55,6 +55,14 @@ pub struct SipArgs {
     /// Messages per second accepted from one source IP; the rest is dropped and counted.
     #[arg(long, env = "SWITCHBOARD_SIP_PER_SOURCE_RATE", default_value_t = 20_000)]
     pub per_source_rate: u32,
+
+    /// RTP port range for anchored media (`MIN-MAX`; RTP even, RTCP odd).
+    #[arg(long, env = "SWITCHBOARD_RTP_PORTS", default_value = "10000-20000")]
+    pub rtp_ports: String,
+
+    /// Seconds without RTP after which an anchored call ends.
+    #[arg(long, env = "SWITCHBOARD_MEDIA_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub media_timeout_seconds: u64,
 
     /// Key that signs the status callbacks of API-placed calls (HMAC-SHA256); the same on
     /// every node so that receivers can verify any of them.
@@ -113,6 +121,7 @@ pub async fn start(
         }
     };
     let webhook_client = reqwest::Client::builder().build().unwrap_or_default();
+    let media = media_context(args, transport.local_addr());
     let ctx = Arc::new(CallContext {
         endpoint,
         snapshot: snapshot.clone(),
@@ -125,6 +134,7 @@ pub async fn start(
         timers,
         pool: pool.clone(),
         webhooks: (webhook_client, signer.clone()),
+        media,
     });
     tasks.spawn(call::route_requests(Arc::clone(&ctx), new_requests));
     tasks.spawn(originate::run(Arc::clone(&ctx), pool.clone(), signer));
@@ -172,6 +182,42 @@ async fn follow_config(snapshot: SnapshotHandle, metrics: NodeMetrics) {
         }
         if generations.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// The media settings: ports from `--rtp-ports` on the SIP listen address, and the address
+/// put into SDP (the advertised host when it is an IP, else the listen address). `None`, with
+/// a warning, when the range is unusable: calls to agents are then refused with 503.
+fn media_context(args: &SipArgs, sip: SocketAddr) -> Option<MediaContext> {
+    use crate::media::ports::{PortAllocator, PortRange};
+    let range = args
+        .rtp_ports
+        .split_once('-')
+        .and_then(|(a, b)| Some(PortRange { min: a.trim().parse().ok()?, max: b.trim().parse().ok()? }));
+    let Some(range) = range else {
+        tracing::warn!(ports = %args.rtp_ports, "--rtp-ports must be MIN-MAX; media anchoring is off");
+        return None;
+    };
+    let address = args
+        .advertised_host
+        .as_deref()
+        .and_then(|h| h.trim_matches(['[', ']']).parse::<std::net::IpAddr>().ok())
+        .unwrap_or_else(|| if sip.ip().is_unspecified() { std::net::IpAddr::from([127, 0, 0, 1]) } else { sip.ip() });
+    if sip.ip().is_unspecified() && args.advertised_host.is_none() {
+        tracing::warn!("listening on {sip} without --advertised-host: SDP will say {address}; set it for real peers");
+    }
+    let bind = if sip.ip().is_unspecified() { sip.ip() } else { address };
+    match PortAllocator::new(bind, range) {
+        Ok(ports) => Some(MediaContext {
+            ports,
+            address,
+            timeout: Duration::from_secs(args.media_timeout_seconds.max(1)),
+            agent_connect_timeout: Duration::from_secs(5),
+        }),
+        Err(error) => {
+            tracing::warn!(%error, "no RTP ports; media anchoring is off");
+            None
         }
     }
 }

@@ -32,6 +32,8 @@ fn args(database_url: &str) -> NodeArgs {
             sip_t1_ms: 500,
             per_source_rate: 20_000,
             webhook_secret: Some("test-webhook-secret".into()),
+            rtp_ports: "30000-39999".into(),
+            media_timeout_seconds: 30,
         },
     }
 }

@@ -147,6 +147,8 @@ impl Node {
             sip_t1_ms: 500,
             per_source_rate: 20_000,
             webhook_secret: Some("test-webhook-secret".into()),
+            rtp_ports: "30000-39999".into(),
+            media_timeout_seconds: 30,
         };
         tune(&mut args);
         let Listening { sip, http } =
