@@ -64,6 +64,16 @@ pub struct SipArgs {
     #[arg(long, env = "SWITCHBOARD_MEDIA_TIMEOUT_SECONDS", default_value_t = 30)]
     pub media_timeout_seconds: u64,
 
+    /// Final responses from a callee that end the call without trying the next gateway or
+    /// trunk (comma-separated); every other failure fails over.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_FINAL_CODES",
+        value_delimiter = ',',
+        default_value = "404,480,484,486,487,600,603,604,606"
+    )]
+    pub final_codes: Vec<u16>,
+
     /// Key that signs the status callbacks of API-placed calls (HMAC-SHA256); the same on
     /// every node so that receivers can verify any of them.
     #[arg(long, env = "SWITCHBOARD_WEBHOOK_SECRET", hide_env_values = true)]
@@ -135,6 +145,7 @@ pub async fn start(
         pool: pool.clone(),
         webhooks: (webhook_client, signer.clone()),
         media,
+        final_codes: args.final_codes.clone(),
     });
     tasks.spawn(call::route_requests(Arc::clone(&ctx), new_requests));
     tasks.spawn(originate::run(Arc::clone(&ctx), pool.clone(), signer));

@@ -55,6 +55,8 @@ pub struct CallContext {
     pub webhooks: (reqwest::Client, crate::webhook::Signer),
     /// Media anchoring for calls bridged to AI agents; `None` when RTP ports are unavailable.
     pub media: Option<MediaContext>,
+    /// Final responses that end an outbound attempt without failover.
+    pub final_codes: Vec<u16>,
 }
 
 /// What the node needs to anchor a call's media.
@@ -640,7 +642,7 @@ impl Call {
                             }
                             _ => {
                                 let reason = format!("{} from {}", response.status_code, target.gateway);
-                                let failover = !routing::is_final_for_caller(code);
+                                let failover = !routing::is_final_for_caller(&self.ctx.final_codes, code);
                                 break AttemptEnd::Failed { code, reason, failover };
                             }
                         }

@@ -295,7 +295,7 @@ async fn dial<'a>(
                 ended.trunk = Some(Arc::clone(&trunk));
                 ended.gateway = Some(host.clone());
                 ended.attempt = attempt;
-                if ended.answer_at.is_some() || routing::is_final_for_caller(ended.code) {
+                if ended.answer_at.is_some() || routing::is_final_for_caller(&ctx.final_codes, ended.code) {
                     return ended;
                 }
                 tracing::info!(attempt, code = ended.code, reason = %ended.reason, "API call attempt failed; trying the next");

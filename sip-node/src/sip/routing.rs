@@ -214,11 +214,15 @@ pub fn format_for_trunk(trunk: &TrunkConfig, e164: &str) -> String {
     out
 }
 
-/// Whether a final response ends the call attempt for good (the called party answered it)
-/// rather than moving on to the next gateway or trunk.
-pub fn is_final_for_caller(code: u16) -> bool {
-    matches!(code, 404 | 480 | 484 | 486 | 487 | 600 | 603 | 604 | 606)
-        || (400..500).contains(&code) && !matches!(code, 401 | 407 | 408)
+/// The final responses that, by default, end a call attempt for good: the called party's own
+/// answers (not found, unavailable, busy, declined). Every other failure (5xx, 408, timeouts,
+/// other 4xx such as a carrier's 403) moves on to the next gateway or trunk.
+pub const DEFAULT_FINAL_CODES: [u16; 9] = [404, 480, 484, 486, 487, 600, 603, 604, 606];
+
+/// Whether a final response ends the call attempt for good rather than failing over, given the
+/// configured list of final codes.
+pub fn is_final_for_caller(final_codes: &[u16], code: u16) -> bool {
+    final_codes.contains(&code)
 }
 
 #[cfg(test)]
@@ -406,10 +410,16 @@ pub(crate) mod tests {
     #[test]
     fn final_codes() {
         for code in [404, 486, 600, 603, 480] {
-            assert!(is_final_for_caller(code), "{code}");
+            assert!(is_final_for_caller(&DEFAULT_FINAL_CODES, code), "{code}");
         }
         for code in [408, 500, 503, 502, 401, 407] {
-            assert!(!is_final_for_caller(code), "{code}");
+            assert!(!is_final_for_caller(&DEFAULT_FINAL_CODES, code), "{code}");
+        }
+        // Configurable: a deployment may treat 503 as final and 486 as worth a retry.
+        assert!(is_final_for_caller(&[503], 503));
+        assert!(!is_final_for_caller(&[503], 486));
+        for code in [403, 400] {
+            assert!(!is_final_for_caller(&DEFAULT_FINAL_CODES, code), "{code}");
         }
     }
 }

@@ -149,6 +149,7 @@ impl Node {
             webhook_secret: Some("test-webhook-secret".into()),
             rtp_ports: "30000-39999".into(),
             media_timeout_seconds: 30,
+            final_codes: switchboard_node::sip::routing::DEFAULT_FINAL_CODES.to_vec(),
         };
         tune(&mut args);
         let Listening { sip, http } =
