@@ -185,3 +185,124 @@ fn the_guides_curl_commands_work_against_the_quick_start() {
         .args([base_url.as_str(), "-XAtqc", &format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)")])
         .status();
 }
+
+/// The provider of the registration test: Kamailio challenging REGISTER with digest (the
+/// node's own test suite has the full provider; this one only registers and answers OPTIONS).
+const KAMAILIO_CFG: &str = r#"#!KAMAILIO
+debug=1
+log_stderror=yes
+children=1
+auto_aliases=no
+listen=udp:127.0.0.1:@PORT@
+mpath="/usr/lib/x86_64-linux-gnu/kamailio/modules/"
+loadmodule "kex.so"
+loadmodule "corex.so"
+loadmodule "tm.so"
+loadmodule "sl.so"
+loadmodule "pv.so"
+loadmodule "textops.so"
+loadmodule "siputils.so"
+loadmodule "auth.so"
+loadmodule "usrloc.so"
+loadmodule "registrar.so"
+modparam("usrloc", "db_mode", 0)
+modparam("registrar", "min_expires", 1)
+request_route {
+    if (is_method("REGISTER")) {
+        if ($fU != "guide" || !pv_www_authenticate("$td", "guide-password", "0")) {
+            www_challenge("$td", "0");
+            exit;
+        }
+        save("location");
+        exit;
+    }
+    sl_send_reply("200", "OK");
+}
+"#;
+
+#[test]
+fn trunk_status_follows_a_real_registration_through_the_api() {
+    let Ok(base_url) = std::env::var("DATABASE_URL") else {
+        println!("seed_curls: skipped: DATABASE_URL is not set (scripts/test sets it)");
+        return;
+    };
+    let database = format!("switchboard_reg_{}", std::process::id());
+    let admin =
+        Command::new("psql").args([base_url.as_str(), "-XAtqc", &format!("CREATE DATABASE {database}")]).status();
+    assert!(admin.is_ok_and(|s| s.success()), "cannot create the test database");
+    let url = format!("{}/{database}", base_url.rsplit_once('/').expect("DATABASE_URL with a database").0);
+
+    let kport = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let scratch = tempfile::tempdir().unwrap();
+    let cfg = scratch.path().join("kamailio.cfg");
+    std::fs::write(&cfg, KAMAILIO_CFG.replace("@PORT@", &kport.to_string())).unwrap();
+    let kamailio = Command::new("kamailio")
+        .args(["-DD", "-E", "-m", "32", "-M", "8", "-Y"])
+        .arg(scratch.path())
+        .arg("-f")
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("kamailio must be installed");
+    let _kamailio = Stack { child: kamailio };
+
+    let folder = tempfile::tempdir().unwrap();
+    std::fs::write(
+        folder.path().join("trunk.yaml"),
+        format!(
+            "apiVersion: switchboard.dev/v1alpha1\nkind: Trunk\nmetadata:\n  name: guide-provider\n  namespace: default\nspec:\n  \
+             provider: kamailio\n  authMethod: digest\n  gateways:\n    - address: 127.0.0.1\n      port: {kport}\n      transport: UDP\n  \
+             credentials:\n    username: guide\n    passwordSecretRef:\n      name: guide-credentials\n      key: password\n  \
+             registration:\n    enabled: true\n    expiresSeconds: 60\n  inbound:\n    enabled: true\n  outbound:\n    enabled: true\n  \
+             optionsIntervalSeconds: 1\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: guide-credentials\n  namespace: default\n\
+             type: Opaque\nstringData:\n  password: guide-password\n"
+        ),
+    )
+    .unwrap();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let api = format!("http://127.0.0.1:{port}");
+    let log = std::fs::File::create(folder.path().join("stack.log")).unwrap();
+    let stack = Stack {
+        child: Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["local", "--database-url", &url, "--node-id", "reg-test"])
+            .arg(folder.path())
+            .env("SWITCHBOARD_SIP_LISTEN", "127.0.0.1:0")
+            .env("SWITCHBOARD_HTTP_LISTEN", "127.0.0.1:0")
+            .env("SWITCHBOARD_API_LISTEN", format!("127.0.0.1:{port}"))
+            .env("SWITCHBOARD_JWT_SECRET", SECRET)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start switchboard local"),
+    };
+    let token = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["token", "--subject", "reg-test"])
+        .env("SWITCHBOARD_JWT_SECRET", SECRET)
+        .output()
+        .expect("mint a token");
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut last = String::new();
+    loop {
+        let (code, body) =
+            curl(&["-H", "Authorization: Bearer <token>", &format!("{api}/api/trunks/guide-provider/status")], &token);
+        if code == 200 {
+            let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if status["registered"] == true && status["reachable"] == true {
+                assert_eq!(status["registrations"][0]["state"], "registered", "{body}");
+                assert!(!body.contains("guide-password"), "the password must never be returned");
+                break;
+            }
+        }
+        last = body;
+        assert!(Instant::now() < deadline, "the API never showed the trunk registered and reachable: {last}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    drop(stack);
+    let _ = Command::new("psql")
+        .args([base_url.as_str(), "-XAtqc", &format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)")])
+        .status();
+}
