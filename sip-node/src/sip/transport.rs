@@ -140,11 +140,8 @@ impl TransportLayer {
         let mut udp = Vec::new();
         let mut listeners = Vec::new();
         for addr in &config.listen {
-            let socket = UdpSocket::bind(addr).await?;
-            let local = socket.local_addr()?;
-            // TCP on the same port as UDP, as SIP expects (the port may have been 0).
-            let listener = TcpListener::bind(local).await?;
-            udp.push((local, Arc::new(socket)));
+            let (socket, listener) = bind_pair(*addr).await?;
+            udp.push((socket.local_addr()?, Arc::new(socket)));
             listeners.push(listener);
         }
         let layer = Arc::new(TransportLayer {
@@ -289,6 +286,22 @@ impl TransportLayer {
             }
         }
     }
+}
+
+/// UDP and TCP on the same port, as SIP expects. With port 0 the OS picks the UDP port, which
+/// may already be taken for TCP: then another port is tried (a bounded number of times).
+async fn bind_pair(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)> {
+    let attempts = if addr.port() == 0 { 32 } else { 1 };
+    let mut last_error = None;
+    for _ in 0..attempts {
+        let socket = UdpSocket::bind(addr).await?;
+        match TcpListener::bind(socket.local_addr()?).await {
+            Ok(listener) => return Ok((socket, listener)),
+            Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => last_error = Some(error),
+            Err(error) => return Err(error),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| std::io::ErrorKind::AddrInUse.into()))
 }
 
 /// The address to advertise when listening on an unspecified address: loopback for loopback
