@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use super::error::ApiError;
 use super::trunk_model::{PASSWORD_KEY, TRUNK_ID_ANNOTATION};
 use crate::crd::{API_VERSION, Trunk, TrunkSpec};
-use crate::source::folder::{FolderSource, is_manifest};
+use crate::source::folder::{FolderSource, collect_manifests};
 use crate::source::{Kind, Spec};
 
 /// The field manager of every API write in Kubernetes.
@@ -349,23 +349,8 @@ impl FolderStore {
 
     /// Every manifest file with its documents, in path order.
     fn scan(&self) -> Result<Vec<(PathBuf, Vec<Document>)>, ApiError> {
-        fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-            for entry in std::fs::read_dir(dir)? {
-                let entry = entry?;
-                let path = entry.path();
-                let hidden = entry.file_name().to_str().is_some_and(|n| n.starts_with('.'));
-                if entry.file_type()?.is_dir() {
-                    if !hidden {
-                        collect(&path, out)?;
-                    }
-                } else if is_manifest(&path) {
-                    out.push(path);
-                }
-            }
-            Ok(())
-        }
         let mut files = Vec::new();
-        collect(&self.dir, &mut files).map_err(|e| io_error("cannot read the manifest folder", e))?;
+        collect_manifests(&self.dir, &mut files).map_err(|e| io_error("cannot read the manifest folder", e))?;
         files.sort();
         files
             .into_iter()

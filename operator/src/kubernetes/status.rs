@@ -7,7 +7,7 @@
 //! operator writes only when that value differs from what the object has.
 
 use chrono::{SecondsFormat, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::nodes::NodeFacts;
 use crate::crd::{Condition, ConditionStatus, NodeCounts, TrunkSpec};
@@ -37,24 +37,9 @@ pub mod reason {
     pub const OPTIONS_DISABLED: &str = "OptionsDisabled";
 }
 
-/// The union of the three kinds' status shapes (the trunk fields stay empty for the others), so
-/// that one piece of code compares and writes all of them.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct StatusDoc {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<i64>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub conditions: Vec<Condition>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nodes: Option<NodeCounts>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub registered_nodes: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub active_calls: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub calls_last_hour: Option<u32>,
-}
+/// The union of the three kinds' status shapes is the Trunk's (the others leave its trunk
+/// fields empty), so one piece of code compares and writes all of them.
+pub type StatusDoc = crate::crd::TrunkStatus;
 
 impl StatusDoc {
     /// The status of a serialised object (`.status`), empty when it has none or it does not parse.

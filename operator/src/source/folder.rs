@@ -148,7 +148,8 @@ pub fn is_manifest(path: &Path) -> bool {
     yaml && !hidden
 }
 
-fn collect_manifests(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// Every manifest file under `dir`, recursively, skipping hidden files and folders.
+pub fn collect_manifests(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let path = entry.path();
