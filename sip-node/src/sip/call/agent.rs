@@ -1,0 +1,186 @@
+//! Calls whose destination is an AI agent over WebSocket: the node answers the caller itself,
+//! anchors the caller's RTP and bridges it to the agent (Twilio Media Streams).
+
+use chrono::Utc;
+use rsip::Method;
+use rsip::headers::{self, Header};
+use rsip::prelude::*;
+use tokio::sync::mpsc;
+
+use super::{ALLOW, AttemptRecord, Call, Ender, Outcome};
+use crate::sip::dialog::Dialog;
+use crate::sip::endpoint::TuEvent;
+use crate::sip::message;
+use crate::sip::transaction::response_to;
+use crate::store::StoreEvent;
+
+impl Call {
+    /// A call to an AI agent: answer the caller's SDP with the node's own RTP port, connect the
+    /// WebSocket (Twilio Media Streams), answer the caller once the agent is there, then relay
+    /// audio both ways until either side ends the call or the media goes silent.
+    pub(super) async fn bridge_to_agent(
+        &mut self,
+        url: String,
+        a_rx: &mut mpsc::UnboundedReceiver<TuEvent>,
+    ) -> Outcome {
+        use crate::bridge::{self, BridgeConfig, CallParameters};
+        use crate::media::relay::{LegId, RelayConfig, RelayEvent, RtpLegSetup, spawn_bridged};
+        use crate::media::sdp::{LocalEndpoint, MediaPolicy, SdpSession, SessionDescription, answer_offer};
+
+        let setup_at = Utc::now();
+        let record = |answer_at| AttemptRecord {
+            number: 1,
+            trunk: None,
+            gateway: Some(url.clone()),
+            setup_at,
+            ring_at: None,
+            answer_at,
+        };
+        let Some(media) = self.ctx.media.clone() else {
+            return self.refuse_caller(503, "no media anchoring on this node".into(), Some(record(None)));
+        };
+        let offer = match SessionDescription::parse_bytes(&self.invite.body) {
+            Ok(offer) => offer,
+            Err(error) => {
+                return self.refuse_caller(error.sip_status(), format!("caller's SDP: {error}"), Some(record(None)));
+            }
+        };
+        let pair = match media.ports.allocate() {
+            Ok(pair) => pair,
+            Err(error) => return self.refuse_caller(503, format!("no RTP port free: {error}"), Some(record(None))),
+        };
+        let trunk = self.facts.inbound_trunk.clone();
+        let codecs = trunk.as_ref().map(|t| t.codecs.clone()).unwrap_or_default();
+        let policy = MediaPolicy::new(codecs, LocalEndpoint { address: media.address, rtp_port: pair.rtp_port() });
+        let mut session = SdpSession::new(media.address);
+        let (answer, negotiated) = match answer_offer(&offer, &policy, &mut session) {
+            Ok(agreed) => agreed,
+            Err(error) => return self.refuse_caller(error.sip_status(), error.to_string(), Some(record(None))),
+        };
+        let parameters = CallParameters {
+            from: self.facts.from.clone(),
+            to: self.facts.to.clone(),
+            trunk: trunk.as_ref().map(|t| t.name.clone()).unwrap_or_default(),
+            number: self.facts.to.clone(),
+        };
+        let mut config = BridgeConfig::new(url.clone(), &parameters);
+        config.connect_timeout = media.agent_connect_timeout;
+        config.call_sid = self.facts.call_id.clone();
+        // The caller may give up while the agent is being reached.
+        let connection = tokio::select! {
+            connected = bridge::connect(config) => connected,
+            () = wait_for_cancel(a_rx) => {
+                self.respond_a(487, "Request Terminated", None);
+                return Outcome { code: 487, reason: "caller cancelled".into(), hangup_by: Ender::Caller, attempt: Some(record(None)) };
+            }
+        };
+        let connection = match connection {
+            Ok(connection) => connection,
+            Err(error) => return self.refuse_caller(503, format!("AI agent unreachable: {error}"), Some(record(None))),
+        };
+        let (relay, mut relay_events, bridge_media) = match spawn_bridged(
+            RtpLegSetup { ports: pair, media: (&negotiated).into() },
+            RelayConfig { media_timeout: media.timeout },
+        ) {
+            Ok(started) => started,
+            Err(error) => return self.refuse_caller(503, format!("cannot start media: {error}"), Some(record(None))),
+        };
+        let mut agent = connection.spawn(bridge_media.into());
+
+        // Answer the caller with the node's SDP.
+        let contact = self.ctx.endpoint.contact_for(self.a_peer, "");
+        let Some(mut a) = Dialog::as_uas(&self.invite, &self.a_tag, self.a_peer, contact.clone()) else {
+            return Outcome {
+                code: 500,
+                reason: "internal: inbound dialog unusable".into(),
+                hangup_by: Ender::System,
+                attempt: Some(record(None)),
+            };
+        };
+        self.ctx.endpoint.register_dialog(&a.call_id, &a.local_tag, self.a_tx.clone());
+        let mut ok = response_to(&self.invite, 200, Some("OK"), Some(&self.a_tag));
+        ok.headers.push(Header::Contact(headers::Contact::new(contact)));
+        ok.headers.push(Header::Allow(ALLOW.into()));
+        message::set_body(&mut ok.headers, &mut ok.body, answer.to_string().into_bytes(), Some("application/sdp"));
+        self.ctx.endpoint.respond(&self.key, ok.clone());
+        let answered_at = Utc::now();
+        self.answer_at = Some(answered_at);
+        self.ctx.store.record(StoreEvent::CallAnswered { call_id: self.facts.call_id.clone(), at: answered_at });
+
+        let mut acked = self.a_peer.protocol.is_reliable();
+        let mut interval = self.ctx.timers.t1;
+        let give_up = tokio::time::Instant::now() + self.ctx.timers.t1 * 64;
+        let retransmit = tokio::time::sleep(interval);
+        tokio::pin!(retransmit);
+        let (code, reason, ender) = loop {
+            tokio::select! {
+                () = &mut retransmit, if !acked => {
+                    if tokio::time::Instant::now() >= give_up {
+                        self.send_bye(&mut a, &self.a_tx.clone());
+                        break (408, "caller never acknowledged the answer".to_string(), Ender::System);
+                    }
+                    self.ctx.endpoint.send_stateless(rsip::SipMessage::Response(ok.clone()), self.a_peer);
+                    interval = (interval * 2).min(self.ctx.timers.t2);
+                    retransmit.as_mut().reset(tokio::time::Instant::now() + interval);
+                }
+                end = agent.ended() => {
+                    let a_tx = self.a_tx.clone();
+                    self.bye_and_wait(&mut a, &a_tx, a_rx).await;
+                    break (200, format!("agent ended the call: {}", end.reason()), Ender::System);
+                }
+                event = relay_events.recv() => {
+                    if let Some(RelayEvent::MediaTimeout { silent_for }) = event {
+                        let a_tx = self.a_tx.clone();
+                        self.bye_and_wait(&mut a, &a_tx, a_rx).await;
+                        break (408, format!("media timeout: no RTP for {} s", silent_for.as_secs()), Ender::System);
+                    }
+                }
+                event = a_rx.recv() => match event {
+                    Some(TuEvent::Request { request, key, .. }) => match (request.method, key) {
+                        (Method::Ack, _) => acked = true,
+                        (Method::Bye, Some(key)) => {
+                            self.ctx.endpoint.respond(&key, response_to(&request, 200, Some("OK"), None));
+                            break (200, "caller hung up".into(), Ender::Caller);
+                        }
+                        (Method::Invite | Method::Update, Some(key)) if !request.body.is_empty() => {
+                            // Hold and resume: answer on the same session, move the relay.
+                            acked = true;
+                            let answered = SessionDescription::parse_bytes(&request.body)
+                                .map_err(|e| e.sip_status())
+                                .and_then(|offer| answer_offer(&offer, &policy, &mut session).map_err(|e| e.sip_status()));
+                            match answered {
+                                Ok((answer, negotiated)) => {
+                                    let _ = relay.update_leg(LegId::A, (&negotiated).into());
+                                    let mut response = response_to(&request, 200, Some("OK"), None);
+                                    response.headers.push(Header::Contact(headers::Contact::new(a.contact.clone())));
+                                    message::set_body(&mut response.headers, &mut response.body, answer.to_string().into_bytes(), Some("application/sdp"));
+                                    self.ctx.endpoint.respond(&key, response);
+                                }
+                                Err(code) => self.ctx.endpoint.respond(&key, response_to(&request, code, None, None)),
+                            }
+                        }
+                        (_, Some(key)) => self.ctx.endpoint.respond(&key, response_to(&request, 200, Some("OK"), None)),
+                        (_, None) => {}
+                    },
+                    Some(_) => {}
+                    None => break (500, "internal: channel closed".into(), Ender::System),
+                },
+            }
+        };
+        let _ = agent.hangup().await;
+        let stats = relay.stop().await;
+        tracing::info!(packets_in = stats.a.packets_in, packets_out = stats.a.packets_out, "agent call media");
+        self.ctx.endpoint.unregister_dialog(&a.call_id, &a.local_tag);
+        Outcome { code, reason, hangup_by: ender, attempt: Some(record(Some(answered_at))) }
+    }
+}
+
+/// Resolves when the caller cancels (other events before the answer are ignored).
+async fn wait_for_cancel(a_rx: &mut mpsc::UnboundedReceiver<TuEvent>) {
+    loop {
+        match a_rx.recv().await {
+            Some(TuEvent::Cancelled) | None => return,
+            _ => {}
+        }
+    }
+}
