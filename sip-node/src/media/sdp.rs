@@ -819,8 +819,8 @@ fn remote_addresses(sdp: &SessionDescription, media: &MediaDescription) -> (Opti
 }
 
 /// The direction a peer declares, adjusted for the RFC 2543 hold address: `c=0.0.0.0` means
-/// "do not send to me", whatever the attribute says.
-fn declared_direction(sdp: &SessionDescription, media: &MediaDescription) -> MediaDirection {
+/// "do not send to me", whatever the attribute says. A B2BUA mirrors it onto the other leg.
+pub fn declared_direction(sdp: &SessionDescription, media: &MediaDescription) -> MediaDirection {
     let declared = sdp.direction_of(media);
     if sdp.connection_of(media).is_some_and(Connection::is_hold) {
         MediaDirection::from_flags(declared.sends(), false)

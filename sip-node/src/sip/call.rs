@@ -4,7 +4,8 @@
 //! failover, passes provisional responses, answers, re-INVITEs, UPDATEs, INFOs and BYEs across,
 //! handles CANCEL, and writes the call's active row and one CDR per attempt.
 //!
-//! SDP passes through unchanged (media anchoring is a later layer).
+//! Media is anchored when the node has RTP ports (`media.rs`): each leg negotiates with the
+//! node's own SDP and RTP flows through the relay; calls to AI agents are in `agent.rs`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +32,10 @@ use crate::metrics::{ActiveCallGuard, CallStatus, NodeMetrics};
 use crate::store::{ActiveCall, CallState, CdrRecord, HangupBy, Store, StoreEvent, billable_seconds, cdr_cost};
 
 mod agent;
+mod media;
+
+use crate::media::relay::RelayEvent;
+use media::Anchor;
 
 /// Methods the node accepts, for Allow headers.
 pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, MESSAGE";
@@ -219,6 +224,7 @@ async fn inbound_call(ctx: Arc<CallContext>, invite: Request, key: TransactionKe
         answer_at: None,
         b_rx: None,
         b_tx: None,
+        anchor: None,
     };
     let outcome = call.run(target, &mut a_rx).await;
     call.finish(outcome, setup_at);
@@ -352,6 +358,8 @@ struct Call {
     /// The answered outbound leg's event channel (kept registered for in-dialog requests).
     b_rx: Option<mpsc::UnboundedReceiver<TuEvent>>,
     b_tx: Option<mpsc::UnboundedSender<TuEvent>>,
+    /// The call's anchored media (`None`: SDP passes through).
+    anchor: Option<Anchor>,
 }
 
 /// Which leg a message belongs to.
@@ -367,12 +375,26 @@ struct Pending {
     key: TransactionKey,
     request: Request,
     cseq: u32,
+    /// The originator's offer when the node re-offered on the other leg (anchored media).
+    offer: Option<crate::media::sdp::SessionDescription>,
 }
 
 impl Call {
     async fn run(&mut self, target: Target, a_rx: &mut mpsc::UnboundedReceiver<TuEvent>) -> Outcome {
         if let Target::WebSocket(url) = target {
             return self.bridge_to_agent(url, a_rx).await;
+        }
+        if let Some(media) = &self.ctx.media {
+            match Anchor::new(media, &self.invite.body, self.facts.inbound_trunk.as_deref()) {
+                Ok(anchor) => {
+                    if let Some(anchor) = &anchor {
+                        let (caller_port, callee_port) = anchor.ports();
+                        tracing::debug!(caller_port, callee_port, "media anchored");
+                    }
+                    self.anchor = anchor;
+                }
+                Err(error) => return self.refuse_caller(error.sip_status(), error.to_string(), None),
+            }
         }
         let targets = self.targets(target).await;
         if targets.is_empty() {
@@ -408,8 +430,22 @@ impl Call {
             tracing::info!(attempt = self.attempts, gateway = %target.gateway, trunk = target.trunk.as_ref().map(|t| t.name.as_str()), "outbound attempt");
             match self.attempt(&target, &mut record, a_rx).await {
                 AttemptEnd::Answered(answered) => {
-                    let (b_dialog, answer) = *answered;
+                    let (mut b_dialog, answer) = *answered;
                     record.answer_at = Some(Utc::now());
+                    if let Err(error) = self.anchor_answer(&answer) {
+                        // The callee answered with media the node cannot use: hang it up and
+                        // try the next target.
+                        let reason = format!("callee's SDP: {error}");
+                        tracing::info!(attempt = self.attempts, %reason, "answered attempt unusable");
+                        if let Some(b_tx) = self.b_tx.take() {
+                            self.send_bye(&mut b_dialog, &b_tx);
+                        }
+                        self.b_rx = None;
+                        self.ctx.endpoint.unregister_dialog(&b_dialog.call_id, &b_dialog.local_tag);
+                        self.write_cdr(&record, Utc::now(), 488, &reason, Ender::System);
+                        last = (488, reason);
+                        continue;
+                    }
                     return self.connected(b_dialog, answer, record, a_rx).await;
                 }
                 AttemptEnd::Cancelled => {
@@ -520,7 +556,14 @@ impl Call {
     }
 
     /// Builds the outbound INVITE for `target`.
-    fn outbound_invite(&self, target: &AttemptTarget, call_id: &str, tag: &str, cseq: u32) -> Request {
+    fn outbound_invite(
+        &self,
+        target: &AttemptTarget,
+        call_id: &str,
+        tag: &str,
+        cseq: u32,
+        offer: Option<&[u8]>,
+    ) -> Request {
         let endpoint = &self.ctx.endpoint;
         let (host, port) = endpoint.transport().sent_by(target.peer.addr);
         let caller = self.caller_id(target);
@@ -546,14 +589,20 @@ impl Call {
             headers: headers.into(),
             body: vec![],
         };
-        let ct = content_type(&self.invite.headers);
-        let body = self.invite.body.clone();
-        message::set_body(
-            &mut request.headers,
-            &mut request.body,
-            body,
-            if self.invite.body.is_empty() { None } else { ct.as_deref() },
-        );
+        match offer {
+            Some(offer) => {
+                message::set_body(&mut request.headers, &mut request.body, offer.to_vec(), Some("application/sdp"))
+            }
+            None => {
+                let ct = content_type(&self.invite.headers);
+                message::set_body(
+                    &mut request.headers,
+                    &mut request.body,
+                    self.invite.body.clone(),
+                    if self.invite.body.is_empty() { None } else { ct.as_deref() },
+                );
+            }
+        }
         request
     }
 
@@ -572,7 +621,8 @@ impl Call {
         let b_tag = new_tag();
         let (b_tx, mut b_rx) = mpsc::unbounded_channel();
         let mut cseq = 1;
-        let mut invite = self.outbound_invite(target, &call_id, &b_tag, cseq);
+        let offer = self.anchor.as_mut().map(|anchor| anchor.offer_for(target.trunk.as_deref()));
+        let mut invite = self.outbound_invite(target, &call_id, &b_tag, cseq, offer.as_deref());
         self.ctx.endpoint.register_dialog(&call_id, &b_tag, b_tx.clone());
         self.ctx.endpoint.send_request(invite.clone(), target.peer, b_tx.clone());
         let failover_after = Duration::from_secs(
@@ -635,7 +685,7 @@ impl Call {
                                     Ok(header) => {
                                         authenticated = true;
                                         cseq += 1;
-                                        invite = self.outbound_invite(target, &call_id, &b_tag, cseq);
+                                        invite = self.outbound_invite(target, &call_id, &b_tag, cseq, offer.as_deref());
                                         invite.headers.push(header);
                                         self.ctx.endpoint.send_request(invite.clone(), target.peer, b_tx.clone());
                                     }
@@ -728,11 +778,24 @@ impl Call {
         self.ctx.endpoint.send_request(cancel, peer, b_tx.clone());
     }
 
-    fn relay_provisional(&self, response: &Response) {
+    /// Passes a provisional response to the caller; with anchored media its early SDP becomes
+    /// the node's answer to the caller and the relay starts (ringback from the carrier).
+    fn relay_provisional(&mut self, response: &Response) {
         let code = message::status(response);
         let mut relayed = response_to(&self.invite, code, None, Some(&self.a_tag));
         relayed.headers.push(Header::Contact(headers::Contact::new(self.ctx.endpoint.contact_for(self.a_peer, ""))));
-        if !response.body.is_empty() {
+        if let Some(anchor) = self.anchor.as_mut() {
+            if !response.body.is_empty() {
+                match anchor.callee_answered(&response.body) {
+                    Ok(()) => {
+                        if let Some(body) = anchor.caller_answer() {
+                            message::set_body(&mut relayed.headers, &mut relayed.body, body, Some("application/sdp"));
+                        }
+                    }
+                    Err(error) => tracing::info!(%error, "early media SDP unusable; provisional passed without it"),
+                }
+            }
+        } else if !response.body.is_empty() {
             let ct = content_type(&response.headers);
             message::set_body(&mut relayed.headers, &mut relayed.body, response.body.clone(), ct.as_deref());
         }
@@ -829,13 +892,19 @@ impl Call {
         let mut ok = response_to(&self.invite, 200, Some("OK"), Some(&self.a_tag));
         ok.headers.push(Header::Contact(headers::Contact::new(contact)));
         ok.headers.push(Header::Allow(ALLOW.into()));
-        let ct = content_type(&answer.headers);
-        message::set_body(
-            &mut ok.headers,
-            &mut ok.body,
-            answer.body.clone(),
-            if answer.body.is_empty() { None } else { ct.as_deref() },
-        );
+        match self.anchor.as_ref().and_then(Anchor::caller_answer) {
+            Some(sdp) => message::set_body(&mut ok.headers, &mut ok.body, sdp, Some("application/sdp")),
+            None => {
+                let ct = content_type(&answer.headers);
+                message::set_body(
+                    &mut ok.headers,
+                    &mut ok.body,
+                    answer.body.clone(),
+                    if answer.body.is_empty() { None } else { ct.as_deref() },
+                );
+            }
+        }
+        let mut relay_events = self.anchor.as_mut().and_then(Anchor::take_events);
         self.ctx.endpoint.respond(&self.key, ok.clone());
         let answered_at = record.answer_at.unwrap_or_else(Utc::now);
         self.answer_at = Some(answered_at);
@@ -864,6 +933,17 @@ impl Call {
                     interval = (interval * 2).min(self.ctx.timers.t2);
                     retransmit.as_mut().reset(tokio::time::Instant::now() + interval);
                 }
+                event = next_relay_event(&mut relay_events) => match event {
+                    RelayEvent::MediaTimeout { silent_for } => {
+                        tracing::info!(silent_for = ?silent_for, "media timeout");
+                        self.send_bye(&mut b, &b_tx);
+                        let a_tx = self.a_tx.clone();
+                        self.bye_and_wait(&mut a, &a_tx, a_rx).await;
+                        break (408, format!("media timeout: no RTP for {} s", silent_for.as_secs()), Ender::System);
+                    }
+                    RelayEvent::Dtmf { leg, digit } => tracing::debug!(?leg, ?digit, "DTMF relayed"),
+                    RelayEvent::Latched { leg, source } => tracing::debug!(?leg, %source, "RTP latched"),
+                },
                 event = a_rx.recv() => {
                     let Some(event) = event else { break (500, "internal: channel closed".into(), Ender::System) };
                     match event {
@@ -876,7 +956,8 @@ impl Call {
                             }
                             (_, Some(key)) => {
                                 acked = true;
-                                self.forward(Leg::A, request, key, &mut b, &b_tx, &mut pending);
+                                let from_contact = a.contact.clone();
+                                self.forward(Leg::A, request, key, &from_contact, &mut b, &b_tx, &mut pending);
                             }
                             (_, None) => {}
                         },
@@ -896,7 +977,11 @@ impl Call {
                                 self.bye_and_wait(&mut a, &a_tx, a_rx).await;
                                 break (200, "callee hung up".into(), Ender::Callee);
                             }
-                            (_, Some(key)) => self.forward(Leg::B, request, key, &mut a, &self.a_tx.clone(), &mut pending),
+                            (_, Some(key)) => {
+                                let from_contact = b.contact.clone();
+                                let a_tx = self.a_tx.clone();
+                                self.forward(Leg::B, request, key, &from_contact, &mut a, &a_tx, &mut pending);
+                            }
                             (_, None) => {}
                         },
                         TuEvent::Response(response) => {
@@ -918,34 +1003,91 @@ impl Call {
         };
         self.ctx.endpoint.unregister_dialog(&a.call_id, &a.local_tag);
         self.ctx.endpoint.unregister_dialog(&b.call_id, &b.local_tag);
+        if let Some(anchor) = self.anchor.take()
+            && let Some(stats) = anchor.stop().await
+        {
+            tracing::info!(
+                caller_in = stats.a.packets_in,
+                caller_out = stats.a.packets_out,
+                callee_in = stats.b.packets_in,
+                callee_out = stats.b.packets_out,
+                "call media"
+            );
+        }
         record.answer_at = Some(answered_at);
         Outcome { code, reason, hangup_by: ender, attempt: Some(record) }
     }
 
     /// Passes an in-dialog request (re-INVITE, UPDATE, INFO, ...) from one leg to the other.
+    /// With anchored media an offer is not passed but re-offered by the node on the other leg
+    /// (mirroring its direction: hold and resume), and a re-INVITE without an offer is
+    /// answered here with the node's current SDP.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
-        &self,
+        &mut self,
         from: Leg,
         request: Request,
         key: TransactionKey,
+        from_contact: &str,
         other: &mut Dialog,
         other_tx: &mpsc::UnboundedSender<TuEvent>,
         pending: &mut Vec<Pending>,
     ) {
         let ct = content_type(&request.headers);
-        let body =
-            (!request.body.is_empty()).then(|| (ct.as_deref().unwrap_or("application/sdp"), request.body.clone()));
+        let mut body =
+            (!request.body.is_empty()).then(|| (ct.clone().unwrap_or("application/sdp".into()), request.body.clone()));
+        let mut offer = None;
+        let is_sdp = ct.as_deref().is_none_or(|ct| ct.to_ascii_lowercase().starts_with("application/sdp"));
+        if let Some(anchor) = self.anchor.as_mut()
+            && matches!(request.method, Method::Invite | Method::Update)
+        {
+            if request.body.is_empty() && request.method == Method::Invite {
+                let mut response = response_to(&request, 200, Some("OK"), None);
+                response.headers.push(Header::Contact(headers::Contact::new(from_contact.to_string())));
+                if let Some(sdp) = anchor.last_sent(from) {
+                    message::set_body(&mut response.headers, &mut response.body, sdp, Some("application/sdp"));
+                }
+                self.ctx.endpoint.respond(&key, response);
+                return;
+            }
+            if !request.body.is_empty() && is_sdp {
+                match anchor.reoffer(from, &request.body) {
+                    Ok((parsed, ours)) => {
+                        offer = Some(parsed);
+                        body = Some(("application/sdp".into(), ours));
+                    }
+                    Err(error) => {
+                        tracing::info!(%error, leg = ?from, "re-offer refused");
+                        self.ctx.endpoint.respond(&key, response_to(&request, error.sip_status(), None, None));
+                        return;
+                    }
+                }
+            }
+        }
+        let body = body.as_ref().map(|(ct, bytes)| (ct.as_str(), bytes.clone()));
         let forwarded = other.request(request.method, self.ctx.endpoint.via_for(other.peer), None, body);
         let cseq = other.local_cseq;
         self.ctx.endpoint.send_request(forwarded, other.peer, other_tx.clone());
-        pending.push(Pending { from, key, request, cseq });
+        pending.push(Pending { from, key, request, cseq, offer });
+    }
+
+    /// Applies the callee's answer to the anchored media (its 2xx SDP, else the early SDP).
+    fn anchor_answer(&mut self, answer: &Response) -> Result<(), crate::media::sdp::SdpError> {
+        let Some(anchor) = self.anchor.as_mut() else { return Ok(()) };
+        if !answer.body.is_empty() {
+            anchor.callee_answered(&answer.body)
+        } else if anchor.caller_answer().is_some() {
+            Ok(())
+        } else {
+            Err(crate::media::sdp::SdpError::NoAudio)
+        }
     }
 
     /// Relays the final response to a forwarded request back to the leg it came from; `leg` is
     /// the leg the response arrived on. A 2xx to a forwarded re-INVITE is ACKed here.
-    fn relay_final(&self, leg: Leg, response: Response, dialog: &mut Dialog, pending: &mut Vec<Pending>) {
+    fn relay_final(&mut self, leg: Leg, response: Response, dialog: &mut Dialog, pending: &mut Vec<Pending>) {
         let Some((number, method)) = message::cseq(&response) else { return };
-        let code = message::status(&response);
+        let mut code = message::status(&response);
         let Some(index) = pending.iter().position(|p| p.from != leg && p.cseq == number && p.request.method == method)
         else {
             return;
@@ -958,14 +1100,27 @@ impl Call {
             let ack = dialog.request(Method::Ack, self.ctx.endpoint.via_for(dialog.peer), Some(number), None);
             self.ctx.endpoint.send_stateless(rsip::SipMessage::Request(ack), dialog.peer);
         }
+        let mut body = (!response.body.is_empty())
+            .then(|| (content_type(&response.headers).unwrap_or("application/sdp".into()), response.body.clone()));
+        if let (Some(offer), Some(anchor)) = (p.offer.as_ref(), self.anchor.as_mut()) {
+            body = None;
+            if (200..300).contains(&code) {
+                match anchor.reanswer(p.from, offer, &response.body) {
+                    Ok(answer) => body = Some(("application/sdp".into(), answer)),
+                    Err(error) => {
+                        tracing::info!(%error, "the other leg's answer to a re-offer is unusable");
+                        code = 488;
+                    }
+                }
+            }
+        }
         let mut relayed = response_to(&p.request, code, None, None);
         if matches!(method, Method::Invite | Method::Update) && (200..300).contains(&code) {
             let peer = if p.from == Leg::A { self.a_peer } else { dialog.peer };
             relayed.headers.push(Header::Contact(headers::Contact::new(self.ctx.endpoint.contact_for(peer, ""))));
         }
-        if !response.body.is_empty() {
-            let ct = content_type(&response.headers);
-            message::set_body(&mut relayed.headers, &mut relayed.body, response.body.clone(), ct.as_deref());
+        if let Some((ct, bytes)) = body {
+            message::set_body(&mut relayed.headers, &mut relayed.body, bytes, Some(&ct));
         }
         self.ctx.endpoint.respond(&p.key, relayed);
     }
@@ -1016,4 +1171,15 @@ impl Call {
         })
         .await;
     }
+}
+
+/// The next event of a call's relay; never resolves when there is none.
+async fn next_relay_event(events: &mut Option<mpsc::Receiver<RelayEvent>>) -> RelayEvent {
+    if let Some(rx) = events.as_mut()
+        && let Some(event) = rx.recv().await
+    {
+        return event;
+    }
+    *events = None;
+    std::future::pending().await
 }

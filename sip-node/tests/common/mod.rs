@@ -233,6 +233,7 @@ pub struct Cdr {
     pub gateway: Option<String>,
     pub answer_at: Option<chrono::DateTime<chrono::Utc>>,
     pub cost: Decimal,
+    pub reason: Option<String>,
 }
 
 /// CDRs once the store has written `expected` of them (bounded wait).
@@ -240,7 +241,7 @@ pub async fn cdrs(pool: &PgPool, expected: usize) -> Vec<Cdr> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let rows: Vec<Cdr> = sqlx::query_as(
-            "SELECT attempt, sip_code, hangup_by, trunk_name, gateway, answer_at, cost FROM cdrs ORDER BY call_id, attempt",
+            "SELECT attempt, sip_code, hangup_by, trunk_name, gateway, answer_at, cost, reason FROM cdrs ORDER BY call_id, attempt",
         )
         .fetch_all(pool)
         .await

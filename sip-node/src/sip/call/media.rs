@@ -1,0 +1,340 @@
+//! Media anchoring of SIP-to-SIP calls: the node answers the caller's offer and offers to the
+//! callee with its own address and a port pair per leg, so that RTP flows through the relay
+//! (latching for callers behind NAT, one SSRC per direction across failover and re-INVITEs,
+//! G.711 transcoding when the legs differ, RFC 4733 DTMF, media timeout).
+//!
+//! The two legs negotiate separately. What ties them together is the direction: what the node
+//! does on one leg mirrors what the far end declared on the other (a caller putting the call on
+//! hold with `sendonly` makes the node offer `sendonly` to the callee). The codec of the
+//! caller's leg is fixed by the first answer sent to the caller; the callee's leg may differ
+//! (another gateway after failover) and the relay transcodes.
+//!
+//! Calls whose INVITE carries no SDP (delayed offer) are not anchored: their SDP passes through.
+
+use std::net::IpAddr;
+
+use switchboard_model::{Codec, TrunkConfig};
+use tokio::sync::mpsc;
+
+use super::{Leg, MediaContext};
+use crate::media::ports::PortPair;
+use crate::media::relay::{LegId, RelayConfig, RelayEvent, RelayHandle, RelayStats, RtpLegSetup, spawn_relay};
+use crate::media::sdp::{
+    LocalEndpoint, MediaDirection, MediaPolicy, NegotiatedMedia, SdpError, SdpSession, SessionDescription,
+    answer_offer, create_offer, declared_direction, process_answer,
+};
+
+/// Why a call cannot be anchored: the SIP answer to give the caller.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum AnchorError {
+    /// The caller's SDP is unusable (400) or has nothing in common with the trunk (488).
+    #[error("caller's SDP: {0}")]
+    Offer(#[from] SdpError),
+    /// No RTP port pair is free.
+    #[error("no RTP port free: {0}")]
+    Ports(#[from] crate::media::ports::PortError),
+}
+
+impl AnchorError {
+    /// The SIP status for the caller.
+    pub(super) fn sip_status(&self) -> u16 {
+        match self {
+            AnchorError::Offer(error) => error.sip_status(),
+            AnchorError::Ports(_) => 503,
+        }
+    }
+}
+
+/// The node's side of one leg.
+struct LegState {
+    /// The pair until the relay takes its sockets.
+    pair: Option<PortPair>,
+    port: u16,
+    session: SdpSession,
+    /// The codecs allowed on this leg (the trunk's list).
+    allowed: Vec<Codec>,
+    /// What offer/answer last agreed on.
+    negotiated: Option<NegotiatedMedia>,
+    /// The last SDP the node sent on this leg (offer or answer).
+    last_sent: Option<SessionDescription>,
+    /// The node's outstanding offer on this leg (initial INVITE or re-offer).
+    offer: Option<SessionDescription>,
+}
+
+impl LegState {
+    fn new(pair: PortPair, address: IpAddr, allowed: Vec<Codec>) -> LegState {
+        LegState {
+            port: pair.rtp_port(),
+            pair: Some(pair),
+            session: SdpSession::new(address),
+            allowed,
+            negotiated: None,
+            last_sent: None,
+            offer: None,
+        }
+    }
+
+    fn policy(&self, address: IpAddr, codecs: Vec<Codec>, direction: MediaDirection) -> MediaPolicy {
+        let mut policy = MediaPolicy::new(codecs, LocalEndpoint { address, rtp_port: self.port });
+        policy.direction = direction;
+        policy
+    }
+
+    /// Answers an offer on this leg, preferring the codec the leg already uses (no codec change
+    /// mid-call unless the peer insists), then `preferred`, then the leg's allowed list.
+    fn answer(
+        &mut self,
+        address: IpAddr,
+        offer: &SessionDescription,
+        preferred: Option<Codec>,
+        direction: MediaDirection,
+    ) -> Result<(SessionDescription, NegotiatedMedia), SdpError> {
+        let events = self.allowed.contains(&Codec::TelephoneEvent);
+        let mut tries: Vec<Vec<Codec>> = vec![];
+        for codec in [self.negotiated.as_ref().map(|n| n.codec), preferred].into_iter().flatten() {
+            if self.allowed.contains(&codec) {
+                let mut codecs = vec![codec];
+                if events {
+                    codecs.push(Codec::TelephoneEvent);
+                }
+                tries.push(codecs);
+            }
+        }
+        tries.push(self.allowed.clone());
+        let mut last = None;
+        for codecs in tries {
+            let policy = self.policy(address, codecs, direction);
+            // A failed try must not bump the o= version: answer on a copy of the session.
+            let mut session = self.session.clone();
+            match answer_offer(offer, &policy, &mut session) {
+                Ok((answer, negotiated)) => {
+                    self.session = session;
+                    self.negotiated = Some(negotiated.clone());
+                    self.last_sent = Some(answer.clone());
+                    return Ok((answer, negotiated));
+                }
+                Err(error) => last = Some(error),
+            }
+        }
+        Err(last.unwrap_or(SdpError::NoAudio))
+    }
+}
+
+/// The audio section's declared direction of an SDP (sendrecv when it has no audio).
+fn declared(sdp: &SessionDescription) -> MediaDirection {
+    sdp.audio_index().map(|i| declared_direction(sdp, &sdp.media[i])).unwrap_or_default()
+}
+
+/// The codecs of the audio section, in the offerer's order.
+fn offered_codecs(sdp: &SessionDescription) -> Vec<Codec> {
+    let Some(index) = sdp.audio_index() else { return vec![] };
+    let media = &sdp.media[index];
+    media.payload_types().filter_map(|pt| media.codec_of(pt)).collect()
+}
+
+/// A trunk's codec list, or every codec the node relays when there is no trunk.
+fn codecs_of(trunk: Option<&TrunkConfig>) -> Vec<Codec> {
+    match trunk {
+        Some(trunk) if !trunk.codecs.is_empty() => trunk.codecs.clone(),
+        _ => vec![Codec::Pcmu, Codec::Pcma, Codec::TelephoneEvent],
+    }
+}
+
+/// The anchored media of one call.
+pub(super) struct Anchor {
+    address: IpAddr,
+    config: RelayConfig,
+    caller_offer: SessionDescription,
+    a: LegState,
+    b: LegState,
+    relay: Option<RelayHandle>,
+    events: Option<mpsc::Receiver<RelayEvent>>,
+}
+
+impl Anchor {
+    /// Anchors a call whose INVITE carried `body`; `Ok(None)` for an INVITE without SDP (delayed
+    /// offer: not anchored). Refuses offers without a codec the inbound trunk allows before any
+    /// outbound attempt is made.
+    pub(super) fn new(
+        media: &MediaContext,
+        body: &[u8],
+        inbound: Option<&TrunkConfig>,
+    ) -> Result<Option<Anchor>, AnchorError> {
+        if body.is_empty() {
+            return Ok(None);
+        }
+        let caller_offer = SessionDescription::parse_bytes(body)?;
+        let inbound_codecs = codecs_of(inbound);
+        // A dry run: is there anything to agree on with the caller at all?
+        let probe = MediaPolicy::new(inbound_codecs.clone(), LocalEndpoint { address: media.address, rtp_port: 9 });
+        answer_offer(&caller_offer, &probe, &mut SdpSession::new(media.address))?;
+        let a_pair = media.ports.allocate()?;
+        let b_pair = media.ports.allocate()?;
+        Ok(Some(Anchor {
+            address: media.address,
+            config: RelayConfig { media_timeout: media.timeout },
+            caller_offer,
+            a: LegState::new(a_pair, media.address, inbound_codecs),
+            b: LegState::new(b_pair, media.address, vec![]),
+            relay: None,
+            events: None,
+        }))
+    }
+
+    /// The offer for an outbound attempt through `trunk`: the trunk's codecs, with the caller's
+    /// preferred codec first when the trunk has it (no transcoding when both sides can agree),
+    /// and the caller's direction.
+    pub(super) fn offer_for(&mut self, trunk: Option<&TrunkConfig>) -> Vec<u8> {
+        let mut codecs = codecs_of(trunk);
+        let caller_first = self
+            .a
+            .negotiated
+            .as_ref()
+            .map(|n| n.codec)
+            .or_else(|| offered_codecs(&self.caller_offer).into_iter().find(|c| self.a.allowed.contains(c)));
+        if let Some(first) = caller_first
+            && let Some(at) = codecs.iter().position(|c| *c == first)
+        {
+            let codec = codecs.remove(at);
+            codecs.insert(0, codec);
+        }
+        self.b.allowed = codecs.clone();
+        let policy = self.b.policy(self.address, codecs, declared(&self.caller_offer));
+        let offer = create_offer(&policy, &mut self.b.session);
+        let body = offer.to_string().into_bytes();
+        self.b.last_sent = Some(offer.clone());
+        self.b.offer = Some(offer);
+        body
+    }
+
+    /// The callee answered the current offer (in a provisional response with early media, or
+    /// in the 2xx): the outbound leg is set, the caller's answer made if it was not yet, and the
+    /// relay started or moved.
+    pub(super) fn callee_answered(&mut self, body: &[u8]) -> Result<(), SdpError> {
+        let answer = SessionDescription::parse_bytes(body)?;
+        let offer = self.b.offer.as_ref().ok_or(SdpError::NoAudio)?;
+        let b_media = process_answer(offer, &answer)?;
+        if self.a.negotiated.is_none() {
+            let caller_offer = self.caller_offer.clone();
+            self.a.answer(self.address, &caller_offer, Some(b_media.codec), declared(&answer))?;
+        }
+        self.b.negotiated = Some(b_media.clone());
+        self.apply()
+    }
+
+    /// Starts the relay, or updates both legs of the running one.
+    fn apply(&mut self) -> Result<(), SdpError> {
+        let (Some(a_media), Some(b_media)) = (self.a.negotiated.clone(), self.b.negotiated.clone()) else {
+            return Ok(());
+        };
+        match &self.relay {
+            Some(relay) => {
+                let _ = relay.update_leg(LegId::A, (&a_media).into());
+                let _ = relay.update_leg(LegId::B, (&b_media).into());
+            }
+            None => {
+                let (Some(a_pair), Some(b_pair)) = (self.a.pair.take(), self.b.pair.take()) else {
+                    return Ok(());
+                };
+                match spawn_relay(
+                    RtpLegSetup { ports: a_pair, media: (&a_media).into() },
+                    RtpLegSetup { ports: b_pair, media: (&b_media).into() },
+                    self.config,
+                ) {
+                    Ok((relay, events)) => {
+                        self.relay = Some(relay);
+                        self.events = Some(events);
+                    }
+                    Err(error) => tracing::error!(%error, "cannot start the RTP relay; the call has no media"),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The body of the node's answer to the caller, once there is one.
+    pub(super) fn caller_answer(&self) -> Option<Vec<u8>> {
+        self.a.last_sent.as_ref().filter(|_| self.a.negotiated.is_some()).map(|sdp| sdp.to_string().into_bytes())
+    }
+
+    /// The last SDP the node sent on `leg`, for a re-INVITE without an offer (the node offers
+    /// what it has; RFC 3261 14.2).
+    pub(super) fn last_sent(&self, leg: Leg) -> Option<Vec<u8>> {
+        self.leg(leg).last_sent.as_ref().map(|sdp| sdp.to_string().into_bytes())
+    }
+
+    /// The relay's event stream, taken once by the connected call.
+    pub(super) fn take_events(&mut self) -> Option<mpsc::Receiver<RelayEvent>> {
+        let mut events = self.events.take()?;
+        // Silence while ringing is no media timeout of the answered call.
+        while events.try_recv().is_ok() {}
+        Some(events)
+    }
+
+    fn leg(&self, leg: Leg) -> &LegState {
+        if leg == Leg::A { &self.a } else { &self.b }
+    }
+
+    fn leg_mut(&mut self, leg: Leg) -> &mut LegState {
+        if leg == Leg::A { &mut self.a } else { &mut self.b }
+    }
+
+    /// A re-INVITE or UPDATE with an offer arrived on `from`: returns the offer as parsed (kept
+    /// until the other side answers) and the node's offer for the other leg, mirroring the
+    /// direction and keeping the other leg's codec.
+    pub(super) fn reoffer(&mut self, from: Leg, body: &[u8]) -> Result<(SessionDescription, Vec<u8>), SdpError> {
+        let offer = SessionDescription::parse_bytes(body)?;
+        offer.audio_index().ok_or(SdpError::NoAudio)?;
+        let address = self.address;
+        let other = self.leg_mut(other_leg(from));
+        let mut codecs = match &other.negotiated {
+            Some(n) => vec![n.codec],
+            None => other.allowed.clone(),
+        };
+        if other.negotiated.as_ref().is_some_and(|n| n.telephone_event.is_some()) {
+            codecs.push(Codec::TelephoneEvent);
+        }
+        let policy = other.policy(address, codecs, declared(&offer));
+        let ours = create_offer(&policy, &mut other.session);
+        let bytes = ours.to_string().into_bytes();
+        other.last_sent = Some(ours.clone());
+        other.offer = Some(ours);
+        Ok((offer, bytes))
+    }
+
+    /// The other leg accepted the node's re-offer with `answer_body`: both legs are updated and
+    /// the node's answer to the originator's `offer` returned.
+    pub(super) fn reanswer(
+        &mut self,
+        from: Leg,
+        offer: &SessionDescription,
+        answer_body: &[u8],
+    ) -> Result<Vec<u8>, SdpError> {
+        let answer = SessionDescription::parse_bytes(answer_body)?;
+        let ours = self.leg(other_leg(from)).offer.clone().ok_or(SdpError::NoAudio)?;
+        let other_media = process_answer(&ours, &answer)?;
+        let address = self.address;
+        let preferred = Some(other_media.codec);
+        self.leg_mut(other_leg(from)).negotiated = Some(other_media);
+        let (sdp, _) = self.leg_mut(from).answer(address, offer, preferred, declared(&answer))?;
+        self.apply()?;
+        Ok(sdp.to_string().into_bytes())
+    }
+
+    /// The caller's leg port and the callee's, for logs and tests.
+    pub(super) fn ports(&self) -> (u16, u16) {
+        (self.a.port, self.b.port)
+    }
+
+    /// Stops the relay (ports go back to the allocator) and returns its counters.
+    pub(super) async fn stop(self) -> Option<RelayStats> {
+        match self.relay {
+            Some(relay) => Some(relay.stop().await),
+            None => None,
+        }
+    }
+}
+
+fn other_leg(leg: Leg) -> Leg {
+    if leg == Leg::A { Leg::B } else { Leg::A }
+}

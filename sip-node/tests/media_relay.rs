@@ -1,0 +1,398 @@
+//! Anchored media between two SIP legs: a caller and a callee on loopback (raw SIP over UDP,
+//! real RTP streams) talk through the node. Each side sees only the node's address in SDP; RTP
+//! from each side reaches the other (transcoded when the caller speaks PCMA and the callee
+//! PCMU); hold and resume by re-INVITE change what flows; a call whose RTP stops ends with a
+//! media timeout in its CDR.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use sqlx::PgPool;
+use switchboard_node::media::g711;
+use tokio::net::UdpSocket;
+
+/// A raw SIP user agent with one RTP socket.
+struct Ua {
+    sip: UdpSocket,
+    rtp: UdpSocket,
+}
+
+impl Ua {
+    async fn new() -> Ua {
+        Ua { sip: UdpSocket::bind("127.0.0.1:0").await.unwrap(), rtp: UdpSocket::bind("127.0.0.1:0").await.unwrap() }
+    }
+
+    fn sip_addr(&self) -> SocketAddr {
+        self.sip.local_addr().unwrap()
+    }
+
+    fn rtp_port(&self) -> u16 {
+        self.rtp.local_addr().unwrap().port()
+    }
+
+    async fn send(&self, text: &str, to: SocketAddr) {
+        self.sip.send_to(text.as_bytes(), to).await.unwrap();
+    }
+
+    /// The next SIP message (bounded wait).
+    async fn recv(&self) -> (String, SocketAddr) {
+        let mut buf = vec![0u8; 8192];
+        let (n, from) = tokio::time::timeout(Duration::from_secs(10), self.sip.recv_from(&mut buf))
+            .await
+            .expect("no SIP message within 10 s")
+            .unwrap();
+        (String::from_utf8_lossy(&buf[..n]).to_string(), from)
+    }
+
+    /// Reads until a request with `method` arrives (answering nothing else).
+    async fn request(&self, method: &str) -> (String, SocketAddr) {
+        loop {
+            let (text, from) = self.recv().await;
+            if text.starts_with(&format!("{method} ")) {
+                return (text, from);
+            }
+        }
+    }
+
+    /// Reads until a final response arrives.
+    async fn final_response(&self) -> String {
+        loop {
+            let (text, _) = self.recv().await;
+            if text.starts_with("SIP/2.0 ") && !text.starts_with("SIP/2.0 1") {
+                return text;
+            }
+        }
+    }
+
+    /// Sends one RTP packet to `to`.
+    async fn rtp_send(&self, to: SocketAddr, pt: u8, seq: u16, payload: &[u8]) {
+        let mut packet = vec![0x80, pt, 0, 0, 0, 0, 0, 0, 0xAB, 0xCD, 0xEF, 0x01];
+        packet[2..4].copy_from_slice(&seq.to_be_bytes());
+        packet[4..8].copy_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+        packet.extend_from_slice(payload);
+        self.rtp.send_to(&packet, to).await.unwrap();
+    }
+
+    /// Every RTP packet that arrives within `window`: (payload type, payload).
+    async fn rtp_collect(&self, window: Duration) -> Vec<(u8, Vec<u8>)> {
+        let mut out = vec![];
+        let mut buf = [0u8; 2048];
+        let deadline = tokio::time::Instant::now() + window;
+        while let Ok(Ok((n, _))) = tokio::time::timeout_at(deadline, self.rtp.recv_from(&mut buf)).await {
+            if n >= 12 {
+                out.push((buf[1] & 0x7f, buf[12..n].to_vec()));
+            }
+        }
+        out
+    }
+}
+
+fn header<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+    text.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        key.trim().eq_ignore_ascii_case(name).then(|| value.trim())
+    })
+}
+
+fn body(text: &str) -> &str {
+    text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("")
+}
+
+/// The RTP address in an SDP body.
+fn sdp_rtp(text: &str) -> SocketAddr {
+    let sdp = body(text);
+    let ip = sdp.lines().find_map(|l| l.strip_prefix("c=IN IP4 ")).expect("c= line").trim();
+    let port = sdp
+        .lines()
+        .find_map(|l| l.strip_prefix("m=audio "))
+        .and_then(|l| l.split_whitespace().next())
+        .expect("m= line");
+    format!("{ip}:{port}").parse().unwrap()
+}
+
+fn sdp(port: u16, formats: &str, direction: &str) -> String {
+    let mut out = format!(
+        "v=0\r\no=ua 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {port} RTP/AVP {formats}\r\n"
+    );
+    for pt in formats.split_whitespace() {
+        match pt {
+            "0" => out.push_str("a=rtpmap:0 PCMU/8000\r\n"),
+            "8" => out.push_str("a=rtpmap:8 PCMA/8000\r\n"),
+            "101" => out.push_str("a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-16\r\n"),
+            _ => {}
+        }
+    }
+    out.push_str(&format!("a=ptime:20\r\na={direction}\r\n"));
+    out
+}
+
+/// A request from the caller's side of the dialog.
+fn caller_request(
+    method: &str,
+    cseq: u32,
+    node: SocketAddr,
+    ua: SocketAddr,
+    to_tag: Option<&str>,
+    sdp: Option<&str>,
+) -> String {
+    let to_tag = to_tag.map(|t| format!(";tag={t}")).unwrap_or_default();
+    let (ct, body) = match sdp {
+        Some(sdp) => ("Content-Type: application/sdp\r\n", sdp),
+        None => ("", ""),
+    };
+    format!(
+        "{method} sip:{DID}@{node} SIP/2.0\r\nVia: SIP/2.0/UDP {ua};branch=z9hG4bK{method}{cseq}x{to_tag_len}\r\n\
+         From: <sip:+15557654321@{ua}>;tag=caller\r\nTo: <sip:{DID}@{node}>{to_tag}\r\nCall-ID: media-call@test\r\n\
+         CSeq: {cseq} {method}\r\nContact: <sip:caller@{ua}>\r\nMax-Forwards: 70\r\n{ct}Content-Length: {}\r\n\r\n{body}",
+        body.len(),
+        to_tag_len = to_tag.len(),
+    )
+}
+
+/// A response to `request` (copies Via, From, To, Call-ID, CSeq; tags the To).
+fn reply(request: &str, status: &str, contact: SocketAddr, sdp: Option<&str>) -> String {
+    let mut out = format!("SIP/2.0 {status}\r\n");
+    for line in request.lines() {
+        let lower = line.to_ascii_lowercase();
+        if lower.starts_with("via:")
+            || lower.starts_with("from:")
+            || lower.starts_with("call-id:")
+            || lower.starts_with("cseq:")
+        {
+            out.push_str(line);
+            out.push_str("\r\n");
+        } else if lower.starts_with("to:") {
+            out.push_str(line);
+            if !lower.contains("tag=") {
+                out.push_str(";tag=callee");
+            }
+            out.push_str("\r\n");
+        }
+    }
+    out.push_str(&format!("Contact: <sip:callee@{contact}>\r\n"));
+    match sdp {
+        Some(sdp) => {
+            out.push_str(&format!("Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}", sdp.len()))
+        }
+        None => out.push_str("Content-Length: 0\r\n\r\n"),
+    }
+    out
+}
+
+/// An ACK or BYE from the callee's side of the dialog (the node's outbound leg).
+fn callee_request(method: &str, invite: &str, ua: SocketAddr, node: SocketAddr, cseq: u32) -> String {
+    // The callee's From is the INVITE's To (with our tag), its To the INVITE's From.
+    let from = header(invite, "From").unwrap();
+    let to = header(invite, "To").unwrap();
+    let call_id = header(invite, "Call-ID").unwrap();
+    format!(
+        "{method} sip:{node} SIP/2.0\r\nVia: SIP/2.0/UDP {ua};branch=z9hG4bKcallee{method}{cseq}\r\nFrom: {to};tag=callee\r\n\
+         To: {from}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+    )
+}
+
+/// Sets up a call: the caller offers `caller_formats`, the callee answers `callee_formats`.
+/// Returns (caller's 200, callee's INVITE) after the caller's ACK.
+async fn establish(
+    node: &Node,
+    caller: &Ua,
+    callee: &Ua,
+    caller_formats: &str,
+    callee_formats: &str,
+) -> (String, String) {
+    let offer = sdp(caller.rtp_port(), caller_formats, "sendrecv");
+    caller.send(&caller_request("INVITE", 1, node.addr, caller.sip_addr(), None, Some(&offer)), node.addr).await;
+    let (invite, from) = callee.request("INVITE").await;
+    let answer = sdp(callee.rtp_port(), callee_formats, "sendrecv");
+    callee.send(&reply(&invite, "200 OK", callee.sip_addr(), Some(&answer)), from).await;
+    let _ack = callee.request("ACK").await;
+    let ok = caller.final_response().await;
+    assert!(ok.starts_with("SIP/2.0 200"), "{ok}");
+    let to_tag = header(&ok, "To").and_then(|t| t.split("tag=").nth(1)).unwrap().to_string();
+    caller.send(&caller_request("ACK", 1, node.addr, caller.sip_addr(), Some(&to_tag), None), node.addr).await;
+    (ok, invite)
+}
+
+fn to_tag(ok: &str) -> String {
+    header(ok, "To").and_then(|t| t.split("tag=").nth(1)).unwrap().to_string()
+}
+
+/// Sends `count` frames from `ua` to `to` 20 ms apart, each frame's bytes = its index + `base`.
+async fn talk(ua: &Ua, to: SocketAddr, pt: u8, count: u16, base: u8) {
+    for i in 0..count {
+        ua.rtp_send(to, pt, 100 + i, &[base.wrapping_add(i as u8); 160]).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn rtp_flows_through_the_node_both_ways_with_transcoding(pool: PgPool) {
+    let caller = Ua::new().await;
+    let callee = Ua::new().await;
+    let mut carrier = trunk("carrier", vec![]);
+    carrier.codecs = vec![switchboard_model::Codec::Pcma, switchboard_model::Codec::Pcmu];
+    let node = Node::start(&pool, vec![carrier], vec![number_to(sip_destination(callee.sip_addr().port()))]).await;
+
+    // The caller speaks PCMA only; the callee answers PCMU only.
+    let (ok, invite) = establish(&node, &caller, &callee, "8", "0").await;
+    let node_for_caller = sdp_rtp(&ok);
+    let node_for_callee = sdp_rtp(&invite);
+    assert_eq!(node_for_caller.ip().to_string(), "127.0.0.1");
+    assert_ne!(node_for_caller.port(), caller.rtp_port(), "the caller must see the node's port: {ok}");
+    assert_ne!(node_for_callee.port(), caller.rtp_port(), "the callee must see the node's port: {invite}");
+    assert_ne!(node_for_caller, node_for_callee, "one port pair per leg");
+    assert!(body(&ok).contains("PCMA/8000"), "the caller's answer keeps its codec: {ok}");
+    assert!(body(&invite).contains("PCMA/8000"), "the node offers the caller's codec first: {invite}");
+
+    // Audio from the caller (A-law) reaches the callee as μ-law, and back.
+    let level = g711::linear_to_alaw(4000);
+    let from_caller = tokio::join!(
+        async {
+            for i in 0..10u16 {
+                caller.rtp_send(node_for_caller, 8, 1 + i, &[level; 160]).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+        callee.rtp_collect(Duration::from_millis(700))
+    )
+    .1;
+    assert!(from_caller.len() >= 9, "caller audio must reach the callee: {} packets", from_caller.len());
+    for (pt, payload) in &from_caller {
+        assert_eq!(*pt, 0, "the callee receives its own codec");
+        let sample = g711::ulaw_to_linear(payload[0]);
+        assert!((sample - 4000).abs() < 300, "transcoded sample {sample} should be near 4000");
+    }
+    let ulaw = g711::linear_to_ulaw(-2500);
+    let from_callee = tokio::join!(
+        async {
+            for i in 0..10u16 {
+                callee.rtp_send(node_for_callee, 0, 500 + i, &[ulaw; 160]).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+        caller.rtp_collect(Duration::from_millis(700))
+    )
+    .1;
+    assert!(from_callee.len() >= 9, "callee audio must reach the caller: {} packets", from_callee.len());
+    for (pt, payload) in &from_callee {
+        assert_eq!(*pt, 8);
+        let sample = g711::alaw_to_linear(payload[0]);
+        assert!((sample + 2500).abs() < 300, "transcoded sample {sample} should be near -2500");
+    }
+
+    let tag = to_tag(&ok);
+    caller.send(&caller_request("BYE", 2, node.addr, caller.sip_addr(), Some(&tag), None), node.addr).await;
+    let (bye, from) = callee.request("BYE").await;
+    callee.send(&reply(&bye, "200 OK", callee.sip_addr(), None), from).await;
+    assert!(caller.final_response().await.starts_with("SIP/2.0 200"));
+    let cdrs = cdrs(&pool, 1).await;
+    assert_eq!(cdrs[0].hangup_by.as_deref(), Some("caller"), "{cdrs:?}");
+    node.stop().await;
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn hold_and_resume_by_re_invite_stop_and_restart_the_held_direction(pool: PgPool) {
+    let caller = Ua::new().await;
+    let callee = Ua::new().await;
+    let node =
+        Node::start(&pool, vec![trunk("carrier", vec![])], vec![number_to(sip_destination(callee.sip_addr().port()))])
+            .await;
+    let (ok, invite) = establish(&node, &caller, &callee, "0", "0").await;
+    let (node_for_caller, node_for_callee) = (sdp_rtp(&ok), sdp_rtp(&invite));
+    let tag = to_tag(&ok);
+
+    // Both directions flow.
+    let heard = tokio::join!(talk(&callee, node_for_callee, 0, 5, 0), caller.rtp_collect(Duration::from_millis(400))).1;
+    assert!(heard.len() >= 4, "before hold: {} packets", heard.len());
+
+    // The caller holds: sendonly. The callee is offered sendonly by the node and answers recvonly.
+    let hold = sdp(caller.rtp_port(), "0", "sendonly");
+    caller.send(&caller_request("INVITE", 2, node.addr, caller.sip_addr(), Some(&tag), Some(&hold)), node.addr).await;
+    let (reinvite, from) = callee.request("INVITE").await;
+    assert!(body(&reinvite).contains("a=sendonly"), "the hold reaches the callee: {reinvite}");
+    assert_eq!(sdp_rtp(&reinvite), node_for_callee, "the node keeps its port on re-INVITE");
+    let held = sdp(callee.rtp_port(), "0", "recvonly");
+    callee.send(&reply(&reinvite, "200 OK", callee.sip_addr(), Some(&held)), from).await;
+    let _ = callee.request("ACK").await;
+    let ok2 = caller.final_response().await;
+    assert!(ok2.starts_with("SIP/2.0 200") && body(&ok2).contains("a=recvonly"), "{ok2}");
+    caller.send(&caller_request("ACK", 2, node.addr, caller.sip_addr(), Some(&tag), None), node.addr).await;
+
+    // On hold the callee's audio does not reach the caller; the caller's (music) reaches the callee.
+    let (_, heard_on_hold, music) =
+        tokio::join!(talk(&callee, node_for_callee, 0, 5, 10), caller.rtp_collect(Duration::from_millis(400)), async {
+            talk(&caller, node_for_caller, 0, 5, 50).await;
+        });
+    let _ = music;
+    assert!(heard_on_hold.is_empty(), "held: the caller must not hear the callee ({} packets)", heard_on_hold.len());
+
+    // Resume.
+    let resume = sdp(caller.rtp_port(), "0", "sendrecv");
+    caller.send(&caller_request("INVITE", 3, node.addr, caller.sip_addr(), Some(&tag), Some(&resume)), node.addr).await;
+    let (reinvite, from) = callee.request("INVITE").await;
+    assert!(body(&reinvite).contains("a=sendrecv"), "{reinvite}");
+    let back = sdp(callee.rtp_port(), "0", "sendrecv");
+    callee.send(&reply(&reinvite, "200 OK", callee.sip_addr(), Some(&back)), from).await;
+    let ok3 = caller.final_response().await;
+    assert!(ok3.starts_with("SIP/2.0 200") && body(&ok3).contains("a=sendrecv"), "{ok3}");
+    caller.send(&caller_request("ACK", 3, node.addr, caller.sip_addr(), Some(&tag), None), node.addr).await;
+    let heard =
+        tokio::join!(talk(&callee, node_for_callee, 0, 5, 20), caller.rtp_collect(Duration::from_millis(400))).1;
+    assert!(heard.len() >= 4, "after resume: {} packets", heard.len());
+
+    caller.send(&caller_request("BYE", 4, node.addr, caller.sip_addr(), Some(&tag), None), node.addr).await;
+    let (bye, from) = callee.request("BYE").await;
+    callee.send(&reply(&bye, "200 OK", callee.sip_addr(), None), from).await;
+    assert!(caller.final_response().await.starts_with("SIP/2.0 200"));
+    node.stop().await;
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_call_whose_rtp_stops_ends_with_a_media_timeout(pool: PgPool) {
+    let caller = Ua::new().await;
+    let callee = Ua::new().await;
+    let node = Node::start_tuned(
+        &pool,
+        vec![trunk("carrier", vec![])],
+        vec![number_to(sip_destination(callee.sip_addr().port()))],
+        vec![],
+        |args| args.media_timeout_seconds = 1,
+    )
+    .await;
+    let (ok, invite) = establish(&node, &caller, &callee, "0", "0").await;
+    talk(&caller, sdp_rtp(&ok), 0, 3, 0).await;
+    talk(&callee, sdp_rtp(&invite), 0, 3, 0).await;
+    // Then silence: both legs get a BYE from the node.
+    let (bye, from) = callee.request("BYE").await;
+    callee.send(&reply(&bye, "200 OK", callee.sip_addr(), None), from).await;
+    let (bye, from) = caller.request("BYE").await;
+    caller.send(&reply(&bye, "200 OK", caller.sip_addr(), None), from).await;
+    let cdrs = cdrs(&pool, 1).await;
+    let reason = cdrs[0].reason.clone().unwrap_or_default();
+    assert!(reason.contains("media timeout"), "CDR reason: {reason}");
+    assert_eq!(cdrs[0].hangup_by.as_deref(), Some("system"));
+    node.stop().await;
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn an_offer_without_a_codec_of_the_trunk_is_488_before_any_outbound_attempt(pool: PgPool) {
+    let caller = Ua::new().await;
+    let callee = Ua::new().await;
+    // The trunk allows PCMU only; the caller offers PCMA only.
+    let node =
+        Node::start(&pool, vec![trunk("carrier", vec![])], vec![number_to(sip_destination(callee.sip_addr().port()))])
+            .await;
+    let offer = sdp(caller.rtp_port(), "8", "sendrecv");
+    caller.send(&caller_request("INVITE", 1, node.addr, caller.sip_addr(), None, Some(&offer)), node.addr).await;
+    let answer = caller.final_response().await;
+    assert!(answer.starts_with("SIP/2.0 488"), "{answer}");
+    let mut buf = [0u8; 2048];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), callee.sip.recv_from(&mut buf)).await.is_err(),
+        "the callee must not be called"
+    );
+    node.stop().await;
+}
