@@ -322,12 +322,14 @@ async fn hold_and_resume_by_re_invite_stop_and_restart_the_held_direction(pool: 
     caller.send(&caller_request("ACK", 2, node.addr, caller.sip_addr(), Some(&tag), None), node.addr).await;
 
     // On hold the callee's audio does not reach the caller; the caller's (music) reaches the callee.
-    let (_, heard_on_hold, music) =
-        tokio::join!(talk(&callee, node_for_callee, 0, 5, 10), caller.rtp_collect(Duration::from_millis(400)), async {
-            talk(&caller, node_for_caller, 0, 5, 50).await;
-        });
-    let _ = music;
+    let (_, heard_on_hold, (), music) = tokio::join!(
+        talk(&callee, node_for_callee, 0, 5, 10),
+        caller.rtp_collect(Duration::from_millis(400)),
+        talk(&caller, node_for_caller, 0, 5, 50),
+        callee.rtp_collect(Duration::from_millis(400)),
+    );
     assert!(heard_on_hold.is_empty(), "held: the caller must not hear the callee ({} packets)", heard_on_hold.len());
+    assert!(music.len() >= 4, "held: the caller's music must reach the callee ({} packets)", music.len());
 
     // Resume.
     let resume = sdp(caller.rtp_port(), "0", "sendrecv");
@@ -343,10 +345,13 @@ async fn hold_and_resume_by_re_invite_stop_and_restart_the_held_direction(pool: 
         tokio::join!(talk(&callee, node_for_callee, 0, 5, 20), caller.rtp_collect(Duration::from_millis(400))).1;
     assert!(heard.len() >= 4, "after resume: {} packets", heard.len());
 
-    caller.send(&caller_request("BYE", 4, node.addr, caller.sip_addr(), Some(&tag), None), node.addr).await;
-    let (bye, from) = callee.request("BYE").await;
-    callee.send(&reply(&bye, "200 OK", callee.sip_addr(), None), from).await;
-    assert!(caller.final_response().await.starts_with("SIP/2.0 200"));
+    // The callee hangs up.
+    callee.send(&callee_request("BYE", &invite, callee.sip_addr(), node.addr, 2), node.addr).await;
+    let (bye, from) = caller.request("BYE").await;
+    caller.send(&reply(&bye, "200 OK", caller.sip_addr(), None), from).await;
+    assert!(callee.final_response().await.starts_with("SIP/2.0 200"));
+    let cdrs = cdrs(&pool, 1).await;
+    assert_eq!(cdrs[0].hangup_by.as_deref(), Some("callee"), "{cdrs:?}");
     node.stop().await;
 }
 
