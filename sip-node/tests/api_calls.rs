@@ -11,7 +11,10 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::routing::post;
+use base64::Engine as _;
+use common::ua::*;
 use common::*;
+use futures::{SinkExt as _, StreamExt as _};
 use sqlx::PgPool;
 use switchboard_model::{Destination, DestinationType, NumberConfig};
 
@@ -87,5 +90,95 @@ async fn an_api_call_reaches_the_callee_and_reports_each_status_in_order(pool: P
     assert_eq!((state.as_str(), claimed_by.as_deref()), ("completed", Some("sipp-node")));
     let cdrs = cdrs(&pool, 1).await;
     assert_eq!(cdrs.last().and_then(|c| c.trunk_name.clone()).as_deref(), Some("outbound"), "{cdrs:?}");
+    node.stop().await;
+}
+
+/// A test agent: records every event; after `start` it says 10 frames of 0x55 and, once it has
+/// heard 10 frames from the callee, closes the WebSocket (the agent ends the call).
+async fn agent(listener: tokio::net::TcpListener, seen: tokio::sync::mpsc::UnboundedSender<serde_json::Value>) {
+    use tokio_tungstenite::tungstenite::Message;
+    let (stream, _) = listener.accept().await.unwrap();
+    let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+    let mut heard = 0;
+    while let Some(Ok(message)) = ws.next().await {
+        let Message::Text(text) = message else { continue };
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let _ = seen.send(value.clone());
+        match value["event"].as_str() {
+            Some("start") => {
+                let payload = base64::engine::general_purpose::STANDARD.encode([0x55u8; 1600]);
+                let media = serde_json::json!({"event": "media", "streamSid": value["streamSid"], "media": {"payload": payload}});
+                ws.send(Message::Text(media.to_string().into())).await.unwrap();
+            }
+            Some("media") => {
+                heard += 1;
+                if heard == 10 {
+                    let _ = ws.close(None).await;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn an_api_call_with_an_agent_bridges_the_answered_callee_to_it(pool: PgPool) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/agent", listener.local_addr().unwrap());
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(agent(listener, seen_tx));
+
+    let callee = Ua::new().await;
+    let outbound = trunk("outbound", vec![("127.0.0.1".into(), callee.sip_addr().port())]);
+    let node = Node::start(&pool, vec![outbound], vec![from_number()]).await;
+    let id = uuid::Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO call_requests (id, from_number, to_number, destination, state) VALUES ($1, $2, '+15559990000', $3, 'queued')",
+    )
+    .bind(id)
+    .bind(DID)
+    .bind(serde_json::json!({"type": "websocket", "url": url}))
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("SELECT pg_notify('switchboard_call_requests', $1)").bind(id.to_string()).execute(&pool).await.unwrap();
+
+    // The callee answers the node's offer (the node's own address and port).
+    let (invite, from) = callee.request("INVITE").await;
+    let node_rtp = sdp_rtp(&invite);
+    assert!(node_rtp.port() != 9 && node_rtp.port() != callee.rtp_port(), "{invite}");
+    let answer = sdp(callee.rtp_port(), "0", "sendrecv");
+    callee.send(&reply(&invite, "200 OK", callee.sip_addr(), Some(&answer)), from).await;
+    let _ack = callee.request("ACK").await;
+
+    // The agent's voice reaches the callee; the callee's reaches the agent.
+    let (heard, ()) = tokio::join!(callee.rtp_collect(Duration::from_millis(800)), async {
+        for i in 0..12u16 {
+            callee.rtp_send(node_rtp, 0, 10 + i, &[i as u8; 160]).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    assert!(heard.len() >= 5, "the agent's audio must reach the callee: {} packets", heard.len());
+    assert!(heard.iter().all(|(pt, payload)| *pt == 0 && payload.iter().all(|b| *b == 0x55)));
+
+    // The agent hangs up: the callee gets a BYE.
+    let (bye, from) = callee.request("BYE").await;
+    callee.send(&reply(&bye, "200 OK", callee.sip_addr(), None), from).await;
+
+    let mut events = vec![];
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(500), seen.recv()).await {
+        events.push(event);
+    }
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert_eq!(&kinds[..2], ["connected", "start"], "{kinds:?}");
+    let start = &events[1]["start"];
+    assert_eq!(start["customParameters"]["to"], "+15559990000", "{start}");
+    assert_eq!(start["customParameters"]["trunk"], "outbound", "{start}");
+    let frames = events.iter().filter(|e| e["event"] == "media").count();
+    assert!(frames >= 10, "the callee's audio must reach the agent: {frames} frames");
+    let cdrs = cdrs(&pool, 1).await;
+    let reason = cdrs[0].reason.clone().unwrap_or_default();
+    assert!(reason.contains("agent ended the call"), "CDR reason: {reason}");
+    assert!(cdrs[0].answer_at.is_some());
     node.stop().await;
 }

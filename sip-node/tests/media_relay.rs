@@ -9,125 +9,10 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::ua::*;
 use common::*;
 use sqlx::PgPool;
 use switchboard_node::media::g711;
-use tokio::net::UdpSocket;
-
-/// A raw SIP user agent with one RTP socket.
-struct Ua {
-    sip: UdpSocket,
-    rtp: UdpSocket,
-}
-
-impl Ua {
-    async fn new() -> Ua {
-        Ua { sip: UdpSocket::bind("127.0.0.1:0").await.unwrap(), rtp: UdpSocket::bind("127.0.0.1:0").await.unwrap() }
-    }
-
-    fn sip_addr(&self) -> SocketAddr {
-        self.sip.local_addr().unwrap()
-    }
-
-    fn rtp_port(&self) -> u16 {
-        self.rtp.local_addr().unwrap().port()
-    }
-
-    async fn send(&self, text: &str, to: SocketAddr) {
-        self.sip.send_to(text.as_bytes(), to).await.unwrap();
-    }
-
-    /// The next SIP message (bounded wait).
-    async fn recv(&self) -> (String, SocketAddr) {
-        let mut buf = vec![0u8; 8192];
-        let (n, from) = tokio::time::timeout(Duration::from_secs(10), self.sip.recv_from(&mut buf))
-            .await
-            .expect("no SIP message within 10 s")
-            .unwrap();
-        (String::from_utf8_lossy(&buf[..n]).to_string(), from)
-    }
-
-    /// Reads until a request with `method` arrives (answering nothing else).
-    async fn request(&self, method: &str) -> (String, SocketAddr) {
-        loop {
-            let (text, from) = self.recv().await;
-            if text.starts_with(&format!("{method} ")) {
-                return (text, from);
-            }
-        }
-    }
-
-    /// Reads until a final response arrives.
-    async fn final_response(&self) -> String {
-        loop {
-            let (text, _) = self.recv().await;
-            if text.starts_with("SIP/2.0 ") && !text.starts_with("SIP/2.0 1") {
-                return text;
-            }
-        }
-    }
-
-    /// Sends one RTP packet to `to`.
-    async fn rtp_send(&self, to: SocketAddr, pt: u8, seq: u16, payload: &[u8]) {
-        let mut packet = vec![0x80, pt, 0, 0, 0, 0, 0, 0, 0xAB, 0xCD, 0xEF, 0x01];
-        packet[2..4].copy_from_slice(&seq.to_be_bytes());
-        packet[4..8].copy_from_slice(&(u32::from(seq) * 160).to_be_bytes());
-        packet.extend_from_slice(payload);
-        self.rtp.send_to(&packet, to).await.unwrap();
-    }
-
-    /// Every RTP packet that arrives within `window`: (payload type, payload).
-    async fn rtp_collect(&self, window: Duration) -> Vec<(u8, Vec<u8>)> {
-        let mut out = vec![];
-        let mut buf = [0u8; 2048];
-        let deadline = tokio::time::Instant::now() + window;
-        while let Ok(Ok((n, _))) = tokio::time::timeout_at(deadline, self.rtp.recv_from(&mut buf)).await {
-            if n >= 12 {
-                out.push((buf[1] & 0x7f, buf[12..n].to_vec()));
-            }
-        }
-        out
-    }
-}
-
-fn header<'a>(text: &'a str, name: &str) -> Option<&'a str> {
-    text.lines().find_map(|line| {
-        let (key, value) = line.split_once(':')?;
-        key.trim().eq_ignore_ascii_case(name).then(|| value.trim())
-    })
-}
-
-fn body(text: &str) -> &str {
-    text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("")
-}
-
-/// The RTP address in an SDP body.
-fn sdp_rtp(text: &str) -> SocketAddr {
-    let sdp = body(text);
-    let ip = sdp.lines().find_map(|l| l.strip_prefix("c=IN IP4 ")).expect("c= line").trim();
-    let port = sdp
-        .lines()
-        .find_map(|l| l.strip_prefix("m=audio "))
-        .and_then(|l| l.split_whitespace().next())
-        .expect("m= line");
-    format!("{ip}:{port}").parse().unwrap()
-}
-
-fn sdp(port: u16, formats: &str, direction: &str) -> String {
-    let mut out = format!(
-        "v=0\r\no=ua 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {port} RTP/AVP {formats}\r\n"
-    );
-    for pt in formats.split_whitespace() {
-        match pt {
-            "0" => out.push_str("a=rtpmap:0 PCMU/8000\r\n"),
-            "8" => out.push_str("a=rtpmap:8 PCMA/8000\r\n"),
-            "101" => out.push_str("a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-16\r\n"),
-            _ => {}
-        }
-    }
-    out.push_str(&format!("a=ptime:20\r\na={direction}\r\n"));
-    out
-}
 
 /// A request from the caller's side of the dialog.
 fn caller_request(
@@ -150,36 +35,6 @@ fn caller_request(
         body.len(),
         to_tag_len = to_tag.len(),
     )
-}
-
-/// A response to `request` (copies Via, From, To, Call-ID, CSeq; tags the To).
-fn reply(request: &str, status: &str, contact: SocketAddr, sdp: Option<&str>) -> String {
-    let mut out = format!("SIP/2.0 {status}\r\n");
-    for line in request.lines() {
-        let lower = line.to_ascii_lowercase();
-        if lower.starts_with("via:")
-            || lower.starts_with("from:")
-            || lower.starts_with("call-id:")
-            || lower.starts_with("cseq:")
-        {
-            out.push_str(line);
-            out.push_str("\r\n");
-        } else if lower.starts_with("to:") {
-            out.push_str(line);
-            if !lower.contains("tag=") {
-                out.push_str(";tag=callee");
-            }
-            out.push_str("\r\n");
-        }
-    }
-    out.push_str(&format!("Contact: <sip:callee@{contact}>\r\n"));
-    match sdp {
-        Some(sdp) => {
-            out.push_str(&format!("Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}", sdp.len()))
-        }
-        None => out.push_str("Content-Length: 0\r\n\r\n"),
-    }
-    out
 }
 
 /// An ACK or BYE from the callee's side of the dialog (the node's outbound leg).

@@ -3,8 +3,11 @@
 //! the from-number's trunks with failover, reports `initiated`, `ringing`, `answered` and
 //! `completed`/`failed` to the request's webhook, and writes the request's state and a CDR.
 //!
-//! Media is not anchored yet (the media layer will bridge the answered call to an agent): the
-//! offer points at the node's address with the discard port, so the callee hears silence.
+//! Media (`media.rs`): the offer carries the node's address and a port pair from its range;
+//! a request with an agent WebSocket URL (or a routing rule whose destination is one) bridges
+//! the answered callee to the agent. Without an agent the callee hears silence.
+
+mod media;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +53,25 @@ struct CallRequest {
     from_number: String,
     to_number: String,
     webhook_url: Option<String>,
+    /// `{"type": "websocket", "url": ...}` when the API named an agent.
+    destination: Option<serde_json::Value>,
+    /// A routing rule whose destination the answered call takes.
+    routing_rule_ref: Option<String>,
+}
+
+impl CallRequest {
+    /// The agent the answered call is bridged to: the request's own WebSocket destination, else
+    /// the named routing rule's (in the from-number's namespace).
+    fn agent_url(&self, snapshot: &crate::config::Snapshot, namespace: Option<&str>) -> Option<String> {
+        if let Some(destination) = &self.destination
+            && destination["type"] == "websocket"
+        {
+            return destination["url"].as_str().map(str::to_string);
+        }
+        let rule = snapshot.rule(namespace?, self.routing_rule_ref.as_deref()?)?;
+        let destination = rule.destination.as_ref()?;
+        (destination.kind == switchboard_model::DestinationType::Websocket).then(|| destination.url.clone()).flatten()
+    }
 }
 
 /// A status callback body.
@@ -113,7 +135,7 @@ async fn claim(pool: &PgPool, node_id: &str) -> Result<Option<CallRequest>, sqlx
         "UPDATE call_requests SET state = 'claimed', claimed_by = $1, claimed_at = now(), updated_at = now()
          WHERE id = (SELECT id FROM call_requests WHERE state = 'queued' ORDER BY created_at
                      FOR UPDATE SKIP LOCKED LIMIT 1)
-         RETURNING id, from_number, to_number, webhook_url",
+         RETURNING id, from_number, to_number, webhook_url, destination, routing_rule_ref",
     )
     .bind(node_id)
     .fetch_optional(pool)
@@ -175,7 +197,28 @@ async fn place(ctx: Arc<CallContext>, pool: PgPool, request: CallRequest, hooks:
         }
         None => vec![],
     };
-    let ended = if trunks.is_empty() {
+    let namespace = snapshot.number(&request.from_number).map(|n| n.namespace.clone());
+    let agent = request.agent_url(&snapshot, namespace.as_deref());
+    let mut media = match ctx.media.as_ref().map(media::ApiMedia::new) {
+        Some(Ok(media)) => Some(media),
+        Some(Err(error)) => {
+            tracing::warn!(%error, "no RTP ports for the API call; its offer has no media port");
+            None
+        }
+        None => None,
+    };
+    let ended = if agent.is_some() && media.is_none() {
+        Ended {
+            code: 503,
+            reason: "no RTP ports on this node for the agent bridge".into(),
+            trunk: None,
+            gateway: None,
+            answer_at: None,
+            ring_at: None,
+            hangup_by: HangupBy::System,
+            attempt: 1,
+        }
+    } else if trunks.is_empty() {
         Ended {
             code: 404,
             reason: format!("no outbound trunk for {} from {}", request.to_number, request.from_number),
@@ -187,7 +230,8 @@ async fn place(ctx: Arc<CallContext>, pool: PgPool, request: CallRequest, hooks:
             attempt: 1,
         }
     } else {
-        dial(&ctx, &pool, &request, &call_id, trunks, &hooks, &event).await
+        let target = CallTarget { agent: agent.as_deref(), media: &mut media };
+        dial(&ctx, &pool, &request, &call_id, target, trunks, &hooks, &event).await
     };
     let end_at = Utc::now();
     let billable = billable_seconds(ended.answer_at, end_at);
@@ -238,12 +282,22 @@ fn protocol_of(transport: Transport) -> Protocol {
     }
 }
 
+/// Where the answered call's media goes.
+struct CallTarget<'m> {
+    /// The agent to bridge to.
+    agent: Option<&'m str>,
+    /// The node's media end (`None`: no RTP ports; the offer has none).
+    media: &'m mut Option<media::ApiMedia>,
+}
+
 /// Tries the trunks' gateways in order until one answers or a final answer ends the call.
+#[allow(clippy::too_many_arguments)]
 async fn dial<'a>(
     ctx: &Arc<CallContext>,
     pool: &PgPool,
     request: &'a CallRequest,
     call_id: &str,
+    mut target: CallTarget<'_>,
     trunks: Vec<Arc<TrunkConfig>>,
     hooks: &CallHooks,
     event: &(dyn Fn(&'static str) -> StatusEvent<'a> + Sync),
@@ -280,6 +334,7 @@ async fn dial<'a>(
                 let outcome = one_attempt(
                     ctx,
                     request,
+                    &mut target,
                     &attempt_call_id,
                     &user,
                     &host,
@@ -310,6 +365,7 @@ async fn dial<'a>(
 async fn one_attempt<'a>(
     ctx: &Arc<CallContext>,
     request: &'a CallRequest,
+    target: &mut CallTarget<'_>,
     call_id: &str,
     user: &str,
     host: &str,
@@ -334,7 +390,8 @@ async fn one_attempt<'a>(
     let (tx, mut rx) = mpsc::unbounded_channel();
     ctx.endpoint.register_dialog(call_id, &tag, tx.clone());
     let mut cseq = 1;
-    let Some(mut invite) = build_invite(ctx, request, call_id, &tag, user, host, peer, cseq) else {
+    let offer = target.media.as_mut().map(|media| media.offer(trunk));
+    let Some(mut invite) = build_invite(ctx, request, call_id, &tag, user, host, peer, cseq, offer.as_deref()) else {
         return failed(400, format!("cannot build a request URI for {user}@{host}"), None);
     };
     ctx.endpoint.send_request(invite.clone(), peer, tx.clone());
@@ -370,10 +427,35 @@ async fn one_attempt<'a>(
                             };
                             let ack = dialog.request(Method::Ack, ctx.endpoint.via_for(peer), Some(cseq), None);
                             ctx.endpoint.send_stateless(rsip::SipMessage::Request(ack), peer);
+                            let negotiated = match target.media.as_ref().map(|media| media.answered(&response.body)) {
+                                Some(Ok(negotiated)) => Some(negotiated),
+                                Some(Err(error)) if target.agent.is_some() => {
+                                    let bye = dialog.request(Method::Bye, ctx.endpoint.via_for(dialog.peer), None, None);
+                                    ctx.endpoint.send_request(bye, dialog.peer, tx.clone());
+                                    break failed(488, format!("callee's SDP: {error}"), ring_at);
+                                }
+                                _ => None,
+                            };
                             let answer_at = Utc::now();
                             hooks.send(&event("answered"));
                             set_state(pool, request.id, "answered", call_id, None).await;
-                            let (hangup_by, reason) = hold_until_hangup(ctx, &mut dialog, &tx, &mut rx, cseq).await;
+                            let agent = target.agent.zip(negotiated).zip(target.media.take());
+                            let (hangup_by, reason) = match agent {
+                                Some(((url, negotiated), media)) => {
+                                    let agent = media::AgentTarget {
+                                        url: url.to_string(),
+                                        parameters: crate::bridge::CallParameters {
+                                            from: request.from_number.clone(),
+                                            to: request.to_number.clone(),
+                                            trunk: trunk.name.clone(),
+                                            number: request.from_number.clone(),
+                                        },
+                                        call_sid: call_id.to_string(),
+                                    };
+                                    media::bridge_to_agent(ctx, &mut dialog, &tx, &mut rx, cseq, media, negotiated, agent, MAX_DURATION).await
+                                }
+                                None => hold_until_hangup(ctx, &mut dialog, &tx, &mut rx, cseq).await,
+                            };
                             break Ended { code: 200, reason, trunk: None, gateway: None, answer_at: Some(answer_at), ring_at, hangup_by, attempt: 1 };
                         }
                         401 | 407 if !authenticated => {
@@ -384,7 +466,7 @@ async fn one_attempt<'a>(
                                 Ok(header) => {
                                     authenticated = true;
                                     cseq += 1;
-                                    let Some(next) = build_invite(ctx, request, call_id, &tag, user, host, peer, cseq) else { break failed(400, "bad URI".into(), ring_at) };
+                                    let Some(next) = build_invite(ctx, request, call_id, &tag, user, host, peer, cseq, offer.as_deref()) else { break failed(400, "bad URI".into(), ring_at) };
                                     invite = next;
                                     invite.headers.push(header);
                                     ctx.endpoint.send_request(invite.clone(), peer, tx.clone());
@@ -422,6 +504,7 @@ fn build_invite(
     host: &str,
     peer: Peer,
     cseq: u32,
+    offer: Option<&[u8]>,
 ) -> Option<Request> {
     let (our_host, our_port) = ctx.endpoint.transport().sent_by(peer.addr);
     let uri = rsip::Uri::try_from(format!("sip:{user}@{host}").as_str()).ok()?;
@@ -438,6 +521,11 @@ fn build_invite(
     ];
     let mut invite =
         Request { method: Method::Invite, uri, version: rsip::Version::V2, headers: headers.into(), body: vec![] };
+    if let Some(offer) = offer {
+        message::set_body(&mut invite.headers, &mut invite.body, offer.to_vec(), Some("application/sdp"));
+        return Some(invite);
+    }
+    // No RTP ports: an offer that names no usable port (the callee hears silence).
     let ip = if our_host.ends_with(".invalid") { "IP6 ::" } else { "IP4" };
     let address = if ip == "IP4" { our_host.as_str() } else { "" };
     let sdp = format!(

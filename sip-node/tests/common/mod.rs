@@ -15,6 +15,8 @@ use switchboard_model::{
 };
 use switchboard_node::config::{Snapshot, SnapshotHandle};
 use switchboard_node::signaling::{self, Listening, SipArgs};
+
+pub mod ua;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 

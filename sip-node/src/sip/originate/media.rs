@@ -1,0 +1,195 @@
+//! Media of calls placed through the API: the node offers its own address and a port pair from
+//! its range (the trunk's codecs), and when the request names an AI agent the answered callee
+//! is bridged to it exactly as an inbound caller would be (Twilio Media Streams; the callee's
+//! leg is the relay's caller leg). Without an agent the port pair only keeps the offer honest
+//! until the call ends.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use rsip::headers::{self, Header};
+use rsip::{Method, prelude::*};
+use switchboard_model::TrunkConfig;
+use tokio::sync::mpsc;
+
+use super::super::call::MediaContext;
+use super::super::dialog::Dialog;
+use super::super::endpoint::TuEvent;
+use super::super::message;
+use super::super::transaction::response_to;
+use super::CallContext;
+use crate::bridge::{self, BridgeConfig, CallParameters};
+use crate::media::ports::{PortError, PortPair};
+use crate::media::relay::{LegId, RelayConfig, RelayEvent, RtpLegSetup, spawn_bridged};
+use crate::media::sdp::{
+    LocalEndpoint, MediaPolicy, NegotiatedMedia, SdpError, SdpSession, SessionDescription, answer_offer, create_offer,
+    process_answer,
+};
+use crate::store::HangupBy;
+
+/// The node's media end of one API call.
+pub(super) struct ApiMedia {
+    pair: Option<PortPair>,
+    port: u16,
+    address: IpAddr,
+    session: SdpSession,
+    offer: Option<SessionDescription>,
+    codecs: Vec<switchboard_model::Codec>,
+    timeout: Duration,
+    connect_timeout: Duration,
+}
+
+impl ApiMedia {
+    /// Allocates the call's port pair.
+    pub(super) fn new(media: &MediaContext) -> Result<ApiMedia, PortError> {
+        let pair = media.ports.allocate()?;
+        Ok(ApiMedia {
+            port: pair.rtp_port(),
+            pair: Some(pair),
+            address: media.address,
+            session: SdpSession::new(media.address),
+            offer: None,
+            codecs: vec![],
+            timeout: media.timeout,
+            connect_timeout: media.agent_connect_timeout,
+        })
+    }
+
+    fn policy(&self) -> MediaPolicy {
+        MediaPolicy::new(self.codecs.clone(), LocalEndpoint { address: self.address, rtp_port: self.port })
+    }
+
+    /// The offer for an attempt through `trunk` (its codecs, the node's address and port).
+    pub(super) fn offer(&mut self, trunk: &TrunkConfig) -> Vec<u8> {
+        self.codecs = if trunk.codecs.is_empty() {
+            vec![switchboard_model::Codec::Pcmu, switchboard_model::Codec::Pcma]
+        } else {
+            trunk.codecs.clone()
+        };
+        let offer = create_offer(&self.policy(), &mut self.session);
+        let body = offer.to_string().into_bytes();
+        self.offer = Some(offer);
+        body
+    }
+
+    /// Reads the callee's answer to the current offer.
+    pub(super) fn answered(&self, body: &[u8]) -> Result<NegotiatedMedia, SdpError> {
+        let offer = self.offer.as_ref().ok_or(SdpError::NoAudio)?;
+        process_answer(offer, &SessionDescription::parse_bytes(body)?)
+    }
+}
+
+/// What the bridge needs besides the dialog.
+pub(super) struct AgentTarget {
+    pub url: String,
+    pub parameters: CallParameters,
+    pub call_sid: String,
+}
+
+/// Bridges the answered callee to the agent until one of them ends the call, the media goes
+/// silent or `max_duration` passes; returns who ended it and why (for the CDR).
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn bridge_to_agent(
+    ctx: &CallContext,
+    dialog: &mut Dialog,
+    tx: &mpsc::UnboundedSender<TuEvent>,
+    rx: &mut mpsc::UnboundedReceiver<TuEvent>,
+    invite_cseq: u32,
+    mut media: ApiMedia,
+    negotiated: NegotiatedMedia,
+    agent: AgentTarget,
+    max_duration: Duration,
+) -> (HangupBy, String) {
+    let bye = |dialog: &mut Dialog| {
+        let request = dialog.request(Method::Bye, ctx.endpoint.via_for(dialog.peer), None, None);
+        ctx.endpoint.send_request(request, dialog.peer, tx.clone());
+    };
+    let mut config = BridgeConfig::new(agent.url.clone(), &agent.parameters);
+    config.connect_timeout = media.connect_timeout;
+    config.call_sid = agent.call_sid;
+    let connection = match bridge::connect(config).await {
+        Ok(connection) => connection,
+        Err(error) => {
+            bye(dialog);
+            return (HangupBy::System, format!("AI agent unreachable: {error}"));
+        }
+    };
+    let Some(pair) = media.pair.take() else {
+        bye(dialog);
+        return (HangupBy::System, "internal: the call's RTP ports are gone".into());
+    };
+    let (relay, mut events, bridge_media) = match spawn_bridged(
+        RtpLegSetup { ports: pair, media: (&negotiated).into() },
+        RelayConfig { media_timeout: media.timeout },
+    ) {
+        Ok(started) => started,
+        Err(error) => {
+            bye(dialog);
+            return (HangupBy::System, format!("cannot start media: {error}"));
+        }
+    };
+    let mut handle = connection.spawn(bridge_media.into());
+    let limit = tokio::time::sleep(max_duration);
+    tokio::pin!(limit);
+    let ended = loop {
+        tokio::select! {
+            end = handle.ended() => {
+                bye(dialog);
+                break (HangupBy::System, format!("agent ended the call: {}", end.reason()));
+            }
+            event = events.recv() => {
+                if let Some(RelayEvent::MediaTimeout { silent_for }) = event {
+                    bye(dialog);
+                    break (HangupBy::System, format!("media timeout: no RTP for {} s", silent_for.as_secs()));
+                }
+            }
+            event = rx.recv() => match event {
+                Some(TuEvent::Request { request, key: Some(key), .. }) => {
+                    if request.method == Method::Bye {
+                        ctx.endpoint.respond(&key, response_to(&request, 200, Some("OK"), None));
+                        break (HangupBy::Callee, "callee hung up".into());
+                    }
+                    let offer = matches!(request.method, Method::Invite | Method::Update) && !request.body.is_empty();
+                    if !offer {
+                        ctx.endpoint.respond(&key, response_to(&request, 200, Some("OK"), None));
+                        continue;
+                    }
+                    // Hold and resume from the callee: answered here, the relay follows.
+                    let policy = media.policy();
+                    let answered = SessionDescription::parse_bytes(&request.body)
+                        .and_then(|offer| answer_offer(&offer, &policy, &mut media.session));
+                    match answered {
+                        Ok((answer, negotiated)) => {
+                            let _ = relay.update_leg(LegId::A, (&negotiated).into());
+                            let mut response = response_to(&request, 200, Some("OK"), None);
+                            response.headers.push(Header::Contact(headers::Contact::new(dialog.contact.clone())));
+                            message::set_body(&mut response.headers, &mut response.body, answer.to_string().into_bytes(), Some("application/sdp"));
+                            ctx.endpoint.respond(&key, response);
+                        }
+                        Err(error) => ctx.endpoint.respond(&key, response_to(&request, error.sip_status(), None, None)),
+                    }
+                }
+                Some(TuEvent::Response(response)) if message::cseq(&response) == Some((invite_cseq, Method::Invite)) => {
+                    // The callee did not get our ACK and retransmits its 2xx.
+                    let ack = dialog.request(Method::Ack, ctx.endpoint.via_for(dialog.peer), Some(invite_cseq), None);
+                    ctx.endpoint.send_stateless(rsip::SipMessage::Request(ack), dialog.peer);
+                }
+                None => break (HangupBy::System, "internal: channel closed".into()),
+                _ => {}
+            },
+            () = &mut limit => {
+                bye(dialog);
+                break (HangupBy::System, "maximum call duration reached".into());
+            }
+        }
+    };
+    let (_, stats) = handle.hangup().await;
+    let relay_stats = relay.stop().await;
+    tracing::info!(
+        callee_frames = stats.caller_frames,
+        callee_packets_in = relay_stats.a.packets_in,
+        callee_packets_out = relay_stats.a.packets_out,
+        "API call bridged to the agent ended"
+    );
+    ended
+}
