@@ -75,6 +75,31 @@ fn to_tag(ok: &str) -> String {
     header(ok, "To").and_then(|t| t.split("tag=").nth(1)).unwrap().to_string()
 }
 
+/// A node routing the DID to `callee`, with its own RTP range (the tests of this file run in
+/// parallel and check that their ports are free again after each call).
+async fn start(pool: &PgPool, carrier: switchboard_model::TrunkConfig, callee: &Ua, ports: &str, timeout: u64) -> Node {
+    let destination = number_to(sip_destination(callee.sip_addr().port()));
+    Node::start_tuned(pool, vec![carrier], vec![destination], vec![], |args| {
+        args.rtp_ports = ports.into();
+        args.media_timeout_seconds = timeout;
+    })
+    .await
+}
+
+/// Every RTP and RTCP port the node used for the call is free again (bounded wait: the relay
+/// closes its sockets as the call ends).
+async fn ports_released(rtp: &[SocketAddr]) {
+    for addr in rtp {
+        for port in [addr.port(), addr.port() + 1] {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+            while std::net::UdpSocket::bind(("127.0.0.1", port)).is_err() {
+                assert!(tokio::time::Instant::now() < deadline, "port {port} still held after the call ended");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Sends `count` frames from `ua` to `to` 20 ms apart, each frame's bytes = its index + `base`.
 async fn talk(ua: &Ua, to: SocketAddr, pt: u8, count: u16, base: u8) {
     for i in 0..count {
@@ -89,7 +114,7 @@ async fn rtp_flows_through_the_node_both_ways_with_transcoding(pool: PgPool) {
     let callee = Ua::new().await;
     let mut carrier = trunk("carrier", vec![]);
     carrier.codecs = vec![switchboard_model::Codec::Pcma, switchboard_model::Codec::Pcmu];
-    let node = Node::start(&pool, vec![carrier], vec![number_to(sip_destination(callee.sip_addr().port()))]).await;
+    let node = start(&pool, carrier, &callee, "41000-41099", 30).await;
 
     // The caller speaks PCMA only; the callee answers PCMU only.
     let (ok, invite) = establish(&node, &caller, &callee, "8", "0").await;
@@ -145,6 +170,7 @@ async fn rtp_flows_through_the_node_both_ways_with_transcoding(pool: PgPool) {
     assert!(caller.final_response().await.starts_with("SIP/2.0 200"));
     let cdrs = cdrs(&pool, 1).await;
     assert_eq!(cdrs[0].hangup_by.as_deref(), Some("caller"), "{cdrs:?}");
+    ports_released(&[node_for_caller, node_for_callee]).await;
     node.stop().await;
 }
 
@@ -152,9 +178,7 @@ async fn rtp_flows_through_the_node_both_ways_with_transcoding(pool: PgPool) {
 async fn hold_and_resume_by_re_invite_stop_and_restart_the_held_direction(pool: PgPool) {
     let caller = Ua::new().await;
     let callee = Ua::new().await;
-    let node =
-        Node::start(&pool, vec![trunk("carrier", vec![])], vec![number_to(sip_destination(callee.sip_addr().port()))])
-            .await;
+    let node = start(&pool, trunk("carrier", vec![]), &callee, "41100-41199", 30).await;
     let (ok, invite) = establish(&node, &caller, &callee, "0", "0").await;
     let (node_for_caller, node_for_callee) = (sdp_rtp(&ok), sdp_rtp(&invite));
     let tag = to_tag(&ok);
@@ -214,17 +238,11 @@ async fn hold_and_resume_by_re_invite_stop_and_restart_the_held_direction(pool: 
 async fn a_call_whose_rtp_stops_ends_with_a_media_timeout(pool: PgPool) {
     let caller = Ua::new().await;
     let callee = Ua::new().await;
-    let node = Node::start_tuned(
-        &pool,
-        vec![trunk("carrier", vec![])],
-        vec![number_to(sip_destination(callee.sip_addr().port()))],
-        vec![],
-        |args| args.media_timeout_seconds = 1,
-    )
-    .await;
+    let node = start(&pool, trunk("carrier", vec![]), &callee, "41200-41299", 1).await;
     let (ok, invite) = establish(&node, &caller, &callee, "0", "0").await;
-    talk(&caller, sdp_rtp(&ok), 0, 3, 0).await;
-    talk(&callee, sdp_rtp(&invite), 0, 3, 0).await;
+    let (node_for_caller, node_for_callee) = (sdp_rtp(&ok), sdp_rtp(&invite));
+    talk(&caller, node_for_caller, 0, 3, 0).await;
+    talk(&callee, node_for_callee, 0, 3, 0).await;
     // Then silence: both legs get a BYE from the node.
     let (bye, from) = callee.request("BYE").await;
     callee.send(&reply(&bye, "200 OK", callee.sip_addr(), None), from).await;
@@ -234,6 +252,7 @@ async fn a_call_whose_rtp_stops_ends_with_a_media_timeout(pool: PgPool) {
     let reason = cdrs[0].reason.clone().unwrap_or_default();
     assert!(reason.contains("media timeout"), "CDR reason: {reason}");
     assert_eq!(cdrs[0].hangup_by.as_deref(), Some("system"));
+    ports_released(&[node_for_caller, node_for_callee]).await;
     node.stop().await;
 }
 
@@ -242,9 +261,7 @@ async fn an_offer_without_a_codec_of_the_trunk_is_488_before_any_outbound_attemp
     let caller = Ua::new().await;
     let callee = Ua::new().await;
     // The trunk allows PCMU only; the caller offers PCMA only.
-    let node =
-        Node::start(&pool, vec![trunk("carrier", vec![])], vec![number_to(sip_destination(callee.sip_addr().port()))])
-            .await;
+    let node = start(&pool, trunk("carrier", vec![]), &callee, "41300-41399", 30).await;
     let offer = sdp(caller.rtp_port(), "8", "sendrecv");
     caller.send(&caller_request("INVITE", 1, node.addr, caller.sip_addr(), None, Some(&offer)), node.addr).await;
     let answer = caller.final_response().await;
@@ -254,5 +271,33 @@ async fn an_offer_without_a_codec_of_the_trunk_is_488_before_any_outbound_attemp
         tokio::time::timeout(Duration::from_millis(300), callee.sip.recv_from(&mut buf)).await.is_err(),
         "the callee must not be called"
     );
+    node.stop().await;
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn dtmf_events_cross_with_each_legs_payload_type(pool: PgPool) {
+    let caller = Ua::new().await;
+    let callee = Ua::new().await;
+    let mut carrier = trunk("carrier", vec![]);
+    carrier.codecs = vec![switchboard_model::Codec::Pcmu, switchboard_model::Codec::TelephoneEvent];
+    let node = start(&pool, carrier, &callee, "41400-41499", 30).await;
+    let (ok, invite) = establish(&node, &caller, &callee, "0 101", "0 101").await;
+    assert!(body(&ok).contains("telephone-event/8000") && body(&invite).contains("telephone-event/8000"));
+    // Key 5: three updates, then the end bit three times (RFC 4733 section 2.5.1.4).
+    let node_for_caller = sdp_rtp(&ok);
+    for (i, (end, duration)) in
+        [(false, 160u16), (false, 320), (false, 480), (true, 640), (true, 640), (true, 640)].into_iter().enumerate()
+    {
+        let payload = [5u8, if end { 0x80 | 10 } else { 10 }, (duration >> 8) as u8, duration as u8];
+        caller.rtp_send(node_for_caller, 101, 300 + i as u16, &payload).await;
+    }
+    let events = callee.rtp_collect(Duration::from_millis(500)).await;
+    assert!(events.len() >= 4, "the key press must reach the callee: {events:?}");
+    assert!(events.iter().all(|(pt, payload)| *pt == 101 && payload[0] == 5), "{events:?}");
+    assert!(events.iter().any(|(_, payload)| payload[1] & 0x80 != 0), "the end of the event must cross");
+    let tag = to_tag(&ok);
+    caller.send(&caller_request("BYE", 2, node.addr, caller.sip_addr(), Some(&tag), None), node.addr).await;
+    let (bye, from) = callee.request("BYE").await;
+    callee.send(&reply(&bye, "200 OK", callee.sip_addr(), None), from).await;
     node.stop().await;
 }
