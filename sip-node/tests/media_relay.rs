@@ -301,3 +301,29 @@ async fn dtmf_events_cross_with_each_legs_payload_type(pool: PgPool) {
     callee.send(&reply(&bye, "200 OK", callee.sip_addr(), None), from).await;
     node.stop().await;
 }
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_failed_call_after_early_media_frees_its_ports(pool: PgPool) {
+    let caller = Ua::new().await;
+    let callee = Ua::new().await;
+    let node = start(&pool, trunk("carrier", vec![]), &callee, "41500-41599", 30).await;
+    let offer = sdp(caller.rtp_port(), "0", "sendrecv");
+    caller.send(&caller_request("INVITE", 1, node.addr, caller.sip_addr(), None, Some(&offer)), node.addr).await;
+    let (invite, from) = callee.request("INVITE").await;
+    let node_for_callee = sdp_rtp(&invite);
+    // Ringback as early media, then busy.
+    let early = sdp(callee.rtp_port(), "0", "sendrecv");
+    callee.send(&reply(&invite, "183 Session Progress", callee.sip_addr(), Some(&early)), from).await;
+    let (progress, _) = caller.recv().await;
+    let progress = if progress.starts_with("SIP/2.0 100") { caller.recv().await.0 } else { progress };
+    assert!(progress.starts_with("SIP/2.0 183"), "{progress}");
+    let node_for_caller = sdp_rtp(&progress);
+    let ringback =
+        tokio::join!(talk(&callee, node_for_callee, 0, 5, 0), caller.rtp_collect(Duration::from_millis(400))).1;
+    assert!(ringback.len() >= 4, "early media must reach the caller: {} packets", ringback.len());
+    callee.send(&reply(&invite, "486 Busy Here", callee.sip_addr(), None), from).await;
+    let busy = caller.final_response().await;
+    assert!(busy.starts_with("SIP/2.0 486"), "{busy}");
+    ports_released(&[node_for_caller, node_for_callee]).await;
+    node.stop().await;
+}
