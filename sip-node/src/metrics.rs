@@ -120,6 +120,23 @@ impl std::fmt::Debug for NodeMetrics {
     }
 }
 
+/// A gauge whose value is read when the registry is gathered.
+struct SampledGauge {
+    gauge: IntGauge,
+    sample: Box<dyn Fn() -> i64 + Send + Sync>,
+}
+
+impl prometheus::core::Collector for SampledGauge {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.gauge.set((self.sample)());
+        self.gauge.collect()
+    }
+}
+
 fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
     registry.register(Box::new(metric.clone())).expect("metric names are unique and valid");
     metric
@@ -205,6 +222,19 @@ impl NodeMetrics {
     /// The registry, to add metrics of other components.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Exposes `switchboard_rtp_ports_in_use`, read from `in_use` at every scrape, so that a
+    /// port a call failed to give back shows as a gauge that does not return to its idle value
+    /// (the allocator is the only place that knows; sampling it avoids keeping a second count
+    /// in step on every path that allocates or frees). Once per node; later calls are ignored.
+    pub fn track_rtp_ports(&self, in_use: impl Fn() -> usize + Send + Sync + 'static) {
+        let gauge = IntGauge::new("switchboard_rtp_ports_in_use", "RTP and RTCP ports held by calls on this node.")
+            .expect("valid metric");
+        let sampled = SampledGauge { gauge, sample: Box::new(move || i64::try_from(in_use()).unwrap_or(i64::MAX)) };
+        if let Err(error) = self.registry.register(Box::new(sampled)) {
+            tracing::debug!(%error, "RTP port gauge already registered");
+        }
     }
 
     /// Every metric in the Prometheus text exposition format ([`CONTENT_TYPE`]).
@@ -448,5 +478,18 @@ mod tests {
         let b = NodeMetrics::new();
         a.retransmission();
         assert_eq!(line_value(&b.render(), "switchboard_sip_retransmissions_total"), Some(0.0));
+    }
+
+    #[test]
+    fn rtp_port_gauge_is_sampled_at_each_scrape() {
+        let metrics = NodeMetrics::new();
+        assert_eq!(line_value(&metrics.render(), "switchboard_rtp_ports_in_use"), None);
+        let held = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(4));
+        let sample = std::sync::Arc::clone(&held);
+        metrics.track_rtp_ports(move || sample.load(std::sync::atomic::Ordering::Relaxed));
+        metrics.track_rtp_ports(|| 99); // ignored
+        assert_eq!(line_value(&metrics.render(), "switchboard_rtp_ports_in_use"), Some(4.0));
+        held.store(0, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(line_value(&metrics.render(), "switchboard_rtp_ports_in_use"), Some(0.0));
     }
 }

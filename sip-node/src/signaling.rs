@@ -78,6 +78,10 @@ pub struct SipArgs {
     /// every node so that receivers can verify any of them.
     #[arg(long, env = "SWITCHBOARD_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
+
+    /// Calls routed to AI agents: when to answer, connect timeout.
+    #[command(flatten)]
+    pub agent: crate::bridge::answer::AgentArgs,
 }
 
 /// Where a started node listens (the ports may have been chosen by the OS).
@@ -132,6 +136,11 @@ pub async fn start(
     };
     let webhook_client = reqwest::Client::builder().build().unwrap_or_default();
     let media = media_context(args, transport.local_addr());
+    if let Some(media) = &media {
+        let ports = media.ports.clone();
+        metrics.track_rtp_ports(move || ports.in_use() * 2);
+    }
+    crate::bridge::answer::register_node_policy(transport.local_addr(), args.agent.answer_policy());
     let ctx = Arc::new(CallContext {
         endpoint,
         snapshot: snapshot.clone(),
@@ -224,7 +233,7 @@ fn media_context(args: &SipArgs, sip: SocketAddr) -> Option<MediaContext> {
             ports,
             address,
             timeout: Duration::from_secs(args.media_timeout_seconds.max(1)),
-            agent_connect_timeout: Duration::from_secs(5),
+            agent_connect_timeout: Duration::from_millis(args.agent.agent_connect_timeout_ms),
         }),
         Err(error) => {
             tracing::warn!(%error, "no RTP ports; media anchoring is off");

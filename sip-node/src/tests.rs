@@ -35,6 +35,7 @@ fn args(database_url: &str) -> NodeArgs {
             rtp_ports: "30000-39999".into(),
             media_timeout_seconds: 30,
             final_codes: crate::sip::routing::DEFAULT_FINAL_CODES.to_vec(),
+            agent: crate::bridge::answer::AgentArgs::default(),
         },
     }
 }

@@ -1,7 +1,11 @@
-//! A call to a DID whose destination is an AI agent over WebSocket: a caller on loopback (raw
+//! Calls to a DID whose destination is an AI agent over WebSocket: a caller on loopback (raw
 //! SIP over UDP plus a real RTP stream) reaches a test agent speaking the Twilio Media Streams
-//! protocol; the caller's audio arrives at the agent in order, the agent's audio comes back to
-//! the caller's RTP port, its mark is echoed, and hanging up sends `stop`.
+//! protocol (tokio-tungstenite). Covered: the caller's audio reaches the agent complete and in
+//! order, the agent's audio comes back paced at 20 ms, `clear` cuts it, marks come back after
+//! their audio, DTMF arrives once per key press, PCMA callers are transcoded, bad RTP and a
+//! misbehaving agent do not break the call, an agent that leaves or never answers ends the call
+//! with a reason in the CDR, `--agent-answer first-audio` rings until the agent speaks, and no
+//! call leaves an RTP port, an active-call row or a missing CDR behind.
 
 mod common;
 
@@ -9,166 +13,464 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use common::*;
 use futures::{SinkExt as _, StreamExt as _};
+use serde_json::{Value, json};
 use sqlx::PgPool;
 use switchboard_model::{Codec, Destination, DestinationType};
-use tokio::net::UdpSocket;
+use switchboard_node::bridge::answer::AgentAnswer;
+use switchboard_node::media::g711;
+use switchboard_node::media::rtp::{RtpPacket, TelephoneEvent};
+use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-/// The test agent: records every JSON message; after `start` it sends 10 frames of 0x55 and a
-/// mark.
-async fn agent(listener: tokio::net::TcpListener, seen: mpsc::UnboundedSender<serde_json::Value>) {
-    let (stream, _) = listener.accept().await.unwrap();
-    let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
-    while let Some(Ok(message)) = ws.next().await {
-        let Message::Text(text) = message else { continue };
-        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let start = value["event"] == "start";
-        let stream_sid = value["streamSid"].clone();
-        let _ = seen.send(value);
-        if start {
-            let payload = base64::engine::general_purpose::STANDARD.encode([0x55u8; 1600]);
-            let media = serde_json::json!({"event": "media", "streamSid": stream_sid, "media": {"payload": payload}});
-            ws.send(Message::Text(media.to_string().into())).await.unwrap();
-            let mark = serde_json::json!({"event": "mark", "streamSid": stream_sid, "mark": {"name": "m1"}});
-            ws.send(Message::Text(mark.to_string().into())).await.unwrap();
+const WAIT: Duration = Duration::from_secs(10);
+
+// --- the test agent ---
+
+/// A scriptable agent: every JSON message it receives is logged with its arrival time; what
+/// the test sends on `out` goes to the node. A closed socket logs `{"event": "closed"}`.
+struct Agent {
+    url: String,
+    seen: mpsc::UnboundedReceiver<(Instant, Value)>,
+    out: mpsc::UnboundedSender<Message>,
+    log: Vec<(Instant, Value)>,
+}
+
+impl Agent {
+    async fn start() -> Agent {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/agent", listener.local_addr().unwrap());
+        let (seen_tx, seen) = mpsc::unbounded_channel();
+        let (out, mut out_rx) = mpsc::unbounded_channel::<Message>();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+            loop {
+                tokio::select! {
+                    message = ws.next() => match message {
+                        Some(Ok(Message::Text(text))) => {
+                            let value: Value = serde_json::from_str(&text).expect("the node sends JSON");
+                            let _ = seen_tx.send((Instant::now(), value));
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(_)) | None => break,
+                    },
+                    message = out_rx.recv() => match message {
+                        Some(message) => {
+                            if ws.send(message).await.is_err() {
+                                break;
+                            }
+                        }
+                        None => break,
+                    },
+                }
+            }
+            let _ = seen_tx.send((Instant::now(), json!({"event": "closed"})));
+        });
+        Agent { url, seen, out, log: vec![] }
+    }
+
+    fn send(&self, value: Value) {
+        self.out.send(Message::text(value.to_string())).unwrap();
+    }
+
+    fn send_audio(&self, audio: &[u8]) {
+        self.send(json!({"event": "media", "streamSid": "MZtest", "media": {"payload": BASE64.encode(audio)}}));
+    }
+
+    fn send_mark(&self, name: &str) {
+        self.send(json!({"event": "mark", "streamSid": "MZtest", "mark": {"name": name}}));
+    }
+
+    /// The next message of kind `event` (others are logged and skipped), with its arrival.
+    async fn expect(&mut self, event: &str) -> (Instant, Value) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.seen.recv()).await;
+            let (at, value) = next.unwrap_or_else(|_| panic!("no {event} within {WAIT:?}")).expect("agent task ended");
+            self.log.push((at, value.clone()));
+            if value["event"] == event {
+                return (at, value);
+            }
+            assert_ne!(value["event"], "closed", "the socket closed while waiting for {event}");
         }
+    }
+
+    /// Messages that arrived so far without waiting.
+    fn drain(&mut self) {
+        while let Ok(entry) = self.seen.try_recv() {
+            self.log.push(entry);
+        }
+    }
+
+    fn logged(&self, event: &str) -> Vec<&Value> {
+        self.log.iter().map(|(_, v)| v).filter(|v| v["event"] == event).collect()
     }
 }
 
-fn invite(node: SocketAddr, sip: SocketAddr, rtp: SocketAddr, branch: &str) -> String {
-    let sdp = format!(
-        "v=0\r\no=caller 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {} RTP/AVP 0 101\r\n\
-         a=rtpmap:0 PCMU/8000\r\na=rtpmap:101 telephone-event/8000\r\na=ptime:20\r\na=sendrecv\r\n",
-        rtp.port()
-    );
-    format!(
-        "INVITE sip:{DID}@{node} SIP/2.0\r\nVia: SIP/2.0/UDP {sip};branch={branch}\r\nFrom: <sip:+15557654321@{sip}>;tag=caller\r\n\
-         To: <sip:{DID}@{node}>\r\nCall-ID: agent-call-1\r\nCSeq: 1 INVITE\r\nContact: <sip:caller@{sip}>\r\nMax-Forwards: 70\r\n\
-         Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
-        sdp.len()
-    )
-}
-
-fn in_dialog(method: &str, cseq: u32, node: SocketAddr, sip: SocketAddr, to_tag: &str) -> String {
-    format!(
-        "{method} sip:{node} SIP/2.0\r\nVia: SIP/2.0/UDP {sip};branch=z9hG4bK{method}{cseq}\r\nFrom: <sip:+15557654321@{sip}>;tag=caller\r\n\
-         To: <sip:{DID}@{node}>;tag={to_tag}\r\nCall-ID: agent-call-1\r\nCSeq: {cseq} {method}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
-    )
-}
-
-/// Reads SIP responses until one with a final status; returns its text.
-async fn final_response(socket: &UdpSocket) -> String {
-    let mut buf = vec![0u8; 8192];
-    loop {
-        let (n, _) = tokio::time::timeout(Duration::from_secs(10), socket.recv_from(&mut buf))
-            .await
-            .expect("no response")
-            .unwrap();
-        let text = String::from_utf8_lossy(&buf[..n]).to_string();
-        if !text.starts_with("SIP/2.0 1") {
-            return text;
-        }
-    }
-}
-
-#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
-async fn a_caller_talks_to_an_ai_agent_over_websocket(pool: PgPool) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}/agent", listener.local_addr().unwrap());
-    let (seen_tx, mut seen) = mpsc::unbounded_channel();
-    tokio::spawn(agent(listener, seen_tx));
-
-    let mut carrier = trunk("carrier", vec![]);
-    carrier.codecs = vec![Codec::Pcmu, Codec::Pcma, Codec::TelephoneEvent];
-    let destination = Destination {
+fn websocket(url: &str) -> Destination {
+    Destination {
         kind: DestinationType::Websocket,
-        url: Some(url),
+        url: Some(url.to_string()),
         uri: None,
         number: None,
         trunk_ref: None,
         reject_code: None,
-    };
-    let node = Node::start(&pool, vec![carrier], vec![number_to(destination)]).await;
+    }
+}
 
-    let sip = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let rtp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let (sip_addr, rtp_addr) = (sip.local_addr().unwrap(), rtp.local_addr().unwrap());
-    sip.send_to(invite(node.addr, sip_addr, rtp_addr, "z9hG4bKinvite1").as_bytes(), node.addr).await.unwrap();
-    let ok = final_response(&sip).await;
-    assert!(ok.starts_with("SIP/2.0 200"), "{ok}");
-    let to_tag =
-        ok.lines().find(|l| l.starts_with("To:")).and_then(|l| l.split("tag=").nth(1)).unwrap().trim().to_string();
-    let media_port: u16 = ok
-        .lines()
-        .find(|l| l.starts_with("m=audio"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(ok.contains("c=IN IP4 127.0.0.1"), "the node anchors media on its own address: {ok}");
-    let mut ack = in_dialog("ACK", 1, node.addr, sip_addr, &to_tag);
-    ack = ack.replace("z9hG4bKACK1", "z9hG4bKack2xx");
-    sip.send_to(ack.as_bytes(), node.addr).await.unwrap();
+fn carrier() -> switchboard_model::TrunkConfig {
+    let mut carrier = trunk("carrier", vec![]);
+    carrier.codecs = vec![Codec::Pcmu, Codec::Pcma, Codec::TelephoneEvent];
+    carrier
+}
 
-    // 25 frames of caller audio, 20 ms apart; the payload's bytes carry the frame number.
-    let node_rtp: SocketAddr = format!("127.0.0.1:{media_port}").parse().unwrap();
-    let sender = tokio::spawn(async move {
-        for i in 0u16..25 {
-            let mut packet = vec![0x80, 0, 0, 0, 0, 0, 0, 0, 0x12, 0x34, 0x56, 0x78];
-            packet[2..4].copy_from_slice(&(1000 + i).to_be_bytes());
-            packet[4..8].copy_from_slice(&(u32::from(i) * 160).to_be_bytes());
-            packet.extend(std::iter::repeat_n(i as u8, 160));
-            rtp.send_to(&packet, node_rtp).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        // Then collect what the agent says, as the caller hears it.
-        let mut heard = Vec::new();
-        let mut buf = [0u8; 2048];
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while heard.len() < 10 && Instant::now() < deadline {
-            if let Ok(Ok((n, _))) = tokio::time::timeout(Duration::from_millis(500), rtp.recv_from(&mut buf)).await {
-                heard.push(buf[12..n].to_vec());
-            }
-        }
-        heard
-    });
-    let heard = sender.await.unwrap();
-    assert!(heard.len() >= 10, "the agent's audio must reach the caller: {} frames", heard.len());
-    assert!(heard.iter().all(|frame| frame.len() == 160 && frame.iter().all(|b| *b == 0x55)));
+// --- the caller ---
 
-    sip.send_to(in_dialog("BYE", 2, node.addr, sip_addr, &to_tag).as_bytes(), node.addr).await.unwrap();
-    let bye_ok = final_response(&sip).await;
-    assert!(bye_ok.starts_with("SIP/2.0 200"), "{bye_ok}");
+/// A raw SIP + RTP caller.
+struct Caller {
+    sip: UdpSocket,
+    rtp: UdpSocket,
+    node: SocketAddr,
+    call_id: String,
+    to_tag: String,
+    node_rtp: Option<SocketAddr>,
+    seq: u16,
+    ts: u32,
+    cseq: u32,
+    /// The caller's audio payload type: 0 (PCMU) or 8 (PCMA).
+    payload_type: u8,
+}
 
-    let mut events = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !events.iter().any(|e: &serde_json::Value| e["event"] == "stop") && Instant::now() < deadline {
-        if let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(200), seen.recv()).await {
-            events.push(event);
+impl Caller {
+    async fn new(node: SocketAddr, call_id: &str, payload_type: u8) -> Caller {
+        Caller {
+            sip: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            rtp: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            node,
+            call_id: call_id.into(),
+            to_tag: String::new(),
+            node_rtp: None,
+            seq: 1000,
+            ts: 0,
+            cseq: 1,
+            payload_type,
         }
     }
-    let kinds: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
-    assert_eq!(kinds.first(), Some(&"connected"), "{kinds:?}");
-    assert_eq!(kinds.get(1), Some(&"start"), "{kinds:?}");
-    assert_eq!(kinds.last(), Some(&"stop"), "{kinds:?}");
-    let start = &events[1]["start"];
-    assert_eq!(start["customParameters"]["to"], DID, "{start}");
-    assert_eq!(start["mediaFormat"]["encoding"], "audio/x-mulaw");
-    // The caller's frames arrive complete and in order.
-    let frames: Vec<Vec<u8>> = events
-        .iter()
-        .filter(|e| e["event"] == "media")
-        .map(|e| base64::engine::general_purpose::STANDARD.decode(e["media"]["payload"].as_str().unwrap()).unwrap())
-        .collect();
-    assert!(frames.len() >= 20, "{} caller frames reached the agent", frames.len());
-    let firsts: Vec<u8> = frames.iter().map(|f| f[0]).collect();
-    assert!(firsts.windows(2).all(|w| w[0] < w[1]), "caller audio out of order: {firsts:?}");
-    assert!(frames.iter().all(|f| f.len() == 160 && f.iter().all(|b| *b == f[0])));
-    assert!(kinds.contains(&"mark"), "the mark must come back after its audio: {kinds:?}");
 
+    fn sip_addr(&self) -> SocketAddr {
+        self.sip.local_addr().unwrap()
+    }
+
+    async fn send_sip(&self, text: &str) {
+        self.sip.send_to(text.as_bytes(), self.node).await.unwrap();
+    }
+
+    async fn invite(&self) {
+        let (pt, name) = if self.payload_type == 8 { (8, "PCMA") } else { (0, "PCMU") };
+        let sdp = format!(
+            "v=0\r\no=caller 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {} RTP/AVP {pt} 101\r\n\
+             a=rtpmap:{pt} {name}/8000\r\na=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=ptime:20\r\na=sendrecv\r\n",
+            self.rtp.local_addr().unwrap().port()
+        );
+        let (node, sip) = (self.node, self.sip_addr());
+        let invite = format!(
+            "INVITE sip:{DID}@{node} SIP/2.0\r\nVia: SIP/2.0/UDP {sip};branch=z9hG4bK-{}-inv\r\nFrom: <sip:+15557654321@{sip}>;tag=caller\r\n\
+             To: <sip:{DID}@{node}>\r\nCall-ID: {}\r\nCSeq: 1 INVITE\r\nContact: <sip:caller@{sip}>\r\nMax-Forwards: 70\r\n\
+             Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+            self.call_id,
+            self.call_id,
+            sdp.len()
+        );
+        self.send_sip(&invite).await;
+    }
+
+    /// The next SIP message (request or response), within `WAIT`.
+    async fn next_sip(&self) -> String {
+        let mut buf = vec![0u8; 8192];
+        let (n, _) = tokio::time::timeout(WAIT, self.sip.recv_from(&mut buf)).await.expect("no SIP message").unwrap();
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    }
+
+    /// Reads until a final response to the INVITE; returns it and the provisional codes seen.
+    async fn final_response(&self) -> (String, Vec<u16>) {
+        let mut provisional = vec![];
+        loop {
+            let text = self.next_sip().await;
+            let code: u16 = text.get(8..11).and_then(|c| c.parse().ok()).unwrap_or(0);
+            if (100..200).contains(&code) {
+                provisional.push(code);
+            } else if code >= 200 {
+                return (text, provisional);
+            }
+        }
+    }
+
+    /// Takes the 200 OK's tag and media address, and ACKs it.
+    async fn accept(&mut self, ok: &str) {
+        assert!(ok.starts_with("SIP/2.0 200"), "{ok}");
+        self.to_tag = header(ok, "To").and_then(|l| l.split("tag=").nth(1)).unwrap().trim().to_string();
+        let port: u16 = ok
+            .lines()
+            .find(|l| l.starts_with("m=audio"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(ok.contains("c=IN IP4 127.0.0.1"), "the node anchors media on its own address: {ok}");
+        self.node_rtp = Some(format!("127.0.0.1:{port}").parse().unwrap());
+        let ack = self.in_dialog("ACK", 1);
+        self.send_sip(&ack).await;
+    }
+
+    fn in_dialog(&self, method: &str, cseq: u32) -> String {
+        let (node, sip) = (self.node, self.sip_addr());
+        format!(
+            "{method} sip:{node} SIP/2.0\r\nVia: SIP/2.0/UDP {sip};branch=z9hG4bK-{}-{method}{cseq}\r\nFrom: <sip:+15557654321@{sip}>;tag=caller\r\n\
+             To: <sip:{DID}@{node}>;tag={}\r\nCall-ID: {}\r\nCSeq: {cseq} {method}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+            self.call_id, self.to_tag, self.call_id
+        )
+    }
+
+    /// Calls and ACKs the answer.
+    async fn call(&mut self) {
+        self.invite().await;
+        let (ok, _) = self.final_response().await;
+        self.accept(&ok).await;
+    }
+
+    async fn hang_up(&mut self) {
+        self.cseq += 1;
+        let bye = self.in_dialog("BYE", self.cseq);
+        self.send_sip(&bye).await;
+        loop {
+            let text = self.next_sip().await;
+            if text.starts_with("SIP/2.0 ") && text.contains(" BYE\r\n") {
+                assert!(text.starts_with("SIP/2.0 200"), "{text}");
+                return;
+            }
+        }
+    }
+
+    /// Waits for the node's BYE and answers it; returns it.
+    async fn expect_bye(&self) -> String {
+        loop {
+            let text = self.next_sip().await;
+            if text.starts_with("BYE ") {
+                let mut ok = String::from("SIP/2.0 200 OK\r\n");
+                for name in ["Via", "From", "To", "Call-ID", "CSeq"] {
+                    for line in text.lines().filter(|l| l.split(':').next() == Some(name)) {
+                        ok.push_str(line);
+                        ok.push_str("\r\n");
+                    }
+                }
+                ok.push_str("Content-Length: 0\r\n\r\n");
+                self.send_sip(&ok).await;
+                return text;
+            }
+        }
+    }
+
+    fn packet(&mut self, payload_type: u8, marker: bool, payload: &[u8]) -> Vec<u8> {
+        let mut packet = vec![0x80, payload_type | if marker { 0x80 } else { 0 }];
+        packet.extend_from_slice(&self.seq.to_be_bytes());
+        packet.extend_from_slice(&self.ts.to_be_bytes());
+        packet.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+        packet.extend_from_slice(payload);
+        self.seq = self.seq.wrapping_add(1);
+        packet
+    }
+
+    /// One 20 ms audio frame in the caller's codec.
+    async fn send_audio(&mut self, payload: &[u8]) {
+        let packet = self.packet(self.payload_type, false, payload);
+        self.ts = self.ts.wrapping_add(160);
+        self.rtp.send_to(&packet, self.node_rtp.unwrap()).await.unwrap();
+    }
+
+    /// A key press as RFC 4733 sends it: three updates 20 ms apart, then the end packet and
+    /// its two retransmissions, all with the event's start timestamp.
+    async fn press(&mut self, event: u8) {
+        for (i, end) in [false, false, false, true, true, true].into_iter().enumerate() {
+            let duration = 160 * (i.min(3) as u16 + 1);
+            let payload = TelephoneEvent { event, end, volume: 10, duration }.to_bytes();
+            let packet = self.packet(101, i == 0, &payload);
+            self.rtp.send_to(&packet, self.node_rtp.unwrap()).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(if end { 5 } else { 20 })).await;
+        }
+        self.ts = self.ts.wrapping_add(160 * 5);
+    }
+
+    /// The next RTP packet from the node, with its arrival time.
+    async fn hear(&self, within: Duration) -> Option<(Instant, u8, Vec<u8>)> {
+        let mut buf = [0u8; 2048];
+        let (n, from) = tokio::time::timeout(within, self.rtp.recv_from(&mut buf)).await.ok()?.unwrap();
+        assert_eq!(Some(from), self.node_rtp, "RTP comes from the port in the node's SDP");
+        let packet = RtpPacket::parse(&buf[..n]).expect("the node sends valid RTP");
+        Some((Instant::now(), packet.payload_type, packet.payload.to_vec()))
+    }
+}
+
+fn header<'a>(message: &'a str, name: &str) -> Option<&'a str> {
+    message.lines().find(|l| l.split(':').next().is_some_and(|n| n.eq_ignore_ascii_case(name)))
+}
+
+// --- checks every call ends with ---
+
+async fn rtp_ports_in_use(node: &Node) -> f64 {
+    let metrics = http_get(node.http, "/metrics").await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("switchboard_rtp_ports_in_use ")?.trim().parse().ok())
+        .expect("the node exports switchboard_rtp_ports_in_use")
+}
+
+/// The call left nothing behind: its RTP ports are back, its active-call row is gone and its
+/// CDR is written; returns the CDR's reason.
+async fn assert_clean_end(pool: &PgPool, node: &Node, expected_code: i32) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let ports = rtp_ports_in_use(node).await;
+        let active = active_calls(pool).await;
+        let cdr: Option<(Option<i32>, Option<String>, Option<String>)> =
+            sqlx::query_as("SELECT sip_code, reason, hangup_by FROM cdrs ORDER BY end_at DESC LIMIT 1")
+                .fetch_optional(pool)
+                .await
+                .unwrap();
+        if ports == 0.0
+            && active == 0
+            && let Some((code, reason, _)) = &cdr
+        {
+            assert_eq!(*code, Some(expected_code), "{reason:?}");
+            return reason.clone().unwrap_or_default();
+        }
+        assert!(Instant::now() < deadline, "stuck call: ports {ports}, active_calls {active}, cdr {cdr:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn payload_of(media: &Value) -> Vec<u8> {
+    BASE64.decode(media["media"]["payload"].as_str().unwrap()).unwrap()
+}
+
+fn tone(frequency: f64, samples: usize) -> Vec<i16> {
+    (0..samples).map(|i| ((i as f64 * frequency * std::f64::consts::TAU / 8000.0).sin() * 8000.0) as i16).collect()
+}
+
+/// Two decoded signals are the same speech: each sample within G.711's quantisation (a
+/// transcoded sample passes through both laws).
+fn assert_close(sent: &[i16], got: &[i16]) {
+    assert_eq!(sent.len(), got.len());
+    for (i, (s, g)) in sent.iter().zip(got).enumerate() {
+        let tolerance = i32::from(s.unsigned_abs()) / 8 + 40;
+        assert!((i32::from(*s) - i32::from(*g)).abs() <= tolerance, "sample {i}: sent {s}, got {g}");
+    }
+}
+
+// --- the tests ---
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_caller_talks_to_an_ai_agent_over_websocket(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let node = Node::start(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))]).await;
+    let mut caller = Caller::new(node.addr, "agent-call-1", 0).await;
+    caller.call().await;
+
+    let (_, connected) = agent.expect("connected").await;
+    assert_eq!(connected, json!({"event": "connected", "protocol": "Call", "version": "1.0.0"}));
+    let (_, start) = agent.expect("start").await;
+    let stream_sid = start["streamSid"].as_str().unwrap().to_string();
+    assert_eq!(start["start"]["customParameters"]["to"], DID, "{start}");
+    assert_eq!(start["start"]["customParameters"]["from"], "+15557654321", "{start}");
+    assert_eq!(start["start"]["customParameters"]["trunk"], "carrier", "{start}");
+    assert_eq!(start["start"]["mediaFormat"], json!({"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}));
+
+    // 1. The caller's audio: 50 frames 20 ms apart, each frame's bytes carrying its number.
+    for i in 0..50u8 {
+        caller.send_audio(&[i; 160]).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut frames = vec![];
+    while frames.len() < 50 {
+        frames.push(agent.expect("media").await.1);
+    }
+    for (i, frame) in frames.iter().enumerate() {
+        assert_eq!(payload_of(frame), vec![i as u8; 160], "frame {i} complete and in order");
+        assert_eq!(frame["media"]["chunk"], (i + 1).to_string());
+        assert_eq!(frame["media"]["track"], "inbound");
+        assert_eq!(frame["streamSid"], stream_sid.as_str());
+    }
+    let sequence: Vec<u64> = frames.iter().map(|f| f["sequenceNumber"].as_str().unwrap().parse().unwrap()).collect();
+    assert!(sequence.windows(2).all(|w| w[1] == w[0] + 1), "{sequence:?}");
+
+    // 2. The agent's audio: 25 distinct frames in one message, then a mark; the caller hears
+    //    them in order, paced at 20 ms, and the mark comes back after the last one.
+    let speech: Vec<u8> = (0..25u8).flat_map(|i| [0x80 | i; 160]).collect();
+    agent.send_audio(&speech);
+    agent.send_mark("greeting");
+    let mut heard = vec![];
+    while heard.len() < 25 {
+        let (at, pt, payload) =
+            caller.hear(Duration::from_secs(2)).await.expect("the agent's audio reaches the caller");
+        assert_eq!(pt, 0);
+        heard.push((at, payload));
+    }
+    for (i, (_, payload)) in heard.iter().enumerate() {
+        assert_eq!(payload, &vec![0x80 | i as u8; 160], "agent frame {i}");
+    }
+    let gaps: Vec<f64> = heard.windows(2).map(|w| (w[1].0 - w[0].0).as_secs_f64() * 1000.0).collect();
+    let mean = gaps.iter().sum::<f64>() / gaps.len() as f64;
+    assert!((17.0..=23.0).contains(&mean), "mean inter-arrival {mean:.2} ms: {gaps:?}");
+    let (mark_at, mark) = agent.expect("mark").await;
+    assert_eq!(mark["mark"]["name"], "greeting");
+    assert!(mark_at >= heard.last().unwrap().0, "the mark came back before its audio had played");
+
+    // 3. Barge-in: two seconds of audio and a mark, cleared after a few frames.
+    agent.send_audio(&[0x33; 160 * 100]);
+    agent.send_mark("long-answer");
+    for _ in 0..5 {
+        caller.hear(Duration::from_secs(2)).await.expect("the long answer starts");
+    }
+    agent.send(json!({"event": "clear", "streamSid": stream_sid}));
+    let cleared_at = Instant::now();
+    let (_, mark) = agent.expect("mark").await;
+    assert_eq!(mark["mark"]["name"], "long-answer", "the cleared audio's mark is returned at once");
+    let mut after = 0;
+    while caller.hear(Duration::from_millis(300)).await.is_some() {
+        after += 1;
+        assert!(cleared_at.elapsed() < Duration::from_secs(1), "audio keeps coming after clear");
+    }
+    assert!(after <= 2, "{after} frames played after clear (at most the ones already on their way)");
+
+    // 4. DTMF: three key presses, each with its end retransmissions, give three events.
+    for event in [1u8, 5, 11] {
+        caller.press(event).await;
+    }
+    let mut digits = vec![];
+    for _ in 0..3 {
+        let (_, dtmf) = agent.expect("dtmf").await;
+        assert_eq!(dtmf["dtmf"]["track"], "inbound_track");
+        digits.push(dtmf["dtmf"]["digit"].as_str().unwrap().to_string());
+    }
+    assert_eq!(digits, ["1", "5", "#"]);
+
+    // 5. The caller hangs up: `stop` is the last message and the socket closes.
+    caller.hang_up().await;
+    agent.expect("stop").await;
+    let (_, closed) = agent.expect("closed").await;
+    assert_eq!(closed["event"], "closed");
+    agent.drain();
+    assert_eq!(agent.logged("dtmf").len(), 3, "one dtmf per key press");
+    let stop_index = agent.log.iter().position(|(_, v)| v["event"] == "stop").unwrap();
+    assert!(agent.log[stop_index + 1..].iter().all(|(_, v)| v["event"] == "closed"), "stop comes last");
+
+    let reason = assert_clean_end(&pool, &node, 200).await;
+    assert_eq!(reason, "caller hung up");
     let cdrs = cdrs(&pool, 1).await;
     assert_eq!(cdrs.last().and_then(|c| c.hangup_by.clone()).as_deref(), Some("caller"), "{cdrs:?}");
     assert!(cdrs.last().is_some_and(|c| c.answer_at.is_some()));
@@ -176,42 +478,247 @@ async fn a_caller_talks_to_an_ai_agent_over_websocket(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_pcma_caller_is_transcoded_to_and_from_mulaw(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let node = Node::start(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))]).await;
+    let mut caller = Caller::new(node.addr, "agent-call-pcma", 8).await;
+    caller.invite().await;
+    let (ok, _) = caller.final_response().await;
+    assert!(ok.contains("a=rtpmap:8 PCMA/8000"), "the node answers with the caller's codec: {ok}");
+    caller.accept(&ok).await;
+    agent.expect("start").await;
+
+    // Caller → agent: an A-law tone arrives as μ-law with the same samples.
+    let sent = tone(440.0, 160 * 5);
+    for chunk in sent.chunks(160) {
+        let mut alaw = vec![];
+        g711::encode_alaw_samples(chunk, &mut alaw);
+        caller.send_audio(&alaw).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut got = vec![];
+    for _ in 0..5 {
+        g711::decode_ulaw(&payload_of(&agent.expect("media").await.1), &mut got);
+    }
+    assert_close(&sent, &got);
+
+    // Agent → caller: a μ-law tone is heard as A-law (payload type 8) with the same samples.
+    let spoken = tone(300.0, 160 * 5);
+    let mut ulaw = vec![];
+    g711::encode_ulaw_samples(&spoken, &mut ulaw);
+    agent.send_audio(&ulaw);
+    let mut heard = vec![];
+    for _ in 0..5 {
+        let (_, pt, payload) = caller.hear(Duration::from_secs(2)).await.expect("agent audio");
+        assert_eq!(pt, 8);
+        g711::decode_alaw(&payload, &mut heard);
+    }
+    assert_close(&spoken, &heard);
+
+    caller.hang_up().await;
+    agent.expect("stop").await;
+    assert_clean_end(&pool, &node, 200).await;
+    node.stop().await;
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn bad_rtp_and_a_misbehaving_agent_do_not_break_the_call(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let node = Node::start(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))]).await;
+    let mut caller = Caller::new(node.addr, "agent-call-bad", 0).await;
+    caller.call().await;
+    agent.expect("start").await;
+    let node_rtp = caller.node_rtp.unwrap();
+
+    // The caller latches with a first frame; then garbage, truncated RTP (a header announcing
+    // CSRCs it does not carry, a bare 5-byte header), RTCP-looking junk on the RTP port, and a
+    // stranger's valid RTP — none of it may reach the agent.
+    caller.send_audio(&[1; 160]).await;
+    assert_eq!(payload_of(&agent.expect("media").await.1), [1; 160]);
+    for junk in [&b"hello"[..], &[0x8F, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[0x80, 0, 0], &[0x40; 40], &[]] {
+        caller.rtp.send_to(junk, node_rtp).await.unwrap();
+    }
+    let stranger = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut forged = vec![0x80, 0, 0x30, 0x39, 0, 0, 0, 0, 0xDE, 0xAD, 0xBE, 0xEF];
+    forged.extend_from_slice(&[0xEE; 160]);
+    stranger.send_to(&forged, node_rtp).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    caller.send_audio(&[2; 160]).await;
+    assert_eq!(payload_of(&agent.expect("media").await.1), [2; 160], "only the caller's next frame arrives");
+    agent.drain();
+    assert_eq!(agent.logged("media").len(), 2, "nothing from the junk or the stranger reached the agent");
+
+    // The agent sends what it should not: invalid JSON, a non-base64 payload, a media without
+    // payload, a binary frame, an unknown event, a 100 KiB message. All are ignored.
+    agent.out.send(Message::text("{not json")).unwrap();
+    agent.out.send(Message::text("")).unwrap();
+    agent.send(json!({"event": "media", "media": {"payload": "%%% not base64 %%%"}}));
+    agent.send(json!({"event": "media"}));
+    agent.out.send(Message::binary(vec![0u8; 320])).unwrap();
+    agent.send(json!({"event": "dance", "media": {"payload": BASE64.encode([0x44; 160])}}));
+    agent.send_audio(&vec![0x45; 100 * 1024]);
+    // Then good audio still plays.
+    agent.send_audio(&[0x46; 160]);
+    let (_, _, payload) = caller.hear(Duration::from_secs(2)).await.expect("the call survives bad agent messages");
+    assert_eq!(payload, [0x46; 160], "only the valid frame is played");
+    assert!(caller.hear(Duration::from_millis(200)).await.is_none(), "nothing else is played");
+
+    // A frame beyond the hard limit breaks the connection: the node hangs up with BYE and the
+    // CDR says why.
+    agent.send_audio(&vec![0x47; 2 << 20]);
+    caller.expect_bye().await;
+    let reason = assert_clean_end(&pool, &node, 200).await;
+    assert!(reason.starts_with("agent ended the call"), "{reason}");
+    let cdrs = cdrs(&pool, 1).await;
+    assert_eq!(cdrs.last().and_then(|c| c.hangup_by.clone()).as_deref(), Some("system"), "{cdrs:?}");
+    node.stop().await;
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn an_agent_that_closes_the_socket_ends_the_call_with_bye(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let node = Node::start(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))]).await;
+    let mut caller = Caller::new(node.addr, "agent-call-close", 0).await;
+    caller.call().await;
+    agent.expect("start").await;
+    agent
+        .out
+        .send(Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "conversation over".into() })))
+        .unwrap();
+    let bye = caller.expect_bye().await;
+    assert!(bye.contains(&format!("Call-ID: {}", caller.call_id)), "{bye}");
+    let reason = assert_clean_end(&pool, &node, 200).await;
+    assert!(reason.contains("conversation over"), "{reason}");
+    node.stop().await;
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn an_agent_that_never_accepts_the_websocket_times_out_with_503(pool: PgPool) {
+    // TCP is accepted, the upgrade never answered.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/agent", listener.local_addr().unwrap());
+    let hold = tokio::spawn(async move {
+        let mut held = vec![];
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    let node = Node::start_tuned(&pool, vec![carrier()], vec![number_to(websocket(&url))], vec![], |args| {
+        args.agent.agent_connect_timeout_ms = 400;
+    })
+    .await;
+    let caller = Caller::new(node.addr, "agent-call-silent", 0).await;
+    let started = Instant::now();
+    caller.invite().await;
+    let (response, _) = caller.final_response().await;
+    assert!(response.starts_with("SIP/2.0 503"), "{response}");
+    assert!(started.elapsed() >= Duration::from_millis(350), "answered before the timeout");
+    let reason = header(&response, "Reason").expect("a Reason header says why");
+    assert!(reason.contains("did not connect"), "{reason}");
+    let cdr_reason = assert_clean_end(&pool, &node, 503).await;
+    assert!(cdr_reason.contains("did not connect"), "{cdr_reason}");
+    hold.abort();
+    node.stop().await;
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
 async fn an_agent_that_is_not_there_gets_the_caller_a_503(pool: PgPool) {
     let closed = free_port("127.0.0.1");
     let url = format!("ws://127.0.0.1:{closed}/agent");
-    let destination = Destination {
-        kind: DestinationType::Websocket,
-        url: Some(url),
-        uri: None,
-        number: None,
-        trunk_ref: None,
-        reject_code: None,
-    };
-    let node = Node::start(&pool, vec![trunk("carrier", vec![])], vec![number_to(destination)]).await;
+    let node = Node::start(&pool, vec![trunk("carrier", vec![])], vec![number_to(websocket(&url))]).await;
     let uac = uac(&["-sf", &scenario("uac_expect_503.xml")], node.addr, "127.0.0.1", 1, &[]);
     assert!(uac.wait().await.success(), "an unreachable agent must answer the caller 503");
-    let cdrs = cdrs(&pool, 1).await;
-    assert!(cdrs.last().and_then(|c| c.sip_code) == Some(503), "{cdrs:?}");
+    let reason = assert_clean_end(&pool, &node, 503).await;
+    assert!(reason.contains("AI agent unreachable"), "{reason}");
+    node.stop().await;
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn first_audio_rings_until_the_agent_speaks(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let node = Node::start_tuned(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))], vec![], |args| {
+        args.agent.agent_answer = AgentAnswer::FirstAudio;
+        args.agent.agent_answer_timeout_ms = 5000;
+    })
+    .await;
+    let mut caller = Caller::new(node.addr, "agent-call-first-audio", 0).await;
+    caller.invite().await;
+    agent.expect("start").await;
+    // The agent takes its time; the caller hears ringing meanwhile.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let spoke_at = Instant::now();
+    agent.send_audio(&[0x21; 160 * 3]);
+    let (ok, provisional) = caller.final_response().await;
+    let answered_at = Instant::now();
+    assert!(provisional.contains(&180), "ringing first: {provisional:?}");
+    assert!(answered_at >= spoke_at, "the 200 OK waited for the agent's audio");
+    caller.accept(&ok).await;
+    let mut frames = 0;
+    while let Some((_, _, payload)) = caller.hear(Duration::from_millis(300)).await {
+        assert_eq!(payload, [0x21; 160]);
+        frames += 1;
+    }
+    assert_eq!(frames, 3, "the first words are not lost to the answer");
+    caller.hang_up().await;
+    agent.expect("stop").await;
+    assert_clean_end(&pool, &node, 200).await;
+    let ring: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT ring_at FROM cdrs").fetch_one(&pool).await.unwrap();
+    assert!(ring.is_some(), "the CDR records the ringing");
+    node.stop().await;
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn first_audio_answers_a_silent_agent_at_the_timeout(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let node = Node::start_tuned(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))], vec![], |args| {
+        args.agent.agent_answer = AgentAnswer::FirstAudio;
+        args.agent.agent_answer_timeout_ms = 300;
+    })
+    .await;
+    let mut caller = Caller::new(node.addr, "agent-call-first-silent", 0).await;
+    let started = Instant::now();
+    caller.invite().await;
+    let (ok, provisional) = caller.final_response().await;
+    assert!(provisional.contains(&180), "{provisional:?}");
+    assert!(started.elapsed() >= Duration::from_millis(280), "answered before the timeout");
+    caller.accept(&ok).await;
+    agent.expect("start").await;
+    caller.hang_up().await;
+    agent.expect("stop").await;
+    assert_clean_end(&pool, &node, 200).await;
+    node.stop().await;
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn first_audio_agent_leaving_while_ringing_is_503(pool: PgPool) {
+    // The agent leaves before it spoke: 503 to the caller, the reason in the CDR.
+    let mut agent = Agent::start().await;
+    let node = Node::start_tuned(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))], vec![], |args| {
+        args.agent.agent_answer = AgentAnswer::FirstAudio;
+    })
+    .await;
+    let caller = Caller::new(node.addr, "agent-call-leaves", 0).await;
+    caller.invite().await;
+    agent.expect("start").await;
+    agent.out.send(Message::Close(Some(CloseFrame { code: CloseCode::Away, reason: "busy".into() }))).unwrap();
+    let (response, _) = caller.final_response().await;
+    assert!(response.starts_with("SIP/2.0 503"), "{response}");
+    let reason = assert_clean_end(&pool, &node, 503).await;
+    assert!(reason.contains("before answering") && reason.contains("busy"), "{reason}");
     node.stop().await;
 }
 
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
 async fn no_common_codec_is_488(pool: PgPool) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("ws://{}/agent", listener.local_addr().unwrap());
     let mut carrier = trunk("carrier", vec![]);
     carrier.codecs = vec![Codec::Pcma];
-    let destination = Destination {
-        kind: DestinationType::Websocket,
-        url: Some(url),
-        uri: None,
-        number: None,
-        trunk_ref: None,
-        reject_code: None,
-    };
-    let node = Node::start(&pool, vec![carrier], vec![number_to(destination)]).await;
+    let node = Node::start(&pool, vec![carrier], vec![number_to(websocket(&url))]).await;
     // The scenario offers PCMU only.
     let uac = uac(&["-sf", &scenario("uac_expect_488.xml")], node.addr, "127.0.0.1", 1, &[]);
     assert!(uac.wait().await.success(), "an offer without a common codec must get 488");
+    assert_clean_end(&pool, &node, 488).await;
     node.stop().await;
 }

@@ -332,6 +332,7 @@ impl AgentConnection {
     pub fn spawn(self, io: BridgeIo) -> BridgeHandle {
         let counters = Arc::new(Counters::default());
         let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let (first_audio_tx, first_audio_rx) = oneshot::channel();
         let session = Session {
             conn: self,
             io,
@@ -341,9 +342,16 @@ impl AgentConnection {
             partial: Vec::with_capacity(FRAME_BYTES),
             chunk: 0,
             last_played: None,
+            first_audio: Some(first_audio_tx),
         };
         let task = tokio::spawn(session.run(control_rx));
-        BridgeHandle { control: control_tx, counters, task: Some(task), end: None }
+        BridgeHandle {
+            control: control_tx,
+            counters,
+            task: Some(task),
+            end: None,
+            first_audio: FirstAudio::Waiting(first_audio_rx),
+        }
     }
 }
 
@@ -357,6 +365,14 @@ pub struct BridgeHandle {
     counters: Arc<Counters>,
     task: Option<JoinHandle<BridgeEnd>>,
     end: Option<BridgeEnd>,
+    first_audio: FirstAudio,
+}
+
+/// Whether the agent has sent audio yet, as the handle last saw it.
+enum FirstAudio {
+    Waiting(oneshot::Receiver<()>),
+    Arrived,
+    Never,
 }
 
 impl std::fmt::Debug for BridgeHandle {
@@ -388,6 +404,16 @@ impl BridgeHandle {
         self.task = None;
         self.end = Some(end.clone());
         end
+    }
+
+    /// Resolves with `true` once the agent's first audio has been accepted for playback, or
+    /// with `false` if the session ended before any: the call answers on it with
+    /// `--agent-answer first-audio`. Cancel-safe; resolves again at once after it resolved.
+    pub async fn first_audio(&mut self) -> bool {
+        if let FirstAudio::Waiting(rx) = &mut self.first_audio {
+            self.first_audio = if rx.await.is_ok() { FirstAudio::Arrived } else { FirstAudio::Never };
+        }
+        matches!(self.first_audio, FirstAudio::Arrived)
     }
 
     /// The caller hung up: sends `stop`, closes the socket cleanly (waiting up to a second for
@@ -426,6 +452,8 @@ struct Session {
     partial: Vec<u8>,
     chunk: u64,
     last_played: Option<Instant>,
+    /// Fired at the first audio accepted from the agent.
+    first_audio: Option<oneshot::Sender<()>>,
 }
 
 enum Wake {
@@ -537,6 +565,11 @@ impl Session {
                 Ok(audio) => {
                     bump(&self.counters.agent_media, 1);
                     self.enqueue_audio(&audio);
+                    if !audio.is_empty()
+                        && let Some(first) = self.first_audio.take()
+                    {
+                        let _ = first.send(());
+                    }
                 }
                 Err(_) => bump(&self.counters.invalid_payload, 1),
             },

@@ -6,7 +6,8 @@
 //! 1. allocates a port pair, answers the caller's SDP (PCMU/PCMA; the relay transcodes to
 //!    μ-law), and starts a bridged relay ([`crate::media::relay::spawn_bridged`]);
 //! 2. [`connect`]s to the agent (a timeout bounds it), which sends `connected` and `start`;
-//! 3. answers the call (200 OK) once connected, and [`AgentConnection::spawn`]s the bridge task
+//! 3. answers the call (200 OK) once connected, or on the agent's first audio
+//!    ([`answer::AgentAnswer`]), and [`AgentConnection::spawn`]s the bridge task
 //!    with the relay's channels;
 //! 4. ends the call with BYE when [`BridgeHandle::ended`] resolves (the agent went away), or
 //!    calls [`BridgeHandle::hangup`] when the caller hangs up (`stop`, then a clean close).
@@ -16,6 +17,7 @@
 //! at once. That buffer (the agent's playback queue) is the only one that may grow.
 
 mod agent;
+pub mod answer;
 pub mod protocol;
 
 pub use agent::{

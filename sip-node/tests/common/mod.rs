@@ -152,6 +152,7 @@ impl Node {
             rtp_ports: "30000-39999".into(),
             media_timeout_seconds: 30,
             final_codes: switchboard_node::sip::routing::DEFAULT_FINAL_CODES.to_vec(),
+            agent: switchboard_node::bridge::answer::AgentArgs::default(),
         };
         tune(&mut args);
         let Listening { sip, http } =

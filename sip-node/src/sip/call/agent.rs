@@ -8,6 +8,8 @@ use rsip::prelude::*;
 use tokio::sync::mpsc;
 
 use super::{ALLOW, AttemptRecord, Call, Ender, Outcome};
+use crate::bridge::BridgeEnd;
+use crate::bridge::answer::AgentAnswer;
 use crate::sip::dialog::Dialog;
 use crate::sip::endpoint::TuEvent;
 use crate::sip::message;
@@ -16,8 +18,10 @@ use crate::store::StoreEvent;
 
 impl Call {
     /// A call to an AI agent: answer the caller's SDP with the node's own RTP port, connect the
-    /// WebSocket (Twilio Media Streams), answer the caller once the agent is there, then relay
-    /// audio both ways until either side ends the call or the media goes silent.
+    /// WebSocket (Twilio Media Streams), answer the caller once the agent is there (or, with
+    /// `--agent-answer first-audio`, ring until it first speaks), then relay audio both ways
+    /// until either side ends the call or the media goes silent. Every exit path gives the RTP
+    /// ports back (the relay owns them) and says in the outcome why the call ended.
     pub(super) async fn bridge_to_agent(
         &mut self,
         url: String,
@@ -28,26 +32,33 @@ impl Call {
         use crate::media::sdp::{LocalEndpoint, MediaPolicy, SdpSession, SessionDescription, answer_offer};
 
         let setup_at = Utc::now();
-        let record = |answer_at| AttemptRecord {
+        let mut ring_at = None;
+        let record = |ring_at, answer_at| AttemptRecord {
             number: 1,
             trunk: None,
             gateway: Some(url.clone()),
             setup_at,
-            ring_at: None,
+            ring_at,
             answer_at,
         };
         let Some(media) = self.ctx.media.clone() else {
-            return self.refuse_caller(503, "no media anchoring on this node".into(), Some(record(None)));
+            return self.refuse_caller(503, "no media anchoring on this node".into(), Some(record(None, None)));
         };
         let offer = match SessionDescription::parse_bytes(&self.invite.body) {
             Ok(offer) => offer,
             Err(error) => {
-                return self.refuse_caller(error.sip_status(), format!("caller's SDP: {error}"), Some(record(None)));
+                return self.refuse_caller(
+                    error.sip_status(),
+                    format!("caller's SDP: {error}"),
+                    Some(record(None, None)),
+                );
             }
         };
         let pair = match media.ports.allocate() {
             Ok(pair) => pair,
-            Err(error) => return self.refuse_caller(503, format!("no RTP port free: {error}"), Some(record(None))),
+            Err(error) => {
+                return self.refuse_caller(503, format!("no RTP port free: {error}"), Some(record(None, None)));
+            }
         };
         let trunk = self.facts.inbound_trunk.clone();
         let codecs = trunk.as_ref().map(|t| t.codecs.clone()).unwrap_or_default();
@@ -55,7 +66,7 @@ impl Call {
         let mut session = SdpSession::new(media.address);
         let (answer, negotiated) = match answer_offer(&offer, &policy, &mut session) {
             Ok(agreed) => agreed,
-            Err(error) => return self.refuse_caller(error.sip_status(), error.to_string(), Some(record(None))),
+            Err(error) => return self.refuse_caller(error.sip_status(), error.to_string(), Some(record(None, None))),
         };
         let parameters = CallParameters {
             from: self.facts.from.clone(),
@@ -63,6 +74,7 @@ impl Call {
             trunk: trunk.as_ref().map(|t| t.name.clone()).unwrap_or_default(),
             number: self.facts.to.clone(),
         };
+        let answering = crate::bridge::answer::node_policy(self.ctx.endpoint.transport().local_addr());
         let mut config = BridgeConfig::new(url.clone(), &parameters);
         config.connect_timeout = media.agent_connect_timeout;
         config.call_sid = self.facts.call_id.clone();
@@ -71,37 +83,75 @@ impl Call {
             connected = bridge::connect(config) => connected,
             () = wait_for_cancel(a_rx) => {
                 self.respond_a(487, "Request Terminated", None);
-                return Outcome { code: 487, reason: "caller cancelled".into(), hangup_by: Ender::Caller, attempt: Some(record(None)) };
+                return Outcome { code: 487, reason: "caller cancelled".into(), hangup_by: Ender::Caller, attempt: Some(record(None, None)) };
             }
         };
         let connection = match connection {
             Ok(connection) => connection,
-            Err(error) => return self.refuse_caller(503, format!("AI agent unreachable: {error}"), Some(record(None))),
+            Err(error) => {
+                return self.refuse_caller(503, format!("AI agent unreachable: {error}"), Some(record(None, None)));
+            }
         };
         let (relay, mut relay_events, bridge_media) = match spawn_bridged(
             RtpLegSetup { ports: pair, media: (&negotiated).into() },
             RelayConfig { media_timeout: media.timeout },
         ) {
             Ok(started) => started,
-            Err(error) => return self.refuse_caller(503, format!("cannot start media: {error}"), Some(record(None))),
+            Err(error) => {
+                return self.refuse_caller(503, format!("cannot start media: {error}"), Some(record(None, None)));
+            }
         };
         let mut agent = connection.spawn(bridge_media.into());
 
         // Answer the caller with the node's SDP.
         let contact = self.ctx.endpoint.contact_for(self.a_peer, "");
         let Some(mut a) = Dialog::as_uas(&self.invite, &self.a_tag, self.a_peer, contact.clone()) else {
-            return Outcome {
-                code: 500,
-                reason: "internal: inbound dialog unusable".into(),
-                hangup_by: Ender::System,
-                attempt: Some(record(None)),
-            };
+            let _ = agent.hangup().await;
+            return self.refuse_caller(500, "internal: inbound dialog unusable".into(), Some(record(None, None)));
         };
-        self.ctx.endpoint.register_dialog(&a.call_id, &a.local_tag, self.a_tx.clone());
         let mut ok = response_to(&self.invite, 200, Some("OK"), Some(&self.a_tag));
-        ok.headers.push(Header::Contact(headers::Contact::new(contact)));
+        ok.headers.push(Header::Contact(headers::Contact::new(contact.clone())));
         ok.headers.push(Header::Allow(ALLOW.into()));
         message::set_body(&mut ok.headers, &mut ok.body, answer.to_string().into_bytes(), Some("application/sdp"));
+
+        if answering.mode == AgentAnswer::FirstAudio {
+            // Ring until the agent speaks (bounded): the 200 OK then goes out with its first
+            // frame. The caller may send media from its offer on (RFC 3264 5.1), so nothing
+            // is lost to the race between that frame and the 200 OK.
+            let mut ringing = response_to(&self.invite, 180, Some("Ringing"), Some(&self.a_tag));
+            ringing.headers.push(Header::Contact(headers::Contact::new(contact)));
+            self.ctx.endpoint.respond(&self.key, ringing);
+            ring_at = Some(Utc::now());
+            let deadline = tokio::time::sleep(answering.timeout);
+            tokio::pin!(deadline);
+            loop {
+                tokio::select! {
+                    spoke = agent.first_audio() => {
+                        if spoke {
+                            break;
+                        }
+                        // The session ended before any audio (the agent closed or failed).
+                        let end = agent.ended().await;
+                        let reason = format!("AI agent left before answering: {}", end_reason(&end));
+                        return self.refuse_caller(503, reason, Some(record(ring_at, None)));
+                    }
+                    () = &mut deadline => {
+                        tracing::info!(waited = ?answering.timeout, "the agent sent no audio; answering anyway");
+                        break;
+                    }
+                    event = a_rx.recv() => match event {
+                        Some(TuEvent::Cancelled) | None => {
+                            let _ = agent.hangup().await;
+                            self.respond_a(487, "Request Terminated", None);
+                            return Outcome { code: 487, reason: "caller cancelled".into(), hangup_by: Ender::Caller, attempt: Some(record(ring_at, None)) };
+                        }
+                        Some(_) => {}
+                    },
+                }
+            }
+        }
+
+        self.ctx.endpoint.register_dialog(&a.call_id, &a.local_tag, self.a_tx.clone());
         self.ctx.endpoint.respond(&self.key, ok.clone());
         let answered_at = Utc::now();
         self.answer_at = Some(answered_at);
@@ -112,6 +162,7 @@ impl Call {
         let give_up = tokio::time::Instant::now() + self.ctx.timers.t1 * 64;
         let retransmit = tokio::time::sleep(interval);
         tokio::pin!(retransmit);
+        let mut relay_alive = true;
         let (code, reason, ender) = loop {
             tokio::select! {
                 () = &mut retransmit, if !acked => {
@@ -126,9 +177,13 @@ impl Call {
                 end = agent.ended() => {
                     let a_tx = self.a_tx.clone();
                     self.bye_and_wait(&mut a, &a_tx, a_rx).await;
-                    break (200, format!("agent ended the call: {}", end.reason()), Ender::System);
+                    break (200, end_reason(&end), Ender::System);
                 }
-                event = relay_events.recv() => {
+                event = relay_events.recv(), if relay_alive => {
+                    if event.is_none() {
+                        // The relay is gone; the bridge notices its closed channels and ends.
+                        relay_alive = false;
+                    }
                     if let Some(RelayEvent::MediaTimeout { silent_for }) = event {
                         let a_tx = self.a_tx.clone();
                         self.bye_and_wait(&mut a, &a_tx, a_rx).await;
@@ -167,11 +222,28 @@ impl Call {
                 },
             }
         };
-        let _ = agent.hangup().await;
+        let (end, bridge) = agent.hangup().await;
         let stats = relay.stop().await;
-        tracing::info!(packets_in = stats.a.packets_in, packets_out = stats.a.packets_out, "agent call media");
+        tracing::info!(
+            packets_in = stats.a.packets_in,
+            packets_out = stats.a.packets_out,
+            dropped_invalid = stats.a.dropped_invalid,
+            dropped_source = stats.a.dropped_source,
+            ?bridge,
+            end = %end.reason(),
+            "agent call media"
+        );
         self.ctx.endpoint.unregister_dialog(&a.call_id, &a.local_tag);
-        Outcome { code, reason, hangup_by: ender, attempt: Some(record(Some(answered_at))) }
+        Outcome { code, reason, hangup_by: ender, attempt: Some(record(ring_at, Some(answered_at))) }
+    }
+}
+
+/// The CDR reason of a call the bridge ended.
+fn end_reason(end: &BridgeEnd) -> String {
+    match end {
+        BridgeEnd::MediaEnded => "media relay stopped".into(),
+        BridgeEnd::CallerHangup => "caller hung up".into(),
+        other => format!("agent ended the call: {}", other.reason()),
     }
 }
 
