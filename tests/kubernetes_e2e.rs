@@ -288,12 +288,13 @@ async fn operator_on_a_real_cluster() {
     // Edit a trunk: a new configuration generation, the new value, observedGeneration 2.
     let generation_before: i64 =
         sqlx::query_scalar("SELECT generation FROM config_state").fetch_one(&pool).await.unwrap();
-    let mut skyetel = switchboard.iter().find(|o| o["metadata"]["name"] == "skyetel-main").unwrap().to_owned().clone();
+    let mut skyetel =
+        switchboard.iter().find(|o| o["metadata"]["name"] == "skyetel-example").unwrap().to_owned().clone();
     skyetel["spec"]["limits"]["maxConcurrentCalls"] = json!(250);
     apply(&admin, &skyetel).await.unwrap();
     wait_for("the edit stored and observed", Duration::from_secs(60), || async {
         let stored: Option<i32> = sqlx::query_scalar(
-            "SELECT max_concurrent_calls FROM trunks WHERE namespace = $1 AND name = 'skyetel-main'",
+            "SELECT max_concurrent_calls FROM trunks WHERE namespace = $1 AND name = 'skyetel-example'",
         )
         .bind(&ns)
         .fetch_optional(&pool)
@@ -301,7 +302,7 @@ async fn operator_on_a_real_cluster() {
         .unwrap()
         .flatten();
         let observed = api_for(&admin, &skyetel)
-            .get("skyetel-main")
+            .get("skyetel-example")
             .await
             .is_ok_and(|o| o.data["status"]["observedGeneration"] == json!(2));
         stored == Some(250) && observed

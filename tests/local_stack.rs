@@ -162,7 +162,7 @@ async fn local_stack_follows_the_folder() {
     let text = std::fs::read_to_string(&trunk_file).unwrap();
     std::fs::write(&trunk_file, text.replace("maxConcurrentCalls: 100", "maxConcurrentCalls: 300")).unwrap();
     let second = wait_applied_after(&pool, &stack, first).await;
-    let limit: i32 = sqlx::query_scalar("SELECT max_concurrent_calls FROM trunks WHERE name = 'skyetel-main'")
+    let limit: i32 = sqlx::query_scalar("SELECT max_concurrent_calls FROM trunks WHERE name = 'skyetel-example'")
         .fetch_one(&pool)
         .await
         .unwrap();
@@ -170,7 +170,7 @@ async fn local_stack_follows_the_folder() {
 
     // Add: a new number file.
     let extra = folder.path().join("extra-number.yaml");
-    let number = "apiVersion: switchboard.dev/v1alpha1\nkind: PhoneNumber\nmetadata: {name: extra}\nspec: {number: \"+15559990000\", trunkRef: skyetel-main, routingRuleRef: inbound-ai-agent}\n";
+    let number = "apiVersion: switchboard.dev/v1alpha1\nkind: PhoneNumber\nmetadata: {name: extra}\nspec: {number: \"+15559990000\", trunkRef: skyetel-example, routingRuleRef: inbound-ai-agent}\n";
     std::fs::write(&extra, number).unwrap();
     let third = wait_applied_after(&pool, &stack, second).await;
 
@@ -210,7 +210,10 @@ async fn local_stack_follows_the_folder() {
         .unwrap();
     let shown = String::from_utf8_lossy(&status.stdout);
     assert!(status.status.success(), "{shown}\n{}", String::from_utf8_lossy(&status.stderr));
-    assert!(shown.contains(NODE) && shown.contains("default/skyetel-main") && shown.contains("Reconciled"), "{shown}");
+    assert!(
+        shown.contains(NODE) && shown.contains("default/skyetel-example") && shown.contains("Reconciled"),
+        "{shown}"
+    );
 
     // Stop: a clean exit, and the node says it stopped.
     let exit = stack.stop().expect("switchboard local exits after SIGTERM");

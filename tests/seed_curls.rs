@@ -1,8 +1,8 @@
 //! The integration guide's `curl` commands (wholesale-sip-provider-guide.md, steps 4–7), run
 //! with `curl` against the local quick start (`switchboard local` on a copy of `examples/`)
-//! with a minted token. Each must succeed, except the two the README documents: the first POST
-//! of `skyetel_main` (409, `examples/` already defines it; the guide's later PUT works) and the
-//! placeholder `allowed_ips` (422 naming the field).
+//! with a minted token, as written. Each must succeed, except the one the README documents: the
+//! placeholder `allowed_ips` of step 7.2 (422 naming the field). The guide's Twilio debug requests
+//! (step 8.3) go to `https://sip.yourdomain.com`, not to this API, and are not run.
 
 use std::net::TcpListener;
 use std::path::Path;
@@ -101,81 +101,54 @@ fn the_guides_curl_commands_work_against_the_quick_start() {
     let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
     assert!(token.split('.').count() == 3, "not a JWT: {token}");
 
-    let json = ["-H", "Content-Type: application/json", "-H", "Authorization: Bearer <token>"];
-    let post = |path: &str, body: &str| {
-        let mut args: Vec<&str> = vec!["-X", "POST"];
-        args.extend(json);
-        let url = format!("{api}{path}");
-        let mut owned: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        owned.extend([url, "-d".to_string(), body.to_string()]);
-        curl(&owned.iter().map(String::as_str).collect::<Vec<_>>(), &token)
-    };
-    let put = |path: &str, body: &str| {
-        let mut owned: Vec<String> = vec!["-X".into(), "PUT".into()];
-        owned.extend(json.iter().map(|s| s.to_string()));
-        owned.extend([format!("{api}{path}"), "-d".to_string(), body.to_string()]);
-        curl(&owned.iter().map(String::as_str).collect::<Vec<_>>(), &token)
-    };
+    // Every curl of the guide that targets the API, in the guide's order, run by `sh` as a
+    // reader would paste it; only the base URL and the token placeholder are filled in, and
+    // curl is told to print the status code.
+    for (step, command) in GUIDE_CURLS {
+        let script = command
+            .replace("http://localhost:8080", &api)
+            .replace("<your-jwt-token>", &token)
+            .replace("<token>", &token)
+            .replacen("curl ", "curl -s -o - -w '\\n%{http_code}' --max-time 10 ", 1);
+        let output = Command::new("sh").args(["-c", &script]).output().expect("sh and curl must be installed");
+        let text = String::from_utf8_lossy(&output.stdout).to_string();
+        let (body, code) = text.trim_end().rsplit_once('\n').unwrap_or(("", text.trim()));
+        let code: u16 = code.trim().parse().unwrap_or(0);
+        if *step == "7.2" {
+            // The guide's placeholder network is not a CIDR: refused, naming the field.
+            assert_eq!(code, 422, "{step}: {body}");
+            assert!(body.contains("allowed_ips[0]"), "{step}: {body}");
+        } else {
+            assert!((200..300).contains(&code), "guide step {step} answered {code}: {body}\n{script}");
+        }
+        for secret in ["your_skyetel_password", "your_did_password", "backup_password"] {
+            assert!(!body.contains(secret), "{step}: a response must never carry a password: {body}");
+        }
+    }
     let get = |path: &str| curl(&["-H", "Authorization: Bearer <token>", &format!("{api}{path}")], &token);
-
-    // 4.1: skyetel_main already exists in examples/ (documented 409); 4.2 creates DIDForSale's.
-    let skyetel = r#"{"trunk_id": "skyetel_main", "name": "Skyetel Main Trunk", "provider": "skyetel",
-        "proxy_address": "sip.skyetel.com", "proxy_port": 5060, "username": "your_skyetel_username",
-        "password": "your_skyetel_password", "realm": "sip.skyetel.com", "supports_outbound": true,
-        "supports_inbound": true, "transport": "UDP", "preferred_codecs": ["PCMU", "PCMA"],
-        "max_concurrent_calls": 100, "calls_per_second_limit": 10}"#;
-    let (code, body) = post("/api/trunks", skyetel);
-    assert_eq!(code, 409, "{body}");
-    let didforsale = r#"{"trunk_id": "didforsale_guide", "name": "DIDForSale Trunk", "provider": "didforsale",
-        "proxy_address": "sip.didforsale.com", "proxy_port": 5060, "username": "your_did_username",
-        "password": "your_did_password", "supports_outbound": true, "supports_inbound": true,
-        "transport": "UDP", "preferred_codecs": ["PCMU", "PCMA"]}"#;
-    let (code, body) = post("/api/trunks", didforsale);
-    assert!(code == 200 || code == 201, "{code} {body}");
-    assert!(!body.contains("your_did_password"), "a response must never carry the password");
-    // 4.3
-    for path in ["/api/trunks", "/api/trunks/skyetel_main"] {
-        let (code, body) = get(path);
-        assert_eq!(code, 200, "{path}: {body}");
-        assert!(!body.contains("password\":\""), "{body}");
-    }
-    let (code, body) = post("/api/trunks/skyetel_main/activate", "");
+    // The trunks the guide created are there, under the ids it gave.
+    let (code, body) = get("/api/trunks");
     assert_eq!(code, 200, "{body}");
-    // 5.3
-    let (code, body) = post(
-        "/api/sms/send",
-        r#"{"from_number": "+15551234567", "to_number": "+19876543210", "message": "Test SMS from Olib AI SIP Server!"}"#,
-    );
-    assert!((200..300).contains(&code), "{code} {body}");
-    // 6.2
-    let (code, body) = post(
-        "/api/calls/initiate",
-        r#"{"from_number": "+15551234567", "to_number": "+19876543210", "webhook_url": "https://yourdomain.com/call-webhook"}"#,
-    );
-    assert!((200..300).contains(&code), "{code} {body}");
-    assert!(body.contains("call_id") || body.contains("\"id\""), "{body}");
-    // 6.3
-    for path in ["/api/trunks/skyetel_main/status", "/api/trunks/stats/summary", "/api/calls/active"] {
-        let (code, body) = get(path);
-        assert_eq!(code, 200, "{path}: {body}");
+    for id in ["skyetel_main", "didforsale_main", "didforsale_backup", "skyetel-example", "didforsale-example"] {
+        assert!(body.contains(&format!("\"trunk_id\":\"{id}\"")), "{id} missing: {body}");
     }
-    // 7.2: the guide's placeholder is not a CIDR (documented 422); with a real range it works.
-    let (code, body) = put(
-        "/api/trunks/skyetel_main",
-        r#"{"allowed_ips": ["provider.ip.range.0/24"], "transport": "TLS", "auth_method": "digest"}"#,
-    );
-    assert_eq!(code, 422, "{body}");
-    assert!(body.contains("allowed_ips[0]"), "{body}");
-    let (code, body) = put(
-        "/api/trunks/skyetel_main",
-        r#"{"allowed_ips": ["192.0.2.0/24"], "transport": "UDP", "auth_method": "ip"}"#,
-    );
+    let (code, body) = get("/api/trunks/skyetel_main");
     assert_eq!(code, 200, "{body}");
-    // The remaining GETs of the guide (trunk status overview and CDRs).
-    for path in ["/api/trunks/status", "/api/calls/cdr?limit=100"] {
-        let (code, body) = get(path);
-        assert_eq!(code, 200, "{path}: {body}");
-    }
+    let trunk: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(trunk["max_concurrent_calls"], 1000, "9.1's PUT applied: {body}");
+    // 7.2 with a real network instead of the placeholder works, TLS and digest included.
+    let mut owned: Vec<String> =
+        ["-X", "PUT", "-H", "Content-Type: application/json", "-H", "Authorization: Bearer <token>"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    owned.extend([
+        format!("{api}/api/trunks/skyetel_main"),
+        "-d".into(),
+        r#"{"allowed_ips": ["192.0.2.0/24"], "transport": "TLS", "auth_method": "digest"}"#.into(),
+    ]);
+    let (code, body) = curl(&owned.iter().map(String::as_str).collect::<Vec<_>>(), &token);
+    assert_eq!(code, 200, "{body}");
     // Without a token: 401 with the error shape.
     let (code, body) = curl(&[&format!("{api}/api/trunks")], "");
     assert_eq!(code, 401, "{body}");
@@ -185,6 +158,128 @@ fn the_guides_curl_commands_work_against_the_quick_start() {
         .args([base_url.as_str(), "-XAtqc", &format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)")])
         .status();
 }
+
+/// The guide's curl commands against the API, verbatim (wholesale-sip-provider-guide.md).
+const GUIDE_CURLS: &[(&str, &str)] = &[
+    (
+        "4.1",
+        r#"curl -X POST http://localhost:8080/api/trunks \
+  -H "Content-Type: application/json" \
+  -H "Authorization: Bearer <your-jwt-token>" \
+  -d '{
+    "trunk_id": "skyetel_main",
+    "name": "Skyetel Main Trunk",
+    "provider": "skyetel",
+    "proxy_address": "sip.skyetel.com",
+    "proxy_port": 5060,
+    "username": "your_skyetel_username",
+    "password": "your_skyetel_password",
+    "realm": "sip.skyetel.com",
+    "supports_outbound": true,
+    "supports_inbound": true,
+    "transport": "UDP",
+    "preferred_codecs": ["PCMU", "PCMA"],
+    "max_concurrent_calls": 100,
+    "calls_per_second_limit": 10
+  }'"#,
+    ),
+    (
+        "4.2",
+        r#"curl -X POST http://localhost:8080/api/trunks \
+  -H "Content-Type: application/json" \
+  -H "Authorization: Bearer <your-jwt-token>" \
+  -d '{
+    "trunk_id": "didforsale_main",
+    "name": "DIDForSale Trunk",
+    "provider": "didforsale",
+    "proxy_address": "sip.didforsale.com", 
+    "proxy_port": 5060,
+    "username": "your_did_username",
+    "password": "your_did_password",
+    "supports_outbound": true,
+    "supports_inbound": true,
+    "transport": "UDP",
+    "preferred_codecs": ["PCMU", "PCMA"]
+  }'"#,
+    ),
+    ("4.3", "curl -H \"Authorization: Bearer <your-jwt-token>\" \\\n  http://localhost:8080/api/trunks"),
+    ("4.3", "curl -H \"Authorization: Bearer <your-jwt-token>\" \\\n  http://localhost:8080/api/trunks/skyetel_main"),
+    (
+        "4.3",
+        "curl -X POST -H \"Authorization: Bearer <your-jwt-token>\" \\\n  http://localhost:8080/api/trunks/skyetel_main/activate",
+    ),
+    (
+        "5.3",
+        r#"curl -X POST http://localhost:8080/api/sms/send \
+  -H "Content-Type: application/json" \
+  -H "Authorization: Bearer <token>" \
+  -d '{
+    "from_number": "+15551234567",
+    "to_number": "+19876543210", 
+    "message": "Test SMS from Olib AI SIP Server!"
+  }'"#,
+    ),
+    (
+        "6.2",
+        r#"curl -X POST http://localhost:8080/api/calls/initiate \
+  -H "Content-Type: application/json" \
+  -H "Authorization: Bearer <token>" \
+  -d '{
+    "from_number": "+15551234567",
+    "to_number": "+19876543210",
+    "webhook_url": "https://yourdomain.com/call-webhook"
+  }'"#,
+    ),
+    ("6.3", "curl -H \"Authorization: Bearer <token>\" \\\n  http://localhost:8080/api/trunks/skyetel_main/status"),
+    ("6.3", "curl -H \"Authorization: Bearer <token>\" \\\n  http://localhost:8080/api/trunks/stats/summary"),
+    ("6.3", "curl -H \"Authorization: Bearer <token>\" \\\n  http://localhost:8080/api/calls/active"),
+    (
+        "7.2",
+        r#"curl -X PUT http://localhost:8080/api/trunks/skyetel_main \
+  -H "Content-Type: application/json" \
+  -H "Authorization: Bearer <token>" \
+  -d '{
+    "allowed_ips": ["provider.ip.range.0/24"],
+    "transport": "TLS",
+    "auth_method": "digest"
+  }'"#,
+    ),
+    // Unquoted `&`: the shell runs curl with `?provider=twilio` in the background, as it would
+    // for a reader.
+    (
+        "8.1",
+        "curl -H \"Authorization: Bearer <token>\" \\\n  http://localhost:8080/api/calls/cdr?provider=twilio&limit=100",
+    ),
+    ("8.2", "curl -H \"Authorization: Bearer <token>\" \\\n  http://localhost:8080/api/calls/active"),
+    ("8.2", "curl -H \"Authorization: Bearer <token>\" \\\n  http://localhost:8080/api/trunks/status"),
+    (
+        "9.1",
+        r#"curl -X PUT http://localhost:8080/api/trunks/skyetel_main \
+  -H "Content-Type: application/json" \
+  -H "Authorization: Bearer <token>" \
+  -d '{
+    "max_concurrent_calls": 1000,
+    "calls_per_second_limit": 50
+  }'"#,
+    ),
+    (
+        "9.2",
+        r#"curl -X POST http://localhost:8080/api/trunks/ \
+  -H "Content-Type: application/json" \
+  -H "Authorization: Bearer <token>" \
+  -d '{
+    "trunk_id": "didforsale_backup",
+    "name": "DIDForSale Backup Trunk",
+    "provider": "didforsale",
+    "proxy_address": "backup.didforsale.com",
+    "proxy_port": 5060,
+    "username": "backup_username",
+    "password": "backup_password",
+    "backup_trunks": ["skyetel_main"]
+  }'"#,
+    ),
+    ("9.3", "curl -H \"Authorization: Bearer <token>\" \\\n  http://localhost:8080/api/trunks/stats/summary"),
+];
 
 /// The provider of the registration test: Kamailio challenging REGISTER with digest (the
 /// node's own test suite has the full provider; this one only registers and answers OPTIONS).

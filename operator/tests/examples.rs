@@ -77,7 +77,7 @@ fn rust_check(object: &serde_json::Value) -> Result<(), String> {
 /// carry; both must refuse it, naming the same thing.
 #[test]
 fn cross_field_rules_agree_between_cel_and_rust() {
-    let trunk = manifests().into_iter().find(|m| m["metadata"]["name"] == "skyetel-main").unwrap();
+    let trunk = manifests().into_iter().find(|m| m["metadata"]["name"] == "skyetel-example").unwrap();
     let number = manifests().into_iter().find(|m| m["metadata"]["name"] == "main-line").unwrap();
     let inbound = manifests().into_iter().find(|m| m["metadata"]["name"] == "inbound-ai-agent").unwrap();
     let outbound = manifests().into_iter().find(|m| m["metadata"]["name"] == "outbound-us").unwrap();

@@ -118,16 +118,16 @@ async fn examples_become_ready_follow_edits_secrets_and_nodes_and_are_cleaned_up
     let generation = count(&pool, "SELECT generation FROM config_state").await;
 
     // An edited trunk: a new generation, the row, and observedGeneration 2.
-    let mut skyetel = manifests.iter().find(|m| m["metadata"]["name"] == "skyetel-main").unwrap().clone();
+    let mut skyetel = manifests.iter().find(|m| m["metadata"]["name"] == "skyetel-example").unwrap().clone();
     skyetel["spec"]["limits"]["maxConcurrentCalls"] = json!(250);
     fake.apply(skyetel);
     wait_for("the edit stored", Duration::from_secs(10), async || {
-        count(&pool, "SELECT max_concurrent_calls::bigint FROM trunks WHERE name = 'skyetel-main'").await == 250
+        count(&pool, "SELECT max_concurrent_calls::bigint FROM trunks WHERE name = 'skyetel-example'").await == 250
     })
     .await;
     assert!(count(&pool, "SELECT generation FROM config_state").await > generation);
     wait_for("observedGeneration 2", Duration::from_secs(10), async || {
-        fake.get("Trunk", "default", "skyetel-main")
+        fake.get("Trunk", "default", "skyetel-example")
             .is_some_and(|t| t["status"]["observedGeneration"] == 2 && ready(&t))
     })
     .await;
@@ -205,7 +205,7 @@ async fn throughput_of_10000_phone_numbers_and_writes_per_unchanged_resync(pool:
         fake.apply(json!({
             "apiVersion": "switchboard.dev/v1alpha1", "kind": "PhoneNumber",
             "metadata": {"name": format!("n{i:05}"), "namespace": "default"},
-            "spec": {"number": format!("+1555{i:07}"), "trunkRef": "skyetel-main", "routingRuleRef": "inbound-ai-agent"},
+            "spec": {"number": format!("+1555{i:07}"), "trunkRef": "skyetel-example", "routingRuleRef": "inbound-ai-agent"},
         }));
     }
     let total = n + 4;

@@ -68,8 +68,8 @@ async fn rows(pool: &PgPool, sql: &'static str) -> i64 {
 async fn happy_path_adds_finalizer_writes_status_posts_events_and_then_stays_quiet(pool: PgPool) {
     let objects = Objects::examples();
     let mut h = Harness::new(pool.clone(), &objects);
-    let trunk = objects.trunk("skyetel-main");
-    let path = format!("{TRUNKS}/skyetel-main");
+    let trunk = objects.trunk("skyetel-example");
+    let path = format!("{TRUNKS}/skyetel-example");
     let task = spawn(&h, trunk.clone());
 
     // 1. The finalizer, with a JSON patch that fails if someone else changed the list.
@@ -117,7 +117,7 @@ async fn happy_path_adds_finalizer_writes_status_posts_events_and_then_stays_qui
     let metrics = h.metrics.render();
     assert!(
         metrics.contains(
-            r#"switchboard_resource_condition{condition="Ready",kind="Trunk",name="skyetel-main",namespace="default",status="True"} 1"#
+            r#"switchboard_resource_condition{condition="Ready",kind="Trunk",name="skyetel-example",namespace="default",status="True"} 1"#
         ),
         "{metrics}"
     );
@@ -126,12 +126,12 @@ async fn happy_path_adds_finalizer_writes_status_posts_events_and_then_stays_qui
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
 async fn invalid_spec_is_ready_false_with_the_field_path(pool: PgPool) {
     let mut objects = Objects::examples();
-    let mut trunk = with_finalizer(&objects.trunk("skyetel-main"));
-    trunk.spec.backup_trunks = vec!["skyetel-main".into()];
-    objects.trunks.retain(|t| t.metadata.name.as_deref() != Some("skyetel-main"));
+    let mut trunk = with_finalizer(&objects.trunk("skyetel-example"));
+    trunk.spec.backup_trunks = vec!["skyetel-example".into()];
+    objects.trunks.retain(|t| t.metadata.name.as_deref() != Some("skyetel-example"));
     objects.trunks.push(trunk.clone());
     let mut h = Harness::new(pool.clone(), &objects);
-    let path = format!("{TRUNKS}/skyetel-main");
+    let path = format!("{TRUNKS}/skyetel-example");
     let task = spawn(&h, trunk.clone());
     let (patch, _) = expect_status(&mut h, &path, &trunk).await;
     assert_eq!(cond(&patch, "Ready"), ("False".into(), "InvalidSpec".into()));
@@ -149,7 +149,7 @@ async fn invalid_spec_is_ready_false_with_the_field_path(pool: PgPool) {
     )
     .await;
     task.await.unwrap().unwrap();
-    assert_eq!(rows(&pool, "SELECT count(*) FROM trunks WHERE name = 'skyetel-main'").await, 0);
+    assert_eq!(rows(&pool, "SELECT count(*) FROM trunks WHERE name = 'skyetel-example'").await, 0);
 }
 
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
@@ -178,10 +178,10 @@ async fn missing_trunk_is_trunk_not_found(pool: PgPool) {
 async fn missing_secret_is_secret_not_found_without_leaking_anything(pool: PgPool) {
     let mut objects = Objects::examples();
     objects.secrets.clear();
-    let trunk = with_finalizer(&objects.trunk("didforsale-main"));
+    let trunk = with_finalizer(&objects.trunk("didforsale-example"));
     let mut h = Harness::new(pool.clone(), &objects);
     let task = spawn(&h, trunk.clone());
-    let (patch, _) = expect_status(&mut h, &format!("{TRUNKS}/didforsale-main"), &trunk).await;
+    let (patch, _) = expect_status(&mut h, &format!("{TRUNKS}/didforsale-example"), &trunk).await;
     assert_eq!(cond(&patch, "Ready"), ("False".into(), "SecretNotFound".into()));
     let message = condition(&patch, "Ready")["message"].as_str().unwrap();
     assert!(message.contains("default/didforsale-credentials"), "{message}");
@@ -232,9 +232,9 @@ async fn the_older_claim_wins_and_the_newer_is_duplicate_number(pool: PgPool) {
 async fn database_down_is_ready_false_database_unavailable_and_retried(_pool: PgPool) {
     let objects = Objects::examples();
     let mut h = Harness::new(dead_pool(), &objects);
-    let trunk = with_finalizer(&objects.trunk("skyetel-main"));
+    let trunk = with_finalizer(&objects.trunk("skyetel-example"));
     let task = spawn(&h, trunk.clone());
-    let (patch, _) = expect_status(&mut h, &format!("{TRUNKS}/skyetel-main"), &trunk).await;
+    let (patch, _) = expect_status(&mut h, &format!("{TRUNKS}/skyetel-example"), &trunk).await;
     assert_eq!(cond(&patch, "Ready"), ("False".into(), "DatabaseUnavailable".into()));
     assert!(condition(&patch, "Ready")["message"].as_str().unwrap().contains("Postgres"));
     expect_events(&mut h, &[("Warning", "DatabaseUnavailable")]).await;
@@ -248,8 +248,8 @@ async fn database_down_is_ready_false_database_unavailable_and_retried(_pool: Pg
 async fn a_409_on_the_status_write_rereads_and_retries(pool: PgPool) {
     let objects = Objects::examples();
     let mut h = Harness::new(pool.clone(), &objects);
-    let trunk = with_finalizer(&objects.trunk("skyetel-main"));
-    let path = format!("{TRUNKS}/skyetel-main");
+    let trunk = with_finalizer(&objects.trunk("skyetel-example"));
+    let path = format!("{TRUNKS}/skyetel-example");
     let task = spawn(&h, trunk.clone());
 
     let (patch, _, send) = h.expect(Method::PATCH, &format!("{path}/status")).await;
@@ -313,10 +313,10 @@ async fn deleting_removes_the_rows_then_the_finalizer(pool: PgPool) {
 async fn deleting_while_the_database_is_down_keeps_the_finalizer_and_says_why(_pool: PgPool) {
     let objects = Objects::examples();
     let mut h = Harness::new(dead_pool(), &objects);
-    let mut trunk: Trunk = with_finalizer(&objects.trunk("skyetel-main"));
+    let mut trunk: Trunk = with_finalizer(&objects.trunk("skyetel-example"));
     trunk.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
     let task = spawn(&h, trunk.clone());
-    let (patch, _) = expect_status(&mut h, &format!("{TRUNKS}/skyetel-main"), &trunk).await;
+    let (patch, _) = expect_status(&mut h, &format!("{TRUNKS}/skyetel-example"), &trunk).await;
     assert_eq!(cond(&patch, "Ready"), ("False".into(), "DatabaseUnavailable".into()));
     expect_events(&mut h, &[("Warning", "DatabaseUnavailable")]).await;
     assert!(task.await.unwrap().is_err());
@@ -328,8 +328,8 @@ async fn node_changes_move_synced_and_registered_without_a_spec_change(pool: PgP
     use switchboard_operator::kubernetes::nodes::{NodeFacts, TrunkFacts};
     let objects = Objects::examples();
     let mut h = Harness::new(pool.clone(), &objects);
-    let trunk = with_finalizer(&objects.trunk("didforsale-main"));
-    let path = format!("{TRUNKS}/didforsale-main");
+    let trunk = with_finalizer(&objects.trunk("didforsale-example"));
+    let path = format!("{TRUNKS}/didforsale-example");
     let task = spawn(&h, trunk.clone());
     let (_, trunk) = expect_status(&mut h, &path, &trunk).await;
     expect_events(
@@ -342,7 +342,7 @@ async fn node_changes_move_synced_and_registered_without_a_spec_change(pool: PgP
     // Two live nodes: one applied and registered, one behind and failing.
     let mut facts = NodeFacts { live_applied: vec![Some(i64::MAX), Some(0)], ..NodeFacts::default() };
     facts.trunks.insert(
-        ("default".into(), "didforsale-main".into()),
+        ("default".into(), "didforsale-example".into()),
         TrunkFacts {
             registered: 1,
             failed: 1,

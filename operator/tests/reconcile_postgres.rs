@@ -81,7 +81,7 @@ async fn examples_reconcile_once_and_then_are_idempotent(pool: PgPool) {
     assert_eq!((count(&pool, "routing_rules").await, count(&pool, "credentials").await), (2, 1));
 
     let trunks = TrunkConfig::load_all(&pool).await.unwrap();
-    let skyetel = trunks.iter().find(|t| t.name == "skyetel-main").unwrap();
+    let skyetel = trunks.iter().find(|t| t.name == "skyetel-example").unwrap();
     assert_eq!(skyetel.rate_outbound_per_minute.normalize().to_string(), "0.003", "exact decimal");
     assert_eq!(skyetel.gateways.len(), 2);
     let credentials = Credential::load_all(&pool).await.unwrap();
@@ -107,7 +107,7 @@ async fn one_edit_bumps_the_generation_once_and_notifies(pool: PgPool) {
     let notification =
         tokio::time::timeout(std::time::Duration::from_secs(10), listener.recv()).await.unwrap().unwrap();
     assert_eq!(notification.payload(), "2");
-    let stored: i32 = sqlx::query_scalar("SELECT max_concurrent_calls FROM trunks WHERE name = 'skyetel-main'")
+    let stored: i32 = sqlx::query_scalar("SELECT max_concurrent_calls FROM trunks WHERE name = 'skyetel-example'")
         .fetch_one(&pool)
         .await
         .unwrap();
@@ -122,10 +122,10 @@ async fn a_dangling_trunk_reference_is_stored_and_heals(pool: PgPool) {
     let (is_ready, reason, message) = ready(&pool, "PhoneNumber", "main-line").await;
     assert!(!is_ready);
     assert_eq!(reason, "TrunkNotFound");
-    assert!(message.contains("skyetel-main"), "{message}");
+    assert!(message.contains("skyetel-example"), "{message}");
     assert_eq!(count(&pool, "phone_numbers").await, 2, "stored despite the missing trunk");
     assert!(
-        report.not_ready.iter().any(|(k, r, _)| k.name == "didforsale-main" && r == "TrunkNotFound"),
+        report.not_ready.iter().any(|(k, r, _)| k.name == "didforsale-example" && r == "TrunkNotFound"),
         "backup trunk missing"
     );
 
@@ -145,7 +145,7 @@ async fn a_duplicate_number_is_refused_naming_the_holder(pool: PgPool) {
     folder.reconcile(&pool).await;
     folder.write(
         "zz-duplicate.yaml",
-        "apiVersion: switchboard.dev/v1alpha1\nkind: PhoneNumber\nmetadata: {name: copy}\nspec: {number: \"+15551234567\", trunkRef: skyetel-main}\n",
+        "apiVersion: switchboard.dev/v1alpha1\nkind: PhoneNumber\nmetadata: {name: copy}\nspec: {number: \"+15551234567\", trunkRef: skyetel-example}\n",
     );
     folder.reconcile(&pool).await;
     let (is_ready, reason, message) = ready(&pool, "PhoneNumber", "copy").await;
@@ -170,19 +170,19 @@ async fn an_invalid_edit_keeps_the_last_good_config(pool: PgPool) {
     folder.edit("trunk-skyetel.yaml", "maxConcurrentCalls: 100", "maxConcurrentCalls: 0");
     let report = folder.reconcile(&pool).await;
     assert_eq!(report.generation, 1, "no rows changed");
-    let (is_ready, reason, message) = ready(&pool, "Trunk", "skyetel-main").await;
+    let (is_ready, reason, message) = ready(&pool, "Trunk", "skyetel-example").await;
     assert!(!is_ready);
     assert_eq!(reason, "InvalidSpec");
     assert!(message.contains("spec.limits.maxConcurrentCalls"), "{message}");
     assert!(message.contains("trunk-skyetel.yaml"), "{message}");
     assert!(message.contains("last valid configuration stays in force"), "{message}");
-    let stored: i32 = sqlx::query_scalar("SELECT max_concurrent_calls FROM trunks WHERE name = 'skyetel-main'")
+    let stored: i32 = sqlx::query_scalar("SELECT max_concurrent_calls FROM trunks WHERE name = 'skyetel-example'")
         .fetch_one(&pool)
         .await
         .unwrap();
     assert_eq!(stored, 100);
     // The other resources are unaffected.
-    assert!(ready(&pool, "Trunk", "didforsale-main").await.0);
+    assert!(ready(&pool, "Trunk", "didforsale-example").await.0);
 }
 
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
@@ -212,7 +212,7 @@ async fn a_missing_secret_is_reported_and_a_new_password_is_applied(pool: PgPool
     let trunk_only = didforsale.split("\n---\n").next().unwrap().to_string();
     folder.write("trunk-didforsale.yaml", &trunk_only);
     folder.reconcile(&pool).await;
-    let (is_ready, reason, message) = ready(&pool, "Trunk", "didforsale-main").await;
+    let (is_ready, reason, message) = ready(&pool, "Trunk", "didforsale-example").await;
     assert!(!is_ready);
     assert_eq!(reason, "SecretNotFound");
     assert!(message.contains("default/didforsale-credentials"), "{message}");

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
@@ -15,7 +16,7 @@ use serde_json::{Value, json};
 use super::error::ApiError;
 use super::trunk_model::{PASSWORD_KEY, TRUNK_ID_ANNOTATION};
 use crate::crd::{API_VERSION, Trunk, TrunkSpec};
-use crate::source::folder::{FolderSource, collect_manifests};
+use crate::source::folder::{FileCache, FolderSource, collect_manifests};
 use crate::source::{Kind, Spec};
 
 /// The field manager of every API write in Kubernetes.
@@ -232,9 +233,15 @@ pub fn trunk_manifest(write: &TrunkWrite) -> Value {
 /// defined in an existing file is rewritten in that file (its document only; other documents
 /// and their comments stay as they are); a new trunk gets `api/trunk-NAME.yaml`. The password
 /// Secret goes into the trunk's file unless the folder already defines it elsewhere.
+///
+/// Reads cost a `stat` per file: the validated resources come from a [`FolderSource`] and the
+/// documents (for annotations, labels and the write path) from a [`FileCache`], both of which
+/// parse a file again only when its content changed. A hand edit shows up in the next GET.
+#[derive(Clone)]
 pub struct FolderStore {
     dir: PathBuf,
     source: FolderSource,
+    documents: Arc<FileCache<Vec<Document>>>,
 }
 
 /// One YAML document of a file, with the identity of what it defines.
@@ -335,7 +342,7 @@ fn io_error(context: &str, error: std::io::Error) -> ApiError {
 impl FolderStore {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         let dir = dir.into();
-        Self { source: FolderSource::new(&dir), dir }
+        Self { source: FolderSource::new(&dir), dir, documents: Arc::default() }
     }
 
     pub fn dir(&self) -> &Path {
@@ -347,22 +354,41 @@ impl FolderStore {
         self.dir.join("api").join(format!("trunk-{name}.yaml"))
     }
 
-    /// Every manifest file with its documents, in path order.
-    fn scan(&self) -> Result<Vec<(PathBuf, Vec<Document>)>, ApiError> {
+    /// Every manifest file, in path order.
+    fn files(&self) -> Result<Vec<PathBuf>, ApiError> {
         let mut files = Vec::new();
         collect_manifests(&self.dir, &mut files).map_err(|e| io_error("cannot read the manifest folder", e))?;
         files.sort();
-        files
-            .into_iter()
+        Ok(files)
+    }
+
+    /// The documents of `files` (parsed only when a file's content changed).
+    fn documents(&self, files: Vec<PathBuf>) -> Result<Vec<(PathBuf, Arc<Vec<Document>>)>, ApiError> {
+        let documents = files
+            .iter()
             .map(|path| {
-                let text = std::fs::read_to_string(&path).map_err(|e| io_error("cannot read a manifest", e))?;
-                Ok((path, split_documents(&text)))
+                let docs =
+                    self.documents.get(path, split_documents).map_err(|e| io_error("cannot read a manifest", e))?;
+                Ok((path.clone(), docs))
             })
-            .collect()
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        self.documents.retain(&files);
+        Ok(documents)
+    }
+
+    /// Every manifest file with its documents, in path order.
+    fn scan(&self) -> Result<Vec<(PathBuf, Arc<Vec<Document>>)>, ApiError> {
+        self.documents(self.files()?)
+    }
+
+    /// Forgets what was parsed from a file the API just wrote or removed.
+    fn written(&self, path: &Path) {
+        self.documents.invalidate(path);
+        self.source.invalidate(path);
     }
 
     fn locate<'a>(
-        files: &'a [(PathBuf, Vec<Document>)],
+        files: &'a [(PathBuf, Arc<Vec<Document>>)],
         kind: &str,
         namespace: &str,
         name: &str,
@@ -371,8 +397,9 @@ impl FolderStore {
     }
 
     fn read_blocking(&self, namespace: &str) -> Result<Vec<StoredTrunk>, ApiError> {
-        let state = self.source.read().map_err(|e| ApiError::internal("cannot read the manifest folder", e))?;
-        let files = self.scan()?;
+        let files = self.files()?;
+        let state = self.source.read_files(&files);
+        let files = self.documents(files)?;
         let mut trunks = Vec::new();
         for resource in state.resources {
             let (Kind::Trunk, Spec::Trunk(spec)) = (resource.key.kind, resource.spec) else { continue };
@@ -418,7 +445,7 @@ impl FolderStore {
             _ => None,
         };
         let documents_of = |path: &Path| -> Vec<Document> {
-            files.iter().find(|(p, _)| p == path).map(|(_, d)| d.clone()).unwrap_or_default()
+            files.iter().find(|(p, _)| p == path).map(|(_, d)| d.to_vec()).unwrap_or_default()
         };
         let upsert = |documents: &mut Vec<Document>, kind: &str, name: &str, text: &str| {
             let position = documents.iter().position(|d| d.is(kind, &write.namespace, name));
@@ -437,6 +464,7 @@ impl FolderStore {
             upsert(&mut documents, "Secret", secret_name, secret_doc);
             write_atomically(secret_file, &join_documents(&documents), true)
                 .map_err(|e| io_error("cannot write the Secret manifest", e))?;
+            self.written(secret_file);
         }
         let mut documents = documents_of(&trunk_file);
         upsert(&mut documents, "Trunk", &write.name, &trunk_doc);
@@ -447,8 +475,10 @@ impl FolderStore {
             upsert(&mut documents, "Secret", secret_name, secret_doc);
             holds_secret = true;
         }
-        write_atomically(&trunk_file, &join_documents(&documents), holds_secret)
-            .map_err(|e| io_error("cannot write the Trunk manifest", e))
+        let result = write_atomically(&trunk_file, &join_documents(&documents), holds_secret)
+            .map_err(|e| io_error("cannot write the Trunk manifest", e));
+        self.written(&trunk_file);
+        result
     }
 
     fn delete_blocking(&self, namespace: &str, name: &str) -> Result<bool, ApiError> {
@@ -462,7 +492,7 @@ impl FolderStore {
         let documents: Vec<Document> = files
             .iter()
             .find(|(p, _)| p == path)
-            .map(|(_, docs)| docs.clone())
+            .map(|(_, docs)| docs.to_vec())
             .unwrap_or_default()
             .into_iter()
             .filter(|d| !d.is("Trunk", namespace, name))
@@ -477,6 +507,7 @@ impl FolderStore {
             write_atomically(path, &join_documents(&documents), secret)
                 .map_err(|e| io_error("cannot write the manifest", e))?;
         }
+        self.written(path);
         Ok(true)
     }
 }
@@ -488,7 +519,7 @@ impl TrunkStore for FolderStore {
     }
 
     async fn list(&self, namespace: &str) -> Result<Vec<StoredTrunk>, ApiError> {
-        let (this, namespace) = (self.clone_for_blocking(), namespace.to_string());
+        let (this, namespace) = (self.clone(), namespace.to_string());
         blocking(move || this.read_blocking(&namespace)).await
     }
 
@@ -497,19 +528,13 @@ impl TrunkStore for FolderStore {
     }
 
     async fn put(&self, write: TrunkWrite) -> Result<(), ApiError> {
-        let this = self.clone_for_blocking();
+        let this = self.clone();
         blocking(move || this.put_blocking(&write)).await
     }
 
     async fn delete(&self, namespace: &str, name: &str) -> Result<bool, ApiError> {
-        let (this, namespace, name) = (self.clone_for_blocking(), namespace.to_string(), name.to_string());
+        let (this, namespace, name) = (self.clone(), namespace.to_string(), name.to_string());
         blocking(move || this.delete_blocking(&namespace, &name)).await
-    }
-}
-
-impl FolderStore {
-    fn clone_for_blocking(&self) -> Self {
-        Self { dir: self.dir.clone(), source: self.source.clone() }
     }
 }
 

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use base64::Engine;
@@ -17,17 +18,130 @@ use super::{
 use crate::crd::API_VERSION;
 use crate::validate;
 
-/// Parsed files by path, with the hash of the content they were parsed from.
-type ParseCache = HashMap<PathBuf, (u64, Arc<DesiredState>)>;
+/// How long after its last change a file's metadata is trusted to reveal the next change.
+/// File times come from a coarse clock (a few milliseconds), so two same-size writes within
+/// one tick can leave the metadata unchanged; a file changed this recently is re-read and its
+/// content compared instead (git's "racily clean" rule).
+const RACY_WINDOW: Duration = Duration::from_secs(2);
+
+/// What changes whenever a file is written or replaced: device, inode (an atomic rename makes a
+/// new one), length, modification and change times (`ctime` cannot be set back by `touch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    fn of(metadata: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            dev: metadata.dev(),
+            ino: metadata.ino(),
+            len: metadata.size(),
+            mtime: (metadata.mtime(), metadata.mtime_nsec()),
+            ctime: (metadata.ctime(), metadata.ctime_nsec()),
+        }
+    }
+
+    /// The later of the two file times.
+    fn changed_at(&self) -> SystemTime {
+        let (secs, nanos) = self.mtime.max(self.ctime);
+        if secs >= 0 { UNIX_EPOCH + Duration::new(secs as u64, nanos.clamp(0, 999_999_999) as u32) } else { UNIX_EPOCH }
+    }
+}
+
+struct CacheEntry<T> {
+    stamp: FileStamp,
+    hash: u64,
+    /// When the content was last read and found to match `hash`.
+    verified_at: SystemTime,
+    value: Arc<T>,
+}
+
+/// Parsed files by path, so that a read of an unchanged file costs one `stat` and no parsing.
+///
+/// A file whose stamp ([`FileStamp`]) is unchanged and older than [`RACY_WINDOW`] at the time
+/// it was last read is taken as is; otherwise it is read and its content hash compared, and only
+/// a changed content is parsed again. The folder stays the source of truth: a hand edit shows up
+/// in the next read.
+pub struct FileCache<T> {
+    entries: Mutex<HashMap<PathBuf, CacheEntry<T>>>,
+}
+
+impl<T> Default for FileCache<T> {
+    fn default() -> Self {
+        Self { entries: Mutex::default() }
+    }
+}
+
+impl<T> FileCache<T> {
+    /// The parsed form of `path`, parsed with `parse(text)` only when its content changed.
+    pub fn get(&self, path: &Path, parse: impl FnOnce(&str) -> T) -> std::io::Result<Arc<T>> {
+        let stamp = FileStamp::of(&std::fs::metadata(path)?);
+        if let Some(entry) = self.lock().get(path)
+            && entry.stamp == stamp
+            && stamp.changed_at() + RACY_WINDOW < entry.verified_at
+        {
+            return Ok(entry.value.clone());
+        }
+        let verified_at = SystemTime::now();
+        let text = std::fs::read_to_string(path)?;
+        // The stamp was taken before the read: a write in between leaves a stale stamp, which
+        // only makes the next lookup read the file again.
+        let hash = content_hash(&text);
+        let mut entries = self.lock();
+        if let Some(entry) = entries.get_mut(path)
+            && entry.hash == hash
+        {
+            entry.stamp = stamp;
+            entry.verified_at = verified_at;
+            return Ok(entry.value.clone());
+        }
+        drop(entries);
+        let value = Arc::new(parse(&text));
+        self.lock().insert(path.to_path_buf(), CacheEntry { stamp, hash, verified_at, value: value.clone() });
+        Ok(value)
+    }
+
+    /// Forgets one file (after a write through the API, so the next read parses the new content
+    /// even within the racy window).
+    pub fn invalidate(&self, path: &Path) {
+        self.lock().remove(path);
+    }
+
+    /// Drops the entries of files no longer in `files` (sorted).
+    pub fn retain(&self, files: &[PathBuf]) {
+        self.lock().retain(|path, _| files.binary_search(path).is_ok());
+    }
+
+    /// Number of cached files.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, CacheEntry<T>>> {
+        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
 
 /// Reads the YAML manifests of a folder (recursively): Trunk, PhoneNumber, RoutingRule and Secret.
 ///
-/// Parsed files are cached by content, so that after one edit only that file is parsed again:
-/// the rest of a pass is merging and the reconcile core's diff.
+/// Parsed files are cached ([`FileCache`]), so that after one edit only that file is parsed
+/// again, and an unchanged file costs a `stat`: the rest of a pass is merging and the reconcile
+/// core's diff.
 #[derive(Clone)]
 pub struct FolderSource {
     dir: PathBuf,
-    cache: Arc<Mutex<ParseCache>>,
+    cache: Arc<FileCache<DesiredState>>,
 }
 
 impl FolderSource {
@@ -45,34 +159,36 @@ impl FolderSource {
         collect_manifests(&self.dir, &mut files)
             .map_err(|source| SourceError::Folder { path: self.dir.display().to_string(), source })?;
         files.sort();
-        let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        Ok(self.read_files(&files))
+    }
+
+    /// Reads the given manifest files (sorted, under [`Self::dir`]), e.g. a listing the caller
+    /// already made.
+    pub fn read_files(&self, files: &[PathBuf]) -> DesiredState {
         let mut parsed = Vec::with_capacity(files.len());
-        for file in &files {
+        for file in files {
             let origin = file.strip_prefix(&self.dir).unwrap_or(file).display().to_string();
-            let state = match std::fs::read_to_string(file) {
-                Ok(text) => {
-                    let hash = content_hash(&text);
-                    match cache.get(file) {
-                        Some((cached, state)) if *cached == hash => state.clone(),
-                        _ => {
-                            let mut reader = StateBuilder::default();
-                            reader.read_file(&origin, &text);
-                            let state = Arc::new(reader.finish());
-                            cache.insert(file.clone(), (hash, state.clone()));
-                            state
-                        }
-                    }
-                }
-                Err(error) => {
+            let state = self
+                .cache
+                .get(file, |text| {
+                    let mut reader = StateBuilder::default();
+                    reader.read_file(&origin, text);
+                    reader.finish()
+                })
+                .unwrap_or_else(|error| {
                     let mut reader = StateBuilder::default();
                     reader.unreadable(&origin, format!("cannot read {origin}: {error}"));
                     Arc::new(reader.finish())
-                }
-            };
+                });
             parsed.push((origin, state));
         }
-        cache.retain(|path, _| files.binary_search(path).is_ok());
-        Ok(merge(&parsed))
+        self.cache.retain(files);
+        merge(&parsed)
+    }
+
+    /// Forgets the parsed form of one file (see [`FileCache::invalidate`]).
+    pub fn invalidate(&self, path: &Path) {
+        self.cache.invalidate(path);
     }
 }
 
@@ -422,7 +538,35 @@ spec:
         assert_eq!(names, vec!["skyetel", "renamed"]);
         std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
         assert_eq!(source.read().unwrap().resources.len(), 1);
-        assert_eq!(source.cache.lock().unwrap().len(), 1, "removed files leave the cache");
+        assert_eq!(source.cache.len(), 1, "removed files leave the cache");
+    }
+
+    #[test]
+    fn the_file_cache_parses_only_changed_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.yaml");
+        std::fs::write(&path, "one").unwrap();
+        let cache = FileCache::default();
+        let parses = std::cell::Cell::new(0);
+        let parse = |text: &str| {
+            parses.set(parses.get() + 1);
+            text.to_string()
+        };
+        assert_eq!(*cache.get(&path, parse).unwrap(), "one");
+        assert_eq!(*cache.get(&path, parse).unwrap(), "one");
+        assert_eq!(parses.get(), 1, "unchanged content is not parsed again");
+        // Same length, same instant: the metadata may not change, the content check catches it.
+        std::fs::write(&path, "two").unwrap();
+        assert_eq!(*cache.get(&path, parse).unwrap(), "two");
+        assert_eq!(parses.get(), 2);
+        // A touch changes the metadata, not the content: no new parse.
+        let old = SystemTime::now() - Duration::from_secs(60);
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(old).unwrap();
+        assert_eq!(*cache.get(&path, parse).unwrap(), "two");
+        assert_eq!(parses.get(), 2, "a touch alone does not parse again");
+        cache.invalidate(&path);
+        assert_eq!(*cache.get(&path, parse).unwrap(), "two");
+        assert_eq!(parses.get(), 3);
     }
 
     #[test]
