@@ -140,7 +140,6 @@ pub async fn start(
         let ports = media.ports.clone();
         metrics.track_rtp_ports(move || ports.in_use() * 2);
     }
-    crate::bridge::answer::register_node_policy(transport.local_addr(), args.agent.answer_policy());
     let ctx = Arc::new(CallContext {
         endpoint,
         snapshot: snapshot.clone(),
@@ -234,6 +233,7 @@ fn media_context(args: &SipArgs, sip: SocketAddr) -> Option<MediaContext> {
             address,
             timeout: Duration::from_secs(args.media_timeout_seconds.max(1)),
             agent_connect_timeout: Duration::from_millis(args.agent.agent_connect_timeout_ms),
+            agent_answer: args.agent.answer_policy(),
         }),
         Err(error) => {
             tracing::warn!(%error, "no RTP ports; media anchoring is off");

@@ -6,9 +6,6 @@
 //! that the first words are not clipped) until the agent's first audio, and the 200 OK goes out
 //! with that audio; [`AgentArgs::agent_answer_timeout_ms`] bounds the wait.
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 /// When the node answers a call routed to an AI agent.
@@ -74,27 +71,6 @@ impl Default for AnswerPolicy {
     }
 }
 
-/// The policies of the nodes running in this process, by SIP listening address.
-///
-/// Interim: the call path reads its settings from `sip::call::MediaContext`, which this
-/// module cannot extend; until that struct carries an `AnswerPolicy` the node registers its
-/// policy here at start-up and the call looks it up by the address it listens on (tests run
-/// several nodes in one process, so a single global value would not do).
-fn registry() -> &'static Mutex<HashMap<SocketAddr, AnswerPolicy>> {
-    static POLICIES: OnceLock<Mutex<HashMap<SocketAddr, AnswerPolicy>>> = OnceLock::new();
-    POLICIES.get_or_init(Default::default)
-}
-
-/// Records the answer policy of the node listening for SIP on `sip`.
-pub fn register_node_policy(sip: SocketAddr, policy: AnswerPolicy) {
-    registry().lock().unwrap_or_else(|e| e.into_inner()).insert(sip, policy);
-}
-
-/// The answer policy of the node listening on `sip` (the default if it registered none).
-pub fn node_policy(sip: SocketAddr) -> AnswerPolicy {
-    registry().lock().unwrap_or_else(|e| e.into_inner()).get(&sip).copied().unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use clap::Parser;
@@ -120,15 +96,5 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["x", "--agent-answer", "whenever"]).is_err());
         assert!(Cli::try_parse_from(["x", "--agent-connect-timeout-ms", "0"]).is_err());
-    }
-
-    #[test]
-    fn policies_are_per_node() {
-        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
-        let first = AnswerPolicy { mode: AgentAnswer::FirstAudio, timeout: Duration::from_millis(10) };
-        register_node_policy(a, first);
-        assert_eq!(node_policy(a), first);
-        assert_eq!(node_policy(b), AnswerPolicy::default());
     }
 }

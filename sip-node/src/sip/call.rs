@@ -76,6 +76,8 @@ pub struct MediaContext {
     pub timeout: Duration,
     /// How long the agent may take to accept the WebSocket.
     pub agent_connect_timeout: Duration,
+    /// When calls to AI agents are answered.
+    pub agent_answer: crate::bridge::answer::AnswerPolicy,
 }
 
 /// Answers out-of-dialog requests: INVITEs become calls, OPTIONS is answered, the rest is

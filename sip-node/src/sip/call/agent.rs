@@ -74,7 +74,7 @@ impl Call {
             trunk: trunk.as_ref().map(|t| t.name.clone()).unwrap_or_default(),
             number: self.facts.to.clone(),
         };
-        let answering = crate::bridge::answer::node_policy(self.ctx.endpoint.transport().local_addr());
+        let answering = media.agent_answer;
         let mut config = BridgeConfig::new(url.clone(), &parameters);
         config.connect_timeout = media.agent_connect_timeout;
         config.call_sid = self.facts.call_id.clone();
