@@ -523,11 +523,22 @@ impl Session {
             if let Err(error) = result {
                 return BridgeEnd::AgentFailed(error);
             }
-            let has_work = !self.queue.is_empty() || !self.partial.is_empty();
+            let mut has_work = !self.queue.is_empty() || !self.partial.is_empty();
             if has_work && !playing {
-                // Start one frame after the last frame played, or now.
-                let at = self.last_played.map_or_else(Instant::now, |t| (t + FRAME_DURATION).max(Instant::now()));
-                ticker.reset_at(at);
+                // Start one frame after the last frame played, or now. "Now" plays at once
+                // rather than at the next timer tick: tokio's timer rounds deadlines up to the
+                // next millisecond, which would add up to 1 ms to every idle → speaking start.
+                let now = Instant::now();
+                match self.last_played.map(|t| t + FRAME_DURATION).filter(|due| *due > now) {
+                    Some(due) => ticker.reset_at(due),
+                    None => {
+                        if let Err(error) = self.play_tick().await {
+                            return BridgeEnd::AgentFailed(error);
+                        }
+                        ticker.reset_at(now + FRAME_DURATION);
+                        has_work = !self.queue.is_empty() || !self.partial.is_empty();
+                    }
+                }
             }
             playing = has_work;
         }
