@@ -67,7 +67,7 @@ async fn bench(args: &BenchArgs, server_url: &str) -> anyhow::Result<()> {
     result
 }
 
-fn with_database(server_url: &str, database: &str) -> anyhow::Result<String> {
+pub(crate) fn with_database(server_url: &str, database: &str) -> anyhow::Result<String> {
     let mut url = url::Url::parse(server_url).context("parsing the database URL")?;
     url.set_path(&format!("/{database}"));
     Ok(url.to_string())
@@ -175,7 +175,7 @@ async fn timed_edits(
 }
 
 /// Waits until every live node applied `generation` (bounded).
-async fn wait_applied(pool: &PgPool, generation: i64, timeout: Duration) -> anyhow::Result<()> {
+pub(crate) async fn wait_applied(pool: &PgPool, generation: i64, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         let applied: Option<i64> =

@@ -2,7 +2,7 @@
 //!
 //! One binary carries the roles a user starts by hand: the local stack (`local`), a SIP node
 //! (`node`, the same code as the `switchboard-node` image binary), the CRD generator (`crds`),
-//! `status`, and the benchmark (`bench`).
+//! `status`, and the benchmarks (`bench`, `bench-api`).
 
 use std::process::ExitCode;
 
@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use switchboard_model::logging::{self, LogFormat};
 
 mod bench;
+mod bench_api;
 mod local;
 mod postgres;
 mod process;
@@ -49,6 +50,9 @@ enum Command {
     Token(switchboard_operator::api::auth::TokenArgs),
     /// Measure reconcile and propagation figures on a generated folder (10,000 numbers by default).
     Bench(bench::BenchArgs),
+    /// Measure REST API figures on the local stack: GET /api/trunks and /api/calls/cdr
+    /// throughput and latency (100 trunks, 1,000,000 CDRs by default) and initiate → INVITE.
+    BenchApi(bench_api::BenchApiArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +66,7 @@ fn main() -> ExitCode {
             Command::Status(args) => switchboard_operator::commands::status(args).await,
             Command::Validate(args) => switchboard_operator::commands::validate(args),
             Command::Bench(args) => bench::run(args).await,
+            Command::BenchApi(args) => bench_api::run(args).await,
             Command::Token(args) => switchboard_operator::api::auth::token_command(args),
             Command::Operator(args) => switchboard_operator::kubernetes::run(args).await,
         }

@@ -204,7 +204,7 @@ async fn a_hand_written_trunk_is_edited_in_its_own_file(pool: PgPool) {
     let (status, body) = api
         .send(
             Method::PUT,
-            "/api/trunks/didforsale_main",
+            "/api/trunks/didforsale_example",
             Some(json!({"max_concurrent_calls": 1000, "calls_per_second_limit": 50})),
         )
         .await;
@@ -215,6 +215,36 @@ async fn a_hand_written_trunk_is_edited_in_its_own_file(pool: PgPool) {
     let state = switchboard_operator::source::folder::FolderSource::new(api.dir.path()).read().unwrap();
     assert!(state.broken.is_empty() && state.problems.is_empty(), "{:?} {:?}", state.broken, state.problems);
     assert!(!files(api.dir.path()).iter().any(|f| f.starts_with("api/")));
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn hand_edits_show_in_the_next_get(pool: PgPool) {
+    // Reads are cached per file; the folder stays the source of truth.
+    let api = api(pool);
+    assert_eq!(api.send(Method::POST, "/api/trunks", Some(skyetel())).await.0, StatusCode::CREATED);
+    let path = api.dir.path().join("api/trunk-skyetel-main.yaml");
+    for (before, after) in
+        [("maxConcurrentCalls: 100", "maxConcurrentCalls: 200"), ("maxConcurrentCalls: 200", "maxConcurrentCalls: 300")]
+    {
+        let (_, body) = api.send(Method::GET, "/api/trunks", None).await;
+        assert_eq!(body[0]["max_concurrent_calls"], before.rsplit(' ').next().unwrap().parse::<u64>().unwrap());
+        // Same length, in place, right after the read: the content check catches it.
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains(before), "{text}");
+        std::fs::write(&path, text.replace(before, after)).unwrap();
+        let (_, body) = api.send(Method::GET, "/api/trunks/skyetel_main", None).await;
+        assert_eq!(body["max_concurrent_calls"], after.rsplit(' ').next().unwrap().parse::<u64>().unwrap(), "{body}");
+    }
+    // A hand-written file appears, a removed one disappears.
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/trunk-skyetel.yaml");
+    std::fs::copy(examples, api.dir.path().join("trunk-skyetel.yaml")).unwrap();
+    let (_, body) = api.send(Method::GET, "/api/trunks", None).await;
+    let ids: Vec<&str> = body.as_array().unwrap().iter().map(|t| t["trunk_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["skyetel-example", "skyetel_main"]);
+    std::fs::remove_file(&path).unwrap();
+    let (_, body) = api.send(Method::GET, "/api/trunks", None).await;
+    assert_eq!(body.as_array().unwrap().len(), 1, "{body}");
+    assert_eq!(api.send(Method::GET, "/api/trunks/skyetel_main", None).await.0, StatusCode::NOT_FOUND);
 }
 
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]

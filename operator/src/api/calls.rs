@@ -331,27 +331,33 @@ pub async fn cdrs(
         None => (None, None),
     };
     let trunk = query.trunk.as_deref().map(super::trunk_model::name_of);
-    let rows = sqlx::query(
+    // Only the given filters go into the statement. With `$1 IS NULL OR provider = $1` the one
+    // statement's generic plan walks the setup_at index and filters (0.3 s for a provider without
+    // CDRs among a million), so Postgres must plan every execution anew, and a server on
+    // `plan_cache_mode = force_generic_plan` gets the slow plan; each combination of filters is
+    // its own prepared statement, whose generic plan uses the matching index.
+    let mut sql = sqlx::QueryBuilder::<sqlx::Postgres>::new(
         "SELECT id, call_id, attempt, node_id, trunk_name, provider, gateway, direction, from_number, to_number,
                 setup_at, ring_at, answer_at, end_at, sip_code, reason, hangup_by, billable_seconds, cost::text AS cost, currency
-           FROM cdrs
-          WHERE ($1::text IS NULL OR provider = $1)
-            AND ($2::text IS NULL OR trunk_name = $2)
-            AND ($3::timestamptz IS NULL OR setup_at >= $3)
-            AND ($4::timestamptz IS NULL OR setup_at < $4)
-            AND ($5::timestamptz IS NULL OR (setup_at, id) < ($5, $6))
-          ORDER BY setup_at DESC, id DESC
-          LIMIT $7",
-    )
-    .bind(&query.provider)
-    .bind(&trunk)
-    .bind(query.from)
-    .bind(query.to)
-    .bind(cursor_at)
-    .bind(cursor_id)
-    .bind(limit + 1)
-    .fetch_all(&state.pool)
-    .await?;
+           FROM cdrs WHERE TRUE",
+    );
+    if let Some(provider) = &query.provider {
+        sql.push(" AND provider = ").push_bind(provider);
+    }
+    if let Some(trunk) = &trunk {
+        sql.push(" AND trunk_name = ").push_bind(trunk);
+    }
+    if let Some(from) = query.from {
+        sql.push(" AND setup_at >= ").push_bind(from);
+    }
+    if let Some(to) = query.to {
+        sql.push(" AND setup_at < ").push_bind(to);
+    }
+    if let (Some(at), Some(id)) = (cursor_at, cursor_id) {
+        sql.push(" AND (setup_at, id) < (").push_bind(at).push(", ").push_bind(id).push(")");
+    }
+    sql.push(" ORDER BY setup_at DESC, id DESC LIMIT ").push_bind(limit + 1);
+    let rows = sql.build().fetch_all(&state.pool).await?;
     let mut items = rows.iter().map(cdr).collect::<Result<Vec<_>, _>>()?;
     let next_cursor = if items.len() as i64 > limit {
         items.truncate(limit as usize);

@@ -49,6 +49,9 @@ pub struct ApiArgs {
     pub jwt: auth::JwtArgs,
 }
 
+/// The list's trunk status and counters with the time they were read.
+pub(crate) type ObservedAt = (Instant, Arc<trunks::Observed>);
+
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
@@ -58,6 +61,8 @@ pub struct AppState {
     /// Serializes trunk read-merge-write sequences, so that concurrent PUTs do not lose fields.
     pub write_lock: Arc<tokio::sync::Mutex<()>>,
     pub metrics: Arc<ApiMetrics>,
+    /// The list's trunk status and counters, reused for a second (see `trunks::observed_all`).
+    pub(crate) observed: Arc<tokio::sync::Mutex<Option<ObservedAt>>>,
 }
 
 impl AppState {
@@ -68,6 +73,7 @@ impl AppState {
             namespace: namespace.into(),
             write_lock: Arc::default(),
             metrics: Arc::new(ApiMetrics::new()),
+            observed: Arc::default(),
         }
     }
 }

@@ -244,6 +244,11 @@ pub struct FolderStore {
     documents: Arc<FileCache<Vec<Document>>>,
 }
 
+/// A manifest file with its documents.
+type ScannedFile = (PathBuf, Arc<Vec<Document>>);
+/// Manifest files with their documents, in path order.
+type Scanned = Vec<ScannedFile>;
+
 /// One YAML document of a file, with the identity of what it defines.
 #[derive(Debug, Clone)]
 struct Document {
@@ -363,7 +368,7 @@ impl FolderStore {
     }
 
     /// The documents of `files` (parsed only when a file's content changed).
-    fn documents(&self, files: Vec<PathBuf>) -> Result<Vec<(PathBuf, Arc<Vec<Document>>)>, ApiError> {
+    fn documents(&self, files: Vec<PathBuf>) -> Result<Scanned, ApiError> {
         let documents = files
             .iter()
             .map(|path| {
@@ -371,13 +376,13 @@ impl FolderStore {
                     self.documents.get(path, split_documents).map_err(|e| io_error("cannot read a manifest", e))?;
                 Ok((path.clone(), docs))
             })
-            .collect::<Result<Vec<_>, ApiError>>()?;
+            .collect::<Result<Scanned, ApiError>>()?;
         self.documents.retain(&files);
         Ok(documents)
     }
 
     /// Every manifest file with its documents, in path order.
-    fn scan(&self) -> Result<Vec<(PathBuf, Arc<Vec<Document>>)>, ApiError> {
+    fn scan(&self) -> Result<Scanned, ApiError> {
         self.documents(self.files()?)
     }
 
@@ -388,7 +393,7 @@ impl FolderStore {
     }
 
     fn locate<'a>(
-        files: &'a [(PathBuf, Arc<Vec<Document>>)],
+        files: &'a [ScannedFile],
         kind: &str,
         namespace: &str,
         name: &str,

@@ -19,7 +19,7 @@ use crate::source::{Kind, ResourceKey, Spec};
 use crate::validate;
 
 /// Resource status rows and call counters for the response.
-struct Observed {
+pub(crate) struct Observed {
     status: HashMap<String, (bool, String)>,
     counters: HashMap<String, Counters>,
 }
@@ -38,15 +38,20 @@ async fn observed(state: &AppState, names: Option<&str>) -> Result<Observed, Api
     for row in rows {
         status.insert(row.try_get::<String, _>("name")?, (row.try_get("ready")?, row.try_get("reason")?));
     }
+    // Today's CDRs by the setup_at index (not a join of every trunk with its CDRs), plus the
+    // active calls.
     let rows = sqlx::query(
-        "SELECT t.name,
-                (SELECT count(*) FROM active_calls a WHERE a.namespace = $1 AND a.trunk_name = t.name) AS current,
-                count(c.id) AS total,
-                count(c.answer_at) AS answered,
-                count(c.id) FILTER (WHERE c.answer_at IS NULL) AS failed
-           FROM (SELECT DISTINCT name FROM trunks WHERE namespace = $1 AND ($2::text IS NULL OR name = $2)) t
-           LEFT JOIN cdrs c ON c.namespace = $1 AND c.trunk_name = t.name AND c.setup_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-          GROUP BY t.name",
+        "SELECT name, sum(current)::bigint AS current, sum(total)::bigint AS total, sum(answered)::bigint AS answered
+           FROM (SELECT trunk_name AS name, 0::bigint AS current, count(*) AS total, count(answer_at) AS answered
+                   FROM cdrs
+                  WHERE namespace = $1 AND trunk_name IS NOT NULL AND ($2::text IS NULL OR trunk_name = $2)
+                    AND setup_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+                  GROUP BY trunk_name
+                 UNION ALL
+                 SELECT trunk_name, count(*), 0, 0 FROM active_calls
+                  WHERE namespace = $1 AND trunk_name IS NOT NULL AND ($2::text IS NULL OR trunk_name = $2)
+                  GROUP BY trunk_name) per_source
+          GROUP BY name",
     )
     .bind(namespace)
     .bind(names)
@@ -60,11 +65,29 @@ async fn observed(state: &AppState, names: Option<&str>) -> Result<Observed, Api
                 current: row.try_get("current")?,
                 total: row.try_get("total")?,
                 successful: row.try_get("answered")?,
-                failed: row.try_get("failed")?,
+                failed: row.try_get::<i64, _>("total")? - row.try_get::<i64, _>("answered")?,
             },
         );
     }
     Ok(Observed { status, counters })
+}
+
+/// How long the list's status and counters are reused: they aggregate today's CDRs, which under
+/// load would otherwise be one aggregate per request; the trunks themselves are always read fresh.
+const OBSERVED_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The status and counters of every trunk, computed at most once per [`OBSERVED_TTL`] (one
+/// request computes, concurrent ones wait for it).
+async fn observed_all(state: &AppState) -> Result<std::sync::Arc<Observed>, ApiError> {
+    let mut cached = state.observed.lock().await;
+    if let Some((at, observed)) = cached.as_ref()
+        && at.elapsed() < OBSERVED_TTL
+    {
+        return Ok(observed.clone());
+    }
+    let observed = std::sync::Arc::new(observed(state, None).await?);
+    *cached = Some((std::time::Instant::now(), observed.clone()));
+    Ok(observed)
 }
 
 fn to_response(trunk: &StoredTrunk, observed: &Observed) -> TrunkResponse {
@@ -189,7 +212,7 @@ pub async fn create(
 pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<TrunkResponse>>, ApiError> {
     let mut trunks = state.store.list(&state.namespace).await?;
     trunks.sort_by(|a, b| a.name.cmp(&b.name));
-    let observed = observed(&state, None).await?;
+    let observed = observed_all(&state).await?;
     Ok(Json(trunks.iter().map(|t| to_response(t, &observed)).collect()))
 }
 
