@@ -531,7 +531,7 @@ impl Bench {
             min_us: if r.received == 0 { 0 } else { r.min_ns / 1000 },
             relay_dropped,
             relay_cpu: relay_cpu_ns as f64 / 1e9 / wall_s,
-            ns_per_packet: if r.received == 0 { 0 } else { relay_cpu_ns / r.received },
+            ns_per_packet: relay_cpu_ns.checked_div(r.received).unwrap_or(0),
             other_load: (other.1 - other.0) as f64 / ticks_per_sec() / wall_s,
         }
     }
