@@ -20,7 +20,8 @@
 //!
 //! The figures are for this machine as it is: other processes on the two cores (the `other`
 //! column: CPU used by everything but this process, in % of one core) delay the relay and show
-//! up as jitter; a failing step with other load above 5 % of a core is repeated once.
+//! up as jitter, and so do stalls that no counter here explains (the machine is a VM): a
+//! failing step is repeated once, and both outcomes are printed.
 //!
 //! `cargo bench -p switchboard-node --bench rtp_relay`; environment: `RTP_BENCH_SECS` (seconds
 //! measured per step, default 3), `RTP_BENCH_STEPS` (comma-separated call counts),
@@ -57,8 +58,6 @@ const PACKET_LEN: usize = RTP_HEADER_LEN + PAYLOAD_LEN;
 const RECV_BATCH: usize = 64;
 /// Transit histogram: 1 µs buckets up to 100 ms (the last bucket holds everything later).
 const HISTOGRAM_US: usize = 100_000;
-/// Other load (% of one core) above which a failed step is repeated once.
-const NOISY_OTHER_LOAD: f64 = 5.0;
 
 // ---------------------------------------------------------------------------------------------
 // System figures.
@@ -532,7 +531,7 @@ impl Bench {
             relay_dropped,
             relay_cpu: relay_cpu_ns as f64 / 1e9 / wall_s,
             ns_per_packet: relay_cpu_ns.checked_div(r.received).unwrap_or(0),
-            other_load: (other.1 - other.0) as f64 / ticks_per_sec() / wall_s,
+            other_load: other.1.saturating_sub(other.0) as f64 / ticks_per_sec() / wall_s,
         }
     }
 
@@ -709,8 +708,14 @@ fn main() {
     let mut best_cpu = 0.0;
     for calls in steps {
         let mut result = bench.step(calls, secs);
-        if !result.passed() && result.other_load * 100.0 > NOISY_OTHER_LOAD {
-            println!("{:>6} failed with {:.0}% other load; repeating", calls, result.other_load * 100.0);
+        if !result.passed() {
+            println!(
+                "{:>6} failed (p99 {} µs, loss {:.3} %, {:.0}% other load); repeating once",
+                calls,
+                result.p99_us,
+                result.loss() * 100.0,
+                result.other_load * 100.0
+            );
             result = bench.step(calls, secs);
         }
         println!(
