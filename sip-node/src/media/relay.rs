@@ -37,7 +37,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use switchboard_model::Codec;
-use tokio::net::UdpSocket;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -358,10 +359,23 @@ pub struct BridgeMedia {
     pub agent_audio: mpsc::Sender<Bytes>,
 }
 
+/// A leg's socket, registered with tokio for reads only. A `tokio::net::UdpSocket` registers
+/// for writability too, and Linux then reports every datagram sent as a writability event (the
+/// kernel frees the sent buffer, the socket is writable again, epoll is told): one wasted event
+/// per relayed packet for the reactor to take and dispatch. Sends here never wait: a full send
+/// buffer drops the packet (and counts it), as before.
+type LegSocket = AsyncFd<std::net::UdpSocket>;
+
+fn register(socket: std::net::UdpSocket) -> std::io::Result<LegSocket> {
+    // SAFETY: the AsyncFd owns the socket, so its descriptor stays open and the same for as
+    // long as it is registered.
+    Ok(unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }?)
+}
+
 struct RtpLeg {
     id: LegId,
-    rtp: UdpSocket,
-    rtcp: UdpSocket,
+    rtp: LegSocket,
+    rtcp: LegSocket,
     _ports: PortPair,
     media: LegMedia,
     latched: Option<SocketAddr>,
@@ -379,8 +393,8 @@ impl RtpLeg {
         let (rtp, rtcp) = setup.ports.take_sockets().ok_or(RelayError::NoSockets(id))?;
         Ok(RtpLeg {
             id,
-            rtp: UdpSocket::from_std(rtp)?,
-            rtcp: UdpSocket::from_std(rtcp)?,
+            rtp: register(rtp)?,
+            rtcp: register(rtcp)?,
             _ports: setup.ports,
             media: setup.media,
             latched: None,
@@ -522,7 +536,7 @@ enum Wake {
     Timer,
 }
 
-/// Waits for the next thing to do. Sockets are polled with `poll_recv_ready`, which keeps one
+/// Waits for the next thing to do. Sockets are polled with `poll_read_ready`, which keeps one
 /// waker per socket instead of queueing a waiter per call as `readable()` does: on the hot path
 /// (one packet per wakeup) that is most of the relay's overhead besides the syscalls. The
 /// starting socket rotates so that a busy socket cannot starve the others.
@@ -539,7 +553,7 @@ fn poll_wake(
         return Poll::Ready(Wake::Control(c));
     }
     // (socket, is RTCP, leg)
-    let sockets: [(&UdpSocket, bool, LegId); 4] = match b {
+    let sockets: [(&LegSocket, bool, LegId); 4] = match b {
         Other::Rtp(b) => {
             [(&a.rtp, false, LegId::A), (&b.rtp, false, LegId::B), (&a.rtcp, true, LegId::A), (&b.rtcp, true, LegId::B)]
         }
@@ -550,7 +564,8 @@ fn poll_wake(
     for i in 0..4 {
         let (socket, rtcp, leg) = sockets[(rotation + i) % 4];
         // An error counts as ready: the read that follows sees it and moves on.
-        if socket.poll_recv_ready(cx).is_ready() {
+        // The readiness guard is dropped unused: the readiness stays until a read would block.
+        if socket.poll_read_ready(cx).is_ready() {
             return Poll::Ready(if rtcp { Wake::Rtcp(leg) } else { Wake::Rtp(leg) });
         }
     }
@@ -667,7 +682,7 @@ impl Relay {
         SCRATCH.with_borrow_mut(|buf| {
             for _ in 0..BATCH {
                 let Some(this) = leg_of(&mut self.a, &mut self.b, leg) else { return };
-                match this.rtp.try_recv_from(&mut buf[..]) {
+                match this.rtp.try_io(Interest::READABLE, |s| s.recv_from(&mut buf[..])) {
                     Ok((len, source)) => self.on_rtp(leg, &mut buf[..len], source),
                     Err(_) => return,
                 }
@@ -680,7 +695,7 @@ impl Relay {
         SCRATCH.with_borrow_mut(|buf| {
             for _ in 0..BATCH {
                 let Some(this) = leg_of(&mut self.a, &mut self.b, leg) else { return };
-                match this.rtcp.try_recv_from(&mut buf[..]) {
+                match this.rtcp.try_io(Interest::READABLE, |s| s.recv_from(&mut buf[..])) {
                     Ok((len, source)) => self.on_rtcp(leg, &buf[..len], source),
                     Err(_) => return,
                 }
@@ -707,7 +722,7 @@ impl Relay {
             (_, Other::Bridge { .. }) => return, // RTCP ends at the node in bridged mode
         };
         if let Some(dest) = target.rtcp_destination()
-            && target.rtcp.try_send_to(packet, dest).is_ok()
+            && target.rtcp.get_ref().send_to(packet, dest).is_ok()
         {
             bump(&self.counters[target.id.index()].rtcp_out, 1);
         }
@@ -821,7 +836,7 @@ impl Relay {
                 };
                 let _ = header.rewrite(packet);
                 let out_counters = &self.counters[target.id.index()];
-                match target.rtp.try_send_to(packet, dest) {
+                match target.rtp.get_ref().send_to(packet, dest) {
                     Ok(_) => {
                         bump(&out_counters.packets_out, 1);
                         bump(&out_counters.bytes_out, len as u64);
@@ -855,7 +870,7 @@ impl Relay {
         if a.media.codec == Codec::Pcma {
             g711::ulaw_to_alaw_in_place(&mut self.out[super::rtp::RTP_HEADER_LEN..]);
         }
-        match a.rtp.try_send_to(&self.out, dest) {
+        match a.rtp.get_ref().send_to(&self.out, dest) {
             Ok(_) => {
                 bump(&self.counters[0].packets_out, 1);
                 bump(&self.counters[0].bytes_out, self.out.len() as u64);
@@ -868,6 +883,8 @@ impl Relay {
 #[cfg(test)]
 mod tests {
     use std::net::{IpAddr, Ipv4Addr};
+
+    use tokio::net::UdpSocket;
 
     use super::*;
     use crate::media::ports::{PortAllocator, PortRange};
