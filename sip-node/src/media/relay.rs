@@ -27,6 +27,7 @@
 //!
 //! The task owns the [`PortPair`]s: when it ends (stop, the handle dropped) the ports go back.
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -36,7 +37,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use switchboard_model::Codec;
-use tokio::net::UdpSocket;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -254,8 +256,11 @@ struct Counters {
     dtmf: AtomicU64,
 }
 
+/// Adds to a counter. Only the relay task writes its counters (the handle reads them), so a plain
+/// load and store does: an atomic read-modify-write would be a locked instruction per counter and
+/// packet for nothing. Readers still see whole values.
 fn bump(counter: &AtomicU64, by: u64) {
-    counter.fetch_add(by, Ordering::Relaxed);
+    counter.store(counter.load(Ordering::Relaxed).wrapping_add(by), Ordering::Relaxed);
 }
 
 impl Counters {
@@ -279,7 +284,9 @@ impl Counters {
 }
 
 enum Control {
-    Update(LegId, LegMedia),
+    /// Boxed: the channel allocates room for 32 messages per relay up front, and re-INVITEs are
+    /// rare; a boxed update keeps that block at 16 bytes a message instead of 80.
+    Update(LegId, Box<LegMedia>),
     Stop(oneshot::Sender<()>),
 }
 
@@ -305,7 +312,7 @@ impl RelayHandle {
         if self.bridged && leg == LegId::B {
             return Err(RelayError::NoSuchLeg(leg));
         }
-        self.control.send(Control::Update(leg, media)).map_err(|_| RelayError::Stopped)
+        self.control.send(Control::Update(leg, Box::new(media))).map_err(|_| RelayError::Stopped)
     }
 
     /// The counters now.
@@ -352,10 +359,23 @@ pub struct BridgeMedia {
     pub agent_audio: mpsc::Sender<Bytes>,
 }
 
+/// A leg's socket, registered with tokio for reads only. A `tokio::net::UdpSocket` registers
+/// for writability too, and Linux then reports every datagram sent as a writability event (the
+/// kernel frees the sent buffer, the socket is writable again, epoll is told): one wasted event
+/// per relayed packet for the reactor to take and dispatch. Sends here never wait: a full send
+/// buffer drops the packet (and counts it), as before.
+type LegSocket = AsyncFd<std::net::UdpSocket>;
+
+fn register(socket: std::net::UdpSocket) -> std::io::Result<LegSocket> {
+    // SAFETY: the AsyncFd owns the socket, so its descriptor stays open and the same for as
+    // long as it is registered.
+    Ok(unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }?)
+}
+
 struct RtpLeg {
     id: LegId,
-    rtp: UdpSocket,
-    rtcp: UdpSocket,
+    rtp: LegSocket,
+    rtcp: LegSocket,
     _ports: PortPair,
     media: LegMedia,
     latched: Option<SocketAddr>,
@@ -373,8 +393,8 @@ impl RtpLeg {
         let (rtp, rtcp) = setup.ports.take_sockets().ok_or(RelayError::NoSockets(id))?;
         Ok(RtpLeg {
             id,
-            rtp: UdpSocket::from_std(rtp)?,
-            rtcp: UdpSocket::from_std(rtcp)?,
+            rtp: register(rtp)?,
+            rtcp: register(rtcp)?,
             _ports: setup.ports,
             media: setup.media,
             latched: None,
@@ -445,8 +465,15 @@ struct Relay {
     events: mpsc::Sender<RelayEvent>,
     config: RelayConfig,
     timeout_reported: bool,
-    buf: Box<[u8; DATAGRAM_MAX]>,
+    /// The agent frame being sent (bridged mode only; empty until the first frame).
     out: Vec<u8>,
+}
+
+thread_local! {
+    /// The datagram being relayed. Shared by every relay on the thread rather than owned by each:
+    /// a relay uses it only between a receive and the matching send, with no await between, and
+    /// a buffer per relay would be most of a call's memory.
+    static SCRATCH: RefCell<[u8; DATAGRAM_MAX]> = const { RefCell::new([0; DATAGRAM_MAX]) };
 }
 
 /// Starts a relay between two RTP legs. Must run inside a tokio runtime.
@@ -494,8 +521,7 @@ fn start(
         events: events_tx,
         config,
         timeout_reported: false,
-        buf: Box::new([0u8; DATAGRAM_MAX]),
-        out: Vec::with_capacity(256),
+        out: Vec::new(),
     };
     let task = tokio::spawn(relay.run(control_rx, from_bridge));
     (RelayHandle { control: control_tx, counters, task: Some(task), bridged }, events_rx)
@@ -510,7 +536,7 @@ enum Wake {
     Timer,
 }
 
-/// Waits for the next thing to do. Sockets are polled with `poll_recv_ready`, which keeps one
+/// Waits for the next thing to do. Sockets are polled with `poll_read_ready`, which keeps one
 /// waker per socket instead of queueing a waiter per call as `readable()` does: on the hot path
 /// (one packet per wakeup) that is most of the relay's overhead besides the syscalls. The
 /// starting socket rotates so that a busy socket cannot starve the others.
@@ -527,7 +553,7 @@ fn poll_wake(
         return Poll::Ready(Wake::Control(c));
     }
     // (socket, is RTCP, leg)
-    let sockets: [(&UdpSocket, bool, LegId); 4] = match b {
+    let sockets: [(&LegSocket, bool, LegId); 4] = match b {
         Other::Rtp(b) => {
             [(&a.rtp, false, LegId::A), (&b.rtp, false, LegId::B), (&a.rtcp, true, LegId::A), (&b.rtcp, true, LegId::B)]
         }
@@ -538,7 +564,8 @@ fn poll_wake(
     for i in 0..4 {
         let (socket, rtcp, leg) = sockets[(rotation + i) % 4];
         // An error counts as ready: the read that follows sees it and moves on.
-        if socket.poll_recv_ready(cx).is_ready() {
+        // The readiness guard is dropped unused: the readiness stays until a read would block.
+        if socket.poll_read_ready(cx).is_ready() {
             return Poll::Ready(if rtcp { Wake::Rtcp(leg) } else { Wake::Rtp(leg) });
         }
     }
@@ -583,7 +610,7 @@ impl Relay {
                     let _ = done.send(());
                     return;
                 }
-                Wake::Control(Some(Control::Update(leg, media))) => self.update(leg, media),
+                Wake::Control(Some(Control::Update(leg, media))) => self.update(leg, *media),
                 Wake::Rtp(leg) => self.drain_rtp(leg),
                 Wake::Rtcp(leg) => self.drain_rtcp(leg),
                 Wake::Agent(Some(frame)) => self.agent_frame(&frame),
@@ -648,33 +675,37 @@ impl Relay {
         leg_of(&mut self.a, &mut self.b, leg)
     }
 
+    /// Relays what is queued on a leg's RTP socket, up to [`BATCH`] datagrams. Stops at
+    /// `WouldBlock` (tokio then waits for the next readiness) or at any other error (the
+    /// readiness stays, the next wakeup reads on).
     fn drain_rtp(&mut self, leg: LegId) {
-        for _ in 0..BATCH {
-            let Some(this) = leg_of(&mut self.a, &mut self.b, leg) else { return };
-            let received = this.rtp.try_recv_from(&mut self.buf[..]);
-            match received {
-                Ok((len, source)) => self.on_rtp(leg, len, source),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                Err(_) => return,
+        SCRATCH.with_borrow_mut(|buf| {
+            for _ in 0..BATCH {
+                let Some(this) = leg_of(&mut self.a, &mut self.b, leg) else { return };
+                match this.rtp.try_io(Interest::READABLE, |s| s.recv_from(&mut buf[..])) {
+                    Ok((len, source)) => self.on_rtp(leg, &mut buf[..len], source),
+                    Err(_) => return,
+                }
             }
-        }
+        })
     }
 
+    /// The same for the RTCP socket.
     fn drain_rtcp(&mut self, leg: LegId) {
-        for _ in 0..BATCH {
-            let Some(this) = leg_of(&mut self.a, &mut self.b, leg) else { return };
-            let received = this.rtcp.try_recv_from(&mut self.buf[..]);
-            match received {
-                Ok((len, source)) => self.on_rtcp(leg, len, source),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-                Err(_) => return,
+        SCRATCH.with_borrow_mut(|buf| {
+            for _ in 0..BATCH {
+                let Some(this) = leg_of(&mut self.a, &mut self.b, leg) else { return };
+                match this.rtcp.try_io(Interest::READABLE, |s| s.recv_from(&mut buf[..])) {
+                    Ok((len, source)) => self.on_rtcp(leg, &buf[..len], source),
+                    Err(_) => return,
+                }
             }
-        }
+        })
     }
 
-    fn on_rtcp(&mut self, leg: LegId, len: usize, source: SocketAddr) {
+    fn on_rtcp(&mut self, leg: LegId, packet: &[u8], source: SocketAddr) {
         let counters = &self.counters[leg.index()];
-        if super::rtp::parse_rtcp(&self.buf[..len]).is_err() {
+        if super::rtp::parse_rtcp(packet).is_err() {
             bump(&counters.dropped_invalid, 1);
             return;
         }
@@ -691,16 +722,17 @@ impl Relay {
             (_, Other::Bridge { .. }) => return, // RTCP ends at the node in bridged mode
         };
         if let Some(dest) = target.rtcp_destination()
-            && target.rtcp.try_send_to(&self.buf[..len], dest).is_ok()
+            && target.rtcp.get_ref().send_to(packet, dest).is_ok()
         {
             bump(&self.counters[target.id.index()].rtcp_out, 1);
         }
     }
 
-    fn on_rtp(&mut self, leg: LegId, len: usize, source: SocketAddr) {
+    fn on_rtp(&mut self, leg: LegId, packet: &mut [u8], source: SocketAddr) {
         let index = leg.index();
+        let len = packet.len();
         let (sequence, timestamp, ssrc, marker, payload_type, payload_start, payload_end) =
-            match RtpPacket::parse(&self.buf[..len]) {
+            match RtpPacket::parse(packet) {
                 Ok(p) => (
                     p.sequence,
                     p.timestamp,
@@ -731,7 +763,7 @@ impl Relay {
         let is_event = this.media.telephone_event == Some(payload_type);
         let class = this.sequence.record(ssrc, sequence);
         let mut digit = None;
-        if is_event && let Ok(event) = TelephoneEvent::parse(&self.buf[payload_start..payload_end]) {
+        if is_event && let Ok(event) = TelephoneEvent::parse(&packet[payload_start..payload_end]) {
             let Some(this) = self.leg_mut(leg) else { return };
             digit = this.dtmf.push(timestamp, &event);
         }
@@ -763,7 +795,7 @@ impl Relay {
                 if !is_audio {
                     return;
                 }
-                let payload = &mut self.buf[payload_start..payload_end];
+                let payload = &mut packet[payload_start..payload_end];
                 if this_codec == Codec::Pcma {
                     g711::alaw_to_ulaw_in_place(payload);
                 }
@@ -788,7 +820,7 @@ impl Relay {
                     return;
                 };
                 if is_audio && target.media.codec != this_codec {
-                    let payload = &mut self.buf[payload_start..payload_end];
+                    let payload = &mut packet[payload_start..payload_end];
                     match target.media.codec {
                         Codec::Pcma => g711::ulaw_to_alaw_in_place(payload),
                         _ => g711::alaw_to_ulaw_in_place(payload),
@@ -802,9 +834,9 @@ impl Relay {
                     timestamp: out.timestamp,
                     ssrc: out.ssrc,
                 };
-                let _ = header.rewrite(&mut self.buf[..len]);
+                let _ = header.rewrite(packet);
                 let out_counters = &self.counters[target.id.index()];
-                match target.rtp.try_send_to(&self.buf[..len], dest) {
+                match target.rtp.get_ref().send_to(packet, dest) {
                     Ok(_) => {
                         bump(&out_counters.packets_out, 1);
                         bump(&out_counters.bytes_out, len as u64);
@@ -838,7 +870,7 @@ impl Relay {
         if a.media.codec == Codec::Pcma {
             g711::ulaw_to_alaw_in_place(&mut self.out[super::rtp::RTP_HEADER_LEN..]);
         }
-        match a.rtp.try_send_to(&self.out, dest) {
+        match a.rtp.get_ref().send_to(&self.out, dest) {
             Ok(_) => {
                 bump(&self.counters[0].packets_out, 1);
                 bump(&self.counters[0].bytes_out, self.out.len() as u64);
@@ -851,6 +883,8 @@ impl Relay {
 #[cfg(test)]
 mod tests {
     use std::net::{IpAddr, Ipv4Addr};
+
+    use tokio::net::UdpSocket;
 
     use super::*;
     use crate::media::ports::{PortAllocator, PortRange};
