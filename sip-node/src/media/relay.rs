@@ -355,7 +355,8 @@ pub struct BridgeMedia {
     pub caller_audio: mpsc::Receiver<Bytes>,
     /// Caller key presses.
     pub caller_dtmf: mpsc::Receiver<char>,
-    /// Agent audio as μ-law frames, already paced: each becomes one RTP packet at once.
+    /// Agent audio as μ-law frames, already paced: each becomes one RTP packet at once (at most
+    /// one frame waits; a frame the relay has not taken when the next is due is dropped and counted).
     pub agent_audio: mpsc::Sender<Bytes>,
 }
 
@@ -499,7 +500,8 @@ pub fn spawn_bridged(
     let a = RtpLeg::new(LegId::A, a, Instant::now())?;
     let (to_bridge, caller_audio) = mpsc::channel(1);
     let (dtmf_to_bridge, caller_dtmf) = mpsc::channel(32);
-    let (agent_audio, from_bridge) = mpsc::channel(4);
+    // One paced frame in flight: the bridge adds no buffering beyond a frame in either direction.
+    let (agent_audio, from_bridge) = mpsc::channel(1);
     let (handle, events) = start(a, Other::Bridge { to_bridge, dtmf_to_bridge }, Some(from_bridge), config, true);
     Ok((handle, events, BridgeMedia { caller_audio, caller_dtmf, agent_audio }))
 }
