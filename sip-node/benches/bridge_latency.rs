@@ -103,7 +103,11 @@ async fn agent_server(listener: TcpListener, samples: Arc<Samples>, measuring: A
         let samples = Arc::clone(&samples);
         let measuring = Arc::clone(&measuring);
         tokio::spawn(async move {
-            let Ok(ws) = tokio_tungstenite::accept_async(stream).await else { return };
+            // tungstenite zero-fills its whole read buffer (128 KiB by default) on every read: with
+            // the default the in-process agent alone would cost more CPU than the node's bridge.
+            let config =
+                tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(16 * 1024);
+            let Ok(ws) = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await else { return };
             let (mut tx, mut rx) = ws.split();
             let writer = tokio::spawn(async move {
                 // Spread the calls' agent frames over the interval.
