@@ -31,7 +31,7 @@ fn caller_request(
     format!(
         "{method} sip:{DID}@{node} SIP/2.0\r\nVia: SIP/2.0/UDP {ua};branch=z9hG4bK{method}{cseq}x{to_tag_len}\r\n\
          From: <sip:+15557654321@{ua}>;tag=caller\r\nTo: <sip:{DID}@{node}>{to_tag}\r\nCall-ID: media-call@test\r\n\
-         CSeq: {cseq} {method}\r\nContact: <sip:caller@{ua}>\r\nMax-Forwards: 70\r\n{ct}Content-Length: {}\r\n\r\n{body}",
+         CSeq: {cseq} {method}\r\nContact: <sip:caller@{ua}>\r\nSupported: 100rel, timer, replaces\r\nMax-Forwards: 70\r\n{ct}Content-Length: {}\r\n\r\n{body}",
         body.len(),
         to_tag_len = to_tag.len(),
     )
@@ -126,6 +126,11 @@ async fn rtp_flows_through_the_node_both_ways_with_transcoding(pool: PgPool) {
     assert_ne!(node_for_caller, node_for_callee, "one port pair per leg");
     assert!(body(&ok).contains("PCMA/8000"), "the caller's answer keeps its codec: {ok}");
     assert!(body(&invite).contains("PCMA/8000"), "the node offers the caller's codec first: {invite}");
+    let supported = header(&invite, "Supported").unwrap_or_default();
+    assert!(
+        supported.contains("replaces") && !supported.contains("100rel") && !supported.contains("timer"),
+        "only extensions the node handles are offered to the callee: {supported:?}"
+    );
 
     // Audio from the caller (A-law) reaches the callee as μ-law, and back.
     let level = g711::linear_to_alaw(4000);

@@ -582,7 +582,18 @@ impl Call {
             Header::UserAgent("switchboard".into()),
         ];
         if let Some(value) = message::header_value(&self.invite.headers, "Supported") {
-            headers.push(Header::Supported(value.into_owned().into()));
+            // Only extensions the node itself handles end to end: it does not send PRACK
+            // (100rel) nor refresh sessions (timer), so the callee must not rely on them.
+            let kept: Vec<&str> = value
+                .split(',')
+                .map(str::trim)
+                .filter(|option| {
+                    !option.is_empty() && !matches!(option.to_ascii_lowercase().as_str(), "100rel" | "timer")
+                })
+                .collect();
+            if !kept.is_empty() {
+                headers.push(Header::Supported(kept.join(", ").into()));
+            }
         }
         let mut request = Request {
             method: Method::Invite,
