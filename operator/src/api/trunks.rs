@@ -359,54 +359,92 @@ pub struct TrunkStatusResponse {
     pub conditions: Vec<Condition>,
 }
 
-async fn status_of(state: &AppState, trunk: &StoredTrunk) -> Result<TrunkStatusResponse, ApiError> {
-    let row = sqlx::query(
-        "SELECT ready, reason, message, conditions FROM resource_status WHERE kind = 'Trunk' AND namespace = $1 AND name = $2",
-    )
-    .bind(&trunk.namespace)
-    .bind(&trunk.name)
-    .fetch_optional(&state.pool)
-    .await?;
-    let (ready, reason, message, conditions) = match row {
-        Some(row) => {
+/// The rows trunk statuses are built from, fetched with three queries whatever the number of
+/// trunks (`GET /api/trunks/status` would otherwise cost three queries per trunk).
+#[derive(Default)]
+struct StatusRows {
+    resources: HashMap<TrunkKey, ResourceRow>,
+    registrations: HashMap<TrunkKey, Vec<RegistrationState>>,
+    active: HashMap<TrunkKey, i64>,
+}
+
+/// (namespace, name) of a trunk.
+type TrunkKey = (String, String);
+
+/// A trunk's row of `resource_status`: ready, reason, message, conditions.
+type ResourceRow = (bool, String, String, Vec<Condition>);
+
+impl StatusRows {
+    /// Loads the rows of one trunk (`Some`) or of every trunk.
+    async fn load(state: &AppState, only: Option<&StoredTrunk>) -> Result<StatusRows, ApiError> {
+        let (filter, filter_r) = match only {
+            Some(_) => (" AND namespace = $1 AND name = $2", " WHERE r.namespace = $1 AND r.trunk_name = $2"),
+            None => ("", ""),
+        };
+        let resources_sql = format!(
+            "SELECT namespace, name, ready, reason, message, conditions FROM resource_status WHERE kind = 'Trunk'{filter}"
+        );
+        let registrations_sql = format!(
+            "SELECT r.namespace, r.trunk_name, r.node_id, r.state, r.registrar, r.expires_at, r.last_error, r.reachable,
+                    r.options_rtt_ms, r.updated_at
+               FROM registrations r JOIN nodes n ON n.node_id = r.node_id AND n.stopped_at IS NULL{filter_r}
+              ORDER BY r.node_id"
+        );
+        let active_sql = format!(
+            "SELECT namespace, trunk_name, count(*) FROM active_calls
+              WHERE namespace IS NOT NULL AND trunk_name IS NOT NULL{}
+              GROUP BY namespace, trunk_name",
+            filter.replace("name = $2", "trunk_name = $2")
+        );
+        let mut out = StatusRows::default();
+        let fetch = |sql: &str| {
+            let query = sqlx::query(sqlx::AssertSqlSafe(sql.to_string()));
+            match only {
+                Some(trunk) => query.bind(trunk.namespace.clone()).bind(trunk.name.clone()),
+                None => query,
+            }
+        };
+        for row in fetch(&resources_sql).fetch_all(&state.pool).await? {
             let conditions: serde_json::Value = row.try_get("conditions")?;
-            (
-                row.try_get::<bool, _>("ready")?,
-                Some(row.try_get::<String, _>("reason")?),
-                Some(row.try_get::<String, _>("message")?),
-                serde_json::from_value::<Vec<Condition>>(conditions).unwrap_or_default(),
-            )
+            out.resources.insert(
+                (row.try_get("namespace")?, row.try_get("name")?),
+                (
+                    row.try_get("ready")?,
+                    row.try_get("reason")?,
+                    row.try_get("message")?,
+                    serde_json::from_value::<Vec<Condition>>(conditions).unwrap_or_default(),
+                ),
+            );
         }
+        for row in fetch(&registrations_sql).fetch_all(&state.pool).await? {
+            out.registrations.entry((row.try_get("namespace")?, row.try_get("trunk_name")?)).or_default().push(
+                RegistrationState {
+                    node_id: row.try_get("node_id")?,
+                    state: row.try_get("state")?,
+                    registrar: row.try_get("registrar")?,
+                    expires_at: row.try_get("expires_at")?,
+                    last_error: row.try_get("last_error")?,
+                    reachable: row.try_get("reachable")?,
+                    options_rtt_ms: row.try_get("options_rtt_ms")?,
+                    updated_at: row.try_get("updated_at")?,
+                },
+            );
+        }
+        for row in fetch(&active_sql).fetch_all(&state.pool).await? {
+            out.active.insert((row.try_get("namespace")?, row.try_get("trunk_name")?), row.try_get(2)?);
+        }
+        Ok(out)
+    }
+}
+
+fn status_of(rows: &mut StatusRows, trunk: &StoredTrunk) -> TrunkStatusResponse {
+    let key = (trunk.namespace.clone(), trunk.name.clone());
+    let (ready, reason, message, conditions) = match rows.resources.remove(&key) {
+        Some((ready, reason, message, conditions)) => (ready, Some(reason), Some(message), conditions),
         None => (false, None, None, Vec::new()),
     };
-    let rows = sqlx::query(
-        "SELECT r.node_id, r.state, r.registrar, r.expires_at, r.last_error, r.reachable, r.options_rtt_ms, r.updated_at
-           FROM registrations r JOIN nodes n ON n.node_id = r.node_id AND n.stopped_at IS NULL
-          WHERE r.namespace = $1 AND r.trunk_name = $2 ORDER BY r.node_id",
-    )
-    .bind(&trunk.namespace)
-    .bind(&trunk.name)
-    .fetch_all(&state.pool)
-    .await?;
-    let mut registrations = Vec::with_capacity(rows.len());
-    for row in rows {
-        registrations.push(RegistrationState {
-            node_id: row.try_get("node_id")?,
-            state: row.try_get("state")?,
-            registrar: row.try_get("registrar")?,
-            expires_at: row.try_get("expires_at")?,
-            last_error: row.try_get("last_error")?,
-            reachable: row.try_get("reachable")?,
-            options_rtt_ms: row.try_get("options_rtt_ms")?,
-            updated_at: row.try_get("updated_at")?,
-        });
-    }
-    let active_calls: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM active_calls WHERE namespace = $1 AND trunk_name = $2")
-            .bind(&trunk.namespace)
-            .bind(&trunk.name)
-            .fetch_one(&state.pool)
-            .await?;
+    let registrations = rows.registrations.remove(&key).unwrap_or_default();
+    let active_calls = rows.active.get(&key).copied().unwrap_or(0);
     let registering = trunk.spec.registration.as_ref().is_some_and(|r| r.enabled);
     let registered = registering.then(|| registrations.iter().any(|r| r.state == "registered"));
     let probes: Vec<bool> = registrations.iter().filter_map(|r| r.reachable).collect();
@@ -425,7 +463,7 @@ async fn status_of(state: &AppState, trunk: &StoredTrunk) -> Result<TrunkStatusR
     } else {
         "error"
     };
-    Ok(TrunkStatusResponse {
+    TrunkStatusResponse {
         trunk_id: trunk.trunk_id.clone(),
         provider: trunk.spec.provider.clone(),
         status: status.into(),
@@ -438,7 +476,7 @@ async fn status_of(state: &AppState, trunk: &StoredTrunk) -> Result<TrunkStatusR
         last_error,
         registrations,
         conditions,
-    })
+    }
 }
 
 /// Registration, reachability, active calls, last error and conditions of one trunk.
@@ -450,7 +488,8 @@ pub async fn status(
     Path(id): Path<String>,
 ) -> Result<Json<TrunkStatusResponse>, ApiError> {
     let trunk = find(&state, &id).await?;
-    Ok(Json(status_of(&state, &trunk).await?))
+    let mut rows = StatusRows::load(&state, Some(&trunk)).await?;
+    Ok(Json(status_of(&mut rows, &trunk)))
 }
 
 /// The status of every trunk.
@@ -459,11 +498,8 @@ pub async fn status(
 pub async fn status_all(State(state): State<AppState>) -> Result<Json<Vec<TrunkStatusResponse>>, ApiError> {
     let mut trunks = state.store.list(&state.namespace).await?;
     trunks.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut out = Vec::with_capacity(trunks.len());
-    for trunk in &trunks {
-        out.push(status_of(&state, trunk).await?);
-    }
-    Ok(Json(out))
+    let mut rows = StatusRows::load(&state, None).await?;
+    Ok(Json(trunks.iter().map(|trunk| status_of(&mut rows, trunk)).collect()))
 }
 
 /// Today's figures of one trunk (or the total).
