@@ -4,7 +4,7 @@
 //!
 //! Two OS processes, so that the load generator cannot take the node's CPU:
 //! - the **node** process (the bench as started) runs the relays and the bridge sessions on a
-//!   tokio runtime with one worker, pinned to CPU 0;
+//!   tokio runtime with one worker, pinned to CPU 0: the figures are those of one core;
 //! - the **load** process (the same binary re-executed with `BRIDGE_BENCH_ROLE=load`) runs the
 //!   callers (one UDP socket per call) and the agent (a tokio-tungstenite server on a loopback
 //!   TCP port) on a current-thread runtime pinned to CPU 1.
@@ -28,15 +28,21 @@
 //!   empty and idle when it arrives: the deliberate 20 ms pacing never applies, what is left is
 //!   the bridge's own delay (plus both loopbacks and the agent's write).
 //!
-//! Both include the load process's own scheduling delays: its CPU use is printed next to the
-//! node's (per step, over the measured seconds, from `/proc/<pid>/stat`, in % of one core), with
-//! `other`, the CPU used by everything else on the machine (from `/proc/stat`); a load process
-//! near 100 % or a busy `other` makes the figures upper bounds.
+//! Both include the load process's own scheduling delays. Per step, over the measured seconds,
+//! in % of one core: the CPU used by each process (`/proc/<pid>/stat`, clock ticks), and the
+//! softirq time of each core (`/proc/stat`). On loopback the kernel does the receiving side's
+//! UDP/TCP work in the sender's context, mostly in softirqs, which tick-based accounting charges
+//! to the process they interrupted: so each process's figure includes delivering what it sends
+//! to the other (on a real network the node would instead pay for receiving its own traffic,
+//! which costs about the same). A load process near 100 % makes the latencies upper bounds.
 //!
 //! Also printed: the frames seen against those expected, the frames the node dropped (relay
 //! and bridge counters), and the **memory per call**: the node process's RSS growth from before
-//! the calls were set up to the end of the measurement, divided by N (the load side is not in
-//! it).
+//! the first step's calls were set up to the end of this step's measurement, divided by N (the
+//! load side is not in it). The baseline is taken once because the allocator keeps what an
+//! earlier step freed: growth from the start of each step would under-state a later step.
+//! Steps are meant in increasing order; the per-call figure includes the node's fixed costs
+//! (runtime, TLS setup), which matter only at small N.
 //!
 //! `cargo bench -p switchboard-node --bench bridge_latency`; environment: `BRIDGE_BENCH_SECS`
 //! (seconds measured per step, default 5), `BRIDGE_BENCH_STEPS` (comma-separated call counts,
@@ -211,13 +217,13 @@ fn process_ticks(pid: u32) -> u64 {
     field(14) + field(15)
 }
 
-/// Clock ticks of CPU used by the whole machine so far (every state but idle and iowait).
-fn machine_busy_ticks() -> u64 {
+/// Clock ticks one CPU spent in softirqs so far.
+fn cpu_softirq_ticks(cpu: usize) -> u64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(cpu) = stat.lines().find_map(|l| l.strip_prefix("cpu ")) else { return 0 };
-    let values: Vec<u64> = cpu.split_whitespace().filter_map(|v| v.parse().ok()).collect();
-    // user nice system idle iowait irq softirq steal (guest time is already in user)
-    values.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum()
+    let prefix = format!("cpu{cpu} ");
+    let Some(line) = stat.lines().find_map(|l| l.strip_prefix(prefix.as_str())) else { return 0 };
+    // user nice system idle iowait irq softirq steal
+    line.split_whitespace().nth(6).and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 fn ticks_per_second() -> f64 {
@@ -230,8 +236,17 @@ fn ticks_per_second() -> f64 {
 struct CpuSnapshot {
     node: u64,
     load: u64,
-    machine: u64,
+    node_softirq: u64,
+    load_softirq: u64,
     at: Instant,
+}
+
+/// CPU use over a step, in % of one core.
+struct CpuUse {
+    node: f64,
+    load: f64,
+    node_softirq: f64,
+    load_softirq: f64,
 }
 
 impl CpuSnapshot {
@@ -239,19 +254,21 @@ impl CpuSnapshot {
         CpuSnapshot {
             node: process_ticks(std::process::id()),
             load: process_ticks(load_pid),
-            machine: machine_busy_ticks(),
+            node_softirq: cpu_softirq_ticks(NODE_CPU),
+            load_softirq: cpu_softirq_ticks(LOAD_CPU),
             at: Instant::now(),
         }
     }
 
-    /// CPU in % of one core between two snapshots: node, load, everything else.
-    fn percent_since(&self, before: &CpuSnapshot) -> (f64, f64, f64) {
+    fn since(&self, before: &CpuSnapshot) -> CpuUse {
         let secs = self.at.duration_since(before.at).as_secs_f64().max(1e-9);
-        let pct = |ticks: u64| ticks as f64 / ticks_per_second() / secs * 100.0;
-        let node = self.node.saturating_sub(before.node);
-        let load = self.load.saturating_sub(before.load);
-        let other = self.machine.saturating_sub(before.machine).saturating_sub(node + load);
-        (pct(node), pct(load), pct(other))
+        let pct = |after: u64, before: u64| after.saturating_sub(before) as f64 / ticks_per_second() / secs * 100.0;
+        CpuUse {
+            node: pct(self.node, before.node),
+            load: pct(self.load, before.load),
+            node_softirq: pct(self.node_softirq, before.node_softirq),
+            load_softirq: pct(self.load_softirq, before.load_softirq),
+        }
     }
 }
 
@@ -272,7 +289,7 @@ async fn set_up(allocator: &PortAllocator, url: &str, caller: SocketAddr) -> Res
     Ok((Call { relay, bridge }, port))
 }
 
-async fn node_step(calls: usize, url: &str, measure_for: Duration, load: &mut LoadProcess) {
+async fn node_step(calls: usize, url: &str, measure_for: Duration, rss_before: u64, load: &mut LoadProcess) {
     let allocator =
         PortAllocator::new(IpAddr::V4(Ipv4Addr::LOCALHOST), PortRange { min: 40000, max: 49999 }).expect("port range");
     load.send(&format!("callers {calls}"));
@@ -282,7 +299,6 @@ async fn node_step(calls: usize, url: &str, measure_for: Duration, load: &mut Lo
         .split_whitespace()
         .map(|p| SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), p.parse().expect("a caller port")))
         .collect();
-    let rss_before = rss_bytes();
     let mut running = Vec::with_capacity(calls);
     let mut relay_ports = Vec::with_capacity(calls);
     for caller in &callers {
@@ -329,7 +345,7 @@ async fn node_step(calls: usize, url: &str, measure_for: Duration, load: &mut Lo
     assert_eq!(r.len(), 8, "the load process's result: {result:?}");
     let ms = |us: u64| us as f64 / 1000.0;
     let secs = measure_for.as_secs_f64();
-    let (node_cpu, load_cpu, other_cpu) = cpu_after.percent_since(&cpu_before);
+    let cpu = cpu_after.since(&cpu_before);
     println!("{bridged} bridged calls ({secs:.0} s measured):");
     println!(
         "  caller -> agent: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms ({} frames, expected ~{})",
@@ -348,9 +364,11 @@ async fn node_step(calls: usize, url: &str, measure_for: Duration, load: &mut Lo
         (bridged as f64 * secs * 25.0) as u64
     );
     println!(
-        "  CPU (% of one core): node {node_cpu:.0} %, load {load_cpu:.0} %, other {other_cpu:.0} %; frames dropped \
-         {dropped}, agent frames played {played}"
+        "  CPU: node process {:.0} % (softirqs on core {NODE_CPU}: {:.0} %), load process {:.0} % (softirqs on core \
+         {LOAD_CPU}: {:.0} %)",
+        cpu.node, cpu.node_softirq, cpu.load, cpu.load_softirq
     );
+    println!("  frames dropped by the node {dropped}, agent frames played {played}");
     println!(
         "  memory: {:.1} KiB per call (node RSS {:.1} -> {:.1} MiB)",
         rss_after.saturating_sub(rss_before) as f64 / 1024.0 / bridged.max(1) as f64,
@@ -374,8 +392,9 @@ fn node_main() {
     runtime.block_on(async {
         let agent = load.expect("agent").await;
         let url = format!("ws://{agent}/agent");
+        let rss_before = rss_bytes();
         for calls in steps {
-            node_step(calls, &url, Duration::from_secs(secs), &mut load).await;
+            node_step(calls, &url, Duration::from_secs(secs), rss_before, &mut load).await;
         }
     });
     drop(runtime);
