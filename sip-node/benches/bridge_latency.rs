@@ -36,6 +36,9 @@
 //! to the other (on a real network the node would instead pay for receiving its own traffic,
 //! which costs about the same). A load process near 100 % makes the latencies upper bounds.
 //!
+//! Each process also runs a probe that sleeps 1 ms again and again: how late it wakes (p99,
+//! max) tells which side stalled when the latencies spike.
+//!
 //! Also printed: the frames seen against those expected, the frames the node dropped (relay
 //! and bridge counters), and the **memory per call**: the node process's RSS growth from before
 //! the first step's calls were set up to the end of this step's measurement, divided by N (the
@@ -289,7 +292,14 @@ async fn set_up(allocator: &PortAllocator, url: &str, caller: SocketAddr) -> Res
     Ok((Call { relay, bridge }, port))
 }
 
-async fn node_step(calls: usize, url: &str, measure_for: Duration, rss_before: u64, load: &mut LoadProcess) {
+async fn node_step(
+    calls: usize,
+    url: &str,
+    measure_for: Duration,
+    rss_before: u64,
+    probe: &Samples,
+    load: &mut LoadProcess,
+) {
     let allocator =
         PortAllocator::new(IpAddr::V4(Ipv4Addr::LOCALHOST), PortRange { min: 40000, max: 49999 }).expect("port range");
     load.send(&format!("callers {calls}"));
@@ -318,7 +328,10 @@ async fn node_step(calls: usize, url: &str, measure_for: Duration, rss_before: u
     tokio::time::sleep(WARM_UP).await;
     let cpu_before = CpuSnapshot::take(load.pid());
     load.send("measure");
+    probe.lateness.lock().unwrap().clear();
+    probe.measuring.store(true, Ordering::Relaxed);
     tokio::time::sleep(measure_for).await;
+    probe.measuring.store(false, Ordering::Relaxed);
     load.send("stop");
     let cpu_after = CpuSnapshot::take(load.pid());
     let rss_after = rss_bytes();
@@ -340,9 +353,10 @@ async fn node_step(calls: usize, url: &str, measure_for: Duration, rss_before: u
     load.send("hung-up");
     load.expect("closed").await;
 
-    // result: up p50 p99 max count, down p50 p99 max count (µs, frames)
+    // result: p50 p99 max count (µs) of caller -> agent, agent -> caller, the load's lateness
     let r: Vec<u64> = result.split_whitespace().map(|v| v.parse().expect("a result figure")).collect();
-    assert_eq!(r.len(), 8, "the load process's result: {result:?}");
+    assert_eq!(r.len(), 12, "the load process's result: {result:?}");
+    let node_late = summary(&mut std::mem::take(&mut *probe.lateness.lock().unwrap()));
     let ms = |us: u64| us as f64 / 1000.0;
     let secs = measure_for.as_secs_f64();
     let cpu = cpu_after.since(&cpu_before);
@@ -368,6 +382,13 @@ async fn node_step(calls: usize, url: &str, measure_for: Duration, rss_before: u
          {LOAD_CPU}: {:.0} %)",
         cpu.node, cpu.node_softirq, cpu.load, cpu.load_softirq
     );
+    println!(
+        "  1 ms sleeps woke late by: node p99 {:.3} ms, max {:.3} ms; load p99 {:.3} ms, max {:.3} ms",
+        ms(node_late[1]),
+        ms(node_late[2]),
+        ms(r[9]),
+        ms(r[10])
+    );
     println!("  frames dropped by the node {dropped}, agent frames played {played}");
     println!(
         "  memory: {:.1} KiB per call (node RSS {:.1} -> {:.1} MiB)",
@@ -392,9 +413,11 @@ fn node_main() {
     runtime.block_on(async {
         let agent = load.expect("agent").await;
         let url = format!("ws://{agent}/agent");
+        let probe = Arc::new(Samples::default());
+        tokio::spawn(lateness_probe(Arc::clone(&probe)));
         let rss_before = rss_bytes();
         for calls in steps {
-            node_step(calls, &url, Duration::from_secs(secs), rss_before, &mut load).await;
+            node_step(calls, &url, Duration::from_secs(secs), rss_before, &probe, &mut load).await;
         }
     });
     drop(runtime);
@@ -402,7 +425,7 @@ fn node_main() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The load process: callers and agent.
+// The load process: callers and agent (and what both processes use to measure).
 
 /// Latency samples in microseconds, recorded only while `measuring` is on.
 #[derive(Default)]
@@ -410,6 +433,8 @@ struct Samples {
     measuring: AtomicBool,
     caller_to_agent: Mutex<Vec<u32>>,
     agent_to_caller: Mutex<Vec<u32>>,
+    /// How late the runtime's 1 ms sleeps woke ([`lateness_probe`]).
+    lateness: Mutex<Vec<u32>>,
 }
 
 impl Samples {
@@ -418,6 +443,17 @@ impl Samples {
             let us = now_ns().saturating_sub(sent_ns) / 1000;
             into.lock().unwrap().push(us.min(u64::from(u32::MAX)) as u32);
         }
+    }
+}
+
+/// Sleeps 1 ms again and again and records how much later than that it woke: a stall of this
+/// process (its core taken, the vCPU descheduled, a long poll) shows up here, so that a latency
+/// spike can be put on one side or the other.
+async fn lateness_probe(samples: Arc<Samples>) {
+    loop {
+        let start = now_ns();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        samples.record(&samples.lateness, start + 1_000_000);
     }
 }
 
@@ -547,6 +583,7 @@ fn load_main() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async move {
         let samples = Arc::new(Samples::default());
+        tokio::spawn(lateness_probe(Arc::clone(&samples)));
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await.expect("the agent's port");
         reply(&format!("agent {}", listener.local_addr().unwrap()));
         let agent = {
@@ -597,6 +634,7 @@ fn load_main() {
                 "measure" => {
                     samples.caller_to_agent.lock().unwrap().clear();
                     samples.agent_to_caller.lock().unwrap().clear();
+                    samples.lateness.lock().unwrap().clear();
                     samples.measuring.store(true, Ordering::Relaxed);
                 }
                 "stop" => {
@@ -607,7 +645,8 @@ fn load_main() {
                     sockets.clear();
                     let up = summary(&mut std::mem::take(&mut *samples.caller_to_agent.lock().unwrap()));
                     let down = summary(&mut std::mem::take(&mut *samples.agent_to_caller.lock().unwrap()));
-                    let figures: Vec<String> = up.iter().chain(&down).map(u64::to_string).collect();
+                    let late = summary(&mut std::mem::take(&mut *samples.lateness.lock().unwrap()));
+                    let figures: Vec<String> = up.iter().chain(&down).chain(&late).map(u64::to_string).collect();
                     reply(&format!("result {}", figures.join(" ")));
                 }
                 "hung-up" => reply("closed"),
