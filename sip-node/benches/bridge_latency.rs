@@ -37,7 +37,8 @@
 //! which costs about the same). A load process near 100 % makes the latencies upper bounds.
 //!
 //! Each process also runs a probe that sleeps 1 ms again and again: how late it wakes (p99,
-//! max) tells which side stalled when the latencies spike.
+//! max) tells which side stalled when the latencies spike. tokio's timer has a 1 ms
+//! granularity, so up to about 2 ms late is the floor, not a stall.
 //!
 //! Also printed: the frames seen against those expected, the frames the node dropped (relay
 //! and bridge counters), and the **memory per call**: the node process's RSS growth from before
