@@ -273,7 +273,8 @@ pub async fn connect(config: BridgeConfig) -> Result<AgentConnection, BridgeErro
     let connector = Connector::Rustls(tls_config()?);
     let hard_limit = (config.max_message_bytes.saturating_mul(16)).max(1 << 20);
     let ws_config = WebSocketConfig::default()
-        .read_buffer_size(16 * 1024)
+        // tungstenite zero-fills the whole read buffer on every read; agent messages are a few KiB.
+        .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
         .max_write_buffer_size(4 << 20)
         .max_message_size(Some(hard_limit))
