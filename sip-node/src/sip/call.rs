@@ -25,7 +25,7 @@ use super::limits::{CallPermit, Limits};
 use super::message;
 use super::resolve::Resolver;
 use super::routing::{self, Target};
-use super::transaction::{TimerConfig, TransactionKey, new_tag, response_to};
+use super::transaction::{TimerConfig, TransactionKey, cancel_for, new_tag, response_to};
 use super::transport::{Peer, Protocol};
 use crate::config::{Snapshot, SnapshotHandle};
 use crate::metrics::{ActiveCallGuard, CallStatus, NodeMetrics};
@@ -769,26 +769,7 @@ impl Call {
     }
 
     fn cancel_b(&self, invite: &Request, peer: Peer, b_tx: &mpsc::UnboundedSender<TuEvent>) {
-        let mut headers: Vec<Header> = Vec::new();
-        for header in invite.headers.iter() {
-            match header {
-                Header::Via(_) if headers.iter().all(|h| !matches!(h, Header::Via(_))) => headers.push(header.clone()),
-                Header::From(_) | Header::To(_) | Header::CallId(_) | Header::Route(_) => headers.push(header.clone()),
-                _ => {}
-            }
-        }
-        let number = message::cseq(invite).map(|(n, _)| n).unwrap_or(1);
-        headers.push(Header::CSeq(headers::CSeq::new(format!("{number} CANCEL"))));
-        headers.push(Header::MaxForwards(headers::MaxForwards::from(70u32)));
-        headers.push(Header::ContentLength(headers::ContentLength::from(0u32)));
-        let cancel = Request {
-            method: Method::Cancel,
-            uri: invite.uri.clone(),
-            version: rsip::Version::V2,
-            headers: headers.into(),
-            body: vec![],
-        };
-        self.ctx.endpoint.send_request(cancel, peer, b_tx.clone());
+        self.ctx.endpoint.send_request(cancel_for(invite), peer, b_tx.clone());
     }
 
     /// Passes a provisional response to the caller; with anchored media its early SDP becomes

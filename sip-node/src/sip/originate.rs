@@ -168,6 +168,22 @@ struct Ended {
     attempt: u32,
 }
 
+impl Ended {
+    /// A call that ended without an answer, for a reason of the node's or the network's.
+    fn unanswered(code: u16, reason: String, ring_at: Option<chrono::DateTime<Utc>>) -> Ended {
+        Ended {
+            code,
+            reason,
+            trunk: None,
+            gateway: None,
+            answer_at: None,
+            ring_at,
+            hangup_by: HangupBy::System,
+            attempt: 1,
+        }
+    }
+}
+
 async fn place(ctx: Arc<CallContext>, pool: PgPool, request: CallRequest, hooks: CallHooks) {
     let call_id = format!("{}@switchboard", Uuid::new_v4().simple());
     let setup_at = Utc::now();
@@ -208,27 +224,10 @@ async fn place(ctx: Arc<CallContext>, pool: PgPool, request: CallRequest, hooks:
         None => None,
     };
     let ended = if agent.is_some() && media.is_none() {
-        Ended {
-            code: 503,
-            reason: "no RTP ports on this node for the agent bridge".into(),
-            trunk: None,
-            gateway: None,
-            answer_at: None,
-            ring_at: None,
-            hangup_by: HangupBy::System,
-            attempt: 1,
-        }
+        Ended::unanswered(503, "no RTP ports on this node for the agent bridge".into(), None)
     } else if trunks.is_empty() {
-        Ended {
-            code: 404,
-            reason: format!("no outbound trunk for {} from {}", request.to_number, request.from_number),
-            trunk: None,
-            gateway: None,
-            answer_at: None,
-            ring_at: None,
-            hangup_by: HangupBy::System,
-            attempt: 1,
-        }
+        let reason = format!("no outbound trunk for {} from {}", request.to_number, request.from_number);
+        Ended::unanswered(404, reason, None)
     } else {
         let target = CallTarget { agent: agent.as_deref(), media: &mut media };
         dial(&ctx, &pool, &request, &call_id, target, trunks, &hooks, &event).await
@@ -303,16 +302,7 @@ async fn dial<'a>(
     event: &(dyn Fn(&'static str) -> StatusEvent<'a> + Sync),
 ) -> Ended {
     let mut attempt = 0;
-    let mut last = Ended {
-        code: 503,
-        reason: "no gateway answered".into(),
-        trunk: None,
-        gateway: None,
-        answer_at: None,
-        ring_at: None,
-        hangup_by: HangupBy::System,
-        attempt: 1,
-    };
+    let mut last = Ended::unanswered(503, "no gateway answered".into(), None);
     let mut rang = false;
     for trunk in trunks {
         let Ok(_permit) = ctx.limits.try_acquire(&trunk) else {
@@ -376,16 +366,7 @@ async fn one_attempt<'a>(
     event: &(dyn Fn(&'static str) -> StatusEvent<'a> + Sync),
     rang: &mut bool,
 ) -> Ended {
-    let failed = |code: u16, reason: String, ring_at| Ended {
-        code,
-        reason,
-        trunk: None,
-        gateway: None,
-        answer_at: None,
-        ring_at,
-        hangup_by: HangupBy::System,
-        attempt: 1,
-    };
+    let failed = Ended::unanswered;
     let tag = new_tag();
     let (tx, mut rx) = mpsc::unbounded_channel();
     ctx.endpoint.register_dialog(call_id, &tag, tx.clone());
@@ -485,7 +466,7 @@ async fn one_attempt<'a>(
             },
             () = &mut no_response, if !provisional => break failed(408, format!("no response from {host}"), ring_at),
             () = &mut ring_limit => {
-                cancel(ctx, &invite, peer, &tx);
+                ctx.endpoint.send_request(super::transaction::cancel_for(&invite), peer, tx.clone());
                 break failed(480, "no answer".into(), ring_at);
             }
         }
@@ -535,30 +516,6 @@ fn build_invite(
     );
     message::set_body(&mut invite.headers, &mut invite.body, sdp.into_bytes(), Some("application/sdp"));
     Some(invite)
-}
-
-fn cancel(ctx: &CallContext, invite: &Request, peer: Peer, tx: &mpsc::UnboundedSender<TuEvent>) {
-    let mut headers: Vec<Header> = Vec::new();
-    if let Ok(via) = invite.via_header() {
-        headers.push(Header::Via(via.clone()));
-    }
-    for header in invite.headers.iter() {
-        if matches!(header, Header::From(_) | Header::To(_) | Header::CallId(_)) {
-            headers.push(header.clone());
-        }
-    }
-    let number = message::cseq(invite).map(|(n, _)| n).unwrap_or(1);
-    headers.push(Header::CSeq(headers::CSeq::new(format!("{number} CANCEL"))));
-    headers.push(Header::MaxForwards(headers::MaxForwards::from(70u32)));
-    headers.push(Header::ContentLength(headers::ContentLength::from(0u32)));
-    let cancel = Request {
-        method: Method::Cancel,
-        uri: invite.uri.clone(),
-        version: rsip::Version::V2,
-        headers: headers.into(),
-        body: vec![],
-    };
-    ctx.endpoint.send_request(cancel, peer, tx.clone());
 }
 
 /// Keeps the answered call up until the callee hangs up or the maximum duration passes.

@@ -176,6 +176,32 @@ fn random_token(len: usize) -> String {
     rand::rng().sample_iter(&Alphanumeric).take(len).map(char::from).collect()
 }
 
+/// Builds the CANCEL of a client INVITE as RFC 3261 9.1 says: the same Request-URI, Call-ID,
+/// To, From and CSeq number, only the INVITE's top Via (so that it matches the INVITE's
+/// transaction) and its Route headers; no body.
+pub fn cancel_for(invite: &Request) -> Request {
+    let mut headers = Headers::default();
+    let mut via_copied = false;
+    for header in invite.headers.iter() {
+        match header {
+            Header::Via(_) if !via_copied => {
+                via_copied = true;
+                headers.push(header.clone());
+            }
+            Header::From(_) | Header::To(_) | Header::CallId(_) | Header::Route(_) => headers.push(header.clone()),
+            _ => {}
+        }
+    }
+    let number = invite.headers.iter().find_map(|h| match h {
+        Header::CSeq(cseq) => cseq.value().split_whitespace().next().and_then(|n| n.parse::<u32>().ok()),
+        _ => None,
+    });
+    headers.push(Header::CSeq(rsip::headers::CSeq::new(format!("{} CANCEL", number.unwrap_or(1)))));
+    headers.push(Header::MaxForwards(rsip::headers::MaxForwards::from(70u32)));
+    headers.push(Header::ContentLength(ContentLength::default()));
+    Request { method: rsip::Method::Cancel, uri: invite.uri.clone(), version: rsip::Version::V2, headers, body: vec![] }
+}
+
 /// Builds a response to `req` as RFC 3261 8.2.6 says: the Via headers in order, From, To
 /// (with `to_tag` appended when given and the To has no tag yet), Call-ID and CSeq are copied,
 /// `Content-Length: 0` is set. Also copied, because the RFC asks for them: Timestamp into a
@@ -300,6 +326,20 @@ Content-Length: 0\r\n\r\n"
 mod tests {
     use super::test_support::*;
     use super::*;
+
+    #[test]
+    fn cancel_matches_the_invite_as_rfc_3261_9_1_says() {
+        let invite = invite();
+        let cancel = cancel_for(&invite);
+        assert_eq!(cancel.method, rsip::Method::Cancel);
+        assert_eq!(cancel.uri, invite.uri);
+        assert_eq!(header(&cancel, "Via"), header(&invite, "Via")[..1].to_vec(), "only the top Via");
+        for name in ["From", "To", "Call-ID", "Route"] {
+            assert_eq!(header(&cancel, name), header(&invite, name), "{name}");
+        }
+        assert_eq!(header(&cancel, "CSeq"), ["314159 CANCEL"]);
+        assert!(header(&cancel, "Contact").is_empty() && cancel.body.is_empty());
+    }
 
     #[test]
     fn timer_config_defaults_and_derived_values() {
