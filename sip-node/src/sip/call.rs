@@ -32,7 +32,7 @@ use crate::metrics::{ActiveCallGuard, CallStatus, NodeMetrics};
 use crate::store::{ActiveCall, CallState, CdrRecord, HangupBy, Store, StoreEvent, billable_seconds, cdr_cost};
 
 mod agent;
-mod media;
+pub(super) mod media;
 
 use crate::media::relay::RelayEvent;
 use media::Anchor;

@@ -133,7 +133,7 @@ fn offered_codecs(sdp: &SessionDescription) -> Vec<Codec> {
 }
 
 /// A trunk's codec list, or every codec the node relays when there is no trunk.
-fn codecs_of(trunk: Option<&TrunkConfig>) -> Vec<Codec> {
+pub(in crate::sip) fn codecs_of(trunk: Option<&TrunkConfig>) -> Vec<Codec> {
     match trunk {
         Some(trunk) if !trunk.codecs.is_empty() => trunk.codecs.clone(),
         _ => vec![Codec::Pcmu, Codec::Pcma, Codec::TelephoneEvent],

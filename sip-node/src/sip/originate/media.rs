@@ -61,11 +61,7 @@ impl ApiMedia {
 
     /// The offer for an attempt through `trunk` (its codecs, the node's address and port).
     pub(super) fn offer(&mut self, trunk: &TrunkConfig) -> Vec<u8> {
-        self.codecs = if trunk.codecs.is_empty() {
-            vec![switchboard_model::Codec::Pcmu, switchboard_model::Codec::Pcma]
-        } else {
-            trunk.codecs.clone()
-        };
+        self.codecs = super::super::call::media::codecs_of(Some(trunk));
         let offer = create_offer(&self.policy(), &mut self.session);
         let body = offer.to_string().into_bytes();
         self.offer = Some(offer);
