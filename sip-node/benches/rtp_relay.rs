@@ -3,8 +3,8 @@
 //! the added jitter (p99 of the transit delay minus its minimum) exceeds 1 ms. Prints the
 //! largest N that passed, the memory per relayed call and what one packet costs the kernel.
 //!
-//! The relay runs on a current-thread tokio runtime on its own OS thread pinned to CPU 0; its
-//! CPU time is read from its thread CPU clock. The load generator is one thread pinned to CPU 1,
+//! The relays run on a media engine ([`MediaEngine`]) of one thread pinned to CPU 0, as in the
+//! node; its CPU time is the scheduler's account of that thread (`/proc/self/task/*/schedstat`). The load generator is one thread pinned to CPU 1,
 //! so that it cannot take the relay's core: it needs two sockets only (each relay leg latches to
 //! the first source, so one socket feeds every A leg and another every B leg), sends each 200 µs
 //! slot's packets with one `sendmmsg` per socket, then sleeps until the next slot and takes what
@@ -31,13 +31,13 @@ use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::os::unix::thread::JoinHandleExt;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use switchboard_model::Codec;
+use switchboard_node::media::engine::{EngineConfig, MediaEngine};
 use switchboard_node::media::ports::{PortAllocator, PortRange};
-use switchboard_node::media::relay::{LegMedia, RelayConfig, RelayHandle, RtpLegSetup, spawn_relay};
+use switchboard_node::media::relay::{LegMedia, RelayConfig, RelayHandle, RtpLegSetup, spawn_relay_on};
 use switchboard_node::media::rtp::{RTP_HEADER_LEN, RtpHeader, RtpPacket};
 
 const PACKET_INTERVAL: Duration = Duration::from_millis(20);
@@ -76,13 +76,20 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// The CPU-time clock of another thread of this process.
-fn thread_cpu_clock(thread: libc::pthread_t) -> libc::clockid_t {
-    let mut clock: libc::clockid_t = 0;
-    // SAFETY: the thread is alive (its JoinHandle is held) and `clock` is writable.
-    let rc = unsafe { libc::pthread_getcpuclockid(thread, &mut clock) };
-    assert_eq!(rc, 0, "pthread_getcpuclockid");
-    clock
+/// The id of this process's thread with the given name.
+fn thread_named(name: &str) -> Option<u32> {
+    std::fs::read_dir("/proc/self/task").ok()?.flatten().find_map(|task| {
+        let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+        (comm.trim() == name).then(|| task.file_name().to_str()?.parse().ok())?
+    })
+}
+
+/// CPU time of a thread of this process in ns (the scheduler's own account, /proc schedstat).
+fn thread_cpu_ns(tid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 fn vm_rss_kib() -> u64 {
@@ -118,6 +125,20 @@ fn other_ticks() -> u64 {
         .unwrap_or_default();
     let own = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
     busy.saturating_sub(own)
+}
+
+/// Busy and softirq clock ticks of one CPU so far (/proc/stat `cpuN` line).
+fn cpu_ticks(cpu: usize) -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let name = format!("cpu{cpu}");
+    stat.lines()
+        .find(|l| l.split_whitespace().next() == Some(name.as_str()))
+        .map(|line| {
+            let fields: Vec<u64> = line.split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+            let busy = fields.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
+            (busy, fields.get(6).copied().unwrap_or(0))
+        })
+        .unwrap_or((0, 0))
 }
 
 fn ticks_per_sec() -> f64 {
@@ -446,8 +467,10 @@ impl Generator {
 // Steps.
 
 struct Bench {
-    runtime: tokio::runtime::Handle,
-    relay_clock: libc::clockid_t,
+    runtime: tokio::runtime::Runtime,
+    engine: MediaEngine,
+    /// The engine thread's id, for its CPU time.
+    relay_tid: u32,
     allocator: PortAllocator,
 }
 
@@ -475,7 +498,7 @@ impl Bench {
                     let a = RtpLegSetup { ports: a, media: LegMedia::new(Codec::Pcmu, Some(addr_a)) };
                     let b = RtpLegSetup { ports: b, media: LegMedia::new(Codec::Pcmu, Some(addr_b)) };
                     let config = RelayConfig { media_timeout: Duration::from_secs(3600) };
-                    let (handle, events) = spawn_relay(a, b, config).expect("relay");
+                    let (handle, events) = spawn_relay_on(&self.engine, a, b, config).expect("relay");
                     drop(events);
                     handle
                 })
@@ -506,15 +529,18 @@ impl Bench {
         let mut generator = Generator::new(calls);
         let running = self.start_calls(&mut generator, calls);
         let (mut cpu, mut wall, mut other) = ((0u64, 0u64), (Instant::now(), Instant::now()), (0u64, 0u64));
+        let mut core = ((0u64, 0u64), (0u64, 0u64));
         let sent = generator.run(Duration::from_secs(secs), |start| {
             if start {
-                cpu.0 = clock_ns(self.relay_clock);
+                cpu.0 = thread_cpu_ns(self.relay_tid);
                 wall.0 = Instant::now();
                 other.0 = other_ticks();
+                core.0 = cpu_ticks(RELAY_CPU);
             } else {
-                cpu.1 = clock_ns(self.relay_clock);
+                cpu.1 = thread_cpu_ns(self.relay_tid);
                 wall.1 = Instant::now();
                 other.1 = other_ticks();
+                core.1 = cpu_ticks(RELAY_CPU);
             }
         });
         let relay_dropped = self.stop_calls(running);
@@ -532,6 +558,8 @@ impl Bench {
             relay_cpu: relay_cpu_ns as f64 / 1e9 / wall_s,
             ns_per_packet: relay_cpu_ns.checked_div(r.received).unwrap_or(0),
             other_load: other.1.saturating_sub(other.0) as f64 / ticks_per_sec() / wall_s,
+            core_busy: core.1.0.saturating_sub(core.0.0) as f64 / ticks_per_sec() / wall_s,
+            core_softirq: core.1.1.saturating_sub(core.0.1) as f64 / ticks_per_sec() / wall_s,
         }
     }
 
@@ -560,6 +588,10 @@ struct StepResult {
     relay_cpu: f64,
     ns_per_packet: u64,
     other_load: f64,
+    /// The relay's core: all of its busy time, and the part spent in softirqs (the kernel's
+    /// network processing, which the thread's own CPU time does not include).
+    core_busy: f64,
+    core_softirq: f64,
 }
 
 impl StepResult {
@@ -661,26 +693,30 @@ fn main() {
     let mem_calls: usize =
         env("RTP_BENCH_MEM_CALLS").and_then(|s| s.parse().ok()).unwrap_or(if benchmarking { 2000 } else { 10 });
 
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let handle = runtime.handle().clone();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (floor_tx, floor_rx) = std::sync::mpsc::channel();
-    let relay_thread = thread::Builder::new()
-        .name("relay".into())
-        .spawn(move || {
-            pin_to(RELAY_CPU);
-            let _ = floor_tx.send(if benchmarking { Some(syscall_floor()) } else { None });
-            let _ = runtime.block_on(stop_rx);
+    let floor = thread::spawn(move || {
+        pin_to(RELAY_CPU);
+        benchmarking.then(syscall_floor)
+    })
+    .join()
+    .unwrap();
+    let engine = MediaEngine::start(&EngineConfig { threads: 1, cpus: vec![RELAY_CPU] }).expect("media engine");
+    // The thread names itself once it runs.
+    let relay_tid = (0..100)
+        .find_map(|_| {
+            let tid = thread_named("media-0");
+            if tid.is_none() {
+                thread::sleep(Duration::from_millis(10));
+            }
+            tid
         })
-        .unwrap();
-    let floor = floor_rx.recv().unwrap();
-    let relay_clock = thread_cpu_clock(relay_thread.as_pthread_t());
+        .expect("the media thread");
     pin_to(GENERATOR_CPU);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let allocator = PortAllocator::new(IpAddr::V4(Ipv4Addr::LOCALHOST), PortRange { min: 20000, max: 60999 }).unwrap();
-    let bench = Bench { runtime: handle, relay_clock, allocator };
+    let bench = Bench { runtime, engine, relay_tid, allocator };
 
     println!(
-        "rtp_relay: G.711 20 ms, 50 pps per direction per call, relay on one current-thread runtime (CPU {RELAY_CPU})"
+        "rtp_relay: G.711 20 ms, 50 pps per direction per call, relay on one media engine thread (CPU {RELAY_CPU})"
     );
     if let Some(floor) = &floor {
         println!(
@@ -701,8 +737,20 @@ fn main() {
         idle, flowing
     );
     println!(
-        "{:>6} {:>9} {:>9} {:>7} {:>6} {:>6} {:>7} {:>6} {:>7} {:>6} {:>6}",
-        "calls", "sent", "received", "loss%", "p50us", "p99us", "jit_us", "relay", "ns/pkt", "other", "result"
+        "{:>6} {:>9} {:>9} {:>7} {:>6} {:>6} {:>7} {:>6} {:>7} {:>6} {:>6} {:>6} {:>6}",
+        "calls",
+        "sent",
+        "received",
+        "loss%",
+        "p50us",
+        "p99us",
+        "jit_us",
+        "relay",
+        "ns/pkt",
+        "core",
+        "sirq",
+        "other",
+        "result"
     );
     let mut best = 0;
     let mut best_cpu = 0.0;
@@ -719,7 +767,7 @@ fn main() {
             result = bench.step(calls, secs);
         }
         println!(
-            "{:>6} {:>9} {:>9} {:>7.3} {:>6} {:>6} {:>7} {:>5.0}% {:>7} {:>5.0}% {:>6}{}",
+            "{:>6} {:>9} {:>9} {:>7.3} {:>6} {:>6} {:>7} {:>5.0}% {:>7} {:>5.0}% {:>5.0}% {:>5.0}% {:>6}{}",
             result.calls,
             result.sent,
             result.received,
@@ -729,6 +777,8 @@ fn main() {
             result.jitter_us(),
             result.relay_cpu * 100.0,
             result.ns_per_packet,
+            result.core_busy * 100.0,
+            result.core_softirq * 100.0,
             result.other_load * 100.0,
             if result.passed() { "ok" } else { "FAIL" },
             if result.relay_dropped > 0 { format!(" (relay dropped {})", result.relay_dropped) } else { String::new() },
@@ -744,6 +794,4 @@ fn main() {
          (relay CPU {:.0}% of its core)",
         best_cpu * 100.0
     );
-    let _ = stop_tx.send(());
-    let _ = relay_thread.join();
 }

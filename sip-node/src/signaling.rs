@@ -60,6 +60,11 @@ pub struct SipArgs {
     #[arg(long, env = "SWITCHBOARD_RTP_PORTS", default_value = "10000-20000")]
     pub rtp_ports: String,
 
+    /// Threads that relay anchored SIP-to-SIP media (level-triggered epoll each; 0: one per
+    /// core). Bridged calls run on the signaling runtime with their WebSocket.
+    #[arg(long, env = "SWITCHBOARD_MEDIA_THREADS", default_value_t = 0)]
+    pub media_threads: usize,
+
     /// Seconds without RTP after which an anchored call ends.
     #[arg(long, env = "SWITCHBOARD_MEDIA_TIMEOUT_SECONDS", default_value_t = 30)]
     pub media_timeout_seconds: u64,
@@ -227,6 +232,16 @@ fn media_context(args: &SipArgs, sip: SocketAddr) -> Option<MediaContext> {
         tracing::warn!("listening on {sip} without --advertised-host: SDP will say {address}; set it for real peers");
     }
     let bind = if sip.ip().is_unspecified() { sip.ip() } else { address };
+    let engine = crate::media::engine::EngineConfig { threads: args.media_threads, cpus: Vec::new() };
+    match crate::media::engine::MediaEngine::configure_global(&engine) {
+        Ok(()) => {}
+        // Several nodes in one process (tests) share the first one's engine.
+        Err(crate::media::engine::EngineError::AlreadyStarted) => {}
+        Err(error) => {
+            tracing::warn!(%error, "media anchoring is off");
+            return None;
+        }
+    }
     match PortAllocator::new(bind, range) {
         Ok(ports) => Some(MediaContext {
             ports,

@@ -6,10 +6,12 @@
 //! - [`rtp`]: RTP/RTCP headers (RFC 3550), the stream rewriter that keeps a relayed stream
 //!   monotonic across re-INVITEs, and RFC 4733 telephone events (DTMF).
 //! - [`g711`]: μ-law and A-law companding and transcoding.
-//! - [`relay`]: the per-call RTP relay task between two legs, or between a leg and the AI bridge.
+//! - [`relay`]: the per-call RTP relay between two legs, or between a leg and the AI bridge.
+//! - [`engine`]: the media threads that drive two-leg relays (level-triggered epoll).
 //!
 //! Nothing here speaks SIP: the call layer feeds SDP bodies in and takes SDP bodies out.
 
+pub mod engine;
 pub mod g711;
 pub mod ports;
 pub mod relay;

@@ -43,6 +43,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use super::engine::{EngineRelay, MediaEngine};
 use super::g711;
 use super::ports::PortPair;
 use super::rtp::{DtmfDetector, DtmfDigit, RtpHeader, RtpPacket, SequenceStats, StreamRewriter, TelephoneEvent};
@@ -196,6 +197,9 @@ pub enum RelayError {
     /// The relay task has ended.
     #[error("the relay has stopped")]
     Stopped,
+    /// The media engine's threads could not be started.
+    #[error("the media engine is not running: {0}")]
+    Engine(String),
     /// An update for a leg the relay does not have (leg B in bridged mode).
     #[error("the relay has no RTP leg {0:?}")]
     NoSuchLeg(LegId),
@@ -283,7 +287,7 @@ impl Counters {
     }
 }
 
-enum Control {
+pub(super) enum Control {
     /// Boxed: the channel allocates room for 32 messages per relay up front, and re-INVITEs are
     /// rare; a boxed update keeps that block at 16 bytes a message instead of 80.
     Update(LegId, Box<LegMedia>),
@@ -293,10 +297,17 @@ enum Control {
 /// The call's hold on a running relay. Dropping it stops the relay (and frees its ports), so a
 /// call task that ends on any path cannot leave a relay behind.
 pub struct RelayHandle {
-    control: mpsc::UnboundedSender<Control>,
+    driver: Driver,
     counters: Arc<[Counters; 2]>,
-    task: Option<JoinHandle<()>>,
     bridged: bool,
+}
+
+/// What runs the relay.
+enum Driver {
+    /// A tokio task (bridged relays).
+    Task { control: mpsc::UnboundedSender<Control>, task: Option<JoinHandle<()>> },
+    /// A media engine thread (two-leg relays).
+    Engine(Option<EngineRelay>),
 }
 
 impl std::fmt::Debug for RelayHandle {
@@ -312,7 +323,12 @@ impl RelayHandle {
         if self.bridged && leg == LegId::B {
             return Err(RelayError::NoSuchLeg(leg));
         }
-        self.control.send(Control::Update(leg, Box::new(media))).map_err(|_| RelayError::Stopped)
+        let update = Control::Update(leg, Box::new(media));
+        match &self.driver {
+            Driver::Task { control, .. } => control.send(update).map_err(|_| RelayError::Stopped),
+            Driver::Engine(Some(relay)) => relay.control(update),
+            Driver::Engine(None) => Err(RelayError::Stopped),
+        }
     }
 
     /// The counters now.
@@ -320,20 +336,32 @@ impl RelayHandle {
         RelayStats { a: self.counters[0].snapshot(), b: self.counters[1].snapshot() }
     }
 
-    /// Whether the relay task has ended.
+    /// Whether the relay has ended.
     pub fn is_finished(&self) -> bool {
-        self.task.as_ref().is_none_or(|t| t.is_finished())
+        match &self.driver {
+            Driver::Task { task, .. } => task.as_ref().is_none_or(|t| t.is_finished()),
+            Driver::Engine(relay) => relay.as_ref().is_none_or(EngineRelay::is_finished),
+        }
     }
 
     /// Stops the relay and waits until its sockets are closed and its ports released; returns
     /// the final counters.
     pub async fn stop(mut self) -> RelayStats {
-        let (tx, rx) = oneshot::channel();
-        if self.control.send(Control::Stop(tx)).is_ok() {
-            let _ = rx.await;
-        }
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
+        match &mut self.driver {
+            Driver::Task { control, task } => {
+                let (tx, rx) = oneshot::channel();
+                if control.send(Control::Stop(tx)).is_ok() {
+                    let _ = rx.await;
+                }
+                if let Some(task) = task.take() {
+                    let _ = task.await;
+                }
+            }
+            Driver::Engine(relay) => {
+                if let Some(relay) = relay.take() {
+                    relay.stop().await;
+                }
+            }
         }
         self.stats()
     }
@@ -341,7 +369,8 @@ impl RelayHandle {
 
 impl Drop for RelayHandle {
     fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
+        // An engine relay removes itself when its EngineRelay drops.
+        if let Driver::Task { task: Some(task), .. } = &mut self.driver {
             task.abort();
         }
     }
@@ -367,16 +396,35 @@ pub struct BridgeMedia {
 /// buffer drops the packet (and counts it), as before.
 type LegSocket = AsyncFd<std::net::UdpSocket>;
 
+/// A leg's socket as the relay logic sees it: tokio-registered for bridged relays, a plain
+/// socket for two-leg relays, which the media engine's threads drive ([`super::engine`]).
+pub(super) trait LegIo {
+    /// The socket to send on and receive from (non-blocking).
+    fn udp(&self) -> &std::net::UdpSocket;
+}
+
+impl LegIo for LegSocket {
+    fn udp(&self) -> &std::net::UdpSocket {
+        self.get_ref()
+    }
+}
+
+impl LegIo for std::net::UdpSocket {
+    fn udp(&self) -> &std::net::UdpSocket {
+        self
+    }
+}
+
 fn register(socket: std::net::UdpSocket) -> std::io::Result<LegSocket> {
     // SAFETY: the AsyncFd owns the socket, so its descriptor stays open and the same for as
     // long as it is registered.
     Ok(unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }?)
 }
 
-struct RtpLeg {
+pub(super) struct RtpLeg<S = LegSocket> {
     id: LegId,
-    rtp: LegSocket,
-    rtcp: LegSocket,
+    pub(super) rtp: S,
+    pub(super) rtcp: S,
     _ports: PortPair,
     media: LegMedia,
     latched: Option<SocketAddr>,
@@ -389,13 +437,20 @@ struct RtpLeg {
     last_rx: Instant,
 }
 
-impl RtpLeg {
-    fn new(id: LegId, mut setup: RtpLegSetup, now: Instant) -> Result<RtpLeg, RelayError> {
+impl<S: LegIo> RtpLeg<S> {
+    /// Takes the sockets out of the setup's port pair, wrapped by `wrap` (tokio registration
+    /// or none).
+    pub(super) fn new(
+        id: LegId,
+        mut setup: RtpLegSetup,
+        now: Instant,
+        wrap: impl Fn(std::net::UdpSocket) -> std::io::Result<S>,
+    ) -> Result<RtpLeg<S>, RelayError> {
         let (rtp, rtcp) = setup.ports.take_sockets().ok_or(RelayError::NoSockets(id))?;
         Ok(RtpLeg {
             id,
-            rtp: register(rtp)?,
-            rtcp: register(rtcp)?,
+            rtp: wrap(rtp)?,
+            rtcp: wrap(rtcp)?,
             _ports: setup.ports,
             media: setup.media,
             latched: None,
@@ -454,14 +509,14 @@ impl RtpLeg {
     }
 }
 
-enum Other {
-    Rtp(Box<RtpLeg>),
+pub(super) enum Other<S = LegSocket> {
+    Rtp(Box<RtpLeg<S>>),
     Bridge { to_bridge: mpsc::Sender<Bytes>, dtmf_to_bridge: mpsc::Sender<char> },
 }
 
-struct Relay {
-    a: RtpLeg,
-    b: Other,
+pub(super) struct Relay<S = LegSocket> {
+    pub(super) a: RtpLeg<S>,
+    pub(super) b: Other<S>,
     counters: Arc<[Counters; 2]>,
     events: mpsc::Sender<RelayEvent>,
     config: RelayConfig,
@@ -477,17 +532,39 @@ thread_local! {
     static SCRATCH: RefCell<[u8; DATAGRAM_MAX]> = const { RefCell::new([0; DATAGRAM_MAX]) };
 }
 
-/// Starts a relay between two RTP legs. Must run inside a tokio runtime.
+/// Starts a relay between two RTP legs on the process's media engine ([`MediaEngine::global`]).
 pub fn spawn_relay(
     a: RtpLegSetup,
     b: RtpLegSetup,
     config: RelayConfig,
 ) -> Result<(RelayHandle, mpsc::Receiver<RelayEvent>), RelayError> {
-    tokio::runtime::Handle::try_current().map_err(|_| RelayError::NoRuntime)?;
+    spawn_relay_on(MediaEngine::global()?, a, b, config)
+}
+
+/// Starts a relay between two RTP legs on the given media engine.
+pub fn spawn_relay_on(
+    engine: &MediaEngine,
+    a: RtpLegSetup,
+    b: RtpLegSetup,
+    config: RelayConfig,
+) -> Result<(RelayHandle, mpsc::Receiver<RelayEvent>), RelayError> {
     let now = Instant::now();
-    let a = RtpLeg::new(LegId::A, a, now)?;
-    let b = RtpLeg::new(LegId::B, b, now)?;
-    Ok(start(a, Other::Rtp(Box::new(b)), None, config, false))
+    let plain = |socket: std::net::UdpSocket| Ok(socket);
+    let a = RtpLeg::new(LegId::A, a, now, plain)?;
+    let b = RtpLeg::new(LegId::B, b, now, plain)?;
+    let counters: Arc<[Counters; 2]> = Arc::new([Counters::default(), Counters::default()]);
+    let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
+    let relay = Relay {
+        a,
+        b: Other::Rtp(Box::new(b)),
+        counters: Arc::clone(&counters),
+        events: events_tx,
+        config,
+        timeout_reported: false,
+        out: Vec::new(),
+    };
+    let relay = engine.add(relay)?;
+    Ok((RelayHandle { driver: Driver::Engine(Some(relay)), counters, bridged: false }, events_rx))
 }
 
 /// Starts a relay between the caller's RTP leg and the AI bridge. Must run inside a tokio
@@ -497,7 +574,7 @@ pub fn spawn_bridged(
     config: RelayConfig,
 ) -> Result<(RelayHandle, mpsc::Receiver<RelayEvent>, BridgeMedia), RelayError> {
     tokio::runtime::Handle::try_current().map_err(|_| RelayError::NoRuntime)?;
-    let a = RtpLeg::new(LegId::A, a, Instant::now())?;
+    let a = RtpLeg::new(LegId::A, a, Instant::now(), register)?;
     let (to_bridge, caller_audio) = mpsc::channel(1);
     let (dtmf_to_bridge, caller_dtmf) = mpsc::channel(32);
     // One paced frame in flight: the bridge adds no buffering beyond a frame in either direction.
@@ -526,7 +603,7 @@ fn start(
         out: Vec::new(),
     };
     let task = tokio::spawn(relay.run(control_rx, from_bridge));
-    (RelayHandle { control: control_tx, counters, task: Some(task), bridged }, events_rx)
+    (RelayHandle { driver: Driver::Task { control: control_tx, task: Some(task) }, counters, bridged }, events_rx)
 }
 
 /// What woke the relay.
@@ -582,7 +659,7 @@ fn poll_wake(
     Poll::Pending
 }
 
-fn leg_of<'a>(a: &'a mut RtpLeg, b: &'a mut Other, leg: LegId) -> Option<&'a mut RtpLeg> {
+fn leg_of<'a, S>(a: &'a mut RtpLeg<S>, b: &'a mut Other<S>, leg: LegId) -> Option<&'a mut RtpLeg<S>> {
     match (leg, b) {
         (LegId::A, _) => Some(a),
         (LegId::B, Other::Rtp(b)) => Some(b),
@@ -625,58 +702,6 @@ impl Relay {
         }
     }
 
-    fn update(&mut self, leg: LegId, media: LegMedia) {
-        let (this, other) = match (leg, &mut self.b) {
-            (LegId::A, Other::Rtp(b)) => (&mut self.a, Some(&mut **b)),
-            (LegId::A, Other::Bridge { .. }) => (&mut self.a, None),
-            (LegId::B, Other::Rtp(b)) => (&mut **b, Some(&mut self.a)),
-            (LegId::B, Other::Bridge { .. }) => return,
-        };
-        if this.media.remote_rtp != media.remote_rtp {
-            this.latched = None;
-            this.rtcp_latched = None;
-            // The stream behind this leg changes: what the other leg receives starts a new
-            // segment even if the SSRC stays.
-            if let Some(other) = other {
-                other.rewriter.reset();
-            }
-        }
-        // A leg resuming from hold is expected to send again from now.
-        if !this.media.direction.receives() && media.direction.receives() {
-            this.last_rx = Instant::now();
-        }
-        this.media = media;
-        self.timeout_reported = false;
-    }
-
-    /// The deadline of the next timeout check; reports the timeout once per silence.
-    fn check_timeout(&mut self) -> Instant {
-        let now = Instant::now();
-        let timeout = self.config.media_timeout;
-        let mut expected: Vec<&RtpLeg> = vec![&self.a];
-        if let Other::Rtp(b) = &self.b {
-            expected.push(b);
-        }
-        let last = expected.iter().filter(|leg| leg.media.direction.receives()).map(|leg| leg.last_rx).max();
-        let Some(last) = last else {
-            // Everybody is on hold: nothing is expected.
-            return now + timeout;
-        };
-        let silent_for = now.saturating_duration_since(last);
-        if silent_for >= timeout {
-            if !self.timeout_reported {
-                self.timeout_reported = true;
-                let _ = self.events.try_send(RelayEvent::MediaTimeout { silent_for });
-            }
-            return now + timeout;
-        }
-        last + timeout
-    }
-
-    fn leg_mut(&mut self, leg: LegId) -> Option<&mut RtpLeg> {
-        leg_of(&mut self.a, &mut self.b, leg)
-    }
-
     /// Relays what is queued on a leg's RTP socket, up to [`BATCH`] datagrams. Stops at
     /// `WouldBlock` (tokio then waits for the next readiness) or at any other error (the
     /// readiness stays, the next wakeup reads on).
@@ -704,8 +729,99 @@ impl Relay {
             }
         })
     }
+}
 
-    fn on_rtcp(&mut self, leg: LegId, packet: &[u8], source: SocketAddr) {
+impl Relay<std::net::UdpSocket> {
+    /// The four sockets, for the media engine's epoll set.
+    pub(super) fn sockets(&self) -> impl Iterator<Item = (LegId, bool, &std::net::UdpSocket)> {
+        let b = match &self.b {
+            Other::Rtp(b) => Some(&**b),
+            Other::Bridge { .. } => None,
+        };
+        [Some(&self.a), b].into_iter().flatten().flat_map(|leg| [(leg.id, false, &leg.rtp), (leg.id, true, &leg.rtcp)])
+    }
+
+    /// The configured media timeout.
+    pub(super) fn media_timeout(&self) -> Duration {
+        self.config.media_timeout
+    }
+
+    /// Takes one datagram from a socket the engine found readable and relays it. One read per
+    /// readiness: the engine's epoll is level-triggered, so anything left is reported again,
+    /// and no read is spent finding the queue empty.
+    pub(super) fn receive_one(&mut self, leg: LegId, rtcp: bool, buf: &mut [u8]) {
+        let Some(this) = leg_of(&mut self.a, &mut self.b, leg) else { return };
+        let socket = if rtcp { &this.rtcp } else { &this.rtp };
+        // Errors (WouldBlock after a spurious wakeup, a pending ICMP error) are consumed by the
+        // read; the next readiness tries again.
+        let Ok((len, source)) = socket.recv_from(buf) else { return };
+        if rtcp {
+            self.on_rtcp(leg, &buf[..len], source);
+        } else {
+            self.on_rtp(leg, &mut buf[..len], source);
+        }
+    }
+}
+
+impl<S: LegIo> Relay<S> {
+    pub(super) fn update(&mut self, leg: LegId, media: LegMedia) {
+        let (this, other) = match (leg, &mut self.b) {
+            (LegId::A, Other::Rtp(b)) => (&mut self.a, Some(&mut **b)),
+            (LegId::A, Other::Bridge { .. }) => (&mut self.a, None),
+            (LegId::B, Other::Rtp(b)) => (&mut **b, Some(&mut self.a)),
+            (LegId::B, Other::Bridge { .. }) => return,
+        };
+        if this.media.remote_rtp != media.remote_rtp {
+            this.latched = None;
+            this.rtcp_latched = None;
+            // The stream behind this leg changes: what the other leg receives starts a new
+            // segment even if the SSRC stays.
+            if let Some(other) = other {
+                other.rewriter.reset();
+            }
+        }
+        // A leg resuming from hold is expected to send again from now.
+        if !this.media.direction.receives() && media.direction.receives() {
+            this.last_rx = Instant::now();
+        }
+        this.media = media;
+        self.timeout_reported = false;
+    }
+
+    /// The deadline of the next timeout check; reports the timeout once per silence.
+    pub(super) fn check_timeout(&mut self) -> Instant {
+        let now = Instant::now();
+        let timeout = self.config.media_timeout;
+        let b = match &self.b {
+            Other::Rtp(b) => Some(&**b),
+            Other::Bridge { .. } => None,
+        };
+        let last = [Some(&self.a), b]
+            .into_iter()
+            .flatten()
+            .filter(|leg| leg.media.direction.receives())
+            .map(|leg| leg.last_rx)
+            .max();
+        let Some(last) = last else {
+            // Everybody is on hold: nothing is expected.
+            return now + timeout;
+        };
+        let silent_for = now.saturating_duration_since(last);
+        if silent_for >= timeout {
+            if !self.timeout_reported {
+                self.timeout_reported = true;
+                let _ = self.events.try_send(RelayEvent::MediaTimeout { silent_for });
+            }
+            return now + timeout;
+        }
+        last + timeout
+    }
+
+    fn leg_mut(&mut self, leg: LegId) -> Option<&mut RtpLeg<S>> {
+        leg_of(&mut self.a, &mut self.b, leg)
+    }
+
+    pub(super) fn on_rtcp(&mut self, leg: LegId, packet: &[u8], source: SocketAddr) {
         let counters = &self.counters[leg.index()];
         if super::rtp::parse_rtcp(packet).is_err() {
             bump(&counters.dropped_invalid, 1);
@@ -724,13 +840,13 @@ impl Relay {
             (_, Other::Bridge { .. }) => return, // RTCP ends at the node in bridged mode
         };
         if let Some(dest) = target.rtcp_destination()
-            && target.rtcp.get_ref().send_to(packet, dest).is_ok()
+            && target.rtcp.udp().send_to(packet, dest).is_ok()
         {
             bump(&self.counters[target.id.index()].rtcp_out, 1);
         }
     }
 
-    fn on_rtp(&mut self, leg: LegId, packet: &mut [u8], source: SocketAddr) {
+    pub(super) fn on_rtp(&mut self, leg: LegId, packet: &mut [u8], source: SocketAddr) {
         let index = leg.index();
         let len = packet.len();
         let (sequence, timestamp, ssrc, marker, payload_type, payload_start, payload_end) =
@@ -807,7 +923,7 @@ impl Relay {
             }
             (_, Other::Bridge { .. }) => {}
             (leg, Other::Rtp(b)) => {
-                let target: &mut RtpLeg = if leg == LegId::A { b } else { a };
+                let target: &mut RtpLeg<S> = if leg == LegId::A { b } else { a };
                 let dropped = &self.counters[index].dropped_other;
                 let Some(dest) = target.destination().filter(|_| target.media.direction.sends()) else {
                     bump(dropped, 1);
@@ -838,7 +954,7 @@ impl Relay {
                 };
                 let _ = header.rewrite(packet);
                 let out_counters = &self.counters[target.id.index()];
-                match target.rtp.get_ref().send_to(packet, dest) {
+                match target.rtp.udp().send_to(packet, dest) {
                     Ok(_) => {
                         bump(&out_counters.packets_out, 1);
                         bump(&out_counters.bytes_out, len as u64);
@@ -872,7 +988,7 @@ impl Relay {
         if a.media.codec == Codec::Pcma {
             g711::ulaw_to_alaw_in_place(&mut self.out[super::rtp::RTP_HEADER_LEN..]);
         }
-        match a.rtp.get_ref().send_to(&self.out, dest) {
+        match a.rtp.udp().send_to(&self.out, dest) {
             Ok(_) => {
                 bump(&self.counters[0].packets_out, 1);
                 bump(&self.counters[0].bytes_out, self.out.len() as u64);

@@ -150,6 +150,7 @@ impl Node {
             per_source_rate: 20_000,
             webhook_secret: Some("test-webhook-secret".into()),
             rtp_ports: "30000-39999".into(),
+            media_threads: 0,
             media_timeout_seconds: 30,
             final_codes: switchboard_node::sip::routing::DEFAULT_FINAL_CODES.to_vec(),
             agent: switchboard_node::bridge::answer::AgentArgs::default(),
