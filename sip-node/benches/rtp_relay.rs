@@ -530,17 +530,20 @@ impl Bench {
         let running = self.start_calls(&mut generator, calls);
         let (mut cpu, mut wall, mut other) = ((0u64, 0u64), (Instant::now(), Instant::now()), (0u64, 0u64));
         let mut core = ((0u64, 0u64), (0u64, 0u64));
+        let mut generator_cpu = (0u64, 0u64);
         let sent = generator.run(Duration::from_secs(secs), |start| {
             if start {
                 cpu.0 = thread_cpu_ns(self.relay_tid);
                 wall.0 = Instant::now();
                 other.0 = other_ticks();
                 core.0 = cpu_ticks(RELAY_CPU);
+                generator_cpu.0 = clock_ns(libc::CLOCK_THREAD_CPUTIME_ID);
             } else {
                 cpu.1 = thread_cpu_ns(self.relay_tid);
                 wall.1 = Instant::now();
                 other.1 = other_ticks();
                 core.1 = cpu_ticks(RELAY_CPU);
+                generator_cpu.1 = clock_ns(libc::CLOCK_THREAD_CPUTIME_ID);
             }
         });
         let relay_dropped = self.stop_calls(running);
@@ -558,6 +561,7 @@ impl Bench {
             relay_cpu: relay_cpu_ns as f64 / 1e9 / wall_s,
             ns_per_packet: relay_cpu_ns.checked_div(r.received).unwrap_or(0),
             other_load: other.1.saturating_sub(other.0) as f64 / ticks_per_sec() / wall_s,
+            generator_cpu: generator_cpu.1.saturating_sub(generator_cpu.0) as f64 / 1e9 / wall_s,
             core_busy: core.1.0.saturating_sub(core.0.0) as f64 / ticks_per_sec() / wall_s,
             core_softirq: core.1.1.saturating_sub(core.0.1) as f64 / ticks_per_sec() / wall_s,
         }
@@ -592,6 +596,9 @@ struct StepResult {
     /// network processing, which the thread's own CPU time does not include).
     core_busy: f64,
     core_softirq: f64,
+    /// The load generator's thread (on the other core): near 100 % it cannot keep up, and a
+    /// failing step says more about the generator than about the relay.
+    generator_cpu: f64,
 }
 
 impl StepResult {
@@ -737,7 +744,7 @@ fn main() {
         idle, flowing
     );
     println!(
-        "{:>6} {:>9} {:>9} {:>7} {:>6} {:>6} {:>7} {:>6} {:>7} {:>6} {:>6} {:>6} {:>6}",
+        "{:>6} {:>9} {:>9} {:>7} {:>6} {:>6} {:>7} {:>6} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6}",
         "calls",
         "sent",
         "received",
@@ -749,6 +756,7 @@ fn main() {
         "ns/pkt",
         "core",
         "sirq",
+        "gen",
         "other",
         "result"
     );
@@ -767,7 +775,7 @@ fn main() {
             result = bench.step(calls, secs);
         }
         println!(
-            "{:>6} {:>9} {:>9} {:>7.3} {:>6} {:>6} {:>7} {:>5.0}% {:>7} {:>5.0}% {:>5.0}% {:>5.0}% {:>6}{}",
+            "{:>6} {:>9} {:>9} {:>7.3} {:>6} {:>6} {:>7} {:>5.0}% {:>7} {:>5.0}% {:>5.0}% {:>5.0}% {:>5.0}% {:>6}{}",
             result.calls,
             result.sent,
             result.received,
@@ -779,6 +787,7 @@ fn main() {
             result.ns_per_packet,
             result.core_busy * 100.0,
             result.core_softirq * 100.0,
+            result.generator_cpu * 100.0,
             result.other_load * 100.0,
             if result.passed() { "ok" } else { "FAIL" },
             if result.relay_dropped > 0 { format!(" (relay dropped {})", result.relay_dropped) } else { String::new() },

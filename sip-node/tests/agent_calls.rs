@@ -171,18 +171,28 @@ impl Caller {
         self.sip.send_to(text.as_bytes(), self.node).await.unwrap();
     }
 
-    async fn invite(&self) {
+    /// The caller's SDP (its offer, or its answer in the ACK of a delayed offer).
+    fn sdp(&self) -> String {
         let (pt, name) = if self.payload_type == 8 { (8, "PCMA") } else { (0, "PCMU") };
-        let sdp = format!(
+        format!(
             "v=0\r\no=caller 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {} RTP/AVP {pt} 101\r\n\
              a=rtpmap:{pt} {name}/8000\r\na=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=ptime:20\r\na=sendrecv\r\n",
             self.rtp.local_addr().unwrap().port()
-        );
+        )
+    }
+
+    async fn invite(&self) {
+        self.send_invite(&self.sdp()).await;
+    }
+
+    /// An INVITE with `sdp` as its body (empty: a delayed offer).
+    async fn send_invite(&self, sdp: &str) {
         let (node, sip) = (self.node, self.sip_addr());
+        let content_type = if sdp.is_empty() { "" } else { "Content-Type: application/sdp\r\n" };
         let invite = format!(
             "INVITE sip:{DID}@{node} SIP/2.0\r\nVia: SIP/2.0/UDP {sip};branch=z9hG4bK-{}-inv\r\nFrom: <sip:+15557654321@{sip}>;tag=caller\r\n\
              To: <sip:{DID}@{node}>\r\nCall-ID: {}\r\nCSeq: 1 INVITE\r\nContact: <sip:caller@{sip}>\r\nMax-Forwards: 70\r\n\
-             Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+             {content_type}Content-Length: {}\r\n\r\n{sdp}",
             self.call_id,
             self.call_id,
             sdp.len()
@@ -225,6 +235,28 @@ impl Caller {
         assert!(ok.contains("c=IN IP4 127.0.0.1"), "the node anchors media on its own address: {ok}");
         self.node_rtp = Some(format!("127.0.0.1:{port}").parse().unwrap());
         let ack = self.in_dialog("ACK", 1);
+        self.send_sip(&ack).await;
+    }
+
+    /// Like [`Caller::accept`] for a delayed offer: the 200 OK holds the node's offer and the
+    /// ACK carries the caller's answer.
+    async fn accept_offer(&mut self, ok: &str) {
+        assert!(ok.starts_with("SIP/2.0 200"), "{ok}");
+        assert!(ok.contains("c=IN IP4 127.0.0.1") && ok.contains("m=audio"), "the node offers in its 200 OK: {ok}");
+        self.to_tag = header(ok, "To").and_then(|l| l.split("tag=").nth(1)).unwrap().trim().to_string();
+        let port: u16 = ok
+            .lines()
+            .find(|l| l.starts_with("m=audio"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap()
+            .parse()
+            .unwrap();
+        self.node_rtp = Some(format!("127.0.0.1:{port}").parse().unwrap());
+        let answer = self.sdp();
+        let ack = self.in_dialog("ACK", 1).replace(
+            "Content-Length: 0\r\n\r\n",
+            &format!("Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{answer}", answer.len()),
+        );
         self.send_sip(&ack).await;
     }
 
@@ -474,6 +506,52 @@ async fn a_caller_talks_to_an_ai_agent_over_websocket(pool: PgPool) {
     let cdrs = cdrs(&pool, 1).await;
     assert_eq!(cdrs.last().and_then(|c| c.hangup_by.clone()).as_deref(), Some("caller"), "{cdrs:?}");
     assert!(cdrs.last().is_some_and(|c| c.answer_at.is_some()));
+    node.stop().await;
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_delayed_offer_caller_answers_in_its_ack_and_talks_to_the_agent(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let node = Node::start(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))]).await;
+    // The caller answers the node's offer with PCMA (offered second): the relay transcodes.
+    let mut caller = Caller::new(node.addr, "agent-call-delayed", 8).await;
+    caller.send_invite("").await;
+    let (ok, _) = caller.final_response().await;
+    assert!(ok.contains("a=rtpmap:0 PCMU/8000") && ok.contains("a=rtpmap:8 PCMA/8000"), "the trunk's codecs: {ok}");
+    caller.accept_offer(&ok).await;
+    agent.expect("start").await;
+    // The answer's codec applies once the node has read the ACK; RTP racing ahead of it in
+    // another codec than the node's first is dropped (counted), like any unexpected payload.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    let sent = tone(440.0, 160 * 5);
+    for chunk in sent.chunks(160) {
+        let mut alaw = vec![];
+        g711::encode_alaw_samples(chunk, &mut alaw);
+        caller.send_audio(&alaw).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut got = vec![];
+    for _ in 0..5 {
+        g711::decode_ulaw(&payload_of(&agent.expect("media").await.1), &mut got);
+    }
+    assert_close(&sent, &got);
+
+    let spoken = tone(300.0, 160 * 5);
+    let mut ulaw = vec![];
+    g711::encode_ulaw_samples(&spoken, &mut ulaw);
+    agent.send_audio(&ulaw);
+    let mut heard = vec![];
+    for _ in 0..5 {
+        let (_, pt, payload) = caller.hear(Duration::from_secs(2)).await.expect("agent audio");
+        assert_eq!(pt, 8, "the codec the caller answered");
+        g711::decode_alaw(&payload, &mut heard);
+    }
+    assert_close(&spoken, &heard);
+
+    caller.hang_up().await;
+    agent.expect("stop").await;
+    assert_clean_end(&pool, &node, 200).await;
     node.stop().await;
 }
 

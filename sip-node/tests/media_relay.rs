@@ -332,3 +332,90 @@ async fn a_failed_call_after_early_media_frees_its_ports(pool: PgPool) {
     ports_released(&[node_for_caller, node_for_callee]).await;
     node.stop().await;
 }
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_delayed_offer_is_anchored_with_the_answer_in_the_ack(pool: PgPool) {
+    let caller = Ua::new().await;
+    let callee = Ua::new().await;
+    let mut carrier = trunk("carrier", vec![]);
+    carrier.codecs = vec![switchboard_model::Codec::Pcmu, switchboard_model::Codec::Pcma];
+    let node = start(&pool, carrier, &callee, "41600-41699", 30).await;
+
+    // INVITE without SDP: the node still offers its own address to the callee.
+    caller.send(&caller_request("INVITE", 1, node.addr, caller.sip_addr(), None, None), node.addr).await;
+    let (invite, from) = callee.request("INVITE").await;
+    let node_for_callee = sdp_rtp(&invite);
+    assert_eq!(node_for_callee.ip(), node.addr.ip(), "{invite}");
+    let answer = sdp(callee.rtp_port(), "8", "sendrecv");
+    callee.send(&reply(&invite, "200 OK", callee.sip_addr(), Some(&answer)), from).await;
+    let _ = callee.request("ACK").await;
+
+    // The caller's 200 OK carries the node's offer, the callee's codec (PCMA) first.
+    let ok = caller.final_response().await;
+    assert!(ok.starts_with("SIP/2.0 200"), "{ok}");
+    let offer = body(&ok);
+    let node_for_caller = sdp_rtp(&ok);
+    assert_ne!(node_for_caller, node_for_callee, "one port pair per leg");
+    assert!(offer.contains("m=audio") && offer.contains(" RTP/AVP 8"), "the callee's codec first: {offer}");
+    // The caller answers PCMU in its ACK: the relay transcodes.
+    let ack_answer = sdp(caller.rtp_port(), "0", "sendrecv");
+    let tag = to_tag(&ok);
+    caller
+        .send(&caller_request("ACK", 1, node.addr, caller.sip_addr(), Some(&tag), Some(&ack_answer)), node.addr)
+        .await;
+
+    let ulaw = g711::linear_to_ulaw(3000);
+    let heard = tokio::join!(
+        async {
+            for i in 0..10u16 {
+                caller.rtp_send(node_for_caller, 0, 10 + i, &[ulaw; 160]).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+        callee.rtp_collect(Duration::from_millis(600))
+    )
+    .1;
+    assert!(heard.len() >= 9, "caller audio must reach the callee: {} packets", heard.len());
+    for (pt, payload) in &heard {
+        assert_eq!(*pt, 8, "PCMA towards the callee");
+        let sample = g711::alaw_to_linear(payload[0]);
+        assert!((sample - 3000).abs() < 300, "transcoded sample {sample}");
+    }
+    let back =
+        tokio::join!(talk(&callee, node_for_callee, 8, 5, 0xD5), caller.rtp_collect(Duration::from_millis(400))).1;
+    assert!(back.len() >= 4, "callee audio must reach the caller: {} packets", back.len());
+    assert!(back.iter().all(|(pt, _)| *pt == 0), "PCMU towards the caller");
+
+    caller.send(&caller_request("BYE", 2, node.addr, caller.sip_addr(), Some(&tag), None), node.addr).await;
+    let (bye, from) = callee.request("BYE").await;
+    callee.send(&reply(&bye, "200 OK", callee.sip_addr(), None), from).await;
+    assert!(caller.final_response().await.starts_with("SIP/2.0 200"));
+    ports_released(&[node_for_caller, node_for_callee]).await;
+    node.stop().await;
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_delayed_offer_whose_ack_has_no_answer_ends_with_488(pool: PgPool) {
+    let caller = Ua::new().await;
+    let callee = Ua::new().await;
+    let node = start(&pool, trunk("carrier", vec![]), &callee, "41700-41799", 30).await;
+    caller.send(&caller_request("INVITE", 1, node.addr, caller.sip_addr(), None, None), node.addr).await;
+    let (invite, from) = callee.request("INVITE").await;
+    let node_for_callee = sdp_rtp(&invite);
+    let answer = sdp(callee.rtp_port(), "0", "sendrecv");
+    callee.send(&reply(&invite, "200 OK", callee.sip_addr(), Some(&answer)), from).await;
+    let _ = callee.request("ACK").await;
+    let ok = caller.final_response().await;
+    let node_for_caller = sdp_rtp(&ok);
+    // An ACK without the answer the 2xx's offer asked for (RFC 3261 13.2.2.4 violated).
+    caller.send(&caller_request("ACK", 1, node.addr, caller.sip_addr(), Some(&to_tag(&ok)), None), node.addr).await;
+    let (bye, from) = callee.request("BYE").await;
+    callee.send(&reply(&bye, "200 OK", callee.sip_addr(), None), from).await;
+    let (bye, from) = caller.request("BYE").await;
+    caller.send(&reply(&bye, "200 OK", caller.sip_addr(), None), from).await;
+    let cdrs = cdrs(&pool, 1).await;
+    assert_eq!(cdrs[0].sip_code, Some(488), "{cdrs:?}");
+    assert!(cdrs[0].reason.as_deref().unwrap_or("").contains("ACK"), "{cdrs:?}");
+    ports_released(&[node_for_caller, node_for_callee]).await;
+    node.stop().await;
+}

@@ -389,11 +389,9 @@ impl Call {
         if let Some(media) = &self.ctx.media {
             match Anchor::new(media, &self.invite.body, self.facts.inbound_trunk.as_deref()) {
                 Ok(anchor) => {
-                    if let Some(anchor) = &anchor {
-                        let (caller_port, callee_port) = anchor.ports();
-                        tracing::debug!(caller_port, callee_port, "media anchored");
-                    }
-                    self.anchor = anchor;
+                    let (caller_port, callee_port) = anchor.ports();
+                    tracing::debug!(caller_port, callee_port, "media anchored");
+                    self.anchor = Some(anchor);
                 }
                 Err(error) => return self.refuse_caller(error.sip_status(), error.to_string(), None),
             }
@@ -886,7 +884,7 @@ impl Call {
         let mut ok = response_to(&self.invite, 200, Some("OK"), Some(&self.a_tag));
         ok.headers.push(Header::Contact(headers::Contact::new(contact)));
         ok.headers.push(Header::Allow(ALLOW.into()));
-        match self.anchor.as_ref().and_then(Anchor::caller_answer) {
+        match self.anchor.as_ref().and_then(Anchor::caller_final_body) {
             Some(sdp) => message::set_body(&mut ok.headers, &mut ok.body, sdp, Some("application/sdp")),
             None => {
                 let ct = content_type(&answer.headers);
@@ -942,7 +940,20 @@ impl Call {
                     let Some(event) = event else { break (500, "internal: channel closed".into(), Ender::System) };
                     match event {
                         TuEvent::Request { request, key, .. } => match (request.method, key) {
-                            (Method::Ack, _) => acked = true,
+                            (Method::Ack, _) => {
+                                acked = true;
+                                if let Some(anchor) = self.anchor.as_mut().filter(|a| a.awaits_caller_answer()) {
+                                    // Delayed offer: the ACK carries the caller's answer.
+                                    if let Err(error) = anchor.caller_acked(&request.body) {
+                                        tracing::info!(%error, "the caller's ACK has no usable answer to the node's offer");
+                                        self.send_bye(&mut b, &b_tx);
+                                        let a_tx = self.a_tx.clone();
+                                        self.bye_and_wait(&mut a, &a_tx, a_rx).await;
+                                        break (488, format!("caller's answer in ACK: {error}"), Ender::System);
+                                    }
+                                    relay_events = anchor.take_events();
+                                }
+                            }
                             (Method::Bye, Some(key)) => {
                                 self.ctx.endpoint.respond(&key, response_to(&request, 200, Some("OK"), None));
                                 self.bye_and_wait(&mut b, &b_tx, &mut b_rx).await;
@@ -1070,7 +1081,7 @@ impl Call {
         let Some(anchor) = self.anchor.as_mut() else { return Ok(()) };
         if !answer.body.is_empty() {
             anchor.callee_answered(&answer.body)
-        } else if anchor.caller_answer().is_some() {
+        } else if anchor.caller_final_body().is_some() {
             Ok(())
         } else {
             Err(crate::media::sdp::SdpError::NoAudio)

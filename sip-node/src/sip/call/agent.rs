@@ -5,6 +5,7 @@ use chrono::Utc;
 use rsip::Method;
 use rsip::headers::{self, Header};
 use rsip::prelude::*;
+use switchboard_model::Codec;
 use tokio::sync::mpsc;
 
 use super::{ALLOW, AttemptRecord, Call, Ender, Outcome};
@@ -28,8 +29,11 @@ impl Call {
         a_rx: &mut mpsc::UnboundedReceiver<TuEvent>,
     ) -> Outcome {
         use crate::bridge::{self, BridgeConfig, CallParameters};
-        use crate::media::relay::{LegId, RelayConfig, RelayEvent, RtpLegSetup, spawn_bridged};
-        use crate::media::sdp::{LocalEndpoint, MediaPolicy, SdpSession, SessionDescription, answer_offer};
+        use crate::media::relay::{LegId, LegMedia, RelayConfig, RelayEvent, RtpLegSetup, spawn_bridged};
+        use crate::media::sdp::{
+            LocalEndpoint, MediaPolicy, SdpSession, SessionDescription, TELEPHONE_EVENT_PT, answer_offer, create_offer,
+            process_answer,
+        };
 
         let setup_at = Utc::now();
         let mut ring_at = None;
@@ -44,9 +48,12 @@ impl Call {
         let Some(media) = self.ctx.media.clone() else {
             return self.refuse_caller(503, "no media anchoring on this node".into(), Some(record(None, None)));
         };
-        let offer = match SessionDescription::parse_bytes(&self.invite.body) {
-            Ok(offer) => offer,
-            Err(error) => {
+        // A delayed offer (no SDP in the INVITE): the node offers in its 200 OK and the caller
+        // answers in the ACK.
+        let offer = match (!self.invite.body.is_empty()).then(|| SessionDescription::parse_bytes(&self.invite.body)) {
+            None => None,
+            Some(Ok(offer)) => Some(offer),
+            Some(Err(error)) => {
                 return self.refuse_caller(
                     error.sip_status(),
                     format!("caller's SDP: {error}"),
@@ -64,9 +71,21 @@ impl Call {
         let codecs = trunk.as_ref().map(|t| t.codecs.clone()).unwrap_or_default();
         let policy = MediaPolicy::new(codecs, LocalEndpoint { address: media.address, rtp_port: pair.rtp_port() });
         let mut session = SdpSession::new(media.address);
-        let (answer, negotiated) = match answer_offer(&offer, &policy, &mut session) {
-            Ok(agreed) => agreed,
-            Err(error) => return self.refuse_caller(error.sip_status(), error.to_string(), Some(record(None, None))),
+        let (answer, leg_media, mut awaiting_answer) = match &offer {
+            Some(offer) => match answer_offer(offer, &policy, &mut session) {
+                Ok((answer, negotiated)) => (answer, LegMedia::from(&negotiated), None),
+                Err(error) => {
+                    return self.refuse_caller(error.sip_status(), error.to_string(), Some(record(None, None)));
+                }
+            },
+            None => {
+                let ours = create_offer(&policy, &mut session);
+                // Until the ACK: the first codec offered, no far end yet (the relay latches).
+                let codec = policy.codecs.iter().copied().find(|c| *c != Codec::TelephoneEvent).unwrap_or(Codec::Pcmu);
+                let mut media = LegMedia::new(codec, None);
+                media.telephone_event = policy.codecs.contains(&Codec::TelephoneEvent).then_some(TELEPHONE_EVENT_PT);
+                (ours.clone(), media, Some(ours))
+            }
         };
         let parameters = CallParameters {
             from: self.facts.from.clone(),
@@ -93,7 +112,7 @@ impl Call {
             }
         };
         let (relay, mut relay_events, bridge_media) = match spawn_bridged(
-            RtpLegSetup { ports: pair, media: (&negotiated).into() },
+            RtpLegSetup { ports: pair, media: leg_media },
             RelayConfig { media_timeout: media.timeout },
         ) {
             Ok(started) => started,
@@ -192,7 +211,24 @@ impl Call {
                 }
                 event = a_rx.recv() => match event {
                     Some(TuEvent::Request { request, key, .. }) => match (request.method, key) {
-                        (Method::Ack, _) => acked = true,
+                        (Method::Ack, _) => {
+                            acked = true;
+                            if let Some(ours) = awaiting_answer.take() {
+                                let answered = SessionDescription::parse_bytes(&request.body)
+                                    .and_then(|answer| process_answer(&ours, &answer));
+                                match answered {
+                                    Ok(negotiated) => {
+                                        let _ = relay.update_leg(LegId::A, (&negotiated).into());
+                                    }
+                                    Err(error) => {
+                                        tracing::info!(%error, "the caller's ACK has no usable answer to the node's offer");
+                                        let a_tx = self.a_tx.clone();
+                                        self.bye_and_wait(&mut a, &a_tx, a_rx).await;
+                                        break (488, format!("caller's answer in ACK: {error}"), Ender::System);
+                                    }
+                                }
+                            }
+                        }
                         (Method::Bye, Some(key)) => {
                             self.ctx.endpoint.respond(&key, response_to(&request, 200, Some("OK"), None));
                             break (200, "caller hung up".into(), Ender::Caller);

@@ -9,7 +9,11 @@
 //! caller's leg is fixed by the first answer sent to the caller; the callee's leg may differ
 //! (another gateway after failover) and the relay transcodes.
 //!
-//! Calls whose INVITE carries no SDP (delayed offer) are not anchored: their SDP passes through.
+//! Calls whose INVITE carries no SDP (delayed offer) are anchored too: the node offers to the
+//! callee as usual; once the callee answered, the node's 2xx to the caller carries the node's
+//! own offer (the callee's codec first) and the caller's ACK the answer, which starts the relay
+//! (RFC 3261 13.2.1, RFC 3264). Early media cannot reach such a caller: an offer may not go in
+//! an unreliable provisional response, and the node does not do PRACK.
 
 use std::net::IpAddr;
 
@@ -144,7 +148,8 @@ pub(in crate::sip) fn codecs_of(trunk: Option<&TrunkConfig>) -> Vec<Codec> {
 pub(super) struct Anchor {
     address: IpAddr,
     config: RelayConfig,
-    caller_offer: SessionDescription,
+    /// The caller's offer; `None` for a delayed-offer INVITE (the node offers in its 2xx).
+    caller_offer: Option<SessionDescription>,
     a: LegState,
     b: LegState,
     relay: Option<RelayHandle>,
@@ -152,25 +157,22 @@ pub(super) struct Anchor {
 }
 
 impl Anchor {
-    /// Anchors a call whose INVITE carried `body`; `Ok(None)` for an INVITE without SDP (delayed
-    /// offer: not anchored). Refuses offers without a codec the inbound trunk allows before any
-    /// outbound attempt is made.
-    pub(super) fn new(
-        media: &MediaContext,
-        body: &[u8],
-        inbound: Option<&TrunkConfig>,
-    ) -> Result<Option<Anchor>, AnchorError> {
-        if body.is_empty() {
-            return Ok(None);
-        }
-        let caller_offer = SessionDescription::parse_bytes(body)?;
+    /// Anchors a call whose INVITE carried `body` (empty: a delayed offer). Refuses offers
+    /// without a codec the inbound trunk allows before any outbound attempt is made.
+    pub(super) fn new(media: &MediaContext, body: &[u8], inbound: Option<&TrunkConfig>) -> Result<Anchor, AnchorError> {
         let inbound_codecs = codecs_of(inbound);
-        // A dry run: is there anything to agree on with the caller at all?
-        let probe = MediaPolicy::new(inbound_codecs.clone(), LocalEndpoint { address: media.address, rtp_port: 9 });
-        answer_offer(&caller_offer, &probe, &mut SdpSession::new(media.address))?;
+        let caller_offer = if body.is_empty() {
+            None
+        } else {
+            let offer = SessionDescription::parse_bytes(body)?;
+            // A dry run: is there anything to agree on with the caller at all?
+            let probe = MediaPolicy::new(inbound_codecs.clone(), LocalEndpoint { address: media.address, rtp_port: 9 });
+            answer_offer(&offer, &probe, &mut SdpSession::new(media.address))?;
+            Some(offer)
+        };
         let a_pair = media.ports.allocate()?;
         let b_pair = media.ports.allocate()?;
-        Ok(Some(Anchor {
+        Ok(Anchor {
             address: media.address,
             config: RelayConfig { media_timeout: media.timeout },
             caller_offer,
@@ -178,7 +180,7 @@ impl Anchor {
             b: LegState::new(b_pair, media.address, vec![]),
             relay: None,
             events: None,
-        }))
+        })
     }
 
     /// The offer for an outbound attempt through `trunk`: the trunk's codecs, with the caller's
@@ -186,12 +188,10 @@ impl Anchor {
     /// and the caller's direction.
     pub(super) fn offer_for(&mut self, trunk: Option<&TrunkConfig>) -> Vec<u8> {
         let mut codecs = codecs_of(trunk);
-        let caller_first = self
-            .a
-            .negotiated
-            .as_ref()
-            .map(|n| n.codec)
-            .or_else(|| offered_codecs(&self.caller_offer).into_iter().find(|c| self.a.allowed.contains(c)));
+        let caller_first = self.a.negotiated.as_ref().map(|n| n.codec).or_else(|| {
+            let offer = self.caller_offer.as_ref()?;
+            offered_codecs(offer).into_iter().find(|c| self.a.allowed.contains(c))
+        });
         if let Some(first) = caller_first
             && let Some(at) = codecs.iter().position(|c| *c == first)
         {
@@ -199,7 +199,8 @@ impl Anchor {
             codecs.insert(0, codec);
         }
         self.b.allowed = codecs.clone();
-        let policy = self.b.policy(self.address, codecs, declared(&self.caller_offer));
+        let direction = self.caller_offer.as_ref().map(declared).unwrap_or_default();
+        let policy = self.b.policy(self.address, codecs, direction);
         let offer = create_offer(&policy, &mut self.b.session);
         let body = offer.to_string().into_bytes();
         self.b.last_sent = Some(offer.clone());
@@ -208,17 +209,54 @@ impl Anchor {
     }
 
     /// The callee answered the current offer (in a provisional response with early media, or
-    /// in the 2xx): the outbound leg is set, the caller's answer made if it was not yet, and the
-    /// relay started or moved.
+    /// in the 2xx): the outbound leg is set, the caller's answer made if it was not yet (or, for
+    /// a delayed offer, the node's offer to the caller), and the relay started or moved.
     pub(super) fn callee_answered(&mut self, body: &[u8]) -> Result<(), SdpError> {
         let answer = SessionDescription::parse_bytes(body)?;
         let offer = self.b.offer.as_ref().ok_or(SdpError::NoAudio)?;
         let b_media = process_answer(offer, &answer)?;
         if self.a.negotiated.is_none() {
-            let caller_offer = self.caller_offer.clone();
-            self.a.answer(self.address, &caller_offer, Some(b_media.codec), declared(&answer))?;
+            match self.caller_offer.clone() {
+                Some(caller_offer) => {
+                    self.a.answer(self.address, &caller_offer, Some(b_media.codec), declared(&answer))?;
+                }
+                None if self.a.offer.is_none() => self.offer_to_caller(b_media.codec, declared(&answer)),
+                None => {}
+            }
         }
         self.b.negotiated = Some(b_media.clone());
+        self.apply()
+    }
+
+    /// The node's offer to a delayed-offer caller: the inbound trunk's codecs with the callee's
+    /// first, so that no transcoding is needed when the caller can take it.
+    fn offer_to_caller(&mut self, callee_codec: Codec, direction: MediaDirection) {
+        let mut codecs = self.a.allowed.clone();
+        if let Some(at) = codecs.iter().position(|c| *c == callee_codec) {
+            let codec = codecs.remove(at);
+            codecs.insert(0, codec);
+        }
+        let policy = self.a.policy(self.address, codecs, direction);
+        let offer = create_offer(&policy, &mut self.a.session);
+        self.a.last_sent = Some(offer.clone());
+        self.a.offer = Some(offer);
+    }
+
+    /// Whether the caller still owes the answer to the node's offer (delayed offer, not ACKed).
+    pub(super) fn awaits_caller_answer(&self) -> bool {
+        self.caller_offer.is_none() && self.a.negotiated.is_none() && self.a.offer.is_some()
+    }
+
+    /// The caller's ACK to a delayed-offer call: its body is the answer to the node's offer in
+    /// the 2xx; the caller's leg is set and the relay starts.
+    pub(super) fn caller_acked(&mut self, body: &[u8]) -> Result<(), SdpError> {
+        let offer = self.a.offer.as_ref().ok_or(SdpError::NoAudio)?;
+        if body.is_empty() {
+            return Err(SdpError::NoAudio);
+        }
+        let answer = SessionDescription::parse_bytes(body)?;
+        let a_media = process_answer(offer, &answer)?;
+        self.a.negotiated = Some(a_media);
         self.apply()
     }
 
@@ -255,6 +293,11 @@ impl Anchor {
     /// The body of the node's answer to the caller, once there is one.
     pub(super) fn caller_answer(&self) -> Option<Vec<u8>> {
         self.a.last_sent.as_ref().filter(|_| self.a.negotiated.is_some()).map(|sdp| sdp.to_string().into_bytes())
+    }
+
+    /// The body of the node's 2xx to the caller: its answer, or for a delayed offer its offer.
+    pub(super) fn caller_final_body(&self) -> Option<Vec<u8>> {
+        self.caller_answer().or_else(|| self.a.offer.as_ref().map(|sdp| sdp.to_string().into_bytes()))
     }
 
     /// The last SDP the node sent on `leg`, for a re-INVITE without an offer (the node offers
