@@ -172,6 +172,7 @@ async fn rtp_flows_through_the_node_both_ways_with_transcoding(pool: PgPool) {
     caller.send(&caller_request("BYE", 2, node.addr, caller.sip_addr(), Some(&tag), None), node.addr).await;
     let (bye, from) = callee.request("BYE").await;
     callee.send(&reply(&bye, "200 OK", callee.sip_addr(), None), from).await;
+    assert_eq!(header(&bye, "Reason"), Some("Q.850;cause=16;text=\"caller hung up\""), "{bye}");
     assert!(caller.final_response().await.starts_with("SIP/2.0 200"));
     let cdrs = cdrs(&pool, 1).await;
     assert_eq!(cdrs[0].hangup_by.as_deref(), Some("caller"), "{cdrs:?}");
@@ -248,11 +249,14 @@ async fn a_call_whose_rtp_stops_ends_with_a_media_timeout(pool: PgPool) {
     let (node_for_caller, node_for_callee) = (sdp_rtp(&ok), sdp_rtp(&invite));
     talk(&caller, node_for_caller, 0, 3, 0).await;
     talk(&callee, node_for_callee, 0, 3, 0).await;
-    // Then silence: both legs get a BYE from the node.
+    // Then silence: both legs get a BYE from the node, saying why (RFC 3326).
     let (bye, from) = callee.request("BYE").await;
     callee.send(&reply(&bye, "200 OK", callee.sip_addr(), None), from).await;
+    let reason = header(&bye, "Reason").unwrap_or_default();
+    assert!(reason.starts_with("Q.850;cause=102;text=\"media timeout"), "{bye}");
     let (bye, from) = caller.request("BYE").await;
     caller.send(&reply(&bye, "200 OK", caller.sip_addr(), None), from).await;
+    assert_eq!(header(&bye, "Reason"), Some(reason), "{bye}");
     let cdrs = cdrs(&pool, 1).await;
     let reason = cdrs[0].reason.clone().unwrap_or_default();
     assert!(reason.contains("media timeout"), "CDR reason: {reason}");

@@ -22,7 +22,7 @@ use super::dialog::{Dialog, content_type};
 use super::digest::{Challenger, Verification, answer_challenge};
 use super::endpoint::{Endpoint, NewRequest, TuEvent};
 use super::limits::{CallPermit, Limits};
-use super::message;
+use super::message::{self, HangupReason};
 use super::resolve::Resolver;
 use super::routing::{self, Target};
 use super::transaction::{TimerConfig, TransactionKey, cancel_for, new_tag, response_to};
@@ -438,7 +438,7 @@ impl Call {
                         let reason = format!("callee's SDP: {error}");
                         tracing::info!(attempt = self.attempts, %reason, "answered attempt unusable");
                         if let Some(b_tx) = self.b_tx.take() {
-                            self.send_bye(&mut b_dialog, &b_tx);
+                            self.send_bye(&mut b_dialog, &b_tx, &[HangupReason::incompatible(&reason).header()]);
                         }
                         self.b_rx = None;
                         self.ctx.endpoint.unregister_dialog(&b_dialog.call_id, &b_dialog.local_tag);
@@ -916,9 +916,11 @@ impl Call {
                 () = &mut retransmit, if !acked => {
                     if tokio::time::Instant::now() >= give_up {
                         tracing::warn!("no ACK for the 200 OK from the caller; ending the call");
-                        self.send_bye(&mut b, &b_tx);
-                        self.send_bye(&mut a, &self.a_tx.clone());
-                        break (408, "caller never acknowledged the answer".to_string(), Ender::System);
+                        let why = "caller never acknowledged the answer";
+                        let reason = [HangupReason::timer(why).header()];
+                        self.send_bye(&mut b, &b_tx, &reason);
+                        self.send_bye(&mut a, &self.a_tx.clone(), &reason);
+                        break (408, why.to_string(), Ender::System);
                     }
                     self.ctx.endpoint.send_stateless(rsip::SipMessage::Response(ok.clone()), self.a_peer);
                     self.ctx.metrics.retransmission();
@@ -928,10 +930,12 @@ impl Call {
                 event = next_relay_event(&mut relay_events) => match event {
                     RelayEvent::MediaTimeout { silent_for } => {
                         tracing::info!(silent_for = ?silent_for, "media timeout");
-                        self.send_bye(&mut b, &b_tx);
+                        let why = format!("media timeout: no RTP for {} s", silent_for.as_secs());
+                        let reason = [HangupReason::timer(&why).header()];
+                        self.send_bye(&mut b, &b_tx, &reason);
                         let a_tx = self.a_tx.clone();
-                        self.bye_and_wait(&mut a, &a_tx, a_rx).await;
-                        break (408, format!("media timeout: no RTP for {} s", silent_for.as_secs()), Ender::System);
+                        self.bye_and_wait(&mut a, &a_tx, a_rx, &reason).await;
+                        break (408, why, Ender::System);
                     }
                     RelayEvent::Dtmf { leg, digit } => tracing::debug!(?leg, ?digit, "DTMF relayed"),
                     RelayEvent::Latched { leg, source } => tracing::debug!(?leg, %source, "RTP latched"),
@@ -946,17 +950,20 @@ impl Call {
                                     // Delayed offer: the ACK carries the caller's answer.
                                     if let Err(error) = anchor.caller_acked(&request.body) {
                                         tracing::info!(%error, "the caller's ACK has no usable answer to the node's offer");
-                                        self.send_bye(&mut b, &b_tx);
+                                        let why = format!("caller's answer in ACK: {error}");
+                                        let reason = [HangupReason::incompatible(&why).header()];
+                                        self.send_bye(&mut b, &b_tx, &reason);
                                         let a_tx = self.a_tx.clone();
-                                        self.bye_and_wait(&mut a, &a_tx, a_rx).await;
-                                        break (488, format!("caller's answer in ACK: {error}"), Ender::System);
+                                        self.bye_and_wait(&mut a, &a_tx, a_rx, &reason).await;
+                                        break (488, why, Ender::System);
                                     }
                                     relay_events = anchor.take_events();
                                 }
                             }
                             (Method::Bye, Some(key)) => {
                                 self.ctx.endpoint.respond(&key, response_to(&request, 200, Some("OK"), None));
-                                self.bye_and_wait(&mut b, &b_tx, &mut b_rx).await;
+                                let reason = relayed_reason(&request, "caller hung up");
+                                self.bye_and_wait(&mut b, &b_tx, &mut b_rx, &reason).await;
                                 break (200, "caller hung up".into(), Ender::Caller);
                             }
                             (_, Some(key)) => {
@@ -979,7 +986,8 @@ impl Call {
                             (Method::Bye, Some(key)) => {
                                 self.ctx.endpoint.respond(&key, response_to(&request, 200, Some("OK"), None));
                                 let a_tx = self.a_tx.clone();
-                                self.bye_and_wait(&mut a, &a_tx, a_rx).await;
+                                let reason = relayed_reason(&request, "callee hung up");
+                                self.bye_and_wait(&mut a, &a_tx, a_rx, &reason).await;
                                 break (200, "callee hung up".into(), Ender::Callee);
                             }
                             (_, Some(key)) => {
@@ -1142,8 +1150,10 @@ impl Call {
         });
     }
 
-    fn send_bye(&self, dialog: &mut Dialog, tx: &mpsc::UnboundedSender<TuEvent>) {
-        let bye = dialog.request(Method::Bye, self.ctx.endpoint.via_for(dialog.peer), None, None);
+    /// Sends BYE on a leg with the `Reason` header(s) saying why (RFC 3326).
+    fn send_bye(&self, dialog: &mut Dialog, tx: &mpsc::UnboundedSender<TuEvent>, reason: &[Header]) {
+        let mut bye = dialog.request(Method::Bye, self.ctx.endpoint.via_for(dialog.peer), None, None);
+        bye.headers.extend(reason.to_vec());
         self.ctx.endpoint.send_request(bye, dialog.peer, tx.clone());
     }
 
@@ -1153,8 +1163,9 @@ impl Call {
         dialog: &mut Dialog,
         tx: &mpsc::UnboundedSender<TuEvent>,
         rx: &mut mpsc::UnboundedReceiver<TuEvent>,
+        reason: &[Header],
     ) {
-        self.send_bye(dialog, tx);
+        self.send_bye(dialog, tx, reason);
         let bye_cseq = dialog.local_cseq;
         let _ = tokio::time::timeout(BYE_WAIT, async {
             while let Some(event) = rx.recv().await {
@@ -1187,4 +1198,11 @@ async fn next_relay_event(events: &mut Option<mpsc::Receiver<RelayEvent>>) -> Re
     }
     *events = None;
     std::future::pending().await
+}
+
+/// The Reason to put on the BYE relayed to the other leg: the hanging-up side's own, else
+/// normal clearing with `text`.
+fn relayed_reason(request: &Request, text: &str) -> Vec<Header> {
+    let theirs = message::reason_headers(request);
+    if theirs.is_empty() { vec![HangupReason::normal(text).header()] } else { theirs }
 }

@@ -546,3 +546,74 @@ From: <sip:a@[::ffff:192.0.2.1]>;tag=1\r\nTo: <sip:b@[::1]>\r\nCall-ID: c\r\nCSe
         assert_eq!(normalize_number("alice"), None);
     }
 }
+
+/// Why the node ends a dialog, as RFC 3326 carries it in the BYE it sends: a Q.850 cause and a
+/// short text (the CDR's reason). Peers log it, and carriers' support can read it off a trace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HangupReason {
+    /// Q.850 cause value.
+    pub cause: u16,
+    /// Human-readable text.
+    pub text: String,
+}
+
+impl HangupReason {
+    /// Normal call clearing (Q.850 16).
+    pub fn normal(text: impl Into<String>) -> HangupReason {
+        HangupReason { cause: 16, text: text.into() }
+    }
+
+    /// A timer ran out: no ACK, no media (Q.850 102, recovery on timer expiry).
+    pub fn timer(text: impl Into<String>) -> HangupReason {
+        HangupReason { cause: 102, text: text.into() }
+    }
+
+    /// The media cannot be agreed on (Q.850 88, incompatible destination; RFC 3398 maps 488 to it).
+    pub fn incompatible(text: impl Into<String>) -> HangupReason {
+        HangupReason { cause: 88, text: text.into() }
+    }
+
+    /// The `Reason` header: `Q.850;cause=N;text="..."`, the text stripped of what would break
+    /// the quoted string and cut to 100 characters.
+    pub fn header(&self) -> Header {
+        let text: String =
+            self.text.chars().filter(|c| !matches!(c, '"' | '\\') && !c.is_control()).take(100).collect();
+        Header::Other("Reason".into(), format!("Q.850;cause={};text=\"{text}\"", self.cause))
+    }
+}
+
+/// The `Reason` header(s) of a request, to pass on with the BYE relayed to the other leg.
+pub fn reason_headers(request: &Request) -> Vec<Header> {
+    request
+        .headers
+        .iter()
+        .filter(|h| matches!(h, Header::Other(name, _) if name.eq_ignore_ascii_case("reason")))
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod reason_tests {
+    use super::*;
+
+    #[test]
+    fn reason_header_is_q850_with_a_safe_quoted_text() {
+        let header = HangupReason::timer("media timeout: \"no\" RTP\r\nfor 30 s").header();
+        assert_eq!(header.to_string(), "Reason: Q.850;cause=102;text=\"media timeout: no RTPfor 30 s\"");
+        assert_eq!(HangupReason::normal("x").cause, 16);
+        assert_eq!(HangupReason::incompatible("x").cause, 88);
+    }
+
+    #[test]
+    fn reason_headers_are_found_whatever_their_case() {
+        let text = "BYE sip:a@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKx\r\n\
+                    From: <sip:a@b>;tag=1\r\nTo: <sip:c@d>;tag=2\r\nCall-ID: r\r\nCSeq: 2 BYE\r\n\
+                    REASON: Q.850;cause=16\r\nContent-Length: 0\r\n\r\n";
+        let Ok(Incoming::Message(SipMessage::Request(request))) = parse(text.as_bytes(), false) else {
+            panic!("parse")
+        };
+        let found = reason_headers(&request);
+        assert_eq!(found.len(), 1);
+        assert!(found[0].to_string().ends_with("Q.850;cause=16"), "{}", found[0]);
+    }
+}

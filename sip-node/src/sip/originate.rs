@@ -411,9 +411,11 @@ async fn one_attempt<'a>(
                             let negotiated = match target.media.as_ref().map(|media| media.answered(&response.body)) {
                                 Some(Ok(negotiated)) => Some(negotiated),
                                 Some(Err(error)) if target.agent.is_some() => {
-                                    let bye = dialog.request(Method::Bye, ctx.endpoint.via_for(dialog.peer), None, None);
+                                    let why = format!("callee's SDP: {error}");
+                                    let mut bye = dialog.request(Method::Bye, ctx.endpoint.via_for(dialog.peer), None, None);
+                                    bye.headers.push(message::HangupReason::incompatible(&why).header());
                                     ctx.endpoint.send_request(bye, dialog.peer, tx.clone());
-                                    break failed(488, format!("callee's SDP: {error}"), ring_at);
+                                    break failed(488, why, ring_at);
                                 }
                                 _ => None,
                             };
@@ -551,9 +553,11 @@ async fn hold_until_hangup(
                 _ => {}
             },
             () = &mut limit => {
-                let bye = dialog.request(Method::Bye, ctx.endpoint.via_for(dialog.peer), None, None);
+                let why = "maximum call duration reached";
+                let mut bye = dialog.request(Method::Bye, ctx.endpoint.via_for(dialog.peer), None, None);
+                bye.headers.push(message::HangupReason::normal(why).header());
                 ctx.endpoint.send_request(bye, dialog.peer, tx.clone());
-                return (HangupBy::System, "maximum call duration reached".into());
+                return (HangupBy::System, why.into());
             }
         }
     }

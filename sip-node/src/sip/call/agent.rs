@@ -14,6 +14,7 @@ use crate::bridge::answer::AgentAnswer;
 use crate::sip::dialog::Dialog;
 use crate::sip::endpoint::TuEvent;
 use crate::sip::message;
+use crate::sip::message::HangupReason;
 use crate::sip::transaction::response_to;
 use crate::store::StoreEvent;
 
@@ -186,8 +187,9 @@ impl Call {
             tokio::select! {
                 () = &mut retransmit, if !acked => {
                     if tokio::time::Instant::now() >= give_up {
-                        self.send_bye(&mut a, &self.a_tx.clone());
-                        break (408, "caller never acknowledged the answer".to_string(), Ender::System);
+                        let why = "caller never acknowledged the answer";
+                        self.send_bye(&mut a, &self.a_tx.clone(), &[HangupReason::timer(why).header()]);
+                        break (408, why.to_string(), Ender::System);
                     }
                     self.ctx.endpoint.send_stateless(rsip::SipMessage::Response(ok.clone()), self.a_peer);
                     interval = (interval * 2).min(self.ctx.timers.t2);
@@ -195,8 +197,9 @@ impl Call {
                 }
                 end = agent.ended() => {
                     let a_tx = self.a_tx.clone();
-                    self.bye_and_wait(&mut a, &a_tx, a_rx).await;
-                    break (200, end_reason(&end), Ender::System);
+                    let why = end_reason(&end);
+                    self.bye_and_wait(&mut a, &a_tx, a_rx, &[HangupReason::normal(&why).header()]).await;
+                    break (200, why, Ender::System);
                 }
                 event = relay_events.recv(), if relay_alive => {
                     if event.is_none() {
@@ -205,8 +208,9 @@ impl Call {
                     }
                     if let Some(RelayEvent::MediaTimeout { silent_for }) = event {
                         let a_tx = self.a_tx.clone();
-                        self.bye_and_wait(&mut a, &a_tx, a_rx).await;
-                        break (408, format!("media timeout: no RTP for {} s", silent_for.as_secs()), Ender::System);
+                        let why = format!("media timeout: no RTP for {} s", silent_for.as_secs());
+                        self.bye_and_wait(&mut a, &a_tx, a_rx, &[HangupReason::timer(&why).header()]).await;
+                        break (408, why, Ender::System);
                     }
                 }
                 event = a_rx.recv() => match event {
@@ -223,8 +227,9 @@ impl Call {
                                     Err(error) => {
                                         tracing::info!(%error, "the caller's ACK has no usable answer to the node's offer");
                                         let a_tx = self.a_tx.clone();
-                                        self.bye_and_wait(&mut a, &a_tx, a_rx).await;
-                                        break (488, format!("caller's answer in ACK: {error}"), Ender::System);
+                                        let why = format!("caller's answer in ACK: {error}");
+                                        self.bye_and_wait(&mut a, &a_tx, a_rx, &[HangupReason::incompatible(&why).header()]).await;
+                                        break (488, why, Ender::System);
                                     }
                                 }
                             }

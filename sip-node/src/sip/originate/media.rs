@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use super::super::call::MediaContext;
 use super::super::dialog::Dialog;
 use super::super::endpoint::TuEvent;
-use super::super::message;
+use super::super::message::{self, HangupReason};
 use super::super::transaction::response_to;
 use super::CallContext;
 use crate::bridge::{self, BridgeConfig, CallParameters};
@@ -96,9 +96,12 @@ pub(super) async fn bridge_to_agent(
     agent: AgentTarget,
     max_duration: Duration,
 ) -> (HangupBy, String) {
-    let bye = |dialog: &mut Dialog| {
-        let request = dialog.request(Method::Bye, ctx.endpoint.via_for(dialog.peer), None, None);
+    // Sends BYE with the Reason (RFC 3326) and returns the text for the CDR.
+    let bye = |dialog: &mut Dialog, reason: HangupReason| {
+        let mut request = dialog.request(Method::Bye, ctx.endpoint.via_for(dialog.peer), None, None);
+        request.headers.push(reason.header());
         ctx.endpoint.send_request(request, dialog.peer, tx.clone());
+        reason.text
     };
     let mut config = BridgeConfig::new(agent.url.clone(), &agent.parameters);
     config.connect_timeout = media.connect_timeout;
@@ -106,13 +109,11 @@ pub(super) async fn bridge_to_agent(
     let connection = match bridge::connect(config).await {
         Ok(connection) => connection,
         Err(error) => {
-            bye(dialog);
-            return (HangupBy::System, format!("AI agent unreachable: {error}"));
+            return (HangupBy::System, bye(dialog, HangupReason::normal(format!("AI agent unreachable: {error}"))));
         }
     };
     let Some(pair) = media.pair.take() else {
-        bye(dialog);
-        return (HangupBy::System, "internal: the call's RTP ports are gone".into());
+        return (HangupBy::System, bye(dialog, HangupReason::normal("internal: the call's RTP ports are gone")));
     };
     let (relay, mut events, bridge_media) = match spawn_bridged(
         RtpLegSetup { ports: pair, media: (&negotiated).into() },
@@ -120,8 +121,7 @@ pub(super) async fn bridge_to_agent(
     ) {
         Ok(started) => started,
         Err(error) => {
-            bye(dialog);
-            return (HangupBy::System, format!("cannot start media: {error}"));
+            return (HangupBy::System, bye(dialog, HangupReason::normal(format!("cannot start media: {error}"))));
         }
     };
     let mut handle = connection.spawn(bridge_media.into());
@@ -130,13 +130,12 @@ pub(super) async fn bridge_to_agent(
     let ended = loop {
         tokio::select! {
             end = handle.ended() => {
-                bye(dialog);
-                break (HangupBy::System, format!("agent ended the call: {}", end.reason()));
+                break (HangupBy::System, bye(dialog, HangupReason::normal(format!("agent ended the call: {}", end.reason()))));
             }
             event = events.recv() => {
                 if let Some(RelayEvent::MediaTimeout { silent_for }) = event {
-                    bye(dialog);
-                    break (HangupBy::System, format!("media timeout: no RTP for {} s", silent_for.as_secs()));
+                    let why = format!("media timeout: no RTP for {} s", silent_for.as_secs());
+                    break (HangupBy::System, bye(dialog, HangupReason::timer(why)));
                 }
             }
             event = rx.recv() => match event {
@@ -174,8 +173,7 @@ pub(super) async fn bridge_to_agent(
                 _ => {}
             },
             () = &mut limit => {
-                bye(dialog);
-                break (HangupBy::System, "maximum call duration reached".into());
+                break (HangupBy::System, bye(dialog, HangupReason::normal("maximum call duration reached")));
             }
         }
     };
