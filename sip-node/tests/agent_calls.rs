@@ -509,63 +509,9 @@ async fn a_caller_talks_to_an_ai_agent_over_websocket(pool: PgPool) {
     node.stop().await;
 }
 
-#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
-async fn a_delayed_offer_caller_answers_in_its_ack_and_talks_to_the_agent(pool: PgPool) {
-    let mut agent = Agent::start().await;
-    let node = Node::start(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))]).await;
-    // The caller answers the node's offer with PCMA (offered second): the relay transcodes.
-    let mut caller = Caller::new(node.addr, "agent-call-delayed", 8).await;
-    caller.send_invite("").await;
-    let (ok, _) = caller.final_response().await;
-    assert!(ok.contains("a=rtpmap:0 PCMU/8000") && ok.contains("a=rtpmap:8 PCMA/8000"), "the trunk's codecs: {ok}");
-    caller.accept_offer(&ok).await;
-    agent.expect("start").await;
-    // The answer's codec applies once the node has read the ACK; RTP racing ahead of it in
-    // another codec than the node's first is dropped (counted), like any unexpected payload.
-    tokio::time::sleep(Duration::from_millis(50)).await;
-
-    let sent = tone(440.0, 160 * 5);
-    for chunk in sent.chunks(160) {
-        let mut alaw = vec![];
-        g711::encode_alaw_samples(chunk, &mut alaw);
-        caller.send_audio(&alaw).await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut got = vec![];
-    for _ in 0..5 {
-        g711::decode_ulaw(&payload_of(&agent.expect("media").await.1), &mut got);
-    }
-    assert_close(&sent, &got);
-
-    let spoken = tone(300.0, 160 * 5);
-    let mut ulaw = vec![];
-    g711::encode_ulaw_samples(&spoken, &mut ulaw);
-    agent.send_audio(&ulaw);
-    let mut heard = vec![];
-    for _ in 0..5 {
-        let (_, pt, payload) = caller.hear(Duration::from_secs(2)).await.expect("agent audio");
-        assert_eq!(pt, 8, "the codec the caller answered");
-        g711::decode_alaw(&payload, &mut heard);
-    }
-    assert_close(&spoken, &heard);
-
-    caller.hang_up().await;
-    agent.expect("stop").await;
-    assert_clean_end(&pool, &node, 200).await;
-    node.stop().await;
-}
-
-#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
-async fn a_pcma_caller_is_transcoded_to_and_from_mulaw(pool: PgPool) {
-    let mut agent = Agent::start().await;
-    let node = Node::start(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))]).await;
-    let mut caller = Caller::new(node.addr, "agent-call-pcma", 8).await;
-    caller.invite().await;
-    let (ok, _) = caller.final_response().await;
-    assert!(ok.contains("a=rtpmap:8 PCMA/8000"), "the node answers with the caller's codec: {ok}");
-    caller.accept(&ok).await;
-    agent.expect("start").await;
-
+/// An A-law caller and a μ-law agent: a tone from the caller arrives at the agent as μ-law
+/// with the same samples, and a tone from the agent is heard as A-law (payload type 8).
+async fn alaw_tones_both_ways(caller: &mut Caller, agent: &mut Agent) {
     // Caller → agent: an A-law tone arrives as μ-law with the same samples.
     let sent = tone(440.0, 160 * 5);
     for chunk in sent.chunks(160) {
@@ -592,7 +538,42 @@ async fn a_pcma_caller_is_transcoded_to_and_from_mulaw(pool: PgPool) {
         g711::decode_alaw(&payload, &mut heard);
     }
     assert_close(&spoken, &heard);
+}
 
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_delayed_offer_caller_answers_in_its_ack_and_talks_to_the_agent(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let node = Node::start(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))]).await;
+    // The caller answers the node's offer with PCMA (offered second): the relay transcodes.
+    let mut caller = Caller::new(node.addr, "agent-call-delayed", 8).await;
+    caller.send_invite("").await;
+    let (ok, _) = caller.final_response().await;
+    assert!(ok.contains("a=rtpmap:0 PCMU/8000") && ok.contains("a=rtpmap:8 PCMA/8000"), "the trunk's codecs: {ok}");
+    caller.accept_offer(&ok).await;
+    agent.expect("start").await;
+    // The answer's codec applies once the node has read the ACK; RTP racing ahead of it in
+    // another codec than the node's first is dropped (counted), like any unexpected payload.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    alaw_tones_both_ways(&mut caller, &mut agent).await;
+    caller.hang_up().await;
+    agent.expect("stop").await;
+    assert_clean_end(&pool, &node, 200).await;
+    node.stop().await;
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_pcma_caller_is_transcoded_to_and_from_mulaw(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let node = Node::start(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))]).await;
+    let mut caller = Caller::new(node.addr, "agent-call-pcma", 8).await;
+    caller.invite().await;
+    let (ok, _) = caller.final_response().await;
+    assert!(ok.contains("a=rtpmap:8 PCMA/8000"), "the node answers with the caller's codec: {ok}");
+    caller.accept(&ok).await;
+    agent.expect("start").await;
+
+    alaw_tones_both_ways(&mut caller, &mut agent).await;
     caller.hang_up().await;
     agent.expect("stop").await;
     assert_clean_end(&pool, &node, 200).await;
