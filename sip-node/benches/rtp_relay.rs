@@ -231,6 +231,10 @@ struct Receiver {
     histogram: Vec<u32>,
     received: u64,
     min_ns: u64,
+    /// The slowest slot's `sendmmsg` calls in the measured window.
+    slowest_send: Duration,
+    /// Slots whose sends took longer than the jitter limit.
+    stalled_sends: u64,
 }
 
 impl Receiver {
@@ -244,6 +248,8 @@ impl Receiver {
             histogram: vec![0; HISTOGRAM_US + 1],
             received: 0,
             min_ns: u64::MAX,
+            slowest_send: Duration::ZERO,
+            stalled_sends: 0,
         };
         for i in 0..RECV_BATCH {
             r.iovecs[i] = libc::iovec { iov_base: r.buffers[i].as_mut_ptr() as *mut libc::c_void, iov_len: 2048 };
@@ -255,6 +261,8 @@ impl Receiver {
         self.histogram.iter_mut().for_each(|b| *b = 0);
         self.received = 0;
         self.min_ns = u64::MAX;
+        self.slowest_send = Duration::ZERO;
+        self.stalled_sends = 0;
     }
 
     /// Receives everything queued on `socket` (non-blocking).
@@ -431,6 +439,7 @@ impl Generator {
                     let range = calls * in_period / SLOTS as usize..calls * (in_period + 1) / SLOTS as usize;
                     let measured = slot >= warm_up_slots;
                     self.next_packets(range.clone(), measured);
+                    let started = Instant::now();
                     for side in 0..2 {
                         let n = self.batches[side].send(
                             &self.sockets[side],
@@ -440,6 +449,15 @@ impl Generator {
                         );
                         if measured {
                             sent += n as u64;
+                        }
+                    }
+                    if measured {
+                        // A send slower than the jitter limit: the generator stalled (its core or
+                        // the VM), and its packets' transit times include that.
+                        let took = started.elapsed();
+                        self.receiver.slowest_send = self.receiver.slowest_send.max(took);
+                        if took > Duration::from_micros(MAX_JITTER_US) {
+                            self.receiver.stalled_sends += 1;
                         }
                     }
                     slot += 1;
@@ -558,6 +576,8 @@ impl Bench {
             p99_us: r.percentile_us(0.99),
             min_us: if r.received == 0 { 0 } else { r.min_ns / 1000 },
             relay_dropped,
+            slowest_send_us: r.slowest_send.as_micros() as u64,
+            stalled_sends: r.stalled_sends,
             relay_cpu: relay_cpu_ns as f64 / 1e9 / wall_s,
             ns_per_packet: relay_cpu_ns.checked_div(r.received).unwrap_or(0),
             other_load: other.1.saturating_sub(other.0) as f64 / ticks_per_sec() / wall_s,
@@ -589,6 +609,10 @@ struct StepResult {
     p99_us: u64,
     min_us: u64,
     relay_dropped: u64,
+    /// The generator's slowest slot of sends, and how many slots took longer than the jitter
+    /// limit: a failing step with stalled sends failed (at least partly) on the generator's side.
+    slowest_send_us: u64,
+    stalled_sends: u64,
     relay_cpu: f64,
     ns_per_packet: u64,
     other_load: f64,
@@ -790,7 +814,15 @@ fn main() {
             result.generator_cpu * 100.0,
             result.other_load * 100.0,
             if result.passed() { "ok" } else { "FAIL" },
-            if result.relay_dropped > 0 { format!(" (relay dropped {})", result.relay_dropped) } else { String::new() },
+            if result.relay_dropped > 0 { format!(" (relay dropped {})", result.relay_dropped) } else { String::new() }
+                + &if result.stalled_sends > 0 {
+                    format!(
+                        " (generator: {} slots' sends took > 1 ms, slowest {} µs)",
+                        result.stalled_sends, result.slowest_send_us
+                    )
+                } else {
+                    String::new()
+                },
         );
         if !result.passed() {
             break;
