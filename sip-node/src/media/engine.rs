@@ -296,7 +296,17 @@ impl Worker {
                 let slot = (data >> 2) as usize;
                 let Some(Some(entry)) = self.slots.get_mut(slot) else { continue };
                 let leg = if data & 2 == 0 { LegId::A } else { LegId::B };
-                entry.relay.receive_one(leg, data & 1 == 1, &mut buf);
+                // A panic in one call's packet handling (a bug: nothing from the network should
+                // cause one) ends that call's relay, not the thread and every call on it.
+                let relay = &mut entry.relay;
+                let handled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    relay.receive_one(leg, data & 1 == 1, &mut buf);
+                }));
+                if handled.is_err() {
+                    let id = entry.id;
+                    tracing::error!(relay = id, "RTP relay panicked; its call loses its media");
+                    self.remove(id);
+                }
             }
             let now = Instant::now();
             if now >= next_sweep {
@@ -374,7 +384,6 @@ impl Worker {
             }
             drop(entry.relay);
             entry.done.store(true, Ordering::Release);
-            debug_assert_eq!(entry.id, id);
         }
         self.free.push(slot);
         self.link.relays.fetch_sub(1, Ordering::Relaxed);
@@ -391,6 +400,41 @@ mod tests {
         assert_eq!(token(0, LegId::A, true), 1);
         assert_eq!(token(0, LegId::B, false), 2);
         assert_eq!(token(5, LegId::B, true), 23);
+    }
+
+    #[tokio::test]
+    async fn relays_spread_over_workers_and_an_engine_dropped_releases_their_ports() {
+        use std::net::{IpAddr, Ipv4Addr};
+
+        use switchboard_model::Codec;
+
+        use crate::media::ports::{PortAllocator, PortRange};
+        use crate::media::relay::{LegMedia, RelayConfig, RtpLegSetup, spawn_relay_on};
+
+        let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let allocator = PortAllocator::new(localhost, PortRange { min: 42900, max: 42999 }).unwrap();
+        let engine = MediaEngine::start(&EngineConfig { threads: 2, cpus: vec![] }).unwrap();
+        let far = std::net::UdpSocket::bind((localhost, 0)).unwrap();
+        let far_addr = far.local_addr().unwrap();
+        let mut handles = vec![];
+        for _ in 0..4 {
+            let leg = |ports| RtpLegSetup { ports, media: LegMedia::new(Codec::Pcmu, Some(far_addr)) };
+            let (a, b) = (allocator.allocate().unwrap(), allocator.allocate().unwrap());
+            handles.push(spawn_relay_on(&engine, leg(a), leg(b), RelayConfig::default()).unwrap().0);
+        }
+        // Least loaded first: two relays on each worker.
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while engine.workers.iter().any(|w| w.relays.load(Ordering::Relaxed) != 2) {
+            assert!(std::time::Instant::now() < deadline, "relays not spread");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let stopped = handles.pop().unwrap();
+        stopped.stop().await;
+        assert_eq!(allocator.in_use(), 6, "a stopped relay's two pairs go back at once");
+        assert!(handles.iter().all(|h| !h.is_finished()));
+        drop(engine);
+        assert!(handles.iter().all(|h| h.is_finished()), "the engine's end ends its relays");
+        assert_eq!(allocator.in_use(), 0);
     }
 
     #[test]
