@@ -1,5 +1,5 @@
-//! AI bridge latency and memory: N calls, each a bridged relay ([`spawn_bridged`]) plus a
-//! bridge session ([`bridge::connect`] + `spawn`) to a WebSocket agent, with a caller sending
+//! AI bridge latency and memory: N calls, each a bridge session ([`bridge::connect`] +
+//! `spawn`: one task owning the caller's RTP leg and the WebSocket) to a WebSocket agent, with a caller sending
 //! one 20 ms RTP frame every 20 ms and the agent sending one frame every 40 ms.
 //!
 //! Two OS processes, so that the load generator cannot take the node's CPU:
@@ -65,7 +65,7 @@ use futures::{SinkExt as _, StreamExt as _};
 use switchboard_model::Codec;
 use switchboard_node::bridge::{self, BridgeConfig, BridgeHandle, CallParameters};
 use switchboard_node::media::ports::{PortAllocator, PortRange};
-use switchboard_node::media::relay::{LegMedia, RelayConfig, RelayHandle, RtpLegSetup, spawn_bridged};
+use switchboard_node::media::relay::{LegMedia, RelayConfig, RelayHandle, RtpLegSetup};
 use switchboard_node::media::rtp::{RtpHeader, RtpPacket};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
@@ -286,10 +286,9 @@ async fn set_up(allocator: &PortAllocator, url: &str, caller: SocketAddr) -> Res
     let port = ports.rtp_port();
     let media = LegMedia::new(Codec::Pcmu, Some(caller));
     let config = RelayConfig { media_timeout: Duration::from_secs(3600) };
-    let (relay, _events, io) = spawn_bridged(RtpLegSetup { ports, media }, config).map_err(|e| e.to_string())?;
     let connection =
         bridge::connect(BridgeConfig::new(url, &CallParameters::default())).await.map_err(|e| e.to_string())?;
-    let bridge = connection.spawn(io.into());
+    let (bridge, relay, _events) = connection.spawn(RtpLegSetup { ports, media }, config).map_err(|e| e.to_string())?;
     Ok((Call { relay, bridge }, port))
 }
 

@@ -28,7 +28,7 @@ impl Call {
         a_rx: &mut mpsc::UnboundedReceiver<TuEvent>,
     ) -> Outcome {
         use crate::bridge::{self, BridgeConfig, CallParameters};
-        use crate::media::relay::{LegId, RelayConfig, RelayEvent, RtpLegSetup, spawn_bridged};
+        use crate::media::relay::{LegId, RelayConfig, RelayEvent, RtpLegSetup};
         use crate::media::sdp::{LocalEndpoint, MediaPolicy, SdpSession, SessionDescription, answer_offer};
 
         let setup_at = Utc::now();
@@ -92,7 +92,7 @@ impl Call {
                 return self.refuse_caller(503, format!("AI agent unreachable: {error}"), Some(record(None, None)));
             }
         };
-        let (relay, mut relay_events, bridge_media) = match spawn_bridged(
+        let (mut agent, relay, mut relay_events) = match connection.spawn(
             RtpLegSetup { ports: pair, media: (&negotiated).into() },
             RelayConfig { media_timeout: media.timeout },
         ) {
@@ -101,7 +101,6 @@ impl Call {
                 return self.refuse_caller(503, format!("cannot start media: {error}"), Some(record(None, None)));
             }
         };
-        let mut agent = connection.spawn(bridge_media.into());
 
         // Answer the caller with the node's SDP.
         let contact = self.ctx.endpoint.contact_for(self.a_peer, "");
