@@ -24,6 +24,7 @@ use super::protocol::{
     StopInfo, TRACK_INBOUND, VERSION, media_prefix, write_media,
 };
 use crate::media::g711::ULAW_SILENCE;
+use crate::media::mailbox::{MailboxReceiver, MailboxSender, mailbox};
 use crate::media::relay::{
     BridgedLeg, CallerInput, RelayConfig, RelayError, RelayEvent, RelayHandle, RtpLegSetup, start_bridged,
 };
@@ -330,7 +331,7 @@ impl AgentConnection {
     ) -> Result<(BridgeHandle, RelayHandle, mpsc::Receiver<RelayEvent>), RelayError> {
         let (leg, relay, events) = start_bridged(caller, config)?;
         let counters = Arc::new(Counters::default());
-        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let (control_tx, control_rx) = mailbox();
         let (first_audio_tx, first_audio_rx) = oneshot::channel();
         let max_bytes =
             (self.config.max_playback.as_millis() / FRAME_DURATION.as_millis()).max(1) as usize * FRAME_BYTES;
@@ -362,7 +363,7 @@ enum Control {
 
 /// The call's hold on a running bridge session.
 pub struct BridgeHandle {
-    control: mpsc::UnboundedSender<Control>,
+    control: MailboxSender<Control>,
     counters: Arc<Counters>,
     task: Option<JoinHandle<BridgeEnd>>,
     end: Option<BridgeEnd>,
@@ -581,7 +582,7 @@ enum Wake {
 }
 
 impl Session {
-    async fn run(mut self, mut control: mpsc::UnboundedReceiver<Control>) -> BridgeEnd {
+    async fn run(mut self, mut control: MailboxReceiver<Control>) -> BridgeEnd {
         // Pacing: Burst keeps the frame clock locked to wall time, so small scheduling delays
         // are caught up (the caller's jitter buffer absorbs a frame or two early) instead of
         // accumulating as added latency the way Delay would; a tick more than MAX_CATCH_UP late
@@ -640,8 +641,12 @@ impl Session {
                         if let Err(error) = self.play_tick().await {
                             return BridgeEnd::AgentFailed(error);
                         }
-                        ticker.reset_at(now + FRAME_DURATION);
                         has_work = !self.playback.is_idle();
+                        // Only when there is more: resetting a timer costs, and an agent
+                        // streaming in real time mostly sends one frame at a time.
+                        if has_work {
+                            ticker.reset_at(now + FRAME_DURATION);
+                        }
                     }
                 }
             }
@@ -654,7 +659,7 @@ impl Session {
     fn poll_wake(
         &mut self,
         cx: &mut Context<'_>,
-        control: &mut mpsc::UnboundedReceiver<Control>,
+        control: &mut MailboxReceiver<Control>,
         ticker: &mut tokio::time::Interval,
         playing: bool,
     ) -> Poll<Wake> {

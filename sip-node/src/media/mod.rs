@@ -11,6 +11,7 @@
 //! Nothing here speaks SIP: the call layer feeds SDP bodies in and takes SDP bodies out.
 
 pub mod g711;
+pub(crate) mod mailbox;
 pub mod ports;
 pub mod relay;
 pub mod rtp;

@@ -49,6 +49,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::g711;
+use super::mailbox::{MailboxReceiver, MailboxSender, mailbox};
 use super::ports::PortPair;
 use super::rtp::{DtmfDetector, DtmfDigit, RtpHeader, RtpPacket, SequenceStats, StreamRewriter, TelephoneEvent};
 use super::sdp::{MediaDirection, NegotiatedMedia};
@@ -298,7 +299,7 @@ enum Control {
 /// The call's hold on a running relay. Dropping it stops the relay (and frees its ports), so a
 /// call task that ends on any path cannot leave a relay behind.
 pub struct RelayHandle {
-    control: mpsc::UnboundedSender<Control>,
+    control: MailboxSender<Control>,
     counters: Arc<[Counters; 2]>,
     task: Option<JoinHandle<()>>,
     bridged: bool,
@@ -723,7 +724,7 @@ pub fn spawn_relay(
     let a = RtpLeg::new(LegId::A, a, now)?;
     let b = RtpLeg::new(LegId::B, b, now)?;
     let counters = new_counters();
-    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let (control_tx, control_rx) = mailbox();
     let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
     let relay = Relay { a, b, counters: Arc::clone(&counters), events: events_tx, config, timeout_reported: false };
     let task = tokio::spawn(relay.run(control_rx));
@@ -746,7 +747,7 @@ fn poll_wake(
     cx: &mut Context<'_>,
     a: &RtpLeg,
     b: &RtpLeg,
-    control: &mut mpsc::UnboundedReceiver<Control>,
+    control: &mut MailboxReceiver<Control>,
     timer: Pin<&mut tokio::time::Sleep>,
     rotation: usize,
 ) -> Poll<Wake> {
@@ -771,7 +772,7 @@ fn poll_wake(
 }
 
 impl Relay {
-    async fn run(mut self, mut control: mpsc::UnboundedReceiver<Control>) {
+    async fn run(mut self, mut control: MailboxReceiver<Control>) {
         let timer = tokio::time::sleep(self.config.media_timeout);
         tokio::pin!(timer);
         let mut rotation = 0usize;
@@ -932,10 +933,12 @@ pub(crate) struct BridgedLeg {
     leg: RtpLeg,
     counters: Arc<[Counters; 2]>,
     events: mpsc::Sender<RelayEvent>,
-    control: mpsc::UnboundedReceiver<Control>,
+    control: MailboxReceiver<Control>,
     media_timeout: Duration,
     timeout_reported: bool,
     timer: Pin<Box<tokio::time::Sleep>>,
+    /// The timer has been polled since it was last reset (so it will wake the task).
+    timer_armed: bool,
     /// The RTP packet of the agent frame being sent (empty until the first frame).
     out: Vec<u8>,
 }
@@ -951,7 +954,7 @@ pub(crate) fn start_bridged(
     tokio::runtime::Handle::try_current().map_err(|_| RelayError::NoRuntime)?;
     let leg = RtpLeg::new(LegId::A, a, Instant::now())?;
     let counters = new_counters();
-    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let (control_tx, control_rx) = mailbox();
     let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
     let bridged = BridgedLeg {
         leg,
@@ -961,6 +964,7 @@ pub(crate) fn start_bridged(
         media_timeout: config.media_timeout,
         timeout_reported: false,
         timer: Box::pin(tokio::time::sleep(config.media_timeout)),
+        timer_armed: false,
         out: Vec::new(),
     };
     Ok((bridged, RelayHandle { control: control_tx, counters, task: None, bridged: true }, events_rx))
@@ -997,9 +1001,16 @@ impl BridgedLeg {
             // A busy socket: let the other tasks run, then come back.
             cx.waker().wake_by_ref();
         }
-        while self.timer.as_mut().poll(cx).is_ready() {
+        // The timer is polled only once due (and after a reset, to register it): it keeps the
+        // task's waker between polls, and polling it on every packet was measurable.
+        while !self.timer_armed || Instant::now() >= self.timer.deadline() {
+            self.timer_armed = true;
+            if self.timer.as_mut().poll(cx).is_pending() {
+                break;
+            }
             let next = check_timeout(&[&self.leg], self.media_timeout, &mut self.timeout_reported, &self.events);
             self.timer.as_mut().reset(next);
+            self.timer_armed = false;
         }
         Poll::Pending
     }
