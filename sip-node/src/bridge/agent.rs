@@ -335,7 +335,9 @@ impl AgentConnection {
         let (first_audio_tx, first_audio_rx) = oneshot::channel();
         let max_bytes =
             (self.config.max_playback.as_millis() / FRAME_DURATION.as_millis()).max(1) as usize * FRAME_BYTES;
-        let out = Out { prefix: media_prefix(&self.config.stream_sid), chunk: 0, unflushed: false, failed: None };
+        let plain = matches!(self.socket.get_ref(), MaybeTlsStream::Plain(_));
+        let out =
+            Out { prefix: media_prefix(&self.config.stream_sid), chunk: 0, unflushed: false, failed: None, plain };
         let session = Session {
             conn: self,
             leg: Some(leg),
@@ -558,6 +560,8 @@ struct Out {
     unflushed: bool,
     /// A write failed: the session ends with it.
     failed: Option<String>,
+    /// The WebSocket runs over plain TCP (not TLS).
+    plain: bool,
 }
 
 struct Session {
@@ -849,9 +853,14 @@ fn forward(
             return false;
         }
     }
-    // Plain TCP: the frame was written by start_send and this costs no syscall. TLS: this
-    // pushes the records out.
-    match Pin::new(&mut conn.socket).poll_flush(cx) {
+    // Plain TCP: the WebSocket wrote the message out in start_send (its write buffer size is
+    // 0), so poll_ready is `Ready` without registering a waker unless the socket did not take
+    // it all, and then flushes (registering the waker for when the socket drains). poll_flush
+    // would register a waker for every frame. TLS may keep records back after a write that
+    // was accepted: those need the flush.
+    let socket = Pin::new(&mut conn.socket);
+    let flushed = if out.plain { socket.poll_ready(cx) } else { socket.poll_flush(cx) };
+    match flushed {
         Poll::Ready(Ok(())) => out.unflushed = false,
         Poll::Ready(Err(error)) => out.failed = Some(error.to_string()),
         Poll::Pending => out.unflushed = true,
