@@ -6,7 +6,8 @@
 //! - [`rtp`]: RTP/RTCP headers (RFC 3550), the stream rewriter that keeps a relayed stream
 //!   monotonic across re-INVITEs, and RFC 4733 telephone events (DTMF).
 //! - [`g711`]: μ-law and A-law companding and transcoding.
-//! - [`relay`]: the per-call RTP relay task between two legs, or between a leg and the AI bridge.
+//! - [`relay`]: the per-call RTP relay task between two legs, and the caller's leg of an AI bridge
+//!   (driven by the bridge's own task).
 //!
 //! Nothing here speaks SIP: the call layer feeds SDP bodies in and takes SDP bodies out.
 

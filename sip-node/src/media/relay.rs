@@ -21,7 +21,7 @@
 //!   send there, nothing received from a leg the node does not receive from is relayed.
 //!
 //! In bridged mode the other side is the AI bridge, and there is no relay task: the bridge
-//! session's task drives the caller's leg itself ([`BridgedLeg`], started by
+//! session's task drives the caller's leg itself (`BridgedLeg`, started by
 //! [`crate::bridge::AgentConnection::spawn`]), so that a caller frame goes from the UDP socket
 //! to the WebSocket within one wakeup, as μ-law (a frame the WebSocket cannot take at once is
 //! dropped and counted: no queue grows behind a slow agent), and the agent's paced μ-law frames
@@ -30,7 +30,8 @@
 //! Receiving uses `recvmmsg`, and a socket that returned fewer datagrams than asked for is
 //! known to be drained: no second receive just to be told `EAGAIN`.
 //!
-//! The task owns the [`PortPair`]s: when it ends (stop, the handle dropped) the ports go back.
+//! The task (the relay's, or the bridge session's) owns the [`PortPair`]s: when it ends (stop,
+//! a handle dropped) the ports go back.
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
