@@ -1206,6 +1206,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_agent_that_stops_reading_loses_caller_frames_instead_of_queueing_them() {
+        let mut h = harness(42400).await;
+        // The agent reads nothing from here on: the TCP buffers fill, then the bridge may hold
+        // one message for the socket and must drop the frames after it.
+        let mut sent = 0u32;
+        while h.relay.stats().a.dropped_other == 0 {
+            assert!(sent < 200_000, "no frame was ever dropped: the bridge is queueing");
+            for _ in 0..200 {
+                h.send_rtp(0, &[0x77; FRAME_BYTES]).await;
+            }
+            sent += 200;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let relay = h.relay.stats();
+        let bridge = h.handle.stats();
+        // Every caller frame the leg accepted was either written or dropped, none is waiting.
+        assert_eq!(bridge.caller_frames + relay.a.dropped_other, relay.a.packets_in);
+        // The agent reads again: it gets exactly the frames that were written, then new ones.
+        let mut media = 0;
+        while media < bridge.caller_frames {
+            assert_eq!(next_json(&mut h.server).await["event"], "media");
+            media += 1;
+        }
+        h.send_rtp(0, &[0x78; FRAME_BYTES]).await;
+        let message = next_json(&mut h.server).await;
+        let payload = BASE64.decode(message["media"]["payload"].as_str().unwrap()).unwrap();
+        assert_eq!(payload, vec![0x78; FRAME_BYTES], "nothing older was queued behind the socket");
+    }
+
+    #[tokio::test]
     async fn hold_stops_agent_audio_to_the_caller() {
         let mut h = harness(42370).await;
         let mut held = LegMedia::new(Codec::Pcmu, Some(h.caller.local_addr().unwrap()));
