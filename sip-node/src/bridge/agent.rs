@@ -164,7 +164,7 @@ pub struct BridgeStats {
     pub agent_media: u64,
     /// Agent frames handed to the relay (played).
     pub frames_played: u64,
-    /// Agent frames dropped: playback buffer full, or the relay slot busy.
+    /// Agent frames dropped: playback buffer full, or the caller's leg already stopped.
     pub frames_dropped: u64,
     /// Marks echoed.
     pub marks: u64,
@@ -1289,6 +1289,40 @@ mod tests {
         assert!(matches!(connect(config).await, Err(BridgeError::Connect(_))));
         let config = BridgeConfig::new("http://example.com/", &CallParameters::default());
         assert!(matches!(connect(config).await, Err(BridgeError::InvalidUrl(_))));
+    }
+
+    #[test]
+    fn playback_pads_tails_places_marks_and_bounds_its_buffer() {
+        let b64 = |bytes: &[u8]| BASE64.encode(bytes);
+        let mut p = Playback::new(3 * FRAME_BYTES);
+        assert_eq!(p.push_base64(&b64(&[1; 200])), Ok((200, 0)));
+        // A mark pads the 40-byte tail to a whole frame; it is due once both frames played.
+        p.mark("a".into());
+        assert_eq!(p.queued(), 2 * FRAME_BYTES);
+        assert_eq!(p.due_mark(), None);
+        assert_eq!(p.next_frame().unwrap(), &[1; FRAME_BYTES][..]);
+        assert_eq!(p.due_mark(), None);
+        let second = p.next_frame().unwrap();
+        assert_eq!(&second[..40], &[1; 40][..]);
+        assert_eq!(&second[40..], &[ULAW_SILENCE; 120][..]);
+        assert_eq!(p.due_mark().as_deref(), Some("a"));
+        assert!(p.is_idle());
+        // Beyond the bound, audio is dropped and counted in frames.
+        assert_eq!(p.push_base64(&b64(&[2; 4 * FRAME_BYTES + 10])), Ok((4 * FRAME_BYTES + 10, 2)));
+        assert_eq!(p.queued(), 3 * FRAME_BYTES);
+        // Not base64: nothing is added.
+        assert!(p.push_base64("%%%").is_err());
+        assert_eq!(p.queued(), 3 * FRAME_BYTES);
+        // A tail with nothing after it plays padded; clear drops the rest and frees its marks.
+        p.next_frame().unwrap();
+        p.mark("b".into());
+        assert_eq!(p.clear(), 2);
+        assert_eq!(p.due_mark().as_deref(), Some("b"));
+        assert!(p.is_idle() && p.next_frame().is_none());
+        assert_eq!(p.push_base64(&b64(&[3; 10])), Ok((10, 0)));
+        let tail = p.next_frame().unwrap();
+        assert_eq!(&tail[..10], &[3; 10][..]);
+        assert_eq!(&tail[10..], &[ULAW_SILENCE; 150][..]);
     }
 
     #[test]
