@@ -1,18 +1,18 @@
-//! AI bridge latency and memory: N calls, each a bridged relay ([`spawn_bridged`]) plus a
-//! bridge session ([`bridge::connect`] + `spawn`) to a WebSocket agent, with a caller sending
-//! one 20 ms RTP frame every 20 ms and the agent sending one frame every 40 ms.
+//! AI bridge latency and memory: N calls, each a bridge session ([`bridge::connect`] +
+//! `spawn`: one task owning the caller's RTP leg and the WebSocket) to a WebSocket agent, with a
+//! caller sending one 20 ms RTP frame every 20 ms and the agent sending one frame every 40 ms.
 //!
 //! Two OS processes, so that the load generator cannot take the node's CPU:
-//! - the **node** process (the bench as started) runs the relays and the bridge sessions on a
-//!   tokio runtime with one worker, pinned to CPU 0: the figures are those of one core;
+//! - the **node** process (the bench as started) runs the bridge sessions on a tokio runtime
+//!   with one worker, pinned to CPU 0: the figures are those of one core;
 //! - the **load** process (the same binary re-executed with `BRIDGE_BENCH_ROLE=load`) runs the
 //!   callers (one UDP socket per call) and the agent (a tokio-tungstenite server on a loopback
 //!   TCP port) on a current-thread runtime pinned to CPU 1.
 //!
 //! They talk over loopback only, and over the load process's stdin/stdout for control: the
 //! load side reports the agent's port and, per step, its callers' ports; the node side sets up
-//! the calls (each relay sends to its caller's port, each bridge connects to the agent) and
-//! reports the relays' ports; the load side starts its callers; the node side says when to
+//! the calls (each bridge connects to the agent and sends RTP to its caller's port) and
+//! reports the calls' RTP ports; the load side starts its callers; the node side says when to
 //! measure and when to stop, and the load side answers with the latencies. The load process
 //! exits when its stdin closes (and the kernel kills it if the node process dies), and the
 //! node process kills it if it does not exit within a few seconds of the end.
@@ -20,7 +20,7 @@
 //! Every latency is computed in the load process, from a send time carried in the first 8 bytes
 //! of the audio (nanoseconds of `CLOCK_MONOTONIC`, which both processes share):
 //! - **caller → agent**: from an RTP packet leaving the caller's socket to the agent having
-//!   read its `media` message (so: UDP loopback, relay, the one-frame slot, JSON + base64, the
+//!   read its `media` message (so: UDP loopback, the bridge's receive, JSON + base64, the
 //!   WebSocket write, TCP loopback, and the agent's read and parse) — an upper bound of "RTP
 //!   arrival to WebSocket frame leaving";
 //! - **agent → caller**: from the agent writing a `media` message to the caller reading the RTP
@@ -40,8 +40,8 @@
 //! max) tells which side stalled when the latencies spike. tokio's timer has a 1 ms
 //! granularity, so up to about 2 ms late is the floor, not a stall.
 //!
-//! Also printed: the frames seen against those expected, the frames the node dropped (relay
-//! and bridge counters), and the **memory per call**: the node process's RSS growth from before
+//! Also printed: the frames seen against those expected, the frames the node dropped (the
+//! caller leg's and the bridge's counters), and the **memory per call**: the node process's RSS growth from before
 //! the first step's calls were set up to the end of this step's measurement, divided by N (the
 //! load side is not in it). The baseline is taken once because the allocator keeps what an
 //! earlier step freed: growth from the start of each step would under-state a later step.
@@ -65,7 +65,7 @@ use futures::{SinkExt as _, StreamExt as _};
 use switchboard_model::Codec;
 use switchboard_node::bridge::{self, BridgeConfig, BridgeHandle, CallParameters};
 use switchboard_node::media::ports::{PortAllocator, PortRange};
-use switchboard_node::media::relay::{LegMedia, RelayConfig, RelayHandle, RtpLegSetup, spawn_bridged};
+use switchboard_node::media::relay::{LegMedia, RelayConfig, RelayHandle, RtpLegSetup};
 use switchboard_node::media::rtp::{RtpHeader, RtpPacket};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::mpsc;
@@ -286,10 +286,9 @@ async fn set_up(allocator: &PortAllocator, url: &str, caller: SocketAddr) -> Res
     let port = ports.rtp_port();
     let media = LegMedia::new(Codec::Pcmu, Some(caller));
     let config = RelayConfig { media_timeout: Duration::from_secs(3600) };
-    let (relay, _events, io) = spawn_bridged(RtpLegSetup { ports, media }, config).map_err(|e| e.to_string())?;
     let connection =
         bridge::connect(BridgeConfig::new(url, &CallParameters::default())).await.map_err(|e| e.to_string())?;
-    let bridge = connection.spawn(io.into());
+    let (bridge, relay, _events) = connection.spawn(RtpLegSetup { ports, media }, config).map_err(|e| e.to_string())?;
     Ok((Call { relay, bridge }, port))
 }
 

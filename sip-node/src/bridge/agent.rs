@@ -2,14 +2,15 @@
 //! task that moves audio, DTMF and marks both ways until either side ends.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use bytes::Bytes;
-use futures::{SinkExt as _, StreamExt as _};
+use futures::{Sink as _, SinkExt as _, StreamExt as _};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -19,11 +20,14 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use super::protocol::{
-    DTMF_TRACK_INBOUND, DtmfInfo, InboundMessage, MarkInfo, MediaChunk, MediaFormat, OutboundMessage, PROTOCOL,
-    StartInfo, StopInfo, TRACK_INBOUND, VERSION,
+    AgentMessage, DTMF_TRACK_INBOUND, DtmfInfo, Inbound, MarkInfo, MediaFormat, OutboundMessage, PROTOCOL, StartInfo,
+    StopInfo, TRACK_INBOUND, VERSION, media_prefix, write_media,
 };
 use crate::media::g711::ULAW_SILENCE;
-use crate::media::relay::BridgeMedia;
+use crate::media::mailbox::{MailboxReceiver, MailboxSender, mailbox};
+use crate::media::relay::{
+    BridgedLeg, CallerInput, RelayConfig, RelayError, RelayEvent, RelayHandle, RtpLegSetup, start_bridged,
+};
 
 /// One frame of 8 kHz μ-law: 20 ms.
 pub const FRAME_BYTES: usize = 160;
@@ -149,23 +153,6 @@ impl BridgeEnd {
     }
 }
 
-/// The relay's ends of the audio channels (see [`BridgeMedia`]).
-#[derive(Debug)]
-pub struct BridgeIo {
-    /// Caller audio, μ-law, at most one frame waiting.
-    pub caller_audio: mpsc::Receiver<Bytes>,
-    /// Caller key presses.
-    pub caller_dtmf: mpsc::Receiver<char>,
-    /// Paced agent frames, μ-law, 160 bytes each.
-    pub agent_audio: mpsc::Sender<Bytes>,
-}
-
-impl From<BridgeMedia> for BridgeIo {
-    fn from(m: BridgeMedia) -> BridgeIo {
-        BridgeIo { caller_audio: m.caller_audio, caller_dtmf: m.caller_dtmf, agent_audio: m.agent_audio }
-    }
-}
-
 /// Counters of one bridge session.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BridgeStats {
@@ -177,7 +164,7 @@ pub struct BridgeStats {
     pub agent_media: u64,
     /// Agent frames handed to the relay (played).
     pub frames_played: u64,
-    /// Agent frames dropped: playback buffer full, or the relay slot busy.
+    /// Agent frames dropped: playback buffer full, or the caller's leg already stopped.
     pub frames_dropped: u64,
     /// Marks echoed.
     pub marks: u64,
@@ -329,30 +316,46 @@ impl AgentConnection {
         &self.config.stream_sid
     }
 
-    /// Starts the session task. The call keeps the handle; dropping it ends the session.
-    pub fn spawn(self, io: BridgeIo) -> BridgeHandle {
+    /// Starts the bridged call: one task that owns both the caller's RTP leg (with everything
+    /// the relay does for a leg: latching, rewriting, transcoding, DTMF, RTCP, media timeout)
+    /// and the WebSocket. One task rather than a relay task and a session task joined by
+    /// channels: each frame then costs one wakeup and no hand-over, in either direction.
+    ///
+    /// Returns the session's handle (dropping it ends the session), the caller leg's relay
+    /// handle (re-INVITE updates, counters; stopping or dropping it ends the session as
+    /// [`BridgeEnd::MediaEnded`]) and the leg's events. Must run inside a tokio runtime.
+    pub fn spawn(
+        self,
+        caller: RtpLegSetup,
+        config: RelayConfig,
+    ) -> Result<(BridgeHandle, RelayHandle, mpsc::Receiver<RelayEvent>), RelayError> {
+        let (leg, relay, events) = start_bridged(caller, config)?;
         let counters = Arc::new(Counters::default());
-        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let (control_tx, control_rx) = mailbox();
         let (first_audio_tx, first_audio_rx) = oneshot::channel();
+        let max_bytes =
+            (self.config.max_playback.as_millis() / FRAME_DURATION.as_millis()).max(1) as usize * FRAME_BYTES;
+        let plain = matches!(self.socket.get_ref(), MaybeTlsStream::Plain(_));
+        let out =
+            Out { prefix: media_prefix(&self.config.stream_sid), chunk: 0, unflushed: false, failed: None, plain };
         let session = Session {
             conn: self,
-            io,
+            leg: Some(leg),
             counters: Arc::clone(&counters),
-            queue: VecDeque::new(),
-            queued_frames: 0,
-            partial: Vec::with_capacity(FRAME_BYTES),
-            chunk: 0,
+            playback: Playback::new(max_bytes),
+            out,
             last_played: None,
             first_audio: Some(first_audio_tx),
         };
         let task = tokio::spawn(session.run(control_rx));
-        BridgeHandle {
+        let handle = BridgeHandle {
             control: control_tx,
             counters,
             task: Some(task),
             end: None,
             first_audio: FirstAudio::Waiting(first_audio_rx),
-        }
+        };
+        Ok((handle, relay, events))
     }
 }
 
@@ -362,7 +365,7 @@ enum Control {
 
 /// The call's hold on a running bridge session.
 pub struct BridgeHandle {
-    control: mpsc::UnboundedSender<Control>,
+    control: MailboxSender<Control>,
     counters: Arc<Counters>,
     task: Option<JoinHandle<BridgeEnd>>,
     end: Option<BridgeEnd>,
@@ -437,21 +440,137 @@ impl Drop for BridgeHandle {
     }
 }
 
-enum Queued {
-    Frame(Bytes),
-    Mark(String),
+/// Agent audio waiting to be played and the marks between it. The audio is one byte buffer:
+/// base64 is decoded straight onto its end and frames are sent to the caller from it in
+/// place. Marks are positions in the stream of audio bytes, echoed once the audio before them
+/// has played.
+struct Playback {
+    audio: Vec<u8>,
+    /// Where the unplayed audio starts in `audio`.
+    head: usize,
+    /// Bytes taken off the front (played or cleared) since the session started.
+    consumed: u64,
+    /// Marks and the value of `consumed` they wait for.
+    marks: VecDeque<(u64, String)>,
+    /// The most audio held; beyond it audio is dropped and counted.
+    max_bytes: usize,
+}
+
+/// A playback buffer that grew this large (a burst of agent speech) is given back once empty.
+const PLAYBACK_KEEP: usize = 16 * 1024;
+
+impl Playback {
+    fn new(max_bytes: usize) -> Playback {
+        Playback { audio: Vec::new(), head: 0, consumed: 0, marks: VecDeque::new(), max_bytes }
+    }
+
+    fn queued(&self) -> usize {
+        self.audio.len() - self.head
+    }
+
+    /// Nothing to play and no mark to echo.
+    fn is_idle(&self) -> bool {
+        self.queued() == 0 && self.marks.is_empty()
+    }
+
+    /// Decodes base64 audio onto the end. `Ok`: the bytes decoded and the frames dropped for
+    /// want of room; `Err`: not base64, nothing added.
+    fn push_base64(&mut self, payload: &str) -> Result<(usize, u64), base64::DecodeSliceError> {
+        // Amortised: the played part is moved out only once it is half the buffer.
+        if self.head > 0 && self.head >= self.audio.len() / 2 {
+            self.audio.drain(..self.head);
+            self.head = 0;
+        }
+        let start = self.audio.len();
+        self.audio.resize(start + base64::decoded_len_estimate(payload.len()), 0);
+        match BASE64.decode_slice(payload.as_bytes(), &mut self.audio[start..]) {
+            Ok(n) => {
+                self.audio.truncate(start + n);
+                let excess = self.queued().saturating_sub(self.max_bytes);
+                self.audio.truncate(self.audio.len() - excess);
+                Ok((n, excess.div_ceil(FRAME_BYTES) as u64))
+            }
+            Err(error) => {
+                self.audio.truncate(start);
+                Err(error)
+            }
+        }
+    }
+
+    /// A mark after the audio queued so far; an incomplete last frame is padded with silence
+    /// so that the mark falls between frames.
+    fn mark(&mut self, name: String) {
+        let partial = self.queued() % FRAME_BYTES;
+        if partial != 0 {
+            self.audio.resize(self.audio.len() + FRAME_BYTES - partial, ULAW_SILENCE);
+        }
+        self.marks.push_back((self.consumed + self.queued() as u64, name));
+    }
+
+    /// The next mark whose audio has all been played.
+    fn due_mark(&mut self) -> Option<String> {
+        if self.marks.front().is_some_and(|(at, _)| *at <= self.consumed) {
+            return self.marks.pop_front().map(|(_, name)| name);
+        }
+        None
+    }
+
+    /// The next frame to play; the agent's audio ending mid-frame is padded with silence
+    /// rather than held.
+    fn next_frame(&mut self) -> Option<&[u8]> {
+        let queued = self.queued();
+        if queued == 0 {
+            return None;
+        }
+        if queued < FRAME_BYTES {
+            self.audio.resize(self.head + FRAME_BYTES, ULAW_SILENCE);
+        }
+        let start = self.head;
+        self.head += FRAME_BYTES;
+        self.consumed += FRAME_BYTES as u64;
+        if self.head == self.audio.len() && self.audio.capacity() > PLAYBACK_KEEP {
+            // The frame is copied out before the buffer goes: keep it in the tail of a new one.
+            let frame = self.audio[start..].to_vec();
+            self.audio = frame;
+            self.head = FRAME_BYTES;
+            return Some(&self.audio[..FRAME_BYTES]);
+        }
+        Some(&self.audio[start..start + FRAME_BYTES])
+    }
+
+    /// Drops all queued audio; returns the whole frames dropped. Its marks become due.
+    fn clear(&mut self) -> u64 {
+        let queued = self.queued();
+        self.consumed += queued as u64;
+        self.audio.clear();
+        self.head = 0;
+        if self.audio.capacity() > PLAYBACK_KEEP {
+            self.audio = Vec::new();
+        }
+        (queued / FRAME_BYTES) as u64
+    }
+}
+
+/// The WebSocket writing state used while the caller's leg is polled.
+struct Out {
+    /// [`media_prefix`] of the stream.
+    prefix: String,
+    chunk: u64,
+    /// A message is waiting in the WebSocket for the TCP socket to take it.
+    unflushed: bool,
+    /// A write failed: the session ends with it.
+    failed: Option<String>,
+    /// The WebSocket runs over plain TCP (not TLS).
+    plain: bool,
 }
 
 struct Session {
     conn: AgentConnection,
-    io: BridgeIo,
+    /// The caller's RTP leg; `None` once the relay handle stopped it.
+    leg: Option<BridgedLeg>,
     counters: Arc<Counters>,
-    /// Agent audio waiting to be played, with marks in between.
-    queue: VecDeque<Queued>,
-    queued_frames: usize,
-    /// The tail of the last agent payload that did not fill a frame.
-    partial: Vec<u8>,
-    chunk: u64,
+    playback: Playback,
+    out: Out,
     last_played: Option<Instant>,
     /// Fired at the first audio accepted from the agent.
     first_audio: Option<oneshot::Sender<()>>,
@@ -459,18 +578,15 @@ struct Session {
 
 enum Wake {
     Agent(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
-    Caller(Option<Bytes>),
-    Dtmf(Option<char>),
+    /// The relay handle stopped the caller's leg (with the acknowledgement to send) or was dropped.
+    MediaStopped(Option<oneshot::Sender<()>>),
     Control(Option<Control>),
     Tick(Instant),
+    WriteFailed(String),
 }
 
 impl Session {
-    fn max_frames(&self) -> usize {
-        (self.conn.config.max_playback.as_millis() / FRAME_DURATION.as_millis()).max(1) as usize
-    }
-
-    async fn run(mut self, mut control: mpsc::UnboundedReceiver<Control>) -> BridgeEnd {
+    async fn run(mut self, mut control: MailboxReceiver<Control>) -> BridgeEnd {
         // Pacing: Burst keeps the frame clock locked to wall time, so small scheduling delays
         // are caught up (the caller's jitter buffer absorbs a frame or two early) instead of
         // accumulating as added latency the way Delay would; a tick more than MAX_CATCH_UP late
@@ -479,15 +595,8 @@ impl Session {
         let mut ticker = tokio::time::interval(FRAME_DURATION);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
         let mut playing = false;
-        let mut dtmf_open = true;
         loop {
-            let wake = tokio::select! {
-                m = self.conn.socket.next() => Wake::Agent(m),
-                f = self.io.caller_audio.recv() => Wake::Caller(f),
-                d = self.io.caller_dtmf.recv(), if dtmf_open => Wake::Dtmf(d),
-                c = control.recv() => Wake::Control(c),
-                t = ticker.tick(), if playing => Wake::Tick(t),
-            };
+            let wake = std::future::poll_fn(|cx| self.poll_wake(cx, &mut control, &mut ticker, playing)).await;
             let result = match wake {
                 Wake::Agent(None) => return BridgeEnd::AgentClosed { code: None, reason: "connection closed".into() },
                 Wake::Agent(Some(Err(error))) => return BridgeEnd::AgentFailed(error.to_string()),
@@ -495,15 +604,14 @@ impl Session {
                     Ok(()) => self.flush_marks_if_idle().await,
                     Err(end) => return end,
                 },
-                Wake::Caller(Some(frame)) => self.send_caller_frame(&frame).await,
-                Wake::Caller(None) => {
+                Wake::MediaStopped(done) => {
+                    // The ports go back before the stop is acknowledged.
+                    self.leg = None;
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                    }
                     self.stop_and_close().await;
                     return BridgeEnd::MediaEnded;
-                }
-                Wake::Dtmf(Some(key)) => self.send_dtmf(key).await,
-                Wake::Dtmf(None) => {
-                    dtmf_open = false;
-                    Ok(())
                 }
                 Wake::Control(Some(Control::Hangup(done))) => {
                     self.stop_and_close().await;
@@ -514,6 +622,7 @@ impl Session {
                     self.stop_and_close().await;
                     return BridgeEnd::CallerHangup;
                 }
+                Wake::WriteFailed(error) => return BridgeEnd::AgentFailed(error),
                 Wake::Tick(scheduled) => {
                     if Instant::now().saturating_duration_since(scheduled) > MAX_CATCH_UP {
                         ticker.reset();
@@ -524,7 +633,7 @@ impl Session {
             if let Err(error) = result {
                 return BridgeEnd::AgentFailed(error);
             }
-            let mut has_work = !self.queue.is_empty() || !self.partial.is_empty();
+            let mut has_work = !self.playback.is_idle();
             if has_work && !playing {
                 // Start one frame after the last frame played, or now. "Now" plays at once
                 // rather than at the next timer tick: tokio's timer rounds deadlines up to the
@@ -536,13 +645,55 @@ impl Session {
                         if let Err(error) = self.play_tick().await {
                             return BridgeEnd::AgentFailed(error);
                         }
-                        ticker.reset_at(now + FRAME_DURATION);
-                        has_work = !self.queue.is_empty() || !self.partial.is_empty();
+                        has_work = !self.playback.is_idle();
+                        // Only when there is more: resetting a timer costs, and an agent
+                        // streaming in real time mostly sends one frame at a time.
+                        if has_work {
+                            ticker.reset_at(now + FRAME_DURATION);
+                        }
                     }
                 }
             }
             playing = has_work;
         }
+    }
+
+    /// Waits for the next thing to do. The caller's leg is served inside the poll: its frames
+    /// and key presses are written to the WebSocket as they are read, in the same wakeup.
+    fn poll_wake(
+        &mut self,
+        cx: &mut Context<'_>,
+        control: &mut MailboxReceiver<Control>,
+        ticker: &mut tokio::time::Interval,
+        playing: bool,
+    ) -> Poll<Wake> {
+        if let Poll::Ready(c) = control.poll_recv(cx) {
+            return Poll::Ready(Wake::Control(c));
+        }
+        let Session { conn, leg, counters, out, .. } = self;
+        if let Some(leg) = leg {
+            let polled = leg.poll(cx, &mut |cx, input| forward(conn, counters, out, cx, input));
+            if let Some(error) = out.failed.take() {
+                return Poll::Ready(Wake::WriteFailed(error));
+            }
+            if let Poll::Ready(done) = polled {
+                return Poll::Ready(Wake::MediaStopped(done));
+            }
+        }
+        if out.unflushed {
+            match Pin::new(&mut conn.socket).poll_flush(cx) {
+                Poll::Ready(Ok(())) => out.unflushed = false,
+                Poll::Ready(Err(error)) => return Poll::Ready(Wake::WriteFailed(error.to_string())),
+                Poll::Pending => {}
+            }
+        }
+        if playing && let Poll::Ready(scheduled) = ticker.poll_tick(cx) {
+            return Poll::Ready(Wake::Tick(scheduled));
+        }
+        if let Poll::Ready(message) = conn.socket.poll_next_unpin(cx) {
+            return Poll::Ready(Wake::Agent(message));
+        }
+        Poll::Pending
     }
 
     fn on_agent_message(&mut self, message: Message) -> Result<(), BridgeEnd> {
@@ -565,19 +716,16 @@ impl Session {
             bump(&self.counters.oversized, 1);
             return Ok(());
         }
-        let message: InboundMessage = match serde_json::from_str(text.as_str()) {
-            Ok(message) => message,
-            Err(_) => {
-                bump(&self.counters.invalid_json, 1);
-                return Ok(());
-            }
+        let Ok(message) = AgentMessage::parse(text.as_str()) else {
+            bump(&self.counters.invalid_json, 1);
+            return Ok(());
         };
         match message {
-            InboundMessage::Media { media, .. } => match BASE64.decode(media.payload.as_bytes()) {
-                Ok(audio) => {
+            Inbound::Media(payload) => match self.playback.push_base64(&payload) {
+                Ok((decoded, dropped)) => {
                     bump(&self.counters.agent_media, 1);
-                    self.enqueue_audio(&audio);
-                    if !audio.is_empty()
+                    bump(&self.counters.frames_dropped, dropped);
+                    if decoded > 0
                         && let Some(first) = self.first_audio.take()
                     {
                         let _ = first.send(());
@@ -585,79 +733,29 @@ impl Session {
                 }
                 Err(_) => bump(&self.counters.invalid_payload, 1),
             },
-            InboundMessage::Mark { mark, .. } => {
-                self.flush_partial();
-                self.queue.push_back(Queued::Mark(mark.name));
-            }
-            InboundMessage::Clear { .. } => {
+            Inbound::Mark(name) => self.playback.mark(name),
+            Inbound::Clear => {
                 bump(&self.counters.clears, 1);
-                bump(&self.counters.frames_cleared, self.queued_frames as u64);
-                self.partial.clear();
-                self.queued_frames = 0;
                 // Marks of the dropped audio are echoed at once, as Twilio does.
-                let marks: Vec<Queued> = self.queue.drain(..).filter(|q| matches!(q, Queued::Mark(_))).collect();
-                self.queue.extend(marks);
+                bump(&self.counters.frames_cleared, self.playback.clear());
                 self.last_played = None;
             }
-            InboundMessage::Other => bump(&self.counters.ignored, 1),
+            Inbound::Other => bump(&self.counters.ignored, 1),
         }
         Ok(())
     }
 
-    fn enqueue_audio(&mut self, audio: &[u8]) {
-        let max = self.max_frames();
-        let mut rest = audio;
-        if !self.partial.is_empty() {
-            let take = (FRAME_BYTES - self.partial.len()).min(rest.len());
-            self.partial.extend_from_slice(&rest[..take]);
-            rest = &rest[take..];
-            if self.partial.len() == FRAME_BYTES {
-                let frame = Bytes::copy_from_slice(&self.partial);
-                self.partial.clear();
-                self.push_frame(frame, max);
-            }
-        }
-        let mut chunks = rest.chunks_exact(FRAME_BYTES);
-        for chunk in &mut chunks {
-            self.push_frame(Bytes::copy_from_slice(chunk), max);
-        }
-        self.partial.extend_from_slice(chunks.remainder());
-    }
-
-    fn push_frame(&mut self, frame: Bytes, max: usize) {
-        if self.queued_frames >= max {
-            bump(&self.counters.frames_dropped, 1);
-            return;
-        }
-        self.queued_frames += 1;
-        self.queue.push_back(Queued::Frame(frame));
-    }
-
-    /// Pads the incomplete tail with silence into a frame of its own.
-    fn flush_partial(&mut self) {
-        if self.partial.is_empty() {
-            return;
-        }
-        self.partial.resize(FRAME_BYTES, ULAW_SILENCE);
-        let frame = Bytes::copy_from_slice(&self.partial);
-        self.partial.clear();
-        let max = self.max_frames();
-        self.push_frame(frame, max);
-    }
-
-    /// Marks with no audio ahead of them, arriving after the last frame finished playing, are
+    /// Marks whose audio has played, arriving after the last frame finished playing, are
     /// echoed without waiting for a tick.
     async fn flush_marks_if_idle(&mut self) -> Result<(), String> {
-        let idle = self.last_played.is_none_or(|t| t.elapsed() >= FRAME_DURATION);
-        if idle && self.partial.is_empty() {
-            self.echo_leading_marks().await?;
+        if self.last_played.is_none_or(|t| t.elapsed() >= FRAME_DURATION) {
+            self.echo_due_marks().await?;
         }
         Ok(())
     }
 
-    async fn echo_leading_marks(&mut self) -> Result<(), String> {
-        while let Some(Queued::Mark(_)) = self.queue.front() {
-            let Some(Queued::Mark(name)) = self.queue.pop_front() else { break };
+    async fn echo_due_marks(&mut self) -> Result<(), String> {
+        while let Some(name) = self.playback.due_mark() {
             let message = OutboundMessage::Mark {
                 sequence_number: self.conn.next_sequence(),
                 stream_sid: self.conn.config.stream_sid.clone(),
@@ -671,49 +769,17 @@ impl Session {
 
     /// One tick: marks whose audio has played are echoed, then the next frame is played.
     async fn play_tick(&mut self) -> Result<(), String> {
-        self.echo_leading_marks().await?;
-        if self.queue.is_empty() && !self.partial.is_empty() {
-            // The agent's audio ended mid-frame: play the tail rather than hold it.
-            self.flush_partial();
-        }
-        if let Some(Queued::Frame(frame)) = self.queue.front() {
-            let frame = frame.clone();
-            self.queue.pop_front();
-            self.queued_frames = self.queued_frames.saturating_sub(1);
+        self.echo_due_marks().await?;
+        if let Some(frame) = self.playback.next_frame() {
             self.last_played = Some(Instant::now());
-            match self.io.agent_audio.try_send(frame) {
-                Ok(()) => bump(&self.counters.frames_played, 1),
-                Err(_) => bump(&self.counters.frames_dropped, 1),
+            match self.leg.as_mut() {
+                Some(leg) => {
+                    leg.play(frame);
+                    bump(&self.counters.frames_played, 1);
+                }
+                None => bump(&self.counters.frames_dropped, 1),
             }
         }
-        Ok(())
-    }
-
-    async fn send_caller_frame(&mut self, frame: &[u8]) -> Result<(), String> {
-        self.chunk += 1;
-        let message = OutboundMessage::Media {
-            sequence_number: self.conn.next_sequence(),
-            stream_sid: self.conn.config.stream_sid.clone(),
-            media: MediaChunk {
-                track: TRACK_INBOUND.into(),
-                chunk: self.chunk.to_string(),
-                timestamp: self.conn.started.elapsed().as_millis().to_string(),
-                payload: BASE64.encode(frame),
-            },
-        };
-        self.conn.send(&message).await?;
-        bump(&self.counters.caller_frames, 1);
-        Ok(())
-    }
-
-    async fn send_dtmf(&mut self, key: char) -> Result<(), String> {
-        let message = OutboundMessage::Dtmf {
-            stream_sid: self.conn.config.stream_sid.clone(),
-            sequence_number: self.conn.next_sequence(),
-            dtmf: DtmfInfo { track: DTMF_TRACK_INBOUND.into(), digit: key.to_string() },
-        };
-        self.conn.send(&message).await?;
-        bump(&self.counters.dtmf_sent, 1);
         Ok(())
     }
 
@@ -742,13 +808,80 @@ impl Session {
     }
 }
 
+/// Writes a caller frame or key press to the WebSocket, from inside the leg's poll; returns
+/// whether it was taken. A frame is taken only if the previous message has left: one waiting
+/// for the TCP socket is all the bridge holds, a later frame is dropped (and counted by the
+/// leg) rather than queued behind a slow agent. A key press is always queued: it is rare and
+/// must not be lost.
+fn forward(
+    conn: &mut AgentConnection,
+    counters: &Counters,
+    out: &mut Out,
+    cx: &mut Context<'_>,
+    input: CallerInput<'_>,
+) -> bool {
+    if out.failed.is_some() {
+        return false;
+    }
+    let sent = match input {
+        CallerInput::Audio(frame) => match Pin::new(&mut conn.socket).poll_ready(cx) {
+            Poll::Pending => return false,
+            Poll::Ready(Err(error)) => Err(error),
+            Poll::Ready(Ok(())) => {
+                conn.sequence += 1;
+                out.chunk += 1;
+                let elapsed = conn.started.elapsed().as_millis() as u64;
+                let mut text = String::new();
+                write_media(&mut text, &out.prefix, conn.sequence, out.chunk, elapsed, frame);
+                Pin::new(&mut conn.socket).start_send(Message::text(text)).map(|()| &counters.caller_frames)
+            }
+        },
+        CallerInput::Key(key) => {
+            let message = OutboundMessage::Dtmf {
+                stream_sid: conn.config.stream_sid.clone(),
+                sequence_number: conn.next_sequence(),
+                dtmf: DtmfInfo { track: DTMF_TRACK_INBOUND.into(), digit: key.to_string() },
+            };
+            let text = serde_json::to_string(&message).unwrap_or_default();
+            Pin::new(&mut conn.socket).start_send(Message::text(text)).map(|()| &counters.dtmf_sent)
+        }
+    };
+    match sent {
+        Ok(counter) => bump(counter, 1),
+        Err(error) => {
+            out.failed = Some(error.to_string());
+            return false;
+        }
+    }
+    // Plain TCP: the WebSocket wrote the message out in start_send (its write buffer size is
+    // 0), so poll_ready is `Ready` without registering a waker unless the socket did not take
+    // it all, and then flushes (registering the waker for when the socket drains). poll_flush
+    // would register a waker for every frame. TLS may keep records back after a write that
+    // was accepted: those need the flush.
+    let socket = Pin::new(&mut conn.socket);
+    let flushed = if out.plain { socket.poll_ready(cx) } else { socket.poll_flush(cx) };
+    match flushed {
+        Poll::Ready(Ok(())) => out.unflushed = false,
+        Poll::Ready(Err(error)) => out.failed = Some(error.to_string()),
+        Poll::Pending => out.unflushed = true,
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
-    use tokio::net::TcpListener;
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+    use switchboard_model::Codec;
+    use tokio::net::{TcpListener, UdpSocket};
     use tokio_tungstenite::tungstenite::protocol::CloseFrame;
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
     use super::*;
+    use crate::media::g711;
+    use crate::media::ports::{PortAllocator, PortRange};
+    use crate::media::relay::{LegId, LegMedia};
+    use crate::media::rtp::{RtpHeader, RtpPacket, TelephoneEvent};
 
     type ServerSocket = WebSocketStream<TcpStream>;
 
@@ -780,14 +913,64 @@ mod tests {
 
     struct Harness {
         handle: BridgeHandle,
+        relay: RelayHandle,
+        events: mpsc::Receiver<RelayEvent>,
         server: ServerSocket,
-        caller_audio: mpsc::Sender<Bytes>,
-        caller_dtmf: mpsc::Sender<char>,
-        agent_audio: mpsc::Receiver<Bytes>,
+        /// The caller's RTP socket, and the node's port it sends to.
+        caller: UdpSocket,
+        node: SocketAddr,
+        allocator: PortAllocator,
         stream_sid: String,
+        sent: u16,
     }
 
-    async fn harness() -> Harness {
+    impl Harness {
+        /// Sends one RTP packet from the caller.
+        async fn send_rtp(&mut self, payload_type: u8, payload: &[u8]) {
+            self.sent += 1;
+            let mut packet = vec![];
+            let header = RtpHeader {
+                marker: false,
+                payload_type,
+                sequence: self.sent,
+                timestamp: 160 * self.sent as u32,
+                ssrc: 7,
+            };
+            header.write(payload, &mut packet);
+            self.caller.send_to(&packet, self.node).await.unwrap();
+        }
+
+        /// The next RTP packet the caller receives.
+        async fn caller_packet(&self) -> Vec<u8> {
+            let mut buf = vec![0u8; 2048];
+            let (len, from) =
+                tokio::time::timeout(Duration::from_secs(2), self.caller.recv_from(&mut buf)).await.unwrap().unwrap();
+            assert_eq!(from, self.node, "symmetric RTP");
+            buf.truncate(len);
+            buf
+        }
+
+        /// The payload of the next agent frame the caller hears.
+        async fn agent_frame(&self) -> Vec<u8> {
+            RtpPacket::parse(&self.caller_packet().await).unwrap().payload.to_vec()
+        }
+
+        /// The agent frames the caller has received so far, without waiting.
+        fn frames_waiting(&self) -> usize {
+            let mut buf = vec![0u8; 2048];
+            let mut n = 0;
+            while self.caller.try_recv_from(&mut buf).is_ok() {
+                n += 1;
+            }
+            n
+        }
+    }
+
+    async fn harness(port_base: u16) -> Harness {
+        harness_with(port_base, Codec::Pcmu).await
+    }
+
+    async fn harness_with(port_base: u16, codec: Codec) -> Harness {
         let (url, accept) = agent().await;
         let params = CallParameters {
             from: "+15550001111".into(),
@@ -815,13 +998,16 @@ mod tests {
             start["start"]["customParameters"],
             serde_json::json!({"from": "+15550001111", "to": "+15550002222", "trunk": "main", "number": "support-line"})
         );
-        let (caller_audio, caller_rx) = mpsc::channel(1);
-        let (caller_dtmf, dtmf_rx) = mpsc::channel(8);
-        let (agent_tx, agent_audio) = mpsc::channel(64);
+        let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let allocator = PortAllocator::new(localhost, PortRange { min: port_base, max: port_base + 9 }).unwrap();
+        let caller = UdpSocket::bind((localhost, 0)).await.unwrap();
+        let ports = allocator.allocate().unwrap();
+        let node = SocketAddr::new(localhost, ports.rtp_port());
+        let mut media = LegMedia::new(codec, Some(caller.local_addr().unwrap()));
+        media.telephone_event = Some(101);
         let stream_sid = connection.stream_sid().to_string();
-        let handle =
-            connection.spawn(BridgeIo { caller_audio: caller_rx, caller_dtmf: dtmf_rx, agent_audio: agent_tx });
-        Harness { handle, server, caller_audio, caller_dtmf, agent_audio, stream_sid }
+        let (handle, relay, events) = connection.spawn(RtpLegSetup { ports, media }, RelayConfig::default()).unwrap();
+        Harness { handle, relay, events, server, caller, node, allocator, stream_sid, sent: 0 }
     }
 
     fn media(bytes: &[u8]) -> serde_json::Value {
@@ -830,9 +1016,9 @@ mod tests {
 
     #[tokio::test]
     async fn caller_audio_and_dtmf_reach_the_agent_in_order() {
-        let mut h = harness().await;
+        let mut h = harness(42300).await;
         for i in 0..5u8 {
-            h.caller_audio.send(Bytes::from(vec![i; FRAME_BYTES])).await.unwrap();
+            h.send_rtp(0, &[i; FRAME_BYTES]).await;
             let message = next_json(&mut h.server).await;
             assert_eq!(message["event"], "media");
             assert_eq!(message["sequenceNumber"], (i as u64 + 2).to_string());
@@ -843,7 +1029,8 @@ mod tests {
             let payload = BASE64.decode(message["media"]["payload"].as_str().unwrap()).unwrap();
             assert_eq!(payload, vec![i; FRAME_BYTES]);
         }
-        h.caller_dtmf.send('5').await.unwrap();
+        let end = TelephoneEvent { event: 5, end: true, volume: 10, duration: 400 }.to_bytes();
+        h.send_rtp(101, &end).await;
         let message = next_json(&mut h.server).await;
         assert_eq!(message["event"], "dtmf");
         assert_eq!(message["dtmf"], serde_json::json!({"track": "inbound_track", "digit": "5"}));
@@ -860,11 +1047,15 @@ mod tests {
         assert_eq!(end, BridgeEnd::CallerHangup);
         assert_eq!(stats.caller_frames, 5);
         assert_eq!(stats.dtmf_sent, 1);
+        // The session owned the caller's leg: its ports are back.
+        assert_eq!(h.allocator.in_use(), 0);
+        assert!(h.relay.is_finished());
+        assert_eq!(h.relay.stats().a.packets_in, 6);
     }
 
     #[tokio::test]
     async fn agent_audio_is_paced_and_marks_follow_their_audio() {
-        let mut h = harness().await;
+        let mut h = harness(42310).await;
         // 10 frames in one message plus a partial 80 bytes, then a mark.
         let mut audio: Vec<u8> = (0..10u8).flat_map(|i| vec![i; FRAME_BYTES]).collect();
         audio.extend_from_slice(&[0xAA; 80]);
@@ -874,7 +1065,7 @@ mod tests {
         let started = std::time::Instant::now();
         let mut arrivals = vec![];
         for i in 0..11u8 {
-            let frame = tokio::time::timeout(Duration::from_secs(2), h.agent_audio.recv()).await.unwrap().unwrap();
+            let frame = h.agent_frame().await;
             arrivals.push(started.elapsed());
             assert_eq!(frame.len(), FRAME_BYTES);
             if i < 10 {
@@ -902,12 +1093,12 @@ mod tests {
 
     #[tokio::test]
     async fn clear_drops_the_queue_at_once() {
-        let mut h = harness().await;
+        let mut h = harness(42320).await;
         let audio = vec![0x11; FRAME_BYTES * 100]; // two seconds
         send_json(&mut h.server, media(&audio)).await;
         send_json(&mut h.server, serde_json::json!({"event": "mark", "mark": {"name": "after-speech"}})).await;
         for _ in 0..3 {
-            tokio::time::timeout(Duration::from_secs(2), h.agent_audio.recv()).await.unwrap().unwrap();
+            h.agent_frame().await;
         }
         send_json(&mut h.server, serde_json::json!({"event": "clear", "streamSid": "MZx"})).await;
         // The pending mark is returned right away.
@@ -915,23 +1106,20 @@ mod tests {
         assert_eq!(mark["mark"]["name"], "after-speech");
         // At most a frame already on its way; then nothing.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let mut after = 0;
-        while h.agent_audio.try_recv().is_ok() {
-            after += 1;
-        }
+        let after = h.frames_waiting();
         assert!(after <= 2, "{after} frames after clear");
         let stats = h.handle.stats();
         assert_eq!(stats.clears, 1);
         assert!(stats.frames_cleared >= 90, "{stats:?}");
         // New audio after clear plays again.
         send_json(&mut h.server, media(&[0x22; FRAME_BYTES])).await;
-        let frame = tokio::time::timeout(Duration::from_secs(2), h.agent_audio.recv()).await.unwrap().unwrap();
+        let frame = h.agent_frame().await;
         assert_eq!(&frame[..], &[0x22; FRAME_BYTES][..]);
     }
 
     #[tokio::test]
     async fn bad_agent_messages_are_counted_and_ignored() {
-        let mut h = harness().await;
+        let mut h = harness(42330).await;
         h.server.send(Message::text("{not json")).await.unwrap();
         send_json(&mut h.server, serde_json::json!({"event": "media", "media": {"payload": "%%%not base64"}})).await;
         send_json(&mut h.server, serde_json::json!({"event": "media"})).await;
@@ -941,7 +1129,7 @@ mod tests {
         send_json(&mut h.server, serde_json::json!({"event": "dance"})).await;
         // Still alive: audio plays and marks come back.
         send_json(&mut h.server, media(&[0x33; FRAME_BYTES])).await;
-        let frame = tokio::time::timeout(Duration::from_secs(2), h.agent_audio.recv()).await.unwrap().unwrap();
+        let frame = h.agent_frame().await;
         assert_eq!(&frame[..], &[0x33; FRAME_BYTES][..]);
         let stats = h.handle.stats();
         assert_eq!(stats.invalid_json, 2);
@@ -953,22 +1141,135 @@ mod tests {
 
     #[tokio::test]
     async fn agent_disconnect_ends_the_session_with_its_reason() {
-        let mut h = harness().await;
+        let mut h = harness(42340).await;
         h.server.close(Some(CloseFrame { code: CloseCode::Normal, reason: "conversation over".into() })).await.unwrap();
         let end = tokio::time::timeout(Duration::from_secs(2), h.handle.ended()).await.unwrap();
         assert_eq!(end, BridgeEnd::AgentClosed { code: Some(1000), reason: "conversation over".into() });
         assert!(end.reason().contains("conversation over"));
         // Asking again is immediate.
         assert_eq!(h.handle.ended().await, end);
-        drop(h.caller_audio);
+        assert_eq!(h.allocator.in_use(), 0, "the caller's ports are released");
     }
 
     #[tokio::test]
     async fn agent_dropping_the_tcp_connection_ends_the_session() {
-        let mut h = harness().await;
+        let mut h = harness(42350).await;
         drop(h.server);
         let end = tokio::time::timeout(Duration::from_secs(2), h.handle.ended()).await.unwrap();
         assert!(matches!(end, BridgeEnd::AgentClosed { .. } | BridgeEnd::AgentFailed(_)), "{end:?}");
+    }
+
+    #[tokio::test]
+    async fn pcma_caller_is_transcoded_both_ways_and_its_stream_is_continuous() {
+        let mut h = harness_with(42360, Codec::Pcma).await;
+        // Caller (A-law) → agent (μ-law).
+        h.send_rtp(8, &[0xD5; FRAME_BYTES]).await;
+        let message = next_json(&mut h.server).await;
+        let payload = BASE64.decode(message["media"]["payload"].as_str().unwrap()).unwrap();
+        assert_eq!(payload, vec![g711::alaw_to_ulaw(0xD5); FRAME_BYTES]);
+        let latched = tokio::time::timeout(Duration::from_secs(2), h.events.recv()).await.unwrap().unwrap();
+        assert_eq!(latched, RelayEvent::Latched { leg: LegId::A, source: h.caller.local_addr().unwrap() });
+        // Agent (μ-law) → caller (A-law), consecutive sequence numbers and timestamps.
+        send_json(&mut h.server, media(&[0xFF; FRAME_BYTES * 3])).await;
+        let mut last: Option<(u16, u32)> = None;
+        for i in 0..3 {
+            let packet = h.caller_packet().await;
+            let p = RtpPacket::parse(&packet).unwrap();
+            assert_eq!(p.payload_type, 8);
+            assert_eq!(p.payload, &[g711::ulaw_to_alaw(0xFF); FRAME_BYTES]);
+            if let Some((seq, ts)) = last {
+                assert_eq!(p.sequence, seq.wrapping_add(1));
+                assert_eq!(p.timestamp, ts.wrapping_add(160), "frame {i}");
+            }
+            last = Some((p.sequence, p.timestamp));
+        }
+        // DTMF: an event to the call and a `dtmf` message to the agent.
+        let end = TelephoneEvent { event: 11, end: true, volume: 10, duration: 400 }.to_bytes();
+        h.send_rtp(101, &end).await;
+        assert_eq!(next_json(&mut h.server).await["dtmf"]["digit"], "#");
+        let key = tokio::time::timeout(Duration::from_secs(2), h.events.recv()).await.unwrap().unwrap();
+        assert!(matches!(key, RelayEvent::Dtmf { leg: LegId::A, digit } if digit.digit == Some('#')));
+        // Garbage from the caller is counted, not forwarded.
+        h.caller.send_to(b"junk", h.node).await.unwrap();
+        h.send_rtp(0, &[0x44; FRAME_BYTES]).await; // not the negotiated payload type
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let stats = h.relay.stats();
+        assert_eq!(stats.a.dropped_invalid, 1);
+        assert_eq!(stats.a.dropped_other, 1);
+        assert_eq!(stats.a.packets_out, 3);
+        assert_eq!(stats.b.packets_in, 3);
+        assert_eq!(h.handle.stats().caller_frames, 1);
+        assert!(matches!(
+            h.relay.update_leg(LegId::B, LegMedia::new(Codec::Pcmu, None)),
+            Err(RelayError::NoSuchLeg(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_stops_reading_loses_caller_frames_instead_of_queueing_them() {
+        let mut h = harness(42400).await;
+        // The agent reads nothing from here on: the TCP buffers fill, then the bridge may hold
+        // one message for the socket and must drop the frames after it.
+        let mut sent = 0u32;
+        while h.relay.stats().a.dropped_other == 0 {
+            assert!(sent < 200_000, "no frame was ever dropped: the bridge is queueing");
+            for _ in 0..200 {
+                h.send_rtp(0, &[0x77; FRAME_BYTES]).await;
+            }
+            sent += 200;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let relay = h.relay.stats();
+        let bridge = h.handle.stats();
+        // Every caller frame the leg accepted was either written or dropped, none is waiting.
+        assert_eq!(bridge.caller_frames + relay.a.dropped_other, relay.a.packets_in);
+        // The agent reads again: it gets exactly the frames that were written, then new ones.
+        let mut media = 0;
+        while media < bridge.caller_frames {
+            assert_eq!(next_json(&mut h.server).await["event"], "media");
+            media += 1;
+        }
+        h.send_rtp(0, &[0x78; FRAME_BYTES]).await;
+        let message = next_json(&mut h.server).await;
+        let payload = BASE64.decode(message["media"]["payload"].as_str().unwrap()).unwrap();
+        assert_eq!(payload, vec![0x78; FRAME_BYTES], "nothing older was queued behind the socket");
+    }
+
+    #[tokio::test]
+    async fn hold_stops_agent_audio_to_the_caller() {
+        let mut h = harness(42370).await;
+        let mut held = LegMedia::new(Codec::Pcmu, Some(h.caller.local_addr().unwrap()));
+        held.direction = crate::media::sdp::MediaDirection::RecvOnly;
+        h.relay.update_leg(LegId::A, held).unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        send_json(&mut h.server, media(&[0x55; FRAME_BYTES])).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(h.frames_waiting(), 0);
+        assert_eq!(h.relay.stats().b.dropped_other, 1);
+        // The caller still reaches the agent.
+        h.send_rtp(0, &[0x66; FRAME_BYTES]).await;
+        assert_eq!(next_json(&mut h.server).await["event"], "media");
+    }
+
+    #[tokio::test]
+    async fn stopping_the_relay_releases_the_ports_and_ends_the_session() {
+        let mut h = harness(42380).await;
+        let stats = h.relay.stop().await;
+        assert_eq!(stats.a.packets_in, 0);
+        assert_eq!(h.allocator.in_use(), 0, "released before the stop returns");
+        assert_eq!(next_json(&mut h.server).await["event"], "stop");
+        let end = tokio::time::timeout(Duration::from_secs(3), h.handle.ended()).await.unwrap();
+        assert_eq!(end, BridgeEnd::MediaEnded);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_bridge_handle_releases_the_ports() {
+        let h = harness(42390).await;
+        drop(h.handle);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(h.allocator.in_use(), 0);
+        assert!(h.relay.is_finished());
     }
 
     #[tokio::test]
@@ -988,6 +1289,40 @@ mod tests {
         assert!(matches!(connect(config).await, Err(BridgeError::Connect(_))));
         let config = BridgeConfig::new("http://example.com/", &CallParameters::default());
         assert!(matches!(connect(config).await, Err(BridgeError::InvalidUrl(_))));
+    }
+
+    #[test]
+    fn playback_pads_tails_places_marks_and_bounds_its_buffer() {
+        let b64 = |bytes: &[u8]| BASE64.encode(bytes);
+        let mut p = Playback::new(3 * FRAME_BYTES);
+        assert_eq!(p.push_base64(&b64(&[1; 200])), Ok((200, 0)));
+        // A mark pads the 40-byte tail to a whole frame; it is due once both frames played.
+        p.mark("a".into());
+        assert_eq!(p.queued(), 2 * FRAME_BYTES);
+        assert_eq!(p.due_mark(), None);
+        assert_eq!(p.next_frame().unwrap(), &[1; FRAME_BYTES][..]);
+        assert_eq!(p.due_mark(), None);
+        let second = p.next_frame().unwrap();
+        assert_eq!(&second[..40], &[1; 40][..]);
+        assert_eq!(&second[40..], &[ULAW_SILENCE; 120][..]);
+        assert_eq!(p.due_mark().as_deref(), Some("a"));
+        assert!(p.is_idle());
+        // Beyond the bound, audio is dropped and counted in frames.
+        assert_eq!(p.push_base64(&b64(&[2; 4 * FRAME_BYTES + 10])), Ok((4 * FRAME_BYTES + 10, 2)));
+        assert_eq!(p.queued(), 3 * FRAME_BYTES);
+        // Not base64: nothing is added.
+        assert!(p.push_base64("%%%").is_err());
+        assert_eq!(p.queued(), 3 * FRAME_BYTES);
+        // A tail with nothing after it plays padded; clear drops the rest and frees its marks.
+        p.next_frame().unwrap();
+        p.mark("b".into());
+        assert_eq!(p.clear(), 2);
+        assert_eq!(p.due_mark().as_deref(), Some("b"));
+        assert!(p.is_idle() && p.next_frame().is_none());
+        assert_eq!(p.push_base64(&b64(&[3; 10])), Ok((10, 0)));
+        let tail = p.next_frame().unwrap();
+        assert_eq!(&tail[..10], &[3; 10][..]);
+        assert_eq!(&tail[10..], &[ULAW_SILENCE; 150][..]);
     }
 
     #[test]

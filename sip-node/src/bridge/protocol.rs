@@ -6,6 +6,7 @@
 //! as `sequenceNumber`, `chunk` and `timestamp` travel as strings; `dtmf.track` is
 //! `inbound_track` while `media.track` is `inbound`.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -155,43 +156,112 @@ pub struct StopInfo {
     pub call_sid: String,
 }
 
-/// A message from the agent. Unknown events parse as [`InboundMessage::Other`] and are
-/// ignored; `streamSid` is accepted but not checked (one socket carries one stream).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "lowercase", rename_all_fields = "camelCase")]
-pub enum InboundMessage {
-    /// Audio to play to the caller.
-    Media {
-        /// The stream id.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        stream_sid: Option<String>,
-        /// The audio.
-        media: InboundMedia,
-    },
-    /// Echo this label back when the audio sent before it has played.
-    Mark {
-        /// The stream id.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        stream_sid: Option<String>,
-        /// The label.
-        mark: MarkInfo,
-    },
-    /// Drop all buffered audio now (barge-in).
-    Clear {
-        /// The stream id.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        stream_sid: Option<String>,
-    },
-    /// Any other event.
-    #[serde(other)]
-    Other,
+/// A message from the agent, parsed in place: the audio payload borrows from the WebSocket
+/// frame (no copy before the base64 decoding, which writes straight into the playback
+/// buffer), and the shape is a plain struct rather than an internally tagged enum, which serde
+/// would first buffer into a tree of owned values. `streamSid` and unknown fields are ignored
+/// (one socket carries one stream); unknown events are ignored by the caller.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct AgentMessage<'a> {
+    /// `media`, `mark`, `clear`, or an event the node ignores.
+    #[serde(borrow)]
+    pub event: Cow<'a, str>,
+    /// `media.*` of a `media` event.
+    #[serde(borrow, default)]
+    pub media: Option<InboundMedia<'a>>,
+    /// `mark.*` of a `mark` event.
+    #[serde(default)]
+    pub mark: Option<MarkInfo>,
 }
 
 /// `media.*` from the agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InboundMedia {
-    /// Base64 μ-law, 8 kHz.
-    pub payload: String,
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct InboundMedia<'a> {
+    /// Base64 μ-law, 8 kHz (borrowed unless the JSON escaped a character in it).
+    #[serde(borrow)]
+    pub payload: Cow<'a, str>,
+}
+
+/// What an agent message asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inbound<'a> {
+    /// Audio to play to the caller (base64).
+    Media(Cow<'a, str>),
+    /// Echo this label back when the audio sent before it has played.
+    Mark(String),
+    /// Drop all buffered audio now (barge-in).
+    Clear,
+    /// Any other event.
+    Other,
+}
+
+/// Why an agent message was not understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InboundError {
+    /// Not JSON, or not of the shape its event needs.
+    #[error("invalid message: {0}")]
+    Invalid(String),
+}
+
+impl<'a> AgentMessage<'a> {
+    /// Parses an agent text frame.
+    pub fn parse(text: &'a str) -> Result<Inbound<'a>, InboundError> {
+        let message: AgentMessage<'a> = serde_json::from_str(text).map_err(|e| InboundError::Invalid(e.to_string()))?;
+        let missing = |field: &str| InboundError::Invalid(format!("{} without {field}", message.event));
+        match message.event.as_ref() {
+            "media" => match message.media {
+                Some(media) => Ok(Inbound::Media(media.payload)),
+                None => Err(missing("media")),
+            },
+            "mark" => match message.mark {
+                Some(mark) => Ok(Inbound::Mark(mark.name)),
+                None => Err(missing("mark")),
+            },
+            "clear" => Ok(Inbound::Clear),
+            _ => Ok(Inbound::Other),
+        }
+    }
+}
+
+/// Writes the text of a caller `media` message into `out` without an intermediate value:
+/// `prefix` is [`media_prefix`] of the stream, the numbers are written as Twilio's strings and
+/// the audio is base64-encoded in place.
+pub fn write_media(out: &mut String, prefix: &str, sequence: u64, chunk: u64, timestamp_ms: u64, audio: &[u8]) {
+    use base64::Engine as _;
+    out.clear();
+    out.reserve(prefix.len() + 96 + audio.len().div_ceil(3) * 4);
+    out.push_str(prefix);
+    push_decimal(out, sequence);
+    out.push_str(r#"","media":{"track":"inbound","chunk":""#);
+    push_decimal(out, chunk);
+    out.push_str(r#"","timestamp":""#);
+    push_decimal(out, timestamp_ms);
+    out.push_str(r#"","payload":""#);
+    base64::engine::general_purpose::STANDARD.encode_string(audio, out);
+    out.push_str(r#""}}"#);
+}
+
+/// The constant start of a stream's caller `media` messages, up to the sequence number's
+/// digits. The stream id is the node's own (letters and digits), so it needs no escaping; it
+/// is escaped anyway through serde for safety.
+pub fn media_prefix(stream_sid: &str) -> String {
+    let sid = serde_json::to_string(stream_sid).unwrap_or_else(|_| "\"\"".into());
+    format!(r#"{{"event":"media","streamSid":{sid},"sequenceNumber":""#)
+}
+
+fn push_decimal(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written.
+    out.push_str(std::str::from_utf8(&digits[i..]).unwrap_or_default());
 }
 
 #[cfg(test)]
@@ -269,20 +339,44 @@ mod tests {
 
     #[test]
     fn inbound_messages_parse() {
-        let media: InboundMessage =
-            serde_json::from_str(r#"{"event":"media","streamSid":"MZ1","media":{"payload":"AAEC"}}"#).unwrap();
-        assert_eq!(
-            media,
-            InboundMessage::Media { stream_sid: Some("MZ1".into()), media: InboundMedia { payload: "AAEC".into() } }
-        );
-        let mark: InboundMessage = serde_json::from_str(r#"{"event":"mark","mark":{"name":"x"}}"#).unwrap();
-        assert_eq!(mark, InboundMessage::Mark { stream_sid: None, mark: MarkInfo { name: "x".into() } });
-        let clear: InboundMessage = serde_json::from_str(r#"{"event":"clear","streamSid":"MZ1"}"#).unwrap();
-        assert_eq!(clear, InboundMessage::Clear { stream_sid: Some("MZ1".into()) });
-        let other: InboundMessage = serde_json::from_str(r#"{"event":"somethingNew","x":1}"#).unwrap();
-        assert_eq!(other, InboundMessage::Other);
-        for bad in [r#"{"event":"media"}"#, r#"{"media":{"payload":""}}"#, "[]", "nope", r#"{"event":"mark"}"#] {
-            assert!(serde_json::from_str::<InboundMessage>(bad).is_err(), "{bad}");
+        let text = r#"{"event":"media","streamSid":"MZ1","media":{"payload":"AAEC"}}"#;
+        let media = AgentMessage::parse(text).unwrap();
+        assert_eq!(media, Inbound::Media("AAEC".into()));
+        assert!(matches!(media, Inbound::Media(Cow::Borrowed(_))), "the payload is not copied");
+        // An escaped '/' (some encoders write "\/") still parses.
+        let escaped = AgentMessage::parse(r#"{"event":"media","media":{"payload":"ab\/c"}}"#).unwrap();
+        assert_eq!(escaped, Inbound::Media("ab/c".into()));
+        let mark = AgentMessage::parse(r#"{"event":"mark","mark":{"name":"x"}}"#).unwrap();
+        assert_eq!(mark, Inbound::Mark("x".into()));
+        let clear = AgentMessage::parse(r#"{"event":"clear","streamSid":"MZ1"}"#).unwrap();
+        assert_eq!(clear, Inbound::Clear);
+        let other = AgentMessage::parse(r#"{"event":"somethingNew","x":1}"#).unwrap();
+        assert_eq!(other, Inbound::Other);
+        for bad in [r#"{"event":"media"}"#, r#"{"media":{"payload":""}}"#, "[]", "nope", r#"{"event":"mark"}"#, ""] {
+            assert!(AgentMessage::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn media_text_matches_the_serde_shape() {
+        let mut out = String::new();
+        write_media(&mut out, &media_prefix("MZ1"), 3, 1, 5, &[0]);
+        let expected = OutboundMessage::Media {
+            sequence_number: "3".into(),
+            stream_sid: "MZ1".into(),
+            media: MediaChunk {
+                track: "inbound".into(),
+                chunk: "1".into(),
+                timestamp: "5".into(),
+                payload: "AA==".into(),
+            },
+        };
+        let parsed: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(parsed, serde_json::to_value(&expected).unwrap());
+        write_media(&mut out, &media_prefix("MZ2"), u64::MAX, 0, 1234567890, &[0xFF; 160]);
+        let parsed: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(parsed["sequenceNumber"], u64::MAX.to_string());
+        assert_eq!(parsed["media"]["chunk"], "0");
+        assert_eq!(parsed["media"]["timestamp"], "1234567890");
     }
 }

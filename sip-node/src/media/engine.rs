@@ -22,7 +22,6 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -65,7 +64,7 @@ pub enum EngineError {
 
 /// What a worker is told.
 enum Command {
-    Add { id: u64, relay: Box<Relay<UdpSocket>>, done: Arc<AtomicBool> },
+    Add { id: u64, relay: Box<Relay>, done: Arc<AtomicBool> },
     Control(u64, Control),
     Remove(u64),
     Shutdown,
@@ -161,7 +160,7 @@ impl MediaEngine {
     }
 
     /// Puts a relay on the least loaded worker.
-    pub(super) fn add(&self, relay: Relay<UdpSocket>) -> Result<EngineRelay, RelayError> {
+    pub(super) fn add(&self, relay: Relay) -> Result<EngineRelay, RelayError> {
         let worker = self
             .workers
             .iter()
@@ -236,7 +235,7 @@ impl Drop for EngineRelay {
 /// A relay on a worker, with its media-timeout deadline.
 struct Slot {
     id: u64,
-    relay: Box<Relay<UdpSocket>>,
+    relay: Box<Relay>,
     done: Arc<AtomicBool>,
     deadline: Instant,
 }
@@ -348,7 +347,7 @@ impl Worker {
         true
     }
 
-    fn add(&mut self, id: u64, relay: Box<Relay<UdpSocket>>, done: Arc<AtomicBool>) {
+    fn add(&mut self, id: u64, relay: Box<Relay>, done: Arc<AtomicBool>) {
         let slot = self.free.pop().unwrap_or_else(|| {
             self.slots.push(None);
             self.slots.len() - 1

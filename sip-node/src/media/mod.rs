@@ -6,13 +6,15 @@
 //! - [`rtp`]: RTP/RTCP headers (RFC 3550), the stream rewriter that keeps a relayed stream
 //!   monotonic across re-INVITEs, and RFC 4733 telephone events (DTMF).
 //! - [`g711`]: μ-law and A-law companding and transcoding.
-//! - [`relay`]: the per-call RTP relay between two legs, or between a leg and the AI bridge.
+//! - [`relay`]: the per-call RTP relay between two legs, and the caller's leg of an AI bridge
+//!   (driven by the bridge's own task).
 //! - [`engine`]: the media threads that drive two-leg relays (level-triggered epoll).
 //!
 //! Nothing here speaks SIP: the call layer feeds SDP bodies in and takes SDP bodies out.
 
 pub mod engine;
 pub mod g711;
+pub(crate) mod mailbox;
 pub mod ports;
 pub mod relay;
 pub mod rtp;

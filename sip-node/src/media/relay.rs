@@ -1,5 +1,8 @@
-//! The per-call RTP relay: one tokio task owning the sockets of both legs of an anchored call
-//! (or of the caller's leg and the AI bridge), moving each packet across as soon as it arrives.
+//! The per-call RTP relay: the sockets of both legs of an anchored call (or of the caller's leg
+//! and the AI bridge), moving each packet across as soon as it arrives. Two-leg relays are
+//! driven by the media engine's threads ([`super::engine`]: level-triggered epoll, one
+//! `recvfrom` per readable socket); the caller's leg of a bridged call by the bridge session's
+//! task.
 //!
 //! What it does with a packet:
 //! - **Validation**: RTP that does not parse ([`RtpPacket::parse`]) is dropped and counted.
@@ -20,31 +23,38 @@
 //! - **Direction**: nothing is sent to a leg whose negotiated direction says the node does not
 //!   send there, nothing received from a leg the node does not receive from is relayed.
 //!
-//! In bridged mode ([`spawn_bridged`]) the other side is the AI bridge: caller audio leaves as
-//! μ-law frames on a channel of capacity one (a frame the bridge has not taken when the next
-//! arrives is dropped and counted: no queue grows behind a slow agent), and the agent's paced
-//! μ-law frames become RTP towards the caller.
+//! In bridged mode the other side is the AI bridge, and there is no relay task: the bridge
+//! session's task drives the caller's leg itself (`BridgedLeg`, started by
+//! [`crate::bridge::AgentConnection::spawn`]), so that a caller frame goes from the UDP socket
+//! to the WebSocket within one wakeup, as μ-law (a frame the WebSocket cannot take at once is
+//! dropped and counted: no queue grows behind a slow agent), and the agent's paced μ-law frames
+//! become RTP towards the caller the same way.
 //!
-//! The task owns the [`PortPair`]s: when it ends (stop, the handle dropped) the ports go back.
+//! The bridged leg receives with `recvmmsg` (tokio's readiness is edge-triggered), and a socket
+//! that returned fewer datagrams than asked for is known to be drained: no second receive just
+//! to be told `EAGAIN`.
+//!
+//! Whoever drives a relay (the engine thread, or the bridge session's task) owns its
+//! [`PortPair`]s: when the relay ends (stop, a handle dropped) the ports go back.
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use switchboard_model::Codec;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::engine::{EngineRelay, MediaEngine};
 use super::g711;
+use super::mailbox::{MailboxReceiver, MailboxSender, mailbox};
 use super::ports::PortPair;
 use super::rtp::{DtmfDetector, DtmfDigit, RtpHeader, RtpPacket, SequenceStats, StreamRewriter, TelephoneEvent};
 use super::sdp::{MediaDirection, NegotiatedMedia};
@@ -302,10 +312,10 @@ pub struct RelayHandle {
     bridged: bool,
 }
 
-/// What runs the relay.
+/// What drives the relay.
 enum Driver {
-    /// A tokio task (bridged relays).
-    Task { control: mpsc::UnboundedSender<Control>, task: Option<JoinHandle<()>> },
+    /// The bridge session's task (bridged mode): it reads the mailbox as it polls the leg.
+    Mailbox(MailboxSender<Control>),
     /// A media engine thread (two-leg relays).
     Engine(Option<EngineRelay>),
 }
@@ -325,7 +335,7 @@ impl RelayHandle {
         }
         let update = Control::Update(leg, Box::new(media));
         match &self.driver {
-            Driver::Task { control, .. } => control.send(update).map_err(|_| RelayError::Stopped),
+            Driver::Mailbox(control) => control.send(update).map_err(|_| RelayError::Stopped),
             Driver::Engine(Some(relay)) => relay.control(update),
             Driver::Engine(None) => Err(RelayError::Stopped),
         }
@@ -336,10 +346,10 @@ impl RelayHandle {
         RelayStats { a: self.counters[0].snapshot(), b: self.counters[1].snapshot() }
     }
 
-    /// Whether the relay has ended.
+    /// Whether the relay has ended (in bridged mode: the bridge session that drives the leg).
     pub fn is_finished(&self) -> bool {
         match &self.driver {
-            Driver::Task { task, .. } => task.as_ref().is_none_or(|t| t.is_finished()),
+            Driver::Mailbox(control) => control.is_closed(),
             Driver::Engine(relay) => relay.as_ref().is_none_or(EngineRelay::is_finished),
         }
     }
@@ -348,13 +358,10 @@ impl RelayHandle {
     /// the final counters.
     pub async fn stop(mut self) -> RelayStats {
         match &mut self.driver {
-            Driver::Task { control, task } => {
+            Driver::Mailbox(control) => {
                 let (tx, rx) = oneshot::channel();
                 if control.send(Control::Stop(tx)).is_ok() {
                     let _ = rx.await;
-                }
-                if let Some(task) = task.take() {
-                    let _ = task.await;
                 }
             }
             Driver::Engine(relay) => {
@@ -367,28 +374,6 @@ impl RelayHandle {
     }
 }
 
-impl Drop for RelayHandle {
-    fn drop(&mut self) {
-        // An engine relay removes itself when its EngineRelay drops.
-        if let Driver::Task { task: Some(task), .. } = &mut self.driver {
-            task.abort();
-        }
-    }
-}
-
-/// The bridge's ends of a bridged relay's channels.
-#[derive(Debug)]
-pub struct BridgeMedia {
-    /// Caller audio as μ-law payloads (one RTP packet each, 160 bytes at 20 ms ptime), at most
-    /// one waiting.
-    pub caller_audio: mpsc::Receiver<Bytes>,
-    /// Caller key presses.
-    pub caller_dtmf: mpsc::Receiver<char>,
-    /// Agent audio as μ-law frames, already paced: each becomes one RTP packet at once (at most
-    /// one frame waits; a frame the relay has not taken when the next is due is dropped and counted).
-    pub agent_audio: mpsc::Sender<Bytes>,
-}
-
 /// A leg's socket, registered with tokio for reads only. A `tokio::net::UdpSocket` registers
 /// for writability too, and Linux then reports every datagram sent as a writability event (the
 /// kernel frees the sent buffer, the socket is writable again, epoll is told): one wasted event
@@ -396,35 +381,18 @@ pub struct BridgeMedia {
 /// buffer drops the packet (and counts it), as before.
 type LegSocket = AsyncFd<std::net::UdpSocket>;
 
-/// A leg's socket as the relay logic sees it: tokio-registered for bridged relays, a plain
-/// socket for two-leg relays, which the media engine's threads drive ([`super::engine`]).
-pub(super) trait LegIo {
-    /// The socket to send on and receive from (non-blocking).
-    fn udp(&self) -> &std::net::UdpSocket;
-}
-
-impl LegIo for LegSocket {
-    fn udp(&self) -> &std::net::UdpSocket {
-        self.get_ref()
-    }
-}
-
-impl LegIo for std::net::UdpSocket {
-    fn udp(&self) -> &std::net::UdpSocket {
-        self
-    }
-}
-
 fn register(socket: std::net::UdpSocket) -> std::io::Result<LegSocket> {
     // SAFETY: the AsyncFd owns the socket, so its descriptor stays open and the same for as
     // long as it is registered.
     Ok(unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }?)
 }
 
+/// One RTP leg: its sockets (`S`: tokio-registered for a bridged call's leg, plain for a
+/// two-leg relay on a media engine thread), its negotiated media and what the relay tracks.
 pub(super) struct RtpLeg<S = LegSocket> {
     id: LegId,
-    pub(super) rtp: S,
-    pub(super) rtcp: S,
+    rtp: S,
+    rtcp: S,
     _ports: PortPair,
     media: LegMedia,
     latched: Option<SocketAddr>,
@@ -437,10 +405,10 @@ pub(super) struct RtpLeg<S = LegSocket> {
     last_rx: Instant,
 }
 
-impl<S: LegIo> RtpLeg<S> {
-    /// Takes the sockets out of the setup's port pair, wrapped by `wrap` (tokio registration
-    /// or none).
-    pub(super) fn new(
+impl<S> RtpLeg<S> {
+    /// Takes the sockets out of the setup's port pair, wrapped by `wrap` (tokio registration or
+    /// none).
+    fn new(
         id: LegId,
         mut setup: RtpLegSetup,
         now: Instant,
@@ -509,27 +477,268 @@ impl<S: LegIo> RtpLeg<S> {
     }
 }
 
-pub(super) enum Other<S = LegSocket> {
-    Rtp(Box<RtpLeg<S>>),
-    Bridge { to_bridge: mpsc::Sender<Bytes>, dtmf_to_bridge: mpsc::Sender<char> },
+/// What [`RtpLeg::receive`] made of an RTP packet it accepted.
+struct Received {
+    sequence: u16,
+    timestamp: u32,
+    ssrc: u32,
+    marker: bool,
+    /// Where the payload is in the packet.
+    payload: Range<usize>,
+    /// The leg's audio payload type (else telephone-event).
+    is_audio: bool,
+    /// The codec of the leg it came from.
+    codec: Codec,
+    /// To be passed on: the node receives from this leg and it is audio or telephone-event.
+    /// (Otherwise it was counted as `dropped_other`.)
+    forward: bool,
+    /// The key of a key press this packet completed.
+    key: Option<char>,
+    now: Instant,
 }
 
-pub(super) struct Relay<S = LegSocket> {
-    pub(super) a: RtpLeg<S>,
-    pub(super) b: Other<S>,
+impl<S> RtpLeg<S> {
+    /// The receiving half of the relay's work on an RTP packet from this leg, the same for
+    /// both modes: validation, latching, sequence statistics, DTMF detection, counters and
+    /// events. `None`: dropped (invalid or from a refused source) and counted.
+    fn receive(
+        &mut self,
+        packet: &[u8],
+        source: SocketAddr,
+        counters: &Counters,
+        events: &mpsc::Sender<RelayEvent>,
+    ) -> Option<Received> {
+        let Ok(p) = RtpPacket::parse(packet) else {
+            bump(&counters.dropped_invalid, 1);
+            return None;
+        };
+        let payload = p.header_len..p.header_len + p.payload.len();
+        let (sequence, timestamp, ssrc, marker, payload_type) =
+            (p.sequence, p.timestamp, p.ssrc, p.marker, p.payload_type);
+        let latched = match self.accept(source) {
+            Ok(latched) => latched,
+            Err(()) => {
+                bump(&counters.dropped_source, 1);
+                return None;
+            }
+        };
+        let now = Instant::now();
+        self.last_rx = now;
+        let is_audio = payload_type == self.media.payload_type;
+        let is_event = self.media.telephone_event == Some(payload_type);
+        let class = self.sequence.record(ssrc, sequence);
+        let mut digit = None;
+        if is_event && let Ok(event) = TelephoneEvent::parse(&packet[payload.clone()]) {
+            digit = self.dtmf.push(timestamp, &event);
+        }
+        bump(&counters.packets_in, 1);
+        bump(&counters.bytes_in, packet.len() as u64);
+        match class {
+            super::rtp::SequenceClass::Gap(n) => bump(&counters.lost, n as u64),
+            super::rtp::SequenceClass::Late => bump(&counters.late, 1),
+            _ => {}
+        }
+        if let Some(source) = latched {
+            let _ = events.try_send(RelayEvent::Latched { leg: self.id, source });
+        }
+        let mut key = None;
+        if let Some(digit) = digit {
+            bump(&counters.dtmf, 1);
+            key = digit.digit;
+            let _ = events.try_send(RelayEvent::Dtmf { leg: self.id, digit });
+        }
+        let forward = self.media.direction.receives() && (is_audio || is_event);
+        if !forward {
+            bump(&counters.dropped_other, 1);
+        }
+        Some(Received {
+            sequence,
+            timestamp,
+            ssrc,
+            marker,
+            payload,
+            is_audio,
+            codec: self.media.codec,
+            forward,
+            key,
+            now,
+        })
+    }
+
+    /// Validates and accepts (or refuses) an RTCP packet from this leg, counting it.
+    fn receive_rtcp(&mut self, packet: &[u8], source: SocketAddr, counters: &Counters) -> bool {
+        if super::rtp::parse_rtcp(packet).is_err() {
+            bump(&counters.dropped_invalid, 1);
+            return false;
+        }
+        if !self.accept_rtcp(source) {
+            bump(&counters.dropped_source, 1);
+            return false;
+        }
+        bump(&counters.rtcp_in, 1);
+        true
+    }
+
+    /// Applies a re-INVITE's media. Returns whether the far end moved (whatever the other side
+    /// receives from this leg then starts a new segment).
+    fn apply(&mut self, media: LegMedia) -> bool {
+        let moved = self.media.remote_rtp != media.remote_rtp;
+        if moved {
+            self.latched = None;
+            self.rtcp_latched = None;
+        }
+        // A leg resuming from hold is expected to send again from now.
+        if !self.media.direction.receives() && media.direction.receives() {
+            self.last_rx = Instant::now();
+        }
+        self.media = media;
+        moved
+    }
+}
+
+/// The deadline of the next media timeout check over `legs`; reports the timeout once per
+/// silence (`reported` remembers it until media or an update comes).
+fn check_timeout<S>(
+    legs: &[&RtpLeg<S>],
+    timeout: Duration,
+    reported: &mut bool,
+    events: &mpsc::Sender<RelayEvent>,
+) -> Instant {
+    let now = Instant::now();
+    let last = legs.iter().filter(|leg| leg.media.direction.receives()).map(|leg| leg.last_rx).max();
+    let Some(last) = last else {
+        // Everybody is on hold: nothing is expected.
+        return now + timeout;
+    };
+    let silent_for = now.saturating_duration_since(last);
+    if silent_for >= timeout {
+        if !*reported {
+            *reported = true;
+            let _ = events.try_send(RelayEvent::MediaTimeout { silent_for });
+        }
+        return now + timeout;
+    }
+    last + timeout
+}
+
+/// Datagrams one `recvmmsg` asks for.
+const RECV_BATCH: usize = 8;
+
+/// Receive buffers: shared by every relay on the thread rather than owned by each. A relay
+/// uses them only between a receive and the matching sends, with no await in between, and a
+/// buffer per relay would be most of a call's memory.
+struct Datagrams {
+    data: [[u8; DATAGRAM_MAX]; RECV_BATCH],
+    len: [usize; RECV_BATCH],
+    source: [Option<SocketAddr>; RECV_BATCH],
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Datagrams> = const {
+        RefCell::new(Datagrams { data: [[0; DATAGRAM_MAX]; RECV_BATCH], len: [0; RECV_BATCH], source: [None; RECV_BATCH] })
+    };
+}
+
+fn socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match storage.ss_family as libc::c_int {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in, and it is large enough.
+            let a = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            Some(SocketAddr::new(ip.into(), u16::from_be(a.sin_port)))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for sockaddr_in6.
+            let a = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                ip,
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// One `recvmmsg(MSG_DONTWAIT)` of up to [`RECV_BATCH`] datagrams into `into`.
+fn recv_batch(socket: &std::net::UdpSocket, into: &mut Datagrams) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: all-zero is a valid value of these plain C structs.
+    let mut names: [libc::sockaddr_storage; RECV_BATCH] = unsafe { std::mem::zeroed() };
+    let mut iovecs: [libc::iovec; RECV_BATCH] = unsafe { std::mem::zeroed() };
+    let mut headers: [libc::mmsghdr; RECV_BATCH] = unsafe { std::mem::zeroed() };
+    for i in 0..RECV_BATCH {
+        iovecs[i] = libc::iovec { iov_base: into.data[i].as_mut_ptr().cast(), iov_len: DATAGRAM_MAX };
+        headers[i].msg_hdr.msg_name = (&mut names[i] as *mut libc::sockaddr_storage).cast();
+        headers[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        headers[i].msg_hdr.msg_iov = &mut iovecs[i];
+        headers[i].msg_hdr.msg_iovlen = 1;
+    }
+    // SAFETY: every header points at a live buffer and name of the sizes given, for the call.
+    let n = unsafe {
+        libc::recvmmsg(
+            socket.as_raw_fd(),
+            headers.as_mut_ptr(),
+            RECV_BATCH as libc::c_uint,
+            libc::MSG_DONTWAIT,
+            std::ptr::null_mut(),
+        )
+    };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let n = n as usize;
+    for i in 0..n {
+        into.len[i] = (headers[i].msg_len as usize).min(DATAGRAM_MAX);
+        into.source[i] = socket_addr(&names[i]);
+    }
+    Ok(n)
+}
+
+/// Receives what is queued on `socket`, up to [`RECV_BATCH`] datagrams, in one syscall.
+/// `Pending` (the waker registered) when there is nothing. When fewer datagrams came than
+/// asked for, the socket is drained: its readiness is cleared here, so that the next poll
+/// waits for epoll instead of paying for a receive that would only say `EAGAIN`. That is
+/// race-free: tokio clears a readiness only if no event arrived since the guard was taken,
+/// and a datagram arriving later raises a new (edge-triggered) event.
+fn poll_recv_batch(socket: &LegSocket, cx: &mut Context<'_>, into: &mut Datagrams) -> Poll<std::io::Result<usize>> {
+    loop {
+        let mut guard = match socket.poll_read_ready(cx) {
+            Poll::Ready(Ok(guard)) => guard,
+            Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+            Poll::Pending => return Poll::Pending,
+        };
+        match guard.try_io(|s| recv_batch(s.get_ref(), into)) {
+            Ok(Ok(n)) => {
+                if n < RECV_BATCH {
+                    guard.clear_ready();
+                }
+                return Poll::Ready(Ok(n));
+            }
+            Ok(Err(error)) => return Poll::Ready(Err(error)),
+            // Would block: the readiness is cleared; poll again to register the waker.
+            Err(_) => continue,
+        }
+    }
+}
+
+/// Batches taken from one socket per wakeup before giving the others a turn.
+const BATCHES_PER_WAKE: usize = BATCH / RECV_BATCH;
+
+/// A two-leg relay: its state, driven by a media engine thread ([`super::engine`]).
+pub(super) struct Relay {
+    a: RtpLeg<std::net::UdpSocket>,
+    b: RtpLeg<std::net::UdpSocket>,
     counters: Arc<[Counters; 2]>,
     events: mpsc::Sender<RelayEvent>,
     config: RelayConfig,
     timeout_reported: bool,
-    /// The agent frame being sent (bridged mode only; empty until the first frame).
-    out: Vec<u8>,
 }
 
-thread_local! {
-    /// The datagram being relayed. Shared by every relay on the thread rather than owned by each:
-    /// a relay uses it only between a receive and the matching send, with no await between, and
-    /// a buffer per relay would be most of a call's memory.
-    static SCRATCH: RefCell<[u8; DATAGRAM_MAX]> = const { RefCell::new([0; DATAGRAM_MAX]) };
+fn new_counters() -> Arc<[Counters; 2]> {
+    Arc::new([Counters::default(), Counters::default()])
 }
 
 /// Starts a relay between two RTP legs on the process's media engine ([`MediaEngine::global`]).
@@ -552,193 +761,17 @@ pub fn spawn_relay_on(
     let plain = |socket: std::net::UdpSocket| Ok(socket);
     let a = RtpLeg::new(LegId::A, a, now, plain)?;
     let b = RtpLeg::new(LegId::B, b, now, plain)?;
-    let counters: Arc<[Counters; 2]> = Arc::new([Counters::default(), Counters::default()]);
+    let counters = new_counters();
     let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
-    let relay = Relay {
-        a,
-        b: Other::Rtp(Box::new(b)),
-        counters: Arc::clone(&counters),
-        events: events_tx,
-        config,
-        timeout_reported: false,
-        out: Vec::new(),
-    };
+    let relay = Relay { a, b, counters: Arc::clone(&counters), events: events_tx, config, timeout_reported: false };
     let relay = engine.add(relay)?;
     Ok((RelayHandle { driver: Driver::Engine(Some(relay)), counters, bridged: false }, events_rx))
 }
 
-/// Starts a relay between the caller's RTP leg and the AI bridge. Must run inside a tokio
-/// runtime.
-pub fn spawn_bridged(
-    a: RtpLegSetup,
-    config: RelayConfig,
-) -> Result<(RelayHandle, mpsc::Receiver<RelayEvent>, BridgeMedia), RelayError> {
-    tokio::runtime::Handle::try_current().map_err(|_| RelayError::NoRuntime)?;
-    let a = RtpLeg::new(LegId::A, a, Instant::now(), register)?;
-    let (to_bridge, caller_audio) = mpsc::channel(1);
-    let (dtmf_to_bridge, caller_dtmf) = mpsc::channel(32);
-    // One paced frame in flight: the bridge adds no buffering beyond a frame in either direction.
-    let (agent_audio, from_bridge) = mpsc::channel(1);
-    let (handle, events) = start(a, Other::Bridge { to_bridge, dtmf_to_bridge }, Some(from_bridge), config, true);
-    Ok((handle, events, BridgeMedia { caller_audio, caller_dtmf, agent_audio }))
-}
-
-fn start(
-    a: RtpLeg,
-    b: Other,
-    from_bridge: Option<mpsc::Receiver<Bytes>>,
-    config: RelayConfig,
-    bridged: bool,
-) -> (RelayHandle, mpsc::Receiver<RelayEvent>) {
-    let counters: Arc<[Counters; 2]> = Arc::new([Counters::default(), Counters::default()]);
-    let (control_tx, control_rx) = mpsc::unbounded_channel();
-    let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
-    let relay = Relay {
-        a,
-        b,
-        counters: Arc::clone(&counters),
-        events: events_tx,
-        config,
-        timeout_reported: false,
-        out: Vec::new(),
-    };
-    let task = tokio::spawn(relay.run(control_rx, from_bridge));
-    (RelayHandle { driver: Driver::Task { control: control_tx, task: Some(task) }, counters, bridged }, events_rx)
-}
-
-/// What woke the relay.
-enum Wake {
-    Rtp(LegId),
-    Rtcp(LegId),
-    Agent(Option<Bytes>),
-    Control(Option<Control>),
-    Timer,
-}
-
-/// Waits for the next thing to do. Sockets are polled with `poll_read_ready`, which keeps one
-/// waker per socket instead of queueing a waiter per call as `readable()` does: on the hot path
-/// (one packet per wakeup) that is most of the relay's overhead besides the syscalls. The
-/// starting socket rotates so that a busy socket cannot starve the others.
-fn poll_wake(
-    cx: &mut Context<'_>,
-    a: &RtpLeg,
-    b: &Other,
-    control: &mut mpsc::UnboundedReceiver<Control>,
-    from_bridge: &mut Option<mpsc::Receiver<Bytes>>,
-    timer: Pin<&mut tokio::time::Sleep>,
-    rotation: usize,
-) -> Poll<Wake> {
-    if let Poll::Ready(c) = control.poll_recv(cx) {
-        return Poll::Ready(Wake::Control(c));
-    }
-    // (socket, is RTCP, leg)
-    let sockets: [(&LegSocket, bool, LegId); 4] = match b {
-        Other::Rtp(b) => {
-            [(&a.rtp, false, LegId::A), (&b.rtp, false, LegId::B), (&a.rtcp, true, LegId::A), (&b.rtcp, true, LegId::B)]
-        }
-        Other::Bridge { .. } => {
-            [(&a.rtp, false, LegId::A), (&a.rtcp, true, LegId::A), (&a.rtp, false, LegId::A), (&a.rtcp, true, LegId::A)]
-        }
-    };
-    for i in 0..4 {
-        let (socket, rtcp, leg) = sockets[(rotation + i) % 4];
-        // An error counts as ready: the read that follows sees it and moves on.
-        // The readiness guard is dropped unused: the readiness stays until a read would block.
-        if socket.poll_read_ready(cx).is_ready() {
-            return Poll::Ready(if rtcp { Wake::Rtcp(leg) } else { Wake::Rtp(leg) });
-        }
-    }
-    if let Some(rx) = from_bridge
-        && let Poll::Ready(frame) = rx.poll_recv(cx)
-    {
-        return Poll::Ready(Wake::Agent(frame));
-    }
-    if timer.poll(cx).is_ready() {
-        return Poll::Ready(Wake::Timer);
-    }
-    Poll::Pending
-}
-
-fn leg_of<'a, S>(a: &'a mut RtpLeg<S>, b: &'a mut Other<S>, leg: LegId) -> Option<&'a mut RtpLeg<S>> {
-    match (leg, b) {
-        (LegId::A, _) => Some(a),
-        (LegId::B, Other::Rtp(b)) => Some(b),
-        (LegId::B, Other::Bridge { .. }) => None,
-    }
-}
-
 impl Relay {
-    async fn run(
-        mut self,
-        mut control: mpsc::UnboundedReceiver<Control>,
-        mut from_bridge: Option<mpsc::Receiver<Bytes>>,
-    ) {
-        let timer = tokio::time::sleep(self.config.media_timeout);
-        tokio::pin!(timer);
-        let mut rotation = 0usize;
-        loop {
-            rotation = rotation.wrapping_add(1);
-            let wake = std::future::poll_fn(|cx| {
-                poll_wake(cx, &self.a, &self.b, &mut control, &mut from_bridge, timer.as_mut(), rotation)
-            })
-            .await;
-            match wake {
-                Wake::Control(None) => return,
-                Wake::Control(Some(Control::Stop(done))) => {
-                    drop(self);
-                    let _ = done.send(());
-                    return;
-                }
-                Wake::Control(Some(Control::Update(leg, media))) => self.update(leg, *media),
-                Wake::Rtp(leg) => self.drain_rtp(leg),
-                Wake::Rtcp(leg) => self.drain_rtcp(leg),
-                Wake::Agent(Some(frame)) => self.agent_frame(&frame),
-                Wake::Agent(None) => from_bridge = None,
-                Wake::Timer => {
-                    let next = self.check_timeout();
-                    timer.as_mut().reset(next);
-                }
-            }
-        }
-    }
-
-    /// Relays what is queued on a leg's RTP socket, up to [`BATCH`] datagrams. Stops at
-    /// `WouldBlock` (tokio then waits for the next readiness) or at any other error (the
-    /// readiness stays, the next wakeup reads on).
-    fn drain_rtp(&mut self, leg: LegId) {
-        SCRATCH.with_borrow_mut(|buf| {
-            for _ in 0..BATCH {
-                let Some(this) = leg_of(&mut self.a, &mut self.b, leg) else { return };
-                match this.rtp.try_io(Interest::READABLE, |s| s.recv_from(&mut buf[..])) {
-                    Ok((len, source)) => self.on_rtp(leg, &mut buf[..len], source),
-                    Err(_) => return,
-                }
-            }
-        })
-    }
-
-    /// The same for the RTCP socket.
-    fn drain_rtcp(&mut self, leg: LegId) {
-        SCRATCH.with_borrow_mut(|buf| {
-            for _ in 0..BATCH {
-                let Some(this) = leg_of(&mut self.a, &mut self.b, leg) else { return };
-                match this.rtcp.try_io(Interest::READABLE, |s| s.recv_from(&mut buf[..])) {
-                    Ok((len, source)) => self.on_rtcp(leg, &buf[..len], source),
-                    Err(_) => return,
-                }
-            }
-        })
-    }
-}
-
-impl Relay<std::net::UdpSocket> {
     /// The four sockets, for the media engine's epoll set.
     pub(super) fn sockets(&self) -> impl Iterator<Item = (LegId, bool, &std::net::UdpSocket)> {
-        let b = match &self.b {
-            Other::Rtp(b) => Some(&**b),
-            Other::Bridge { .. } => None,
-        };
-        [Some(&self.a), b].into_iter().flatten().flat_map(|leg| [(leg.id, false, &leg.rtp), (leg.id, true, &leg.rtcp)])
+        [&self.a, &self.b].into_iter().flat_map(|leg| [(leg.id, false, &leg.rtp), (leg.id, true, &leg.rtcp)])
     }
 
     /// The configured media timeout.
@@ -750,7 +783,7 @@ impl Relay<std::net::UdpSocket> {
     /// readiness: the engine's epoll is level-triggered, so anything left is reported again,
     /// and no read is spent finding the queue empty.
     pub(super) fn receive_one(&mut self, leg: LegId, rtcp: bool, buf: &mut [u8]) {
-        let Some(this) = leg_of(&mut self.a, &mut self.b, leg) else { return };
+        let (this, _) = self.legs(leg);
         let socket = if rtcp { &this.rtcp } else { &this.rtp };
         // Errors (WouldBlock after a spurious wakeup, a pending ICMP error) are consumed by the
         // read; the next readiness tries again.
@@ -761,221 +794,260 @@ impl Relay<std::net::UdpSocket> {
             self.on_rtp(leg, &mut buf[..len], source);
         }
     }
-}
 
-impl<S: LegIo> Relay<S> {
+    /// The deadline of the next media timeout check; reports the timeout once per silence.
+    pub(super) fn check_timeout(&mut self) -> Instant {
+        check_timeout(&[&self.a, &self.b], self.config.media_timeout, &mut self.timeout_reported, &self.events)
+    }
+
+    fn legs(&mut self, leg: LegId) -> (&mut RtpLeg<std::net::UdpSocket>, &mut RtpLeg<std::net::UdpSocket>) {
+        match leg {
+            LegId::A => (&mut self.a, &mut self.b),
+            LegId::B => (&mut self.b, &mut self.a),
+        }
+    }
+
+    /// Applies a re-INVITE's outcome to a leg.
     pub(super) fn update(&mut self, leg: LegId, media: LegMedia) {
-        let (this, other) = match (leg, &mut self.b) {
-            (LegId::A, Other::Rtp(b)) => (&mut self.a, Some(&mut **b)),
-            (LegId::A, Other::Bridge { .. }) => (&mut self.a, None),
-            (LegId::B, Other::Rtp(b)) => (&mut **b, Some(&mut self.a)),
-            (LegId::B, Other::Bridge { .. }) => return,
-        };
-        if this.media.remote_rtp != media.remote_rtp {
-            this.latched = None;
-            this.rtcp_latched = None;
-            // The stream behind this leg changes: what the other leg receives starts a new
-            // segment even if the SSRC stays.
-            if let Some(other) = other {
-                other.rewriter.reset();
-            }
+        let (this, other) = self.legs(leg);
+        // The stream behind this leg changes: what the other leg receives starts a new
+        // segment even if the SSRC stays.
+        if this.apply(media) {
+            other.rewriter.reset();
         }
-        // A leg resuming from hold is expected to send again from now.
-        if !this.media.direction.receives() && media.direction.receives() {
-            this.last_rx = Instant::now();
-        }
-        this.media = media;
         self.timeout_reported = false;
     }
 
-    /// The deadline of the next timeout check; reports the timeout once per silence.
-    pub(super) fn check_timeout(&mut self) -> Instant {
-        let now = Instant::now();
-        let timeout = self.config.media_timeout;
-        let b = match &self.b {
-            Other::Rtp(b) => Some(&**b),
-            Other::Bridge { .. } => None,
-        };
-        let last = [Some(&self.a), b]
-            .into_iter()
-            .flatten()
-            .filter(|leg| leg.media.direction.receives())
-            .map(|leg| leg.last_rx)
-            .max();
-        let Some(last) = last else {
-            // Everybody is on hold: nothing is expected.
-            return now + timeout;
-        };
-        let silent_for = now.saturating_duration_since(last);
-        if silent_for >= timeout {
-            if !self.timeout_reported {
-                self.timeout_reported = true;
-                let _ = self.events.try_send(RelayEvent::MediaTimeout { silent_for });
-            }
-            return now + timeout;
-        }
-        last + timeout
-    }
-
-    fn leg_mut(&mut self, leg: LegId) -> Option<&mut RtpLeg<S>> {
-        leg_of(&mut self.a, &mut self.b, leg)
-    }
-
-    pub(super) fn on_rtcp(&mut self, leg: LegId, packet: &[u8], source: SocketAddr) {
-        let counters = &self.counters[leg.index()];
-        if super::rtp::parse_rtcp(packet).is_err() {
-            bump(&counters.dropped_invalid, 1);
+    fn on_rtcp(&mut self, leg: LegId, packet: &[u8], source: SocketAddr) {
+        let counters = Arc::clone(&self.counters);
+        let (this, target) = self.legs(leg);
+        if !this.receive_rtcp(packet, source, &counters[leg.index()]) {
             return;
         }
-        let Some(this) = self.leg_mut(leg) else { return };
-        if !this.accept_rtcp(source) {
-            bump(&self.counters[leg.index()].dropped_source, 1);
-            return;
-        }
-        bump(&self.counters[leg.index()].rtcp_in, 1);
-        let (a, b) = (&mut self.a, &mut self.b);
-        let target = match (leg, b) {
-            (LegId::A, Other::Rtp(b)) => &**b,
-            (LegId::B, Other::Rtp(_)) => &*a,
-            (_, Other::Bridge { .. }) => return, // RTCP ends at the node in bridged mode
-        };
         if let Some(dest) = target.rtcp_destination()
-            && target.rtcp.udp().send_to(packet, dest).is_ok()
+            && target.rtcp.send_to(packet, dest).is_ok()
         {
-            bump(&self.counters[target.id.index()].rtcp_out, 1);
+            bump(&counters[target.id.index()].rtcp_out, 1);
         }
     }
 
-    pub(super) fn on_rtp(&mut self, leg: LegId, packet: &mut [u8], source: SocketAddr) {
-        let index = leg.index();
-        let len = packet.len();
-        let (sequence, timestamp, ssrc, marker, payload_type, payload_start, payload_end) =
-            match RtpPacket::parse(packet) {
-                Ok(p) => (
-                    p.sequence,
-                    p.timestamp,
-                    p.ssrc,
-                    p.marker,
-                    p.payload_type,
-                    p.header_len,
-                    p.header_len + p.payload.len(),
-                ),
-                Err(_) => {
-                    bump(&self.counters[index].dropped_invalid, 1);
-                    return;
+    fn on_rtp(&mut self, leg: LegId, packet: &mut [u8], source: SocketAddr) {
+        let counters = Arc::clone(&self.counters);
+        let events = self.events.clone();
+        let (this, target) = self.legs(leg);
+        let Some(r) = this.receive(packet, source, &counters[leg.index()], &events) else { return };
+        if !r.forward {
+            return;
+        }
+        let dropped = &counters[leg.index()].dropped_other;
+        let Some(dest) = target.destination().filter(|_| target.media.direction.sends()) else {
+            bump(dropped, 1);
+            return;
+        };
+        let out_type = if r.is_audio {
+            target.media.payload_type
+        } else if let Some(pt) = target.media.telephone_event {
+            pt
+        } else {
+            bump(dropped, 1);
+            return;
+        };
+        if r.is_audio && target.media.codec != r.codec {
+            let payload = &mut packet[r.payload.clone()];
+            match target.media.codec {
+                Codec::Pcma => g711::ulaw_to_alaw_in_place(payload),
+                _ => g711::alaw_to_ulaw_in_place(payload),
+            }
+        }
+        let out = target.rewriter.rewrite(r.ssrc, r.sequence, r.timestamp, r.marker, r.now.into_std());
+        let header = RtpHeader {
+            marker: out.marker,
+            payload_type: out_type,
+            sequence: out.sequence,
+            timestamp: out.timestamp,
+            ssrc: out.ssrc,
+        };
+        let _ = header.rewrite(packet);
+        let out_counters = &counters[target.id.index()];
+        match target.rtp.send_to(packet, dest) {
+            Ok(_) => {
+                bump(&out_counters.packets_out, 1);
+                bump(&out_counters.bytes_out, packet.len() as u64);
+            }
+            Err(_) => bump(dropped, 1),
+        }
+    }
+}
+
+/// What the caller's leg of a bridged call hands to the bridge session.
+pub(crate) enum CallerInput<'a> {
+    /// One caller frame as μ-law (transcoded from A-law in place when the caller sends A-law).
+    Audio(&'a mut [u8]),
+    /// A key press.
+    Key(char),
+}
+
+/// The caller's leg of a bridged call: the same RTP handling as an anchored call's leg (see
+/// the module doc), driven by the bridge session's own task rather than a task of its own, so
+/// that a caller frame goes from the UDP socket to the WebSocket in one wakeup with no channel
+/// in between, and an agent frame from the playback buffer to the caller's socket likewise.
+///
+/// Counters: leg A is the caller; leg B stands for the bridge (`packets_in` are agent frames,
+/// `dropped_other` agent frames that could not be sent).
+pub(crate) struct BridgedLeg {
+    leg: RtpLeg,
+    counters: Arc<[Counters; 2]>,
+    events: mpsc::Sender<RelayEvent>,
+    control: MailboxReceiver<Control>,
+    media_timeout: Duration,
+    timeout_reported: bool,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    /// The timer has been polled since it was last reset (so it will wake the task).
+    timer_armed: bool,
+    /// The RTP packet of the agent frame being sent (empty until the first frame).
+    out: Vec<u8>,
+}
+
+/// Sets up the caller's leg of a bridged call, for the bridge session to drive
+/// ([`BridgedLeg::poll`]). Must run inside a tokio runtime. The handle works as for an
+/// anchored relay: [`RelayHandle::update_leg`] for leg A, stats, and stop (or drop), which
+/// releases the ports and ends the bridge session as "media ended".
+pub(crate) fn start_bridged(
+    a: RtpLegSetup,
+    config: RelayConfig,
+) -> Result<(BridgedLeg, RelayHandle, mpsc::Receiver<RelayEvent>), RelayError> {
+    tokio::runtime::Handle::try_current().map_err(|_| RelayError::NoRuntime)?;
+    let leg = RtpLeg::new(LegId::A, a, Instant::now(), register)?;
+    let counters = new_counters();
+    let (control_tx, control_rx) = mailbox();
+    let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
+    let bridged = BridgedLeg {
+        leg,
+        counters: Arc::clone(&counters),
+        events: events_tx,
+        control: control_rx,
+        media_timeout: config.media_timeout,
+        timeout_reported: false,
+        timer: Box::pin(tokio::time::sleep(config.media_timeout)),
+        timer_armed: false,
+        out: Vec::new(),
+    };
+    Ok((bridged, RelayHandle { driver: Driver::Mailbox(control_tx), counters, bridged: true }, events_rx))
+}
+
+impl BridgedLeg {
+    /// Does what the leg has to do now: re-INVITE updates, caller RTP (each frame and key
+    /// press goes to `sink`, which returns whether it took the frame; a frame it did not take
+    /// is counted as `dropped_other`), RTCP (which ends at the node), the media timeout.
+    /// `Ready` when the relay handle asked to stop (with the acknowledgement to send once the
+    /// leg is dropped) or was dropped (`None`).
+    pub(crate) fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        sink: &mut dyn FnMut(&mut Context<'_>, CallerInput<'_>) -> bool,
+    ) -> Poll<Option<oneshot::Sender<()>>> {
+        while let Poll::Ready(control) = self.control.poll_recv(cx) {
+            match control {
+                None => return Poll::Ready(None),
+                Some(Control::Stop(done)) => return Poll::Ready(Some(done)),
+                Some(Control::Update(LegId::A, media)) => {
+                    self.leg.apply(*media);
+                    self.timeout_reported = false;
                 }
+                Some(Control::Update(LegId::B, _)) => {} // refused by the handle
+            }
+        }
+        let mut more = false;
+        SCRATCH.with_borrow_mut(|batch| {
+            more |= self.drain(cx, batch, false, sink);
+            more |= self.drain(cx, batch, true, sink);
+        });
+        if more {
+            // A busy socket: let the other tasks run, then come back.
+            cx.waker().wake_by_ref();
+        }
+        // The timer is polled only once due (and after a reset, to register it): it keeps the
+        // task's waker between polls, and polling it on every packet was measurable.
+        while !self.timer_armed || Instant::now() >= self.timer.deadline() {
+            self.timer_armed = true;
+            if self.timer.as_mut().poll(cx).is_pending() {
+                break;
+            }
+            let next = check_timeout(&[&self.leg], self.media_timeout, &mut self.timeout_reported, &self.events);
+            self.timer.as_mut().reset(next);
+            self.timer_armed = false;
+        }
+        Poll::Pending
+    }
+
+    /// Reads up to [`BATCH`] datagrams from the RTP or RTCP socket; returns whether more may
+    /// be waiting.
+    fn drain(
+        &mut self,
+        cx: &mut Context<'_>,
+        batch: &mut Datagrams,
+        rtcp: bool,
+        sink: &mut dyn FnMut(&mut Context<'_>, CallerInput<'_>) -> bool,
+    ) -> bool {
+        // One more poll than batches: after a short batch (readiness cleared) it only registers
+        // the waker, without a syscall, so that the next datagram wakes the task.
+        for _ in 0..=BATCHES_PER_WAKE {
+            let socket = if rtcp { &self.leg.rtcp } else { &self.leg.rtp };
+            let n = match poll_recv_batch(socket, cx, batch) {
+                Poll::Ready(Ok(n)) => n,
+                // An error (an ICMP error reported on a UDP socket, say) was consumed by the
+                // receive: read on next time.
+                Poll::Ready(Err(_)) => return true,
+                Poll::Pending => return false,
             };
-        let Some(this) = self.leg_mut(leg) else { return };
-        let latched = match this.accept(source) {
-            Ok(latched) => latched,
-            Err(()) => {
-                bump(&self.counters[index].dropped_source, 1);
-                return;
-            }
-        };
-        let now = Instant::now();
-        this.last_rx = now;
-        let receives = this.media.direction.receives();
-        let this_codec = this.media.codec;
-        let is_audio = payload_type == this.media.payload_type;
-        let is_event = this.media.telephone_event == Some(payload_type);
-        let class = this.sequence.record(ssrc, sequence);
-        let mut digit = None;
-        if is_event && let Ok(event) = TelephoneEvent::parse(&packet[payload_start..payload_end]) {
-            let Some(this) = self.leg_mut(leg) else { return };
-            digit = this.dtmf.push(timestamp, &event);
-        }
-        let counters = &self.counters[index];
-        bump(&counters.packets_in, 1);
-        bump(&counters.bytes_in, len as u64);
-        match class {
-            super::rtp::SequenceClass::Gap(n) => bump(&counters.lost, n as u64),
-            super::rtp::SequenceClass::Late => bump(&counters.late, 1),
-            _ => {}
-        }
-        if let Some(source) = latched {
-            let _ = self.events.try_send(RelayEvent::Latched { leg, source });
-        }
-        if let Some(digit) = digit {
-            bump(&counters.dtmf, 1);
-            let _ = self.events.try_send(RelayEvent::Dtmf { leg, digit });
-            if let (Other::Bridge { dtmf_to_bridge, .. }, Some(key)) = (&self.b, digit.digit) {
-                let _ = dtmf_to_bridge.try_send(key);
+            for i in 0..n {
+                let Some(source) = batch.source[i] else { continue };
+                let packet = &mut batch.data[i][..batch.len[i]];
+                if rtcp {
+                    // RTCP ends at the node in bridged mode.
+                    self.leg.receive_rtcp(packet, source, &self.counters[0]);
+                } else {
+                    self.on_rtp(cx, packet, source, sink);
+                }
             }
         }
-        if !receives || !(is_audio || is_event) {
-            bump(&counters.dropped_other, 1);
+        true
+    }
+
+    fn on_rtp(
+        &mut self,
+        cx: &mut Context<'_>,
+        packet: &mut [u8],
+        source: SocketAddr,
+        sink: &mut dyn FnMut(&mut Context<'_>, CallerInput<'_>) -> bool,
+    ) {
+        let Some(r) = self.leg.receive(packet, source, &self.counters[0], &self.events) else { return };
+        if let Some(key) = r.key {
+            sink(cx, CallerInput::Key(key));
+        }
+        if !r.forward || !r.is_audio {
             return;
         }
-        let (a, b) = (&mut self.a, &mut self.b);
-        match (leg, b) {
-            (LegId::A, Other::Bridge { to_bridge, .. }) => {
-                if !is_audio {
-                    return;
-                }
-                let payload = &mut packet[payload_start..payload_end];
-                if this_codec == Codec::Pcma {
-                    g711::alaw_to_ulaw_in_place(payload);
-                }
-                if to_bridge.try_send(Bytes::copy_from_slice(payload)).is_err() {
-                    bump(&self.counters[0].dropped_other, 1);
-                }
-            }
-            (_, Other::Bridge { .. }) => {}
-            (leg, Other::Rtp(b)) => {
-                let target: &mut RtpLeg<S> = if leg == LegId::A { b } else { a };
-                let dropped = &self.counters[index].dropped_other;
-                let Some(dest) = target.destination().filter(|_| target.media.direction.sends()) else {
-                    bump(dropped, 1);
-                    return;
-                };
-                let out_type = if is_audio {
-                    target.media.payload_type
-                } else if let Some(pt) = target.media.telephone_event {
-                    pt
-                } else {
-                    bump(dropped, 1);
-                    return;
-                };
-                if is_audio && target.media.codec != this_codec {
-                    let payload = &mut packet[payload_start..payload_end];
-                    match target.media.codec {
-                        Codec::Pcma => g711::ulaw_to_alaw_in_place(payload),
-                        _ => g711::alaw_to_ulaw_in_place(payload),
-                    }
-                }
-                let out = target.rewriter.rewrite(ssrc, sequence, timestamp, marker, now.into_std());
-                let header = RtpHeader {
-                    marker: out.marker,
-                    payload_type: out_type,
-                    sequence: out.sequence,
-                    timestamp: out.timestamp,
-                    ssrc: out.ssrc,
-                };
-                let _ = header.rewrite(packet);
-                let out_counters = &self.counters[target.id.index()];
-                match target.rtp.udp().send_to(packet, dest) {
-                    Ok(_) => {
-                        bump(&out_counters.packets_out, 1);
-                        bump(&out_counters.bytes_out, len as u64);
-                    }
-                    Err(_) => bump(dropped, 1),
-                }
-            }
+        let payload = &mut packet[r.payload];
+        if r.codec == Codec::Pcma {
+            g711::alaw_to_ulaw_in_place(payload);
+        }
+        if !sink(cx, CallerInput::Audio(payload)) {
+            bump(&self.counters[0].dropped_other, 1);
         }
     }
 
-    /// One paced agent frame (μ-law) to the caller.
-    fn agent_frame(&mut self, frame: &[u8]) {
-        bump(&self.counters[1].packets_in, 1);
-        bump(&self.counters[1].bytes_in, frame.len() as u64);
-        let a = &mut self.a;
+    /// Sends one paced agent frame (μ-law) to the caller; returns whether it went out.
+    pub(crate) fn play(&mut self, frame: &[u8]) -> bool {
+        let counters = &self.counters[1];
+        bump(&counters.packets_in, 1);
+        bump(&counters.bytes_in, frame.len() as u64);
+        let a = &mut self.leg;
         let Some(dest) = a.destination().filter(|_| a.media.direction.sends() && !frame.is_empty()) else {
-            bump(&self.counters[1].dropped_other, 1);
-            return;
+            bump(&counters.dropped_other, 1);
+            return false;
         };
-        let now = Instant::now();
-        let out = a.rewriter.next_own(frame.len() as u32, now.into_std());
+        let out = a.rewriter.next_own(frame.len() as u32, Instant::now().into_std());
         let header = RtpHeader {
             marker: out.marker,
             payload_type: a.media.payload_type,
@@ -988,12 +1060,16 @@ impl<S: LegIo> Relay<S> {
         if a.media.codec == Codec::Pcma {
             g711::ulaw_to_alaw_in_place(&mut self.out[super::rtp::RTP_HEADER_LEN..]);
         }
-        match a.rtp.udp().send_to(&self.out, dest) {
+        match a.rtp.get_ref().send_to(&self.out, dest) {
             Ok(_) => {
                 bump(&self.counters[0].packets_out, 1);
                 bump(&self.counters[0].bytes_out, self.out.len() as u64);
+                true
             }
-            Err(_) => bump(&self.counters[1].dropped_other, 1),
+            Err(_) => {
+                bump(&counters.dropped_other, 1);
+                false
+            }
         }
     }
 }
@@ -1309,59 +1385,11 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn bridged_relay_carries_caller_audio_and_agent_frames() {
-        let allocator = allocator(42160);
-        let caller = peer().await;
-        let ports = allocator.allocate().unwrap();
-        let to_a = SocketAddr::new(localhost(), ports.rtp_port());
-        let mut media = LegMedia::new(Codec::Pcma, Some(caller.local_addr().unwrap()));
-        media.telephone_event = Some(101);
-        let (handle, _events, mut bridge) =
-            spawn_bridged(RtpLegSetup { ports, media }, RelayConfig::default()).unwrap();
-        // Caller (A-law) → bridge (μ-law).
-        caller.send_to(&rtp(8, 1, 0, 1, &[0xD5; 160]), to_a).await.unwrap();
-        let frame = tokio::time::timeout(Duration::from_secs(2), bridge.caller_audio.recv()).await.unwrap().unwrap();
-        assert_eq!(&frame[..], &[g711::alaw_to_ulaw(0xD5); 160]);
-        // DTMF → bridge.
-        let end = TelephoneEvent { event: 11, end: true, volume: 10, duration: 400 }.to_bytes();
-        caller.send_to(&rtp(101, 2, 160, 1, &end), to_a).await.unwrap();
-        let key = tokio::time::timeout(Duration::from_secs(2), bridge.caller_dtmf.recv()).await.unwrap();
-        assert_eq!(key, Some('#'));
-        // Agent frames (μ-law) → caller (A-law), consecutive sequence numbers and timestamps.
-        let mut last: Option<(u16, u32)> = None;
-        for i in 0..3u8 {
-            bridge.agent_audio.send(Bytes::from(vec![0xFF; 160])).await.unwrap();
-            let (packet, from) = recv(&caller).await;
-            assert_eq!(from, to_a);
-            let p = RtpPacket::parse(&packet).unwrap();
-            assert_eq!(p.payload_type, 8);
-            assert_eq!(p.payload, &[g711::ulaw_to_alaw(0xFF); 160]);
-            if let Some((seq, ts)) = last {
-                assert_eq!(p.sequence, seq.wrapping_add(1));
-                assert_eq!(p.timestamp, ts.wrapping_add(160), "frame {i}");
-            }
-            last = Some((p.sequence, p.timestamp));
-        }
-        // The bridge slot holds one frame: a slow bridge loses frames, it does not queue them.
-        for i in 0..5u16 {
-            caller.send_to(&rtp(8, 10 + i, 160 * (10 + i) as u32, 1, &[0xD5; 160]), to_a).await.unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(bridge.caller_audio.try_recv().is_ok());
-        assert!(bridge.caller_audio.try_recv().is_err());
-        assert!(handle.stats().a.dropped_other >= 4);
-        assert!(matches!(handle.update_leg(LegId::B, LegMedia::new(Codec::Pcmu, None)), Err(RelayError::NoSuchLeg(_))));
-        drop(handle);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        assert_eq!(allocator.in_use(), 0, "dropping the handle releases the ports");
-    }
-
     #[test]
     fn outside_a_runtime_is_an_error() {
         let allocator = allocator(42180);
         let a = RtpLegSetup { ports: allocator.allocate().unwrap(), media: LegMedia::new(Codec::Pcmu, None) };
-        assert!(matches!(spawn_bridged(a, RelayConfig::default()), Err(RelayError::NoRuntime)));
+        assert!(matches!(start_bridged(a, RelayConfig::default()), Err(RelayError::NoRuntime)));
         assert_eq!(allocator.in_use(), 0);
     }
 }

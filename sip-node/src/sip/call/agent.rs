@@ -30,7 +30,7 @@ impl Call {
         a_rx: &mut mpsc::UnboundedReceiver<TuEvent>,
     ) -> Outcome {
         use crate::bridge::{self, BridgeConfig, CallParameters};
-        use crate::media::relay::{LegId, LegMedia, RelayConfig, RelayEvent, RtpLegSetup, spawn_bridged};
+        use crate::media::relay::{LegId, LegMedia, RelayConfig, RelayEvent, RtpLegSetup};
         use crate::media::sdp::{
             LocalEndpoint, MediaPolicy, SdpSession, SessionDescription, TELEPHONE_EVENT_PT, answer_offer, create_offer,
             process_answer,
@@ -112,16 +112,14 @@ impl Call {
                 return self.refuse_caller(503, format!("AI agent unreachable: {error}"), Some(record(None, None)));
             }
         };
-        let (relay, mut relay_events, bridge_media) = match spawn_bridged(
-            RtpLegSetup { ports: pair, media: leg_media },
-            RelayConfig { media_timeout: media.timeout },
-        ) {
+        let (mut agent, relay, mut relay_events) = match connection
+            .spawn(RtpLegSetup { ports: pair, media: leg_media }, RelayConfig { media_timeout: media.timeout })
+        {
             Ok(started) => started,
             Err(error) => {
                 return self.refuse_caller(503, format!("cannot start media: {error}"), Some(record(None, None)));
             }
         };
-        let mut agent = connection.spawn(bridge_media.into());
 
         // Answer the caller with the node's SDP.
         let contact = self.ctx.endpoint.contact_for(self.a_peer, "");

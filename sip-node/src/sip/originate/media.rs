@@ -20,7 +20,7 @@ use super::super::transaction::response_to;
 use super::CallContext;
 use crate::bridge::{self, BridgeConfig, CallParameters};
 use crate::media::ports::{PortError, PortPair};
-use crate::media::relay::{LegId, RelayConfig, RelayEvent, RtpLegSetup, spawn_bridged};
+use crate::media::relay::{LegId, RelayConfig, RelayEvent, RtpLegSetup};
 use crate::media::sdp::{
     LocalEndpoint, MediaPolicy, NegotiatedMedia, SdpError, SdpSession, SessionDescription, answer_offer, create_offer,
     process_answer,
@@ -115,16 +115,14 @@ pub(super) async fn bridge_to_agent(
     let Some(pair) = media.pair.take() else {
         return (HangupBy::System, bye(dialog, HangupReason::normal("internal: the call's RTP ports are gone")));
     };
-    let (relay, mut events, bridge_media) = match spawn_bridged(
-        RtpLegSetup { ports: pair, media: (&negotiated).into() },
-        RelayConfig { media_timeout: media.timeout },
-    ) {
+    let (mut handle, relay, mut events) = match connection
+        .spawn(RtpLegSetup { ports: pair, media: (&negotiated).into() }, RelayConfig { media_timeout: media.timeout })
+    {
         Ok(started) => started,
         Err(error) => {
             return (HangupBy::System, bye(dialog, HangupReason::normal(format!("cannot start media: {error}"))));
         }
     };
-    let mut handle = connection.spawn(bridge_media.into());
     let limit = tokio::time::sleep(max_duration);
     tokio::pin!(limit);
     let ended = loop {
