@@ -18,6 +18,10 @@
 //! needs (`recvfrom` + `sendto` on loopback, measured on the relay's core without tokio): the
 //! relay's ns per packet can be compared with that floor.
 //!
+//! A lateness probe on the relay's core (a thread sleeping 1 ms again and again) and the
+//! generator's slowest slot of sends are printed with each step: when they show stalls of
+//! milliseconds, the core or the VM stalled, whatever the relay did.
+//!
 //! The figures are for this machine as it is: other processes on the two cores (the `other`
 //! column: CPU used by everything but this process, in % of one core) delay the relay and show
 //! up as jitter, and so do stalls that no counter here explains (the machine is a VM): a
@@ -484,7 +488,52 @@ impl Generator {
 // ---------------------------------------------------------------------------------------------
 // Steps.
 
+/// A thread on the relay's core that sleeps 1 ms again and again and records how late it
+/// wakes while a step is measured: lateness well above a millisecond means the core itself
+/// (the VM's vCPU) did not run for that long, whatever the relay does.
+struct LatenessProbe {
+    measuring: std::sync::atomic::AtomicBool,
+    stop: std::sync::atomic::AtomicBool,
+    late_us: std::sync::Mutex<Vec<u32>>,
+}
+
+impl LatenessProbe {
+    fn start(cpu: usize) -> std::sync::Arc<LatenessProbe> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let probe = std::sync::Arc::new(LatenessProbe {
+            measuring: false.into(),
+            stop: false.into(),
+            late_us: std::sync::Mutex::new(Vec::new()),
+        });
+        let p = std::sync::Arc::clone(&probe);
+        thread::spawn(move || {
+            pin_to(cpu);
+            while !p.stop.load(Relaxed) {
+                let before = Instant::now();
+                thread::sleep(Duration::from_millis(1));
+                let late = before.elapsed().saturating_sub(Duration::from_millis(1));
+                if p.measuring.load(Relaxed) {
+                    p.late_us.lock().unwrap().push(late.as_micros().min(u128::from(u32::MAX)) as u32);
+                }
+            }
+        });
+        probe
+    }
+
+    /// Starts or ends a measured window; at the end, returns (p99, max) lateness in µs.
+    fn measure(&self, on: bool) -> (u32, u32) {
+        self.measuring.store(on, std::sync::atomic::Ordering::Relaxed);
+        let mut samples = std::mem::take(&mut *self.late_us.lock().unwrap());
+        if on || samples.is_empty() {
+            return (0, 0);
+        }
+        samples.sort_unstable();
+        (samples[(samples.len() - 1) * 99 / 100], samples[samples.len() - 1])
+    }
+}
+
 struct Bench {
+    probe: std::sync::Arc<LatenessProbe>,
     runtime: tokio::runtime::Runtime,
     engine: MediaEngine,
     /// The engine thread's id, for its CPU time.
@@ -549,7 +598,9 @@ impl Bench {
         let (mut cpu, mut wall, mut other) = ((0u64, 0u64), (Instant::now(), Instant::now()), (0u64, 0u64));
         let mut core = ((0u64, 0u64), (0u64, 0u64));
         let mut generator_cpu = (0u64, 0u64);
+        let mut core_late = (0, 0);
         let sent = generator.run(Duration::from_secs(secs), |start| {
+            core_late = self.probe.measure(start);
             if start {
                 cpu.0 = thread_cpu_ns(self.relay_tid);
                 wall.0 = Instant::now();
@@ -577,6 +628,8 @@ impl Bench {
             min_us: if r.received == 0 { 0 } else { r.min_ns / 1000 },
             relay_dropped,
             slowest_send_us: r.slowest_send.as_micros() as u64,
+            core_late_p99_us: core_late.0,
+            core_late_max_us: core_late.1,
             stalled_sends: r.stalled_sends,
             relay_cpu: relay_cpu_ns as f64 / 1e9 / wall_s,
             ns_per_packet: relay_cpu_ns.checked_div(r.received).unwrap_or(0),
@@ -613,6 +666,9 @@ struct StepResult {
     /// limit: a failing step with stalled sends failed (at least partly) on the generator's side.
     slowest_send_us: u64,
     stalled_sends: u64,
+    /// How late a 1 ms sleep on the relay's core woke (p99, max).
+    core_late_p99_us: u32,
+    core_late_max_us: u32,
     relay_cpu: f64,
     ns_per_packet: u64,
     other_load: f64,
@@ -744,7 +800,8 @@ fn main() {
     pin_to(GENERATOR_CPU);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let allocator = PortAllocator::new(IpAddr::V4(Ipv4Addr::LOCALHOST), PortRange { min: 20000, max: 60999 }).unwrap();
-    let bench = Bench { runtime, engine, relay_tid, allocator };
+    let probe = LatenessProbe::start(RELAY_CPU);
+    let bench = Bench { probe, runtime, engine, relay_tid, allocator };
 
     println!(
         "rtp_relay: G.711 20 ms, 50 pps per direction per call, relay on one media engine thread (CPU {RELAY_CPU})"
@@ -815,6 +872,10 @@ fn main() {
             result.other_load * 100.0,
             if result.passed() { "ok" } else { "FAIL" },
             if result.relay_dropped > 0 { format!(" (relay dropped {})", result.relay_dropped) } else { String::new() }
+                + &format!(
+                    " (relay core: 1 ms sleeps woke late by p99 {} µs, max {} µs)",
+                    result.core_late_p99_us, result.core_late_max_us
+                )
                 + &if result.stalled_sends > 0 {
                     format!(
                         " (generator: {} slots' sends took > 1 ms, slowest {} µs)",
@@ -835,4 +896,5 @@ fn main() {
          (relay CPU {:.0}% of its core)",
         best_cpu * 100.0
     );
+    bench.probe.stop.store(true, std::sync::atomic::Ordering::Relaxed);
 }
