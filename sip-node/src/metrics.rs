@@ -237,6 +237,20 @@ impl NodeMetrics {
         }
     }
 
+    /// Samples, at each scrape, the number of two-leg RTP relays on the node's media threads.
+    /// Registered once; later calls are ignored.
+    pub fn track_media_relays(&self, relays: impl Fn() -> usize + Send + Sync + 'static) {
+        let gauge = IntGauge::new(
+            "switchboard_media_relays",
+            "SIP-to-SIP calls whose RTP the node's media threads relay now (bridged calls not included).",
+        )
+        .expect("valid metric");
+        let sampled = SampledGauge { gauge, sample: Box::new(move || i64::try_from(relays()).unwrap_or(i64::MAX)) };
+        if let Err(error) = self.registry.register(Box::new(sampled)) {
+            tracing::debug!(%error, "media relay gauge already registered");
+        }
+    }
+
     /// Every metric in the Prometheus text exposition format ([`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();

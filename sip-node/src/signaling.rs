@@ -144,6 +144,9 @@ pub async fn start(
     if let Some(media) = &media {
         let ports = media.ports.clone();
         metrics.track_rtp_ports(move || ports.in_use() * 2);
+        if let Ok(engine) = crate::media::engine::MediaEngine::global() {
+            metrics.track_media_relays(|| engine.relays());
+        }
     }
     let ctx = Arc::new(CallContext {
         endpoint,

@@ -355,11 +355,7 @@ fn header<'a>(message: &'a str, name: &str) -> Option<&'a str> {
 // --- checks every call ends with ---
 
 async fn rtp_ports_in_use(node: &Node) -> f64 {
-    let metrics = http_get(node.http, "/metrics").await;
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("switchboard_rtp_ports_in_use ")?.trim().parse().ok())
-        .expect("the node exports switchboard_rtp_ports_in_use")
+    metric(node, "switchboard_rtp_ports_in_use").await.expect("the node exports switchboard_rtp_ports_in_use")
 }
 
 /// The call left nothing behind: its RTP ports are back, its active-call row is gone and its

@@ -188,6 +188,10 @@ async fn hold_and_resume_by_re_invite_stop_and_restart_the_held_direction(pool: 
     let (ok, invite) = establish(&node, &caller, &callee, "0", "0").await;
     let (node_for_caller, node_for_callee) = (sdp_rtp(&ok), sdp_rtp(&invite));
     let tag = to_tag(&ok);
+    // The relay runs on the media threads, and the node's metrics count it (tests in parallel
+    // share the process's media engine: at least this one).
+    let relays = metric(&node, "switchboard_media_relays").await.expect("the node exports switchboard_media_relays");
+    assert!(relays >= 1.0, "switchboard_media_relays {relays}");
 
     // Both directions flow.
     let heard = tokio::join!(talk(&callee, node_for_callee, 0, 5, 0), caller.rtp_collect(Duration::from_millis(400))).1;

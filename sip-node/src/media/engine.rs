@@ -159,6 +159,11 @@ impl MediaEngine {
         self.workers.len()
     }
 
+    /// Relays on the engine now (added and not yet removed), for the node's metrics.
+    pub fn relays(&self) -> usize {
+        self.workers.iter().map(|w| w.relays.load(Ordering::Relaxed)).sum()
+    }
+
     /// Puts a relay on the least loaded worker.
     pub(super) fn add(&self, relay: Relay) -> Result<EngineRelay, RelayError> {
         let worker = self
@@ -431,6 +436,7 @@ mod tests {
         stopped.stop().await;
         assert_eq!(allocator.in_use(), 6, "a stopped relay's two pairs go back at once");
         assert!(handles.iter().all(|h| !h.is_finished()));
+        assert_eq!(engine.relays(), 3);
         drop(engine);
         assert!(handles.iter().all(|h| h.is_finished()), "the engine's end ends its relays");
         assert_eq!(allocator.in_use(), 0);

@@ -677,7 +677,8 @@ impl Call {
                                 let ack = dialog.request(Method::Ack, self.ctx.endpoint.via_for(dialog.peer), Some(cseq), None);
                                 self.ctx.endpoint.send_stateless(rsip::SipMessage::Request(ack), dialog.peer);
                                 if cancel_pending {
-                                    let bye = dialog.request(Method::Bye, self.ctx.endpoint.via_for(dialog.peer), None, None);
+                                    let mut bye = dialog.request(Method::Bye, self.ctx.endpoint.via_for(dialog.peer), None, None);
+                                    bye.headers.push(HangupReason::normal("caller cancelled before the answer").header());
                                     self.ctx.endpoint.send_request(bye, dialog.peer, b_tx.clone());
                                     break AttemptEnd::Cancelled;
                                 }

@@ -262,6 +262,12 @@ pub async fn active_calls(pool: &PgPool) -> i64 {
 }
 
 /// GET on the node's HTTP endpoint with a plain HTTP/1.1 request; returns the body.
+/// A metric without labels from the node's `/metrics`, if it exports it.
+pub async fn metric(node: &Node, name: &str) -> Option<f64> {
+    let text = http_get(node.http, "/metrics").await;
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 pub async fn http_get(addr: SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
