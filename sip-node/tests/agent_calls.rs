@@ -559,6 +559,34 @@ async fn a_delayed_offer_caller_answers_in_its_ack_and_talks_to_the_agent(pool: 
 }
 
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_caller_at_30_ms_ptime_reaches_the_agent_in_20_ms_frames(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let node = Node::start(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))]).await;
+    let mut caller = Caller::new(node.addr, "agent-call-ptime30", 0).await;
+    caller.call().await;
+    agent.expect("start").await;
+
+    // Four 30 ms packets (240 bytes each) are six 20 ms frames for the agent, bytes in order.
+    let sent: Vec<u8> = (0..4 * 240).map(|i| (i % 251) as u8).collect();
+    for packet in sent.chunks(240) {
+        caller.send_audio(packet).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let mut got = vec![];
+    for _ in 0..6 {
+        let payload = payload_of(&agent.expect("media").await.1);
+        assert_eq!(payload.len(), 160, "the agent gets 20 ms frames");
+        got.extend(payload);
+    }
+    assert_eq!(got, sent);
+
+    caller.hang_up().await;
+    agent.expect("stop").await;
+    assert_clean_end(&pool, &node, 200).await;
+    node.stop().await;
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
 async fn a_pcma_caller_is_transcoded_to_and_from_mulaw(pool: PgPool) {
     let mut agent = Agent::start().await;
     let node = Node::start(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))]).await;

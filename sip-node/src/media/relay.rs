@@ -906,7 +906,14 @@ pub(crate) struct BridgedLeg {
     timer_armed: bool,
     /// The RTP packet of the agent frame being sent (empty until the first frame).
     out: Vec<u8>,
+    /// Caller audio short of a whole agent frame (a caller whose ptime is not 20 ms): never
+    /// more than one frame, so the bridge adds no delay beyond the frame it must fill.
+    partial: Vec<u8>,
 }
+
+/// The agent's frame: 20 ms of 8 kHz μ-law, as Twilio Media Streams sends it. Caller audio
+/// in packets of another size (ptime 10, 30, 40) is cut into frames of this size.
+const AGENT_FRAME: usize = 160;
 
 /// Sets up the caller's leg of a bridged call, for the bridge session to drive
 /// ([`BridgedLeg::poll`]). Must run inside a tokio runtime. The handle works as for an
@@ -931,6 +938,7 @@ pub(crate) fn start_bridged(
         timer: Box::pin(tokio::time::sleep(config.media_timeout)),
         timer_armed: false,
         out: Vec::new(),
+        partial: Vec::new(),
     };
     Ok((bridged, RelayHandle { driver: Driver::Mailbox(control_tx), counters, bridged: true }, events_rx))
 }
@@ -1032,8 +1040,24 @@ impl BridgedLeg {
         if r.codec == Codec::Pcma {
             g711::alaw_to_ulaw_in_place(payload);
         }
-        if !sink(cx, CallerInput::Audio(payload)) {
-            bump(&self.counters[0].dropped_other, 1);
+        if self.partial.is_empty() && payload.len() == AGENT_FRAME {
+            // The usual case (ptime 20): the packet is the frame.
+            if !sink(cx, CallerInput::Audio(payload)) {
+                bump(&self.counters[0].dropped_other, 1);
+            }
+            return;
+        }
+        let mut rest: &[u8] = payload;
+        while !rest.is_empty() {
+            let take = (AGENT_FRAME - self.partial.len()).min(rest.len());
+            self.partial.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if self.partial.len() == AGENT_FRAME {
+                if !sink(cx, CallerInput::Audio(&mut self.partial)) {
+                    bump(&self.counters[0].dropped_other, 1);
+                }
+                self.partial.clear();
+            }
         }
     }
 
