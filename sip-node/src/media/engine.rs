@@ -31,7 +31,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::relay::{Control, LegId, Relay, RelayError};
+use super::relay::{Control, DATAGRAM_MAX, LegId, Relay, RelayError};
 
 /// How often media timeouts are checked.
 pub const SWEEP: Duration = Duration::from_millis(50);
@@ -39,8 +39,6 @@ pub const SWEEP: Duration = Duration::from_millis(50);
 const EVENTS_PER_WAIT: usize = 512;
 /// The epoll token of a worker's eventfd.
 const WAKE_TOKEN: u64 = u64::MAX;
-/// Receive buffer: larger than any RTP packet on an Ethernet path.
-const DATAGRAM_MAX: usize = 4096;
 
 /// How many media threads, and where.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

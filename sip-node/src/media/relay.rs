@@ -62,7 +62,7 @@ use super::sdp::{MediaDirection, NegotiatedMedia};
 /// The default media timeout.
 pub const DEFAULT_MEDIA_TIMEOUT: Duration = Duration::from_secs(30);
 /// Receive buffer per datagram: larger than any RTP packet on an Ethernet path.
-const DATAGRAM_MAX: usize = 4096;
+pub(super) const DATAGRAM_MAX: usize = 4096;
 /// Packets read from one socket per wakeup before giving the others a turn.
 const BATCH: usize = 32;
 /// Capacity of the event channel (events are rare: key presses, timeouts).
@@ -309,7 +309,6 @@ pub(super) enum Control {
 pub struct RelayHandle {
     driver: Driver,
     counters: Arc<[Counters; 2]>,
-    bridged: bool,
 }
 
 /// What drives the relay.
@@ -322,7 +321,7 @@ enum Driver {
 
 impl std::fmt::Debug for RelayHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RelayHandle").field("bridged", &self.bridged).finish()
+        f.debug_struct("RelayHandle").field("bridged", &self.is_bridged()).finish()
     }
 }
 
@@ -330,7 +329,7 @@ impl RelayHandle {
     /// Applies a re-INVITE's outcome to a leg: new far-end address (the leg re-latches), codec,
     /// payload types, direction.
     pub fn update_leg(&self, leg: LegId, media: LegMedia) -> Result<(), RelayError> {
-        if self.bridged && leg == LegId::B {
+        if self.is_bridged() && leg == LegId::B {
             return Err(RelayError::NoSuchLeg(leg));
         }
         let update = Control::Update(leg, Box::new(media));
@@ -339,6 +338,11 @@ impl RelayHandle {
             Driver::Engine(Some(relay)) => relay.control(update),
             Driver::Engine(None) => Err(RelayError::Stopped),
         }
+    }
+
+    /// A bridged call's leg: the bridge session drives it, and it has no leg B.
+    fn is_bridged(&self) -> bool {
+        matches!(self.driver, Driver::Mailbox(_))
     }
 
     /// The counters now.
@@ -765,7 +769,7 @@ pub fn spawn_relay_on(
     let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
     let relay = Relay { a, b, counters: Arc::clone(&counters), events: events_tx, config, timeout_reported: false };
     let relay = engine.add(relay)?;
-    Ok((RelayHandle { driver: Driver::Engine(Some(relay)), counters, bridged: false }, events_rx))
+    Ok((RelayHandle { driver: Driver::Engine(Some(relay)), counters }, events_rx))
 }
 
 impl Relay {
@@ -940,7 +944,7 @@ pub(crate) fn start_bridged(
         out: Vec::new(),
         partial: Vec::new(),
     };
-    Ok((bridged, RelayHandle { driver: Driver::Mailbox(control_tx), counters, bridged: true }, events_rx))
+    Ok((bridged, RelayHandle { driver: Driver::Mailbox(control_tx), counters }, events_rx))
 }
 
 impl BridgedLeg {
