@@ -677,8 +677,8 @@ impl Call {
                                 let ack = dialog.request(Method::Ack, self.ctx.endpoint.via_for(dialog.peer), Some(cseq), None);
                                 self.ctx.endpoint.send_stateless(rsip::SipMessage::Request(ack), dialog.peer);
                                 if cancel_pending {
-                                    let mut bye = dialog.request(Method::Bye, self.ctx.endpoint.via_for(dialog.peer), None, None);
-                                    bye.headers.push(HangupReason::normal("caller cancelled before the answer").header());
+                                    let reason = [HangupReason::normal("caller cancelled before the answer").header()];
+                                    let bye = dialog.bye(self.ctx.endpoint.via_for(dialog.peer), &reason);
                                     self.ctx.endpoint.send_request(bye, dialog.peer, b_tx.clone());
                                     break AttemptEnd::Cancelled;
                                 }
@@ -1153,8 +1153,7 @@ impl Call {
 
     /// Sends BYE on a leg with the `Reason` header(s) saying why (RFC 3326).
     fn send_bye(&self, dialog: &mut Dialog, tx: &mpsc::UnboundedSender<TuEvent>, reason: &[Header]) {
-        let mut bye = dialog.request(Method::Bye, self.ctx.endpoint.via_for(dialog.peer), None, None);
-        bye.headers.extend(reason.to_vec());
+        let bye = dialog.bye(self.ctx.endpoint.via_for(dialog.peer), reason);
         self.ctx.endpoint.send_request(bye, dialog.peer, tx.clone());
     }
 

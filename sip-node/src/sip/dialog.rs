@@ -124,6 +124,13 @@ impl Dialog {
         message::set_body(&mut request.headers, &mut request.body, bytes, content_type);
         request
     }
+
+    /// A BYE with the `Reason` header(s) saying why (RFC 3326).
+    pub fn bye(&mut self, via: Header, reason: &[Header]) -> Request {
+        let mut bye = self.request(Method::Bye, via, None, None);
+        bye.headers.extend(reason.to_vec());
+        bye
+    }
 }
 
 /// The Content-Type of a message, if any.

@@ -412,8 +412,7 @@ async fn one_attempt<'a>(
                                 Some(Ok(negotiated)) => Some(negotiated),
                                 Some(Err(error)) if target.agent.is_some() => {
                                     let why = format!("callee's SDP: {error}");
-                                    let mut bye = dialog.request(Method::Bye, ctx.endpoint.via_for(dialog.peer), None, None);
-                                    bye.headers.push(message::HangupReason::incompatible(&why).header());
+                                    let bye = dialog.bye(ctx.endpoint.via_for(dialog.peer), &[message::HangupReason::incompatible(&why).header()]);
                                     ctx.endpoint.send_request(bye, dialog.peer, tx.clone());
                                     break failed(488, why, ring_at);
                                 }
@@ -554,8 +553,7 @@ async fn hold_until_hangup(
             },
             () = &mut limit => {
                 let why = "maximum call duration reached";
-                let mut bye = dialog.request(Method::Bye, ctx.endpoint.via_for(dialog.peer), None, None);
-                bye.headers.push(message::HangupReason::normal(why).header());
+                let bye = dialog.bye(ctx.endpoint.via_for(dialog.peer), &[message::HangupReason::normal(why).header()]);
                 ctx.endpoint.send_request(bye, dialog.peer, tx.clone());
                 return (HangupBy::System, why.into());
             }

@@ -98,8 +98,7 @@ pub(super) async fn bridge_to_agent(
 ) -> (HangupBy, String) {
     // Sends BYE with the Reason (RFC 3326) and returns the text for the CDR.
     let bye = |dialog: &mut Dialog, reason: HangupReason| {
-        let mut request = dialog.request(Method::Bye, ctx.endpoint.via_for(dialog.peer), None, None);
-        request.headers.push(reason.header());
+        let request = dialog.bye(ctx.endpoint.via_for(dialog.peer), &[reason.header()]);
         ctx.endpoint.send_request(request, dialog.peer, tx.clone());
         reason.text
     };
