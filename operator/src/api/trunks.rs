@@ -377,9 +377,13 @@ type ResourceRow = (bool, String, String, Vec<Condition>);
 impl StatusRows {
     /// Loads the rows of one trunk (`Some`) or of every trunk.
     async fn load(state: &AppState, only: Option<&StoredTrunk>) -> Result<StatusRows, ApiError> {
-        let (filter, filter_r) = match only {
-            Some(_) => (" AND namespace = $1 AND name = $2", " WHERE r.namespace = $1 AND r.trunk_name = $2"),
-            None => ("", ""),
+        let (filter, filter_r, filter_active) = match only {
+            Some(_) => (
+                " AND namespace = $1 AND name = $2",
+                " WHERE r.namespace = $1 AND r.trunk_name = $2",
+                " AND namespace = $1 AND trunk_name = $2",
+            ),
+            None => ("", "", ""),
         };
         let resources_sql = format!(
             "SELECT namespace, name, ready, reason, message, conditions FROM resource_status WHERE kind = 'Trunk'{filter}"
@@ -392,9 +396,8 @@ impl StatusRows {
         );
         let active_sql = format!(
             "SELECT namespace, trunk_name, count(*) FROM active_calls
-              WHERE namespace IS NOT NULL AND trunk_name IS NOT NULL{}
-              GROUP BY namespace, trunk_name",
-            filter.replace("name = $2", "trunk_name = $2")
+              WHERE namespace IS NOT NULL AND trunk_name IS NOT NULL{filter_active}
+              GROUP BY namespace, trunk_name"
         );
         let mut out = StatusRows::default();
         let fetch = |sql: &str| {
