@@ -358,6 +358,15 @@ async fn rtp_ports_in_use(node: &Node) -> f64 {
     metric(node, "switchboard_rtp_ports_in_use").await.expect("the node exports switchboard_rtp_ports_in_use")
 }
 
+/// The caller hangs up: the agent gets `stop`, the call leaves nothing behind (200 in its CDR),
+/// and the node stops.
+async fn hang_up_cleanly(caller: &mut Caller, agent: &mut Agent, pool: &PgPool, node: Node) {
+    caller.hang_up().await;
+    agent.expect("stop").await;
+    assert_clean_end(pool, &node, 200).await;
+    node.stop().await;
+}
+
 /// The call left nothing behind: its RTP ports are back, its active-call row is gone and its
 /// CDR is written; returns the CDR's reason.
 async fn assert_clean_end(pool: &PgPool, node: &Node, expected_code: i32) -> String {
@@ -552,10 +561,7 @@ async fn a_delayed_offer_caller_answers_in_its_ack_and_talks_to_the_agent(pool: 
     tokio::time::sleep(Duration::from_millis(50)).await;
 
     alaw_tones_both_ways(&mut caller, &mut agent).await;
-    caller.hang_up().await;
-    agent.expect("stop").await;
-    assert_clean_end(&pool, &node, 200).await;
-    node.stop().await;
+    hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
 }
 
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
@@ -580,10 +586,7 @@ async fn a_caller_at_30_ms_ptime_reaches_the_agent_in_20_ms_frames(pool: PgPool)
     }
     assert_eq!(got, sent);
 
-    caller.hang_up().await;
-    agent.expect("stop").await;
-    assert_clean_end(&pool, &node, 200).await;
-    node.stop().await;
+    hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
 }
 
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
@@ -598,10 +601,7 @@ async fn a_pcma_caller_is_transcoded_to_and_from_mulaw(pool: PgPool) {
     agent.expect("start").await;
 
     alaw_tones_both_ways(&mut caller, &mut agent).await;
-    caller.hang_up().await;
-    agent.expect("stop").await;
-    assert_clean_end(&pool, &node, 200).await;
-    node.stop().await;
+    hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
 }
 
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
@@ -767,10 +767,7 @@ async fn first_audio_answers_a_silent_agent_at_the_timeout(pool: PgPool) {
     assert!(started.elapsed() >= Duration::from_millis(280), "answered before the timeout");
     caller.accept(&ok).await;
     agent.expect("start").await;
-    caller.hang_up().await;
-    agent.expect("stop").await;
-    assert_clean_end(&pool, &node, 200).await;
-    node.stop().await;
+    hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
 }
 
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]

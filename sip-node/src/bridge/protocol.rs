@@ -300,16 +300,7 @@ mod tests {
                 }
             })
         );
-        let media = OutboundMessage::Media {
-            sequence_number: "3".into(),
-            stream_sid: "MZ1".into(),
-            media: MediaChunk {
-                track: "inbound".into(),
-                chunk: "1".into(),
-                timestamp: "5".into(),
-                payload: "AA==".into(),
-            },
-        };
+        let media = media_3_of_mz1();
         assert_eq!(
             serde_json::to_value(&media).unwrap(),
             json!({"event": "media", "sequenceNumber": "3", "streamSid": "MZ1",
@@ -357,11 +348,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn media_text_matches_the_serde_shape() {
-        let mut out = String::new();
-        write_media(&mut out, &media_prefix("MZ1"), 3, 1, 5, &[0]);
-        let expected = OutboundMessage::Media {
+    /// A `media` message: sequence 3 of stream MZ1, chunk 1 at 5 ms, one μ-law byte 0.
+    fn media_3_of_mz1() -> OutboundMessage {
+        OutboundMessage::Media {
             sequence_number: "3".into(),
             stream_sid: "MZ1".into(),
             media: MediaChunk {
@@ -370,7 +359,14 @@ mod tests {
                 timestamp: "5".into(),
                 payload: "AA==".into(),
             },
-        };
+        }
+    }
+
+    #[test]
+    fn media_text_matches_the_serde_shape() {
+        let mut out = String::new();
+        write_media(&mut out, &media_prefix("MZ1"), 3, 1, 5, &[0]);
+        let expected = media_3_of_mz1();
         let parsed: serde_json::Value = serde_json::from_str(&out).unwrap();
         assert_eq!(parsed, serde_json::to_value(&expected).unwrap());
         write_media(&mut out, &media_prefix("MZ2"), u64::MAX, 0, 1234567890, &[0xFF; 160]);
