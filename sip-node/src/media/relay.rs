@@ -805,10 +805,8 @@ impl Relay {
     }
 
     fn legs(&mut self, leg: LegId) -> (&mut RtpLeg<std::net::UdpSocket>, &mut RtpLeg<std::net::UdpSocket>) {
-        match leg {
-            LegId::A => (&mut self.a, &mut self.b),
-            LegId::B => (&mut self.b, &mut self.a),
-        }
+        let (this, other, _, _) = self.split(leg);
+        (this, other)
     }
 
     /// Applies a re-INVITE's outcome to a leg.
@@ -822,9 +820,23 @@ impl Relay {
         self.timeout_reported = false;
     }
 
+    /// The leg a packet came from, the other one, the counters and the event channel, borrowed
+    /// apart (no clone of the shared counters or of the channel per packet).
+    fn split(
+        &mut self,
+        leg: LegId,
+    ) -> (&mut RtpLeg<std::net::UdpSocket>, &mut RtpLeg<std::net::UdpSocket>, &[Counters; 2], &mpsc::Sender<RelayEvent>)
+    {
+        let Relay { a, b, counters, events, .. } = self;
+        let (this, other) = match leg {
+            LegId::A => (a, b),
+            LegId::B => (b, a),
+        };
+        (this, other, &**counters, &*events)
+    }
+
     fn on_rtcp(&mut self, leg: LegId, packet: &[u8], source: SocketAddr) {
-        let counters = Arc::clone(&self.counters);
-        let (this, target) = self.legs(leg);
+        let (this, target, counters, _) = self.split(leg);
         if !this.receive_rtcp(packet, source, &counters[leg.index()]) {
             return;
         }
@@ -836,10 +848,8 @@ impl Relay {
     }
 
     fn on_rtp(&mut self, leg: LegId, packet: &mut [u8], source: SocketAddr) {
-        let counters = Arc::clone(&self.counters);
-        let events = self.events.clone();
-        let (this, target) = self.legs(leg);
-        let Some(r) = this.receive(packet, source, &counters[leg.index()], &events) else { return };
+        let (this, target, counters, events) = self.split(leg);
+        let Some(r) = this.receive(packet, source, &counters[leg.index()], events) else { return };
         if !r.forward {
             return;
         }
