@@ -264,9 +264,8 @@ impl Worker {
         let mut buf = vec![0u8; DATAGRAM_MAX];
         let mut next_sweep = Instant::now() + SWEEP;
         loop {
-            if !self.take_commands() {
-                return;
-            }
+            // Commands are taken when the eventfd says there are some (below): every push
+            // writes it, and one pushed before this thread first waits leaves it readable.
             let timeout = if self.ids.is_empty() {
                 EpollTimeout::NONE
             } else {
