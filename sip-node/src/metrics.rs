@@ -240,14 +240,27 @@ impl NodeMetrics {
     /// Samples, at each scrape, the number of two-leg RTP relays on the node's media threads.
     /// Registered once; later calls are ignored.
     pub fn track_media_relays(&self, relays: impl Fn() -> usize + Send + Sync + 'static) {
-        let gauge = IntGauge::new(
+        self.sampled(
             "switchboard_media_relays",
             "SIP-to-SIP calls whose RTP the node's media threads relay now (bridged calls not included).",
-        )
-        .expect("valid metric");
-        let sampled = SampledGauge { gauge, sample: Box::new(move || i64::try_from(relays()).unwrap_or(i64::MAX)) };
+            relays,
+        );
+    }
+
+    /// Samples the relay directions forwarded in the kernel when the metrics are rendered.
+    pub fn track_kernel_forwards(&self, forwards: impl Fn() -> usize + Send + Sync + 'static) {
+        self.sampled(
+            "switchboard_media_kernel_forwards",
+            "Relay directions (one per leg that sends) whose RTP the kernel forwards now without user space.",
+            forwards,
+        );
+    }
+
+    fn sampled(&self, name: &str, help: &str, sample: impl Fn() -> usize + Send + Sync + 'static) {
+        let gauge = IntGauge::new(name, help).expect("valid metric");
+        let sampled = SampledGauge { gauge, sample: Box::new(move || i64::try_from(sample()).unwrap_or(i64::MAX)) };
         if let Err(error) = self.registry.register(Box::new(sampled)) {
-            tracing::debug!(%error, "media relay gauge already registered");
+            tracing::debug!(%error, name, "gauge already registered");
         }
     }
 

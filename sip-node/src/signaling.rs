@@ -65,6 +65,12 @@ pub struct SipArgs {
     #[arg(long, env = "SWITCHBOARD_MEDIA_THREADS", default_value_t = 0)]
     pub media_threads: usize,
 
+    /// Forward steady RTP streams in the kernel (an eBPF tc program on the media interface;
+    /// needs CAP_BPF and CAP_NET_ADMIN): `auto` uses it when it loads, `on` refuses to start
+    /// without it, `off` relays every packet in user space.
+    #[arg(long, env = "SWITCHBOARD_KERNEL_FORWARDING", value_enum, default_value_t = crate::media::kernel::KernelMode::Auto)]
+    pub kernel_forwarding: crate::media::kernel::KernelMode,
+
     /// Seconds without RTP after which an anchored call ends.
     #[arg(long, env = "SWITCHBOARD_MEDIA_TIMEOUT_SECONDS", default_value_t = 30)]
     pub media_timeout_seconds: u64,
@@ -140,12 +146,13 @@ pub async fn start(
         }
     };
     let webhook_client = reqwest::Client::builder().build().unwrap_or_default();
-    let media = media_context(args, transport.local_addr());
+    let media = media_context(args, transport.local_addr())?;
     if let Some(media) = &media {
         let ports = media.ports.clone();
         metrics.track_rtp_ports(move || ports.in_use() * 2);
         if let Ok(engine) = crate::media::engine::MediaEngine::global() {
             metrics.track_media_relays(|| engine.relays());
+            metrics.track_kernel_forwards(|| engine.kernel_forwards());
         }
     }
     let ctx = Arc::new(CallContext {
@@ -216,7 +223,7 @@ async fn follow_config(snapshot: SnapshotHandle, metrics: NodeMetrics) {
 /// The media settings: ports from `--rtp-ports` on the SIP listen address, and the address
 /// put into SDP (the advertised host when it is an IP, else the listen address). `None`, with
 /// a warning, when the range is unusable: calls to agents are then refused with 503.
-fn media_context(args: &SipArgs, sip: SocketAddr) -> Option<MediaContext> {
+fn media_context(args: &SipArgs, sip: SocketAddr) -> anyhow::Result<Option<MediaContext>> {
     use crate::media::ports::{PortAllocator, PortRange};
     let range = args
         .rtp_ports
@@ -224,7 +231,7 @@ fn media_context(args: &SipArgs, sip: SocketAddr) -> Option<MediaContext> {
         .and_then(|(a, b)| Some(PortRange { min: a.trim().parse().ok()?, max: b.trim().parse().ok()? }));
     let Some(range) = range else {
         tracing::warn!(ports = %args.rtp_ports, "--rtp-ports must be MIN-MAX; media anchoring is off");
-        return None;
+        return Ok(None);
     };
     let address = args
         .advertised_host
@@ -235,17 +242,24 @@ fn media_context(args: &SipArgs, sip: SocketAddr) -> Option<MediaContext> {
         tracing::warn!("listening on {sip} without --advertised-host: SDP will say {address}; set it for real peers");
     }
     let bind = if sip.ip().is_unspecified() { sip.ip() } else { address };
-    let engine = crate::media::engine::EngineConfig { threads: args.media_threads, cpus: Vec::new() };
+    let engine = crate::media::engine::EngineConfig {
+        threads: args.media_threads,
+        cpus: Vec::new(),
+        kernel: args.kernel_forwarding,
+    };
     match crate::media::engine::MediaEngine::configure_global(&engine) {
         Ok(()) => {}
         // Several nodes in one process (tests) share the first one's engine.
         Err(crate::media::engine::EngineError::AlreadyStarted) => {}
+        Err(error @ crate::media::engine::EngineError::Kernel(_)) => {
+            return Err(anyhow::Error::new(error).context("--kernel-forwarding on"));
+        }
         Err(error) => {
             tracing::warn!(%error, "media anchoring is off");
-            return None;
+            return Ok(None);
         }
     }
-    match PortAllocator::new(bind, range) {
+    Ok(match PortAllocator::new(bind, range) {
         Ok(ports) => Some(MediaContext {
             ports,
             address,
@@ -257,5 +271,5 @@ fn media_context(args: &SipArgs, sip: SocketAddr) -> Option<MediaContext> {
             tracing::warn!(%error, "no RTP ports; media anchoring is off");
             None
         }
-    }
+    })
 }

@@ -34,6 +34,7 @@ fn args(database_url: &str) -> NodeArgs {
             webhook_secret: Some("test-webhook-secret".into()),
             rtp_ports: "30000-39999".into(),
             media_threads: 0,
+            kernel_forwarding: crate::media::kernel::KernelMode::Auto,
             media_timeout_seconds: 30,
             final_codes: crate::sip::routing::DEFAULT_FINAL_CODES.to_vec(),
             agent: crate::bridge::answer::AgentArgs::default(),

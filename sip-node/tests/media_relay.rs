@@ -315,6 +315,119 @@ async fn dtmf_events_cross_with_each_legs_payload_type(pool: PgPool) {
     node.stop().await;
 }
 
+/// Whether these tests must see kernel forwarding (scripts/test asks for it where it can be
+/// loaded: as root with clang at build time).
+fn kernel_expected() -> bool {
+    std::env::var("SWITCHBOARD_TEST_KERNEL_FORWARDING").as_deref() == Ok("on")
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn steady_rtp_crosses_as_one_continuous_stream_through_the_kernel_fast_path(pool: PgPool) {
+    let caller = Ua::new().await;
+    let callee = Ua::new().await;
+    let mut carrier = trunk("carrier", vec![]);
+    carrier.codecs = vec![switchboard_model::Codec::Pcmu, switchboard_model::Codec::TelephoneEvent];
+    let node = start(&pool, carrier, &callee, "41700-41799", 30).await;
+    let (ok, invite) = establish(&node, &caller, &callee, "0 101", "0 101").await;
+    let (node_for_caller, node_for_callee) = (sdp_rtp(&ok), sdp_rtp(&invite));
+
+    // 60 caller frames; frame 30 is a key press (user space handles telephone-events), the
+    // rest audio that the kernel forwards once the stream is steady (after its first packet).
+    let mut kernel_forwards_seen = 0.0f64;
+    let sent = 60u16;
+    let received = tokio::join!(
+        async {
+            for i in 0..sent {
+                let seq = 65_500u16.wrapping_add(i); // wraps on the way
+                if i == 30 {
+                    caller.rtp_send(node_for_caller, 101, seq, &[1, 0x80 | 10, 0, 160]).await;
+                } else {
+                    caller.rtp_send(node_for_caller, 0, seq, &[i as u8; 160]).await;
+                }
+                if i == 20 {
+                    let forwards = metric(&node, "switchboard_media_kernel_forwards").await;
+                    kernel_forwards_seen = forwards.expect("the node exports switchboard_media_kernel_forwards");
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        },
+        callee.rtp_collect_raw(Duration::from_millis(1200))
+    )
+    .1;
+    if kernel_expected() {
+        assert!(kernel_forwards_seen >= 1.0, "the steady direction must be in the kernel: {kernel_forwards_seen}");
+    } else {
+        println!(
+            "kernel forwarding not required here (SWITCHBOARD_TEST_KERNEL_FORWARDING != on): checked the stream only"
+        );
+    }
+    let marks: Vec<(u16, u8, u8)> =
+        received.iter().map(|p| (u16::from_be_bytes([p[2], p[3]]), p[1], p[12])).collect();
+    assert_eq!(received.len(), sent as usize, "every packet crosses: {marks:?}");
+    let first_seq = u16::from_be_bytes([received[0][2], received[0][3]]);
+    let first_ts = u32::from_be_bytes(received[0][4..8].try_into().unwrap());
+    let ssrc = &received[0][8..12];
+    for (i, packet) in received.iter().enumerate() {
+        let seq = u16::from_be_bytes([packet[2], packet[3]]);
+        assert_eq!(seq, first_seq.wrapping_add(i as u16), "packet {i}: sequence numbers stay continuous");
+        let ts = u32::from_be_bytes(packet[4..8].try_into().unwrap());
+        // The caller's timestamps are its sequence number × 160 (they fall back at the wrap):
+        // the node keeps whatever spacing they have.
+        let sent_ts = |i: u16| u32::from(65_500u16.wrapping_add(i)) * 160;
+        assert_eq!(
+            ts,
+            first_ts.wrapping_add(sent_ts(i as u16).wrapping_sub(sent_ts(0))),
+            "packet {i}: timestamps keep their spacing"
+        );
+        assert_eq!(&packet[8..12], ssrc, "packet {i}: one SSRC");
+        assert_ne!(&packet[8..12], &[0xAB, 0xCD, 0xEF, 0x01], "the node's own SSRC, not the caller's");
+        if i == 30 {
+            assert_eq!(packet[1] & 0x7f, 101, "the key press crosses as a telephone-event");
+            assert_eq!(packet[12], 1);
+        } else {
+            assert_eq!(packet[1] & 0x7f, 0, "packet {i}");
+            assert_eq!(&packet[12..], &[i as u8; 160][..], "packet {i}: the payload is untouched");
+        }
+    }
+    // The other direction too (and it goes back through user space after the re-INVITE below).
+    let heard =
+        tokio::join!(talk(&callee, node_for_callee, 0, 10, 7), caller.rtp_collect(Duration::from_millis(400))).1;
+    assert_eq!(heard.len(), 10, "callee audio reaches the caller");
+    assert!(heard.iter().enumerate().all(|(i, (pt, p))| *pt == 0 && p[0] == 7 + i as u8), "{heard:?}");
+
+    // A re-INVITE moving the callee's media: the kernel must follow (nothing to the old port).
+    let moved = Ua::new().await;
+    let tag = to_tag(&ok);
+    let reoffer = sdp(caller.rtp_port(), "0 101", "sendrecv");
+    caller
+        .send(&caller_request("INVITE", 2, node.addr, caller.sip_addr(), Some(&tag), Some(&reoffer)), node.addr)
+        .await;
+    let (reinvite, from) = callee.request("INVITE").await;
+    let answer = sdp(moved.rtp_port(), "0 101", "sendrecv");
+    callee.send(&reply(&reinvite, "200 OK", callee.sip_addr(), Some(&answer)), from).await;
+    let _ = callee.request("ACK").await;
+    assert!(caller.final_response().await.starts_with("SIP/2.0 200"));
+    caller.send(&caller_request("ACK", 2, node.addr, caller.sip_addr(), Some(&tag), None), node.addr).await;
+    let (_, at_moved, at_old) = tokio::join!(
+        talk(&caller, node_for_caller, 0, 10, 90),
+        moved.rtp_collect(Duration::from_millis(400)),
+        callee.rtp_collect(Duration::from_millis(400)),
+    );
+    assert_eq!(at_moved.len(), 10, "after the re-INVITE the audio goes to the new address");
+    assert!(at_old.is_empty(), "nothing to the old address: {} packets", at_old.len());
+
+    caller.send(&caller_request("BYE", 3, node.addr, caller.sip_addr(), Some(&tag), None), node.addr).await;
+    let (bye, from) = callee.request("BYE").await;
+    callee.send(&reply(&bye, "200 OK", callee.sip_addr(), None), from).await;
+    assert!(caller.final_response().await.starts_with("SIP/2.0 200"));
+    ports_released(&[node_for_caller, node_for_callee]).await;
+    // The ports are free, and the kernel forgot them: audio to them now reaches nobody.
+    let strayed =
+        tokio::join!(talk(&caller, node_for_caller, 0, 3, 0), moved.rtp_collect(Duration::from_millis(200))).1;
+    assert!(strayed.is_empty(), "a call's kernel forward must end with the call");
+    node.stop().await;
+}
+
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
 async fn a_failed_call_after_early_media_frees_its_ports(pool: PgPool) {
     let caller = Ua::new().await;

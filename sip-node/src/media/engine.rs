@@ -31,6 +31,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+use super::kernel::{ForwardEntry, ForwardKey, KernelError, KernelForwarder, KernelMode};
 use super::relay::{Control, DATAGRAM_MAX, LegId, Relay, RelayError};
 
 /// How often media timeouts are checked.
@@ -47,6 +48,8 @@ pub struct EngineConfig {
     pub threads: usize,
     /// CPUs to pin the workers to, in turn (empty: not pinned).
     pub cpus: Vec<usize>,
+    /// Whether steady streams are forwarded in the kernel ([`super::kernel`]).
+    pub kernel: KernelMode,
 }
 
 /// Why the engine could not start.
@@ -58,12 +61,18 @@ pub enum EngineError {
     /// The process-wide engine was already started with another configuration.
     #[error("the media engine is already running")]
     AlreadyStarted,
+    /// Kernel forwarding was required and is not available.
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
 }
 
 /// What a worker is told.
 enum Command {
     Add { id: u64, relay: Box<Relay>, done: Arc<AtomicBool> },
     Control(u64, Control),
+    /// The call took the relay's directions out of the kernel (before an update): their last
+    /// state, for the relay to fold in.
+    KernelReleased(u64, [Option<ForwardEntry>; 2]),
     Remove(u64),
     Shutdown,
 }
@@ -87,6 +96,7 @@ impl WorkerLink {
 /// The media threads. Dropping it stops them (and every relay still on them).
 pub struct MediaEngine {
     workers: Vec<Arc<WorkerLink>>,
+    kernel: Option<Arc<KernelForwarder>>,
     threads: Vec<std::thread::JoinHandle<()>>,
     next_id: AtomicU64,
 }
@@ -106,7 +116,15 @@ impl MediaEngine {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        let mut engine = MediaEngine { workers: Vec::new(), threads: Vec::new(), next_id: AtomicU64::new(1) };
+        let kernel = match config.kernel {
+            KernelMode::Off => None,
+            KernelMode::Auto => KernelForwarder::load()
+                .inspect_err(|error| tracing::info!(%error, "kernel RTP forwarding off; relaying in user space"))
+                .ok(),
+            KernelMode::On => Some(KernelForwarder::load()?),
+        }
+        .map(Arc::new);
+        let mut engine = MediaEngine { workers: Vec::new(), kernel, threads: Vec::new(), next_id: AtomicU64::new(1) };
         for index in 0..threads {
             let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(io::Error::from)?;
             let wake = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
@@ -114,8 +132,14 @@ impl MediaEngine {
             epoll.add(&wake, EpollEvent::new(EpollFlags::EPOLLIN, WAKE_TOKEN)).map_err(io::Error::from)?;
             let link = Arc::new(WorkerLink { commands: Mutex::new(Vec::new()), wake, relays: AtomicUsize::new(0) });
             let cpu = (!config.cpus.is_empty()).then(|| config.cpus[index % config.cpus.len()]);
-            let worker =
-                Worker { link: Arc::clone(&link), epoll, slots: Vec::new(), free: Vec::new(), ids: HashMap::new() };
+            let worker = Worker {
+                link: Arc::clone(&link),
+                epoll,
+                slots: Vec::new(),
+                free: Vec::new(),
+                ids: HashMap::new(),
+                kernel: engine.kernel.clone(),
+            };
             let thread = std::thread::Builder::new().name(format!("media-{index}")).spawn(move || {
                 if let Some(cpu) = cpu {
                     pin_to(cpu);
@@ -157,6 +181,21 @@ impl MediaEngine {
         self.workers.len()
     }
 
+    /// Relay directions forwarded in the kernel now (0 without kernel forwarding).
+    pub fn kernel_forwards(&self) -> usize {
+        self.kernel.as_ref().map_or(0, |k| k.installed())
+    }
+
+    /// Whether kernel forwarding is loaded.
+    pub fn has_kernel(&self) -> bool {
+        self.kernel.is_some()
+    }
+
+    /// The kernel fast path, if loaded.
+    pub fn kernel(&self) -> Option<&KernelForwarder> {
+        self.kernel.as_deref()
+    }
+
     /// Relays on the engine now (added and not yet removed), for the node's metrics.
     pub fn relays(&self) -> usize {
         self.workers.iter().map(|w| w.relays.load(Ordering::Relaxed)).sum()
@@ -171,9 +210,10 @@ impl MediaEngine {
             .ok_or_else(|| RelayError::Engine("the media engine has no threads".into()))?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let done = Arc::new(AtomicBool::new(false));
+        let kernel = self.kernel.as_ref().map(|k| (Arc::clone(k), relay.kernel_keys()));
         worker.relays.fetch_add(1, Ordering::Relaxed);
         worker.send(Command::Add { id, relay: Box::new(relay), done: Arc::clone(&done) });
-        Ok(EngineRelay { worker: Arc::clone(worker), id, done, stopped: false })
+        Ok(EngineRelay { worker: Arc::clone(worker), id, done, stopped: false, kernel })
     }
 }
 
@@ -201,6 +241,8 @@ pub(super) struct EngineRelay {
     id: u64,
     done: Arc<AtomicBool>,
     stopped: bool,
+    /// The kernel fast path and the relay's keys in it (by receiving leg).
+    kernel: Option<(Arc<KernelForwarder>, [Option<ForwardKey>; 2])>,
 }
 
 impl EngineRelay {
@@ -208,6 +250,14 @@ impl EngineRelay {
     pub(super) fn control(&self, control: Control) -> Result<(), RelayError> {
         if self.done.load(Ordering::Acquire) {
             return Err(RelayError::Stopped);
+        }
+        if let (Control::Update(..), Some((kernel, keys))) = (&control, &self.kernel) {
+            // The kernel stops forwarding now, not when the media thread gets to the update: a
+            // packet sent after the call answered a hold must not cross.
+            let released = keys.map(|key| key.and_then(|key| kernel.remove(&key)));
+            if released.iter().any(Option::is_some) {
+                self.worker.send(Command::KernelReleased(self.id, released));
+            }
         }
         self.worker.send(Command::Control(self.id, control));
         Ok(())
@@ -250,6 +300,7 @@ struct Worker {
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     ids: HashMap<u64, usize>,
+    kernel: Option<Arc<KernelForwarder>>,
 }
 
 /// Which socket of a relay an epoll token names: the slot in the upper bits, then
@@ -337,6 +388,11 @@ impl Worker {
                     self.remove(id);
                     let _ = reply.send(());
                 }
+                Command::KernelReleased(id, last) => {
+                    if let Some(entry) = self.ids.get(&id).and_then(|&s| self.slots[s].as_mut()) {
+                        entry.relay.kernel_released(last);
+                    }
+                }
                 Command::Remove(id) => self.remove(id),
                 Command::Shutdown => {
                     for id in self.ids.keys().copied().collect::<Vec<_>>() {
@@ -349,7 +405,8 @@ impl Worker {
         true
     }
 
-    fn add(&mut self, id: u64, relay: Box<Relay>, done: Arc<AtomicBool>) {
+    fn add(&mut self, id: u64, mut relay: Box<Relay>, done: Arc<AtomicBool>) {
+        relay.use_kernel(self.kernel.clone());
         let slot = self.free.pop().unwrap_or_else(|| {
             self.slots.push(None);
             self.slots.len() - 1
@@ -414,7 +471,7 @@ mod tests {
 
         let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let allocator = PortAllocator::new(localhost, PortRange { min: 42900, max: 42999 }).unwrap();
-        let engine = MediaEngine::start(&EngineConfig { threads: 2, cpus: vec![] }).unwrap();
+        let engine = MediaEngine::start(&EngineConfig { threads: 2, ..EngineConfig::default() }).unwrap();
         let far = std::net::UdpSocket::bind((localhost, 0)).unwrap();
         let far_addr = far.local_addr().unwrap();
         let mut handles = vec![];
@@ -441,7 +498,7 @@ mod tests {
 
     #[test]
     fn an_engine_starts_and_stops() {
-        let engine = MediaEngine::start(&EngineConfig { threads: 2, cpus: vec![] }).unwrap();
+        let engine = MediaEngine::start(&EngineConfig { threads: 2, ..EngineConfig::default() }).unwrap();
         assert_eq!(engine.threads(), 2);
         drop(engine);
     }

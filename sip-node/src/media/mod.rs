@@ -9,11 +9,13 @@
 //! - [`relay`]: the per-call RTP relay between two legs, and the caller's leg of an AI bridge
 //!   (driven by the bridge's own task).
 //! - [`engine`]: the media threads that drive two-leg relays (level-triggered epoll).
+//! - [`kernel`]: the engine's fast path, an eBPF program that forwards steady RTP in the kernel.
 //!
 //! Nothing here speaks SIP: the call layer feeds SDP bodies in and takes SDP bodies out.
 
 pub mod engine;
 pub mod g711;
+pub mod kernel;
 pub(crate) mod mailbox;
 pub mod ports;
 pub mod relay;

@@ -38,7 +38,7 @@
 //! [`PortPair`]s: when the relay ends (stop, a handle dropped) the ports go back.
 
 use std::cell::RefCell;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -54,9 +54,12 @@ use tokio::time::Instant;
 
 use super::engine::{EngineRelay, MediaEngine};
 use super::g711;
+use super::kernel::{ForwardEntry, ForwardKey, ForwardRule, KernelForwarder, instant_of, ipv4_of};
 use super::mailbox::{MailboxReceiver, MailboxSender, mailbox};
 use super::ports::PortPair;
-use super::rtp::{DtmfDetector, DtmfDigit, RtpHeader, RtpPacket, SequenceStats, StreamRewriter, TelephoneEvent};
+use super::rtp::{
+    DtmfDetector, DtmfDigit, RtpHeader, RtpPacket, SequenceStats, SteadySegment, StreamRewriter, TelephoneEvent,
+};
 use super::sdp::{MediaDirection, NegotiatedMedia};
 
 /// The default media timeout.
@@ -407,6 +410,8 @@ pub(super) struct RtpLeg<S = LegSocket> {
     sequence: SequenceStats,
     dtmf: DtmfDetector,
     last_rx: Instant,
+    /// The RTP socket's own address (the kernel fast path's key and source).
+    local_rtp: Option<SocketAddr>,
 }
 
 impl<S> RtpLeg<S> {
@@ -419,6 +424,7 @@ impl<S> RtpLeg<S> {
         wrap: impl Fn(std::net::UdpSocket) -> std::io::Result<S>,
     ) -> Result<RtpLeg<S>, RelayError> {
         let (rtp, rtcp) = setup.ports.take_sockets().ok_or(RelayError::NoSockets(id))?;
+        let local_rtp = rtp.local_addr().ok();
         Ok(RtpLeg {
             id,
             rtp: wrap(rtp)?,
@@ -431,6 +437,7 @@ impl<S> RtpLeg<S> {
             sequence: SequenceStats::default(),
             dtmf: DtmfDetector::new(),
             last_rx: now,
+            local_rtp,
         })
     }
 
@@ -739,6 +746,18 @@ pub(super) struct Relay {
     events: mpsc::Sender<RelayEvent>,
     config: RelayConfig,
     timeout_reported: bool,
+    /// The kernel fast path, when the engine has one and this relay may use it.
+    kernel: Option<Arc<KernelForwarder>>,
+    /// The directions installed in the kernel, by receiving leg.
+    offloaded: [Option<Offloaded>; 2],
+}
+
+/// A relay direction forwarded in the kernel: its key, the rule installed and the entry's
+/// state as last folded into the relay's counters.
+struct Offloaded {
+    key: ForwardKey,
+    rule: ForwardRule,
+    seen: ForwardEntry,
 }
 
 fn new_counters() -> Arc<[Counters; 2]> {
@@ -767,7 +786,16 @@ pub fn spawn_relay_on(
     let b = RtpLeg::new(LegId::B, b, now, plain)?;
     let counters = new_counters();
     let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
-    let relay = Relay { a, b, counters: Arc::clone(&counters), events: events_tx, config, timeout_reported: false };
+    let relay = Relay {
+        a,
+        b,
+        counters: Arc::clone(&counters),
+        events: events_tx,
+        config,
+        timeout_reported: false,
+        kernel: None,
+        offloaded: [None, None],
+    };
     let relay = engine.add(relay)?;
     Ok((RelayHandle { driver: Driver::Engine(Some(relay)), counters }, events_rx))
 }
@@ -801,6 +829,9 @@ impl Relay {
 
     /// The deadline of the next media timeout check; reports the timeout once per silence.
     pub(super) fn check_timeout(&mut self) -> Instant {
+        // Packets the kernel forwarded count as media.
+        self.kernel_sync(LegId::A);
+        self.kernel_sync(LegId::B);
         check_timeout(&[&self.a, &self.b], self.config.media_timeout, &mut self.timeout_reported, &self.events)
     }
 
@@ -811,6 +842,9 @@ impl Relay {
 
     /// Applies a re-INVITE's outcome to a leg.
     pub(super) fn update(&mut self, leg: LegId, media: LegMedia) {
+        // User space takes both directions back until each is steady again.
+        self.kernel_uninstall(LegId::A);
+        self.kernel_uninstall(LegId::B);
         let (this, other) = self.legs(leg);
         // The stream behind this leg changes: what the other leg receives starts a new
         // segment even if the SSRC stays.
@@ -848,6 +882,10 @@ impl Relay {
     }
 
     fn on_rtp(&mut self, leg: LegId, packet: &mut [u8], source: SocketAddr) {
+        if self.offloaded[leg.index()].is_some() {
+            // The kernel forwarded this stream until now: continue where it stopped.
+            self.kernel_sync(leg);
+        }
         let (this, target, counters, events) = self.split(leg);
         let Some(r) = this.receive(packet, source, &counters[leg.index()], events) else { return };
         if !r.forward {
@@ -883,13 +921,149 @@ impl Relay {
         };
         let _ = header.rewrite(packet);
         let out_counters = &counters[target.id.index()];
+        let target_id = target.id;
         match target.rtp.send_to(packet, dest) {
             Ok(_) => {
                 bump(&out_counters.packets_out, 1);
                 bump(&out_counters.bytes_out, packet.len() as u64);
+                if self.kernel.is_some() {
+                    // This direction may have become steady; the other one changes when this
+                    // leg latched anew (it sends here).
+                    self.kernel_offload(leg);
+                    self.kernel_offload(target_id);
+                }
             }
             Err(_) => bump(dropped, 1),
         }
+    }
+
+    /// The relay's keys in the kernel fast path, by receiving leg.
+    pub(super) fn kernel_keys(&self) -> [Option<ForwardKey>; 2] {
+        [&self.a, &self.b].map(|leg| leg.local_rtp.and_then(ForwardKey::of))
+    }
+
+    /// The call removed this relay's kernel entries itself (an update is coming): folds in their
+    /// last state and forgets them.
+    pub(super) fn kernel_released(&mut self, last: [Option<ForwardEntry>; 2]) {
+        for (leg, last) in [LegId::A, LegId::B].into_iter().zip(last) {
+            if let Some(last) = last {
+                self.kernel_fold(leg, last);
+            }
+            self.offloaded[leg.index()] = None;
+        }
+    }
+
+    /// Gives the engine's kernel fast path to this relay.
+    pub(super) fn use_kernel(&mut self, kernel: Option<Arc<KernelForwarder>>) {
+        self.kernel = kernel;
+    }
+
+    /// What the kernel should do with RTP from `leg`, if the direction is steady: the peer
+    /// latched, the node receives from it and sends to the other leg, both legs on the same
+    /// codec (no transcoding), one input stream with fixed offsets, IPv4 sockets on a specific
+    /// address.
+    fn kernel_rule(&self, leg: LegId) -> Option<(ForwardKey, ForwardRule, SteadySegment)> {
+        let (this, target) = match leg {
+            LegId::A => (&self.a, &self.b),
+            LegId::B => (&self.b, &self.a),
+        };
+        if this.media.codec != target.media.codec || !this.media.direction.receives() || !target.media.direction.sends()
+        {
+            return None;
+        }
+        let segment = target.rewriter.steady_segment()?;
+        let key = ForwardKey::of(this.local_rtp?)?;
+        let rule = ForwardRule {
+            peer: ipv4_of(this.latched?)?,
+            in_pt: this.media.payload_type,
+            out_pt: target.media.payload_type,
+            in_ssrc: segment.in_ssrc,
+            out_ssrc: target.rewriter.ssrc(),
+            seq_offset: segment.seq_offset,
+            ts_offset: segment.ts_offset,
+            from: ipv4_of(target.local_rtp?)?,
+            to: ipv4_of(target.destination()?)?,
+            local: false,
+        };
+        let rule = ForwardRule { local: rule.to.ip().is_loopback() || rule.to.ip() == rule.from.ip(), ..rule };
+        Some((key, rule, segment))
+    }
+
+    /// After user space relayed a packet from `leg`: installs the direction in the kernel when
+    /// it is steady and not installed as it is, removes it when it is no longer steady.
+    fn kernel_offload(&mut self, leg: LegId) {
+        let Some(kernel) = self.kernel.clone() else { return };
+        let wanted = self.kernel_rule(leg).map(|(_, rule, _)| rule);
+        if wanted == self.offloaded[leg.index()].as_ref().map(|o| o.rule) {
+            return;
+        }
+        // The state the kernel kept comes back first, so that the new entry starts from it.
+        self.kernel_uninstall(leg);
+        let Some((key, rule, segment)) = self.kernel_rule(leg) else { return };
+        if !kernel.ready_for(IpAddr::V4(*rule.from.ip())) {
+            // This address cannot be offloaded (the forwarder logged why, once).
+            self.kernel = None;
+            return;
+        }
+        let entry = rule.entry(segment.highest_in_seq, segment.last_ts);
+        match kernel.install(key, entry) {
+            Ok(()) => self.offloaded[leg.index()] = Some(Offloaded { key, rule, seen: entry }),
+            Err(error) => tracing::warn!(%error, "cannot install a kernel RTP forward; relaying in user space"),
+        }
+    }
+
+    /// Folds what the kernel forwarded from `leg` since the last look into the relay: counters,
+    /// the time of the last packet (media timeout), the sequence state of both streams.
+    fn kernel_sync(&mut self, leg: LegId) {
+        let (Some(kernel), Some(installed)) = (&self.kernel, &self.offloaded[leg.index()]) else { return };
+        if let Some(entry) = kernel.read(&installed.key) {
+            self.kernel_fold(leg, entry);
+        }
+    }
+
+    fn kernel_fold(&mut self, leg: LegId, entry: ForwardEntry) {
+        let Relay { a, b, counters, offloaded, .. } = self;
+        let Some(installed) = &mut offloaded[leg.index()] else { return };
+        let (this, target) = match leg {
+            LegId::A => (a, b),
+            LegId::B => (b, a),
+        };
+        let seen = std::mem::replace(&mut installed.seen, entry);
+        let packets = entry.packets.wrapping_sub(seen.packets);
+        if packets == 0 {
+            return;
+        }
+        let bytes = entry.bytes.wrapping_sub(seen.bytes);
+        let (lost, late) = (entry.lost.wrapping_sub(seen.lost), entry.late.wrapping_sub(seen.late));
+        let (from, to) = (&counters[this.id.index()], &counters[target.id.index()]);
+        bump(&from.packets_in, packets);
+        bump(&from.bytes_in, bytes);
+        bump(&from.lost, lost);
+        bump(&from.late, late);
+        bump(&to.packets_out, packets);
+        bump(&to.bytes_out, bytes);
+        let at = instant_of(entry.last_ns).into();
+        this.last_rx = this.last_rx.max(at);
+        this.sequence.received_elsewhere(entry.highest_seq, packets, lost, late);
+        target.rewriter.forwarded_elsewhere(entry.highest_seq, entry.last_out_ts, at.into_std());
+    }
+
+    /// Takes a direction back from the kernel (its last counters folded in).
+    fn kernel_uninstall(&mut self, leg: LegId) {
+        let (Some(kernel), Some(installed)) = (&self.kernel, &self.offloaded[leg.index()]) else { return };
+        if let Some(last) = kernel.remove(&installed.key) {
+            self.kernel_fold(leg, last);
+        }
+        self.offloaded[leg.index()] = None;
+    }
+}
+
+impl Drop for Relay {
+    /// The kernel forgets the relay's directions before its ports go back (a port reused by
+    /// another call must not be forwarded as this one's).
+    fn drop(&mut self) {
+        self.kernel_uninstall(LegId::A);
+        self.kernel_uninstall(LegId::B);
     }
 }
 

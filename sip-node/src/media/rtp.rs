@@ -293,6 +293,22 @@ pub struct Rewritten {
     pub restarted: bool,
 }
 
+/// A rewriter's current segment, for whoever rewrites its packets elsewhere
+/// ([`StreamRewriter::steady_segment`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SteadySegment {
+    /// The input SSRC of the segment.
+    pub in_ssrc: u32,
+    /// Added to the input sequence number.
+    pub seq_offset: u16,
+    /// Added to the input timestamp.
+    pub ts_offset: u32,
+    /// The highest input sequence number so far.
+    pub highest_in_seq: u16,
+    /// The output timestamp of that packet.
+    pub last_ts: u32,
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Segment {
     in_ssrc: u32,
@@ -389,6 +405,35 @@ impl StreamRewriter {
         Rewritten { sequence: out_seq, timestamp: out_ts, ssrc: self.out_ssrc, marker: true, restarted: true }
     }
 
+    /// The current segment, when packets of it can be rewritten by someone else with fixed
+    /// offsets (the kernel fast path): `None` before the first packet, after the node's own
+    /// packets and while a restart is pending.
+    pub fn steady_segment(&self) -> Option<SteadySegment> {
+        let segment = self.segment.filter(|_| !self.force_restart)?;
+        Some(SteadySegment {
+            in_ssrc: segment.in_ssrc,
+            seq_offset: segment.seq_offset,
+            ts_offset: segment.ts_offset,
+            highest_in_seq: segment.highest_in_seq,
+            last_ts: self.last_ts,
+        })
+    }
+
+    /// Catches up with packets of the current segment rewritten elsewhere (the kernel fast
+    /// path) up to input sequence `highest_in_seq`, whose output timestamp was `last_ts`, at
+    /// `at`: the next segment then continues after them.
+    pub fn forwarded_elsewhere(&mut self, highest_in_seq: u16, last_ts: u32, at: Instant) {
+        let Some(segment) = &mut self.segment else { return };
+        let ahead = highest_in_seq.wrapping_sub(segment.highest_in_seq);
+        if ahead == 0 || ahead >= MAX_DROPOUT {
+            return;
+        }
+        segment.highest_in_seq = highest_in_seq;
+        self.next_seq = highest_in_seq.wrapping_add(segment.seq_offset).wrapping_add(1);
+        self.last_ts = last_ts;
+        self.last_at = Some(at);
+    }
+
     /// Header fields for a packet the node generates itself (`samples` long), continuing the
     /// same output stream: the next sequence number and a timestamp that follows real time
     /// across pauses. The relayed segment, if any, ends: the next relayed packet starts anew.
@@ -439,6 +484,20 @@ pub struct SequenceStats {
 }
 
 impl SequenceStats {
+    /// Counts packets of the current stream that were received elsewhere (the kernel fast
+    /// path) up to `highest`, so that the next one seen here is not taken for a gap.
+    pub fn received_elsewhere(&mut self, highest: u16, packets: u64, lost: u64, late: u64) {
+        if let Some((ssrc, current)) = self.highest {
+            let ahead = highest.wrapping_sub(current);
+            if ahead != 0 && ahead < MAX_DROPOUT {
+                self.highest = Some((ssrc, highest));
+            }
+        }
+        self.received += packets;
+        self.lost += lost;
+        self.late += late;
+    }
+
     /// Records one packet of `ssrc`; a new SSRC starts the sequence over.
     pub fn record(&mut self, ssrc: u32, sequence: u16) -> SequenceClass {
         self.received += 1;

@@ -14,6 +14,7 @@ use switchboard_model::{
     AuthMethod, Codec, Credential, Destination, DestinationType, GatewayConfig, NumberConfig, Transport, TrunkConfig,
 };
 use switchboard_node::config::{Snapshot, SnapshotHandle};
+use switchboard_node::media::kernel::KernelMode;
 use switchboard_node::signaling::{self, Listening, SipArgs};
 
 pub mod ua;
@@ -151,6 +152,13 @@ impl Node {
             webhook_secret: Some("test-webhook-secret".into()),
             rtp_ports: "30000-39999".into(),
             media_threads: 0,
+            // Kernel forwarding when the tests run with the privileges for it (scripts/test
+            // runs the media tests once more with it off, for the user-space path).
+            kernel_forwarding: match std::env::var("SWITCHBOARD_TEST_KERNEL_FORWARDING").as_deref() {
+                Ok("off") => KernelMode::Off,
+                Ok("on") => KernelMode::On,
+                _ => KernelMode::Auto,
+            },
             media_timeout_seconds: 30,
             final_codes: switchboard_node::sip::routing::DEFAULT_FINAL_CODES.to_vec(),
             agent: switchboard_node::bridge::answer::AgentArgs::default(),

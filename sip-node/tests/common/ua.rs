@@ -70,12 +70,17 @@ impl Ua {
 
     /// Every RTP packet that arrives within `window`: (payload type, payload).
     pub async fn rtp_collect(&self, window: Duration) -> Vec<(u8, Vec<u8>)> {
+        self.rtp_collect_raw(window).await.into_iter().map(|p| (p[1] & 0x7f, p[12..].to_vec())).collect()
+    }
+
+    /// Every datagram of at least an RTP header's length that arrives within `window`, whole.
+    pub async fn rtp_collect_raw(&self, window: Duration) -> Vec<Vec<u8>> {
         let mut out = vec![];
         let mut buf = [0u8; 2048];
         let deadline = tokio::time::Instant::now() + window;
         while let Ok(Ok((n, _))) = tokio::time::timeout_at(deadline, self.rtp.recv_from(&mut buf)).await {
             if n >= 12 {
-                out.push((buf[1] & 0x7f, buf[12..n].to_vec()));
+                out.push(buf[..n].to_vec());
             }
         }
         out

@@ -1,0 +1,200 @@
+// SPDX-License-Identifier: GPL-2.0
+//
+// Kernel forwarding of relayed RTP (the media engine's fast path; see sip-node/src/media/kernel.rs).
+//
+// A tc classifier on the ingress of the node's media interface. For every IPv4/UDP packet it
+// looks up the node socket it is addressed to in `forwards`; an entry exists only for a
+// direction of an anchored call that user space has found steady (latched peer, same codec on
+// both legs, one input stream). A packet that matches the entry exactly (latched source, RTP
+// version 2, the leg's audio payload type, the stream's SSRC, a sequence number inside the
+// current segment) is rewritten the way user space would (payload type, sequence number,
+// timestamp and SSRC of the outgoing stream; addresses and ports of the other leg) and
+// redirected out (through the loopback device for a peer on this host, else out of the
+// interface it came in by, the kernel filling in the next hop), without ever reaching a socket.
+// Everything else (DTMF events, RTCP, strangers, a new SSRC, garbage) goes on to the node's
+// sockets unchanged: user space keeps the whole of the relay's logic and installs or removes
+// entries as the call changes.
+//
+// Built by sip-node/build.rs with clang when clang is installed; without it the node relays in
+// user space only.
+
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <linux/udp.h>
+
+#define SEC(name) __attribute__((section(name), used))
+#define __uint(name, val) int(*name)[val]
+#define __type(name, val) typeof(val) *name
+
+static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)BPF_FUNC_map_lookup_elem;
+static __u64 (*bpf_ktime_get_ns)(void) = (void *)BPF_FUNC_ktime_get_ns;
+static long (*bpf_skb_store_bytes)(struct __sk_buff *skb, __u32 offset, const void *from, __u32 len,
+                                   __u64 flags) = (void *)BPF_FUNC_skb_store_bytes;
+static long (*bpf_l3_csum_replace)(struct __sk_buff *skb, __u32 offset, __u64 from, __u64 to,
+                                   __u64 size) = (void *)BPF_FUNC_l3_csum_replace;
+static long (*bpf_l4_csum_replace)(struct __sk_buff *skb, __u32 offset, __u64 from, __u64 to,
+                                   __u64 flags) = (void *)BPF_FUNC_l4_csum_replace;
+static long (*bpf_redirect)(__u32 ifindex, __u64 flags) = (void *)BPF_FUNC_redirect;
+static long (*bpf_redirect_neigh)(__u32 ifindex, void *params, int plen,
+                                  __u64 flags) = (void *)BPF_FUNC_redirect_neigh;
+
+#define bswap16(x) __builtin_bswap16(x)
+#define bswap32(x) __builtin_bswap32(x)
+
+// Mirrors `ForwardKey` in kernel.rs: the node socket a packet is addressed to (network order).
+struct forward_key {
+    __u32 addr;
+    __u16 port;
+    __u16 pad;
+};
+
+// Mirrors `ForwardEntry` in kernel.rs. Addresses, ports and the SSRCs in network order, the
+// offsets and sequence state in host order.
+struct forward_entry {
+    __u32 peer_addr;      // the latched source of this leg
+    __u16 peer_port;
+    __u8 in_pt;           // this leg's audio payload type
+    __u8 out_pt;          // the other leg's
+    __u32 in_ssrc;        // the input stream of the current segment
+    __u32 out_ssrc;       // the stream the other leg receives
+    __u32 ts_offset;
+    __u16 seq_offset;
+    __u16 highest_seq;    // highest input sequence number seen (kept up to date here)
+    __u32 from_addr;      // the other leg's node socket
+    __u32 to_addr;        // the other leg's peer
+    __u16 from_port;
+    __u16 to_port;
+    __u32 last_out_ts;    // output timestamp of the highest packet
+    __u32 flags;          // FORWARD_LOCAL: the other leg's peer is on this host
+    __u32 pad;
+    __u64 last_ns;        // CLOCK_MONOTONIC of the last packet forwarded
+    __u64 packets;
+    __u64 bytes;
+    __u64 lost;           // sequence gaps
+    __u64 late;           // late or duplicate packets (forwarded all the same)
+};
+
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 65536);
+    __type(key, struct forward_key);
+    __type(value, struct forward_entry);
+} forwards SEC(".maps");
+
+// As in rtp.rs (StreamRewriter): a jump of this many or more starts a new segment.
+#define MAX_DROPOUT 3000
+#define MAX_MISORDER 100
+
+#define IP_OFF ETH_HLEN
+#define UDP_OFF (ETH_HLEN + sizeof(struct iphdr))
+#define RTP_OFF (UDP_OFF + sizeof(struct udphdr))
+#define IP_CSUM_OFF (IP_OFF + __builtin_offsetof(struct iphdr, check))
+#define UDP_CSUM_OFF (UDP_OFF + __builtin_offsetof(struct udphdr, check))
+#define LOOPBACK_IFINDEX 1
+#define FORWARD_LOCAL 1
+
+// TC_ACT_UNSPEC: not ours; the next program (tcx) or the stack gets the packet unchanged.
+#define PASS TC_ACT_UNSPEC
+
+SEC("classifier")
+int relay(struct __sk_buff *skb) {
+    void *data = (void *)(long)skb->data;
+    void *end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > end || eth->h_proto != bswap16(ETH_P_IP))
+        return PASS;
+    struct iphdr *ip = (void *)(eth + 1);
+    if ((void *)(ip + 1) > end || ip->ihl != 5 || ip->protocol != IPPROTO_UDP)
+        return PASS;
+    if (ip->frag_off & bswap16(0x3fff))
+        return PASS;
+    if (skb->gso_segs > 1)
+        return PASS;
+    struct udphdr *udp = (void *)(ip + 1);
+    __u8 *rtp = (void *)(udp + 1);
+    if ((void *)(rtp + 12) > end)
+        return PASS;
+
+    struct forward_key key = {.addr = ip->daddr, .port = udp->dest, .pad = 0};
+    struct forward_entry *e = bpf_map_lookup_elem(&forwards, &key);
+    if (!e)
+        return PASS;
+    if (ip->saddr != e->peer_addr || udp->source != e->peer_port)
+        return PASS;
+    if ((rtp[0] & 0xc0) != 0x80 || (rtp[1] & 0x7f) != e->in_pt)
+        return PASS;
+    __u32 ssrc;
+    __builtin_memcpy(&ssrc, rtp + 8, 4);
+    if (ssrc != e->in_ssrc)
+        return PASS;
+    __u16 seq_be;
+    __u32 ts_be;
+    __builtin_memcpy(&seq_be, rtp + 2, 2);
+    __builtin_memcpy(&ts_be, rtp + 4, 4);
+    __u16 seq = bswap16(seq_be);
+    __u16 ahead = seq - e->highest_seq;
+    if (ahead >= MAX_DROPOUT && ahead <= 0xffff - MAX_MISORDER)
+        return PASS; // a jump: user space starts a new segment
+    __u16 word0_old = (__u16)rtp[0] | ((__u16)rtp[1] << 8);
+    __u16 word0_new = (__u16)rtp[0] | ((__u16)((rtp[1] & 0x80) | e->out_pt) << 8);
+    __u32 saddr = ip->saddr, daddr = ip->daddr;
+    __u16 sport = udp->source, dport = udp->dest;
+    __u32 len = skb->len;
+
+    if (ahead != 0 && ahead < MAX_DROPOUT) {
+        if (ahead > 1)
+            __sync_fetch_and_add(&e->lost, ahead - 1);
+        e->highest_seq = seq;
+        e->last_out_ts = bswap32(ts_be) + e->ts_offset;
+    } else {
+        __sync_fetch_and_add(&e->late, 1);
+    }
+    __u16 out_seq = bswap16((__u16)(seq + e->seq_offset));
+    __u32 out_ts = bswap32(bswap32(ts_be) + e->ts_offset);
+    __u32 out_ssrc = e->out_ssrc;
+    __u32 from_addr = e->from_addr, to_addr = e->to_addr;
+    __u16 from_port = e->from_port, to_port = e->to_port;
+    __u32 local = e->flags & FORWARD_LOCAL;
+    e->last_ns = bpf_ktime_get_ns();
+    __sync_fetch_and_add(&e->packets, 1);
+    __sync_fetch_and_add(&e->bytes, len - RTP_OFF);
+
+    // Checksums first (they read the old values from the caller), then the new bytes.
+    __u64 pseudo = BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0;
+    bpf_l3_csum_replace(skb, IP_CSUM_OFF, saddr, from_addr, 4);
+    bpf_l3_csum_replace(skb, IP_CSUM_OFF, daddr, to_addr, 4);
+    bpf_l4_csum_replace(skb, UDP_CSUM_OFF, saddr, from_addr, pseudo | 4);
+    bpf_l4_csum_replace(skb, UDP_CSUM_OFF, daddr, to_addr, pseudo | 4);
+    bpf_l4_csum_replace(skb, UDP_CSUM_OFF, sport, from_port, BPF_F_MARK_MANGLED_0 | 2);
+    bpf_l4_csum_replace(skb, UDP_CSUM_OFF, dport, to_port, BPF_F_MARK_MANGLED_0 | 2);
+    bpf_l4_csum_replace(skb, UDP_CSUM_OFF, word0_old, word0_new, BPF_F_MARK_MANGLED_0 | 2);
+    bpf_l4_csum_replace(skb, UDP_CSUM_OFF, seq_be, out_seq, BPF_F_MARK_MANGLED_0 | 2);
+    bpf_l4_csum_replace(skb, UDP_CSUM_OFF, ts_be, out_ts, BPF_F_MARK_MANGLED_0 | 4);
+    bpf_l4_csum_replace(skb, UDP_CSUM_OFF, ssrc, out_ssrc, BPF_F_MARK_MANGLED_0 | 4);
+
+    bpf_skb_store_bytes(skb, IP_OFF + __builtin_offsetof(struct iphdr, saddr), &from_addr, 4, 0);
+    bpf_skb_store_bytes(skb, IP_OFF + __builtin_offsetof(struct iphdr, daddr), &to_addr, 4, 0);
+    bpf_skb_store_bytes(skb, UDP_OFF, &from_port, 2, 0);
+    bpf_skb_store_bytes(skb, UDP_OFF + 2, &to_port, 2, 0);
+    bpf_skb_store_bytes(skb, RTP_OFF, &word0_new, 2, 0);
+    bpf_skb_store_bytes(skb, RTP_OFF + 2, &out_seq, 2, 0);
+    bpf_skb_store_bytes(skb, RTP_OFF + 4, &out_ts, 4, 0);
+    bpf_skb_store_bytes(skb, RTP_OFF + 8, &out_ssrc, 4, 0);
+    // A new packet as far as the receiver's timestamps go.
+    skb->tstamp = 0;
+    if (local) {
+        // A peer on this host: through the loopback device, whose Ethernet addresses are 0.
+        __u8 zero[2 * ETH_ALEN] = {};
+        bpf_skb_store_bytes(skb, 0, zero, sizeof(zero), 0);
+        return bpf_redirect(LOOPBACK_IFINDEX, 0);
+    }
+    // Out of the interface it came in by (the node's media interface): the kernel routes the
+    // new destination and fills in the Ethernet header from its neighbour table. No route
+    // lookup here, so no IP forwarding needs to be enabled.
+    return bpf_redirect_neigh(skb->ifindex, 0, 0, 0);
+}
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,0 +1,363 @@
+//! Kernel forwarding: the media engine's fast path for steady RTP.
+//!
+//! Why: relaying a packet in user space costs a `recvfrom` and a `sendto` (3–6 µs of a core on
+//! the benchmark VMs, ~95 % of it in the kernel), which caps a core at ~1,000–1,750 relayed
+//! calls. rtpengine answers the same problem with a kernel module; this is the eBPF version of
+//! it: a tc classifier (`bpf/relay.bpf.c`) on the ingress of the media interface rewrites a
+//! steady stream's packets (payload type, sequence number, timestamp, SSRC, addresses) exactly
+//! as the user-space relay would and redirects them out, so that they never reach a socket.
+//!
+//! User space keeps all of the logic: a relay direction is *installed* here only while it is
+//! steady (peer latched, same codec both sides, one input stream, directions that allow it;
+//! see [`super::relay`]), and the program passes anything it does not recognise (DTMF events,
+//! RTCP, another source or SSRC, a sequence jump, garbage) on to the node's socket unchanged,
+//! where user space handles it and re-installs the entry. The program keeps the entry's
+//! sequence state and counters up to date; user space reads them back before it handles a
+//! packet of an installed direction, for the media timeout and at the end of the call.
+//!
+//! Needs CAP_BPF and CAP_NET_ADMIN (root in the benchmark and the tests) and a kernel with tcx
+//! (6.6) or clsact; without them the node relays in user space (`--kernel-forwarding auto`, the
+//! default) or refuses to start (`on`). Only IPv4 sockets bound to a specific address are
+//! offloaded (the program matches the node's address and rewrites the source to it).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use aya::Ebpf;
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::programs::{SchedClassifier, TcAttachType};
+
+/// The program, built by build.rs (empty when clang was missing).
+static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay.bpf.o"));
+
+/// Whether the node uses kernel forwarding.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum KernelMode {
+    /// User space only.
+    #[default]
+    Off,
+    /// Kernel forwarding when the program loads and attaches; user space otherwise.
+    Auto,
+    /// Kernel forwarding or no start.
+    On,
+}
+
+/// Why kernel forwarding is not available.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// The node was built without clang.
+    #[error("kernel forwarding is not built into this binary (clang was missing at build time)")]
+    NotBuilt,
+    /// Loading or verifying the program failed (no CAP_BPF, an old kernel...).
+    #[error("cannot load the kernel forwarding program: {0}")]
+    Load(String),
+    /// Attaching to an interface failed.
+    #[error("cannot attach kernel forwarding to {interface}: {reason}")]
+    Attach { interface: String, reason: String },
+    /// A map operation failed.
+    #[error("kernel forwarding map: {0}")]
+    Map(String),
+}
+
+/// The node socket a packet is addressed to. Mirrors `struct forward_key`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ForwardKey {
+    addr: u32,
+    port: u16,
+    pad: u16,
+}
+
+// SAFETY: plain old data of integers with no padding (repr(C), 4 + 2 + 2 bytes).
+unsafe impl aya::Pod for ForwardKey {}
+
+impl ForwardKey {
+    /// The key of a node socket, if it can be offloaded (IPv4, a specific address).
+    pub fn of(socket: SocketAddr) -> Option<ForwardKey> {
+        let v4 = ipv4_of(socket)?;
+        (!v4.ip().is_unspecified()).then(|| ForwardKey { addr: be_addr(*v4.ip()), port: v4.port().to_be(), pad: 0 })
+    }
+}
+
+/// One installed direction. Mirrors `struct forward_entry`: addresses, ports and SSRCs in
+/// network order, the rest in host order.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ForwardEntry {
+    peer_addr: u32,
+    peer_port: u16,
+    in_pt: u8,
+    out_pt: u8,
+    in_ssrc: u32,
+    out_ssrc: u32,
+    ts_offset: u32,
+    seq_offset: u16,
+    /// Highest input sequence number forwarded (the program keeps it up to date).
+    pub highest_seq: u16,
+    from_addr: u32,
+    to_addr: u32,
+    from_port: u16,
+    to_port: u16,
+    /// Output timestamp of the highest packet.
+    pub last_out_ts: u32,
+    /// [`FORWARD_LOCAL`] when the other leg's peer is on this host.
+    flags: u32,
+    pad: u32,
+    /// CLOCK_MONOTONIC nanoseconds of the last packet the program forwarded.
+    pub last_ns: u64,
+    /// Packets and RTP bytes forwarded by the program.
+    pub packets: u64,
+    pub bytes: u64,
+    /// Sequence gaps and late packets the program saw.
+    pub lost: u64,
+    pub late: u64,
+}
+
+// SAFETY: repr(C) integers laid out without implicit padding (checked by a test: 88 bytes).
+unsafe impl aya::Pod for ForwardEntry {}
+
+/// What user space decides for an installed direction: who may send, and how packets are
+/// rewritten. The rest of [`ForwardEntry`] is state the program keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForwardRule {
+    /// The latched peer of the receiving leg.
+    pub peer: SocketAddrV4,
+    pub in_pt: u8,
+    pub out_pt: u8,
+    pub in_ssrc: u32,
+    pub out_ssrc: u32,
+    pub seq_offset: u16,
+    pub ts_offset: u32,
+    /// The other leg's node socket and its peer.
+    pub from: SocketAddrV4,
+    pub to: SocketAddrV4,
+    /// The other leg's peer is on this host (loopback, or the node's own address): the
+    /// program sends through the loopback device rather than out of the interface.
+    pub local: bool,
+}
+
+impl ForwardRule {
+    /// The entry for this rule, starting from user space's sequence state.
+    pub fn entry(&self, highest_seq: u16, last_out_ts: u32) -> ForwardEntry {
+        ForwardEntry {
+            peer_addr: be_addr(*self.peer.ip()),
+            peer_port: self.peer.port().to_be(),
+            in_pt: self.in_pt,
+            out_pt: self.out_pt,
+            in_ssrc: self.in_ssrc.to_be(),
+            out_ssrc: self.out_ssrc.to_be(),
+            ts_offset: self.ts_offset,
+            seq_offset: self.seq_offset,
+            highest_seq,
+            from_addr: be_addr(*self.from.ip()),
+            to_addr: be_addr(*self.to.ip()),
+            from_port: self.from.port().to_be(),
+            to_port: self.to.port().to_be(),
+            last_out_ts,
+            flags: if self.local { FORWARD_LOCAL } else { 0 },
+            last_ns: monotonic_ns(),
+            ..ForwardEntry::default()
+        }
+    }
+}
+
+/// `flags` bit: the peer is local.
+const FORWARD_LOCAL: u32 = 1;
+
+fn be_addr(ip: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+/// The IPv4 form of an address (v4-mapped v6 included).
+pub fn ipv4_of(addr: SocketAddr) -> Option<SocketAddrV4> {
+    match addr {
+        SocketAddr::V4(v4) => Some(v4),
+        SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().map(|ip| SocketAddrV4::new(ip, v6.port())),
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// The instant `ns` (CLOCK_MONOTONIC) stands for, as an `Instant` (which uses the same clock).
+pub fn instant_of(ns: u64) -> Instant {
+    let ago = monotonic_ns().saturating_sub(ns);
+    Instant::now().checked_sub(Duration::from_nanos(ago)).unwrap_or_else(Instant::now)
+}
+
+/// The loaded program, attached to the interfaces the node's media sockets use, and its map.
+pub struct KernelForwarder {
+    ebpf: Mutex<Ebpf>,
+    map: Mutex<BpfHashMap<MapData, ForwardKey, ForwardEntry>>,
+    /// Interfaces by node address: attached (true) or impossible to attach (false).
+    interfaces: Mutex<HashMap<IpAddr, bool>>,
+    installed: std::sync::atomic::AtomicUsize,
+}
+
+impl std::fmt::Debug for KernelForwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelForwarder").field("installed", &self.installed()).finish()
+    }
+}
+
+impl KernelForwarder {
+    /// Loads and verifies the program; it is attached to an interface when the first relay
+    /// on an address of that interface is offloaded ([`KernelForwarder::ready_for`]).
+    pub fn load() -> Result<KernelForwarder, KernelError> {
+        if PROGRAM.is_empty() {
+            return Err(KernelError::NotBuilt);
+        }
+        let mut ebpf = Ebpf::load(PROGRAM).map_err(|e| KernelError::Load(e.to_string()))?;
+        let program: &mut SchedClassifier = ebpf
+            .program_mut("relay")
+            .ok_or_else(|| KernelError::Load("no program named relay".into()))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| KernelError::Load(e.to_string()))?;
+        program.load().map_err(|e| KernelError::Load(e.to_string()))?;
+        let map = ebpf.take_map("forwards").ok_or_else(|| KernelError::Load("no map named forwards".into()))?;
+        let map = BpfHashMap::try_from(map).map_err(|e| KernelError::Load(e.to_string()))?;
+        Ok(KernelForwarder {
+            ebpf: Mutex::new(ebpf),
+            map: Mutex::new(map),
+            interfaces: Mutex::new(HashMap::new()),
+            installed: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// Whether packets to the node address `ip` pass the program: attaches it to the
+    /// interface holding `ip` the first time (a failure is logged once and remembered).
+    pub fn ready_for(&self, ip: IpAddr) -> bool {
+        let mut interfaces = self.interfaces.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&ready) = interfaces.get(&ip) {
+            return ready;
+        }
+        let ready = match self.attach_for(ip) {
+            Ok(interface) => {
+                tracing::info!(%ip, interface, "kernel RTP forwarding attached");
+                true
+            }
+            Err(error) => {
+                tracing::warn!(%ip, %error, "kernel RTP forwarding unavailable for this address; relaying in user space");
+                false
+            }
+        };
+        interfaces.insert(ip, ready);
+        ready
+    }
+
+    fn attach_for(&self, ip: IpAddr) -> Result<String, KernelError> {
+        let interface = interface_of(ip).ok_or_else(|| KernelError::Attach {
+            interface: ip.to_string(),
+            reason: "no interface has this address".into(),
+        })?;
+        let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        let program: &mut SchedClassifier = ebpf
+            .program_mut("relay")
+            .and_then(|p| p.try_into().ok())
+            .ok_or_else(|| KernelError::Load("program relay missing".into()))?;
+        let fail = |reason: String| KernelError::Attach { interface: interface.clone(), reason };
+        if let Err(error) = program.attach(&interface, TcAttachType::Ingress) {
+            // Kernels before 6.6 (no tcx): a clsact qdisc first, then the netlink filter.
+            let _ = aya::programs::tc::qdisc_add_clsact(&interface);
+            program.attach(&interface, TcAttachType::Ingress).map_err(|_| fail(error.to_string()))?;
+        }
+        Ok(interface)
+    }
+
+    /// Installs (or replaces) the entry for a node socket.
+    pub fn install(&self, key: ForwardKey, entry: ForwardEntry) -> Result<(), KernelError> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let new = map.get(&key, 0).is_err();
+        map.insert(key, entry, 0).map_err(|e| KernelError::Map(e.to_string()))?;
+        if new {
+            self.installed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// The entry for a node socket as the program left it.
+    pub fn read(&self, key: &ForwardKey) -> Option<ForwardEntry> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).get(key, 0).ok()
+    }
+
+    /// Removes the entry for a node socket, returning its last state.
+    pub fn remove(&self, key: &ForwardKey) -> Option<ForwardEntry> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let last = map.get(key, 0).ok();
+        if map.remove(key).is_ok() {
+            self.installed.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        last
+    }
+
+    /// The program's run time and runs so far, when the kernel accounts them
+    /// ([`KernelForwarder::enable_run_stats`]).
+    pub fn run_stats(&self) -> Option<(Duration, u64)> {
+        let ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
+        let info = ebpf.program("relay")?.info().ok()?;
+        Some((info.run_time(), info.run_count()))
+    }
+
+    /// Turns on the kernel's accounting of BPF program run time for as long as the returned
+    /// descriptor is open (benchmarks: it costs two clock reads per run).
+    pub fn enable_run_stats() -> Option<std::os::fd::OwnedFd> {
+        aya::sys::enable_stats(aya::sys::Stats::RunTime).ok()
+    }
+
+    /// Directions forwarded in the kernel now.
+    pub fn installed(&self) -> usize {
+        self.installed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The interface holding `ip` (loopback addresses: `lo`).
+fn interface_of(ip: IpAddr) -> Option<String> {
+    if ip.is_loopback() {
+        return Some("lo".into());
+    }
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
+        let address = ifa.address?;
+        let found = match ip {
+            IpAddr::V4(v4) => address.as_sockaddr_in().is_some_and(|a| a.ip() == v4),
+            IpAddr::V6(v6) => address.as_sockaddr_in6().is_some_and(|a| a.ip() == v6),
+        };
+        found.then_some(ifa.interface_name)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_entry_layout_matches_the_program() {
+        // struct forward_entry in bpf/relay.bpf.c: 48 bytes of fields, then five u64.
+        assert_eq!(std::mem::size_of::<ForwardEntry>(), 88);
+        assert_eq!(std::mem::offset_of!(ForwardEntry, last_ns), 48);
+        assert_eq!(std::mem::size_of::<ForwardKey>(), 8);
+    }
+
+    #[test]
+    fn only_specific_ipv4_sockets_have_keys() {
+        assert!(ForwardKey::of("127.0.0.1:10000".parse().unwrap()).is_some());
+        assert!(ForwardKey::of("0.0.0.0:10000".parse().unwrap()).is_none());
+        assert!(ForwardKey::of("[::1]:10000".parse().unwrap()).is_none());
+        let key = ForwardKey::of("127.0.0.1:10000".parse().unwrap()).unwrap();
+        assert_eq!(key.addr.to_ne_bytes(), [127, 0, 0, 1]);
+        assert_eq!(key.port.to_ne_bytes(), 10000u16.to_be_bytes());
+    }
+
+    #[test]
+    fn monotonic_time_converts_to_instants() {
+        let then = instant_of(monotonic_ns() - 1_000_000_000);
+        let ago = Instant::now() - then;
+        assert!(ago >= Duration::from_millis(999) && ago < Duration::from_millis(1100), "{ago:?}");
+    }
+}
