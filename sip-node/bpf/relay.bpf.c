@@ -44,7 +44,8 @@ static long (*bpf_redirect_neigh)(__u32 ifindex, void *params, int plen,
 #define bswap16(x) __builtin_bswap16(x)
 #define bswap32(x) __builtin_bswap32(x)
 
-// Mirrors `ForwardKey` in kernel.rs: the node socket a packet is addressed to (network order).
+// Mirrors `ForwardKey` in kernel.rs: the node socket a packet is addressed to (network order;
+// addr 0 for a socket bound to 0.0.0.0).
 struct forward_key {
     __u32 addr;
     __u16 port;
@@ -63,7 +64,7 @@ struct forward_entry {
     __u32 ts_offset;
     __u16 seq_offset;
     __u16 highest_seq;    // highest input sequence number seen (kept up to date here)
-    __u32 from_addr;      // the other leg's node socket
+    __u32 from_addr;      // the other leg's node socket (0: bound to 0.0.0.0)
     __u32 to_addr;        // the other leg's peer
     __u16 from_port;
     __u16 to_port;
@@ -120,8 +121,13 @@ int relay(struct __sk_buff *skb) {
 
     struct forward_key key = {.addr = ip->daddr, .port = udp->dest, .pad = 0};
     struct forward_entry *e = bpf_map_lookup_elem(&forwards, &key);
-    if (!e)
-        return PASS;
+    if (!e) {
+        // Sockets bound to 0.0.0.0 are keyed by port alone.
+        key.addr = 0;
+        e = bpf_map_lookup_elem(&forwards, &key);
+        if (!e)
+            return PASS;
+    }
     if (ip->saddr != e->peer_addr || udp->source != e->peer_port)
         return PASS;
     if ((rtp[0] & 0xc0) != 0x80 || (rtp[1] & 0x7f) != e->in_pt)
@@ -155,7 +161,8 @@ int relay(struct __sk_buff *skb) {
     __u16 out_seq = bswap16((__u16)(seq + e->seq_offset));
     __u32 out_ts = bswap32(bswap32(ts_be) + e->ts_offset);
     __u32 out_ssrc = e->out_ssrc;
-    __u32 from_addr = e->from_addr, to_addr = e->to_addr;
+    // A wildcard-bound node socket (from_addr 0) answers from the address the packet came to.
+    __u32 from_addr = e->from_addr ? e->from_addr : daddr, to_addr = e->to_addr;
     __u16 from_port = e->from_port, to_port = e->to_port;
     __u32 local = e->flags & FORWARD_LOCAL;
     e->last_ns = bpf_ktime_get_ns();

@@ -323,11 +323,30 @@ fn kernel_expected() -> bool {
 
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
 async fn steady_rtp_crosses_as_one_continuous_stream_through_the_kernel_fast_path(pool: PgPool) {
+    steady_stream(pool, "41700-41799", false).await;
+}
+
+/// The same with the node on 0.0.0.0 (as in a pod): media sockets bound to the wildcard are
+/// keyed by port in the kernel, and answer from the address the packet came to.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn steady_rtp_through_a_node_bound_to_every_address(pool: PgPool) {
+    steady_stream(pool, "41800-41899", true).await;
+}
+
+async fn steady_stream(pool: PgPool, ports: &str, wildcard: bool) {
     let caller = Ua::new().await;
     let callee = Ua::new().await;
     let mut carrier = trunk("carrier", vec![]);
     carrier.codecs = vec![switchboard_model::Codec::Pcmu, switchboard_model::Codec::TelephoneEvent];
-    let node = start(&pool, carrier, &callee, "41700-41799", 30).await;
+    let destination = number_to(sip_destination(callee.sip_addr().port()));
+    let node = Node::start_tuned(&pool, vec![carrier], vec![destination], vec![], |args| {
+        args.rtp_ports = ports.into();
+        if wildcard {
+            args.sip_listen = vec!["0.0.0.0:0".parse().unwrap()];
+            args.advertised_host = Some("127.0.0.1".into());
+        }
+    })
+    .await;
     let (ok, invite) = establish(&node, &caller, &callee, "0 101", "0 101").await;
     let (node_for_caller, node_for_callee) = (sdp_rtp(&ok), sdp_rtp(&invite));
 
@@ -361,8 +380,7 @@ async fn steady_rtp_crosses_as_one_continuous_stream_through_the_kernel_fast_pat
             "kernel forwarding not required here (SWITCHBOARD_TEST_KERNEL_FORWARDING != on): checked the stream only"
         );
     }
-    let marks: Vec<(u16, u8, u8)> =
-        received.iter().map(|p| (u16::from_be_bytes([p[2], p[3]]), p[1], p[12])).collect();
+    let marks: Vec<(u16, u8, u8)> = received.iter().map(|p| (u16::from_be_bytes([p[2], p[3]]), p[1], p[12])).collect();
     assert_eq!(received.len(), sent as usize, "every packet crosses: {marks:?}");
     let first_seq = u16::from_be_bytes([received[0][2], received[0][3]]);
     let first_ts = u32::from_be_bytes(received[0][4..8].try_into().unwrap());

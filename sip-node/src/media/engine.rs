@@ -68,7 +68,11 @@ pub enum EngineError {
 
 /// What a worker is told.
 enum Command {
-    Add { id: u64, relay: Box<Relay>, done: Arc<AtomicBool> },
+    Add {
+        id: u64,
+        relay: Box<Relay>,
+        done: Arc<AtomicBool>,
+    },
     Control(u64, Control),
     /// The call took the relay's directions out of the kernel (before an update): their last
     /// state, for the relay to fold in.

@@ -17,8 +17,9 @@
 //!
 //! Needs CAP_BPF and CAP_NET_ADMIN (root in the benchmark and the tests) and a kernel with tcx
 //! (6.6) or clsact; without them the node relays in user space (`--kernel-forwarding auto`, the
-//! default) or refuses to start (`on`). Only IPv4 sockets bound to a specific address are
-//! offloaded (the program matches the node's address and rewrites the source to it).
+//! default) or refuses to start (`on`). Only IPv4 is offloaded; a node whose media sockets are
+//! bound to `0.0.0.0` has the program on every interface with an IPv4 address, and answers
+//! from the address a packet came to.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -74,10 +75,15 @@ pub struct ForwardKey {
 unsafe impl aya::Pod for ForwardKey {}
 
 impl ForwardKey {
-    /// The key of a node socket, if it can be offloaded (IPv4, a specific address).
+    /// The key of a node socket, if it can be offloaded (IPv4; a socket bound to 0.0.0.0 is
+    /// keyed by its port alone).
     pub fn of(socket: SocketAddr) -> Option<ForwardKey> {
-        let v4 = ipv4_of(socket)?;
-        (!v4.ip().is_unspecified()).then(|| ForwardKey { addr: be_addr(*v4.ip()), port: v4.port().to_be(), pad: 0 })
+        let v4 = match socket {
+            SocketAddr::V4(v4) => v4,
+            // `::` takes IPv4 too, but its IPv4 traffic is not worth a second key shape.
+            SocketAddr::V6(_) => return None,
+        };
+        Some(ForwardKey { addr: be_addr(*v4.ip()), port: v4.port().to_be(), pad: 0 })
     }
 }
 
@@ -196,8 +202,12 @@ pub fn instant_of(ns: u64) -> Instant {
 pub struct KernelForwarder {
     ebpf: Mutex<Ebpf>,
     map: Mutex<BpfHashMap<MapData, ForwardKey, ForwardEntry>>,
-    /// Interfaces by node address: attached (true) or impossible to attach (false).
+    /// Node addresses: attached (true) or impossible to attach (false).
     interfaces: Mutex<HashMap<IpAddr, bool>>,
+    /// Interfaces the program is attached to.
+    attached: Mutex<Vec<String>>,
+    /// This host's IPv4 addresses, as of the last attach.
+    local: Mutex<Vec<Ipv4Addr>>,
     installed: std::sync::atomic::AtomicUsize,
 }
 
@@ -227,12 +237,15 @@ impl KernelForwarder {
             ebpf: Mutex::new(ebpf),
             map: Mutex::new(map),
             interfaces: Mutex::new(HashMap::new()),
+            attached: Mutex::new(Vec::new()),
+            local: Mutex::new(Vec::new()),
             installed: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
     /// Whether packets to the node address `ip` pass the program: attaches it to the
-    /// interface holding `ip` the first time (a failure is logged once and remembered).
+    /// interface holding `ip` the first time, or to every interface with an IPv4 address for
+    /// `0.0.0.0` (a failure is logged once and remembered).
     pub fn ready_for(&self, ip: IpAddr) -> bool {
         let mut interfaces = self.interfaces.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(&ready) = interfaces.get(&ip) {
@@ -253,10 +266,40 @@ impl KernelForwarder {
     }
 
     fn attach_for(&self, ip: IpAddr) -> Result<String, KernelError> {
-        let interface = interface_of(ip).ok_or_else(|| KernelError::Attach {
-            interface: ip.to_string(),
-            reason: "no interface has this address".into(),
-        })?;
+        let interfaces = interfaces_of(ip);
+        if interfaces.is_empty() {
+            return Err(KernelError::Attach {
+                interface: ip.to_string(),
+                reason: "no interface has this address".into(),
+            });
+        }
+        let mut attached = Vec::new();
+        for interface in interfaces {
+            match self.attach(&interface) {
+                Ok(()) => attached.push(interface),
+                // Some interfaces of a wildcard may refuse (no tc on them); the others still work.
+                Err(error) if ip.is_unspecified() => {
+                    tracing::warn!(%error, "kernel RTP forwarding skips this interface")
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        if attached.is_empty() {
+            return Err(KernelError::Attach {
+                interface: ip.to_string(),
+                reason: "no interface took the program".into(),
+            });
+        }
+        Ok(attached.join(","))
+    }
+
+    /// Attaches the program to one interface's ingress (once per interface).
+    fn attach(&self, interface: &str) -> Result<(), KernelError> {
+        let mut attached = self.attached.lock().unwrap_or_else(|p| p.into_inner());
+        if attached.iter().any(|i| i == interface) {
+            return Ok(());
+        }
+        let interface = interface.to_string();
         let mut ebpf = self.ebpf.lock().unwrap_or_else(|p| p.into_inner());
         let program: &mut SchedClassifier = ebpf
             .program_mut("relay")
@@ -268,7 +311,15 @@ impl KernelForwarder {
             let _ = aya::programs::tc::qdisc_add_clsact(&interface);
             program.attach(&interface, TcAttachType::Ingress).map_err(|_| fail(error.to_string()))?;
         }
-        Ok(interface)
+        attached.push(interface);
+        *self.local.lock().unwrap_or_else(|p| p.into_inner()) = local_ipv4s();
+        Ok(())
+    }
+
+    /// Whether `ip` is an address of this host (loopback included): a peer there is reached
+    /// through the loopback device.
+    pub fn is_local(&self, ip: Ipv4Addr) -> bool {
+        ip.is_loopback() || self.local.lock().unwrap_or_else(|p| p.into_inner()).contains(&ip)
     }
 
     /// Installs (or replaces) the entry for a node socket.
@@ -317,19 +368,34 @@ impl KernelForwarder {
     }
 }
 
-/// The interface holding `ip` (loopback addresses: `lo`).
-fn interface_of(ip: IpAddr) -> Option<String> {
+/// The interfaces to attach to for node address `ip`: the one holding it (`lo` for loopback
+/// addresses), or every interface with an IPv4 address for `0.0.0.0`.
+fn interfaces_of(ip: IpAddr) -> Vec<String> {
     if ip.is_loopback() {
-        return Some("lo".into());
+        return vec!["lo".into()];
     }
-    nix::ifaddrs::getifaddrs().ok()?.find_map(|ifa| {
-        let address = ifa.address?;
-        let found = match ip {
-            IpAddr::V4(v4) => address.as_sockaddr_in().is_some_and(|a| a.ip() == v4),
-            IpAddr::V6(v6) => address.as_sockaddr_in6().is_some_and(|a| a.ip() == v6),
-        };
-        found.then_some(ifa.interface_name)
-    })
+    let Ok(addresses) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    let mut found: Vec<String> = addresses
+        .filter(|ifa| {
+            let Some(address) = &ifa.address else { return false };
+            match ip {
+                IpAddr::V4(v4) if v4.is_unspecified() => address.as_sockaddr_in().is_some(),
+                IpAddr::V4(v4) => address.as_sockaddr_in().is_some_and(|a| a.ip() == v4),
+                IpAddr::V6(v6) => address.as_sockaddr_in6().is_some_and(|a| a.ip() == v6),
+            }
+        })
+        .map(|ifa| ifa.interface_name)
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// This host's IPv4 addresses.
+fn local_ipv4s() -> Vec<Ipv4Addr> {
+    nix::ifaddrs::getifaddrs()
+        .map(|addresses| addresses.filter_map(|ifa| Some(ifa.address?.as_sockaddr_in()?.ip())).collect())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -345,9 +411,10 @@ mod tests {
     }
 
     #[test]
-    fn only_specific_ipv4_sockets_have_keys() {
+    fn only_ipv4_sockets_have_keys() {
         assert!(ForwardKey::of("127.0.0.1:10000".parse().unwrap()).is_some());
-        assert!(ForwardKey::of("0.0.0.0:10000".parse().unwrap()).is_none());
+        let wildcard = ForwardKey::of("0.0.0.0:10000".parse().unwrap()).unwrap();
+        assert_eq!(wildcard.addr, 0, "a wildcard socket is keyed by its port");
         assert!(ForwardKey::of("[::1]:10000".parse().unwrap()).is_none());
         let key = ForwardKey::of("127.0.0.1:10000".parse().unwrap()).unwrap();
         assert_eq!(key.addr.to_ne_bytes(), [127, 0, 0, 1]);

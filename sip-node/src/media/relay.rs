@@ -985,7 +985,8 @@ impl Relay {
             to: ipv4_of(target.destination()?)?,
             local: false,
         };
-        let rule = ForwardRule { local: rule.to.ip().is_loopback() || rule.to.ip() == rule.from.ip(), ..rule };
+        let local = rule.to.ip() == rule.from.ip() || self.kernel.as_ref().is_some_and(|k| k.is_local(*rule.to.ip()));
+        let rule = ForwardRule { local, ..rule };
         Some((key, rule, segment))
     }
 
