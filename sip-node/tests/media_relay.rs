@@ -269,6 +269,35 @@ async fn a_call_whose_rtp_stops_ends_with_a_media_timeout(pool: PgPool) {
     node.stop().await;
 }
 
+/// RTP that only the kernel forwards still counts as media: no false media timeout while both
+/// sides talk for longer than the timeout, and the timeout once they stop.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn media_forwarded_in_the_kernel_keeps_the_call_up(pool: PgPool) {
+    let caller = Ua::new().await;
+    let callee = Ua::new().await;
+    let node = start(&pool, trunk("carrier", vec![]), &callee, "41900-41999", 1).await;
+    let (ok, invite) = establish(&node, &caller, &callee, "0", "0").await;
+    let (node_for_caller, node_for_callee) = (sdp_rtp(&ok), sdp_rtp(&invite));
+    // 2.4 s of audio both ways with a 1 s media timeout.
+    tokio::join!(talk(&caller, node_for_caller, 0, 120, 0), talk(&callee, node_for_callee, 0, 120, 0));
+    let mut buf = [0u8; 2048];
+    for ua in [&caller, &callee] {
+        let early = tokio::time::timeout(Duration::from_millis(1), ua.sip.recv_from(&mut buf)).await;
+        assert!(
+            early.is_err(),
+            "no BYE while RTP flows: {:?}",
+            early.map(|r| r.map(|(n, _)| String::from_utf8_lossy(&buf[..n]).to_string()))
+        );
+    }
+    let (bye, from) = callee.request("BYE").await;
+    callee.send(&reply(&bye, "200 OK", callee.sip_addr(), None), from).await;
+    assert!(header(&bye, "Reason").unwrap_or_default().contains("cause=102"), "{bye}");
+    let (bye, from) = caller.request("BYE").await;
+    caller.send(&reply(&bye, "200 OK", caller.sip_addr(), None), from).await;
+    ports_released(&[node_for_caller, node_for_callee]).await;
+    node.stop().await;
+}
+
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
 async fn an_offer_without_a_codec_of_the_trunk_is_488_before_any_outbound_attempt(pool: PgPool) {
     let caller = Ua::new().await;

@@ -800,6 +800,41 @@ mod tests {
     }
 
     #[test]
+    fn rewriter_continues_after_packets_rewritten_elsewhere() {
+        let t0 = Instant::now();
+        let mut r = StreamRewriter::new(7, 8000);
+        let first = r.rewrite(1, 100, 1000, false, t0);
+        let steady = r.steady_segment().unwrap();
+        assert_eq!(steady.in_ssrc, 1);
+        assert_eq!(steady.highest_in_seq, 100);
+        // Packets 101..=150 went through the kernel with the same offsets.
+        let last_ts = 1000u32.wrapping_add(50 * 160).wrapping_add(steady.ts_offset);
+        r.forwarded_elsewhere(150, last_ts, t0 + Duration::from_secs(1));
+        assert_eq!(r.steady_segment().unwrap().highest_in_seq, 150);
+        // Back in user space: the same segment goes on with the same offsets...
+        let next = r.rewrite(1, 151, 1000 + 51 * 160, false, t0 + Duration::from_millis(1020));
+        assert_eq!(next.sequence, first.sequence.wrapping_add(51));
+        assert_eq!(next.timestamp, first.timestamp.wrapping_add(51 * 160));
+        // ...and a new source continues after what the kernel sent, not after packet 100.
+        let moved = r.rewrite(2, 9, 5, false, t0 + Duration::from_millis(1040));
+        assert_eq!(moved.sequence, first.sequence.wrapping_add(52));
+        assert!(moved.marker);
+        // A report from behind (stale) changes nothing.
+        let before = r.steady_segment();
+        r.forwarded_elsewhere(3, 0, t0);
+        assert_eq!(r.steady_segment(), before);
+    }
+
+    #[test]
+    fn sequence_stats_take_packets_received_elsewhere() {
+        let mut stats = SequenceStats::default();
+        stats.record(1, 10);
+        stats.received_elsewhere(60, 49, 1, 0);
+        assert_eq!(stats.record(1, 61), SequenceClass::InOrder, "not a gap of 50");
+        assert_eq!((stats.received, stats.lost), (51, 1));
+    }
+
+    #[test]
     fn rewriter_wraps_sequence_numbers() {
         let now = Instant::now();
         let mut r = StreamRewriter::new(1, 8000);
