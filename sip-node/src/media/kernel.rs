@@ -16,7 +16,8 @@
 //! packet of an installed direction, for the media timeout and at the end of the call.
 //!
 //! Needs CAP_BPF and CAP_NET_ADMIN (root in the benchmark and the tests) and a kernel with tcx
-//! (6.6) or clsact; without them the node relays in user space (`--kernel-forwarding auto`, the
+//! (6.6; its attachment ends with the process, so a crashed node leaves nothing forwarding);
+//! without them the node relays in user space (`--kernel-forwarding auto`, the
 //! default) or refuses to start (`on`). Only IPv4 is offloaded; a node whose media sockets are
 //! bound to `0.0.0.0` has the program on every interface with an IPv4 address, and answers
 //! from the address a packet came to.
@@ -28,7 +29,8 @@ use std::time::{Duration, Instant};
 
 use aya::Ebpf;
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use aya::programs::{SchedClassifier, TcAttachType};
+use aya::programs::tc::TcAttachOptions;
+use aya::programs::{LinkOrder, SchedClassifier, TcAttachType};
 
 /// The program, built by build.rs (empty when clang was missing).
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/relay.bpf.o"));
@@ -305,12 +307,14 @@ impl KernelForwarder {
             .program_mut("relay")
             .and_then(|p| p.try_into().ok())
             .ok_or_else(|| KernelError::Load("program relay missing".into()))?;
-        let fail = |reason: String| KernelError::Attach { interface: interface.clone(), reason };
-        if let Err(error) = program.attach(&interface, TcAttachType::Ingress) {
-            // Kernels before 6.6 (no tcx): a clsact qdisc first, then the netlink filter.
-            let _ = aya::programs::tc::qdisc_add_clsact(&interface);
-            program.attach(&interface, TcAttachType::Ingress).map_err(|_| fail(error.to_string()))?;
-        }
+        // tcx only (Linux 6.6): its link belongs to this process and goes with it, however the
+        // process ends. A netlink (clsact) filter would outlive a crashed node and keep
+        // forwarding its calls' ports to their old peers.
+        let options = TcAttachOptions::TcxOrder(LinkOrder::default());
+        program.attach_with_options(&interface, TcAttachType::Ingress, options).map_err(|e| KernelError::Attach {
+            interface: interface.clone(),
+            reason: format!("{e} (needs tcx, Linux 6.6)"),
+        })?;
         attached.push(interface);
         *self.local.lock().unwrap_or_else(|p| p.into_inner()) = local_ipv4s();
         Ok(())
