@@ -10,7 +10,8 @@
 // current segment) is rewritten the way user space would (payload type, sequence number,
 // timestamp and SSRC of the outgoing stream; addresses and ports of the other leg) and
 // redirected out (through the loopback device for a peer on this host, else out of the
-// interface it came in by, the kernel filling in the next hop), without ever reaching a socket.
+// interface the other leg's peer sends in by, the kernel filling in the next hop), without ever
+// reaching a socket.
 // Everything else (DTMF events, RTCP, strangers, a new SSRC, garbage) goes on to the node's
 // sockets unchanged: user space keeps the whole of the relay's logic and installs or removes
 // entries as the call changes.
@@ -70,7 +71,7 @@ struct forward_entry {
     __u16 to_port;
     __u32 last_out_ts;    // output timestamp of the highest packet
     __u32 flags;          // FORWARD_LOCAL: the other leg's peer is on this host
-    __u32 pad;
+    __u32 in_ifindex;     // the interface this leg's peer's packets come in by (kept here)
     __u64 last_ns;        // CLOCK_MONOTONIC of the last packet forwarded
     __u64 packets;
     __u64 bytes;
@@ -150,6 +151,28 @@ int relay(struct __sk_buff *skb) {
     __u16 sport = udp->source, dport = udp->dest;
     __u32 len = skb->len;
 
+    // A wildcard-bound node socket (from_addr 0) answers from the address the packet came to.
+    __u32 from_addr = e->from_addr ? e->from_addr : daddr, to_addr = e->to_addr;
+    __u16 from_port = e->from_port, to_port = e->to_port;
+    __u32 local = e->flags & FORWARD_LOCAL;
+    // Learn where this leg's peer comes in, for the other direction's egress.
+    if (e->in_ifindex != skb->ifindex)
+        e->in_ifindex = skb->ifindex;
+    // Out by the interface the other leg's peer sends in by (symmetric RTP), which that leg's
+    // own entry has learnt; until it has, user space sends.
+    __u32 out_ifindex = LOOPBACK_IFINDEX;
+    if (!local) {
+        struct forward_key back = {.addr = from_addr, .port = from_port, .pad = 0};
+        struct forward_entry *other = bpf_map_lookup_elem(&forwards, &back);
+        if (!other) {
+            back.addr = 0;
+            other = bpf_map_lookup_elem(&forwards, &back);
+        }
+        if (!other || !other->in_ifindex)
+            return PASS;
+        out_ifindex = other->in_ifindex;
+    }
+
     if (ahead != 0 && ahead < MAX_DROPOUT) {
         if (ahead > 1)
             __sync_fetch_and_add(&e->lost, ahead - 1);
@@ -161,10 +184,6 @@ int relay(struct __sk_buff *skb) {
     __u16 out_seq = bswap16((__u16)(seq + e->seq_offset));
     __u32 out_ts = bswap32(bswap32(ts_be) + e->ts_offset);
     __u32 out_ssrc = e->out_ssrc;
-    // A wildcard-bound node socket (from_addr 0) answers from the address the packet came to.
-    __u32 from_addr = e->from_addr ? e->from_addr : daddr, to_addr = e->to_addr;
-    __u16 from_port = e->from_port, to_port = e->to_port;
-    __u32 local = e->flags & FORWARD_LOCAL;
     e->last_ns = bpf_ktime_get_ns();
     __sync_fetch_and_add(&e->packets, 1);
     __sync_fetch_and_add(&e->bytes, len - RTP_OFF);
@@ -198,10 +217,9 @@ int relay(struct __sk_buff *skb) {
         bpf_skb_store_bytes(skb, 0, zero, sizeof(zero), 0);
         return bpf_redirect(LOOPBACK_IFINDEX, 0);
     }
-    // Out of the interface it came in by (the node's media interface): the kernel routes the
-    // new destination and fills in the Ethernet header from its neighbour table. No route
-    // lookup here, so no IP forwarding needs to be enabled.
-    return bpf_redirect_neigh(skb->ifindex, 0, 0, 0);
+    // The kernel routes the new destination and fills in the Ethernet header from its
+    // neighbour table (no FIB lookup here, so IP forwarding need not be enabled).
+    return bpf_redirect_neigh(out_ifindex, 0, 0, 0);
 }
 
 char LICENSE[] SEC("license") = "GPL";

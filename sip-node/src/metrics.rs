@@ -137,6 +137,26 @@ impl prometheus::core::Collector for SampledGauge {
     }
 }
 
+/// A counter whose value is read from elsewhere when the metrics are rendered (it only rises).
+struct SampledCounter {
+    counter: IntCounter,
+    sample: Box<dyn Fn() -> u64 + Send + Sync>,
+}
+
+impl prometheus::core::Collector for SampledCounter {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.counter.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let (now, shown) = ((self.sample)(), self.counter.get());
+        if now > shown {
+            self.counter.inc_by(now - shown);
+        }
+        self.counter.collect()
+    }
+}
+
 fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
     registry.register(Box::new(metric.clone())).expect("metric names are unique and valid");
     metric
@@ -254,6 +274,19 @@ impl NodeMetrics {
             "Relay directions (one per leg that sends) whose RTP the kernel forwards now without user space.",
             forwards,
         );
+    }
+
+    /// Samples the packets the kernel forwarded when the metrics are rendered.
+    pub fn track_kernel_packets(&self, packets: impl Fn() -> u64 + Send + Sync + 'static) {
+        let counter = IntCounter::new(
+            "switchboard_media_kernel_packets_total",
+            "RTP packets forwarded in the kernel without user space (counted when the relay takes the kernel's counters back, at the latest when the call ends).",
+        )
+        .expect("valid metric");
+        let sampled = SampledCounter { counter, sample: Box::new(packets) };
+        if let Err(error) = self.registry.register(Box::new(sampled)) {
+            tracing::debug!(%error, "kernel packet counter already registered");
+        }
     }
 
     fn sampled(&self, name: &str, help: &str, sample: impl Fn() -> usize + Send + Sync + 'static) {

@@ -153,6 +153,7 @@ pub async fn start(
         if let Ok(engine) = crate::media::engine::MediaEngine::global() {
             metrics.track_media_relays(|| engine.relays());
             metrics.track_kernel_forwards(|| engine.kernel_forwards());
+            metrics.track_kernel_packets(|| engine.kernel_packets());
         }
     }
     let ctx = Arc::new(CallContext {

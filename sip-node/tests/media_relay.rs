@@ -269,6 +269,126 @@ async fn a_call_whose_rtp_stops_ends_with_a_media_timeout(pool: PgPool) {
     node.stop().await;
 }
 
+/// A network namespace joined to the host by a veth pair (10.77.0.1 host side, 10.77.0.2 in
+/// the namespace), removed when dropped. Peers in it reach the node through a real network
+/// device, so the kernel fast path has to send their packets out of an interface (the neighbour
+/// path) instead of looping them back. Needs root and `ip`.
+struct PeerNetwork {
+    name: String,
+}
+
+impl PeerNetwork {
+    const HOST: &str = "10.77.0.1";
+    const PEER: &str = "10.77.0.2";
+
+    fn create() -> PeerNetwork {
+        let id = std::process::id() % 100_000;
+        let network = PeerNetwork { name: format!("sbtest{id}") };
+        let (host_if, peer_if) = (format!("sbh{id}"), format!("sbp{id}"));
+        let name = &network.name;
+        for command in [
+            format!("netns add {name}"),
+            format!("link add {host_if} type veth peer name {peer_if}"),
+            format!("link set {peer_if} netns {name}"),
+            format!("addr add {}/24 dev {host_if}", Self::HOST),
+            format!("link set {host_if} up"),
+            format!("-n {name} addr add {}/24 dev {peer_if}", Self::PEER),
+            format!("-n {name} link set {peer_if} up"),
+        ] {
+            let status = std::process::Command::new("ip").args(command.split_whitespace()).status().unwrap();
+            assert!(status.success(), "ip {command}");
+        }
+        network
+    }
+
+    /// A UDP socket bound in the namespace (a thread joins it just to create the socket).
+    fn socket(&self) -> tokio::net::UdpSocket {
+        let path = format!("/run/netns/{}", self.name);
+        let socket = std::thread::spawn(move || {
+            let namespace = std::fs::File::open(path).unwrap();
+            nix::sched::setns(namespace, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let socket = std::net::UdpSocket::bind((Self::PEER, 0)).unwrap();
+            socket.set_nonblocking(true).unwrap();
+            socket
+        })
+        .join()
+        .unwrap();
+        tokio::net::UdpSocket::from_std(socket).unwrap()
+    }
+}
+
+impl Drop for PeerNetwork {
+    fn drop(&mut self) {
+        // The veth pair goes with the namespace.
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Both peers' RTP behind a real network device: after latching, both directions are
+/// forwarded in the kernel out of that device (not through the loopback), whole and in order.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn kernel_forwarding_sends_out_of_a_network_device(pool: PgPool) {
+    if !kernel_expected() {
+        println!("SKIPPED: needs root and kernel forwarding (SWITCHBOARD_TEST_KERNEL_FORWARDING=on)");
+        return;
+    }
+    let network = PeerNetwork::create();
+    // SIP stays on the loopback; RTP goes between the namespace and the node's 10.77.0.1.
+    let caller = Ua { sip: tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(), rtp: network.socket() };
+    let callee = Ua { sip: tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(), rtp: network.socket() };
+    let destination = number_to(sip_destination(callee.sip_addr().port()));
+    let node = Node::start_tuned(&pool, vec![trunk("carrier", vec![])], vec![destination], vec![], |args| {
+        args.rtp_ports = "42000-42099".into();
+        args.sip_listen = vec!["0.0.0.0:0".parse().unwrap()];
+        args.advertised_host = Some(PeerNetwork::HOST.into());
+    })
+    .await;
+    let (ok, invite) = establish(&node, &caller, &callee, "0", "0").await;
+    let (node_for_caller, node_for_callee) = (sdp_rtp(&ok), sdp_rtp(&invite));
+    assert_eq!(node_for_caller.ip().to_string(), PeerNetwork::HOST);
+    // The SDP of both says 127.0.0.1 (the test's `sdp`), their packets come from the
+    // namespace: the node latches to where they really are, then forwards in the kernel.
+    for _ in 0..3 {
+        callee.rtp_send(node_for_callee, 0, 1, &[0; 160]).await;
+        caller.rtp_send(node_for_caller, 0, 1, &[0; 160]).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _ = tokio::join!(caller.rtp_collect(Duration::from_millis(50)), callee.rtp_collect(Duration::from_millis(50)));
+    let before = metric(&node, "switchboard_media_kernel_packets_total").await.unwrap_or(0.0);
+
+    let (_, _, heard_by_callee, heard_by_caller) = tokio::join!(
+        talk(&caller, node_for_caller, 0, 50, 0),
+        talk(&callee, node_for_callee, 0, 50, 100),
+        callee.rtp_collect(Duration::from_millis(1500)),
+        caller.rtp_collect(Duration::from_millis(1500)),
+    );
+    for (heard, base, who) in [(&heard_by_callee, 0u8, "callee"), (&heard_by_caller, 100, "caller")] {
+        assert_eq!(heard.len(), 50, "the {who} hears every packet");
+        for (i, (pt, payload)) in heard.iter().enumerate() {
+            assert_eq!((*pt, payload[0]), (0, base.wrapping_add(i as u8)), "the {who}'s packet {i}");
+        }
+    }
+    let tag = to_tag(&ok);
+    caller.send(&caller_request("BYE", 2, node.addr, caller.sip_addr(), Some(&tag), None), node.addr).await;
+    let (bye, from) = callee.request("BYE").await;
+    callee.send(&reply(&bye, "200 OK", callee.sip_addr(), None), from).await;
+    assert!(caller.final_response().await.starts_with("SIP/2.0 200"));
+    // The relay takes the kernel's counters back when the call ends.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    let mut forwarded = 0.0;
+    while tokio::time::Instant::now() < deadline {
+        forwarded = metric(&node, "switchboard_media_kernel_packets_total").await.unwrap_or(0.0) - before;
+        if forwarded >= 95.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(forwarded >= 95.0, "the kernel forwarded the talk, not user space: {forwarded} of 100 packets");
+    node.stop().await;
+    drop(network);
+}
+
 /// RTP that only the kernel forwards still counts as media: no false media timeout while both
 /// sides talk for longer than the timeout, and the timeout once they stop.
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]

@@ -190,6 +190,11 @@ impl MediaEngine {
         self.kernel.as_ref().map_or(0, |k| k.installed())
     }
 
+    /// Packets the kernel forwarded for this engine's relays (taken back so far).
+    pub fn kernel_packets(&self) -> u64 {
+        self.kernel.as_ref().map_or(0, |k| k.forwarded_packets())
+    }
+
     /// Whether kernel forwarding is loaded.
     pub fn has_kernel(&self) -> bool {
         self.kernel.is_some()

@@ -112,7 +112,9 @@ pub struct ForwardEntry {
     pub last_out_ts: u32,
     /// [`FORWARD_LOCAL`] when the other leg's peer is on this host.
     flags: u32,
-    pad: u32,
+    /// The interface this leg's peer sends in by: the other direction's way out (the program
+    /// learns it).
+    pub in_ifindex: u32,
     /// CLOCK_MONOTONIC nanoseconds of the last packet the program forwarded.
     pub last_ns: u64,
     /// Packets and RTP bytes forwarded by the program.
@@ -208,6 +210,8 @@ pub struct KernelForwarder {
     interfaces: Mutex<HashMap<IpAddr, bool>>,
     /// Interfaces the program is attached to.
     attached: Mutex<Vec<String>>,
+    /// Packets the program forwarded, as far as relays have taken its counters back.
+    forwarded: std::sync::atomic::AtomicU64,
     /// This host's IPv4 addresses, as of the last attach.
     local: Mutex<Vec<Ipv4Addr>>,
     installed: std::sync::atomic::AtomicUsize,
@@ -240,6 +244,7 @@ impl KernelForwarder {
             map: Mutex::new(map),
             interfaces: Mutex::new(HashMap::new()),
             attached: Mutex::new(Vec::new()),
+            forwarded: std::sync::atomic::AtomicU64::new(0),
             local: Mutex::new(Vec::new()),
             installed: std::sync::atomic::AtomicUsize::new(0),
         })
@@ -364,6 +369,17 @@ impl KernelForwarder {
     /// descriptor is open (benchmarks: it costs two clock reads per run).
     pub fn enable_run_stats() -> Option<std::os::fd::OwnedFd> {
         aya::sys::enable_stats(aya::sys::Stats::RunTime).ok()
+    }
+
+    /// Counts packets the program forwarded for a relay (when the relay takes them back).
+    pub fn count_forwarded(&self, packets: u64) {
+        self.forwarded.fetch_add(packets, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Packets the program forwarded, as far as relays have taken its counters back (at the
+    /// latest when their calls end).
+    pub fn forwarded_packets(&self) -> u64 {
+        self.forwarded.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Directions forwarded in the kernel now.

@@ -1023,7 +1023,7 @@ impl Relay {
     }
 
     fn kernel_fold(&mut self, leg: LegId, entry: ForwardEntry) {
-        let Relay { a, b, counters, offloaded, .. } = self;
+        let Relay { a, b, counters, offloaded, kernel, .. } = self;
         let Some(installed) = &mut offloaded[leg.index()] else { return };
         let (this, target) = match leg {
             LegId::A => (a, b),
@@ -1033,6 +1033,9 @@ impl Relay {
         let packets = entry.packets.wrapping_sub(seen.packets);
         if packets == 0 {
             return;
+        }
+        if let Some(kernel) = kernel {
+            kernel.count_forwarded(packets);
         }
         let bytes = entry.bytes.wrapping_sub(seen.bytes);
         let (lost, late) = (entry.lost.wrapping_sub(seen.lost), entry.late.wrapping_sub(seen.late));
