@@ -8,6 +8,7 @@ pub mod endpoint;
 pub mod limits;
 pub mod message;
 pub mod originate;
+pub mod queue;
 pub mod registration;
 pub mod resolve;
 pub mod routing;

@@ -18,7 +18,6 @@ use rsip::prelude::*;
 use rsip::{Method, Request};
 use serde::Serialize;
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
 use switchboard_model::{Direction, Transport, TrunkConfig};
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -37,8 +36,6 @@ use crate::webhook::{CallHooks, Signer};
 
 /// Channel the API notifies on when it queues a call.
 pub const CHANNEL: &str = "switchboard_call_requests";
-/// How often queued requests are looked for even without a notification.
-const POLL: Duration = Duration::from_secs(2);
 /// Longest an API call may last before the node hangs up.
 const MAX_DURATION: Duration = Duration::from_secs(4 * 3600);
 /// How long an outbound attempt may go without any response.
@@ -98,36 +95,14 @@ struct StatusEvent<'a> {
 /// Claims and places queued calls until the node stops.
 pub async fn run(ctx: Arc<CallContext>, pool: PgPool, signer: Signer) {
     let client = reqwest::Client::builder().build().unwrap_or_default();
-    let mut listener = PgListener::connect_with(&pool).await.ok();
-    if let Some(listener) = listener.as_mut()
-        && let Err(error) = listener.listen(CHANNEL).await
-    {
-        tracing::warn!(%error, "cannot LISTEN for call requests; polling only");
-    }
-    loop {
-        loop {
-            match claim(&pool, &ctx.node_id).await {
-                Ok(Some(request)) => {
-                    let ctx = Arc::clone(&ctx);
-                    let pool = pool.clone();
-                    let hooks = CallHooks::start(client.clone(), signer.clone(), request.webhook_url.clone());
-                    let span = tracing::info_span!("api_call", request = %request.id);
-                    tokio::spawn(tracing::Instrument::instrument(place(ctx, pool, request, hooks), span));
-                }
-                Ok(None) => break,
-                Err(error) => {
-                    tracing::debug!(%error, "cannot claim call requests now");
-                    break;
-                }
-            }
-        }
-        match listener.as_mut() {
-            Some(listener) => {
-                let _ = tokio::time::timeout(POLL, listener.try_recv()).await;
-            }
-            None => tokio::time::sleep(POLL).await,
-        }
-    }
+    let (queue, node_id) = (&pool, &ctx.node_id);
+    let start = |request: CallRequest| {
+        let hooks = CallHooks::start(client.clone(), signer.clone(), request.webhook_url.clone());
+        let span = tracing::info_span!("api_call", request = %request.id);
+        let call = place(Arc::clone(&ctx), pool.clone(), request, hooks);
+        tokio::spawn(tracing::Instrument::instrument(call, span));
+    };
+    super::queue::serve(queue, CHANNEL, "call requests", move || claim(queue, node_id), start).await;
 }
 
 async fn claim(pool: &PgPool, node_id: &str) -> Result<Option<CallRequest>, sqlx::Error> {

@@ -7,7 +7,6 @@
 //! delivered to the number's message webhook (signed, retried).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use rsip::headers::{self, Header};
 use rsip::prelude::*;
@@ -15,7 +14,6 @@ use rsip::{Method, Request};
 use rust_decimal::Decimal;
 use serde::Serialize;
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
 use switchboard_model::Transport;
 use uuid::Uuid;
 
@@ -31,8 +29,6 @@ use crate::webhook::{CallHooks, Signer};
 
 /// Channel the API notifies on when it queues a message.
 pub const CHANNEL: &str = "switchboard_messages";
-/// How often queued messages are looked for even without a notification.
-const POLL: Duration = Duration::from_secs(2);
 /// Longest accepted message body (bytes); carriers cap SMS far below this.
 const MAX_BODY: usize = 8 * 1024;
 
@@ -60,41 +56,21 @@ struct InboundEvent<'a> {
 
 /// Claims and sends queued outbound messages until the node stops.
 pub async fn run(ctx: Arc<CallContext>, pool: PgPool) {
-    let mut listener = PgListener::connect_with(&pool).await.ok();
-    if let Some(listener) = listener.as_mut()
-        && let Err(error) = listener.listen(CHANNEL).await
-    {
-        tracing::warn!(%error, "cannot LISTEN for messages; polling only");
-    }
-    loop {
-        loop {
-            let claimed: Result<Option<Outgoing>, _> = sqlx::query_as(
-                "UPDATE messages SET status = 'sending', claimed_by = $1, updated_at = now()
-                 WHERE id = (SELECT id FROM messages WHERE status = 'queued' AND direction = 'outbound'
-                             ORDER BY created_at FOR UPDATE SKIP LOCKED LIMIT 1)
-                 RETURNING id, namespace, trunk_name, from_number, to_number, body",
-            )
-            .bind(&ctx.node_id)
-            .fetch_optional(&pool)
-            .await;
-            match claimed {
-                Ok(Some(outgoing)) => {
-                    tokio::spawn(send(Arc::clone(&ctx), pool.clone(), outgoing));
-                }
-                Ok(None) => break,
-                Err(error) => {
-                    tracing::debug!(%error, "cannot claim messages now");
-                    break;
-                }
-            }
-        }
-        match listener.as_mut() {
-            Some(listener) => {
-                let _ = tokio::time::timeout(POLL, listener.try_recv()).await;
-            }
-            None => tokio::time::sleep(POLL).await,
-        }
-    }
+    let (queue, node_id) = (&pool, &ctx.node_id);
+    let claim = move || {
+        sqlx::query_as::<_, Outgoing>(
+            "UPDATE messages SET status = 'sending', claimed_by = $1, updated_at = now()
+             WHERE id = (SELECT id FROM messages WHERE status = 'queued' AND direction = 'outbound'
+                         ORDER BY created_at FOR UPDATE SKIP LOCKED LIMIT 1)
+             RETURNING id, namespace, trunk_name, from_number, to_number, body",
+        )
+        .bind(node_id)
+        .fetch_optional(queue)
+    };
+    let start = |outgoing: Outgoing| {
+        tokio::spawn(send(Arc::clone(&ctx), pool.clone(), outgoing));
+    };
+    super::queue::serve(queue, CHANNEL, "messages", claim, start).await;
 }
 
 async fn send(ctx: Arc<CallContext>, pool: PgPool, outgoing: Outgoing) {
