@@ -1003,14 +1003,26 @@ impl Relay {
         let Some((key, rule, segment)) = self.kernel_rule(leg) else { return };
         if !kernel.ready_for(IpAddr::V4(*rule.from.ip())) {
             // This address cannot be offloaded (the forwarder logged why, once).
-            self.kernel = None;
+            self.kernel_give_up();
             return;
         }
         let entry = rule.entry(segment.highest_in_seq, segment.last_ts);
         match kernel.install(key, entry) {
             Ok(()) => self.offloaded[leg.index()] = Some(Offloaded { key, rule, seen: entry }),
-            Err(error) => tracing::warn!(%error, "cannot install a kernel RTP forward; relaying in user space"),
+            Err(error) => {
+                // A full map, most likely: this call stays in user space (one warning, not one
+                // per packet).
+                tracing::warn!(%error, "cannot install a kernel RTP forward; this call is relayed in user space");
+                self.kernel_give_up();
+            }
         }
+    }
+
+    /// Takes both directions back and relays this call in user space from now on.
+    fn kernel_give_up(&mut self) {
+        self.kernel_uninstall(LegId::A);
+        self.kernel_uninstall(LegId::B);
+        self.kernel = None;
     }
 
     /// Folds what the kernel forwarded from `leg` since the last look into the relay: counters,
