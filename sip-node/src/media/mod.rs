@@ -6,6 +6,7 @@
 //! - [`rtp`]: RTP/RTCP headers (RFC 3550), the stream rewriter that keeps a relayed stream
 //!   monotonic across re-INVITEs, and RFC 4733 telephone events (DTMF).
 //! - [`g711`]: μ-law and A-law companding and transcoding.
+//! - [`rtcp`]: RTCP translated across a call to the SSRCs and numbers the relay rewrites RTP to.
 //! - [`relay`]: the per-call RTP relay between two legs, and the caller's leg of an AI bridge
 //!   (driven by the bridge's own task).
 //! - [`engine`]: the media threads that drive two-leg relays (level-triggered epoll).
@@ -19,5 +20,6 @@ pub mod kernel;
 pub(crate) mod mailbox;
 pub mod ports;
 pub mod relay;
+pub mod rtcp;
 pub mod rtp;
 pub mod sdp;

@@ -17,7 +17,8 @@
 //! - **Transcoding** between PCMU and PCMA when the legs' codecs differ.
 //! - **DTMF**: RFC 4733 events are relayed with the payload type of the other leg (when it
 //!   negotiated telephone-event) and reported once per key press ([`RelayEvent::Dtmf`]).
-//! - **RTCP** on the odd ports is validated and passed to the other leg unchanged.
+//! - **RTCP** on the odd ports is validated and passed to the other leg, its SSRCs, SR timestamp
+//!   and report blocks translated to the streams as the node relays them ([`super::rtcp`]).
 //! - **Media timeout**: no RTP from a leg that should be sending for the configured time gives
 //!   [`RelayEvent::MediaTimeout`] (legs on hold are not expected to send).
 //! - **Direction**: nothing is sent to a leg whose negotiated direction says the node does not
@@ -57,6 +58,7 @@ use super::g711;
 use super::kernel::{ForwardEntry, ForwardKey, ForwardRule, KernelForwarder, instant_of, ipv4_of};
 use super::mailbox::{MailboxReceiver, MailboxSender, mailbox};
 use super::ports::PortPair;
+use super::rtcp::RtcpTranslation;
 use super::rtp::{
     DtmfDetector, DtmfDigit, RtpHeader, RtpPacket, SequenceStats, SteadySegment, StreamRewriter, TelephoneEvent,
 };
@@ -821,7 +823,7 @@ impl Relay {
         // read; the next readiness tries again.
         let Ok((len, source)) = socket.recv_from(buf) else { return };
         if rtcp {
-            self.on_rtcp(leg, &buf[..len], source);
+            self.on_rtcp(leg, &mut buf[..len], source);
         } else {
             self.on_rtp(leg, &mut buf[..len], source);
         }
@@ -869,11 +871,18 @@ impl Relay {
         (this, other, &**counters, &*events)
     }
 
-    fn on_rtcp(&mut self, leg: LegId, packet: &[u8], source: SocketAddr) {
+    fn on_rtcp(&mut self, leg: LegId, packet: &mut [u8], source: SocketAddr) {
         let (this, target, counters, _) = self.split(leg);
         if !this.receive_rtcp(packet, source, &counters[leg.index()]) {
             return;
         }
+        // In the other peer's terms: the SSRCs and numbers of the streams as the node relays them.
+        RtcpTranslation {
+            sender_ssrc: target.rewriter.ssrc(),
+            sender_timestamps: target.rewriter.steady_segment().map(|s| (s.in_ssrc, s.ts_offset)),
+            reported: this.rewriter.steady_segment().map(|s| (this.rewriter.ssrc(), s.in_ssrc, s.seq_offset)),
+        }
+        .apply(packet);
         if let Some(dest) = target.rtcp_destination()
             && target.rtcp.send_to(packet, dest).is_ok()
         {
@@ -1531,7 +1540,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn rtcp_is_passed_through() {
+    async fn rtcp_is_passed_across_in_the_other_legs_terms() {
         let s = two_legs(42100, Codec::Pcmu, Codec::Pcmu, RelayConfig::default()).await;
         let caller_rtcp = UdpSocket::bind((localhost(), 0)).await.unwrap();
         let callee_rtcp_addr = SocketAddr::new(localhost(), s.callee.local_addr().unwrap().port() + 1);
@@ -1539,10 +1548,15 @@ mod tests {
             Ok(socket) => socket,
             Err(_) => return, // the neighbouring port is taken on this host; nothing to test
         };
+        // The caller's stream (SSRC 77) reaches the callee as the node's stream...
+        s.caller.send_to(&rtp(0, 1, 160, 77, &[0; 160]), SocketAddr::new(localhost(), s.a_port)).await.unwrap();
+        let node_ssrc = RtpPacket::parse(&recv(&s.callee).await.0).unwrap().ssrc;
+        assert_ne!(node_ssrc, 77);
+        // ...so the caller's RTCP about it speaks of the node's SSRC too.
         let rr = crate::media::rtp::empty_receiver_report(77);
         caller_rtcp.send_to(&rr, SocketAddr::new(localhost(), s.a_port + 1)).await.unwrap();
         let (packet, from) = recv(&callee_rtcp).await;
-        assert_eq!(packet, rr);
+        assert_eq!(packet, crate::media::rtp::empty_receiver_report(node_ssrc), "RTCP in the callee's terms");
         assert_eq!(from.port(), s.b_port + 1);
         caller_rtcp.send_to(b"junk", SocketAddr::new(localhost(), s.a_port + 1)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
