@@ -8,13 +8,18 @@
 // both legs, one input stream). A packet that matches the entry exactly (latched source, RTP
 // version 2, the leg's audio payload type, the stream's SSRC, a sequence number inside the
 // current segment) is rewritten the way user space would (payload type, sequence number,
-// timestamp and SSRC of the outgoing stream; addresses and ports of the other leg) and
+// timestamp and SSRC of the outgoing stream; addresses and ports of the other leg; G.711
+// μ-law <-> A-law when the legs' codecs differ) and
 // redirected out (through the loopback device for a peer on this host, else out of the
 // interface the other leg's peer sends in by, the kernel filling in the next hop), without ever
 // reaching a socket.
 // Everything else (DTMF events, RTCP, strangers, a new SSRC, garbage) goes on to the node's
 // sockets unchanged: user space keeps the whole of the relay's logic and installs or removes
 // entries as the call changes.
+//
+// Every rewrite is checksum-neutral: the IP and UDP checksum fields are updated for the
+// addresses, ports, RTP header fields and (when transcoding) the payload, so a receiver that
+// verifies in software accepts the packet (tested with frames that carry no offload).
 //
 // Built by sip-node/build.rs with clang when clang is installed; without it the node relays in
 // user space only.
@@ -70,7 +75,7 @@ struct forward_entry {
     __u16 from_port;
     __u16 to_port;
     __u32 last_out_ts;    // output timestamp of the highest packet
-    __u32 flags;          // FORWARD_LOCAL: the other leg's peer is on this host
+    __u32 flags;          // FORWARD_*
     __u32 in_ifindex;     // the interface this leg's peer's packets come in by (kept here)
     __u64 last_ns;        // CLOCK_MONOTONIC of the last packet forwarded
     __u64 packets;
@@ -96,7 +101,51 @@ struct {
 #define IP_CSUM_OFF (IP_OFF + __builtin_offsetof(struct iphdr, check))
 #define UDP_CSUM_OFF (UDP_OFF + __builtin_offsetof(struct udphdr, check))
 #define LOOPBACK_IFINDEX 1
-#define FORWARD_LOCAL 1
+// flags
+#define FORWARD_LOCAL 1        // the other leg's peer is on this host
+#define FORWARD_ULAW_TO_ALAW 2 // transcode the payload
+#define FORWARD_ALAW_TO_ULAW 4
+// Longest G.711 payload transcoded here (40 ms); longer ones go to user space.
+#define MAX_TRANSCODED 320
+
+// G.711 transcoding tables, the same as sip-node/src/media/g711.rs (a unit test in kernel.rs
+// compares them).
+static const __u8 ulaw_to_alaw[256] = {
+    42, 43, 40, 41, 46, 47, 44, 45, 34, 35, 32, 33, 38, 39, 36, 37,
+    58, 59, 56, 57, 62, 63, 60, 61, 50, 51, 48, 49, 54, 55, 52, 53,
+    11, 8, 9, 14, 15, 12, 13, 2, 3, 0, 1, 6, 7, 4, 5, 26,
+    27, 24, 25, 30, 31, 28, 29, 18, 19, 16, 17, 22, 23, 20, 21, 107,
+    104, 105, 110, 111, 108, 109, 98, 99, 96, 97, 102, 103, 100, 101, 123, 121,
+    126, 127, 124, 125, 114, 115, 112, 113, 118, 119, 116, 117, 75, 73, 79, 77,
+    66, 67, 64, 65, 70, 71, 68, 69, 90, 91, 88, 89, 94, 95, 92, 93,
+    82, 83, 83, 80, 80, 81, 81, 86, 86, 87, 87, 84, 84, 85, 85, 213,
+    170, 171, 168, 169, 174, 175, 172, 173, 162, 163, 160, 161, 166, 167, 164, 165,
+    186, 187, 184, 185, 190, 191, 188, 189, 178, 179, 176, 177, 182, 183, 180, 181,
+    139, 136, 137, 142, 143, 140, 141, 130, 131, 128, 129, 134, 135, 132, 133, 154,
+    155, 152, 153, 158, 159, 156, 157, 146, 147, 144, 145, 150, 151, 148, 149, 235,
+    232, 233, 238, 239, 236, 237, 226, 227, 224, 225, 230, 231, 228, 229, 251, 249,
+    254, 255, 252, 253, 242, 243, 240, 241, 246, 247, 244, 245, 203, 201, 207, 205,
+    194, 195, 192, 193, 198, 199, 196, 197, 218, 219, 216, 217, 222, 223, 220, 221,
+    210, 211, 211, 208, 208, 209, 209, 214, 214, 215, 215, 212, 212, 213, 213, 213,
+};
+static const __u8 alaw_to_ulaw[256] = {
+    41, 42, 39, 40, 45, 46, 43, 44, 33, 34, 32, 32, 37, 38, 35, 36,
+    57, 58, 55, 56, 61, 62, 59, 60, 49, 50, 47, 48, 53, 54, 51, 52,
+    10, 11, 8, 9, 14, 15, 12, 13, 2, 3, 0, 1, 6, 7, 4, 5,
+    26, 27, 24, 25, 30, 31, 28, 29, 18, 19, 16, 17, 22, 23, 20, 21,
+    98, 99, 96, 97, 102, 103, 100, 101, 93, 93, 92, 92, 95, 95, 94, 94,
+    116, 118, 112, 114, 124, 126, 120, 122, 106, 107, 104, 105, 110, 111, 108, 109,
+    72, 73, 70, 71, 76, 77, 74, 75, 64, 65, 63, 63, 68, 69, 66, 67,
+    86, 87, 84, 85, 90, 91, 88, 89, 79, 79, 78, 78, 82, 83, 80, 81,
+    169, 170, 167, 168, 173, 174, 171, 172, 161, 162, 160, 160, 165, 166, 163, 164,
+    185, 186, 183, 184, 189, 190, 187, 188, 177, 178, 175, 176, 181, 182, 179, 180,
+    138, 139, 136, 137, 142, 143, 140, 141, 130, 131, 128, 129, 134, 135, 132, 133,
+    154, 155, 152, 153, 158, 159, 156, 157, 146, 147, 144, 145, 150, 151, 148, 149,
+    226, 227, 224, 225, 230, 231, 228, 229, 221, 221, 220, 220, 223, 223, 222, 222,
+    244, 246, 240, 242, 252, 254, 248, 250, 234, 235, 232, 233, 238, 239, 236, 237,
+    200, 201, 198, 199, 204, 205, 202, 203, 192, 193, 191, 191, 196, 197, 194, 195,
+    214, 215, 212, 213, 218, 219, 216, 217, 207, 207, 206, 206, 210, 211, 208, 209,
+};
 
 // TC_ACT_UNSPEC: not ours; the next program (tcx) or the stack gets the packet unchanged.
 #define PASS TC_ACT_UNSPEC
@@ -173,6 +222,31 @@ int relay(struct __sk_buff *skb) {
         out_ifindex = other->in_ifindex;
     }
 
+    // Transcoding: a plain RTP header (no CSRC, extension or padding) and an even payload of at
+    // most MAX_TRANSCODED bytes in the linear part of the packet; anything else is user space's.
+    __u32 transcode = e->flags & (FORWARD_ULAW_TO_ALAW | FORWARD_ALAW_TO_ULAW);
+    __u32 payload_diff = 0;
+    if (transcode) {
+        __u32 plen = len - RTP_OFF - 12;
+        if (rtp[0] != 0x80 || plen > MAX_TRANSCODED || (plen & 1) || (void *)(rtp + 12 + plen) > end)
+            return PASS;
+        const __u8 *table = transcode == FORWARD_ULAW_TO_ALAW ? ulaw_to_alaw : alaw_to_ulaw;
+        for (__u32 i = 0; i < MAX_TRANSCODED; i += 2) {
+            if (i >= plen)
+                break;
+            __u8 *p = rtp + 12 + i;
+            if ((void *)(p + 2) > end)
+                break;
+            __u16 old_word = (__u16)p[0] | ((__u16)p[1] << 8);
+            p[0] = table[p[0]];
+            p[1] = table[p[1]];
+            __u16 new_word = (__u16)p[0] | ((__u16)p[1] << 8);
+            // Ones' complement difference, folded into the UDP checksum below.
+            payload_diff += (__u16)~old_word;
+            payload_diff += new_word;
+        }
+    }
+
     if (ahead != 0 && ahead < MAX_DROPOUT) {
         if (ahead > 1)
             __sync_fetch_and_add(&e->lost, ahead - 1);
@@ -200,6 +274,8 @@ int relay(struct __sk_buff *skb) {
     bpf_l4_csum_replace(skb, UDP_CSUM_OFF, seq_be, out_seq, BPF_F_MARK_MANGLED_0 | 2);
     bpf_l4_csum_replace(skb, UDP_CSUM_OFF, ts_be, out_ts, BPF_F_MARK_MANGLED_0 | 4);
     bpf_l4_csum_replace(skb, UDP_CSUM_OFF, ssrc, out_ssrc, BPF_F_MARK_MANGLED_0 | 4);
+    if (transcode)
+        bpf_l4_csum_replace(skb, UDP_CSUM_OFF, 0, payload_diff, BPF_F_MARK_MANGLED_0);
 
     bpf_skb_store_bytes(skb, IP_OFF + __builtin_offsetof(struct iphdr, saddr), &from_addr, 4, 0);
     bpf_skb_store_bytes(skb, IP_OFF + __builtin_offsetof(struct iphdr, daddr), &to_addr, 4, 0);
@@ -214,7 +290,7 @@ int relay(struct __sk_buff *skb) {
     if (local) {
         // A peer on this host: through the loopback device, whose Ethernet addresses are 0.
         __u8 zero[2 * ETH_ALEN] = {};
-        bpf_skb_store_bytes(skb, 0, zero, sizeof(zero), 0);
+        bpf_skb_store_bytes(skb, 0, zero, sizeof(zero), BPF_F_RECOMPUTE_CSUM);
         return bpf_redirect(LOOPBACK_IFINDEX, 0);
     }
     // The kernel routes the new destination and fills in the Ethernet header from its

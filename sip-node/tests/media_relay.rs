@@ -413,7 +413,8 @@ impl Drop for PeerNetwork {
 }
 
 /// Both peers' RTP behind a real network device: after latching, both directions are
-/// forwarded in the kernel out of that device (not through the loopback), whole and in order.
+/// forwarded in the kernel out of that device (not through the loopback), transcoded
+/// (PCMA caller, PCMU callee), whole and in order.
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
 async fn kernel_forwarding_sends_out_of_a_network_device(pool: PgPool) {
     if !kernel_expected() {
@@ -425,20 +426,23 @@ async fn kernel_forwarding_sends_out_of_a_network_device(pool: PgPool) {
     let caller = Ua { sip: tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(), rtp: network.socket() };
     let callee = Ua { sip: tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(), rtp: network.socket() };
     let destination = number_to(sip_destination(callee.sip_addr().port()));
-    let node = Node::start_tuned(&pool, vec![trunk("carrier", vec![])], vec![destination], vec![], |args| {
+    let mut carrier = trunk("carrier", vec![]);
+    carrier.codecs = vec![switchboard_model::Codec::Pcma, switchboard_model::Codec::Pcmu];
+    let node = Node::start_tuned(&pool, vec![carrier], vec![destination], vec![], |args| {
         args.rtp_ports = "42000-42099".into();
         args.sip_listen = vec!["0.0.0.0:0".parse().unwrap()];
         args.advertised_host = Some(PeerNetwork::HOST.into());
     })
     .await;
-    let (ok, invite) = establish(&node, &caller, &callee, "0", "0").await;
+    // The caller speaks PCMA, the callee PCMU: the kernel transcodes too.
+    let (ok, invite) = establish(&node, &caller, &callee, "8", "0").await;
     let (node_for_caller, node_for_callee) = (sdp_rtp(&ok), sdp_rtp(&invite));
     assert_eq!(node_for_caller.ip().to_string(), PeerNetwork::HOST);
     // The SDP of both says 127.0.0.1 (the test's `sdp`), their packets come from the
     // namespace: the node latches to where they really are, then forwards in the kernel.
     for _ in 0..3 {
         callee.rtp_send(node_for_callee, 0, 1, &[0; 160]).await;
-        caller.rtp_send(node_for_caller, 0, 1, &[0; 160]).await;
+        caller.rtp_send(node_for_caller, 8, 1, &[0; 160]).await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -446,15 +450,20 @@ async fn kernel_forwarding_sends_out_of_a_network_device(pool: PgPool) {
     let before = metric(&node, "switchboard_media_kernel_packets_total").await.unwrap_or(0.0);
 
     let (_, _, heard_by_callee, heard_by_caller) = tokio::join!(
-        talk(&caller, node_for_caller, 0, 50, 0),
+        talk(&caller, node_for_caller, 8, 50, 0),
         talk(&callee, node_for_callee, 0, 50, 100),
         callee.rtp_collect(Duration::from_millis(1500)),
         caller.rtp_collect(Duration::from_millis(1500)),
     );
-    for (heard, base, who) in [(&heard_by_callee, 0u8, "callee"), (&heard_by_caller, 100, "caller")] {
+    let expected = |base: u8, i: usize, to_pcma: bool| {
+        let sent = base.wrapping_add(i as u8);
+        if to_pcma { g711::ulaw_to_alaw(sent) } else { g711::alaw_to_ulaw(sent) }
+    };
+    for (heard, base, pt, who) in [(&heard_by_callee, 0u8, 0u8, "callee"), (&heard_by_caller, 100, 8, "caller")] {
         assert_eq!(heard.len(), 50, "the {who} hears every packet");
-        for (i, (pt, payload)) in heard.iter().enumerate() {
-            assert_eq!((*pt, payload[0]), (0, base.wrapping_add(i as u8)), "the {who}'s packet {i}");
+        for (i, (got_pt, payload)) in heard.iter().enumerate() {
+            let byte = expected(base, i, pt == 8);
+            assert_eq!((*got_pt, payload[0], payload[159]), (pt, byte, byte), "the {who}'s packet {i}, transcoded");
         }
     }
     // Frames with no checksum offload (as from a NIC that does not verify): the callee's stack
@@ -465,7 +474,7 @@ async fn kernel_forwarding_sends_out_of_a_network_device(pool: PgPool) {
     let heard = tokio::join!(
         async {
             for i in 0..20u16 {
-                let mut rtp = vec![0x80, 0, 0, 0, 0, 0, 0, 0, 0xAB, 0xCD, 0xEF, 0x01];
+                let mut rtp = vec![0x80, 8, 0, 0, 0, 0, 0, 0, 0xAB, 0xCD, 0xEF, 0x01];
                 rtp[2..4].copy_from_slice(&(200 + i).to_be_bytes());
                 rtp[4..8].copy_from_slice(&(u32::from(200 + i) * 160).to_be_bytes());
                 rtp.extend_from_slice(&[0x33u8.wrapping_add(i as u8); 160]);
@@ -477,7 +486,10 @@ async fn kernel_forwarding_sends_out_of_a_network_device(pool: PgPool) {
     )
     .1;
     assert_eq!(heard.len(), 20, "every hand-built frame passes the callee's checksum check");
-    assert!(heard.iter().enumerate().all(|(i, (_, p))| p[0] == 0x33 + i as u8), "in order, intact");
+    assert!(
+        heard.iter().enumerate().all(|(i, (_, p))| p.iter().all(|&b| b == expected(0x33, i, false))),
+        "in order, transcoded"
+    );
     let tag = to_tag(&ok);
     caller.send(&caller_request("BYE", 2, node.addr, caller.sip_addr(), Some(&tag), None), node.addr).await;
     let (bye, from) = callee.request("BYE").await;

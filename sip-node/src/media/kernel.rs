@@ -8,7 +8,8 @@
 //! as the user-space relay would and redirects them out, so that they never reach a socket.
 //!
 //! User space keeps all of the logic: a relay direction is *installed* here only while it is
-//! steady (peer latched, same codec both sides, one input stream, directions that allow it;
+//! steady (peer latched, one input stream, directions that allow it, PCMU/PCMA on both legs:
+//! the program transcodes between them with g711.rs's tables;
 //! see [`super::relay`]), and the program passes anything it does not recognise (DTMF events,
 //! RTCP, another source or SSRC, a sequence jump, garbage) on to the node's socket unchanged,
 //! where user space handles it and re-installs the entry. The program keeps the entry's
@@ -146,6 +147,17 @@ pub struct ForwardRule {
     /// The other leg's peer is on this host (loopback, or the node's own address): the
     /// program sends through the loopback device rather than out of the interface.
     pub local: bool,
+    /// G.711 transcoding of the payload, when the legs' codecs differ.
+    pub transcode: Option<Transcode>,
+}
+
+/// Which way the program transcodes a payload (its tables are g711.rs's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transcode {
+    /// PCMU in, PCMA out.
+    UlawToAlaw,
+    /// PCMA in, PCMU out.
+    AlawToUlaw,
 }
 
 impl ForwardRule {
@@ -166,15 +178,22 @@ impl ForwardRule {
             from_port: self.from.port().to_be(),
             to_port: self.to.port().to_be(),
             last_out_ts,
-            flags: if self.local { FORWARD_LOCAL } else { 0 },
+            flags: (if self.local { FORWARD_LOCAL } else { 0 })
+                | match self.transcode {
+                    None => 0,
+                    Some(Transcode::UlawToAlaw) => FORWARD_ULAW_TO_ALAW,
+                    Some(Transcode::AlawToUlaw) => FORWARD_ALAW_TO_ULAW,
+                },
             last_ns: monotonic_ns(),
             ..ForwardEntry::default()
         }
     }
 }
 
-/// `flags` bit: the peer is local.
+/// `flags` bits (as in the program): the peer is local; the payload is transcoded.
 const FORWARD_LOCAL: u32 = 1;
+const FORWARD_ULAW_TO_ALAW: u32 = 2;
+const FORWARD_ALAW_TO_ULAW: u32 = 4;
 
 fn be_addr(ip: Ipv4Addr) -> u32 {
     u32::from_ne_bytes(ip.octets())
@@ -439,6 +458,22 @@ mod tests {
         let key = ForwardKey::of("127.0.0.1:10000".parse().unwrap()).unwrap();
         assert_eq!(key.addr.to_ne_bytes(), [127, 0, 0, 1]);
         assert_eq!(key.port.to_ne_bytes(), 10000u16.to_be_bytes());
+    }
+
+    #[test]
+    fn the_programs_transcoding_tables_are_g711s() {
+        let source = include_str!("../../bpf/relay.bpf.c");
+        for (name, convert) in [
+            ("ulaw_to_alaw", crate::media::g711::ulaw_to_alaw as fn(u8) -> u8),
+            ("alaw_to_ulaw", crate::media::g711::alaw_to_ulaw),
+        ] {
+            let opening = format!("{name}[256] = {{");
+            let start = source.find(&opening).expect("table in the program") + opening.len();
+            let end = start + source[start..].find('}').unwrap();
+            let table: Vec<u8> = source[start..end].split(',').filter_map(|v| v.trim().parse().ok()).collect();
+            let expected: Vec<u8> = (0..=255u8).map(convert).collect();
+            assert_eq!(table, expected, "{name}");
+        }
     }
 
     #[test]

@@ -55,7 +55,7 @@ use tokio::time::Instant;
 
 use super::engine::{EngineRelay, MediaEngine};
 use super::g711;
-use super::kernel::{ForwardEntry, ForwardKey, ForwardRule, KernelForwarder, instant_of, ipv4_of};
+use super::kernel::{ForwardEntry, ForwardKey, ForwardRule, KernelForwarder, Transcode, instant_of, ipv4_of};
 use super::mailbox::{MailboxReceiver, MailboxSender, mailbox};
 use super::ports::PortPair;
 use super::rtcp::RtcpTranslation;
@@ -968,18 +968,22 @@ impl Relay {
     }
 
     /// What the kernel should do with RTP from `leg`, if the direction is steady: the peer
-    /// latched, the node receives from it and sends to the other leg, both legs on the same
-    /// codec (no transcoding), one input stream with fixed offsets, IPv4 sockets on a specific
-    /// address.
+    /// latched, the node receives from it and sends to the other leg, both legs on PCMU or PCMA
+    /// (transcoded in the kernel when they differ), one input stream with fixed offsets, IPv4.
     fn kernel_rule(&self, leg: LegId) -> Option<(ForwardKey, ForwardRule, SteadySegment)> {
         let (this, target) = match leg {
             LegId::A => (&self.a, &self.b),
             LegId::B => (&self.b, &self.a),
         };
-        if this.media.codec != target.media.codec || !this.media.direction.receives() || !target.media.direction.sends()
-        {
+        if !this.media.direction.receives() || !target.media.direction.sends() {
             return None;
         }
+        let transcode = match (this.media.codec, target.media.codec) {
+            (from, to) if from == to => None,
+            (Codec::Pcmu, Codec::Pcma) => Some(Transcode::UlawToAlaw),
+            (Codec::Pcma, Codec::Pcmu) => Some(Transcode::AlawToUlaw),
+            _ => return None,
+        };
         let segment = target.rewriter.steady_segment()?;
         let key = ForwardKey::of(this.local_rtp?)?;
         let rule = ForwardRule {
@@ -993,6 +997,7 @@ impl Relay {
             from: ipv4_of(target.local_rtp?)?,
             to: ipv4_of(target.destination()?)?,
             local: false,
+            transcode,
         };
         let local = rule.to.ip() == rule.from.ip() || self.kernel.as_ref().is_some_and(|k| k.is_local(*rule.to.ip()));
         let rule = ForwardRule { local, ..rule };
