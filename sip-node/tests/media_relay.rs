@@ -284,7 +284,17 @@ impl PeerNetwork {
     const PEER: &str = "10.77.0.2";
 
     fn create() -> PeerNetwork {
-        let id = std::process::id() % 100_000;
+        // A run killed before its cleanup leaves its namespace (and the host address on its veth):
+        // remove those of test processes that are gone.
+        for entry in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if let Some(pid) = name.strip_prefix("sbtest").and_then(|p| p.parse::<u32>().ok())
+                && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = std::process::Command::new("ip").args(["netns", "del", &name]).status();
+            }
+        }
+        let id = std::process::id();
         let network =
             PeerNetwork { name: format!("sbtest{id}"), host_if: format!("sbh{id}"), peer_if: format!("sbp{id}") };
         let (name, host_if, peer_if) = (&network.name, &network.host_if, &network.peer_if);
