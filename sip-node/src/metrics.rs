@@ -120,40 +120,21 @@ impl std::fmt::Debug for NodeMetrics {
     }
 }
 
-/// A gauge whose value is read when the registry is gathered.
-struct SampledGauge {
-    gauge: IntGauge,
-    sample: Box<dyn Fn() -> i64 + Send + Sync>,
+/// A metric refreshed from its source when the registry is gathered: the code that owns the
+/// value (the port allocator, the media engine) keeps no second count in step.
+struct Sampled<M> {
+    metric: M,
+    refresh: Box<dyn Fn(&M) + Send + Sync>,
 }
 
-impl prometheus::core::Collector for SampledGauge {
+impl<M: prometheus::core::Collector> prometheus::core::Collector for Sampled<M> {
     fn desc(&self) -> Vec<&prometheus::core::Desc> {
-        self.gauge.desc()
+        self.metric.desc()
     }
 
     fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
-        self.gauge.set((self.sample)());
-        self.gauge.collect()
-    }
-}
-
-/// A counter whose value is read from elsewhere when the metrics are rendered (it only rises).
-struct SampledCounter {
-    counter: IntCounter,
-    sample: Box<dyn Fn() -> u64 + Send + Sync>,
-}
-
-impl prometheus::core::Collector for SampledCounter {
-    fn desc(&self) -> Vec<&prometheus::core::Desc> {
-        self.counter.desc()
-    }
-
-    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
-        let (now, shown) = ((self.sample)(), self.counter.get());
-        if now > shown {
-            self.counter.inc_by(now - shown);
-        }
-        self.counter.collect()
+        (self.refresh)(&self.metric);
+        self.metric.collect()
     }
 }
 
@@ -249,18 +230,13 @@ impl NodeMetrics {
     /// (the allocator is the only place that knows; sampling it avoids keeping a second count
     /// in step on every path that allocates or frees). Once per node; later calls are ignored.
     pub fn track_rtp_ports(&self, in_use: impl Fn() -> usize + Send + Sync + 'static) {
-        let gauge = IntGauge::new("switchboard_rtp_ports_in_use", "RTP and RTCP ports held by calls on this node.")
-            .expect("valid metric");
-        let sampled = SampledGauge { gauge, sample: Box::new(move || i64::try_from(in_use()).unwrap_or(i64::MAX)) };
-        if let Err(error) = self.registry.register(Box::new(sampled)) {
-            tracing::debug!(%error, "RTP port gauge already registered");
-        }
+        self.sampled_gauge("switchboard_rtp_ports_in_use", "RTP and RTCP ports held by calls on this node.", in_use);
     }
 
     /// Samples, at each scrape, the number of two-leg RTP relays on the node's media threads.
     /// Registered once; later calls are ignored.
     pub fn track_media_relays(&self, relays: impl Fn() -> usize + Send + Sync + 'static) {
-        self.sampled(
+        self.sampled_gauge(
             "switchboard_media_relays",
             "SIP-to-SIP calls whose RTP the node's media threads relay now (bridged calls not included).",
             relays,
@@ -269,7 +245,7 @@ impl NodeMetrics {
 
     /// Samples the relay directions forwarded in the kernel when the metrics are rendered.
     pub fn track_kernel_forwards(&self, forwards: impl Fn() -> usize + Send + Sync + 'static) {
-        self.sampled(
+        self.sampled_gauge(
             "switchboard_media_kernel_forwards",
             "Relay directions (one per leg that sends) whose RTP the kernel forwards now without user space.",
             forwards,
@@ -283,17 +259,29 @@ impl NodeMetrics {
             "RTP packets forwarded in the kernel without user space (counted when the relay takes the kernel's counters back, at the latest when the call ends).",
         )
         .expect("valid metric");
-        let sampled = SampledCounter { counter, sample: Box::new(packets) };
-        if let Err(error) = self.registry.register(Box::new(sampled)) {
-            tracing::debug!(%error, "kernel packet counter already registered");
-        }
+        // The source only rises; the counter catches up with it.
+        self.register_sampled(counter, move |counter| {
+            let (now, shown) = (packets(), counter.get());
+            if now > shown {
+                counter.inc_by(now - shown);
+            }
+        });
     }
 
-    fn sampled(&self, name: &str, help: &str, sample: impl Fn() -> usize + Send + Sync + 'static) {
+    fn sampled_gauge(&self, name: &str, help: &str, sample: impl Fn() -> usize + Send + Sync + 'static) {
         let gauge = IntGauge::new(name, help).expect("valid metric");
-        let sampled = SampledGauge { gauge, sample: Box::new(move || i64::try_from(sample()).unwrap_or(i64::MAX)) };
-        if let Err(error) = self.registry.register(Box::new(sampled)) {
-            tracing::debug!(%error, name, "gauge already registered");
+        self.register_sampled(gauge, move |gauge| gauge.set(i64::try_from(sample()).unwrap_or(i64::MAX)));
+    }
+
+    /// Registers a sampled metric once per node; later calls are ignored.
+    fn register_sampled<M: prometheus::core::Collector + 'static>(
+        &self,
+        metric: M,
+        refresh: impl Fn(&M) + Send + Sync + 'static,
+    ) {
+        let name = metric.desc().first().map(|d| d.fq_name.clone()).unwrap_or_default();
+        if let Err(error) = self.registry.register(Box::new(Sampled { metric, refresh: Box::new(refresh) })) {
+            tracing::debug!(%error, name, "sampled metric already registered");
         }
     }
 
