@@ -150,6 +150,17 @@ static const __u8 alaw_to_ulaw[256] = {
 // TC_ACT_UNSPEC: not ours; the next program (tcx) or the stack gets the packet unchanged.
 #define PASS TC_ACT_UNSPEC
 
+// The entry of the node socket addr:port, or of a socket bound to 0.0.0.0 on that port.
+static __always_inline struct forward_entry *find(__u32 addr, __u16 port) {
+    struct forward_key key = {.addr = addr, .port = port, .pad = 0};
+    struct forward_entry *e = bpf_map_lookup_elem(&forwards, &key);
+    if (!e) {
+        key.addr = 0;
+        e = bpf_map_lookup_elem(&forwards, &key);
+    }
+    return e;
+}
+
 SEC("classifier")
 int relay(struct __sk_buff *skb) {
     void *data = (void *)(long)skb->data;
@@ -169,15 +180,9 @@ int relay(struct __sk_buff *skb) {
     if ((void *)(rtp + 12) > end)
         return PASS;
 
-    struct forward_key key = {.addr = ip->daddr, .port = udp->dest, .pad = 0};
-    struct forward_entry *e = bpf_map_lookup_elem(&forwards, &key);
-    if (!e) {
-        // Sockets bound to 0.0.0.0 are keyed by port alone.
-        key.addr = 0;
-        e = bpf_map_lookup_elem(&forwards, &key);
-        if (!e)
-            return PASS;
-    }
+    struct forward_entry *e = find(ip->daddr, udp->dest);
+    if (!e)
+        return PASS;
     if (ip->saddr != e->peer_addr || udp->source != e->peer_port)
         return PASS;
     if ((rtp[0] & 0xc0) != 0x80 || (rtp[1] & 0x7f) != e->in_pt)
@@ -211,12 +216,7 @@ int relay(struct __sk_buff *skb) {
     // own entry has learnt; until it has, user space sends.
     __u32 out_ifindex = LOOPBACK_IFINDEX;
     if (!local) {
-        struct forward_key back = {.addr = from_addr, .port = from_port, .pad = 0};
-        struct forward_entry *other = bpf_map_lookup_elem(&forwards, &back);
-        if (!other) {
-            back.addr = 0;
-            other = bpf_map_lookup_elem(&forwards, &back);
-        }
+        struct forward_entry *other = find(from_addr, from_port);
         if (!other || !other->in_ifindex)
             return PASS;
         out_ifindex = other->in_ifindex;
