@@ -859,9 +859,9 @@ fn main() {
     // the core that processes the packet: receive packet steering puts all of the loopback
     // device's receive processing (forwarding, and the generator's own receives) on the
     // relay's core, so that the core's busy time is the relay's whole cost.
-    let _run_stats = engine.has_kernel().then(KernelForwarder::enable_run_stats);
-    let _steering =
-        (engine.has_kernel() && env("RTP_BENCH_STEER").as_deref() != Some("0")).then(|| ReceiveSteering::to(RELAY_CPU));
+    let _run_stats = engine.kernel().is_some().then(KernelForwarder::enable_run_stats);
+    let _steering = (engine.kernel().is_some() && env("RTP_BENCH_STEER").as_deref() != Some("0"))
+        .then(|| ReceiveSteering::to(RELAY_CPU));
     // The thread names itself once it runs.
     let relay_tid = (0..100)
         .find_map(|_| {
@@ -881,7 +881,7 @@ fn main() {
     println!(
         "rtp_relay: G.711 20 ms, 50 pps per direction per call, relay on one media engine thread (CPU {RELAY_CPU}); \
          kernel forwarding: {}",
-        if bench.engine.has_kernel() {
+        if bench.engine.kernel().is_some() {
             "on (loopback receive processing steered to the relay's core)"
         } else {
             "off (every packet through user space)"

@@ -595,10 +595,9 @@ async fn dtmf_events_cross_with_each_legs_payload_type(pool: PgPool) {
     node.stop().await;
 }
 
-/// Whether these tests must see kernel forwarding (scripts/test asks for it where it can be
-/// loaded: as root with clang at build time).
+/// Whether these tests must see kernel forwarding.
 fn kernel_expected() -> bool {
-    std::env::var("SWITCHBOARD_TEST_KERNEL_FORWARDING").as_deref() == Ok("on")
+    kernel_mode() == switchboard_node::media::kernel::KernelMode::On
 }
 
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]

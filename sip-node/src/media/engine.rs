@@ -195,11 +195,6 @@ impl MediaEngine {
         self.kernel.as_ref().map_or(0, |k| k.forwarded_packets())
     }
 
-    /// Whether kernel forwarding is loaded.
-    pub fn has_kernel(&self) -> bool {
-        self.kernel.is_some()
-    }
-
     /// The kernel fast path, if loaded.
     pub fn kernel(&self) -> Option<&KernelForwarder> {
         self.kernel.as_deref()

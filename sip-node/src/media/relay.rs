@@ -891,10 +891,8 @@ impl Relay {
     }
 
     fn on_rtp(&mut self, leg: LegId, packet: &mut [u8], source: SocketAddr) {
-        if self.offloaded[leg.index()].is_some() {
-            // The kernel forwarded this stream until now: continue where it stopped.
-            self.kernel_sync(leg);
-        }
+        // If the kernel forwarded this stream until now, continue where it stopped.
+        self.kernel_sync(leg);
         let (this, target, counters, events) = self.split(leg);
         let Some(r) = this.receive(packet, source, &counters[leg.index()], events) else { return };
         if !r.forward {

@@ -152,13 +152,7 @@ impl Node {
             webhook_secret: Some("test-webhook-secret".into()),
             rtp_ports: "30000-39999".into(),
             media_threads: 0,
-            // Kernel forwarding when the tests run with the privileges for it (scripts/test
-            // runs the media tests once more with it off, for the user-space path).
-            kernel_forwarding: match std::env::var("SWITCHBOARD_TEST_KERNEL_FORWARDING").as_deref() {
-                Ok("off") => KernelMode::Off,
-                Ok("on") => KernelMode::On,
-                _ => KernelMode::Auto,
-            },
+            kernel_forwarding: kernel_mode(),
             media_timeout_seconds: 30,
             final_codes: switchboard_node::sip::routing::DEFAULT_FINAL_CODES.to_vec(),
             agent: switchboard_node::bridge::answer::AgentArgs::default(),
@@ -271,6 +265,17 @@ pub async fn active_calls(pool: &PgPool) -> i64 {
 
 /// GET on the node's HTTP endpoint with a plain HTTP/1.1 request; returns the body.
 /// A metric without labels from the node's `/metrics`, if it exports it.
+/// The tests' kernel forwarding (`SWITCHBOARD_TEST_KERNEL_FORWARDING`): scripts/test requires it
+/// where it can load (root, clang at build time) and runs the media tests once more with it
+/// off, for the user-space path; `auto` elsewhere.
+pub fn kernel_mode() -> KernelMode {
+    match std::env::var("SWITCHBOARD_TEST_KERNEL_FORWARDING").as_deref() {
+        Ok("off") => KernelMode::Off,
+        Ok("on") => KernelMode::On,
+        _ => KernelMode::Auto,
+    }
+}
+
 pub async fn metric(node: &Node, name: &str) -> Option<f64> {
     let text = http_get(node.http, "/metrics").await;
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
