@@ -190,6 +190,10 @@ impl ForwardRule {
     }
 }
 
+/// Map update flags (linux/bpf.h): create only, replace only.
+const BPF_NOEXIST: u64 = 1;
+const BPF_EXIST: u64 = 2;
+
 /// `flags` bits (as in the program): the peer is local; the payload is transcoded.
 const FORWARD_LOCAL: u32 = 1;
 const FORWARD_ULAW_TO_ALAW: u32 = 2;
@@ -353,12 +357,13 @@ impl KernelForwarder {
     /// Installs (or replaces) the entry for a node socket.
     pub fn install(&self, key: ForwardKey, entry: ForwardEntry) -> Result<(), KernelError> {
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let new = map.get(&key, 0).is_err();
-        map.insert(key, entry, 0).map_err(|e| KernelError::Map(e.to_string()))?;
-        if new {
+        // One syscall in the usual case (the relay removes a direction before it installs it
+        // again); an entry that is there after all is replaced without being counted twice.
+        if map.insert(key, entry, BPF_NOEXIST).is_ok() {
             self.installed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Ok(());
         }
-        Ok(())
+        map.insert(key, entry, BPF_EXIST).map_err(|e| KernelError::Map(e.to_string()))
     }
 
     /// The entry for a node socket as the program left it.
