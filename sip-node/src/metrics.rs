@@ -106,6 +106,7 @@ pub struct NodeMetrics {
     store_pending: IntGauge,
     store_dropped: IntCounter,
     config_generation: IntGauge,
+    bridge_latency: crate::bridge::BridgeLatency,
 }
 
 impl Default for NodeMetrics {
@@ -214,10 +215,17 @@ impl NodeMetrics {
                 "switchboard_config_generation",
                 "Configuration generation the node serves (-1 before the first load).",
             ),
+            bridge_latency: crate::bridge::BridgeLatency::new(),
             registry,
         };
+        metrics.registry.register(metrics.bridge_latency.collector()).expect("metric names are unique and valid");
         metrics.config_generation.set(-1);
         metrics
+    }
+
+    /// `switchboard_bridge_latency_seconds`, for the AI bridge sessions to record into.
+    pub fn bridge_latency(&self) -> crate::bridge::BridgeLatency {
+        self.bridge_latency.clone()
     }
 
     /// The registry, to add metrics of other components.

@@ -146,7 +146,7 @@ pub async fn start(
         }
     };
     let webhook_client = reqwest::Client::builder().build().unwrap_or_default();
-    let media = media_context(args, transport.local_addr())?;
+    let media = media_context(args, transport.local_addr(), &metrics)?;
     if let Some(media) = &media {
         let ports = media.ports.clone();
         metrics.track_rtp_ports(move || ports.in_use() * 2);
@@ -224,7 +224,7 @@ async fn follow_config(snapshot: SnapshotHandle, metrics: NodeMetrics) {
 /// The media settings: ports from `--rtp-ports` on the SIP listen address, and the address
 /// put into SDP (the advertised host when it is an IP, else the listen address). `None`, with
 /// a warning, when the range is unusable: calls to agents are then refused with 503.
-fn media_context(args: &SipArgs, sip: SocketAddr) -> anyhow::Result<Option<MediaContext>> {
+fn media_context(args: &SipArgs, sip: SocketAddr, metrics: &NodeMetrics) -> anyhow::Result<Option<MediaContext>> {
     use crate::media::ports::{PortAllocator, PortRange};
     let range = args
         .rtp_ports
@@ -267,6 +267,7 @@ fn media_context(args: &SipArgs, sip: SocketAddr) -> anyhow::Result<Option<Media
             timeout: Duration::from_secs(args.media_timeout_seconds.max(1)),
             agent_connect_timeout: Duration::from_millis(args.agent.agent_connect_timeout_ms),
             agent_answer: args.agent.answer_policy(),
+            bridge_latency: metrics.bridge_latency(),
         }),
         Err(error) => {
             tracing::warn!(%error, "no RTP ports; media anchoring is off");

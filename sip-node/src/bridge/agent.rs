@@ -16,13 +16,16 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
+use super::latency::BridgeLatency;
 use super::protocol::{
     AgentMessage, DTMF_TRACK_INBOUND, DtmfInfo, Inbound, MarkInfo, MediaFormat, OutboundMessage, PROTOCOL, StartInfo,
     StopInfo, TRACK_INBOUND, VERSION, media_prefix, write_media,
 };
+use super::stream::StampedTcp;
 use crate::media::g711::ULAW_SILENCE;
 use crate::media::mailbox::{MailboxReceiver, MailboxSender, mailbox};
 use crate::media::relay::{
@@ -39,7 +42,7 @@ const MAX_CATCH_UP: Duration = Duration::from_millis(60);
 /// How long a clean close waits for the agent's close reply.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+type Socket = WebSocketStream<MaybeTlsStream<StampedTcp>>;
 
 /// The call facts an agent receives in `start.customParameters`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -73,6 +76,8 @@ pub struct BridgeConfig {
     pub max_message_bytes: usize,
     /// The most agent audio buffered for playback; beyond it frames are dropped and counted.
     pub max_playback: Duration,
+    /// Where to record the delay the bridge adds to each frame (`None`: not measured).
+    pub latency: Option<BridgeLatency>,
 }
 
 impl BridgeConfig {
@@ -94,6 +99,7 @@ impl BridgeConfig {
             custom_parameters,
             max_message_bytes: 64 * 1024,
             max_playback: Duration::from_secs(120),
+            latency: None,
         }
     }
 }
@@ -268,14 +274,13 @@ pub async fn connect(config: BridgeConfig) -> Result<AgentConnection, BridgeErro
         .max_frame_size(Some(hard_limit));
     let timeout = config.connect_timeout;
     let attempt = async {
-        let (socket, _response) = tokio_tungstenite::connect_async_tls_with_config(
-            config.url.as_str(),
-            Some(ws_config),
-            true,
-            Some(connector),
-        )
-        .await
-        .map_err(|e| BridgeError::Connect(e.to_string()))?;
+        let request = config.url.as_str().into_client_request().map_err(|e| BridgeError::Connect(e.to_string()))?;
+        let tcp = connect_tcp(request.uri()).await.map_err(BridgeError::Connect)?;
+        let tcp = StampedTcp::new(tcp).map_err(|e| BridgeError::Connect(e.to_string()))?;
+        let (socket, _response) =
+            tokio_tungstenite::client_async_tls_with_config(request, tcp, Some(ws_config), Some(connector))
+                .await
+                .map_err(|e| BridgeError::Connect(e.to_string()))?;
         let mut connection = AgentConnection { socket, config: config.clone(), started: Instant::now(), sequence: 0 };
         connection
             .send(&OutboundMessage::Connected { protocol: PROTOCOL.into(), version: VERSION.into() })
@@ -300,7 +305,27 @@ pub async fn connect(config: BridgeConfig) -> Result<AgentConnection, BridgeErro
     tokio::time::timeout(timeout, attempt).await.map_err(|_| BridgeError::ConnectTimeout(timeout))?
 }
 
+/// The TCP connection to the agent's host (Nagle off: every frame goes out at once).
+async fn connect_tcp(uri: &tokio_tungstenite::tungstenite::http::Uri) -> Result<TcpStream, String> {
+    let host = uri.host().ok_or("the agent URL has no host")?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let secure = uri.scheme_str().is_some_and(|s| s.eq_ignore_ascii_case("wss"));
+    let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+    let tcp = TcpStream::connect((host, port)).await.map_err(|e| format!("{host}:{port}: {e}"))?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    Ok(tcp)
+}
+
 impl AgentConnection {
+    /// When the newest data read from the agent reached the host (the kernel's stamp).
+    fn last_received(&self) -> Option<std::time::Instant> {
+        match self.socket.get_ref() {
+            MaybeTlsStream::Plain(tcp) => tcp.last_received(),
+            MaybeTlsStream::Rustls(tls) => tls.get_ref().0.last_received(),
+            _ => None,
+        }
+    }
+
     fn next_sequence(&mut self) -> String {
         self.sequence += 1;
         self.sequence.to_string()
@@ -336,8 +361,15 @@ impl AgentConnection {
         let max_bytes =
             (self.config.max_playback.as_millis() / FRAME_DURATION.as_millis()).max(1) as usize * FRAME_BYTES;
         let plain = matches!(self.socket.get_ref(), MaybeTlsStream::Plain(_));
-        let out =
-            Out { prefix: media_prefix(&self.config.stream_sid), chunk: 0, unflushed: false, failed: None, plain };
+        let out = Out {
+            prefix: media_prefix(&self.config.stream_sid),
+            chunk: 0,
+            unflushed: false,
+            failed: None,
+            plain,
+            latency: self.config.latency.clone(),
+            unflushed_since: None,
+        };
         let session = Session {
             conn: self,
             leg: Some(leg),
@@ -452,6 +484,9 @@ struct Playback {
     consumed: u64,
     /// Marks and the value of `consumed` they wait for.
     marks: VecDeque<(u64, String)>,
+    /// When the agent's audio arrived: the value of `consumed` at the end of each message's
+    /// audio, and the message's arrival. A frame's arrival is that of the message completing it.
+    arrivals: VecDeque<(u64, std::time::Instant)>,
     /// The most audio held; beyond it audio is dropped and counted.
     max_bytes: usize,
 }
@@ -461,7 +496,14 @@ const PLAYBACK_KEEP: usize = 16 * 1024;
 
 impl Playback {
     fn new(max_bytes: usize) -> Playback {
-        Playback { audio: Vec::new(), head: 0, consumed: 0, marks: VecDeque::new(), max_bytes }
+        Playback {
+            audio: Vec::new(),
+            head: 0,
+            consumed: 0,
+            marks: VecDeque::new(),
+            arrivals: VecDeque::new(),
+            max_bytes,
+        }
     }
 
     fn queued(&self) -> usize {
@@ -473,9 +515,13 @@ impl Playback {
         self.queued() == 0 && self.marks.is_empty()
     }
 
-    /// Decodes base64 audio onto the end. `Ok`: the bytes decoded and the frames dropped for
-    /// want of room; `Err`: not base64, nothing added.
-    fn push_base64(&mut self, payload: &str) -> Result<(usize, u64), base64::DecodeSliceError> {
+    /// Decodes base64 audio that arrived at `arrived` onto the end. `Ok`: the bytes decoded
+    /// and the frames dropped for want of room; `Err`: not base64, nothing added.
+    fn push_base64(
+        &mut self,
+        payload: &str,
+        arrived: std::time::Instant,
+    ) -> Result<(usize, u64), base64::DecodeSliceError> {
         // Amortised: the played part is moved out only once it is half the buffer.
         if self.head > 0 && self.head >= self.audio.len() / 2 {
             self.audio.drain(..self.head);
@@ -488,6 +534,9 @@ impl Playback {
                 self.audio.truncate(start + n);
                 let excess = self.queued().saturating_sub(self.max_bytes);
                 self.audio.truncate(self.audio.len() - excess);
+                if n > excess {
+                    self.arrivals.push_back((self.consumed + self.queued() as u64, arrived));
+                }
                 Ok((n, excess.div_ceil(FRAME_BYTES) as u64))
             }
             Err(error) => {
@@ -515,13 +564,19 @@ impl Playback {
         None
     }
 
-    /// The next frame to play; the agent's audio ending mid-frame is padded with silence
-    /// rather than held.
-    fn next_frame(&mut self) -> Option<&[u8]> {
+    /// The next frame to play and when the audio completing it arrived; the agent's audio
+    /// ending mid-frame is padded with silence rather than held.
+    fn next_frame(&mut self) -> Option<(&[u8], Option<std::time::Instant>)> {
         let queued = self.queued();
         if queued == 0 {
             return None;
         }
+        let end = self.consumed + FRAME_BYTES as u64;
+        // The message whose audio reaches the frame's end, or the last one (a padded tail).
+        while self.arrivals.len() > 1 && self.arrivals.front().is_some_and(|(until, _)| *until < end) {
+            self.arrivals.pop_front();
+        }
+        let arrived = self.arrivals.front().map(|(_, at)| *at);
         if queued < FRAME_BYTES {
             self.audio.resize(self.head + FRAME_BYTES, ULAW_SILENCE);
         }
@@ -533,15 +588,16 @@ impl Playback {
             let frame = self.audio[start..].to_vec();
             self.audio = frame;
             self.head = FRAME_BYTES;
-            return Some(&self.audio[..FRAME_BYTES]);
+            return Some((&self.audio[..FRAME_BYTES], arrived));
         }
-        Some(&self.audio[start..start + FRAME_BYTES])
+        Some((&self.audio[start..start + FRAME_BYTES], arrived))
     }
 
     /// Drops all queued audio; returns the whole frames dropped. Its marks become due.
     fn clear(&mut self) -> u64 {
         let queued = self.queued();
         self.consumed += queued as u64;
+        self.arrivals.clear();
         self.audio.clear();
         self.head = 0;
         if self.audio.capacity() > PLAYBACK_KEEP {
@@ -562,6 +618,10 @@ struct Out {
     failed: Option<String>,
     /// The WebSocket runs over plain TCP (not TLS).
     plain: bool,
+    /// Where the delay added to caller frames is recorded.
+    latency: Option<BridgeLatency>,
+    /// When the caller frame still waiting for the TCP socket arrived.
+    unflushed_since: Option<std::time::Instant>,
 }
 
 struct Session {
@@ -627,7 +687,7 @@ impl Session {
                     if Instant::now().saturating_duration_since(scheduled) > MAX_CATCH_UP {
                         ticker.reset();
                     }
-                    self.play_tick().await
+                    self.play_tick(Some(scheduled)).await
                 }
             };
             if let Err(error) = result {
@@ -642,7 +702,7 @@ impl Session {
                 match self.last_played.map(|t| t + FRAME_DURATION).filter(|due| *due > now) {
                     Some(due) => ticker.reset_at(due),
                     None => {
-                        if let Err(error) = self.play_tick().await {
+                        if let Err(error) = self.play_tick(None).await {
                             return BridgeEnd::AgentFailed(error);
                         }
                         has_work = !self.playback.is_idle();
@@ -682,7 +742,7 @@ impl Session {
         }
         if out.unflushed {
             match Pin::new(&mut conn.socket).poll_flush(cx) {
-                Poll::Ready(Ok(())) => out.unflushed = false,
+                Poll::Ready(Ok(())) => out.flushed(),
                 Poll::Ready(Err(error)) => return Poll::Ready(Wake::WriteFailed(error.to_string())),
                 Poll::Pending => {}
             }
@@ -721,7 +781,10 @@ impl Session {
             return Ok(());
         };
         match message {
-            Inbound::Media(payload) => match self.playback.push_base64(&payload) {
+            Inbound::Media(payload) => match self
+                .playback
+                .push_base64(&payload, self.conn.last_received().unwrap_or_else(std::time::Instant::now))
+            {
                 Ok((decoded, dropped)) => {
                     bump(&self.counters.agent_media, 1);
                     bump(&self.counters.frames_dropped, dropped);
@@ -767,14 +830,22 @@ impl Session {
         Ok(())
     }
 
-    /// One tick: marks whose audio has played are echoed, then the next frame is played.
-    async fn play_tick(&mut self) -> Result<(), String> {
+    /// One tick (`due`: when the pacing said it was the next frame's turn; `None`: playing
+    /// at once after silence): marks whose audio has played are echoed, then the next frame is
+    /// played.
+    async fn play_tick(&mut self, due: Option<Instant>) -> Result<(), String> {
         self.echo_due_marks().await?;
-        if let Some(frame) = self.playback.next_frame() {
+        if let Some((frame, arrived)) = self.playback.next_frame() {
             self.last_played = Some(Instant::now());
             match self.leg.as_mut() {
                 Some(leg) => {
-                    leg.play(frame);
+                    if leg.play(frame)
+                        && let Some(latency) = &self.out.latency
+                    {
+                        // The frame's turn: its arrival, or its pacing slot if it waited for one.
+                        let ready = arrived.max(due.map(Instant::into_std)).unwrap_or_else(std::time::Instant::now);
+                        latency.agent_frame_sent(ready);
+                    }
                     bump(&self.counters.frames_played, 1);
                 }
                 None => bump(&self.counters.frames_dropped, 1),
@@ -823,8 +894,9 @@ fn forward(
     if out.failed.is_some() {
         return false;
     }
+    let mut received = None;
     let sent = match input {
-        CallerInput::Audio(frame) => match Pin::new(&mut conn.socket).poll_ready(cx) {
+        CallerInput::Audio(frame, at) => match Pin::new(&mut conn.socket).poll_ready(cx) {
             Poll::Pending => return false,
             Poll::Ready(Err(error)) => Err(error),
             Poll::Ready(Ok(())) => {
@@ -833,6 +905,7 @@ fn forward(
                 let elapsed = conn.started.elapsed().as_millis() as u64;
                 let mut text = String::new();
                 write_media(&mut text, &out.prefix, conn.sequence, out.chunk, elapsed, frame);
+                received = at;
                 Pin::new(&mut conn.socket).start_send(Message::text(text)).map(|()| &counters.caller_frames)
             }
         },
@@ -860,12 +933,23 @@ fn forward(
     // was accepted: those need the flush.
     let socket = Pin::new(&mut conn.socket);
     let flushed = if out.plain { socket.poll_ready(cx) } else { socket.poll_flush(cx) };
+    out.unflushed_since = received;
     match flushed {
-        Poll::Ready(Ok(())) => out.unflushed = false,
+        Poll::Ready(Ok(())) => out.flushed(),
         Poll::Ready(Err(error)) => out.failed = Some(error.to_string()),
         Poll::Pending => out.unflushed = true,
     }
     true
+}
+
+impl Out {
+    /// The last message has left for the TCP socket: its frame's delay is recorded.
+    fn flushed(&mut self) {
+        self.unflushed = false;
+        if let (Some(latency), Some(received)) = (&self.latency, self.unflushed_since.take()) {
+            latency.caller_frame_sent(received);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -922,6 +1006,7 @@ mod tests {
         allocator: PortAllocator,
         stream_sid: String,
         sent: u16,
+        latency: BridgeLatency,
     }
 
     impl Harness {
@@ -978,7 +1063,9 @@ mod tests {
             trunk: "main".into(),
             number: "support-line".into(),
         };
-        let config = BridgeConfig::new(url, &params);
+        let mut config = BridgeConfig::new(url, &params);
+        let latency = BridgeLatency::new();
+        config.latency = Some(latency.clone());
         let connection = connect(config.clone()).await.unwrap();
         let mut server = accept.await.unwrap();
         let connected = next_json(&mut server).await;
@@ -1007,7 +1094,7 @@ mod tests {
         media.telephone_event = Some(101);
         let stream_sid = connection.stream_sid().to_string();
         let (handle, relay, events) = connection.spawn(RtpLegSetup { ports, media }, RelayConfig::default()).unwrap();
-        Harness { handle, relay, events, server, caller, node, allocator, stream_sid, sent: 0 }
+        Harness { handle, relay, events, server, caller, node, allocator, stream_sid, sent: 0, latency }
     }
 
     fn media(bytes: &[u8]) -> serde_json::Value {
@@ -1029,6 +1116,8 @@ mod tests {
             let payload = BASE64.decode(message["media"]["payload"].as_str().unwrap()).unwrap();
             assert_eq!(payload, vec![i; FRAME_BYTES]);
         }
+        // Each frame's delay was recorded (the key press below is not audio).
+        assert_eq!(h.latency.caller_to_agent().summary().count, 5);
         let end = TelephoneEvent { event: 5, end: true, volume: 10, duration: 400 }.to_bytes();
         h.send_rtp(101, &end).await;
         let message = next_json(&mut h.server).await;
@@ -1085,6 +1174,11 @@ mod tests {
         let stats = h.handle.stats();
         assert_eq!(stats.frames_played, 11);
         assert_eq!(stats.marks, 1);
+        // Each frame's delay was recorded from its turn in the pacing, not from the arrival of
+        // the message that brought all eleven (the last waited 200 ms for its turn).
+        let delay = h.latency.agent_to_caller().summary();
+        assert_eq!(delay.count, 11);
+        assert!(delay.p99 < 0.1, "the pacing was counted as delay: {delay:?}");
         // A mark with nothing queued comes back at once.
         tokio::time::sleep(Duration::from_millis(30)).await;
         send_json(&mut h.server, serde_json::json!({"event": "mark", "mark": {"name": "idle"}})).await;
@@ -1295,23 +1389,24 @@ mod tests {
     fn playback_pads_tails_places_marks_and_bounds_its_buffer() {
         let b64 = |bytes: &[u8]| BASE64.encode(bytes);
         let mut p = Playback::new(3 * FRAME_BYTES);
-        assert_eq!(p.push_base64(&b64(&[1; 200])), Ok((200, 0)));
+        let now = std::time::Instant::now();
+        assert_eq!(p.push_base64(&b64(&[1; 200]), now), Ok((200, 0)));
         // A mark pads the 40-byte tail to a whole frame; it is due once both frames played.
         p.mark("a".into());
         assert_eq!(p.queued(), 2 * FRAME_BYTES);
         assert_eq!(p.due_mark(), None);
-        assert_eq!(p.next_frame().unwrap(), &[1; FRAME_BYTES][..]);
+        assert_eq!(p.next_frame().unwrap().0, &[1; FRAME_BYTES][..]);
         assert_eq!(p.due_mark(), None);
-        let second = p.next_frame().unwrap();
+        let second = p.next_frame().unwrap().0;
         assert_eq!(&second[..40], &[1; 40][..]);
         assert_eq!(&second[40..], &[ULAW_SILENCE; 120][..]);
         assert_eq!(p.due_mark().as_deref(), Some("a"));
         assert!(p.is_idle());
         // Beyond the bound, audio is dropped and counted in frames.
-        assert_eq!(p.push_base64(&b64(&[2; 4 * FRAME_BYTES + 10])), Ok((4 * FRAME_BYTES + 10, 2)));
+        assert_eq!(p.push_base64(&b64(&[2; 4 * FRAME_BYTES + 10]), now), Ok((4 * FRAME_BYTES + 10, 2)));
         assert_eq!(p.queued(), 3 * FRAME_BYTES);
         // Not base64: nothing is added.
-        assert!(p.push_base64("%%%").is_err());
+        assert!(p.push_base64("%%%", now).is_err());
         assert_eq!(p.queued(), 3 * FRAME_BYTES);
         // A tail with nothing after it plays padded; clear drops the rest and frees its marks.
         p.next_frame().unwrap();
@@ -1319,10 +1414,36 @@ mod tests {
         assert_eq!(p.clear(), 2);
         assert_eq!(p.due_mark().as_deref(), Some("b"));
         assert!(p.is_idle() && p.next_frame().is_none());
-        assert_eq!(p.push_base64(&b64(&[3; 10])), Ok((10, 0)));
-        let tail = p.next_frame().unwrap();
+        assert_eq!(p.push_base64(&b64(&[3; 10]), now), Ok((10, 0)));
+        let tail = p.next_frame().unwrap().0;
         assert_eq!(&tail[..10], &[3; 10][..]);
         assert_eq!(&tail[10..], &[ULAW_SILENCE; 150][..]);
+    }
+
+    /// A frame's arrival is that of the message completing it; a padded tail takes the last
+    /// message's; clear forgets them.
+    #[test]
+    fn playback_frames_carry_the_arrival_of_the_audio_completing_them() {
+        let b64 = |bytes: &[u8]| BASE64.encode(bytes);
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut p = Playback::new(100 * FRAME_BYTES);
+        // 1.5 frames, then 1.5 frames: frame 1 is complete with the first message, frame 2
+        // needs the second, frame 3 is the second's tail.
+        p.push_base64(&b64(&[1; 240]), at(0)).unwrap();
+        p.push_base64(&b64(&[2; 240]), at(7)).unwrap();
+        assert_eq!(p.next_frame().unwrap().1, Some(at(0)));
+        assert_eq!(p.next_frame().unwrap().1, Some(at(7)));
+        assert_eq!(p.next_frame().unwrap().1, Some(at(7)));
+        assert!(p.next_frame().is_none());
+        // A mark's padding plays with the arrival of the audio before it.
+        p.push_base64(&b64(&[3; 10]), at(20)).unwrap();
+        p.mark("m".into());
+        assert_eq!(p.next_frame().unwrap().1, Some(at(20)));
+        p.push_base64(&b64(&[4; 480]), at(30)).unwrap();
+        p.clear();
+        p.push_base64(&b64(&[5; 160]), at(40)).unwrap();
+        assert_eq!(p.next_frame().unwrap().1, Some(at(40)));
     }
 
     #[test]

@@ -14,13 +14,18 @@
 //!
 //! Timing: caller audio is forwarded as it arrives (at most one frame waits for the WebSocket), agent
 //! audio is played from a buffer paced at one 20 ms frame per tick; `clear` empties that buffer
-//! at once. That buffer (the agent's playback queue) is the only one that may grow.
+//! at once. That buffer (the agent's playback queue) is the only one that may grow. The delay
+//! the bridge adds is measured on every frame, from the kernel's receive timestamps
+//! ([`latency`]).
 
 mod agent;
 pub mod answer;
+pub mod latency;
 pub mod protocol;
+mod stream;
 
 pub use agent::{
     AgentConnection, BridgeConfig, BridgeEnd, BridgeError, BridgeHandle, BridgeStats, CallParameters, FRAME_BYTES,
     FRAME_DURATION, connect, new_sid,
 };
+pub use latency::BridgeLatency;

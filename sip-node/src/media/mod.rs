@@ -11,6 +11,7 @@
 //!   (driven by the bridge's own task).
 //! - [`engine`]: the media threads that drive two-leg relays (level-triggered epoll).
 //! - [`kernel`]: the engine's fast path, an eBPF program that forwards steady RTP in the kernel.
+//! - [`rx_time`]: kernel receive timestamps, from which the bridge measures the delay it adds.
 //!
 //! Nothing here speaks SIP: the call layer feeds SDP bodies in and takes SDP bodies out.
 
@@ -22,4 +23,5 @@ pub mod ports;
 pub mod relay;
 pub mod rtcp;
 pub mod rtp;
+pub(crate) mod rx_time;
 pub mod sdp;

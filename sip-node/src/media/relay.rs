@@ -62,6 +62,7 @@ use super::rtcp::RtcpTranslation;
 use super::rtp::{
     DtmfDetector, DtmfDigit, RtpHeader, RtpPacket, SequenceStats, SteadySegment, StreamRewriter, TelephoneEvent,
 };
+use super::rx_time;
 use super::sdp::{MediaDirection, NegotiatedMedia};
 
 /// The default media timeout.
@@ -644,11 +645,21 @@ struct Datagrams {
     data: [[u8; DATAGRAM_MAX]; RECV_BATCH],
     len: [usize; RECV_BATCH],
     source: [Option<SocketAddr>; RECV_BATCH],
+    /// When each datagram reached the host (the kernel's stamp; the bridged leg's sockets ask
+    /// for it), or `None` without one.
+    received: [Option<std::time::Instant>; RECV_BATCH],
+    control: [rx_time::ControlBuffer; RECV_BATCH],
 }
 
 thread_local! {
     static SCRATCH: RefCell<Datagrams> = const {
-        RefCell::new(Datagrams { data: [[0; DATAGRAM_MAX]; RECV_BATCH], len: [0; RECV_BATCH], source: [None; RECV_BATCH] })
+        RefCell::new(Datagrams {
+            data: [[0; DATAGRAM_MAX]; RECV_BATCH],
+            len: [0; RECV_BATCH],
+            source: [None; RECV_BATCH],
+            received: [None; RECV_BATCH],
+            control: [rx_time::ControlBuffer::new(); RECV_BATCH],
+        })
     };
 }
 
@@ -688,6 +699,8 @@ fn recv_batch(socket: &std::net::UdpSocket, into: &mut Datagrams) -> std::io::Re
         headers[i].msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         headers[i].msg_hdr.msg_iov = &mut iovecs[i];
         headers[i].msg_hdr.msg_iovlen = 1;
+        headers[i].msg_hdr.msg_control = into.control[i].0.as_mut_ptr().cast();
+        headers[i].msg_hdr.msg_controllen = rx_time::CONTROL_SPACE as _;
     }
     // SAFETY: every header points at a live buffer and name of the sizes given, for the call.
     let n = unsafe {
@@ -703,9 +716,13 @@ fn recv_batch(socket: &std::net::UdpSocket, into: &mut Datagrams) -> std::io::Re
         return Err(std::io::Error::last_os_error());
     }
     let n = n as usize;
+    let mut clocks = None;
     for i in 0..n {
         into.len[i] = (headers[i].msg_len as usize).min(DATAGRAM_MAX);
         into.source[i] = socket_addr(&names[i]);
+        // SAFETY: filled in by the recvmmsg above; its control buffer is `into.control[i]`.
+        into.received[i] = unsafe { rx_time::timestamp(&headers[i].msg_hdr) }
+            .map(|stamp| clocks.get_or_insert_with(rx_time::Clocks::read).instant(&stamp));
     }
     Ok(n)
 }
@@ -1097,8 +1114,9 @@ impl Drop for Relay {
 
 /// What the caller's leg of a bridged call hands to the bridge session.
 pub(crate) enum CallerInput<'a> {
-    /// One caller frame as μ-law (transcoded from A-law in place when the caller sends A-law).
-    Audio(&'a mut [u8]),
+    /// One caller frame as μ-law (transcoded from A-law in place when the caller sends A-law),
+    /// and when the datagram that completed it reached the host (the kernel's stamp).
+    Audio(&'a mut [u8], Option<std::time::Instant>),
     /// A key press.
     Key(char),
 }
@@ -1141,6 +1159,14 @@ pub(crate) fn start_bridged(
 ) -> Result<(BridgedLeg, RelayHandle, mpsc::Receiver<RelayEvent>), RelayError> {
     tokio::runtime::Handle::try_current().map_err(|_| RelayError::NoRuntime)?;
     let leg = RtpLeg::new(LegId::A, a, Instant::now(), register)?;
+    // The bridge measures its delay from when caller RTP arrived; without the stamps (an old
+    // kernel) it still works, unmeasured.
+    {
+        use std::os::fd::AsRawFd as _;
+        if let Err(error) = rx_time::enable(leg.rtp.get_ref().as_raw_fd()) {
+            tracing::debug!(%error, "no receive timestamps on the caller's RTP socket");
+        }
+    }
     let counters = new_counters();
     let (control_tx, control_rx) = mailbox();
     let (events_tx, events_rx) = mpsc::channel(EVENT_CAPACITY);
@@ -1231,7 +1257,7 @@ impl BridgedLeg {
                     // RTCP ends at the node in bridged mode.
                     self.leg.receive_rtcp(packet, source, &self.counters[0]);
                 } else {
-                    self.on_rtp(cx, packet, source, sink);
+                    self.on_rtp(cx, packet, source, batch.received[i], sink);
                 }
             }
         }
@@ -1243,6 +1269,7 @@ impl BridgedLeg {
         cx: &mut Context<'_>,
         packet: &mut [u8],
         source: SocketAddr,
+        received: Option<std::time::Instant>,
         sink: &mut dyn FnMut(&mut Context<'_>, CallerInput<'_>) -> bool,
     ) {
         let Some(r) = self.leg.receive(packet, source, &self.counters[0], &self.events) else { return };
@@ -1258,7 +1285,7 @@ impl BridgedLeg {
         }
         if self.partial.is_empty() && payload.len() == AGENT_FRAME {
             // The usual case (ptime 20): the packet is the frame.
-            if !sink(cx, CallerInput::Audio(payload)) {
+            if !sink(cx, CallerInput::Audio(payload, received)) {
                 bump(&self.counters[0].dropped_other, 1);
             }
             return;
@@ -1269,7 +1296,7 @@ impl BridgedLeg {
             self.partial.extend_from_slice(&rest[..take]);
             rest = &rest[take..];
             if self.partial.len() == AGENT_FRAME {
-                if !sink(cx, CallerInput::Audio(&mut self.partial)) {
+                if !sink(cx, CallerInput::Audio(&mut self.partial, received)) {
                     bump(&self.counters[0].dropped_other, 1);
                 }
                 self.partial.clear();

@@ -78,6 +78,8 @@ pub struct MediaContext {
     pub agent_connect_timeout: Duration,
     /// When calls to AI agents are answered.
     pub agent_answer: crate::bridge::answer::AnswerPolicy,
+    /// Where bridge sessions record the delay they add (the node's metric).
+    pub bridge_latency: crate::bridge::BridgeLatency,
 }
 
 /// Answers out-of-dialog requests: INVITEs become calls, OPTIONS is answered, the rest is

@@ -37,6 +37,7 @@ pub(super) struct ApiMedia {
     codecs: Vec<switchboard_model::Codec>,
     timeout: Duration,
     connect_timeout: Duration,
+    latency: crate::bridge::BridgeLatency,
 }
 
 impl ApiMedia {
@@ -52,6 +53,7 @@ impl ApiMedia {
             codecs: vec![],
             timeout: media.timeout,
             connect_timeout: media.agent_connect_timeout,
+            latency: media.bridge_latency.clone(),
         })
     }
 
@@ -104,6 +106,7 @@ pub(super) async fn bridge_to_agent(
     };
     let mut config = BridgeConfig::new(agent.url.clone(), &agent.parameters);
     config.connect_timeout = media.connect_timeout;
+    config.latency = Some(media.latency.clone());
     config.call_sid = agent.call_sid;
     let connection = match bridge::connect(config).await {
         Ok(connection) => connection,

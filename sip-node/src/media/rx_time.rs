@@ -1,0 +1,145 @@
+//! Kernel receive timestamps (`SO_TIMESTAMPNS`): when a datagram or TCP segment reached the
+//! host, as opposed to when the node got round to reading it. The bridge measures its added
+//! delay from them, so that time a frame spent queued in a socket buffer while the node was
+//! busy counts, as it does for the caller.
+//!
+//! The kernel stamps with `CLOCK_REALTIME`; [`Clocks`] converts to the monotonic [`Instant`]
+//! the rest of the node uses, from one reading of both clocks per receive call.
+
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+/// `SO_TIMESTAMPNS` (the "old" value, whose control message carries a native `timespec`; the
+/// same on every Linux architecture this builds for). The `libc` crate leaves it out on Linux.
+const SO_TIMESTAMPNS: libc::c_int = 35;
+
+/// Room for one `SCM_TIMESTAMPNS` control message (plus slack for alignment).
+pub(crate) const CONTROL_SPACE: usize = 64;
+
+/// A control buffer aligned for `cmsghdr`.
+#[repr(C, align(8))]
+#[derive(Clone, Copy)]
+pub(crate) struct ControlBuffer(pub(crate) [u8; CONTROL_SPACE]);
+
+impl ControlBuffer {
+    pub(crate) const fn new() -> ControlBuffer {
+        ControlBuffer([0; CONTROL_SPACE])
+    }
+}
+
+/// Asks the kernel to stamp what this socket receives.
+pub(crate) fn enable(fd: RawFd) -> std::io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: a plain setsockopt with a live int of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_TIMESTAMPNS,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// The receive timestamp among a received message's control messages, if any.
+///
+/// # Safety
+/// `header` must be a `msghdr` filled in by a successful `recvmsg`/`recvmmsg`, whose control
+/// buffer is still alive.
+pub(crate) unsafe fn timestamp(header: &libc::msghdr) -> Option<libc::timespec> {
+    if header.msg_control.is_null() || header.msg_controllen == 0 {
+        return None;
+    }
+    // SAFETY: the caller vouches for the header; CMSG_* walk inside msg_controllen.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(header);
+        while !cmsg.is_null() {
+            let c = &*cmsg;
+            if c.cmsg_level == libc::SOL_SOCKET
+                && c.cmsg_type == SO_TIMESTAMPNS
+                && c.cmsg_len as usize >= libc::CMSG_LEN(std::mem::size_of::<libc::timespec>() as u32) as usize
+            {
+                return Some(std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::timespec>()));
+            }
+            cmsg = libc::CMSG_NXTHDR(header, cmsg);
+        }
+    }
+    None
+}
+
+/// One reading of the wall clock and the monotonic clock, to turn kernel timestamps of the
+/// same moment into [`Instant`]s.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Clocks {
+    realtime_ns: i128,
+    now: Instant,
+}
+
+impl Clocks {
+    pub(crate) fn read() -> Clocks {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: a valid clock id and a live timespec.
+        unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+        Clocks { realtime_ns: nanos(&ts), now: Instant::now() }
+    }
+
+    /// The instant of a kernel timestamp. A stamp from the future (the wall clock was stepped
+    /// back in between) counts as now; one from before the monotonic clock's start as that.
+    pub(crate) fn instant(&self, stamp: &libc::timespec) -> Instant {
+        let ago = (self.realtime_ns - nanos(stamp)).clamp(0, u64::MAX as i128) as u64;
+        self.now.checked_sub(Duration::from_nanos(ago)).unwrap_or(self.now)
+    }
+}
+
+fn nanos(ts: &libc::timespec) -> i128 {
+    ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd as _;
+
+    use super::*;
+
+    /// A datagram received with `recvmsg` carries a stamp from when it arrived, not from when
+    /// it was read.
+    #[test]
+    fn datagrams_are_stamped_when_they_arrive() {
+        let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        enable(receiver.as_raw_fd()).unwrap();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sent = Instant::now();
+        sender.send_to(b"hello", receiver.local_addr().unwrap()).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+
+        let mut data = [0u8; 16];
+        let mut control = ControlBuffer::new();
+        let mut iov = libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() };
+        // SAFETY: all-zero is a valid msghdr; every pointer set below outlives the call.
+        let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+        header.msg_iov = &mut iov;
+        header.msg_iovlen = 1;
+        header.msg_control = control.0.as_mut_ptr().cast();
+        header.msg_controllen = CONTROL_SPACE as _;
+        // SAFETY: the header points at live buffers.
+        let n = unsafe { libc::recvmsg(receiver.as_raw_fd(), &mut header, 0) };
+        assert_eq!(n, 5);
+        // SAFETY: filled in by the recvmsg above.
+        let stamp = unsafe { timestamp(&header) }.expect("a receive timestamp");
+        let arrived = Clocks::read().instant(&stamp);
+        let queued = arrived.elapsed();
+        assert!(queued >= Duration::from_millis(25), "stamped {queued:?} ago: when read, not when it arrived");
+        assert!(arrived >= sent.checked_sub(Duration::from_millis(5)).unwrap(), "stamped before it was sent");
+    }
+
+    #[test]
+    fn a_stamp_from_the_future_counts_as_now() {
+        let clocks = Clocks::read();
+        let future = libc::timespec { tv_sec: (clocks.realtime_ns / 1_000_000_000) as i64 + 10, tv_nsec: 0 };
+        assert_eq!(clocks.instant(&future), clocks.now);
+        let past = libc::timespec { tv_sec: (clocks.realtime_ns / 1_000_000_000) as i64 - 1, tv_nsec: 0 };
+        assert!(clocks.instant(&past) < clocks.now);
+    }
+}
