@@ -439,7 +439,11 @@ fn node_main() {
     // process re-pins itself.
     pin_to(NODE_CPU);
     let mut load = LoadProcess::start();
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let runtime = if std::env::var("BRIDGE_BENCH_RUNTIME").as_deref() == Ok("current") {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap()
+    };
     runtime.block_on(async {
         let agent = load.expect("agent").await;
         let url = format!("ws://{agent}/agent");

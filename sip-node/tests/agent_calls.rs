@@ -511,6 +511,12 @@ async fn a_caller_talks_to_an_ai_agent_over_websocket(pool: PgPool) {
     let cdrs = cdrs(&pool, 1).await;
     assert_eq!(cdrs.last().and_then(|c| c.hangup_by.clone()).as_deref(), Some("caller"), "{cdrs:?}");
     assert!(cdrs.last().is_some_and(|c| c.answer_at.is_some()));
+    // The node measured the delay it added to the frames of the call, both ways.
+    for direction in ["caller_to_agent", "agent_to_caller"] {
+        let name = format!("switchboard_bridge_latency_seconds_count{{direction=\"{direction}\"}}");
+        let frames = metric(&node, &name).await.unwrap_or_default();
+        assert!(frames >= 10.0, "{name}: {frames}");
+    }
     node.stop().await;
 }
 
