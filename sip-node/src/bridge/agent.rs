@@ -1366,6 +1366,27 @@ mod tests {
         assert!(h.relay.is_finished());
     }
 
+    /// An agent URL with an IPv6 literal (`ws://[::1]:port/`) is reached, and the session's
+    /// preamble arrives (skipped where the host has no IPv6 loopback).
+    #[tokio::test]
+    async fn an_agent_at_an_ipv6_literal_is_reached() {
+        let Ok(listener) = TcpListener::bind("[::1]:0").await else {
+            eprintln!("skipped: no IPv6 loopback on this host");
+            return;
+        };
+        let url = format!("ws://{}/agent", listener.local_addr().unwrap());
+        assert!(url.starts_with("ws://[::1]:"), "{url}");
+        let accept = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio_tungstenite::accept_async(stream).await.unwrap()
+        });
+        let connection = connect(BridgeConfig::new(url, &CallParameters::default())).await.unwrap();
+        let mut server = accept.await.unwrap();
+        assert_eq!(next_json(&mut server).await["event"], "connected");
+        assert_eq!(next_json(&mut server).await["event"], "start");
+        drop(connection);
+    }
+
     #[tokio::test]
     async fn an_agent_that_never_answers_times_out() {
         // A listener that accepts TCP but never completes the WebSocket upgrade.
