@@ -29,7 +29,10 @@
 //!
 //! `cargo bench -p switchboard-node --bench rtp_relay`; environment: `RTP_BENCH_SECS` (seconds
 //! measured per step, default 3), `RTP_BENCH_STEPS` (comma-separated call counts),
-//! `RTP_BENCH_MEM_CALLS` (calls of the memory measurement, default 2000).
+//! `RTP_BENCH_MEM_CALLS` (calls of the memory measurement, default 2000), `RTP_BENCH_TRANSCODE=1`
+//! (leg B negotiates A-law, so every packet is transcoded μ-law ↔ A-law; the generator's
+//! bookkeeping in the payload is written in codes that survive it), `RTP_BENCH_KERNEL`
+//! (`auto`, `on`, `off`).
 
 use std::io;
 use std::mem::{size_of, zeroed};
@@ -56,8 +59,73 @@ const MAX_JITTER_US: u64 = 1000;
 const RELAY_CPU: usize = 0;
 const GENERATOR_CPU: usize = 1;
 /// Payload: call number (4 bytes), measured flag (1), send time in ns of CLOCK_REALTIME (8),
-/// then filler up to a G.711 20 ms frame.
+/// each byte written as two payload bytes by a [`MetaCode`], then filler up to a G.711 20 ms
+/// frame.
 const PAYLOAD_LEN: usize = 160;
+/// Where the fields sit in the payload (two payload bytes per byte).
+const META_CALL: usize = 0;
+const META_MEASURED: usize = 8;
+const META_STAMP: usize = 10;
+const META_END: usize = 26;
+const _: () = assert!(META_END <= PAYLOAD_LEN);
+
+/// How the generator writes its bookkeeping into G.711 payloads so that it survives the
+/// relay's transcoding: each half byte becomes one of 16 codes whose transcoded images are
+/// distinct, so the receiving side can read it back (without transcoding: 16 plain codes).
+#[derive(Clone)]
+struct MetaCode {
+    /// Per sending side: the code of each half byte.
+    encode: [[u8; 16]; 2],
+    /// Per receiving socket: half byte of each code as it arrives (0xFF: not a code).
+    decode: [[u8; 256]; 2],
+}
+
+impl MetaCode {
+    /// `transcode`: side 0's leg is μ-law and side 1's A-law, so what side 0 sends arrives at
+    /// socket 1 as A-law and the other way round.
+    fn new(transcode: bool) -> MetaCode {
+        let mut code = MetaCode { encode: [[0; 16]; 2], decode: [[0xFF; 256]; 2] };
+        for side in 0..2 {
+            let image = |c: u8| match (transcode, side) {
+                (false, _) => c,
+                (true, 0) => switchboard_node::media::g711::ulaw_to_alaw(c),
+                (true, _) => switchboard_node::media::g711::alaw_to_ulaw(c),
+            };
+            let receiving = 1 - side;
+            let mut n = 0;
+            for c in 0..=255u8 {
+                if n < 16 && code.decode[receiving][image(c) as usize] == 0xFF {
+                    code.encode[side][n] = c;
+                    code.decode[receiving][image(c) as usize] = n as u8;
+                    n += 1;
+                }
+            }
+            assert_eq!(n, 16, "16 codes with distinct images");
+        }
+        code
+    }
+
+    fn put(&self, side: usize, payload: &mut [u8], at: usize, bytes: &[u8]) {
+        for (i, b) in bytes.iter().enumerate() {
+            payload[at + 2 * i] = self.encode[side][(b >> 4) as usize];
+            payload[at + 2 * i + 1] = self.encode[side][(b & 15) as usize];
+        }
+    }
+
+    /// Reads `N` bytes at `at` of a payload received on socket `receiving`.
+    fn get<const N: usize>(&self, receiving: usize, payload: &[u8], at: usize) -> Option<[u8; N]> {
+        let mut out = [0u8; N];
+        for (i, o) in out.iter_mut().enumerate() {
+            let hi = self.decode[receiving][*payload.get(at + 2 * i)? as usize];
+            let lo = self.decode[receiving][*payload.get(at + 2 * i + 1)? as usize];
+            if hi > 15 || lo > 15 {
+                return None;
+            }
+            *o = hi << 4 | lo;
+        }
+        Some(out)
+    }
+}
 const PACKET_LEN: usize = RTP_HEADER_LEN + PAYLOAD_LEN;
 /// Datagrams per `recvmmsg`.
 const RECV_BATCH: usize = 64;
@@ -192,19 +260,23 @@ impl SendBatch {
         }
     }
 
-    /// Sends `packets[i]` to `targets[i]` for every i in `calls`, stamping each with `stamp`.
+    /// Sends `packets[i]` to `targets[i]` for every i in `calls`, stamping each with the time
+    /// (written with `meta`'s codes for `side`).
+    #[allow(clippy::too_many_arguments)]
     fn send(
         &mut self,
         socket: &UdpSocket,
         packets: &mut [[u8; PACKET_LEN]],
         targets: &[libc::sockaddr_in],
         calls: std::ops::Range<usize>,
+        meta: &MetaCode,
+        side: usize,
     ) -> usize {
         let count = calls.len();
         let stamp = clock_ns(libc::CLOCK_REALTIME).to_be_bytes();
         for (i, call) in calls.enumerate() {
             let packet = &mut packets[call];
-            packet[RTP_HEADER_LEN + 5..RTP_HEADER_LEN + 13].copy_from_slice(&stamp);
+            meta.put(side, &mut packet[RTP_HEADER_LEN..], META_STAMP, &stamp);
             self.iovecs[i] = libc::iovec { iov_base: packet.as_mut_ptr() as *mut libc::c_void, iov_len: PACKET_LEN };
             let header = &mut self.headers[i].msg_hdr;
             header.msg_name = &targets[call] as *const libc::sockaddr_in as *mut libc::c_void;
@@ -240,11 +312,13 @@ struct Receiver {
     slowest_send: Duration,
     /// Slots whose sends took longer than the jitter limit.
     stalled_sends: u64,
+    meta: MetaCode,
 }
 
 impl Receiver {
-    fn new() -> Receiver {
+    fn new(meta: MetaCode) -> Receiver {
         let mut r = Receiver {
+            meta,
             buffers: vec![[0; 2048]; RECV_BATCH],
             controls: vec![[0; 64]; RECV_BATCH],
             // SAFETY: plain C structs for which all-zero is valid.
@@ -270,12 +344,12 @@ impl Receiver {
         self.stalled_sends = 0;
     }
 
-    /// Receives everything queued on `socket` (non-blocking).
-    fn drain(&mut self, socket: &UdpSocket) {
+    /// Receives everything queued on `socket` (the generator's socket `side`; non-blocking).
+    fn drain(&mut self, socket: &UdpSocket, side: usize) {
         loop {
             let n = self.receive(socket, RECV_BATCH);
             for i in 0..n {
-                self.record(i);
+                self.record(i, side);
             }
             if n < RECV_BATCH {
                 return;
@@ -307,14 +381,15 @@ impl Receiver {
         n.max(0) as usize
     }
 
-    fn record(&mut self, i: usize) {
+    fn record(&mut self, i: usize, side: usize) {
         let len = self.headers[i].msg_len as usize;
         let Ok(packet) = RtpPacket::parse(&self.buffers[i][..len]) else { return };
         let payload = packet.payload;
-        if payload.len() < 13 || payload[4] != 1 {
-            return; // a warm-up packet
+        if self.meta.get::<1>(side, payload, META_MEASURED) != Some([1]) {
+            return; // a warm-up packet (or one the relay garbled: counted as lost)
         }
-        let sent = u64::from_be_bytes(payload[5..13].try_into().unwrap());
+        let Some(stamp) = self.meta.get::<8>(side, payload, META_STAMP) else { return };
+        let sent = u64::from_be_bytes(stamp);
         let Some(arrived) = kernel_timestamp(&self.headers[i].msg_hdr) else { return };
         let transit = arrived.saturating_sub(sent);
         self.received += 1;
@@ -360,10 +435,13 @@ struct Generator {
     targets: [Vec<libc::sockaddr_in>; 2],
     batches: [SendBatch; 2],
     receiver: Receiver,
+    meta: MetaCode,
 }
 
 impl Generator {
-    fn new(calls: usize) -> Generator {
+    /// `transcode`: side 1's leg is A-law (payload type 8), side 0's μ-law.
+    fn new(calls: usize, transcode: bool) -> Generator {
+        let meta = MetaCode::new(transcode);
         let socket = || {
             let s = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
             setsockopt_int(&s, libc::SOL_SOCKET, libc::SO_RCVBUF, 4 << 20);
@@ -378,14 +456,15 @@ impl Generator {
                     let mut packet = [0xFFu8; PACKET_LEN];
                     let header = RtpHeader {
                         marker: false,
-                        payload_type: 0,
+                        payload_type: if transcode && side == 1 { 8 } else { 0 },
                         sequence: 0,
                         timestamp: 0,
                         ssrc: (call as u32) << 1 | side,
                     };
                     header.rewrite(&mut packet).unwrap();
                     packet[0] = 0x80;
-                    packet[RTP_HEADER_LEN..RTP_HEADER_LEN + 4].copy_from_slice(&(call as u32).to_be_bytes());
+                    meta.put(side as usize, &mut packet[RTP_HEADER_LEN..], META_CALL, &(call as u32).to_be_bytes());
+                    meta.put(side as usize, &mut packet[RTP_HEADER_LEN..], META_MEASURED, &[0]);
                     packet
                 })
                 .collect()
@@ -395,7 +474,8 @@ impl Generator {
             packets: [packets(0), packets(1)],
             targets: [Vec::with_capacity(calls), Vec::with_capacity(calls)],
             batches: [SendBatch::new(per_slot), SendBatch::new(per_slot)],
-            receiver: Receiver::new(),
+            receiver: Receiver::new(meta.clone()),
+            meta,
         }
     }
 
@@ -405,12 +485,12 @@ impl Generator {
 
     /// Advances every packet of the calls in `range` to its next sequence number and timestamp.
     fn next_packets(&mut self, range: std::ops::Range<usize>, measured: bool) {
-        for side in &mut self.packets {
-            for packet in &mut side[range.clone()] {
+        for (side, packets) in self.packets.iter_mut().enumerate() {
+            for packet in &mut packets[range.clone()] {
                 let sequence = u16::from_be_bytes([packet[2], packet[3]]).wrapping_add(1);
                 packet[2..4].copy_from_slice(&sequence.to_be_bytes());
                 packet[4..8].copy_from_slice(&(sequence as u32 * 160).to_be_bytes());
-                packet[RTP_HEADER_LEN + 4] = measured as u8;
+                self.meta.put(side, &mut packet[RTP_HEADER_LEN..], META_MEASURED, &[measured as u8]);
             }
         }
     }
@@ -451,6 +531,8 @@ impl Generator {
                             &mut self.packets[side],
                             &self.targets[side],
                             range.clone(),
+                            &self.meta,
+                            side,
                         );
                         if measured {
                             sent += n as u64;
@@ -478,8 +560,8 @@ impl Generator {
             // relayed packet's send wake it, a cost that real far ends do not put on the relay.
             // The kernel timestamps keep the transit times exact however late this drains.
             thread::sleep(wake_at.saturating_duration_since(now));
-            for socket in &self.sockets {
-                self.receiver.drain(socket);
+            for (side, socket) in self.sockets.iter().enumerate() {
+                self.receiver.drain(socket, side);
             }
         }
         sent
@@ -540,6 +622,8 @@ struct Bench {
     /// The engine thread's id, for its CPU time.
     relay_tid: u32,
     allocator: PortAllocator,
+    /// Leg B is A-law: every packet is transcoded (`RTP_BENCH_TRANSCODE=1`).
+    transcode: bool,
 }
 
 struct Calls {
@@ -564,7 +648,8 @@ impl Bench {
                 .into_iter()
                 .map(|(a, b)| {
                     let a = RtpLegSetup { ports: a, media: LegMedia::new(Codec::Pcmu, Some(addr_a)) };
-                    let b = RtpLegSetup { ports: b, media: LegMedia::new(Codec::Pcmu, Some(addr_b)) };
+                    let b_codec = if self.transcode { Codec::Pcma } else { Codec::Pcmu };
+                    let b = RtpLegSetup { ports: b, media: LegMedia::new(b_codec, Some(addr_b)) };
                     let config = RelayConfig { media_timeout: Duration::from_secs(3600) };
                     let (handle, events) = spawn_relay_on(&self.engine, a, b, config).expect("relay");
                     drop(events);
@@ -594,7 +679,7 @@ impl Bench {
     }
 
     fn step(&self, calls: usize, secs: u64) -> StepResult {
-        let mut generator = Generator::new(calls);
+        let mut generator = Generator::new(calls, self.transcode);
         let running = self.start_calls(&mut generator, calls);
         let (mut cpu, mut wall, mut other) = ((0u64, 0u64), (Instant::now(), Instant::now()), (0u64, 0u64));
         let mut core = ((0u64, 0u64), (0u64, 0u64));
@@ -656,7 +741,7 @@ impl Bench {
 
     /// RSS growth per call with `calls` calls set up and their traffic flowing for a second.
     fn memory_per_call(&self, calls: usize) -> (f64, f64) {
-        let mut generator = Generator::new(calls);
+        let mut generator = Generator::new(calls, self.transcode);
         // Free heap pages go back to the system first: the BPF loader parses the kernel's BTF
         // (megabytes, freed after the load), and relays set up in those resident pages would
         // not grow the RSS at all.
@@ -757,7 +842,7 @@ fn syscall_floor() -> Floor {
         }
     };
     let (mut recv_ns, mut empty_ns, mut send_ns, mut mmsg_ns) = (0u64, 0u64, 0u64, 0u64);
-    let mut batch = Receiver::new();
+    let mut batch = Receiver::new(MetaCode::new(false));
     for _ in 0..ROUNDS {
         queue_one_each();
         let t0 = cpu();
@@ -876,11 +961,13 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let allocator = PortAllocator::new(IpAddr::V4(Ipv4Addr::LOCALHOST), PortRange { min: 20000, max: 60999 }).unwrap();
     let probe = LatenessProbe::start(RELAY_CPU);
-    let bench = Bench { probe, runtime, engine, relay_tid, allocator };
+    let transcode = env("RTP_BENCH_TRANSCODE").is_some_and(|v| v == "1");
+    let bench = Bench { probe, runtime, engine, relay_tid, allocator, transcode };
 
     println!(
         "rtp_relay: G.711 20 ms, 50 pps per direction per call, relay on one media engine thread (CPU {RELAY_CPU}); \
-         kernel forwarding: {}",
+         {}; kernel forwarding: {}",
+        if bench.transcode { "leg A μ-law, leg B A-law: every packet transcoded" } else { "μ-law on both legs" },
         if bench.engine.kernel().is_some() {
             "on (loopback receive processing steered to the relay's core)"
         } else {
