@@ -894,7 +894,6 @@ fn forward(
     if out.failed.is_some() {
         return false;
     }
-    let mut received = None;
     let sent = match input {
         CallerInput::Audio(frame, at) => match Pin::new(&mut conn.socket).poll_ready(cx) {
             Poll::Pending => return false,
@@ -905,7 +904,8 @@ fn forward(
                 let elapsed = conn.started.elapsed().as_millis() as u64;
                 let mut text = String::new();
                 write_media(&mut text, &out.prefix, conn.sequence, out.chunk, elapsed, frame);
-                received = at;
+                // Its delay is recorded once the message has left (below, or at a later flush).
+                out.unflushed_since = at;
                 Pin::new(&mut conn.socket).start_send(Message::text(text)).map(|()| &counters.caller_frames)
             }
         },
@@ -933,7 +933,6 @@ fn forward(
     // was accepted: those need the flush.
     let socket = Pin::new(&mut conn.socket);
     let flushed = if out.plain { socket.poll_ready(cx) } else { socket.poll_flush(cx) };
-    out.unflushed_since = received;
     match flushed {
         Poll::Ready(Ok(())) => out.flushed(),
         Poll::Ready(Err(error)) => out.failed = Some(error.to_string()),
