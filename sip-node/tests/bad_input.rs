@@ -29,16 +29,21 @@ fn rand_token() -> String {
 
 /// Sends one datagram and returns the status line of the answer, if one comes within 1 s.
 async fn exchange(socket: &UdpSocket, node: SocketAddr, bytes: &[u8]) -> Option<String> {
+    let answer = exchange_message(socket, node, bytes).await?;
+    Some(answer.lines().next().unwrap_or_default().to_string())
+}
+
+/// Sends one datagram and returns the whole final answer, if one comes within 1 s.
+async fn exchange_message(socket: &UdpSocket, node: SocketAddr, bytes: &[u8]) -> Option<String> {
     socket.send_to(bytes, node).await.unwrap();
     let mut buf = vec![0u8; 65_536];
     loop {
         match tokio::time::timeout(Duration::from_secs(1), socket.recv_from(&mut buf)).await {
             Ok(Ok((len, _))) => {
                 let text = String::from_utf8_lossy(&buf[..len]).to_string();
-                let status = text.lines().next().unwrap_or_default().to_string();
                 // A 100 Trying may precede the final answer.
-                if !status.starts_with("SIP/2.0 100") {
-                    return Some(status);
+                if !text.starts_with("SIP/2.0 100") {
+                    return Some(text);
                 }
             }
             _ => return None,
@@ -94,6 +99,31 @@ async fn bad_datagrams_get_400_or_silence_and_the_node_keeps_answering(pool: PgP
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert!(parse_errors >= 3.0, "parse errors must be counted:\n{metrics}");
+    node.stop().await;
+}
+
+/// RFC 3261 8.2.2.3: a request that requires an extension the node does not implement
+/// (reliable provisional responses, session timers, ...) is refused with `420` naming them,
+/// not served as if understood; the caller can retry without them.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn requests_requiring_unknown_extensions_get_420_naming_them(pool: PgPool) {
+    let node = Node::start(&pool, vec![trunk("carrier", vec![])], vec![]).await;
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0\r\n";
+    let invite = request("INVITE", "INVITE", "", sdp, None)
+        .replace("Max-Forwards", "Require: 100rel\r\nContent-Type: application/sdp\r\nMax-Forwards");
+    let answer = exchange_message(&socket, node.addr, invite.as_bytes()).await.expect("the INVITE is answered");
+    assert!(answer.starts_with("SIP/2.0 420 Bad Extension\r\n"), "{answer}");
+    assert!(answer.contains("\r\nUnsupported: 100rel\r\n"), "{answer}");
+    let options =
+        request("OPTIONS", "OPTIONS", "", "", None).replace("Max-Forwards", "Require: timer, x-foo\r\nMax-Forwards");
+    let answer = exchange_message(&socket, node.addr, options.as_bytes()).await.expect("the OPTIONS is answered");
+    assert!(answer.starts_with("SIP/2.0 420 Bad Extension\r\n"), "{answer}");
+    assert!(answer.contains("\r\nUnsupported: timer, x-foo\r\n"), "{answer}");
+    // Supported (not Require) and Proxy-Require change nothing.
+    let options = request("OPTIONS", "OPTIONS", "", "", None)
+        .replace("Max-Forwards", "Supported: 100rel, timer\r\nProxy-Require: x-foo\r\nMax-Forwards");
+    assert_eq!(exchange(&socket, node.addr, options.as_bytes()).await.as_deref(), Some("SIP/2.0 200 OK"));
     node.stop().await;
 }
 

@@ -402,8 +402,17 @@ impl Core {
         self.apply(TxnRef::Server(key), actions, false);
     }
 
-    /// Hands a new server transaction's request to its dialog or to the router.
+    /// Hands a new server transaction's request to its dialog or to the router, unless it
+    /// requires an extension the node does not implement (`420`, in or out of a dialog).
     fn deliver_request(&mut self, key: TransactionKey, request: Request, peer: Peer) {
+        let unsupported = message::unsupported_requirements(&request.headers);
+        if !unsupported.is_empty() {
+            tracing::debug!(method = %request.method, peer = %peer.addr, ?unsupported, "request requires unsupported extensions");
+            let mut response = response_to(&request, 420, Some("Bad Extension"), None);
+            response.headers.push(rsip::Header::Unsupported(unsupported.join(", ").into()));
+            self.on_command(Command::Respond { key, response });
+            return;
+        }
         if let Some(tag) = message::to_tag(&request) {
             if let Some(tu) = self.dialogs.get(&(message::call_id(&request), tag)).cloned() {
                 if let Some(entry) = self.servers.get_mut(&key) {

@@ -347,6 +347,32 @@ pub fn header_value<'a>(headers: &'a rsip::Headers, name: &str) -> Option<Cow<'a
     })
 }
 
+/// SIP extensions (option tags, RFC 3261 19.2) this node implements as a UAS. None yet: it
+/// sends no reliable provisional responses (`100rel`, RFC 3262) and refreshes no sessions
+/// (`timer`, RFC 4028), so a request that requires either must not be accepted.
+pub const SUPPORTED_EXTENSIONS: &[&str] = &[];
+
+/// The option tags in the request's `Require` headers that this node does not implement, in
+/// the order given (RFC 3261 8.2.2.3: such a request is refused with `420 Bad Extension`
+/// listing them in `Unsupported`, rather than served as if they were understood).
+pub fn unsupported_requirements(headers: &rsip::Headers) -> Vec<String> {
+    let mut unsupported: Vec<String> = Vec::new();
+    for header in headers.iter() {
+        let text = match header {
+            Header::Require(value) => value.value().to_string(),
+            Header::Other(name, value) if name.eq_ignore_ascii_case("Require") => value.clone(),
+            _ => continue,
+        };
+        for tag in text.split(',').map(str::trim).filter(|tag| !tag.is_empty()) {
+            let known = SUPPORTED_EXTENSIONS.iter().any(|s| s.eq_ignore_ascii_case(tag));
+            if !known && !unsupported.iter().any(|u| u.eq_ignore_ascii_case(tag)) {
+                unsupported.push(tag.to_string());
+            }
+        }
+    }
+    unsupported
+}
+
 /// Call-ID of a message that passed [`parse`] (empty for hand-built messages without one).
 pub fn call_id(message: &impl HeadersExt) -> String {
     message.call_id_header().map(|h| h.value().to_string()).unwrap_or_default()
@@ -458,6 +484,20 @@ l: 4\r\n\r\nv=0\r\nEXTRA";
         assert_eq!(parse(no_call_id.as_bytes(), false).unwrap_err(), ParseError::MissingHeader("Call-ID"));
         let no_via = INVITE.replace("v: SIP/2.0/UDP 10.0.0.2:5060;branch=z9hG4bK776asdhds\r\n", "");
         assert_eq!(parse(no_via.as_bytes(), false).unwrap_err(), ParseError::MissingHeader("Via"));
+    }
+
+    #[test]
+    fn required_extensions_the_node_lacks_are_listed_once_in_order() {
+        let bytes = b"INVITE sip:a@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bK1\r\n\
+            From: <sip:b@127.0.0.1>;tag=1\r\nTo: <sip:a@127.0.0.1>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n\
+            Require: 100rel, timer\r\nrequire: ,TIMER,\r\nRequire: foo\r\nSupported: replaces\r\nContent-Length: 0\r\n\r\n";
+        let Ok(Incoming::Message(rsip::SipMessage::Request(request))) = parse(bytes, false) else { panic!("parses") };
+        assert_eq!(unsupported_requirements(&request.headers), ["100rel", "timer", "foo"]);
+        let plain = b"OPTIONS sip:a@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bK2\r\n\
+            From: <sip:b@127.0.0.1>;tag=1\r\nTo: <sip:a@127.0.0.1>\r\nCall-ID: d\r\nCSeq: 1 OPTIONS\r\n\
+            Proxy-Require: foo\r\nSupported: 100rel\r\nContent-Length: 0\r\n\r\n";
+        let Ok(Incoming::Message(rsip::SipMessage::Request(request))) = parse(plain, false) else { panic!("parses") };
+        assert!(unsupported_requirements(&request.headers).is_empty(), "Proxy-Require is for proxies");
     }
 
     #[test]
