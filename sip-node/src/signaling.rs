@@ -226,6 +226,14 @@ async fn follow_config(snapshot: SnapshotHandle, metrics: NodeMetrics) {
 /// a warning, when the range is unusable: calls to agents are then refused with 503.
 fn media_context(args: &SipArgs, sip: SocketAddr, metrics: &NodeMetrics) -> anyhow::Result<Option<MediaContext>> {
     use crate::media::ports::{PortAllocator, PortRange};
+    // Whatever else is wrong, a CA file that cannot be used stops the node here.
+    let agent_tls = args.agent.tls().map_err(|error| anyhow::Error::new(error).context("--agent-ca-file"))?;
+    if agent_tls.extra_roots() > 0 {
+        tracing::info!(
+            certificates = agent_tls.extra_roots(),
+            "wss:// agents: trusting the CA file besides the web PKI roots"
+        );
+    }
     let range = args
         .rtp_ports
         .split_once('-')
@@ -268,6 +276,7 @@ fn media_context(args: &SipArgs, sip: SocketAddr, metrics: &NodeMetrics) -> anyh
             agent_connect_timeout: Duration::from_millis(args.agent.agent_connect_timeout_ms),
             agent_answer: args.agent.answer_policy(),
             bridge_latency: metrics.bridge_latency(),
+            agent_tls,
         }),
         Err(error) => {
             tracing::warn!(%error, "no RTP ports; media anchoring is off");

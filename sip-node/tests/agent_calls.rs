@@ -43,32 +43,35 @@ struct Agent {
 
 impl Agent {
     async fn start() -> Agent {
+        Agent::listen(None).await
+    }
+
+    /// An agent at a `wss://` URL whose certificate the test CA signed (`tests/fixtures/agent-tls`).
+    async fn start_tls() -> Agent {
+        Agent::listen(Some(test_tls_acceptor())).await
+    }
+
+    async fn listen(tls: Option<tokio_rustls::TlsAcceptor>) -> Agent {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("ws://{}/agent", listener.local_addr().unwrap());
+        let scheme = if tls.is_some() { "wss" } else { "ws" };
+        let url = format!("{scheme}://{}/agent", listener.local_addr().unwrap());
         let (seen_tx, seen) = mpsc::unbounded_channel();
-        let (out, mut out_rx) = mpsc::unbounded_channel::<Message>();
+        let (out, out_rx) = mpsc::unbounded_channel::<Message>();
         tokio::spawn(async move {
             let (stream, _) = listener.accept().await.unwrap();
-            let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
-            loop {
-                tokio::select! {
-                    message = ws.next() => match message {
-                        Some(Ok(Message::Text(text))) => {
-                            let value: Value = serde_json::from_str(&text).expect("the node sends JSON");
-                            let _ = seen_tx.send((Instant::now(), value));
-                        }
-                        Some(Ok(_)) => {}
-                        Some(Err(_)) | None => break,
-                    },
-                    message = out_rx.recv() => match message {
-                        Some(message) => {
-                            if ws.send(message).await.is_err() {
-                                break;
-                            }
-                        }
-                        None => break,
-                    },
-                }
+            match tls {
+                None => serve_agent(tokio_tungstenite::accept_async(stream).await.unwrap(), &seen_tx, out_rx).await,
+                // A handshake the node gives up (it does not trust the certificate) ends the agent.
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(stream) => {
+                        let ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+                        serve_agent(ws, &seen_tx, out_rx).await
+                    }
+                    Err(error) => {
+                        let _ =
+                            seen_tx.send((Instant::now(), json!({"event": "tls-failed", "error": error.to_string()})));
+                    }
+                },
             }
             let _ = seen_tx.send((Instant::now(), json!({"event": "closed"})));
         });
@@ -111,6 +114,57 @@ impl Agent {
     fn logged(&self, event: &str) -> Vec<&Value> {
         self.log.iter().map(|(_, v)| v).filter(|v| v["event"] == event).collect()
     }
+}
+
+/// Logs what the node sends and sends what the test queues, until either side closes.
+async fn serve_agent<S>(
+    mut ws: tokio_tungstenite::WebSocketStream<S>,
+    seen: &mpsc::UnboundedSender<(Instant, Value)>,
+    mut out: mpsc::UnboundedReceiver<Message>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        tokio::select! {
+            message = ws.next() => match message {
+                Some(Ok(Message::Text(text))) => {
+                    let value: Value = serde_json::from_str(&text).expect("the node sends JSON");
+                    let _ = seen.send((Instant::now(), value));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => break,
+            },
+            message = out.recv() => match message {
+                Some(message) => {
+                    if ws.send(message).await.is_err() {
+                        break;
+                    }
+                }
+                None => break,
+            },
+        }
+    }
+}
+
+fn tls_fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/agent-tls").join(name)
+}
+
+/// The test agent's TLS server: a certificate for 127.0.0.1 and localhost, signed by the test CA.
+fn test_tls_acceptor() -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(tls_fixture("server.pem")).unwrap().collect::<Result<_, _>>().unwrap();
+    let key = PrivateKeyDer::from_pem_file(tls_fixture("server.key")).unwrap();
+    let config =
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
 }
 
 fn websocket(url: &str) -> Destination {
@@ -707,6 +761,53 @@ async fn an_agent_that_never_accepts_the_websocket_times_out_with_503(pool: PgPo
     let cdr_reason = assert_clean_end(&pool, &node, 503).await;
     assert!(cdr_reason.contains("did not connect"), "{cdr_reason}");
     hold.abort();
+    node.stop().await;
+}
+
+/// `wss://`: an agent whose certificate a private CA signed is reached when the node trusts
+/// that CA (`--agent-ca-file`): the preamble, the caller's audio and the agent's audio all go
+/// through TLS.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_wss_agent_behind_a_private_ca_is_reached_with_agent_ca_file(pool: PgPool) {
+    let mut agent = Agent::start_tls().await;
+    assert!(agent.url.starts_with("wss://127.0.0.1:"), "{}", agent.url);
+    let node = Node::start_tuned(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))], vec![], |args| {
+        args.agent.agent_ca_file = Some(tls_fixture("ca.pem"));
+    })
+    .await;
+    let mut caller = Caller::new(node.addr, "agent-call-wss", 0).await;
+    caller.call().await;
+    agent.expect("connected").await;
+    let (_, start) = agent.expect("start").await;
+    assert_eq!(start["start"]["customParameters"]["to"], DID, "{start}");
+    for i in 0..5u8 {
+        caller.send_audio(&[i; 160]).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for i in 0..5u8 {
+        assert_eq!(payload_of(&agent.expect("media").await.1), vec![i; 160], "caller frame {i} over TLS");
+    }
+    agent.send_audio(&[0x42; 160]);
+    let (_, _, heard) = caller.hear(Duration::from_secs(2)).await.expect("the agent's audio reaches the caller");
+    assert_eq!(heard, vec![0x42; 160]);
+    hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
+}
+
+/// The same agent without `--agent-ca-file`: its certificate is not trusted, so the node
+/// refuses the connection (verified, not merely encrypted) and the caller gets a 503 whose
+/// CDR names the certificate problem.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_wss_agent_with_an_untrusted_certificate_gets_the_caller_a_503(pool: PgPool) {
+    let mut agent = Agent::start_tls().await;
+    let node = Node::start(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))]).await;
+    let caller = Caller::new(node.addr, "agent-call-wss-untrusted", 0).await;
+    caller.invite().await;
+    let (response, _) = caller.final_response().await;
+    assert!(response.starts_with("SIP/2.0 503"), "{response}");
+    let (_, refused) = agent.expect("tls-failed").await;
+    assert!(refused["error"].as_str().is_some(), "{refused}");
+    let reason = assert_clean_end(&pool, &node, 503).await;
+    assert!(reason.contains("AI agent unreachable") && reason.to_lowercase().contains("certificate"), "{reason}");
     node.stop().await;
 }
 

@@ -21,10 +21,16 @@ struct Node {
 
 impl Node {
     fn start(database_url: &str, node_id: &str) -> Self {
+        Node::start_with(database_url, node_id, &[])
+    }
+
+    /// Starts the node with `extra` flags after the usual ones.
+    fn start_with(database_url: &str, node_id: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard-node"))
             .args(["--database-url", database_url, "--node-id", node_id])
             .args(["--heartbeat-interval-ms", "200", "--config-poll-interval-ms", "200"])
             .args(["--sip-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .args(extra)
             .env("RUST_LOG", "info")
             .env_remove("SWITCHBOARD_LOG_FORMAT")
             .stdout(Stdio::null())
@@ -54,6 +60,20 @@ impl Node {
         let deadline = tokio::time::Instant::now() + LIMIT;
         while !self.logged(needle) {
             assert!(tokio::time::Instant::now() < deadline, "no log line containing {needle:?}; log:\n{}", self.dump());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits (bounded) for the node to exit by itself.
+    async fn exited(mut self) -> (ExitStatus, String) {
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for the node") {
+                // Let the stderr reader take the last lines.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return (status, self.dump());
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the node kept running; log:\n{}", self.dump());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -248,4 +268,14 @@ async fn keeps_its_snapshot_through_an_outage_and_catches_up(pool: PgPool) {
 
     let (status, log) = node.terminate().await;
     assert!(status.success(), "exit status {status}; log:\n{log}");
+}
+
+/// A CA file for `wss://` agents that cannot be used stops the node at start-up with an error
+/// naming the flag, instead of failing every call to a `wss://` agent later.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn an_unusable_agent_ca_file_stops_the_node_at_start_up(pool: PgPool) {
+    let node = Node::start_with(&url_of(&pool), "proc-node-ca", &["--agent-ca-file", "/nonexistent/agents-ca.pem"]);
+    let (status, log) = node.exited().await;
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("--agent-ca-file") && log.contains("/nonexistent/agents-ca.pem"), "{log}");
 }

@@ -3,8 +3,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ use super::protocol::{
     StopInfo, TRACK_INBOUND, VERSION, media_prefix, write_media,
 };
 use super::stream::StampedTcp;
+use super::tls::AgentTls;
 use crate::media::g711::ULAW_SILENCE;
 use crate::media::mailbox::{MailboxReceiver, MailboxSender, mailbox};
 use crate::media::relay::{
@@ -78,6 +79,8 @@ pub struct BridgeConfig {
     pub max_playback: Duration,
     /// Where to record the delay the bridge adds to each frame (`None`: not measured).
     pub latency: Option<BridgeLatency>,
+    /// Whom `wss://` trusts (`None`: the bundled web PKI roots only).
+    pub tls: Option<AgentTls>,
 }
 
 impl BridgeConfig {
@@ -100,6 +103,7 @@ impl BridgeConfig {
             max_message_bytes: 64 * 1024,
             max_playback: Duration::from_secs(120),
             latency: None,
+            tls: None,
         }
     }
 }
@@ -228,21 +232,6 @@ impl Counters {
     }
 }
 
-/// The rustls client configuration: ring, the bundled webpki roots, no native trust store.
-fn tls_config() -> Result<Arc<rustls::ClientConfig>, BridgeError> {
-    static CONFIG: OnceLock<Result<Arc<rustls::ClientConfig>, String>> = OnceLock::new();
-    CONFIG
-        .get_or_init(|| {
-            let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-            rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .map(|builder| Arc::new(builder.with_root_certificates(roots).with_no_client_auth()))
-                .map_err(|e| e.to_string())
-        })
-        .clone()
-        .map_err(BridgeError::Tls)
-}
-
 /// An open session whose `connected` and `start` have been sent.
 pub struct AgentConnection {
     socket: Socket,
@@ -263,7 +252,11 @@ pub async fn connect(config: BridgeConfig) -> Result<AgentConnection, BridgeErro
     if !(lower.starts_with("ws://") || lower.starts_with("wss://")) {
         return Err(BridgeError::InvalidUrl(config.url.clone()));
     }
-    let connector = Connector::Rustls(tls_config()?);
+    let tls = match &config.tls {
+        Some(tls) => tls.clone(),
+        None => AgentTls::web_pki().map_err(|e| BridgeError::Tls(e.to_string()))?,
+    };
+    let connector = Connector::Rustls(tls.client_config());
     let hard_limit = (config.max_message_bytes.saturating_mul(16)).max(1 << 20);
     let ws_config = WebSocketConfig::default()
         // tungstenite zero-fills the whole read buffer on every read; agent messages are a few KiB.
@@ -1467,9 +1460,7 @@ mod tests {
     }
 
     #[test]
-    fn tls_config_builds_with_bundled_roots() {
-        let config = tls_config().unwrap();
-        assert!(config.alpn_protocols.is_empty());
+    fn sids_are_twilio_shaped() {
         assert!(new_sid("MZ").len() == 34 && new_sid("CA").starts_with("CA"));
     }
 }

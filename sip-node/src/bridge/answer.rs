@@ -6,7 +6,10 @@
 //! that the first words are not clipped) until the agent's first audio, and the 200 OK goes out
 //! with that audio; [`AgentArgs::agent_answer_timeout_ms`] bounds the wait.
 
+use std::path::PathBuf;
 use std::time::Duration;
+
+use super::tls::{AgentTls, AgentTlsError};
 
 /// When the node answers a call routed to an AI agent.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -37,6 +40,12 @@ pub struct AgentArgs {
     #[arg(long, env = "SWITCHBOARD_AGENT_CONNECT_TIMEOUT_MS", default_value_t = 5000,
           value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub agent_connect_timeout_ms: u64,
+
+    /// A PEM file of CA certificates to trust for `wss://` agents besides the bundled web PKI
+    /// roots: for agents whose certificates a private CA signed. Read at start-up; a file
+    /// that cannot be read or holds no certificate stops the node.
+    #[arg(long, env = "SWITCHBOARD_AGENT_CA_FILE", value_name = "PEM_FILE")]
+    pub agent_ca_file: Option<PathBuf>,
 }
 
 impl Default for AgentArgs {
@@ -45,11 +54,17 @@ impl Default for AgentArgs {
             agent_answer: AgentAnswer::Connected,
             agent_answer_timeout_ms: 5000,
             agent_connect_timeout_ms: 5000,
+            agent_ca_file: None,
         }
     }
 }
 
 impl AgentArgs {
+    /// Whom `wss://` agent connections trust, per `--agent-ca-file`.
+    pub fn tls(&self) -> Result<AgentTls, AgentTlsError> {
+        AgentTls::load(self.agent_ca_file.as_deref())
+    }
+
     /// The answer policy these flags describe.
     pub fn answer_policy(&self) -> AnswerPolicy {
         AnswerPolicy { mode: self.agent_answer, timeout: Duration::from_millis(self.agent_answer_timeout_ms) }
@@ -96,5 +111,9 @@ mod tests {
         );
         assert!(Cli::try_parse_from(["x", "--agent-answer", "whenever"]).is_err());
         assert!(Cli::try_parse_from(["x", "--agent-connect-timeout-ms", "0"]).is_err());
+        let cli = Cli::try_parse_from(["x", "--agent-ca-file", "/etc/agents/ca.pem"]).unwrap();
+        assert_eq!(cli.agent.agent_ca_file.as_deref(), Some(std::path::Path::new("/etc/agents/ca.pem")));
+        assert!(cli.agent.tls().is_err(), "a CA file that is not there is an error, not ignored");
+        assert_eq!(AgentArgs::default().tls().unwrap().extra_roots(), 0);
     }
 }

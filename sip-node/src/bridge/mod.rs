@@ -23,9 +23,11 @@ pub mod answer;
 pub mod latency;
 pub mod protocol;
 mod stream;
+pub mod tls;
 
 pub use agent::{
     AgentConnection, BridgeConfig, BridgeEnd, BridgeError, BridgeHandle, BridgeStats, CallParameters, FRAME_BYTES,
     FRAME_DURATION, connect, new_sid,
 };
 pub use latency::BridgeLatency;
+pub use tls::{AgentTls, AgentTlsError};

@@ -80,6 +80,8 @@ pub struct MediaContext {
     pub agent_answer: crate::bridge::answer::AnswerPolicy,
     /// Where bridge sessions record the delay they add (the node's metric).
     pub bridge_latency: crate::bridge::BridgeLatency,
+    /// Whom `wss://` agent connections trust.
+    pub agent_tls: crate::bridge::AgentTls,
 }
 
 /// Answers out-of-dialog requests: INVITEs become calls, OPTIONS is answered, the rest is

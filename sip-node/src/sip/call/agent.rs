@@ -98,6 +98,7 @@ impl Call {
         let mut config = BridgeConfig::new(url.clone(), &parameters);
         config.connect_timeout = media.agent_connect_timeout;
         config.latency = Some(media.bridge_latency.clone());
+        config.tls = Some(media.agent_tls.clone());
         config.call_sid = self.facts.call_id.clone();
         // The caller may give up while the agent is being reached.
         let connection = tokio::select! {

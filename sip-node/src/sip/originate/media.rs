@@ -38,6 +38,7 @@ pub(super) struct ApiMedia {
     timeout: Duration,
     connect_timeout: Duration,
     latency: crate::bridge::BridgeLatency,
+    tls: crate::bridge::AgentTls,
 }
 
 impl ApiMedia {
@@ -54,6 +55,7 @@ impl ApiMedia {
             timeout: media.timeout,
             connect_timeout: media.agent_connect_timeout,
             latency: media.bridge_latency.clone(),
+            tls: media.agent_tls.clone(),
         })
     }
 
@@ -107,6 +109,7 @@ pub(super) async fn bridge_to_agent(
     let mut config = BridgeConfig::new(agent.url.clone(), &agent.parameters);
     config.connect_timeout = media.connect_timeout;
     config.latency = Some(media.latency.clone());
+    config.tls = Some(media.tls.clone());
     config.call_sid = agent.call_sid;
     let connection = match bridge::connect(config).await {
         Ok(connection) => connection,
