@@ -65,7 +65,21 @@ impl Node {
     }
 
     /// Waits (bounded) for the node to exit by itself.
-    async fn exited(mut self) -> (ExitStatus, String) {
+    async fn exited(self) -> (ExitStatus, String) {
+        self.wait_for_exit("the node kept running").await
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    async fn terminate(self) -> (ExitStatus, String) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
+        assert!(sent.success(), "kill -TERM {pid} failed");
+        self.wait_for_exit("the node did not exit after SIGTERM").await
+    }
+
+    /// The exit status and the whole log once the node has exited; panics with `otherwise`
+    /// (the node is then killed on drop) if it has not within [`LIMIT`].
+    async fn wait_for_exit(mut self, otherwise: &str) -> (ExitStatus, String) {
         let deadline = tokio::time::Instant::now() + LIMIT;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait for the node") {
@@ -73,25 +87,7 @@ impl Node {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 return (status, self.dump());
             }
-            assert!(tokio::time::Instant::now() < deadline, "the node kept running; log:\n{}", self.dump());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Sends SIGTERM and waits (bounded) for the exit status.
-    async fn terminate(mut self) -> (ExitStatus, String) {
-        let pid = self.child.id().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("run kill");
-        assert!(sent.success(), "kill -TERM {pid} failed");
-        let deadline = tokio::time::Instant::now() + LIMIT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait for the node") {
-                return (status, self.dump());
-            }
-            if tokio::time::Instant::now() >= deadline {
-                let _ = self.child.kill();
-                panic!("the node did not exit after SIGTERM; log:\n{}", self.dump());
-            }
+            assert!(tokio::time::Instant::now() < deadline, "{otherwise}; log:\n{}", self.dump());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

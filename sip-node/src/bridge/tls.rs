@@ -73,15 +73,16 @@ impl AgentTls {
         if certificates.is_empty() {
             return Err(AgentTlsError::NoCertificate(path.to_path_buf()));
         }
+        let count = certificates.len();
         let mut roots = web_pki_roots();
-        for (i, certificate) in certificates.iter().enumerate() {
-            roots.add(certificate.clone()).map_err(|e| AgentTlsError::BadCertificate {
+        for (i, certificate) in certificates.into_iter().enumerate() {
+            roots.add(certificate).map_err(|e| AgentTlsError::BadCertificate {
                 path: path.to_path_buf(),
                 index: i + 1,
                 reason: e.to_string(),
             })?;
         }
-        AgentTls::build(roots, certificates.len())
+        AgentTls::build(roots, count)
     }
 
     /// `--agent-ca-file` when given, the web PKI roots otherwise.
