@@ -182,3 +182,102 @@ async fn an_api_call_with_an_agent_bridges_the_answered_callee_to_it(pool: PgPoo
     assert!(cdrs[0].answer_at.is_some());
     node.stop().await;
 }
+
+/// Queues an API call from [`DID`] to +15559990000 with no webhook and no agent.
+async fn queue_call(pool: &PgPool) -> uuid::Uuid {
+    let id = uuid::Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO call_requests (id, from_number, to_number, state) VALUES ($1, $2, '+15559990000', 'queued')",
+    )
+    .bind(id)
+    .bind(DID)
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query("SELECT pg_notify('switchboard_call_requests', $1)").bind(id.to_string()).execute(pool).await.unwrap();
+    id
+}
+
+/// The API path shares the inbound path's outbound attempt: the trunk's failover timeout moves
+/// the call from a silent gateway to the next, a 407 is answered with the trunk's credential
+/// (CSeq 2, a new branch), and the ACK and later requests go to the callee's Contact.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn an_api_call_fails_over_from_a_silent_gateway_answers_a_challenge_and_follows_the_contact(pool: PgPool) {
+    let silent = Ua::new().await;
+    let callee = Ua::new().await;
+    let contact = Ua::new().await;
+    let mut outbound = trunk(
+        "outbound",
+        vec![("127.0.0.1".into(), silent.sip_addr().port()), ("127.0.0.1".into(), callee.sip_addr().port())],
+    );
+    outbound.failover_timeout_seconds = 1;
+    outbound.auth_method = switchboard_model::AuthMethod::Digest;
+    let credential = switchboard_model::Credential {
+        namespace: "default".into(),
+        trunk_name: "outbound".into(),
+        username: "acct".into(),
+        password: "secret".into(),
+        secret_name: "outbound-credentials".into(),
+    };
+    let node = Node::start_with(&pool, vec![outbound], vec![from_number()], vec![credential]).await;
+    let id = queue_call(&pool).await;
+
+    let (first, _) = silent.request("INVITE").await;
+    let sent_first = Instant::now();
+    let (invite, from) = callee.request("INVITE").await;
+    let waited = sent_first.elapsed();
+    // Bounds of behaviour, not speed: the trunk says 1 s; the old fixed 8 s would exceed it.
+    assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(5), "failover after {waited:?}");
+    assert_ne!(header(&first, "Call-ID"), header(&invite, "Call-ID"), "each gateway gets its own attempt");
+
+    let challenge = reply(&invite, "407 Proxy Authentication Required", callee.sip_addr(), None).replace(
+        "Content-Length: 0",
+        "Proxy-Authenticate: Digest realm=\"carrier\", nonce=\"abc123\", algorithm=MD5, qop=\"auth\"\r\nContent-Length: 0",
+    );
+    callee.send(&challenge, from).await;
+    let (_ack_of_407, _) = callee.request("ACK").await;
+    let (retry, from) = callee.request("INVITE").await;
+    let authorization = header(&retry, "Proxy-Authorization").expect("the retried INVITE carries credentials");
+    assert!(authorization.contains("username=\"acct\"") && authorization.contains("realm=\"carrier\""), "{retry}");
+    assert_eq!(header(&retry, "CSeq"), Some("2 INVITE"), "{retry}");
+    assert_ne!(header(&retry, "Via"), header(&invite, "Via"), "a new transaction has a new branch");
+    assert_eq!(header(&retry, "Call-ID"), header(&invite, "Call-ID"));
+
+    callee.send(&reply(&retry, "180 Ringing", callee.sip_addr(), None), from).await;
+    let answer = sdp(callee.rtp_port(), "0", "sendrecv");
+    let ok = reply(&retry, "200 OK", contact.sip_addr(), Some(&answer));
+    callee.send(&ok, from).await;
+    // RFC 3261 13.2.2.4: the ACK for a 2xx goes to the remote target (no route set here).
+    let (ack, _) = contact.request("ACK").await;
+    assert_eq!(header(&ack, "CSeq"), Some("2 ACK"), "{ack}");
+
+    // The callee hangs up from its Contact address.
+    let node_from = header(&retry, "From").unwrap();
+    let to = header(&retry, "To").unwrap();
+    let call_id = header(&retry, "Call-ID").unwrap();
+    let contact_addr = contact.sip_addr();
+    let bye = format!(
+        "BYE sip:{DID}@{} SIP/2.0\r\nVia: SIP/2.0/UDP {contact_addr};branch=z9hG4bK-callee-bye\r\nFrom: {to};tag=callee\r\n\
+         To: {node_from}\r\nCall-ID: {call_id}\r\nCSeq: 1 BYE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+        node.addr
+    );
+    contact.send(&bye, node.addr).await;
+    let ok = contact.final_response().await;
+    assert!(ok.starts_with("SIP/2.0 200"), "{ok}");
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let state = loop {
+        let (state,): (String,) =
+            sqlx::query_as("SELECT state FROM call_requests WHERE id = $1").bind(id).fetch_one(&pool).await.unwrap();
+        if state == "completed" || Instant::now() > deadline {
+            break state;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(state, "completed");
+    let cdrs = cdrs(&pool, 1).await;
+    let cdr = cdrs.last().unwrap();
+    assert_eq!(cdr.attempt, 2, "{cdr:?}");
+    assert!(cdr.answer_at.is_some(), "{cdr:?}");
+    node.stop().await;
+}

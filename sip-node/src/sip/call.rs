@@ -19,13 +19,14 @@ use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
 use super::dialog::{Dialog, content_type};
-use super::digest::{Challenger, Verification, answer_challenge};
+use super::digest::{Challenger, Verification};
 use super::endpoint::{Endpoint, NewRequest, TuEvent};
+use super::invite_client::{InviteClient, InviteEvent, InviteSetup, failover_timeout};
 use super::limits::{CallPermit, Limits};
 use super::message::{self, HangupReason};
 use super::resolve::Resolver;
 use super::routing::{self, Target};
-use super::transaction::{TimerConfig, TransactionKey, cancel_for, new_tag, response_to};
+use super::transaction::{TimerConfig, TransactionKey, new_tag, response_to};
 use super::transport::{Peer, Protocol};
 use crate::config::{Snapshot, SnapshotHandle};
 use crate::metrics::{ActiveCallGuard, CallStatus, NodeMetrics};
@@ -633,146 +634,41 @@ impl Call {
         a_rx: &mut mpsc::UnboundedReceiver<TuEvent>,
     ) -> AttemptEnd {
         let call_id = format!("{}-b{}", uuid::Uuid::new_v4().simple(), self.attempts);
-        let b_tag = new_tag();
-        let (b_tx, mut b_rx) = mpsc::unbounded_channel();
-        let mut cseq = 1;
+        let tag = new_tag();
         let offer = self.anchor.as_mut().map(|anchor| anchor.offer_for(target.trunk.as_deref()));
-        let mut invite = self.outbound_invite(target, &call_id, &b_tag, cseq, offer.as_deref());
-        self.ctx.endpoint.register_dialog(&call_id, &b_tag, b_tx.clone());
-        self.ctx.endpoint.send_request(invite.clone(), target.peer, b_tx.clone());
-        let failover_after = Duration::from_secs(
-            u64::from(target.trunk.as_ref().map(|t| t.failover_timeout_seconds).unwrap_or(5)).clamp(1, 300),
-        );
-        let no_answer = tokio::time::sleep(failover_after);
-        tokio::pin!(no_answer);
-        let ring_limit = tokio::time::sleep(RING_TIMEOUT);
-        tokio::pin!(ring_limit);
-        let mut provisional = false;
-        let mut cancel_pending = false;
-        let mut authenticated = false;
-        let end = loop {
-            tokio::select! {
-                event = b_rx.recv() => match event {
-                    Some(TuEvent::Response(response)) => {
-                        if !matches!(message::cseq(&response), Some((n, Method::Invite)) if n == cseq) {
-                            continue;
-                        }
-                        let code = message::status(&response);
-                        match code {
-                            100 => provisional = true,
-                            101..=199 => {
-                                provisional = true;
-                                if record.ring_at.is_none() {
-                                    record.ring_at = Some(Utc::now());
-                                    self.ring_at.get_or_insert(Utc::now());
-                                }
-                                if cancel_pending {
-                                    self.cancel_b(&invite, target.peer, &b_tx);
-                                } else {
-                                    self.relay_provisional(&response);
-                                }
-                            }
-                            200..=299 => {
-                                let contact = self.ctx.endpoint.contact_for(target.peer, &self.caller_id(target));
-                                let Some(mut dialog) = Dialog::as_uac(&invite, &response, target.peer, contact) else {
-                                    break AttemptEnd::Failed { code: 502, reason: "unusable 2xx from callee".into(), failover: true };
-                                };
-                                dialog.peer = self.in_dialog_peer(&dialog, target.peer).await;
-                                let ack = dialog.request(Method::Ack, self.ctx.endpoint.via_for(dialog.peer), Some(cseq), None);
-                                self.ctx.endpoint.send_stateless(rsip::SipMessage::Request(ack), dialog.peer);
-                                if cancel_pending {
-                                    let reason = [HangupReason::normal("caller cancelled before the answer").header()];
-                                    let bye = dialog.bye(self.ctx.endpoint.via_for(dialog.peer), &reason);
-                                    self.ctx.endpoint.send_request(bye, dialog.peer, b_tx.clone());
-                                    break AttemptEnd::Cancelled;
-                                }
-                                // The dialog's channel stays registered: in-dialog requests from
-                                // the callee keep arriving on b_rx after this function returns.
-                                self.b_rx = Some(b_rx);
-                                self.b_tx = Some(b_tx);
-                                return AttemptEnd::Answered(Box::new((dialog, response)));
-                            }
-                            401 | 407 if !authenticated => {
-                                let credential = target.trunk.as_ref().and_then(|t| self.snapshot.credential(&t.namespace, &t.name));
-                                let Some(credential) = credential else {
-                                    break AttemptEnd::Failed { code, reason: "callee asks for authentication but the trunk has no credentials".into(), failover: true };
-                                };
-                                match answer_challenge(&response, &Method::Invite, &invite.uri, &credential.username, &credential.password, 1) {
-                                    Ok(header) => {
-                                        authenticated = true;
-                                        cseq += 1;
-                                        invite = self.outbound_invite(target, &call_id, &b_tag, cseq, offer.as_deref());
-                                        invite.headers.push(header);
-                                        self.ctx.endpoint.send_request(invite.clone(), target.peer, b_tx.clone());
-                                    }
-                                    Err(error) => break AttemptEnd::Failed { code, reason: format!("cannot answer the challenge: {error}"), failover: true },
-                                }
-                            }
-                            _ => {
-                                let reason = format!("{} from {}", response.status_code, target.gateway);
-                                let failover = !routing::is_final_for_caller(&self.ctx.final_codes, code);
-                                break AttemptEnd::Failed { code, reason, failover };
-                            }
-                        }
-                    }
-                    Some(TuEvent::Timeout) => break AttemptEnd::Failed { code: 408, reason: format!("no answer from {}", target.gateway), failover: true },
-                    Some(TuEvent::Request { request, key, .. }) => {
-                        // An in-dialog request before the 2xx (early dialog): refuse politely.
-                        if let Some(key) = key {
-                            self.ctx.endpoint.respond(&key, response_to(&request, 491, None, None));
-                        }
-                    }
-                    Some(TuEvent::Cancelled) | None => {}
-                },
-                event = a_rx.recv() => match event {
-                    Some(TuEvent::Cancelled) => {
-                        if provisional {
-                            self.cancel_b(&invite, target.peer, &b_tx);
-                            break AttemptEnd::Cancelled;
-                        }
-                        cancel_pending = true;
-                    }
-                    Some(TuEvent::Request { request, key: Some(key), .. }) => {
-                        self.ctx.endpoint.respond(&key, response_to(&request, 491, None, None));
-                    }
-                    _ => {}
-                },
-                () = &mut ring_limit => {
-                    self.cancel_b(&invite, target.peer, &b_tx);
-                    break AttemptEnd::Failed { code: 480, reason: format!("no answer within {}s", RING_TIMEOUT.as_secs()), failover: false };
-                }
-                () = &mut no_answer, if !provisional => {
-                    if cancel_pending {
-                        break AttemptEnd::Cancelled;
-                    }
-                    break AttemptEnd::Failed { code: 408, reason: format!("no response from {} within {}s", target.gateway, failover_after.as_secs()), failover: true };
-                }
-            }
+        let invite = self.outbound_invite(target, &call_id, &tag, 1, offer.as_deref());
+        let setup = InviteSetup {
+            peer: target.peer,
+            tag,
+            credential: target.trunk.as_ref().and_then(|t| self.snapshot.credential(&t.namespace, &t.name)).cloned(),
+            no_response: failover_timeout(target.trunk.as_deref()),
+            ring_limit: RING_TIMEOUT,
+            gateway: target.gateway.clone(),
+            contact_user: self.caller_id(target),
         };
-        self.ctx.endpoint.unregister_dialog(&call_id, &b_tag);
-        end
-    }
-
-    /// Where in-dialog requests of the outbound leg go: the first route, else the Contact when it
-    /// is an address, else the hop the INVITE went to.
-    async fn in_dialog_peer(&self, dialog: &Dialog, fallback: Peer) -> Peer {
-        let uri = match dialog.route_set.first() {
-            Some(route) => rsip::Uri::try_from(route.trim_start_matches('<').split('>').next().unwrap_or(route)).ok(),
-            None => Some(dialog.remote_target.clone()),
-        };
-        let Some(uri) = uri else { return fallback };
-        let host = uri.host().to_string();
-        let port = uri.port().map(|p| *p.value());
-        match self.ctx.resolver.resolve(&host, port, fallback.protocol).await {
-            Ok(addrs) => {
-                addrs.first().map(|addr| Peer { protocol: fallback.protocol, addr: *addr }).unwrap_or(fallback)
+        let ctx = Arc::clone(&self.ctx);
+        let mut client = InviteClient::send(&ctx, invite, setup);
+        loop {
+            match client.next(Some(&mut *a_rx)).await {
+                InviteEvent::Provisional(response) => {
+                    if record.ring_at.is_none() {
+                        record.ring_at = Some(Utc::now());
+                        self.ring_at.get_or_insert(Utc::now());
+                    }
+                    self.relay_provisional(&response);
+                }
+                InviteEvent::Answered(answered) => {
+                    // The dialog's channel stays registered: in-dialog requests from the
+                    // callee keep arriving on b_rx after this function returns.
+                    let (b_tx, b_rx) = client.into_channel();
+                    self.b_tx = Some(b_tx);
+                    self.b_rx = b_rx;
+                    return AttemptEnd::Answered(answered);
+                }
+                InviteEvent::Failed { code, reason, failover } => return AttemptEnd::Failed { code, reason, failover },
+                InviteEvent::Cancelled => return AttemptEnd::Cancelled,
             }
-            Err(_) => fallback,
         }
-    }
-
-    fn cancel_b(&self, invite: &Request, peer: Peer, b_tx: &mpsc::UnboundedSender<TuEvent>) {
-        self.ctx.endpoint.send_request(cancel_for(invite), peer, b_tx.clone());
     }
 
     /// Passes a provisional response to the caller; with anchored media its early SDP becomes

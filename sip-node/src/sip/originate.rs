@@ -15,7 +15,7 @@ use std::time::Duration;
 use chrono::Utc;
 use rsip::headers::{self, Header};
 use rsip::prelude::*;
-use rsip::{Method, Request};
+use rsip::{Method, Request, Response};
 use serde::Serialize;
 use sqlx::PgPool;
 use switchboard_model::{Direction, Transport, TrunkConfig};
@@ -24,8 +24,8 @@ use uuid::Uuid;
 
 use super::call::{ALLOW, CallContext};
 use super::dialog::Dialog;
-use super::digest::answer_challenge;
-use super::endpoint::TuEvent;
+use super::endpoint::{TuEvent, TuSender};
+use super::invite_client::{InviteClient, InviteEvent, InviteSetup, failover_timeout};
 use super::message;
 use super::routing;
 use super::transaction::new_tag;
@@ -38,8 +38,6 @@ use crate::webhook::{CallHooks, Signer};
 pub const CHANNEL: &str = "switchboard_call_requests";
 /// Longest an API call may last before the node hangs up.
 const MAX_DURATION: Duration = Duration::from_secs(4 * 3600);
-/// How long an outbound attempt may go without any response.
-const NO_RESPONSE: Duration = Duration::from_secs(8);
 /// How long the callee may ring.
 const RING_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -141,6 +139,9 @@ struct Ended {
     ring_at: Option<chrono::DateTime<Utc>>,
     hangup_by: HangupBy,
     attempt: u32,
+    /// Whether the next gateway may be tried (a final answer of the caller's or a callee that
+    /// rang out ends the request).
+    failover: bool,
 }
 
 impl Ended {
@@ -155,6 +156,7 @@ impl Ended {
             ring_at,
             hangup_by: HangupBy::System,
             attempt: 1,
+            failover: true,
         }
     }
 }
@@ -315,7 +317,10 @@ async fn dial<'a>(
                 ended.trunk = Some(Arc::clone(&trunk));
                 ended.gateway = Some(host.clone());
                 ended.attempt = attempt;
-                if ended.answer_at.is_some() || routing::is_final_for_caller(&ctx.final_codes, ended.code) {
+                if ended.answer_at.is_some()
+                    || !ended.failover
+                    || routing::is_final_for_caller(&ctx.final_codes, ended.code)
+                {
                     return ended;
                 }
                 tracing::info!(attempt, code = ended.code, reason = %ended.reason, "API call attempt failed; trying the next");
@@ -343,112 +348,119 @@ async fn one_attempt<'a>(
 ) -> Ended {
     let failed = Ended::unanswered;
     let tag = new_tag();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    ctx.endpoint.register_dialog(call_id, &tag, tx.clone());
-    let mut cseq = 1;
     let offer = target.media.as_mut().map(|media| media.offer(trunk));
-    let Some(mut invite) = build_invite(ctx, request, call_id, &tag, user, host, peer, cseq, offer.as_deref()) else {
+    let Some(invite) = build_invite(ctx, request, call_id, &tag, user, host, peer, 1, offer.as_deref()) else {
         return failed(400, format!("cannot build a request URI for {user}@{host}"), None);
     };
-    ctx.endpoint.send_request(invite.clone(), peer, tx.clone());
+    let setup = InviteSetup {
+        peer,
+        tag,
+        credential: ctx.snapshot.current().credential(&trunk.namespace, &trunk.name).cloned(),
+        no_response: failover_timeout(Some(trunk)),
+        ring_limit: RING_TIMEOUT,
+        gateway: host.to_string(),
+        contact_user: request.from_number.clone(),
+    };
+    let mut client = InviteClient::send(ctx, invite, setup);
     let mut ring_at = None;
-    let mut authenticated = false;
-    let no_response = tokio::time::sleep(NO_RESPONSE);
-    tokio::pin!(no_response);
-    let ring_limit = tokio::time::sleep(RING_TIMEOUT);
-    tokio::pin!(ring_limit);
-    let mut provisional = false;
-    let result = loop {
-        tokio::select! {
-            event_in = rx.recv() => match event_in {
-                Some(TuEvent::Response(response)) => {
-                    if !matches!(message::cseq(&response), Some((n, Method::Invite)) if n == cseq) { continue; }
-                    let code = message::status(&response);
-                    match code {
-                        100..=199 => {
-                            provisional = true;
-                            if code >= 180 && ring_at.is_none() {
-                                ring_at = Some(Utc::now());
-                                if !*rang {
-                                    *rang = true;
-                                    hooks.send(&event("ringing"));
-                                    set_state(pool, request.id, "ringing", call_id, None).await;
-                                }
-                            }
-                        }
-                        200..=299 => {
-                            let contact = ctx.endpoint.contact_for(peer, &request.from_number);
-                            let Some(mut dialog) = Dialog::as_uac(&invite, &response, peer, contact) else {
-                                break failed(502, "unusable 2xx".into(), ring_at);
-                            };
-                            let ack = dialog.request(Method::Ack, ctx.endpoint.via_for(peer), Some(cseq), None);
-                            ctx.endpoint.send_stateless(rsip::SipMessage::Request(ack), peer);
-                            let negotiated = match target.media.as_ref().map(|media| media.answered(&response.body)) {
-                                Some(Ok(negotiated)) => Some(negotiated),
-                                Some(Err(error)) if target.agent.is_some() => {
-                                    let why = format!("callee's SDP: {error}");
-                                    let bye = dialog.bye(ctx.endpoint.via_for(dialog.peer), &[message::HangupReason::incompatible(&why).header()]);
-                                    ctx.endpoint.send_request(bye, dialog.peer, tx.clone());
-                                    break failed(488, why, ring_at);
-                                }
-                                _ => None,
-                            };
-                            let answer_at = Utc::now();
-                            hooks.send(&event("answered"));
-                            set_state(pool, request.id, "answered", call_id, None).await;
-                            let agent = target.agent.zip(negotiated).zip(target.media.take());
-                            let (hangup_by, reason) = match agent {
-                                Some(((url, negotiated), media)) => {
-                                    let agent = media::AgentTarget {
-                                        url: url.to_string(),
-                                        parameters: crate::bridge::CallParameters {
-                                            from: request.from_number.clone(),
-                                            to: request.to_number.clone(),
-                                            trunk: trunk.name.clone(),
-                                            number: request.from_number.clone(),
-                                        },
-                                        call_sid: call_id.to_string(),
-                                    };
-                                    media::bridge_to_agent(ctx, &mut dialog, &tx, &mut rx, cseq, media, negotiated, agent, MAX_DURATION).await
-                                }
-                                None => hold_until_hangup(ctx, &mut dialog, &tx, &mut rx, cseq).await,
-                            };
-                            break Ended { code: 200, reason, trunk: None, gateway: None, answer_at: Some(answer_at), ring_at, hangup_by, attempt: 1 };
-                        }
-                        401 | 407 if !authenticated => {
-                            let Some(credential) = ctx.snapshot.current().credential(&trunk.namespace, &trunk.name).cloned() else {
-                                break failed(code, "challenged but the trunk has no credentials".into(), ring_at);
-                            };
-                            match answer_challenge(&response, &Method::Invite, &invite.uri, &credential.username, &credential.password, 1) {
-                                Ok(header) => {
-                                    authenticated = true;
-                                    cseq += 1;
-                                    let Some(next) = build_invite(ctx, request, call_id, &tag, user, host, peer, cseq, offer.as_deref()) else { break failed(400, "bad URI".into(), ring_at) };
-                                    invite = next;
-                                    invite.headers.push(header);
-                                    ctx.endpoint.send_request(invite.clone(), peer, tx.clone());
-                                }
-                                Err(error) => break failed(code, format!("cannot answer the challenge: {error}"), ring_at),
-                            }
-                        }
-                        _ => break failed(code, format!("{} from {host}", response.status_code), ring_at),
+    let (mut dialog, response) = loop {
+        match client.next(None).await {
+            InviteEvent::Provisional(response) => {
+                if message::status(&response) >= 180 && ring_at.is_none() {
+                    ring_at = Some(Utc::now());
+                    if !*rang {
+                        *rang = true;
+                        hooks.send(&event("ringing"));
+                        set_state(pool, request.id, "ringing", call_id, None).await;
                     }
                 }
-                Some(TuEvent::Timeout) => break failed(408, format!("no answer from {host}"), ring_at),
-                Some(TuEvent::Request { request: r, key: Some(key), .. }) => {
-                    ctx.endpoint.respond(&key, super::transaction::response_to(&r, 481, None, None));
-                }
-                _ => {}
-            },
-            () = &mut no_response, if !provisional => break failed(408, format!("no response from {host}"), ring_at),
-            () = &mut ring_limit => {
-                ctx.endpoint.send_request(super::transaction::cancel_for(&invite), peer, tx.clone());
-                break failed(480, "no answer".into(), ring_at);
             }
+            InviteEvent::Answered(answered) => break *answered,
+            InviteEvent::Failed { code, reason, failover } => {
+                let mut ended = failed(code, reason, ring_at);
+                ended.failover = failover;
+                return ended;
+            }
+            InviteEvent::Cancelled => return failed(487, "cancelled".into(), ring_at),
         }
     };
-    ctx.endpoint.unregister_dialog(call_id, &tag);
+    let (tx, rx) = client.into_channel();
+    let result = match rx {
+        Some(mut rx) => {
+            answered(
+                ctx,
+                request,
+                target,
+                call_id,
+                trunk,
+                pool,
+                hooks,
+                event,
+                &mut dialog,
+                &response,
+                &tx,
+                &mut rx,
+                ring_at,
+            )
+            .await
+        }
+        None => failed(500, "the endpoint stopped".into(), ring_at),
+    };
+    ctx.endpoint.unregister_dialog(&dialog.call_id, &dialog.local_tag);
     result
+}
+
+/// The answered call: its media negotiated (a callee SDP the agent cannot use is hung up with
+/// 488), `answered` reported, then bridged to the agent or held until either side hangs up.
+#[allow(clippy::too_many_arguments)]
+async fn answered<'a>(
+    ctx: &Arc<CallContext>,
+    request: &'a CallRequest,
+    target: &mut CallTarget<'_>,
+    call_id: &str,
+    trunk: &Arc<TrunkConfig>,
+    pool: &PgPool,
+    hooks: &CallHooks,
+    event: &(dyn Fn(&'static str) -> StatusEvent<'a> + Sync),
+    dialog: &mut Dialog,
+    response: &Response,
+    tx: &TuSender,
+    rx: &mut mpsc::UnboundedReceiver<TuEvent>,
+    ring_at: Option<chrono::DateTime<Utc>>,
+) -> Ended {
+    let cseq = dialog.local_cseq;
+    let negotiated = match target.media.as_ref().map(|media| media.answered(&response.body)) {
+        Some(Ok(negotiated)) => Some(negotiated),
+        Some(Err(error)) if target.agent.is_some() => {
+            let why = format!("callee's SDP: {error}");
+            let bye =
+                dialog.bye(ctx.endpoint.via_for(dialog.peer), &[message::HangupReason::incompatible(&why).header()]);
+            ctx.endpoint.send_request(bye, dialog.peer, tx.clone());
+            return Ended::unanswered(488, why, ring_at);
+        }
+        _ => None,
+    };
+    let answer_at = Utc::now();
+    hooks.send(&event("answered"));
+    set_state(pool, request.id, "answered", call_id, None).await;
+    let agent = target.agent.zip(negotiated).zip(target.media.take());
+    let (hangup_by, reason) = match agent {
+        Some(((url, negotiated), media)) => {
+            let agent = media::AgentTarget {
+                url: url.to_string(),
+                parameters: crate::bridge::CallParameters {
+                    from: request.from_number.clone(),
+                    to: request.to_number.clone(),
+                    trunk: trunk.name.clone(),
+                    number: request.from_number.clone(),
+                },
+                call_sid: call_id.to_string(),
+            };
+            media::bridge_to_agent(ctx, dialog, tx, rx, cseq, media, negotiated, agent, MAX_DURATION).await
+        }
+        None => hold_until_hangup(ctx, dialog, tx, rx, cseq).await,
+    };
+    Ended { answer_at: Some(answer_at), hangup_by, ..Ended::unanswered(200, reason, ring_at) }
 }
 
 #[allow(clippy::too_many_arguments)]
