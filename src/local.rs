@@ -388,6 +388,8 @@ impl NodeCommand {
         let mut command = Command::new(&self.exe);
         command
             .args(["--log-format", log_format, "node", "--node-id", &self.node_id])
+            // Ctrl-C on a workstation stops now; draining calls is for rolling updates.
+            .args(["--drain-seconds", "0"])
             // Through the environment, not argv: the URL may carry a password, and argv is
             // visible to every user in `ps`.
             .env("DATABASE_URL", &self.database_url)

@@ -10,6 +10,7 @@
 
 pub mod bridge;
 pub mod config;
+pub mod drain;
 pub mod http;
 pub mod media;
 pub mod metrics;
@@ -29,6 +30,7 @@ use switchboard_model::db::{self, DbError};
 use tokio::task::JoinSet;
 
 use crate::config::{SnapshotHandle, Watcher};
+use crate::drain::Drain;
 use crate::node_state::NodeIdentity;
 use crate::retry::{Backoff, DbHealth};
 
@@ -73,6 +75,13 @@ pub struct NodeArgs {
     )]
     pub config_poll_interval_ms: u64,
 
+    /// On SIGTERM, how long calls in progress may go on while the node takes no new ones
+    /// (503 to INVITE and OPTIONS, not ready, un-REGISTERed), in seconds; the node stops as
+    /// soon as the last call ends, or at once on a second signal. 0 stops at once. Keep the
+    /// pod's `terminationGracePeriodSeconds` above it.
+    #[arg(long, env = "SWITCHBOARD_DRAIN_SECONDS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub drain_seconds: u64,
+
     /// SIP and HTTP settings.
     #[command(flatten)]
     pub sip: signaling::SipArgs,
@@ -108,10 +117,14 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     let mut tasks = JoinSet::new();
     let mut graceful = JoinSet::new();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let drain = Drain::default();
     let outcome = tokio::select! {
-        result = start(&args, &node, &handle, &pool_slot, &mut tasks, &mut graceful, stop_rx) => result,
-        signal = shutdown_signal() => signal.map(|name| tracing::info!("received {name}; stopping")),
+        result = start(&args, &node, &handle, &pool_slot, &mut tasks, &mut graceful, stop_rx, drain.clone()) => result,
+        signal = shutdown_signal() => signal.map(|name| tracing::info!("received {name}")),
     };
+    if outcome.is_ok() {
+        drain_calls(&drain, Duration::from_secs(args.drain_seconds)).await;
+    }
     // Un-REGISTER and flush the store before the rest stops, within a grace period.
     let _ = stop_tx.send(true);
     let drained = tokio::time::timeout(signaling::STOP_GRACE + Duration::from_secs(1), async {
@@ -129,8 +142,35 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     outcome
 }
 
+/// Lets the calls in progress end, for at most `limit`, while the node takes no new ones; a
+/// second signal cuts it short.
+async fn drain_calls(drain: &Drain, limit: Duration) {
+    drain.begin();
+    let calls = drain.calls();
+    if calls == 0 || limit.is_zero() {
+        tracing::info!(calls, "stopping");
+        return;
+    }
+    tracing::info!(
+        calls,
+        "draining: new calls get 503, calls in progress go on for up to {}s (signal again to stop now)",
+        limit.as_secs()
+    );
+    tokio::select! {
+        () = drain.wait_idle() => tracing::info!("drained: no call in progress; stopping"),
+        () = tokio::time::sleep(limit) => {
+            tracing::warn!(calls = drain.calls(), "drain time over; stopping with calls in progress");
+        }
+        signal = shutdown_signal() => {
+            let name = signal.unwrap_or("signal");
+            tracing::warn!(calls = drain.calls(), "received {name} while draining; stopping now");
+        }
+    }
+}
+
 /// Connects, starts the watcher and the node-state task, and returns only if one of them
 /// fails unexpectedly (or the configuration is unusable).
+#[allow(clippy::too_many_arguments)]
 async fn start(
     args: &NodeArgs,
     node: &NodeIdentity,
@@ -139,6 +179,7 @@ async fn start(
     tasks: &mut JoinSet<()>,
     graceful: &mut JoinSet<()>,
     stop: tokio::sync::watch::Receiver<bool>,
+    drain: Drain,
 ) -> anyhow::Result<()> {
     let pool = connect(&args.database_url).await?;
     wait_for_schema(&pool).await;
@@ -153,7 +194,7 @@ async fn start(
         Duration::from_millis(args.config_poll_interval_ms),
     );
     tasks.spawn(watcher.run());
-    signaling::start(&args.sip, pool.clone(), &node.node_id, handle.clone(), stop, tasks, graceful).await?;
+    signaling::start(&args.sip, pool.clone(), &node.node_id, handle.clone(), stop, drain, tasks, graceful).await?;
     tasks.spawn(node_state::run(
         pool,
         node.clone(),

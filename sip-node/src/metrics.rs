@@ -339,6 +339,11 @@ impl NodeMetrics {
         ActiveCallGuard { total: self.active_calls.clone(), trunk }
     }
 
+    /// The gauge of calls in progress (inbound and API-placed), for a draining node to wait on.
+    pub fn active_calls_gauge(&self) -> IntGauge {
+        self.active_calls.clone()
+    }
+
     /// A call attempt through `provider` ended with `status`; `talk_time` is given for answered
     /// calls and goes into `sip_call_duration_seconds`.
     pub fn call_ended(&self, provider: &str, status: CallStatus, talk_time: Option<Duration>) {

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::config::SnapshotHandle;
+use crate::drain::Drain;
 use crate::metrics::NodeMetrics;
 use crate::sip::call::{self, CallContext, MediaContext};
 use crate::sip::digest::Challenger;
@@ -103,17 +104,21 @@ pub struct Listening {
 }
 
 /// Starts signaling. Tasks that must finish cleanly on shutdown (un-REGISTER, store flush)
-/// go into `graceful` and end once `stop` turns true; the rest into `tasks`.
+/// go into `graceful` and end once `stop` turns true; the rest into `tasks`. Once `drain`
+/// begins, new calls are refused and registrations removed while calls in progress go on.
+#[allow(clippy::too_many_arguments)]
 pub async fn start(
     args: &SipArgs,
     pool: PgPool,
     node_id: &str,
     snapshot: SnapshotHandle,
     stop: watch::Receiver<bool>,
+    drain: Drain,
     tasks: &mut JoinSet<()>,
     graceful: &mut JoinSet<()>,
 ) -> anyhow::Result<Listening> {
     let metrics = NodeMetrics::new();
+    drain.track_calls(metrics.active_calls_gauge());
     let (store, store_task) = Store::spawn(pool.clone(), node_id.to_string(), Some(metrics.clone()));
     // Rows of calls a crashed run of this node left behind are not calls any more.
     store.record(StoreEvent::ClearActiveCalls);
@@ -170,12 +175,27 @@ pub async fn start(
         webhooks: (webhook_client, signer.clone()),
         media,
         final_codes: args.final_codes.clone(),
+        drain: drain.clone(),
     });
     tasks.spawn(call::route_requests(Arc::clone(&ctx), new_requests));
     tasks.spawn(originate::run(Arc::clone(&ctx), pool.clone(), signer));
     tasks.spawn(sms::run(Arc::clone(&ctx), pool.clone()));
-    // On stop: un-REGISTER first (its state goes through the store), then flush the store.
-    let registrations = tokio::spawn(registration::supervise(Arc::clone(&ctx), stop.clone()));
+    // Draining or stopping: un-REGISTER (its state goes through the store); on stop, then
+    // flush the store.
+    let (unregister_tx, unregister) = watch::channel(false);
+    {
+        let (mut stop, drain) = (stop.clone(), drain.clone());
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => {}
+                () = drain.started() => {}
+            }
+            let _ = unregister_tx.send(true);
+            // Keep the sender: a dropped one would read as a change to the receivers.
+            std::future::pending::<()>().await;
+        });
+    }
+    let registrations = tokio::spawn(registration::supervise(Arc::clone(&ctx), unregister));
     {
         let mut stop = stop.clone();
         graceful.spawn(async move {
@@ -193,7 +213,7 @@ pub async fn start(
     let mut http_stop = stop.clone();
     let ready = {
         let snapshot = snapshot.clone();
-        move || snapshot.generation() >= 0
+        move || snapshot.generation() >= 0 && !drain.is_draining()
     };
     tasks.spawn(async move {
         let shutdown = async move {

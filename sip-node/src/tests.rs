@@ -24,6 +24,7 @@ fn args(database_url: &str) -> NodeArgs {
         node_id: Some("test-node".into()),
         heartbeat_interval_ms: 5000,
         config_poll_interval_ms: 5000,
+        drain_seconds: 20,
         sip: crate::signaling::SipArgs {
             sip_listen: vec!["127.0.0.1:0".parse().unwrap()],
             advertised_host: None,

@@ -2,6 +2,8 @@
 //! generations (the log line local mode looks for, the `nodes` row the operator reads), and
 //! exits 0 on SIGTERM after recording that it stopped.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -274,4 +276,97 @@ async fn an_unusable_agent_ca_file_stops_the_node_at_start_up(pool: PgPool) {
     let (status, log) = node.exited().await;
     assert!(!status.success(), "{log}");
     assert!(log.contains("--agent-ca-file") && log.contains("/nonexistent/agents-ca.pem"), "{log}");
+}
+
+/// The address a `key=ADDR` field of the first log line containing `message` names.
+fn logged_addr(node: &Node, message: &str, key: &str) -> std::net::SocketAddr {
+    let log = node.log.lock().expect("log lock");
+    let line = log.iter().find(|line| line.contains(message)).unwrap_or_else(|| panic!("no {message:?} line"));
+    let field = line.split_whitespace().find_map(|word| word.strip_prefix(&format!("{key}="))).expect("address field");
+    // Strip the colour codes a terminal-less logger may still put around the value.
+    let clean: String = field.chars().filter(|c| c.is_ascii_digit() || *c == '.' || *c == ':').collect();
+    clean.trim_start_matches(':').parse().unwrap_or_else(|_| panic!("not an address: {field:?} in {line:?}"))
+}
+
+/// SIGTERM during a call: the node takes no new calls (503 with Retry-After to INVITE and
+/// OPTIONS, /readyz 503) but the call in progress goes on to its end and is billed; then the
+/// node exits 0 by itself, long before its drain time.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn sigterm_drains_the_calls_in_progress_and_refuses_new_ones(pool: PgPool) {
+    use common::ua::*;
+    let callee = Ua::new().await;
+    let mut tx = pool.begin().await.expect("begin");
+    let generation = bump_generation(&mut tx).await.expect("bump");
+    common::trunk("carrier", vec![]).upsert(&mut tx, "hash", generation).await.expect("trunk");
+    common::number_to(common::sip_destination(callee.sip_addr().port()))
+        .upsert(&mut tx, "hash", generation)
+        .await
+        .expect("number");
+    notify_generation(&mut tx, generation).await.expect("notify");
+    tx.commit().await.expect("commit");
+
+    let node = Node::start_with(&url_of(&pool), "proc-drain", &["--drain-seconds", "60", "--rtp-ports", "41000-41999"]);
+    wait_for_applied(&pool, &node, "proc-drain", generation).await;
+    node.wait_for_log("metrics and health on HTTP").await;
+    let sip = logged_addr(&node, "SIP listening", "sip");
+    let http = logged_addr(&node, "metrics and health on HTTP", "http");
+
+    // A call: caller -> node -> callee, answered.
+    let caller = Ua::new().await;
+    caller.send(&invite_to_did(sip, caller.sip_addr(), "drain-1", &sdp(caller.rtp_port(), "0", "sendrecv")), sip).await;
+    let (invite, from) = callee.request("INVITE").await;
+    callee
+        .send(&reply(&invite, "200 OK", callee.sip_addr(), Some(&sdp(callee.rtp_port(), "0", "sendrecv"))), from)
+        .await;
+    let _ = callee.request("ACK").await;
+    let ok = caller.final_response().await;
+    assert!(ok.starts_with("SIP/2.0 200"), "{ok}");
+    let tag = to_tag(&ok);
+    caller.send(&caller_in_dialog("ACK", sip, caller.sip_addr(), "drain-1", &tag, 1), sip).await;
+    assert!(common::http_get(http, "/readyz").await.starts_with("HTTP/1.1 200"));
+
+    let pid = node.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+    node.wait_for_log("draining").await;
+
+    // New calls and pings are refused; the node is not ready.
+    let late = Ua::new().await;
+    late.send(&invite_to_did(sip, late.sip_addr(), "drain-2", &sdp(late.rtp_port(), "0", "sendrecv")), sip).await;
+    let refused = late.final_response().await;
+    assert!(refused.starts_with("SIP/2.0 503"), "{refused}");
+    assert!(header(&refused, "Retry-After").is_some(), "{refused}");
+    let options = format!(
+        "OPTIONS sip:{sip} SIP/2.0\r\nVia: SIP/2.0/UDP {0};branch=z9hG4bK-drain-ping\r\nFrom: <sip:ping@{0}>;tag=p\r\n\
+         To: <sip:{sip}>\r\nCall-ID: drain-ping\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+        late.sip_addr()
+    );
+    late.send(&options, sip).await;
+    let pong = late.final_response().await;
+    assert!(pong.starts_with("SIP/2.0 503"), "{pong}");
+    let ready = common::http_get(http, "/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+
+    // The call in progress is still up: the caller hangs up through the node.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(node_running(&node), "the node stopped with a call up; log:\n{}", node.dump());
+    caller.send(&caller_in_dialog("BYE", sip, caller.sip_addr(), "drain-1", &tag, 2), sip).await;
+    let (bye, from) = callee.request("BYE").await;
+    callee.send(&reply(&bye, "200 OK", callee.sip_addr(), None), from).await;
+    let bye_ok = caller.final_response().await;
+    assert!(bye_ok.starts_with("SIP/2.0 200"), "{bye_ok}");
+
+    // The last call ended: the node stops by itself, having written the call's CDR.
+    let (status, log) = node.exited().await;
+    assert!(status.success(), "exit status {status}; log:\n{log}");
+    assert!(log.contains("drained"), "{log}");
+    let answered: i64 = sqlx::query_scalar("SELECT count(*) FROM cdrs WHERE answer_at IS NOT NULL AND sip_code = 200")
+        .fetch_one(&pool)
+        .await
+        .expect("cdrs");
+    assert_eq!(answered, 1, "the drained call's CDR; log:\n{log}");
+}
+
+fn node_running(node: &Node) -> bool {
+    let status = Command::new("kill").args(["-0", &node.child.id().to_string()]).status().expect("kill -0");
+    status.success()
 }

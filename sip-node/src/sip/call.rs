@@ -46,6 +46,9 @@ const BYE_WAIT: Duration = Duration::from_secs(4);
 /// has no timer once a provisional response arrived).
 const RING_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// `Retry-After` (seconds) of the 503 a draining node answers new requests with.
+const DRAIN_RETRY_AFTER: &str = "30";
+
 /// What every call needs from the node.
 pub struct CallContext {
     pub endpoint: Endpoint,
@@ -65,6 +68,8 @@ pub struct CallContext {
     pub media: Option<MediaContext>,
     /// Final responses that end an outbound attempt without failover.
     pub final_codes: Vec<u16>,
+    /// Whether the node is stopping: new calls are refused, calls in progress go on.
+    pub drain: crate::drain::Drain,
 }
 
 /// What the node needs to anchor a call's media.
@@ -90,6 +95,13 @@ pub struct MediaContext {
 pub async fn route_requests(ctx: Arc<CallContext>, mut requests: mpsc::Receiver<NewRequest>) {
     while let Some(NewRequest { request, key, peer }) = requests.recv().await {
         match request.method {
+            Method::Invite | Method::Options if ctx.drain.is_draining() => {
+                // A stopping node takes no new call; the carrier tries its next destination.
+                let mut response = response_to(&request, 503, Some("Service Unavailable"), None);
+                response.headers.push(Header::RetryAfter(DRAIN_RETRY_AFTER.into()));
+                response.headers.push(reason_header(503, "node draining"));
+                ctx.endpoint.respond(&key, response);
+            }
             Method::Invite => {
                 let ctx = Arc::clone(&ctx);
                 let span = tracing::info_span!("call", call_id = %message::call_id(&request), from = %peer.addr);

@@ -30,6 +30,7 @@ use super::message;
 use super::routing;
 use super::transaction::new_tag;
 use super::transport::{Peer, Protocol};
+use crate::drain::Drain;
 use crate::metrics::CallStatus;
 use crate::store::{CdrRecord, HangupBy, StoreEvent, billable_seconds, cdr_cost};
 use crate::webhook::{CallHooks, Signer};
@@ -100,10 +101,15 @@ pub async fn run(ctx: Arc<CallContext>, pool: PgPool, signer: Signer) {
         let call = place(Arc::clone(&ctx), pool.clone(), request, hooks);
         tokio::spawn(tracing::Instrument::instrument(call, span));
     };
-    super::queue::serve(queue, CHANNEL, "call requests", move || claim(queue, node_id), start).await;
+    let drain = &ctx.drain;
+    super::queue::serve(queue, CHANNEL, "call requests", move || claim(queue, node_id, drain), start).await;
 }
 
-async fn claim(pool: &PgPool, node_id: &str) -> Result<Option<CallRequest>, sqlx::Error> {
+/// Claims the oldest queued request, unless the node is draining (another node takes it).
+async fn claim(pool: &PgPool, node_id: &str, drain: &Drain) -> Result<Option<CallRequest>, sqlx::Error> {
+    if drain.is_draining() {
+        return Ok(None);
+    }
     sqlx::query_as(
         "UPDATE call_requests SET state = 'claimed', claimed_by = $1, claimed_at = now(), updated_at = now()
          WHERE id = (SELECT id FROM call_requests WHERE state = 'queued' ORDER BY created_at
@@ -162,6 +168,7 @@ impl Ended {
 }
 
 async fn place(ctx: Arc<CallContext>, pool: PgPool, request: CallRequest, hooks: CallHooks) {
+    let _active = ctx.metrics.call_active(None);
     let call_id = format!("{}@switchboard", Uuid::new_v4().simple());
     let setup_at = Utc::now();
     let event = |status: &'static str| StatusEvent {

@@ -14,6 +14,7 @@ use switchboard_model::{
     AuthMethod, Codec, Credential, Destination, DestinationType, GatewayConfig, NumberConfig, Transport, TrunkConfig,
 };
 use switchboard_node::config::{Snapshot, SnapshotHandle};
+use switchboard_node::drain::Drain;
 use switchboard_node::media::kernel::KernelMode;
 use switchboard_node::signaling::{self, Listening, SipArgs};
 
@@ -107,6 +108,8 @@ pub struct Node {
     pub addr: SocketAddr,
     pub http: SocketAddr,
     stop: watch::Sender<bool>,
+    /// The node's draining switch (what SIGTERM turns on in the binary).
+    pub drain: Drain,
     tasks: JoinSet<()>,
     graceful: JoinSet<()>,
 }
@@ -158,11 +161,20 @@ impl Node {
             agent: switchboard_node::bridge::answer::AgentArgs::default(),
         };
         tune(&mut args);
-        let Listening { sip, http } =
-            signaling::start(&args, pool.clone(), "sipp-node", handle, stop_rx, &mut tasks, &mut graceful)
-                .await
-                .unwrap();
-        Node { addr: sip, http, stop, tasks, graceful }
+        let drain = Drain::default();
+        let Listening { sip, http } = signaling::start(
+            &args,
+            pool.clone(),
+            "sipp-node",
+            handle,
+            stop_rx,
+            drain.clone(),
+            &mut tasks,
+            &mut graceful,
+        )
+        .await
+        .unwrap();
+        Node { addr: sip, http, stop, drain, tasks, graceful }
     }
 
     pub async fn stop(mut self) {

@@ -155,3 +155,38 @@ pub fn reply(request: &str, status: &str, contact: SocketAddr, sdp: Option<&str>
     }
     out
 }
+
+/// An INVITE from a caller at `from` to [`super::DID`] through the node at `node`, offering `sdp`.
+pub fn invite_to_did(node: SocketAddr, from: SocketAddr, call_id: &str, sdp: &str) -> String {
+    let did = super::DID;
+    format!(
+        "INVITE sip:{did}@{node} SIP/2.0\r\nVia: SIP/2.0/UDP {from};branch=z9hG4bK-{call_id}-inv\r\n\
+         From: <sip:+15557654321@{from}>;tag=caller\r\nTo: <sip:{did}@{node}>\r\nCall-ID: {call_id}\r\n\
+         CSeq: 1 INVITE\r\nContact: <sip:caller@{from}>\r\nMax-Forwards: 70\r\n\
+         Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+        sdp.len()
+    )
+}
+
+/// A request inside the dialog [`invite_to_did`] started, once the node answered with `to_tag`
+/// (ACK takes the INVITE's CSeq number).
+pub fn caller_in_dialog(
+    method: &str,
+    node: SocketAddr,
+    from: SocketAddr,
+    call_id: &str,
+    to_tag: &str,
+    cseq: u32,
+) -> String {
+    let did = super::DID;
+    format!(
+        "{method} sip:{did}@{node} SIP/2.0\r\nVia: SIP/2.0/UDP {from};branch=z9hG4bK-{call_id}-{method}{cseq}\r\n\
+         From: <sip:+15557654321@{from}>;tag=caller\r\nTo: <sip:{did}@{node}>;tag={to_tag}\r\nCall-ID: {call_id}\r\n\
+         CSeq: {cseq} {method}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+    )
+}
+
+/// The tag the far side put into a response's To header.
+pub fn to_tag(response: &str) -> String {
+    header(response, "To").and_then(|to| to.split("tag=").nth(1)).unwrap_or_default().trim().to_string()
+}

@@ -1,0 +1,122 @@
+//! Draining: a node told to stop (SIGTERM from Kubernetes during a rolling update) keeps the
+//! calls it has until they end and takes no new ones, so that stopping a node never cuts a
+//! call it accepted — within the drain time the operator of the node allows.
+//!
+//! While draining the node answers new INVITEs with `503` and `Retry-After` (carriers then
+//! try their next destination), reports itself not ready on `/readyz`, un-REGISTERs from its
+//! providers, stops claiming calls queued through the API, and keeps everything a call in
+//! progress needs (in-dialog requests, media, the CDR writer) running.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use prometheus::IntGauge;
+use tokio::sync::watch;
+
+/// How often [`Drain::wait_idle`] looks at the number of calls in progress.
+const IDLE_POLL: Duration = Duration::from_millis(100);
+
+/// The node's draining switch, shared by everything that must act on it.
+#[derive(Clone)]
+pub struct Drain {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    draining: AtomicBool,
+    started: watch::Sender<bool>,
+    /// Calls in progress on the node (the `switchboard_active_calls` gauge), once signaling
+    /// started.
+    calls: OnceLock<IntGauge>,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain {
+            inner: Arc::new(Inner {
+                draining: AtomicBool::new(false),
+                started: watch::channel(false).0,
+                calls: OnceLock::new(),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Debug for Drain {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Drain").field("draining", &self.is_draining()).field("calls", &self.calls()).finish()
+    }
+}
+
+impl Drain {
+    /// Starts draining (idempotent).
+    pub fn begin(&self) {
+        if !self.inner.draining.swap(true, Ordering::SeqCst) {
+            self.inner.started.send_replace(true);
+        }
+    }
+
+    /// Whether new calls are refused.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once draining has begun (at once if it already has).
+    pub async fn started(&self) {
+        let mut started = self.inner.started.subscribe();
+        let _ = started.wait_for(|s| *s).await;
+    }
+
+    /// Counts calls in progress with `gauge` (signaling sets it once).
+    pub fn track_calls(&self, gauge: IntGauge) {
+        let _ = self.inner.calls.set(gauge);
+    }
+
+    /// Calls in progress (0 before signaling started).
+    pub fn calls(&self) -> i64 {
+        self.inner.calls.get().map_or(0, IntGauge::get)
+    }
+
+    /// Resolves when no call is in progress.
+    pub async fn wait_idle(&self) {
+        while self.calls() > 0 {
+            tokio::time::sleep(IDLE_POLL).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn draining_starts_once_and_waits_for_the_last_call() {
+        let drain = Drain::default();
+        assert!(!drain.is_draining());
+        assert_eq!(drain.calls(), 0);
+        let waiter = tokio::spawn({
+            let drain = drain.clone();
+            async move { drain.started().await }
+        });
+        drain.begin();
+        drain.begin();
+        assert!(drain.is_draining());
+        tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("started resolves").unwrap();
+        // `started` after the fact resolves at once.
+        tokio::time::timeout(Duration::from_secs(1), drain.started()).await.expect("already started");
+
+        let gauge = IntGauge::new("calls", "calls").unwrap();
+        gauge.set(2);
+        drain.track_calls(gauge.clone());
+        assert_eq!(drain.calls(), 2);
+        let idle = tokio::spawn({
+            let drain = drain.clone();
+            async move { drain.wait_idle().await }
+        });
+        tokio::time::sleep(IDLE_POLL * 3).await;
+        assert!(!idle.is_finished(), "two calls are still up");
+        gauge.set(0);
+        tokio::time::timeout(Duration::from_secs(5), idle).await.expect("idle once the calls ended").unwrap();
+    }
+}
