@@ -7,7 +7,6 @@
 //! providers, stops claiming calls queued through the API, and keeps everything a call in
 //! progress needs (in-dialog requests, media, the CDR writer) running.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -24,8 +23,8 @@ pub struct Drain {
 }
 
 struct Inner {
-    draining: AtomicBool,
-    started: watch::Sender<bool>,
+    /// Turns true, once, when draining begins.
+    draining: watch::Sender<bool>,
     /// Calls in progress on the node (the `switchboard_active_calls` gauge), once signaling
     /// started.
     calls: OnceLock<IntGauge>,
@@ -33,13 +32,7 @@ struct Inner {
 
 impl Default for Drain {
     fn default() -> Self {
-        Drain {
-            inner: Arc::new(Inner {
-                draining: AtomicBool::new(false),
-                started: watch::channel(false).0,
-                calls: OnceLock::new(),
-            }),
-        }
+        Drain { inner: Arc::new(Inner { draining: watch::channel(false).0, calls: OnceLock::new() }) }
     }
 }
 
@@ -52,19 +45,17 @@ impl std::fmt::Debug for Drain {
 impl Drain {
     /// Starts draining (idempotent).
     pub fn begin(&self) {
-        if !self.inner.draining.swap(true, Ordering::SeqCst) {
-            self.inner.started.send_replace(true);
-        }
+        self.inner.draining.send_if_modified(|draining| !std::mem::replace(draining, true));
     }
 
     /// Whether new calls are refused.
     pub fn is_draining(&self) -> bool {
-        self.inner.draining.load(Ordering::SeqCst)
+        *self.inner.draining.borrow()
     }
 
     /// Resolves once draining has begun (at once if it already has).
     pub async fn started(&self) {
-        let mut started = self.inner.started.subscribe();
+        let mut started = self.inner.draining.subscribe();
         let _ = started.wait_for(|s| *s).await;
     }
 

@@ -182,20 +182,7 @@ pub async fn start(
     tasks.spawn(sms::run(Arc::clone(&ctx), pool.clone()));
     // Draining or stopping: un-REGISTER (its state goes through the store); on stop, then
     // flush the store.
-    let (unregister_tx, unregister) = watch::channel(false);
-    {
-        let (mut stop, drain) = (stop.clone(), drain.clone());
-        tasks.spawn(async move {
-            tokio::select! {
-                _ = stop.wait_for(|s| *s) => {}
-                () = drain.started() => {}
-            }
-            let _ = unregister_tx.send(true);
-            // Keep the sender: a dropped one would read as a change to the receivers.
-            std::future::pending::<()>().await;
-        });
-    }
-    let registrations = tokio::spawn(registration::supervise(Arc::clone(&ctx), unregister));
+    let registrations = tokio::spawn(registration::supervise(Arc::clone(&ctx), stop.clone()));
     {
         let mut stop = stop.clone();
         graceful.spawn(async move {

@@ -283,9 +283,7 @@ fn logged_addr(node: &Node, message: &str, key: &str) -> std::net::SocketAddr {
     let log = node.log.lock().expect("log lock");
     let line = log.iter().find(|line| line.contains(message)).unwrap_or_else(|| panic!("no {message:?} line"));
     let field = line.split_whitespace().find_map(|word| word.strip_prefix(&format!("{key}="))).expect("address field");
-    // Strip the colour codes a terminal-less logger may still put around the value.
-    let clean: String = field.chars().filter(|c| c.is_ascii_digit() || *c == '.' || *c == ':').collect();
-    clean.trim_start_matches(':').parse().unwrap_or_else(|_| panic!("not an address: {field:?} in {line:?}"))
+    field.parse().unwrap_or_else(|_| panic!("not an address: {field:?} in {line:?}"))
 }
 
 /// SIGTERM during a call: the node takes no new calls (503 with Retry-After to INVITE and

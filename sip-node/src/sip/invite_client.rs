@@ -119,13 +119,13 @@ impl<'c> InviteClient<'c> {
                             break event;
                         }
                     }
-                    Some(TuEvent::Timeout) => break self.failed(408, format!("no answer from {}", self.setup.gateway), true),
+                    Some(TuEvent::Timeout) => break failed(408, format!("no answer from {}", self.setup.gateway), true),
                     Some(TuEvent::Request { request, key: Some(key), .. }) => {
                         // An in-dialog request before the 2xx (early dialog): refuse politely.
                         self.ctx.endpoint.respond(&key, response_to(&request, 491, None, None));
                     }
                     Some(TuEvent::Request { key: None, .. } | TuEvent::Cancelled) => {}
-                    None => break self.failed(500, "the endpoint stopped".into(), false),
+                    None => break failed(500, "the endpoint stopped".into(), false),
                 },
                 event = caller_event => match event {
                     Some(TuEvent::Cancelled) => {
@@ -144,14 +144,14 @@ impl<'c> InviteClient<'c> {
                 },
                 () = sleep_until(self.ring_limit_at) => {
                     self.send_cancel();
-                    break self.failed(480, format!("no answer within {}s", self.setup.ring_limit.as_secs()), false);
+                    break failed(480, format!("no answer within {}s", self.setup.ring_limit.as_secs()), false);
                 }
                 () = sleep_until(self.no_response_at), if !self.provisional => {
                     if self.cancel_pending {
                         break InviteEvent::Cancelled;
                     }
                     let reason = format!("no response from {} within {}s", self.setup.gateway, self.setup.no_response.as_secs());
-                    break self.failed(408, reason, true);
+                    break failed(408, reason, true);
                 }
             }
         };
@@ -194,7 +194,7 @@ impl<'c> InviteClient<'c> {
             _ => {
                 let reason = format!("{} from {}", response.status_code, self.setup.gateway);
                 let failover = !super::routing::is_final_for_caller(&self.ctx.final_codes, code);
-                Some(self.failed(code, reason, failover))
+                Some(failed(code, reason, failover))
             }
         }
     }
@@ -204,7 +204,7 @@ impl<'c> InviteClient<'c> {
         let endpoint = &self.ctx.endpoint;
         let contact = endpoint.contact_for(self.setup.peer, &self.setup.contact_user);
         let Some(mut dialog) = Dialog::as_uac(&self.invite, &response, self.setup.peer, contact) else {
-            return self.failed(502, format!("unusable 2xx from {}", self.setup.gateway), true);
+            return failed(502, format!("unusable 2xx from {}", self.setup.gateway), true);
         };
         dialog.peer = in_dialog_peer(self.ctx, &dialog, self.setup.peer).await;
         let ack = dialog.request(Method::Ack, endpoint.via_for(dialog.peer), Some(self.cseq), None);
@@ -223,7 +223,7 @@ impl<'c> InviteClient<'c> {
     fn on_challenge(&mut self, code: u16, challenge: &Response) -> Option<InviteEvent> {
         let Some(credential) = &self.setup.credential else {
             let reason = "callee asks for authentication but the trunk has no credentials".into();
-            return Some(self.failed(code, reason, true));
+            return Some(failed(code, reason, true));
         };
         let header = match answer_challenge(
             challenge,
@@ -234,7 +234,7 @@ impl<'c> InviteClient<'c> {
             1,
         ) {
             Ok(header) => header,
-            Err(error) => return Some(self.failed(code, format!("cannot answer the challenge: {error}"), true)),
+            Err(error) => return Some(failed(code, format!("cannot answer the challenge: {error}"), true)),
         };
         self.authenticated = true;
         self.cseq += 1;
@@ -261,10 +261,10 @@ impl<'c> InviteClient<'c> {
     fn send_cancel(&self) {
         self.ctx.endpoint.send_request(cancel_for(&self.invite), self.setup.peer, self.tx.clone());
     }
+}
 
-    fn failed(&self, code: u16, reason: String, failover: bool) -> InviteEvent {
-        InviteEvent::Failed { code, reason, failover }
-    }
+fn failed(code: u16, reason: String, failover: bool) -> InviteEvent {
+    InviteEvent::Failed { code, reason, failover }
 }
 
 /// Where in-dialog requests of an outbound leg go: the first route, else the Contact when it

@@ -214,7 +214,8 @@ async fn place(ctx: Arc<CallContext>, pool: PgPool, request: CallRequest, hooks:
         Ended::unanswered(404, reason, None)
     } else {
         let target = CallTarget { agent: agent.as_deref(), media: &mut media };
-        dial(&ctx, &pool, &request, &call_id, target, trunks, &hooks, &event).await
+        let placing = Placing { ctx: &ctx, pool: &pool, request: &request, hooks: &hooks, event: &event };
+        dial(&placing, &call_id, target, trunks).await
     };
     let end_at = Utc::now();
     let billable = billable_seconds(ended.answer_at, end_at);
@@ -273,18 +274,32 @@ struct CallTarget<'m> {
     media: &'m mut Option<media::ApiMedia>,
 }
 
-/// Tries the trunks' gateways in order until one answers or a final answer ends the call.
-#[allow(clippy::too_many_arguments)]
-async fn dial<'a>(
-    ctx: &Arc<CallContext>,
-    pool: &PgPool,
+/// One claimed request being placed: what every step of placing it needs.
+struct Placing<'a> {
+    ctx: &'a Arc<CallContext>,
+    pool: &'a PgPool,
     request: &'a CallRequest,
+    hooks: &'a CallHooks,
+    /// The request's status callback for a status.
+    event: &'a (dyn Fn(&'static str) -> StatusEvent<'a> + Sync),
+}
+
+impl Placing<'_> {
+    /// Reports `status` (`ringing`, `answered`) to the webhook and in the request's row.
+    async fn report(&self, status: &'static str, call_id: &str) {
+        self.hooks.send(&(self.event)(status));
+        set_state(self.pool, self.request.id, status, call_id, None).await;
+    }
+}
+
+/// Tries the trunks' gateways in order until one answers or a final answer ends the call.
+async fn dial(
+    placing: &Placing<'_>,
     call_id: &str,
     mut target: CallTarget<'_>,
     trunks: Vec<Arc<TrunkConfig>>,
-    hooks: &CallHooks,
-    event: &(dyn Fn(&'static str) -> StatusEvent<'a> + Sync),
 ) -> Ended {
+    let (ctx, request) = (placing.ctx, placing.request);
     let mut attempt = 0;
     let mut last = Ended::unanswered(503, "no gateway answered".into(), None);
     let mut rang = false;
@@ -305,21 +320,8 @@ async fn dial<'a>(
                 attempt += 1;
                 let peer = Peer { protocol, addr };
                 let attempt_call_id = if attempt == 1 { call_id.to_string() } else { format!("{call_id}-{attempt}") };
-                let outcome = one_attempt(
-                    ctx,
-                    request,
-                    &mut target,
-                    &attempt_call_id,
-                    &user,
-                    &host,
-                    peer,
-                    &trunk,
-                    pool,
-                    hooks,
-                    event,
-                    &mut rang,
-                )
-                .await;
+                let outcome =
+                    one_attempt(placing, &mut target, &attempt_call_id, &user, &host, peer, &trunk, &mut rang).await;
                 let mut ended = outcome;
                 ended.trunk = Some(Arc::clone(&trunk));
                 ended.gateway = Some(host.clone());
@@ -338,21 +340,19 @@ async fn dial<'a>(
     last
 }
 
+/// One INVITE to one gateway address, and the call if it is answered.
 #[allow(clippy::too_many_arguments)]
-async fn one_attempt<'a>(
-    ctx: &Arc<CallContext>,
-    request: &'a CallRequest,
+async fn one_attempt(
+    placing: &Placing<'_>,
     target: &mut CallTarget<'_>,
     call_id: &str,
     user: &str,
     host: &str,
     peer: Peer,
     trunk: &Arc<TrunkConfig>,
-    pool: &PgPool,
-    hooks: &CallHooks,
-    event: &(dyn Fn(&'static str) -> StatusEvent<'a> + Sync),
     rang: &mut bool,
 ) -> Ended {
+    let (ctx, request) = (placing.ctx, placing.request);
     let failed = Ended::unanswered;
     let tag = new_tag();
     let offer = target.media.as_mut().map(|media| media.offer(trunk));
@@ -377,8 +377,7 @@ async fn one_attempt<'a>(
                     ring_at = Some(Utc::now());
                     if !*rang {
                         *rang = true;
-                        hooks.send(&event("ringing"));
-                        set_state(pool, request.id, "ringing", call_id, None).await;
+                        placing.report("ringing", call_id).await;
                     }
                 }
             }
@@ -393,24 +392,7 @@ async fn one_attempt<'a>(
     };
     let (tx, rx) = client.into_channel();
     let result = match rx {
-        Some(mut rx) => {
-            answered(
-                ctx,
-                request,
-                target,
-                call_id,
-                trunk,
-                pool,
-                hooks,
-                event,
-                &mut dialog,
-                &response,
-                &tx,
-                &mut rx,
-                ring_at,
-            )
-            .await
-        }
+        Some(mut rx) => answered(placing, target, call_id, trunk, &mut dialog, &response, &tx, &mut rx, ring_at).await,
         None => failed(500, "the endpoint stopped".into(), ring_at),
     };
     ctx.endpoint.unregister_dialog(&dialog.call_id, &dialog.local_tag);
@@ -420,21 +402,18 @@ async fn one_attempt<'a>(
 /// The answered call: its media negotiated (a callee SDP the agent cannot use is hung up with
 /// 488), `answered` reported, then bridged to the agent or held until either side hangs up.
 #[allow(clippy::too_many_arguments)]
-async fn answered<'a>(
-    ctx: &Arc<CallContext>,
-    request: &'a CallRequest,
+async fn answered(
+    placing: &Placing<'_>,
     target: &mut CallTarget<'_>,
     call_id: &str,
     trunk: &Arc<TrunkConfig>,
-    pool: &PgPool,
-    hooks: &CallHooks,
-    event: &(dyn Fn(&'static str) -> StatusEvent<'a> + Sync),
     dialog: &mut Dialog,
     response: &Response,
     tx: &TuSender,
     rx: &mut mpsc::UnboundedReceiver<TuEvent>,
     ring_at: Option<chrono::DateTime<Utc>>,
 ) -> Ended {
+    let (ctx, request) = (placing.ctx, placing.request);
     let cseq = dialog.local_cseq;
     let negotiated = match target.media.as_ref().map(|media| media.answered(&response.body)) {
         Some(Ok(negotiated)) => Some(negotiated),
@@ -448,8 +427,7 @@ async fn answered<'a>(
         _ => None,
     };
     let answer_at = Utc::now();
-    hooks.send(&event("answered"));
-    set_state(pool, request.id, "answered", call_id, None).await;
+    placing.report("answered", call_id).await;
     let agent = target.agent.zip(negotiated).zip(target.media.take());
     let (hangup_by, reason) = match agent {
         Some(((url, negotiated), media)) => {

@@ -71,7 +71,8 @@ type TrunkKey = (String, String);
 type RunningRegistration = (Arc<TrunkConfig>, watch::Sender<bool>, JoinHandle<()>);
 
 /// Follows the snapshot and keeps one registration task and one keepalive task per trunk that
-/// needs them. On shutdown (the `stop` channel turns true) every registration is removed.
+/// needs them. On shutdown (the `stop` channel turns true) or once the node drains, every
+/// registration is removed.
 pub async fn supervise(ctx: Arc<CallContext>, mut stop: watch::Receiver<bool>) {
     let mut generations = ctx.snapshot.subscribe();
     let mut registrations: HashMap<TrunkKey, RunningRegistration> = HashMap::new();
@@ -125,6 +126,7 @@ pub async fn supervise(ctx: Arc<CallContext>, mut stop: watch::Receiver<bool>) {
         tokio::select! {
             changed = generations.changed() => if changed.is_err() { break },
             _ = stop.changed() => break,
+            () = ctx.drain.started() => break,
         }
     }
     for (_, task) in keepalives.into_values() {
