@@ -1,6 +1,8 @@
-//! End-to-end suite against a real Kubernetes API server. It runs only when
-//! `SWITCHBOARD_TEST_KUBECONFIG` names a kubeconfig of a disposable cluster (kind, k3d, ...);
-//! otherwise it prints one line saying so and passes.
+//! End-to-end suite against a real Kubernetes API server, named by the kubeconfig in
+//! `SWITCHBOARD_TEST_KUBECONFIG`: the one `scripts/cluster up` starts (kube-apiserver + etcd built
+//! from Go modules, see tests/cluster) or any disposable cluster (kind, k3s, ...). Its tests are
+//! `#[ignore]`d, so a plain `cargo test` reports them as ignored; `scripts/test` starts the
+//! cluster once and runs them with `--ignored`.
 //!
 //! What it does: installs the CRDs and the operator's RBAC from `crds/` and `charts/`, runs the
 //! `switchboard operator` binary on this machine with the operator ServiceAccount's own token (so
@@ -101,14 +103,18 @@ impl Drop for Operator {
     }
 }
 
+/// The kubeconfig of the cluster under test. The suite is `#[ignore]`d, so a run that asks for it
+/// (`--ignored`) without a cluster is a failure, not a silent pass.
+fn kubeconfig_path() -> std::ffi::OsString {
+    std::env::var_os("SWITCHBOARD_TEST_KUBECONFIG").expect(
+        "SWITCHBOARD_TEST_KUBECONFIG is not set: start a cluster with `eval \"$(scripts/cluster up)\"` and set it to $KUBECONFIG, or point it at a disposable kind/k3s cluster",
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kubernetes API server: scripts/test starts one (scripts/cluster) and runs this with --ignored"]
 async fn operator_on_a_real_cluster() {
-    let Some(kubeconfig_path) = std::env::var_os("SWITCHBOARD_TEST_KUBECONFIG") else {
-        println!(
-            "kubernetes_e2e: skipped: SWITCHBOARD_TEST_KUBECONFIG is not set (point it at the kubeconfig of a disposable cluster, e.g. kind, to run this suite)"
-        );
-        return;
-    };
+    let kubeconfig_path = kubeconfig_path();
     let database_url =
         std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
 
