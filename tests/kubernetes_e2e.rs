@@ -722,3 +722,131 @@ async fn lease_failover_after_sigkill() {
     assert!(b.wait_exit(Duration::from_secs(20)).await.success());
     setup.teardown().await;
 }
+
+/// One HTTP request with curl (the suite has no HTTP client dependency): (status, body).
+fn http(method: &str, url: &str, token: &str, body: Option<&Value>) -> (u16, String) {
+    let mut command = Command::new("curl");
+    command.args(["-sS", "-X", method, "-H", &format!("Authorization: Bearer {token}"), "-w", "\n%{http_code}", url]);
+    if let Some(body) = body {
+        command.args(["-H", "Content-Type: application/json", "--data-binary", &body.to_string()]);
+    }
+    let out = command.output().expect("running curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+/// The REST API in Kubernetes mode, with the chart's ServiceAccount (operator and API writer
+/// roles): POST/PUT/DELETE /api/trunks are server-side applies by `switchboard-api`; a Trunk
+/// applied by Argo CD or Flux answers 409 and stays as it is; a password Secret the API did not
+/// create is not overwritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a Kubernetes API server: scripts/test starts one (scripts/cluster) and runs this with --ignored"]
+async fn rest_api_in_kubernetes_mode() {
+    let setup = Setup::new("api").await;
+    let ns = setup.ns.as_str();
+    let secret_file = setup.dir.path().join("jwt-secret");
+    std::fs::write(&secret_file, "e2e-jwt-secret-0123456789abcdefghijklmnopqrstuvwxyz").unwrap();
+    let token = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["token", "--subject", "e2e", "--jwt-secret-file", secret_file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(token.status.success(), "switchboard token: {}", String::from_utf8_lossy(&token.stderr));
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_string();
+    let port = free_port();
+    let log = setup.dir.path().join("operator.log");
+    let _operator = setup.operator(
+        "e2e-api",
+        &log,
+        &[
+            "--api-listen",
+            &format!("127.0.0.1:{port}"),
+            "--api-namespace",
+            ns,
+            "--jwt-secret-file",
+            secret_file.to_str().unwrap(),
+        ],
+    );
+    let base = format!("http://127.0.0.1:{port}/api/trunks");
+    wait_for("the REST API", Duration::from_secs(60), || async { http("GET", &base, &token, None).0 == 200 }).await;
+    let get = |kind: &str, name: &str| -> Option<Value> {
+        let out = kubectl(&["get", "-n", ns, kind, name, "-o", "json", "--show-managed-fields"]);
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).unwrap())
+    };
+    let managers = |object: &Value| -> Vec<String> {
+        object["metadata"]["managedFields"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| format!("{}/{}", m["manager"].as_str().unwrap_or(""), m["operation"].as_str().unwrap_or("")))
+            .collect()
+    };
+
+    // POST: a Trunk and its password Secret, both applied by switchboard-api.
+    let create = json!({
+        "trunk_id": "api_trunk", "provider": "skyetel", "proxy_address": "127.0.0.1", "auth_method": "digest",
+        "username": "u", "realm": "example.test", "password": "api-password-Yt7", "allowed_ips": ["192.0.2.0/24"]
+    });
+    let (code, body) = http("POST", &base, &token, Some(&create));
+    assert_eq!(code, 201, "POST /api/trunks: {body}");
+    let trunk = get("trunk", "api-trunk").expect("the Trunk exists");
+    assert!(managers(&trunk).contains(&"switchboard-api/Apply".to_string()), "{:?}", managers(&trunk));
+    let secret = get("secret", "api-trunk-credentials").expect("the Secret exists");
+    assert_eq!(secret["metadata"]["labels"]["app.kubernetes.io/managed-by"], "switchboard-api");
+    assert!(managers(&secret).contains(&"switchboard-api/Apply".to_string()), "{:?}", managers(&secret));
+
+    // PUT: a change, by the same field manager.
+    let (code, body) = http("PUT", &format!("{base}/api_trunk"), &token, Some(&json!({"max_concurrent_calls": 7})));
+    assert_eq!(code, 200, "PUT: {body}");
+    let trunk = get("trunk", "api-trunk").unwrap();
+    assert_eq!(trunk["spec"]["limits"]["maxConcurrentCalls"], 7, "{trunk}");
+    assert_eq!(trunk["metadata"]["generation"], 2);
+
+    // Trunks applied by Argo CD's and Flux's field managers: 409, unchanged.
+    let examples = examples_for(ns);
+    for (name, manager) in [("argo-trunk", "argocd-controller"), ("flux-trunk", "kustomize-controller")] {
+        let mut object = examples.iter().find(|o| name_of(o) == "skyetel-example").unwrap().clone();
+        object["metadata"]["name"] = json!(name);
+        let file = setup.dir.path().join(format!("{name}.yaml"));
+        write_yaml(&file, &[object]);
+        kubectl_ok(&["apply", "--server-side", "--field-manager", manager, "-f", file.to_str().unwrap()]);
+        let before = get("trunk", name).unwrap();
+        let (code, body) = http(
+            "PUT",
+            &format!("{base}/{}", name.replace('-', "_")),
+            &token,
+            Some(&json!({"max_concurrent_calls": 3})),
+        );
+        assert_eq!(code, 409, "PUT on a {manager} Trunk: {body}");
+        assert!(body.contains("managed_by_gitops"), "{body}");
+        let (code, body) = http("DELETE", &format!("{base}/{}", name.replace('-', "_")), &token, None);
+        assert_eq!(code, 409, "DELETE on a {manager} Trunk: {body}");
+        let after = get("trunk", name).expect("still there");
+        // (The operator writes its finalizer and status meanwhile: spec and generation tell.)
+        assert_eq!(after["spec"], before["spec"], "{manager}: the spec changed");
+        assert_eq!(after["metadata"]["generation"], before["metadata"]["generation"], "{manager}: changed");
+        assert!(after["metadata"]["deletionTimestamp"].is_null(), "{manager}: deleted");
+        assert!(!managers(&after).iter().any(|m| m.starts_with("switchboard-api/")), "{manager}: the API wrote it");
+        println!("kubernetes_e2e: REST API: {manager}'s Trunk refused with 409 and unchanged");
+    }
+
+    // A password Secret someone else made is not overwritten.
+    kubectl_ok(&["create", "secret", "generic", "-n", ns, "mine-credentials", "--from-literal=password=theirs"]);
+    let mut foreign = create.clone();
+    foreign["trunk_id"] = json!("mine");
+    let (code, body) = http("POST", &base, &token, Some(&foreign));
+    assert_eq!(code, 409, "POST over a foreign Secret: {body}");
+    assert!(body.contains("secret_not_created_by_api"), "{body}");
+    let secret = get("secret", "mine-credentials").unwrap();
+    assert_eq!(secret["data"]["password"], "dGhlaXJz", "the foreign Secret was changed");
+    assert!(get("trunk", "mine").is_none());
+
+    // DELETE: the Trunk goes (the operator releases its finalizer).
+    let (code, body) = http("DELETE", &format!("{base}/api_trunk"), &token, None);
+    assert_eq!(code, 204, "DELETE: {body}");
+    wait_for("api-trunk gone", Duration::from_secs(60), || async { get("trunk", "api-trunk").is_none() }).await;
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(!said.contains("api-password-Yt7"), "the password in the operator's log");
+    println!("kubernetes_e2e: REST API: POST, PUT, DELETE as server-side applies by switchboard-api");
+    setup.teardown().await;
+}
