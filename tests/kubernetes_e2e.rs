@@ -343,7 +343,23 @@ impl Setup {
         Process(child)
     }
 
+    /// Leaves the cluster as it was: objects left over lose their finalizers (the operator may
+    /// be gone), so that the namespace can go on any cluster; the Lease goes too.
     async fn teardown(self) {
+        for kind in ["Trunk", "PhoneNumber", "RoutingRule"] {
+            let api: Api<DynamicObject> = Api::namespaced_with(
+                self.admin.clone(),
+                &self.ns,
+                &ApiResource::from_gvk(&GroupVersionKind::gvk("switchboard.dev", "v1alpha1", kind)),
+            );
+            for object in api.list(&ListParams::default()).await.map(|l| l.items).unwrap_or_default() {
+                let name = object.metadata.name.unwrap_or_default();
+                let unfinalized = json!({"metadata": {"finalizers": null}});
+                let _ = api.patch(&name, &PatchParams::default(), &Patch::Merge(&unfinalized)).await;
+            }
+        }
+        let leases: Api<Lease> = Api::namespaced(self.admin.clone(), "switchboard-system");
+        let _ = leases.delete(&format!("sb-e2e-{}", self.suffix), &DeleteParams::default()).await;
         let namespaces: Api<Namespace> = Api::all(self.admin.clone());
         let _ = namespaces.delete(&self.ns, &DeleteParams::default()).await;
         self.pool.close().await;
