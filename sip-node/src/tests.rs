@@ -25,6 +25,10 @@ fn args(database_url: &str) -> NodeArgs {
         heartbeat_interval_ms: 5000,
         config_poll_interval_ms: 5000,
         drain_seconds: 20,
+        state_dir: Some(std::env::temp_dir().join(format!("switchboard-node-tests-{}", std::process::id()))),
+        spool_dir: None,
+        spool_max_bytes: 1 << 20,
+        database_start_timeout_seconds: 5,
         sip: crate::signaling::SipArgs {
             sip_listen: vec!["127.0.0.1:0".parse().unwrap()],
             advertised_host: None,
@@ -39,6 +43,7 @@ fn args(database_url: &str) -> NodeArgs {
             media_timeout_seconds: 30,
             final_codes: crate::sip::routing::DEFAULT_FINAL_CODES.to_vec(),
             agent: crate::bridge::answer::AgentArgs::default(),
+            spool: None,
         },
     }
 }

@@ -169,7 +169,8 @@ impl Ended {
 
 async fn place(ctx: Arc<CallContext>, pool: PgPool, request: CallRequest, hooks: CallHooks) {
     let _active = ctx.metrics.call_active(None);
-    let call_id = format!("{}@switchboard", Uuid::new_v4().simple());
+    let call_uuid = Uuid::new_v4();
+    let call_id = format!("{}@switchboard", call_uuid.simple());
     let setup_at = Utc::now();
     let event = |status: &'static str| StatusEvent {
         call_id: call_id.clone(),
@@ -224,6 +225,7 @@ async fn place(ctx: Arc<CallContext>, pool: PgPool, request: CallRequest, hooks:
     let currency = ended.trunk.as_ref().map(|t| t.currency.clone()).unwrap_or_else(|| "USD".into());
     let answered = ended.answer_at.is_some();
     ctx.store.record(StoreEvent::Cdr(CdrRecord {
+        call_uuid,
         call_id: call_id.clone(),
         attempt: ended.attempt,
         namespace: ended.trunk.as_ref().map(|t| t.namespace.clone()),
@@ -387,7 +389,11 @@ async fn one_attempt(
                 ended.failover = failover;
                 return ended;
             }
-            InviteEvent::Cancelled => return failed(487, "cancelled".into(), ring_at),
+            InviteEvent::Cancelled => {
+                let mut ended = failed(487, crate::drain::NODE_SHUTDOWN.into(), ring_at);
+                ended.failover = false;
+                return ended;
+            }
         }
     };
     let (tx, rx) = client.into_channel();
@@ -523,6 +529,12 @@ async fn hold_until_hangup(
                 None => return (HangupBy::System, "internal: channel closed".into()),
                 _ => {}
             },
+            () = ctx.drain.ending() => {
+                let why = crate::drain::NODE_SHUTDOWN;
+                let bye = dialog.bye(ctx.endpoint.via_for(dialog.peer), &[message::HangupReason::normal(why).header()]);
+                ctx.endpoint.send_request(bye, dialog.peer, tx.clone());
+                return (HangupBy::System, why.into());
+            }
             () = &mut limit => {
                 let why = "maximum call duration reached";
                 let bye = dialog.bye(ctx.endpoint.via_for(dialog.peer), &[message::HangupReason::normal(why).header()]);
