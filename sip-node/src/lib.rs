@@ -194,14 +194,10 @@ async fn start(
         Duration::from_millis(args.config_poll_interval_ms),
     );
     tasks.spawn(watcher.run());
+    let liveness =
+        node_state::Liveness { every: Duration::from_millis(args.heartbeat_interval_ms), drain: drain.clone() };
     signaling::start(&args.sip, pool.clone(), &node.node_id, handle.clone(), stop, drain, tasks, graceful).await?;
-    tasks.spawn(node_state::run(
-        pool,
-        node.clone(),
-        handle.clone(),
-        health,
-        Duration::from_millis(args.heartbeat_interval_ms),
-    ));
+    tasks.spawn(node_state::run(pool, node.clone(), handle.clone(), health, liveness));
     match tasks.join_next().await {
         Some(Err(error)) => Err(anyhow::anyhow!("a node task failed: {error}")),
         _ => Err(anyhow::anyhow!("a node task stopped unexpectedly")),
