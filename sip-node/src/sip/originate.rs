@@ -226,7 +226,7 @@ async fn place(ctx: Arc<CallContext>, pool: PgPool, request: CallRequest, hooks:
     } else {
         let target = CallTarget { agent: agent.as_deref(), media: &mut media };
         let placing =
-            Placing { ctx: &ctx, pool: &pool, request: &request, hooks: &hooks, event: &event, started_at: setup_at };
+            Placing { ctx: &ctx, pool: &pool, request: &request, hooks: &hooks, event: &event, call_id: &call_id, started_at: setup_at };
         dial(&placing, &call_id, target, trunks).await
     };
     let end_at = Utc::now();
@@ -315,6 +315,8 @@ struct Placing<'a> {
     hooks: &'a CallHooks,
     /// The request's status callback for a status.
     event: &'a (dyn Fn(&'static str) -> StatusEvent<'a> + Sync),
+    /// The call's id in `active_calls` and its CDRs (each attempt's INVITE has its own Call-ID).
+    call_id: &'a str,
     /// When the node took the request (the `active_calls` row's start).
     started_at: chrono::DateTime<Utc>,
 }
@@ -479,7 +481,7 @@ async fn answered(
         _ => None,
     };
     let answer_at = Utc::now();
-    ctx.store.record(StoreEvent::CallAnswered { call_id: call_id.to_string(), at: answer_at });
+    ctx.store.record(StoreEvent::CallAnswered { call_id: placing.call_id.to_string(), at: answer_at });
     placing.report("answered", call_id).await;
     let agent = target.agent.zip(negotiated).zip(target.media.take());
     let (hangup_by, reason) = match agent {
