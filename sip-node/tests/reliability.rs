@@ -51,11 +51,7 @@ async fn publish(pool: &PgPool, trunks: &[TrunkConfig], numbers: &[NumberConfig]
 }
 
 fn ringing_number(callee_port: u16) -> NumberConfig {
-    NumberConfig {
-        name: "ringing".into(),
-        number: RINGING_DID.into(),
-        ..number_to(sip_destination(callee_port))
-    }
+    NumberConfig { name: "ringing".into(), number: RINGING_DID.into(), ..number_to(sip_destination(callee_port)) }
 }
 
 /// The URL of the test's own database on the shared server.
@@ -293,7 +289,10 @@ async fn cdrs_survive_a_node_killed_during_a_database_outage() {
     assert_eq!((lost.call_id.as_str(), lost.hangup_by.as_deref()), ("held-call", Some("system")));
     assert!(lost.answer_at.is_some_and(|at| at <= answered_at), "{lost:?}");
     // Ended at the spool's last event: after the last sipp call, before the kill.
-    assert!(lost.end_at <= killed_at && lost.end_at > killed_at - chrono::TimeDelta::seconds(3), "{lost:?} {killed_at}");
+    assert!(
+        lost.end_at <= killed_at && lost.end_at > killed_at - chrono::TimeDelta::seconds(3),
+        "{lost:?} {killed_at}"
+    );
     // Replaying is idempotent: nothing more arrives, no call is left active.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(cdrs(&pool).await.len(), 201);
