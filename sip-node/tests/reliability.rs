@@ -253,7 +253,7 @@ async fn cdrs_survive_a_node_killed_during_a_database_outage() {
     let flags = ["--rtp-ports", "43000-43999", "--database-start-timeout-seconds", "1"];
     let node = NodeProcess::start(cluster.url(), "spool-node", state.path(), &flags);
     node.wait_for_log(&format!("applied config generation {generation}")).await;
-    let (sip, _) = node.listening().await;
+    let (sip, http) = node.listening().await;
 
     cluster.pause().await;
     // A call that is up when the node dies.
@@ -276,6 +276,16 @@ async fn cdrs_survive_a_node_killed_during_a_database_outage() {
     node.wait_for_log("cannot write calls and CDRs to Postgres").await;
     // Twice the spool's sync interval: what is recorded is on disk.
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let metrics = common::http_get(http, "/metrics").await;
+    let gauge = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    };
+    let (spooled, limit) = (gauge("switchboard_store_spool_bytes"), gauge("switchboard_store_spool_limit_bytes"));
+    println!("spool after 201 calls during the outage: {spooled} bytes ({:.0} bytes a call), limit {limit}", spooled / 201.0);
+    assert!(spooled > 0.0 && limit == (1u64 << 30) as f64, "spool {spooled} of {limit}");
     let killed_at = Utc::now();
     let log = node.kill().await;
 
