@@ -51,11 +51,7 @@ async fn publish(pool: &PgPool, trunks: &[TrunkConfig], numbers: &[NumberConfig]
 }
 
 fn ringing_number(callee_port: u16) -> NumberConfig {
-    NumberConfig {
-        name: "ringing".into(),
-        number: RINGING_DID.into(),
-        ..number_to(sip_destination(callee_port))
-    }
+    NumberConfig { name: "ringing".into(), number: RINGING_DID.into(), ..number_to(sip_destination(callee_port)) }
 }
 
 /// The URL of the test's own database on the shared server.
@@ -284,7 +280,10 @@ async fn cdrs_survive_a_node_killed_during_a_database_outage() {
             .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
     };
     let (spooled, limit) = (gauge("switchboard_store_spool_bytes"), gauge("switchboard_store_spool_limit_bytes"));
-    println!("spool after 201 calls during the outage: {spooled} bytes ({:.0} bytes a call), limit {limit}", spooled / 201.0);
+    println!(
+        "spool after 201 calls during the outage: {spooled} bytes ({:.0} bytes a call), limit {limit}",
+        spooled / 201.0
+    );
     assert!(spooled > 0.0 && limit == (1u64 << 30) as f64, "spool {spooled} of {limit}");
     let killed_at = Utc::now();
     let log = node.kill().await;
@@ -303,7 +302,10 @@ async fn cdrs_survive_a_node_killed_during_a_database_outage() {
     assert_eq!((lost.call_id.as_str(), lost.hangup_by.as_deref()), ("held-call", Some("system")));
     assert!(lost.answer_at.is_some_and(|at| at <= answered_at), "{lost:?}");
     // Ended at the spool's last event: after the last sipp call, before the kill.
-    assert!(lost.end_at <= killed_at && lost.end_at > killed_at - chrono::TimeDelta::seconds(3), "{lost:?} {killed_at}");
+    assert!(
+        lost.end_at <= killed_at && lost.end_at > killed_at - chrono::TimeDelta::seconds(3),
+        "{lost:?} {killed_at}"
+    );
     // Replaying is idempotent: nothing more arrives, no call is left active.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(cdrs(&pool).await.len(), 201);

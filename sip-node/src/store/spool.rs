@@ -94,7 +94,10 @@ pub(super) struct Line {
 pub(super) fn spoolable(event: &StoreEvent) -> bool {
     matches!(
         event,
-        StoreEvent::CallStarted(_) | StoreEvent::CallAnswered { .. } | StoreEvent::CallEnded { .. } | StoreEvent::Cdr(_)
+        StoreEvent::CallStarted(_)
+            | StoreEvent::CallAnswered { .. }
+            | StoreEvent::CallEnded { .. }
+            | StoreEvent::Cdr(_)
     )
 }
 
@@ -458,16 +461,16 @@ mod tests {
     fn a_call_that_never_ended_gets_a_node_lost_cdr_at_the_last_line() {
         let t0 = Utc::now();
         let (done, lost) = (call("done"), call("lost"));
-        let mut cdr = lost_cdr(
-            &OpenCall { call: done.clone(), attempts: 0, events: vec![] },
-            t0 + TimeDelta::seconds(3),
-            None,
-        );
+        let mut cdr =
+            lost_cdr(&OpenCall { call: done.clone(), attempts: 0, events: vec![] }, t0 + TimeDelta::seconds(3), None);
         cdr.reason = Some("caller hung up".into());
         let lines = vec![
             line(t0, StoreEvent::CallStarted(done.clone())),
             line(t0, StoreEvent::CallStarted(lost.clone())),
-            line(t0 + TimeDelta::seconds(1), StoreEvent::CallAnswered { call_uuid: lost.call_uuid, at: t0 + TimeDelta::seconds(1) }),
+            line(
+                t0 + TimeDelta::seconds(1),
+                StoreEvent::CallAnswered { call_uuid: lost.call_uuid, at: t0 + TimeDelta::seconds(1) },
+            ),
             line(t0 + TimeDelta::seconds(3), StoreEvent::Cdr(cdr)),
             line(t0 + TimeDelta::seconds(3), StoreEvent::CallEnded { call_uuid: done.call_uuid }),
             Line { at: t0 + TimeDelta::seconds(65), event: None },
