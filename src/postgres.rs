@@ -214,11 +214,13 @@ impl PrivateCluster {
 
     /// Stops the server but keeps its data (for tests that stage a database outage); see
     /// [`Self::resume`].
+    #[allow(dead_code, reason = "used by the tests that include this file (sip-node/tests/reliability.rs)")]
     pub async fn pause(&mut self) {
         self.stop_server().await;
     }
 
     /// Starts a paused server again on the same port and waits until it accepts connections.
+    #[allow(dead_code, reason = "used by the tests that include this file (sip-node/tests/reliability.rs)")]
     pub async fn resume(&mut self) -> Result<(), PostgresError> {
         let bindir = ensure_server_binaries().await?;
         let owner = ServerOwner::for_current_user()?;

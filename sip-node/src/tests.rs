@@ -110,3 +110,25 @@ async fn an_unmigrated_schema_is_reported_and_waited_for(pool: PgPool) {
     tokio::time::timeout(Duration::from_secs(10), wait_for_schema(&pool)).await.expect("schema is ready");
     assert_eq!(schema_state(&pool).await, SchemaState::Ready);
 }
+
+#[test]
+fn state_flags_have_defaults_and_bounds() {
+    let args = parse(&[]).expect("defaults");
+    assert_eq!((args.state_dir, args.spool_dir), (None, None));
+    assert_eq!((args.spool_max_bytes, args.database_start_timeout_seconds), (1 << 30, 5));
+    assert!(parse(&["--spool-max-bytes", "100"]).is_err(), "a spool smaller than a page");
+    assert!(parse(&["--database-start-timeout-seconds", "0"]).is_err());
+    let args = parse(&["--state-dir", "/data/sb", "--spool-dir", "off"]).expect("explicit");
+    assert_eq!(args.state_dir.as_deref(), Some(std::path::Path::new("/data/sb")));
+}
+
+#[test]
+fn the_state_directory_is_the_nodes_own_and_an_explicit_unusable_one_is_an_error() {
+    let base = tempfile::tempdir().expect("tempdir");
+    let dir = super::state_dir(Some(base.path()), "../escape/..").expect("created").expect("a directory");
+    assert_eq!(dir.parent(), Some(base.path()), "{}", dir.display());
+    assert!(dir.is_dir());
+    let file = tempfile::NamedTempFile::new().expect("file");
+    let error = super::state_dir(Some(file.path()), "node-a").expect_err("a file is not a directory");
+    assert!(error.to_string().contains("--state-dir"), "{error}");
+}

@@ -138,7 +138,7 @@ async fn calls_alive_at_the_drain_limit_are_ended_by_the_node(pool: PgPool) {
         &url_of(&pool),
         "drain-limit",
         state.path(),
-        &["--drain-seconds", "2", "--rtp-ports", "42000-42999"],
+        &["--drain-seconds", "2", "--rtp-ports", "45000-45999"],
     );
     node.wait_for_log(&format!("applied config generation {generation}")).await;
     let (sip, _) = node.listening().await;
@@ -246,10 +246,10 @@ async fn cdrs_survive_a_node_killed_during_a_database_outage() {
     let generation = publish(&pool, &[trunk("carrier", vec![])], &numbers).await;
     pool.close().await;
     let state = tempfile::tempdir().expect("state dir");
-    let flags = ["--rtp-ports", "43000-43999", "--database-start-timeout-seconds", "1"];
+    let flags = ["--rtp-ports", "46000-46999", "--database-start-timeout-seconds", "1"];
     let node = NodeProcess::start(cluster.url(), "spool-node", state.path(), &flags);
     node.wait_for_log(&format!("applied config generation {generation}")).await;
-    let (sip, _) = node.listening().await;
+    let (sip, http) = node.listening().await;
 
     cluster.pause().await;
     // A call that is up when the node dies.
@@ -272,6 +272,19 @@ async fn cdrs_survive_a_node_killed_during_a_database_outage() {
     node.wait_for_log("cannot write calls and CDRs to Postgres").await;
     // Twice the spool's sync interval: what is recorded is on disk.
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let metrics = common::http_get(http, "/metrics").await;
+    let gauge = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+    };
+    let (spooled, limit) = (gauge("switchboard_store_spool_bytes"), gauge("switchboard_store_spool_limit_bytes"));
+    println!(
+        "spool after 201 calls during the outage: {spooled} bytes ({:.0} bytes a call), limit {limit}",
+        spooled / 201.0
+    );
+    assert!(spooled > 0.0 && limit == (1u64 << 30) as f64, "spool {spooled} of {limit}");
     let killed_at = Utc::now();
     let log = node.kill().await;
 
@@ -317,7 +330,7 @@ async fn a_node_starts_from_its_saved_configuration_without_postgres() {
         publish(&pool, &[trunk("carrier", vec![])], &[number_to(sip_destination(callee.sip_addr().port()))]).await;
     pool.close().await;
     let state = tempfile::tempdir().expect("state dir");
-    let flags = ["--rtp-ports", "44000-44999", "--database-start-timeout-seconds", "1"];
+    let flags = ["--rtp-ports", "47000-47999", "--database-start-timeout-seconds", "1"];
     let node = NodeProcess::start(cluster.url(), "disk-node", state.path(), &flags);
     node.wait_for_log(&format!("applied config generation {generation}")).await;
     let saved = state.path().join("disk-node").join("config-snapshot.json");

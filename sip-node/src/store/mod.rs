@@ -436,7 +436,12 @@ impl Store {
         let seq = queue.recorded;
         queue.events.push_back((seq, event));
         if let Some(line) = spooled {
-            queue.spool_buffer.push((seq, line));
+            // Bounded like the queue, should the spool task stall on a slow disk.
+            if queue.spool_buffer.len() < shared.max_pending {
+                queue.spool_buffer.push((seq, line));
+            } else if let Some(counters) = &shared.spool {
+                counters.overflow.fetch_add(1, Ordering::Relaxed);
+            }
         }
         let recorded = queue.recorded;
         drop(queue);

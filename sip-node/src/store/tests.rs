@@ -425,3 +425,42 @@ async fn events_wait_for_the_schema(pool: PgPool) {
     assert!(metrics.render().contains("switchboard_store_dropped_total 0"));
     assert!(task.shutdown(LIMIT).await);
 }
+
+/// With a spool: what Postgres has is compacted away when the store stops, the call still in
+/// progress stays; the next start replays it as lost (CDR `node lost`, then its end), and what
+/// it replays is written once however often it is replayed.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn the_spool_keeps_only_calls_in_progress_and_replays_them_as_lost(pool: PgPool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = spool::SpoolOptions { dir: dir.path().join("spool"), max_bytes: 1 << 20, rate_of: None };
+    let metrics = NodeMetrics::new();
+    let (store, task, replayed) =
+        Store::open(pool.clone(), NODE.into(), Some(metrics.clone()), options(), Some(&spool)).expect("open");
+    assert_eq!(replayed, spool::Replayed::default());
+    store.record(StoreEvent::CallStarted(call("done")));
+    store.record(StoreEvent::CallStarted(call("up")));
+    store.record(StoreEvent::CallAnswered { call_uuid: key("up"), at: Utc::now().trunc_subsecs(6) });
+    store.record(StoreEvent::Cdr(cdr("done", 1)));
+    store.record(StoreEvent::CallEnded { call_uuid: key("done") });
+    assert!(store.flush(LIMIT).await);
+    tokio::time::sleep(spool::SYNC_INTERVAL * 4).await;
+    assert!(!metrics.render().contains("switchboard_store_spool_bytes 0\n"), "{}", metrics.render());
+    assert!(task.shutdown(LIMIT).await);
+    let log = std::fs::read_to_string(spool.dir.join("spool.log")).expect("spool.log");
+    assert!(log.contains(&key("up").to_string()) && !log.contains(&key("done").to_string()), "{log}");
+
+    for _ in 0..2 {
+        let (store, task, replayed) =
+            Store::open(pool.clone(), NODE.into(), None, options(), Some(&spool)).expect("reopen");
+        assert!(store.flush(LIMIT).await);
+        assert!(task.shutdown(LIMIT).await);
+        assert!(replayed.lost <= 1, "{replayed:?}");
+    }
+    let reasons: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT call_id, reason FROM cdrs ORDER BY call_id").fetch_all(&pool).await.expect("cdrs");
+    assert_eq!(
+        reasons,
+        [("done".to_owned(), Some("Normal clearing".to_owned())), ("up".to_owned(), Some(spool::NODE_LOST.to_owned()))]
+    );
+    assert!(active_ids(&pool).await.is_empty());
+}
