@@ -102,6 +102,12 @@ impl Admission {
         self.inner.live_nodes.load(Ordering::Relaxed).max(1)
     }
 
+    /// Sets the live-node count as if counted (tests of the fallback).
+    #[cfg(test)]
+    pub(crate) fn assume_live_nodes(&self, n: u32) {
+        self.inner.live_nodes.store(n, Ordering::Relaxed);
+    }
+
     /// Asks Postgres to admit one call on `key` under `max` concurrent calls and `cps` calls per
     /// second (trunk-wide). The caller has already counted the call locally.
     pub async fn admit(&self, key: &TrunkKey, max: Option<u32>, cps: Option<u32>) -> Verdict {

@@ -172,6 +172,27 @@ mod tests {
         assert!(limits.try_acquire(&trunk).is_ok());
     }
 
+    #[tokio::test]
+    async fn without_the_database_a_node_takes_its_share_of_the_limit() {
+        // Nothing listens on port 1: every admission falls back to limit / live nodes.
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .acquire_timeout(Duration::from_millis(100))
+            .connect_lazy("postgres://nobody@127.0.0.1:1/none")
+            .expect("lazy pool");
+        let admission = Admission::new(pool, "a");
+        admission.assume_live_nodes(2);
+        let limits = Limits::shared(admission);
+        let mut trunk = crate::sip::routing::tests::trunk("a");
+        trunk.max_concurrent_calls = Some(10);
+        let mut permits = Vec::new();
+        for _ in 0..5 {
+            permits.push(limits.acquire(&trunk).await.expect("within this node's share"));
+        }
+        assert_eq!(limits.acquire(&trunk).await.err(), Some(LimitExceeded::Concurrent(10)));
+        drop(permits.pop());
+        assert!(limits.acquire(&trunk).await.is_ok());
+    }
+
     #[test]
     fn cps_refills_over_time() {
         let mut trunk = crate::sip::routing::tests::trunk("a");
