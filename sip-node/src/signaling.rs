@@ -119,6 +119,7 @@ pub async fn start(
 ) -> anyhow::Result<Listening> {
     let metrics = NodeMetrics::new();
     drain.track_calls(metrics.active_calls_gauge());
+    drain.track_metrics(metrics.clone());
     let (store, store_task) = Store::spawn(pool.clone(), node_id.to_string(), Some(metrics.clone()));
     // Rows of calls a crashed run of this node left behind are not calls any more.
     store.record(StoreEvent::ClearActiveCalls);
@@ -164,7 +165,7 @@ pub async fn start(
     let ctx = Arc::new(CallContext {
         endpoint,
         snapshot: snapshot.clone(),
-        limits: Limits::default(),
+        limits: Limits::counted(metrics.clone()),
         store,
         metrics: metrics.clone(),
         resolver: Resolver::from_system(),
@@ -213,15 +214,23 @@ pub async fn start(
     Ok(Listening { sip: transport.local_addr(), http })
 }
 
-/// Keeps the configuration gauges (generation, per-provider rates) in step with the snapshot.
+/// Keeps the configuration gauges (generation, per-provider rates, per-trunk limits and call
+/// series) in step with the snapshot; a trunk that leaves it takes its series along.
 async fn follow_config(snapshot: SnapshotHandle, metrics: NodeMetrics) {
     let mut generations = snapshot.subscribe();
+    let mut shown: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
     loop {
         let current = snapshot.current();
         metrics.config_applied(current.generation());
+        let mut now = std::collections::HashSet::new();
         for trunk in current.trunks() {
-            metrics.trunk_rate(&trunk.provider, trunk.rate_outbound_per_minute);
+            metrics.trunk_configured(trunk);
+            now.insert((trunk.provider.clone(), trunk.name.clone()));
         }
+        for (provider, trunk) in shown.difference(&now) {
+            metrics.trunk_removed(provider, trunk);
+        }
+        shown = now;
         if generations.changed().await.is_err() {
             return;
         }

@@ -39,6 +39,8 @@ struct Usage {
 #[derive(Clone, Default)]
 pub struct Limits {
     usage: Arc<Mutex<HashMap<(String, String), Usage>>>,
+    /// Counts admitted calls per trunk (`switchboard_trunk_calls_admitted_total`), when set.
+    metrics: Option<crate::metrics::NodeMetrics>,
 }
 
 /// Holds one concurrent-call slot of a trunk until dropped.
@@ -57,6 +59,11 @@ impl Drop for CallPermit {
 }
 
 impl Limits {
+    /// Limits that count every admitted call in `metrics`.
+    pub fn counted(metrics: crate::metrics::NodeMetrics) -> Self {
+        Limits { usage: Arc::default(), metrics: Some(metrics) }
+    }
+
     /// Takes a slot on `trunk` if its concurrent-call and CPS limits allow one more call now.
     pub fn try_acquire(&self, trunk: &TrunkConfig) -> Result<CallPermit, LimitExceeded> {
         self.try_acquire_at(trunk, Instant::now())
@@ -82,6 +89,9 @@ impl Limits {
             usage.tokens -= 1.0;
         }
         usage.active += 1;
+        if let Some(metrics) = &self.metrics {
+            metrics.trunk_call_admitted(&trunk.name);
+        }
         Ok(CallPermit { usage: Arc::clone(&self.usage), key })
     }
 
@@ -107,6 +117,18 @@ mod tests {
         assert_eq!(limits.try_acquire(&trunk).err(), Some(LimitExceeded::Concurrent(2)));
         drop(one);
         assert!(limits.try_acquire(&trunk).is_ok());
+    }
+
+    #[test]
+    fn admitted_calls_are_counted_and_refused_ones_not() {
+        let mut trunk = crate::sip::routing::tests::trunk("a");
+        trunk.max_concurrent_calls = Some(1);
+        let metrics = crate::metrics::NodeMetrics::new();
+        let limits = Limits::counted(metrics.clone());
+        let _one = limits.try_acquire(&trunk).unwrap();
+        assert!(limits.try_acquire(&trunk).is_err());
+        let text = metrics.render();
+        assert!(text.contains("switchboard_trunk_calls_admitted_total{trunk=\"a\"} 1\n"), "{text}");
     }
 
     #[test]
