@@ -36,6 +36,8 @@ use sqlx::PgPool;
 mod invalid_variants;
 
 const MANAGER: &str = "switchboard-e2e";
+/// Where the chart's ServiceAccount and leader-election Role live.
+const RELEASE_NAMESPACE: &str = "switchboard-system";
 const SECRET_VALUE: &str = "your_did_password";
 const ROTATED_VALUE: &str = "rotated-e2e-Zq81wX";
 
@@ -51,13 +53,19 @@ fn kubeconfig_path() -> PathBuf {
     )
 }
 
-fn kubectl_path() -> PathBuf {
-    if let Some(path) = std::env::var_os("SWITCHBOARD_TEST_KUBECTL") {
+/// kubectl or helm: `SWITCHBOARD_TEST_KUBECTL` / `SWITCHBOARD_TEST_HELM`, else the ones
+/// `scripts/cluster tool` installs (scripts/k8s-tools).
+fn tool(name: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(format!("SWITCHBOARD_TEST_{}", name.to_uppercase())) {
         return path.into();
     }
-    let out = Command::new(root().join("scripts/cluster")).args(["tool", "kubectl"]).output().expect("scripts/cluster");
-    assert!(out.status.success(), "scripts/cluster tool kubectl: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(root().join("scripts/cluster")).args(["tool", name]).output().expect("scripts/cluster");
+    assert!(out.status.success(), "scripts/cluster tool {name}: {}", String::from_utf8_lossy(&out.stderr));
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn kubectl_path() -> PathBuf {
+    tool("kubectl")
 }
 
 /// Runs kubectl against the cluster under test (admin kubeconfig).
@@ -79,6 +87,19 @@ fn kubectl_ok(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `helm template` of charts/switchboard into the release namespace; the rendered YAML.
+fn helm_template(args: &[&str]) -> String {
+    let out = Command::new(tool("helm"))
+        .arg("template")
+        .args(args)
+        .args(["--namespace", RELEASE_NAMESPACE])
+        .arg(root().join("charts/switchboard"))
+        .output()
+        .expect("running helm");
+    assert!(out.status.success(), "helm template {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -226,10 +247,12 @@ async fn install_crds() {
             assert_eq!(stored_rules, local_rules, "{name}: the server kept {stored_rules} of {local_rules} CEL rules");
             println!("kubernetes_e2e: {name}: Established with {stored_rules} CEL rules");
         }
-        let chart = root().join("charts/switchboard-operator");
-        for file in ["00-namespace.yaml", "10-rbac.yaml"] {
-            kubectl_ok(&["apply", "--server-side", "--force-conflicts", "-f", chart.join(file).to_str().unwrap()]);
-        }
+        // The release namespace of the chart's RBAC (each test renders its own release).
+        let namespace = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": RELEASE_NAMESPACE}});
+        let file = std::env::temp_dir().join(format!("switchboard-e2e-ns-{}.yaml", std::process::id()));
+        write_yaml(&file, &[namespace]);
+        kubectl_ok(&["apply", "--server-side", "-f", file.to_str().unwrap()]);
+        let _ = std::fs::remove_file(file);
     })
     .await;
 }
@@ -266,12 +289,39 @@ impl Setup {
         let db_url = db_url.to_string();
         let pool = PgPool::connect(&db_url).await.unwrap();
 
+        let ns = format!("sb-e2e-{suffix}");
+        let dir = tempfile::tempdir().unwrap();
+
+        // The chart's operator RBAC (ServiceAccount, ClusterRoles, the leader-election Role, the
+        // REST API's writer Role in the test namespace), rendered by helm as a release of this
+        // test's own, so parallel tests do not share a lease name or a Role.
+        let service_account = format!("sb-e2e-{suffix}");
+        let rendered = helm_template(&[
+            &format!("sb-{suffix}"),
+            "--show-only",
+            "templates/operator-rbac.yaml",
+            "--set",
+            &format!("operator.serviceAccount.name={service_account}"),
+            "--set",
+            &format!("operator.leaderElection.leaseName=sb-e2e-{suffix}"),
+            "--set",
+            &format!("api.namespace={ns}"),
+        ]);
+        let rbac = dir.path().join("rbac.yaml");
+        std::fs::write(&rbac, rendered).unwrap();
+        let namespaces: Api<Namespace> = Api::all(admin.clone());
+        namespaces
+            .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap())
+            .await
+            .unwrap();
+        kubectl_ok(&["apply", "--server-side", "--force-conflicts", "-f", rbac.to_str().unwrap()]);
+
         // A kubeconfig with the operator ServiceAccount's token: the operator gets exactly the
         // chart's RBAC, so a verb missing there fails this suite.
-        let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), "switchboard-system");
+        let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), RELEASE_NAMESPACE);
         let token = accounts
             .create_token_request(
-                "switchboard-operator",
+                &service_account,
                 &PostParams::default(),
                 &TokenRequest {
                     spec: TokenRequestSpec { expiration_seconds: Some(3600), ..TokenRequestSpec::default() },
@@ -298,16 +348,8 @@ impl Setup {
             auth_info: Some(kube::config::AuthInfo { token: Some(token.into()), ..Default::default() }),
             other: Default::default(),
         }];
-        let dir = tempfile::tempdir().unwrap();
         let operator_kubeconfig_path = dir.path().join("operator.kubeconfig");
         std::fs::write(&operator_kubeconfig_path, serde_yaml::to_string(&operator_kubeconfig).unwrap()).unwrap();
-
-        let ns = format!("sb-e2e-{suffix}");
-        let namespaces: Api<Namespace> = Api::all(admin.clone());
-        namespaces
-            .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap())
-            .await
-            .unwrap();
         Setup {
             admin,
             server_url: config.cluster_url.to_string(),
@@ -327,7 +369,7 @@ impl Setup {
     fn operator(&self, identity: &str, log: &Path, extra: &[&str]) -> Process {
         let log_file = std::fs::File::create(log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["operator", "--namespace", &self.ns, "--lease-namespace", "switchboard-system"])
+            .args(["operator", "--namespace", &self.ns, "--lease-namespace", RELEASE_NAMESPACE])
             .args(["--lease-name", &format!("sb-e2e-{}", self.suffix), "--identity", identity])
             .args(["--metrics-address", &format!("127.0.0.1:{}", free_port()), "--node-poll-seconds", "1"])
             .args(extra)
@@ -358,8 +400,10 @@ impl Setup {
                 let _ = api.patch(&name, &PatchParams::default(), &Patch::Merge(&unfinalized)).await;
             }
         }
-        let leases: Api<Lease> = Api::namespaced(self.admin.clone(), "switchboard-system");
+        let leases: Api<Lease> = Api::namespaced(self.admin.clone(), RELEASE_NAMESPACE);
         let _ = leases.delete(&format!("sb-e2e-{}", self.suffix), &DeleteParams::default()).await;
+        let rbac = self.dir.path().join("rbac.yaml");
+        let _ = kubectl(&["delete", "--ignore-not-found", "--wait=false", "-f", rbac.to_str().unwrap()]);
         let namespaces: Api<Namespace> = Api::all(self.admin.clone());
         let _ = namespaces.delete(&self.ns, &DeleteParams::default()).await;
         self.pool.close().await;
@@ -703,7 +747,7 @@ fn health_checks(setup: &Setup, kstatus: &str, argocd: &str, except: &[(&str, &s
 #[ignore = "needs a Kubernetes API server: scripts/test starts one (scripts/cluster) and runs this with --ignored"]
 async fn lease_failover_after_sigkill() {
     let setup = Setup::new("lease").await;
-    let leases: Api<Lease> = Api::namespaced(setup.admin.clone(), "switchboard-system");
+    let leases: Api<Lease> = Api::namespaced(setup.admin.clone(), RELEASE_NAMESPACE);
     let lease_name = format!("sb-e2e-{}", setup.suffix);
     let holder =
         || async { leases.get_opt(&lease_name).await.unwrap().and_then(|l| l.spec).and_then(|s| s.holder_identity) };
