@@ -283,14 +283,10 @@ async fn start(
     if sip.spool.is_none() {
         tracing::warn!("no spool: calls and CDRs not yet in Postgres are lost if the node stops during an outage");
     }
+    let liveness =
+        node_state::Liveness { every: Duration::from_millis(args.heartbeat_interval_ms), drain: drain.clone() };
     signaling::start(&sip, pool.clone(), &node.node_id, handle.clone(), stop, drain, tasks, graceful).await?;
-    tasks.spawn(node_state::run(
-        pool,
-        node.clone(),
-        handle.clone(),
-        health,
-        Duration::from_millis(args.heartbeat_interval_ms),
-    ));
+    tasks.spawn(node_state::run(pool, node.clone(), handle.clone(), health, liveness));
     match tasks.join_next().await {
         Some(Err(error)) => Err(anyhow::anyhow!("a node task failed: {error}")),
         _ => Err(anyhow::anyhow!("a node task stopped unexpectedly")),

@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use crate::config::SnapshotHandle;
 use crate::drain::Drain;
 use crate::metrics::NodeMetrics;
+use crate::sip::admission::Admission;
 use crate::sip::call::{self, CallContext, MediaContext};
 use crate::sip::digest::Challenger;
 use crate::sip::endpoint::Endpoint;
@@ -177,10 +178,11 @@ pub async fn start(
             metrics.track_kernel_packets(|| engine.kernel_packets());
         }
     }
+    let limits = shared_limits(&pool, node_id, tasks).await;
     let ctx = Arc::new(CallContext {
         endpoint,
         snapshot: snapshot.clone(),
-        limits: Limits::default(),
+        limits,
         store,
         metrics: metrics.clone(),
         resolver: Resolver::from_system(),
@@ -263,6 +265,19 @@ fn rate_of(snapshot: SnapshotHandle) -> crate::store::spool::RateOf {
         };
         Some((rate, trunk.currency.clone()))
     })
+}
+
+/// Trunk limits held across nodes (`sip/admission.rs`): the node's rows of an earlier run are
+/// removed first (it has no calls yet), then the worker that writes releases starts.
+async fn shared_limits(pool: &PgPool, node_id: &str, tasks: &mut JoinSet<()>) -> Limits {
+    let admission = Admission::new(pool.clone(), node_id);
+    if let Err(error) = admission.clear().await {
+        tracing::warn!(%error, "cannot clear this node's admitted calls of an earlier run: {error}");
+    }
+    let limits = Limits::shared(admission.clone());
+    let counter = limits.clone();
+    tasks.spawn(admission.run(move |(namespace, trunk)| counter.active(namespace, trunk)));
+    limits
 }
 
 /// Keeps the configuration gauges (generation, per-provider rates) in step with the snapshot.

@@ -203,7 +203,7 @@ async fn inbound_call(ctx: Arc<CallContext>, invite: Request, key: TransactionKe
         inbound_trunk: None,
     };
 
-    let admitted = admit(&ctx, &snapshot, &invite, peer, &called, &caller);
+    let admitted = admit(&ctx, &snapshot, &invite, peer, &called, &caller).await;
     let (_number, trunk, target, permit) = match admitted {
         Ok(admitted) => admitted,
         Err(refuse) => {
@@ -271,7 +271,7 @@ type Admitted = (NumberConfig, Arc<TrunkConfig>, Target, CallPermit);
 
 /// Source, number, trunk, authentication, limits and routing, in the order a carrier expects
 /// the answers: 403 for strangers, 404 for numbers nobody owns, 407 for digest, 503 for limits.
-fn admit(
+async fn admit(
     ctx: &CallContext,
     snapshot: &Snapshot,
     invite: &Request,
@@ -312,7 +312,7 @@ fn admit(
         }
         _ => {}
     }
-    let permit = ctx.limits.try_acquire(&trunk).map_err(|limit| {
+    let permit = ctx.limits.acquire(&trunk).await.map_err(|limit| {
         let mut refuse = Refuse::new(503, limit.reason());
         refuse.extra.push(Header::RetryAfter("5".into()));
         refuse
@@ -435,7 +435,7 @@ impl Call {
                 && slot.as_ref().is_none_or(|(held, _)| !Arc::ptr_eq(held, trunk))
             {
                 slot = None;
-                match self.ctx.limits.try_acquire(trunk) {
+                match self.ctx.limits.acquire(trunk).await {
                     Ok(permit) => slot = Some((Arc::clone(trunk), permit)),
                     Err(limit) => {
                         tracing::info!(trunk = %trunk.name, reason = %limit.reason(), "skipping trunk at its limit");
