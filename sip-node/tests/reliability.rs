@@ -349,6 +349,7 @@ async fn a_node_starts_from_its_saved_configuration_without_postgres() {
     let ready = common::http_get(http, "/readyz").await;
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
     assert!(ready.contains(&format!("config generation {generation} (stale")), "{ready}");
+    assert!(common::http_get(http, "/metrics").await.contains("switchboard_config_stale 1"));
 
     let caller = Ua::new().await;
     let tag = answered_call(sip, &caller, &callee, "from-disk").await;
@@ -359,6 +360,7 @@ async fn a_node_starts_from_its_saved_configuration_without_postgres() {
     loop {
         let ready = common::http_get(http, "/readyz").await;
         if ready.contains(&format!("config generation {generation}")) && !ready.contains("stale") {
+            assert!(common::http_get(http, "/metrics").await.contains("switchboard_config_stale 0"));
             break;
         }
         assert!(Instant::now() < deadline, "still stale after Postgres came back: {ready}\n{}", node.dump());
