@@ -166,14 +166,14 @@ struct NodeProc {
     child: Child,
     id: String,
     log: Arc<Mutex<Vec<String>>>,
-    /// The node's own `--state-dir` (spool, saved configuration): a node of another test or an
-    /// earlier run with the same id must not replay its spool into this test's database.
+    /// The node's `--state-dir` (spool, saved configuration): the test's own, so that nothing
+    /// a killed node spooled reaches another test's database.
     _state: tempfile::TempDir,
 }
 
 impl NodeProc {
     fn start(pool: &PgPool, id: &str, rtp_ports: &str) -> NodeProc {
-        let state = tempfile::tempdir().expect("state dir");
+        let state = tempfile::tempdir().expect("state directory");
         let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
             .args(["node", "--database-url", &url_of(pool), "--node-id", id])
             .arg("--state-dir")

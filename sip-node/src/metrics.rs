@@ -311,6 +311,16 @@ impl NodeMetrics {
         });
     }
 
+    /// Samples whether the node serves a configuration from its disk that Postgres has not
+    /// confirmed (1) or not (0).
+    pub fn track_config_stale(&self, stale: impl Fn() -> bool + Send + Sync + 'static) {
+        self.sampled_gauge(
+            "switchboard_config_stale",
+            "1 while the node serves the configuration it saved on disk because Postgres did not answer at start.",
+            move || usize::from(stale()),
+        );
+    }
+
     /// Samples the store's local spool when the metrics are rendered: its size on disk, its
     /// bound (alert when `bytes / limit_bytes` nears 1: then new events are kept in memory
     /// only), and the events that found it full.

@@ -141,6 +141,10 @@ pub async fn start(
     // Rows of calls a crashed run of this node left behind are not calls any more.
     store.record(StoreEvent::ClearActiveCalls);
     tasks.spawn(follow_config(snapshot.clone(), metrics.clone()));
+    metrics.track_config_stale({
+        let snapshot = snapshot.clone();
+        move || snapshot.is_stale()
+    });
     let t1 = Duration::from_millis(args.sip_t1_ms);
     let timers = TimerConfig { t1, t2: (t1 * 8).max(Duration::from_secs(4)), t4: Duration::from_secs(5) };
     let (received_tx, received_rx) = mpsc::channel(RECEIVE_QUEUE);
