@@ -200,9 +200,10 @@ impl NodeProc {
     async fn sip(&self) -> SocketAddr {
         let deadline = Instant::now() + LIMIT;
         loop {
-            let found = self.log.lock().expect("log lock").iter().find(|l| l.contains("SIP listening")).and_then(|l| {
-                l.split_whitespace().find_map(|w| w.strip_prefix("sip=")).and_then(|a| a.parse().ok())
-            });
+            let found =
+                self.log.lock().expect("log lock").iter().find(|l| l.contains("SIP listening")).and_then(|l| {
+                    l.split_whitespace().find_map(|w| w.strip_prefix("sip=")).and_then(|a| a.parse().ok())
+                });
             if let Some(addr) = found {
                 return addr;
             }
@@ -315,8 +316,12 @@ impl Sipp {
         let text = std::fs::read_to_string(file).unwrap();
         let mut lines = text.lines().filter(|l| !l.trim().is_empty());
         let header: Vec<&str> = lines.next().expect("header").split(';').collect();
-        let last: Vec<&str> = lines.last().expect("a row").split(';').collect();
-        header.iter().zip(last).filter_map(|(name, value)| Some((name.to_string(), value.trim().parse().ok()?))).collect()
+        let last: Vec<&str> = lines.next_back().expect("a row").split(';').collect();
+        header
+            .iter()
+            .zip(last)
+            .filter_map(|(name, value)| Some((name.to_string(), value.trim().parse().ok()?)))
+            .collect()
     }
 
     fn received(&self, code: &str) -> u64 {
@@ -482,8 +487,7 @@ async fn a_lost_node_leaves_nothing_stuck(pool: PgPool) {
     from.name = "from".into();
     from.number = "+15550002222".into();
     from.trunk_ref = "outbound".into();
-    let generation =
-        publish(&pool, &[trunk("carrier", &[]), outbound], &[number_to_callee(callee_port), from]).await;
+    let generation = publish(&pool, &[trunk("carrier", &[]), outbound], &[number_to_callee(callee_port), from]).await;
     let node = NodeProc::start(&pool, "doomed", "46000-46999");
     node.wait_applied(&pool, generation).await;
     let sip = node.sip().await;
@@ -515,8 +519,7 @@ async fn a_lost_node_leaves_nothing_stuck(pool: PgPool) {
         count(&pool, "SELECT count(*) FROM nodes WHERE draining_at IS NOT NULL").await == 1
     })
     .await;
-    let facts =
-        switchboard_operator::kubernetes::nodes::NodeFacts::load(&pool, Duration::from_secs(30)).await.unwrap();
+    let facts = switchboard_operator::kubernetes::nodes::NodeFacts::load(&pool, Duration::from_secs(30)).await.unwrap();
     assert_eq!(facts.applied(generation), (0, 0), "a draining node does not count for Synced");
     sqlx::raw_sql(
         "INSERT INTO call_requests (id, from_number, to_number, state, expires_at)
@@ -557,7 +560,10 @@ async fn a_lost_node_leaves_nothing_stuck(pool: PgPool) {
     assert!((end_at - last_beat).num_milliseconds().abs() <= 1000, "ended {end_at}, last heartbeat {last_beat}");
     assert_eq!(count(&pool, "SELECT count(*) FROM active_calls").await, 0);
     assert_eq!(count(&pool, "SELECT count(*) FROM cdrs WHERE reason = 'node lost'").await, 2);
-    assert_eq!(count(&pool, "SELECT count(*) FROM call_requests WHERE state = 'failed' AND error = 'node lost'").await, 1);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM call_requests WHERE state = 'failed' AND error = 'node lost'").await,
+        1
+    );
     assert_eq!(count(&pool, "SELECT count(*) FROM messages WHERE status = 'failed' AND error = 'node lost'").await, 1);
     assert_eq!(
         count(

@@ -66,7 +66,8 @@ impl Reaped {
 /// One pass; `Ok(None)` when another reaper holds the lock.
 pub async fn reap_once(pool: &PgPool, after_heartbeats: u32) -> Result<Option<Reaped>, sqlx::Error> {
     let mut tx = pool.begin().await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)").bind(LOCK_KEY).fetch_one(&mut *tx).await?;
+    let locked: bool =
+        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)").bind(LOCK_KEY).fetch_one(&mut *tx).await?;
     if !locked {
         return Ok(None);
     }
@@ -123,8 +124,11 @@ async fn end_lost(tx: &mut Transaction<'_, Postgres>, lost: &[String]) -> Result
     .bind(NODE_LOST)
     .execute(&mut **tx)
     .await?;
-    let calls =
-        sqlx::query("DELETE FROM active_calls WHERE node_id = ANY($1)").bind(lost).execute(&mut **tx).await?.rows_affected();
+    let calls = sqlx::query("DELETE FROM active_calls WHERE node_id = ANY($1)")
+        .bind(lost)
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
     let requests = sqlx::query(
         "UPDATE call_requests SET state = 'failed', error = $2, updated_at = now()
           WHERE state IN ('claimed', 'ringing', 'answered') AND claimed_by = ANY($1)",
@@ -231,10 +235,7 @@ mod tests {
     async fn a_pass_ends_the_rows_of_lost_nodes_only(pool: PgPool) {
         seed(&pool).await;
         let reaped = reap_once(&pool, 3).await.expect("pass").expect("lock");
-        assert_eq!(
-            reaped,
-            Reaped { nodes: vec!["gone".into()], calls: 1, requests: 1, messages: 1, expired: 1 }
-        );
+        assert_eq!(reaped, Reaped { nodes: vec!["gone".into()], calls: 1, requests: 1, messages: 1, expired: 1 });
         let cdr = sqlx::query(
             "SELECT c.attempt, c.reason, c.hangup_by, c.billable_seconds, c.cost::text AS cost,
                     c.end_at = n.heartbeat_at AS at_last_beat

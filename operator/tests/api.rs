@@ -448,7 +448,8 @@ async fn requests_expire_and_active_calls_come_from_live_nodes(pool: PgPool) {
     let (status, created) = api.send(Method::POST, "/api/calls/initiate", Some(short)).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{created}");
     assert_eq!(seconds(&created), 5, "{created}");
-    let (_, fetched) = api.send(Method::GET, &format!("/api/calls/{}", created["call_id"].as_str().unwrap()), None).await;
+    let (_, fetched) =
+        api.send(Method::GET, &format!("/api/calls/{}", created["call_id"].as_str().unwrap()), None).await;
     assert_eq!(fetched["expires_at"], created["expires_at"]);
     let mut bad = call;
     bad["expires_in_seconds"] = json!(0);

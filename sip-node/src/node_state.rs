@@ -131,7 +131,13 @@ pub(crate) async fn mark_stopped(pool: &PgPool, node_id: &str, limit: Duration) 
 /// the applied generation as soon as the snapshot changes and `draining_at` as soon as the
 /// node begins to drain. Failures are retried at the next tick or change; the watcher never
 /// waits for this task. Runs until aborted.
-pub(crate) async fn run(pool: PgPool, node: NodeIdentity, handle: SnapshotHandle, health: DbHealth, liveness: Liveness) {
+pub(crate) async fn run(
+    pool: PgPool,
+    node: NodeIdentity,
+    handle: SnapshotHandle,
+    health: DbHealth,
+    liveness: Liveness,
+) {
     let mut changes = handle.subscribe();
     let mut ticks = interval(liveness.every);
     let drain = liveness.drain.clone();

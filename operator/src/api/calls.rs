@@ -113,7 +113,10 @@ pub async fn initiate(
     }
     let expires_in = body.expires_in_seconds.unwrap_or(DEFAULT_EXPIRES_IN_SECONDS);
     if !(1..=86_400).contains(&expires_in) {
-        return Err(ApiError::invalid("expires_in_seconds", format!("{expires_in} is not between 1 and 86400 seconds")));
+        return Err(ApiError::invalid(
+            "expires_in_seconds",
+            format!("{expires_in} is not between 1 and 86400 seconds"),
+        ));
     }
     let destination = body.agent_websocket_url.as_ref().map(|url| serde_json::json!({"type": "websocket", "url": url}));
     let id = Uuid::new_v4();

@@ -247,8 +247,9 @@ impl Admission {
 
     /// Removes the node's rows (at start: a node starts with no calls).
     pub async fn clear(&self) -> Result<(), sqlx::Error> {
-        let query =
-            sqlx::query("DELETE FROM trunk_admissions WHERE node_id = $1").bind(&self.inner.node_id).execute(&self.inner.pool);
+        let query = sqlx::query("DELETE FROM trunk_admissions WHERE node_id = $1")
+            .bind(&self.inner.node_id)
+            .execute(&self.inner.pool);
         bounded(query).await.map(|_| ())
     }
 }

@@ -225,8 +225,15 @@ async fn place(ctx: Arc<CallContext>, pool: PgPool, request: CallRequest, hooks:
         Ended::unanswered(404, reason, None)
     } else {
         let target = CallTarget { agent: agent.as_deref(), media: &mut media };
-        let placing =
-            Placing { ctx: &ctx, pool: &pool, request: &request, hooks: &hooks, event: &event, call_id: &call_id, started_at: setup_at };
+        let placing = Placing {
+            ctx: &ctx,
+            pool: &pool,
+            request: &request,
+            hooks: &hooks,
+            event: &event,
+            call_id: &call_id,
+            started_at: setup_at,
+        };
         dial(&placing, &call_id, target, trunks).await
     };
     let end_at = Utc::now();
