@@ -345,6 +345,52 @@ impl Drop for Sipp {
     }
 }
 
+/// A webhook receiver on loopback: every JSON body POSTed to it, answered 200.
+async fn webhook_receiver() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let sink = Arc::clone(&sink);
+            tokio::spawn(async move {
+                let mut stream = tokio::io::BufReader::new(stream);
+                loop {
+                    let mut length = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        if stream.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some((name, value)) = line.split_once(':')
+                            && name.eq_ignore_ascii_case("content-length")
+                        {
+                            length = value.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if stream.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    if let Ok(event) = serde_json::from_slice(&body) {
+                        sink.lock().unwrap().push(event);
+                    }
+                    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                    if stream.get_mut().write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, seen)
+}
+
 /// Most answered calls up at the same time, from the CDRs' answer and end times.
 async fn peak_answered(pool: &PgPool) -> usize {
     let spans: Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> =
@@ -472,8 +518,8 @@ async fn configuration_churn_during_live_calls_loses_no_call(pool: PgPool) {
 /// Items 4 and 6: a draining node says so in its row (the operator's Synced count and request
 /// claiming leave it out); a node killed with a call up, an API call ringing nowhere and a
 /// message in flight leaves rows the reaper ends with `node lost`, and a queued request nobody
-/// takes expires. Reads of active calls joined on live nodes (as the API's) leave the dead
-/// node's calls out.
+/// takes expires; a live node then sends those requests' final webhook `failed`. Reads of
+/// active calls joined on live nodes (as the API's) leave the dead node's calls out.
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
 async fn a_lost_node_leaves_nothing_stuck(pool: PgPool) {
     if !have_sipp() {
@@ -493,16 +539,18 @@ async fn a_lost_node_leaves_nothing_stuck(pool: PgPool) {
     let sip = node.sip().await;
     let _callee = Sipp::callee(callee_port);
     let _caller = Sipp::callers(sip, 1, 1, 600_000);
+    let (hook, events) = webhook_receiver().await;
     wait_until("the call answered", LIMIT, || async {
         count(&pool, "SELECT count(*) FROM active_calls WHERE state = 'answered'").await == 1
     })
     .await;
-    sqlx::raw_sql(
-        "INSERT INTO call_requests (id, from_number, to_number, state) VALUES (gen_random_uuid(), '+15550002222', '+15559990000', 'queued');
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO call_requests (id, from_number, to_number, state, webhook_url)
+         VALUES ('00000000-0000-0000-0000-0000000000aa', '+15550002222', '+15559990000', 'queued', '{hook}');
          INSERT INTO messages (id, direction, namespace, trunk_name, from_number, to_number, body, status)
          VALUES (gen_random_uuid(), 'outbound', 'default', 'outbound', '+15550002222', '+15559990000', 'hi', 'queued');
-         SELECT pg_notify('switchboard_call_requests', 'x'), pg_notify('switchboard_messages', 'x')",
-    )
+         SELECT pg_notify('switchboard_call_requests', 'x'), pg_notify('switchboard_messages', 'x')"
+    )))
     .execute(&pool)
     .await
     .unwrap();
@@ -521,11 +569,12 @@ async fn a_lost_node_leaves_nothing_stuck(pool: PgPool) {
     .await;
     let facts = switchboard_operator::kubernetes::nodes::NodeFacts::load(&pool, Duration::from_secs(30)).await.unwrap();
     assert_eq!(facts.applied(generation), (0, 0), "a draining node does not count for Synced");
-    sqlx::raw_sql(
-        "INSERT INTO call_requests (id, from_number, to_number, state, expires_at)
-         VALUES ('00000000-0000-0000-0000-0000000000ee', '+15550002222', '+15559990000', 'queued', now() + interval '2 seconds');
-         SELECT pg_notify('switchboard_call_requests', 'x')",
-    )
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO call_requests (id, from_number, to_number, state, expires_at, webhook_url)
+         VALUES ('00000000-0000-0000-0000-0000000000ee', '+15550002222', '+15559990000', 'queued',
+                 now() + interval '2 seconds', '{hook}');
+         SELECT pg_notify('switchboard_call_requests', 'x')"
+    )))
     .execute(&pool)
     .await
     .unwrap();
@@ -575,4 +624,19 @@ async fn a_lost_node_leaves_nothing_stuck(pool: PgPool) {
         1,
         "the request queued while the only node drained was never claimed and expired"
     );
+
+    // A live node sends the reaped requests' final webhooks (it holds the signing secret).
+    let survivor = NodeProc::start(&pool, "survivor", "47000-47999");
+    let failed =
+        |id: &str| events.lock().unwrap().iter().find(|e| e["request_id"] == id && e["status"] == "failed").cloned();
+    wait_until("the final webhooks", LIMIT, || async {
+        failed("00000000-0000-0000-0000-0000000000aa").is_some()
+            && failed("00000000-0000-0000-0000-0000000000ee").is_some()
+    })
+    .await;
+    assert_eq!(failed("00000000-0000-0000-0000-0000000000aa").unwrap()["reason"], NODE_LOST);
+    let expired = failed("00000000-0000-0000-0000-0000000000ee").unwrap();
+    assert!(expired["reason"].as_str().unwrap().starts_with("expired"), "{expired}");
+    assert_eq!(count(&pool, "SELECT count(*) FROM call_requests WHERE final_webhook_pending").await, 0);
+    drop(survivor);
 }

@@ -180,6 +180,7 @@ pub async fn start(
         drain: drain.clone(),
     });
     tasks.spawn(call::route_requests(Arc::clone(&ctx), new_requests));
+    tasks.spawn(crate::sip::reaped::run(pool.clone(), signer.clone(), ctx.drain.clone()));
     tasks.spawn(originate::run(Arc::clone(&ctx), pool.clone(), signer));
     tasks.spawn(sms::run(Arc::clone(&ctx), pool.clone()));
     // Draining or stopping: un-REGISTER (its state goes through the store); on stop, then
