@@ -29,6 +29,14 @@ use switchboard_model::{
 };
 use switchboard_operator::reaper::{NODE_LOST, reap_once};
 
+// The root package is a binary: its private Postgres is compiled into this test directly.
+#[allow(dead_code)]
+#[path = "../src/postgres.rs"]
+mod postgres;
+#[allow(dead_code)]
+#[path = "../src/process.rs"]
+mod process;
+
 const DID: &str = "+15550001111";
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -170,8 +178,12 @@ struct NodeProc {
 
 impl NodeProc {
     fn start(pool: &PgPool, id: &str, rtp_ports: &str) -> NodeProc {
+        NodeProc::start_at(&url_of(pool), id, rtp_ports)
+    }
+
+    fn start_at(url: &str, id: &str, rtp_ports: &str) -> NodeProc {
         let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
-            .args(["node", "--database-url", &url_of(pool), "--node-id", id])
+            .args(["node", "--database-url", url, "--node-id", id])
             .args(["--heartbeat-interval-ms", "200", "--config-poll-interval-ms", "200"])
             .args(["--sip-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--rtp-ports", rtp_ports])
             .args(["--drain-seconds", "60"])
@@ -461,14 +473,14 @@ async fn two_nodes_hold_one_trunk_limit_between_them(pool: PgPool) {
 }
 
 /// Item 8: the trunk's configuration is changed every second, 20 times, while callers keep
-/// about 100 calls up (30 calls per second, 3 s each, 600 calls). Every call completes, every
+/// about 100 calls up (30 calls per second, 3 s each, 720 calls). Every call completes, every
 /// generation is applied by the node while calls are up.
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
 async fn configuration_churn_during_live_calls_loses_no_call(pool: PgPool) {
     if !have_sipp() {
         return;
     }
-    const CALLS: u32 = 600;
+    const CALLS: u32 = 720;
     const CHANGES: usize = 20;
     let callee_port = free_port();
     let mut carrier = trunk("carrier", &[]);
@@ -639,4 +651,56 @@ async fn a_lost_node_leaves_nothing_stuck(pool: PgPool) {
     assert!(expired["reason"].as_str().unwrap().starts_with("expired"), "{expired}");
     assert_eq!(count(&pool, "SELECT count(*) FROM call_requests WHERE final_webhook_pending").await, 0);
     drop(survivor);
+}
+
+/// Item 7, without the database: two nodes behind one trunk with `maxConcurrentCalls: 10` on a
+/// private Postgres that the test then stops. Each node admits against its share, limit / live
+/// nodes = 5: 40 callers get 10 answered calls and 30 refusals with `Retry-After`.
+#[tokio::test]
+async fn without_postgres_two_nodes_split_the_trunk_limit() {
+    if !have_sipp() {
+        return;
+    }
+    let cluster = match tokio::time::timeout(Duration::from_secs(120), postgres::PrivateCluster::start()).await {
+        Ok(Ok(cluster)) => cluster,
+        other => {
+            let why = match other {
+                Ok(Err(error)) => error.to_string(),
+                _ => "it did not start within 120 s".to_string(),
+            };
+            assert!(std::env::var_os("CI").is_none(), "CI must be able to start a private Postgres: {why}");
+            eprintln!("skipping: no private Postgres ({why})");
+            return;
+        }
+    };
+    let url = cluster.url().to_string();
+    let pool = switchboard_model::db::connect(&url, 2).await.unwrap();
+    switchboard_model::db::migrate(&pool).await.unwrap();
+    let callee_port = free_port();
+    let mut carrier = trunk("carrier", &[]);
+    carrier.max_concurrent_calls = Some(10);
+    let generation = publish(&pool, &[carrier], &[number_to_callee(callee_port)]).await;
+    let a = NodeProc::start_at(&url, "share-a", "48000-48999");
+    let b = NodeProc::start_at(&url, "share-b", "49000-49999");
+    a.wait_applied(&pool, generation).await;
+    b.wait_applied(&pool, generation).await;
+    let (sip_a, sip_b) = (a.sip().await, b.sip().await);
+    wait_until("both nodes live", LIMIT, || async { count(&pool, "SELECT count(*) FROM live_nodes").await == 2 }).await;
+    // The nodes count the live nodes every second.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    pool.close().await;
+    cluster.stop().await;
+
+    let _callee = Sipp::callee(callee_port);
+    let mut to_a = Sipp::callers(sip_a, 20, 200, 4000);
+    let mut to_b = Sipp::callers(sip_b, 20, 200, 4000);
+    let status_a = to_a.wait(Duration::from_secs(90)).await;
+    let status_b = to_b.wait(Duration::from_secs(90)).await;
+    assert!(status_a.success() && status_b.success(), "sipp failed: {}{}", to_a.errors(), to_b.errors());
+    let (on_a, on_b) = (to_a.received("200") / 2, to_b.received("200") / 2);
+    let refused = to_a.received("503") + to_b.received("503");
+    println!(
+        "Postgres stopped: 40 calls offered to 2 nodes: {on_a} answered on a, {on_b} on b, {refused} refused with 503"
+    );
+    assert_eq!((on_a, on_b, refused), (5, 5, 30), "logs:\n{}\n{}", a.dump(), b.dump());
 }
