@@ -169,11 +169,17 @@ impl Admission {
         self.state().resync.insert(key.clone());
     }
 
-    /// The worker: subtracts released calls, rewrites the rows of trunks marked for a resync
-    /// with `count(trunk)` (the node's own count of its calls), and counts the live nodes.
-    /// Runs until the task is aborted.
+    /// The worker: first adopts the rows an earlier run of this node id left (each is resynced
+    /// to the node's own count, 0 for a trunk it has no call on; retried until the database
+    /// answers, so that a node started during an outage still cleans up), then subtracts
+    /// released calls, rewrites the rows of trunks marked for a resync with `count(trunk)` (the
+    /// node's own count of its calls), and counts the live nodes. Runs until the task is aborted.
     pub async fn run(self, count: impl Fn(&TrunkKey) -> u32) {
+        let mut adopted = false;
         loop {
+            if !adopted {
+                adopted = self.adopt().await;
+            }
             tokio::select! {
                 () = self.inner.wake.notified() => {}
                 () = tokio::time::sleep(WORKER_EVERY) => {
@@ -245,12 +251,30 @@ impl Admission {
         }
     }
 
-    /// Removes the node's rows (at start: a node starts with no calls).
-    pub async fn clear(&self) -> Result<(), sqlx::Error> {
-        let query = sqlx::query("DELETE FROM trunk_admissions WHERE node_id = $1")
-            .bind(&self.inner.node_id)
-            .execute(&self.inner.pool);
-        bounded(query).await.map(|_| ())
+    /// Marks every row of this node for a resync; returns whether the database answered.
+    async fn adopt(&self) -> bool {
+        let query = sqlx::query_as::<_, (String, String)>(
+            "SELECT namespace, trunk_name FROM trunk_admissions WHERE node_id = $1 AND active > 0",
+        )
+        .bind(&self.inner.node_id)
+        .fetch_all(&self.inner.pool);
+        match bounded(query).await {
+            Ok(keys) => {
+                if !keys.is_empty() {
+                    tracing::info!(
+                        trunks = keys.len(),
+                        "resyncing the calls an earlier run of this node left admitted"
+                    );
+                    self.state().resync.extend(keys);
+                    self.inner.wake.notify_one();
+                }
+                true
+            }
+            Err(error) => {
+                tracing::debug!(%error, "cannot read this node's admitted calls yet; retrying");
+                false
+            }
+        }
     }
 }
 
@@ -316,13 +340,26 @@ mod tests {
         assert_eq!(a.admit(&key, Some(5), None).await, Verdict::Admitted);
         assert_eq!(a.admit(&key, Some(5), None).await, Verdict::Concurrent);
 
-        // Releases go through the worker; a resync writes the node's own count.
-        let worker = tokio::spawn(a.clone().run(|_| 1));
+        // Releases go through the worker; a resync writes the node's own count. A restarted b
+        // adopts its leftover rows: they are resynced to its count (none).
+        let b_again = Admission::new(pool.clone(), "b");
+        let adopter = tokio::spawn(b_again.run(|_| 0));
+        crate::test_support::wait_for("b's rows adopted", Duration::from_secs(5), || async {
+            admitted(&pool, "b").await == 0
+        })
+        .await;
+        adopter.abort();
+        // a's own count of its calls, as the limits keep it.
+        let held = Arc::new(AtomicU32::new(5));
+        let counted = Arc::clone(&held);
+        let worker = tokio::spawn(a.clone().run(move |_| counted.load(Ordering::SeqCst)));
+        held.store(4, Ordering::SeqCst);
         a.release(&key);
         crate::test_support::wait_for("the release", Duration::from_secs(5), || async {
             admitted(&pool, "a").await == 4
         })
         .await;
+        held.store(1, Ordering::SeqCst);
         a.mark_resync(&key);
         a.inner.wake.notify_one();
         crate::test_support::wait_for("the resync", Duration::from_secs(5), || async {
