@@ -174,6 +174,9 @@ struct NodeProc {
     child: Child,
     id: String,
     log: Arc<Mutex<Vec<String>>>,
+    /// The node's `--state-dir` (spool, saved configuration): the test's own, so that nothing
+    /// a killed node spooled reaches another test's database.
+    _state: tempfile::TempDir,
 }
 
 impl NodeProc {
@@ -182,8 +185,11 @@ impl NodeProc {
     }
 
     fn start_at(url: &str, id: &str, rtp_ports: &str) -> NodeProc {
+        let state = tempfile::tempdir().expect("state directory");
         let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
             .args(["node", "--database-url", url, "--node-id", id])
+            .arg("--state-dir")
+            .arg(state.path())
             .args(["--heartbeat-interval-ms", "200", "--config-poll-interval-ms", "200"])
             .args(["--sip-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--rtp-ports", rtp_ports])
             .args(["--drain-seconds", "60"])
@@ -201,7 +207,7 @@ impl NodeProc {
                 sink.lock().expect("log lock").push(line);
             }
         });
-        NodeProc { child, id: id.into(), log }
+        NodeProc { child, id: id.into(), log, _state: state }
     }
 
     fn dump(&self) -> String {

@@ -180,7 +180,8 @@ impl Ended {
 
 async fn place(ctx: Arc<CallContext>, pool: PgPool, request: CallRequest, hooks: CallHooks) {
     let _active = ctx.metrics.call_active(None);
-    let call_id = format!("{}@switchboard", Uuid::new_v4().simple());
+    let call_uuid = Uuid::new_v4();
+    let call_id = format!("{}@switchboard", call_uuid.simple());
     let setup_at = Utc::now();
     let event = |status: &'static str| StatusEvent {
         call_id: call_id.clone(),
@@ -231,7 +232,7 @@ async fn place(ctx: Arc<CallContext>, pool: PgPool, request: CallRequest, hooks:
             request: &request,
             hooks: &hooks,
             event: &event,
-            call_id: &call_id,
+            call_uuid,
             started_at: setup_at,
         };
         dial(&placing, &call_id, target, trunks).await
@@ -242,9 +243,9 @@ async fn place(ctx: Arc<CallContext>, pool: PgPool, request: CallRequest, hooks:
         let currency = ended.trunk.as_ref().map(|t| t.currency.clone()).unwrap_or_else(|| "USD".into());
         (0, cdr_cost(rust_decimal::Decimal::ZERO, 0), currency)
     } else {
-        write_cdr(&ctx, &request, &call_id, &ended, setup_at, end_at)
+        write_cdr(&ctx, &request, (call_uuid, &call_id), &ended, setup_at, end_at)
     };
-    ctx.store.record(StoreEvent::CallEnded { call_id: call_id.clone() });
+    ctx.store.record(StoreEvent::CallEnded { call_uuid });
     let answered = ended.answer_at.is_some();
     let provider = ended.trunk.as_ref().map(|t| t.provider.as_str()).unwrap_or("unknown");
     let status = if answered { CallStatus::Answered } else { CallStatus::from_final_code(ended.code) };
@@ -266,7 +267,7 @@ async fn place(ctx: Arc<CallContext>, pool: PgPool, request: CallRequest, hooks:
 fn write_cdr(
     ctx: &CallContext,
     request: &CallRequest,
-    call_id: &str,
+    (call_uuid, call_id): (Uuid, &str),
     ended: &Ended,
     call_setup: chrono::DateTime<Utc>,
     end_at: chrono::DateTime<Utc>,
@@ -276,6 +277,7 @@ fn write_cdr(
     let cost = cdr_cost(rate, billable);
     let currency = ended.trunk.as_ref().map(|t| t.currency.clone()).unwrap_or_else(|| "USD".into());
     ctx.store.record(StoreEvent::Cdr(CdrRecord {
+        call_uuid,
         call_id: call_id.to_string(),
         attempt: ended.attempt,
         namespace: ended.trunk.as_ref().map(|t| t.namespace.clone()),
@@ -322,8 +324,8 @@ struct Placing<'a> {
     hooks: &'a CallHooks,
     /// The request's status callback for a status.
     event: &'a (dyn Fn(&'static str) -> StatusEvent<'a> + Sync),
-    /// The call's id in `active_calls` and its CDRs (each attempt's INVITE has its own Call-ID).
-    call_id: &'a str,
+    /// The node's id of the call: the key of its `active_calls` row and of its CDRs.
+    call_uuid: Uuid,
     /// When the node took the request (the `active_calls` row's start).
     started_at: chrono::DateTime<Utc>,
 }
@@ -365,6 +367,7 @@ async fn dial(
                 let attempt_setup = Utc::now();
                 // The call's row names the trunk of the attempt in progress.
                 ctx.store.record(StoreEvent::CallStarted(ActiveCall {
+                    call_uuid: placing.call_uuid,
                     call_id: call_id.to_string(),
                     namespace: Some(trunk.namespace.clone()),
                     trunk_name: Some(trunk.name.clone()),
@@ -392,7 +395,7 @@ async fn dial(
                     return ended;
                 }
                 tracing::info!(attempt, code = ended.code, reason = %ended.reason, "API call attempt failed; trying the next");
-                write_cdr(ctx, request, call_id, &ended, placing.started_at, Utc::now());
+                write_cdr(ctx, request, (placing.call_uuid, call_id), &ended, placing.started_at, Utc::now());
                 // The last failed attempt is the call's outcome; its CDR is written.
                 last = Ended { cdr_written: true, ..ended };
             }
@@ -448,7 +451,11 @@ async fn one_attempt(
                 ended.failover = failover;
                 return ended;
             }
-            InviteEvent::Cancelled => return failed(487, "cancelled".into(), ring_at),
+            InviteEvent::Cancelled => {
+                let mut ended = failed(487, crate::drain::NODE_SHUTDOWN.into(), ring_at);
+                ended.failover = false;
+                return ended;
+            }
         }
     };
     let (tx, rx) = client.into_channel();
@@ -488,7 +495,7 @@ async fn answered(
         _ => None,
     };
     let answer_at = Utc::now();
-    ctx.store.record(StoreEvent::CallAnswered { call_id: placing.call_id.to_string(), at: answer_at });
+    ctx.store.record(StoreEvent::CallAnswered { call_uuid: placing.call_uuid, at: answer_at });
     placing.report("answered", call_id).await;
     let agent = target.agent.zip(negotiated).zip(target.media.take());
     let (hangup_by, reason) = match agent {
@@ -585,6 +592,12 @@ async fn hold_until_hangup(
                 None => return (HangupBy::System, "internal: channel closed".into()),
                 _ => {}
             },
+            () = ctx.drain.ending() => {
+                let why = crate::drain::NODE_SHUTDOWN;
+                let bye = dialog.bye(ctx.endpoint.via_for(dialog.peer), &[message::HangupReason::normal(why).header()]);
+                ctx.endpoint.send_request(bye, dialog.peer, tx.clone());
+                return (HangupBy::System, why.into());
+            }
             () = &mut limit => {
                 let why = "maximum call duration reached";
                 let bye = dialog.bye(ctx.endpoint.via_for(dialog.peer), &[message::HangupReason::normal(why).header()]);
