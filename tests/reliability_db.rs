@@ -39,6 +39,9 @@ mod process;
 
 const DID: &str = "+15550001111";
 const LIMIT: Duration = Duration::from_secs(30);
+/// How long an answered call of the limit tests lasts: far longer than offering all 40 calls
+/// takes (0.1 s at 200 calls/s), so that no call ends and frees a slot before the last offer.
+const HOLD_MS: u32 = 8000;
 
 /// Whether sipp can run here; with `CI` set its absence is a failure.
 fn have_sipp() -> bool {
@@ -430,7 +433,7 @@ async fn count(pool: &PgPool, sql: &str) -> i64 {
 }
 
 /// Item 7: two nodes behind one trunk with `maxConcurrentCalls: 10`; 40 callers at once, 20 to
-/// each node, each holding an answered call for 4 s. Exactly 10 are answered (never more than
+/// each node, each holding an answered call for 8 s. Exactly 10 are answered (never more than
 /// 10 up at once, by the CDRs' times), the other 30 get 503 with `Retry-After`; once the calls
 /// end, the trunk's admitted count is back to 0.
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
@@ -451,8 +454,8 @@ async fn two_nodes_hold_one_trunk_limit_between_them(pool: PgPool) {
     // Both nodes must see each other live before the calls (heartbeats every 200 ms).
     wait_until("both nodes live", LIMIT, || async { count(&pool, "SELECT count(*) FROM live_nodes").await == 2 }).await;
 
-    let mut to_a = Sipp::callers(sip_a, 20, 200, 4000);
-    let mut to_b = Sipp::callers(sip_b, 20, 200, 4000);
+    let mut to_a = Sipp::callers(sip_a, 20, 200, HOLD_MS);
+    let mut to_b = Sipp::callers(sip_b, 20, 200, HOLD_MS);
     let status_a = to_a.wait(Duration::from_secs(60)).await;
     let status_b = to_b.wait(Duration::from_secs(60)).await;
     assert!(status_a.success() && status_b.success(), "sipp failed: {}{}", to_a.errors(), to_b.errors());
@@ -698,8 +701,8 @@ async fn without_postgres_two_nodes_split_the_trunk_limit() {
     cluster.stop().await;
 
     let _callee = Sipp::callee(callee_port);
-    let mut to_a = Sipp::callers(sip_a, 20, 200, 4000);
-    let mut to_b = Sipp::callers(sip_b, 20, 200, 4000);
+    let mut to_a = Sipp::callers(sip_a, 20, 200, HOLD_MS);
+    let mut to_b = Sipp::callers(sip_b, 20, 200, HOLD_MS);
     let status_a = to_a.wait(Duration::from_secs(90)).await;
     let status_b = to_b.wait(Duration::from_secs(90)).await;
     assert!(status_a.success() && status_b.success(), "sipp failed: {}{}", to_a.errors(), to_b.errors());
