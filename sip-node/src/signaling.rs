@@ -183,7 +183,7 @@ pub async fn start(
             metrics.track_kernel_packets(|| engine.kernel_packets());
         }
     }
-    let limits = shared_limits(&pool, node_id, tasks).await.counted(metrics.clone());
+    let limits = shared_limits(&pool, node_id, tasks).counted(metrics.clone());
     let ctx = Arc::new(CallContext {
         endpoint,
         snapshot: snapshot.clone(),
@@ -201,6 +201,7 @@ pub async fn start(
         drain: drain.clone(),
     });
     tasks.spawn(call::route_requests(Arc::clone(&ctx), new_requests));
+    tasks.spawn(crate::sip::reaped::run(pool.clone(), signer.clone(), ctx.drain.clone()));
     tasks.spawn(originate::run(Arc::clone(&ctx), pool.clone(), signer));
     tasks.spawn(sms::run(Arc::clone(&ctx), pool.clone()));
     // Draining or stopping: un-REGISTER (its state goes through the store); on stop, then
@@ -272,13 +273,10 @@ fn rate_of(snapshot: SnapshotHandle) -> crate::store::spool::RateOf {
     })
 }
 
-/// Trunk limits held across nodes (`sip/admission.rs`): the node's rows of an earlier run are
-/// removed first (it has no calls yet), then the worker that writes releases starts.
-async fn shared_limits(pool: &PgPool, node_id: &str, tasks: &mut JoinSet<()>) -> Limits {
+/// Trunk limits held across nodes (`sip/admission.rs`), with the worker that writes releases
+/// and resyncs (it also adopts the rows an earlier run of this node id left).
+fn shared_limits(pool: &PgPool, node_id: &str, tasks: &mut JoinSet<()>) -> Limits {
     let admission = Admission::new(pool.clone(), node_id);
-    if let Err(error) = admission.clear().await {
-        tracing::warn!(%error, "cannot clear this node's admitted calls of an earlier run: {error}");
-    }
     let limits = Limits::shared(admission.clone());
     let counter = limits.clone();
     tasks.spawn(admission.run(move |(namespace, trunk)| counter.active(namespace, trunk)));

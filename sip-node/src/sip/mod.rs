@@ -11,6 +11,7 @@ pub mod limits;
 pub mod message;
 pub mod originate;
 pub mod queue;
+pub mod reaped;
 pub mod registration;
 pub mod resolve;
 pub mod routing;
