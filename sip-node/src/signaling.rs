@@ -14,8 +14,9 @@ use crate::config::SnapshotHandle;
 use crate::drain::Drain;
 use crate::metrics::NodeMetrics;
 use crate::sip::call::{self, CallContext, MediaContext};
-use crate::sip::digest::Challenger;
+use crate::sip::digest::{self, Challenger};
 use crate::sip::endpoint::Endpoint;
+use crate::sip::guard::{Guard, GuardArgs};
 use crate::sip::limits::Limits;
 use crate::sip::resolve::Resolver;
 use crate::sip::transaction::TimerConfig;
@@ -94,6 +95,10 @@ pub struct SipArgs {
     /// Calls routed to AI agents: when to answer, connect timeout.
     #[command(flatten)]
     pub agent: crate::bridge::answer::AgentArgs,
+
+    /// Flood guard (unknown sources, per-source caps) and digest nonces.
+    #[command(flatten)]
+    pub guard: crate::sip::guard::GuardArgs,
 }
 
 /// Where a started node listens (the ports may have been chosen by the OS).
@@ -125,21 +130,38 @@ pub async fn start(
     tasks.spawn(follow_config(snapshot.clone(), metrics.clone()));
     let t1 = Duration::from_millis(args.sip_t1_ms);
     let timers = TimerConfig { t1, t2: (t1 * 8).max(Duration::from_secs(4)), t4: Duration::from_secs(5) };
+    let challenger = challenger(&args.guard)?;
+    let guard = Guard::new(&args.guard, args.per_source_rate, &snapshot.current());
+    tasks.spawn(Arc::clone(&guard).follow(snapshot.clone()));
+    {
+        let (sources, held) = (Arc::clone(&guard), Arc::clone(&guard));
+        metrics.track_flood_guard(
+            move || sources.tracked_sources(),
+            move || {
+                [
+                    ("server_transactions", held.transactions.total()),
+                    ("call_setups", held.call_setups.total()),
+                    ("tcp_connections", held.tcp_connections.total()),
+                ]
+            },
+        );
+    }
     let (received_tx, received_rx) = mpsc::channel(RECEIVE_QUEUE);
     let transport = TransportLayer::bind(
         &TransportConfig {
             listen: args.sip_listen.clone(),
             advertised_host: args.advertised_host.clone(),
             advertised_port: args.advertised_port,
-            per_source_rate: args.per_source_rate,
         },
         received_tx,
+        Arc::clone(&guard),
         metrics.clone(),
     )
     .await
     .with_context(|| format!("cannot listen for SIP on {:?}", args.sip_listen))?;
     tracing::info!(sip = %transport.local_addr(), "SIP listening on UDP and TCP");
-    let (endpoint, new_requests) = Endpoint::start(Arc::clone(&transport), received_rx, timers, metrics.clone());
+    let (endpoint, new_requests) =
+        Endpoint::start(Arc::clone(&transport), received_rx, timers, Arc::clone(&guard), metrics.clone());
 
     let signer = match &args.webhook_secret {
         Some(secret) => Signer::new(secret.as_bytes()),
@@ -168,7 +190,8 @@ pub async fn start(
         store,
         metrics: metrics.clone(),
         resolver: Resolver::from_system(),
-        challenger: Challenger::new(rand::random(), "switchboard".into(), Duration::from_secs(300)),
+        challenger,
+        guard,
         node_id: node_id.to_string(),
         timers,
         pool: pool.clone(),
@@ -211,6 +234,23 @@ pub async fn start(
         }
     });
     Ok(Listening { sip: transport.local_addr(), http })
+}
+
+/// The digest challenger: nonces signed with the configured secret (shared by the nodes behind
+/// one address, so that any of them accepts the others' nonces), or a random one per node.
+fn challenger(args: &GuardArgs) -> anyhow::Result<Challenger> {
+    let ttl = Duration::from_secs(args.nonce_ttl_seconds);
+    let key = match args.nonce_secret().context("--nonce-secret-file")? {
+        Some(secret) => digest::nonce_key(&secret),
+        None => {
+            tracing::info!(
+                "no SWITCHBOARD_NONCE_SECRET / --nonce-secret-file: digest nonces are per node, so behind one \
+                 address a challenge answered to another node is challenged again"
+            );
+            rand::random()
+        }
+    };
+    Ok(Challenger::new(key, "switchboard".into(), ttl))
 }
 
 /// Keeps the configuration gauges (generation, per-provider rates) in step with the snapshot.

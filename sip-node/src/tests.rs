@@ -39,6 +39,7 @@ fn args(database_url: &str) -> NodeArgs {
             media_timeout_seconds: 30,
             final_codes: crate::sip::routing::DEFAULT_FINAL_CODES.to_vec(),
             agent: crate::bridge::answer::AgentArgs::default(),
+            guard: crate::sip::guard::GuardArgs::default(),
         },
     }
 }

@@ -136,7 +136,7 @@ impl Node {
         credentials: Vec<Credential>,
         tune: impl FnOnce(&mut SipArgs),
     ) -> Node {
-        sqlx::query("INSERT INTO nodes (node_id, hostname, version) VALUES ('sipp-node', 'test', 'test')")
+        sqlx::query("INSERT INTO nodes (node_id, hostname, version) VALUES ('sipp-node', 'test', 'test') ON CONFLICT DO NOTHING")
             .execute(pool)
             .await
             .unwrap();
@@ -159,6 +159,7 @@ impl Node {
             media_timeout_seconds: 30,
             final_codes: switchboard_node::sip::routing::DEFAULT_FINAL_CODES.to_vec(),
             agent: switchboard_node::bridge::answer::AgentArgs::default(),
+            guard: switchboard_node::sip::guard::GuardArgs::default(),
         };
         tune(&mut args);
         let drain = Drain::default();
