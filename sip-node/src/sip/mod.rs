@@ -6,6 +6,7 @@ pub mod call;
 pub mod dialog;
 pub mod digest;
 pub mod endpoint;
+pub mod guard;
 pub mod invite_client;
 pub mod limits;
 pub mod message;
