@@ -495,6 +495,8 @@ async fn operator_on_a_real_cluster() {
     let _node = Process(
         Command::new(env!("CARGO_BIN_EXE_switchboard"))
             .args(["node", "--node-id", &format!("e2e-node-{}", setup.suffix)])
+            .arg("--state-dir")
+            .arg(setup.dir.path().join("node-state"))
             .args(["--sip-listen", &format!("127.0.0.1:{}", free_port())])
             .args(["--http-listen", &format!("127.0.0.1:{}", free_port())])
             .args(["--rtp-ports", &format!("{rtp}-{}", rtp + 19)])

@@ -14,6 +14,9 @@
 //! - its admitted calls (`trunk_admissions`, the cross-node trunk limits) are given back.
 //!
 //! Queued call requests past their `expires_at` are `failed` with `expired` in the same pass.
+//! A failed request with a webhook is marked `final_webhook_pending` and announced on
+//! [`REAPED_CHANNEL`]: a live node sends the webhook's `failed` event (the nodes hold the
+//! webhook signing secret, the operator does not).
 //! Every replica of the operator (and local mode) runs a reaper; a transaction-level advisory
 //! lock lets one pass run at a time, and the others skip theirs. Every statement is idempotent:
 //! a pass that fails halfway is rolled back and redone by the next.
@@ -27,6 +30,8 @@ use tokio_util::sync::CancellationToken;
 const LOCK_KEY: i64 = 0x0073_622d_7265_6170;
 /// The reason written into CDRs, requests and messages of a lost node.
 pub const NODE_LOST: &str = "node lost";
+/// Channel on which a pass announces requests whose final webhook a node should send.
+pub const REAPED_CHANNEL: &str = "switchboard_call_requests_reaped";
 
 /// Settings of the reaper.
 #[derive(clap::Args, Debug, Clone)]
@@ -86,12 +91,15 @@ pub async fn reap_once(pool: &PgPool, after_heartbeats: u32) -> Result<Option<Re
     reaped.expired = sqlx::query(
         "UPDATE call_requests
             SET state = 'failed', error = 'expired: no SIP node claimed the request before its expires_at',
-                updated_at = now()
+                final_webhook_pending = webhook_url IS NOT NULL, updated_at = now()
           WHERE state = 'queued' AND expires_at <= now()",
     )
     .execute(&mut *tx)
     .await?
     .rows_affected();
+    if reaped.requests + reaped.expired > 0 {
+        sqlx::query("SELECT pg_notify($1, '')").bind(REAPED_CHANNEL).execute(&mut *tx).await?;
+    }
     tx.commit().await?;
     Ok(Some(reaped))
 }
@@ -100,11 +108,14 @@ pub async fn reap_once(pool: &PgPool, after_heartbeats: u32) -> Result<Option<Re
 async fn end_lost(tx: &mut Transaction<'_, Postgres>, lost: &[String]) -> Result<Reaped, sqlx::Error> {
     // The CDR of a call the node never ended: the attempt after the last one it wrote, ended at
     // the node's last heartbeat (the last moment the call is known to have been up), billed per
-    // second rounded up as the node bills (store/billing.rs).
+    // second rounded up as the node bills (store/billing.rs). Keyed by the node's call id, as
+    // the `node lost` CDR a restarted node replays from its spool is: whichever comes first
+    // stays, the other is a conflict.
     sqlx::query(
-        "INSERT INTO cdrs (call_id, attempt, node_id, namespace, trunk_name, provider, direction, from_number,
-            to_number, setup_at, answer_at, end_at, reason, hangup_by, billable_seconds, cost, currency)
-         SELECT c.call_id, coalesce((SELECT max(attempt) FROM cdrs p WHERE p.call_id = c.call_id), 0) + 1,
+        "INSERT INTO cdrs (call_uuid, call_id, attempt, node_id, namespace, trunk_name, provider, direction,
+            from_number, to_number, setup_at, answer_at, end_at, reason, hangup_by, billable_seconds, cost, currency)
+         SELECT c.call_uuid, c.call_id,
+            coalesce((SELECT max(attempt) FROM cdrs p WHERE p.call_uuid = c.call_uuid), 0) + 1,
             c.node_id, c.namespace, c.trunk_name, c.provider, c.direction, c.from_number, c.to_number,
             c.started_at, c.answered_at, e.end_at, $2, 'system', e.billable,
             round(coalesce(CASE c.direction WHEN 'outbound' THEN t.rate_outbound_per_minute
@@ -130,7 +141,8 @@ async fn end_lost(tx: &mut Transaction<'_, Postgres>, lost: &[String]) -> Result
         .await?
         .rows_affected();
     let requests = sqlx::query(
-        "UPDATE call_requests SET state = 'failed', error = $2, updated_at = now()
+        "UPDATE call_requests SET state = 'failed', error = $2, final_webhook_pending = webhook_url IS NOT NULL,
+                updated_at = now()
           WHERE state IN ('claimed', 'ringing', 'answered') AND claimed_by = ANY($1)",
     )
     .bind(lost)
@@ -209,19 +221,25 @@ mod tests {
                 options_interval_seconds, failover_timeout_seconds, rate_inbound_per_minute, spec_hash, config_generation)
              VALUES ('ns', 't', 'p', '[]', 'none', false, 3600, true, true, '{PCMU}', true, 30, 30, 5, 0.6, 'h', 1)",
             // Answered 60 s before the node's last heartbeat: 60 billable seconds at 0.6/min.
-            "INSERT INTO active_calls (call_id, node_id, namespace, trunk_name, provider, direction, from_number,
-                to_number, state, started_at, answered_at)
-             VALUES ('c1', 'gone', 'ns', 't', 'p', 'inbound', '+1', '+2', 'answered', now() - interval '81 seconds',
-                     now() - interval '80 seconds'),
-                    ('c2', 'alive', 'ns', 't', 'p', 'inbound', '+1', '+2', 'setup', now(), NULL)",
-            // c1 failed over once already.
-            "INSERT INTO cdrs (call_id, attempt, node_id, direction, from_number, to_number, setup_at, end_at)
-             VALUES ('c1', 1, 'gone', 'inbound', '+1', '+2', now() - interval '81 seconds', now() - interval '81 seconds')",
-            "INSERT INTO call_requests (id, from_number, to_number, state, claimed_by, expires_at) VALUES
-                ('00000000-0000-0000-0000-000000000001', '+1', '+2', 'answered', 'gone', now() + interval '1 minute'),
-                ('00000000-0000-0000-0000-000000000002', '+1', '+2', 'ringing', 'alive', now() + interval '1 minute'),
-                ('00000000-0000-0000-0000-000000000003', '+1', '+2', 'queued', NULL, now() - interval '1 second'),
-                ('00000000-0000-0000-0000-000000000004', '+1', '+2', 'queued', NULL, now() + interval '1 minute')",
+            "INSERT INTO active_calls (call_uuid, call_id, node_id, namespace, trunk_name, provider, direction,
+                from_number, to_number, state, started_at, answered_at)
+             VALUES ('00000000-0000-0000-0000-0000000000c1', 'c1', 'gone', 'ns', 't', 'p', 'inbound', '+1', '+2',
+                     'answered', now() - interval '81 seconds', now() - interval '80 seconds'),
+                    ('00000000-0000-0000-0000-0000000000c2', 'c2', 'alive', 'ns', 't', 'p', 'inbound', '+1', '+2',
+                     'setup', now(), NULL)",
+            // c1 failed over once already; another call that reused its Call-ID does not count.
+            "INSERT INTO cdrs (call_uuid, call_id, attempt, node_id, direction, from_number, to_number, setup_at, end_at)
+             VALUES ('00000000-0000-0000-0000-0000000000c1', 'c1', 1, 'gone', 'inbound', '+1', '+2',
+                     now() - interval '81 seconds', now() - interval '81 seconds'),
+                    ('00000000-0000-0000-0000-0000000000f1', 'c1', 1, 'gone', 'inbound', '+1', '+2',
+                     now() - interval '1 day', now() - interval '1 day'),
+                    ('00000000-0000-0000-0000-0000000000f1', 'c1', 2, 'gone', 'inbound', '+1', '+2',
+                     now() - interval '1 day', now() - interval '1 day')",
+            "INSERT INTO call_requests (id, from_number, to_number, state, claimed_by, expires_at, webhook_url) VALUES
+                ('00000000-0000-0000-0000-000000000001', '+1', '+2', 'answered', 'gone', now() + interval '1 minute', 'http://h/1'),
+                ('00000000-0000-0000-0000-000000000002', '+1', '+2', 'ringing', 'alive', now() + interval '1 minute', 'http://h/2'),
+                ('00000000-0000-0000-0000-000000000003', '+1', '+2', 'queued', NULL, now() - interval '1 second', NULL),
+                ('00000000-0000-0000-0000-000000000004', '+1', '+2', 'queued', NULL, now() + interval '1 minute', NULL)",
             "INSERT INTO messages (id, direction, from_number, to_number, body, status, claimed_by) VALUES
                 ('00000000-0000-0000-0000-00000000000a', 'outbound', '+1', '+2', 'x', 'sending', 'gone'),
                 ('00000000-0000-0000-0000-00000000000b', 'outbound', '+1', '+2', 'x', 'sending', 'alive')",
@@ -239,7 +257,8 @@ mod tests {
         let cdr = sqlx::query(
             "SELECT c.attempt, c.reason, c.hangup_by, c.billable_seconds, c.cost::text AS cost,
                     c.end_at = n.heartbeat_at AS at_last_beat
-               FROM cdrs c JOIN nodes n USING (node_id) WHERE call_id = 'c1' AND attempt = 2",
+               FROM cdrs c JOIN nodes n USING (node_id)
+              WHERE call_uuid = '00000000-0000-0000-0000-0000000000c1' AND attempt = 2",
         )
         .fetch_one(&pool)
         .await
@@ -255,6 +274,12 @@ mod tests {
         assert_eq!(calls, ["c2"]);
         let states: Vec<(String, Option<String>)> =
             sqlx::query_as("SELECT state, error FROM call_requests ORDER BY id").fetch_all(&pool).await.unwrap();
+        // Only the failed request with a webhook is owed its final event.
+        let owed: Vec<bool> = sqlx::query_scalar("SELECT final_webhook_pending FROM call_requests ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(owed, [true, false, false, false]);
         assert_eq!(states[0], ("failed".into(), Some(NODE_LOST.into())));
         assert_eq!(states[1].0, "ringing");
         assert_eq!(states[2].0, "failed");

@@ -377,6 +377,24 @@ async fn initiate_queues_a_call_request(pool: PgPool) {
 
     let (status, body) = api.send(Method::GET, "/api/calls/active", None).await;
     assert_eq!((status, body), (StatusCode::OK, json!([])));
+
+    // Two calls whose carrier used one Call-ID are two calls, each with the node's own id.
+    for uuid in ["6f9619ff-8b86-d011-b42d-00c04fc964ff", "7f9619ff-8b86-d011-b42d-00c04fc964ff"] {
+        sqlx::query(
+            "INSERT INTO active_calls (call_uuid, call_id, node_id, direction, from_number, to_number, state)
+             VALUES ($1::uuid, 'reused@carrier', 'n1', 'inbound', '+15551234567', '+19876543210', 'answered')",
+        )
+        .bind(uuid)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let (status, body) = api.send(Method::GET, "/api/calls/active", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut ids: Vec<&str> = body.as_array().unwrap().iter().map(|c| c["call_uuid"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["6f9619ff-8b86-d011-b42d-00c04fc964ff", "7f9619ff-8b86-d011-b42d-00c04fc964ff"]);
+    assert!(body.as_array().unwrap().iter().all(|c| c["call_id"] == "reused@carrier"), "{body}");
 }
 
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
@@ -460,8 +478,8 @@ async fn requests_expire_and_active_calls_come_from_live_nodes(pool: PgPool) {
         "INSERT INTO nodes (node_id, hostname, version, heartbeat_at, heartbeat_interval_ms)
          VALUES ('live', 'h', 'v', now(), 5000), ('dead', 'h', 'v', now() - interval '1 minute', 5000);
          INSERT INTO active_calls (call_id, node_id, namespace, trunk_name, direction, from_number, to_number, state)
-         VALUES ('on-live', 'live', 'default', 't', 'inbound', '+1', '+2', 'answered'),
-                ('on-dead', 'dead', 'default', 't', 'inbound', '+1', '+2', 'answered')",
+         VALUES ('on-live', 'live', 'default', 'skyetel-main', 'inbound', '+1', '+2', 'answered'),
+                ('on-dead', 'dead', 'default', 'skyetel-main', 'inbound', '+1', '+2', 'answered')",
     )
     .execute(&pool)
     .await
@@ -470,4 +488,9 @@ async fn requests_expire_and_active_calls_come_from_live_nodes(pool: PgPool) {
     assert_eq!(status, StatusCode::OK);
     let ids: Vec<&str> = body.as_array().unwrap().iter().map(|c| c["call_id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["on-live"]);
+    // The trunk counters too.
+    let (status, body) = api.send(Method::POST, "/api/trunks", Some(skyetel())).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (_, body) = api.send(Method::GET, "/api/trunks/stats/summary", None).await;
+    assert_eq!((&body["trunks"][0]["active_calls"], &body["total"]["active_calls"]), (&json!(1), &json!(1)), "{body}");
 }
