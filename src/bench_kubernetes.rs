@@ -91,9 +91,19 @@ fn rss(pid: u32) -> Option<(u64, u64)> {
 /// Objects of `kind` not yet Ready with their generation observed.
 async fn not_ready(client: &Client, namespace: &str, kind: &str) -> anyhow::Result<usize> {
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), namespace, &resource(kind));
-    let list = api.list(&ListParams::default()).await?;
-    Ok(list
-        .items
+    // Pages of 500: one list of 10,000 objects can outlast the server's 60 s request timeout
+    // on a loaded machine.
+    let mut items = Vec::new();
+    let mut params = ListParams::default().limit(500);
+    loop {
+        let page = api.list(&params).await?;
+        items.extend(page.items);
+        match page.metadata.continue_.filter(|c| !c.is_empty()) {
+            Some(token) => params = params.continue_token(&token),
+            None => break,
+        }
+    }
+    Ok(items
         .iter()
         .filter(|o| {
             let status = &o.data["status"];
@@ -211,7 +221,14 @@ async fn run(
     loop {
         let mut waiting = 0;
         for kind in ["Trunk", "RoutingRule", "PhoneNumber"] {
-            waiting += not_ready(client, namespace, kind).await?;
+            match not_ready(client, namespace, kind).await {
+                Ok(n) => waiting += n,
+                // A timed-out list is no answer: ask again.
+                Err(error) => {
+                    eprintln!("listing {kind}s failed ({error}); retrying");
+                    waiting += 1;
+                }
+            }
         }
         if waiting == 0 {
             break;
