@@ -108,6 +108,13 @@ fn cross_field_rules_agree_between_cel_and_rust() {
     inbound_without_destination["spec"].as_object_mut().unwrap().remove("destination");
     cases.push(("inbound needs destination", inbound_without_destination, "destination"));
 
+    let mut tls = trunk.clone();
+    tls["spec"]["gateways"][0]["transport"] = json!("TLS");
+    cases.push(("TLS is unsupported", tls, "TLS is not supported"));
+    let mut certificate = trunk.clone();
+    certificate["spec"]["authMethod"] = json!("certificate");
+    cases.push(("certificate is unsupported", certificate, "authMethod certificate is not supported"));
+
     for (name, object, needle) in cases {
         let from_cel = cel(&object).expect_err(name);
         let from_rust = rust_check(&object).expect_err(name);

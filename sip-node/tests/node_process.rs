@@ -34,6 +34,8 @@ impl Node {
             .args(["--sip-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "info")
+            // Nodes refuse to start without one (webhook signatures must be verifiable).
+            .env("SWITCHBOARD_WEBHOOK_SECRET", "node-process-test-webhook-secret")
             .env_remove("SWITCHBOARD_LOG_FORMAT")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -276,6 +278,20 @@ async fn an_unusable_agent_ca_file_stops_the_node_at_start_up(pool: PgPool) {
     let (status, log) = node.exited().await;
     assert!(!status.success(), "{log}");
     assert!(log.contains("--agent-ca-file") && log.contains("/nonexistent/agents-ca.pem"), "{log}");
+}
+
+/// A node without a webhook secret (or with a short one) does not start: with a random key of
+/// its own, nobody could verify the signatures of its status callbacks and message webhooks.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_node_without_a_webhook_secret_does_not_start(pool: PgPool) {
+    let node = Node::start_with(&url_of(&pool), "proc-node-nosecret", &["--webhook-secret="]);
+    let (status, log) = node.exited().await;
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("no webhook secret: set SWITCHBOARD_WEBHOOK_SECRET"), "{log}");
+    let node = Node::start_with(&url_of(&pool), "proc-node-shortsecret", &["--webhook-secret", "short"]);
+    let (status, log) = node.exited().await;
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("at least 16"), "{log}");
 }
 
 /// The address a `key=ADDR` field of the first log line containing `message` names.

@@ -9,9 +9,27 @@ use std::sync::Arc;
 
 use rand::Rng as _;
 use regex::Regex;
-use switchboard_model::{DestinationType, GatewayConfig, NumberConfig, RuleConfig, TrunkConfig, TrunkSelection};
+use switchboard_model::{
+    DestinationType, GatewayConfig, NumberConfig, RuleConfig, Transport, TrunkConfig, TrunkSelection,
+};
 
+use super::transport::Protocol;
 use crate::config::Snapshot;
+
+/// Why a TLS gateway is skipped.
+pub const TLS_UNSUPPORTED: &str = "transport TLS is not supported (no SIP over TLS yet); the gateway is skipped";
+
+/// The socket protocol of a gateway's transport. `None` for TLS: the node has no SIP over TLS
+/// yet (the operator refuses such trunks with reason `Unsupported`), and a TLS gateway that
+/// reaches the node anyway (rows an older operator wrote) is skipped, never sent plaintext UDP
+/// on its TLS port. (It used to be `Tcp => Tcp, _ => Udp`.)
+pub fn signaling_protocol(transport: Transport) -> Option<Protocol> {
+    match transport {
+        Transport::Udp => Some(Protocol::Udp),
+        Transport::Tcp => Some(Protocol::Tcp),
+        Transport::Tls => None,
+    }
+}
 
 /// Where an inbound call goes once its number is known.
 #[derive(Debug, Clone, PartialEq)]
