@@ -516,7 +516,7 @@ mod tests {
         generate(dir.path(), 3, 5062).unwrap();
         let state = FolderSource::new(dir.path()).read().unwrap();
         assert!(state.problems.is_empty() && state.broken.is_empty(), "{:?} {:?}", state.problems, state.broken);
-        assert_eq!(state.resources.len(), 4);
+        assert_eq!(state.resources.len(), 5, "3 trunks, the number and the outbound rule");
         for resource in &state.resources {
             switchboard_operator::validate::validate(&resource.key, &resource.spec).unwrap();
         }
