@@ -180,6 +180,15 @@ async fn waits_for_an_unreachable_database_and_stops_on_sigterm() {
     assert!(node.logged("postgres://postgres:***@127.0.0.1:1/postgres"), "{}", node.dump());
     let (status, log) = node.terminate().await;
     assert!(status.success(), "exit status {status}; log:\n{log}");
+
+    // libpq's other way of writing the password, as a query parameter, is masked too.
+    let node =
+        Node::start("postgres://postgres@127.0.0.1:1/postgres?sslmode=disable&password=hunter3", "proc-unreachable");
+    node.wait_for_log("database unreachable").await;
+    assert!(!node.logged("hunter3"), "the password was logged:\n{}", node.dump());
+    assert!(node.logged("postgres://postgres@127.0.0.1:1/postgres?sslmode=disable&password=***"), "{}", node.dump());
+    let (status, log) = node.terminate().await;
+    assert!(status.success(), "exit status {status}; log:\n{log}");
 }
 
 /// A TCP proxy in front of Postgres that a test can cut and restore, to stage an outage
