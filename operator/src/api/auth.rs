@@ -80,7 +80,8 @@ impl Scope {
     }
 }
 
-/// The scope a route needs: GETs `read`, trunk writes `trunks`, placing calls `calls`, sending
+/// The scope a request needs, from its method and path (the middleware runs only for requests
+/// that matched a route): GETs `read`, trunk writes `trunks`, placing calls `calls`, sending
 /// messages `sms`; anything else under `/api` (a route added later) `admin`, so that a new
 /// route is closed until someone decides who may use it.
 pub fn required_scope(method: &axum::http::Method, route: &str) -> Scope {

@@ -107,13 +107,18 @@ pub struct InitiateCall {
     /// Caller id (E.164), one of this deployment's numbers.
     #[schema(example = "+15551234567")]
     pub from_number: String,
-    /// Destination (E.164).
+    /// Destination (E.164); an outbound RoutingRule in the from-number's namespace must match it
+    /// (403 `destination_not_allowed` otherwise).
     #[schema(example = "+19876543210")]
     pub to_number: String,
-    /// Status callbacks (initiated, ringing, answered, completed) are POSTed here.
+    /// Status callbacks (initiated, ringing, answered, completed) are POSTed here. Must be a
+    /// public target: loopback, link-local, private and cluster-internal hosts are refused (422)
+    /// unless the deployment allow-lists them (`SWITCHBOARD_EGRESS_ALLOW`); redirects are not
+    /// followed.
     #[serde(default)]
     pub webhook_url: Option<String>,
-    /// Bridge the answered call to this AI agent (ws:// or wss://, Twilio Media Streams).
+    /// Bridge the answered call to this AI agent (ws:// or wss://, Twilio Media Streams); the
+    /// same target rule as `webhook_url`.
     #[serde(default)]
     pub agent_websocket_url: Option<String>,
     /// Or handle the answered call as this inbound RoutingRule says.
@@ -450,6 +455,7 @@ pub struct SendSms {
     /// One of this deployment's numbers (its trunk sends the message).
     #[schema(example = "+15551234567")]
     pub from_number: String,
+    /// Destination (E.164); an outbound RoutingRule in the from-number's namespace must match it.
     #[schema(example = "+19876543210")]
     pub to_number: String,
     /// Text, 1 to 1600 characters.
