@@ -62,6 +62,8 @@ pub struct LocalArgs {
     pub no_node: bool,
     #[command(flatten)]
     pub api: switchboard_operator::api::ApiArgs,
+    #[command(flatten)]
+    pub reaper: switchboard_operator::reaper::ReaperArgs,
 }
 
 /// Errors of local mode, each saying what to do about it. Messages carry their cause inline
@@ -144,6 +146,8 @@ async fn serve_with_pool(
     let secrets = private_dir().map_err(|e| LocalError::Api(format!("cannot create a private directory: {e}")))?;
     let webhook_secret = webhook_secret();
     let api = start_api(args, pool, secrets.path()).await?;
+    // Ends the rows of nodes that died and expires queued call requests (operator/src/reaper.rs).
+    let reaper = tokio::spawn(switchboard_operator::reaper::run(pool.clone(), args.reaper.clone(), api.stop.clone()));
     let node = if args.no_node {
         None
     } else {
@@ -169,6 +173,7 @@ async fn serve_with_pool(
     follow_changes(&source, &reconciler, &mut changes, shutdown).await;
     api.stop.cancel();
     let _ = api.task.await;
+    let _ = reaper.await;
     if let Some(node) = node {
         node.stop().await;
     }

@@ -617,3 +617,47 @@ async fn calls_and_messages_are_rate_limited(pool: PgPool) {
     let sms = json!({"from_number": "+15557654321", "to_number": "+19876543210", "message": "hi"});
     assert_eq!(alice.send(Method::POST, "/api/sms/send", Some(sms)).await.0, StatusCode::ACCEPTED);
 }
+
+/// Queued requests expire (`expires_in_seconds`, default 60; out of range is a 422), and
+/// `/api/calls/active` lists only the calls of live nodes: a node not heard from for three of
+/// its heartbeats is left out until the reaper ends its calls.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn requests_expire_and_active_calls_come_from_live_nodes(pool: PgPool) {
+    reconcile_examples(&pool).await;
+    let api = api(pool.clone());
+    let seconds = |body: &Value| {
+        let at = |field: &str| chrono::DateTime::parse_from_rfc3339(body[field].as_str().unwrap()).unwrap();
+        (at("expires_at") - at("created_at")).num_seconds()
+    };
+    let call = json!({"from_number": "+15551234567", "to_number": "+19876543210"});
+    let (status, created) = api.send(Method::POST, "/api/calls/initiate", Some(call.clone())).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    assert_eq!(seconds(&created), 60, "{created}");
+    let mut short = call.clone();
+    short["expires_in_seconds"] = json!(5);
+    let (status, created) = api.send(Method::POST, "/api/calls/initiate", Some(short)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    assert_eq!(seconds(&created), 5, "{created}");
+    let (_, fetched) =
+        api.send(Method::GET, &format!("/api/calls/{}", created["call_id"].as_str().unwrap()), None).await;
+    assert_eq!(fetched["expires_at"], created["expires_at"]);
+    let mut bad = call;
+    bad["expires_in_seconds"] = json!(0);
+    let (status, body) = api.send(Method::POST, "/api/calls/initiate", Some(bad)).await;
+    assert_eq!((status, &body["error"]["field"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!("expires_in_seconds")));
+
+    sqlx::raw_sql(
+        "INSERT INTO nodes (node_id, hostname, version, heartbeat_at, heartbeat_interval_ms)
+         VALUES ('live', 'h', 'v', now(), 5000), ('dead', 'h', 'v', now() - interval '1 minute', 5000);
+         INSERT INTO active_calls (call_id, node_id, namespace, trunk_name, direction, from_number, to_number, state)
+         VALUES ('on-live', 'live', 'default', 't', 'inbound', '+1', '+2', 'answered'),
+                ('on-dead', 'dead', 'default', 't', 'inbound', '+1', '+2', 'answered')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (status, body) = api.send(Method::GET, "/api/calls/active", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let ids: Vec<&str> = body.as_array().unwrap().iter().map(|c| c["call_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["on-live"]);
+}

@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 use crate::config::SnapshotHandle;
 use crate::drain::Drain;
 use crate::metrics::NodeMetrics;
+use crate::sip::admission::Admission;
 use crate::sip::call::{self, CallContext, MediaContext};
 use crate::sip::digest::Challenger;
 use crate::sip::endpoint::Endpoint;
@@ -103,6 +104,11 @@ pub struct SipArgs {
     /// Calls routed to AI agents: when to answer, connect timeout.
     #[command(flatten)]
     pub agent: crate::bridge::answer::AgentArgs,
+
+    /// The store's local spool (set by the node from `--spool-dir`); `None` keeps call and CDR
+    /// events in memory only until Postgres has them.
+    #[arg(skip)]
+    pub spool: Option<crate::store::spool::SpoolOptions>,
 }
 
 /// Shortest accepted webhook secret.
@@ -153,7 +159,18 @@ pub async fn start(
 ) -> anyhow::Result<Listening> {
     let metrics = NodeMetrics::new();
     drain.track_calls(metrics.active_calls_gauge());
-    let (store, store_task) = Store::spawn(pool.clone(), node_id.to_string(), Some(metrics.clone()));
+    let spool = args.spool.clone().map(|mut spool| {
+        spool.rate_of = Some(rate_of(snapshot.clone()));
+        spool
+    });
+    let (store, store_task, _) = Store::open(
+        pool.clone(),
+        node_id.to_string(),
+        Some(metrics.clone()),
+        crate::store::StoreOptions::default(),
+        spool.as_ref(),
+    )
+    .context("--spool-dir")?;
     // Rows of calls a crashed run of this node left behind are not calls any more.
     store.record(StoreEvent::ClearActiveCalls);
     tasks.spawn(follow_config(snapshot.clone(), metrics.clone()));
@@ -188,10 +205,11 @@ pub async fn start(
             metrics.track_kernel_packets(|| engine.kernel_packets());
         }
     }
+    let limits = shared_limits(&pool, node_id, tasks).await;
     let ctx = Arc::new(CallContext {
         endpoint,
         snapshot: snapshot.clone(),
-        limits: Limits::default(),
+        limits,
         store,
         metrics: metrics.clone(),
         resolver: Resolver::from_system(),
@@ -227,7 +245,10 @@ pub async fn start(
     let mut http_stop = stop.clone();
     let ready = {
         let snapshot = snapshot.clone();
-        move || snapshot.generation() >= 0 && !drain.is_draining()
+        move || crate::http::Readiness {
+            ready: snapshot.generation() >= 0 && !drain.is_draining(),
+            detail: Some(served_generation(&snapshot, drain.is_draining())),
+        }
     };
     tasks.spawn(async move {
         let shutdown = async move {
@@ -238,6 +259,52 @@ pub async fn start(
         }
     });
     Ok(Listening { sip: transport.local_addr(), http })
+}
+
+/// The `/readyz` detail: the generation served, whether it is a stale copy from disk, draining.
+fn served_generation(snapshot: &SnapshotHandle, draining: bool) -> String {
+    let generation = snapshot.generation();
+    let mut detail = if generation < 0 {
+        "no configuration loaded yet".to_owned()
+    } else if snapshot.is_stale() {
+        format!(
+            "config generation {generation} (stale: saved on this node's disk; Postgres did not answer at start and \
+             has not confirmed it)"
+        )
+    } else {
+        format!("config generation {generation}")
+    };
+    if draining {
+        detail.push_str("; draining");
+    }
+    detail
+}
+
+/// The per-minute rate of a call's trunk in the current configuration, for the CDRs of calls
+/// the node lost (replayed from the spool).
+fn rate_of(snapshot: SnapshotHandle) -> crate::store::spool::RateOf {
+    Arc::new(move |call| {
+        let current = snapshot.current();
+        let trunk = current.trunk(call.namespace.as_deref()?, call.trunk_name.as_deref()?)?;
+        let rate = match call.direction {
+            crate::store::Direction::Inbound => trunk.rate_inbound_per_minute,
+            crate::store::Direction::Outbound => trunk.rate_outbound_per_minute,
+        };
+        Some((rate, trunk.currency.clone()))
+    })
+}
+
+/// Trunk limits held across nodes (`sip/admission.rs`): the node's rows of an earlier run are
+/// removed first (it has no calls yet), then the worker that writes releases starts.
+async fn shared_limits(pool: &PgPool, node_id: &str, tasks: &mut JoinSet<()>) -> Limits {
+    let admission = Admission::new(pool.clone(), node_id);
+    if let Err(error) = admission.clear().await {
+        tracing::warn!(%error, "cannot clear this node's admitted calls of an earlier run: {error}");
+    }
+    let limits = Limits::shared(admission.clone());
+    let counter = limits.clone();
+    tasks.spawn(admission.run(move |(namespace, trunk)| counter.active(namespace, trunk)));
+    limits
 }
 
 /// Keeps the configuration gauges (generation, per-provider rates) in step with the snapshot.

@@ -1,6 +1,7 @@
 //! SIP signaling: message helpers around rsip, transports, RFC 3261 transactions, digest
 //! authentication, dialogs and the B2BUA call logic.
 
+pub mod admission;
 pub mod call;
 pub mod dialog;
 pub mod digest;
