@@ -1392,6 +1392,34 @@ mod tests {
         drop(connection);
     }
 
+    /// An agent an API client named passes the egress policy at connect time: a loopback agent
+    /// is refused without an allow-list (nothing connects), reached with one; `localhost`,
+    /// which resolves to loopback, is refused by name.
+    #[tokio::test]
+    async fn an_api_clients_agent_must_pass_the_egress_policy() {
+        use switchboard_model::egress::EgressPolicy;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        for url in [format!("ws://127.0.0.1:{port}/agent"), format!("ws://localhost:{port}/agent")] {
+            let mut config = BridgeConfig::new(url.clone(), &CallParameters::default());
+            config.egress = Some(std::sync::Arc::new(EgressPolicy::default()));
+            let error = connect(config).await.expect_err("refused");
+            assert!(error.to_string().contains("SWITCHBOARD_EGRESS_ALLOW"), "{url}: {error}");
+        }
+        let nothing = tokio::time::timeout(Duration::from_millis(50), listener.accept()).await;
+        assert!(nothing.is_err(), "a refused agent was connected to");
+        let accept = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio_tungstenite::accept_async(stream).await.unwrap()
+        });
+        let mut config = BridgeConfig::new(format!("ws://127.0.0.1:{port}/agent"), &CallParameters::default());
+        config.egress = Some(std::sync::Arc::new(EgressPolicy::parse(&["127.0.0.1"]).unwrap()));
+        let connection = connect(config).await.expect("an allow-listed agent is reached");
+        let mut server = accept.await.unwrap();
+        assert_eq!(next_json(&mut server).await["event"], "connected");
+        drop(connection);
+    }
+
     #[tokio::test]
     async fn an_agent_that_never_answers_times_out() {
         // A listener that accepts TCP but never completes the WebSocket upgrade.

@@ -336,6 +336,16 @@ pub(crate) mod tests {
         assert!(source_trunks(&snap, "203.0.113.1".parse().unwrap()).is_empty());
     }
 
+    /// TLS has no socket protocol here: callers skip such a gateway instead of falling back to
+    /// plaintext UDP (the old `Tcp => Tcp, _ => Udp`).
+    #[test]
+    fn tls_gateways_have_no_plaintext_protocol() {
+        use super::super::transport::Protocol;
+        assert_eq!(signaling_protocol(Transport::Udp), Some(Protocol::Udp));
+        assert_eq!(signaling_protocol(Transport::Tcp), Some(Protocol::Tcp));
+        assert_eq!(signaling_protocol(Transport::Tls), None);
+    }
+
     #[test]
     fn outbound_order_follows_rule_backups_and_cost() {
         let mut a = trunk("a");
