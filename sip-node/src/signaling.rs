@@ -223,7 +223,9 @@ pub async fn start(
         drain: drain.clone(),
     });
     tasks.spawn(call::route_requests(Arc::clone(&ctx), new_requests));
-    tasks.spawn(originate::run(Arc::clone(&ctx), pool.clone(), signer, egress));
+    let api_webhooks = crate::webhook::guarded_client(Arc::clone(&egress))
+        .context("cannot set up the HTTP client of the API calls' webhooks")?;
+    tasks.spawn(originate::run(Arc::clone(&ctx), pool.clone(), signer, egress, api_webhooks));
     tasks.spawn(sms::run(Arc::clone(&ctx), pool.clone()));
     // Draining or stopping: un-REGISTER (its state goes through the store); on stop, then
     // flush the store.

@@ -53,13 +53,13 @@ impl Signer {
 /// API checked it), follows no redirect (a public URL that answers `307 Location:
 /// http://169.254.169.254/` would otherwise lead the node there), and uses no proxy from the
 /// environment (which would connect to the name itself).
-pub fn guarded_client(egress: Arc<EgressPolicy>) -> reqwest::Client {
+/// An error here stops the node: falling back to a default client would follow redirects.
+pub fn guarded_client(egress: Arc<EgressPolicy>) -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
         .dns_resolver(Arc::new(EgressResolver(egress)))
         .build()
-        .unwrap_or_default()
 }
 
 /// DNS for [`guarded_client`]: the allowed addresses only. (IP literals never reach a

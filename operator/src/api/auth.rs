@@ -190,7 +190,9 @@ impl JwtVerifier {
         self
     }
 
-    /// A token for `subject` with every scope but `admin`, valid for `ttl_seconds`.
+    /// A token for `subject` with every scope but `admin`, valid for `ttl_seconds`: for tests
+    /// and benches. Panics when `ttl_seconds` is above the maximum; [`JwtVerifier::mint_scoped`]
+    /// says so instead.
     pub fn mint(&self, subject: &str, ttl_seconds: u64) -> String {
         self.mint_scoped(subject, ttl_seconds, &[Scope::Read, Scope::Trunks, Scope::Calls, Scope::Sms])
             .expect("mint() callers stay within the maximum lifetime")

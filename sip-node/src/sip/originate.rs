@@ -106,9 +106,15 @@ struct StatusEvent<'a> {
 }
 
 /// Claims and places queued calls until the node stops.
-/// `egress` decides which webhook and agent targets the API's clients may name.
-pub async fn run(ctx: Arc<CallContext>, pool: PgPool, signer: Signer, egress: Arc<EgressPolicy>) {
-    let client = crate::webhook::guarded_client(Arc::clone(&egress));
+/// `egress` decides which webhook and agent targets the API's clients may name; `client` is a
+/// [`crate::webhook::guarded_client`] of it.
+pub async fn run(
+    ctx: Arc<CallContext>,
+    pool: PgPool,
+    signer: Signer,
+    egress: Arc<EgressPolicy>,
+    client: reqwest::Client,
+) {
     let (queue, node_id) = (&pool, &ctx.node_id);
     let start = |request: CallRequest| {
         let hooks = CallHooks::start_guarded(client.clone(), signer.clone(), request.webhook_url.clone(), &egress);
