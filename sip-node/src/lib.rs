@@ -162,7 +162,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     let mut tasks = JoinSet::new();
     let mut graceful = JoinSet::new();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let drain = Drain::default();
+    let drain = Drain::with_limit(Duration::from_secs(args.drain_seconds));
     let outcome = tokio::select! {
         result = start(&args, &node, &handle, &pool_slot, &mut tasks, &mut graceful, stop_rx, drain.clone()) => result,
         signal = shutdown_signal() => signal.map(|name| tracing::info!("received {name}")),
