@@ -212,6 +212,22 @@ impl PrivateCluster {
         // Dropping `self` removes the directory.
     }
 
+    /// Stops the server but keeps its data (for tests that stage a database outage); see
+    /// [`Self::resume`].
+    #[allow(dead_code, reason = "used by the tests that include this file (sip-node/tests/reliability.rs)")]
+    pub async fn pause(&mut self) {
+        self.stop_server().await;
+    }
+
+    /// Starts a paused server again on the same port and waits until it accepts connections.
+    #[allow(dead_code, reason = "used by the tests that include this file (sip-node/tests/reliability.rs)")]
+    pub async fn resume(&mut self) -> Result<(), PostgresError> {
+        let bindir = ensure_server_binaries().await?;
+        let owner = ServerOwner::for_current_user()?;
+        self.launch_on(&bindir, &owner, self.port)?;
+        self.wait_until_ready().await
+    }
+
     async fn stop_server(&mut self) {
         if let Some(mut server) = self.server.take() {
             tracing::debug!(pid = server.pid, "stopping the private Postgres");
@@ -224,6 +240,11 @@ impl PrivateCluster {
     /// Starts `postgres` on a free loopback port, its output going to the log file.
     fn launch(&mut self, bindir: &Path, owner: &ServerOwner) -> Result<(), PostgresError> {
         let port = free_loopback_port()?;
+        self.launch_on(bindir, owner, port)
+    }
+
+    /// Starts `postgres` on `port`, its output going to the log file.
+    fn launch_on(&mut self, bindir: &Path, owner: &ServerOwner, port: u16) -> Result<(), PostgresError> {
         let log = File::create(&self.log).map_err(PostgresError::io(format!("create {}", self.log.display())))?;
         let log_err = log.try_clone().map_err(PostgresError::io("duplicate the log file handle"))?;
         let dir = self.dir.path();

@@ -91,7 +91,9 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     println!("config generation {generation}\n");
 
     let nodes = sqlx::query(
-        "SELECT node_id, applied_generation, stopped_at IS NULL AND heartbeat_at > now() - make_interval(secs => $1) AS live,
+        "SELECT node_id, applied_generation,
+                stopped_at IS NULL AND heartbeat_at > now() - make_interval(secs => $1) AND draining_at IS NULL AS live,
+                draining_at IS NOT NULL AND stopped_at IS NULL AS draining,
                 EXTRACT(EPOCH FROM now() - heartbeat_at)::float8 AS age
            FROM nodes ORDER BY node_id",
     )
@@ -102,7 +104,11 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         nodes.iter().filter(|n| n.get::<bool, _>("live")).map(|n| n.get::<i64, _>("applied_generation")).collect();
     println!("{:<28} {:<6} {:>8} {:>14}", "NODE", "LIVE", "APPLIED", "HEARTBEAT");
     for node in &nodes {
-        let live = if node.get::<bool, _>("live") { "yes" } else { "no" };
+        let live = match (node.get::<bool, _>("live"), node.get::<bool, _>("draining")) {
+            (true, _) => "yes",
+            (false, true) => "drain",
+            (false, false) => "no",
+        };
         println!(
             "{:<28} {:<6} {:>8} {:>13.0}s",
             node.get::<String, _>("node_id"),

@@ -5,6 +5,7 @@ pub mod api;
 pub mod commands;
 pub mod crd;
 pub mod kubernetes;
+pub mod reaper;
 pub mod reconcile;
 pub mod source;
 pub mod validate;

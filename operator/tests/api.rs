@@ -377,6 +377,24 @@ async fn initiate_queues_a_call_request(pool: PgPool) {
 
     let (status, body) = api.send(Method::GET, "/api/calls/active", None).await;
     assert_eq!((status, body), (StatusCode::OK, json!([])));
+
+    // Two calls whose carrier used one Call-ID are two calls, each with the node's own id.
+    for uuid in ["6f9619ff-8b86-d011-b42d-00c04fc964ff", "7f9619ff-8b86-d011-b42d-00c04fc964ff"] {
+        sqlx::query(
+            "INSERT INTO active_calls (call_uuid, call_id, node_id, direction, from_number, to_number, state)
+             VALUES ($1::uuid, 'reused@carrier', 'n1', 'inbound', '+15551234567', '+19876543210', 'answered')",
+        )
+        .bind(uuid)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let (status, body) = api.send(Method::GET, "/api/calls/active", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut ids: Vec<&str> = body.as_array().unwrap().iter().map(|c| c["call_uuid"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["6f9619ff-8b86-d011-b42d-00c04fc964ff", "7f9619ff-8b86-d011-b42d-00c04fc964ff"]);
+    assert!(body.as_array().unwrap().iter().all(|c| c["call_id"] == "reused@carrier"), "{body}");
 }
 
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
@@ -427,4 +445,52 @@ async fn cdr_pages_follow_the_cursor(pool: PgPool) {
     assert_eq!(body["error"]["field"], "cursor");
     let (_, body) = api.send(Method::GET, "/api/trunks/stats/summary", None).await;
     assert_eq!(body["total"]["calls"], 0, "no trunks in the folder: per-trunk rows only for known trunks");
+}
+
+/// Queued requests expire (`expires_in_seconds`, default 60; out of range is a 422), and
+/// `/api/calls/active` lists only the calls of live nodes: a node not heard from for three of
+/// its heartbeats is left out until the reaper ends its calls.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn requests_expire_and_active_calls_come_from_live_nodes(pool: PgPool) {
+    let api = api(pool.clone());
+    let seconds = |body: &Value| {
+        let at = |field: &str| chrono::DateTime::parse_from_rfc3339(body[field].as_str().unwrap()).unwrap();
+        (at("expires_at") - at("created_at")).num_seconds()
+    };
+    let call = json!({"from_number": "+15551234567", "to_number": "+19876543210"});
+    let (status, created) = api.send(Method::POST, "/api/calls/initiate", Some(call.clone())).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    assert_eq!(seconds(&created), 60, "{created}");
+    let mut short = call.clone();
+    short["expires_in_seconds"] = json!(5);
+    let (status, created) = api.send(Method::POST, "/api/calls/initiate", Some(short)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    assert_eq!(seconds(&created), 5, "{created}");
+    let (_, fetched) =
+        api.send(Method::GET, &format!("/api/calls/{}", created["call_id"].as_str().unwrap()), None).await;
+    assert_eq!(fetched["expires_at"], created["expires_at"]);
+    let mut bad = call;
+    bad["expires_in_seconds"] = json!(0);
+    let (status, body) = api.send(Method::POST, "/api/calls/initiate", Some(bad)).await;
+    assert_eq!((status, &body["error"]["field"]), (StatusCode::UNPROCESSABLE_ENTITY, &json!("expires_in_seconds")));
+
+    sqlx::raw_sql(
+        "INSERT INTO nodes (node_id, hostname, version, heartbeat_at, heartbeat_interval_ms)
+         VALUES ('live', 'h', 'v', now(), 5000), ('dead', 'h', 'v', now() - interval '1 minute', 5000);
+         INSERT INTO active_calls (call_id, node_id, namespace, trunk_name, direction, from_number, to_number, state)
+         VALUES ('on-live', 'live', 'default', 'skyetel-main', 'inbound', '+1', '+2', 'answered'),
+                ('on-dead', 'dead', 'default', 'skyetel-main', 'inbound', '+1', '+2', 'answered')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (status, body) = api.send(Method::GET, "/api/calls/active", None).await;
+    assert_eq!(status, StatusCode::OK);
+    let ids: Vec<&str> = body.as_array().unwrap().iter().map(|c| c["call_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["on-live"]);
+    // The trunk counters too.
+    let (status, body) = api.send(Method::POST, "/api/trunks", Some(skyetel())).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (_, body) = api.send(Method::GET, "/api/trunks/stats/summary", None).await;
+    assert_eq!((&body["trunks"][0]["active_calls"], &body["total"]["active_calls"]), (&json!(1), &json!(1)), "{body}");
 }

@@ -13,6 +13,9 @@ use std::time::Duration;
 use prometheus::IntGauge;
 use tokio::sync::watch;
 
+/// The CDR reason (and SIP `Reason` text) of a call the node ended at the drain limit.
+pub const NODE_SHUTDOWN: &str = "node shutdown";
+
 /// How often [`Drain::wait_idle`] looks at the number of calls in progress.
 const IDLE_POLL: Duration = Duration::from_millis(100);
 
@@ -25,6 +28,8 @@ pub struct Drain {
 struct Inner {
     /// Turns true, once, when draining begins.
     draining: watch::Sender<bool>,
+    /// Turns true, once, when the calls still in progress must end now.
+    ending: watch::Sender<bool>,
     /// Calls in progress on the node (the `switchboard_active_calls` gauge), once signaling
     /// started.
     calls: OnceLock<IntGauge>,
@@ -54,6 +59,7 @@ impl Drain {
         Drain {
             inner: Arc::new(Inner {
                 draining: watch::channel(false).0,
+                ending: watch::channel(false).0,
                 calls: OnceLock::new(),
                 metrics: OnceLock::new(),
                 limit,
@@ -84,6 +90,24 @@ impl Drain {
     pub async fn started(&self) {
         let mut started = self.inner.draining.subscribe();
         let _ = started.wait_for(|s| *s).await;
+    }
+
+    /// Tells every call in progress to end now (idempotent; implies draining).
+    pub fn end_calls(&self) {
+        self.begin();
+        self.inner.ending.send_if_modified(|ending| !std::mem::replace(ending, true));
+    }
+
+    /// Whether calls in progress are being ended by the node.
+    pub fn is_ending(&self) -> bool {
+        *self.inner.ending.borrow()
+    }
+
+    /// Resolves once the calls must end (at once if they already must). Call loops select on
+    /// it: a call that sees it hangs up both legs and records reason `node shutdown`.
+    pub async fn ending(&self) {
+        let mut ending = self.inner.ending.subscribe();
+        let _ = ending.wait_for(|s| *s).await;
     }
 
     /// Counts calls in progress with `gauge` (signaling sets it once).
@@ -136,6 +160,25 @@ mod tests {
         assert!(!idle.is_finished(), "two calls are still up");
         gauge.set(0);
         tokio::time::timeout(Duration::from_secs(5), idle).await.expect("idle once the calls ended").unwrap();
+    }
+
+    #[tokio::test]
+    async fn ending_the_calls_wakes_every_waiter_and_implies_draining() {
+        let drain = Drain::default();
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let drain = drain.clone();
+                tokio::spawn(async move { drain.ending().await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(waiters.iter().all(|w| !w.is_finished()), "nothing ends before end_calls");
+        drain.end_calls();
+        assert!(drain.is_ending() && drain.is_draining());
+        for waiter in waiters {
+            tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken").unwrap();
+        }
+        tokio::time::timeout(Duration::from_secs(1), drain.ending()).await.expect("already ending");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! - `GET /metrics`: the Prometheus text exposition of [`NodeMetrics`].
 //! - `GET /healthz`: `200 ok` while the process serves HTTP (liveness).
 //! - `GET /readyz`: `200 ready` when the `ready` check says so, else `503 not ready`
-//!   (readiness: e.g. a configuration snapshot is loaded and the SIP transports are up).
+//!   (readiness: e.g. a configuration snapshot is loaded and the SIP transports are up), each
+//!   followed by `: ` and the check's detail when it gives one (the node: which configuration
+//!   generation it serves, and whether that is a stale copy from its disk).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -16,35 +18,51 @@ use axum::routing::get;
 
 use crate::metrics::{CONTENT_TYPE, NodeMetrics};
 
+/// What `/readyz` answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    pub ready: bool,
+    /// Appended to the body after `: `.
+    pub detail: Option<String>,
+}
+
+impl From<bool> for Readiness {
+    fn from(ready: bool) -> Self {
+        Readiness { ready, detail: None }
+    }
+}
+
 #[derive(Clone)]
 struct AppState {
     metrics: NodeMetrics,
-    ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    ready: Arc<dyn Fn() -> Readiness + Send + Sync>,
 }
 
 /// The routes, without a listener (for embedding or tests).
-pub fn router<R>(metrics: NodeMetrics, ready: R) -> Router
+pub fn router<R, T>(metrics: NodeMetrics, ready: R) -> Router
 where
-    R: Fn() -> bool + Send + Sync + 'static,
+    R: Fn() -> T + Send + Sync + 'static,
+    T: Into<Readiness>,
 {
     Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(AppState { metrics, ready: Arc::new(ready) })
+        .with_state(AppState { metrics, ready: Arc::new(move || ready().into()) })
 }
 
 /// Serves the endpoint on `listener` until `shutdown` resolves, then finishes the requests in
 /// progress and returns. `ready` is called for each `/readyz` request; to follow a
 /// `tokio::sync::watch::Receiver<bool>`, pass `move || *receiver.borrow()`.
-pub async fn serve<R, S>(
+pub async fn serve<R, T, S>(
     listener: tokio::net::TcpListener,
     metrics: NodeMetrics,
     ready: R,
     shutdown: S,
 ) -> std::io::Result<()>
 where
-    R: Fn() -> bool + Send + Sync + 'static,
+    R: Fn() -> T + Send + Sync + 'static,
+    T: Into<Readiness>,
     S: Future<Output = ()> + Send + 'static,
 {
     if let Ok(address) = listener.local_addr() {
@@ -61,8 +79,13 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-async fn readyz(State(state): State<AppState>) -> (StatusCode, &'static str) {
-    if (state.ready)() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
+async fn readyz(State(state): State<AppState>) -> (StatusCode, String) {
+    let Readiness { ready, detail } = (state.ready)();
+    let (status, word) = if ready { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") };
+    match detail {
+        Some(detail) => (status, format!("{word}: {detail}")),
+        None => (status, word.to_owned()),
+    }
 }
 
 #[cfg(test)]

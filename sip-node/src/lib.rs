@@ -7,6 +7,10 @@
 //! keeps serving its last snapshot and catches up when the database is back.
 //!
 //! The node never migrates the schema: the operator (or local mode) owns it.
+//!
+//! What must outlive the process lives in the node's state directory (`--state-dir`): the
+//! store's spool of call and CDR events ([`store::spool`]) and the last applied configuration
+//! ([`config::disk`]), from which a node starts when Postgres does not answer.
 
 pub mod bridge;
 pub mod config;
@@ -21,6 +25,7 @@ pub mod sip;
 pub mod store;
 pub mod webhook;
 
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -37,6 +42,9 @@ use crate::retry::{Backoff, DbHealth};
 /// Connections of the node's query pool: one for config reloads, one for node-state writes,
 /// and headroom. The `LISTEN` connection has a pool of its own.
 const POOL_SIZE: u32 = 4;
+/// How long the calls the node ends at the drain limit may take to hang up (a BYE's answer is
+/// awaited for 4 s at most) and record their CDRs.
+const END_CALLS_LIMIT: Duration = Duration::from_secs(6);
 /// How long the node may spend recording that it stopped.
 const STOP_WRITE_LIMIT: Duration = Duration::from_secs(2);
 /// Longest interval accepted for the heartbeat and the config poll (one day): beyond that a
@@ -77,15 +85,55 @@ pub struct NodeArgs {
 
     /// On SIGTERM, how long calls in progress may go on while the node takes no new ones
     /// (503 to INVITE and OPTIONS, not ready, un-REGISTERed), in seconds; the node stops as
-    /// soon as the last call ends, or at once on a second signal. 0 stops at once. Keep the
-    /// pod's `terminationGracePeriodSeconds` above it.
+    /// soon as the last call ends. At the limit, or at once on a second signal, it ends the
+    /// calls still up itself (BYE on both legs, CANCEL while ringing, CDR reason `node
+    /// shutdown`). 0 ends them at once. Keep the pod's `terminationGracePeriodSeconds` above it
+    /// plus 12 s.
     #[arg(long, env = "SWITCHBOARD_DRAIN_SECONDS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub drain_seconds: u64,
+
+    /// Directory for what a node keeps across restarts (the store's spool, the last applied
+    /// configuration), used as `<state-dir>/<node-id>/` [default: /var/lib/switchboard; when
+    /// that cannot be created the node runs without both]. In a pod: an `emptyDir` keeps it
+    /// across container restarts, a volume across pods.
+    #[arg(long, env = "SWITCHBOARD_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Where call and CDR events are spooled until Postgres has them [default:
+    /// `<state-dir>/<node-id>/spool`]; `off` keeps them in memory only.
+    #[arg(long, env = "SWITCHBOARD_SPOOL_DIR")]
+    pub spool_dir: Option<PathBuf>,
+
+    /// Most bytes the spool may hold; beyond it new events are kept in memory only (alert on
+    /// `switchboard_store_spool_bytes / switchboard_store_spool_limit_bytes`).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_SPOOL_MAX_BYTES",
+        default_value_t = 1 << 30,
+        value_parser = clap::value_parser!(u64).range(4096..)
+    )]
+    pub spool_max_bytes: u64,
+
+    /// How long the node waits for Postgres at start before it serves the configuration it
+    /// saved on disk (if it has one; /readyz then says it is stale), in seconds.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_DATABASE_START_TIMEOUT_SECONDS",
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    pub database_start_timeout_seconds: u64,
 
     /// SIP and HTTP settings.
     #[command(flatten)]
     pub sip: signaling::SipArgs,
 }
+
+/// The default of `--state-dir`.
+const DEFAULT_STATE_DIR: &str = "/var/lib/switchboard";
+/// How long a node whose database answers waits for its first configuration before it starts
+/// signaling (a spool replay prices lost calls from it).
+const FIRST_LOAD_WAIT: Duration = Duration::from_secs(3);
 
 /// Runs a SIP node until SIGTERM or SIGINT, then records that it stopped and returns `Ok`.
 ///
@@ -143,12 +191,17 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
 }
 
 /// Lets the calls in progress end, for at most `limit`, while the node takes no new ones; a
-/// second signal cuts it short.
+/// second signal cuts it short. Calls still up then are ended by the node itself
+/// ([`end_calls`]), so that both legs hear a BYE and each call has its CDR.
 async fn drain_calls(drain: &Drain, limit: Duration) {
     drain.begin();
     let calls = drain.calls();
-    if calls == 0 || limit.is_zero() {
+    if calls == 0 {
         tracing::info!(calls, "stopping");
+        return;
+    }
+    if limit.is_zero() {
+        end_calls(drain).await;
         return;
     }
     tracing::info!(
@@ -157,14 +210,30 @@ async fn drain_calls(drain: &Drain, limit: Duration) {
         limit.as_secs()
     );
     tokio::select! {
-        () = drain.wait_idle() => tracing::info!("drained: no call in progress; stopping"),
+        () = drain.wait_idle() => {
+            tracing::info!("drained: no call in progress; stopping");
+            return;
+        }
         () = tokio::time::sleep(limit) => {
-            tracing::warn!(calls = drain.calls(), "drain time over; stopping with calls in progress");
+            tracing::warn!(calls = drain.calls(), "drain time over; ending the calls in progress");
         }
         signal = shutdown_signal() => {
             let name = signal.unwrap_or("signal");
-            tracing::warn!(calls = drain.calls(), "received {name} while draining; stopping now");
+            tracing::warn!(calls = drain.calls(), "received {name} while draining; ending the calls in progress now");
         }
+    }
+    end_calls(drain).await;
+}
+
+/// Ends every call in progress (BYE on both legs, CANCEL to callees still ringing, `stop` to
+/// agents; CDR reason `node shutdown`) and waits, bounded, until their tasks have recorded it.
+async fn end_calls(drain: &Drain) {
+    let calls = drain.calls();
+    tracing::info!(calls, "ending {calls} calls in progress: BYE on both legs, CDR reason `{}`", drain::NODE_SHUTDOWN);
+    drain.end_calls();
+    match tokio::time::timeout(END_CALLS_LIMIT, drain.wait_idle()).await {
+        Ok(()) => tracing::info!("every call ended; stopping"),
+        Err(_) => tracing::warn!(calls = drain.calls(), "stopping with calls still in progress after ending them"),
     }
 }
 
@@ -181,8 +250,10 @@ async fn start(
     stop: tokio::sync::watch::Receiver<bool>,
     drain: Drain,
 ) -> anyhow::Result<()> {
-    let pool = connect(&args.database_url).await?;
-    wait_for_schema(&pool).await;
+    let state = state_dir(args.state_dir.as_deref(), &node.node_id)?;
+    let disk = state.as_deref().map(config::disk::DiskSnapshot::new);
+    let timeout = Duration::from_secs(args.database_start_timeout_seconds);
+    let pool = wait_for_database(&args.database_url, timeout, handle, disk.as_ref()).await?;
     let pool = pool_slot.get_or_init(|| pool).clone();
 
     let health = DbHealth::default();
@@ -194,18 +265,113 @@ async fn start(
         Duration::from_millis(args.config_poll_interval_ms),
     );
     tasks.spawn(watcher.run());
-    signaling::start(&args.sip, pool.clone(), &node.node_id, handle.clone(), stop, drain, tasks, graceful).await?;
-    tasks.spawn(node_state::run(
-        pool,
-        node.clone(),
-        handle.clone(),
-        health,
-        Duration::from_millis(args.heartbeat_interval_ms),
-    ));
+    if let Some(disk) = disk {
+        tasks.spawn(config::disk::keep_saved(handle.clone(), disk));
+    }
+    if !handle.is_stale() {
+        let mut applied = handle.subscribe();
+        let _ = tokio::time::timeout(FIRST_LOAD_WAIT, applied.wait_for(|g| *g >= 0)).await;
+    }
+    let mut sip = args.sip.clone();
+    sip.spool = match (&args.spool_dir, &state) {
+        (Some(dir), _) if dir.as_os_str() == "off" => None,
+        (Some(dir), _) => Some(dir.clone()),
+        (None, Some(state)) => Some(state.join("spool")),
+        (None, None) => None,
+    }
+    .map(|dir| store::spool::SpoolOptions { dir, max_bytes: args.spool_max_bytes, rate_of: None });
+    if sip.spool.is_none() {
+        tracing::warn!("no spool: calls and CDRs not yet in Postgres are lost if the node stops during an outage");
+    }
+    let liveness =
+        node_state::Liveness { every: Duration::from_millis(args.heartbeat_interval_ms), drain: drain.clone() };
+    signaling::start(&sip, pool.clone(), &node.node_id, handle.clone(), stop, drain, tasks, graceful).await?;
+    tasks.spawn(node_state::run(pool, node.clone(), handle.clone(), health, liveness));
     match tasks.join_next().await {
         Some(Err(error)) => Err(anyhow::anyhow!("a node task failed: {error}")),
         _ => Err(anyhow::anyhow!("a node task stopped unexpectedly")),
     }
+}
+
+/// The node's own state directory, `<base>/<node-id>` (created `0700`). A default base that
+/// cannot be created turns the spool and the saved configuration off with a warning; an
+/// explicit `--state-dir` that cannot be is an error.
+fn state_dir(explicit: Option<&Path>, node_id: &str) -> anyhow::Result<Option<PathBuf>> {
+    let base = explicit.map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), Path::to_path_buf);
+    // Node ids are host names; anything else must not leave the base directory.
+    let mut name: String =
+        node_id.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+    if name.chars().all(|c| c == '.') {
+        name = name.replace('.', "_");
+    }
+    let dir = base.join(name);
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    match builder.create(&dir) {
+        Ok(()) => Ok(Some(dir)),
+        Err(error) if explicit.is_some() => {
+            anyhow::bail!("--state-dir: cannot create {}: {error}", dir.display())
+        }
+        Err(error) => {
+            tracing::warn!(
+                "cannot create the state directory {}: {error}; running without a spool and without a saved \
+                 configuration (set --state-dir)",
+                dir.display()
+            );
+            Ok(None)
+        }
+    }
+}
+
+/// Connects and waits for the schema; when that takes longer than `timeout` and a configuration
+/// was saved on disk, serves it (stale) and goes on with a pool that connects when Postgres is
+/// back, so that a node started during an outage takes calls.
+async fn wait_for_database(
+    url: &str,
+    timeout: Duration,
+    handle: &SnapshotHandle,
+    disk: Option<&config::disk::DiskSnapshot>,
+) -> anyhow::Result<PgPool> {
+    check_url(url)?;
+    let ready = async {
+        let pool = connect(url).await?;
+        wait_for_schema(&pool).await;
+        Ok::<_, anyhow::Error>(pool)
+    };
+    tokio::pin!(ready);
+    let Some(disk) = disk else { return ready.await };
+    if let Ok(result) = tokio::time::timeout(timeout, &mut ready).await {
+        return result;
+    }
+    match disk.load() {
+        Ok(Some(saved)) => {
+            let generation = saved.snapshot.generation();
+            if handle.serve_saved(saved.snapshot) {
+                tracing::warn!(
+                    generation,
+                    saved_at = %saved.saved_at,
+                    "Postgres did not answer within {timeout:?}; serving config generation {generation} saved on disk \
+                     at {} (stale until Postgres confirms it)",
+                    saved.saved_at
+                );
+                return lazy_pool(url);
+            }
+        }
+        Ok(None) => tracing::info!("no configuration saved on disk yet; waiting for Postgres"),
+        Err(error) => tracing::warn!(%error, "{error}; waiting for Postgres"),
+    }
+    ready.await
+}
+
+/// A pool that opens its connections when they are first needed.
+fn lazy_pool(url: &str) -> anyhow::Result<PgPool> {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(POOL_SIZE)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy(url)
+        .with_context(|| format!("the database URL {} is not usable", redact_url(url)))
 }
 
 /// Opens the query pool, retrying with backoff while Postgres is unreachable. Fails only when

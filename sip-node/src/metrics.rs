@@ -311,6 +311,48 @@ impl NodeMetrics {
         });
     }
 
+    /// Samples whether the node serves a configuration from its disk that Postgres has not
+    /// confirmed (1) or not (0).
+    pub fn track_config_stale(&self, stale: impl Fn() -> bool + Send + Sync + 'static) {
+        self.sampled_gauge(
+            "switchboard_config_stale",
+            "1 while the node serves the configuration it saved on disk because Postgres did not answer at start.",
+            move || usize::from(stale()),
+        );
+    }
+
+    /// Samples the store's local spool when the metrics are rendered: its size on disk, its
+    /// bound (alert when `bytes / limit_bytes` nears 1: then new events are kept in memory
+    /// only), and the events that found it full.
+    pub fn track_store_spool(
+        &self,
+        bytes: impl Fn() -> u64 + Send + Sync + 'static,
+        limit: u64,
+        overflow: impl Fn() -> u64 + Send + Sync + 'static,
+    ) {
+        self.sampled_gauge(
+            "switchboard_store_spool_bytes",
+            "Bytes of call and CDR events in the store's local spool (written to disk until Postgres has them).",
+            move || usize::try_from(bytes()).unwrap_or(usize::MAX),
+        );
+        self.sampled_gauge(
+            "switchboard_store_spool_limit_bytes",
+            "The spool's bound (--spool-max-bytes); beyond it new events are kept in memory only.",
+            move || usize::try_from(limit).unwrap_or(usize::MAX),
+        );
+        let counter = IntCounter::new(
+            "switchboard_store_spool_overflow_total",
+            "Call and CDR events not spooled to disk because the spool was full (kept in memory only).",
+        )
+        .expect("valid metric");
+        self.register_sampled(counter, move |counter| {
+            let (now, shown) = (overflow(), counter.get());
+            if now > shown {
+                counter.inc_by(now - shown);
+            }
+        });
+    }
+
     fn sampled_gauge(&self, name: &str, help: &str, sample: impl Fn() -> usize + Send + Sync + 'static) {
         let gauge = IntGauge::new(name, help).expect("valid metric");
         self.register_sampled(gauge, move |gauge| gauge.set(i64::try_from(sample()).unwrap_or(i64::MAX)));

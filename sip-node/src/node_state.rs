@@ -24,18 +24,39 @@ pub(crate) struct NodeIdentity {
     pub(crate) started_at: DateTime<Utc>,
 }
 
+/// The node's heartbeat interval (written in its row, so that "not seen for N heartbeats"
+/// needs no knowledge of the node's flags) and its draining switch (a draining node says so
+/// in `nodes.draining_at`: the operator's `Synced` and API call claiming leave it out).
+#[derive(Debug, Clone)]
+pub(crate) struct Liveness {
+    pub(crate) every: Duration,
+    pub(crate) drain: crate::drain::Drain,
+}
+
+impl Liveness {
+    fn interval_ms(&self) -> i32 {
+        i32::try_from(self.every.as_millis()).unwrap_or(i32::MAX).max(1)
+    }
+}
+
 /// Inserts or replaces the node's row as of its start: a restarted node has applied nothing
 /// yet (`applied_generation` 0, `applied_at` NULL) unless `applied` says otherwise, and is not
 /// stopped.
-async fn upsert(pool: &PgPool, node: &NodeIdentity, applied: Option<(i64, DateTime<Utc>)>) -> Result<(), sqlx::Error> {
+async fn upsert(
+    pool: &PgPool,
+    node: &NodeIdentity,
+    liveness: &Liveness,
+    applied: Option<(i64, DateTime<Utc>)>,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO nodes (node_id, hostname, version, started_at, heartbeat_at, applied_generation,
-            applied_at, stopped_at)
-         VALUES ($1, $2, $3, $4, now(), $5, $6, NULL)
+            applied_at, stopped_at, heartbeat_interval_ms, draining_at)
+         VALUES ($1, $2, $3, $4, now(), $5, $6, NULL, $7, CASE WHEN $8 THEN now() END)
          ON CONFLICT (node_id) DO UPDATE SET hostname = EXCLUDED.hostname, version = EXCLUDED.version,
             started_at = EXCLUDED.started_at, heartbeat_at = now(),
             applied_generation = EXCLUDED.applied_generation, applied_at = EXCLUDED.applied_at,
-            stopped_at = NULL",
+            stopped_at = NULL, heartbeat_interval_ms = EXCLUDED.heartbeat_interval_ms,
+            draining_at = EXCLUDED.draining_at",
     )
     .bind(&node.node_id)
     .bind(&node.hostname)
@@ -43,6 +64,8 @@ async fn upsert(pool: &PgPool, node: &NodeIdentity, applied: Option<(i64, DateTi
     .bind(node.started_at)
     .bind(applied.map_or(0, |(generation, _)| generation))
     .bind(applied.map(|(_, at)| at))
+    .bind(liveness.interval_ms())
+    .bind(liveness.drain.is_draining())
     .execute(pool)
     .await?;
     Ok(())
@@ -50,24 +73,35 @@ async fn upsert(pool: &PgPool, node: &NodeIdentity, applied: Option<(i64, DateTi
 
 /// Refreshes the heartbeat, and the applied generation when `applied` is given. Returns
 /// whether the row exists (it may have been removed while the node was cut off).
-async fn update(pool: &PgPool, node_id: &str, applied: Option<(i64, DateTime<Utc>)>) -> Result<bool, sqlx::Error> {
+async fn update(
+    pool: &PgPool,
+    node_id: &str,
+    draining: bool,
+    applied: Option<(i64, DateTime<Utc>)>,
+) -> Result<bool, sqlx::Error> {
+    const DRAINING: &str = "draining_at = CASE WHEN $2 THEN coalesce(draining_at, now()) END";
     let done = match applied {
         Some((generation, at)) => {
-            sqlx::query(
-                "UPDATE nodes SET heartbeat_at = now(), applied_generation = $2, applied_at = $3, stopped_at = NULL
-                 WHERE node_id = $1",
-            )
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE nodes SET heartbeat_at = now(), applied_generation = $3, applied_at = $4, stopped_at = NULL,
+                    {DRAINING}
+                 WHERE node_id = $1"
+            )))
             .bind(node_id)
+            .bind(draining)
             .bind(generation)
             .bind(at)
             .execute(pool)
             .await?
         }
         None => {
-            sqlx::query("UPDATE nodes SET heartbeat_at = now(), stopped_at = NULL WHERE node_id = $1")
-                .bind(node_id)
-                .execute(pool)
-                .await?
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "UPDATE nodes SET heartbeat_at = now(), stopped_at = NULL, {DRAINING} WHERE node_id = $1"
+            )))
+            .bind(node_id)
+            .bind(draining)
+            .execute(pool)
+            .await?
         }
     };
     Ok(done.rows_affected() > 0)
@@ -93,12 +127,22 @@ pub(crate) async fn mark_stopped(pool: &PgPool, node_id: &str, limit: Duration) 
     }
 }
 
-/// The node-state task: registers the node, then writes a heartbeat every `every` and the
-/// applied generation as soon as the snapshot changes. Failures are retried at the next tick
-/// or change; the watcher never waits for this task. Runs until aborted.
-pub(crate) async fn run(pool: PgPool, node: NodeIdentity, handle: SnapshotHandle, health: DbHealth, every: Duration) {
+/// The node-state task: registers the node, then writes a heartbeat every `liveness.every`,
+/// the applied generation as soon as the snapshot changes and `draining_at` as soon as the
+/// node begins to drain. Failures are retried at the next tick or change; the watcher never
+/// waits for this task. Runs until aborted.
+pub(crate) async fn run(
+    pool: PgPool,
+    node: NodeIdentity,
+    handle: SnapshotHandle,
+    health: DbHealth,
+    liveness: Liveness,
+) {
     let mut changes = handle.subscribe();
-    let mut ticks = interval(every);
+    let mut ticks = interval(liveness.every);
+    let drain = liveness.drain.clone();
+    let mut drain_started = std::pin::pin!(drain.started());
+    let mut drain_written = false;
     ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // Whether the row is known to exist (the first write is an upsert), and the applied
     // generation it holds (`None`: nothing applied yet).
@@ -112,12 +156,14 @@ pub(crate) async fn run(pool: PgPool, node: NodeIdentity, handle: SnapshotHandle
                     return;
                 }
             }
+            () = &mut drain_started, if !drain_written => drain_written = true,
         }
         changes.mark_unchanged();
         let snapshot = handle.current();
         let applied = applied_of(&snapshot);
         let started = Instant::now();
-        let result = timeout(WRITE_TIMEOUT, write(&pool, &node, applied, registered.then_some(reported))).await;
+        let result =
+            timeout(WRITE_TIMEOUT, write(&pool, &node, &liveness, applied, registered.then_some(reported))).await;
         match result {
             Ok(Ok(())) => {
                 health.ok(started);
@@ -144,18 +190,19 @@ fn applied_of(snapshot: &Snapshot) -> Option<(i64, DateTime<Utc>)> {
 async fn write(
     pool: &PgPool,
     node: &NodeIdentity,
+    liveness: &Liveness,
     applied: Option<(i64, DateTime<Utc>)>,
     reported: Option<Option<i64>>,
 ) -> Result<(), sqlx::Error> {
     let Some(reported) = reported else {
-        upsert(pool, node, applied).await?;
+        upsert(pool, node, liveness, applied).await?;
         tracing::info!(node_id = %node.node_id, "registered node {} in Postgres", node.node_id);
         return Ok(());
     };
     let changed = applied.filter(|(generation, _)| Some(*generation) != reported);
-    if !update(pool, &node.node_id, changed).await? {
+    if !update(pool, &node.node_id, liveness.drain.is_draining(), changed).await? {
         tracing::warn!(node_id = %node.node_id, "the node's row was removed; registering it again");
-        upsert(pool, node, applied).await?;
+        upsert(pool, node, liveness, applied).await?;
     }
     Ok(())
 }
@@ -191,6 +238,13 @@ mod tests {
         sqlx::query_as("SELECT * FROM nodes WHERE node_id = 'node-a'").fetch_optional(pool).await.expect("query nodes")
     }
 
+    async fn draining_at(pool: &PgPool) -> (Option<DateTime<Utc>>, i32) {
+        sqlx::query_as("SELECT draining_at, heartbeat_interval_ms FROM nodes WHERE node_id = 'node-a'")
+            .fetch_one(pool)
+            .await
+            .expect("query nodes")
+    }
+
     fn snapshot(generation: i64) -> Snapshot {
         Snapshot::from_parts(generation, vec![], vec![], vec![], vec![]).expect("valid")
     }
@@ -209,7 +263,9 @@ mod tests {
         let handle = SnapshotHandle::default();
         let health = DbHealth::default();
         // The heartbeat interval is an hour: every write after the first comes from a swap.
-        let task = tokio::spawn(run(pool.clone(), identity(), handle.clone(), health, Duration::from_secs(3600)));
+        let drain = crate::drain::Drain::default();
+        let liveness = Liveness { every: Duration::from_secs(3600), drain: drain.clone() };
+        let task = tokio::spawn(run(pool.clone(), identity(), handle.clone(), health, liveness));
 
         wait_for("the registration", LIMIT, || async { row(&pool).await.is_some_and(|r| r.hostname == "host-a") })
             .await;
@@ -232,6 +288,11 @@ mod tests {
         let applied = row(&pool).await.expect("row");
         assert_eq!(applied.applied_at, Some(handle.current().loaded_at()).map(|t| t.trunc_subsecs(6)));
         assert!(applied.heartbeat_at >= registered.heartbeat_at);
+
+        // Draining is written at once (the heartbeat is an hour away), with its interval.
+        assert_eq!(draining_at(&pool).await, (None, 3_600_000));
+        drain.begin();
+        wait_for("draining_at", LIMIT, || async { draining_at(&pool).await.0.is_some() }).await;
 
         // A row removed behind the node's back is registered again, with what it applied.
         sqlx::query("DELETE FROM nodes").execute(&pool).await.expect("delete");

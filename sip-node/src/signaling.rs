@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use crate::config::SnapshotHandle;
 use crate::drain::Drain;
 use crate::metrics::NodeMetrics;
+use crate::sip::admission::Admission;
 use crate::sip::call::{self, CallContext, MediaContext};
 use crate::sip::digest::Challenger;
 use crate::sip::endpoint::Endpoint;
@@ -94,6 +95,11 @@ pub struct SipArgs {
     /// Calls routed to AI agents: when to answer, connect timeout.
     #[command(flatten)]
     pub agent: crate::bridge::answer::AgentArgs,
+
+    /// The store's local spool (set by the node from `--spool-dir`); `None` keeps call and CDR
+    /// events in memory only until Postgres has them.
+    #[arg(skip)]
+    pub spool: Option<crate::store::spool::SpoolOptions>,
 }
 
 /// Where a started node listens (the ports may have been chosen by the OS).
@@ -120,10 +126,25 @@ pub async fn start(
     let metrics = NodeMetrics::new();
     drain.track_calls(metrics.active_calls_gauge());
     drain.track_metrics(metrics.clone());
-    let (store, store_task) = Store::spawn(pool.clone(), node_id.to_string(), Some(metrics.clone()));
+    let spool = args.spool.clone().map(|mut spool| {
+        spool.rate_of = Some(rate_of(snapshot.clone()));
+        spool
+    });
+    let (store, store_task, _) = Store::open(
+        pool.clone(),
+        node_id.to_string(),
+        Some(metrics.clone()),
+        crate::store::StoreOptions::default(),
+        spool.as_ref(),
+    )
+    .context("--spool-dir")?;
     // Rows of calls a crashed run of this node left behind are not calls any more.
     store.record(StoreEvent::ClearActiveCalls);
     tasks.spawn(follow_config(snapshot.clone(), metrics.clone()));
+    metrics.track_config_stale({
+        let snapshot = snapshot.clone();
+        move || snapshot.is_stale()
+    });
     let t1 = Duration::from_millis(args.sip_t1_ms);
     let timers = TimerConfig { t1, t2: (t1 * 8).max(Duration::from_secs(4)), t4: Duration::from_secs(5) };
     let (received_tx, received_rx) = mpsc::channel(RECEIVE_QUEUE);
@@ -162,10 +183,11 @@ pub async fn start(
             metrics.track_kernel_packets(|| engine.kernel_packets());
         }
     }
+    let limits = shared_limits(&pool, node_id, tasks).counted(metrics.clone());
     let ctx = Arc::new(CallContext {
         endpoint,
         snapshot: snapshot.clone(),
-        limits: Limits::counted(metrics.clone()),
+        limits,
         store,
         metrics: metrics.clone(),
         resolver: Resolver::from_system(),
@@ -179,6 +201,7 @@ pub async fn start(
         drain: drain.clone(),
     });
     tasks.spawn(call::route_requests(Arc::clone(&ctx), new_requests));
+    tasks.spawn(crate::sip::reaped::run(pool.clone(), signer.clone(), ctx.drain.clone()));
     tasks.spawn(originate::run(Arc::clone(&ctx), pool.clone(), signer));
     tasks.spawn(sms::run(Arc::clone(&ctx), pool.clone()));
     // Draining or stopping: un-REGISTER (its state goes through the store); on stop, then
@@ -201,7 +224,10 @@ pub async fn start(
     let mut http_stop = stop.clone();
     let ready = {
         let snapshot = snapshot.clone();
-        move || snapshot.generation() >= 0 && !drain.is_draining()
+        move || crate::http::Readiness {
+            ready: snapshot.generation() >= 0 && !drain.is_draining(),
+            detail: Some(served_generation(&snapshot, drain.is_draining())),
+        }
     };
     tasks.spawn(async move {
         let shutdown = async move {
@@ -212,6 +238,49 @@ pub async fn start(
         }
     });
     Ok(Listening { sip: transport.local_addr(), http })
+}
+
+/// The `/readyz` detail: the generation served, whether it is a stale copy from disk, draining.
+fn served_generation(snapshot: &SnapshotHandle, draining: bool) -> String {
+    let generation = snapshot.generation();
+    let mut detail = if generation < 0 {
+        "no configuration loaded yet".to_owned()
+    } else if snapshot.is_stale() {
+        format!(
+            "config generation {generation} (stale: saved on this node's disk; Postgres did not answer at start and \
+             has not confirmed it)"
+        )
+    } else {
+        format!("config generation {generation}")
+    };
+    if draining {
+        detail.push_str("; draining");
+    }
+    detail
+}
+
+/// The per-minute rate of a call's trunk in the current configuration, for the CDRs of calls
+/// the node lost (replayed from the spool).
+fn rate_of(snapshot: SnapshotHandle) -> crate::store::spool::RateOf {
+    Arc::new(move |call| {
+        let current = snapshot.current();
+        let trunk = current.trunk(call.namespace.as_deref()?, call.trunk_name.as_deref()?)?;
+        let rate = match call.direction {
+            crate::store::Direction::Inbound => trunk.rate_inbound_per_minute,
+            crate::store::Direction::Outbound => trunk.rate_outbound_per_minute,
+        };
+        Some((rate, trunk.currency.clone()))
+    })
+}
+
+/// Trunk limits held across nodes (`sip/admission.rs`), with the worker that writes releases
+/// and resyncs (it also adopts the rows an earlier run of this node id left).
+fn shared_limits(pool: &PgPool, node_id: &str, tasks: &mut JoinSet<()>) -> Limits {
+    let admission = Admission::new(pool.clone(), node_id);
+    let limits = Limits::shared(admission.clone());
+    let counter = limits.clone();
+    tasks.spawn(admission.run(move |(namespace, trunk)| counter.active(namespace, trunk)));
+    limits
 }
 
 /// Keeps the configuration gauges (generation, per-provider rates, per-trunk limits and call

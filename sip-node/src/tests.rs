@@ -25,6 +25,10 @@ fn args(database_url: &str) -> NodeArgs {
         heartbeat_interval_ms: 5000,
         config_poll_interval_ms: 5000,
         drain_seconds: 20,
+        state_dir: Some(std::env::temp_dir().join(format!("switchboard-node-tests-{}", std::process::id()))),
+        spool_dir: None,
+        spool_max_bytes: 1 << 20,
+        database_start_timeout_seconds: 5,
         sip: crate::signaling::SipArgs {
             sip_listen: vec!["127.0.0.1:0".parse().unwrap()],
             advertised_host: None,
@@ -39,6 +43,7 @@ fn args(database_url: &str) -> NodeArgs {
             media_timeout_seconds: 30,
             final_codes: crate::sip::routing::DEFAULT_FINAL_CODES.to_vec(),
             agent: crate::bridge::answer::AgentArgs::default(),
+            spool: None,
         },
     }
 }
@@ -104,4 +109,26 @@ async fn an_unmigrated_schema_is_reported_and_waited_for(pool: PgPool) {
     switchboard_model::db::migrate(&pool).await.expect("migrate");
     tokio::time::timeout(Duration::from_secs(10), wait_for_schema(&pool)).await.expect("schema is ready");
     assert_eq!(schema_state(&pool).await, SchemaState::Ready);
+}
+
+#[test]
+fn state_flags_have_defaults_and_bounds() {
+    let args = parse(&[]).expect("defaults");
+    assert_eq!((args.state_dir, args.spool_dir), (None, None));
+    assert_eq!((args.spool_max_bytes, args.database_start_timeout_seconds), (1 << 30, 5));
+    assert!(parse(&["--spool-max-bytes", "100"]).is_err(), "a spool smaller than a page");
+    assert!(parse(&["--database-start-timeout-seconds", "0"]).is_err());
+    let args = parse(&["--state-dir", "/data/sb", "--spool-dir", "off"]).expect("explicit");
+    assert_eq!(args.state_dir.as_deref(), Some(std::path::Path::new("/data/sb")));
+}
+
+#[test]
+fn the_state_directory_is_the_nodes_own_and_an_explicit_unusable_one_is_an_error() {
+    let base = tempfile::tempdir().expect("tempdir");
+    let dir = super::state_dir(Some(base.path()), "../escape/..").expect("created").expect("a directory");
+    assert_eq!(dir.parent(), Some(base.path()), "{}", dir.display());
+    assert!(dir.is_dir());
+    let file = tempfile::NamedTempFile::new().expect("file");
+    let error = super::state_dir(Some(file.path()), "node-a").expect_err("a file is not a directory");
+    assert!(error.to_string().contains("--state-dir"), "{error}");
 }

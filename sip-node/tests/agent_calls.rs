@@ -909,3 +909,21 @@ async fn no_common_codec_is_488(pool: PgPool) {
     assert_clean_end(&pool, &node, 488).await;
     node.stop().await;
 }
+
+/// At the drain limit the node ends a call to an agent itself: BYE to the caller (with a
+/// `Reason`), `stop` to the agent, and the CDR says `node shutdown`.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn the_drain_limit_ends_an_agent_call_with_bye_and_stop(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let node = Node::start(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))]).await;
+    let mut caller = Caller::new(node.addr, "agent-call-drain-limit", 0).await;
+    caller.call().await;
+    agent.expect("start").await;
+    node.drain.end_calls();
+    let bye = caller.expect_bye().await;
+    assert!(bye.contains("node shutdown"), "{bye}");
+    agent.expect("stop").await;
+    let reason = assert_clean_end(&pool, &node, 200).await;
+    assert_eq!(reason, "node shutdown");
+    node.stop().await;
+}

@@ -19,6 +19,8 @@ const LIMIT: Duration = Duration::from_secs(20);
 struct Node {
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    /// The node's `--state-dir` (spool, saved configuration), removed with the node.
+    _state: tempfile::TempDir,
 }
 
 impl Node {
@@ -28,7 +30,9 @@ impl Node {
 
     /// Starts the node with `extra` flags after the usual ones.
     fn start_with(database_url: &str, node_id: &str, extra: &[&str]) -> Self {
+        let state = tempfile::tempdir().expect("state directory");
         let mut child = Command::new(env!("CARGO_BIN_EXE_switchboard-node"))
+            .env("SWITCHBOARD_STATE_DIR", state.path())
             .args(["--database-url", database_url, "--node-id", node_id])
             .args(["--heartbeat-interval-ms", "200", "--config-poll-interval-ms", "200"])
             .args(["--sip-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
@@ -47,7 +51,7 @@ impl Node {
                 sink.lock().expect("log lock").push(line);
             }
         });
-        Self { child, log }
+        Self { child, log, _state: state }
     }
 
     fn logged(&self, needle: &str) -> bool {

@@ -56,7 +56,15 @@ pub struct InitiateCall {
     /// Or handle the answered call as this inbound RoutingRule says.
     #[serde(default)]
     pub routing_rule: Option<String>,
+    /// Fail the request (`error` starts with `expired`) when no SIP node has taken it within
+    /// this many seconds, instead of dialling it whenever a node appears (default 60).
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 86400, example = 60)]
+    pub expires_in_seconds: Option<i64>,
 }
+
+/// Default of [`InitiateCall::expires_in_seconds`].
+pub const DEFAULT_EXPIRES_IN_SECONDS: i64 = 60;
 
 /// A queued call.
 #[derive(Serialize, ToSchema, Debug)]
@@ -68,6 +76,8 @@ pub struct CallRequestResponse {
     pub from_number: String,
     pub to_number: String,
     pub created_at: DateTime<Utc>,
+    /// A request still queued at this time fails with `expired`.
+    pub expires_at: DateTime<Utc>,
     /// The SIP Call-ID once a node placed the call.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sip_call_id: Option<String>,
@@ -101,11 +111,19 @@ pub async fn initiate(
     if body.agent_websocket_url.is_some() && body.routing_rule.is_some() {
         return Err(ApiError::invalid("routing_rule", "give agent_websocket_url or routing_rule, not both"));
     }
+    let expires_in = body.expires_in_seconds.unwrap_or(DEFAULT_EXPIRES_IN_SECONDS);
+    if !(1..=86_400).contains(&expires_in) {
+        return Err(ApiError::invalid(
+            "expires_in_seconds",
+            format!("{expires_in} is not between 1 and 86400 seconds"),
+        ));
+    }
     let destination = body.agent_websocket_url.as_ref().map(|url| serde_json::json!({"type": "websocket", "url": url}));
     let id = Uuid::new_v4();
-    let created_at: DateTime<Utc> = sqlx::query_scalar(
-        "INSERT INTO call_requests (id, from_number, to_number, webhook_url, destination, routing_rule_ref, state)
-         VALUES ($1, $2, $3, $4, $5, $6, 'queued') RETURNING created_at",
+    let (created_at, expires_at): (DateTime<Utc>, DateTime<Utc>) = sqlx::query_as(
+        "INSERT INTO call_requests (id, from_number, to_number, webhook_url, destination, routing_rule_ref, state,
+            expires_at)
+         VALUES ($1, $2, $3, $4, $5, $6, 'queued', now() + make_interval(secs => $7)) RETURNING created_at, expires_at",
     )
     .bind(id)
     .bind(&body.from_number)
@@ -113,6 +131,7 @@ pub async fn initiate(
     .bind(&body.webhook_url)
     .bind(&destination)
     .bind(&body.routing_rule)
+    .bind(expires_in as f64)
     .fetch_one(&state.pool)
     .await?;
     // Wakes nodes that LISTEN; those that do not poll.
@@ -129,6 +148,7 @@ pub async fn initiate(
             from_number: body.from_number,
             to_number: body.to_number,
             created_at,
+            expires_at,
             sip_call_id: None,
             error: None,
         }),
@@ -145,7 +165,8 @@ pub async fn get_call(
 ) -> Result<Json<CallRequestResponse>, ApiError> {
     let id = Uuid::parse_str(&id).map_err(|_| ApiError::not_found(format!("no call {id:?}")))?;
     let row = sqlx::query(
-        "SELECT id, state, from_number, to_number, created_at, call_id, error FROM call_requests WHERE id = $1",
+        "SELECT id, state, from_number, to_number, created_at, expires_at, call_id, error FROM call_requests
+          WHERE id = $1",
     )
     .bind(id)
     .fetch_optional(&state.pool)
@@ -157,6 +178,7 @@ pub async fn get_call(
         from_number: row.try_get("from_number")?,
         to_number: row.try_get("to_number")?,
         created_at: row.try_get("created_at")?,
+        expires_at: row.try_get("expires_at")?,
         sip_call_id: row.try_get("call_id")?,
         error: row.try_get("error")?,
     }))
@@ -165,6 +187,9 @@ pub async fn get_call(
 /// A call in progress.
 #[derive(Serialize, ToSchema, Debug)]
 pub struct ActiveCall {
+    /// The node's id of the call (unique; its CDRs carry the same).
+    pub call_uuid: Uuid,
+    /// The SIP Call-ID of the call's first leg (chosen by the caller: not necessarily unique).
     pub call_id: String,
     pub node_id: String,
     pub trunk: Option<String>,
@@ -178,14 +203,17 @@ pub struct ActiveCall {
     pub duration_seconds: f64,
 }
 
-/// Calls in progress on every node.
+/// Calls in progress on every live node (a node not heard from for three heartbeats is left
+/// out; the reaper ends its calls).
 #[utoipa::path(get, path = "/api/calls/active", tag = "calls",
     responses((status = 200, body = [ActiveCall])), security(("bearer" = [])))]
 pub async fn active(State(state): State<AppState>) -> Result<Json<Vec<ActiveCall>>, ApiError> {
     let rows = sqlx::query(
-        "SELECT call_id, node_id, trunk_name, provider, direction, from_number, to_number, state, started_at, answered_at,
+        "SELECT call_uuid, call_id, node_id, trunk_name, provider, direction, from_number, to_number, state, started_at,
+                answered_at,
                 extract(epoch FROM now() - started_at)::float8 AS duration
-           FROM active_calls ORDER BY started_at DESC, call_id LIMIT 10000",
+           FROM active_calls WHERE node_id IN (SELECT node_id FROM live_nodes)
+          ORDER BY started_at DESC, call_id LIMIT 10000",
     )
     .fetch_all(&state.pool)
     .await?;
@@ -193,6 +221,7 @@ pub async fn active(State(state): State<AppState>) -> Result<Json<Vec<ActiveCall
         .into_iter()
         .map(|row| {
             Ok(ActiveCall {
+                call_uuid: row.try_get("call_uuid")?,
                 call_id: row.try_get("call_id")?,
                 node_id: row.try_get("node_id")?,
                 trunk: row.try_get("trunk_name")?,
@@ -233,6 +262,9 @@ pub struct CdrQuery {
 #[derive(Serialize, ToSchema, Debug)]
 pub struct Cdr {
     pub id: i64,
+    /// The node's id of the call: every attempt of one call has the same.
+    pub call_uuid: Uuid,
+    /// The SIP Call-ID of the call's first leg (chosen by the caller: not necessarily unique).
     pub call_id: String,
     pub attempt: i32,
     pub node_id: String,
@@ -295,6 +327,7 @@ fn limit(value: Option<i64>) -> Result<i64, ApiError> {
 fn cdr(row: &PgRow) -> Result<Cdr, sqlx::Error> {
     Ok(Cdr {
         id: row.try_get("id")?,
+        call_uuid: row.try_get("call_uuid")?,
         call_id: row.try_get("call_id")?,
         attempt: row.try_get("attempt")?,
         node_id: row.try_get("node_id")?,
@@ -337,8 +370,8 @@ pub async fn cdrs(
     // `plan_cache_mode = force_generic_plan` gets the slow plan; each combination of filters is
     // its own prepared statement, whose generic plan uses the matching index.
     let mut sql = sqlx::QueryBuilder::<sqlx::Postgres>::new(
-        "SELECT id, call_id, attempt, node_id, trunk_name, provider, gateway, direction, from_number, to_number,
-                setup_at, ring_at, answer_at, end_at, sip_code, reason, hangup_by, billable_seconds, cost::text AS cost, currency
+        "SELECT id, call_uuid, call_id, attempt, node_id, trunk_name, provider, gateway, direction, from_number,
+                to_number, setup_at, ring_at, answer_at, end_at, sip_code, reason, hangup_by, billable_seconds, cost::text AS cost, currency
            FROM cdrs WHERE TRUE",
     );
     if let Some(provider) = &query.provider {

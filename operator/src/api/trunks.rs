@@ -49,7 +49,7 @@ async fn observed(state: &AppState, names: Option<&str>) -> Result<Observed, Api
                   GROUP BY trunk_name
                  UNION ALL
                  SELECT trunk_name, count(*), 0, 0 FROM active_calls
-                  WHERE namespace = $1 AND trunk_name IS NOT NULL AND ($2::text IS NULL OR trunk_name = $2)
+                  WHERE node_id IN (SELECT node_id FROM live_nodes) AND namespace = $1 AND trunk_name IS NOT NULL AND ($2::text IS NULL OR trunk_name = $2)
                   GROUP BY trunk_name) per_source
           GROUP BY name",
     )
@@ -396,7 +396,7 @@ impl StatusRows {
         );
         let active_sql = format!(
             "SELECT namespace, trunk_name, count(*) FROM active_calls
-              WHERE namespace IS NOT NULL AND trunk_name IS NOT NULL{filter_active}
+              WHERE node_id IN (SELECT node_id FROM live_nodes) AND namespace IS NOT NULL AND trunk_name IS NOT NULL{filter_active}
               GROUP BY namespace, trunk_name"
         );
         let mut out = StatusRows::default();
@@ -570,7 +570,9 @@ pub async fn stats_summary(State(state): State<AppState>) -> Result<Json<StatsSu
         );
     }
     let active: HashMap<String, i64> = sqlx::query_as::<_, (String, i64)>(
-        "SELECT trunk_name, count(*) FROM active_calls WHERE namespace = $1 AND trunk_name IS NOT NULL GROUP BY trunk_name",
+        "SELECT trunk_name, count(*) FROM active_calls
+          WHERE node_id IN (SELECT node_id FROM live_nodes) AND namespace = $1 AND trunk_name IS NOT NULL
+          GROUP BY trunk_name",
     )
     .bind(&state.namespace)
     .fetch_all(&state.pool)

@@ -62,6 +62,8 @@ pub struct OperatorArgs {
     pub no_migrate: bool,
     #[command(flatten)]
     pub api: crate::api::ApiArgs,
+    #[command(flatten)]
+    pub reaper: crate::reaper::ReaperArgs,
 }
 
 /// Runs the operator until SIGTERM/SIGINT (exit 0) or a lost lease (an error: the pod restarts
@@ -81,6 +83,8 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     health.ready.store(true, Ordering::SeqCst);
     // The REST API serves on every replica (writes go to the Kubernetes API, not to Postgres).
     let api = crate::api::start_for_operator(&args.api, pool.clone(), client.clone(), shutdown.clone()).await?;
+    // Every replica reaps; an advisory lock lets one pass run at a time (reaper.rs).
+    tokio::spawn(crate::reaper::run(pool.clone(), args.reaper.clone(), shutdown.clone()));
 
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = hostname::get().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "switchboard".into());

@@ -43,7 +43,7 @@ impl NodeFacts {
     }
 
     /// Reads the facts. A node is live when it has not stopped and its last heartbeat is younger
-    /// than `node_timeout`.
+    /// than `node_timeout`; a draining node does not count for `live_applied`.
     pub async fn load(pool: &PgPool, node_timeout: Duration) -> Result<Self, sqlx::Error> {
         let timeout = node_timeout.as_secs_f64();
         let mut conn = pool.acquire().await?;
@@ -51,6 +51,8 @@ impl NodeFacts {
             "SELECT CASE WHEN applied_at IS NULL THEN NULL ELSE applied_generation END AS applied
                FROM nodes
               WHERE stopped_at IS NULL AND heartbeat_at > now() - make_interval(secs => $1)
+                -- a draining node keeps its calls but is on its way out: Synced does not wait for it
+                AND draining_at IS NULL
               ORDER BY node_id",
         )
         .bind(timeout)

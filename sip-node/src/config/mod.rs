@@ -1,6 +1,7 @@
 //! The node's configuration: an immutable [`Snapshot`] of what the operator stored in Postgres,
 //! served through a [`SnapshotHandle`] and kept current by a watcher task.
 
+pub mod disk;
 mod load;
 mod snapshot;
 mod watcher;

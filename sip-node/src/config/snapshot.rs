@@ -180,6 +180,11 @@ impl Snapshot {
         self.numbers.len()
     }
 
+    /// Every credential (for saving the snapshot to disk).
+    pub fn credentials(&self) -> impl Iterator<Item = &Credential> {
+        self.credentials.values().flat_map(HashMap::values)
+    }
+
     /// Number of credentials.
     pub fn credential_count(&self) -> usize {
         self.credentials.values().map(HashMap::len).sum()
@@ -241,13 +246,22 @@ struct Inner {
     current: ArcSwap<Snapshot>,
     /// The applied generation; also serialises swaps (see [`SnapshotHandle::swap_if_newer`]).
     applied: watch::Sender<i64>,
+    /// Whether the current snapshot came from the node's disk and Postgres has not confirmed
+    /// it since (see [`SnapshotHandle::serve_saved`]).
+    stale: std::sync::atomic::AtomicBool,
 }
 
 impl SnapshotHandle {
     /// A handle serving `initial` (usually [`Snapshot::default`], the unloaded placeholder).
     pub fn new(initial: Snapshot) -> Self {
         let (applied, _) = watch::channel(initial.generation);
-        Self { inner: Arc::new(Inner { current: ArcSwap::from_pointee(initial), applied }) }
+        Self {
+            inner: Arc::new(Inner {
+                current: ArcSwap::from_pointee(initial),
+                applied,
+                stale: std::sync::atomic::AtomicBool::new(false),
+            }),
+        }
     }
 
     /// The snapshot to use from now on. Keep the returned `Arc` for the whole call: a swap
@@ -279,12 +293,47 @@ impl SnapshotHandle {
             if next.generation > *applied {
                 previous = Some(self.inner.current.swap(Arc::clone(&next)));
                 *applied = next.generation;
+                self.inner.stale.store(false, std::sync::atomic::Ordering::SeqCst);
                 true
             } else {
                 false
             }
         });
         previous
+    }
+}
+
+impl SnapshotHandle {
+    /// Serves `saved`, a snapshot read from the node's disk because Postgres did not answer at
+    /// start, marked stale until Postgres confirms its generation ([`Self::confirm`]) or a
+    /// newer one is loaded. Ignored when a snapshot is already loaded.
+    pub fn serve_saved(&self, saved: Snapshot) -> bool {
+        let saved = Arc::new(saved);
+        self.inner.applied.send_if_modified(|applied| {
+            if *applied != Snapshot::UNLOADED || saved.generation <= *applied {
+                return false;
+            }
+            self.inner.current.store(Arc::clone(&saved));
+            self.inner.stale.store(true, std::sync::atomic::Ordering::SeqCst);
+            *applied = saved.generation;
+            true
+        })
+    }
+
+    /// Whether the node serves a snapshot from its disk that Postgres has not confirmed yet.
+    pub fn is_stale(&self) -> bool {
+        self.inner.stale.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Postgres says `generation` is current: a saved snapshot of that generation is no longer
+    /// stale. Returns whether that changed anything.
+    pub fn confirm(&self, generation: i64) -> bool {
+        let applied = self.inner.applied.borrow();
+        if generation == *applied && self.is_stale() {
+            self.inner.stale.store(false, std::sync::atomic::Ordering::SeqCst);
+            return true;
+        }
+        false
     }
 }
 

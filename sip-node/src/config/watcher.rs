@@ -222,6 +222,12 @@ impl Watcher {
             }
         };
         self.health.ok(started);
+        if self.handle.confirm(generation) {
+            tracing::info!(
+                generation,
+                "Postgres confirms config generation {generation}; the saved snapshot is current"
+            );
+        }
         if self.wants(generation) { self.reload().await } else { Outcome::UpToDate }
     }
 

@@ -176,6 +176,9 @@ struct AttemptRecord {
 
 /// The shared facts of a call.
 struct CallFacts {
+    /// The node's own id of the call (keys its active row and CDRs).
+    call_uuid: uuid::Uuid,
+    /// The caller's SIP Call-ID.
     call_id: String,
     from: String,
     to: String,
@@ -192,10 +195,15 @@ async fn inbound_call(ctx: Arc<CallContext>, invite: Request, key: TransactionKe
     let caller = message::normalize_number(&from).unwrap_or(from.clone());
     let dialled = invite.uri.user().map(str::to_string).or_else(|| message::to_user(&invite)).unwrap_or_default();
     let called = message::normalize_number(&dialled).unwrap_or(dialled.clone());
-    let facts =
-        CallFacts { call_id: message::call_id(&invite), from: caller.clone(), to: called.clone(), inbound_trunk: None };
+    let facts = CallFacts {
+        call_uuid: uuid::Uuid::new_v4(),
+        call_id: message::call_id(&invite),
+        from: caller.clone(),
+        to: called.clone(),
+        inbound_trunk: None,
+    };
 
-    let admitted = admit(&ctx, &snapshot, &invite, peer, &called, &caller);
+    let admitted = admit(&ctx, &snapshot, &invite, peer, &called, &caller).await;
     let (_number, trunk, target, permit) = match admitted {
         Ok(admitted) => admitted,
         Err(refuse) => {
@@ -216,6 +224,7 @@ async fn inbound_call(ctx: Arc<CallContext>, invite: Request, key: TransactionKe
     let _permit: CallPermit = permit;
     let facts = CallFacts { inbound_trunk: Some(Arc::clone(&trunk)), ..facts };
     ctx.store.record(StoreEvent::CallStarted(ActiveCall {
+        call_uuid: facts.call_uuid,
         call_id: facts.call_id.clone(),
         namespace: Some(trunk.namespace.clone()),
         trunk_name: Some(trunk.name.clone()),
@@ -264,7 +273,7 @@ type Admitted = (NumberConfig, Arc<TrunkConfig>, Target, CallPermit);
 
 /// Source, number, trunk, authentication, limits and routing, in the order a carrier expects
 /// the answers: 403 for strangers, 404 for numbers nobody owns, 407 for digest, 503 for limits.
-fn admit(
+async fn admit(
     ctx: &CallContext,
     snapshot: &Snapshot,
     invite: &Request,
@@ -305,7 +314,7 @@ fn admit(
         }
         _ => {}
     }
-    let permit = ctx.limits.try_acquire(&trunk).map_err(|limit| {
+    let permit = ctx.limits.acquire(&trunk).await.map_err(|limit| {
         let mut refuse = Refuse::new(503, limit.reason());
         refuse.extra.push(Header::RetryAfter("5".into()));
         refuse
@@ -428,7 +437,7 @@ impl Call {
                 && slot.as_ref().is_none_or(|(held, _)| !Arc::ptr_eq(held, trunk))
             {
                 slot = None;
-                match self.ctx.limits.try_acquire(trunk) {
+                match self.ctx.limits.acquire(trunk).await {
                     Ok(permit) => slot = Some((Arc::clone(trunk), permit)),
                     Err(limit) => {
                         tracing::info!(trunk = %trunk.name, reason = %limit.reason(), "skipping trunk at its limit");
@@ -466,6 +475,10 @@ impl Call {
                         continue;
                     }
                     return self.connected(b_dialog, answer, record, a_rx).await;
+                }
+                AttemptEnd::Cancelled if self.ctx.drain.is_ending() => {
+                    // The node stops: the carrier may retry the call elsewhere.
+                    return self.refuse_caller(503, crate::drain::NODE_SHUTDOWN.into(), Some(record));
                 }
                 AttemptEnd::Cancelled => {
                     self.respond_a(487, "Request Terminated", None);
@@ -719,6 +732,7 @@ impl Call {
             (None, _) => rust_decimal::Decimal::ZERO,
         };
         self.ctx.store.record(StoreEvent::Cdr(CdrRecord {
+            call_uuid: self.facts.call_uuid,
             call_id: self.facts.call_id.clone(),
             attempt: record.number,
             namespace: trunk.map(|t| t.namespace.clone()),
@@ -756,7 +770,7 @@ impl Call {
             answer_at: self.answer_at,
         });
         self.write_cdr(&record, end_at, outcome.code, &outcome.reason, outcome.hangup_by);
-        self.ctx.store.record(StoreEvent::CallEnded { call_id: self.facts.call_id.clone() });
+        self.ctx.store.record(StoreEvent::CallEnded { call_uuid: self.facts.call_uuid });
         let inbound = self.facts.inbound_trunk.as_ref();
         let provider = inbound.map(|t| t.provider.as_str()).unwrap_or("unknown");
         let trunk = inbound.map(|t| t.name.as_str()).unwrap_or("unknown");
@@ -817,7 +831,7 @@ impl Call {
         self.ctx.endpoint.respond(&self.key, ok.clone());
         let answered_at = record.answer_at.unwrap_or_else(Utc::now);
         self.answer_at = Some(answered_at);
-        self.ctx.store.record(StoreEvent::CallAnswered { call_id: self.facts.call_id.clone(), at: answered_at });
+        self.ctx.store.record(StoreEvent::CallAnswered { call_uuid: self.facts.call_uuid, at: answered_at });
 
         // RFC 3261 13.3.1.4: the 2xx is retransmitted until the ACK comes (UDP only).
         let reliable = self.a_peer.protocol.is_reliable();
@@ -843,6 +857,13 @@ impl Call {
                     self.ctx.metrics.retransmission();
                     interval = (interval * 2).min(self.ctx.timers.t2);
                     retransmit.as_mut().reset(tokio::time::Instant::now() + interval);
+                }
+                () = self.ctx.drain.ending() => {
+                    let reason = [HangupReason::normal(crate::drain::NODE_SHUTDOWN).header()];
+                    self.send_bye(&mut b, &b_tx, &reason);
+                    let a_tx = self.a_tx.clone();
+                    self.bye_and_wait(&mut a, &a_tx, a_rx, &reason).await;
+                    break (200, crate::drain::NODE_SHUTDOWN.to_string(), Ender::System);
                 }
                 event = next_relay_event(&mut relay_events) => match event {
                     RelayEvent::MediaTimeout { silent_for } => {

@@ -142,6 +142,14 @@ impl<'c> InviteClient<'c> {
                     }
                     _ => {}
                 },
+                () = self.ctx.drain.ending() => {
+                    // The node stops: CANCEL a ringing callee (never before a provisional
+                    // response, RFC 3261 9.1). The caller tells it apart by `drain.is_ending()`.
+                    if self.provisional {
+                        self.send_cancel();
+                    }
+                    break InviteEvent::Cancelled;
+                }
                 () = sleep_until(self.ring_limit_at) => {
                     self.send_cancel();
                     break failed(480, format!("no answer within {}s", self.setup.ring_limit.as_secs()), false);

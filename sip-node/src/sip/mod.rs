@@ -1,6 +1,7 @@
 //! SIP signaling: message helpers around rsip, transports, RFC 3261 transactions, digest
 //! authentication, dialogs and the B2BUA call logic.
 
+pub mod admission;
 pub mod call;
 pub mod dialog;
 pub mod digest;
@@ -10,6 +11,7 @@ pub mod limits;
 pub mod message;
 pub mod originate;
 pub mod queue;
+pub mod reaped;
 pub mod registration;
 pub mod resolve;
 pub mod routing;

@@ -1,7 +1,9 @@
 //! Calls placed through the REST API: the API queues a row in `call_requests`; every node
 //! listens for them, exactly one claims each (`FOR UPDATE SKIP LOCKED`), places the call through
 //! the from-number's trunks with failover, reports `initiated`, `ringing`, `answered` and
-//! `completed`/`failed` to the request's webhook, and writes the request's state and a CDR.
+//! `completed`/`failed` to the request's webhook, and writes the request's state. Like an
+//! inbound call, the call has an `active_calls` row while it is placed and up, and one CDR per
+//! attempt (a failed-over attempt gets its own).
 //!
 //! Media (`media.rs`): the offer carries the node's address and a port pair from its range;
 //! a request with an agent WebSocket URL (or a routing rule whose destination is one) bridges
@@ -32,7 +34,7 @@ use super::transaction::new_tag;
 use super::transport::{Peer, Protocol};
 use crate::drain::Drain;
 use crate::metrics::CallStatus;
-use crate::store::{CdrRecord, HangupBy, StoreEvent, billable_seconds, cdr_cost};
+use crate::store::{ActiveCall, CallState, CdrRecord, HangupBy, StoreEvent, billable_seconds, cdr_cost};
 use crate::webhook::{CallHooks, Signer};
 
 /// Channel the API notifies on when it queues a call.
@@ -112,8 +114,11 @@ async fn claim(pool: &PgPool, node_id: &str, drain: &Drain) -> Result<Option<Cal
     }
     sqlx::query_as(
         "UPDATE call_requests SET state = 'claimed', claimed_by = $1, claimed_at = now(), updated_at = now()
-         WHERE id = (SELECT id FROM call_requests WHERE state = 'queued' ORDER BY created_at
+         WHERE id = (SELECT id FROM call_requests WHERE state = 'queued' AND expires_at > now() ORDER BY created_at
                      FOR UPDATE SKIP LOCKED LIMIT 1)
+           -- a node whose row says it drains claims nothing (another process of the same node id
+           -- may be the one draining)
+           AND NOT EXISTS (SELECT 1 FROM nodes WHERE node_id = $1 AND draining_at IS NOT NULL)
          RETURNING id, from_number, to_number, webhook_url, destination, routing_rule_ref",
     )
     .bind(node_id)
@@ -145,6 +150,10 @@ struct Ended {
     ring_at: Option<chrono::DateTime<Utc>>,
     hangup_by: HangupBy,
     attempt: u32,
+    /// When the attempt's INVITE went out (`None`: no attempt was made).
+    setup_at: Option<chrono::DateTime<Utc>>,
+    /// Whether the attempt's CDR is recorded already (a failed-over attempt's is, at once).
+    cdr_written: bool,
     /// Whether the next gateway may be tried (a final answer of the caller's or a callee that
     /// rang out ends the request).
     failover: bool,
@@ -162,6 +171,8 @@ impl Ended {
             ring_at,
             hangup_by: HangupBy::System,
             attempt: 1,
+            setup_at: None,
+            cdr_written: false,
             failover: true,
         }
     }
@@ -169,7 +180,8 @@ impl Ended {
 
 async fn place(ctx: Arc<CallContext>, pool: PgPool, request: CallRequest, hooks: CallHooks) {
     let _active = ctx.metrics.call_active(None);
-    let call_id = format!("{}@switchboard", Uuid::new_v4().simple());
+    let call_uuid = Uuid::new_v4();
+    let call_id = format!("{}@switchboard", call_uuid.simple());
     let setup_at = Utc::now();
     let event = |status: &'static str| StatusEvent {
         call_id: call_id.clone(),
@@ -214,36 +226,27 @@ async fn place(ctx: Arc<CallContext>, pool: PgPool, request: CallRequest, hooks:
         Ended::unanswered(404, reason, None)
     } else {
         let target = CallTarget { agent: agent.as_deref(), media: &mut media };
-        let placing = Placing { ctx: &ctx, pool: &pool, request: &request, hooks: &hooks, event: &event };
+        let placing = Placing {
+            ctx: &ctx,
+            pool: &pool,
+            request: &request,
+            hooks: &hooks,
+            event: &event,
+            call_uuid,
+            started_at: setup_at,
+        };
         dial(&placing, &call_id, target, trunks).await
     };
     let end_at = Utc::now();
-    let billable = billable_seconds(ended.answer_at, end_at);
-    let rate = ended.trunk.as_ref().map(|t| t.rate_outbound_per_minute).unwrap_or_default();
-    let cost = cdr_cost(rate, billable);
-    let currency = ended.trunk.as_ref().map(|t| t.currency.clone()).unwrap_or_else(|| "USD".into());
+    let (billable, cost, currency) = if ended.cdr_written {
+        // A failed-over attempt: never answered, nothing billed.
+        let currency = ended.trunk.as_ref().map(|t| t.currency.clone()).unwrap_or_else(|| "USD".into());
+        (0, cdr_cost(rust_decimal::Decimal::ZERO, 0), currency)
+    } else {
+        write_cdr(&ctx, &request, (call_uuid, &call_id), &ended, setup_at, end_at)
+    };
+    ctx.store.record(StoreEvent::CallEnded { call_uuid });
     let answered = ended.answer_at.is_some();
-    ctx.store.record(StoreEvent::Cdr(CdrRecord {
-        call_id: call_id.clone(),
-        attempt: ended.attempt,
-        namespace: ended.trunk.as_ref().map(|t| t.namespace.clone()),
-        trunk_name: ended.trunk.as_ref().map(|t| t.name.clone()),
-        provider: ended.trunk.as_ref().map(|t| t.provider.clone()),
-        gateway: ended.gateway.clone(),
-        direction: Direction::Outbound,
-        from_number: request.from_number.clone(),
-        to_number: request.to_number.clone(),
-        setup_at,
-        ring_at: ended.ring_at,
-        answer_at: ended.answer_at,
-        end_at,
-        sip_code: Some(ended.code),
-        reason: Some(ended.reason.clone()),
-        hangup_by: Some(ended.hangup_by),
-        billable_seconds: billable,
-        cost,
-        currency: currency.clone(),
-    }));
     let provider = ended.trunk.as_ref().map(|t| t.provider.as_str()).unwrap_or("unknown");
     let trunk = ended.trunk.as_ref().map(|t| t.name.as_str()).unwrap_or("unknown");
     let status = if answered { CallStatus::Answered } else { CallStatus::from_final_code(ended.code) };
@@ -259,6 +262,45 @@ async fn place(ctx: Arc<CallContext>, pool: PgPool, request: CallRequest, hooks:
     last.reason = Some(ended.reason);
     hooks.send(&last);
     tracing::info!(code = ended.code, answered, "API call ended");
+}
+
+/// Records the CDR of one attempt (`call_setup` stands in for an attempt that never started);
+/// returns its billable seconds, cost and currency.
+fn write_cdr(
+    ctx: &CallContext,
+    request: &CallRequest,
+    (call_uuid, call_id): (Uuid, &str),
+    ended: &Ended,
+    call_setup: chrono::DateTime<Utc>,
+    end_at: chrono::DateTime<Utc>,
+) -> (u32, rust_decimal::Decimal, String) {
+    let billable = billable_seconds(ended.answer_at, end_at);
+    let rate = ended.trunk.as_ref().map(|t| t.rate_outbound_per_minute).unwrap_or_default();
+    let cost = cdr_cost(rate, billable);
+    let currency = ended.trunk.as_ref().map(|t| t.currency.clone()).unwrap_or_else(|| "USD".into());
+    ctx.store.record(StoreEvent::Cdr(CdrRecord {
+        call_uuid,
+        call_id: call_id.to_string(),
+        attempt: ended.attempt,
+        namespace: ended.trunk.as_ref().map(|t| t.namespace.clone()),
+        trunk_name: ended.trunk.as_ref().map(|t| t.name.clone()),
+        provider: ended.trunk.as_ref().map(|t| t.provider.clone()),
+        gateway: ended.gateway.clone(),
+        direction: Direction::Outbound,
+        from_number: request.from_number.clone(),
+        to_number: request.to_number.clone(),
+        setup_at: ended.setup_at.unwrap_or(call_setup),
+        ring_at: ended.ring_at,
+        answer_at: ended.answer_at,
+        end_at,
+        sip_code: Some(ended.code),
+        reason: Some(ended.reason.clone()),
+        hangup_by: Some(ended.hangup_by),
+        billable_seconds: billable,
+        cost,
+        currency: currency.clone(),
+    }));
+    (billable, cost, currency)
 }
 
 fn protocol_of(transport: Transport) -> Protocol {
@@ -284,6 +326,10 @@ struct Placing<'a> {
     hooks: &'a CallHooks,
     /// The request's status callback for a status.
     event: &'a (dyn Fn(&'static str) -> StatusEvent<'a> + Sync),
+    /// The node's id of the call: the key of its `active_calls` row and of its CDRs.
+    call_uuid: Uuid,
+    /// When the node took the request (the `active_calls` row's start).
+    started_at: chrono::DateTime<Utc>,
 }
 
 impl Placing<'_> {
@@ -306,7 +352,7 @@ async fn dial(
     let mut last = Ended::unanswered(503, "no gateway answered".into(), None);
     let mut rang = false;
     for trunk in trunks {
-        let Ok(_permit) = ctx.limits.try_acquire(&trunk) else {
+        let Ok(_permit) = ctx.limits.acquire(&trunk).await else {
             last.reason = format!("trunk {} is at its limit", trunk.name);
             continue;
         };
@@ -320,6 +366,21 @@ async fn dial(
             };
             for addr in addrs {
                 attempt += 1;
+                let attempt_setup = Utc::now();
+                // The call's row names the trunk of the attempt in progress.
+                ctx.store.record(StoreEvent::CallStarted(ActiveCall {
+                    call_uuid: placing.call_uuid,
+                    call_id: call_id.to_string(),
+                    namespace: Some(trunk.namespace.clone()),
+                    trunk_name: Some(trunk.name.clone()),
+                    provider: Some(trunk.provider.clone()),
+                    direction: Direction::Outbound,
+                    from_number: request.from_number.clone(),
+                    to_number: request.to_number.clone(),
+                    state: CallState::Setup,
+                    started_at: placing.started_at,
+                    answered_at: None,
+                }));
                 let peer = Peer { protocol, addr };
                 let attempt_call_id = if attempt == 1 { call_id.to_string() } else { format!("{call_id}-{attempt}") };
                 let outcome =
@@ -328,6 +389,7 @@ async fn dial(
                 ended.trunk = Some(Arc::clone(&trunk));
                 ended.gateway = Some(host.clone());
                 ended.attempt = attempt;
+                ended.setup_at = Some(attempt_setup);
                 if ended.answer_at.is_some()
                     || !ended.failover
                     || routing::is_final_for_caller(&ctx.final_codes, ended.code)
@@ -335,7 +397,9 @@ async fn dial(
                     return ended;
                 }
                 tracing::info!(attempt, code = ended.code, reason = %ended.reason, "API call attempt failed; trying the next");
-                last = ended;
+                write_cdr(ctx, request, (placing.call_uuid, call_id), &ended, placing.started_at, Utc::now());
+                // The last failed attempt is the call's outcome; its CDR is written.
+                last = Ended { cdr_written: true, ..ended };
             }
         }
     }
@@ -389,7 +453,11 @@ async fn one_attempt(
                 ended.failover = failover;
                 return ended;
             }
-            InviteEvent::Cancelled => return failed(487, "cancelled".into(), ring_at),
+            InviteEvent::Cancelled => {
+                let mut ended = failed(487, crate::drain::NODE_SHUTDOWN.into(), ring_at);
+                ended.failover = false;
+                return ended;
+            }
         }
     };
     let (tx, rx) = client.into_channel();
@@ -429,6 +497,7 @@ async fn answered(
         _ => None,
     };
     let answer_at = Utc::now();
+    ctx.store.record(StoreEvent::CallAnswered { call_uuid: placing.call_uuid, at: answer_at });
     placing.report("answered", call_id).await;
     let agent = target.agent.zip(negotiated).zip(target.media.take());
     let (hangup_by, reason) = match agent {
@@ -525,6 +594,12 @@ async fn hold_until_hangup(
                 None => return (HangupBy::System, "internal: channel closed".into()),
                 _ => {}
             },
+            () = ctx.drain.ending() => {
+                let why = crate::drain::NODE_SHUTDOWN;
+                let bye = dialog.bye(ctx.endpoint.via_for(dialog.peer), &[message::HangupReason::normal(why).header()]);
+                ctx.endpoint.send_request(bye, dialog.peer, tx.clone());
+                return (HangupBy::System, why.into());
+            }
             () = &mut limit => {
                 let why = "maximum call duration reached";
                 let bye = dialog.bye(ctx.endpoint.via_for(dialog.peer), &[message::HangupReason::normal(why).header()]);

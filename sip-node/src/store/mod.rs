@@ -7,7 +7,7 @@
 //! batch the events of one call (or one trunk) are folded into their net effect, so an end
 //! never overtakes its start. While Postgres is down or slow the batch is retried with backoff
 //! and everything else stays queued; the outage is logged once, not per event. Every write is
-//! idempotent (upserts, deletes, CDRs `ON CONFLICT (call_id, attempt) DO NOTHING`), so a batch
+//! idempotent (upserts, deletes, CDRs `ON CONFLICT (call_uuid, attempt) DO NOTHING`), so a batch
 //! retried after a commit whose reply was lost is not written twice.
 //!
 //! Policies:
@@ -22,11 +22,15 @@
 //! - **Registrations** need the node's row in `nodes` (foreign key); until the node-state task
 //!   has written it, registration and reachability updates wait in memory (coalesced per trunk,
 //!   last wins) and are retried every second.
+//! - **Spool**: with a spool directory ([`Store::open`]), call and CDR events are also appended
+//!   to a local file, synced in batches, and replayed at the next start (see [`spool`]), so a
+//!   node killed during a database outage loses nothing that reached the disk.
 //! - **Shutdown**: [`StoreTask::shutdown`] writes what is queued within a deadline; what is
-//!   left after it is logged as lost.
+//!   left after it is logged as lost (or as kept in the spool).
 
 mod billing;
 mod plan;
+pub mod spool;
 mod writer;
 
 #[cfg(test)]
@@ -39,9 +43,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
+use uuid::Uuid;
 
 pub use switchboard_model::Direction;
 
@@ -49,8 +55,11 @@ pub use self::billing::{COST_SCALE, billable_seconds, cdr_cost};
 use crate::metrics::NodeMetrics;
 
 /// A call in progress, as stored in `active_calls`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ActiveCall {
+    /// The node's own id of the call (the row's key): unique whatever Call-ID the caller chose.
+    pub call_uuid: Uuid,
+    /// The SIP Call-ID of the call's first leg.
     pub call_id: String,
     pub namespace: Option<String>,
     pub trunk_name: Option<String>,
@@ -64,7 +73,7 @@ pub struct ActiveCall {
 }
 
 /// Progress of a call in progress (`active_calls.state`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum CallState {
     /// INVITE received or sent, no ringing yet.
     Setup,
@@ -86,7 +95,7 @@ impl CallState {
 }
 
 /// Who ended a call (`cdrs.hangup_by`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum HangupBy {
     Caller,
     Callee,
@@ -106,8 +115,11 @@ impl HangupBy {
 }
 
 /// One call attempt, as stored in `cdrs` (a call that fails over has several attempts).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CdrRecord {
+    /// The node's id of the call; `(call_uuid, attempt)` is the CDR's key.
+    pub call_uuid: Uuid,
+    /// The SIP Call-ID of the call's first leg.
     pub call_id: String,
     /// 1 for the first attempt.
     pub attempt: u32,
@@ -136,7 +148,7 @@ pub struct CdrRecord {
 }
 
 /// State of the node's registration towards a trunk (`registrations.state`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum RegistrationState {
     Registering,
     Registered,
@@ -157,7 +169,7 @@ impl RegistrationState {
 }
 
 /// The registration columns of the node's `registrations` row for a trunk.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RegistrationUpdate {
     pub namespace: String,
     pub trunk_name: String,
@@ -171,7 +183,7 @@ pub struct RegistrationUpdate {
 
 /// The OPTIONS keepalive columns of the node's `registrations` row for a trunk. A trunk that
 /// does not register gets a row in state `unregistered`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReachabilityUpdate {
     pub namespace: String,
     pub trunk_name: String,
@@ -182,18 +194,18 @@ pub struct ReachabilityUpdate {
 }
 
 /// Something to write.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum StoreEvent {
     /// Inserts the call into `active_calls`, or replaces its row (to record a new state).
     CallStarted(ActiveCall),
     /// Marks the call answered.
-    CallAnswered { call_id: String, at: DateTime<Utc> },
+    CallAnswered { call_uuid: Uuid, at: DateTime<Utc> },
     /// Removes the call from `active_calls`.
-    CallEnded { call_id: String },
+    CallEnded { call_uuid: Uuid },
     /// Removes every `active_calls` row of this node: at start-up, a restarted node has no
     /// calls left.
     ClearActiveCalls,
-    /// Inserts a CDR; a second CDR for the same `(call_id, attempt)` is ignored.
+    /// Inserts a CDR; a second CDR for the same `(call_uuid, attempt)` is ignored.
     Cdr(CdrRecord),
     /// Upserts the registration columns of the trunk's row.
     Registration(RegistrationUpdate),
@@ -246,6 +258,10 @@ struct Shared {
     stopping: AtomicBool,
     metrics: Option<NodeMetrics>,
     max_pending: usize,
+    /// The spool's counters, when events are spooled.
+    spool: Option<Arc<spool::SpoolShared>>,
+    /// Tells the spool task to sync once more and stop.
+    spool_stop: AtomicBool,
 }
 
 struct Queue {
@@ -254,6 +270,8 @@ struct Queue {
     recorded: u64,
     /// Whether events are being dropped because the queue is full (logged once per episode).
     overflowing: bool,
+    /// Events for the spool task to append, with their sequence numbers.
+    spool_buffer: Vec<(u64, spool::Line)>,
 }
 
 impl Shared {
@@ -280,30 +298,124 @@ impl Store {
         Self::spawn_with(pool, node_id, metrics, StoreOptions::default())
     }
 
-    /// Starts the writer task with explicit options.
+    /// Starts the writer task with explicit options (no spool).
     pub fn spawn_with(
         pool: PgPool,
         node_id: String,
         metrics: Option<NodeMetrics>,
         options: StoreOptions,
     ) -> (Store, StoreTask) {
+        Self::start(pool, node_id, metrics, options, None)
+    }
+
+    /// Starts the writer task and, with `spool`, the spool task after replaying what a previous
+    /// run left in it (queued before anything recorded later). Fails only when the spool
+    /// directory cannot be used.
+    pub fn open(
+        pool: PgPool,
+        node_id: String,
+        metrics: Option<NodeMetrics>,
+        options: StoreOptions,
+        spool: Option<&spool::SpoolOptions>,
+    ) -> Result<(Store, StoreTask, spool::Replayed), spool::SpoolError> {
+        let Some(spool_options) = spool else {
+            // The series exist without a spool too (at 0, limit 0), so that dashboards and
+            // alert rules find them on every node.
+            if let Some(metrics) = &metrics {
+                metrics.track_store_spool(|| 0, 0, || 0);
+            }
+            let (store, task) = Self::start(pool, node_id, metrics, options, None);
+            return Ok((store, task, spool::Replayed::default()));
+        };
+        let (spool, replayed) = spool::Spool::open(spool_options)?;
+        if let Some(metrics) = &metrics {
+            let (bytes, overflow) = (Arc::clone(&spool.shared), Arc::clone(&spool.shared));
+            metrics.track_store_spool(
+                move || bytes.bytes.load(Ordering::Relaxed),
+                spool_options.max_bytes,
+                move || overflow.overflow.load(Ordering::Relaxed),
+            );
+        }
+        if !replayed.events.is_empty() || replayed.torn > 0 {
+            tracing::info!(
+                events = replayed.events.len(),
+                lost_calls = replayed.lost,
+                torn_lines = replayed.torn,
+                "replaying {} call and CDR events from the spool in {} ({} calls were in progress when the node \
+                 stopped: CDR reason `{}`)",
+                replayed.events.len(),
+                spool_options.dir.display(),
+                replayed.lost,
+                spool::NODE_LOST
+            );
+        }
+        let (store, mut task) = Self::start(pool, node_id, metrics, options, Some(Arc::clone(&spool.shared)));
+        for event in replayed.events.iter().cloned() {
+            store.queue(event, false);
+        }
+        let replayed_up_to = store.shared.lock().recorded;
+        task.spool = Some(tokio::spawn(spool::run(Arc::clone(&store.shared), spool, replayed_up_to)));
+        Ok((store, task, replayed))
+    }
+
+    fn start(
+        pool: PgPool,
+        node_id: String,
+        metrics: Option<NodeMetrics>,
+        options: StoreOptions,
+        spool: Option<Arc<spool::SpoolShared>>,
+    ) -> (Store, StoreTask) {
         let shared = Arc::new(Shared {
-            queue: Mutex::new(Queue { events: VecDeque::new(), recorded: 0, overflowing: false }),
+            queue: Mutex::new(Queue {
+                events: VecDeque::new(),
+                recorded: 0,
+                overflowing: false,
+                spool_buffer: Vec::new(),
+            }),
             wake: Notify::new(),
             written: watch::Sender::new(0),
             stopping: AtomicBool::new(false),
             metrics,
             max_pending: options.max_pending.max(1),
+            spool,
+            spool_stop: AtomicBool::new(false),
         });
         let writer = writer::Writer::new(pool, node_id, shared.clone(), options);
         let handle = tokio::spawn(writer.run());
-        (Store { shared: shared.clone() }, StoreTask { shared, handle })
+        (Store { shared: shared.clone() }, StoreTask { shared, handle, spool: None })
     }
 
-    /// Queues `event` for writing. Never blocks (a short uncontended mutex), never fails;
-    /// drops the event only when [`StoreOptions::max_pending`] events are already waiting.
+    /// Queues `event` for writing (and for the spool, when there is one). Never blocks (a short
+    /// uncontended mutex, no system call), never fails; drops the event only when
+    /// [`StoreOptions::max_pending`] events are already waiting.
     pub fn record(&self, event: StoreEvent) {
+        self.queue(event, true);
+    }
+
+    fn queue(&self, event: StoreEvent, spool: bool) {
         let shared = &*self.shared;
+        let spooled = match &shared.spool {
+            Some(counters) if spool && spool::spoolable(&event) => {
+                if counters.bytes.load(Ordering::Relaxed) < counters.max_bytes {
+                    if counters.full.swap(false, Ordering::Relaxed) {
+                        tracing::info!("the store's spool has room again; spooling events");
+                    }
+                    Some(spool::Line { at: Utc::now(), event: Some(event.clone()) })
+                } else {
+                    counters.overflow.fetch_add(1, Ordering::Relaxed);
+                    if !counters.full.swap(true, Ordering::Relaxed) {
+                        tracing::error!(
+                            max_bytes = counters.max_bytes,
+                            "the store's spool is full ({} bytes); new call and CDR events are kept in memory only \
+                             until Postgres catches up",
+                            counters.max_bytes
+                        );
+                    }
+                    None
+                }
+            }
+            _ => None,
+        };
         let mut queue = shared.lock();
         if queue.events.len() >= shared.max_pending {
             if !queue.overflowing {
@@ -328,6 +440,14 @@ impl Store {
         queue.recorded += 1;
         let seq = queue.recorded;
         queue.events.push_back((seq, event));
+        if let Some(line) = spooled {
+            // Bounded like the queue, should the spool task stall on a slow disk.
+            if queue.spool_buffer.len() < shared.max_pending {
+                queue.spool_buffer.push((seq, line));
+            } else if let Some(counters) = &shared.spool {
+                counters.overflow.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         let recorded = queue.recorded;
         drop(queue);
         shared.report_pending(recorded);
@@ -354,6 +474,8 @@ impl Store {
 pub struct StoreTask {
     shared: Arc<Shared>,
     handle: JoinHandle<()>,
+    /// The spool task, when events are spooled.
+    spool: Option<JoinHandle<()>>,
 }
 
 impl StoreTask {
@@ -363,25 +485,31 @@ impl StoreTask {
     pub async fn shutdown(mut self, deadline: Duration) -> bool {
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.shared.wake.notify_one();
-        match tokio::time::timeout(deadline, &mut self.handle).await {
-            Ok(_) => {
-                let recorded = self.shared.lock().recorded;
-                let lost = self.shared.pending(recorded);
-                if lost > 0 {
-                    tracing::warn!(lost, "the store stopped with {lost} events not written");
-                }
-                lost == 0
-            }
-            Err(_) => {
-                self.handle.abort();
-                let recorded = self.shared.lock().recorded;
-                let lost = self.shared.pending(recorded);
-                tracing::warn!(
-                    lost,
-                    "the store could not write {lost} events to Postgres within {deadline:?}; they are lost"
-                );
-                false
-            }
+        let finished = tokio::time::timeout(deadline, &mut self.handle).await.is_ok();
+        if !finished {
+            self.handle.abort();
         }
+        // The spool syncs what was recorded until now, then stops.
+        self.shared.spool_stop.store(true, Ordering::SeqCst);
+        if let Some(spool) = self.spool.take()
+            && tokio::time::timeout(SPOOL_STOP_LIMIT, spool).await.is_err()
+        {
+            tracing::warn!("the store's spool did not finish its last sync within {SPOOL_STOP_LIMIT:?}");
+        }
+        let recorded = self.shared.lock().recorded;
+        let lost = self.shared.pending(recorded);
+        let kept = if self.shared.spool.is_some() { "kept in the spool for the next start" } else { "lost" };
+        match (finished, lost) {
+            (_, 0) => {}
+            (true, lost) => tracing::warn!(lost, "the store stopped with {lost} events not written ({kept})"),
+            (false, lost) => tracing::warn!(
+                lost,
+                "the store could not write {lost} events to Postgres within {deadline:?}; they are {kept}"
+            ),
+        }
+        lost == 0
     }
 }
+
+/// How long a stopping store waits for the spool's last sync.
+const SPOOL_STOP_LIMIT: Duration = Duration::from_secs(1);

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use uuid::Uuid;
 
 use super::{ActiveCall, CallState, CdrRecord, ReachabilityUpdate, RegistrationUpdate, StoreEvent};
 
@@ -41,7 +42,7 @@ pub(super) type TrunkKey = (String, String);
 pub(super) struct Plan {
     /// Delete every `active_calls` row of the node before the per-call operations.
     pub(super) clear_calls: bool,
-    pub(super) calls: BTreeMap<String, CallOp>,
+    pub(super) calls: BTreeMap<Uuid, CallOp>,
     pub(super) cdrs: Vec<CdrRecord>,
     pub(super) trunks: BTreeMap<TrunkKey, TrunkOp>,
 }
@@ -57,9 +58,9 @@ impl Plan {
         match event {
             StoreEvent::CallStarted(mut call) => {
                 scrub_call(&mut call);
-                self.calls.insert(call.call_id.clone(), CallOp::Upsert(call));
+                self.calls.insert(call.call_uuid, CallOp::Upsert(call));
             }
-            StoreEvent::CallAnswered { call_id, at } => match self.calls.get_mut(&call_id) {
+            StoreEvent::CallAnswered { call_uuid, at } => match self.calls.get_mut(&call_uuid) {
                 Some(CallOp::Upsert(call)) => {
                     call.answered_at = Some(at);
                     call.state = CallState::Answered;
@@ -68,11 +69,11 @@ impl Plan {
                 // An answer after the end changes nothing: the row is gone.
                 Some(CallOp::Delete) => {}
                 None => {
-                    self.calls.insert(scrubbed(call_id), CallOp::Answer(at));
+                    self.calls.insert(call_uuid, CallOp::Answer(at));
                 }
             },
-            StoreEvent::CallEnded { call_id } => {
-                self.calls.insert(scrubbed(call_id), CallOp::Delete);
+            StoreEvent::CallEnded { call_uuid } => {
+                self.calls.insert(call_uuid, CallOp::Delete);
             }
             StoreEvent::ClearActiveCalls => {
                 self.clear_calls = true;
@@ -134,8 +135,8 @@ impl Plan {
         if self.clear_calls {
             plans.push(Plan { clear_calls: true, ..Plan::default() });
         }
-        for (call_id, op) in self.calls {
-            plans.push(Plan { calls: BTreeMap::from([(call_id, op)]), ..Plan::default() });
+        for (call_uuid, op) in self.calls {
+            plans.push(Plan { calls: BTreeMap::from([(call_uuid, op)]), ..Plan::default() });
         }
         for cdr in self.cdrs {
             plans.push(Plan { cdrs: vec![cdr], ..Plan::default() });
@@ -162,16 +163,16 @@ impl Plan {
         if self.clear_calls {
             parts.push("clearing the node's active calls".to_owned());
         }
-        for (call_id, op) in &self.calls {
+        for (call_uuid, op) in &self.calls {
             let what = match op {
                 CallOp::Upsert(_) => "start",
                 CallOp::Answer(_) => "answer",
                 CallOp::Delete => "end",
             };
-            parts.push(format!("{what} of call {call_id}"));
+            parts.push(format!("{what} of call {call_uuid}"));
         }
         for cdr in &self.cdrs {
-            parts.push(format!("CDR of call {} attempt {}", cdr.call_id, cdr.attempt));
+            parts.push(format!("CDR of call {} ({}) attempt {}", cdr.call_uuid, cdr.call_id, cdr.attempt));
         }
         for (namespace, trunk) in self.trunks.keys() {
             parts.push(format!("registration of trunk {namespace}/{trunk}"));
@@ -224,8 +225,17 @@ pub(super) mod tests {
     use super::super::{Direction, RegistrationState};
     use super::*;
 
+    /// A stable call id for a test call's name.
+    pub(in crate::store) fn key(name: &str) -> Uuid {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        name.hash(&mut hasher);
+        Uuid::from_u64_pair(hasher.finish(), name.len() as u64)
+    }
+
     pub(in crate::store) fn call(call_id: &str) -> ActiveCall {
         ActiveCall {
+            call_uuid: key(call_id),
             call_id: call_id.into(),
             namespace: Some("default".into()),
             trunk_name: Some("carrier".into()),
@@ -273,25 +283,25 @@ pub(super) mod tests {
     fn a_call_folds_to_its_net_effect() {
         let at = Utc::now();
         let started =
-            plan(vec![StoreEvent::CallStarted(call("a")), StoreEvent::CallAnswered { call_id: "a".into(), at }]);
-        let Some(CallOp::Upsert(row)) = started.calls.get("a") else { panic!("{started:?}") };
+            plan(vec![StoreEvent::CallStarted(call("a")), StoreEvent::CallAnswered { call_uuid: key("a"), at }]);
+        let Some(CallOp::Upsert(row)) = started.calls.get(&key("a")) else { panic!("{started:?}") };
         assert_eq!((row.state, row.answered_at), (CallState::Answered, Some(at)));
 
         let ended = plan(vec![
             StoreEvent::CallStarted(call("a")),
-            StoreEvent::CallAnswered { call_id: "a".into(), at },
-            StoreEvent::CallEnded { call_id: "a".into() },
-            StoreEvent::CallAnswered { call_id: "a".into(), at },
+            StoreEvent::CallAnswered { call_uuid: key("a"), at },
+            StoreEvent::CallEnded { call_uuid: key("a") },
+            StoreEvent::CallAnswered { call_uuid: key("a"), at },
         ]);
-        assert_eq!(ended.calls.get("a"), Some(&CallOp::Delete));
+        assert_eq!(ended.calls.get(&key("a")), Some(&CallOp::Delete));
         assert_eq!(ended.len(), 1);
 
-        let answered = plan(vec![StoreEvent::CallAnswered { call_id: "b".into(), at }]);
-        assert_eq!(answered.calls.get("b"), Some(&CallOp::Answer(at)));
+        let answered = plan(vec![StoreEvent::CallAnswered { call_uuid: key("b"), at }]);
+        assert_eq!(answered.calls.get(&key("b")), Some(&CallOp::Answer(at)));
 
         // A new start after an end (a reused Call-ID) wins.
-        let restarted = plan(vec![StoreEvent::CallEnded { call_id: "a".into() }, StoreEvent::CallStarted(call("a"))]);
-        assert!(matches!(restarted.calls.get("a"), Some(CallOp::Upsert(_))));
+        let restarted = plan(vec![StoreEvent::CallEnded { call_uuid: key("a") }, StoreEvent::CallStarted(call("a"))]);
+        assert!(matches!(restarted.calls.get(&key("a")), Some(CallOp::Upsert(_))));
     }
 
     #[test]
@@ -302,7 +312,7 @@ pub(super) mod tests {
             StoreEvent::CallStarted(call("new")),
         ]);
         assert!(cleared.clear_calls);
-        assert_eq!(cleared.calls.keys().collect::<Vec<_>>(), ["new"]);
+        assert_eq!(cleared.calls.keys().collect::<Vec<_>>(), [&key("new")]);
         let split = cleared.split();
         assert!(split[0].clear_calls && split[0].calls.is_empty());
         assert_eq!(split.len(), 2);
@@ -342,7 +352,7 @@ pub(super) mod tests {
         let mut hostile = call("x\0y");
         hostile.from_number = "\0+1".into();
         let folded = plan(vec![StoreEvent::CallStarted(hostile)]);
-        let Some(CallOp::Upsert(row)) = folded.calls.get("x\u{fffd}y") else { panic!("{folded:?}") };
-        assert_eq!(row.from_number, "\u{fffd}+1");
+        let Some(CallOp::Upsert(row)) = folded.calls.get(&key("x\0y")) else { panic!("{folded:?}") };
+        assert_eq!((row.call_id.as_str(), row.from_number.as_str()), ("x\u{fffd}y", "\u{fffd}+1"));
     }
 }

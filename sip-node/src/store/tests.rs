@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::plan::tests::{call, reachability, registration};
+use super::plan::tests::{call, key, reachability, registration};
 use super::*;
 
 const LIMIT: Duration = Duration::from_secs(15);
@@ -39,6 +39,7 @@ fn cdr(call_id: &str, attempt: u32) -> CdrRecord {
     let end_at = answer_at + TimeDelta::milliseconds(61_500);
     let billable = billable_seconds(Some(answer_at), end_at);
     CdrRecord {
+        call_uuid: key(call_id),
         call_id: call_id.into(),
         attempt,
         namespace: Some("default".into()),
@@ -91,7 +92,7 @@ async fn calls_and_cdrs_are_written_in_order(pool: PgPool) {
     let answered_at = Utc::now().trunc_subsecs(6);
     store.record(StoreEvent::CallStarted(call("a")));
     store.record(StoreEvent::CallStarted(call("b")));
-    store.record(StoreEvent::CallAnswered { call_id: "a".into(), at: answered_at });
+    store.record(StoreEvent::CallAnswered { call_uuid: key("a"), at: answered_at });
     assert!(store.flush(LIMIT).await, "flush");
     assert_eq!(active_ids(&pool).await, ["a", "b"]);
     let (state, at): (String, Option<DateTime<Utc>>) =
@@ -108,13 +109,13 @@ async fn calls_and_cdrs_are_written_in_order(pool: PgPool) {
     assert_eq!((node.as_str(), direction.as_str()), (NODE, "inbound"));
 
     // An answer in a later batch than the start updates the row.
-    store.record(StoreEvent::CallAnswered { call_id: "b".into(), at: answered_at });
+    store.record(StoreEvent::CallAnswered { call_uuid: key("b"), at: answered_at });
     assert!(store.flush(LIMIT).await);
     assert_eq!(count(&pool, "SELECT count(*) FROM active_calls WHERE answered_at IS NOT NULL").await, 2);
 
     // The end and the CDR; a CDR recorded twice (a retried attempt) is stored once.
     let record = cdr("a", 1);
-    store.record(StoreEvent::CallEnded { call_id: "a".into() });
+    store.record(StoreEvent::CallEnded { call_uuid: key("a") });
     store.record(StoreEvent::Cdr(record.clone()));
     store.record(StoreEvent::Cdr(record.clone()));
     store.record(StoreEvent::Cdr(cdr("a", 2)));
@@ -169,9 +170,9 @@ async fn small_batches_keep_each_call_in_order(pool: PgPool) {
     for i in 0..300 {
         let id = format!("call-{i:03}");
         store.record(StoreEvent::CallStarted(call(&id)));
-        store.record(StoreEvent::CallAnswered { call_id: id.clone(), at: Utc::now() });
+        store.record(StoreEvent::CallAnswered { call_uuid: key(&id), at: Utc::now() });
         if i % 3 != 0 {
-            store.record(StoreEvent::CallEnded { call_id: id.clone() });
+            store.record(StoreEvent::CallEnded { call_uuid: key(&id) });
             store.record(StoreEvent::Cdr(cdr(&id, 1)));
         }
     }
@@ -254,7 +255,7 @@ async fn a_row_postgres_refuses_is_dropped_alone(pool: PgPool) {
     assert!(metrics.render().contains("switchboard_store_dropped_total 1"), "{}", metrics.render());
 
     // The store goes on writing afterwards.
-    store.record(StoreEvent::CallEnded { call_id: "kept".into() });
+    store.record(StoreEvent::CallEnded { call_uuid: key("kept") });
     assert!(store.flush(LIMIT).await);
     assert!(active_ids(&pool).await.is_empty());
     assert!(task.shutdown(LIMIT).await);
@@ -338,9 +339,9 @@ async fn an_outage_loses_nothing_and_duplicates_nothing(pool: PgPool) {
     for i in 0..100 {
         let id = format!("call-{i:03}");
         store.record(StoreEvent::CallStarted(call(&id)));
-        store.record(StoreEvent::CallAnswered { call_id: id.clone(), at: Utc::now() });
+        store.record(StoreEvent::CallAnswered { call_uuid: key(&id), at: Utc::now() });
         if i < 50 {
-            store.record(StoreEvent::CallEnded { call_id: id.clone() });
+            store.record(StoreEvent::CallEnded { call_uuid: key(&id) });
             store.record(StoreEvent::Cdr(cdr(&id, 1)));
         }
     }
@@ -365,7 +366,7 @@ async fn an_outage_loses_nothing_and_duplicates_nothing(pool: PgPool) {
     for i in 0..100 {
         let id = format!("call-{i:03}");
         if i >= 50 {
-            store.record(StoreEvent::CallEnded { call_id: id.clone() });
+            store.record(StoreEvent::CallEnded { call_uuid: key(&id) });
         }
         store.record(StoreEvent::Cdr(cdr(&id, 1)));
     }
@@ -393,7 +394,7 @@ async fn a_full_store_drops_new_events_and_counts_them() {
     let (store, task) = Store::spawn_with(pool, NODE.into(), Some(metrics.clone()), options);
     // The writer holds at most one event in its batch; the queue holds three more.
     for i in 0..10 {
-        store.record(StoreEvent::CallEnded { call_id: format!("c{i}") });
+        store.record(StoreEvent::CallEnded { call_uuid: key(&format!("c{i}")) });
         tokio::task::yield_now().await;
     }
     let text = metrics.render();
@@ -422,5 +423,73 @@ async fn events_wait_for_the_schema(pool: PgPool) {
     assert_eq!(active_ids(&pool).await, ["early"]);
     assert_eq!(count(&pool, "SELECT count(*) FROM cdrs").await, 1);
     assert!(metrics.render().contains("switchboard_store_dropped_total 0"));
+    assert!(task.shutdown(LIMIT).await);
+}
+
+/// With a spool: what Postgres has is compacted away when the store stops, the call still in
+/// progress stays; the next start replays it as lost (CDR `node lost`, then its end), and what
+/// it replays is written once however often it is replayed.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn the_spool_keeps_only_calls_in_progress_and_replays_them_as_lost(pool: PgPool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = spool::SpoolOptions { dir: dir.path().join("spool"), max_bytes: 1 << 20, rate_of: None };
+    let metrics = NodeMetrics::new();
+    let (store, task, replayed) =
+        Store::open(pool.clone(), NODE.into(), Some(metrics.clone()), options(), Some(&spool)).expect("open");
+    assert_eq!(replayed, spool::Replayed::default());
+    store.record(StoreEvent::CallStarted(call("done")));
+    store.record(StoreEvent::CallStarted(call("up")));
+    store.record(StoreEvent::CallAnswered { call_uuid: key("up"), at: Utc::now().trunc_subsecs(6) });
+    store.record(StoreEvent::Cdr(cdr("done", 1)));
+    store.record(StoreEvent::CallEnded { call_uuid: key("done") });
+    assert!(store.flush(LIMIT).await);
+    tokio::time::sleep(spool::SYNC_INTERVAL * 4).await;
+    assert!(!metrics.render().contains("switchboard_store_spool_bytes 0\n"), "{}", metrics.render());
+    assert!(task.shutdown(LIMIT).await);
+    let log = std::fs::read_to_string(spool.dir.join("spool.log")).expect("spool.log");
+    assert!(log.contains(&key("up").to_string()) && !log.contains(&key("done").to_string()), "{log}");
+
+    for _ in 0..2 {
+        let (store, task, replayed) =
+            Store::open(pool.clone(), NODE.into(), None, options(), Some(&spool)).expect("reopen");
+        assert!(store.flush(LIMIT).await);
+        assert!(task.shutdown(LIMIT).await);
+        assert!(replayed.lost <= 1, "{replayed:?}");
+    }
+    let reasons: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT call_id, reason FROM cdrs ORDER BY call_id").fetch_all(&pool).await.expect("cdrs");
+    assert_eq!(
+        reasons,
+        [("done".to_owned(), Some("Normal clearing".to_owned())), ("up".to_owned(), Some(spool::NODE_LOST.to_owned()))]
+    );
+    assert!(active_ids(&pool).await.is_empty());
+}
+
+/// While Postgres keeps up, the spool is compacted as it goes: after some megabytes of call
+/// events it holds little more than the calls still up.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn the_spool_stays_small_while_postgres_keeps_up(pool: PgPool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = spool::SpoolOptions { dir: dir.path().join("spool"), max_bytes: 64 << 20, rate_of: None };
+    let (store, task, _) = Store::open(pool.clone(), NODE.into(), None, options(), Some(&spool)).expect("open");
+    let log = spool.dir.join("spool.log");
+    let mut largest = 0;
+    for i in 0..3000 {
+        let id = format!("steady-{i}");
+        store.record(StoreEvent::CallStarted(call(&id)));
+        store.record(StoreEvent::CallAnswered { call_uuid: key(&id), at: Utc::now() });
+        store.record(StoreEvent::Cdr(cdr(&id, 1)));
+        store.record(StoreEvent::CallEnded { call_uuid: key(&id) });
+        if i % 20 == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            largest = largest.max(std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0));
+        }
+    }
+    assert!(store.flush(LIMIT).await);
+    tokio::time::sleep(spool::SYNC_INTERVAL * 4).await;
+    let size = std::fs::metadata(&log).expect("spool.log").len();
+    println!("spool while Postgres keeps up: largest {largest} bytes, now {size} bytes, after 3,000 calls");
+    assert!(largest < 4 << 20, "the spool grew to {largest} bytes: it is not compacted while Postgres keeps up");
+    assert_eq!(count(&pool, "SELECT count(*) FROM cdrs").await, 3000);
     assert!(task.shutdown(LIMIT).await);
 }

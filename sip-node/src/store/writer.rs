@@ -260,35 +260,36 @@ async fn write_calls(tx: &mut Transaction<'_, Postgres>, node_id: &str, plan: &P
     let mut ended = Vec::new();
     let mut answered = (Vec::new(), Vec::new());
     let mut started = Vec::new();
-    for (call_id, op) in &plan.calls {
+    for (call_uuid, op) in &plan.calls {
         match op {
-            CallOp::Delete => ended.push(call_id.as_str()),
+            CallOp::Delete => ended.push(*call_uuid),
             CallOp::Answer(at) => {
-                answered.0.push(call_id.as_str());
+                answered.0.push(*call_uuid);
                 answered.1.push(*at);
             }
             CallOp::Upsert(call) => started.push(call),
         }
     }
     if !ended.is_empty() {
-        sqlx::query("DELETE FROM active_calls WHERE call_id = ANY($1)").bind(ended).execute(&mut **tx).await?;
+        sqlx::query("DELETE FROM active_calls WHERE call_uuid = ANY($1)").bind(ended).execute(&mut **tx).await?;
     }
     if !started.is_empty() {
         sqlx::query(
-            "INSERT INTO active_calls (call_id, node_id, namespace, trunk_name, provider, direction, from_number,
-                to_number, state, started_at, answered_at)
-             SELECT u.call_id, $1, u.namespace, u.trunk_name, u.provider, u.direction, u.from_number, u.to_number,
-                u.state, u.started_at, u.answered_at
-             FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
-                $9::text[], $10::timestamptz[], $11::timestamptz[])
-                AS u(call_id, namespace, trunk_name, provider, direction, from_number, to_number, state, started_at,
-                answered_at)
-             ON CONFLICT (call_id) DO UPDATE SET node_id = EXCLUDED.node_id, namespace = EXCLUDED.namespace,
-                trunk_name = EXCLUDED.trunk_name, provider = EXCLUDED.provider, direction = EXCLUDED.direction,
-                from_number = EXCLUDED.from_number, to_number = EXCLUDED.to_number, state = EXCLUDED.state,
-                started_at = EXCLUDED.started_at, answered_at = EXCLUDED.answered_at",
+            "INSERT INTO active_calls (call_uuid, call_id, node_id, namespace, trunk_name, provider, direction,
+                from_number, to_number, state, started_at, answered_at)
+             SELECT u.call_uuid, u.call_id, $1, u.namespace, u.trunk_name, u.provider, u.direction, u.from_number,
+                u.to_number, u.state, u.started_at, u.answered_at
+             FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+                $9::text[], $10::text[], $11::timestamptz[], $12::timestamptz[])
+                AS u(call_uuid, call_id, namespace, trunk_name, provider, direction, from_number, to_number, state,
+                started_at, answered_at)
+             ON CONFLICT (call_uuid) DO UPDATE SET call_id = EXCLUDED.call_id, node_id = EXCLUDED.node_id,
+                namespace = EXCLUDED.namespace, trunk_name = EXCLUDED.trunk_name, provider = EXCLUDED.provider,
+                direction = EXCLUDED.direction, from_number = EXCLUDED.from_number, to_number = EXCLUDED.to_number,
+                state = EXCLUDED.state, started_at = EXCLUDED.started_at, answered_at = EXCLUDED.answered_at",
         )
         .bind(node_id)
+        .bind(started.iter().map(|c| c.call_uuid).collect::<Vec<_>>())
         .bind(started.iter().map(|c| c.call_id.as_str()).collect::<Vec<_>>())
         .bind(started.iter().map(|c| c.namespace.as_deref()).collect::<Vec<_>>())
         .bind(started.iter().map(|c| c.trunk_name.as_deref()).collect::<Vec<_>>())
@@ -305,8 +306,8 @@ async fn write_calls(tx: &mut Transaction<'_, Postgres>, node_id: &str, plan: &P
     if !answered.0.is_empty() {
         sqlx::query(
             "UPDATE active_calls AS a SET answered_at = u.at, state = 'answered'
-             FROM UNNEST($1::text[], $2::timestamptz[]) AS u(call_id, at)
-             WHERE a.call_id = u.call_id",
+             FROM UNNEST($1::uuid[], $2::timestamptz[]) AS u(call_uuid, at)
+             WHERE a.call_uuid = u.call_uuid",
         )
         .bind(answered.0)
         .bind(answered.1)
@@ -322,18 +323,19 @@ async fn write_cdrs(tx: &mut Transaction<'_, Postgres>, node_id: &str, plan: &Pl
         return Ok(());
     }
     sqlx::query(
-        "INSERT INTO cdrs (call_id, attempt, node_id, namespace, trunk_name, provider, gateway, direction,
+        "INSERT INTO cdrs (call_uuid, call_id, attempt, node_id, namespace, trunk_name, provider, gateway, direction,
             from_number, to_number, setup_at, ring_at, answer_at, end_at, sip_code, reason, hangup_by,
             billable_seconds, cost, currency)
-         SELECT u.call_id, u.attempt, $1, u.namespace, u.trunk_name, u.provider, u.gateway, u.direction,
+         SELECT u.call_uuid, u.call_id, u.attempt, $1, u.namespace, u.trunk_name, u.provider, u.gateway, u.direction,
             u.from_number, u.to_number, u.setup_at, u.ring_at, u.answer_at, u.end_at, u.sip_code, u.reason,
             u.hangup_by, u.billable_seconds, u.cost, u.currency
          FROM UNNEST($2::text[], $3::int4[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
             $9::text[], $10::text[], $11::timestamptz[], $12::timestamptz[], $13::timestamptz[], $14::timestamptz[],
-            $15::int4[], $16::text[], $17::text[], $18::int4[], $19::numeric[], $20::text[])
+            $15::int4[], $16::text[], $17::text[], $18::int4[], $19::numeric[], $20::text[], $21::uuid[])
             AS u(call_id, attempt, namespace, trunk_name, provider, gateway, direction, from_number, to_number,
-            setup_at, ring_at, answer_at, end_at, sip_code, reason, hangup_by, billable_seconds, cost, currency)
-         ON CONFLICT (call_id, attempt) DO NOTHING",
+            setup_at, ring_at, answer_at, end_at, sip_code, reason, hangup_by, billable_seconds, cost, currency,
+            call_uuid)
+         ON CONFLICT (call_uuid, attempt) DO NOTHING",
     )
     .bind(node_id)
     .bind(cdrs.iter().map(|c| c.call_id.as_str()).collect::<Vec<_>>())
@@ -355,6 +357,7 @@ async fn write_cdrs(tx: &mut Transaction<'_, Postgres>, node_id: &str, plan: &Pl
     .bind(cdrs.iter().map(|c| int(c.billable_seconds)).collect::<Vec<_>>())
     .bind(cdrs.iter().map(|c| c.cost).collect::<Vec<_>>())
     .bind(cdrs.iter().map(|c| c.currency.as_str()).collect::<Vec<_>>())
+    .bind(cdrs.iter().map(|c| c.call_uuid).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -18,6 +18,7 @@ use switchboard_node::drain::Drain;
 use switchboard_node::media::kernel::KernelMode;
 use switchboard_node::signaling::{self, Listening, SipArgs};
 
+pub mod process;
 pub mod ua;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -159,6 +160,7 @@ impl Node {
             media_timeout_seconds: 30,
             final_codes: switchboard_node::sip::routing::DEFAULT_FINAL_CODES.to_vec(),
             agent: switchboard_node::bridge::answer::AgentArgs::default(),
+            spool: None,
         };
         tune(&mut args);
         let drain = Drain::default();

@@ -175,7 +175,7 @@ impl Call {
         self.ctx.endpoint.respond(&self.key, ok.clone());
         let answered_at = Utc::now();
         self.answer_at = Some(answered_at);
-        self.ctx.store.record(StoreEvent::CallAnswered { call_id: self.facts.call_id.clone(), at: answered_at });
+        self.ctx.store.record(StoreEvent::CallAnswered { call_uuid: self.facts.call_uuid, at: answered_at });
 
         let mut acked = self.a_peer.protocol.is_reliable();
         let mut interval = self.ctx.timers.t1;
@@ -194,6 +194,13 @@ impl Call {
                     self.ctx.endpoint.send_stateless(rsip::SipMessage::Response(ok.clone()), self.a_peer);
                     interval = (interval * 2).min(self.ctx.timers.t2);
                     retransmit.as_mut().reset(tokio::time::Instant::now() + interval);
+                }
+                () = self.ctx.drain.ending() => {
+                    // `agent.hangup()` below sends the agent its `stop`.
+                    let a_tx = self.a_tx.clone();
+                    let reason = [HangupReason::normal(crate::drain::NODE_SHUTDOWN).header()];
+                    self.bye_and_wait(&mut a, &a_tx, a_rx, &reason).await;
+                    break (200, crate::drain::NODE_SHUTDOWN.to_string(), Ender::System);
                 }
                 end = agent.ended() => {
                     let a_tx = self.a_tx.clone();

@@ -175,6 +175,10 @@ pub(super) async fn bridge_to_agent(
                 None => break (HangupBy::System, "internal: channel closed".into()),
                 _ => {}
             },
+            () = ctx.drain.ending() => {
+                // `handle.hangup()` below sends the agent its `stop`.
+                break (HangupBy::System, bye(dialog, HangupReason::normal(crate::drain::NODE_SHUTDOWN)));
+            }
             () = &mut limit => {
                 break (HangupBy::System, bye(dialog, HangupReason::normal("maximum call duration reached")));
             }
