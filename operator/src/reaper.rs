@@ -108,11 +108,14 @@ pub async fn reap_once(pool: &PgPool, after_heartbeats: u32) -> Result<Option<Re
 async fn end_lost(tx: &mut Transaction<'_, Postgres>, lost: &[String]) -> Result<Reaped, sqlx::Error> {
     // The CDR of a call the node never ended: the attempt after the last one it wrote, ended at
     // the node's last heartbeat (the last moment the call is known to have been up), billed per
-    // second rounded up as the node bills (store/billing.rs).
+    // second rounded up as the node bills (store/billing.rs). Keyed by the node's call id, as
+    // the `node lost` CDR a restarted node replays from its spool is: whichever comes first
+    // stays, the other is a conflict.
     sqlx::query(
-        "INSERT INTO cdrs (call_id, attempt, node_id, namespace, trunk_name, provider, direction, from_number,
-            to_number, setup_at, answer_at, end_at, reason, hangup_by, billable_seconds, cost, currency)
-         SELECT c.call_id, coalesce((SELECT max(attempt) FROM cdrs p WHERE p.call_id = c.call_id), 0) + 1,
+        "INSERT INTO cdrs (call_uuid, call_id, attempt, node_id, namespace, trunk_name, provider, direction,
+            from_number, to_number, setup_at, answer_at, end_at, reason, hangup_by, billable_seconds, cost, currency)
+         SELECT c.call_uuid, c.call_id,
+            coalesce((SELECT max(attempt) FROM cdrs p WHERE p.call_uuid = c.call_uuid), 0) + 1,
             c.node_id, c.namespace, c.trunk_name, c.provider, c.direction, c.from_number, c.to_number,
             c.started_at, c.answered_at, e.end_at, $2, 'system', e.billable,
             round(coalesce(CASE c.direction WHEN 'outbound' THEN t.rate_outbound_per_minute
@@ -218,14 +221,20 @@ mod tests {
                 options_interval_seconds, failover_timeout_seconds, rate_inbound_per_minute, spec_hash, config_generation)
              VALUES ('ns', 't', 'p', '[]', 'none', false, 3600, true, true, '{PCMU}', true, 30, 30, 5, 0.6, 'h', 1)",
             // Answered 60 s before the node's last heartbeat: 60 billable seconds at 0.6/min.
-            "INSERT INTO active_calls (call_id, node_id, namespace, trunk_name, provider, direction, from_number,
-                to_number, state, started_at, answered_at)
-             VALUES ('c1', 'gone', 'ns', 't', 'p', 'inbound', '+1', '+2', 'answered', now() - interval '81 seconds',
-                     now() - interval '80 seconds'),
-                    ('c2', 'alive', 'ns', 't', 'p', 'inbound', '+1', '+2', 'setup', now(), NULL)",
-            // c1 failed over once already.
-            "INSERT INTO cdrs (call_id, attempt, node_id, direction, from_number, to_number, setup_at, end_at)
-             VALUES ('c1', 1, 'gone', 'inbound', '+1', '+2', now() - interval '81 seconds', now() - interval '81 seconds')",
+            "INSERT INTO active_calls (call_uuid, call_id, node_id, namespace, trunk_name, provider, direction,
+                from_number, to_number, state, started_at, answered_at)
+             VALUES ('00000000-0000-0000-0000-0000000000c1', 'c1', 'gone', 'ns', 't', 'p', 'inbound', '+1', '+2',
+                     'answered', now() - interval '81 seconds', now() - interval '80 seconds'),
+                    ('00000000-0000-0000-0000-0000000000c2', 'c2', 'alive', 'ns', 't', 'p', 'inbound', '+1', '+2',
+                     'setup', now(), NULL)",
+            // c1 failed over once already; another call that reused its Call-ID does not count.
+            "INSERT INTO cdrs (call_uuid, call_id, attempt, node_id, direction, from_number, to_number, setup_at, end_at)
+             VALUES ('00000000-0000-0000-0000-0000000000c1', 'c1', 1, 'gone', 'inbound', '+1', '+2',
+                     now() - interval '81 seconds', now() - interval '81 seconds'),
+                    ('00000000-0000-0000-0000-0000000000f1', 'c1', 1, 'gone', 'inbound', '+1', '+2',
+                     now() - interval '1 day', now() - interval '1 day'),
+                    ('00000000-0000-0000-0000-0000000000f1', 'c1', 2, 'gone', 'inbound', '+1', '+2',
+                     now() - interval '1 day', now() - interval '1 day')",
             "INSERT INTO call_requests (id, from_number, to_number, state, claimed_by, expires_at, webhook_url) VALUES
                 ('00000000-0000-0000-0000-000000000001', '+1', '+2', 'answered', 'gone', now() + interval '1 minute', 'http://h/1'),
                 ('00000000-0000-0000-0000-000000000002', '+1', '+2', 'ringing', 'alive', now() + interval '1 minute', 'http://h/2'),
@@ -248,7 +257,8 @@ mod tests {
         let cdr = sqlx::query(
             "SELECT c.attempt, c.reason, c.hangup_by, c.billable_seconds, c.cost::text AS cost,
                     c.end_at = n.heartbeat_at AS at_last_beat
-               FROM cdrs c JOIN nodes n USING (node_id) WHERE call_id = 'c1' AND attempt = 2",
+               FROM cdrs c JOIN nodes n USING (node_id)
+              WHERE call_uuid = '00000000-0000-0000-0000-0000000000c1' AND attempt = 2",
         )
         .fetch_one(&pool)
         .await

@@ -377,6 +377,24 @@ async fn initiate_queues_a_call_request(pool: PgPool) {
 
     let (status, body) = api.send(Method::GET, "/api/calls/active", None).await;
     assert_eq!((status, body), (StatusCode::OK, json!([])));
+
+    // Two calls whose carrier used one Call-ID are two calls, each with the node's own id.
+    for uuid in ["6f9619ff-8b86-d011-b42d-00c04fc964ff", "7f9619ff-8b86-d011-b42d-00c04fc964ff"] {
+        sqlx::query(
+            "INSERT INTO active_calls (call_uuid, call_id, node_id, direction, from_number, to_number, state)
+             VALUES ($1::uuid, 'reused@carrier', 'n1', 'inbound', '+15551234567', '+19876543210', 'answered')",
+        )
+        .bind(uuid)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let (status, body) = api.send(Method::GET, "/api/calls/active", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut ids: Vec<&str> = body.as_array().unwrap().iter().map(|c| c["call_uuid"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["6f9619ff-8b86-d011-b42d-00c04fc964ff", "7f9619ff-8b86-d011-b42d-00c04fc964ff"]);
+    assert!(body.as_array().unwrap().iter().all(|c| c["call_id"] == "reused@carrier"), "{body}");
 }
 
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]

@@ -70,6 +70,11 @@ async fn writes_are_server_side_applies_by_switchboard_api() {
     );
     send.send_response(not_found());
 
+    // The password Secret is read first: the API writes only a Secret it created itself.
+    let (method, uri, _, _, send) = next(&mut handle).await;
+    assert_eq!((method, uri.as_str()), (Method::GET, "/api/v1/namespaces/default/secrets/skyetel-main-credentials"));
+    send.send_response(not_found());
+
     let (method, uri, content_type, secret, send) = next(&mut handle).await;
     assert_eq!(method, Method::PATCH);
     assert!(uri.starts_with("/api/v1/namespaces/default/secrets/skyetel-main-credentials?"), "{uri}");
@@ -77,6 +82,7 @@ async fn writes_are_server_side_applies_by_switchboard_api() {
     assert_eq!(content_type.as_deref(), Some("application/apply-patch+yaml"));
     assert_eq!(secret["kind"], "Secret");
     assert_eq!(secret["stringData"]["password"], "s3cret-password");
+    assert_eq!(secret["metadata"]["labels"]["app.kubernetes.io/managed-by"], "switchboard-api");
     send.send_response(respond(200, &secret));
 
     let (method, uri, content_type, trunk, send) = next(&mut handle).await;
@@ -129,5 +135,49 @@ async fn gitops_owned_trunks_are_refused_with_409() {
         // Nothing was written.
         let pending = tokio::time::timeout(std::time::Duration::from_millis(50), handle.next_request()).await;
         assert!(pending.is_err() || pending.unwrap().is_none(), "a write after the 409");
+    }
+}
+
+#[tokio::test]
+async fn a_secret_the_api_did_not_create_is_not_overwritten() {
+    let (client, mut handle) = client();
+    let store = KubernetesStore::new(client);
+    let task = tokio::spawn(async move { store.put(write()).await });
+    let (_, _, _, _, send) = next(&mut handle).await;
+    send.send_response(not_found());
+    let (method, uri, _, _, send) = next(&mut handle).await;
+    assert_eq!((method, uri.as_str()), (Method::GET, "/api/v1/namespaces/default/secrets/skyetel-main-credentials"));
+    send.send_response(respond(
+        200,
+        &json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "skyetel-main-credentials", "namespace": "default"}, "data": {"password": "b3RoZXI="}}),
+    ));
+    let error = task.await.unwrap().unwrap_err();
+    assert_eq!(error.status, http::StatusCode::CONFLICT);
+    assert_eq!(error.detail.code, "secret_not_created_by_api");
+    let pending = tokio::time::timeout(std::time::Duration::from_millis(50), handle.next_request()).await;
+    assert!(pending.is_err() || pending.unwrap().is_none(), "a write after the 409");
+}
+
+#[tokio::test]
+async fn a_trunk_applied_by_a_gitops_field_manager_is_refused_with_409() {
+    for (manager, owner) in [
+        ("argocd-controller", "Argo CD"),
+        ("kustomize-controller", "Flux Kustomization"),
+        ("helm-controller", "Flux HelmRelease"),
+    ] {
+        let (client, mut handle) = client();
+        let store = KubernetesStore::new(client);
+        let task = tokio::spawn(async move { store.put(write()).await });
+        let (_, _, _, _, send) = next(&mut handle).await;
+        let existing = json!({
+            "apiVersion": "switchboard.dev/v1alpha1", "kind": "Trunk",
+            "metadata": {"name": "skyetel-main", "namespace": "default",
+                "managedFields": [{"manager": manager, "operation": "Apply", "apiVersion": "switchboard.dev/v1alpha1"}]},
+            "spec": {"provider": "skyetel", "gateways": [{"address": "sip.skyetel.com"}]}
+        });
+        send.send_response(respond(200, &existing));
+        let error = task.await.unwrap().unwrap_err();
+        assert_eq!(error.status, http::StatusCode::CONFLICT, "{manager}");
+        assert!(error.detail.message.contains(owner), "{}", error.detail.message);
     }
 }

@@ -4,11 +4,13 @@
 
 use std::path::Path;
 
-use serde_json::json;
 use switchboard_operator::crd::{PhoneNumber, RoutingRule, Trunk};
 use switchboard_operator::source::folder::FolderSource;
 use switchboard_operator::source::{Kind, ResourceKey, Spec};
 use switchboard_operator::validate::{parse_spec, validate};
+
+#[path = "support/invalid_variants.rs"]
+mod invalid_variants;
 
 fn examples() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
@@ -74,40 +76,12 @@ fn rust_check(object: &serde_json::Value) -> Result<(), String> {
 }
 
 /// Each invalid variant breaks one cross-field rule that both the CRD (CEL) and the Rust checks
-/// carry; both must refuse it, naming the same thing.
+/// carry; both must refuse it, naming the same thing. (tests/kubernetes_e2e.rs sends the same
+/// table to a real API server.)
 #[test]
 fn cross_field_rules_agree_between_cel_and_rust() {
-    let trunk = manifests().into_iter().find(|m| m["metadata"]["name"] == "skyetel-example").unwrap();
-    let number = manifests().into_iter().find(|m| m["metadata"]["name"] == "main-line").unwrap();
-    let inbound = manifests().into_iter().find(|m| m["metadata"]["name"] == "inbound-ai-agent").unwrap();
-    let outbound = manifests().into_iter().find(|m| m["metadata"]["name"] == "outbound-us").unwrap();
-
-    let mut cases: Vec<(&str, serde_json::Value, &str)> = Vec::new();
-    let mut digest_without_credentials = trunk.clone();
-    digest_without_credentials["spec"]["authMethod"] = json!("digest");
-    cases.push(("digest needs credentials", digest_without_credentials, "credentials"));
-    let mut ip_without_cidrs = trunk.clone();
-    ip_without_cidrs["spec"]["inbound"]["allowedSourceCidrs"] = json!([]);
-    cases.push(("ip auth needs cidrs", ip_without_cidrs, "allowedSourceCidrs"));
-    let mut bad_cidr = trunk.clone();
-    bad_cidr["spec"]["inbound"]["allowedSourceCidrs"] = json!(["10.0.0.0/33"]);
-    cases.push(("bad cidr", bad_cidr, "CIDR"));
-    let mut no_audio = trunk.clone();
-    no_audio["spec"]["codecs"] = json!(["telephone-event"]);
-    cases.push(("no audio codec", no_audio, "PCMU or PCMA"));
-    let mut rule_and_destination = number.clone();
-    rule_and_destination["spec"]["destination"] = json!({"type": "websocket", "url": "ws://agent"});
-    cases.push(("rule and destination", rule_and_destination, "routingRuleRef"));
-    let mut websocket_without_url = inbound.clone();
-    websocket_without_url["spec"]["destination"] = json!({"type": "websocket"});
-    cases.push(("websocket needs url", websocket_without_url, "url"));
-    let mut outbound_without_trunks = outbound.clone();
-    outbound_without_trunks["spec"]["trunks"] = json!([]);
-    cases.push(("outbound needs trunks", outbound_without_trunks, "trunks"));
-    let mut inbound_without_destination = inbound.clone();
-    inbound_without_destination["spec"].as_object_mut().unwrap().remove("destination");
-    cases.push(("inbound needs destination", inbound_without_destination, "destination"));
-
+    let cases = invalid_variants::invalid_variants(&manifests());
+    assert_eq!(cases.len(), 8);
     for (name, object, needle) in cases {
         let from_cel = cel(&object).expect_err(name);
         let from_rust = rust_check(&object).expect_err(name);

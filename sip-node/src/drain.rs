@@ -33,17 +33,16 @@ struct Inner {
     /// Calls in progress on the node (the `switchboard_active_calls` gauge), once signaling
     /// started.
     calls: OnceLock<IntGauge>,
+    /// Where draining shows (`switchboard_node_draining` and its start time), once signaling
+    /// started.
+    metrics: OnceLock<crate::metrics::NodeMetrics>,
+    /// The node's `--drain-seconds`, shown in the metrics.
+    limit: Duration,
 }
 
 impl Default for Drain {
     fn default() -> Self {
-        Drain {
-            inner: Arc::new(Inner {
-                draining: watch::channel(false).0,
-                ending: watch::channel(false).0,
-                calls: OnceLock::new(),
-            }),
-        }
+        Drain::with_limit(Duration::ZERO)
     }
 }
 
@@ -54,9 +53,32 @@ impl std::fmt::Debug for Drain {
 }
 
 impl Drain {
+    /// A switch for a node whose calls may go on for `limit` once draining begins (the limit
+    /// is enforced by the caller; it is kept here to be shown in the metrics).
+    pub fn with_limit(limit: Duration) -> Self {
+        Drain {
+            inner: Arc::new(Inner {
+                draining: watch::channel(false).0,
+                ending: watch::channel(false).0,
+                calls: OnceLock::new(),
+                metrics: OnceLock::new(),
+                limit,
+            }),
+        }
+    }
+
     /// Starts draining (idempotent).
     pub fn begin(&self) {
-        self.inner.draining.send_if_modified(|draining| !std::mem::replace(draining, true));
+        let began = self.inner.draining.send_if_modified(|draining| !std::mem::replace(draining, true));
+        if began && let Some(metrics) = self.inner.metrics.get() {
+            metrics.drain_started();
+        }
+    }
+
+    /// Shows draining in `metrics` (signaling sets it once).
+    pub fn track_metrics(&self, metrics: crate::metrics::NodeMetrics) {
+        metrics.drain_limit(self.inner.limit);
+        let _ = self.inner.metrics.set(metrics);
     }
 
     /// Whether new calls are refused.
@@ -157,5 +179,21 @@ mod tests {
             tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("woken").unwrap();
         }
         tokio::time::timeout(Duration::from_secs(1), drain.ending()).await.expect("already ending");
+    }
+
+    #[test]
+    fn draining_shows_in_the_metrics_once() {
+        let drain = Drain::with_limit(Duration::from_secs(45));
+        let metrics = crate::metrics::NodeMetrics::new();
+        drain.track_metrics(metrics.clone());
+        let value = |name: &str| {
+            metrics.render().lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+        };
+        assert_eq!(value("switchboard_node_drain_limit_seconds"), Some(45.0));
+        assert_eq!(value("switchboard_node_draining"), Some(0.0));
+        drain.begin();
+        assert_eq!(value("switchboard_node_draining"), Some(1.0));
+        let started = value("switchboard_node_drain_started_timestamp_seconds").unwrap();
+        assert!(started > 1.7e9, "{started}");
     }
 }

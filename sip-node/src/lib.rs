@@ -7,6 +7,10 @@
 //! keeps serving its last snapshot and catches up when the database is back.
 //!
 //! The node never migrates the schema: the operator (or local mode) owns it.
+//!
+//! What must outlive the process lives in the node's state directory (`--state-dir`): the
+//! store's spool of call and CDR events ([`store::spool`]) and the last applied configuration
+//! ([`config::disk`]), from which a node starts when Postgres does not answer.
 
 pub mod bridge;
 pub mod config;
@@ -81,8 +85,10 @@ pub struct NodeArgs {
 
     /// On SIGTERM, how long calls in progress may go on while the node takes no new ones
     /// (503 to INVITE and OPTIONS, not ready, un-REGISTERed), in seconds; the node stops as
-    /// soon as the last call ends, or at once on a second signal. 0 stops at once. Keep the
-    /// pod's `terminationGracePeriodSeconds` above it.
+    /// soon as the last call ends. At the limit, or at once on a second signal, it ends the
+    /// calls still up itself (BYE on both legs, CANCEL while ringing, CDR reason `node
+    /// shutdown`). 0 ends them at once. Keep the pod's `terminationGracePeriodSeconds` above it
+    /// plus 12 s.
     #[arg(long, env = "SWITCHBOARD_DRAIN_SECONDS", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub drain_seconds: u64,
 
@@ -159,7 +165,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     let mut tasks = JoinSet::new();
     let mut graceful = JoinSet::new();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let drain = Drain::default();
+    let drain = Drain::with_limit(Duration::from_secs(args.drain_seconds));
     let outcome = tokio::select! {
         result = start(&args, &node, &handle, &pool_slot, &mut tasks, &mut graceful, stop_rx, drain.clone()) => result,
         signal = shutdown_signal() => signal.map(|name| tracing::info!("received {name}")),

@@ -14,6 +14,7 @@ use prometheus::{
 };
 use rust_decimal::Decimal;
 use rust_decimal::prelude::ToPrimitive as _;
+use switchboard_model::TrunkConfig;
 
 /// The content type of [`NodeMetrics::render`].
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -98,6 +99,12 @@ pub struct NodeMetrics {
     cost_per_minute: prometheus::GaugeVec,
     active_calls: IntGauge,
     trunk_active_calls: IntGaugeVec,
+    trunk_admitted: IntCounterVec,
+    trunk_max_concurrent: IntGaugeVec,
+    trunk_cps_limit: IntGaugeVec,
+    draining: IntGauge,
+    drain_started: IntGauge,
+    drain_limit: IntGauge,
     transactions: IntGauge,
     retransmissions: IntCounter,
     parse_errors: IntCounterVec,
@@ -161,13 +168,17 @@ impl NodeMetrics {
                 "Whether the node is registered with the trunk (1) or not (0).",
                 &["provider", "trunk"],
             ),
-            calls: counter_vec("sip_calls_total", "Call attempts by provider and outcome.", &["provider", "status"]),
+            calls: counter_vec(
+                "sip_calls_total",
+                "Calls by provider, trunk and outcome (the inbound trunk of a call in, the trunk of an API call).",
+                &["provider", "trunk", "status"],
+            ),
             call_duration: register(
                 &registry,
                 HistogramVec::new(
                     HistogramOpts::new("sip_call_duration_seconds", "Talk time of answered calls.")
                         .buckets(DURATION_BUCKETS.to_vec()),
-                    &["provider"],
+                    &["provider", "trunk"],
                 )
                 .expect("valid metric"),
             ),
@@ -184,6 +195,30 @@ impl NodeMetrics {
                 "switchboard_trunk_active_calls",
                 "Calls in progress on this node, by trunk.",
                 &["trunk"],
+            ),
+            trunk_admitted: counter_vec(
+                "switchboard_trunk_calls_admitted_total",
+                "Calls the trunk's limits admitted on this node (what callsPerSecond limits), by trunk.",
+                &["trunk"],
+            ),
+            trunk_max_concurrent: int_gauge_vec(
+                "switchboard_trunk_max_concurrent_calls",
+                "The trunk's maxConcurrentCalls (a per-node limit); no series for a trunk without one.",
+                &["trunk"],
+            ),
+            trunk_cps_limit: int_gauge_vec(
+                "switchboard_trunk_calls_per_second_limit",
+                "The trunk's callsPerSecond (a per-node limit); no series for a trunk without one.",
+                &["trunk"],
+            ),
+            draining: int_gauge("switchboard_node_draining", "1 while the node drains (after SIGTERM), else 0."),
+            drain_started: int_gauge(
+                "switchboard_node_drain_started_timestamp_seconds",
+                "Unix time the node began draining; 0 while it does not drain.",
+            ),
+            drain_limit: int_gauge(
+                "switchboard_node_drain_limit_seconds",
+                "The node's --drain-seconds: how long calls may go on after SIGTERM.",
             ),
             transactions: int_gauge("switchboard_sip_transactions", "SIP transactions in progress."),
             retransmissions: register(
@@ -276,6 +311,16 @@ impl NodeMetrics {
         });
     }
 
+    /// Samples whether the node serves a configuration from its disk that Postgres has not
+    /// confirmed (1) or not (0).
+    pub fn track_config_stale(&self, stale: impl Fn() -> bool + Send + Sync + 'static) {
+        self.sampled_gauge(
+            "switchboard_config_stale",
+            "1 while the node serves the configuration it saved on disk because Postgres did not answer at start.",
+            move || usize::from(stale()),
+        );
+    }
+
     /// Samples the store's local spool when the metrics are rendered: its size on disk, its
     /// bound (alert when `bytes / limit_bytes` nears 1: then new events are kept in memory
     /// only), and the events that found it full.
@@ -346,10 +391,50 @@ impl NodeMetrics {
         self.cost_per_minute.with_label_values(&[provider]).set(rate_per_minute.to_f64().unwrap_or(f64::NAN));
     }
 
+    /// `trunk` is in the configuration: its rate and limits are shown, and its call series
+    /// exist from now on (at 0 until something happens), so that `rate()` and `increase()` in
+    /// alert rules see the first failed call too. Series that already exist keep their values.
+    pub fn trunk_configured(&self, trunk: &TrunkConfig) {
+        let (provider, name) = (trunk.provider.as_str(), trunk.name.as_str());
+        self.trunk_rate(provider, trunk.rate_outbound_per_minute);
+        for status in CallStatus::ALL {
+            self.calls.with_label_values(&[provider, name, status.as_str()]);
+        }
+        self.call_duration.with_label_values(&[provider, name]);
+        self.trunk_active_calls.with_label_values(&[name]);
+        self.trunk_admitted.with_label_values(&[name]);
+        if trunk.registration_enabled {
+            // 0 = not registered (yet); the registration task sets it.
+            self.registration_status.with_label_values(&[provider, name]);
+        } else {
+            let _ = self.registration_status.remove_label_values(&[provider, name]);
+        }
+        let limit = |gauge: &IntGaugeVec, value: Option<u32>| match value {
+            Some(value) => gauge.with_label_values(&[name]).set(i64::from(value)),
+            None => {
+                let _ = gauge.remove_label_values(&[name]);
+            }
+        };
+        limit(&self.trunk_max_concurrent, trunk.max_concurrent_calls);
+        limit(&self.trunk_cps_limit, trunk.calls_per_second);
+    }
+
     /// `trunk` was removed from the configuration: its series go away.
     pub fn trunk_removed(&self, provider: &str, trunk: &str) {
         let _ = self.registration_status.remove_label_values(&[provider, trunk]);
         let _ = self.trunk_active_calls.remove_label_values(&[trunk]);
+        let _ = self.trunk_admitted.remove_label_values(&[trunk]);
+        let _ = self.trunk_max_concurrent.remove_label_values(&[trunk]);
+        let _ = self.trunk_cps_limit.remove_label_values(&[trunk]);
+        for status in CallStatus::ALL {
+            let _ = self.calls.remove_label_values(&[provider, trunk, status.as_str()]);
+        }
+        let _ = self.call_duration.remove_label_values(&[provider, trunk]);
+    }
+
+    /// The trunk's limits admitted a call on it (counted for the CPS panel against its limit).
+    pub fn trunk_call_admitted(&self, trunk: &str) {
+        self.trunk_admitted.with_label_values(&[trunk]).inc();
     }
 
     /// `provider` no longer has any trunk: its rate series goes away.
@@ -376,18 +461,33 @@ impl NodeMetrics {
         self.active_calls.clone()
     }
 
-    /// A call attempt through `provider` ended with `status`; `talk_time` is given for answered
-    /// calls and goes into `sip_call_duration_seconds`.
-    pub fn call_ended(&self, provider: &str, status: CallStatus, talk_time: Option<Duration>) {
-        self.calls.with_label_values(&[provider, status.as_str()]).inc();
+    /// A call through `trunk` of `provider` ended with `status` (`unknown` for either when no
+    /// trunk took it); `talk_time` is given for answered calls and goes into
+    /// `sip_call_duration_seconds`.
+    pub fn call_ended(&self, provider: &str, trunk: &str, status: CallStatus, talk_time: Option<Duration>) {
+        self.calls.with_label_values(&[provider, trunk, status.as_str()]).inc();
         if let Some(talk_time) = talk_time {
-            self.call_duration.with_label_values(&[provider]).observe(talk_time.as_secs_f64());
+            self.call_duration.with_label_values(&[provider, trunk]).observe(talk_time.as_secs_f64());
         }
     }
 
-    /// The duration histogram of `provider` (for tests and other components).
-    pub fn call_duration(&self, provider: &str) -> Histogram {
-        self.call_duration.with_label_values(&[provider])
+    /// The duration histogram of `trunk` of `provider` (for tests and other components).
+    pub fn call_duration(&self, provider: &str, trunk: &str) -> Histogram {
+        self.call_duration.with_label_values(&[provider, trunk])
+    }
+
+    // --- draining ---
+
+    /// The node's `--drain-seconds`, shown from the start.
+    pub fn drain_limit(&self, limit: Duration) {
+        self.drain_limit.set(i64::try_from(limit.as_secs()).unwrap_or(i64::MAX));
+    }
+
+    /// The node began draining now.
+    pub fn drain_started(&self) {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        self.drain_started.set(i64::try_from(now.as_secs()).unwrap_or(i64::MAX));
+        self.draining.set(1);
     }
 
     // --- SIP ---
@@ -480,8 +580,8 @@ mod tests {
         metrics.registration_changed("acme", "acme-main", true);
         metrics.registration_changed("acme", "acme-backup", false);
         metrics.trunk_rate("acme", Decimal::new(12, 3));
-        metrics.call_ended("acme", CallStatus::Answered, Some(Duration::from_secs(42)));
-        metrics.call_ended("acme", CallStatus::from_final_code(486), None);
+        metrics.call_ended("acme", "acme-main", CallStatus::Answered, Some(Duration::from_secs(42)));
+        metrics.call_ended("acme", "acme-main", CallStatus::from_final_code(486), None);
         let guard = metrics.call_active(Some("acme-main"));
         let other = metrics.clone().call_active(None);
         metrics.set_transactions(3);
@@ -499,12 +599,12 @@ mod tests {
             (r#"sip_trunk_registration_status{provider="acme",trunk="acme-main"}"#, 1.0),
             (r#"sip_trunk_registration_status{provider="acme",trunk="acme-backup"}"#, 0.0),
             (r#"sip_trunk_cost_per_minute{provider="acme"}"#, 0.012),
-            (r#"sip_calls_total{provider="acme",status="answered"}"#, 1.0),
-            (r#"sip_calls_total{provider="acme",status="busy"}"#, 1.0),
-            (r#"sip_call_duration_seconds_bucket{provider="acme",le="30"}"#, 0.0),
-            (r#"sip_call_duration_seconds_bucket{provider="acme",le="60"}"#, 1.0),
-            (r#"sip_call_duration_seconds_bucket{provider="acme",le="3600"}"#, 1.0),
-            (r#"sip_call_duration_seconds_sum{provider="acme"}"#, 42.0),
+            (r#"sip_calls_total{provider="acme",status="answered",trunk="acme-main"}"#, 1.0),
+            (r#"sip_calls_total{provider="acme",status="busy",trunk="acme-main"}"#, 1.0),
+            (r#"sip_call_duration_seconds_bucket{provider="acme",trunk="acme-main",le="30"}"#, 0.0),
+            (r#"sip_call_duration_seconds_bucket{provider="acme",trunk="acme-main",le="60"}"#, 1.0),
+            (r#"sip_call_duration_seconds_bucket{provider="acme",trunk="acme-main",le="3600"}"#, 1.0),
+            (r#"sip_call_duration_seconds_sum{provider="acme",trunk="acme-main"}"#, 42.0),
             ("switchboard_active_calls", 2.0),
             (r#"switchboard_trunk_active_calls{trunk="acme-main"}"#, 1.0),
             ("switchboard_sip_transactions", 3.0),
@@ -531,6 +631,71 @@ mod tests {
         metrics.trunk_removed("acme", "acme-main");
         let text = metrics.render();
         assert!(!text.contains(r#"trunk="acme-main""#), "{text}");
+    }
+
+    fn trunk(name: &str, registration: bool, max: Option<u32>, cps: Option<u32>) -> TrunkConfig {
+        let mut trunk = crate::sip::routing::tests::trunk(name);
+        trunk.provider = "acme".into();
+        trunk.registration_enabled = registration;
+        trunk.max_concurrent_calls = max;
+        trunk.calls_per_second = cps;
+        trunk
+    }
+
+    #[test]
+    fn a_configured_trunk_has_its_series_at_zero_and_its_limits() {
+        let metrics = NodeMetrics::new();
+        metrics.trunk_configured(&trunk("main", true, Some(50), Some(5)));
+        metrics.trunk_configured(&trunk("spare", false, None, None));
+        let text = metrics.render();
+        for status in CallStatus::ALL {
+            let series = format!(r#"sip_calls_total{{provider="acme",status="{}",trunk="main"}}"#, status.as_str());
+            assert_eq!(line_value(&text, &series), Some(0.0), "{series} in\n{text}");
+        }
+        let expect = [
+            (r#"sip_call_duration_seconds_count{provider="acme",trunk="main"}"#, Some(0.0)),
+            (r#"switchboard_trunk_active_calls{trunk="main"}"#, Some(0.0)),
+            (r#"switchboard_trunk_calls_admitted_total{trunk="main"}"#, Some(0.0)),
+            (r#"sip_trunk_registration_status{provider="acme",trunk="main"}"#, Some(0.0)),
+            (r#"switchboard_trunk_max_concurrent_calls{trunk="main"}"#, Some(50.0)),
+            (r#"switchboard_trunk_calls_per_second_limit{trunk="main"}"#, Some(5.0)),
+            (r#"sip_trunk_registration_status{provider="acme",trunk="spare"}"#, None),
+            (r#"switchboard_trunk_max_concurrent_calls{trunk="spare"}"#, None),
+        ];
+        for (series, value) in expect {
+            assert_eq!(line_value(&text, series), value, "{series} in\n{text}");
+        }
+
+        // A later config keeps what happened (a registration, calls) and follows new limits.
+        metrics.registration_changed("acme", "main", true);
+        metrics.call_ended("acme", "main", CallStatus::Failed, None);
+        metrics.trunk_call_admitted("main");
+        metrics.trunk_configured(&trunk("main", true, None, Some(7)));
+        let text = metrics.render();
+        assert_eq!(line_value(&text, r#"sip_trunk_registration_status{provider="acme",trunk="main"}"#), Some(1.0));
+        assert_eq!(line_value(&text, r#"sip_calls_total{provider="acme",status="failed",trunk="main"}"#), Some(1.0));
+        assert_eq!(line_value(&text, r#"switchboard_trunk_calls_admitted_total{trunk="main"}"#), Some(1.0));
+        assert_eq!(line_value(&text, r#"switchboard_trunk_max_concurrent_calls{trunk="main"}"#), None);
+        assert_eq!(line_value(&text, r#"switchboard_trunk_calls_per_second_limit{trunk="main"}"#), Some(7.0));
+
+        metrics.trunk_removed("acme", "main");
+        assert!(!metrics.render().contains(r#"trunk="main""#));
+    }
+
+    #[test]
+    fn draining_shows_its_start_and_limit() {
+        let metrics = NodeMetrics::new();
+        metrics.drain_limit(Duration::from_secs(20));
+        let text = metrics.render();
+        assert_eq!(line_value(&text, "switchboard_node_draining"), Some(0.0));
+        assert_eq!(line_value(&text, "switchboard_node_drain_started_timestamp_seconds"), Some(0.0));
+        assert_eq!(line_value(&text, "switchboard_node_drain_limit_seconds"), Some(20.0));
+        let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as f64;
+        metrics.drain_started();
+        let text = metrics.render();
+        assert_eq!(line_value(&text, "switchboard_node_draining"), Some(1.0));
+        let started = line_value(&text, "switchboard_node_drain_started_timestamp_seconds").unwrap();
+        assert!(started >= before && started <= before + 5.0, "{started} vs {before}");
     }
 
     #[test]

@@ -125,6 +125,7 @@ pub async fn start(
 ) -> anyhow::Result<Listening> {
     let metrics = NodeMetrics::new();
     drain.track_calls(metrics.active_calls_gauge());
+    drain.track_metrics(metrics.clone());
     let spool = args.spool.clone().map(|mut spool| {
         spool.rate_of = Some(rate_of(snapshot.clone()));
         spool
@@ -140,6 +141,10 @@ pub async fn start(
     // Rows of calls a crashed run of this node left behind are not calls any more.
     store.record(StoreEvent::ClearActiveCalls);
     tasks.spawn(follow_config(snapshot.clone(), metrics.clone()));
+    metrics.track_config_stale({
+        let snapshot = snapshot.clone();
+        move || snapshot.is_stale()
+    });
     let t1 = Duration::from_millis(args.sip_t1_ms);
     let timers = TimerConfig { t1, t2: (t1 * 8).max(Duration::from_secs(4)), t4: Duration::from_secs(5) };
     let (received_tx, received_rx) = mpsc::channel(RECEIVE_QUEUE);
@@ -178,7 +183,7 @@ pub async fn start(
             metrics.track_kernel_packets(|| engine.kernel_packets());
         }
     }
-    let limits = shared_limits(&pool, node_id, tasks);
+    let limits = shared_limits(&pool, node_id, tasks).counted(metrics.clone());
     let ctx = Arc::new(CallContext {
         endpoint,
         snapshot: snapshot.clone(),
@@ -278,15 +283,23 @@ fn shared_limits(pool: &PgPool, node_id: &str, tasks: &mut JoinSet<()>) -> Limit
     limits
 }
 
-/// Keeps the configuration gauges (generation, per-provider rates) in step with the snapshot.
+/// Keeps the configuration gauges (generation, per-provider rates, per-trunk limits and call
+/// series) in step with the snapshot; a trunk that leaves it takes its series along.
 async fn follow_config(snapshot: SnapshotHandle, metrics: NodeMetrics) {
     let mut generations = snapshot.subscribe();
+    let mut shown: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
     loop {
         let current = snapshot.current();
         metrics.config_applied(current.generation());
+        let mut now = std::collections::HashSet::new();
         for trunk in current.trunks() {
-            metrics.trunk_rate(&trunk.provider, trunk.rate_outbound_per_minute);
+            metrics.trunk_configured(trunk);
+            now.insert((trunk.provider.clone(), trunk.name.clone()));
         }
+        for (provider, trunk) in shown.difference(&now) {
+            metrics.trunk_removed(provider, trunk);
+        }
+        shown = now;
         if generations.changed().await.is_err() {
             return;
         }

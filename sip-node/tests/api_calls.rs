@@ -282,3 +282,54 @@ async fn an_api_call_fails_over_from_a_silent_gateway_answers_a_challenge_and_fo
     assert!(cdr.answer_at.is_some(), "{cdr:?}");
     node.stop().await;
 }
+
+/// At the drain limit the node hangs up an answered API call itself: BYE to the callee with a
+/// `Reason`, the request `completed`, the CDR's reason `node shutdown`.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn the_drain_limit_ends_an_api_call_with_bye(pool: PgPool) {
+    let callee = Ua::new().await;
+    let outbound = trunk("outbound", vec![("127.0.0.1".into(), callee.sip_addr().port())]);
+    let node = Node::start(&pool, vec![outbound], vec![from_number()]).await;
+    let id = uuid::Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO call_requests (id, from_number, to_number, state) VALUES ($1, $2, '+15559990000', 'queued')",
+    )
+    .bind(id)
+    .bind(DID)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("SELECT pg_notify('switchboard_call_requests', $1)").bind(id.to_string()).execute(&pool).await.unwrap();
+
+    let (invite, from) = callee.request("INVITE").await;
+    let answer = sdp(callee.rtp_port(), "0", "sendrecv");
+    callee.send(&reply(&invite, "200 OK", callee.sip_addr(), Some(&answer)), from).await;
+    let _ = callee.request("ACK").await;
+    let state = || async {
+        sqlx::query_scalar::<_, String>("SELECT state FROM call_requests WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state().await != "answered" {
+        assert!(Instant::now() < deadline, "the API call was never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    node.drain.end_calls();
+    let (bye, from) = callee.request("BYE").await;
+    assert!(header(&bye, "Reason").is_some_and(|r| r.contains("node shutdown")), "{bye}");
+    callee.send(&reply(&bye, "200 OK", callee.sip_addr(), None), from).await;
+    let cdrs = cdrs(&pool, 1).await;
+    assert_eq!(cdrs.len(), 1, "{cdrs:?}");
+    assert_eq!(cdrs[0].reason.as_deref(), Some("node shutdown"), "{cdrs:?}");
+    assert!(cdrs[0].answer_at.is_some(), "{cdrs:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state().await != "completed" {
+        assert!(Instant::now() < deadline, "the request never completed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    node.stop().await;
+}

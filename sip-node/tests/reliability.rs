@@ -193,6 +193,35 @@ async fn calls_alive_at_the_drain_limit_are_ended_by_the_node(pool: PgPool) {
     assert_eq!(active, 0);
 }
 
+/// A second SIGTERM while draining ends the calls at once, the same way as the drain limit.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_second_sigterm_ends_the_calls_at_once(pool: PgPool) {
+    let callee = Ua::new().await;
+    let generation =
+        publish(&pool, &[trunk("carrier", vec![])], &[number_to(sip_destination(callee.sip_addr().port()))]).await;
+    let state = tempfile::tempdir().expect("state dir");
+    let flags = ["--drain-seconds", "600", "--rtp-ports", "48000-48999"];
+    let node = NodeProcess::start(&url_of(&pool), "second-signal", state.path(), &flags);
+    node.wait_for_log(&format!("applied config generation {generation}")).await;
+    let (sip, _) = node.listening().await;
+    let caller = Ua::new().await;
+    answered_call(sip, &caller, &callee, "second-signal").await;
+
+    node.signal("TERM");
+    node.wait_for_log("draining").await;
+    node.signal("TERM");
+    let (bye, from) = callee.request("BYE").await;
+    callee.send(&reply(&bye, "200 OK", callee.sip_addr(), None), from).await;
+    let (bye, from) = caller.request("BYE").await;
+    assert!(header(&bye, "Reason").is_some_and(|r| r.contains("node shutdown")), "{bye}");
+    caller.send(&reply(&bye, "200 OK", caller.sip_addr(), None), from).await;
+    let (status, log) = node.exited().await;
+    assert!(status.success(), "exit status {status}; log:\n{log}");
+    let cdrs = cdrs(&pool).await;
+    assert_eq!(cdrs.len(), 1, "{cdrs:?}");
+    assert_eq!(cdrs[0].reason.as_deref(), Some("node shutdown"), "{cdrs:?}");
+}
+
 /// A carrier that reuses a Call-ID (or two that pick the same one) gets a CDR for each call:
 /// the node keys calls by an id of its own.
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
@@ -349,6 +378,7 @@ async fn a_node_starts_from_its_saved_configuration_without_postgres() {
     let ready = common::http_get(http, "/readyz").await;
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
     assert!(ready.contains(&format!("config generation {generation} (stale")), "{ready}");
+    assert!(common::http_get(http, "/metrics").await.contains("switchboard_config_stale 1"));
 
     let caller = Ua::new().await;
     let tag = answered_call(sip, &caller, &callee, "from-disk").await;
@@ -359,6 +389,7 @@ async fn a_node_starts_from_its_saved_configuration_without_postgres() {
     loop {
         let ready = common::http_get(http, "/readyz").await;
         if ready.contains(&format!("config generation {generation}")) && !ready.contains("stale") {
+            assert!(common::http_get(http, "/metrics").await.contains("switchboard_config_stale 0"));
             break;
         }
         assert!(Instant::now() < deadline, "still stale after Postgres came back: {ready}\n{}", node.dump());

@@ -187,6 +187,9 @@ pub async fn get_call(
 /// A call in progress.
 #[derive(Serialize, ToSchema, Debug)]
 pub struct ActiveCall {
+    /// The node's id of the call (unique; its CDRs carry the same).
+    pub call_uuid: Uuid,
+    /// The SIP Call-ID of the call's first leg (chosen by the caller: not necessarily unique).
     pub call_id: String,
     pub node_id: String,
     pub trunk: Option<String>,
@@ -206,7 +209,8 @@ pub struct ActiveCall {
     responses((status = 200, body = [ActiveCall])), security(("bearer" = [])))]
 pub async fn active(State(state): State<AppState>) -> Result<Json<Vec<ActiveCall>>, ApiError> {
     let rows = sqlx::query(
-        "SELECT call_id, node_id, trunk_name, provider, direction, from_number, to_number, state, started_at, answered_at,
+        "SELECT call_uuid, call_id, node_id, trunk_name, provider, direction, from_number, to_number, state, started_at,
+                answered_at,
                 extract(epoch FROM now() - started_at)::float8 AS duration
            FROM active_calls WHERE node_id IN (SELECT node_id FROM live_nodes)
           ORDER BY started_at DESC, call_id LIMIT 10000",
@@ -217,6 +221,7 @@ pub async fn active(State(state): State<AppState>) -> Result<Json<Vec<ActiveCall
         .into_iter()
         .map(|row| {
             Ok(ActiveCall {
+                call_uuid: row.try_get("call_uuid")?,
                 call_id: row.try_get("call_id")?,
                 node_id: row.try_get("node_id")?,
                 trunk: row.try_get("trunk_name")?,
@@ -257,6 +262,9 @@ pub struct CdrQuery {
 #[derive(Serialize, ToSchema, Debug)]
 pub struct Cdr {
     pub id: i64,
+    /// The node's id of the call: every attempt of one call has the same.
+    pub call_uuid: Uuid,
+    /// The SIP Call-ID of the call's first leg (chosen by the caller: not necessarily unique).
     pub call_id: String,
     pub attempt: i32,
     pub node_id: String,
@@ -319,6 +327,7 @@ fn limit(value: Option<i64>) -> Result<i64, ApiError> {
 fn cdr(row: &PgRow) -> Result<Cdr, sqlx::Error> {
     Ok(Cdr {
         id: row.try_get("id")?,
+        call_uuid: row.try_get("call_uuid")?,
         call_id: row.try_get("call_id")?,
         attempt: row.try_get("attempt")?,
         node_id: row.try_get("node_id")?,
@@ -361,8 +370,8 @@ pub async fn cdrs(
     // `plan_cache_mode = force_generic_plan` gets the slow plan; each combination of filters is
     // its own prepared statement, whose generic plan uses the matching index.
     let mut sql = sqlx::QueryBuilder::<sqlx::Postgres>::new(
-        "SELECT id, call_id, attempt, node_id, trunk_name, provider, gateway, direction, from_number, to_number,
-                setup_at, ring_at, answer_at, end_at, sip_code, reason, hangup_by, billable_seconds, cost::text AS cost, currency
+        "SELECT id, call_uuid, call_id, attempt, node_id, trunk_name, provider, gateway, direction, from_number,
+                to_number, setup_at, ring_at, answer_at, end_at, sip_code, reason, hangup_by, billable_seconds, cost::text AS cost, currency
            FROM cdrs WHERE TRUE",
     );
     if let Some(provider) = &query.provider {

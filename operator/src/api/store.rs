@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
@@ -126,10 +127,40 @@ impl KubernetesStore {
             namespace: metadata.namespace.clone().unwrap_or_else(|| "default".into()),
             trunk_id: annotations.get(TRUNK_ID_ANNOTATION).cloned().unwrap_or_else(|| name.clone()),
             name,
-            gitops_owner: gitops_owner(&labels, &annotations),
+            gitops_owner: gitops_owner(&labels, &annotations).or_else(|| field_manager_owner(metadata)),
             spec: trunk.spec,
         }
     }
+}
+
+/// The GitOps tool among an object's field managers: Argo CD's server-side apply writes as
+/// `argocd-controller`, Flux's as `kustomize-controller` or `helm-controller`, even when the
+/// object carries none of their labels.
+pub fn field_manager_owner(metadata: &ObjectMeta) -> Option<String> {
+    metadata.managed_fields.iter().flatten().find_map(|entry| {
+        let manager = entry.manager.as_deref()?;
+        let tool = match manager {
+            m if m.starts_with("argocd") => "Argo CD",
+            "kustomize-controller" => "Flux Kustomization",
+            "helm-controller" => "Flux HelmRelease",
+            _ => return None,
+        };
+        Some(format!("{tool} (field manager {manager})"))
+    })
+}
+
+/// The label the REST API puts on the password Secrets it creates; it writes no other Secret.
+pub const SECRET_LABEL: (&str, &str) = ("app.kubernetes.io/managed-by", FIELD_MANAGER);
+
+/// The 409 for a password Secret the API did not create.
+pub fn foreign_secret_conflict(namespace: &str, name: &str) -> ApiError {
+    ApiError::conflict(
+        "secret_not_created_by_api",
+        format!(
+            "Secret {namespace}/{name} exists and was not created by this API (it lacks the label {}={}); the API does not overwrite it: change the password in that Secret, or name another Secret",
+            SECRET_LABEL.0, SECRET_LABEL.1
+        ),
+    )
 }
 
 fn kube_error(context: &str, error: kube::Error) -> ApiError {
@@ -179,13 +210,21 @@ impl TrunkStore for KubernetesStore {
         if let (Some(password), Some(credentials)) = (&write.password, &write.spec.credentials) {
             let secrets: Api<k8s_openapi::api::core::v1::Secret> =
                 Api::namespaced(self.client.clone(), &write.namespace);
+            let secret_name = &credentials.password_secret_ref.name;
+            if let Some(existing) =
+                secrets.get_opt(secret_name).await.map_err(|e| kube_error("cannot read the password Secret", e))?
+                && existing.metadata.labels.as_ref().and_then(|l| l.get(SECRET_LABEL.0)).map(String::as_str)
+                    != Some(SECRET_LABEL.1)
+            {
+                return Err(foreign_secret_conflict(&write.namespace, secret_name));
+            }
             let secret = json!({
                 "apiVersion": "v1",
                 "kind": "Secret",
                 "metadata": {
                     "name": credentials.password_secret_ref.name,
                     "namespace": write.namespace,
-                    "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER},
+                    "labels": {SECRET_LABEL.0: SECRET_LABEL.1},
                 },
                 "type": "Opaque",
                 "stringData": {credentials.password_secret_ref.key.clone(): password},

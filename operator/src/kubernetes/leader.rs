@@ -1,15 +1,20 @@
 //! Leader election with a `coordination.k8s.io/v1` Lease: one replica reconciles, the others
-//! wait. The holder renews the lease every `renew_every`; a replica takes it over when it has not
-//! been renewed for `lease_duration`. A holder that cannot renew within `renew_deadline` (shorter
-//! than the lease duration) stops reconciling before anyone else may start.
+//! wait. The holder renews the lease every `retry_period`; a replica takes it over when it has not
+//! seen the lease change for `lease_duration`. A holder that cannot renew within `renew_deadline`
+//! (shorter than the lease duration) stops reconciling before anyone else may start.
+//!
+//! Expiry is judged as client-go judges it: from the local (monotonic) time at which this replica
+//! observed the lease record change, never from the holder's `renewTime` against the local
+//! clock. The replicas' clocks may disagree; a holder whose clock runs behind would otherwise look
+//! expired while it renews, and two replicas would lead at once.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use tokio_util::sync::CancellationToken;
 
@@ -31,12 +36,49 @@ impl Default for LeaseTiming {
     }
 }
 
+/// The lease record as this replica last saw it, and the local time it first saw that record.
+#[derive(Debug, Default)]
+struct Observed {
+    record: Option<LeaseSpec>,
+    at: Option<Instant>,
+}
+
+impl Observed {
+    /// Notes the record read at `now`; returns when this record was first seen (`now` when it
+    /// differs from the previous one: the holder renewed, or someone else took over).
+    fn observe(&mut self, record: &LeaseSpec, now: Instant) -> Instant {
+        match (&self.record, self.at) {
+            (Some(previous), Some(at)) if previous == record => at,
+            _ => {
+                self.record = Some(record.clone());
+                self.at = Some(now);
+                now
+            }
+        }
+    }
+
+    /// Whether a lease held by someone else has expired at `now`: no holder, or no change seen
+    /// for the lease's duration since it was observed.
+    fn expired(&mut self, record: &LeaseSpec, default_duration: Duration, now: Instant) -> bool {
+        let observed_at = self.observe(record, now);
+        if record.holder_identity.as_deref().is_none_or(str::is_empty) {
+            return true;
+        }
+        let duration = record
+            .lease_duration_seconds
+            .and_then(|s| u64::try_from(s).ok())
+            .map_or(default_duration, Duration::from_secs);
+        observed_at + duration <= now
+    }
+}
+
 /// One replica's side of the election.
 pub struct LeaderElection {
     api: Api<Lease>,
     name: String,
     identity: String,
     timing: LeaseTiming,
+    observed: Mutex<Observed>,
     /// True while this replica holds the lease.
     pub is_leader: Arc<AtomicBool>,
 }
@@ -50,7 +92,14 @@ pub enum Ended {
 
 impl LeaderElection {
     pub fn new(api: Api<Lease>, name: impl Into<String>, identity: impl Into<String>, timing: LeaseTiming) -> Self {
-        Self { api, name: name.into(), identity: identity.into(), timing, is_leader: Arc::default() }
+        Self {
+            api,
+            name: name.into(),
+            identity: identity.into(),
+            timing,
+            observed: Mutex::default(),
+            is_leader: Arc::default(),
+        }
     }
 
     pub fn identity(&self) -> &str {
@@ -81,15 +130,10 @@ impl LeaderElection {
             };
         };
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-        let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
-        let ours = holder.as_deref() == Some(self.identity.as_str());
+        let ours = spec.holder_identity.as_deref() == Some(self.identity.as_str());
         if !ours {
-            let held_for = SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(duration_secs)));
-            let expired = match &spec.renew_time {
-                Some(renewed) => renewed.0 + held_for < now,
-                None => true,
-            };
-            if holder.is_some() && !expired {
+            let expired = self.observed.lock().unwrap().expired(spec, self.timing.lease_duration, Instant::now());
+            if !expired {
                 return Ok(false);
             }
             spec.acquire_time = Some(MicroTime(now));
@@ -100,7 +144,12 @@ impl LeaderElection {
         spec.renew_time = Some(MicroTime(now));
         // The resourceVersion in `lease` makes a concurrent takeover a 409 for one of us.
         match self.api.replace(&self.name, &PostParams::default(), &lease).await {
-            Ok(_) => Ok(true),
+            Ok(written) => {
+                if let Some(spec) = &written.spec {
+                    self.observed.lock().unwrap().observe(spec, Instant::now());
+                }
+                Ok(true)
+            }
             Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
             Err(error) => Err(error),
         }
@@ -173,5 +222,54 @@ impl LeaderElection {
             Ok(_) => tracing::info!(lease = %self.name, "released the lease"),
             Err(error) => tracing::warn!(%error, "cannot release the lease; it expires by itself"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::jiff::SignedDuration;
+
+    fn record(holder: &str, renewed: Timestamp) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: Some(holder.into()),
+            lease_duration_seconds: Some(15),
+            renew_time: Some(MicroTime(renewed)),
+            ..LeaseSpec::default()
+        }
+    }
+
+    /// The holder's clock runs an hour behind ours: its `renewTime` is always "an hour ago"
+    /// here. It renews every 2 s, so the lease is not expired; comparing its `renewTime` with
+    /// our clock (the old rule) would take it over at once and make two leaders.
+    #[test]
+    fn a_holder_with_a_clock_behind_ours_keeps_the_lease_while_it_renews() {
+        let mut observed = Observed::default();
+        let start = Instant::now();
+        let skewed = Timestamp::now() - SignedDuration::from_hours(1);
+        for renewal in 0..20u64 {
+            let record = record("other", skewed + SignedDuration::from_secs(2 * renewal as i64));
+            let now = start + Duration::from_secs(2 * renewal);
+            assert!(!observed.expired(&record, Duration::from_secs(15), now), "renewal {renewal}");
+        }
+    }
+
+    /// The holder's clock runs ahead: its `renewTime` is in our future. When it stops renewing,
+    /// the lease expires one lease duration after we last saw it change, not never.
+    #[test]
+    fn a_holder_that_stops_renewing_expires_after_the_lease_duration_whatever_its_clock() {
+        let mut observed = Observed::default();
+        let start = Instant::now();
+        let ahead = record("other", Timestamp::now() + SignedDuration::from_hours(1));
+        assert!(!observed.expired(&ahead, Duration::from_secs(15), start));
+        assert!(!observed.expired(&ahead, Duration::from_secs(15), start + Duration::from_secs(14)));
+        assert!(observed.expired(&ahead, Duration::from_secs(15), start + Duration::from_secs(15)));
+    }
+
+    #[test]
+    fn a_released_lease_is_free_at_once() {
+        let mut observed = Observed::default();
+        let released = LeaseSpec { holder_identity: None, lease_duration_seconds: Some(1), ..LeaseSpec::default() };
+        assert!(observed.expired(&released, Duration::from_secs(15), Instant::now()));
     }
 }

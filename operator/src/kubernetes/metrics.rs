@@ -15,7 +15,12 @@ use prometheus::{
 use tokio_util::sync::CancellationToken;
 
 use crate::crd::{Condition, ConditionStatus};
-use crate::source::ResourceKey;
+use crate::source::{Kind, ResourceKey};
+
+/// Every reason of `switchboard_operator_reconcile_errors_total` (see `controller::Error::reason`).
+pub const RECONCILE_ERROR_REASONS: [&str; 4] = ["KubeApi", "DatabaseUnavailable", "Conflict", "NotLeader"];
+/// What `switchboard_operator_api_writes_total{what}` counts.
+const API_WRITES: [&str; 3] = ["finalizer", "status", "event"];
 
 /// Every metric of the operator, in its own registry.
 pub struct Metrics {
@@ -28,6 +33,9 @@ pub struct Metrics {
     api_writes: IntCounterVec,
     condition: IntGaugeVec,
     pub leader: IntGauge,
+    /// Name, help and type of every family, so that `/metrics` declares a family before its
+    /// first series exists (a resource's conditions, before any resource is reconciled).
+    declared: Vec<(String, String, &'static str)>,
 }
 
 impl Default for Metrics {
@@ -80,6 +88,22 @@ impl Metrics {
         .expect("metric");
         let leader = IntGauge::new("switchboard_operator_leader", "1 while this replica holds the leader lease")
             .expect("metric");
+        // Series whose labels are known up front exist from the start at 0, so that `rate()` and
+        // `increase()` in alert rules see the first error too.
+        for kind in [Kind::Trunk, Kind::PhoneNumber, Kind::RoutingRule] {
+            reconciles.with_label_values(&[kind.as_str()]);
+            duration.with_label_values(&[kind.as_str()]);
+            for reason in RECONCILE_ERROR_REASONS {
+                errors.with_label_values(&[kind.as_str(), reason]);
+            }
+        }
+        for result in ["ok", "error"] {
+            passes.with_label_values(&[result]);
+        }
+        for what in API_WRITES {
+            api_writes.with_label_values(&[what]);
+        }
+        let mut declared = Vec::new();
         for collector in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(errors.clone()),
@@ -90,9 +114,19 @@ impl Metrics {
             Box::new(condition.clone()),
             Box::new(leader.clone()),
         ] {
+            for family in collector.collect() {
+                let kind = match family.get_field_type() {
+                    prometheus::proto::MetricType::COUNTER => "counter",
+                    prometheus::proto::MetricType::GAUGE => "gauge",
+                    prometheus::proto::MetricType::HISTOGRAM => "histogram",
+                    prometheus::proto::MetricType::SUMMARY => "summary",
+                    prometheus::proto::MetricType::UNTYPED => "untyped",
+                };
+                declared.push((family.name().to_string(), family.help().to_string(), kind));
+            }
             registry.register(collector).expect("metric names are unique");
         }
-        Self { registry, reconciles, errors, duration, passes, pass_duration, api_writes, condition, leader }
+        Self { registry, reconciles, errors, duration, passes, pass_duration, api_writes, condition, leader, declared }
     }
 
     pub fn observe_reconcile(&self, kind: &str, elapsed: Duration, error: Option<&str>) {
@@ -115,7 +149,7 @@ impl Metrics {
 
     /// Writes to the API server so far, all kinds together.
     pub fn api_writes_total(&self) -> u64 {
-        ["finalizer", "status", "event"].iter().map(|w| self.api_writes.with_label_values(&[w]).get()).sum()
+        API_WRITES.iter().map(|w| self.api_writes.with_label_values(&[w]).get()).sum()
     }
 
     /// Sets the condition gauges of one resource.
@@ -150,11 +184,20 @@ impl Metrics {
         }
     }
 
-    /// The registry in the Prometheus text format.
+    /// The registry in the Prometheus text format; a family with no series yet is declared
+    /// by its `# HELP` and `# TYPE` lines alone (valid in the format, ignored by Prometheus).
     pub fn render(&self) -> String {
+        let families = self.registry.gather();
         let mut buffer = Vec::new();
-        TextEncoder::new().encode(&self.registry.gather(), &mut buffer).expect("text encoding");
-        String::from_utf8(buffer).expect("the text format is UTF-8")
+        TextEncoder::new().encode(&families, &mut buffer).expect("text encoding");
+        let mut text = String::from_utf8(buffer).expect("the text format is UTF-8");
+        for (name, help, kind) in &self.declared {
+            if !families.iter().any(|family| family.name() == name) {
+                let help = help.replace('\\', "\\\\").replace('\n', "\\n");
+                text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+            }
+        }
+        text
     }
 }
 
@@ -201,4 +244,59 @@ pub async fn serve(
     axum::serve(listener, router(metrics, health))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn a_fresh_operator_declares_every_family_and_starts_known_series_at_zero() {
+        let metrics = Metrics::new();
+        let text = metrics.render();
+        for name in [
+            "switchboard_operator_reconcile_total",
+            "switchboard_operator_reconcile_errors_total",
+            "switchboard_operator_reconcile_duration_seconds",
+            "switchboard_operator_passes_total",
+            "switchboard_operator_pass_duration_seconds",
+            "switchboard_operator_api_writes_total",
+            "switchboard_resource_condition",
+            "switchboard_operator_leader",
+        ] {
+            assert_eq!(text.matches(&format!("# TYPE {name} ")).count(), 1, "{name} declared once in\n{text}");
+        }
+        assert!(text.contains("# TYPE switchboard_resource_condition gauge\n"), "{text}");
+        assert_eq!(value(&text, r#"switchboard_operator_reconcile_total{kind="PhoneNumber"}"#), Some(0.0));
+        assert_eq!(
+            value(&text, r#"switchboard_operator_reconcile_errors_total{kind="Trunk",reason="DatabaseUnavailable"}"#),
+            Some(0.0)
+        );
+        assert_eq!(value(&text, r#"switchboard_operator_passes_total{result="error"}"#), Some(0.0));
+
+        // Once a resource has conditions, the family is rendered with its series, declared once.
+        let key = ResourceKey { kind: Kind::Trunk, namespace: "telephony".into(), name: "main".into() };
+        let ready = Condition {
+            type_: "Ready".into(),
+            status: ConditionStatus::False,
+            reason: "InvalidSpec".into(),
+            message: String::new(),
+            last_transition_time: String::new(),
+            observed_generation: None,
+        };
+        metrics.set_conditions(&key, &[ready]);
+        metrics.observe_reconcile("Trunk", Duration::from_millis(3), Some("Conflict"));
+        let text = metrics.render();
+        assert_eq!(text.matches("# TYPE switchboard_resource_condition gauge").count(), 1, "{text}");
+        let series = r#"switchboard_resource_condition{condition="Ready",kind="Trunk",name="main",namespace="telephony",status="False"}"#;
+        assert_eq!(value(&text, series), Some(1.0), "{text}");
+        assert_eq!(
+            value(&text, r#"switchboard_operator_reconcile_errors_total{kind="Trunk",reason="Conflict"}"#),
+            Some(1.0)
+        );
+    }
 }

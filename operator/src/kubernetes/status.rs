@@ -18,6 +18,8 @@ pub const READY: &str = "Ready";
 pub const SYNCED: &str = "Synced";
 pub const REGISTERED: &str = "Registered";
 pub const REACHABLE: &str = "Reachable";
+/// kstatus' condition for a resource that cannot progress without a change by its author.
+pub const STALLED: &str = "Stalled";
 
 /// Reasons this module adds to the reconcile core's.
 pub mod reason {
@@ -134,6 +136,12 @@ pub fn desired(previous: &StatusDoc, inputs: &Inputs<'_>) -> StatusDoc {
     let Some(reconciled) = inputs.reconciled else { return previous.clone() };
     let ready = if reconciled.ready { ConditionStatus::True } else { ConditionStatus::False };
     b.set(READY, ready, &reconciled.reason, reconciled.message.clone());
+    // Flux's health checks (kstatus) read no `Ready` condition of a custom resource: they read
+    // `observedGeneration` and the abnormal-true conditions `Stalled` and `Reconciling`. Without
+    // `Stalled`, a spec the operator refuses would count as `Current` (healthy) there.
+    if !reconciled.ready && reconciled.reason == crate::reconcile::status::reason::INVALID_SPEC {
+        b.set(STALLED, ConditionStatus::True, &reconciled.reason, reconciled.message.clone());
+    }
 
     match (inputs.facts, reconciled.config_generation) {
         (None, _) => b.set(
@@ -291,9 +299,11 @@ fn trunk_conditions(
 }
 
 /// The conditions whose status or reason changed from `previous` to `next` (each gets an event).
+/// `Stalled` gets none: it repeats the `Ready` condition, whose event already says it.
 pub fn changed_conditions<'a>(previous: &StatusDoc, next: &'a StatusDoc) -> Vec<&'a Condition> {
     next.conditions
         .iter()
+        .filter(|c| c.type_ != STALLED)
         .filter(|c| previous.condition(&c.type_).is_none_or(|p| p.status != c.status || p.reason != c.reason))
         .collect()
 }
@@ -315,4 +325,43 @@ pub fn merge_patch(resource_version: Option<&str>, previous: &StatusDoc, next: &
         patch["metadata"] = serde_json::json!({ "resourceVersion": rv });
     }
     patch
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{Kind, ResourceKey};
+
+    fn reconciled(ready: bool, reason: &str) -> ResourceStatus {
+        ResourceStatus {
+            key: ResourceKey { kind: Kind::PhoneNumber, namespace: "ns".into(), name: "n".into() },
+            observed_generation: Some(2),
+            ready,
+            reason: reason.into(),
+            message: "spec.number: not E.164".into(),
+            origin: String::new(),
+            config_generation: None,
+        }
+    }
+
+    fn stalled(reconciled: &ResourceStatus) -> Option<Condition> {
+        let inputs = Inputs {
+            generation: Some(2),
+            reconciled: Some(reconciled),
+            database_error: None,
+            facts: None,
+            trunk: None,
+        };
+        desired(&StatusDoc::default(), &inputs).condition(STALLED).cloned()
+    }
+
+    #[test]
+    fn an_invalid_spec_is_stalled_for_kstatus() {
+        let condition = stalled(&reconciled(false, "InvalidSpec")).expect("Stalled for InvalidSpec");
+        assert_eq!((condition.status, condition.reason.as_str()), (ConditionStatus::True, "InvalidSpec"));
+        assert_eq!(condition.message, "spec.number: not E.164");
+        assert_eq!(stalled(&reconciled(true, "Reconciled")), None);
+        // A missing reference may resolve by itself (the trunk gets created): not stalled.
+        assert_eq!(stalled(&reconciled(false, "TrunkNotFound")), None);
+    }
 }

@@ -215,8 +215,8 @@ async fn inbound_call(ctx: Arc<CallContext>, invite: Request, key: TransactionKe
             }
             ctx.endpoint.respond(&key, response);
             if refuse.code != 401 && refuse.code != 407 {
-                let provider = admitted_provider(&snapshot, &called);
-                ctx.metrics.call_ended(&provider, CallStatus::from_final_code(refuse.code), None);
+                let (provider, trunk) = admitted_trunk(&snapshot, &called);
+                ctx.metrics.call_ended(&provider, &trunk, CallStatus::from_final_code(refuse.code), None);
             }
             return;
         }
@@ -259,12 +259,14 @@ async fn inbound_call(ctx: Arc<CallContext>, invite: Request, key: TransactionKe
 }
 
 /// The provider of the trunk that owns `called`, for the metrics of refused calls.
-fn admitted_provider(snapshot: &Snapshot, called: &str) -> String {
+/// Provider and trunk of the number `called` (for the metrics of a refused call), `unknown`
+/// when nobody owns it.
+fn admitted_trunk(snapshot: &Snapshot, called: &str) -> (String, String) {
     snapshot
         .number(called)
         .and_then(|n| snapshot.trunk(&n.namespace, &n.trunk_ref))
-        .map(|t| t.provider.clone())
-        .unwrap_or_else(|| "unknown".into())
+        .map(|t| (t.provider.clone(), t.name.clone()))
+        .unwrap_or_else(|| ("unknown".into(), "unknown".into()))
 }
 
 type Admitted = (NumberConfig, Arc<TrunkConfig>, Target, CallPermit);
@@ -769,11 +771,13 @@ impl Call {
         });
         self.write_cdr(&record, end_at, outcome.code, &outcome.reason, outcome.hangup_by);
         self.ctx.store.record(StoreEvent::CallEnded { call_uuid: self.facts.call_uuid });
-        let provider = self.facts.inbound_trunk.as_ref().map(|t| t.provider.as_str()).unwrap_or("unknown");
+        let inbound = self.facts.inbound_trunk.as_ref();
+        let provider = inbound.map(|t| t.provider.as_str()).unwrap_or("unknown");
+        let trunk = inbound.map(|t| t.name.as_str()).unwrap_or("unknown");
         let talk_time = record.answer_at.map(|a| (end_at - a).to_std().unwrap_or_default());
         let status =
             if record.answer_at.is_some() { CallStatus::Answered } else { CallStatus::from_final_code(outcome.code) };
-        self.ctx.metrics.call_ended(provider, status, talk_time);
+        self.ctx.metrics.call_ended(provider, trunk, status, talk_time);
         tracing::info!(code = outcome.code, reason = %outcome.reason, attempts = self.attempts, "call ended");
     }
 }

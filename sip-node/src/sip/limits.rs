@@ -46,6 +46,8 @@ pub struct Limits {
     usage: Usages,
     /// Trunk-wide admission through Postgres (`None`: per-node limits).
     admission: Option<Admission>,
+    /// Counts admitted calls per trunk (`switchboard_trunk_calls_admitted_total`), when set.
+    metrics: Option<crate::metrics::NodeMetrics>,
 }
 
 /// Holds one concurrent-call slot of a trunk until dropped.
@@ -75,13 +77,27 @@ fn release(usage: &Usages, key: &(String, String)) {
 impl Limits {
     /// Limits that hold across nodes through `admission`.
     pub fn shared(admission: Admission) -> Self {
-        Limits { usage: Usages::default(), admission: Some(admission) }
+        Limits { usage: Usages::default(), admission: Some(admission), metrics: None }
+    }
+
+    /// The same limits, counting every admitted call in `metrics`.
+    pub fn counted(self, metrics: crate::metrics::NodeMetrics) -> Self {
+        Limits { metrics: Some(metrics), ..self }
+    }
+
+    /// Counts a call the limits let through.
+    fn admitted(&self, trunk: &TrunkConfig) {
+        if let Some(metrics) = &self.metrics {
+            metrics.trunk_call_admitted(&trunk.name);
+        }
     }
 
     /// Takes a slot on `trunk` if its concurrent-call and CPS limits allow one more call now,
     /// on this node alone.
     pub fn try_acquire(&self, trunk: &TrunkConfig) -> Result<CallPermit, LimitExceeded> {
-        self.try_acquire_at(trunk, trunk.max_concurrent_calls, trunk.calls_per_second, Instant::now())
+        let permit = self.try_acquire_at(trunk, trunk.max_concurrent_calls, trunk.calls_per_second, Instant::now())?;
+        self.admitted(trunk);
+        Ok(permit)
     }
 
     /// Takes a slot on `trunk` if its limits allow one more call now across every node (see
@@ -98,6 +114,7 @@ impl Limits {
         match admission.admit(&key, max, cps).await {
             Verdict::Admitted => {
                 reserved.admission = Some(admission.clone());
+                self.admitted(trunk);
                 Ok(reserved)
             }
             Verdict::Concurrent => Err(LimitExceeded::Concurrent(max.unwrap_or_default())),
@@ -109,6 +126,7 @@ impl Limits {
                 let mut permit = self.try_acquire_at(trunk, share(max), share(cps), Instant::now())?;
                 // The resync counts it in Postgres; its end is subtracted like any other.
                 permit.admission = Some(admission.clone());
+                self.admitted(trunk);
                 Ok(permit)
             }
         }
@@ -191,6 +209,18 @@ mod tests {
         assert_eq!(limits.acquire(&trunk).await.err(), Some(LimitExceeded::Concurrent(10)));
         drop(permits.pop());
         assert!(limits.acquire(&trunk).await.is_ok());
+    }
+
+    #[test]
+    fn admitted_calls_are_counted_and_refused_ones_not() {
+        let mut trunk = crate::sip::routing::tests::trunk("a");
+        trunk.max_concurrent_calls = Some(1);
+        let metrics = crate::metrics::NodeMetrics::new();
+        let limits = Limits::default().counted(metrics.clone());
+        let _one = limits.try_acquire(&trunk).unwrap();
+        assert!(limits.try_acquire(&trunk).is_err());
+        let text = metrics.render();
+        assert!(text.contains("switchboard_trunk_calls_admitted_total{trunk=\"a\"} 1\n"), "{text}");
     }
 
     #[test]

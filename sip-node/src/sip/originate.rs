@@ -248,8 +248,10 @@ async fn place(ctx: Arc<CallContext>, pool: PgPool, request: CallRequest, hooks:
     ctx.store.record(StoreEvent::CallEnded { call_uuid });
     let answered = ended.answer_at.is_some();
     let provider = ended.trunk.as_ref().map(|t| t.provider.as_str()).unwrap_or("unknown");
+    let trunk = ended.trunk.as_ref().map(|t| t.name.as_str()).unwrap_or("unknown");
     let status = if answered { CallStatus::Answered } else { CallStatus::from_final_code(ended.code) };
-    ctx.metrics.call_ended(provider, status, ended.answer_at.map(|a| (end_at - a).to_std().unwrap_or_default()));
+    let talk_time = ended.answer_at.map(|a| (end_at - a).to_std().unwrap_or_default());
+    ctx.metrics.call_ended(provider, trunk, status, talk_time);
     let (state, hook) = if answered { ("completed", "completed") } else { ("failed", "failed") };
     set_state(&pool, request.id, state, &call_id, (!answered).then_some(ended.reason.as_str())).await;
     let mut last = event(hook);

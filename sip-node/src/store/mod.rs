@@ -319,6 +319,11 @@ impl Store {
         spool: Option<&spool::SpoolOptions>,
     ) -> Result<(Store, StoreTask, spool::Replayed), spool::SpoolError> {
         let Some(spool_options) = spool else {
+            // The series exist without a spool too (at 0, limit 0), so that dashboards and
+            // alert rules find them on every node.
+            if let Some(metrics) = &metrics {
+                metrics.track_store_spool(|| 0, 0, || 0);
+            }
             let (store, task) = Self::start(pool, node_id, metrics, options, None);
             return Ok((store, task, spool::Replayed::default()));
         };

@@ -464,3 +464,32 @@ async fn the_spool_keeps_only_calls_in_progress_and_replays_them_as_lost(pool: P
     );
     assert!(active_ids(&pool).await.is_empty());
 }
+
+/// While Postgres keeps up, the spool is compacted as it goes: after some megabytes of call
+/// events it holds little more than the calls still up.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn the_spool_stays_small_while_postgres_keeps_up(pool: PgPool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spool = spool::SpoolOptions { dir: dir.path().join("spool"), max_bytes: 64 << 20, rate_of: None };
+    let (store, task, _) = Store::open(pool.clone(), NODE.into(), None, options(), Some(&spool)).expect("open");
+    let log = spool.dir.join("spool.log");
+    let mut largest = 0;
+    for i in 0..3000 {
+        let id = format!("steady-{i}");
+        store.record(StoreEvent::CallStarted(call(&id)));
+        store.record(StoreEvent::CallAnswered { call_uuid: key(&id), at: Utc::now() });
+        store.record(StoreEvent::Cdr(cdr(&id, 1)));
+        store.record(StoreEvent::CallEnded { call_uuid: key(&id) });
+        if i % 20 == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            largest = largest.max(std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0));
+        }
+    }
+    assert!(store.flush(LIMIT).await);
+    tokio::time::sleep(spool::SYNC_INTERVAL * 4).await;
+    let size = std::fs::metadata(&log).expect("spool.log").len();
+    println!("spool while Postgres keeps up: largest {largest} bytes, now {size} bytes, after 3,000 calls");
+    assert!(largest < 4 << 20, "the spool grew to {largest} bytes: it is not compacted while Postgres keeps up");
+    assert_eq!(count(&pool, "SELECT count(*) FROM cdrs").await, 3000);
+    assert!(task.shutdown(LIMIT).await);
+}
