@@ -379,6 +379,10 @@ async fn initiate_queues_a_call_request(pool: PgPool) {
     assert_eq!((status, body), (StatusCode::OK, json!([])));
 
     // Two calls whose carrier used one Call-ID are two calls, each with the node's own id.
+    sqlx::query("INSERT INTO nodes (node_id, hostname, version, heartbeat_at) VALUES ('n1', 'h', 'v', now())")
+        .execute(&pool)
+        .await
+        .unwrap();
     for uuid in ["6f9619ff-8b86-d011-b42d-00c04fc964ff", "7f9619ff-8b86-d011-b42d-00c04fc964ff"] {
         sqlx::query(
             "INSERT INTO active_calls (call_uuid, call_id, node_id, direction, from_number, to_number, state)
