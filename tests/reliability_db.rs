@@ -322,7 +322,7 @@ impl Sipp {
         let text = std::fs::read_to_string(file).unwrap();
         let mut lines = text.lines().filter(|l| !l.trim().is_empty());
         let header: Vec<&str> = lines.next().expect("header").split(';').collect();
-        let last: Vec<&str> = lines.last().expect("a row").split(';').collect();
+        let last: Vec<&str> = lines.next_back().expect("a row").split(';').collect();
         header
             .iter()
             .zip(last)
