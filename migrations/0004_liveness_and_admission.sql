@@ -21,7 +21,10 @@ CREATE VIEW live_nodes AS
        AND heartbeat_at > now() - 3 * heartbeat_interval_ms * interval '1 millisecond';
 
 ALTER TABLE call_requests
-    ADD COLUMN expires_at TIMESTAMPTZ NOT NULL DEFAULT now() + interval '60 seconds';
+    ADD COLUMN expires_at TIMESTAMPTZ NOT NULL DEFAULT now() + interval '60 seconds',
+    -- the reaper failed the request (node lost, expired): a live node owes its webhook `failed`
+    ADD COLUMN final_webhook_pending BOOLEAN NOT NULL DEFAULT FALSE;
+CREATE INDEX call_requests_final_webhook_idx ON call_requests (updated_at) WHERE final_webhook_pending;
 CREATE INDEX call_requests_claimed_idx ON call_requests (claimed_by) WHERE state IN ('claimed', 'ringing', 'answered');
 CREATE INDEX messages_sending_idx ON messages (claimed_by) WHERE status = 'sending';
 

@@ -40,6 +40,11 @@ pub struct BenchArgs {
     /// without it a private cluster is started.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,
+    /// Through a real Kubernetes API server (the cluster of KUBECONFIG, e.g. `eval
+    /// "$(scripts/cluster up)"`): apply the resources, run the operator and a node, time Ready
+    /// and edits (see bench_kubernetes.rs).
+    #[arg(long)]
+    pub kubernetes: bool,
 }
 
 /// Numbers per generated file: an edit touches one file of this size.
@@ -60,7 +65,8 @@ async fn bench(args: &BenchArgs, server_url: &str) -> anyhow::Result<()> {
     let admin = switchboard_model::db::connect(server_url, 1).await?;
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {database}"))).execute(&admin).await?;
     let url = with_database(server_url, &database)?;
-    let result = measure(args, &url).await;
+    let result =
+        if args.kubernetes { crate::bench_kubernetes::measure(args, &url).await } else { measure(args, &url).await };
     let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {database} WITH (FORCE)")))
         .execute(&admin)
         .await;
@@ -222,7 +228,7 @@ fn node_rss(local_pid: u32) -> Option<(u64, u64)> {
 }
 
 /// Writes the benchmark folder and returns the number files (the ones edits touch).
-fn generate(dir: &Path, args: &BenchArgs) -> anyhow::Result<Vec<PathBuf>> {
+pub(crate) fn generate(dir: &Path, args: &BenchArgs) -> anyhow::Result<Vec<PathBuf>> {
     let mut trunks = String::new();
     for t in 0..args.trunks {
         trunks.push_str(&format!(
@@ -274,7 +280,7 @@ mod tests {
     #[test]
     fn generated_folder_is_valid_and_complete() {
         let dir = tempfile::tempdir().unwrap();
-        let args = BenchArgs { numbers: 250, trunks: 7, rules: 10, edits: 1, database_url: None };
+        let args = BenchArgs { numbers: 250, trunks: 7, rules: 10, edits: 1, database_url: None, kubernetes: false };
         let files = generate(dir.path(), &args).unwrap();
         assert_eq!(files.len(), 3);
         let state = FolderSource::new(dir.path()).read().unwrap();

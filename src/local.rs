@@ -87,6 +87,8 @@ pub enum LocalError {
     Watch { path: PathBuf, error: notify::Error },
     #[error("cannot find this program's executable to start the SIP node: {0}")]
     CurrentExe(std::io::Error),
+    #[error("cannot create the SIP node's state directory: {0}")]
+    StateDir(std::io::Error),
     #[error("cannot start the SIP node ({exe}): {error}")]
     SpawnNode { exe: PathBuf, error: std::io::Error },
     #[error("REST API: {0}")]
@@ -371,6 +373,10 @@ struct NodeCommand {
     database_url: String,
     node_id: String,
     log_format: LogFormat,
+    /// The node's `--state-dir` (spool, saved configuration): private to this local run and
+    /// removed with it, so that a later run on a fresh database never replays this run's
+    /// spool. `None` when `SWITCHBOARD_STATE_DIR` names one, which the node then inherits.
+    state_dir: Option<std::sync::Arc<tempfile::TempDir>>,
 }
 
 fn node_command(args: &LocalArgs, postgres: &Postgres, log_format: LogFormat) -> Result<NodeCommand, LocalError> {
@@ -379,6 +385,12 @@ fn node_command(args: &LocalArgs, postgres: &Postgres, log_format: LogFormat) ->
         database_url: postgres.url().to_string(),
         node_id: args.node_id.clone(),
         log_format,
+        state_dir: match std::env::var_os("SWITCHBOARD_STATE_DIR") {
+            Some(_) => None,
+            None => Some(std::sync::Arc::new(
+                tempfile::Builder::new().prefix("switchboard-local-node-").tempdir().map_err(LocalError::StateDir)?,
+            )),
+        },
     })
 }
 
@@ -401,6 +413,9 @@ impl NodeCommand {
             .stdin(Stdio::null())
             .process_group(0)
             .kill_on_drop(true);
+        if let Some(dir) = &self.state_dir {
+            command.arg("--state-dir").arg(dir.path());
+        }
         process::die_with_parent(&mut command, Signal::SIGTERM);
         command.spawn().map_err(|error| LocalError::SpawnNode { exe: self.exe.clone(), error })
     }

@@ -11,6 +11,7 @@ use switchboard_model::logging::{self, LogFormat};
 
 mod bench;
 mod bench_api;
+mod bench_kubernetes;
 mod local;
 mod postgres;
 mod process;

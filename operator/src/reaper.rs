@@ -14,6 +14,9 @@
 //! - its admitted calls (`trunk_admissions`, the cross-node trunk limits) are given back.
 //!
 //! Queued call requests past their `expires_at` are `failed` with `expired` in the same pass.
+//! A failed request with a webhook is marked `final_webhook_pending` and announced on
+//! [`REAPED_CHANNEL`]: a live node sends the webhook's `failed` event (the nodes hold the
+//! webhook signing secret, the operator does not).
 //! Every replica of the operator (and local mode) runs a reaper; a transaction-level advisory
 //! lock lets one pass run at a time, and the others skip theirs. Every statement is idempotent:
 //! a pass that fails halfway is rolled back and redone by the next.
@@ -27,6 +30,8 @@ use tokio_util::sync::CancellationToken;
 const LOCK_KEY: i64 = 0x0073_622d_7265_6170;
 /// The reason written into CDRs, requests and messages of a lost node.
 pub const NODE_LOST: &str = "node lost";
+/// Channel on which a pass announces requests whose final webhook a node should send.
+pub const REAPED_CHANNEL: &str = "switchboard_call_requests_reaped";
 
 /// Settings of the reaper.
 #[derive(clap::Args, Debug, Clone)]
@@ -86,12 +91,15 @@ pub async fn reap_once(pool: &PgPool, after_heartbeats: u32) -> Result<Option<Re
     reaped.expired = sqlx::query(
         "UPDATE call_requests
             SET state = 'failed', error = 'expired: no SIP node claimed the request before its expires_at',
-                updated_at = now()
+                final_webhook_pending = webhook_url IS NOT NULL, updated_at = now()
           WHERE state = 'queued' AND expires_at <= now()",
     )
     .execute(&mut *tx)
     .await?
     .rows_affected();
+    if reaped.requests + reaped.expired > 0 {
+        sqlx::query("SELECT pg_notify($1, '')").bind(REAPED_CHANNEL).execute(&mut *tx).await?;
+    }
     tx.commit().await?;
     Ok(Some(reaped))
 }
@@ -133,7 +141,8 @@ async fn end_lost(tx: &mut Transaction<'_, Postgres>, lost: &[String]) -> Result
         .await?
         .rows_affected();
     let requests = sqlx::query(
-        "UPDATE call_requests SET state = 'failed', error = $2, updated_at = now()
+        "UPDATE call_requests SET state = 'failed', error = $2, final_webhook_pending = webhook_url IS NOT NULL,
+                updated_at = now()
           WHERE state IN ('claimed', 'ringing', 'answered') AND claimed_by = ANY($1)",
     )
     .bind(lost)
@@ -226,11 +235,11 @@ mod tests {
                      now() - interval '1 day', now() - interval '1 day'),
                     ('00000000-0000-0000-0000-0000000000f1', 'c1', 2, 'gone', 'inbound', '+1', '+2',
                      now() - interval '1 day', now() - interval '1 day')",
-            "INSERT INTO call_requests (id, from_number, to_number, state, claimed_by, expires_at) VALUES
-                ('00000000-0000-0000-0000-000000000001', '+1', '+2', 'answered', 'gone', now() + interval '1 minute'),
-                ('00000000-0000-0000-0000-000000000002', '+1', '+2', 'ringing', 'alive', now() + interval '1 minute'),
-                ('00000000-0000-0000-0000-000000000003', '+1', '+2', 'queued', NULL, now() - interval '1 second'),
-                ('00000000-0000-0000-0000-000000000004', '+1', '+2', 'queued', NULL, now() + interval '1 minute')",
+            "INSERT INTO call_requests (id, from_number, to_number, state, claimed_by, expires_at, webhook_url) VALUES
+                ('00000000-0000-0000-0000-000000000001', '+1', '+2', 'answered', 'gone', now() + interval '1 minute', 'http://h/1'),
+                ('00000000-0000-0000-0000-000000000002', '+1', '+2', 'ringing', 'alive', now() + interval '1 minute', 'http://h/2'),
+                ('00000000-0000-0000-0000-000000000003', '+1', '+2', 'queued', NULL, now() - interval '1 second', NULL),
+                ('00000000-0000-0000-0000-000000000004', '+1', '+2', 'queued', NULL, now() + interval '1 minute', NULL)",
             "INSERT INTO messages (id, direction, from_number, to_number, body, status, claimed_by) VALUES
                 ('00000000-0000-0000-0000-00000000000a', 'outbound', '+1', '+2', 'x', 'sending', 'gone'),
                 ('00000000-0000-0000-0000-00000000000b', 'outbound', '+1', '+2', 'x', 'sending', 'alive')",
@@ -265,6 +274,12 @@ mod tests {
         assert_eq!(calls, ["c2"]);
         let states: Vec<(String, Option<String>)> =
             sqlx::query_as("SELECT state, error FROM call_requests ORDER BY id").fetch_all(&pool).await.unwrap();
+        // Only the failed request with a webhook is owed its final event.
+        let owed: Vec<bool> = sqlx::query_scalar("SELECT final_webhook_pending FROM call_requests ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(owed, [true, false, false, false]);
         assert_eq!(states[0], ("failed".into(), Some(NODE_LOST.into())));
         assert_eq!(states[1].0, "ringing");
         assert_eq!(states[2].0, "failed");

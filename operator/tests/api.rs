@@ -482,8 +482,8 @@ async fn requests_expire_and_active_calls_come_from_live_nodes(pool: PgPool) {
         "INSERT INTO nodes (node_id, hostname, version, heartbeat_at, heartbeat_interval_ms)
          VALUES ('live', 'h', 'v', now(), 5000), ('dead', 'h', 'v', now() - interval '1 minute', 5000);
          INSERT INTO active_calls (call_id, node_id, namespace, trunk_name, direction, from_number, to_number, state)
-         VALUES ('on-live', 'live', 'default', 't', 'inbound', '+1', '+2', 'answered'),
-                ('on-dead', 'dead', 'default', 't', 'inbound', '+1', '+2', 'answered')",
+         VALUES ('on-live', 'live', 'default', 'skyetel-main', 'inbound', '+1', '+2', 'answered'),
+                ('on-dead', 'dead', 'default', 'skyetel-main', 'inbound', '+1', '+2', 'answered')",
     )
     .execute(&pool)
     .await
@@ -492,4 +492,9 @@ async fn requests_expire_and_active_calls_come_from_live_nodes(pool: PgPool) {
     assert_eq!(status, StatusCode::OK);
     let ids: Vec<&str> = body.as_array().unwrap().iter().map(|c| c["call_id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["on-live"]);
+    // The trunk counters too.
+    let (status, body) = api.send(Method::POST, "/api/trunks", Some(skyetel())).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (_, body) = api.send(Method::GET, "/api/trunks/stats/summary", None).await;
+    assert_eq!((&body["trunks"][0]["active_calls"], &body["total"]["active_calls"]), (&json!(1), &json!(1)), "{body}");
 }

@@ -8,7 +8,7 @@
 //!   admissions per second and the latency each caller sees;
 //! - the release (`UPDATE ... active - 1`), which the worker does off the call's path.
 //!
-//! Needs `DATABASE_URL` (a server where it may create and drop a database); without it the
+//! Run with `cargo bench -p switchboard-node --bench admission`. Needs `DATABASE_URL` (a server where it may create and drop a database); without it the
 //! bench says so and exits 0.
 
 use std::time::{Duration, Instant};
@@ -16,9 +16,13 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 use switchboard_node::sip::admission::{Admission, TrunkKey, Verdict};
 
-const SEQUENTIAL: usize = 2000;
 const CALLERS: usize = 8;
-const PER_CALLER: usize = 500;
+
+/// Calls per measured step: `cargo bench` passes `--bench`; `cargo test --benches` does not,
+/// and then a few calls keep the test run quick.
+fn sizes() -> (usize, usize) {
+    if std::env::args().any(|a| a == "--bench") { (2000, 500) } else { (20, 5) }
+}
 
 fn figures(name: &str, mut samples: Vec<Duration>) {
     samples.sort();
@@ -57,6 +61,7 @@ fn url_with_database(server: &str, database: &str) -> String {
 }
 
 async fn bench(url: &str) -> anyhow::Result<()> {
+    let (sequential, per_caller) = sizes();
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(CALLERS as u32 + 2).connect(url).await?;
     switchboard_model::db::MIGRATOR.run(&pool).await?;
     sqlx::query("INSERT INTO nodes (node_id, hostname, version) VALUES ('bench', 'bench', 'bench')")
@@ -70,8 +75,8 @@ async fn bench(url: &str) -> anyhow::Result<()> {
         sqlx::query("SELECT 1").execute(&pool).await?;
     }
 
-    let mut floor = Vec::with_capacity(SEQUENTIAL);
-    for _ in 0..SEQUENTIAL {
+    let mut floor = Vec::with_capacity(sequential);
+    for _ in 0..sequential {
         let started = Instant::now();
         sqlx::query("SELECT 1").execute(&pool).await?;
         floor.push(started.elapsed());
@@ -82,8 +87,8 @@ async fn bench(url: &str) -> anyhow::Result<()> {
         ("admit, maxConcurrentCalls only", Some(1_000_000), None),
         ("admit, maxConcurrentCalls + callsPerSecond", Some(1_000_000), Some(1_000_000)),
     ] {
-        let mut samples = Vec::with_capacity(SEQUENTIAL);
-        for _ in 0..SEQUENTIAL {
+        let mut samples = Vec::with_capacity(sequential);
+        for _ in 0..sequential {
             let started = Instant::now();
             let verdict = admission.admit(&key, max, cps).await;
             samples.push(started.elapsed());
@@ -98,8 +103,8 @@ async fn bench(url: &str) -> anyhow::Result<()> {
         let admission = admission.clone();
         let key = key.clone();
         tasks.push(tokio::spawn(async move {
-            let mut samples = Vec::with_capacity(PER_CALLER);
-            for _ in 0..PER_CALLER {
+            let mut samples = Vec::with_capacity(per_caller);
+            for _ in 0..per_caller {
                 let started = Instant::now();
                 admission.admit(&key, Some(1_000_000), None).await;
                 samples.push(started.elapsed());
@@ -116,11 +121,11 @@ async fn bench(url: &str) -> anyhow::Result<()> {
     println!(
         "{:<44} {:.0} admissions/s",
         format!("  throughput ({CALLERS} callers)"),
-        (CALLERS * PER_CALLER) as f64 / elapsed.as_secs_f64()
+        (CALLERS * per_caller) as f64 / elapsed.as_secs_f64()
     );
 
-    let mut releases = Vec::with_capacity(SEQUENTIAL);
-    for _ in 0..SEQUENTIAL {
+    let mut releases = Vec::with_capacity(sequential);
+    for _ in 0..sequential {
         let started = Instant::now();
         sqlx::query(
             "UPDATE trunk_admissions SET active = greatest(active - 1, 0), updated_at = now()

@@ -106,6 +106,7 @@ pub struct NodeMetrics {
     drain_started: IntGauge,
     drain_limit: IntGauge,
     transactions: IntGauge,
+    server_transactions: IntCounter,
     retransmissions: IntCounter,
     parse_errors: IntCounterVec,
     messages: IntCounterVec,
@@ -221,6 +222,14 @@ impl NodeMetrics {
                 "The node's --drain-seconds: how long calls may go on after SIGTERM.",
             ),
             transactions: int_gauge("switchboard_sip_transactions", "SIP transactions in progress."),
+            server_transactions: register(
+                &registry,
+                IntCounter::new(
+                    "switchboard_sip_server_transactions_total",
+                    "SIP server transactions started (requests the node took on).",
+                )
+                .expect("valid metric"),
+            ),
             retransmissions: register(
                 &registry,
                 IntCounter::new("switchboard_sip_retransmissions_total", "SIP messages retransmitted by the node.")
@@ -349,6 +358,31 @@ impl NodeMetrics {
             let (now, shown) = (overflow(), counter.get());
             if now > shown {
                 counter.inc_by(now - shown);
+            }
+        });
+    }
+
+    /// Samples the flood guard at each scrape: `switchboard_sip_guard_sources` (sources whose
+    /// message rate is tracked, bounded by `--tracked-sources`) and
+    /// `switchboard_sip_guard_held{what}` (server transactions, call setups and TCP connections
+    /// that sources other than carriers hold now). Registered once; later calls are ignored.
+    pub fn track_flood_guard(
+        &self,
+        sources: impl Fn() -> usize + Send + Sync + 'static,
+        held: impl Fn() -> [(&'static str, usize); 3] + Send + Sync + 'static,
+    ) {
+        self.sampled_gauge("switchboard_sip_guard_sources", "Sources whose SIP message rate the node tracks.", sources);
+        let gauge = IntGaugeVec::new(
+            Opts::new(
+                "switchboard_sip_guard_held",
+                "What sources other than carriers hold now: server transactions, call setups, TCP connections.",
+            ),
+            &["what"],
+        )
+        .expect("valid metric");
+        self.register_sampled(gauge, move |gauge| {
+            for (what, count) in held() {
+                gauge.with_label_values(&[what]).set(i64::try_from(count).unwrap_or(i64::MAX));
             }
         });
     }
@@ -495,6 +529,11 @@ impl NodeMetrics {
     /// Number of SIP transactions in progress.
     pub fn set_transactions(&self, count: usize) {
         self.transactions.set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// A server transaction started.
+    pub fn server_transaction_started(&self) {
+        self.server_transactions.inc();
     }
 
     /// The node retransmitted a request or response.

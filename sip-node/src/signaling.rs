@@ -15,8 +15,9 @@ use crate::drain::Drain;
 use crate::metrics::NodeMetrics;
 use crate::sip::admission::Admission;
 use crate::sip::call::{self, CallContext, MediaContext};
-use crate::sip::digest::Challenger;
+use crate::sip::digest::{self, Challenger};
 use crate::sip::endpoint::Endpoint;
+use crate::sip::guard::{Guard, GuardArgs};
 use crate::sip::limits::Limits;
 use crate::sip::resolve::Resolver;
 use crate::sip::transaction::TimerConfig;
@@ -100,6 +101,10 @@ pub struct SipArgs {
     /// events in memory only until Postgres has them.
     #[arg(skip)]
     pub spool: Option<crate::store::spool::SpoolOptions>,
+
+    /// Flood guard (unknown sources, per-source caps) and digest nonces.
+    #[command(flatten)]
+    pub guard: crate::sip::guard::GuardArgs,
 }
 
 /// Where a started node listens (the ports may have been chosen by the OS).
@@ -147,21 +152,38 @@ pub async fn start(
     });
     let t1 = Duration::from_millis(args.sip_t1_ms);
     let timers = TimerConfig { t1, t2: (t1 * 8).max(Duration::from_secs(4)), t4: Duration::from_secs(5) };
+    let challenger = challenger(&args.guard)?;
+    let guard = Guard::new(&args.guard, args.per_source_rate, &snapshot.current());
+    tasks.spawn(Arc::clone(&guard).follow(snapshot.clone()));
+    {
+        let (sources, held) = (Arc::clone(&guard), Arc::clone(&guard));
+        metrics.track_flood_guard(
+            move || sources.tracked_sources(),
+            move || {
+                [
+                    ("server_transactions", held.transactions.total()),
+                    ("call_setups", held.call_setups.total()),
+                    ("tcp_connections", held.tcp_connections.total()),
+                ]
+            },
+        );
+    }
     let (received_tx, received_rx) = mpsc::channel(RECEIVE_QUEUE);
     let transport = TransportLayer::bind(
         &TransportConfig {
             listen: args.sip_listen.clone(),
             advertised_host: args.advertised_host.clone(),
             advertised_port: args.advertised_port,
-            per_source_rate: args.per_source_rate,
         },
         received_tx,
+        Arc::clone(&guard),
         metrics.clone(),
     )
     .await
     .with_context(|| format!("cannot listen for SIP on {:?}", args.sip_listen))?;
     tracing::info!(sip = %transport.local_addr(), "SIP listening on UDP and TCP");
-    let (endpoint, new_requests) = Endpoint::start(Arc::clone(&transport), received_rx, timers, metrics.clone());
+    let (endpoint, new_requests) =
+        Endpoint::start(Arc::clone(&transport), received_rx, timers, Arc::clone(&guard), metrics.clone());
 
     let signer = match &args.webhook_secret {
         Some(secret) => Signer::new(secret.as_bytes()),
@@ -183,7 +205,7 @@ pub async fn start(
             metrics.track_kernel_packets(|| engine.kernel_packets());
         }
     }
-    let limits = shared_limits(&pool, node_id, tasks).await.counted(metrics.clone());
+    let limits = shared_limits(&pool, node_id, tasks).counted(metrics.clone());
     let ctx = Arc::new(CallContext {
         endpoint,
         snapshot: snapshot.clone(),
@@ -191,7 +213,8 @@ pub async fn start(
         store,
         metrics: metrics.clone(),
         resolver: Resolver::from_system(),
-        challenger: Challenger::new(rand::random(), "switchboard".into(), Duration::from_secs(300)),
+        challenger,
+        guard,
         node_id: node_id.to_string(),
         timers,
         pool: pool.clone(),
@@ -201,6 +224,7 @@ pub async fn start(
         drain: drain.clone(),
     });
     tasks.spawn(call::route_requests(Arc::clone(&ctx), new_requests));
+    tasks.spawn(crate::sip::reaped::run(pool.clone(), signer.clone(), ctx.drain.clone()));
     tasks.spawn(originate::run(Arc::clone(&ctx), pool.clone(), signer));
     tasks.spawn(sms::run(Arc::clone(&ctx), pool.clone()));
     // Draining or stopping: un-REGISTER (its state goes through the store); on stop, then
@@ -272,17 +296,31 @@ fn rate_of(snapshot: SnapshotHandle) -> crate::store::spool::RateOf {
     })
 }
 
-/// Trunk limits held across nodes (`sip/admission.rs`): the node's rows of an earlier run are
-/// removed first (it has no calls yet), then the worker that writes releases starts.
-async fn shared_limits(pool: &PgPool, node_id: &str, tasks: &mut JoinSet<()>) -> Limits {
+/// Trunk limits held across nodes (`sip/admission.rs`), with the worker that writes releases
+/// and resyncs (it also adopts the rows an earlier run of this node id left).
+fn shared_limits(pool: &PgPool, node_id: &str, tasks: &mut JoinSet<()>) -> Limits {
     let admission = Admission::new(pool.clone(), node_id);
-    if let Err(error) = admission.clear().await {
-        tracing::warn!(%error, "cannot clear this node's admitted calls of an earlier run: {error}");
-    }
     let limits = Limits::shared(admission.clone());
     let counter = limits.clone();
     tasks.spawn(admission.run(move |(namespace, trunk)| counter.active(namespace, trunk)));
     limits
+}
+
+/// The digest challenger: nonces signed with the configured secret (shared by the nodes behind
+/// one address, so that any of them accepts the others' nonces), or a random one per node.
+fn challenger(args: &GuardArgs) -> anyhow::Result<Challenger> {
+    let ttl = Duration::from_secs(args.nonce_ttl_seconds);
+    let key = match args.nonce_secret().context("--nonce-secret-file")? {
+        Some(secret) => digest::nonce_key(&secret),
+        None => {
+            tracing::info!(
+                "no SWITCHBOARD_NONCE_SECRET / --nonce-secret-file: digest nonces are per node, so behind one \
+                 address a challenge answered to another node is challenged again"
+            );
+            rand::random()
+        }
+    };
+    Ok(Challenger::new(key, "switchboard".into(), ttl))
 }
 
 /// Keeps the configuration gauges (generation, per-provider rates, per-trunk limits and call

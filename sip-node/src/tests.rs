@@ -44,6 +44,7 @@ fn args(database_url: &str) -> NodeArgs {
             final_codes: crate::sip::routing::DEFAULT_FINAL_CODES.to_vec(),
             agent: crate::bridge::answer::AgentArgs::default(),
             spool: None,
+            guard: crate::sip::guard::GuardArgs::default(),
         },
     }
 }

@@ -156,11 +156,47 @@ async fn tcp_messages_are_framed_by_content_length(pool: PgPool) {
     node.stop().await;
 }
 
+/// Issue 19 item 2: `Content-Length: 18446744073709551615` over TCP. Before the fix a debug
+/// build panicked in the connection's reader (the connection then stayed open, never read
+/// again) and a release build wrapped `end + length`, framed the stream in the wrong place and
+/// answered the request smuggled behind the body (`abcOPTIONS` → 501). Now the connection gets
+/// a 400 and is closed, nothing behind the header is parsed, and the node goes on serving.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_content_length_of_u64_max_closes_the_tcp_connection_without_smuggling(pool: PgPool) {
+    let node = Node::start(&pool, vec![trunk("carrier", vec![])], vec![]).await;
+    let mut stream = TcpStream::connect(node.addr).await.unwrap();
+    let hostile = request("OPTIONS", "OPTIONS", "", "", None)
+        .replace("UDP", "TCP")
+        .replace("Content-Length: 0", "Content-Length: 18446744073709551615");
+    assert!(hostile.contains("\r\nContent-Length: 18446744073709551615\r\n\r\n"), "{hostile}");
+    let smuggled = request("OPTIONS", "OPTIONS", "", "", None).replace("UDP", "TCP");
+    let unknown = request("FROBNICATE", "FROBNICATE", "", "", None).replace("UDP", "TCP");
+    stream.write_all(format!("{hostile}abc{smuggled}{unknown}").as_bytes()).await.unwrap();
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut received)).await;
+    let received = String::from_utf8_lossy(&received).to_string();
+    assert!(matches!(read, Ok(Ok(_))), "the connection must be closed: {read:?}, got {received:?}");
+    assert!(!received.contains("SIP/2.0 200"), "a smuggled request was answered: {received}");
+    assert!(!received.contains("SIP/2.0 501"), "the stream was framed in the wrong place: {received}");
+    assert!(received.is_empty() || received.starts_with("SIP/2.0 400 Bad Request\r\n"), "{received}");
+    // The node still serves, over TCP and UDP.
+    let mut again = TcpStream::connect(node.addr).await.unwrap();
+    again.write_all(smuggled.replace("z9hG4bK", "z9hG4bKagain").as_bytes()).await.unwrap();
+    let mut buf = [0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(3), again.read(&mut buf)).await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("SIP/2.0 200 OK"));
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let options = request("OPTIONS", "OPTIONS", "", "", None);
+    assert_eq!(exchange(&socket, node.addr, options.as_bytes()).await.as_deref(), Some("SIP/2.0 200 OK"));
+    node.stop().await;
+}
+
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
 async fn a_flood_from_one_source_is_dropped_and_counted(pool: PgPool) {
-    let node =
-        Node::start_tuned(&pool, vec![trunk("carrier", vec![])], vec![], vec![], |args| args.per_source_rate = 50)
-            .await;
+    // The carrier's network is all of 127/8, so that the second source below is a carrier too.
+    let mut carrier = trunk("carrier", vec![]);
+    carrier.allowed_source_cidrs = vec!["127.0.0.0/8".parse().unwrap()];
+    let node = Node::start_tuned(&pool, vec![carrier], vec![], vec![], |args| args.per_source_rate = 50).await;
     let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     for _ in 0..500 {
         let options = request("OPTIONS", "OPTIONS", "", "", None);
@@ -186,7 +222,9 @@ async fn a_flood_from_one_source_is_dropped_and_counted(pool: PgPool) {
 
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
 async fn the_node_answers_over_ipv6(pool: PgPool) {
-    let node = Node::start_tuned(&pool, vec![trunk("carrier", vec![])], vec![], vec![], |args| {
+    let mut carrier = trunk("carrier", vec![]);
+    carrier.allowed_source_cidrs.push("::1/128".parse().unwrap());
+    let node = Node::start_tuned(&pool, vec![carrier], vec![], vec![], |args| {
         args.sip_listen = vec!["[::1]:0".parse().unwrap()];
     })
     .await;

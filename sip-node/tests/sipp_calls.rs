@@ -75,7 +75,12 @@ async fn strangers_get_403_and_unknown_numbers_404(pool: PgPool) {
     let callee = free_port("127.0.0.1");
     let mut other = number_to(sip_destination(callee));
     other.number = "+15550002222".into();
-    let node = Node::start(&pool, vec![trunk("carrier", vec![])], vec![other]).await;
+    // By default a stranger gets no answer at all (tests/flood_guard.rs); with
+    // `--unknown-sources reject` it gets one 403.
+    let node = Node::start_tuned(&pool, vec![trunk("carrier", vec![])], vec![other], vec![], |args| {
+        args.guard.unknown_sources = switchboard_node::sip::guard::UnknownSources::Reject;
+    })
+    .await;
     let stranger = uac(&["-sf", &scenario("uac_expect_403.xml")], node.addr, "127.0.0.2", 1, &[]);
     assert!(stranger.wait().await.success(), "a source outside the trunk's CIDRs must get 403");
     let unknown = uac(&["-sf", &scenario("uac_expect_404.xml")], node.addr, "127.0.0.1", 1, &[]);

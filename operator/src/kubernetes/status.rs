@@ -136,9 +136,9 @@ pub fn desired(previous: &StatusDoc, inputs: &Inputs<'_>) -> StatusDoc {
     let Some(reconciled) = inputs.reconciled else { return previous.clone() };
     let ready = if reconciled.ready { ConditionStatus::True } else { ConditionStatus::False };
     b.set(READY, ready, &reconciled.reason, reconciled.message.clone());
-    // Flux's health checks (kstatus) read no `Ready` condition of a custom resource: they read
-    // `observedGeneration` and the abnormal-true conditions `Stalled` and `Reconciling`. Without
-    // `Stalled`, a spec the operator refuses would count as `Current` (healthy) there.
+    // Flux's health checks (kstatus) call a resource `Failed` only through the abnormal-true
+    // condition `Stalled`: without it, a spec the operator refuses stays `InProgress` there, and
+    // Flux waits out its whole timeout for a change that cannot come.
     if !reconciled.ready && reconciled.reason == crate::reconcile::status::reason::INVALID_SPEC {
         b.set(STALLED, ConditionStatus::True, &reconciled.reason, reconciled.message.clone());
     }

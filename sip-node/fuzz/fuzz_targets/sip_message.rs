@@ -4,14 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-
-// The module itself, not the whole node crate: the fuzz build then needs only rsip and regex,
-// not Postgres, DNS and HTTP, and builds in a fraction of the time.
-#[allow(dead_code)]
-#[path = "../../src/sip/message.rs"]
-mod message;
-
-use message::Incoming;
+use switchboard_node_fuzz::message::{self, Incoming};
 
 fuzz_target!(|data: &[u8]| {
     let _ = message::frame(data);

@@ -21,6 +21,7 @@ use tracing::Instrument as _;
 use super::dialog::{Dialog, content_type};
 use super::digest::{Challenger, Verification};
 use super::endpoint::{Endpoint, NewRequest, TuEvent};
+use super::guard::SourceClass;
 use super::invite_client::{InviteClient, InviteEvent, InviteSetup, failover_timeout};
 use super::limits::{CallPermit, Limits};
 use super::message::{self, HangupReason};
@@ -58,6 +59,8 @@ pub struct CallContext {
     pub metrics: NodeMetrics,
     pub resolver: Resolver,
     pub challenger: Challenger,
+    /// Who may talk to the node and how much each source may hold.
+    pub guard: Arc<super::guard::Guard>,
     pub node_id: String,
     pub timers: TimerConfig,
     /// For what is not buffered: inbound messages must be stored before they are accepted.
@@ -93,7 +96,7 @@ pub struct MediaContext {
 /// Answers out-of-dialog requests: INVITEs become calls, OPTIONS is answered, the rest is
 /// refused with the right code. Runs until the endpoint stops.
 pub async fn route_requests(ctx: Arc<CallContext>, mut requests: mpsc::Receiver<NewRequest>) {
-    while let Some(NewRequest { request, key, peer }) = requests.recv().await {
+    while let Some(NewRequest { request, key, peer, source }) = requests.recv().await {
         match request.method {
             Method::Invite | Method::Options if ctx.drain.is_draining() => {
                 // A stopping node takes no new call; the carrier tries its next destination.
@@ -103,15 +106,36 @@ pub async fn route_requests(ctx: Arc<CallContext>, mut requests: mpsc::Receiver<
                 ctx.endpoint.respond(&key, response);
             }
             Method::Invite => {
+                // One task per INVITE: sources other than carriers share a bounded number, so
+                // a flood of INVITEs cannot grow tasks (and their memory) without end.
+                let slot = match source {
+                    SourceClass::Carrier => None,
+                    _ => match ctx.guard.call_setups.try_acquire(peer.addr.ip()) {
+                        Some(slot) => Some(slot),
+                        None => {
+                            ctx.metrics.message_dropped("call_setup_limit");
+                            let mut response = response_to(&request, 503, Some("Service Unavailable"), None);
+                            response.headers.push(Header::RetryAfter("5".into()));
+                            ctx.endpoint.respond(&key, response);
+                            continue;
+                        }
+                    },
+                };
                 let ctx = Arc::clone(&ctx);
                 let span = tracing::info_span!("call", call_id = %message::call_id(&request), from = %peer.addr);
-                tokio::spawn(inbound_call(ctx, request, key, peer).instrument(span));
+                tokio::spawn(
+                    async move {
+                        let _slot = slot;
+                        inbound_call(ctx, request, key, peer).await;
+                    }
+                    .instrument(span),
+                );
             }
             Method::Message => {
                 let ctx = Arc::clone(&ctx);
                 let pool = ctx.pool.clone();
                 let hooks = ctx.webhooks.clone();
-                tokio::spawn(super::sms::receive(ctx, pool, hooks, NewRequest { request, key, peer }));
+                tokio::spawn(super::sms::receive(ctx, pool, hooks, NewRequest { request, key, peer, source }));
             }
             Method::Options => {
                 let mut response = response_to(&request, 200, Some("OK"), Some(&new_tag()));
@@ -340,6 +364,12 @@ fn check_digest(ctx: &CallContext, invite: &Request, credential: Option<&Credent
         Verification::Stale => {
             let mut refuse = Refuse::new(407, "stale nonce");
             refuse.extra.push(ctx.challenger.challenge_stale(now, true));
+            Err(refuse)
+        }
+        Verification::Replayed => {
+            // The same answer again (a captured request resent): a fresh challenge, no call.
+            let mut refuse = Refuse::new(407, "digest answer replayed");
+            refuse.extra.push(ctx.challenger.challenge(now, true));
             Err(refuse)
         }
         Verification::Missing => {

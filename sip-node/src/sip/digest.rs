@@ -2,8 +2,9 @@
 //!
 //! Client side: [`answer_challenge`] turns a 401/407 into the `Authorization` or
 //! `Proxy-Authorization` header of the retried request. Server side: [`Challenger`] issues
-//! stateless nonces (timestamp + HMAC, so that any node holding the secret can verify them and
-//! nothing is stored per caller) and verifies credentials.
+//! nonces that carry their own issue time and an HMAC (any node holding the secret verifies
+//! them), and verifies credentials, remembering the nonce counts it accepted so that a replayed
+//! answer is challenged again.
 //!
 //! The challenge and credentials parsers are our own: they accept quoted strings with escapes
 //! and commas, parameter names in any case, extra spaces and unknown parameters, and return an
@@ -11,7 +12,10 @@
 //! logged, or put in errors.
 
 use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use hashlink::LruCache;
 
 use hmac::{Hmac, Mac as _};
 use md5::{Digest as _, Md5};
@@ -353,6 +357,9 @@ pub enum Verification {
     Stale,
     /// No Digest credentials for our realm (RFC 3261 22.3): challenge.
     Missing,
+    /// Right credentials whose nonce count was already used with this nonce (a captured
+    /// request sent again, RFC 7616 3.4.5): challenge again with a fresh nonce, never admit.
+    Replayed,
     /// Credentials for our realm that are wrong (user, password, uri, malformed...): refuse
     /// with 403. The reason is static text, safe to log; it never holds a secret.
     Invalid(&'static str),
@@ -363,17 +370,83 @@ const CLOCK_SKEW_SECS: u64 = 5;
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// Issues and verifies digest challenges without per-caller state: the nonce is the issue
-/// time (16 hex digits, Unix seconds) followed by the hex HMAC-SHA256 of that time and the
-/// realm under `secret`. Nodes sharing the secret accept each other's nonces.
+/// Default nonce lifetime: a client answers a challenge at once, so a minute is plenty, and it
+/// bounds how long a captured answer can be tried against a node that has not seen it.
+pub const DEFAULT_NONCE_TTL: Duration = Duration::from_secs(60);
+
+/// How many nonces' counts a node remembers. Entries are made only for credentials that were
+/// right, so a stranger cannot fill the cache; at one nonce per call this is far more than
+/// the calls a node sets up within [`DEFAULT_NONCE_TTL`].
+const NONCE_CACHE: usize = 65_536;
+
+/// The nonce of a challenge: issue time (16 hex digits, Unix seconds), 16 random hex digits
+/// (so that two challenges of the same second differ and their counts are not confused), and
+/// the hex HMAC-SHA256 of both and the realm.
+const NONCE_LEN: usize = 16 + 16 + 64;
+
+/// Issues and verifies digest challenges. The nonce carries its own issue time and an HMAC
+/// under `secret`, so any node holding the secret verifies it without shared state; nodes
+/// sharing the secret (`--nonce-secret`) accept each other's nonces.
 ///
-/// Being stateless, it cannot detect a replayed response within the nonce lifetime (no `nc`
-/// tracking); keep `nonce_ttl` short (minutes).
+/// Replay: every nonce count accepted is remembered per nonce (a bounded LRU, shared by the
+/// clones of one challenger), and an answer whose `nc` is not above the last one accepted for
+/// its nonce is [`Verification::Replayed`]. Without `qop` (RFC 2069) a nonce is good once. When
+/// the cache has to forget a nonce that could still be fresh, every nonce issued up to then
+/// becomes stale, so a forgotten count never lets a replay in. The counts are per node: within
+/// the nonce lifetime a captured answer may still be accepted once by another node sharing
+/// the secret, which is why the lifetime is short.
 #[derive(Clone)]
 pub struct Challenger {
     secret: [u8; 32],
     realm: String,
     nonce_ttl: Duration,
+    counts: Arc<Mutex<NonceCounts>>,
+}
+
+/// Nonce counts seen, by nonce, least recently used first.
+struct NonceCounts {
+    seen: LruCache<String, u32>,
+    /// Nonces issued at or before this time (Unix seconds) may have been forgotten.
+    forgotten_up_to: Option<u64>,
+}
+
+impl NonceCounts {
+    fn new() -> NonceCounts {
+        NonceCounts { seen: LruCache::new(NONCE_CACHE), forgotten_up_to: None }
+    }
+
+    /// Records `nc` for `nonce` (issued at `issued`) if it is above every count seen so far.
+    fn accept(&mut self, nonce: &str, issued: u64, nc: u32, now_unix: u64, ttl: u64) -> Verification {
+        if let Some(last) = self.seen.get_mut(nonce) {
+            if nc <= *last {
+                return Verification::Replayed;
+            }
+            *last = nc;
+            return Verification::Ok;
+        }
+        if self.forgotten_up_to.is_some_and(|t| issued <= t) {
+            return Verification::Stale;
+        }
+        if self.seen.len() >= NONCE_CACHE
+            && let Some((old, _)) = self.seen.remove_lru()
+            && let Some(old_issued) = issued_at(&old)
+            && now_unix.saturating_sub(old_issued) <= ttl
+        {
+            self.forgotten_up_to = Some(self.forgotten_up_to.map_or(old_issued, |t| t.max(old_issued)));
+        }
+        self.seen.insert(nonce.to_string(), nc);
+        Verification::Ok
+    }
+}
+
+/// The issue time written at the start of a nonce.
+fn issued_at(nonce: &str) -> Option<u64> {
+    u64::from_str_radix(nonce.get(..16)?, 16).ok()
+}
+
+/// A 32-byte challenger key from configured secret text (any length): its SHA-256.
+pub fn nonce_key(secret: &[u8]) -> [u8; 32] {
+    Sha256::digest(secret).into()
 }
 
 impl fmt::Debug for Challenger {
@@ -389,7 +462,7 @@ impl fmt::Debug for Challenger {
 impl Challenger {
     /// A challenger for `realm` whose nonces live `nonce_ttl`.
     pub fn new(secret: [u8; 32], realm: String, nonce_ttl: Duration) -> Challenger {
-        Challenger { secret, realm, nonce_ttl }
+        Challenger { secret, realm, nonce_ttl, counts: Arc::new(Mutex::new(NonceCounts::new())) }
     }
 
     /// The realm we challenge for.
@@ -418,34 +491,39 @@ impl Challenger {
         if proxy { Header::ProxyAuthenticate(value.into()) } else { Header::WwwAuthenticate(value.into()) }
     }
 
-    fn mac(&self, timestamp_hex: &str) -> HmacSha256 {
+    fn mac(&self, stamp_hex: &str) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(&self.secret).expect("HMAC takes keys of any length");
-        mac.update(timestamp_hex.as_bytes());
+        mac.update(stamp_hex.as_bytes());
         mac.update(b":");
         mac.update(self.realm.as_bytes());
         mac
     }
 
     fn nonce(&self, now_unix: u64) -> String {
-        let timestamp = format!("{now_unix:016x}");
-        let tag = hex::encode(self.mac(&timestamp).finalize().into_bytes());
-        format!("{timestamp}{tag}")
+        let stamp = format!("{now_unix:016x}{:016x}", rand::rng().random::<u64>());
+        let tag = hex::encode(self.mac(&stamp).finalize().into_bytes());
+        format!("{stamp}{tag}")
     }
 
-    /// Whether `nonce` was issued by us (any node with our secret) and is still fresh.
-    fn nonce_is_fresh(&self, nonce: &str, now_unix: u64) -> bool {
-        if nonce.len() != 80 || !nonce.is_ascii() {
-            return false;
+    /// The issue time of `nonce` when it was issued by us (any node with our secret) and is
+    /// still fresh.
+    fn fresh_nonce(&self, nonce: &str, now_unix: u64) -> Option<u64> {
+        if nonce.len() != NONCE_LEN || !nonce.is_ascii() {
+            return None;
         }
-        let (timestamp, tag) = nonce.split_at(16);
-        let (Ok(issued), Ok(tag)) = (u64::from_str_radix(timestamp, 16), hex::decode(tag)) else {
-            return false;
+        let (stamp, tag) = nonce.split_at(32);
+        let (Some(issued), Ok(tag)) = (issued_at(stamp), hex::decode(tag)) else {
+            return None;
         };
-        if self.mac(timestamp).verify_slice(&tag).is_err() {
-            return false;
-        }
-        issued <= now_unix.saturating_add(CLOCK_SKEW_SECS)
-            && now_unix.saturating_sub(issued) <= self.nonce_ttl.as_secs()
+        self.mac(stamp).verify_slice(&tag).ok()?;
+        let fresh = issued <= now_unix.saturating_add(CLOCK_SKEW_SECS)
+            && now_unix.saturating_sub(issued) <= self.nonce_ttl.as_secs();
+        fresh.then_some(issued)
+    }
+
+    #[cfg(test)]
+    fn nonce_is_fresh(&self, nonce: &str, now_unix: u64) -> bool {
+        self.fresh_nonce(nonce, now_unix).is_some()
     }
 
     /// Checks the Digest credentials for our realm in `request` (Authorization or
@@ -524,7 +602,19 @@ impl Challenger {
         if !constant_time_eq(expected.as_bytes(), response.to_ascii_lowercase().as_bytes()) {
             return Verification::Invalid("wrong response");
         }
-        if self.nonce_is_fresh(nonce, now_unix) { Verification::Ok } else { Verification::Stale }
+        let Some(issued) = self.fresh_nonce(nonce, now_unix) else {
+            return Verification::Stale;
+        };
+        // Without qop there is no count: the nonce is good for one request.
+        let nc = match qop_auth {
+            Some((text, _)) => match u32::from_str_radix(text, 16) {
+                Ok(nc) if nc > 0 && text.len() <= 8 => nc,
+                _ => return Verification::Invalid("malformed nonce count"),
+            },
+            None => 1,
+        };
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        counts.accept(nonce, issued, nc, now_unix, self.nonce_ttl.as_secs())
     }
 }
 
@@ -820,7 +910,8 @@ mod tests {
         assert_eq!(params.get("algorithm"), Some("MD5"));
         assert_eq!(params.get("stale"), None);
         let nonce = params.get("nonce").unwrap();
-        assert_eq!(nonce.len(), 80);
+        assert_eq!(nonce.len(), NONCE_LEN);
+        assert_ne!(params.get("nonce"), parse_digest(&value(&c.challenge(NOW, true))).unwrap().get("nonce"));
         assert!(nonce.starts_with(&format!("{NOW:016x}")));
         assert!(c.nonce_is_fresh(nonce, NOW));
         assert!(matches!(c.challenge(NOW, false), Header::WwwAuthenticate(_)));
@@ -938,6 +1029,89 @@ mod tests {
             c.verify(&invite_with("sip:b@x", Some(int)), "u", "p", NOW),
             Verification::Invalid("unsupported qop")
         );
+    }
+
+    /// Issue 19 item 5: a captured answer sent again is challenged, not admitted.
+    #[test]
+    fn the_same_answer_twice_is_a_replay() {
+        let c = challenger();
+        let request = answered(&c, NOW, "sip:b@x", "trunk1", "s3cret");
+        assert_eq!(c.verify(&request, "trunk1", "s3cret", NOW + 1), Verification::Ok);
+        assert_eq!(c.verify(&request, "trunk1", "s3cret", NOW + 2), Verification::Replayed);
+        // Clones (the node's tasks) share the counts.
+        assert_eq!(c.clone().verify(&request, "trunk1", "s3cret", NOW + 2), Verification::Replayed);
+        // Without qop a nonce is good once.
+        let nonce = c.nonce(NOW);
+        let response = compute_response(&DigestInput {
+            algorithm: Algorithm::Md5,
+            username: "u",
+            realm: "switchboard",
+            password: "p",
+            method: "INVITE",
+            uri: "sip:b@x",
+            nonce: &nonce,
+            qop_auth: None,
+            cnonce: "",
+        });
+        let header = format!(
+            "Digest username=\"u\", realm=\"switchboard\", nonce=\"{nonce}\", uri=\"sip:b@x\", response=\"{response}\""
+        );
+        let request = invite_with("sip:b@x", Some(Header::Authorization(header.into())));
+        assert_eq!(c.verify(&request, "u", "p", NOW), Verification::Ok);
+        assert_eq!(c.verify(&request, "u", "p", NOW), Verification::Replayed);
+    }
+
+    #[test]
+    fn increasing_nonce_counts_are_accepted_and_going_back_is_a_replay() {
+        let c = challenger();
+        let resp = challenge_response(407, vec![c.challenge(NOW, true)]);
+        let with_nc = |nc| {
+            let header = answer_challenge(&resp, &Method::Invite, &uri("sip:b@x"), "u", "p", nc).unwrap();
+            invite_with("sip:b@x", Some(header))
+        };
+        assert_eq!(c.verify(&with_nc(1), "u", "p", NOW), Verification::Ok);
+        assert_eq!(c.verify(&with_nc(2), "u", "p", NOW), Verification::Ok);
+        assert_eq!(c.verify(&with_nc(5), "u", "p", NOW), Verification::Ok);
+        assert_eq!(c.verify(&with_nc(3), "u", "p", NOW), Verification::Replayed);
+        assert_eq!(c.verify(&with_nc(5), "u", "p", NOW), Verification::Replayed);
+        assert_eq!(c.verify(&with_nc(6), "u", "p", NOW), Verification::Ok);
+        // Another nonce has its own count.
+        let request = answered(&c, NOW, "sip:b@x", "u", "p");
+        assert_eq!(c.verify(&request, "u", "p", NOW), Verification::Ok);
+        // A count of zero or past 8 hex digits is not a count.
+        let zero = value(with_nc(7).headers.iter().last().unwrap()).replace("nc=00000007", "nc=00000000");
+        let request = invite_with("sip:b@x", Some(Header::ProxyAuthorization(zero.into())));
+        assert!(matches!(c.verify(&request, "u", "p", NOW), Verification::Invalid(_)));
+    }
+
+    #[test]
+    fn nodes_sharing_a_secret_accept_each_others_nonces() {
+        let ttl = DEFAULT_NONCE_TTL;
+        let a = Challenger::new(nonce_key(b"shared secret"), "switchboard".into(), ttl);
+        let b = Challenger::new(nonce_key(b"shared secret"), "switchboard".into(), ttl);
+        let other = Challenger::new(nonce_key(b"another secret"), "switchboard".into(), ttl);
+        let request = answered(&a, NOW, "sip:b@x", "u", "p");
+        assert_eq!(b.verify(&request, "u", "p", NOW + 1), Verification::Ok);
+        assert_eq!(other.verify(&request, "u", "p", NOW + 1), Verification::Stale);
+        assert_eq!(a.verify(&request, "u", "p", NOW + ttl.as_secs() + 1), Verification::Stale);
+    }
+
+    #[test]
+    fn a_full_cache_forgets_counts_only_by_making_their_nonces_stale() {
+        let mut counts = NonceCounts::new();
+        let nonce = |issued: u64, i: usize| format!("{issued:016x}{i:016x}");
+        assert_eq!(counts.accept(&nonce(NOW, 0), NOW, 1, NOW, 60), Verification::Ok);
+        for i in 1..NONCE_CACHE {
+            assert_eq!(counts.accept(&nonce(NOW + 1, i), NOW + 1, 1, NOW + 1, 60), Verification::Ok);
+        }
+        assert_eq!(counts.seen.len(), NONCE_CACHE);
+        // One more pushes out the least recently used (the first), which was still fresh.
+        assert_eq!(counts.accept(&nonce(NOW + 2, 0), NOW + 2, 1, NOW + 2, 60), Verification::Ok);
+        assert_eq!(counts.seen.len(), NONCE_CACHE);
+        assert_eq!(counts.accept(&nonce(NOW, 0), NOW, 1, NOW + 2, 60), Verification::Stale);
+        // Newer nonces are unaffected.
+        assert_eq!(counts.accept(&nonce(NOW + 2, 0), NOW + 2, 1, NOW + 2, 60), Verification::Replayed);
+        assert_eq!(counts.accept(&nonce(NOW + 3, 9), NOW + 3, 1, NOW + 3, 60), Verification::Ok);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use rsip::{Method, Request, Response, SipMessage};
 use tokio::sync::mpsc;
 use tokio_util::time::{DelayQueue, delay_queue};
 
+use super::guard::{Guard, Slot, SourceClass};
 use super::message::{self, Incoming};
 use super::transaction::{
     Action, ClientInvite, ClientNonInvite, ServerInvite, ServerInviteState, ServerNonInvite, Timer, TimerConfig,
@@ -52,6 +53,8 @@ pub struct NewRequest {
     pub request: Request,
     pub key: TransactionKey,
     pub peer: Peer,
+    /// What the configuration says about the source (the call router caps non-carriers).
+    pub source: SourceClass,
 }
 
 enum Command {
@@ -77,6 +80,7 @@ impl Endpoint {
         transport: Arc<TransportLayer>,
         received: mpsc::Receiver<Received>,
         timers: TimerConfig,
+        guard: Arc<Guard>,
         metrics: NodeMetrics,
     ) -> (Endpoint, mpsc::Receiver<NewRequest>) {
         let (commands, command_rx) = mpsc::unbounded_channel();
@@ -84,6 +88,7 @@ impl Endpoint {
         let core = Core {
             transport: Arc::clone(&transport),
             timers,
+            guard,
             metrics,
             clients: HashMap::new(),
             servers: HashMap::new(),
@@ -182,8 +187,11 @@ enum ServerTxn {
 struct ServerEntry {
     txn: ServerTxn,
     peer: Peer,
+    source: SourceClass,
     tu: Option<TuSender>,
     cancelled: bool,
+    /// A non-carrier's share of the transaction budget, given back when the entry goes.
+    _slot: Option<Slot>,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -195,6 +203,7 @@ enum TxnRef {
 struct Core {
     transport: Arc<TransportLayer>,
     timers: TimerConfig,
+    guard: Arc<Guard>,
     metrics: NodeMetrics,
     clients: HashMap<TransactionKey, ClientEntry>,
     servers: HashMap<TransactionKey, ServerEntry>,
@@ -285,7 +294,7 @@ impl Core {
     }
 
     fn on_received(&mut self, received: Received) {
-        let peer = received.peer;
+        let Received { peer, source, .. } = received;
         match received.message {
             Incoming::UnknownMethod { method, request } => {
                 self.metrics.message_received("unknown");
@@ -300,7 +309,7 @@ impl Core {
             }
             Incoming::Message(SipMessage::Request(request)) => {
                 self.metrics.message_received(&request.method.to_string());
-                self.on_request(request, peer);
+                self.on_request(request, peer, source);
             }
         }
     }
@@ -331,11 +340,13 @@ impl Core {
         self.metrics.message_dropped("stray_response");
     }
 
-    fn on_request(&mut self, request: Request, peer: Peer) {
+    fn on_request(&mut self, request: Request, peer: Peer, source: SourceClass) {
         let Some(key) = TransactionKey::for_server_request(&request) else {
             // RFC 2543 peers without the magic cookie are not supported; say so.
-            let response = response_to(&request, 400, Some("Via branch must start with z9hG4bK"), None);
-            self.send(peer, &SipMessage::Response(response), false);
+            if source != SourceClass::Unknown {
+                let response = response_to(&request, 400, Some("Via branch must start with z9hG4bK"), None);
+                self.send(peer, &SipMessage::Response(response), false);
+            }
             return;
         };
         if let Some(entry) = self.servers.get_mut(&key) {
@@ -345,6 +356,19 @@ impl Core {
             };
             self.apply(TxnRef::Server(key), actions, true);
             return;
+        }
+        // A source no trunk allows only takes part in dialogs the node has: anything else from
+        // it gets no answer and no transaction (the transports already dropped what is
+        // plainly out of dialog).
+        if source == SourceClass::Unknown {
+            let dialog = message::to_tag(&request).is_some_and(|tag| {
+                let call_id = message::call_id(&request);
+                self.dialogs.contains_key(&(call_id, tag))
+            });
+            if !dialog {
+                self.metrics.message_dropped("unknown_source");
+                return;
+            }
         }
         match request.method {
             Method::Ack => {
@@ -357,12 +381,28 @@ impl Core {
                     self.metrics.message_dropped("stray_ack");
                 }
             }
-            Method::Cancel => self.on_cancel(request, key, peer),
-            _ => self.start_server(request, key, peer),
+            Method::Cancel => self.on_cancel(request, key, peer, source),
+            _ => self.start_server(request, key, peer, source),
         }
     }
 
-    fn on_cancel(&mut self, request: Request, key: TransactionKey, peer: Peer) {
+    /// A non-carrier's share of the server transaction budget; `Err` (and a counted drop) when
+    /// its source or all non-carriers hold as many as allowed. Carriers need none.
+    fn transaction_slot(&self, peer: Peer, source: SourceClass) -> Result<Option<Slot>, ()> {
+        if source == SourceClass::Carrier {
+            return Ok(None);
+        }
+        match self.guard.transactions.try_acquire(peer.addr.ip()) {
+            Some(slot) => Ok(Some(slot)),
+            None => {
+                self.metrics.message_dropped("transaction_limit");
+                Err(())
+            }
+        }
+    }
+
+    fn on_cancel(&mut self, request: Request, key: TransactionKey, peer: Peer, source: SourceClass) {
+        let Ok(slot) = self.transaction_slot(peer, source) else { return };
         let target = TransactionKey::cancel_target(&request).and_then(|target| self.servers.get_mut(&target));
         let code = match target {
             Some(entry) => {
@@ -382,14 +422,17 @@ impl Core {
         };
         let (txn, mut actions) = ServerNonInvite::new(request.clone(), peer.protocol.is_reliable(), &self.timers);
         actions.retain(|a| !matches!(a, Action::Deliver(_)));
-        self.servers
-            .insert(key.clone(), ServerEntry { txn: ServerTxn::NonInvite(txn), peer, tu: None, cancelled: false });
+        self.metrics.server_transaction_started();
+        let entry =
+            ServerEntry { txn: ServerTxn::NonInvite(txn), peer, source, tu: None, cancelled: false, _slot: slot };
+        self.servers.insert(key.clone(), entry);
         self.apply(TxnRef::Server(key.clone()), actions, false);
         let response = response_to(&request, code, None, None);
         self.on_command(Command::Respond { key, response });
     }
 
-    fn start_server(&mut self, request: Request, key: TransactionKey, peer: Peer) {
+    fn start_server(&mut self, request: Request, key: TransactionKey, peer: Peer, source: SourceClass) {
+        let Ok(slot) = self.transaction_slot(peer, source) else { return };
         let reliable = peer.protocol.is_reliable();
         let (txn, actions) = if request.method == Method::Invite {
             let (txn, actions) = ServerInvite::new(request, reliable, &self.timers);
@@ -398,13 +441,14 @@ impl Core {
             let (txn, actions) = ServerNonInvite::new(request, reliable, &self.timers);
             (ServerTxn::NonInvite(txn), actions)
         };
-        self.servers.insert(key.clone(), ServerEntry { txn, peer, tu: None, cancelled: false });
+        self.metrics.server_transaction_started();
+        self.servers.insert(key.clone(), ServerEntry { txn, peer, source, tu: None, cancelled: false, _slot: slot });
         self.apply(TxnRef::Server(key), actions, false);
     }
 
     /// Hands a new server transaction's request to its dialog or to the router, unless it
     /// requires an extension the node does not implement (`420`, in or out of a dialog).
-    fn deliver_request(&mut self, key: TransactionKey, request: Request, peer: Peer) {
+    fn deliver_request(&mut self, key: TransactionKey, request: Request, peer: Peer, source: SourceClass) {
         let unsupported = message::unsupported_requirements(&request.headers);
         if !unsupported.is_empty() {
             tracing::debug!(method = %request.method, peer = %peer.addr, ?unsupported, "request requires unsupported extensions");
@@ -425,7 +469,7 @@ impl Core {
             }
             return;
         }
-        if let Err(error) = self.new_requests.try_send(NewRequest { request, key: key.clone(), peer }) {
+        if let Err(error) = self.new_requests.try_send(NewRequest { request, key: key.clone(), peer, source }) {
             let request = match error {
                 mpsc::error::TrySendError::Full(new) | mpsc::error::TrySendError::Closed(new) => new.request,
             };
@@ -474,8 +518,8 @@ impl Core {
                         }
                     }
                     (TxnRef::Server(key), SipMessage::Request(request)) => {
-                        if let Some(peer) = self.servers.get(key).map(|e| e.peer) {
-                            self.deliver_request(key.clone(), request, peer);
+                        if let Some((peer, source)) = self.servers.get(key).map(|e| (e.peer, e.source)) {
+                            self.deliver_request(key.clone(), request, peer, source);
                         }
                     }
                     _ => {}

@@ -162,16 +162,30 @@ fn truncate(s: &str) -> &str {
     }
 }
 
-/// The declared Content-Length of a normalized header section, if present.
+/// The declared Content-Length of a header section, if present. Several Content-Length
+/// headers must agree: a framer that took the first and a parser that took the last (or a
+/// proxy in front that did either) would split the stream differently, which is how requests
+/// are smuggled. Compact `l:` counts as Content-Length.
 fn declared_length(head: &str) -> Result<Option<usize>, ParseError> {
+    let mut declared = None;
     for line in head.split("\r\n") {
-        if let Some((name, value)) = line.split_once(':')
-            && name.trim().eq_ignore_ascii_case("Content-Length")
-        {
-            return value.trim().parse().map(Some).map_err(|_| ParseError::BadContentLength);
+        if let Some((name, value)) = line.split_once(':') {
+            let name = name.trim();
+            if name.eq_ignore_ascii_case("Content-Length") || name.eq_ignore_ascii_case("l") {
+                let value = value.trim();
+                // Digits only: `usize::from_str` would also take a leading `+`.
+                if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(ParseError::BadContentLength);
+                }
+                let value: usize = value.parse().map_err(|_| ParseError::BadContentLength)?;
+                if declared.is_some_and(|d| d != value) {
+                    return Err(ParseError::BadContentLength);
+                }
+                declared = Some(value);
+            }
         }
     }
-    Ok(None)
+    Ok(declared)
 }
 
 /// Parses one message. `stream` says whether it came framed from TCP (Content-Length is then
@@ -276,30 +290,58 @@ pub enum Frame {
 }
 
 /// Finds the first message in a TCP receive buffer by its Content-Length (RFC 3261 18.3).
+/// Stateless form of [`StreamFramer::next`] (it rescans the buffer from the start).
 pub fn frame(buf: &[u8]) -> Result<Frame, ParseError> {
-    let blank = buf.iter().take_while(|b| **b == b'\r' || **b == b'\n').count();
-    if blank > 0 {
-        return Ok(Frame::Keepalive(blank));
-    }
-    let Some(end) = header_end(buf) else {
-        return if buf.len() > MAX_MESSAGE_SIZE { Err(ParseError::TooLarge(buf.len())) } else { Ok(Frame::Partial) };
-    };
-    let head = String::from_utf8_lossy(&buf[..end]);
-    let mut length = None;
-    for line in head.split("\r\n") {
-        if let Some((name, value)) = line.split_once(':') {
-            let name = name.trim();
-            if name.eq_ignore_ascii_case("Content-Length") || name.eq_ignore_ascii_case("l") {
-                length = Some(value.trim().parse::<usize>().map_err(|_| ParseError::BadContentLength)?);
-            }
+    StreamFramer::default().next(buf)
+}
+
+/// Frames messages on one stream. It remembers how far it has already searched the buffer for
+/// the blank line, so a peer that trickles a large header one byte at a time costs linear
+/// time, not a rescan of up to [`MAX_MESSAGE_SIZE`] bytes per read.
+#[derive(Debug, Default)]
+pub struct StreamFramer {
+    /// No `\r\n\r\n` starts before this offset of the current message.
+    searched: usize,
+}
+
+impl StreamFramer {
+    /// Looks for one message at the start of `buf`. After `Keepalive(n)` or `Complete(n)` the
+    /// caller removes those `n` bytes before the next call; after `Partial` it appends more.
+    /// Every size is checked before any arithmetic: a declared length of `usize::MAX` is
+    /// `TooLarge`, never an overflow that would frame the stream in the wrong place.
+    pub fn next(&mut self, buf: &[u8]) -> Result<Frame, ParseError> {
+        let blank = buf.iter().take_while(|b| **b == b'\r' || **b == b'\n').count();
+        if blank > 0 {
+            self.searched = 0;
+            return Ok(Frame::Keepalive(blank));
+        }
+        let from = self.searched.min(buf.len());
+        let Some(end) = header_end(&buf[from..]).map(|e| e + from) else {
+            // The blank line may straddle the end of what has arrived: keep its last 3 bytes.
+            self.searched = buf.len().saturating_sub(3);
+            return if buf.len() > MAX_MESSAGE_SIZE {
+                Err(ParseError::TooLarge(buf.len()))
+            } else {
+                Ok(Frame::Partial)
+            };
+        };
+        if end > MAX_MESSAGE_SIZE {
+            return Err(ParseError::TooLarge(end));
+        }
+        self.searched = end - 4;
+        let head = String::from_utf8_lossy(&buf[..end]);
+        let length = declared_length(&head)?.ok_or(ParseError::MissingHeader("Content-Length"))?;
+        let total = match end.checked_add(length) {
+            Some(total) if total <= MAX_MESSAGE_SIZE => total,
+            _ => return Err(ParseError::TooLarge(end.saturating_add(length))),
+        };
+        if buf.len() >= total {
+            self.searched = 0;
+            Ok(Frame::Complete(total))
+        } else {
+            Ok(Frame::Partial)
         }
     }
-    let length = length.ok_or(ParseError::MissingHeader("Content-Length"))?;
-    let total = end + length;
-    if total > MAX_MESSAGE_SIZE {
-        return Err(ParseError::TooLarge(total));
-    }
-    Ok(if buf.len() >= total { Frame::Complete(total) } else { Frame::Partial })
 }
 
 /// Serializes a message. Unlike rsip's `Display`, the body is copied byte for byte.
@@ -551,6 +593,61 @@ l: 4\r\n\r\nv=0\r\nEXTRA";
         assert_eq!(frame(&buf[..20]).unwrap(), Frame::Partial);
         assert_eq!(frame(&buf[..buf.len() - 1]).unwrap(), Frame::Partial);
         assert_eq!(frame(buf).unwrap(), Frame::Complete(buf.len()));
+    }
+
+    /// Issue 19 item 2: a Content-Length of `u64::MAX` overflowed `end + length` (a panic in a
+    /// debug build, a wrapped total that framed the next request from the middle of the stream
+    /// in a release build). It is now too large, like any length past the limit.
+    #[test]
+    fn huge_content_lengths_are_too_large_not_an_overflow() {
+        let head = "OPTIONS sip:a@127.0.0.1 SIP/2.0\r\nContent-Length: 18446744073709551615\r\n\r\n";
+        let buf = format!("{head}abcOPTIONS sip:a@127.0.0.1 SIP/2.0\r\nContent-Length: 0\r\n\r\n");
+        assert!(matches!(frame(buf.as_bytes()), Err(ParseError::TooLarge(_))));
+        for length in ["65535", "9223372036854775807", "18446744073709551614"] {
+            let text = head.replace("18446744073709551615", length);
+            assert!(matches!(frame(text.as_bytes()), Err(ParseError::TooLarge(_))), "{length}");
+        }
+        // One past usize: not a number at all.
+        let text = head.replace("18446744073709551615", "18446744073709551616");
+        assert_eq!(frame(text.as_bytes()), Err(ParseError::BadContentLength));
+        // The datagram parser refuses it too (declared longer than what arrived).
+        assert!(parse(buf.as_bytes(), false).is_err());
+    }
+
+    #[test]
+    fn content_lengths_that_disagree_or_are_not_digits_are_refused() {
+        let two = "OPTIONS sip:a SIP/2.0\r\nContent-Length: 0\r\nl: 30\r\n\r\n";
+        assert_eq!(frame(two.as_bytes()), Err(ParseError::BadContentLength));
+        let same = "OPTIONS sip:a SIP/2.0\r\nContent-Length: 3\r\nl: 3\r\n\r\nabc";
+        assert_eq!(frame(same.as_bytes()), Ok(Frame::Complete(same.len())));
+        for bad in ["+3", "-1", "0x3", "3 3", ""] {
+            let text = format!("OPTIONS sip:a SIP/2.0\r\nContent-Length: {bad}\r\n\r\nabc");
+            assert_eq!(frame(text.as_bytes()), Err(ParseError::BadContentLength), "{bad:?}");
+        }
+        let dup = INVITE.replace("l: 4\r\n", "l: 4\r\nContent-Length: 5\r\n");
+        assert_eq!(parse(dup.as_bytes(), false).unwrap_err(), ParseError::BadContentLength);
+    }
+
+    #[test]
+    fn a_trickled_header_is_framed_once_it_is_complete_and_limits_hold() {
+        let one = INVITE.replace("EXTRA", "").replace("l: 4", "l: 5");
+        let mut framer = StreamFramer::default();
+        for end in 1..one.len() {
+            assert_eq!(framer.next(&one.as_bytes()[..end]), Ok(Frame::Partial), "{end}");
+        }
+        assert_eq!(framer.next(one.as_bytes()), Ok(Frame::Complete(one.len())));
+        // A header section that never ends is refused past the limit, however it arrives.
+        let mut framer = StreamFramer::default();
+        let mut endless = b"OPTIONS sip:a SIP/2.0\r\nX-Pad: ".to_vec();
+        let mut result = Ok(Frame::Partial);
+        while result == Ok(Frame::Partial) {
+            endless.extend_from_slice(&[b'a'; 1000]);
+            result = framer.next(&endless);
+        }
+        assert!(matches!(result, Err(ParseError::TooLarge(n)) if n > MAX_MESSAGE_SIZE));
+        // A head that fits with a body that would not.
+        let big = "OPTIONS sip:a SIP/2.0\r\nContent-Length: 65500\r\n\r\n";
+        assert!(matches!(frame(big.as_bytes()), Err(ParseError::TooLarge(_))));
     }
 
     #[test]

@@ -168,7 +168,7 @@ async fn deliver(ctx: &CallContext, outgoing: &Outgoing) -> Result<(u16, Decimal
 /// Answers an inbound MESSAGE: 403 for sources no trunk allows, 404 for numbers nobody owns,
 /// 413 for oversized bodies, else 200 once stored; then delivers it to the number's webhook.
 pub async fn receive(ctx: Arc<CallContext>, pool: PgPool, hooks: (reqwest::Client, Signer), new: NewRequest) {
-    let NewRequest { request, key, peer } = new;
+    let NewRequest { request, key, peer, .. } = new;
     let snapshot = ctx.snapshot.current();
     let respond = |code: u16, reason: &str| {
         ctx.endpoint.respond(&key, response_to(&request, code, Some(reason), Some(&new_tag())))

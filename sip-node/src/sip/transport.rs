@@ -9,13 +9,14 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
+use super::guard::{Guard, Slot, SourceClass, UnknownSources};
 use super::message::{self, Frame, Incoming, ParseError};
 use crate::metrics::NodeMetrics;
 
@@ -58,6 +59,8 @@ pub struct Peer {
 pub struct Received {
     pub message: Incoming,
     pub peer: Peer,
+    /// What the configuration says about the source (see [`super::guard`]).
+    pub source: SourceClass,
 }
 
 /// Why a message could not be sent.
@@ -79,41 +82,6 @@ pub struct TransportConfig {
     /// Host (and port) to put in Via/Contact instead of the listen address, for NAT.
     pub advertised_host: Option<String>,
     pub advertised_port: Option<u16>,
-    /// Messages per second accepted from one source IP before the rest is dropped.
-    pub per_source_rate: u32,
-}
-
-struct SourceBucket {
-    tokens: f64,
-    at: Instant,
-}
-
-/// Token buckets per source IP: a flood from one source is dropped before it costs parsing.
-struct FloodGuard {
-    rate: f64,
-    buckets: Mutex<HashMap<IpAddr, SourceBucket>>,
-}
-
-impl FloodGuard {
-    fn allow(&self, ip: IpAddr) -> bool {
-        if self.rate <= 0.0 {
-            return true;
-        }
-        let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        if buckets.len() > 100_000 {
-            buckets.retain(|_, b| now.duration_since(b.at) < Duration::from_secs(10));
-        }
-        let bucket = buckets.entry(ip).or_insert(SourceBucket { tokens: self.rate, at: now });
-        bucket.tokens = (bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * self.rate).min(self.rate);
-        bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
 }
 
 /// The node's sockets. Cheap to share (`Arc`); sends never wait for the network except when a
@@ -123,7 +91,7 @@ pub struct TransportLayer {
     tcp_local: Vec<SocketAddr>,
     connections: Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>,
     sink: mpsc::Sender<Received>,
-    flood: FloodGuard,
+    guard: Arc<Guard>,
     metrics: NodeMetrics,
     advertised_host: Option<String>,
     advertised_port: Option<u16>,
@@ -135,6 +103,7 @@ impl TransportLayer {
     pub async fn bind(
         config: &TransportConfig,
         sink: mpsc::Sender<Received>,
+        guard: Arc<Guard>,
         metrics: NodeMetrics,
     ) -> std::io::Result<Arc<Self>> {
         let mut udp = Vec::new();
@@ -149,7 +118,7 @@ impl TransportLayer {
             udp,
             connections: Mutex::new(HashMap::new()),
             sink,
-            flood: FloodGuard { rate: f64::from(config.per_source_rate), buckets: Mutex::new(HashMap::new()) },
+            guard,
             metrics,
             advertised_host: config.advertised_host.clone(),
             advertised_port: config.advertised_port,
@@ -223,7 +192,7 @@ impl TransportLayer {
                                 source: std::io::ErrorKind::TimedOut.into(),
                             })?
                             .map_err(|source| TransportError::Io { addr: peer.addr, source })?;
-                        self.adopt(stream, peer.addr)
+                        self.adopt(stream, peer.addr, None)
                     }
                 };
                 sender.try_send(bytes).map_err(|_| TransportError::Congested(peer.addr))
@@ -243,14 +212,15 @@ impl TransportLayer {
         socket.try_send_to(bytes, addr).map(|_| ()).map_err(|source| TransportError::Io { addr, source })
     }
 
-    /// Registers a TCP connection and starts its reader and writer tasks.
-    fn adopt(self: &Arc<Self>, stream: TcpStream, addr: SocketAddr) -> mpsc::Sender<Vec<u8>> {
+    /// Registers a TCP connection and starts its reader and writer tasks; `slot` is what an
+    /// accepted connection holds of its source's connection budget.
+    fn adopt(self: &Arc<Self>, stream: TcpStream, addr: SocketAddr, slot: Option<Slot>) -> mpsc::Sender<Vec<u8>> {
         let _ = stream.set_nodelay(true);
         let (tx, rx) = mpsc::channel(TCP_WRITE_QUEUE);
         self.connections.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, tx.clone());
         let (read, write) = stream.into_split();
         tokio::spawn(tcp_write(write, rx));
-        tokio::spawn(tcp_read(Arc::clone(self), read, addr));
+        tokio::spawn(tcp_read(Arc::clone(self), read, addr, slot));
         tx
     }
 
@@ -260,17 +230,27 @@ impl TransportLayer {
     }
 
     /// Parses one message and hands it on; answers unparseable requests with 400 when it can.
+    /// Out-of-dialog requests from sources no trunk allows stop here, before the receive queue
+    /// the carriers' messages share: dropped, or answered `403` once (`--unknown-sources`).
     async fn deliver(self: &Arc<Self>, bytes: &[u8], peer: Peer) {
-        if !self.flood.allow(peer.addr.ip()) {
+        if !self.guard.allow_message(peer.addr.ip()) {
             self.metrics.message_dropped("flood");
             return;
         }
+        let source = self.guard.classify(peer.addr.ip());
         match message::parse(bytes, peer.protocol.is_reliable()) {
             Ok(mut incoming) => {
+                if source == SourceClass::Unknown && !in_dialog(&incoming) {
+                    self.metrics.message_dropped("unknown_source");
+                    if self.guard.unknown_sources() == UnknownSources::Reject {
+                        self.reject(&incoming, peer).await;
+                    }
+                    return;
+                }
                 if let Incoming::Message(rsip::SipMessage::Request(request)) = &mut incoming {
                     stamp_received(request, peer.addr);
                 }
-                if self.sink.send(Received { message: incoming, peer }).await.is_err() {
+                if self.sink.send(Received { message: incoming, peer, source }).await.is_err() {
                     self.metrics.message_dropped("shutdown");
                 }
             }
@@ -280,11 +260,39 @@ impl TransportLayer {
             Err(error) => {
                 self.metrics.parse_error(peer.protocol.as_str());
                 tracing::debug!(peer = %peer.addr, %error, "unparseable SIP message");
-                if let Some(response) = message::bad_request(bytes, &error) {
+                if source != SourceClass::Unknown
+                    && let Some(response) = message::bad_request(bytes, &error)
+                {
                     let _ = self.send(peer, response).await;
                 }
             }
         }
+    }
+
+    /// `403` to a request from an unknown source, outside any transaction (so never
+    /// retransmitted); nothing to an ACK or a response.
+    async fn reject(self: &Arc<Self>, incoming: &Incoming, peer: Peer) {
+        let request = match incoming {
+            Incoming::Message(rsip::SipMessage::Request(request)) => request,
+            Incoming::UnknownMethod { request, .. } => request,
+            Incoming::Message(rsip::SipMessage::Response(_)) => return,
+        };
+        if request.method == rsip::Method::Ack {
+            return;
+        }
+        let response = super::transaction::response_to(request, 403, Some("Forbidden"), None);
+        self.metrics.message_sent("4xx");
+        let _ = self.send(peer, message::encode(&rsip::SipMessage::Response(response))).await;
+    }
+}
+
+/// Whether a message may belong to something the node started: a response (to one of its
+/// requests), or a request with a To tag (in a dialog). The endpoint decides whether it does.
+fn in_dialog(incoming: &Incoming) -> bool {
+    match incoming {
+        Incoming::Message(rsip::SipMessage::Response(_)) => true,
+        Incoming::Message(rsip::SipMessage::Request(request)) => message::to_tag(request).is_some(),
+        Incoming::UnknownMethod { .. } => false,
     }
 }
 
@@ -365,7 +373,19 @@ async fn tcp_accept(layer: Arc<TransportLayer>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((stream, addr)) => {
-                layer.adopt(stream, addr);
+                // Carriers are never refused a connection because of others; everyone else
+                // holds a share of the connection budget (closing at once when there is none).
+                let slot = match layer.guard.classify(addr.ip()) {
+                    SourceClass::Carrier => None,
+                    _ => match layer.guard.tcp_connections.try_acquire(addr.ip()) {
+                        Some(slot) => Some(slot),
+                        None => {
+                            layer.metrics.message_dropped("tcp_limit");
+                            continue;
+                        }
+                    },
+                };
+                layer.adopt(stream, addr, slot);
             }
             Err(error) => {
                 tracing::warn!(%error, "TCP accept failed");
@@ -386,16 +406,25 @@ async fn tcp_write(mut write: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Rec
     }
 }
 
-async fn tcp_read(layer: Arc<TransportLayer>, mut read: tokio::net::tcp::OwnedReadHalf, addr: SocketAddr) {
+async fn tcp_read(
+    layer: Arc<TransportLayer>,
+    mut read: tokio::net::tcp::OwnedReadHalf,
+    addr: SocketAddr,
+    slot: Option<Slot>,
+) {
     let peer = Peer { protocol: Protocol::Tcp, addr };
+    // Whatever ends this task (even a panic), the connection leaves the table, so its writer
+    // stops and the socket closes.
+    let _entry = ConnectionEntry { layer: Arc::clone(&layer), addr, _slot: slot };
     let mut buf = BytesMut::with_capacity(8192);
+    let mut framer = message::StreamFramer::default();
     'conn: loop {
         match tokio::time::timeout(TCP_IDLE, read.read_buf(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
             Ok(Ok(_)) => {}
         }
         loop {
-            match message::frame(&buf) {
+            match framer.next(&buf) {
                 Ok(Frame::Partial) => break,
                 Ok(Frame::Keepalive(n)) => buf.advance(n),
                 Ok(Frame::Complete(n)) => {
@@ -414,22 +443,24 @@ async fn tcp_read(layer: Arc<TransportLayer>, mut read: tokio::net::tcp::OwnedRe
             }
         }
     }
-    layer.connections.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr);
+}
+
+/// A TCP connection's place in [`TransportLayer::connections`], removed when its reader ends.
+struct ConnectionEntry {
+    layer: Arc<TransportLayer>,
+    addr: SocketAddr,
+    _slot: Option<Slot>,
+}
+
+impl Drop for ConnectionEntry {
+    fn drop(&mut self) {
+        self.layer.connections.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.addr);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn flood_guard_limits_one_source_only() {
-        let guard = FloodGuard { rate: 10.0, buckets: Mutex::new(HashMap::new()) };
-        let a: IpAddr = "127.0.0.1".parse().unwrap();
-        let b: IpAddr = "127.0.0.2".parse().unwrap();
-        let allowed = (0..100).filter(|_| guard.allow(a)).count();
-        assert!((10..=11).contains(&allowed), "{allowed}");
-        assert!(guard.allow(b));
-    }
 
     #[test]
     fn received_and_rport_are_stamped() {

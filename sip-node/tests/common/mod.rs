@@ -137,7 +137,7 @@ impl Node {
         credentials: Vec<Credential>,
         tune: impl FnOnce(&mut SipArgs),
     ) -> Node {
-        sqlx::query("INSERT INTO nodes (node_id, hostname, version) VALUES ('sipp-node', 'test', 'test')")
+        sqlx::query("INSERT INTO nodes (node_id, hostname, version) VALUES ('sipp-node', 'test', 'test') ON CONFLICT DO NOTHING")
             .execute(pool)
             .await
             .unwrap();
@@ -161,6 +161,7 @@ impl Node {
             final_codes: switchboard_node::sip::routing::DEFAULT_FINAL_CODES.to_vec(),
             agent: switchboard_node::bridge::answer::AgentArgs::default(),
             spool: None,
+            guard: switchboard_node::sip::guard::GuardArgs::default(),
         };
         tune(&mut args);
         let drain = Drain::default();
