@@ -38,7 +38,7 @@ pub struct BenchArgs {
     pub edits: usize,
     /// Postgres server to use (a fresh database is created in it and dropped afterwards);
     /// without it a private cluster is started.
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// Through a real Kubernetes API server (the cluster of KUBECONFIG, e.g. `eval
     /// "$(scripts/cluster up)"`): apply the resources, run the operator and a node, time Ready

@@ -50,7 +50,7 @@ pub struct BenchApiArgs {
     pub calls: usize,
     /// Postgres server to use (a fresh database is created in it and dropped afterwards);
     /// without it a private cluster is started.
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 }
 
@@ -123,6 +123,10 @@ async fn measure(args: &BenchApiArgs, url: &str) -> anyhow::Result<()> {
         .env("SWITCHBOARD_HTTP_LISTEN", "127.0.0.1:0")
         .env("SWITCHBOARD_API_LISTEN", api.to_string())
         .env("SWITCHBOARD_JWT_SECRET", SECRET)
+        // The bench places its calls one after another as fast as they go.
+        .env("SWITCHBOARD_API_RATE_PER_SUBJECT", "1000000")
+        .env("SWITCHBOARD_API_RATE_PER_NUMBER", "1000000")
+        .env("SWITCHBOARD_API_RATE_BURST", "100000")
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -213,6 +217,11 @@ fn generate(dir: &Path, trunks: usize, relay_port: u16) -> anyhow::Result<()> {
         format!(
             "apiVersion: switchboard.dev/v1alpha1\nkind: PhoneNumber\nmetadata:\n  name: bench-caller\n  namespace: default\nspec:\n  number: \"{FROM}\"\n  trunkRef: bench-000\n  callerId: true\n"
         ),
+    )?;
+    // The API places calls only to destinations an outbound rule covers.
+    std::fs::write(
+        dir.join("rule.yaml"),
+        "apiVersion: switchboard.dev/v1alpha1\nkind: RoutingRule\nmetadata:\n  name: bench-outbound\n  namespace: default\nspec:\n  direction: outbound\n  match:\n    destinationPatterns: ['^\\+1']\n  trunks: [bench-000]\n",
     )?;
     Ok(())
 }
@@ -507,7 +516,7 @@ mod tests {
         generate(dir.path(), 3, 5062).unwrap();
         let state = FolderSource::new(dir.path()).read().unwrap();
         assert!(state.problems.is_empty() && state.broken.is_empty(), "{:?} {:?}", state.problems, state.broken);
-        assert_eq!(state.resources.len(), 4);
+        assert_eq!(state.resources.len(), 5, "3 trunks, the number and the outbound rule");
         for resource in &state.resources {
             switchboard_operator::validate::validate(&resource.key, &resource.spec).unwrap();
         }

@@ -52,7 +52,7 @@ pub struct LocalArgs {
     pub dir: PathBuf,
     /// Postgres connection URL. Without it a private throwaway cluster is started (and removed
     /// again on exit).
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
     /// Id of the SIP node local mode starts.
     #[arg(long, default_value = "local-1")]
@@ -144,11 +144,17 @@ async fn serve_with_pool(
     let Some(first) = reconcile_with_retry(&source, &reconciler, shutdown).await? else {
         return Ok(());
     };
-    let api = start_api(args, pool).await?;
+    // Secrets of this run live in a private directory (random name, 0700) that goes with it.
+    let secrets = private_dir().map_err(|e| LocalError::Api(format!("cannot create a private directory: {e}")))?;
+    let webhook_secret = webhook_secret();
+    let api = start_api(args, pool, secrets.path()).await?;
     // Ends the rows of nodes that died and expires queued call requests (operator/src/reaper.rs).
     let reaper = tokio::spawn(switchboard_operator::reaper::run(pool.clone(), args.reaper.clone(), api.stop.clone()));
-    let node =
-        if args.no_node { None } else { Some(NodeSupervisor::start(node_command(args, postgres, log_format)?)?) };
+    let node = if args.no_node {
+        None
+    } else {
+        Some(NodeSupervisor::start(node_command(args, postgres, log_format, &webhook_secret)?)?)
+    };
     let summary = Summary {
         database_url: postgres.url(),
         database_origin: postgres.describe(),
@@ -160,6 +166,12 @@ async fn serve_with_pool(
     };
     println!("{}", summary.render());
     println!("{}", api.summary);
+    if webhook_secret.generated {
+        println!(
+            "  webhooks: signed with a key generated for this run: SWITCHBOARD_WEBHOOK_SECRET={} (set it yourself to keep one)",
+            webhook_secret.value
+        );
+    }
     follow_changes(&source, &reconciler, &mut changes, shutdown).await;
     api.stop.cancel();
     let _ = api.task.await;
@@ -167,7 +179,34 @@ async fn serve_with_pool(
     if let Some(node) = node {
         node.stop().await;
     }
+    drop(secrets);
     Ok(())
+}
+
+/// A new private directory for this run's secrets: a random name under the temporary
+/// directory, mode 0700, removed when the returned value is dropped. (It used to be the
+/// predictable `/tmp/switchboard-local-PID`, which another local user could create first or
+/// fill with a symlink that local mode, often run as root, would then write through.)
+fn private_dir() -> std::io::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new().prefix("switchboard-local-").permissions(std::fs::Permissions::from_mode(0o700)).tempdir()
+}
+
+/// The key the node signs webhooks with: `SWITCHBOARD_WEBHOOK_SECRET` when set, else one
+/// generated for this run (printed, so that a receiver can verify the signatures).
+struct WebhookSecret {
+    value: String,
+    generated: bool,
+}
+
+fn webhook_secret() -> WebhookSecret {
+    match std::env::var("SWITCHBOARD_WEBHOOK_SECRET") {
+        Ok(value) if !value.trim().is_empty() => WebhookSecret { value, generated: false },
+        _ => WebhookSecret {
+            value: switchboard_operator::api::rand_bytes().iter().map(|b| format!("{b:02x}")).collect(),
+            generated: true,
+        },
+    }
 }
 
 /// The REST API of local mode: writes go into the folder, which the watcher reconciles.
@@ -177,14 +216,18 @@ struct LocalApi {
     summary: String,
 }
 
-async fn start_api(args: &LocalArgs, pool: &PgPool) -> Result<LocalApi, LocalError> {
+async fn start_api(args: &LocalArgs, pool: &PgPool, secrets: &Path) -> Result<LocalApi, LocalError> {
     use switchboard_operator::api;
-    let (verifier, generated) = api::local_verifier(&args.api.jwt).map_err(|e| LocalError::Api(format!("{e:#}")))?;
+    let (verifier, generated) =
+        api::local_verifier(&args.api.jwt, secrets).map_err(|e| LocalError::Api(format!("{e:#}")))?;
+    let egress = args.api.egress().map_err(|e| LocalError::Api(format!("{e:#}")))?;
     let address = args.api.api_listen.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 8080)));
     let listener = api::bind(address).await.map_err(|e| LocalError::Api(format!("{e:#}")))?;
     let address = listener.local_addr().map_err(|e| LocalError::Api(e.to_string()))?;
     let store = std::sync::Arc::new(api::store::FolderStore::new(&args.dir));
-    let state = api::AppState::new(pool.clone(), store, args.api.api_namespace.clone());
+    let state = api::AppState::new(pool.clone(), store, args.api.api_namespace.clone())
+        .with_egress(egress)
+        .with_limits(&args.api.limits);
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(api::serve(listener, api::router(state, verifier), stop.clone()));
     let token_hint = match generated {
@@ -377,9 +420,18 @@ struct NodeCommand {
     /// removed with it, so that a later run on a fresh database never replays this run's
     /// spool. `None` when `SWITCHBOARD_STATE_DIR` names one, which the node then inherits.
     state_dir: Option<std::sync::Arc<tempfile::TempDir>>,
+    /// Passed in the environment (not argv, where `ps` shows it).
+    webhook_secret: String,
+    /// The API's egress allow-list, which the node applies to the same URLs.
+    egress_allow: String,
 }
 
-fn node_command(args: &LocalArgs, postgres: &Postgres, log_format: LogFormat) -> Result<NodeCommand, LocalError> {
+fn node_command(
+    args: &LocalArgs,
+    postgres: &Postgres,
+    log_format: LogFormat,
+    webhook_secret: &WebhookSecret,
+) -> Result<NodeCommand, LocalError> {
     Ok(NodeCommand {
         exe: std::env::current_exe().map_err(LocalError::CurrentExe)?,
         database_url: postgres.url().to_string(),
@@ -391,6 +443,8 @@ fn node_command(args: &LocalArgs, postgres: &Postgres, log_format: LogFormat) ->
                 tempfile::Builder::new().prefix("switchboard-local-node-").tempdir().map_err(LocalError::StateDir)?,
             )),
         },
+        webhook_secret: webhook_secret.value.clone(),
+        egress_allow: args.api.egress_allow.join(","),
     })
 }
 
@@ -410,6 +464,8 @@ impl NodeCommand {
             // Through the environment, not argv: the URL may carry a password, and argv is
             // visible to every user in `ps`.
             .env("DATABASE_URL", &self.database_url)
+            .env("SWITCHBOARD_WEBHOOK_SECRET", &self.webhook_secret)
+            .env("SWITCHBOARD_EGRESS_ALLOW", &self.egress_allow)
             .stdin(Stdio::null())
             .process_group(0)
             .kill_on_drop(true);
@@ -628,6 +684,44 @@ mod tests {
             assert!(text.contains(expected), "missing {expected:?} in {text}");
         }
         assert!(text.contains("PhoneNumber default/main: TrunkNotFound: trunk \"x\" does not exist"), "{text}");
+    }
+
+    /// The secrets directory is private and unpredictable, and goes away with local mode.
+    #[test]
+    fn the_secrets_directory_is_private_random_and_removed() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let a = private_dir().unwrap();
+        let b = private_dir().unwrap();
+        assert_ne!(a.path(), b.path());
+        let name = a.path().file_name().unwrap().to_string_lossy().to_string();
+        assert!(name.starts_with("switchboard-local-"), "{name}");
+        assert_ne!(name, format!("switchboard-local-{}", std::process::id()), "not the predictable PID path");
+        let meta = std::fs::symlink_metadata(a.path()).unwrap();
+        assert!(meta.is_dir() && !meta.file_type().is_symlink());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+        assert_eq!(meta.uid(), nix::unistd::geteuid().as_raw());
+
+        let args = switchboard_operator::api::auth::JwtArgs {
+            jwt_issuer: "switchboard".into(),
+            jwt_max_ttl_seconds: 3600,
+            ..Default::default()
+        };
+        // With SWITCHBOARD_JWT_SECRET set the configured secret is used and no file is written.
+        if std::env::var_os("SWITCHBOARD_JWT_SECRET").is_none() {
+            let (_, path) = switchboard_operator::api::local_verifier(&args, a.path()).unwrap();
+            let path = path.expect("a generated secret file");
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+            assert_eq!(std::fs::read_to_string(&path).unwrap().len(), 64);
+            // A file that is already there (planted, or a symlink) is never written through.
+            let error = switchboard_operator::api::local_verifier(&args, a.path()).unwrap_err();
+            assert!(error.to_string().contains("jwt-secret"), "{error}");
+            std::os::unix::fs::symlink("/dev/null", b.path().join("jwt-secret")).unwrap();
+            assert!(switchboard_operator::api::local_verifier(&args, b.path()).is_err());
+        }
+        let path = a.path().to_path_buf();
+        drop(a);
+        assert!(!path.exists(), "removed on drop");
     }
 
     #[test]

@@ -37,7 +37,7 @@ enum Command {
     /// changes, and one SIP node.
     Local(local::LocalArgs),
     /// Run a SIP node: load the configuration snapshot from Postgres and follow its changes.
-    Node(switchboard_node::NodeArgs),
+    Node(Box<switchboard_node::NodeArgs>),
     /// Write the CustomResourceDefinitions generated from the Rust types (to `crds/` by default).
     Crds(switchboard_operator::commands::CrdsArgs),
     /// Show each resource with its conditions and the generation each live node applied.
@@ -62,7 +62,7 @@ fn main() -> ExitCode {
     logging::run_main(log_format, async move {
         match cli.command {
             Command::Local(args) => local::run(args, log_format).await,
-            Command::Node(args) => switchboard_node::run(args).await,
+            Command::Node(args) => switchboard_node::run(*args).await,
             Command::Crds(args) => switchboard_operator::commands::crds(args),
             Command::Status(args) => switchboard_operator::commands::status(args).await,
             Command::Validate(args) => switchboard_operator::commands::validate(args),

@@ -497,6 +497,7 @@ async fn operator_on_a_real_cluster() {
             .args(["node", "--node-id", &format!("e2e-node-{}", setup.suffix)])
             .arg("--state-dir")
             .arg(setup.dir.path().join("node-state"))
+            .env("SWITCHBOARD_WEBHOOK_SECRET", "e2e-test-webhook-secret-0123456789")
             .args(["--sip-listen", &format!("127.0.0.1:{}", free_port())])
             .args(["--http-listen", &format!("127.0.0.1:{}", free_port())])
             .args(["--rtp-ports", &format!("{rtp}-{}", rtp + 19)])

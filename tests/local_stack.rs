@@ -154,6 +154,24 @@ async fn local_stack_follows_the_folder() {
 
     // Start: the examples are reconciled and the node applies them.
     let first = wait_applied_after(&pool, &stack, 0).await;
+    // The generated JWT secret is in a private directory with a random name (not the PID), and
+    // the generated webhook key is printed: the node, which refuses to start without one, got it.
+    let secret_file = eventually("the summary", &stack, || async {
+        let log = stack.log();
+        let (_, rest) = log.split_once("a secret generated for this run in ")?;
+        Some(PathBuf::from(rest.split(';').next()?.trim()))
+    })
+    .await;
+    let secret_dir = secret_file.parent().unwrap().to_path_buf();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&secret_dir), 0o700, "{}", secret_dir.display());
+        assert_eq!(mode(&secret_file), 0o600);
+        let name = secret_dir.file_name().unwrap().to_string_lossy().to_string();
+        assert_ne!(name, format!("switchboard-local-{}", stack.child.id()), "a predictable name");
+    }
+    assert!(stack.log().contains("SWITCHBOARD_WEBHOOK_SECRET="), "{}", stack.log());
     let trunks: i64 = sqlx::query_scalar("SELECT count(*) FROM trunks").fetch_one(&pool).await.unwrap();
     assert_eq!(trunks, 2);
 
@@ -218,6 +236,7 @@ async fn local_stack_follows_the_folder() {
     // Stop: a clean exit, and the node says it stopped.
     let exit = stack.stop().expect("switchboard local exits after SIGTERM");
     assert!(exit.success(), "exit {exit:?}; log:\n{}", stack.log());
+    assert!(!secret_dir.exists(), "the secrets directory is removed on exit");
     let stopped: bool = sqlx::query_scalar("SELECT stopped_at IS NOT NULL FROM nodes WHERE node_id = $1")
         .bind(NODE)
         .fetch_one(&pool)

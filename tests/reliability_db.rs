@@ -197,6 +197,8 @@ impl NodeProc {
             .args(["--sip-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--rtp-ports", rtp_ports])
             .args(["--drain-seconds", "60"])
             .env("RUST_LOG", "info")
+            // Nodes refuse to start without one (webhook signatures must be verifiable).
+            .env("SWITCHBOARD_WEBHOOK_SECRET", "reliability-test-webhook-secret")
             .env_remove("SWITCHBOARD_LOG_FORMAT")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

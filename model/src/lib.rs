@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod db;
+pub mod egress;
 pub mod logging;
 pub mod types;
 

@@ -25,7 +25,7 @@ pub struct CrdsArgs {
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
     /// Postgres connection URL.
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
     /// Nodes whose last heartbeat is older than this many seconds count as gone.
     #[arg(long, default_value_t = 30)]

@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use regex::Regex;
 use serde::de::DeserializeOwned;
 use switchboard_model::config::{Destination, MatchSpec};
-use switchboard_model::{AuthMethod, Codec, DestinationType, Direction};
+use switchboard_model::{AuthMethod, Codec, DestinationType, Direction, Transport};
 
 use crate::crd::{DECIMAL_PATTERN, E164_PATTERN, NAME_PATTERN, PhoneNumberSpec, RoutingRuleSpec, TrunkSpec};
 use crate::source::{Kind, ResourceKey, Spec};
@@ -28,6 +28,10 @@ pub struct FieldError {
     pub problem: String,
     /// What to write instead.
     pub fix: String,
+    /// The value is well-formed but names something Switchboard does not implement yet (TLS):
+    /// refused with reason `Unsupported` rather than `InvalidSpec`, so that nobody believes it
+    /// is in force.
+    pub unsupported: bool,
 }
 
 impl std::fmt::Display for FieldError {
@@ -47,6 +51,13 @@ pub struct InvalidSpec {
     pub errors: Vec<FieldError>,
 }
 
+impl InvalidSpec {
+    /// Every problem is an unsupported value (the spec is otherwise valid).
+    pub fn only_unsupported(&self) -> bool {
+        !self.errors.is_empty() && self.errors.iter().all(|e| e.unsupported)
+    }
+}
+
 impl std::fmt::Display for InvalidSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} is invalid: ", self.key)?;
@@ -59,6 +70,13 @@ impl std::fmt::Display for InvalidSpec {
         Ok(())
     }
 }
+
+/// Why `transport: TLS` is refused: the node has no SIP over TLS, and sending to a TLS gateway
+/// over UDP would put digests, INVITEs and SDP in the clear while the manifest promises TLS.
+pub const TLS_UNSUPPORTED: &str = "transport TLS is not supported: Switchboard has no SIP over TLS yet, and will not send this trunk's signaling in plaintext";
+/// Why `authMethod: certificate` is refused: mutual TLS needs SIP over TLS.
+pub const CERTIFICATE_UNSUPPORTED: &str =
+    "authMethod certificate is not supported: it needs SIP over TLS, which Switchboard does not have yet";
 
 static E164: LazyLock<Regex> = LazyLock::new(|| Regex::new(E164_PATTERN).expect("E.164 pattern compiles"));
 static NAME: LazyLock<Regex> = LazyLock::new(|| Regex::new(NAME_PATTERN).expect("name pattern compiles"));
@@ -78,7 +96,11 @@ struct Problems(Vec<FieldError>);
 
 impl Problems {
     fn push(&mut self, path: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) {
-        self.0.push(FieldError { path: path.into(), problem: problem.into(), fix: fix.into() });
+        self.0.push(FieldError { path: path.into(), problem: problem.into(), fix: fix.into(), unsupported: false });
+    }
+
+    fn unsupported(&mut self, path: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) {
+        self.0.push(FieldError { path: path.into(), problem: problem.into(), fix: fix.into(), unsupported: true });
     }
 
     fn name_ref(&mut self, path: &str, value: &str, what: &str) {
@@ -215,6 +237,13 @@ fn trunk(p: &mut Problems, name: &str, spec: &TrunkSpec) {
         if let Some(port) = gateway.port {
             p.range(&format!("{path}.port"), port.into(), 1, 65535);
         }
+        if gateway.transport == Transport::Tls {
+            p.unsupported(
+                format!("{path}.transport"),
+                TLS_UNSUPPORTED,
+                "use UDP or TCP until SIP over TLS is implemented",
+            );
+        }
         if !seen.insert((gateway.address.to_lowercase(), gateway.port, gateway.transport)) {
             p.push(path, format!("{} is listed twice", gateway.address), "remove the duplicate gateway");
         }
@@ -241,6 +270,9 @@ fn trunk(p: &mut Problems, name: &str, spec: &TrunkSpec) {
                 "write the Secret key that holds the password, e.g. password",
             );
         }
+    }
+    if spec.auth_method == AuthMethod::Certificate {
+        p.unsupported("spec.authMethod", CERTIFICATE_UNSUPPORTED, "use digest or ip");
     }
     let registering = spec.registration.as_ref().is_some_and(|r| r.enabled);
     if spec.auth_method == AuthMethod::Digest && spec.credentials.is_none() {
@@ -438,6 +470,7 @@ fn destination(p: &mut Problems, path: &str, destination: &Destination) {
         path: format!("{path}.{field}"),
         problem: format!("{field} is only used by {used_by} destinations"),
         fix: format!("remove it, or set type: {used_by}"),
+        unsupported: false,
     };
     match (kind, &destination.url) {
         (DestinationType::Websocket, Some(url)) => {
@@ -514,6 +547,30 @@ mod tests {
             "gateways": [{"address": "sip.skyetel.com"}],
             "inbound": {"allowedSourceCidrs": ["52.41.52.34/32"]}
         })
+    }
+
+    /// TLS and certificate authentication do not exist in the node: refusing them (as
+    /// unsupported, not as malformed) is what keeps a manifest from promising encryption that
+    /// the node would not give.
+    #[test]
+    fn tls_and_certificate_auth_are_refused_as_unsupported() {
+        let mut tls = trunk();
+        tls["gateways"] = json!([{"address": "sip.skyetel.com", "transport": "TLS"}]);
+        let invalid = check(Kind::Trunk, tls).expect_err("TLS is refused");
+        assert!(invalid.only_unsupported(), "{invalid}");
+        assert_eq!(invalid.errors[0].path, "spec.gateways[0].transport");
+        assert!(invalid.to_string().contains("TLS is not supported"), "{invalid}");
+
+        let mut certificate = trunk();
+        certificate["authMethod"] = json!("certificate");
+        let invalid = check(Kind::Trunk, certificate).expect_err("certificate is refused");
+        assert!(invalid.only_unsupported(), "{invalid}");
+        assert_eq!(invalid.errors[0].path, "spec.authMethod");
+
+        let mut both = trunk();
+        both["authMethod"] = json!("certificate");
+        both["provider"] = json!("Not Valid");
+        assert!(!check(Kind::Trunk, both).unwrap_err().only_unsupported(), "a malformed field is InvalidSpec");
     }
 
     #[test]

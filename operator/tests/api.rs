@@ -124,10 +124,10 @@ async fn trunk_crud_writes_the_folder(pool: PgPool) {
     }
 
     // PUT merges: the seed's security update keeps every other field.
-    let update = json!({"allowed_ips": ["203.0.113.0/24"], "transport": "TLS", "auth_method": "digest"});
+    let update = json!({"allowed_ips": ["203.0.113.0/24"], "transport": "TCP", "auth_method": "digest"});
     let (status, body) = api.send(Method::PUT, "/api/trunks/skyetel_main", Some(update)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(body["transport"], "TLS");
+    assert_eq!(body["transport"], "TCP");
     assert_eq!(body["allowed_ips"], json!(["203.0.113.0/24"]));
     assert_eq!(body["max_concurrent_calls"], 100);
     assert_eq!(body["username"], "your_skyetel_username");
@@ -146,6 +146,20 @@ async fn trunk_crud_writes_the_folder(pool: PgPool) {
     let (status, body) = api.send(Method::PUT, "/api/trunks/skyetel_main", Some(json!({"rtp_timeout": 1}))).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["error"]["field"], "rtp_timeout");
+    assert_eq!(std::fs::read_to_string(api.dir.path().join("api/trunk-skyetel-main.yaml")).unwrap(), before);
+    // TLS and certificate authentication do not exist in the node: 400 `unsupported` naming the
+    // field, nothing written (they used to be stored and then sent as plaintext UDP).
+    for (update, field, needle) in [
+        (json!({"transport": "TLS"}), "transport", "TLS is not supported"),
+        (json!({"gateways": [{"address": "sip.skyetel.com", "transport": "tls"}]}), "gateways[0].transport", "TLS"),
+        (json!({"auth_method": "certificate"}), "auth_method", "certificate is not supported"),
+    ] {
+        let (status, body) = api.send(Method::PUT, "/api/trunks/skyetel_main", Some(update.clone())).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{update}: {body}");
+        assert_error_shape(&body, "unsupported");
+        assert_eq!(body["error"]["field"], field, "{body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains(needle), "{body}");
+    }
     assert_eq!(std::fs::read_to_string(api.dir.path().join("api/trunk-skyetel-main.yaml")).unwrap(), before);
     let mut bad = skyetel();
     bad["trunk_id"] = json!("other");
@@ -350,8 +364,17 @@ async fn auth_and_error_shapes(pool: PgPool) {
     assert_eq!(body["error"]["field"], "limit");
 }
 
+/// The examples' numbers and rules in the database: +15551234567 (main-line), and the
+/// outbound rule for US numbers (`^\+1[2-9][0-9]{9}$`).
+async fn reconcile_examples(pool: &PgPool) {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let state = switchboard_operator::source::folder::FolderSource::new(&examples).read().unwrap();
+    switchboard_operator::reconcile::Reconciler::new(pool.clone()).reconcile_all(&state).await.unwrap();
+}
+
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
 async fn initiate_queues_a_call_request(pool: PgPool) {
+    reconcile_examples(&pool).await;
     let api = api(pool.clone());
     let body = json!({"from_number": "+15551234567", "to_number": "+19876543210", "webhook_url": "https://yourdomain.com/call-webhook"});
     let (status, created) = api.send(Method::POST, "/api/calls/initiate", Some(body)).await;
@@ -379,6 +402,10 @@ async fn initiate_queues_a_call_request(pool: PgPool) {
     assert_eq!((status, body), (StatusCode::OK, json!([])));
 
     // Two calls whose carrier used one Call-ID are two calls, each with the node's own id.
+    sqlx::query("INSERT INTO nodes (node_id, hostname, version, heartbeat_at) VALUES ('n1', 'h', 'v', now())")
+        .execute(&pool)
+        .await
+        .unwrap();
     for uuid in ["6f9619ff-8b86-d011-b42d-00c04fc964ff", "7f9619ff-8b86-d011-b42d-00c04fc964ff"] {
         sqlx::query(
             "INSERT INTO active_calls (call_uuid, call_id, node_id, direction, from_number, to_number, state)
@@ -447,11 +474,178 @@ async fn cdr_pages_follow_the_cursor(pool: PgPool) {
     assert_eq!(body["total"]["calls"], 0, "no trunks in the folder: per-trunk rows only for known trunks");
 }
 
+/// Each route needs its scope: a read-only token reads but places no call and writes no trunk,
+/// a calls token places calls but sends no SMS; `admin` may do everything.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn tokens_carry_scopes_and_a_bounded_lifetime(pool: PgPool) {
+    use switchboard_operator::api::auth::Scope;
+    reconcile_examples(&pool).await;
+    let api = api(pool);
+    let verifier = JwtVerifier::new(SECRET, "switchboard");
+    let token = |scopes: &[Scope]| verifier.mint_scoped("scoped", 300, scopes).unwrap();
+    let call = r#"{"from_number": "+15551234567", "to_number": "+19876543210"}"#;
+    let sms = r#"{"from_number": "+15551234567", "to_number": "+19876543210", "message": "hi"}"#;
+    let read = token(&[Scope::Read]);
+    assert_eq!(api.call(Method::GET, "/api/trunks", None, Some(&read)).await.0, StatusCode::OK);
+    assert_eq!(api.call(Method::GET, "/api/calls/cdr", None, Some(&read)).await.0, StatusCode::OK);
+    for (method, uri, body) in [
+        (Method::POST, "/api/calls/initiate", Some(call)),
+        (Method::POST, "/api/sms/send", Some(sms)),
+        (Method::POST, "/api/trunks", Some("{}")),
+        (Method::DELETE, "/api/trunks/skyetel_main", None),
+    ] {
+        let (status, body, _) = api.call(method.clone(), uri, body, Some(&read)).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} {uri}: {body}");
+        assert_error_shape(&body, "insufficient_scope");
+    }
+    let calls = token(&[Scope::Calls]);
+    assert_eq!(api.call(Method::POST, "/api/calls/initiate", Some(call), Some(&calls)).await.0, StatusCode::ACCEPTED);
+    assert_eq!(api.call(Method::POST, "/api/sms/send", Some(sms), Some(&calls)).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(api.call(Method::GET, "/api/trunks", None, Some(&calls)).await.0, StatusCode::FORBIDDEN);
+    let admin = token(&[Scope::Admin]);
+    assert_eq!(api.call(Method::POST, "/api/sms/send", Some(sms), Some(&admin)).await.0, StatusCode::ACCEPTED);
+    // A token without any scope claim (as minted before scopes existed) may do nothing.
+    let bare = {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let claims = json!({"sub": "old", "iss": "switchboard", "iat": now, "exp": now + 300});
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &jsonwebtoken::EncodingKey::from_secret(SECRET))
+            .unwrap()
+    };
+    assert_eq!(api.call(Method::GET, "/api/trunks", None, Some(&bare)).await.0, StatusCode::FORBIDDEN);
+    // A year-long token signed with the right secret is refused: the lifetime has a maximum.
+    let long =
+        JwtVerifier::new(SECRET, "switchboard").with_max_ttl(u64::MAX).mint_scoped("x", 31_536_000, &[Scope::Admin]);
+    let (status, body, _) = api.call(Method::GET, "/api/trunks", None, Some(&long.unwrap())).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("lifetime"), "{body}");
+}
+
+/// Webhook and agent URLs that point inside the deployment are refused unless allow-listed.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn webhook_and_agent_urls_must_be_public_unless_allow_listed(pool: PgPool) {
+    reconcile_examples(&pool).await;
+    let api = api(pool.clone());
+    let initiate = |field: &str, url: &str| {
+        let mut body = json!({"from_number": "+15551234567", "to_number": "+19876543210"});
+        body[field] = json!(url);
+        body
+    };
+    for (field, url) in [
+        ("webhook_url", "http://169.254.169.254/latest/meta-data/iam/"),
+        ("webhook_url", "http://127.0.0.1:8080/api/trunks"),
+        ("webhook_url", "http://localhost/hook"),
+        ("webhook_url", "http://10.0.0.7/hook"),
+        ("webhook_url", "http://[::1]/hook"),
+        ("webhook_url", "http://kubernetes.default.svc/api"),
+        ("webhook_url", "http://postgres:5432/"),
+        ("agent_websocket_url", "ws://192.168.1.20/agent"),
+        ("agent_websocket_url", "ws://agent.ai.svc.cluster.local/stream"),
+    ] {
+        let (status, body) = api.send(Method::POST, "/api/calls/initiate", Some(initiate(field, url))).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{url}: {body}");
+        assert_eq!(body["error"]["field"], field, "{body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains("SWITCHBOARD_EGRESS_ALLOW"), "{body}");
+    }
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM call_requests").fetch_one(&pool).await.unwrap();
+    assert_eq!(count, 0, "nothing queued for a refused target");
+    let (status, body) = api
+        .send(Method::POST, "/api/calls/initiate", Some(initiate("agent_websocket_url", "wss://agent.example.com/s")))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+
+    // With the allow-list, the listed internal targets are accepted.
+    let dir = tempfile::tempdir().unwrap();
+    let verifier = Arc::new(JwtVerifier::new(SECRET, "switchboard"));
+    let egress = switchboard_model::egress::EgressPolicy::parse(&["127.0.0.1", ".ai.svc.cluster.local"]).unwrap();
+    let state = AppState::new(pool, Arc::new(FolderStore::new(dir.path())), "default").with_egress(egress);
+    let allowed = Api { app: router(state, verifier.clone()), token: verifier.mint("t", 300), dir };
+    for (field, url) in [
+        ("webhook_url", "http://127.0.0.1:8080/hook"),
+        ("agent_websocket_url", "ws://agent.ai.svc.cluster.local/stream"),
+    ] {
+        let (status, body) = allowed.send(Method::POST, "/api/calls/initiate", Some(initiate(field, url))).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{url}: {body}");
+    }
+    let (status, _) =
+        allowed.send(Method::POST, "/api/calls/initiate", Some(initiate("webhook_url", "http://127.0.0.2/hook"))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "only the listed address");
+}
+
+/// The toll-fraud guard: calls and messages go only to destinations an outbound RoutingRule
+/// covers, and only from the deployment's own numbers.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn destinations_no_outbound_rule_covers_are_refused(pool: PgPool) {
+    reconcile_examples(&pool).await;
+    let api = api(pool.clone());
+    for (uri, extra) in [("/api/calls/initiate", json!({})), ("/api/sms/send", json!({"message": "hi"}))] {
+        for to in ["+882345678901", "+19005550100x", "+4930123456"] {
+            let mut body = json!({"from_number": "+15551234567", "to_number": to});
+            body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            let (status, body) = api.send(Method::POST, uri, Some(body)).await;
+            if to.ends_with('x') {
+                assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{uri} {to}: {body}");
+                continue;
+            }
+            assert_eq!(status, StatusCode::FORBIDDEN, "{uri} {to}: {body}");
+            assert_error_shape(&body, "destination_not_allowed");
+            assert_eq!(body["error"]["field"], "to_number");
+        }
+        let mut body = json!({"from_number": "+15550009999", "to_number": "+19876543210"});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let (status, body) = api.send(Method::POST, uri, Some(body)).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{uri}: a number not ours: {body}");
+        assert_eq!(body["error"]["field"], "from_number");
+    }
+    let calls: i64 = sqlx::query_scalar("SELECT count(*) FROM call_requests").fetch_one(&pool).await.unwrap();
+    let messages: i64 = sqlx::query_scalar("SELECT count(*) FROM messages").fetch_one(&pool).await.unwrap();
+    assert_eq!((calls, messages), (0, 0));
+}
+
+/// Placing calls and sending messages are rate-limited per token subject and per from-number:
+/// 429 with Retry-After once the burst is used up.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn calls_and_messages_are_rate_limited(pool: PgPool) {
+    use switchboard_operator::api::limits::LimitArgs;
+    reconcile_examples(&pool).await;
+    let dir = tempfile::tempdir().unwrap();
+    let verifier = Arc::new(JwtVerifier::new(SECRET, "switchboard"));
+    let limits = LimitArgs { api_rate_per_subject: 6.0, api_rate_per_number: 3.0, api_rate_burst: 2 };
+    let state = AppState::new(pool, Arc::new(FolderStore::new(dir.path())), "default").with_limits(&limits);
+    let app = router(state, verifier.clone());
+    let api =
+        |subject: &str| Api { app: app.clone(), token: verifier.mint(subject, 300), dir: tempfile::tempdir().unwrap() };
+    let (alice, bob) = (api("alice"), api("bob"));
+    let call = |from: &str| json!({"from_number": from, "to_number": "+19876543210"});
+    for _ in 0..2 {
+        assert_eq!(
+            alice.send(Method::POST, "/api/calls/initiate", Some(call("+15551234567"))).await.0,
+            StatusCode::ACCEPTED
+        );
+    }
+    // The from-number's burst is used up: another subject is refused for it too.
+    let body = serde_json::to_string(&call("+15551234567")).unwrap();
+    let (status, value, headers) = bob.call(Method::POST, "/api/calls/initiate", Some(&body), Some(&bob.token)).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{value}");
+    assert_error_shape(&value, "rate_limited");
+    assert!(value["error"]["message"].as_str().unwrap().contains("from-number"), "{value}");
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=20).contains(&retry), "{retry}");
+    // Bob, from another number, is within both limits; Alice's own budget is used up.
+    assert_eq!(bob.send(Method::POST, "/api/calls/initiate", Some(call("+15557654321"))).await.0, StatusCode::ACCEPTED);
+    let (status, value) = alice.send(Method::POST, "/api/calls/initiate", Some(call("+15557654321"))).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{value}");
+    assert!(value["error"]["message"].as_str().unwrap().contains("subject"), "{value}");
+    // Messages have a budget of their own.
+    let sms = json!({"from_number": "+15557654321", "to_number": "+19876543210", "message": "hi"});
+    assert_eq!(alice.send(Method::POST, "/api/sms/send", Some(sms)).await.0, StatusCode::ACCEPTED);
+}
+
 /// Queued requests expire (`expires_in_seconds`, default 60; out of range is a 422), and
 /// `/api/calls/active` lists only the calls of live nodes: a node not heard from for three of
 /// its heartbeats is left out until the reaper ends its calls.
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
 async fn requests_expire_and_active_calls_come_from_live_nodes(pool: PgPool) {
+    reconcile_examples(&pool).await;
     let api = api(pool.clone());
     let seconds = |body: &Value| {
         let at = |field: &str| chrono::DateTime::parse_from_rfc3339(body[field].as_str().unwrap()).unwrap();

@@ -81,7 +81,7 @@ fn rust_check(object: &serde_json::Value) -> Result<(), String> {
 #[test]
 fn cross_field_rules_agree_between_cel_and_rust() {
     let cases = invalid_variants::invalid_variants(&manifests());
-    assert_eq!(cases.len(), 8);
+    assert_eq!(cases.len(), 10);
     for (name, object, needle) in cases {
         let from_cel = cel(&object).expect_err(name);
         let from_rust = rust_check(&object).expect_err(name);

@@ -13,7 +13,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use support::fake_api::FakeApi;
-use switchboard_operator::kubernetes::controller::{ControllerSettings, FINALIZER, WatchScope, run_controllers};
+use switchboard_operator::kubernetes::controller::{
+    ControllerSettings, DEFAULT_SECRET_SELECTOR, FINALIZER, WatchScope, run_controllers,
+};
 use switchboard_operator::kubernetes::metrics::Metrics;
 use switchboard_operator::reconcile::Reconciler;
 use tokio_util::sync::CancellationToken;
@@ -46,6 +48,7 @@ fn start(fake: &FakeApi, pool: &PgPool, node_poll: Duration) -> Running {
     let metrics = Arc::new(Metrics::new());
     let settings = ControllerSettings {
         scope: WatchScope { namespace: None },
+        secret_selector: DEFAULT_SECRET_SELECTOR.into(),
         node_poll,
         node_timeout: Duration::from_secs(30),
         pass_resync: Duration::from_secs(60),
@@ -186,6 +189,85 @@ async fn examples_become_ready_follow_edits_secrets_and_nodes_and_are_cleaned_up
     assert!(metrics.contains("switchboard_operator_reconcile_total{kind=\"PhoneNumber\"}"), "{metrics}");
 
     // Graceful stop.
+    running.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), running.task).await.expect("controllers stop on shutdown").unwrap();
+}
+
+/// The operator lists and watches only Secrets with the credentials label, so another
+/// application's Secret never enters its memory; a password Secret that loses the label is as
+/// good as gone (SecretNotFound, the stored password stays), and is back when labelled again.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn only_labelled_secrets_are_watched(pool: PgPool) {
+    let fake = FakeApi::default();
+    for manifest in example_manifests() {
+        fake.apply(manifest);
+    }
+    fake.apply(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "other-app-database", "namespace": "default"},
+        "type": "Opaque", "stringData": {"password": "not-for-switchboard"},
+    }));
+    let running = start(&fake, &pool, Duration::from_millis(200));
+    wait_for("every example Ready=True", Duration::from_secs(30), async || {
+        let objects = all_objects(&fake);
+        objects.len() == 6 && objects.iter().all(ready)
+    })
+    .await;
+    let reads = fake.reads("Secret");
+    assert!(!reads.is_empty());
+    for query in &reads {
+        assert!(
+            query.contains("labelSelector=switchboard.dev%2Fcredentials%3Dtrue"),
+            "unselected Secret read: {query}"
+        );
+    }
+
+    // The password Secret without the label: the operator no longer sees it.
+    let mut secret = example_manifests().into_iter().find(|m| m["kind"] == "Secret").unwrap();
+    secret["metadata"]["labels"] = json!({});
+    fake.apply(secret.clone());
+    wait_for("SecretNotFound", Duration::from_secs(10), async || {
+        fake.get("Trunk", "default", "didforsale-example")
+            .is_some_and(|t| condition(&t, "Ready") == Some(("False".into(), "SecretNotFound".into())))
+    })
+    .await;
+    let trunk = fake.get("Trunk", "default", "didforsale-example").unwrap();
+    let ready_condition = trunk["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready");
+    let message = ready_condition.unwrap()["message"].as_str().unwrap_or_default().to_string();
+    assert!(message.contains("switchboard.dev/credentials=true"), "the message says what to label: {message}");
+    assert_eq!(count(&pool, "SELECT count(*) FROM credentials").await, 1, "the stored password stays");
+    secret["metadata"]["labels"] = json!({"switchboard.dev/credentials": "true"});
+    fake.apply(secret);
+    wait_for("Ready again", Duration::from_secs(10), async || {
+        fake.get("Trunk", "default", "didforsale-example").is_some_and(|t| ready(&t))
+    })
+    .await;
+    running.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), running.task).await.expect("controllers stop on shutdown").unwrap();
+}
+
+/// A Trunk that asks for TLS (applied past the CRD's CEL, e.g. before the CRD was updated) is
+/// `Ready=False` with reason `Unsupported`, and its rows are not written.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_tls_trunk_is_not_ready_unsupported(pool: PgPool) {
+    let fake = FakeApi::default();
+    for mut manifest in example_manifests() {
+        if manifest["metadata"]["name"] == "skyetel-example" {
+            manifest["spec"]["gateways"][0]["transport"] = json!("TLS");
+        }
+        fake.apply(manifest);
+    }
+    let running = start(&fake, &pool, Duration::from_millis(200));
+    wait_for("Unsupported", Duration::from_secs(30), async || {
+        fake.get("Trunk", "default", "skyetel-example")
+            .is_some_and(|t| condition(&t, "Ready") == Some(("False".into(), "Unsupported".into())))
+    })
+    .await;
+    let trunk = fake.get("Trunk", "default", "skyetel-example").unwrap();
+    let ready_condition = trunk["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready");
+    let message = ready_condition.unwrap()["message"].as_str().unwrap_or_default().to_string();
+    assert!(message.contains("TLS is not supported"), "{message}");
+    assert_eq!(count(&pool, "SELECT count(*) FROM trunks WHERE name = 'skyetel-example'").await, 0);
     running.shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), running.task).await.expect("controllers stop on shutdown").unwrap();
 }

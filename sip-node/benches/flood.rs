@@ -197,9 +197,14 @@ async fn run(admin_url: String) {
 
     let sip: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let http: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    // The node's own state directory: no spool of an earlier run is replayed into this database.
+    let state = tempfile::tempdir().expect("state directory");
     let node = Killed(
         Command::new(env!("CARGO_BIN_EXE_switchboard-node"))
             .args(["--database-url", &url, "--node-id", "flood-bench"])
+            .arg("--state-dir")
+            .arg(state.path())
+            .env("SWITCHBOARD_WEBHOOK_SECRET", "flood-bench-webhook-secret")
             .args(["--sip-listen", &sip.to_string(), "--http-listen", &http.to_string()])
             .args(["--rtp-ports", "40000-49999", "--kernel-forwarding", "off"])
             .env("RUST_LOG", "warn")

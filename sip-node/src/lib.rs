@@ -55,7 +55,7 @@ const MAX_INTERVAL_MS: u64 = 86_400_000;
 #[derive(clap::Args, Debug, Clone)]
 pub struct NodeArgs {
     /// Postgres connection URL.
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
 
     /// Identity of this node in the `nodes` table. Must be stable across restarts so that a
@@ -141,6 +141,9 @@ const FIRST_LOAD_WAIT: Duration = Duration::from_secs(3);
 /// migrated yet; returns an error only for what waiting cannot fix, such as a malformed
 /// database URL or an unknown hostname with no `--node-id`.
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
+    // Settings that no amount of waiting fixes are checked before anything starts.
+    args.sip.signer()?;
+    args.sip.egress()?;
     let hostname = hostname::get().ok().map(|name| name.to_string_lossy().into_owned()).filter(|name| !name.is_empty());
     let node_id = match (args.node_id.as_deref().map(str::trim), &hostname) {
         (Some(""), _) => anyhow::bail!("--node-id must not be empty"),

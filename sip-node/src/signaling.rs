@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use sqlx::PgPool;
+use switchboard_model::egress::EgressPolicy;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
@@ -88,10 +89,18 @@ pub struct SipArgs {
     )]
     pub final_codes: Vec<u16>,
 
-    /// Key that signs the status callbacks of API-placed calls (HMAC-SHA256); the same on
-    /// every node so that receivers can verify any of them.
+    /// Key that signs the status callbacks of API-placed calls and the messaging webhooks
+    /// (HMAC-SHA256); the same on every node so that receivers can verify any of them. Required:
+    /// every node places API calls and delivers messages.
     #[arg(long, env = "SWITCHBOARD_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
+
+    /// Targets that API-supplied webhook and agent URLs may reach although they are not public
+    /// (comma-separated CIDRs, IP addresses, host names, `.suffix`); by default the node refuses
+    /// loopback, link-local, private and cluster-internal targets for them. Give the REST API
+    /// the same list.
+    #[arg(long, env = "SWITCHBOARD_EGRESS_ALLOW", value_delimiter = ',')]
+    pub egress_allow: Vec<String>,
 
     /// Calls routed to AI agents: when to answer, connect timeout.
     #[command(flatten)]
@@ -105,6 +114,33 @@ pub struct SipArgs {
     /// Flood guard (unknown sources, per-source caps) and digest nonces.
     #[command(flatten)]
     pub guard: crate::sip::guard::GuardArgs,
+}
+
+/// Shortest accepted webhook secret.
+pub const MIN_WEBHOOK_SECRET_BYTES: usize = 16;
+
+impl SipArgs {
+    /// The webhook signer. No secret is an error: with a key of its own, each node would sign
+    /// with something no receiver can verify.
+    pub fn signer(&self) -> anyhow::Result<Signer> {
+        match self.webhook_secret.as_deref().map(str::trim) {
+            Some(secret) if secret.len() >= MIN_WEBHOOK_SECRET_BYTES => Ok(Signer::new(secret.as_bytes())),
+            Some(secret) if !secret.is_empty() => anyhow::bail!(
+                "SWITCHBOARD_WEBHOOK_SECRET is {} bytes; use at least {MIN_WEBHOOK_SECRET_BYTES} random bytes (e.g. `openssl rand -hex 32`)",
+                secret.len()
+            ),
+            _ => anyhow::bail!(
+                "no webhook secret: set SWITCHBOARD_WEBHOOK_SECRET (or --webhook-secret) to the key your webhook \
+                 receivers verify X-Switchboard-Signature with, the same on every node; this node places API calls \
+                 and delivers messaging webhooks, and their signatures must be verifiable"
+            ),
+        }
+    }
+
+    /// The egress allow-list for API-supplied URLs.
+    pub fn egress(&self) -> anyhow::Result<EgressPolicy> {
+        Ok(EgressPolicy::parse(&self.egress_allow)?)
+    }
 }
 
 /// Where a started node listens (the ports may have been chosen by the OS).
@@ -185,15 +221,8 @@ pub async fn start(
     let (endpoint, new_requests) =
         Endpoint::start(Arc::clone(&transport), received_rx, timers, Arc::clone(&guard), metrics.clone());
 
-    let signer = match &args.webhook_secret {
-        Some(secret) => Signer::new(secret.as_bytes()),
-        None => {
-            tracing::warn!(
-                "SWITCHBOARD_WEBHOOK_SECRET is not set: webhooks are signed with a random key nobody can verify"
-            );
-            Signer::new(rand::random::<[u8; 32]>().to_vec())
-        }
-    };
+    let signer = args.signer()?;
+    let egress = Arc::new(args.egress()?);
     let webhook_client = reqwest::Client::builder().build().unwrap_or_default();
     let media = media_context(args, transport.local_addr(), &metrics)?;
     if let Some(media) = &media {
@@ -225,7 +254,9 @@ pub async fn start(
     });
     tasks.spawn(call::route_requests(Arc::clone(&ctx), new_requests));
     tasks.spawn(crate::sip::reaped::run(pool.clone(), signer.clone(), ctx.drain.clone()));
-    tasks.spawn(originate::run(Arc::clone(&ctx), pool.clone(), signer));
+    let api_webhooks = crate::webhook::guarded_client(Arc::clone(&egress))
+        .context("cannot set up the HTTP client of the API calls' webhooks")?;
+    tasks.spawn(originate::run(Arc::clone(&ctx), pool.clone(), signer, egress, api_webhooks));
     tasks.spawn(sms::run(Arc::clone(&ctx), pool.clone()));
     // Draining or stopping: un-REGISTER (its state goes through the store); on stop, then
     // flush the store.

@@ -37,6 +37,7 @@ fn args(database_url: &str) -> NodeArgs {
             sip_t1_ms: 500,
             per_source_rate: 20_000,
             webhook_secret: Some("test-webhook-secret".into()),
+            egress_allow: vec![],
             rtp_ports: "30000-39999".into(),
             media_threads: 0,
             kernel_forwarding: crate::media::kernel::KernelMode::Auto,

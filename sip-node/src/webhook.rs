@@ -5,11 +5,13 @@
 //! `"<t>.<body>"` with the shared secret, so that receivers can check origin and freshness the
 //! way they do for Stripe- or Twilio-style webhooks.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use serde::Serialize;
 use sha2::Sha256;
+use switchboard_model::egress::EgressPolicy;
 use tokio::sync::mpsc;
 
 /// Attempts per event before it is given up (logged).
@@ -45,6 +47,37 @@ impl Signer {
     }
 }
 
+/// The HTTP client for webhooks an API client named: it resolves each host once through the
+/// egress policy and connects only to the addresses that passed (a name that resolves to a
+/// private or metadata address is refused at connect time, whatever it resolved to when the
+/// API checked it), follows no redirect (a public URL that answers `307 Location:
+/// http://169.254.169.254/` would otherwise lead the node there), and uses no proxy from the
+/// environment (which would connect to the name itself).
+/// An error here stops the node: falling back to a default client would follow redirects.
+pub fn guarded_client(egress: Arc<EgressPolicy>) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .dns_resolver(Arc::new(EgressResolver(egress)))
+        .build()
+}
+
+/// DNS for [`guarded_client`]: the allowed addresses only. (IP literals never reach a
+/// resolver; [`CallHooks::start_guarded`] checks those before the first request.)
+struct EgressResolver(Arc<EgressPolicy>);
+
+impl reqwest::dns::Resolve for EgressResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = Arc::clone(&self.0);
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs =
+                policy.resolve(&host, 0).await.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)?;
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 /// One call's ordered stream of events to one URL. Dropping it lets the queue drain and stop.
 pub struct CallHooks {
     queue: Option<mpsc::UnboundedSender<serde_json::Value>>,
@@ -61,6 +94,23 @@ impl CallHooks {
             }
         });
         CallHooks { queue: Some(tx) }
+    }
+
+    /// [`CallHooks::start`] for a URL an API client chose: refused (logged, no event sent) when
+    /// the egress policy does not allow its host. `client` must be a [`guarded_client`].
+    pub fn start_guarded(
+        client: reqwest::Client,
+        signer: Signer,
+        url: Option<String>,
+        egress: &EgressPolicy,
+    ) -> CallHooks {
+        if let Some(url) = url.as_deref().filter(|u| !u.trim().is_empty())
+            && let Err(error) = egress.check_url(url)
+        {
+            tracing::warn!(%error, "webhook refused; no status callbacks are sent for this call");
+            return CallHooks { queue: None };
+        }
+        CallHooks::start(client, signer, url)
     }
 
     /// Queues an event; never blocks.

@@ -425,12 +425,17 @@ impl Drop for PeerNetwork {
 /// Both peers' RTP behind a real network device: after latching, both directions are
 /// forwarded in the kernel out of that device (not through the loopback), transcoded
 /// (PCMA caller, PCMU callee), whole and in order.
+///
+/// Needs root (a network namespace, a veth pair) and kernel forwarding: `scripts/test` runs it
+/// (`-- --ignored`) when it turns kernel forwarding on, and fails under `CI` when it cannot.
+/// Run by hand without kernel forwarding, it fails rather than pass without having looked.
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+#[ignore = "needs root and kernel RTP forwarding (SWITCHBOARD_TEST_KERNEL_FORWARDING=on); scripts/test runs it then"]
 async fn kernel_forwarding_sends_out_of_a_network_device(pool: PgPool) {
-    if !kernel_expected() {
-        println!("SKIPPED: needs root and kernel forwarding (SWITCHBOARD_TEST_KERNEL_FORWARDING=on)");
-        return;
-    }
+    assert!(
+        kernel_expected(),
+        "this test checks the kernel path: run it as root with SWITCHBOARD_TEST_KERNEL_FORWARDING=on (scripts/test does)"
+    );
     let network = PeerNetwork::create();
     // SIP stays on the loopback; RTP goes between the namespace and the node's 10.77.0.1.
     let caller = Ua { sip: tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(), rtp: network.socket() };

@@ -38,6 +38,8 @@ impl Node {
             .args(["--sip-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "info")
+            // Nodes refuse to start without one (webhook signatures must be verifiable).
+            .env("SWITCHBOARD_WEBHOOK_SECRET", "node-process-test-webhook-secret")
             .env_remove("SWITCHBOARD_LOG_FORMAT")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -182,6 +184,15 @@ async fn waits_for_an_unreachable_database_and_stops_on_sigterm() {
     assert!(node.logged("postgres://postgres:***@127.0.0.1:1/postgres"), "{}", node.dump());
     let (status, log) = node.terminate().await;
     assert!(status.success(), "exit status {status}; log:\n{log}");
+
+    // libpq's other way of writing the password, as a query parameter, is masked too.
+    let node =
+        Node::start("postgres://postgres@127.0.0.1:1/postgres?sslmode=disable&password=hunter3", "proc-unreachable");
+    node.wait_for_log("database unreachable").await;
+    assert!(!node.logged("hunter3"), "the password was logged:\n{}", node.dump());
+    assert!(node.logged("postgres://postgres@127.0.0.1:1/postgres?sslmode=disable&password=***"), "{}", node.dump());
+    let (status, log) = node.terminate().await;
+    assert!(status.success(), "exit status {status}; log:\n{log}");
 }
 
 /// A TCP proxy in front of Postgres that a test can cut and restore, to stage an outage
@@ -280,6 +291,20 @@ async fn an_unusable_agent_ca_file_stops_the_node_at_start_up(pool: PgPool) {
     let (status, log) = node.exited().await;
     assert!(!status.success(), "{log}");
     assert!(log.contains("--agent-ca-file") && log.contains("/nonexistent/agents-ca.pem"), "{log}");
+}
+
+/// A node without a webhook secret (or with a short one) does not start: with a random key of
+/// its own, nobody could verify the signatures of its status callbacks and message webhooks.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_node_without_a_webhook_secret_does_not_start(pool: PgPool) {
+    let node = Node::start_with(&url_of(&pool), "proc-node-nosecret", &["--webhook-secret="]);
+    let (status, log) = node.exited().await;
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("no webhook secret: set SWITCHBOARD_WEBHOOK_SECRET"), "{log}");
+    let node = Node::start_with(&url_of(&pool), "proc-node-shortsecret", &["--webhook-secret", "short"]);
+    let (status, log) = node.exited().await;
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("at least 16"), "{log}");
 }
 
 /// The address a `key=ADDR` field of the first log line containing `message` names.

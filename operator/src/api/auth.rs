@@ -1,6 +1,12 @@
-//! Bearer-token authentication: HS256 JWTs with expiry and issuer checked. The secret comes
-//! from a file (in Kubernetes: a mounted Secret) or `SWITCHBOARD_JWT_SECRET`; `switchboard
-//! token` mints tokens with the same secret. Tokens are never logged.
+//! Bearer-token authentication: HS256 JWTs with expiry, issuer, lifetime and scopes checked. The
+//! secret comes from a file (in Kubernetes: a mounted Secret) or `SWITCHBOARD_JWT_SECRET`;
+//! `switchboard token` mints tokens with the same secret. Tokens are never logged.
+//!
+//! Scopes (the `scope` claim, space-separated as in OAuth 2.0): `read` (every GET), `trunks`
+//! (trunk writes), `calls` (`/api/calls/initiate`), `sms` (`/api/sms/send`), `admin` (all of
+//! them). Each route needs one ([`required_scope`]); a token without it gets 403. A token whose
+//! lifetime (`exp - iat`) exceeds `--jwt-max-ttl-seconds` is refused, so that a leaked token
+//! cannot be one that never expires.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,6 +39,60 @@ pub struct JwtArgs {
     /// Issuer (`iss`) written into and required of tokens.
     #[arg(long, env = "SWITCHBOARD_JWT_ISSUER", default_value = DEFAULT_ISSUER)]
     pub jwt_issuer: String,
+    /// Longest token lifetime (`exp - iat`, seconds) minted or accepted.
+    #[arg(long, env = "SWITCHBOARD_JWT_MAX_TTL_SECONDS", default_value_t = DEFAULT_MAX_TTL_SECONDS)]
+    pub jwt_max_ttl_seconds: u64,
+}
+
+/// Default of `--jwt-max-ttl-seconds`: one day.
+pub const DEFAULT_MAX_TTL_SECONDS: u64 = 86_400;
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Scope {
+    /// Every GET: trunks, calls, CDRs, messages.
+    Read,
+    /// Create, change, activate and delete trunks.
+    Trunks,
+    /// Place calls (`POST /api/calls/initiate`).
+    Calls,
+    /// Send messages (`POST /api/sms/send`).
+    Sms,
+    /// Everything.
+    Admin,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 5] = [Scope::Read, Scope::Trunks, Scope::Calls, Scope::Sms, Scope::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Trunks => "trunks",
+            Scope::Calls => "calls",
+            Scope::Sms => "sms",
+            Scope::Admin => "admin",
+        }
+    }
+
+    fn parse(value: &str) -> Option<Scope> {
+        Scope::ALL.into_iter().find(|s| s.as_str() == value)
+    }
+}
+
+/// The scope a request needs, from its method and path (the middleware runs only for requests
+/// that matched a route): GETs `read`, trunk writes `trunks`, placing calls `calls`, sending
+/// messages `sms`; anything else under `/api` (a route added later) `admin`, so that a new
+/// route is closed until someone decides who may use it.
+pub fn required_scope(method: &axum::http::Method, route: &str) -> Scope {
+    use axum::http::Method;
+    match (method, route) {
+        (&Method::GET | &Method::HEAD, _) => Scope::Read,
+        (_, "/api/calls/initiate") => Scope::Calls,
+        (_, "/api/sms/send") => Scope::Sms,
+        (&Method::POST | &Method::PUT | &Method::DELETE, r) if r.starts_with("/api/trunks") => Scope::Trunks,
+        _ => Scope::Admin,
+    }
 }
 
 /// Errors loading the secret.
@@ -66,7 +126,7 @@ impl JwtArgs {
     /// The verifier, or [`SecretError::Missing`].
     pub fn verifier(&self) -> Result<Arc<JwtVerifier>, SecretError> {
         let secret = self.secret()?.ok_or(SecretError::Missing)?;
-        Ok(Arc::new(JwtVerifier::new(&secret, &self.jwt_issuer)))
+        Ok(Arc::new(JwtVerifier::new(&secret, &self.jwt_issuer).with_max_ttl(self.jwt_max_ttl_seconds)))
     }
 }
 
@@ -82,6 +142,16 @@ pub struct Claims {
     pub iss: String,
     pub iat: u64,
     pub exp: u64,
+    /// Space-separated scopes; a token without the claim has none.
+    #[serde(default)]
+    pub scope: String,
+}
+
+impl Claims {
+    /// Whether the token carries `scope` (or `admin`).
+    pub fn allows(&self, scope: Scope) -> bool {
+        self.scope.split_ascii_whitespace().filter_map(Scope::parse).any(|s| s == scope || s == Scope::Admin)
+    }
 }
 
 /// Checks and mints tokens.
@@ -90,6 +160,7 @@ pub struct JwtVerifier {
     decoding: DecodingKey,
     validation: Validation,
     issuer: String,
+    max_ttl_seconds: u64,
 }
 
 impl std::fmt::Debug for JwtVerifier {
@@ -109,18 +180,54 @@ impl JwtVerifier {
             decoding: DecodingKey::from_secret(secret),
             validation,
             issuer: issuer.to_string(),
+            max_ttl_seconds: DEFAULT_MAX_TTL_SECONDS,
         }
     }
 
-    /// A token for `subject`, valid for `ttl_seconds`.
+    /// The same verifier with another maximum token lifetime.
+    pub fn with_max_ttl(mut self, seconds: u64) -> Self {
+        self.max_ttl_seconds = seconds;
+        self
+    }
+
+    /// A token for `subject` with every scope but `admin`, valid for `ttl_seconds`: for tests
+    /// and benches. Panics when `ttl_seconds` is above the maximum; [`JwtVerifier::mint_scoped`]
+    /// says so instead.
     pub fn mint(&self, subject: &str, ttl_seconds: u64) -> String {
+        self.mint_scoped(subject, ttl_seconds, &[Scope::Read, Scope::Trunks, Scope::Calls, Scope::Sms])
+            .expect("mint() callers stay within the maximum lifetime")
+    }
+
+    /// A token for `subject` with `scopes`, valid for `ttl_seconds` (at most the maximum).
+    pub fn mint_scoped(&self, subject: &str, ttl_seconds: u64, scopes: &[Scope]) -> Result<String, String> {
+        if ttl_seconds > self.max_ttl_seconds {
+            return Err(format!(
+                "a lifetime of {ttl_seconds} s is above the maximum of {} s (--jwt-max-ttl-seconds)",
+                self.max_ttl_seconds
+            ));
+        }
         let now = now_seconds();
-        let claims = Claims { sub: subject.into(), iss: self.issuer.clone(), iat: now, exp: now + ttl_seconds };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).expect("HS256 signing")
+        let scope = scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" ");
+        let claims = Claims { sub: subject.into(), iss: self.issuer.clone(), iat: now, exp: now + ttl_seconds, scope };
+        Ok(jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).expect("HS256 signing"))
     }
 
     /// The claims of a valid token, or a message saying why it is not.
     pub fn verify(&self, token: &str) -> Result<Claims, String> {
+        let claims = self.verify_signature(token)?;
+        if claims.iat > now_seconds() + self.validation.leeway {
+            return Err("the token's iat is in the future".into());
+        }
+        if claims.exp.saturating_sub(claims.iat) > self.max_ttl_seconds {
+            return Err(format!(
+                "the token's lifetime (exp - iat) is above this server's maximum of {} s; mint a shorter-lived one",
+                self.max_ttl_seconds
+            ));
+        }
+        Ok(claims)
+    }
+
+    fn verify_signature(&self, token: &str) -> Result<Claims, String> {
         use jsonwebtoken::errors::ErrorKind;
         jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map(|data| data.claims).map_err(
             |error| match error.kind() {
@@ -159,14 +266,30 @@ pub async fn require_token(State(verifier): State<Arc<JwtVerifier>>, mut request
             }
         },
     };
-    match verifier.verify(&token) {
-        Ok(claims) => {
-            tracing::debug!(subject = %claims.sub, "authenticated");
-            request.extensions_mut().insert(claims);
-            next.run(request).await
-        }
-        Err(message) => ApiError::unauthorized(message).into_response(),
+    let claims = match verifier.verify(&token) {
+        Ok(claims) => claims,
+        Err(message) => return ApiError::unauthorized(message).into_response(),
+    };
+    // A route layer: only requests that matched a route get here.
+    let route = request.uri().path().to_string();
+    let needed = required_scope(request.method(), &route);
+    if !claims.allows(needed) {
+        return ApiError::forbidden(
+            "insufficient_scope",
+            format!(
+                "this token's scopes ({}) do not include {:?}, which {} {} needs; mint one with --scope {}",
+                if claims.scope.is_empty() { "none" } else { claims.scope.as_str() },
+                needed.as_str(),
+                request.method(),
+                route,
+                needed.as_str()
+            ),
+        )
+        .into_response();
     }
+    tracing::debug!(subject = %claims.sub, "authenticated");
+    request.extensions_mut().insert(claims);
+    next.run(request).await
 }
 
 /// Arguments of `switchboard token`.
@@ -175,9 +298,12 @@ pub struct TokenArgs {
     /// Who the token is for (the `sub` claim).
     #[arg(long)]
     pub subject: String,
-    /// Lifetime in seconds.
+    /// Lifetime in seconds (at most --jwt-max-ttl-seconds).
     #[arg(long, default_value_t = 3600)]
     pub ttl: u64,
+    /// What the token may do; repeat or comma-separate. `admin` is every scope.
+    #[arg(long = "scope", value_enum, value_delimiter = ',', default_values_t = [Scope::Read, Scope::Trunks, Scope::Calls, Scope::Sms])]
+    pub scopes: Vec<Scope>,
     #[command(flatten)]
     pub jwt: JwtArgs,
 }
@@ -185,7 +311,8 @@ pub struct TokenArgs {
 /// `switchboard token`: prints a token on stdout (nothing else, so that it can be captured).
 pub fn token_command(args: TokenArgs) -> anyhow::Result<()> {
     let verifier = args.jwt.verifier()?;
-    println!("{}", verifier.mint(&args.subject, args.ttl));
+    let token = verifier.mint_scoped(&args.subject, args.ttl, &args.scopes).map_err(anyhow::Error::msg)?;
+    println!("{token}");
     Ok(())
 }
 
@@ -205,6 +332,41 @@ mod tests {
         let other_secret = JwtVerifier::new(b"ffffffffffffffffffffffffffffffff", "switchboard").mint("ci", 60);
         assert!(verifier.verify(&other_secret).unwrap_err().contains("signature"));
         assert!(verifier.verify("not.a.jwt").is_err());
+    }
+
+    #[test]
+    fn lifetimes_above_the_maximum_are_refused() {
+        let verifier = JwtVerifier::new(SECRET, "switchboard").with_max_ttl(600);
+        assert!(verifier.mint_scoped("ci", 601, &[Scope::Read]).is_err());
+        // A token minted elsewhere with the same secret and a year's lifetime.
+        let long = JwtVerifier::new(SECRET, "switchboard").with_max_ttl(u64::MAX).mint_scoped("ci", 31_536_000, &[]);
+        let error = verifier.verify(&long.unwrap()).unwrap_err();
+        assert!(error.contains("lifetime"), "{error}");
+        assert!(verifier.verify(&verifier.mint_scoped("ci", 600, &[]).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn scopes_are_required_per_route() {
+        use axum::http::Method;
+        let claims = |scope: &str| Claims { sub: "x".into(), iss: "i".into(), iat: 0, exp: 0, scope: scope.into() };
+        for (method, route, scope) in [
+            (Method::GET, "/api/trunks", Scope::Read),
+            (Method::GET, "/api/calls/cdr", Scope::Read),
+            (Method::POST, "/api/trunks", Scope::Trunks),
+            (Method::PUT, "/api/trunks/{trunk_id}", Scope::Trunks),
+            (Method::DELETE, "/api/trunks/{trunk_id}", Scope::Trunks),
+            (Method::POST, "/api/trunks/{trunk_id}/activate", Scope::Trunks),
+            (Method::POST, "/api/calls/initiate", Scope::Calls),
+            (Method::POST, "/api/sms/send", Scope::Sms),
+            (Method::POST, "/api/something/new", Scope::Admin),
+        ] {
+            assert_eq!(required_scope(&method, route), scope, "{method} {route}");
+        }
+        assert!(claims("read calls").allows(Scope::Calls));
+        assert!(!claims("read calls").allows(Scope::Sms));
+        assert!(claims("admin").allows(Scope::Trunks));
+        assert!(!claims("").allows(Scope::Read));
+        assert!(!claims("readcalls").allows(Scope::Read));
     }
 
     #[test]

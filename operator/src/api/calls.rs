@@ -2,7 +2,7 @@
 //! `messages`) for a SIP node to take; the lists read what nodes wrote.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use base64::Engine;
 use chrono::{DateTime, Utc};
@@ -13,7 +13,9 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::AppState;
+use super::auth::Claims;
 use super::error::{ApiError, ApiJson, ApiQuery, ErrorBody};
+use super::limits::RouteLimits;
 use crate::crd::{E164_PATTERN, NAME_PATTERN};
 
 fn e164(field: &str, value: &str) -> Result<(), ApiError> {
@@ -29,12 +31,73 @@ fn e164(field: &str, value: &str) -> Result<(), ApiError> {
     }
 }
 
-fn url(field: &str, value: &str, schemes: &[&str]) -> Result<(), ApiError> {
+/// A URL the node will connect to for the client: the right scheme, and a target the egress
+/// policy allows (no loopback, link-local, private or cluster-internal host unless listed).
+fn url(state: &AppState, field: &str, value: &str, schemes: &[&str]) -> Result<(), ApiError> {
     let ok = schemes.iter().any(|s| value.starts_with(&format!("{s}://")))
         && value.len() <= 2048
         && !value.contains(char::is_whitespace)
         && value.split("://").nth(1).is_some_and(|rest| !rest.is_empty());
-    if ok { Ok(()) } else { Err(ApiError::invalid(field, format!("{value:?} is not a {} URL", schemes.join("/")))) }
+    if !ok {
+        return Err(ApiError::invalid(field, format!("{value:?} is not a {} URL", schemes.join("/"))));
+    }
+    state.egress.check_url(value).map(drop).map_err(|error| ApiError::invalid(field, error.to_string()))
+}
+
+/// Takes one request from the route's rate limits: 429 with `Retry-After` when over.
+fn rate_limit(limits: &RouteLimits, claims: &Claims, from_number: &str) -> Result<(), ApiError> {
+    limits.check(&claims.sub, from_number, std::time::Instant::now()).map_err(|limited| {
+        let seconds = limited.retry_after.as_secs_f64().ceil() as u64;
+        ApiError::too_many_requests(
+            format!("too many requests for this {}; retry in {seconds} s", limited.what),
+            seconds,
+        )
+    })
+}
+
+/// The toll-fraud guard: the from-number must be one of this deployment's PhoneNumbers, and an
+/// outbound RoutingRule in its namespace must match the destination; a destination no rule
+/// covers (premium-rate, international) is refused with 403 instead of being dialled through
+/// the number's own trunk. Returns the number's namespace and trunk.
+async fn outbound_allowed(state: &AppState, from: &str, to: &str) -> Result<(String, String), ApiError> {
+    let number = sqlx::query("SELECT namespace, trunk_ref FROM phone_numbers WHERE number = $1")
+        .bind(from)
+        .fetch_optional(&state.pool)
+        .await?
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "from_number",
+                format!("{from} is not a PhoneNumber of this deployment; use one of your DIDs"),
+            )
+        })?;
+    let namespace: String = number.try_get("namespace")?;
+    let trunk: String = number.try_get("trunk_ref")?;
+    let rules: Vec<serde_json::Value> = sqlx::query_scalar(
+        "SELECT match_spec FROM routing_rules WHERE namespace = $1 AND direction = 'outbound' ORDER BY priority, name",
+    )
+    .bind(&namespace)
+    .fetch_all(&state.pool)
+    .await?;
+    let matches = rules.iter().any(|spec| {
+        let patterns = spec.get("destinationPatterns").and_then(|p| p.as_array());
+        match patterns {
+            None => true,
+            Some(patterns) if patterns.is_empty() => true,
+            Some(patterns) => {
+                patterns.iter().filter_map(|p| p.as_str()).any(|p| regex::Regex::new(p).is_ok_and(|re| re.is_match(to)))
+            }
+        }
+    });
+    if !matches {
+        return Err(ApiError::forbidden(
+            "destination_not_allowed",
+            format!(
+                "no outbound RoutingRule in namespace {namespace} matches {to}; add one whose destinationPatterns cover it"
+            ),
+        )
+        .with_field("to_number"));
+    }
+    Ok((namespace, trunk))
 }
 
 /// Start an outbound call.
@@ -44,13 +107,18 @@ pub struct InitiateCall {
     /// Caller id (E.164), one of this deployment's numbers.
     #[schema(example = "+15551234567")]
     pub from_number: String,
-    /// Destination (E.164).
+    /// Destination (E.164); an outbound RoutingRule in the from-number's namespace must match it
+    /// (403 `destination_not_allowed` otherwise).
     #[schema(example = "+19876543210")]
     pub to_number: String,
-    /// Status callbacks (initiated, ringing, answered, completed) are POSTed here.
+    /// Status callbacks (initiated, ringing, answered, completed) are POSTed here. Must be a
+    /// public target: loopback, link-local, private and cluster-internal hosts are refused (422)
+    /// unless the deployment allow-lists them (`SWITCHBOARD_EGRESS_ALLOW`); redirects are not
+    /// followed.
     #[serde(default)]
     pub webhook_url: Option<String>,
-    /// Bridge the answered call to this AI agent (ws:// or wss://, Twilio Media Streams).
+    /// Bridge the answered call to this AI agent (ws:// or wss://, Twilio Media Streams); the
+    /// same target rule as `webhook_url`.
     #[serde(default)]
     pub agent_websocket_url: Option<String>,
     /// Or handle the answered call as this inbound RoutingRule says.
@@ -87,19 +155,26 @@ pub struct CallRequestResponse {
 
 /// Queue an outbound call; a live SIP node places it through the matching outbound rule's trunks.
 #[utoipa::path(post, path = "/api/calls/initiate", tag = "calls", request_body = InitiateCall,
-    responses((status = 202, description = "Queued", body = CallRequestResponse), (status = 422, body = ErrorBody)),
+    responses(
+        (status = 202, description = "Queued", body = CallRequestResponse),
+        (status = 403, description = "The token lacks the `calls` scope, or no outbound RoutingRule matches `to_number` (`destination_not_allowed`)", body = ErrorBody),
+        (status = 422, description = "Invalid field; `webhook_url`/`agent_websocket_url` naming a loopback, link-local, private or cluster-internal target is refused unless allow-listed", body = ErrorBody),
+        (status = 429, description = "Over the rate limit of the token's subject or the from-number; see `Retry-After`", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until a retry can succeed"))),
+    ),
     security(("bearer" = [])))]
 pub async fn initiate(
     State(state): State<AppState>,
+    Extension(claims): Extension<Claims>,
     ApiJson(body): ApiJson<InitiateCall>,
 ) -> Result<(StatusCode, Json<CallRequestResponse>), ApiError> {
     e164("from_number", &body.from_number)?;
     e164("to_number", &body.to_number)?;
     if let Some(webhook) = &body.webhook_url {
-        url("webhook_url", webhook, &["http", "https"])?;
+        url(&state, "webhook_url", webhook, &["http", "https"])?;
     }
     if let Some(agent) = &body.agent_websocket_url {
-        url("agent_websocket_url", agent, &["ws", "wss"])?;
+        url(&state, "agent_websocket_url", agent, &["ws", "wss"])?;
     }
     if let Some(rule) = &body.routing_rule {
         static NAME: std::sync::LazyLock<regex::Regex> =
@@ -118,6 +193,8 @@ pub async fn initiate(
             format!("{expires_in} is not between 1 and 86400 seconds"),
         ));
     }
+    rate_limit(&state.limits.calls, &claims, &body.from_number)?;
+    outbound_allowed(&state, &body.from_number, &body.to_number).await?;
     let destination = body.agent_websocket_url.as_ref().map(|url| serde_json::json!({"type": "websocket", "url": url}));
     let id = Uuid::new_v4();
     let (created_at, expires_at): (DateTime<Utc>, DateTime<Utc>) = sqlx::query_as(
@@ -411,6 +488,7 @@ pub struct SendSms {
     /// One of this deployment's numbers (its trunk sends the message).
     #[schema(example = "+15551234567")]
     pub from_number: String,
+    /// Destination (E.164); an outbound RoutingRule in the from-number's namespace must match it.
     #[schema(example = "+19876543210")]
     pub to_number: String,
     /// Text, 1 to 1600 characters.
@@ -456,9 +534,17 @@ const MESSAGE_COLUMNS: &str = "id, direction, trunk_name, from_number, to_number
 
 /// Queue an SMS (SIP MESSAGE through the from-number's trunk, sent by a SIP node).
 #[utoipa::path(post, path = "/api/sms/send", tag = "sms", request_body = SendSms,
-    responses((status = 202, description = "Queued", body = Message), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
+    responses(
+        (status = 202, description = "Queued", body = Message),
+        (status = 403, description = "The token lacks the `sms` scope, or no outbound RoutingRule matches `to_number` (`destination_not_allowed`)", body = ErrorBody),
+        (status = 422, body = ErrorBody),
+        (status = 429, description = "Over the rate limit of the token's subject or the from-number; see `Retry-After`", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until a retry can succeed"))),
+    ),
+    security(("bearer" = [])))]
 pub async fn send_sms(
     State(state): State<AppState>,
+    Extension(claims): Extension<Claims>,
     ApiJson(body): ApiJson<SendSms>,
 ) -> Result<(StatusCode, Json<Message>), ApiError> {
     e164("from_number", &body.from_number)?;
@@ -466,18 +552,8 @@ pub async fn send_sms(
     if body.message.is_empty() || body.message.chars().count() > 1600 {
         return Err(ApiError::invalid("message", "message must be 1 to 1600 characters"));
     }
-    let number = sqlx::query("SELECT namespace, trunk_ref FROM phone_numbers WHERE number = $1")
-        .bind(&body.from_number)
-        .fetch_optional(&state.pool)
-        .await?
-        .ok_or_else(|| {
-            ApiError::invalid(
-                "from_number",
-                format!("{} is not a PhoneNumber of this deployment; send from one of your DIDs", body.from_number),
-            )
-        })?;
-    let namespace: String = number.try_get("namespace")?;
-    let trunk: String = number.try_get("trunk_ref")?;
+    rate_limit(&state.limits.sms, &claims, &body.from_number)?;
+    let (namespace, trunk) = outbound_allowed(&state, &body.from_number, &body.to_number).await?;
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO messages (id, direction, namespace, trunk_name, from_number, to_number, body, status)
          VALUES ($1, 'outbound', $2, $3, $4, $5, $6, 'queued') RETURNING {MESSAGE_COLUMNS}"

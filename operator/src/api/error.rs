@@ -35,11 +35,17 @@ pub struct ErrorDetail {
 pub struct ApiError {
     pub status: StatusCode,
     pub detail: ErrorDetail,
+    /// Seconds for a `Retry-After` header (429).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
-        Self { status, detail: ErrorDetail { code: code.into(), message: message.into(), field: None } }
+        Self {
+            status,
+            detail: ErrorDetail { code: code.into(), message: message.into(), field: None },
+            retry_after: None,
+        }
     }
 
     pub fn with_field(mut self, field: impl Into<String>) -> Self {
@@ -66,6 +72,18 @@ impl ApiError {
 
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    /// Authenticated, but not allowed (a missing scope, a destination no rule allows).
+    pub fn forbidden(code: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, code, message)
+    }
+
+    /// Over a rate limit; answered with `Retry-After: retry_after_seconds`.
+    pub fn too_many_requests(message: impl Into<String>, retry_after_seconds: u64) -> Self {
+        let mut error = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message);
+        error.retry_after = Some(retry_after_seconds.max(1));
+        error
     }
 
     /// A failure of the server or a system behind it. The cause is logged; the client gets a
@@ -97,6 +115,9 @@ impl IntoResponse for ApiError {
         let mut response = (self.status, Json(ErrorBody { error: self.detail })).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
         }
         response
     }

@@ -8,6 +8,7 @@
 pub mod auth;
 pub mod calls;
 pub mod error;
+pub mod limits;
 pub mod store;
 pub mod trunk_model;
 pub mod trunks;
@@ -31,6 +32,7 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use auth::JwtVerifier;
 use store::TrunkStore;
+use switchboard_model::egress::EgressPolicy;
 
 /// The request id header, taken from the request or generated.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -47,6 +49,21 @@ pub struct ApiArgs {
     pub api_namespace: String,
     #[command(flatten)]
     pub jwt: auth::JwtArgs,
+    /// Targets that `webhook_url` and `agent_websocket_url` may name although they are not
+    /// public (comma-separated CIDRs, IP addresses, host names, `.suffix`): by default loopback,
+    /// link-local, private and cluster-internal targets are refused. The SIP nodes take the same
+    /// list (`SWITCHBOARD_EGRESS_ALLOW`).
+    #[arg(long, env = "SWITCHBOARD_EGRESS_ALLOW", value_delimiter = ',')]
+    pub egress_allow: Vec<String>,
+    #[command(flatten)]
+    pub limits: limits::LimitArgs,
+}
+
+impl ApiArgs {
+    /// The egress allow-list, or an error naming the bad entry.
+    pub fn egress(&self) -> anyhow::Result<EgressPolicy> {
+        Ok(EgressPolicy::parse(&self.egress_allow)?)
+    }
 }
 
 /// The list's trunk status and counters with the time they were read.
@@ -63,6 +80,10 @@ pub struct AppState {
     pub metrics: Arc<ApiMetrics>,
     /// The list's trunk status and counters, reused for a second (see `trunks::observed_all`).
     pub(crate) observed: Arc<tokio::sync::Mutex<Option<ObservedAt>>>,
+    /// Which webhook and agent targets API clients may name.
+    pub egress: Arc<EgressPolicy>,
+    /// Rate limits of placing calls and sending messages.
+    pub limits: Arc<limits::ApiLimits>,
 }
 
 impl AppState {
@@ -74,7 +95,21 @@ impl AppState {
             write_lock: Arc::default(),
             metrics: Arc::new(ApiMetrics::new()),
             observed: Arc::default(),
+            egress: Arc::default(),
+            limits: Arc::default(),
         }
+    }
+
+    /// The same state with an egress allow-list (default: public targets only).
+    pub fn with_egress(mut self, egress: EgressPolicy) -> Self {
+        self.egress = Arc::new(egress);
+        self
+    }
+
+    /// The same state with other rate limits.
+    pub fn with_limits(mut self, limits: &limits::LimitArgs) -> Self {
+        self.limits = Arc::new(limits::ApiLimits::new(limits));
+        self
     }
 }
 
@@ -105,7 +140,7 @@ impl ApiMetrics {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Switchboard API", description = "Trunks, calls and SMS over Switchboard's resources. Authenticate with `Authorization: Bearer <JWT>` (mint one with `switchboard token --subject NAME`)."),
+    info(title = "Switchboard API", description = "Trunks, calls and SMS over Switchboard's resources. Authenticate with `Authorization: Bearer <JWT>` (mint one with `switchboard token --subject NAME --scope read,calls`). Scopes: `read` for every GET, `trunks` for trunk writes, `calls` for `/api/calls/initiate`, `sms` for `/api/sms/send`, `admin` for all; a token without the route's scope gets 403 `insufficient_scope`."),
     paths(
         trunks::create, trunks::list, trunks::get, trunks::update, trunks::delete, trunks::activate,
         trunks::status, trunks::status_all, trunks::stats_summary,
@@ -213,25 +248,42 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Router, shutdown: Can
     Ok(())
 }
 
-/// The verifier of local mode: the configured secret, else a random one written (0600) to a
-/// file whose path is returned, for `switchboard token --jwt-secret-file PATH`.
-pub fn local_verifier(args: &auth::JwtArgs) -> anyhow::Result<(Arc<JwtVerifier>, Option<std::path::PathBuf>)> {
+/// The verifier of local mode: the configured secret, else a random one written to
+/// `dir/jwt-secret` (created new, 0600; `dir` is local mode's private 0700 directory), whose path
+/// is returned for `switchboard token --jwt-secret-file PATH`. A file already there is an error,
+/// never overwritten: nothing can have planted it in a fresh private directory, so one that
+/// exists is a sign that the directory is not what it should be.
+pub fn local_verifier(
+    args: &auth::JwtArgs,
+    dir: &std::path::Path,
+) -> anyhow::Result<(Arc<JwtVerifier>, Option<std::path::PathBuf>)> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(secret) = args.secret()? {
-        return Ok((Arc::new(JwtVerifier::new(&secret, &args.jwt_issuer)), None));
+        let verifier = JwtVerifier::new(&secret, &args.jwt_issuer).with_max_ttl(args.jwt_max_ttl_seconds);
+        return Ok((Arc::new(verifier), None));
     }
-    let dir = std::env::temp_dir().join(format!("switchboard-local-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
     let path = dir.join("jwt-secret");
+    let secret = hex::encode(rand_bytes());
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", path.display()))?;
+    file.write_all(secret.as_bytes())?;
+    let verifier = JwtVerifier::new(secret.as_bytes(), &args.jwt_issuer).with_max_ttl(args.jwt_max_ttl_seconds);
+    Ok((Arc::new(verifier), Some(path)))
+}
+
+/// 32 random bytes from the operating system's generator (through UUID v4, which draws from
+/// getrandom; 122 random bits each).
+pub fn rand_bytes() -> [u8; 32] {
     let mut bytes = [0u8; 32];
     for chunk in bytes.chunks_mut(16) {
         chunk.copy_from_slice(uuid::Uuid::new_v4().as_bytes());
     }
-    let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
-    file.write_all(secret.as_bytes())?;
-    Ok((Arc::new(JwtVerifier::new(secret.as_bytes(), &args.jwt_issuer)), Some(path)))
+    bytes
 }
 
 /// Starts the API of `switchboard operator` (Kubernetes store) on a spawned task; `None` (with a
@@ -252,6 +304,8 @@ pub async fn start_for_operator(
     };
     let address = args.api_listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8081)));
     let listener = bind(address).await?;
-    let state = AppState::new(pool, Arc::new(store::KubernetesStore::new(client)), args.api_namespace.clone());
+    let state = AppState::new(pool, Arc::new(store::KubernetesStore::new(client)), args.api_namespace.clone())
+        .with_egress(args.egress()?)
+        .with_limits(&args.limits);
     Ok(Some(tokio::spawn(serve(listener, router(state, verifier), shutdown))))
 }

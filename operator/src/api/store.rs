@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use super::error::ApiError;
 use super::trunk_model::{PASSWORD_KEY, TRUNK_ID_ANNOTATION};
 use crate::crd::{API_VERSION, Trunk, TrunkSpec};
+use crate::kubernetes::controller::CREDENTIALS_LABEL;
 use crate::source::folder::{FileCache, FolderSource, collect_manifests};
 use crate::source::{Kind, Spec};
 
@@ -224,7 +225,7 @@ impl TrunkStore for KubernetesStore {
                 "metadata": {
                     "name": credentials.password_secret_ref.name,
                     "namespace": write.namespace,
-                    "labels": {SECRET_LABEL.0: SECRET_LABEL.1},
+                    "labels": {SECRET_LABEL.0: SECRET_LABEL.1, (CREDENTIALS_LABEL.0): CREDENTIALS_LABEL.1},
                 },
                 "type": "Opaque",
                 "stringData": {credentials.password_secret_ref.key.clone(): password},
@@ -477,7 +478,12 @@ impl FolderStore {
                 let manifest = json!({
                     "apiVersion": "v1",
                     "kind": "Secret",
-                    "metadata": {"name": name, "namespace": write.namespace},
+                    "metadata": {
+                        "name": name,
+                        "namespace": write.namespace,
+                        // So that the folder, applied to a cluster, is watched by the operator.
+                        "labels": {(CREDENTIALS_LABEL.0): CREDENTIALS_LABEL.1},
+                    },
                     "type": "Opaque",
                     "stringData": {credentials.password_secret_ref.key.clone(): password},
                 });

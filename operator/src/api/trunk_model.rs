@@ -41,7 +41,7 @@ pub struct ApiGateway {
     pub address: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
-    /// UDP, TCP or TLS (default UDP).
+    /// UDP or TCP (default UDP); TLS is refused with 400 `unsupported` until SIP over TLS exists.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<String>,
     /// Lower is tried first (default 10).
@@ -78,7 +78,7 @@ pub struct TrunkFields {
     pub realm: Option<String>,
     pub supports_outbound: Option<bool>,
     pub supports_inbound: Option<bool>,
-    /// UDP, TCP or TLS, for the first gateway.
+    /// UDP or TCP, for the first gateway (TLS: 400 `unsupported` until SIP over TLS exists).
     pub transport: Option<String>,
     /// Codecs in order of preference: PCMU, PCMA, telephone-event.
     pub preferred_codecs: Option<Vec<String>>,
@@ -86,7 +86,8 @@ pub struct TrunkFields {
     pub calls_per_second_limit: Option<u32>,
     /// Source networks the provider signals from (CIDRs; a bare IP means that one host).
     pub allowed_ips: Option<Vec<String>>,
-    /// `ip`, `digest`, `none` or `certificate` (default: `digest` with a username, else `ip`).
+    /// `ip`, `digest` or `none` (default: `digest` with a username, else `ip`); `certificate`
+    /// is refused with 400 `unsupported` until SIP over TLS exists.
     pub auth_method: Option<String>,
     /// Trunks tried when this one fails or is at its limits (their `trunk_id`s).
     pub backup_trunks: Option<Vec<String>>,
@@ -425,7 +426,14 @@ pub fn api_field(path: &str, fields: &TrunkFields) -> String {
 /// The 422 for a spec that fails validation: the first problem's API field, every problem in
 /// the message.
 pub fn validation_error(errors: &[FieldError], fields: &TrunkFields) -> ApiError {
-    let first = errors.first().map(|e| api_field(&e.path, fields)).unwrap_or_default();
+    // The field named is the first malformed one; when every problem is a value Switchboard
+    // does not implement (TLS), the answer is a 400 `unsupported` rather than a 422.
+    let only_unsupported = !errors.is_empty() && errors.iter().all(|e| e.unsupported);
+    let first = errors
+        .iter()
+        .find(|e| only_unsupported || !e.unsupported)
+        .map(|e| api_field(&e.path, fields))
+        .unwrap_or_default();
     let message = errors
         .iter()
         .map(|e| {
@@ -435,6 +443,9 @@ pub fn validation_error(errors: &[FieldError], fields: &TrunkFields) -> ApiError
         })
         .collect::<Vec<_>>()
         .join("; ");
+    if only_unsupported {
+        return ApiError::bad_request("unsupported", message).with_field(first);
+    }
     ApiError::invalid(first, message)
 }
 

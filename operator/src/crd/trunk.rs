@@ -48,7 +48,13 @@ use super::status::{Condition, NodeCounts};
         .message("authMethod ip with inbound calls needs spec.inbound.allowedSourceCidrs: list the provider's signaling networks")
         .reason(Reason::FieldValueRequired),
     validation = Rule::new("!has(self.codecs) || self.codecs.exists(c, c == 'PCMU' || c == 'PCMA')")
-        .message("codecs must include an audio codec: add PCMU or PCMA")
+        .message("codecs must include an audio codec: add PCMU or PCMA"),
+    validation = Rule::new("self.gateways.all(g, !has(g.transport) || g.transport != 'TLS')")
+        .message("gateways[].transport TLS is not supported: Switchboard has no SIP over TLS yet, and will not send this trunk's signaling in plaintext; use UDP or TCP")
+        .reason(Reason::FieldValueForbidden),
+    validation = Rule::new("!has(self.authMethod) || self.authMethod != 'certificate'")
+        .message("authMethod certificate is not supported: it needs SIP over TLS, which Switchboard does not have yet; use digest or ip")
+        .reason(Reason::FieldValueForbidden)
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TrunkSpec {
@@ -73,7 +79,8 @@ pub struct TrunkSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<Credentials>,
 
-    /// How the provider and Switchboard authenticate each other.
+    /// How the provider and Switchboard authenticate each other: `ip`, `digest` or `none`
+    /// (`certificate` is refused until SIP over TLS exists).
     #[serde(default = "default_auth_method")]
     pub auth_method: AuthMethod,
 
@@ -144,10 +151,11 @@ pub struct Gateway {
     /// Host name or IP address (IPv6 without brackets).
     #[schemars(length(min = 1, max = 253), regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9.:]*[A-Za-z0-9])?$"))]
     pub address: String,
-    /// Port; defaults to 5060 (5061 for TLS). Omit it to resolve SRV records.
+    /// Port; defaults to 5060. Omit it to resolve SRV records.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: Option<u16>,
+    /// UDP or TCP. TLS is refused (reason `Unsupported`) until SIP over TLS exists.
     #[serde(default = "default_transport")]
     pub transport: Transport,
     /// Lower is tried first.

@@ -323,9 +323,19 @@ impl WatchScope {
     }
 }
 
+/// The label a Secret must carry for the operator to watch it (the default of
+/// `--secret-selector`): the operator caches only the Secrets it selects, not every Secret in
+/// the cluster. The REST API puts it on the password Secrets it writes.
+pub const DEFAULT_SECRET_SELECTOR: &str = "switchboard.dev/credentials=true";
+/// The label of [`DEFAULT_SECRET_SELECTOR`] as key and value.
+pub const CREDENTIALS_LABEL: (&str, &str) = ("switchboard.dev/credentials", "true");
+
 /// Settings of [`run_controllers`].
 pub struct ControllerSettings {
     pub scope: WatchScope,
+    /// Label selector of the Secrets watched for trunk passwords; empty: every Secret (but
+    /// service-account tokens and Helm releases).
+    pub secret_selector: String,
     pub node_poll: Duration,
     pub node_timeout: Duration,
     pub pass_resync: Duration,
@@ -374,8 +384,13 @@ pub async fn run_controllers(
     let config = watcher::Config::default();
     // Service-account tokens and Helm releases are never trunk passwords, and are the bulk of
     // a cluster's Secrets.
-    let secret_config =
+    let mut secret_config =
         watcher::Config::default().fields("type!=kubernetes.io/service-account-token,type!=helm.sh/release.v1");
+    // Only labelled Secrets: the operator's memory holds no other Secret's data (a cluster's
+    // TLS keys, other apps' database passwords).
+    if !settings.secret_selector.trim().is_empty() {
+        secret_config = secret_config.labels(settings.secret_selector.trim());
+    }
 
     macro_rules! stream {
         ($api:expr, $config:expr, $writer:expr) => {{

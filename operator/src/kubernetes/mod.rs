@@ -60,6 +60,10 @@ pub struct OperatorArgs {
     /// Do not apply the database migrations at start.
     #[arg(long)]
     pub no_migrate: bool,
+    /// Label selector of the Secrets the operator watches for trunk passwords: it caches only
+    /// these. Label your password Secrets with it; an empty value watches every Secret.
+    #[arg(long, env = "SWITCHBOARD_SECRET_SELECTOR", default_value = controller::DEFAULT_SECRET_SELECTOR)]
+    pub secret_selector: String,
     #[command(flatten)]
     pub api: crate::api::ApiArgs,
     #[command(flatten)]
@@ -113,6 +117,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let stop = shutdown.child_token();
     let settings = ControllerSettings {
         scope: WatchScope { namespace: args.namespace.clone() },
+        secret_selector: args.secret_selector.clone(),
         node_poll: Duration::from_secs(args.node_poll_seconds.max(1)),
         node_timeout: Duration::from_secs(args.node_timeout_seconds),
         pass_resync: Duration::from_secs(60),

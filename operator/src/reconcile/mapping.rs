@@ -23,7 +23,8 @@ impl std::fmt::Display for CredentialError {
             Self::SecretNotFound { secret } => {
                 write!(
                     f,
-                    "Secret {secret} does not exist; create it with the provider password under the referenced key"
+                    "Secret {secret} does not exist (in Kubernetes: or lacks the label the operator watches, {}); create it with the provider password under the referenced key",
+                    crate::kubernetes::controller::DEFAULT_SECRET_SELECTOR
                 )
             }
             Self::KeyNotFound { secret, key } => {

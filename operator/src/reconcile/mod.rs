@@ -170,13 +170,20 @@ fn plan(state: &DesiredState, stored: &Stored) -> Plan {
     for resource in &state.resources {
         match validate::validate(&resource.key, &resource.spec) {
             Ok(()) => valid.push(resource),
-            Err(invalid) => plan.statuses.push(invalid_status(
-                stored,
-                &resource.key,
-                resource.generation,
-                &resource.origin,
-                format!("{}: {invalid}", resource.origin),
-            )),
+            Err(invalid) => {
+                let reason = if invalid.only_unsupported() { reason::UNSUPPORTED } else { reason::INVALID_SPEC };
+                let mut status = invalid_status(
+                    stored,
+                    &resource.key,
+                    resource.generation,
+                    &resource.origin,
+                    format!("{}: {invalid}", resource.origin),
+                );
+                if let Some(problem) = status.problem.as_mut() {
+                    problem.0 = reason;
+                }
+                plan.statuses.push(status);
+            }
         }
     }
 

@@ -14,6 +14,8 @@ use crate::source::{Kind, ResourceKey};
 pub mod reason {
     pub const RECONCILED: &str = "Reconciled";
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// The spec asks for something the node does not implement (SIP over TLS).
+    pub const UNSUPPORTED: &str = "Unsupported";
     pub const TRUNK_NOT_FOUND: &str = "TrunkNotFound";
     pub const ROUTING_RULE_NOT_FOUND: &str = "RoutingRuleNotFound";
     pub const ROUTING_RULE_NOT_INBOUND: &str = "RoutingRuleNotInbound";

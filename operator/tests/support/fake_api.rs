@@ -42,9 +42,44 @@ impl Writes {
 struct State {
     objects: BTreeMap<Key, Value>,
     resource_version: u64,
-    watchers: Vec<(String, WatchSender)>,
+    /// Plural, label selector, stream.
+    watchers: Vec<(String, Selector, WatchSender)>,
     writes: Writes,
     events: Vec<Value>,
+    /// Every list and watch request: plural and query.
+    reads: Vec<(String, String)>,
+}
+
+/// An equality-based label selector (`k=v,k2=v2`, `k` for "has the label"); empty matches all.
+#[derive(Debug, Clone, Default)]
+struct Selector(Vec<(String, Option<String>)>);
+
+impl Selector {
+    fn from_query(query: &str) -> Selector {
+        let value = form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == "labelSelector")
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default();
+        Selector(
+            value
+                .split(',')
+                .filter(|term| !term.trim().is_empty())
+                .map(|term| match term.split_once('=') {
+                    Some((k, v)) => (k.trim().to_string(), Some(v.trim_start_matches('=').trim().to_string())),
+                    None => (term.trim().to_string(), None),
+                })
+                .collect(),
+        )
+    }
+
+    fn matches(&self, object: &Value) -> bool {
+        let labels = &object["metadata"]["labels"];
+        self.0.iter().all(|(k, v)| match (labels.get(k).and_then(Value::as_str), v) {
+            (Some(actual), Some(wanted)) => actual == wanted,
+            (Some(_), None) => true,
+            (None, _) => false,
+        })
+    }
 }
 
 /// The fake API server.
@@ -100,6 +135,12 @@ impl FakeApi {
         self.state.lock().unwrap().events.clone()
     }
 
+    /// The queries of every list and watch of a kind.
+    pub fn reads(&self, kind: &str) -> Vec<String> {
+        let plural = plural_of(kind);
+        self.state.lock().unwrap().reads.iter().filter(|(p, _)| p == plural).map(|(_, q)| q.clone()).collect()
+    }
+
     /// How many objects of a kind satisfy `predicate` (without copying them).
     pub fn count(&self, kind: &str, predicate: impl Fn(&Value) -> bool) -> usize {
         let plural = plural_of(kind);
@@ -145,6 +186,9 @@ impl FakeApi {
         let object = match state.objects.get(&key) {
             Some(existing) => {
                 let mut object = existing.clone();
+                if let Some(labels) = manifest["metadata"].get("labels") {
+                    object["metadata"]["labels"] = labels.clone();
+                }
                 for field in ["spec", "data"] {
                     if let Some(value) = manifest.get(field) {
                         if object.get(field) != Some(value) {
@@ -203,14 +247,22 @@ impl FakeApi {
     pub fn expire_watches(&self) {
         let mut state = self.state.lock().unwrap();
         let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 410, "reason": "Expired", "message": "too old resource version"}});
-        for (_, watcher) in state.watchers.drain(..) {
+        for (_, _, watcher) in state.watchers.drain(..) {
             let _ = watcher.unbounded_send(Ok(Frame::data(Bytes::from(format!("{gone}\n")))));
         }
     }
 
+    /// Sends the event to the watchers of `plural` whose selector matches; an object that no
+    /// longer matches a watcher's selector is DELETED for it, as the API server does.
     fn notify(state: &mut State, plural: &str, type_: &str, object: &Value) {
-        let line = Bytes::from(format!("{}\n", json!({"type": type_, "object": object})));
-        state.watchers.retain(|(p, tx)| p != plural || tx.unbounded_send(Ok(Frame::data(line.clone()))).is_ok());
+        let line = |type_: &str| Bytes::from(format!("{}\n", json!({"type": type_, "object": object})));
+        state.watchers.retain(|(p, selector, tx)| {
+            if p != plural {
+                return true;
+            }
+            let type_ = if selector.matches(object) { type_ } else { "DELETED" };
+            tx.unbounded_send(Ok(Frame::data(line(type_)))).is_ok()
+        });
     }
 
     fn serve(&self, method: &Method, uri: &http::Uri, body: &[u8]) -> Response<FakeBody> {
@@ -239,14 +291,18 @@ impl FakeApi {
         match (method.clone(), name) {
             (Method::GET, None) if query.contains("watch=true") || query.contains("watch=1") => {
                 let (tx, rx) = unbounded();
-                state.watchers.push((plural.to_string(), tx));
+                state.reads.push((plural.to_string(), query.to_string()));
+                state.watchers.push((plural.to_string(), Selector::from_query(query), tx));
                 Response::builder().status(200).body(StreamBody::new(rx).boxed_unsync()).unwrap()
             }
             (Method::GET, None) => {
+                state.reads.push((plural.to_string(), query.to_string()));
+                let selector = Selector::from_query(query);
                 let items: Vec<Value> = state
                     .objects
                     .iter()
                     .filter(|(k, _)| k.0 == plural && namespace.is_none_or(|ns| k.1 == ns))
+                    .filter(|(_, v)| selector.matches(v))
                     .map(|(_, v)| v.clone())
                     .collect();
                 full(

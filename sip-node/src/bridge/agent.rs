@@ -81,6 +81,9 @@ pub struct BridgeConfig {
     pub latency: Option<BridgeLatency>,
     /// Whom `wss://` trusts (`None`: the bundled web PKI roots only).
     pub tls: Option<AgentTls>,
+    /// For an agent an API client named: the host is resolved once, only addresses this
+    /// policy allows are connected to (`None`: the deployment's own configuration named it).
+    pub egress: Option<std::sync::Arc<switchboard_model::egress::EgressPolicy>>,
 }
 
 impl BridgeConfig {
@@ -104,6 +107,7 @@ impl BridgeConfig {
             max_playback: Duration::from_secs(120),
             latency: None,
             tls: None,
+            egress: None,
         }
     }
 }
@@ -268,7 +272,7 @@ pub async fn connect(config: BridgeConfig) -> Result<AgentConnection, BridgeErro
     let timeout = config.connect_timeout;
     let attempt = async {
         let request = config.url.as_str().into_client_request().map_err(|e| BridgeError::Connect(e.to_string()))?;
-        let tcp = connect_tcp(request.uri()).await.map_err(BridgeError::Connect)?;
+        let tcp = connect_tcp(request.uri(), config.egress.as_deref()).await.map_err(BridgeError::Connect)?;
         let tcp = StampedTcp::new(tcp).map_err(|e| BridgeError::Connect(e.to_string()))?;
         let (socket, _response) =
             tokio_tungstenite::client_async_tls_with_config(request, tcp, Some(ws_config), Some(connector))
@@ -299,12 +303,22 @@ pub async fn connect(config: BridgeConfig) -> Result<AgentConnection, BridgeErro
 }
 
 /// The TCP connection to the agent's host (Nagle off: every frame goes out at once).
-async fn connect_tcp(uri: &tokio_tungstenite::tungstenite::http::Uri) -> Result<TcpStream, String> {
+async fn connect_tcp(
+    uri: &tokio_tungstenite::tungstenite::http::Uri,
+    egress: Option<&switchboard_model::egress::EgressPolicy>,
+) -> Result<TcpStream, String> {
     let host = uri.host().ok_or("the agent URL has no host")?;
     let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
     let secure = uri.scheme_str().is_some_and(|s| s.eq_ignore_ascii_case("wss"));
     let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
-    let tcp = TcpStream::connect((host, port)).await.map_err(|e| format!("{host}:{port}: {e}"))?;
+    let tcp = match egress {
+        None => TcpStream::connect((host, port)).await.map_err(|e| format!("{host}:{port}: {e}"))?,
+        Some(policy) => {
+            // Resolved once; only the checked addresses are connected to, never the name again.
+            let addrs = policy.resolve(host, port).await.map_err(|e| e.to_string())?;
+            TcpStream::connect(addrs.as_slice()).await.map_err(|e| format!("{host}:{port}: {e}"))?
+        }
+    };
     tcp.set_nodelay(true).map_err(|e| e.to_string())?;
     Ok(tcp)
 }
@@ -1359,13 +1373,12 @@ mod tests {
     }
 
     /// An agent URL with an IPv6 literal (`ws://[::1]:port/`) is reached, and the session's
-    /// preamble arrives (skipped where the host has no IPv6 loopback).
+    /// preamble arrives. A host without an IPv6 loopback fails it (it used to pass without
+    /// having run).
     #[tokio::test]
     async fn an_agent_at_an_ipv6_literal_is_reached() {
-        let Ok(listener) = TcpListener::bind("[::1]:0").await else {
-            eprintln!("skipped: no IPv6 loopback on this host");
-            return;
-        };
+        let listener =
+            TcpListener::bind("[::1]:0").await.expect("this test needs the IPv6 loopback [::1] (enable IPv6 on lo)");
         let url = format!("ws://{}/agent", listener.local_addr().unwrap());
         assert!(url.starts_with("ws://[::1]:"), "{url}");
         let accept = tokio::spawn(async move {
@@ -1376,6 +1389,34 @@ mod tests {
         let mut server = accept.await.unwrap();
         assert_eq!(next_json(&mut server).await["event"], "connected");
         assert_eq!(next_json(&mut server).await["event"], "start");
+        drop(connection);
+    }
+
+    /// An agent an API client named passes the egress policy at connect time: a loopback agent
+    /// is refused without an allow-list (nothing connects), reached with one; `localhost`,
+    /// which resolves to loopback, is refused by name.
+    #[tokio::test]
+    async fn an_api_clients_agent_must_pass_the_egress_policy() {
+        use switchboard_model::egress::EgressPolicy;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        for url in [format!("ws://127.0.0.1:{port}/agent"), format!("ws://localhost:{port}/agent")] {
+            let mut config = BridgeConfig::new(url.clone(), &CallParameters::default());
+            config.egress = Some(std::sync::Arc::new(EgressPolicy::default()));
+            let error = connect(config).await.expect_err("refused");
+            assert!(error.to_string().contains("SWITCHBOARD_EGRESS_ALLOW"), "{url}: {error}");
+        }
+        let nothing = tokio::time::timeout(Duration::from_millis(50), listener.accept()).await;
+        assert!(nothing.is_err(), "a refused agent was connected to");
+        let accept = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio_tungstenite::accept_async(stream).await.unwrap()
+        });
+        let mut config = BridgeConfig::new(format!("ws://127.0.0.1:{port}/agent"), &CallParameters::default());
+        config.egress = Some(std::sync::Arc::new(EgressPolicy::parse(&["127.0.0.1"]).unwrap()));
+        let connection = connect(config).await.expect("an allow-listed agent is reached");
+        let mut server = accept.await.unwrap();
+        assert_eq!(next_json(&mut server).await["event"], "connected");
         drop(connection);
     }
 

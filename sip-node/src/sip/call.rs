@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use rsip::headers::{self, Header};
 use rsip::prelude::*;
 use rsip::{Method, Request, Response};
-use switchboard_model::{AuthMethod, Credential, Direction, NumberConfig, Transport, TrunkConfig};
+use switchboard_model::{AuthMethod, Credential, Direction, NumberConfig, TrunkConfig};
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
@@ -563,9 +563,15 @@ impl Call {
         match target {
             Target::SipUri(uri) => {
                 let Ok(uri) = rsip::Uri::try_from(uri.as_str()) else { return out };
-                let protocol = match uri.transport() {
-                    Some(rsip::Transport::Tcp) => Protocol::Tcp,
-                    _ => Protocol::Udp,
+                let protocol = match (&uri.scheme, uri.transport()) {
+                    (Some(rsip::Scheme::Sips), _) => None,
+                    (_, Some(rsip::Transport::Tcp)) => Some(Protocol::Tcp),
+                    (_, None | Some(rsip::Transport::Udp)) => Some(Protocol::Udp),
+                    (_, Some(_)) => None,
+                };
+                let Some(protocol) = protocol else {
+                    tracing::warn!(%uri, "{}", routing::TLS_UNSUPPORTED);
+                    return out;
                 };
                 let host = uri.host().to_string();
                 let port = uri.port().map(|p| *p.value());
@@ -586,9 +592,9 @@ impl Call {
                 for trunk in trunks {
                     let user = routing::format_for_trunk(&trunk, &number);
                     for gateway in routing::gateway_order(&trunk) {
-                        let protocol = match gateway.transport {
-                            Transport::Tcp => Protocol::Tcp,
-                            _ => Protocol::Udp,
+                        let Some(protocol) = routing::signaling_protocol(gateway.transport) else {
+                            tracing::warn!(gateway = %gateway.address, "{}", routing::TLS_UNSUPPORTED);
+                            continue;
                         };
                         let Ok(addrs) = self.ctx.resolver.resolve(&gateway.address, gateway.port, protocol).await
                         else {

@@ -20,7 +20,8 @@ use rsip::prelude::*;
 use rsip::{Method, Request, Response};
 use serde::Serialize;
 use sqlx::PgPool;
-use switchboard_model::{Direction, Transport, TrunkConfig};
+use switchboard_model::egress::EgressPolicy;
+use switchboard_model::{Direction, TrunkConfig};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -31,7 +32,7 @@ use super::invite_client::{InviteClient, InviteEvent, InviteSetup, failover_time
 use super::message;
 use super::routing;
 use super::transaction::new_tag;
-use super::transport::{Peer, Protocol};
+use super::transport::Peer;
 use crate::drain::Drain;
 use crate::metrics::CallStatus;
 use crate::store::{ActiveCall, CallState, CdrRecord, HangupBy, StoreEvent, billable_seconds, cdr_cost};
@@ -57,18 +58,29 @@ struct CallRequest {
     routing_rule_ref: Option<String>,
 }
 
+/// The agent an answered API call is bridged to.
+struct AgentUrl {
+    url: String,
+    /// The API client chose it (checked against the egress policy), rather than a RoutingRule
+    /// the deployment's own configuration holds.
+    from_client: bool,
+}
+
 impl CallRequest {
     /// The agent the answered call is bridged to: the request's own WebSocket destination, else
     /// the named routing rule's (in the from-number's namespace).
-    fn agent_url(&self, snapshot: &crate::config::Snapshot, namespace: Option<&str>) -> Option<String> {
+    fn agent_url(&self, snapshot: &crate::config::Snapshot, namespace: Option<&str>) -> Option<AgentUrl> {
         if let Some(destination) = &self.destination
             && destination["type"] == "websocket"
         {
-            return destination["url"].as_str().map(str::to_string);
+            return destination["url"].as_str().map(|url| AgentUrl { url: url.to_string(), from_client: true });
         }
         let rule = snapshot.rule(namespace?, self.routing_rule_ref.as_deref()?)?;
         let destination = rule.destination.as_ref()?;
-        (destination.kind == switchboard_model::DestinationType::Websocket).then(|| destination.url.clone()).flatten()
+        (destination.kind == switchboard_model::DestinationType::Websocket)
+            .then(|| destination.url.clone())
+            .flatten()
+            .map(|url| AgentUrl { url, from_client: false })
     }
 }
 
@@ -94,13 +106,20 @@ struct StatusEvent<'a> {
 }
 
 /// Claims and places queued calls until the node stops.
-pub async fn run(ctx: Arc<CallContext>, pool: PgPool, signer: Signer) {
-    let client = reqwest::Client::builder().build().unwrap_or_default();
+/// `egress` decides which webhook and agent targets the API's clients may name; `client` is a
+/// [`crate::webhook::guarded_client`] of it.
+pub async fn run(
+    ctx: Arc<CallContext>,
+    pool: PgPool,
+    signer: Signer,
+    egress: Arc<EgressPolicy>,
+    client: reqwest::Client,
+) {
     let (queue, node_id) = (&pool, &ctx.node_id);
     let start = |request: CallRequest| {
-        let hooks = CallHooks::start(client.clone(), signer.clone(), request.webhook_url.clone());
+        let hooks = CallHooks::start_guarded(client.clone(), signer.clone(), request.webhook_url.clone(), &egress);
         let span = tracing::info_span!("api_call", request = %request.id);
-        let call = place(Arc::clone(&ctx), pool.clone(), request, hooks);
+        let call = place(Arc::clone(&ctx), pool.clone(), request, hooks, Arc::clone(&egress));
         tokio::spawn(tracing::Instrument::instrument(call, span));
     };
     let drain = &ctx.drain;
@@ -178,7 +197,7 @@ impl Ended {
     }
 }
 
-async fn place(ctx: Arc<CallContext>, pool: PgPool, request: CallRequest, hooks: CallHooks) {
+async fn place(ctx: Arc<CallContext>, pool: PgPool, request: CallRequest, hooks: CallHooks, egress: Arc<EgressPolicy>) {
     let _active = ctx.metrics.call_active(None);
     let call_uuid = Uuid::new_v4();
     let call_id = format!("{}@switchboard", call_uuid.simple());
@@ -219,13 +238,20 @@ async fn place(ctx: Arc<CallContext>, pool: PgPool, request: CallRequest, hooks:
         }
         None => None,
     };
-    let ended = if agent.is_some() && media.is_none() {
+    let refused = agent.as_ref().filter(|a| a.from_client).and_then(|a| egress.check_url(&a.url).err());
+    let ended = if let Some(error) = refused {
+        // Nobody is called for an agent the node will not connect to.
+        Ended::unanswered(403, format!("agent_websocket_url refused: {error}"), None)
+    } else if agent.is_some() && media.is_none() {
         Ended::unanswered(503, "no RTP ports on this node for the agent bridge".into(), None)
     } else if trunks.is_empty() {
         let reason = format!("no outbound trunk for {} from {}", request.to_number, request.from_number);
         Ended::unanswered(404, reason, None)
     } else {
-        let target = CallTarget { agent: agent.as_deref(), media: &mut media };
+        let target = CallTarget {
+            agent: agent.as_ref().map(|a| (a.url.as_str(), a.from_client.then(|| Arc::clone(&egress)))),
+            media: &mut media,
+        };
         let placing = Placing {
             ctx: &ctx,
             pool: &pool,
@@ -303,17 +329,11 @@ fn write_cdr(
     (billable, cost, currency)
 }
 
-fn protocol_of(transport: Transport) -> Protocol {
-    match transport {
-        Transport::Tcp => Protocol::Tcp,
-        _ => Protocol::Udp,
-    }
-}
-
 /// Where the answered call's media goes.
 struct CallTarget<'m> {
-    /// The agent to bridge to.
-    agent: Option<&'m str>,
+    /// The agent to bridge to, with the egress policy its connection must pass when an API
+    /// client chose it.
+    agent: Option<(&'m str, Option<Arc<EgressPolicy>>)>,
     /// The node's media end (`None`: no RTP ports; the offer has none).
     media: &'m mut Option<media::ApiMedia>,
 }
@@ -358,7 +378,10 @@ async fn dial(
         };
         let user = routing::format_for_trunk(&trunk, &request.to_number);
         for gateway in routing::gateway_order(&trunk) {
-            let protocol = protocol_of(gateway.transport);
+            let Some(protocol) = routing::signaling_protocol(gateway.transport) else {
+                last.reason = format!("gateway {}: {}", gateway.address, routing::TLS_UNSUPPORTED);
+                continue;
+            };
             let Ok(addrs) = ctx.resolver.resolve(&gateway.address, gateway.port, protocol).await else { continue };
             let host = match gateway.port {
                 Some(port) => format!("{}:{port}", gateway.address),
@@ -499,11 +522,12 @@ async fn answered(
     let answer_at = Utc::now();
     ctx.store.record(StoreEvent::CallAnswered { call_uuid: placing.call_uuid, at: answer_at });
     placing.report("answered", call_id).await;
-    let agent = target.agent.zip(negotiated).zip(target.media.take());
+    let agent = target.agent.clone().zip(negotiated).zip(target.media.take());
     let (hangup_by, reason) = match agent {
-        Some(((url, negotiated), media)) => {
+        Some((((url, egress), negotiated), media)) => {
             let agent = media::AgentTarget {
                 url: url.to_string(),
+                egress,
                 parameters: crate::bridge::CallParameters {
                     from: request.from_number.clone(),
                     to: request.to_number.clone(),

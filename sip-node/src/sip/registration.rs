@@ -14,7 +14,7 @@ use chrono::Utc;
 use rsip::headers::{self, Header};
 use rsip::prelude::*;
 use rsip::{Method, Request, Response};
-use switchboard_model::{Transport, TrunkConfig};
+use switchboard_model::TrunkConfig;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
@@ -46,21 +46,22 @@ pub async fn request_once(ctx: &CallContext, request: Request, peer: Peer) -> Op
     None
 }
 
-fn protocol_of(transport: Transport) -> Protocol {
-    match transport {
-        Transport::Tcp => Protocol::Tcp,
-        _ => Protocol::Udp,
-    }
-}
-
-/// The registrar of a trunk: its own address, else its first gateway.
+/// The registrar of a trunk: its own address, else its first gateway. `None` when there is none,
+/// or when it would be reached over TLS, which the node does not speak (a REGISTER with a
+/// digest must not go out in plaintext to a TLS port).
 fn registrar(trunk: &TrunkConfig) -> Option<(String, Option<u16>, Protocol)> {
     let gateway = routing::gateway_order(trunk).into_iter().next();
+    let protocol = match &gateway {
+        Some(gw) => routing::signaling_protocol(gw.transport),
+        None => Some(Protocol::Udp),
+    };
+    let Some(protocol) = protocol else {
+        tracing::warn!(trunk = %trunk.name, "not registering: {}", routing::TLS_UNSUPPORTED);
+        return None;
+    };
     match (&trunk.registrar_address, gateway) {
-        (Some(address), gw) => {
-            Some((address.clone(), trunk.registrar_port, gw.map(|g| protocol_of(g.transport)).unwrap_or(Protocol::Udp)))
-        }
-        (None, Some(gw)) => Some((gw.address.clone(), gw.port, protocol_of(gw.transport))),
+        (Some(address), _) => Some((address.clone(), trunk.registrar_port, protocol)),
+        (None, Some(gw)) => Some((gw.address.clone(), gw.port, protocol)),
         (None, None) => None,
     }
 }
@@ -324,7 +325,10 @@ async fn keepalive_loop(ctx: Arc<CallContext>, trunk: Arc<TrunkConfig>) {
     let mut cseq = 0u32;
     loop {
         let Some(gateway) = routing::gateway_order(&trunk).into_iter().next() else { return };
-        let protocol = protocol_of(gateway.transport);
+        let Some(protocol) = routing::signaling_protocol(gateway.transport) else {
+            tracing::warn!(trunk = %trunk.name, "no OPTIONS keepalive: {}", routing::TLS_UNSUPPORTED);
+            return;
+        };
         let reachable = match ctx.resolver.resolve(&gateway.address, gateway.port, protocol).await {
             Ok(addrs) => {
                 let peer = Peer { protocol, addr: addrs[0] };

@@ -9,9 +9,27 @@ use std::sync::Arc;
 
 use rand::Rng as _;
 use regex::Regex;
-use switchboard_model::{DestinationType, GatewayConfig, NumberConfig, RuleConfig, TrunkConfig, TrunkSelection};
+use switchboard_model::{
+    DestinationType, GatewayConfig, NumberConfig, RuleConfig, Transport, TrunkConfig, TrunkSelection,
+};
 
+use super::transport::Protocol;
 use crate::config::Snapshot;
+
+/// Why a TLS gateway is skipped.
+pub const TLS_UNSUPPORTED: &str = "transport TLS is not supported (no SIP over TLS yet); the gateway is skipped";
+
+/// The socket protocol of a gateway's transport. `None` for TLS: the node has no SIP over TLS
+/// yet (the operator refuses such trunks with reason `Unsupported`), and a TLS gateway that
+/// reaches the node anyway (rows an older operator wrote) is skipped, never sent plaintext UDP
+/// on its TLS port. (It used to be `Tcp => Tcp, _ => Udp`.)
+pub fn signaling_protocol(transport: Transport) -> Option<Protocol> {
+    match transport {
+        Transport::Udp => Some(Protocol::Udp),
+        Transport::Tcp => Some(Protocol::Tcp),
+        Transport::Tls => None,
+    }
+}
 
 /// Where an inbound call goes once its number is known.
 #[derive(Debug, Clone, PartialEq)]
@@ -316,6 +334,16 @@ pub(crate) mod tests {
         assert_eq!(source_trunks(&snap, "192.0.2.10".parse().unwrap()).len(), 1);
         assert_eq!(source_trunks(&snap, "::ffff:192.0.2.10".parse().unwrap()).len(), 1);
         assert!(source_trunks(&snap, "203.0.113.1".parse().unwrap()).is_empty());
+    }
+
+    /// TLS has no socket protocol here: callers skip such a gateway instead of falling back to
+    /// plaintext UDP (the old `Tcp => Tcp, _ => Udp`).
+    #[test]
+    fn tls_gateways_have_no_plaintext_protocol() {
+        use super::super::transport::Protocol;
+        assert_eq!(signaling_protocol(Transport::Udp), Some(Protocol::Udp));
+        assert_eq!(signaling_protocol(Transport::Tcp), Some(Protocol::Tcp));
+        assert_eq!(signaling_protocol(Transport::Tls), None);
     }
 
     #[test]

@@ -14,7 +14,6 @@ use rsip::{Method, Request};
 use rust_decimal::Decimal;
 use serde::Serialize;
 use sqlx::PgPool;
-use switchboard_model::Transport;
 use uuid::Uuid;
 
 use super::call::CallContext;
@@ -24,7 +23,7 @@ use super::message;
 use super::registration::request_once;
 use super::routing;
 use super::transaction::{new_tag, response_to};
-use super::transport::{Peer, Protocol};
+use super::transport::Peer;
 use crate::webhook::{CallHooks, Signer};
 
 /// Channel the API notifies on when it queues a message.
@@ -105,10 +104,8 @@ async fn deliver(ctx: &CallContext, outgoing: &Outgoing) -> Result<(u16, Decimal
         .ok_or((None, format!("trunk {trunk_name} is not configured")))?;
     let gateway =
         routing::gateway_order(&trunk).into_iter().next().ok_or((None, "trunk has no enabled gateway".to_string()))?;
-    let protocol = match gateway.transport {
-        Transport::Tcp => Protocol::Tcp,
-        _ => Protocol::Udp,
-    };
+    let protocol = super::routing::signaling_protocol(gateway.transport)
+        .ok_or((None, super::routing::TLS_UNSUPPORTED.to_string()))?;
     let addrs =
         ctx.resolver.resolve(&gateway.address, gateway.port, protocol).await.map_err(|e| (None, e.to_string()))?;
     let peer = Peer { protocol, addr: addrs[0] };

@@ -154,6 +154,9 @@ impl Node {
             sip_t1_ms: 500,
             per_source_rate: 20_000,
             webhook_secret: Some("test-webhook-secret".into()),
+            // The tests' agents and webhooks listen on loopback, which the node refuses for
+            // API-supplied URLs unless listed.
+            egress_allow: vec!["127.0.0.0/8".into()],
             rtp_ports: "30000-39999".into(),
             media_threads: 0,
             kernel_forwarding: kernel_mode(),

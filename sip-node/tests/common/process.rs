@@ -29,6 +29,8 @@ impl NodeProcess {
             .arg(state_dir)
             .args(extra)
             .env("RUST_LOG", "info")
+            // Nodes refuse to start without one (webhook signatures must be verifiable).
+            .env("SWITCHBOARD_WEBHOOK_SECRET", "process-test-webhook-secret")
             .env_remove("SWITCHBOARD_LOG_FORMAT")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -82,6 +82,8 @@ impl ApiMedia {
 /// What the bridge needs besides the dialog.
 pub(super) struct AgentTarget {
     pub url: String,
+    /// The policy the connection must pass (an agent an API client named), else `None`.
+    pub egress: Option<std::sync::Arc<switchboard_model::egress::EgressPolicy>>,
     pub parameters: CallParameters,
     pub call_sid: String,
 }
@@ -107,6 +109,7 @@ pub(super) async fn bridge_to_agent(
         reason.text
     };
     let mut config = BridgeConfig::new(agent.url.clone(), &agent.parameters);
+    config.egress = agent.egress.clone();
     config.connect_timeout = media.connect_timeout;
     config.latency = Some(media.latency.clone());
     config.tls = Some(media.tls.clone());
