@@ -278,6 +278,33 @@ pub fn bad_request(bytes: &[u8], error: &ParseError) -> Option<Vec<u8>> {
     Some(out.into_bytes())
 }
 
+/// Whether `bytes` are certainly not part of a dialog or transaction the node has, judged
+/// without parsing: not a response, and no To header (`To`/`t`, folded or not) with a `tag`
+/// parameter in the header section. Garbage counts as out of dialog. Used to drop scans from
+/// unknown sources cheaply; anything this says `false` for is parsed and checked properly.
+pub fn plainly_out_of_dialog(bytes: &[u8]) -> bool {
+    if bytes.starts_with(b"SIP/") {
+        return false;
+    }
+    let head = &bytes[..header_end(bytes).unwrap_or(bytes.len())];
+    let mut in_to = false;
+    for line in head.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
+            // A folded continuation belongs to the header before it.
+        } else {
+            in_to = line.iter().position(|b| *b == b':').is_some_and(|colon| {
+                let name = line[..colon].trim_ascii();
+                name.eq_ignore_ascii_case(b"To") || name.eq_ignore_ascii_case(b"t")
+            });
+        }
+        if in_to && line.windows(4).any(|w| w.eq_ignore_ascii_case(b"tag=")) {
+            return false;
+        }
+    }
+    true
+}
+
 /// Result of looking for one message at the start of a stream buffer.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame {
@@ -648,6 +675,29 @@ l: 4\r\n\r\nv=0\r\nEXTRA";
         // A head that fits with a body that would not.
         let big = "OPTIONS sip:a SIP/2.0\r\nContent-Length: 65500\r\n\r\n";
         assert!(matches!(frame(big.as_bytes()), Err(ParseError::TooLarge(_))));
+    }
+
+    #[test]
+    fn out_of_dialog_requests_are_told_without_parsing() {
+        let request = INVITE.replace("EXTRA", "");
+        assert!(plainly_out_of_dialog(request.as_bytes()));
+        assert!(plainly_out_of_dialog(b"\x00\x01garbage"));
+        assert!(plainly_out_of_dialog(b"OPTIONS sip:a SIP/2.0\r\nFrom: <sip:b>;tag=1\r\nTo: <sip:a>\r\n\r\n"));
+        for in_dialog in [
+            INVITE.replace("t: <sip:+15551234567@10.0.0.1>", "t: <sip:+15551234567@10.0.0.1>;tag=abc"),
+            INVITE.replace("t: <sip:+15551234567@10.0.0.1>", "To: <sip:x@y>;TAG=abc"),
+            INVITE.replace("t: <sip:+15551234567@10.0.0.1>", "to : <sip:x@y>\r\n ;tag=folded"),
+            "SIP/2.0 200 OK\r\n\r\n".to_string(),
+        ] {
+            assert!(!plainly_out_of_dialog(in_dialog.as_bytes()), "{in_dialog}");
+            // Whatever the quick check lets through is decided on the parsed message.
+        }
+        // It never says "out of dialog" for what parses with a To tag.
+        let tagged = INVITE.replace("t: <sip:+15551234567@10.0.0.1>", "t: <sip:+15551234567@10.0.0.1>;tag=abc");
+        let Incoming::Message(SipMessage::Request(request)) = parse(tagged.as_bytes(), false).unwrap() else {
+            panic!()
+        };
+        assert!(to_tag(&request).is_some());
     }
 
     #[test]
