@@ -329,6 +329,9 @@ pub fn frame(buf: &[u8]) -> Result<Frame, ParseError> {
 pub struct StreamFramer {
     /// No `\r\n\r\n` starts before this offset of the current message.
     searched: usize,
+    /// The current message's size, once its header section has been read (so that a body
+    /// arriving in pieces does not re-read the header each time).
+    total: Option<usize>,
 }
 
 impl StreamFramer {
@@ -337,6 +340,14 @@ impl StreamFramer {
     /// Every size is checked before any arithmetic: a declared length of `usize::MAX` is
     /// `TooLarge`, never an overflow that would frame the stream in the wrong place.
     pub fn next(&mut self, buf: &[u8]) -> Result<Frame, ParseError> {
+        if let Some(total) = self.total {
+            return Ok(if buf.len() >= total {
+                *self = StreamFramer::default();
+                Frame::Complete(total)
+            } else {
+                Frame::Partial
+            });
+        }
         let blank = buf.iter().take_while(|b| **b == b'\r' || **b == b'\n').count();
         if blank > 0 {
             self.searched = 0;
@@ -355,7 +366,6 @@ impl StreamFramer {
         if end > MAX_MESSAGE_SIZE {
             return Err(ParseError::TooLarge(end));
         }
-        self.searched = end - 4;
         let head = String::from_utf8_lossy(&buf[..end]);
         let length = declared_length(&head)?.ok_or(ParseError::MissingHeader("Content-Length"))?;
         let total = match end.checked_add(length) {
@@ -363,9 +373,10 @@ impl StreamFramer {
             _ => return Err(ParseError::TooLarge(end.saturating_add(length))),
         };
         if buf.len() >= total {
-            self.searched = 0;
+            *self = StreamFramer::default();
             Ok(Frame::Complete(total))
         } else {
+            self.total = Some(total);
             Ok(Frame::Partial)
         }
     }
@@ -663,6 +674,15 @@ l: 4\r\n\r\nv=0\r\nEXTRA";
             assert_eq!(framer.next(&one.as_bytes()[..end]), Ok(Frame::Partial), "{end}");
         }
         assert_eq!(framer.next(one.as_bytes()), Ok(Frame::Complete(one.len())));
+        // Two messages, the second's body trickled after its header: framed the same way.
+        let two = format!("{one}{one}");
+        let mut framer = StreamFramer::default();
+        assert_eq!(framer.next(two.as_bytes()), Ok(Frame::Complete(one.len())));
+        let second = &two.as_bytes()[one.len()..];
+        for end in 1..second.len() {
+            assert_eq!(framer.next(&second[..end]), Ok(Frame::Partial), "{end}");
+        }
+        assert_eq!(framer.next(second), Ok(Frame::Complete(one.len())));
         // A header section that never ends is refused past the limit, however it arrives.
         let mut framer = StreamFramer::default();
         let mut endless = b"OPTIONS sip:a SIP/2.0\r\nX-Pad: ".to_vec();
