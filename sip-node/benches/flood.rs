@@ -249,6 +249,7 @@ async fn run(admin_url: String) {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let cpu_before = (cpu_seconds(pid) - cpu_a) / at_a.elapsed().as_secs_f64() * 100.0;
     let rss_before = rss_mb(pid);
+    let calls_before = sipp_calls(&stat_file);
 
     // The flood, with the calls going on.
     let sent = Arc::new(AtomicU64::new(0));
@@ -292,9 +293,14 @@ async fn run(admin_url: String) {
         "flood: {} probes from {sources} sources at {rate}/s for {secs} s, carrier {cps} calls/s",
         sent.load(Ordering::Relaxed)
     );
-    match calls {
-        Some((ok, failed)) => println!("carrier calls: {ok} successful, {failed} failed (of {total_calls})"),
-        None => println!("carrier calls: sipp left no statistics {}", uac_err.trim()),
+    match (calls_before, calls) {
+        (Some((ok_before, failed_before)), Some((ok, failed))) => println!(
+            "carrier calls: {ok} successful, {failed} failed (of {total_calls}); before the flood {ok_before} and {failed_before}, during and after it {} and {}",
+            ok - ok_before,
+            failed - failed_before
+        ),
+        (_, Some((ok, failed))) => println!("carrier calls: {ok} successful, {failed} failed (of {total_calls})"),
+        _ => println!("carrier calls: sipp left no statistics {}", uac_err.trim()),
     }
     println!("node CPU: {cpu_before:.1} % of a core before the flood, {cpu_during:.1} % during");
     println!(

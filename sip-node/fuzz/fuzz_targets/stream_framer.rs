@@ -12,11 +12,17 @@ fuzz_target!(|data: &[u8]| {
     let piece = usize::from(piece).max(1);
     let mut framer = StreamFramer::default();
     let mut buf: Vec<u8> = Vec::new();
-    for chunk in stream.chunks(piece) {
+    let pieces = stream.len().div_ceil(piece);
+    for (i, chunk) in stream.chunks(piece).enumerate() {
+        let last = i + 1 == pieces;
         buf.extend_from_slice(chunk);
         loop {
             let incremental = framer.next(&buf);
-            assert_eq!(incremental, message::frame(&buf), "incremental and stateless framing differ");
+            // Rescanning the whole buffer on every piece would make each input quadratic: the
+            // stateless framer checks every decision and the state the input ends in.
+            if incremental != Ok(Frame::Partial) || last {
+                assert_eq!(incremental, message::frame(&buf), "incremental and stateless framing differ");
+            }
             match incremental {
                 Ok(Frame::Partial) => break,
                 Ok(Frame::Keepalive(n)) => {

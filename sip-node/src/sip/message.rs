@@ -278,6 +278,33 @@ pub fn bad_request(bytes: &[u8], error: &ParseError) -> Option<Vec<u8>> {
     Some(out.into_bytes())
 }
 
+/// Whether `bytes` are certainly not part of a dialog or transaction the node has, judged
+/// without parsing: not a response, and no To header (`To`/`t`, folded or not) with a `tag`
+/// parameter in the header section. Garbage counts as out of dialog. Used to drop scans from
+/// unknown sources cheaply; anything this says `false` for is parsed and checked properly.
+pub fn plainly_out_of_dialog(bytes: &[u8]) -> bool {
+    if bytes.starts_with(b"SIP/") {
+        return false;
+    }
+    let head = &bytes[..header_end(bytes).unwrap_or(bytes.len())];
+    let mut in_to = false;
+    for line in head.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
+            // A folded continuation belongs to the header before it.
+        } else {
+            in_to = line.iter().position(|b| *b == b':').is_some_and(|colon| {
+                let name = line[..colon].trim_ascii();
+                name.eq_ignore_ascii_case(b"To") || name.eq_ignore_ascii_case(b"t")
+            });
+        }
+        if in_to && line.windows(4).any(|w| w.eq_ignore_ascii_case(b"tag=")) {
+            return false;
+        }
+    }
+    true
+}
+
 /// Result of looking for one message at the start of a stream buffer.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame {
@@ -302,6 +329,9 @@ pub fn frame(buf: &[u8]) -> Result<Frame, ParseError> {
 pub struct StreamFramer {
     /// No `\r\n\r\n` starts before this offset of the current message.
     searched: usize,
+    /// The current message's size, once its header section has been read (so that a body
+    /// arriving in pieces does not re-read the header each time).
+    total: Option<usize>,
 }
 
 impl StreamFramer {
@@ -310,6 +340,14 @@ impl StreamFramer {
     /// Every size is checked before any arithmetic: a declared length of `usize::MAX` is
     /// `TooLarge`, never an overflow that would frame the stream in the wrong place.
     pub fn next(&mut self, buf: &[u8]) -> Result<Frame, ParseError> {
+        if let Some(total) = self.total {
+            return Ok(if buf.len() >= total {
+                *self = StreamFramer::default();
+                Frame::Complete(total)
+            } else {
+                Frame::Partial
+            });
+        }
         let blank = buf.iter().take_while(|b| **b == b'\r' || **b == b'\n').count();
         if blank > 0 {
             self.searched = 0;
@@ -328,7 +366,6 @@ impl StreamFramer {
         if end > MAX_MESSAGE_SIZE {
             return Err(ParseError::TooLarge(end));
         }
-        self.searched = end - 4;
         let head = String::from_utf8_lossy(&buf[..end]);
         let length = declared_length(&head)?.ok_or(ParseError::MissingHeader("Content-Length"))?;
         let total = match end.checked_add(length) {
@@ -336,9 +373,10 @@ impl StreamFramer {
             _ => return Err(ParseError::TooLarge(end.saturating_add(length))),
         };
         if buf.len() >= total {
-            self.searched = 0;
+            *self = StreamFramer::default();
             Ok(Frame::Complete(total))
         } else {
+            self.total = Some(total);
             Ok(Frame::Partial)
         }
     }
@@ -636,6 +674,15 @@ l: 4\r\n\r\nv=0\r\nEXTRA";
             assert_eq!(framer.next(&one.as_bytes()[..end]), Ok(Frame::Partial), "{end}");
         }
         assert_eq!(framer.next(one.as_bytes()), Ok(Frame::Complete(one.len())));
+        // Two messages, the second's body trickled after its header: framed the same way.
+        let two = format!("{one}{one}");
+        let mut framer = StreamFramer::default();
+        assert_eq!(framer.next(two.as_bytes()), Ok(Frame::Complete(one.len())));
+        let second = &two.as_bytes()[one.len()..];
+        for end in 1..second.len() {
+            assert_eq!(framer.next(&second[..end]), Ok(Frame::Partial), "{end}");
+        }
+        assert_eq!(framer.next(second), Ok(Frame::Complete(one.len())));
         // A header section that never ends is refused past the limit, however it arrives.
         let mut framer = StreamFramer::default();
         let mut endless = b"OPTIONS sip:a SIP/2.0\r\nX-Pad: ".to_vec();
@@ -648,6 +695,29 @@ l: 4\r\n\r\nv=0\r\nEXTRA";
         // A head that fits with a body that would not.
         let big = "OPTIONS sip:a SIP/2.0\r\nContent-Length: 65500\r\n\r\n";
         assert!(matches!(frame(big.as_bytes()), Err(ParseError::TooLarge(_))));
+    }
+
+    #[test]
+    fn out_of_dialog_requests_are_told_without_parsing() {
+        let request = INVITE.replace("EXTRA", "");
+        assert!(plainly_out_of_dialog(request.as_bytes()));
+        assert!(plainly_out_of_dialog(b"\x00\x01garbage"));
+        assert!(plainly_out_of_dialog(b"OPTIONS sip:a SIP/2.0\r\nFrom: <sip:b>;tag=1\r\nTo: <sip:a>\r\n\r\n"));
+        for in_dialog in [
+            INVITE.replace("t: <sip:+15551234567@10.0.0.1>", "t: <sip:+15551234567@10.0.0.1>;tag=abc"),
+            INVITE.replace("t: <sip:+15551234567@10.0.0.1>", "To: <sip:x@y>;TAG=abc"),
+            INVITE.replace("t: <sip:+15551234567@10.0.0.1>", "to : <sip:x@y>\r\n ;tag=folded"),
+            "SIP/2.0 200 OK\r\n\r\n".to_string(),
+        ] {
+            assert!(!plainly_out_of_dialog(in_dialog.as_bytes()), "{in_dialog}");
+            // Whatever the quick check lets through is decided on the parsed message.
+        }
+        // It never says "out of dialog" for what parses with a To tag.
+        let tagged = INVITE.replace("t: <sip:+15551234567@10.0.0.1>", "t: <sip:+15551234567@10.0.0.1>;tag=abc");
+        let Incoming::Message(SipMessage::Request(request)) = parse(tagged.as_bytes(), false).unwrap() else {
+            panic!()
+        };
+        assert!(to_tag(&request).is_some());
     }
 
     #[test]

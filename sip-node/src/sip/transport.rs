@@ -238,6 +238,15 @@ impl TransportLayer {
             return;
         }
         let source = self.guard.classify(peer.addr.ip());
+        // A scan is dropped before it costs a parse: a request without a To tag cannot belong
+        // to anything the node has, and only `reject` needs the parsed request.
+        if source == SourceClass::Unknown
+            && self.guard.unknown_sources() == UnknownSources::Drop
+            && message::plainly_out_of_dialog(bytes)
+        {
+            self.metrics.message_dropped("unknown_source");
+            return;
+        }
         match message::parse(bytes, peer.protocol.is_reliable()) {
             Ok(mut incoming) => {
                 if source == SourceClass::Unknown && !in_dialog(&incoming) {
