@@ -24,9 +24,7 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 use sqlx::types::{Decimal, chrono};
 use switchboard_model::config::{bump_generation, notify_generation};
-use switchboard_model::{
-    AuthMethod, Codec, Destination, DestinationType, GatewayConfig, NumberConfig, Transport, TrunkConfig,
-};
+use switchboard_model::{Destination, DestinationType, NumberConfig, TrunkConfig};
 use switchboard_operator::reaper::{NODE_LOST, reap_once};
 
 // The root package is a binary: its private Postgres is compiled into this test directly.
@@ -72,47 +70,8 @@ fn url_of(pool: &PgPool) -> String {
 
 fn trunk(name: &str, gateways: &[u16]) -> TrunkConfig {
     TrunkConfig {
-        namespace: "default".into(),
-        name: name.into(),
-        provider: "testcarrier".into(),
-        display_name: None,
-        suspended: false,
-        gateways: gateways
-            .iter()
-            .enumerate()
-            .map(|(i, port)| GatewayConfig {
-                address: "127.0.0.1".into(),
-                port: Some(*port),
-                transport: Transport::Udp,
-                priority: i as u16,
-                weight: 1,
-                enabled: true,
-            })
-            .collect(),
-        registrar_address: None,
-        registrar_port: None,
-        realm: None,
-        auth_method: AuthMethod::Ip,
-        registration_enabled: false,
-        registration_expires: 3600,
-        inbound_enabled: true,
-        allowed_source_cidrs: vec!["127.0.0.1/32".parse().unwrap()],
-        outbound_enabled: true,
-        dial_prefix: None,
-        strip_digits: 0,
-        prepend_digits: None,
-        max_concurrent_calls: None,
-        calls_per_second: None,
-        codecs: vec![Codec::Pcmu],
-        dtmf_relay: true,
-        rtp_timeout_seconds: 60,
-        options_interval_seconds: 0,
         failover_timeout_seconds: 30,
-        backup_trunks: vec![],
-        rate_outbound_per_minute: Decimal::new(12, 3),
-        rate_inbound_per_minute: Decimal::new(6, 3),
-        rate_per_message: Decimal::ZERO,
-        currency: "USD".into(),
+        ..TrunkConfig::loopback(name, gateways.iter().map(|port| ("127.0.0.1".to_owned(), *port)))
     }
 }
 

@@ -595,6 +595,59 @@ pub async fn notify_generation(conn: &mut PgConnection, generation: i64) -> Resu
     Ok(())
 }
 
+#[cfg(any(test, feature = "test-support"))]
+impl TrunkConfig {
+    /// A trunk for tests on loopback: `namespace` `default`, provider `testcarrier`, IP
+    /// authentication from 127.0.0.1, inbound and outbound enabled, PCMU, no limits, no OPTIONS
+    /// pings, one UDP gateway per `(address, port)` in priority order, a 5 s failover timeout
+    /// and small rates. Tests change what they exercise with struct update syntax.
+    pub fn loopback(name: &str, gateways: impl IntoIterator<Item = (String, u16)>) -> TrunkConfig {
+        TrunkConfig {
+            namespace: "default".into(),
+            name: name.into(),
+            provider: "testcarrier".into(),
+            display_name: None,
+            suspended: false,
+            gateways: gateways
+                .into_iter()
+                .enumerate()
+                .map(|(i, (address, port))| GatewayConfig {
+                    address,
+                    port: Some(port),
+                    transport: Transport::Udp,
+                    priority: u16::try_from(i).unwrap_or(u16::MAX),
+                    weight: 1,
+                    enabled: true,
+                })
+                .collect(),
+            registrar_address: None,
+            registrar_port: None,
+            realm: None,
+            auth_method: AuthMethod::Ip,
+            registration_enabled: false,
+            registration_expires: 3600,
+            inbound_enabled: true,
+            allowed_source_cidrs: vec![IpNet::from(std::net::IpAddr::from(std::net::Ipv4Addr::LOCALHOST))],
+            outbound_enabled: true,
+            dial_prefix: None,
+            strip_digits: 0,
+            prepend_digits: None,
+            max_concurrent_calls: None,
+            calls_per_second: None,
+            codecs: vec![Codec::Pcmu],
+            dtmf_relay: true,
+            rtp_timeout_seconds: 60,
+            options_interval_seconds: 0,
+            failover_timeout_seconds: 5,
+            backup_trunks: vec![],
+            rate_outbound_per_minute: Decimal::new(12, 3),
+            rate_inbound_per_minute: Decimal::new(6, 3),
+            rate_per_message: Decimal::ZERO,
+            currency: "USD".into(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

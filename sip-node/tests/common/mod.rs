@@ -10,9 +10,7 @@ use std::time::{Duration, Instant};
 
 use rust_decimal::Decimal;
 use sqlx::PgPool;
-use switchboard_model::{
-    AuthMethod, Codec, Credential, Destination, DestinationType, GatewayConfig, NumberConfig, Transport, TrunkConfig,
-};
+use switchboard_model::{Credential, Destination, DestinationType, NumberConfig, TrunkConfig};
 use switchboard_node::config::{Snapshot, SnapshotHandle};
 use switchboard_node::drain::Drain;
 use switchboard_node::media::kernel::KernelMode;
@@ -35,49 +33,7 @@ pub fn free_port(ip: &str) -> u16 {
 }
 
 pub fn trunk(name: &str, gateways: Vec<(String, u16)>) -> TrunkConfig {
-    TrunkConfig {
-        namespace: "default".into(),
-        name: name.into(),
-        provider: "testcarrier".into(),
-        display_name: None,
-        suspended: false,
-        gateways: gateways
-            .into_iter()
-            .enumerate()
-            .map(|(i, (address, port))| GatewayConfig {
-                address,
-                port: Some(port),
-                transport: Transport::Udp,
-                priority: i as u16,
-                weight: 1,
-                enabled: true,
-            })
-            .collect(),
-        registrar_address: None,
-        registrar_port: None,
-        realm: None,
-        auth_method: AuthMethod::Ip,
-        registration_enabled: false,
-        registration_expires: 3600,
-        inbound_enabled: true,
-        allowed_source_cidrs: vec!["127.0.0.1/32".parse().unwrap()],
-        outbound_enabled: true,
-        dial_prefix: None,
-        strip_digits: 0,
-        prepend_digits: None,
-        max_concurrent_calls: None,
-        calls_per_second: None,
-        codecs: vec![Codec::Pcmu],
-        dtmf_relay: true,
-        rtp_timeout_seconds: 60,
-        options_interval_seconds: 0,
-        failover_timeout_seconds: 5,
-        backup_trunks: vec![],
-        rate_outbound_per_minute: Decimal::new(12, 3),
-        rate_inbound_per_minute: Decimal::new(6, 3),
-        rate_per_message: Decimal::ZERO,
-        currency: "USD".into(),
-    }
+    TrunkConfig::loopback(name, gateways)
 }
 
 pub fn number_to(destination: Destination) -> NumberConfig {
