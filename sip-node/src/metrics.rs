@@ -114,6 +114,8 @@ pub struct NodeMetrics {
     store_pending: IntGauge,
     store_dropped: IntCounter,
     config_generation: IntGauge,
+    rtp_ports_capacity: IntGauge,
+    rtp_port_exhaustions: IntCounter,
     bridge_latency: crate::bridge::BridgeLatency,
 }
 
@@ -259,6 +261,18 @@ impl NodeMetrics {
                 "switchboard_config_generation",
                 "Configuration generation the node serves (-1 before the first load).",
             ),
+            rtp_ports_capacity: int_gauge(
+                "switchboard_rtp_ports_capacity",
+                "RTP and RTCP ports of the node's --rtp-ports range (0 without media anchoring); compare with switchboard_rtp_ports_in_use.",
+            ),
+            rtp_port_exhaustions: register(
+                &registry,
+                IntCounter::new(
+                    "switchboard_rtp_port_exhaustions_total",
+                    "Calls refused with 503 because no RTP port pair was free.",
+                )
+                .expect("valid metric"),
+            ),
             bridge_latency: crate::bridge::BridgeLatency::new(),
             registry,
         };
@@ -283,6 +297,16 @@ impl NodeMetrics {
     /// in step on every path that allocates or frees). Once per node; later calls are ignored.
     pub fn track_rtp_ports(&self, in_use: impl Fn() -> usize + Send + Sync + 'static) {
         self.sampled_gauge("switchboard_rtp_ports_in_use", "RTP and RTCP ports held by calls on this node.", in_use);
+    }
+
+    /// Sets `switchboard_rtp_ports_capacity`: the ports (RTP and RTCP) of the node's range.
+    pub fn rtp_ports_capacity(&self, ports: usize) {
+        self.rtp_ports_capacity.set(i64::try_from(ports).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a call refused because no RTP port pair was free.
+    pub fn rtp_port_exhausted(&self) {
+        self.rtp_port_exhaustions.inc();
     }
 
     /// Samples, at each scrape, the number of two-leg RTP relays on the node's media threads.
@@ -632,6 +656,8 @@ mod tests {
         metrics.set_store_pending(7);
         metrics.store_dropped(2);
         metrics.config_applied(5);
+        metrics.rtp_ports_capacity(8);
+        metrics.rtp_port_exhausted();
 
         let text = metrics.render();
         let expect = [
@@ -655,6 +681,8 @@ mod tests {
             ("switchboard_store_pending", 7.0),
             ("switchboard_store_dropped_total", 2.0),
             ("switchboard_config_generation", 5.0),
+            ("switchboard_rtp_ports_capacity", 8.0),
+            ("switchboard_rtp_port_exhaustions_total", 1.0),
         ];
         for (series, value) in expect {
             assert_eq!(line_value(&text, series), Some(value), "{series} in\n{text}");
@@ -781,6 +809,9 @@ mod tests {
     fn rtp_port_gauge_is_sampled_at_each_scrape() {
         let metrics = NodeMetrics::new();
         assert_eq!(line_value(&metrics.render(), "switchboard_rtp_ports_in_use"), None);
+        // The capacity and the exhaustion counter are there from the start, at 0.
+        assert_eq!(line_value(&metrics.render(), "switchboard_rtp_ports_capacity"), Some(0.0));
+        assert_eq!(line_value(&metrics.render(), "switchboard_rtp_port_exhaustions_total"), Some(0.0));
         let held = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(4));
         let sample = std::sync::Arc::clone(&held);
         metrics.track_rtp_ports(move || sample.load(std::sync::atomic::Ordering::Relaxed));

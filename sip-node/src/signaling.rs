@@ -228,6 +228,7 @@ pub async fn start(
     if let Some(media) = &media {
         let ports = media.ports.clone();
         metrics.track_rtp_ports(move || ports.in_use() * 2);
+        metrics.rtp_ports_capacity(media.ports.capacity() * 2);
         if let Ok(engine) = crate::media::engine::MediaEngine::global() {
             metrics.track_media_relays(|| engine.relays());
             metrics.track_kernel_forwards(|| engine.kernel_forwards());
@@ -425,18 +426,39 @@ fn media_context(args: &SipArgs, sip: SocketAddr, metrics: &NodeMetrics) -> anyh
         }
     }
     Ok(match PortAllocator::new(bind, range) {
-        Ok(ports) => Some(MediaContext {
-            ports,
-            address,
-            timeout: Duration::from_secs(args.media_timeout_seconds.max(1)),
-            agent_connect_timeout: Duration::from_millis(args.agent.agent_connect_timeout_ms),
-            agent_answer: args.agent.answer_policy(),
-            bridge_latency: metrics.bridge_latency(),
-            agent_tls,
+        Ok(ports) => Some({
+            open_files_for(ports.capacity() * 2);
+            MediaContext {
+                ports,
+                address,
+                timeout: Duration::from_secs(args.media_timeout_seconds.max(1)),
+                agent_connect_timeout: Duration::from_millis(args.agent.agent_connect_timeout_ms),
+                agent_answer: args.agent.answer_policy(),
+                bridge_latency: metrics.bridge_latency(),
+                agent_tls,
+            }
         }),
         Err(error) => {
             tracing::warn!(%error, "no RTP ports; media anchoring is off");
             None
         }
     })
+}
+
+/// Every RTP/RTCP port of a call is an open socket: raises the soft open-file limit to the hard
+/// one (as Go programs do), so that a range of 10,000 ports is not cut to a few hundred calls by
+/// a soft limit of 1,024 (bind then fails with EMFILE and calls get 503), and warns when even
+/// the hard limit is below the range plus room for SIP, Postgres and the API.
+fn open_files_for(rtp_ports: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    let soft = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() { hard } else { soft };
+    let needed = rtp_ports as u64 + 1024;
+    if soft < needed {
+        tracing::warn!(
+            open_files = soft,
+            rtp_ports,
+            "the open-file limit is below the RTP range plus 1024: calls will be refused before the range is full; raise `ulimit -n` or narrow --rtp-ports"
+        );
+    }
 }

@@ -842,3 +842,53 @@ async fn a_delayed_offer_whose_ack_has_no_answer_ends_with_488(pool: PgPool) {
     ports_released(&[node_for_caller, node_for_callee]).await;
     node.stop().await;
 }
+
+/// Capacity: a SIP-to-SIP call takes two port pairs (four ports), so a range of four ports holds
+/// one anchored call. The next call finds no free pair and gets 503 with Retry-After at once (not
+/// a timeout), counted in `switchboard_rtp_port_exhaustions_total`; once the first call ended,
+/// a call goes through again.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_call_without_a_free_port_pair_gets_503_with_retry_after(pool: PgPool) {
+    let caller = Ua::new().await;
+    let callee = Ua::new().await;
+    let node = start(&pool, trunk("carrier", vec![]), &callee, "40700-40703", 30).await;
+    assert_eq!(metric(&node, "switchboard_rtp_ports_capacity").await, Some(4.0));
+    assert_eq!(metric(&node, "switchboard_rtp_port_exhaustions_total").await, Some(0.0));
+    let (ok, _invite) = establish(&node, &caller, &callee, "0", "0").await;
+    assert_eq!(metric(&node, "switchboard_rtp_ports_in_use").await, Some(4.0));
+
+    // A second caller, another dialog.
+    let second = Ua::new().await;
+    let offer = sdp(second.rtp_port(), "0", "sendrecv");
+    let invite = caller_request("INVITE", 1, node.addr, second.sip_addr(), None, Some(&offer))
+        .replace("media-call@test", "media-call-2@test")
+        .replace(";tag=caller", ";tag=caller2")
+        .replace("branch=z9hG4bKINVITE", "branch=z9hG4bKsecond");
+    second.send(&invite, node.addr).await;
+    let refused = second.final_response().await;
+    assert!(refused.starts_with("SIP/2.0 503"), "{refused}");
+    assert_eq!(header(&refused, "Retry-After"), Some("5"), "{refused}");
+    let mut buf = [0u8; 2048];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), callee.sip.recv_from(&mut buf)).await.is_err(),
+        "the callee must not be called for the refused call"
+    );
+    assert_eq!(metric(&node, "switchboard_rtp_port_exhaustions_total").await, Some(1.0));
+
+    // The first call ends; its ports serve the next call.
+    caller.send(&caller_request("BYE", 2, node.addr, caller.sip_addr(), Some(&to_tag(&ok)), None), node.addr).await;
+    let (bye, from) = callee.request("BYE").await;
+    callee.send(&reply(&bye, "200 OK", callee.sip_addr(), None), from).await;
+    let bye_ok = caller.final_response().await;
+    assert!(bye_ok.starts_with("SIP/2.0 200"), "{bye_ok}");
+    let node_rtp: Vec<SocketAddr> = (0..2).map(|i| SocketAddr::from(([127, 0, 0, 1], 40700 + 2 * i))).collect();
+    ports_released(&node_rtp).await;
+    let third = caller_request("INVITE", 1, node.addr, second.sip_addr(), None, Some(&offer))
+        .replace("media-call@test", "media-call-3@test")
+        .replace(";tag=caller", ";tag=caller3")
+        .replace("branch=z9hG4bKINVITE", "branch=z9hG4bKthird");
+    second.send(&third, node.addr).await;
+    // The callee is called (request() fails after 10 s without an INVITE).
+    let _ = callee.request("INVITE").await;
+    node.stop().await;
+}

@@ -64,6 +64,9 @@ impl Call {
         };
         let pair = match media.ports.allocate() {
             Ok(pair) => pair,
+            Err(error @ crate::media::ports::PortError::Exhausted { .. }) => {
+                return self.refuse_no_ports(format!("no RTP port free: {error}"), Some(record(None, None)));
+            }
             Err(error) => {
                 return self.refuse_caller(503, format!("no RTP port free: {error}"), Some(record(None, None)));
             }

@@ -47,6 +47,12 @@ impl AnchorError {
             AnchorError::Ports(_) => 503,
         }
     }
+
+    /// Whether every port pair was taken: a 503 that is worth retrying soon (with Retry-After),
+    /// counted in `switchboard_rtp_port_exhaustions_total`.
+    pub(super) fn ports_exhausted(&self) -> bool {
+        matches!(self, AnchorError::Ports(crate::media::ports::PortError::Exhausted { .. }))
+    }
 }
 
 /// The node's side of one leg.
