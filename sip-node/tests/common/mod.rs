@@ -124,18 +124,16 @@ impl Node {
         };
         tune(&mut args);
         let drain = Drain::default();
-        let Listening { sip, http } = signaling::start(
-            &args,
-            pool.clone(),
-            "sipp-node",
-            handle,
-            stop_rx,
-            drain.clone(),
-            &mut tasks,
-            &mut graceful,
-        )
-        .await
-        .unwrap();
+        // The node gets a pool of its own, as in production: a #[sqlx::test] pool holds at most
+        // 5 connections, which a node's listeners and workers, a second node of the same test
+        // and the test's own queries would otherwise share (and time out on).
+        let node_pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(10)
+            .connect_lazy_with((*pool.connect_options()).clone());
+        let Listening { sip, http } =
+            signaling::start(&args, node_pool, "sipp-node", handle, stop_rx, drain.clone(), &mut tasks, &mut graceful)
+                .await
+                .unwrap();
         Node { addr: sip, http, stop, drain, tasks, graceful }
     }
 
