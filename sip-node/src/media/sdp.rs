@@ -525,7 +525,13 @@ impl SessionDescription {
         };
         for (index, raw) in text.split('\n').enumerate() {
             let number = index + 1;
-            let line = raw.strip_suffix('\r').unwrap_or(raw).trim_end();
+            // Only SP and HTAB are trimmed: the fields split on ASCII whitespace, and a wider
+            // (Unicode) trim took a trailing vertical tab that the split had kept in a field, so
+            // that what the node wrote back did not parse again (found by the sdp fuzz target).
+            // Only SP and HTAB are trimmed: the fields split on ASCII whitespace, and a wider
+            // (Unicode) trim took a trailing vertical tab that the split had kept in a field, so
+            // that what the node wrote back did not parse again (found by the sdp fuzz target).
+            let line = raw.strip_suffix('\r').unwrap_or(raw).trim_end_matches([' ', '\t']);
             if line.is_empty() {
                 continue;
             }
@@ -1030,6 +1036,15 @@ pub fn unspecified_like(ip: IpAddr) -> IpAddr {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn what_the_node_writes_back_parses_again_with_control_characters_in_a_field() {
+        // The sdp fuzz target's input: a vertical tab among form feeds in the c= address.
+        let body = b"v=0\r\no=user1 53655765 2353687637 IN IP4 127&0.0.1\r\ns=-\r\nc=IN IP4 \x0c\x0c\x0b\x0c\x08\0ecv\nm=audio 2000 RTP/AVP 0 8 1073a";
+        let sdp = SessionDescription::parse_bytes(body).unwrap();
+        let again = SessionDescription::parse(&sdp.to_sdp_string()).expect("the written SDP parses");
+        assert_eq!(again.to_sdp_string(), sdp.to_sdp_string());
+    }
     use super::*;
 
     const CARRIER_OFFER: &str = "v=0\r\n\
