@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod call;
+pub mod control;
 pub mod dialog;
 pub mod digest;
 pub mod endpoint;
