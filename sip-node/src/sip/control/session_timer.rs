@@ -15,7 +15,7 @@
 //! sender of that INVITE/UPDATE), so a refresh sent by the other side swaps the roles; every
 //! negotiation here therefore says directly whether the node refreshes.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rsip::Header;
 
@@ -328,11 +328,24 @@ impl UacOffer {
     }
 }
 
-/// What the schedule of a [`SessionTimer`] asks for.
+/// The two timers of a [`SessionTimer`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SessionTimerKind {
+    /// Half the interval after the last refresh: the node, as refresher, refreshes.
+    Refresh,
+    /// `interval - min(32, interval / 3)` after the last refresh: the session has expired.
+    Expiry,
+}
+
+/// What a [`SessionTimer`] asks its driver to do, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SessionTimerEvent {
-    /// Send a refresh (a re-INVITE with the current SDP, or an UPDATE) with
-    /// [`UacOffer::refresh`]'s headers, and feed its outcome back.
+pub enum SessionTimerAction {
+    /// Arm (or re-arm: it replaces an armed one) the timer.
+    Schedule(SessionTimerKind, Duration),
+    /// Disarm the timer.
+    Cancel(SessionTimerKind),
+    /// Send a refresh (a re-INVITE with the node's current SDP, or an UPDATE) with
+    /// [`SessionTimer::refresh_offer`]'s headers, and feed its outcome back.
     SendRefresh,
     /// The session was not refreshed in time: send BYE (reason: session timer expired).
     Expired,
@@ -350,24 +363,34 @@ pub enum RefreshFailure {
     WaitForExpiry,
 }
 
-/// The refresh/expiry schedule of one dialog (RFC 4028 section 10), fed with time values.
-///
-/// The driver arms one timer at [`SessionTimer::poll_timeout`], calls
-/// [`SessionTimer::handle_timeout`] when it fires, and reports every successful refresh
-/// (either direction) with [`SessionTimer::on_refreshed`].
+/// The refresh/expiry schedule of one dialog (RFC 4028 section 10), sans-IO like the
+/// transactions: it asks for timers with durations ([`SessionTimerAction::Schedule`]) and is
+/// fed their expiry ([`SessionTimer::on_timer`]) and every successful refresh in either
+/// direction ([`SessionTimer::on_refreshed`]); it never reads a clock.
 #[derive(Debug, Clone)]
 pub struct SessionTimer {
     negotiated: Negotiated,
     min_se: u32,
-    refreshed_at: Instant,
     refresh_pending: bool,
     expired: bool,
 }
 
 impl SessionTimer {
-    /// Starts the schedule at `now` (when the 2xx was sent or received).
-    pub fn new(negotiated: Negotiated, min_se: u32, now: Instant) -> SessionTimer {
-        SessionTimer { negotiated, min_se, refreshed_at: now, refresh_pending: false, expired: false }
+    /// Starts the schedule (when the 2xx that negotiated it was sent or received). `min_se` is
+    /// the largest Min-SE seen in the dialog, which the node's refreshes carry.
+    pub fn new(negotiated: Negotiated, min_se: u32) -> (SessionTimer, Vec<SessionTimerAction>) {
+        let timer = SessionTimer { negotiated, min_se, refresh_pending: false, expired: false };
+        let actions = timer.schedule();
+        (timer, actions)
+    }
+
+    fn schedule(&self) -> Vec<SessionTimerAction> {
+        let mut actions = vec![SessionTimerAction::Schedule(SessionTimerKind::Expiry, self.expires_after())];
+        actions.push(match self.refresh_after() {
+            Some(after) => SessionTimerAction::Schedule(SessionTimerKind::Refresh, after),
+            None => SessionTimerAction::Cancel(SessionTimerKind::Refresh),
+        });
+        actions
     }
 
     /// The current negotiation.
@@ -380,53 +403,47 @@ impl SessionTimer {
         UacOffer::refresh(&self.negotiated, self.min_se)
     }
 
-    /// When the node, as refresher, sends its refresh: half the interval (section 10).
-    pub fn refresh_at(&self) -> Option<Instant> {
-        (self.negotiated.we_refresh && !self.refresh_pending && !self.expired)
-            .then(|| self.refreshed_at + Duration::from_secs(u64::from(self.negotiated.interval)) / 2)
+    /// When, after the last refresh, the node as refresher refreshes: half the interval
+    /// (section 10); `None` when the peer refreshes.
+    pub fn refresh_after(&self) -> Option<Duration> {
+        self.negotiated.we_refresh.then(|| Duration::from_secs(u64::from(self.negotiated.interval)) / 2)
     }
 
-    /// When the session has expired: the interval minus the smaller of 32 s and a third of it
-    /// (section 10), so that a BYE still reaches a peer whose own timer is about to fire.
-    pub fn expires_at(&self) -> Instant {
+    /// When, after the last refresh, the session has expired: the interval minus the smaller
+    /// of 32 s and a third of it (section 10), so that a BYE still reaches a peer whose own
+    /// timer is about to fire.
+    pub fn expires_after(&self) -> Duration {
         let interval = u64::from(self.negotiated.interval);
-        self.refreshed_at + Duration::from_secs(interval - (interval / 3).min(32))
+        Duration::from_secs(interval - (interval / 3).min(32))
     }
 
-    /// The next instant at which [`SessionTimer::handle_timeout`] has something to do; `None`
-    /// once expired.
-    pub fn poll_timeout(&self) -> Option<Instant> {
+    /// A timer fired. A refresh is asked for once per interval (one outstanding at a time).
+    pub fn on_timer(&mut self, kind: SessionTimerKind) -> Vec<SessionTimerAction> {
         if self.expired {
-            return None;
+            return Vec::new();
         }
-        Some(self.refresh_at().map_or(self.expires_at(), |r| r.min(self.expires_at())))
+        match kind {
+            SessionTimerKind::Refresh if self.negotiated.we_refresh && !self.refresh_pending => {
+                self.refresh_pending = true;
+                vec![SessionTimerAction::SendRefresh]
+            }
+            SessionTimerKind::Refresh => Vec::new(),
+            SessionTimerKind::Expiry => {
+                self.expired = true;
+                vec![SessionTimerAction::Cancel(SessionTimerKind::Refresh), SessionTimerAction::Expired]
+            }
+        }
     }
 
-    /// The timer fired at `now`.
-    pub fn handle_timeout(&mut self, now: Instant) -> Option<SessionTimerEvent> {
+    /// A refresh succeeded (the 2xx to the node's refresh, or the node's 2xx to the peer's),
+    /// with the negotiation of that transaction: the schedule restarts.
+    pub fn on_refreshed(&mut self, negotiated: Negotiated) -> Vec<SessionTimerAction> {
         if self.expired {
-            return None;
-        }
-        if now >= self.expires_at() {
-            self.expired = true;
-            return Some(SessionTimerEvent::Expired);
-        }
-        if self.refresh_at().is_some_and(|at| now >= at) {
-            self.refresh_pending = true;
-            return Some(SessionTimerEvent::SendRefresh);
-        }
-        None
-    }
-
-    /// A refresh succeeded at `now` (the 2xx to the node's refresh, or the node's 2xx to the
-    /// peer's), with the negotiation of that transaction: the schedule restarts.
-    pub fn on_refreshed(&mut self, negotiated: Negotiated, now: Instant) {
-        if self.expired {
-            return;
+            return Vec::new();
         }
         self.negotiated = negotiated;
-        self.refreshed_at = now;
         self.refresh_pending = false;
+        self.schedule()
     }
 
     /// The node's refresh got final response `status` (not 2xx) with these headers.
@@ -594,53 +611,55 @@ mod tests {
         assert_eq!(read(&[]), Negotiated { interval: 1800, refresher: Refresher::Uac, we_refresh: true });
     }
 
+    use SessionTimerAction::{Cancel, Expired, Schedule, SendRefresh};
+    use SessionTimerKind::{Expiry, Refresh};
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
     #[test]
     fn the_refresher_refreshes_at_half_the_interval_and_expires_without_a_refresh() {
-        let t0 = Instant::now();
         let n = Negotiated { interval: 90, refresher: Refresher::Uac, we_refresh: true };
-        let mut timer = SessionTimer::new(n, 90, t0);
-        assert_eq!(timer.poll_timeout(), Some(t0 + Duration::from_secs(45)));
-        assert_eq!(timer.handle_timeout(t0 + Duration::from_secs(44)), None, "too early");
-        assert_eq!(timer.handle_timeout(t0 + Duration::from_secs(45)), Some(SessionTimerEvent::SendRefresh));
-        // The refresh is outstanding: the next deadline is the expiry, 90 - min(32, 30) = 60 s.
-        assert_eq!(timer.poll_timeout(), Some(t0 + Duration::from_secs(60)));
-        assert_eq!(timer.handle_timeout(t0 + Duration::from_secs(50)), None, "one refresh at a time");
+        let (mut timer, actions) = SessionTimer::new(n, 90);
+        // Refresh at 45 s; expiry at 90 - min(32, 30) = 60 s.
+        assert_eq!(actions, vec![Schedule(Expiry, secs(60)), Schedule(Refresh, secs(45))]);
+        assert_eq!(timer.on_timer(Refresh), vec![SendRefresh]);
+        assert_eq!(timer.on_timer(Refresh), vec![], "one refresh at a time");
         // The 2xx to the refresh restarts the schedule.
-        let t1 = t0 + Duration::from_secs(46);
-        timer.on_refreshed(n, t1);
-        assert_eq!(timer.poll_timeout(), Some(t1 + Duration::from_secs(45)));
-        assert_eq!(timer.handle_timeout(t1 + Duration::from_secs(45)), Some(SessionTimerEvent::SendRefresh));
-        assert_eq!(timer.handle_timeout(t1 + Duration::from_secs(60)), Some(SessionTimerEvent::Expired));
+        assert_eq!(timer.on_refreshed(n), vec![Schedule(Expiry, secs(60)), Schedule(Refresh, secs(45))]);
+        assert_eq!(timer.on_timer(Refresh), vec![SendRefresh]);
+        // No answer this time: the expiry fires.
+        assert_eq!(timer.on_timer(Expiry), vec![Cancel(Refresh), Expired]);
         assert!(timer.is_expired());
-        assert_eq!(timer.poll_timeout(), None);
-        assert_eq!(timer.handle_timeout(t1 + Duration::from_secs(99)), None, "expires once");
+        assert_eq!(timer.on_timer(Expiry), vec![], "expires once");
+        assert_eq!(timer.on_refreshed(n), vec![], "too late");
     }
 
     #[test]
     fn the_non_refresher_sends_bye_before_the_peer_would() {
-        let t0 = Instant::now();
         let n = Negotiated { interval: 1800, refresher: Refresher::Uac, we_refresh: false };
-        let mut timer = SessionTimer::new(n, 90, t0);
+        let (mut timer, actions) = SessionTimer::new(n, 90);
         // 1800 - min(32, 600) = 1768 s; no refresh of its own.
-        assert_eq!(timer.poll_timeout(), Some(t0 + Duration::from_secs(1768)));
-        assert_eq!(timer.handle_timeout(t0 + Duration::from_secs(900)), None);
-        // The peer refreshes at 900 s (re-INVITE answered by the node): the deadline moves.
-        timer.on_refreshed(n, t0 + Duration::from_secs(900));
-        assert_eq!(timer.poll_timeout(), Some(t0 + Duration::from_secs(2668)));
-        assert_eq!(timer.handle_timeout(t0 + Duration::from_secs(2668)), Some(SessionTimerEvent::Expired));
+        assert_eq!(actions, vec![Schedule(Expiry, secs(1768)), Cancel(Refresh)]);
+        assert_eq!(timer.on_timer(Refresh), vec![], "a stale refresh timer does nothing");
+        // The peer refreshes (re-INVITE answered by the node): the deadline moves.
+        assert_eq!(timer.on_refreshed(n), vec![Schedule(Expiry, secs(1768)), Cancel(Refresh)]);
+        assert_eq!(timer.on_timer(Expiry), vec![Cancel(Refresh), Expired]);
+        // A short interval: a third of it is less than 32 s.
+        let (short, _) = SessionTimer::new(Negotiated { interval: 90, ..n }, 90);
+        assert_eq!(short.expires_after(), secs(60));
     }
 
     #[test]
     fn a_refresh_from_the_peer_can_hand_the_refresher_role_over() {
-        let t0 = Instant::now();
-        let mut timer =
-            SessionTimer::new(Negotiated { interval: 600, refresher: Refresher::Uac, we_refresh: false }, 90, t0);
-        assert_eq!(timer.refresh_at(), None);
+        let (mut timer, _) =
+            SessionTimer::new(Negotiated { interval: 600, refresher: Refresher::Uac, we_refresh: false }, 90);
+        assert_eq!(timer.refresh_after(), None);
         // The peer's re-INVITE without Supported: timer: the node (its UAS) now refreshes.
         let asked = request(&[("Session-Expires", "600")]);
         let UasDecision::Accept(n) = negotiate_uas(&asked, &TimerPolicy::default()) else { panic!() };
-        timer.on_refreshed(n, t0 + Duration::from_secs(100));
-        assert_eq!(timer.refresh_at(), Some(t0 + Duration::from_secs(400)));
+        assert_eq!(timer.on_refreshed(n), vec![Schedule(Expiry, secs(568)), Schedule(Refresh, secs(300))]);
         // Its refresh asks to stay refresher as the UAC of that transaction.
         let offer = timer.refresh_offer();
         assert_eq!(offer.refresher, Some(Refresher::Uac));
@@ -649,9 +668,8 @@ mod tests {
 
     #[test]
     fn a_failed_refresh_ends_the_dialog_or_retries_with_a_larger_interval() {
-        let t0 = Instant::now();
         let n = Negotiated { interval: 90, refresher: Refresher::Uac, we_refresh: true };
-        let mut timer = SessionTimer::new(n, 90, t0);
+        let (mut timer, _) = SessionTimer::new(n, 90);
         assert_eq!(timer.on_refresh_failed(481, &headers(&[])), RefreshFailure::Bye);
         assert_eq!(timer.on_refresh_failed(408, &headers(&[])), RefreshFailure::Bye);
         assert_eq!(timer.on_refresh_failed(500, &headers(&[])), RefreshFailure::WaitForExpiry);
