@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod call;
+pub mod context;
 pub mod control;
 pub mod dialog;
 pub mod digest;
@@ -20,3 +21,6 @@ pub mod routing;
 pub mod sms;
 pub mod transaction;
 pub mod transport;
+
+/// Methods the node accepts, for Allow headers.
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, MESSAGE";
