@@ -26,3 +26,25 @@ async fn an_invite_without_sdp_gets_the_nodes_offer_and_answers_in_the_ack(pool:
     assert_eq!(active_calls(&pool).await, 0);
     node.stop().await;
 }
+
+/// RFC 3262 on both legs: a caller that requires `100rel` is served (not refused with 420):
+/// the callee's 180 reaches it with `Require: 100rel` and an RSeq of the node's, a PRACK with a
+/// wrong RAck gets 481 and the right one 200; the callee's own reliable 180 is PRACKed by the
+/// node (the callee's scenario checks `Supported: 100rel` and the RAck).
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn reliable_provisional_responses_are_sent_and_pracked_on_both_legs(pool: PgPool) {
+    let callee = free_port("127.0.0.1");
+    let node = Node::start(&pool, vec![trunk("carrier", vec![])], vec![number_to(sip_destination(callee))]).await;
+    let uas = uas(&["-sf", &scenario("uas_reliable_180.xml")], callee, 1);
+    let uac = uac(&["-sf", &scenario("uac_100rel.xml")], node.addr, "127.0.0.1", 1, &[]);
+    assert!(
+        uac.wait().await.success(),
+        "the 100rel caller did not get a reliable 180, 481 and 200 to its PRACKs, and the answer"
+    );
+    assert!(uas.wait().await.success(), "the callee's reliable 180 was not PRACKed");
+    let cdrs = cdrs(&pool, 1).await;
+    assert_eq!(cdrs.len(), 1, "{cdrs:?}");
+    assert_eq!(cdrs[0].sip_code, Some(200));
+    assert_eq!(cdrs[0].hangup_by.as_deref(), Some("caller"));
+    node.stop().await;
+}

@@ -427,10 +427,10 @@ pub fn header_value<'a>(headers: &'a rsip::Headers, name: &str) -> Option<Cow<'a
     })
 }
 
-/// SIP extensions (option tags, RFC 3261 19.2) this node implements as a UAS. None yet: it
-/// sends no reliable provisional responses (`100rel`, RFC 3262) and refreshes no sessions
-/// (`timer`, RFC 4028), so a request that requires either must not be accepted.
-pub const SUPPORTED_EXTENSIONS: &[&str] = &[];
+/// SIP extensions (option tags, RFC 3261 19.2) this node implements as a UAS: reliable
+/// provisional responses (`100rel`, RFC 3262, `sip/control/reliable.rs`). It refreshes no
+/// sessions yet (`timer`, RFC 4028), so a request that requires that is refused with 420.
+pub const SUPPORTED_EXTENSIONS: &[&str] = &["100rel"];
 
 /// The option tags in the request's `Require` headers that this node does not implement, in
 /// the order given (RFC 3261 8.2.2.3: such a request is refused with `420 Bad Extension`
@@ -572,7 +572,7 @@ l: 4\r\n\r\nv=0\r\nEXTRA";
             From: <sip:b@127.0.0.1>;tag=1\r\nTo: <sip:a@127.0.0.1>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n\
             Require: 100rel, timer\r\nrequire: ,TIMER,\r\nRequire: foo\r\nSupported: replaces\r\nContent-Length: 0\r\n\r\n";
         let Ok(Incoming::Message(rsip::SipMessage::Request(request))) = parse(bytes, false) else { panic!("parses") };
-        assert_eq!(unsupported_requirements(&request.headers), ["100rel", "timer", "foo"]);
+        assert_eq!(unsupported_requirements(&request.headers), ["timer", "foo"], "100rel is served (RFC 3262)");
         let plain = b"OPTIONS sip:a@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bK2\r\n\
             From: <sip:b@127.0.0.1>;tag=1\r\nTo: <sip:a@127.0.0.1>\r\nCall-ID: d\r\nCSeq: 1 OPTIONS\r\n\
             Proxy-Require: foo\r\nSupported: 100rel\r\nContent-Length: 0\r\n\r\n";

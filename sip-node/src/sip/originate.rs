@@ -477,6 +477,8 @@ async fn one_attempt(
                 ended.failover = failover;
                 return ended;
             }
+            // Without a caller channel and a wake time neither comes.
+            InviteEvent::CallerPrack { .. } | InviteEvent::Wake => {}
             InviteEvent::Cancelled => {
                 let mut ended = failed(487, crate::drain::NODE_SHUTDOWN.into(), ring_at);
                 ended.failover = false;

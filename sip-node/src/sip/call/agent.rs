@@ -142,9 +142,13 @@ impl Call {
             // Ring until the agent speaks (bounded): the 200 OK then goes out with its first
             // frame. The caller may send media from its offer on (RFC 3264 5.1), so nothing
             // is lost to the race between that frame and the 200 OK.
-            let mut ringing = response_to(&self.invite, 180, Some("Ringing"), Some(&self.a_tag));
-            ringing.headers.push(Header::Contact(headers::Contact::new(contact)));
-            self.ctx.endpoint.respond(&self.key, ringing);
+            // A caller that requires reliable provisional responses gets no 180 (this path takes
+            // no PRACK; provisional responses are optional, an unreliable one is not allowed).
+            if self.reliable.is_none() {
+                let mut ringing = response_to(&self.invite, 180, Some("Ringing"), Some(&self.a_tag));
+                ringing.headers.push(Header::Contact(headers::Contact::new(contact)));
+                self.ctx.endpoint.respond(&self.key, ringing);
+            }
             ring_at = Some(Utc::now());
             let deadline = tokio::time::sleep(answering.timeout);
             tokio::pin!(deadline);

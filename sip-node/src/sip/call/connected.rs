@@ -73,6 +73,10 @@ impl Call {
                 );
             }
         }
+        if let Some(reliable) = self.reliable.as_mut() {
+            // The final response ends the reliable provisional retransmissions.
+            reliable.on_final();
+        }
         let mut relay_events = self.anchor.as_mut().and_then(Anchor::take_events);
         self.ctx.endpoint.respond(&self.key, ok.clone());
         let answered_at = record.answer_at.unwrap_or_else(Utc::now);

@@ -24,6 +24,7 @@ use tracing::Instrument as _;
 
 pub use super::ALLOW;
 pub use super::context::{MediaContext, NodeContext as CallContext};
+use super::control::reliable::{Reliability, ReliableSender, random_initial_rseq};
 use super::endpoint::{NewRequest, TuEvent};
 use super::guard::SourceClass;
 use super::limits::CallPermit;
@@ -201,7 +202,13 @@ async fn inbound_call(ctx: Arc<CallContext>, invite: Request, key: TransactionKe
         b_rx: None,
         b_tx: None,
         anchor: None,
+        reliable: None,
+        early_dialog: false,
     };
+    if Reliability::of(&call.invite.headers) == Reliability::Required {
+        let cseq = message::cseq(&call.invite).map(|(n, _)| n).unwrap_or(1);
+        call.reliable = Some(ReliableSender::new(cseq, random_initial_rseq(), ctx.timers.t1));
+    }
     let outcome = call.run(target, &mut a_rx).await;
     call.finish(outcome, setup_at);
 }
@@ -223,6 +230,11 @@ struct Call {
     b_tx: Option<mpsc::UnboundedSender<TuEvent>>,
     /// The call's anchored media (`None`: SDP passes through).
     anchor: Option<Anchor>,
+    /// The caller requires reliable provisional responses (RFC 3262): they are numbered,
+    /// retransmitted until PRACKed, and the caller's PRACKs are matched here.
+    reliable: Option<ReliableSender>,
+    /// The caller's early dialog is registered with the endpoint (for its PRACKs).
+    early_dialog: bool,
 }
 
 /// Which leg a message belongs to.

@@ -93,6 +93,11 @@ impl Call {
         });
         self.write_cdr(&record, end_at, outcome.code, &outcome.reason, outcome.hangup_by);
         self.ctx.store.record(StoreEvent::CallEnded { call_uuid: self.facts.call_uuid });
+        if self.early_dialog {
+            // Registered for the caller's PRACKs before the answer (a no-op if the connected
+            // phase already unregistered it).
+            self.ctx.endpoint.unregister_dialog(&self.facts.call_id, &self.a_tag);
+        }
         let inbound = self.facts.inbound_trunk.as_ref();
         let provider = inbound.map(|t| t.provider.as_str()).unwrap_or("unknown");
         let trunk = inbound.map(|t| t.name.as_str()).unwrap_or("unknown");
