@@ -9,13 +9,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 
 use switchboard_operator::kubernetes::controller::{self, ControllerSettings, WatchScope};
 use switchboard_operator::kubernetes::leader::{Ended, LeaderElection, LeaseTiming};
-use switchboard_operator::kubernetes::metrics::{self, Health, Metrics};
+use switchboard_operator::kubernetes::metrics::Metrics;
 use switchboard_operator::reaper;
 use switchboard_operator::reconcile::Reconciler;
 
@@ -69,7 +73,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     tokio::spawn(signals(shutdown.clone()));
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
-    let server = tokio::spawn(metrics::serve(args.metrics_address, metrics.clone(), health.clone(), shutdown.clone()));
+    let server = tokio::spawn(serve_health(args.metrics_address, metrics.clone(), health.clone(), shutdown.clone()));
 
     let pool = connect(&args, &shutdown).await?;
     let Some(pool) = pool else { return Ok(()) };
@@ -184,4 +188,49 @@ async fn signals(shutdown: CancellationToken) {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: shutting down"),
     }
     shutdown.cancel();
+}
+
+/// What `/readyz` reports.
+#[derive(Default)]
+struct Health {
+    /// Started: connected to the database and the API server (leader or standby).
+    ready: AtomicBool,
+}
+
+#[derive(Clone)]
+struct HttpState {
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+/// The HTTP router: `/metrics`, `/healthz`, `/readyz`.
+fn router(metrics: Arc<Metrics>, health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/metrics", get(|State(s): State<HttpState>| async move { s.metrics.render() }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(s): State<HttpState>| async move {
+                if s.health.ready.load(Ordering::SeqCst) {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "starting")
+                }
+            }),
+        )
+        .with_state(HttpState { metrics, health })
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown`.
+async fn serve_health(
+    address: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    tracing::info!("metrics and health on http://{}", listener.local_addr()?);
+    axum::serve(listener, router(metrics, health))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
 }
