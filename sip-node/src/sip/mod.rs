@@ -18,6 +18,7 @@ pub mod registration;
 pub mod resolve;
 pub mod routing;
 pub mod sms;
+pub mod tls;
 pub mod transaction;
 pub mod transport;
 
