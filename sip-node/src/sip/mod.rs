@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod call;
 pub mod context;
+pub mod control;
 pub mod dialog;
 pub mod digest;
 pub mod endpoint;
