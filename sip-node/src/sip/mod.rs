@@ -19,6 +19,7 @@ pub mod registration;
 pub mod resolve;
 pub mod routing;
 pub mod sms;
+pub mod tls;
 pub mod transaction;
 pub mod transport;
 
