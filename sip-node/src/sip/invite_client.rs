@@ -17,6 +17,7 @@ use tokio::time::{Instant, sleep_until};
 
 use super::context::NodeContext as CallContext;
 use super::control::reliable::{Provisional, ReliableReceiver};
+use super::control::session_timer::{self, UacOffer};
 use super::dialog::Dialog;
 use super::digest::answer_challenge;
 use super::endpoint::{TuEvent, TuSender};
@@ -40,6 +41,9 @@ pub struct InviteSetup {
     pub gateway: String,
     /// The Contact user of our side of the dialog.
     pub contact_user: String,
+    /// The session timer the INVITE offers (RFC 4028): its headers are in the INVITE; a 422
+    /// raises it and the INVITE is sent again, once per larger Min-SE.
+    pub session: Option<UacOffer>,
 }
 
 /// What an attempt came to.
@@ -239,6 +243,7 @@ impl<'c> InviteClient<'c> {
             }
             200..=299 => Some(self.on_answer(response).await),
             401 | 407 if !self.authenticated => self.on_challenge(code, &response),
+            session_timer::TOO_SMALL if self.setup.session.is_some() => self.on_too_small(&response),
             _ => {
                 let reason = format!("{} from {}", response.status_code, self.setup.gateway);
                 let failover = !super::routing::is_final_for_caller(&self.ctx.final_codes, code);
@@ -287,10 +292,37 @@ impl<'c> InviteClient<'c> {
             Err(error) => return Some(failed(code, format!("cannot answer the challenge: {error}"), true)),
         };
         self.authenticated = true;
+        self.invite.headers.push(header);
+        self.resend();
+        None
+    }
+
+    /// A 422: the callee wants a longer session interval. The INVITE goes again with its
+    /// Min-SE (RFC 4028 section 7.4), unless that would not raise it (then the 422 is final).
+    fn on_too_small(&mut self, response: &Response) -> Option<InviteEvent> {
+        let offer = self.setup.session.as_mut()?;
+        if let Err(error) = offer.on_too_small(&response.headers) {
+            return Some(failed(422, format!("422 from {}: {error}", self.setup.gateway), true));
+        }
+        let timer_headers = offer.request_headers();
+        let is_timer_header = |h: &Header| match h {
+            Header::Other(name, _) => {
+                name.eq_ignore_ascii_case("Session-Expires") || name.eq_ignore_ascii_case("Min-SE")
+            }
+            _ => false,
+        };
+        self.invite.headers.retain(|h| !is_timer_header(h));
+        self.invite.headers.extend(timer_headers.into_iter().filter(is_timer_header).collect::<Vec<_>>());
+        self.resend();
+        None
+    }
+
+    /// Sends the INVITE again with the next CSeq and a fresh Via (after a challenge or a 422).
+    fn resend(&mut self) {
         self.cseq += 1;
         let cseq = self.cseq;
         let via = self.ctx.endpoint.via_for(self.setup.peer);
-        let mut headers: Vec<Header> = Vec::with_capacity(self.invite.headers.iter().count() + 1);
+        let mut headers: Vec<Header> = Vec::with_capacity(self.invite.headers.iter().count());
         let mut via_replaced = false;
         for header in self.invite.headers.iter() {
             match header {
@@ -302,10 +334,13 @@ impl<'c> InviteClient<'c> {
                 other => headers.push(other.clone()),
             }
         }
-        headers.push(header);
         self.invite.headers = headers.into();
         self.ctx.endpoint.send_request(self.invite.clone(), self.setup.peer, self.tx.clone());
-        None
+    }
+
+    /// The session timer offer as the callee last saw it (after any 422).
+    pub fn session_offer(&self) -> Option<&UacOffer> {
+        self.setup.session.as_ref()
     }
 
     /// Acknowledges a reliable provisional response with a PRACK in its early dialog (RFC 3262

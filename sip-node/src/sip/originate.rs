@@ -457,6 +457,7 @@ async fn one_attempt(
         ring_limit: RING_TIMEOUT,
         gateway: host.to_string(),
         contact_user: request.from_number.clone(),
+        session: None,
     };
     let mut client = InviteClient::send(ctx, invite, setup);
     let mut ring_at = None;

@@ -14,8 +14,10 @@ use tokio::time::Instant;
 
 use super::media::Anchor;
 use super::record::{AttemptRecord, Ender, Outcome};
+use super::session;
 use super::{ALLOW, Call, RING_TIMEOUT};
 use crate::sip::control::reliable::{self, ReliableAction, ReliableSender};
+use crate::sip::control::session_timer::{self, UacOffer};
 use crate::sip::dialog::{Dialog, content_type};
 use crate::sip::endpoint::TuEvent;
 use crate::sip::invite_client::{InviteClient, InviteEvent, InviteSetup, failover_timeout};
@@ -234,10 +236,11 @@ impl Call {
             Header::Allow(ALLOW.into()),
             Header::UserAgent("switchboard".into()),
         ];
-        // The node PRACKs the callee's reliable provisional responses itself (RFC 3262), so
-        // it offers 100rel whatever the caller said. Of the caller's other extensions only
-        // those the node handles end to end pass: it refreshes no sessions (timer) yet.
-        let mut supported = vec![reliable::OPTION_TAG.to_string()];
+        // The node PRACKs the callee's reliable provisional responses itself (RFC 3262) and
+        // runs the leg's session timer itself (RFC 4028), so it offers both whatever the
+        // caller said; of the caller's other extensions, those the node passes end to end.
+        let timer = UacOffer::new(&self.ctx.session_timers);
+        let mut supported = vec![reliable::OPTION_TAG.to_string(), session_timer::OPTION_TAG.to_string()];
         if let Some(value) = message::header_value(&self.invite.headers, "Supported") {
             supported.extend(
                 value
@@ -250,6 +253,8 @@ impl Call {
             );
         }
         headers.push(Header::Supported(supported.join(", ").into()));
+        // Session-Expires and Min-SE (its Supported: timer is in the list above).
+        headers.extend(timer.request_headers().into_iter().filter(|h| !matches!(h, Header::Supported(_))));
         let mut request = Request {
             method: Method::Invite,
             uri: target.uri.clone(),
@@ -297,6 +302,7 @@ impl Call {
             ring_limit: RING_TIMEOUT,
             gateway: target.gateway.clone(),
             contact_user: self.caller_id(target),
+            session: Some(UacOffer::new(&self.ctx.session_timers)),
         };
         let ctx = Arc::clone(&self.ctx);
         let mut client = InviteClient::send(&ctx, invite, setup);
@@ -326,6 +332,8 @@ impl Call {
                 InviteEvent::Answered(answered) => {
                     // The dialog's channel stays registered: in-dialog requests from the
                     // callee keep arriving on b_rx after this function returns.
+                    self.session_b =
+                        client.session_offer().map(|offer| session::callee_timer(offer, &answered.1.headers));
                     let (b_tx, b_rx) = client.into_channel();
                     self.b_tx = Some(b_tx);
                     self.b_rx = b_rx;

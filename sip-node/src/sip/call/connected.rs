@@ -10,8 +10,11 @@ use tokio::sync::mpsc;
 
 use super::media::Anchor;
 use super::record::{AttemptRecord, Ender, Outcome};
+use super::session::{self, CallSessions};
 use super::{ALLOW, BYE_WAIT, Call, Leg};
 use crate::media::relay::RelayEvent;
+use crate::sip::control::session_leg::RefreshOutcome;
+use crate::sip::control::session_timer::{RefreshFailure, SessionTimerAction, UacOffer};
 use crate::sip::dialog::{Dialog, content_type};
 use crate::sip::endpoint::TuEvent;
 use crate::sip::message::{self, HangupReason};
@@ -73,6 +76,7 @@ impl Call {
                 );
             }
         }
+        ok.headers.extend(session::answer_headers(&self.session_a));
         if let Some(reliable) = self.reliable.as_mut() {
             // The final response ends the reliable provisional retransmissions.
             reliable.on_final();
@@ -91,9 +95,20 @@ impl Call {
         let retransmit = tokio::time::sleep(interval);
         tokio::pin!(retransmit);
         let mut pending: Vec<Pending> = Vec::new();
+        // RFC 4028 on each leg: the caller's as the node's 2xx set it, the callee's as its 2xx.
+        let mut sessions = CallSessions::start(self.session_a, self.session_b, tokio::time::Instant::now());
 
         let (code, reason, ender) = loop {
             tokio::select! {
+                () = sleep_until(sessions.next_deadline()) => {
+                    if let Some(why) = self.session_timers_fired(&mut sessions, &mut a, &mut b, &b_tx) {
+                        let reason = [HangupReason::timer(&why).header()];
+                        self.send_bye(&mut b, &b_tx, &reason);
+                        let a_tx = self.a_tx.clone();
+                        self.bye_and_wait(&mut a, &a_tx, a_rx, &reason).await;
+                        break (408, why, Ender::System);
+                    }
+                }
                 () = &mut retransmit, if !acked => {
                     if tokio::time::Instant::now() >= give_up {
                         tracing::warn!("no ACK for the 200 OK from the caller; ending the call");
@@ -157,12 +172,36 @@ impl Call {
                             (_, Some(key)) => {
                                 acked = true;
                                 let from_contact = a.contact.clone();
-                                self.forward(Leg::A, request, key, &from_contact, &mut b, &b_tx, &mut pending);
+                                if !self.answer_plain_refresh(Leg::A, &request, &key, &mut sessions, &from_contact) {
+                                    let mut to = Forward { dialog: &mut b, tx: &b_tx, pending: &mut pending, sessions: &mut sessions };
+                                    self.forward(Leg::A, request, key, &from_contact, &mut to);
+                                }
                             }
                             (_, None) => {}
                         },
-                        TuEvent::Response(response) => self.relay_final(Leg::A, response, &mut a, &mut pending),
-                        TuEvent::Timeout => self.fail_pending(Leg::A, &mut pending),
+                        TuEvent::Response(response) => {
+                            let a_tx = self.a_tx.clone();
+                            match self.refresh_answered(Leg::A, &response, &mut sessions, &mut a, &a_tx) {
+                                Refresh::NotOurs => self.relay_final(Leg::A, response, &mut a, &mut pending, &mut sessions),
+                                Refresh::Done => {}
+                                Refresh::Ended(why) => {
+                                    let reason = [HangupReason::timer(&why).header()];
+                                    self.send_bye(&mut b, &b_tx, &reason);
+                                    self.bye_and_wait(&mut a, &a_tx, a_rx, &reason).await;
+                                    break (408, why, Ender::System);
+                                }
+                            }
+                        }
+                        TuEvent::Timeout => {
+                            if let Some(why) = refresh_timed_out(Leg::A, &mut sessions) {
+                                let reason = [HangupReason::timer(&why).header()];
+                                self.send_bye(&mut b, &b_tx, &reason);
+                                let a_tx = self.a_tx.clone();
+                                self.send_bye(&mut a, &a_tx, &reason);
+                                break (408, why, Ender::System);
+                            }
+                            self.fail_pending(Leg::A, &mut pending)
+                        }
                         TuEvent::Cancelled => {}
                     }
                 }
@@ -181,7 +220,10 @@ impl Call {
                             (_, Some(key)) => {
                                 let from_contact = b.contact.clone();
                                 let a_tx = self.a_tx.clone();
-                                self.forward(Leg::B, request, key, &from_contact, &mut a, &a_tx, &mut pending);
+                                if !self.answer_plain_refresh(Leg::B, &request, &key, &mut sessions, &from_contact) {
+                                    let mut to = Forward { dialog: &mut a, tx: &a_tx, pending: &mut pending, sessions: &mut sessions };
+                                    self.forward(Leg::B, request, key, &from_contact, &mut to);
+                                }
                             }
                             (_, None) => {}
                         },
@@ -193,10 +235,29 @@ impl Call {
                                 let ack = b.request(Method::Ack, self.ctx.endpoint.via_for(b.peer), Some(original_b_cseq), None);
                                 self.ctx.endpoint.send_stateless(rsip::SipMessage::Request(ack), b.peer);
                             } else {
-                                self.relay_final(Leg::B, response, &mut b, &mut pending);
+                                match self.refresh_answered(Leg::B, &response, &mut sessions, &mut b, &b_tx) {
+                                    Refresh::NotOurs => self.relay_final(Leg::B, response, &mut b, &mut pending, &mut sessions),
+                                    Refresh::Done => {}
+                                    Refresh::Ended(why) => {
+                                        let reason = [HangupReason::timer(&why).header()];
+                                        self.send_bye(&mut b, &b_tx, &reason);
+                                        let a_tx = self.a_tx.clone();
+                                        self.bye_and_wait(&mut a, &a_tx, a_rx, &reason).await;
+                                        break (408, why, Ender::System);
+                                    }
+                                }
                             }
                         }
-                        TuEvent::Timeout => self.fail_pending(Leg::B, &mut pending),
+                        TuEvent::Timeout => {
+                            if let Some(why) = refresh_timed_out(Leg::B, &mut sessions) {
+                                let reason = [HangupReason::timer(&why).header()];
+                                self.send_bye(&mut b, &b_tx, &reason);
+                                let a_tx = self.a_tx.clone();
+                                self.bye_and_wait(&mut a, &a_tx, a_rx, &reason).await;
+                                break (408, why, Ender::System);
+                            }
+                            self.fail_pending(Leg::B, &mut pending)
+                        }
                         TuEvent::Cancelled => {}
                     }
                 }
@@ -223,17 +284,8 @@ impl Call {
     /// With anchored media an offer is not passed but re-offered by the node on the other leg
     /// (mirroring its direction: hold and resume), and a re-INVITE without an offer is
     /// answered here with the node's current SDP.
-    #[allow(clippy::too_many_arguments)]
-    fn forward(
-        &mut self,
-        from: Leg,
-        request: Request,
-        key: TransactionKey,
-        from_contact: &str,
-        other: &mut Dialog,
-        other_tx: &mpsc::UnboundedSender<TuEvent>,
-        pending: &mut Vec<Pending>,
-    ) {
+    fn forward(&mut self, from: Leg, request: Request, key: TransactionKey, from_contact: &str, to: &mut Forward<'_>) {
+        let other = &mut *to.dialog;
         let ct = content_type(&request.headers);
         let mut body =
             (!request.body.is_empty()).then(|| (ct.clone().unwrap_or("application/sdp".into()), request.body.clone()));
@@ -266,15 +318,28 @@ impl Call {
             }
         }
         let body = body.as_ref().map(|(ct, bytes)| (ct.as_str(), bytes.clone()));
-        let forwarded = other.request(request.method, self.ctx.endpoint.via_for(other.peer), None, body);
+        let mut forwarded = other.request(request.method, self.ctx.endpoint.via_for(other.peer), None, body);
+        if matches!(request.method, Method::Invite | Method::Update)
+            && let Some(session) = to.sessions.leg(if from == Leg::A { Leg::B } else { Leg::A })
+        {
+            // The other leg's session is refreshed by this request too (RFC 4028).
+            forwarded.headers.extend(session.forwarded_request_headers());
+        }
         let cseq = other.local_cseq;
-        self.ctx.endpoint.send_request(forwarded, other.peer, other_tx.clone());
-        pending.push(Pending { from, key, request, cseq, offer });
+        self.ctx.endpoint.send_request(forwarded, other.peer, to.tx.clone());
+        to.pending.push(Pending { from, key, request, cseq, offer });
     }
 
     /// Relays the final response to a forwarded request back to the leg it came from; `leg` is
     /// the leg the response arrived on. A 2xx to a forwarded re-INVITE is ACKed here.
-    fn relay_final(&mut self, leg: Leg, response: Response, dialog: &mut Dialog, pending: &mut Vec<Pending>) {
+    fn relay_final(
+        &mut self,
+        leg: Leg,
+        response: Response,
+        dialog: &mut Dialog,
+        pending: &mut Vec<Pending>,
+        sessions: &mut CallSessions,
+    ) {
         let Some((number, method)) = message::cseq(&response) else { return };
         let mut code = message::status(&response);
         let Some(index) = pending.iter().position(|p| p.from != leg && p.cseq == number && p.request.method == method)
@@ -311,7 +376,142 @@ impl Call {
         if let Some((ct, bytes)) = body {
             message::set_body(&mut relayed.headers, &mut relayed.body, bytes, Some(&ct));
         }
+        if matches!(method, Method::Invite | Method::Update) && (200..300).contains(&code) {
+            // A successful offer/answer refreshed both legs' sessions (RFC 4028).
+            let now = tokio::time::Instant::now();
+            if let Some(session) = sessions.leg(leg) {
+                let actions = session.forwarded_answered(&response);
+                sessions.apply(leg, actions, now);
+            }
+            if let Some(session) = sessions.leg(p.from)
+                && let Ok((headers, actions)) = session.answer_refresh(&p.request, &self.ctx.session_timers)
+            {
+                relayed.headers.extend(headers);
+                sessions.apply(p.from, actions, now);
+            }
+        }
         self.ctx.endpoint.respond(&p.key, relayed);
+    }
+
+    /// A peer's INVITE/UPDATE without SDP only refreshes its leg's session: the node answers it
+    /// on that leg (a re-INVITE with its current SDP there) instead of passing it across.
+    /// `false` when it is not one, or a re-INVITE the node has no SDP to answer with.
+    fn answer_plain_refresh(
+        &self,
+        leg: Leg,
+        request: &Request,
+        key: &TransactionKey,
+        sessions: &mut CallSessions,
+        contact: &str,
+    ) -> bool {
+        let Some(session) = sessions.leg(leg) else { return false };
+        if !session.is_plain_refresh(request) {
+            return false;
+        }
+        let sdp = self.anchor.as_ref().and_then(|anchor| anchor.last_sent(leg));
+        if request.method == Method::Invite && sdp.is_none() {
+            return false;
+        }
+        match session.answer_refresh(request, &self.ctx.session_timers) {
+            Ok((headers, actions)) => {
+                sessions.apply(leg, actions, tokio::time::Instant::now());
+                let mut response = response_to(request, 200, Some("OK"), None);
+                response.headers.push(Header::Contact(headers::Contact::new(contact.to_string())));
+                response.headers.extend(headers);
+                if let (Method::Invite, Some(sdp)) = (&request.method, sdp) {
+                    message::set_body(&mut response.headers, &mut response.body, sdp, Some("application/sdp"));
+                }
+                self.ctx.endpoint.respond(key, response);
+            }
+            Err(refusal) => self.ctx.endpoint.respond(key, refusal),
+        }
+        true
+    }
+
+    /// The legs' session timers fired: sends the refreshes due; the reason to end the call
+    /// when a session expired.
+    fn session_timers_fired(
+        &self,
+        sessions: &mut CallSessions,
+        a: &mut Dialog,
+        b: &mut Dialog,
+        b_tx: &mpsc::UnboundedSender<TuEvent>,
+    ) -> Option<String> {
+        for (leg, action) in sessions.fire(tokio::time::Instant::now()) {
+            match action {
+                SessionTimerAction::SendRefresh => {
+                    let (dialog, tx) = match leg {
+                        Leg::A => (&mut *a, self.a_tx.clone()),
+                        Leg::B => (&mut *b, b_tx.clone()),
+                    };
+                    self.send_refresh(leg, sessions, dialog, &tx, None);
+                }
+                SessionTimerAction::Expired => {
+                    tracing::info!(?leg, "session timer expired");
+                    return Some(format!("session timer expired on the {} leg (RFC 4028)", leg_name(leg)));
+                }
+                SessionTimerAction::Schedule(..) | SessionTimerAction::Cancel(_) => {}
+            }
+        }
+        None
+    }
+
+    /// Sends the node's session refresh on a leg: a re-INVITE with the node's current SDP
+    /// there (an UPDATE when it has none), with the offer a 422 asked for when retrying.
+    fn send_refresh(
+        &self,
+        leg: Leg,
+        sessions: &mut CallSessions,
+        dialog: &mut Dialog,
+        tx: &mpsc::UnboundedSender<TuEvent>,
+        retry: Option<UacOffer>,
+    ) {
+        let Some(session) = sessions.leg(leg) else { return };
+        let sdp = self.anchor.as_ref().and_then(|anchor| anchor.last_sent(leg));
+        let via = self.ctx.endpoint.via_for(dialog.peer);
+        let request = match retry {
+            Some(offer) => session.retry_request(dialog, via, sdp, offer),
+            None => session.refresh_request(dialog, via, sdp),
+        };
+        self.ctx.endpoint.send_request(request, dialog.peer, tx.clone());
+    }
+
+    /// A response on `leg`: when it answers the node's refresh there, its outcome (a 2xx to a
+    /// re-INVITE is ACKed here).
+    fn refresh_answered(
+        &self,
+        leg: Leg,
+        response: &Response,
+        sessions: &mut CallSessions,
+        dialog: &mut Dialog,
+        tx: &mpsc::UnboundedSender<TuEvent>,
+    ) -> Refresh {
+        let Some(session) = sessions.leg(leg) else { return Refresh::NotOurs };
+        if !session.is_refresh_response(response) {
+            return Refresh::NotOurs;
+        }
+        let status = message::status(response);
+        if let Some((number, Method::Invite)) = message::cseq(response)
+            && (200..300).contains(&status)
+        {
+            let ack = dialog.request(Method::Ack, self.ctx.endpoint.via_for(dialog.peer), Some(number), None);
+            self.ctx.endpoint.send_stateless(rsip::SipMessage::Request(ack), dialog.peer);
+        }
+        match session.on_refresh_response(response) {
+            None => Refresh::Done,
+            Some(RefreshOutcome::Refreshed(actions)) => {
+                sessions.apply(leg, actions, tokio::time::Instant::now());
+                Refresh::Done
+            }
+            Some(RefreshOutcome::Failed(RefreshFailure::Bye)) => {
+                Refresh::Ended(format!("session refresh on the {} leg answered {status} (RFC 4028)", leg_name(leg)))
+            }
+            Some(RefreshOutcome::Failed(RefreshFailure::RetryNow(offer))) => {
+                self.send_refresh(leg, sessions, dialog, tx, Some(offer));
+                Refresh::Done
+            }
+            Some(RefreshOutcome::Failed(RefreshFailure::WaitForExpiry)) => Refresh::Done,
+        }
     }
 
     /// A forwarded request timed out on `leg`: answer its originator with 408.
@@ -363,6 +563,48 @@ impl Call {
         .await;
     }
 }
+/// Where a request from one leg is forwarded to: the other leg's dialog and channel, the
+/// requests waiting for their answers, and the legs' session timers.
+struct Forward<'f> {
+    dialog: &'f mut Dialog,
+    tx: &'f mpsc::UnboundedSender<TuEvent>,
+    pending: &'f mut Vec<Pending>,
+    sessions: &'f mut CallSessions,
+}
+
+/// What a response meant for the node's session refresh on its leg.
+enum Refresh {
+    /// Not an answer to the node's refresh.
+    NotOurs,
+    /// Handled (refreshed, retried, or left to the expiry).
+    Done,
+    /// The session is over: end the call with this reason.
+    Ended(String),
+}
+
+/// A client transaction on `leg` timed out: when the node's refresh was in flight there, the
+/// reason to end the call (RFC 3261 12.2.1.2: no answer to an in-dialog request).
+fn refresh_timed_out(leg: Leg, sessions: &mut CallSessions) -> Option<String> {
+    let session = sessions.leg(leg)?;
+    session
+        .on_refresh_timeout()
+        .map(|_| format!("session refresh on the {} leg got no answer (RFC 4028)", leg_name(leg)))
+}
+
+fn leg_name(leg: Leg) -> &'static str {
+    match leg {
+        Leg::A => "caller's",
+        Leg::B => "callee's",
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// The next event of a call's relay; never resolves when there is none.
 async fn next_relay_event(events: &mut Option<mpsc::Receiver<RelayEvent>>) -> RelayEvent {
     if let Some(rx) = events.as_mut()

@@ -41,6 +41,7 @@ mod attempts;
 mod connected;
 pub(super) mod media;
 mod record;
+mod session;
 
 use admission::{admit, admitted_trunk, reason_header};
 use media::Anchor;
@@ -152,8 +153,10 @@ async fn inbound_call(ctx: Arc<CallContext>, invite: Request, key: TransactionKe
         inbound_trunk: None,
     };
 
-    let admitted = admit(&ctx, &snapshot, &invite, peer, &called, &caller).await;
-    let (_number, trunk, target, permit) = match admitted {
+    let admitted = admit(&ctx, &snapshot, &invite, peer, &called, &caller)
+        .await
+        .and_then(|admitted| Ok((admitted, session::caller_timer(&invite.headers, &ctx.session_timers)?)));
+    let ((_number, trunk, target, permit), session_a) = match admitted {
         Ok(admitted) => admitted,
         Err(refuse) => {
             tracing::info!(code = refuse.code, reason = %refuse.reason, "inbound call refused");
@@ -204,6 +207,8 @@ async fn inbound_call(ctx: Arc<CallContext>, invite: Request, key: TransactionKe
         anchor: None,
         reliable: None,
         early_dialog: false,
+        session_a,
+        session_b: None,
     };
     if Reliability::of(&call.invite.headers) == Reliability::Required {
         let cseq = message::cseq(&call.invite).map(|(n, _)| n).unwrap_or(1);
@@ -235,10 +240,14 @@ struct Call {
     reliable: Option<ReliableSender>,
     /// The caller's early dialog is registered with the endpoint (for its PRACKs).
     early_dialog: bool,
+    /// The session timer of the caller's leg, as the node's 2xx sets it (RFC 4028).
+    session_a: session::LegTimer,
+    /// The session timer of the answered callee's leg.
+    session_b: Option<session::LegTimer>,
 }
 
 /// Which leg a message belongs to.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
 enum Leg {
     A,
     B,
