@@ -124,3 +124,20 @@ async fn a_session_nobody_refreshes_is_ended_by_the_node_with_a_cdr_reason(pool:
     assert_eq!(active_calls(&pool).await, 0);
     node.stop().await;
 }
+
+/// DTMF by SIP INFO from the caller: well-formed key presses (`application/dtmf-relay` and
+/// `application/dtmf`) reach the callee as one `application/dtmf-relay` INFO each, answered
+/// 200 end to end; garbage bodies are refused with 400 by the node and never reach the callee
+/// (whose scenario fails on any INFO other than key 5 then key #).
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn info_dtmf_is_checked_and_passed_to_the_callee(pool: PgPool) {
+    let callee = free_port("127.0.0.1");
+    let node = Node::start(&pool, vec![trunk("carrier", vec![])], vec![number_to(sip_destination(callee))]).await;
+    let uas = uas(&["-sf", &scenario("uas_expects_info_dtmf.xml")], callee, 1);
+    let uac = uac(&["-sf", &scenario("uac_info_dtmf.xml")], node.addr, "127.0.0.1", 1, &[]);
+    assert!(uac.wait().await.success(), "the caller's INFOs were not answered 200/400/400/200");
+    assert!(uas.wait().await.success(), "the callee did not get key 5 then key # by INFO (and nothing else)");
+    let cdrs = cdrs(&pool, 1).await;
+    assert_eq!((cdrs[0].sip_code, cdrs[0].hangup_by.as_deref()), (Some(200), Some("caller")), "{cdrs:?}");
+    node.stop().await;
+}

@@ -13,6 +13,7 @@ use super::record::{AttemptRecord, Ender, Outcome};
 use super::session::{self, CallSessions};
 use super::{ALLOW, BYE_WAIT, Call, Leg};
 use crate::media::relay::RelayEvent;
+use crate::sip::control::dtmf_info;
 use crate::sip::control::session_leg::RefreshOutcome;
 use crate::sip::control::session_timer::{RefreshFailure, SessionTimerAction, UacOffer};
 use crate::sip::dialog::{Dialog, content_type};
@@ -291,6 +292,25 @@ impl Call {
             (!request.body.is_empty()).then(|| (ct.clone().unwrap_or("application/sdp".into()), request.body.clone()));
         let mut offer = None;
         let is_sdp = ct.as_deref().is_none_or(|ct| ct.to_ascii_lowercase().starts_with("application/sdp"));
+        if request.method == Method::Info
+            && let Some(ct) = ct.as_deref().filter(|ct| dtmf_info::is_dtmf_content_type(ct))
+        {
+            // A key press by SIP INFO: checked here (a garbage body is the sender's error, not
+            // the other side's) and passed on in one well-formed application/dtmf-relay body.
+            match dtmf_info::parse(ct, &request.body) {
+                Ok(dtmf) => {
+                    tracing::debug!(leg = ?from, key = %dtmf.key, duration_ms = dtmf.duration_ms, "DTMF by INFO");
+                    body = Some((dtmf_info::RELAY_CONTENT_TYPE.into(), dtmf_info::relay_body(&dtmf).into_bytes()));
+                }
+                Err(error) => {
+                    tracing::info!(%error, leg = ?from, "INFO with an unusable DTMF body refused");
+                    let mut refusal = response_to(&request, error.status(), None, None);
+                    refusal.headers.push(Header::Other("Warning".into(), format!("399 switchboard \"{error}\"")));
+                    self.ctx.endpoint.respond(&key, refusal);
+                    return;
+                }
+            }
+        }
         if let Some(anchor) = self.anchor.as_mut()
             && matches!(request.method, Method::Invite | Method::Update)
         {
