@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod call;
+pub mod connected;
 pub mod context;
 pub mod dialog;
 pub mod digest;

@@ -26,6 +26,7 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::ALLOW;
+use super::connected::{Channels, Connected, Io, LegChannels, LegSetup, MediaMode, Setup, drive};
 use super::context::NodeContext as CallContext;
 use super::dialog::Dialog;
 use super::endpoint::{TuEvent, TuSender};
@@ -508,7 +509,6 @@ async fn answered(
     ring_at: Option<chrono::DateTime<Utc>>,
 ) -> Ended {
     let (ctx, request) = (placing.ctx, placing.request);
-    let cseq = dialog.local_cseq;
     let negotiated = match target.media.as_ref().map(|media| media.answered(&response.body)) {
         Some(Ok(negotiated)) => Some(negotiated),
         Some(Err(error)) if target.agent.is_some() => {
@@ -537,9 +537,10 @@ async fn answered(
                 },
                 call_sid: call_id.to_string(),
             };
-            media::bridge_to_agent(ctx, dialog, tx, rx, cseq, media, negotiated, agent, MAX_DURATION).await
+            let leg = CalleeLeg { dialog, tx, rx };
+            media::bridge_to_agent(ctx, leg, media, negotiated, agent).await
         }
-        None => hold_until_hangup(ctx, dialog, tx, rx, cseq).await,
+        None => hold_until_hangup(ctx, dialog, tx, rx).await,
     };
     Ended { answer_at: Some(answer_at), hangup_by, ..Ended::unanswered(200, reason, ring_at) }
 }
@@ -588,49 +589,47 @@ fn build_invite(
 }
 
 /// Keeps the answered call up until the callee hangs up or the maximum duration passes.
+/// Without anchored media a new offer cannot be answered: 488 keeps the call up (RFC 3261
+/// 14.2). Everything else in the dialog is acknowledged.
 async fn hold_until_hangup(
     ctx: &CallContext,
-    dialog: &mut Dialog,
+    dialog: &Dialog,
     tx: &mpsc::UnboundedSender<TuEvent>,
     rx: &mut mpsc::UnboundedReceiver<TuEvent>,
-    invite_cseq: u32,
 ) -> (HangupBy, String) {
-    let limit = tokio::time::sleep(MAX_DURATION);
-    tokio::pin!(limit);
-    loop {
-        tokio::select! {
-            event = rx.recv() => match event {
-                Some(TuEvent::Request { request, key: Some(key), .. }) => {
-                    let bye = request.method == Method::Bye;
-                    // Without anchored media a new offer cannot be answered; 488 keeps the call up
-                    // (RFC 3261 14.2). Everything else in the dialog is acknowledged.
-                    let offer = matches!(request.method, Method::Invite | Method::Update) && !request.body.is_empty();
-                    let code = if offer { 488 } else { 200 };
-                    ctx.endpoint.respond(&key, super::transaction::response_to(&request, code, None, None));
-                    if bye {
-                        return (HangupBy::Callee, "callee hung up".into());
-                    }
-                }
-                Some(TuEvent::Response(response)) if message::cseq(&response) == Some((invite_cseq, Method::Invite)) => {
-                    // The callee did not get our ACK and retransmits its 2xx.
-                    let ack = dialog.request(Method::Ack, ctx.endpoint.via_for(dialog.peer), Some(invite_cseq), None);
-                    ctx.endpoint.send_stateless(rsip::SipMessage::Request(ack), dialog.peer);
-                }
-                None => return (HangupBy::System, "internal: channel closed".into()),
-                _ => {}
-            },
-            () = ctx.drain.ending() => {
-                let why = crate::drain::NODE_SHUTDOWN;
-                let bye = dialog.bye(ctx.endpoint.via_for(dialog.peer), &[message::HangupReason::normal(why).header()]);
-                ctx.endpoint.send_request(bye, dialog.peer, tx.clone());
-                return (HangupBy::System, why.into());
-            }
-            () = &mut limit => {
-                let why = "maximum call duration reached";
-                let bye = dialog.bye(ctx.endpoint.via_for(dialog.peer), &[message::HangupReason::normal(why).header()]);
-                ctx.endpoint.send_request(bye, dialog.peer, tx.clone());
-                return (HangupBy::System, why.into());
-            }
-        }
-    }
+    let leg = CalleeLeg { dialog, tx, rx };
+    run_connected(ctx, leg, MediaMode::RefuseOffers, None, None).await
+}
+
+/// The answered callee's leg.
+struct CalleeLeg<'a> {
+    dialog: &'a Dialog,
+    tx: &'a mpsc::UnboundedSender<TuEvent>,
+    rx: &'a mut mpsc::UnboundedReceiver<TuEvent>,
+}
+
+/// Runs the connected machine (`sip/connected/`) on the callee's leg until the call ends:
+/// the callee hangs up, the maximum duration passes, the node stops, or (bridged) the agent
+/// leaves or the media goes silent. Returns who ended it and why (for the CDR).
+async fn run_connected(
+    ctx: &CallContext,
+    leg: CalleeLeg<'_>,
+    media: MediaMode<'_>,
+    relay_events: Option<mpsc::Receiver<crate::media::relay::RelayEvent>>,
+    agent: Option<(&mut crate::bridge::BridgeHandle, fn(&crate::bridge::BridgeEnd) -> String)>,
+) -> (HangupBy, String) {
+    let peer = leg.dialog.peer;
+    let b = LegSetup {
+        sent_by: ctx.endpoint.transport().sent_by(peer.addr),
+        contact: ctx.endpoint.contact_for(peer, ""),
+        dialog: leg.dialog.clone(),
+    };
+    let setup =
+        Setup { a: None, b: Some(b), media, timers: ctx.timers, wait_for_bye: false, max_duration: Some(MAX_DURATION) };
+    let (mut machine, first) = Connected::new(setup);
+    let io = Io { endpoint: &ctx.endpoint, metrics: &ctx.metrics, drain: &ctx.drain };
+    let channels =
+        Channels { a: None, b: Some(LegChannels { peer, tx: leg.tx.clone(), rx: leg.rx }), relay_events, agent };
+    let ending = drive(&mut machine, first, &io, channels).await;
+    (HangupBy::from(ending.by), ending.reason)
 }

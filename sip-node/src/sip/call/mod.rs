@@ -41,11 +41,10 @@ mod connected;
 pub(super) mod media;
 mod record;
 
+use super::connected::Leg;
 use admission::{admit, admitted_trunk, reason_header};
 use media::Anchor;
 
-/// How long the node waits for the far side to confirm a BYE before it forgets the call.
-const BYE_WAIT: Duration = Duration::from_secs(4);
 /// How long an outbound leg may ring before the node gives up with 480 (the transaction layer
 /// has no timer once a provisional response arrived).
 const RING_TIMEOUT: Duration = Duration::from_secs(120);
@@ -223,11 +222,4 @@ struct Call {
     b_tx: Option<mpsc::UnboundedSender<TuEvent>>,
     /// The call's anchored media (`None`: SDP passes through).
     anchor: Option<Anchor>,
-}
-
-/// Which leg a message belongs to.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Leg {
-    A,
-    B,
 }

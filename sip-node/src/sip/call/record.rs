@@ -20,13 +20,7 @@ pub(super) struct AttemptRecord {
     pub(super) answer_at: Option<DateTime<Utc>>,
 }
 
-/// Which side ended a call.
-#[derive(Clone, Copy)]
-pub(super) enum Ender {
-    Caller,
-    Callee,
-    System,
-}
+pub(super) use crate::sip::connected::Ender;
 
 /// How the whole call ended, for the CDR of the last attempt and the metrics.
 pub(super) struct Outcome {
@@ -70,11 +64,7 @@ impl Call {
             end_at,
             sip_code: Some(code),
             reason: Some(reason.to_string()),
-            hangup_by: Some(match ender {
-                Ender::Caller => HangupBy::Caller,
-                Ender::Callee => HangupBy::Callee,
-                Ender::System => HangupBy::System,
-            }),
+            hangup_by: Some(HangupBy::from(ender)),
             billable_seconds: billable,
             cost: cdr_cost(rate, billable),
             currency: trunk.map(|t| t.currency.clone()).unwrap_or_else(|| "USD".into()),
