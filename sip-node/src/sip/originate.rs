@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 use super::ALLOW;
 use super::connected::{Channels, Connected, Io, LegChannels, LegSetup, MediaMode, Setup, drive};
-use super::context::NodeContext as CallContext;
+use super::context::NodeContext;
 use super::dialog::Dialog;
 use super::endpoint::{TuEvent, TuSender};
 use super::invite_client::{InviteClient, InviteEvent, InviteSetup, failover_timeout};
@@ -111,7 +111,7 @@ struct StatusEvent<'a> {
 /// `egress` decides which webhook and agent targets the API's clients may name; `client` is a
 /// [`crate::webhook::guarded_client`] of it.
 pub async fn run(
-    ctx: Arc<CallContext>,
+    ctx: Arc<NodeContext>,
     pool: PgPool,
     signer: Signer,
     egress: Arc<EgressPolicy>,
@@ -199,7 +199,7 @@ impl Ended {
     }
 }
 
-async fn place(ctx: Arc<CallContext>, pool: PgPool, request: CallRequest, hooks: CallHooks, egress: Arc<EgressPolicy>) {
+async fn place(ctx: Arc<NodeContext>, pool: PgPool, request: CallRequest, hooks: CallHooks, egress: Arc<EgressPolicy>) {
     let _active = ctx.metrics.call_active(None);
     let call_uuid = Uuid::new_v4();
     let call_id = format!("{}@switchboard", call_uuid.simple());
@@ -295,7 +295,7 @@ async fn place(ctx: Arc<CallContext>, pool: PgPool, request: CallRequest, hooks:
 /// Records the CDR of one attempt (`call_setup` stands in for an attempt that never started);
 /// returns its billable seconds, cost and currency.
 fn write_cdr(
-    ctx: &CallContext,
+    ctx: &NodeContext,
     request: &CallRequest,
     (call_uuid, call_id): (Uuid, &str),
     ended: &Ended,
@@ -342,7 +342,7 @@ struct CallTarget<'m> {
 
 /// One claimed request being placed: what every step of placing it needs.
 struct Placing<'a> {
-    ctx: &'a Arc<CallContext>,
+    ctx: &'a Arc<NodeContext>,
     pool: &'a PgPool,
     request: &'a CallRequest,
     hooks: &'a CallHooks,
@@ -547,7 +547,7 @@ async fn answered(
 
 #[allow(clippy::too_many_arguments)]
 fn build_invite(
-    ctx: &CallContext,
+    ctx: &NodeContext,
     request: &CallRequest,
     call_id: &str,
     tag: &str,
@@ -592,7 +592,7 @@ fn build_invite(
 /// Without anchored media a new offer cannot be answered: 488 keeps the call up (RFC 3261
 /// 14.2). Everything else in the dialog is acknowledged.
 async fn hold_until_hangup(
-    ctx: &CallContext,
+    ctx: &NodeContext,
     dialog: &Dialog,
     tx: &mpsc::UnboundedSender<TuEvent>,
     rx: &mut mpsc::UnboundedReceiver<TuEvent>,
@@ -612,7 +612,7 @@ struct CalleeLeg<'a> {
 /// the callee hangs up, the maximum duration passes, the node stops, or (bridged) the agent
 /// leaves or the media goes silent. Returns who ended it and why (for the CDR).
 async fn run_connected(
-    ctx: &CallContext,
+    ctx: &NodeContext,
     leg: CalleeLeg<'_>,
     media: MediaMode<'_>,
     relay_events: Option<mpsc::Receiver<crate::media::relay::RelayEvent>>,

@@ -22,8 +22,8 @@ use switchboard_model::{Direction, TrunkConfig};
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
-pub use super::ALLOW;
-pub use super::context::{MediaContext, NodeContext as CallContext};
+use super::ALLOW;
+use super::context::{MediaContext, NodeContext};
 use super::endpoint::{NewRequest, TuEvent};
 use super::guard::SourceClass;
 use super::limits::CallPermit;
@@ -57,7 +57,7 @@ const PORTS_RETRY_AFTER: &str = "5";
 
 /// Answers out-of-dialog requests: INVITEs become calls, OPTIONS is answered, the rest is
 /// refused with the right code. Runs until the endpoint stops.
-pub async fn route_requests(ctx: Arc<CallContext>, mut requests: mpsc::Receiver<NewRequest>) {
+pub async fn route_requests(ctx: Arc<NodeContext>, mut requests: mpsc::Receiver<NewRequest>) {
     while let Some(NewRequest { request, key, peer, source }) = requests.recv().await {
         match request.method {
             Method::Invite | Method::Options if ctx.drain.is_draining() => {
@@ -101,7 +101,12 @@ pub async fn route_requests(ctx: Arc<CallContext>, mut requests: mpsc::Receiver<
                 let ctx = Arc::clone(&ctx);
                 let pool = ctx.pool.clone();
                 let hooks = ctx.webhooks.clone();
-                tokio::spawn(super::sms::receive(ctx, pool, hooks, NewRequest { request, key, peer, source }));
+                tokio::spawn(super::sms::receive(
+                    Arc::new(ctx.sms()),
+                    pool,
+                    hooks,
+                    NewRequest { request, key, peer, source },
+                ));
             }
             Method::Options => {
                 let mut response = response_to(&request, 200, Some("OK"), Some(&new_tag()));
@@ -132,7 +137,7 @@ struct CallFacts {
     inbound_trunk: Option<Arc<TrunkConfig>>,
 }
 
-async fn inbound_call(ctx: Arc<CallContext>, invite: Request, key: TransactionKey, peer: Peer) {
+async fn inbound_call(ctx: Arc<NodeContext>, invite: Request, key: TransactionKey, peer: Peer) {
     let snapshot = ctx.snapshot.current();
     let (a_tx, mut a_rx) = mpsc::unbounded_channel();
     ctx.endpoint.attach(&key, a_tx.clone());
@@ -206,7 +211,7 @@ async fn inbound_call(ctx: Arc<CallContext>, invite: Request, key: TransactionKe
 }
 
 struct Call {
-    ctx: Arc<CallContext>,
+    ctx: Arc<NodeContext>,
     snapshot: Arc<Snapshot>,
     invite: Request,
     key: TransactionKey,

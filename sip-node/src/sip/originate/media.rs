@@ -13,7 +13,7 @@ use super::super::connected::{LocalAnswerer, MediaMode};
 use super::super::context::MediaContext;
 use super::super::dialog::Dialog;
 use super::super::message::HangupReason;
-use super::{CallContext, CalleeLeg, run_connected};
+use super::{CalleeLeg, NodeContext, run_connected};
 use crate::bridge::{self, BridgeConfig, BridgeEnd, CallParameters};
 use crate::media::ports::{PortError, PortPair};
 use crate::media::relay::{RelayConfig, RtpLegSetup};
@@ -86,7 +86,7 @@ pub(super) struct AgentTarget {
 /// Bridges the answered callee to the agent until one of them ends the call, the media goes
 /// silent or the maximum duration passes; returns who ended it and why (for the CDR).
 pub(super) async fn bridge_to_agent(
-    ctx: &CallContext,
+    ctx: &NodeContext,
     leg: CalleeLeg<'_>,
     mut media: ApiMedia,
     negotiated: NegotiatedMedia,
