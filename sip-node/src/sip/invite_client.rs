@@ -1,5 +1,5 @@
-//! The UAC side of one outbound INVITE attempt, shared by calls the node bridges (`call.rs`)
-//! and calls placed through the API (`originate.rs`): send the INVITE, follow its responses,
+//! The UAC side of one outbound INVITE attempt, shared by calls the node bridges (`call/`)
+//! and calls placed through the API (`originate/`): send the INVITE, follow its responses,
 //! answer one digest challenge, CANCEL (only once a provisional response arrived, RFC 3261
 //! 9.1), ACK a 2xx towards the dialog's route set or remote target, and the two timers a
 //! transaction layer does not have (no response at all; ringing too long).

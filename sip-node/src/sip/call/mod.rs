@@ -8,7 +8,8 @@
 //! node's own SDP and RTP flows through the relay; calls to AI agents are in `agent.rs`.
 //!
 //! The call's modules, in the order a call goes through them: `admission` (is the INVITE let
-//! in?), `attempts` (targets, outbound INVITEs, failover), `connected` (the answered call),
+//! in?), `attempts` (targets, outbound INVITEs, failover), `connected` (the answered call, run by the
+//! sans-IO machine of `sip::connected`),
 //! `record` (CDRs, active row, metrics when it ends).
 
 use std::sync::Arc;
