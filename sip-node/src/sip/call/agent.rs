@@ -12,7 +12,7 @@ use super::{ALLOW, Call};
 use crate::bridge::BridgeEnd;
 use crate::bridge::answer::AgentAnswer;
 use crate::sip::connected::{
-    Answer, Channels, Connected, Io, Leg, LegChannels, LegSetup, LocalAnswerer, MediaMode, Setup, drive,
+    AgentSession, Answer, Channels, Connected, Io, Leg, LegChannels, LegSetup, LocalAnswerer, MediaMode, Setup, drive,
 };
 use crate::sip::dialog::Dialog;
 use crate::sip::endpoint::TuEvent;
@@ -204,7 +204,7 @@ impl Call {
             a: Some(LegChannels { peer: self.a_peer, tx: self.a_tx.clone(), rx: a_rx }),
             b: None,
             relay_events: Some(relay_events),
-            agent: Some((&mut agent, end_reason)),
+            agent: Some(AgentSession { handle: &mut agent, reason: end_reason }),
         };
         // `agent.hangup()` below sends the agent its `stop` whatever ended the call.
         let ending = drive(&mut machine, first, &io, channels).await;

@@ -35,8 +35,14 @@ pub(crate) struct Channels<'a> {
     pub(crate) b: Option<LegChannels<'a>>,
     /// The relay's events (anchored media hands its own over through the machine).
     pub(crate) relay_events: Option<mpsc::Receiver<RelayEvent>>,
-    /// The AI agent's session and how its end reads in the CDR.
-    pub(crate) agent: Option<(&'a mut BridgeHandle, fn(&BridgeEnd) -> String)>,
+    /// The AI agent's session, when the call is bridged to one.
+    pub(crate) agent: Option<AgentSession<'a>>,
+}
+
+/// A bridged call's agent session and how its end reads in the CDR.
+pub(crate) struct AgentSession<'a> {
+    pub(crate) handle: &'a mut BridgeHandle,
+    pub(crate) reason: fn(&BridgeEnd) -> String,
 }
 
 /// Runs the machine from its first actions until it ends; returns how.
@@ -186,9 +192,9 @@ async fn recv_relay(events: Option<&mut mpsc::Receiver<RelayEvent>>) -> Option<R
 }
 
 /// The agent session's end as CDR text; never resolves without an agent.
-async fn agent_ended(agent: Option<&mut (&mut BridgeHandle, fn(&BridgeEnd) -> String)>) -> String {
+async fn agent_ended(agent: Option<&mut AgentSession<'_>>) -> String {
     match agent {
-        Some((handle, reason)) => reason(&handle.ended().await),
+        Some(agent) => (agent.reason)(&agent.handle.ended().await),
         None => std::future::pending().await,
     }
 }

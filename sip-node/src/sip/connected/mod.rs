@@ -28,7 +28,7 @@ use rsip::headers::{self, Header};
 use rsip::prelude::*;
 use rsip::{Method, Request, Response, SipMessage};
 
-pub(crate) use driver::{Channels, Io, LegChannels, drive};
+pub(crate) use driver::{AgentSession, Channels, Io, LegChannels, drive};
 pub(crate) use media::{AnchoredMedia, LocalAnswerer, LocalMedia};
 
 use super::dialog::{Dialog, content_type};
@@ -566,12 +566,13 @@ impl<'m> Connected<'m> {
             return;
         }
         let p = self.pending.remove(index);
-        if method == Method::Invite && (200..300).contains(&code) {
-            if let Some(state) = self.leg_mut(leg) {
-                let via = via(&state.setup);
-                let ack = state.setup.dialog.request(Method::Ack, via, Some(number), None);
-                out.push(Action::SendStateless { leg, message: SipMessage::Request(ack) });
-            }
+        if method == Method::Invite
+            && (200..300).contains(&code)
+            && let Some(state) = self.leg_mut(leg)
+        {
+            let via = via(&state.setup);
+            let ack = state.setup.dialog.request(Method::Ack, via, Some(number), None);
+            out.push(Action::SendStateless { leg, message: SipMessage::Request(ack) });
         }
         let mut body = (!response.body.is_empty())
             .then(|| (content_type(&response.headers).unwrap_or("application/sdp".into()), response.body.clone()));

@@ -252,7 +252,7 @@ fn reinvite_passes_through_and_its_2xx_is_acked_and_relayed() {
     let Some(Action::SendStateless { leg: Leg::B, message: SipMessage::Request(ack) }) = actions.first() else {
         panic!("{actions:?}")
     };
-    assert_eq!((ack.method.clone(), message::cseq(ack)), (Method::Ack, Some((2, Method::Ack))));
+    assert_eq!((ack.method, message::cseq(ack)), (Method::Ack, Some((2, Method::Ack))));
     let relayed = responses(&actions);
     assert_eq!(message::status(&relayed[0]), 200);
     assert_eq!(message::cseq(&relayed[0]), Some((2, Method::Invite)), "answers the caller's own re-INVITE");

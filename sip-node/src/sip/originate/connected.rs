@@ -3,7 +3,7 @@
 use tokio::sync::mpsc;
 
 use super::MAX_DURATION;
-use crate::sip::connected::{Channels, Connected, Io, LegChannels, LegSetup, MediaMode, Setup, drive};
+use crate::sip::connected::{AgentSession, Channels, Connected, Io, LegChannels, LegSetup, MediaMode, Setup, drive};
 use crate::sip::context::NodeContext;
 use crate::sip::dialog::Dialog;
 use crate::sip::endpoint::TuEvent;
@@ -31,7 +31,7 @@ pub(super) async fn run_connected(
     leg: CalleeLeg<'_>,
     media: MediaMode<'_>,
     relay_events: Option<mpsc::Receiver<crate::media::relay::RelayEvent>>,
-    agent: Option<(&mut crate::bridge::BridgeHandle, fn(&crate::bridge::BridgeEnd) -> String)>,
+    agent: Option<AgentSession<'_>>,
 ) -> (HangupBy, String) {
     let peer = leg.dialog.peer;
     let b = LegSetup {

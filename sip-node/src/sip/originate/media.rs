@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use switchboard_model::TrunkConfig;
 
-use super::super::connected::{LocalAnswerer, MediaMode};
+use super::super::connected::{AgentSession, LocalAnswerer, MediaMode};
 use super::super::context::MediaContext;
 use super::super::dialog::Dialog;
 use super::super::message::HangupReason;
@@ -128,7 +128,8 @@ pub(super) async fn bridge_to_agent(
     let mut answerer = LocalAnswerer { policy, session: &mut media.session, awaiting: None, relay: &relay };
     let agent_end: fn(&BridgeEnd) -> String = |end| format!("agent ended the call: {}", end.reason());
     let media_mode = MediaMode::AnswerHere(&mut answerer);
-    let ended = run_connected(ctx, leg, media_mode, Some(events), Some((&mut handle, agent_end))).await;
+    let agent = AgentSession { handle: &mut handle, reason: agent_end };
+    let ended = run_connected(ctx, leg, media_mode, Some(events), Some(agent)).await;
     drop(answerer);
     // `hangup()` sends the agent its `stop` whatever ended the call.
     let (_, stats) = handle.hangup().await;
