@@ -70,22 +70,12 @@ pub(crate) async fn drive(
                 drained = true;
                 Event::Draining
             }
-            event = recv_leg(channels.a.as_mut()) => match leg_event(Leg::A, event) {
-                Some(event) => {
-                    if matches!(event, Event::ChannelClosed { .. }) {
-                        channels.a = None;
-                    }
-                    event
-                }
+            event = recv_leg(channels.a.as_mut()) => match leg_event(Leg::A, event, &mut channels.a) {
+                Some(event) => event,
                 None => continue,
             },
-            event = recv_leg(channels.b.as_mut()) => match leg_event(Leg::B, event) {
-                Some(event) => {
-                    if matches!(event, Event::ChannelClosed { .. }) {
-                        channels.b = None;
-                    }
-                    event
-                }
+            event = recv_leg(channels.b.as_mut()) => match leg_event(Leg::B, event, &mut channels.b) {
+                Some(event) => event,
                 None => continue,
             },
             event = recv_relay(channels.relay_events.as_mut()) => match event {
@@ -157,8 +147,12 @@ fn execute(
     ending
 }
 
-/// The machine's event for a leg's channel event (`None`: nothing for the machine).
-fn leg_event(leg: Leg, event: Option<TuEvent>) -> Option<Event> {
+/// The machine's event for a leg's channel event (`None`: nothing for the machine). A closed
+/// channel is forgotten (`slot` emptied), so that it is not polled again.
+fn leg_event(leg: Leg, event: Option<TuEvent>, slot: &mut Option<LegChannels<'_>>) -> Option<Event> {
+    if event.is_none() {
+        *slot = None;
+    }
     match event {
         Some(TuEvent::Request { request, key, .. }) => Some(Event::Request { leg, request, key }),
         Some(TuEvent::Response(response)) => Some(Event::Response { leg, response }),
