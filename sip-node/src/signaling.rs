@@ -15,7 +15,8 @@ use crate::config::SnapshotHandle;
 use crate::drain::Drain;
 use crate::metrics::NodeMetrics;
 use crate::sip::admission::Admission;
-use crate::sip::call::{self, CallContext, MediaContext};
+use crate::sip::call;
+use crate::sip::context::{MediaContext, NodeContext as CallContext};
 use crate::sip::digest::{self, Challenger};
 use crate::sip::endpoint::Endpoint;
 use crate::sip::guard::{Guard, GuardArgs};
@@ -114,6 +115,10 @@ pub struct SipArgs {
     /// Flood guard (unknown sources, per-source caps) and digest nonces.
     #[command(flatten)]
     pub guard: crate::sip::guard::GuardArgs,
+
+    /// SIP over TLS: listener certificate, outbound trust.
+    #[command(flatten)]
+    pub tls: crate::sip::tls::TlsArgs,
 }
 
 /// Shortest accepted webhook secret.
@@ -147,6 +152,8 @@ impl SipArgs {
 #[derive(Debug, Clone, Copy)]
 pub struct Listening {
     pub sip: SocketAddr,
+    /// The TLS listener, when the node has a certificate.
+    pub sip_tls: Option<SocketAddr>,
     pub http: SocketAddr,
 }
 
@@ -205,11 +212,17 @@ pub async fn start(
         );
     }
     let (received_tx, received_rx) = mpsc::channel(RECEIVE_QUEUE);
+    let tls = crate::sip::tls::TlsLayer::from_args(&args.tls, &args.sip_listen).context("SIP over TLS")?;
+    if let Some(cert) = tls.server_cert() {
+        let interval = Duration::from_millis(args.tls.reload_ms.max(100));
+        tasks.spawn(Arc::clone(cert).watch(interval, stop.clone()));
+    }
     let transport = TransportLayer::bind(
         &TransportConfig {
             listen: args.sip_listen.clone(),
             advertised_host: args.advertised_host.clone(),
             advertised_port: args.advertised_port,
+            tls: Some(Arc::clone(&tls)),
         },
         received_tx,
         Arc::clone(&guard),
@@ -218,6 +231,9 @@ pub async fn start(
     .await
     .with_context(|| format!("cannot listen for SIP on {:?}", args.sip_listen))?;
     tracing::info!(sip = %transport.local_addr(), "SIP listening on UDP and TCP");
+    if let Some(addr) = transport.tls_addrs().first() {
+        tracing::info!(sip_tls = %addr, "SIP listening on TLS");
+    }
     let (endpoint, new_requests) =
         Endpoint::start(Arc::clone(&transport), received_rx, timers, Arc::clone(&guard), metrics.clone());
 
@@ -243,7 +259,7 @@ pub async fn start(
         limits,
         store,
         metrics: metrics.clone(),
-        resolver: Resolver::from_system(),
+        resolver: Resolver::from_system().with_tls(Arc::clone(&tls)),
         challenger,
         guard,
         node_id: node_id.to_string(),
@@ -293,7 +309,7 @@ pub async fn start(
             tracing::error!(%error, "HTTP endpoint failed");
         }
     });
-    Ok(Listening { sip: transport.local_addr(), http })
+    Ok(Listening { sip: transport.local_addr(), sip_tls: transport.tls_addrs().first().copied(), http })
 }
 
 /// The `/readyz` detail: the generation served, whether it is a stale copy from disk, draining.

@@ -29,6 +29,7 @@ use crate::media::sdp::{
     LocalEndpoint, MediaDirection, MediaPolicy, NegotiatedMedia, SdpError, SdpSession, SessionDescription,
     answer_offer, create_offer, declared_direction, process_answer,
 };
+use crate::sip::routing::codecs_of;
 
 /// Why a call cannot be anchored: the SIP answer to give the caller.
 #[derive(Debug, thiserror::Error)]
@@ -142,14 +143,6 @@ fn offered_codecs(sdp: &SessionDescription) -> Vec<Codec> {
     let Some(index) = sdp.audio_index() else { return vec![] };
     let media = &sdp.media[index];
     media.payload_types().filter_map(|pt| media.codec_of(pt)).collect()
-}
-
-/// A trunk's codec list, or every codec the node relays when there is no trunk.
-pub(in crate::sip) fn codecs_of(trunk: Option<&TrunkConfig>) -> Vec<Codec> {
-    match trunk {
-        Some(trunk) if !trunk.codecs.is_empty() => trunk.codecs.clone(),
-        _ => vec![Codec::Pcmu, Codec::Pcma, Codec::TelephoneEvent],
-    }
 }
 
 /// The anchored media of one call.
