@@ -6,8 +6,10 @@
 
 pub mod config;
 pub mod db;
+mod decode;
 pub mod egress;
 pub mod logging;
+pub mod tables;
 pub mod types;
 
 pub use config::{Credential, Destination, GatewayConfig, MatchSpec, NumberConfig, RuleConfig, TrunkConfig};
