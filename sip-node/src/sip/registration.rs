@@ -204,8 +204,9 @@ impl Registrar {
         let addrs = self.ctx.resolver.resolve(&self.host, self.port, self.protocol).await.map_err(|e| e.to_string())?;
         let peer = Peer { protocol: self.protocol, addr: addrs[0] };
         let request = self.build(peer, expires, None).ok_or("registrar address is not a valid SIP URI")?;
-        let mut response =
-            request_once(&self.ctx, request.clone(), peer).await.ok_or("registrar did not answer (timeout)")?;
+        let mut response = request_once(&self.ctx, request.clone(), peer)
+            .await
+            .ok_or_else(|| no_answer(&self.ctx, peer, "registrar"))?;
         let mut code = message::status(&response);
         let mut asked_expires = expires;
         if code == 423 {
@@ -214,7 +215,8 @@ impl Registrar {
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(expires.max(60));
             let retry = self.build(peer, asked_expires, None).ok_or("bad registrar URI")?;
-            response = request_once(&self.ctx, retry, peer).await.ok_or("registrar did not answer (timeout)")?;
+            response =
+                request_once(&self.ctx, retry, peer).await.ok_or_else(|| no_answer(&self.ctx, peer, "registrar"))?;
             code = message::status(&response);
         }
         if code == 401 || code == 407 {
@@ -231,7 +233,8 @@ impl Registrar {
             )
             .map_err(|e| format!("cannot answer the challenge: {e}"))?;
             let retry = self.build(peer, asked_expires, Some(header)).ok_or("bad registrar URI")?;
-            response = request_once(&self.ctx, retry, peer).await.ok_or("registrar did not answer (timeout)")?;
+            response =
+                request_once(&self.ctx, retry, peer).await.ok_or_else(|| no_answer(&self.ctx, peer, "registrar"))?;
             code = message::status(&response);
         }
         if (200..300).contains(&code) {
@@ -312,6 +315,19 @@ async fn register_loop(ctx: Arc<CallContext>, trunk: Arc<TrunkConfig>, mut stop:
         let _ = tokio::time::timeout(UNREGISTER_WAIT, registrar.register(0)).await;
         registrar.report(RegistrationState::Unregistered, None, None);
         tracing::info!(trunk = %registrar.trunk.name, "unregistered");
+    }
+}
+
+/// Why `who` did not answer: over TLS, the last failed handshake with it says more than a
+/// timeout (an untrusted or expired certificate, a refused client certificate).
+fn no_answer(ctx: &CallContext, peer: Peer, who: &str) -> String {
+    let tls_failure = match (peer.protocol, ctx.endpoint.transport().tls()) {
+        (Protocol::Tls, Some(tls)) => tls.client().last_failure(peer.addr),
+        _ => None,
+    };
+    match tls_failure {
+        Some(failure) => format!("{who} did not answer: {failure}"),
+        None => format!("{who} did not answer (timeout)"),
     }
 }
 
