@@ -15,7 +15,8 @@ use crate::config::SnapshotHandle;
 use crate::drain::Drain;
 use crate::metrics::NodeMetrics;
 use crate::sip::admission::Admission;
-use crate::sip::call::{self, CallContext, MediaContext};
+use crate::sip::call;
+use crate::sip::context::{MediaContext, NodeContext as CallContext};
 use crate::sip::digest::{self, Challenger};
 use crate::sip::endpoint::Endpoint;
 use crate::sip::guard::{Guard, GuardArgs};
@@ -244,11 +245,12 @@ pub async fn start(
         let ports = media.ports.clone();
         metrics.track_rtp_ports(move || ports.in_use() * 2);
         metrics.rtp_ports_capacity(media.ports.capacity() * 2);
-        if let Ok(engine) = crate::media::engine::MediaEngine::global() {
-            metrics.track_media_relays(|| engine.relays());
-            metrics.track_kernel_forwards(|| engine.kernel_forwards());
-            metrics.track_kernel_packets(|| engine.kernel_packets());
-        }
+        let engine = Arc::clone(&media.engine);
+        metrics.track_media_relays(move || engine.relays());
+        let engine = Arc::clone(&media.engine);
+        metrics.track_kernel_forwards(move || engine.kernel_forwards());
+        let engine = Arc::clone(&media.engine);
+        metrics.track_kernel_packets(move || engine.kernel_packets());
     }
     let limits = shared_limits(&pool, node_id, tasks).counted(metrics.clone());
     let ctx = Arc::new(CallContext {
@@ -428,10 +430,9 @@ fn media_context(args: &SipArgs, sip: SocketAddr, metrics: &NodeMetrics) -> anyh
         cpus: Vec::new(),
         kernel: args.kernel_forwarding,
     };
-    match crate::media::engine::MediaEngine::configure_global(&engine) {
-        Ok(()) => {}
-        // Several nodes in one process (tests) share the first one's engine.
-        Err(crate::media::engine::EngineError::AlreadyStarted) => {}
+    // Several nodes in one process (tests) share the first one's engine.
+    let engine = match crate::media::engine::MediaEngine::shared(&engine) {
+        Ok(engine) => engine,
         Err(error @ crate::media::engine::EngineError::Kernel(_)) => {
             return Err(anyhow::Error::new(error).context("--kernel-forwarding on"));
         }
@@ -439,11 +440,12 @@ fn media_context(args: &SipArgs, sip: SocketAddr, metrics: &NodeMetrics) -> anyh
             tracing::warn!(%error, "media anchoring is off");
             return Ok(None);
         }
-    }
+    };
     Ok(match PortAllocator::new(bind, range) {
         Ok(ports) => Some({
             open_files_for(ports.capacity() * 2);
             MediaContext {
+                engine,
                 ports,
                 address,
                 timeout: Duration::from_secs(args.media_timeout_seconds.max(1)),

@@ -15,7 +15,7 @@ use switchboard_model::{Credential, TrunkConfig};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
-use super::call::CallContext;
+use super::context::NodeContext as CallContext;
 use super::dialog::Dialog;
 use super::digest::answer_challenge;
 use super::endpoint::{TuEvent, TuSender};

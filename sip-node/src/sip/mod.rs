@@ -3,6 +3,8 @@
 
 pub mod admission;
 pub mod call;
+pub mod context;
+pub mod control;
 pub mod dialog;
 pub mod digest;
 pub mod endpoint;
@@ -20,3 +22,6 @@ pub mod sms;
 pub mod tls;
 pub mod transaction;
 pub mod transport;
+
+/// Methods the node accepts, for Allow headers.
+pub const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, MESSAGE";

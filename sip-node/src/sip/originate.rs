@@ -25,7 +25,8 @@ use switchboard_model::{Direction, TrunkConfig};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
-use super::call::{ALLOW, CallContext};
+use super::ALLOW;
+use super::context::NodeContext as CallContext;
 use super::dialog::Dialog;
 use super::endpoint::{TuEvent, TuSender};
 use super::invite_client::{InviteClient, InviteEvent, InviteSetup, failover_timeout};

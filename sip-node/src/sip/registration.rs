@@ -18,7 +18,8 @@ use switchboard_model::TrunkConfig;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::call::{ALLOW, CallContext};
+use super::ALLOW;
+use super::context::NodeContext as CallContext;
 use super::digest::answer_challenge;
 use super::endpoint::TuEvent;
 use super::message;

@@ -451,3 +451,15 @@ pub(crate) mod tests {
         }
     }
 }
+
+/// A trunk's codec list, or every codec the node relays when there is no trunk.
+pub(crate) fn codecs_of(trunk: Option<&TrunkConfig>) -> Vec<switchboard_model::Codec> {
+    match trunk {
+        Some(trunk) if !trunk.codecs.is_empty() => trunk.codecs.clone(),
+        _ => vec![
+            switchboard_model::Codec::Pcmu,
+            switchboard_model::Codec::Pcma,
+            switchboard_model::Codec::TelephoneEvent,
+        ],
+    }
+}

@@ -16,7 +16,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::call::CallContext;
+use super::context::NodeContext as CallContext;
 use super::digest::answer_challenge;
 use super::endpoint::NewRequest;
 use super::message;

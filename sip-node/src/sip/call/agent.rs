@@ -8,7 +8,8 @@ use rsip::prelude::*;
 use switchboard_model::Codec;
 use tokio::sync::mpsc;
 
-use super::{ALLOW, AttemptRecord, Call, Ender, Outcome};
+use super::record::{AttemptRecord, Ender, Outcome};
+use super::{ALLOW, Call};
 use crate::bridge::BridgeEnd;
 use crate::bridge::answer::AgentAnswer;
 use crate::sip::dialog::Dialog;

@@ -16,17 +16,20 @@
 //! an unreliable provisional response, and the node does not do PRACK.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use switchboard_model::{Codec, TrunkConfig};
 use tokio::sync::mpsc;
 
 use super::{Leg, MediaContext};
+use crate::media::engine::MediaEngine;
 use crate::media::ports::PortPair;
-use crate::media::relay::{LegId, RelayConfig, RelayEvent, RelayHandle, RelayStats, RtpLegSetup, spawn_relay};
+use crate::media::relay::{LegId, RelayConfig, RelayEvent, RelayHandle, RelayStats, RtpLegSetup};
 use crate::media::sdp::{
     LocalEndpoint, MediaDirection, MediaPolicy, NegotiatedMedia, SdpError, SdpSession, SessionDescription,
     answer_offer, create_offer, declared_direction, process_answer,
 };
+use crate::sip::routing::codecs_of;
 
 /// Why a call cannot be anchored: the SIP answer to give the caller.
 #[derive(Debug, thiserror::Error)]
@@ -142,16 +145,10 @@ fn offered_codecs(sdp: &SessionDescription) -> Vec<Codec> {
     media.payload_types().filter_map(|pt| media.codec_of(pt)).collect()
 }
 
-/// A trunk's codec list, or every codec the node relays when there is no trunk.
-pub(in crate::sip) fn codecs_of(trunk: Option<&TrunkConfig>) -> Vec<Codec> {
-    match trunk {
-        Some(trunk) if !trunk.codecs.is_empty() => trunk.codecs.clone(),
-        _ => vec![Codec::Pcmu, Codec::Pcma, Codec::TelephoneEvent],
-    }
-}
-
 /// The anchored media of one call.
 pub(super) struct Anchor {
+    /// The media threads the relay runs on.
+    engine: Arc<MediaEngine>,
     address: IpAddr,
     config: RelayConfig,
     /// The caller's offer; `None` for a delayed-offer INVITE (the node offers in its 2xx).
@@ -179,6 +176,7 @@ impl Anchor {
         let a_pair = media.ports.allocate()?;
         let b_pair = media.ports.allocate()?;
         Ok(Anchor {
+            engine: Arc::clone(&media.engine),
             address: media.address,
             config: RelayConfig { media_timeout: media.timeout },
             caller_offer,
@@ -280,7 +278,7 @@ impl Anchor {
                 let (Some(a_pair), Some(b_pair)) = (self.a.pair.take(), self.b.pair.take()) else {
                     return Ok(());
                 };
-                match spawn_relay(
+                match self.engine.spawn_relay(
                     RtpLegSetup { ports: a_pair, media: (&a_media).into() },
                     RtpLegSetup { ports: b_pair, media: (&b_media).into() },
                     self.config,

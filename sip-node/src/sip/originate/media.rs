@@ -12,7 +12,7 @@ use rsip::{Method, prelude::*};
 use switchboard_model::TrunkConfig;
 use tokio::sync::mpsc;
 
-use super::super::call::MediaContext;
+use super::super::context::MediaContext;
 use super::super::dialog::Dialog;
 use super::super::endpoint::TuEvent;
 use super::super::message::{self, HangupReason};
@@ -65,7 +65,7 @@ impl ApiMedia {
 
     /// The offer for an attempt through `trunk` (its codecs, the node's address and port).
     pub(super) fn offer(&mut self, trunk: &TrunkConfig) -> Vec<u8> {
-        self.codecs = super::super::call::media::codecs_of(Some(trunk));
+        self.codecs = super::super::routing::codecs_of(Some(trunk));
         let offer = create_offer(&self.policy(), &mut self.session);
         let body = offer.to_string().into_bytes();
         self.offer = Some(offer);
