@@ -149,7 +149,9 @@ async fn trunk_crud_writes_the_folder(pool: PgPool) {
     assert_eq!(std::fs::read_to_string(api.dir.path().join("api/trunk-skyetel-main.yaml")).unwrap(), before);
     // Certificate authentication (mutual TLS) does not exist in the node: 400 `unsupported`
     // naming the field, nothing written. (TLS itself is accepted further down.)
-    for (update, field, needle) in [(json!({"auth_method": "certificate"}), "auth_method", "certificate is not supported")] {
+    for (update, field, needle) in
+        [(json!({"auth_method": "certificate"}), "auth_method", "certificate is not supported")]
+    {
         let (status, body) = api.send(Method::PUT, "/api/trunks/skyetel_main", Some(update.clone())).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{update}: {body}");
         assert_error_shape(&body, "unsupported");
@@ -169,7 +171,9 @@ async fn trunk_crud_writes_the_folder(pool: PgPool) {
     let (status, body) = api.send(Method::PUT, "/api/trunks/skyetel_main", Some(json!({"transport": "tls"}))).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["transport"], "TLS", "{body}");
-    assert!(std::fs::read_to_string(api.dir.path().join("api/trunk-skyetel-main.yaml")).unwrap().contains("transport: TLS"));
+    assert!(
+        std::fs::read_to_string(api.dir.path().join("api/trunk-skyetel-main.yaml")).unwrap().contains("transport: TLS")
+    );
     let (status, body) = api.send(Method::PUT, "/api/trunks/skyetel_main", Some(json!({"transport": "UDP"}))).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 

@@ -279,7 +279,11 @@ fn trunk(p: &mut Problems, name: &str, spec: &TrunkSpec) {
         }
     }
     if spec.auth_method == AuthMethod::Certificate {
-        p.unsupported("spec.authMethod", CERTIFICATE_UNSUPPORTED, "use digest or ip (with transport TLS for encryption)");
+        p.unsupported(
+            "spec.authMethod",
+            CERTIFICATE_UNSUPPORTED,
+            "use digest or ip (with transport TLS for encryption)",
+        );
     }
     let registering = spec.registration.as_ref().is_some_and(|r| r.enabled);
     if spec.auth_method == AuthMethod::Digest && spec.credentials.is_none() {

@@ -170,17 +170,19 @@ struct Registration {
     state: String,
     last_error: Option<String>,
     reachable: Option<bool>,
+    unreachable_reason: Option<String>,
 }
 
 /// Waits (bounded) until the trunk's registration row satisfies `check`.
 async fn wait_registration(pool: &PgPool, what: &str, check: impl Fn(&Registration) -> bool) -> Registration {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let row: Option<Registration> =
-            sqlx::query_as("SELECT state, last_error, reachable FROM registrations WHERE trunk_name = 'kamailio'")
-                .fetch_optional(pool)
-                .await
-                .unwrap();
+        let row: Option<Registration> = sqlx::query_as(
+            "SELECT state, last_error, reachable, unreachable_reason FROM registrations WHERE trunk_name = 'kamailio'",
+        )
+        .fetch_optional(pool)
+        .await
+        .unwrap();
         if let Some(row) = row.as_ref().filter(|r| check(r)) {
             return row.clone();
         }
@@ -207,7 +209,8 @@ async fn the_node_registers_with_digest_over_tls_and_answers_options(pool: PgPoo
     trunk.options_interval_seconds = 1;
     let node = Node::start_tuned(&pool, vec![trunk], vec![], vec![credential()], tuned(provider.node_tls(true))).await;
     wait_registration(&pool, "registered", |r| r.state == "registered").await;
-    wait_registration(&pool, "reachable", |r| r.reachable == Some(true)).await;
+    let reachable = wait_registration(&pool, "reachable", |r| r.reachable == Some(true)).await;
+    assert_eq!(reachable.unreachable_reason, None);
     kamailio.wait_log("REGISTER accepted for alice over tls").await;
     kamailio.wait_log("OPTIONS answered over tls").await;
     assert!(!kamailio.log().contains("over udp"), "nothing went in plaintext:\n{}", kamailio.log());
@@ -227,7 +230,10 @@ async fn an_untrusted_provider_certificate_is_refused_with_the_reason(pool: PgPo
     let failed = wait_registration(&pool, "a failed registration", |r| r.state == "failed").await;
     let error = failed.last_error.unwrap_or_default();
     assert!(error.contains("certificate is not trusted"), "{error}");
-    wait_registration(&pool, "unreachable", |r| r.reachable == Some(false)).await;
+    // The OPTIONS keepalive says why too (the operator puts it into Reachable=False).
+    let unreachable = wait_registration(&pool, "unreachable", |r| r.reachable == Some(false)).await;
+    let reason = unreachable.unreachable_reason.unwrap_or_default();
+    assert!(reason.contains("certificate is not trusted (unknown issuer)"), "{reason}");
     assert!(!kamailio.log().contains("REGISTER accepted"), "{}", kamailio.log());
     node.stop().await;
 }

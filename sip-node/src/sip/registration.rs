@@ -322,13 +322,17 @@ async fn register_loop(ctx: Arc<CallContext>, trunk: Arc<TrunkConfig>, mut stop:
 /// Why `who` did not answer: over TLS, the last failed handshake with it says more than a
 /// timeout (an untrusted or expired certificate, a refused client certificate).
 fn no_answer(ctx: &CallContext, peer: Peer, who: &str) -> String {
-    let tls_failure = match (peer.protocol, ctx.endpoint.transport().tls()) {
-        (Protocol::Tls, Some(tls)) => tls.client().last_failure(peer.addr),
-        _ => None,
-    };
-    match tls_failure {
+    match tls_failure(ctx, peer) {
         Some(failure) => format!("{who} did not answer: {failure}"),
         None => format!("{who} did not answer (timeout)"),
+    }
+}
+
+/// The last failed TLS handshake with `peer`, if it is a TLS peer and the last one failed.
+fn tls_failure(ctx: &CallContext, peer: Peer) -> Option<String> {
+    match (peer.protocol, ctx.endpoint.transport().tls()) {
+        (Protocol::Tls, Some(tls)) => tls.client().last_failure(peer.addr),
+        _ => None,
     }
 }
 
@@ -350,6 +354,7 @@ async fn keepalive_loop(ctx: Arc<CallContext>, trunk: Arc<TrunkConfig>) {
             tracing::warn!(trunk = %trunk.name, "no OPTIONS keepalive: {}", routing::TLS_UNSUPPORTED);
             return;
         };
+        let mut unreachable_reason = None;
         let reachable = match ctx.resolver.resolve(&gateway.address, gateway.port, protocol).await {
             Ok(addrs) => {
                 let peer = Peer { protocol, addr: addrs[0] };
@@ -381,12 +386,19 @@ async fn keepalive_loop(ctx: Arc<CallContext>, trunk: Arc<TrunkConfig>) {
                         };
                         let sent = Instant::now();
                         // Any final response, even 404 or 405, proves the peer is there.
-                        request_once(&ctx, request, peer).await.map(|_| sent.elapsed())
+                        let answered = request_once(&ctx, request, peer).await.map(|_| sent.elapsed());
+                        if answered.is_none() {
+                            unreachable_reason = tls_failure(&ctx, peer);
+                        }
+                        answered
                     }
                     Err(_) => None,
                 }
             }
-            Err(_) => None,
+            Err(error) => {
+                unreachable_reason = Some(error.to_string());
+                None
+            }
         };
         ctx.store.record(StoreEvent::Reachability(ReachabilityUpdate {
             namespace: trunk.namespace.clone(),
@@ -394,6 +406,7 @@ async fn keepalive_loop(ctx: Arc<CallContext>, trunk: Arc<TrunkConfig>) {
             reachable: reachable.is_some(),
             checked_at: Utc::now(),
             rtt_ms: reachable.map(|d| d.as_millis().min(u128::from(u32::MAX)) as u32),
+            unreachable_reason,
         }));
         tokio::time::sleep(interval).await;
     }

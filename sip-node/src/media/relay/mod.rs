@@ -417,6 +417,5 @@ impl RelayHandle {
     }
 }
 
-
 #[cfg(test)]
 mod tests;
