@@ -238,6 +238,35 @@ async fn an_untrusted_provider_certificate_is_refused_with_the_reason(pool: PgPo
     node.stop().await;
 }
 
+/// A provider that admits only clients with a certificate from its CA (Kamailio's
+/// `require_certificate`): the node registers when it presents its client certificate
+/// (`--sip-tls-client-cert`), and not without one.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_provider_requiring_a_client_certificate_admits_the_node_only_with_one(pool: PgPool) {
+    let provider = Provider::new();
+    let kamailio = Kamailio::start(&provider, free_port("127.0.0.1"), None, true);
+    let mut trunk = provider.trunk();
+    trunk.registration_enabled = true;
+    trunk.options_interval_seconds = 1;
+
+    let without = provider.node_tls(true);
+    let node = Node::start_tuned(&pool, vec![trunk.clone()], vec![], vec![credential()], tuned(without)).await;
+    let failed = wait_registration(&pool, "a failed registration", |r| r.state == "failed").await;
+    let error = failed.last_error.unwrap_or_default();
+    assert!(error.contains("refused the handshake"), "{error}");
+    assert!(!kamailio.log().contains("REGISTER accepted"), "{}", kamailio.log());
+    node.stop().await;
+
+    let client_dir = provider.dir.path().join("client");
+    std::fs::create_dir_all(&client_dir).unwrap();
+    let (client_cert, client_key) = provider.ca.leaf(&["node.switchboard.test"]).write(&client_dir, "client");
+    let with = TlsArgs { client_cert: Some(client_cert), client_key: Some(client_key), ..provider.node_tls(true) };
+    let node = Node::start_tuned(&pool, vec![trunk], vec![], vec![credential()], tuned(with)).await;
+    wait_registration(&pool, "registered with a client certificate", |r| r.state == "registered").await;
+    kamailio.wait_log("REGISTER accepted for alice over tls").await;
+    node.stop().await;
+}
+
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
 async fn calls_go_out_over_tls_through_a_provider_that_challenges_invite(pool: PgPool) {
     let provider = Provider::new();

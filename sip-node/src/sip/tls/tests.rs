@@ -235,7 +235,9 @@ async fn an_expired_server_certificate_is_refused() {
 #[test]
 fn half_a_certificate_configuration_is_an_error() {
     let args = TlsArgs { cert: Some("/nonexistent.crt".into()), ..TlsArgs::default() };
-    assert!(matches!(TlsLayer::from_args(&args, &[]), Err(TlsError::HalfConfigured)));
+    assert!(matches!(TlsLayer::from_args(&args, &[]), Err(TlsError::HalfConfigured(_))));
+    let args = TlsArgs { client_key: Some("/nonexistent.key".into()), ..TlsArgs::default() };
+    assert!(matches!(TlsLayer::from_args(&args, &[]), Err(TlsError::HalfConfigured(_))));
     let args =
         TlsArgs { cert: Some("/nonexistent.crt".into()), key: Some("/nonexistent.key".into()), ..TlsArgs::default() };
     let error = TlsLayer::from_args(&args, &[]).unwrap_err().to_string();
