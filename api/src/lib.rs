@@ -4,6 +4,17 @@
 //!
 //! Trunk writes go through a [`store::TrunkStore`]: the manifest folder in local mode, server-side
 //! apply in Kubernetes. Calls and messages are queued in Postgres for the SIP nodes.
+//!
+//! What it owns: the routes ([`router`]) and their handlers ([`trunks`], [`calls`]), the OpenAPI
+//! document ([`ApiDoc`]), tokens ([`auth`]), rate limits ([`limits`]), the error shape
+//! ([`error`]), the mapping between the seed's trunk fields and the `Trunk` spec
+//! ([`trunk_model`]) and where trunk writes go ([`store`]).
+//!
+//! What it must not depend on: the SIP node (calls and messages reach nodes only through
+//! Postgres queues and `NOTIFY`), and the binary. It uses the operator crate for the resource
+//! types, the validation path and the folder source, so that a trunk written here is checked
+//! exactly as the reconcile checks it; the operator crate must never depend on this one.
+//! `switchboard local` (folder store) and `switchboard operator` (Kubernetes store) start it.
 
 pub mod auth;
 pub mod calls;

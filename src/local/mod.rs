@@ -141,7 +141,7 @@ async fn serve_with_pool(
     let secrets = private_dir().map_err(|e| LocalError::Api(format!("cannot create a private directory: {e}")))?;
     let webhook_secret = webhook_secret();
     let api = start_api(args, pool, secrets.path()).await?;
-    // Ends the rows of nodes that died and expires queued call requests (operator/src/reaper.rs).
+    // Ends the rows of nodes that died and expires queued call requests (operator/src/reaper/).
     let reaper = tokio::spawn(switchboard_operator::reaper::run(pool.clone(), args.reaper.clone(), api.stop.clone()));
     let node = if args.no_node {
         None

@@ -262,7 +262,7 @@ fn a_number_that_changes_releases_its_old_row_first() {
     store_number(&mut stored, &line, "+15550000001", 2);
     let state = state(vec![number("line", "+15550000002", "main"), trunk("main", &[])]);
     let plan = plan(&state, &stored);
-    assert_eq!(plan.numbers_released, [line.clone()], "so that another resource may take the old number");
+    assert_eq!(plan.numbers_released, [line], "so that another resource may take the old number");
     assert_eq!(names(&plan.numbers, |(config, _)| &config.number), ["+15550000002"]);
 }
 
