@@ -19,6 +19,7 @@ COPY Cargo.toml Cargo.lock rustfmt.toml ./
 COPY src src
 COPY model model
 COPY operator operator
+COPY api api
 COPY sip-node sip-node
 COPY migrations migrations
 COPY crds crds

@@ -135,8 +135,7 @@ async fn measure(args: &BenchApiArgs, url: &str) -> anyhow::Result<()> {
         .spawn()
         .context("starting `switchboard local`")?;
     let outcome = async {
-        let token =
-            switchboard_operator::api::auth::JwtVerifier::new(SECRET.as_bytes(), "switchboard").mint("bench-api", 3600);
+        let token = switchboard_api::auth::JwtVerifier::new(SECRET.as_bytes(), "switchboard").mint("bench-api", 3600);
         let client = Client { address: api, token };
         wait_for_api(&client, &pool, args.trunks).await?;
         println!(

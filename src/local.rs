@@ -61,7 +61,7 @@ pub struct LocalArgs {
     #[arg(long)]
     pub no_node: bool,
     #[command(flatten)]
-    pub api: switchboard_operator::api::ApiArgs,
+    pub api: switchboard_api::ApiArgs,
     #[command(flatten)]
     pub reaper: switchboard_operator::reaper::ReaperArgs,
 }
@@ -203,7 +203,7 @@ fn webhook_secret() -> WebhookSecret {
     match std::env::var("SWITCHBOARD_WEBHOOK_SECRET") {
         Ok(value) if !value.trim().is_empty() => WebhookSecret { value, generated: false },
         _ => WebhookSecret {
-            value: switchboard_operator::api::rand_bytes().iter().map(|b| format!("{b:02x}")).collect(),
+            value: switchboard_api::rand_bytes().iter().map(|b| format!("{b:02x}")).collect(),
             generated: true,
         },
     }
@@ -217,7 +217,7 @@ struct LocalApi {
 }
 
 async fn start_api(args: &LocalArgs, pool: &PgPool, secrets: &Path) -> Result<LocalApi, LocalError> {
-    use switchboard_operator::api;
+    use switchboard_api as api;
     let (verifier, generated) =
         api::local_verifier(&args.api.jwt, secrets).map_err(|e| LocalError::Api(format!("{e:#}")))?;
     let egress = args.api.egress().map_err(|e| LocalError::Api(format!("{e:#}")))?;
@@ -701,23 +701,23 @@ mod tests {
         assert_eq!(meta.permissions().mode() & 0o777, 0o700);
         assert_eq!(meta.uid(), nix::unistd::geteuid().as_raw());
 
-        let args = switchboard_operator::api::auth::JwtArgs {
+        let args = switchboard_api::auth::JwtArgs {
             jwt_issuer: "switchboard".into(),
             jwt_max_ttl_seconds: 3600,
             ..Default::default()
         };
         // With SWITCHBOARD_JWT_SECRET set the configured secret is used and no file is written.
         if std::env::var_os("SWITCHBOARD_JWT_SECRET").is_none() {
-            let (_, path) = switchboard_operator::api::local_verifier(&args, a.path()).unwrap();
+            let (_, path) = switchboard_api::local_verifier(&args, a.path()).unwrap();
             let path = path.expect("a generated secret file");
             let meta = std::fs::symlink_metadata(&path).unwrap();
             assert_eq!(meta.permissions().mode() & 0o777, 0o600);
             assert_eq!(std::fs::read_to_string(&path).unwrap().len(), 64);
             // A file that is already there (planted, or a symlink) is never written through.
-            let error = switchboard_operator::api::local_verifier(&args, a.path()).unwrap_err();
+            let error = switchboard_api::local_verifier(&args, a.path()).unwrap_err();
             assert!(error.to_string().contains("jwt-secret"), "{error}");
             std::os::unix::fs::symlink("/dev/null", b.path().join("jwt-secret")).unwrap();
-            assert!(switchboard_operator::api::local_verifier(&args, b.path()).is_err());
+            assert!(switchboard_api::local_verifier(&args, b.path()).is_err());
         }
         let path = a.path().to_path_buf();
         drop(a);

@@ -13,6 +13,7 @@ mod bench;
 mod bench_api;
 mod bench_kubernetes;
 mod local;
+mod operator;
 mod postgres;
 mod process;
 
@@ -46,9 +47,9 @@ enum Command {
     Validate(switchboard_operator::commands::ValidateArgs),
     /// Run the operator against a Kubernetes cluster: watch Trunk, PhoneNumber and RoutingRule
     /// resources (and the Secrets they use), reconcile them into Postgres, write their status.
-    Operator(switchboard_operator::kubernetes::OperatorArgs),
+    Operator(operator::OperatorArgs),
     /// Mint a REST API token (HS256 JWT) with the API's secret and print it.
-    Token(switchboard_operator::api::auth::TokenArgs),
+    Token(switchboard_api::auth::TokenArgs),
     /// Measure reconcile and propagation figures on a generated folder (10,000 numbers by default).
     Bench(bench::BenchArgs),
     /// Measure REST API figures on the local stack: GET /api/trunks and /api/calls/cdr
@@ -68,8 +69,8 @@ fn main() -> ExitCode {
             Command::Validate(args) => switchboard_operator::commands::validate(args),
             Command::Bench(args) => bench::run(args).await,
             Command::BenchApi(args) => bench_api::run(args).await,
-            Command::Token(args) => switchboard_operator::api::auth::token_command(args),
-            Command::Operator(args) => switchboard_operator::kubernetes::run(args).await,
+            Command::Token(args) => switchboard_api::auth::token_command(args),
+            Command::Operator(args) => operator::run(args).await,
         }
     })
 }

@@ -45,7 +45,7 @@ use switchboard_model::Codec;
 use switchboard_node::media::engine::{EngineConfig, MediaEngine};
 use switchboard_node::media::kernel::{KernelForwarder, KernelMode};
 use switchboard_node::media::ports::{PortAllocator, PortRange};
-use switchboard_node::media::relay::{LegMedia, RelayConfig, RelayHandle, RtpLegSetup, spawn_relay_on};
+use switchboard_node::media::relay::{LegMedia, RelayConfig, RelayHandle, RtpLegSetup};
 use switchboard_node::media::rtp::{RTP_HEADER_LEN, RtpHeader, RtpPacket};
 
 const PACKET_INTERVAL: Duration = Duration::from_millis(20);
@@ -651,7 +651,7 @@ impl Bench {
                     let b_codec = if self.transcode { Codec::Pcma } else { Codec::Pcmu };
                     let b = RtpLegSetup { ports: b, media: LegMedia::new(b_codec, Some(addr_b)) };
                     let config = RelayConfig { media_timeout: Duration::from_secs(3600) };
-                    let (handle, events) = spawn_relay_on(&self.engine, a, b, config).expect("relay");
+                    let (handle, events) = self.engine.spawn_relay(a, b, config).expect("relay");
                     drop(events);
                     handle
                 })

@@ -115,6 +115,10 @@ pub struct SipArgs {
     /// Flood guard (unknown sources, per-source caps) and digest nonces.
     #[command(flatten)]
     pub guard: crate::sip::guard::GuardArgs,
+
+    /// SIP over TLS: listener certificate, outbound trust.
+    #[command(flatten)]
+    pub tls: crate::sip::tls::TlsArgs,
 }
 
 /// Shortest accepted webhook secret.
@@ -148,6 +152,8 @@ impl SipArgs {
 #[derive(Debug, Clone, Copy)]
 pub struct Listening {
     pub sip: SocketAddr,
+    /// The TLS listener, when the node has a certificate.
+    pub sip_tls: Option<SocketAddr>,
     pub http: SocketAddr,
 }
 
@@ -206,11 +212,17 @@ pub async fn start(
         );
     }
     let (received_tx, received_rx) = mpsc::channel(RECEIVE_QUEUE);
+    let tls = crate::sip::tls::TlsLayer::from_args(&args.tls, &args.sip_listen).context("SIP over TLS")?;
+    if let Some(cert) = tls.server_cert() {
+        let interval = Duration::from_millis(args.tls.reload_ms.max(100));
+        tasks.spawn(Arc::clone(cert).watch(interval, stop.clone()));
+    }
     let transport = TransportLayer::bind(
         &TransportConfig {
             listen: args.sip_listen.clone(),
             advertised_host: args.advertised_host.clone(),
             advertised_port: args.advertised_port,
+            tls: Some(Arc::clone(&tls)),
         },
         received_tx,
         Arc::clone(&guard),
@@ -219,6 +231,9 @@ pub async fn start(
     .await
     .with_context(|| format!("cannot listen for SIP on {:?}", args.sip_listen))?;
     tracing::info!(sip = %transport.local_addr(), "SIP listening on UDP and TCP");
+    if let Some(addr) = transport.tls_addrs().first() {
+        tracing::info!(sip_tls = %addr, "SIP listening on TLS");
+    }
     let (endpoint, new_requests) =
         Endpoint::start(Arc::clone(&transport), received_rx, timers, Arc::clone(&guard), metrics.clone());
 
@@ -230,11 +245,12 @@ pub async fn start(
         let ports = media.ports.clone();
         metrics.track_rtp_ports(move || ports.in_use() * 2);
         metrics.rtp_ports_capacity(media.ports.capacity() * 2);
-        if let Ok(engine) = crate::media::engine::MediaEngine::global() {
-            metrics.track_media_relays(|| engine.relays());
-            metrics.track_kernel_forwards(|| engine.kernel_forwards());
-            metrics.track_kernel_packets(|| engine.kernel_packets());
-        }
+        let engine = Arc::clone(&media.engine);
+        metrics.track_media_relays(move || engine.relays());
+        let engine = Arc::clone(&media.engine);
+        metrics.track_kernel_forwards(move || engine.kernel_forwards());
+        let engine = Arc::clone(&media.engine);
+        metrics.track_kernel_packets(move || engine.kernel_packets());
     }
     let limits = shared_limits(&pool, node_id, tasks).counted(metrics.clone());
     let ctx = Arc::new(NodeContext {
@@ -243,7 +259,7 @@ pub async fn start(
         limits,
         store,
         metrics: metrics.clone(),
-        resolver: Resolver::from_system(),
+        resolver: Resolver::from_system().with_tls(Arc::clone(&tls)),
         challenger,
         guard,
         node_id: node_id.to_string(),
@@ -293,7 +309,7 @@ pub async fn start(
             tracing::error!(%error, "HTTP endpoint failed");
         }
     });
-    Ok(Listening { sip: transport.local_addr(), http })
+    Ok(Listening { sip: transport.local_addr(), sip_tls: transport.tls_addrs().first().copied(), http })
 }
 
 /// The `/readyz` detail: the generation served, whether it is a stale copy from disk, draining.
@@ -414,10 +430,9 @@ fn media_context(args: &SipArgs, sip: SocketAddr, metrics: &NodeMetrics) -> anyh
         cpus: Vec::new(),
         kernel: args.kernel_forwarding,
     };
-    match crate::media::engine::MediaEngine::configure_global(&engine) {
-        Ok(()) => {}
-        // Several nodes in one process (tests) share the first one's engine.
-        Err(crate::media::engine::EngineError::AlreadyStarted) => {}
+    // Several nodes in one process (tests) share the first one's engine.
+    let engine = match crate::media::engine::MediaEngine::shared(&engine) {
+        Ok(engine) => engine,
         Err(error @ crate::media::engine::EngineError::Kernel(_)) => {
             return Err(anyhow::Error::new(error).context("--kernel-forwarding on"));
         }
@@ -425,11 +440,12 @@ fn media_context(args: &SipArgs, sip: SocketAddr, metrics: &NodeMetrics) -> anyh
             tracing::warn!(%error, "media anchoring is off");
             return Ok(None);
         }
-    }
+    };
     Ok(match PortAllocator::new(bind, range) {
         Ok(ports) => Some({
             open_files_for(ports.capacity() * 2);
             MediaContext {
+                engine,
                 ports,
                 address,
                 timeout: Duration::from_secs(args.media_timeout_seconds.max(1)),

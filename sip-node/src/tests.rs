@@ -46,6 +46,7 @@ fn args(database_url: &str) -> NodeArgs {
             agent: crate::bridge::answer::AgentArgs::default(),
             spool: None,
             guard: crate::sip::guard::GuardArgs::default(),
+            tls: crate::sip::tls::TlsArgs::default(),
         },
     }
 }

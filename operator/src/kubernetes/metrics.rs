@@ -1,18 +1,11 @@
-//! Operator metrics (Prometheus text format on `/metrics`) and the health endpoints.
+//! Operator metrics: one registry rendered in the Prometheus text format (served on `/metrics`
+//! by `switchboard operator`, which owns the HTTP server).
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use tokio_util::sync::CancellationToken;
 
 use crate::crd::{Condition, ConditionStatus};
 use crate::source::{Kind, ResourceKey};
@@ -199,51 +192,6 @@ impl Metrics {
         }
         text
     }
-}
-
-/// What `/readyz` reports.
-#[derive(Default)]
-pub struct Health {
-    /// Started: connected to the database and the API server (leader or standby).
-    pub ready: AtomicBool,
-}
-
-#[derive(Clone)]
-struct HttpState {
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-}
-
-/// The HTTP router: `/metrics`, `/healthz`, `/readyz`.
-pub fn router(metrics: Arc<Metrics>, health: Arc<Health>) -> Router {
-    Router::new()
-        .route("/metrics", get(|State(s): State<HttpState>| async move { s.metrics.render() }))
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(|State(s): State<HttpState>| async move {
-                if s.health.ready.load(Ordering::SeqCst) {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "starting")
-                }
-            }),
-        )
-        .with_state(HttpState { metrics, health })
-}
-
-/// Serves the router until `shutdown`.
-pub async fn serve(
-    address: SocketAddr,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(address).await?;
-    tracing::info!("metrics and health on http://{}", listener.local_addr()?);
-    axum::serve(listener, router(metrics, health))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! receive timestamp along: the bridge measures an agent frame's delay from when it reached
 //! the host, not from when the node got to it.
 
-use std::io::{IoSliceMut, Write as _};
+use std::io::Write as _;
 use std::os::fd::AsRawFd as _;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -12,7 +12,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::media::rx_time::{self, Clocks, ControlBuffer};
+use crate::media::rx_time::{self, Clocks};
+use crate::media::sys;
 
 /// A TCP stream that remembers when the data of its last read arrived. Registered with tokio
 /// directly (`AsyncFd`), so that, as tokio's own `TcpStream` does, a read that did not fill the
@@ -35,9 +36,7 @@ impl StampedTcp {
         }
         // Still non-blocking: tokio's stream is, and into_std keeps the mode.
         let stream = stream.into_std()?;
-        // SAFETY: the AsyncFd owns the stream, so its descriptor stays open and the same for as
-        // long as it is registered.
-        let inner = unsafe { AsyncFd::register(stream) }?;
+        let inner = sys::register_tcp(stream)?;
         Ok(StampedTcp { inner, last_received: None })
     }
 
@@ -48,25 +47,6 @@ impl StampedTcp {
     }
 }
 
-/// One `recvmsg(MSG_DONTWAIT)` into `buf`: the bytes read and the kernel's stamp, if any.
-fn recv_stamped(fd: std::os::fd::RawFd, buf: &mut [u8]) -> std::io::Result<(usize, Option<libc::timespec>)> {
-    let mut control = ControlBuffer::new();
-    let mut iov = [IoSliceMut::new(buf)];
-    // SAFETY: all-zero is a valid msghdr; the pointers set below outlive the call.
-    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
-    header.msg_iov = iov.as_mut_ptr().cast();
-    header.msg_iovlen = 1;
-    header.msg_control = control.0.as_mut_ptr().cast();
-    header.msg_controllen = rx_time::CONTROL_SPACE as _;
-    // SAFETY: the header points at live buffers of the sizes given.
-    let n = unsafe { libc::recvmsg(fd, &mut header, libc::MSG_DONTWAIT) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: filled in by the recvmsg above, with `control` still alive.
-    Ok((n as usize, unsafe { rx_time::timestamp(&header) }))
-}
-
 impl AsyncRead for StampedTcp {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
@@ -75,7 +55,7 @@ impl AsyncRead for StampedTcp {
             let unfilled = buf.initialize_unfilled();
             let wanted = unfilled.len();
             // try_io clears the readiness when the read would block, so the next poll waits.
-            match guard.try_io(|s| recv_stamped(s.as_raw_fd(), unfilled)) {
+            match guard.try_io(|s| sys::recv_stamped(s.as_raw_fd(), unfilled)) {
                 Ok(Ok((n, stamp))) => {
                     if n > 0 && n < wanted {
                         guard.clear_ready();

@@ -11,8 +11,9 @@
 //! wait, which also serves many calls fairly when one of them is flooded. And the media no longer
 //! share a runtime with signaling and database writes, whose bursts would show as jitter.
 //!
-//! A relay is added to the worker with the fewest relays and stays there. The call talks to it
-//! through [`EngineRelay`] (updates from re-INVITEs, stop); commands travel on a channel and an
+//! A relay is added to the worker with the fewest relays and stays there
+//! ([`MediaEngine::spawn_relay`]). The call talks to it through its [`RelayHandle`], which holds
+//! an `EngineRelay` (updates from re-INVITEs, stop); commands travel on a channel and an
 //! eventfd wakes the worker. The relay's counters and events are the same as those of a task
 //! relay ([`super::relay`]). Media timeouts are checked by a sweep every [`SWEEP`], against a
 //! deadline per relay.
@@ -23,16 +24,20 @@
 use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::kernel::{ForwardEntry, ForwardKey, KernelError, KernelForwarder, KernelMode};
-use super::relay::{Control, DATAGRAM_MAX, LegId, Relay, RelayError};
+use super::relay::{
+    Control, EngineHold, LegId, RECEIVE_BUFFER, Relay, RelayConfig, RelayError, RelayEvent, RelayHandle, RtpLegSetup,
+};
 
 /// How often media timeouts are checked.
 pub const SWEEP: Duration = Duration::from_millis(50);
@@ -58,9 +63,6 @@ pub enum EngineError {
     /// epoll, eventfd or the thread could not be created.
     #[error("cannot start the media engine: {0}")]
     Io(#[from] io::Error),
-    /// The process-wide engine was already started with another configuration.
-    #[error("the media engine is already running")]
-    AlreadyStarted,
     /// Kernel forwarding was required and is not available.
     #[error(transparent)]
     Kernel(#[from] KernelError),
@@ -111,7 +113,8 @@ impl std::fmt::Debug for MediaEngine {
     }
 }
 
-static GLOBAL: OnceLock<Result<MediaEngine, String>> = OnceLock::new();
+/// The process's engine, once one started ([`MediaEngine::shared`]).
+static SHARED: Mutex<Option<Arc<MediaEngine>>> = Mutex::new(None);
 
 impl MediaEngine {
     /// Starts the worker threads.
@@ -156,28 +159,19 @@ impl MediaEngine {
         Ok(engine)
     }
 
-    /// The process-wide engine, started on first use with one thread per core unless
-    /// [`MediaEngine::configure_global`] ran first.
-    pub fn global() -> Result<&'static MediaEngine, RelayError> {
-        GLOBAL
-            .get_or_init(|| MediaEngine::start(&EngineConfig::default()).map_err(|e| e.to_string()))
-            .as_ref()
-            .map_err(|e| RelayError::Engine(e.clone()))
-    }
-
-    /// Starts the process-wide engine with this configuration (the node does this at start,
-    /// from `--media-threads`). Fails if it is already running.
-    pub fn configure_global(config: &EngineConfig) -> Result<(), EngineError> {
-        let mut ran = false;
-        let stored = GLOBAL.get_or_init(|| {
-            ran = true;
-            MediaEngine::start(config).map_err(|e| e.to_string())
-        });
-        match (ran, stored) {
-            (false, _) => Err(EngineError::AlreadyStarted),
-            (true, Ok(_)) => Ok(()),
-            (true, Err(e)) => Err(EngineError::Io(io::Error::other(e.clone()))),
+    /// The process's engine: the first caller starts it with its configuration, later callers
+    /// get the same one. A node takes its engine from here at start and passes it to whatever
+    /// starts relays; several nodes in one process (the tests) share the first one's engine,
+    /// whose threads are sized to the cores and whose kernel program attaches once per
+    /// interface. A start that failed is not remembered: the next caller tries again.
+    pub fn shared(config: &EngineConfig) -> Result<Arc<MediaEngine>, EngineError> {
+        let mut shared = SHARED.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(engine) = &*shared {
+            return Ok(Arc::clone(engine));
         }
+        let engine = Arc::new(MediaEngine::start(config)?);
+        *shared = Some(Arc::clone(&engine));
+        Ok(engine)
     }
 
     /// The number of worker threads.
@@ -205,8 +199,22 @@ impl MediaEngine {
         self.workers.iter().map(|w| w.relays.load(Ordering::Relaxed)).sum()
     }
 
+    /// Starts a relay between two RTP legs on this engine: it takes the legs' sockets (their
+    /// ports go back when the relay ends) and reports on the channel returned.
+    pub fn spawn_relay(
+        &self,
+        a: RtpLegSetup,
+        b: RtpLegSetup,
+        config: RelayConfig,
+    ) -> Result<(RelayHandle, mpsc::Receiver<RelayEvent>), RelayError> {
+        let (relay, events) = Relay::new(a, b, config)?;
+        let counters = relay.counters();
+        let hold = self.add(relay)?;
+        Ok((RelayHandle::on_engine(Box::new(hold), counters), events))
+    }
+
     /// Puts a relay on the least loaded worker.
-    pub(super) fn add(&self, relay: Relay) -> Result<EngineRelay, RelayError> {
+    pub(crate) fn add(&self, relay: Relay) -> Result<EngineRelay, RelayError> {
         let worker = self
             .workers
             .iter()
@@ -240,7 +248,7 @@ fn pin_to(cpu: usize) {
 }
 
 /// A call's hold on a relay in the engine. Dropping it removes the relay (its ports go back).
-pub(super) struct EngineRelay {
+pub(crate) struct EngineRelay {
     worker: Arc<WorkerLink>,
     id: u64,
     done: Arc<AtomicBool>,
@@ -249,9 +257,9 @@ pub(super) struct EngineRelay {
     kernel: Option<(Arc<KernelForwarder>, [Option<ForwardKey>; 2])>,
 }
 
-impl EngineRelay {
+impl EngineHold for EngineRelay {
     /// Passes an update on to the relay.
-    pub(super) fn control(&self, control: Control) -> Result<(), RelayError> {
+    fn control(&self, control: Control) -> Result<(), RelayError> {
         if self.done.load(Ordering::Acquire) {
             return Err(RelayError::Stopped);
         }
@@ -268,16 +276,18 @@ impl EngineRelay {
     }
 
     /// Whether the relay has been removed.
-    pub(super) fn is_finished(&self) -> bool {
+    fn is_finished(&self) -> bool {
         self.done.load(Ordering::Acquire)
     }
 
     /// Removes the relay and waits until its sockets are closed.
-    pub(super) async fn stop(mut self) {
+    fn stop(mut self: Box<Self>) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         self.stopped = true;
         let (tx, rx) = oneshot::channel();
         self.worker.send(Command::Control(self.id, Control::Stop(tx)));
-        let _ = rx.await;
+        Box::pin(async move {
+            let _ = rx.await;
+        })
     }
 }
 
@@ -316,7 +326,7 @@ fn token(slot: usize, leg: LegId, rtcp: bool) -> u64 {
 impl Worker {
     fn run(mut self) {
         let mut events = vec![EpollEvent::empty(); EVENTS_PER_WAIT];
-        let mut buf = vec![0u8; DATAGRAM_MAX];
+        let mut buf = vec![0u8; RECEIVE_BUFFER];
         let mut next_sweep = Instant::now() + SWEEP;
         loop {
             // Commands are taken when the eventfd says there are some (below): every push
@@ -471,7 +481,7 @@ mod tests {
         use switchboard_model::Codec;
 
         use crate::media::ports::{PortAllocator, PortRange};
-        use crate::media::relay::{LegMedia, RelayConfig, RtpLegSetup, spawn_relay_on};
+        use crate::media::relay::{LegMedia, RtpLegSetup};
 
         let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let allocator = PortAllocator::new(localhost, PortRange { min: 42900, max: 42999 }).unwrap();
@@ -482,7 +492,7 @@ mod tests {
         for _ in 0..4 {
             let leg = |ports| RtpLegSetup { ports, media: LegMedia::new(Codec::Pcmu, Some(far_addr)) };
             let (a, b) = (allocator.allocate().unwrap(), allocator.allocate().unwrap());
-            handles.push(spawn_relay_on(&engine, leg(a), leg(b), RelayConfig::default()).unwrap().0);
+            handles.push(engine.spawn_relay(leg(a), leg(b), RelayConfig::default()).unwrap().0);
         }
         // Least loaded first: two relays on each worker.
         let deadline = std::time::Instant::now() + Duration::from_secs(2);

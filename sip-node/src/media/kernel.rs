@@ -74,7 +74,9 @@ pub struct ForwardKey {
     pad: u16,
 }
 
-// SAFETY: plain old data of integers with no padding (repr(C), 4 + 2 + 2 bytes).
+// SAFETY: `Pod` lets aya copy the key to and from the kernel's map as raw bytes. That holds for
+// a repr(C) struct of plain integers with no padding (4 + 2 + 2 bytes, checked by a test): every
+// byte is initialised and every bit pattern is a valid value.
 unsafe impl aya::Pod for ForwardKey {}
 
 impl ForwardKey {
@@ -126,7 +128,9 @@ pub struct ForwardEntry {
     pub late: u64,
 }
 
-// SAFETY: repr(C) integers laid out without implicit padding (checked by a test: 88 bytes).
+// SAFETY: as for `ForwardKey`: repr(C) integers laid out without implicit padding (the test
+// checks the size, 88 bytes, that the program's `struct forward_entry` has), so every byte is
+// initialised and any bit pattern the program writes is a valid value.
 unsafe impl aya::Pod for ForwardEntry {}
 
 /// What user space decides for an installed direction: who may send, and how packets are
@@ -213,10 +217,7 @@ pub fn ipv4_of(addr: SocketAddr) -> Option<SocketAddrV4> {
 
 /// CLOCK_MONOTONIC in nanoseconds, the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+    super::sys::monotonic_ns()
 }
 
 /// The instant `ns` (CLOCK_MONOTONIC) stands for, as an `Instant` (which uses the same clock).

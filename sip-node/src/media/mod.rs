@@ -12,6 +12,12 @@
 //! - [`engine`]: the media threads that drive two-leg relays (level-triggered epoll).
 //! - [`kernel`]: the engine's fast path, an eBPF program that forwards steady RTP in the kernel.
 //! - [`rx_time`]: kernel receive timestamps, from which the bridge measures the delay it adds.
+//! - `sys`: every system call and `unsafe` operation of the media path and the bridge, behind
+//!   safe functions (`recvmmsg`, `recvmsg` with timestamps, `setsockopt`, `clock_gettime`).
+//!
+//! Dependencies run one way: the call layer → [`engine`] → [`relay`] → [`kernel`], [`rtp`],
+//! [`rtcp`], [`g711`], [`sdp`] → `sys`. The engine is passed to whoever starts relays (the
+//! node's media context); nothing below it reaches for a process-wide one.
 //!
 //! Nothing here speaks SIP: the call layer feeds SDP bodies in and takes SDP bodies out.
 
@@ -25,3 +31,4 @@ pub mod rtcp;
 pub mod rtp;
 pub(crate) mod rx_time;
 pub mod sdp;
+pub(crate) mod sys;

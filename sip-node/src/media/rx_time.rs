@@ -5,27 +5,14 @@
 //!
 //! The kernel stamps with `CLOCK_REALTIME`; [`Clocks`] converts to the monotonic [`Instant`]
 //! the rest of the node uses, from one reading of both clocks per receive call.
+//!
+//! The system calls themselves (`setsockopt`, `recvmsg`/`recvmmsg` and the control messages that
+//! carry the stamps, `clock_gettime`) are in [`super::sys`].
 
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
-/// `SO_TIMESTAMPNS` (the "old" value, whose control message carries a native `timespec`), as
-/// asm-generic defines it for x86, ARM and RISC-V; the `libc` crate leaves it out on Linux.
-const SO_TIMESTAMPNS: libc::c_int = 35;
-
-/// Room for one `SCM_TIMESTAMPNS` control message (plus slack for alignment).
-pub(crate) const CONTROL_SPACE: usize = 64;
-
-/// A control buffer aligned for `cmsghdr`.
-#[repr(C, align(8))]
-#[derive(Clone, Copy)]
-pub(crate) struct ControlBuffer(pub(crate) [u8; CONTROL_SPACE]);
-
-impl ControlBuffer {
-    pub(crate) const fn new() -> ControlBuffer {
-        ControlBuffer([0; CONTROL_SPACE])
-    }
-}
+use super::sys::{self, Stamp, set_timestamps};
 
 /// Asks the kernel to stamp what this socket receives.
 ///
@@ -47,47 +34,6 @@ pub(crate) fn enable(fd: RawFd) -> std::io::Result<()> {
     set_timestamps(fd)
 }
 
-fn set_timestamps(fd: RawFd) -> std::io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: a plain setsockopt with a live int of the size given.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            SO_TIMESTAMPNS,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
-}
-
-/// The receive timestamp among a received message's control messages, if any.
-///
-/// # Safety
-/// `header` must be a `msghdr` filled in by a successful `recvmsg`/`recvmmsg`, whose control
-/// buffer is still alive.
-pub(crate) unsafe fn timestamp(header: &libc::msghdr) -> Option<libc::timespec> {
-    if header.msg_control.is_null() || header.msg_controllen == 0 {
-        return None;
-    }
-    // SAFETY: the caller vouches for the header; CMSG_* walk inside msg_controllen.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(header);
-        while !cmsg.is_null() {
-            let c = &*cmsg;
-            if c.cmsg_level == libc::SOL_SOCKET
-                && c.cmsg_type == SO_TIMESTAMPNS
-                && c.cmsg_len as usize >= libc::CMSG_LEN(std::mem::size_of::<libc::timespec>() as u32) as usize
-            {
-                return Some(std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::timespec>()));
-            }
-            cmsg = libc::CMSG_NXTHDR(header, cmsg);
-        }
-    }
-    None
-}
-
 /// One reading of the wall clock and the monotonic clock, to turn kernel timestamps of the
 /// same moment into [`Instant`]s.
 #[derive(Debug, Clone, Copy)]
@@ -98,21 +44,18 @@ pub(crate) struct Clocks {
 
 impl Clocks {
     pub(crate) fn read() -> Clocks {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: a valid clock id and a live timespec.
-        unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
-        Clocks { realtime_ns: nanos(&ts), now: Instant::now() }
+        Clocks { realtime_ns: nanos(&sys::realtime_now()), now: Instant::now() }
     }
 
     /// The instant of a kernel timestamp. A stamp from the future (the wall clock was stepped
     /// back in between) counts as now; one from before the monotonic clock's start as that.
-    pub(crate) fn instant(&self, stamp: &libc::timespec) -> Instant {
+    pub(crate) fn instant(&self, stamp: &Stamp) -> Instant {
         let ago = (self.realtime_ns - nanos(stamp)).clamp(0, u64::MAX as i128) as u64;
         self.now.checked_sub(Duration::from_nanos(ago)).unwrap_or(self.now)
     }
 }
 
-fn nanos(ts: &libc::timespec) -> i128 {
+fn nanos(ts: &Stamp) -> i128 {
     ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
 }
 
@@ -147,20 +90,9 @@ mod tests {
         panic!("every datagram was stamped when read, not when it arrived: {ages:?}");
     }
 
-    fn receive(socket: &std::net::UdpSocket) -> (isize, Option<libc::timespec>) {
+    fn receive(socket: &std::net::UdpSocket) -> (usize, Option<Stamp>) {
         let mut data = [0u8; 16];
-        let mut control = ControlBuffer::new();
-        let mut iov = libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() };
-        // SAFETY: all-zero is a valid msghdr; every pointer set below outlives the call.
-        let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
-        header.msg_iov = &mut iov;
-        header.msg_iovlen = 1;
-        header.msg_control = control.0.as_mut_ptr().cast();
-        header.msg_controllen = CONTROL_SPACE as _;
-        // SAFETY: the header points at live buffers.
-        let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut header, 0) };
-        // SAFETY: filled in by the recvmsg above.
-        (n, unsafe { timestamp(&header) })
+        sys::recv_stamped(socket.as_raw_fd(), &mut data).unwrap()
     }
 
     #[test]

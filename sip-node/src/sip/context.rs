@@ -43,6 +43,8 @@ pub struct NodeContext {
 /// What the node needs to anchor a call's media.
 #[derive(Clone)]
 pub struct MediaContext {
+    /// The media threads that relay anchored calls.
+    pub engine: Arc<crate::media::engine::MediaEngine>,
     pub ports: crate::media::ports::PortAllocator,
     /// The address put into SDP (the advertised, reachable address).
     pub address: std::net::IpAddr,

@@ -147,17 +147,18 @@ impl Endpoint {
 
     /// A Via header for a request towards `peer` with a fresh branch and `rport` (RFC 3581).
     pub fn via_for(&self, peer: Peer) -> rsip::Header {
-        let (host, port) = self.transport.sent_by(peer.addr);
+        let (host, port) = self.transport.sent_by_peer(peer);
         let branch = super::transaction::new_branch();
         rsip::Header::Via(format!("SIP/2.0/{} {host}:{port};branch={branch};rport", peer.protocol.as_str()).into())
     }
 
     /// Our Contact URI for a hop towards `peer`, with `user` as the user part.
     pub fn contact_for(&self, peer: Peer, user: &str) -> String {
-        let (host, port) = self.transport.sent_by(peer.addr);
+        let (host, port) = self.transport.sent_by_peer(peer);
         let transport = match peer.protocol {
             Protocol::Udp => "",
             Protocol::Tcp => ";transport=tcp",
+            Protocol::Tls => ";transport=tls",
         };
         if user.is_empty() {
             format!("<sip:{host}:{port}{transport}>")

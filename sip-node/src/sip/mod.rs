@@ -5,6 +5,7 @@ pub mod admission;
 pub(crate) mod call;
 pub(crate) mod connected;
 pub(crate) mod context;
+pub mod control;
 pub mod dialog;
 pub mod digest;
 pub mod endpoint;
@@ -19,6 +20,7 @@ pub(crate) mod registration;
 pub mod resolve;
 pub mod routing;
 pub(crate) mod sms;
+pub mod tls;
 pub mod transaction;
 pub mod transport;
 

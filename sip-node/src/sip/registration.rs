@@ -167,8 +167,12 @@ impl Registrar {
         let domain = self.trunk.realm.clone().unwrap_or_else(|| self.host.clone());
         self.cseq += 1;
         let uri = rsip::Uri::try_from(format!("sip:{}", self.registrar_text()).as_str()).ok()?;
-        let (host, port) = self.ctx.endpoint.transport().sent_by(peer.addr);
-        let transport = if peer.protocol == Protocol::Tcp { ";transport=tcp" } else { "" };
+        let (host, port) = self.ctx.endpoint.transport().sent_by_peer(peer);
+        let transport = match peer.protocol {
+            Protocol::Udp => "",
+            Protocol::Tcp => ";transport=tcp",
+            Protocol::Tls => ";transport=tls",
+        };
         let mut headers: Vec<Header> = vec![
             Header::Via(
                 format!("SIP/2.0/{} {host}:{port};branch={};rport", peer.protocol.as_str(), new_branch()).into(),
@@ -338,7 +342,7 @@ async fn keepalive_loop(ctx: Arc<RegistrationContext>, trunk: Arc<TrunkConfig>) 
             Ok(addrs) => {
                 let peer = Peer { protocol, addr: addrs[0] };
                 cseq += 1;
-                let (host, port) = ctx.endpoint.transport().sent_by(peer.addr);
+                let (host, port) = ctx.endpoint.transport().sent_by_peer(peer);
                 let target = match gateway.port {
                     Some(p) => format!("{}:{p}", gateway.address),
                     None => gateway.address.clone(),

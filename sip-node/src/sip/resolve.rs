@@ -1,7 +1,9 @@
 //! Finding a SIP server (RFC 3263, without NAPTR): an IP literal is used as it is; a host with
 //! an explicit port is looked up as A/AAAA; a host without a port is looked up as SRV
 //! (`_sip._udp` / `_sip._tcp`), targets ordered by priority and spread by weight, then A/AAAA;
-//! when there is no SRV record, A/AAAA on port 5060.
+//! when there is no SRV record, A/AAAA on port 5060 (5061 and `_sips._tcp` for TLS). A TLS
+//! target's addresses are remembered with the host name they came from, which is the name its
+//! certificate must carry (RFC 5922 §4).
 //!
 //! SRV queries go through hickory-resolver with the system configuration; A/AAAA through the
 //! system resolver (so `/etc/hosts` works as operators expect).
@@ -27,6 +29,7 @@ pub enum ResolveError {
 #[derive(Clone)]
 pub struct Resolver {
     dns: Option<TokioResolver>,
+    tls: Option<std::sync::Arc<super::tls::TlsLayer>>,
 }
 
 impl Resolver {
@@ -40,7 +43,13 @@ impl Resolver {
                 None
             }
         };
-        Resolver { dns }
+        Resolver { dns, tls: None }
+    }
+
+    /// Remembers the names of resolved TLS targets in `tls` (for SNI and verification).
+    pub fn with_tls(mut self, tls: std::sync::Arc<super::tls::TlsLayer>) -> Resolver {
+        self.tls = Some(tls);
+        self
     }
 
     /// Addresses to try for `host[:port]` in order.
@@ -50,8 +59,26 @@ impl Resolver {
         port: Option<u16>,
         protocol: Protocol,
     ) -> Result<Vec<SocketAddr>, ResolveError> {
+        let addrs = self.addresses(host, port, protocol).await?;
+        if protocol == Protocol::Tls
+            && let Some(tls) = &self.tls
+        {
+            for addr in &addrs {
+                tls.client().remember(*addr, host.trim_matches(['[', ']']));
+            }
+        }
+        Ok(addrs)
+    }
+
+    async fn addresses(
+        &self,
+        host: &str,
+        port: Option<u16>,
+        protocol: Protocol,
+    ) -> Result<Vec<SocketAddr>, ResolveError> {
+        let default_port = if protocol == Protocol::Tls { super::tls::SIPS_PORT } else { SIP_PORT };
         if let Some(ip) = super::message::host_ip(host) {
-            return Ok(vec![SocketAddr::new(ip, port.unwrap_or(SIP_PORT))]);
+            return Ok(vec![SocketAddr::new(ip, port.unwrap_or(default_port))]);
         }
         let bare = host;
         if let Some(port) = port {
@@ -61,6 +88,7 @@ impl Resolver {
             let service = match protocol {
                 Protocol::Udp => "_sip._udp",
                 Protocol::Tcp => "_sip._tcp",
+                Protocol::Tls => "_sips._tcp",
             };
             if let Ok(srv) = dns.srv_lookup(format!("{service}.{bare}.")).await {
                 let mut records: Vec<(u16, u16, String, u16)> = srv
@@ -81,7 +109,7 @@ impl Resolver {
                 }
             }
         }
-        lookup_host(bare, SIP_PORT).await
+        lookup_host(bare, default_port).await
     }
 }
 
@@ -134,13 +162,15 @@ mod tests {
 
     #[tokio::test]
     async fn literals_and_hosts_resolve_without_dns() {
-        let resolver = Resolver { dns: None };
+        let resolver = Resolver { dns: None, tls: None };
         let v4 = resolver.resolve("192.0.2.1", None, Protocol::Udp).await.unwrap();
         assert_eq!(v4, vec!["192.0.2.1:5060".parse().unwrap()]);
         let v6 = resolver.resolve("[::1]", Some(5080), Protocol::Udp).await.unwrap();
         assert_eq!(v6, vec!["[::1]:5080".parse().unwrap()]);
         let local = resolver.resolve("localhost", Some(5070), Protocol::Tcp).await.unwrap();
         assert!(local.iter().all(|a| a.port() == 5070 && a.ip().is_loopback()));
+        let tls = resolver.resolve("192.0.2.1", None, Protocol::Tls).await.unwrap();
+        assert_eq!(tls, vec!["192.0.2.1:5061".parse().unwrap()], "TLS defaults to port 5061");
     }
 
     #[test]

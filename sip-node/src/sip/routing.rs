@@ -16,18 +16,18 @@ use switchboard_model::{
 use super::transport::Protocol;
 use crate::config::Snapshot;
 
-/// Why a TLS gateway is skipped.
-pub const TLS_UNSUPPORTED: &str = "transport TLS is not supported (no SIP over TLS yet); the gateway is skipped";
+/// Why a target is skipped: a transport the node does not speak.
+pub const TLS_UNSUPPORTED: &str = "unsupported transport; the target is skipped";
 
-/// The socket protocol of a gateway's transport. `None` for TLS: the node has no SIP over TLS
-/// yet (the operator refuses such trunks with reason `Unsupported`), and a TLS gateway that
-/// reaches the node anyway (rows an older operator wrote) is skipped, never sent plaintext UDP
-/// on its TLS port. (It used to be `Tcp => Tcp, _ => Udp`.)
+/// The socket protocol of a gateway's transport. Every transport maps to itself: a TLS gateway
+/// is reached over TLS (sip/tls/), never sent plaintext on its TLS port (as `Tcp => Tcp,
+/// _ => Udp` once did). `Option` stays for transports the model may add before the node
+/// speaks them.
 pub fn signaling_protocol(transport: Transport) -> Option<Protocol> {
     match transport {
         Transport::Udp => Some(Protocol::Udp),
         Transport::Tcp => Some(Protocol::Tcp),
-        Transport::Tls => None,
+        Transport::Tls => Some(Protocol::Tls),
     }
 }
 
@@ -348,14 +348,14 @@ pub(crate) mod tests {
         assert!(source_trunks(&snap, "203.0.113.1".parse().unwrap()).is_empty());
     }
 
-    /// TLS has no socket protocol here: callers skip such a gateway instead of falling back to
-    /// plaintext UDP (the old `Tcp => Tcp, _ => Udp`).
+    /// A TLS gateway is reached over TLS, never over plaintext UDP (the old
+    /// `Tcp => Tcp, _ => Udp`).
     #[test]
-    fn tls_gateways_have_no_plaintext_protocol() {
+    fn tls_gateways_are_reached_over_tls_never_plaintext() {
         use super::super::transport::Protocol;
         assert_eq!(signaling_protocol(Transport::Udp), Some(Protocol::Udp));
         assert_eq!(signaling_protocol(Transport::Tcp), Some(Protocol::Tcp));
-        assert_eq!(signaling_protocol(Transport::Tls), None);
+        assert_eq!(signaling_protocol(Transport::Tls), Some(Protocol::Tls));
     }
 
     #[test]

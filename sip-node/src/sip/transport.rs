@@ -4,7 +4,8 @@
 //! Everything that arrives is parsed here (on the socket's task, so parsing runs in parallel
 //! with the transaction layer) and handed on as [`Received`]; what cannot be parsed is answered
 //! with `400` when enough of it is readable, dropped otherwise, and counted either way. TLS
-//! slots in as a third [`Protocol`] whose connections use the same stream framing as TCP.
+//! is the third [`Protocol`]: its handshakes and certificates live in [`super::tls`], and its
+//! connections, once established, go through the same stream framing and tasks as TCP.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -12,12 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
 use super::guard::{Guard, Slot, SourceClass, UnknownSources};
 use super::message::{self, Frame, Incoming, ParseError};
+use super::tls::{TlsError, TlsLayer};
 use crate::metrics::NodeMetrics;
 
 /// How many bytes a TCP connection may queue for writing before it is considered stuck.
@@ -30,12 +32,13 @@ const TCP_IDLE: Duration = Duration::from_secs(300);
 pub enum Protocol {
     Udp,
     Tcp,
+    Tls,
 }
 
 impl Protocol {
     /// Reliable transports carry no retransmissions (RFC 3261 17.1.1.2).
     pub fn is_reliable(self) -> bool {
-        matches!(self, Protocol::Tcp)
+        matches!(self, Protocol::Tcp | Protocol::Tls)
     }
 
     /// The token used in Via headers and `transport=` URI parameters.
@@ -43,6 +46,7 @@ impl Protocol {
         match self {
             Protocol::Udp => "UDP",
             Protocol::Tcp => "TCP",
+            Protocol::Tls => "TLS",
         }
     }
 }
@@ -70,8 +74,10 @@ pub enum TransportError {
     NoSocket(Protocol, SocketAddr),
     #[error("sending to {addr} failed: {source}")]
     Io { addr: SocketAddr, source: std::io::Error },
-    #[error("TCP connection to {0} is congested")]
+    #[error("connection to {0} is congested")]
     Congested(SocketAddr),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// Listen and advertised addresses.
@@ -82,6 +88,8 @@ pub struct TransportConfig {
     /// Host (and port) to put in Via/Contact instead of the listen address, for NAT.
     pub advertised_host: Option<String>,
     pub advertised_port: Option<u16>,
+    /// SIP over TLS: listener, certificates and outbound trust (`None`: no TLS at all).
+    pub tls: Option<Arc<TlsLayer>>,
 }
 
 /// The node's sockets. Cheap to share (`Arc`); sends never wait for the network except when a
@@ -89,7 +97,11 @@ pub struct TransportConfig {
 pub struct TransportLayer {
     udp: Vec<(SocketAddr, Arc<UdpSocket>)>,
     tcp_local: Vec<SocketAddr>,
-    connections: Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>,
+    /// Open stream connections (TCP and TLS), keyed by protocol and far address, so that
+    /// requests and responses to a peer reuse the connection it opened or the node opened.
+    connections: Mutex<HashMap<Peer, mpsc::Sender<Vec<u8>>>>,
+    tls: Option<Arc<TlsLayer>>,
+    tls_local: Vec<SocketAddr>,
     sink: mpsc::Sender<Received>,
     guard: Arc<Guard>,
     metrics: NodeMetrics,
@@ -113,7 +125,15 @@ impl TransportLayer {
             udp.push((socket.local_addr()?, Arc::new(socket)));
             listeners.push(listener);
         }
+        let mut tls_listeners = Vec::new();
+        if let Some(tls) = &config.tls {
+            for addr in tls.listen_addrs(&config.listen) {
+                tls_listeners.push(TcpListener::bind(addr).await?);
+            }
+        }
         let layer = Arc::new(TransportLayer {
+            tls: config.tls.clone(),
+            tls_local: tls_listeners.iter().filter_map(|l| l.local_addr().ok()).collect(),
             tcp_local: listeners.iter().filter_map(|l| l.local_addr().ok()).collect(),
             udp,
             connections: Mutex::new(HashMap::new()),
@@ -128,6 +148,9 @@ impl TransportLayer {
         }
         for listener in listeners {
             tokio::spawn(tcp_accept(Arc::clone(&layer), listener));
+        }
+        for listener in tls_listeners {
+            tokio::spawn(super::tls::accept_loop(Arc::clone(&layer), listener));
         }
         Ok(layer)
     }
@@ -159,6 +182,19 @@ impl TransportLayer {
         (host, self.advertised_port.unwrap_or(local.port()))
     }
 
+    /// [`Self::sent_by`] for a hop: over TLS the port is the TLS listener's (or the advertised
+    /// TLS port), since that is where the peer must open connections back to the node.
+    pub fn sent_by_peer(&self, to: Peer) -> (String, u16) {
+        let (host, port) = self.sent_by(to.addr);
+        match (to.protocol, &self.tls) {
+            (Protocol::Tls, Some(tls)) => {
+                let local = self.tls_local.iter().find(|a| a.is_ipv4() == to.addr.is_ipv4()).or(self.tls_local.first());
+                (host, tls.advertised_port().or(local.map(|a| a.port())).unwrap_or(port))
+            }
+            _ => (host, port),
+        }
+    }
+
     /// Sends bytes to a peer: UDP from the socket of the peer's family, TCP over the existing
     /// connection or a new one.
     pub async fn send(self: &Arc<Self>, peer: Peer, bytes: Vec<u8>) -> Result<(), TransportError> {
@@ -180,8 +216,8 @@ impl TransportLayer {
                     Err(source) => Err(TransportError::Io { addr: peer.addr, source }),
                 }
             }
-            Protocol::Tcp => {
-                let existing = self.connections.lock().unwrap_or_else(|p| p.into_inner()).get(&peer.addr).cloned();
+            Protocol::Tcp | Protocol::Tls => {
+                let existing = self.connections.lock().unwrap_or_else(|p| p.into_inner()).get(&peer).cloned();
                 let sender = match existing {
                     Some(sender) if !sender.is_closed() => sender,
                     _ => {
@@ -192,7 +228,15 @@ impl TransportLayer {
                                 source: std::io::ErrorKind::TimedOut.into(),
                             })?
                             .map_err(|source| TransportError::Io { addr: peer.addr, source })?;
-                        self.adopt(stream, peer.addr, None)
+                        let _ = stream.set_nodelay(true);
+                        if peer.protocol == Protocol::Tls {
+                            let tls = self.tls.as_ref().ok_or(TransportError::NoSocket(Protocol::Tls, peer.addr))?;
+                            let stream = tls.connect(stream, peer.addr).await?;
+                            self.adopt(stream, peer, None)
+                        } else {
+                            let (read, write) = stream.into_split();
+                            self.adopt_halves(read, write, peer, None)
+                        }
                     }
                 };
                 sender.try_send(bytes).map_err(|_| TransportError::Congested(peer.addr))
@@ -212,21 +256,55 @@ impl TransportLayer {
         socket.try_send_to(bytes, addr).map(|_| ()).map_err(|source| TransportError::Io { addr, source })
     }
 
-    /// Registers a TCP connection and starts its reader and writer tasks; `slot` is what an
-    /// accepted connection holds of its source's connection budget.
-    fn adopt(self: &Arc<Self>, stream: TcpStream, addr: SocketAddr, slot: Option<Slot>) -> mpsc::Sender<Vec<u8>> {
-        let _ = stream.set_nodelay(true);
+    /// Registers an established stream (a TLS session after its handshake) like a TCP
+    /// connection; `slot` is what an accepted connection holds of its source's budget.
+    pub(crate) fn adopt<S>(self: &Arc<Self>, stream: S, peer: Peer, slot: Option<Slot>) -> mpsc::Sender<Vec<u8>>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (read, write) = tokio::io::split(stream);
+        self.adopt_halves(read, write, peer, slot)
+    }
+
+    /// Registers a connection and starts its reader and writer tasks.
+    fn adopt_halves<R, W>(self: &Arc<Self>, read: R, write: W, peer: Peer, slot: Option<Slot>) -> mpsc::Sender<Vec<u8>>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let (tx, rx) = mpsc::channel(TCP_WRITE_QUEUE);
-        self.connections.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, tx.clone());
-        let (read, write) = stream.into_split();
+        self.connections.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, tx.clone());
         tokio::spawn(tcp_write(write, rx));
-        tokio::spawn(tcp_read(Arc::clone(self), read, addr, slot));
+        tokio::spawn(tcp_read(Arc::clone(self), read, peer, slot));
         tx
     }
 
     /// Local TCP listen addresses.
     pub fn tcp_addrs(&self) -> &[SocketAddr] {
         &self.tcp_local
+    }
+
+    /// Local TLS listen addresses (empty without TLS).
+    pub fn tls_addrs(&self) -> &[SocketAddr] {
+        &self.tls_local
+    }
+
+    /// The TLS layer, when the node speaks TLS.
+    pub fn tls(&self) -> Option<&Arc<TlsLayer>> {
+        self.tls.as_ref()
+    }
+
+    /// Whether the message loop should stop (the node is shutting down).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.sink.is_closed()
+    }
+
+    pub(crate) fn guard(&self) -> &Guard {
+        &self.guard
+    }
+
+    pub(crate) fn metrics(&self) -> &NodeMetrics {
+        &self.metrics
     }
 
     /// Parses one message and hands it on; answers unparseable requests with 400 when it can.
@@ -394,7 +472,9 @@ async fn tcp_accept(layer: Arc<TransportLayer>, listener: TcpListener) {
                         }
                     },
                 };
-                layer.adopt(stream, addr, slot);
+                let _ = stream.set_nodelay(true);
+                let (read, write) = stream.into_split();
+                layer.adopt_halves(read, write, Peer { protocol: Protocol::Tcp, addr }, slot);
             }
             Err(error) => {
                 tracing::warn!(%error, "TCP accept failed");
@@ -407,24 +487,25 @@ async fn tcp_accept(layer: Arc<TransportLayer>, listener: TcpListener) {
     }
 }
 
-async fn tcp_write(mut write: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<u8>>) {
+async fn tcp_write<W: AsyncWrite + Unpin>(mut write: W, mut rx: mpsc::Receiver<Vec<u8>>) {
     while let Some(bytes) = rx.recv().await {
         if write.write_all(&bytes).await.is_err() {
             return;
         }
+        // TLS buffers records until flushed; for a plain socket this is a no-op.
+        if write.flush().await.is_err() {
+            return;
+        }
     }
+    // Close the stream (a TLS close_notify) once the connection leaves the table.
+    let _ = write.shutdown().await;
 }
 
-async fn tcp_read(
-    layer: Arc<TransportLayer>,
-    mut read: tokio::net::tcp::OwnedReadHalf,
-    addr: SocketAddr,
-    slot: Option<Slot>,
-) {
-    let peer = Peer { protocol: Protocol::Tcp, addr };
+async fn tcp_read<R: AsyncRead + Unpin>(layer: Arc<TransportLayer>, mut read: R, peer: Peer, slot: Option<Slot>) {
+    let addr = peer.addr;
     // Whatever ends this task (even a panic), the connection leaves the table, so its writer
     // stops and the socket closes.
-    let _entry = ConnectionEntry { layer: Arc::clone(&layer), addr, _slot: slot };
+    let _entry = ConnectionEntry { layer: Arc::clone(&layer), peer, _slot: slot };
     let mut buf = BytesMut::with_capacity(8192);
     let mut framer = message::StreamFramer::default();
     'conn: loop {
@@ -442,8 +523,8 @@ async fn tcp_read(
                 }
                 Err(error) => {
                     // A stream whose framing is lost cannot be resynchronised: close it.
-                    layer.metrics.parse_error("TCP");
-                    tracing::debug!(peer = %addr, %error, "closing TCP connection with unframeable data");
+                    layer.metrics.parse_error(peer.protocol.as_str());
+                    tracing::debug!(peer = %addr, %error, "closing stream connection with unframeable data");
                     if let Some(response) = message::bad_request(&buf, &error) {
                         let _ = layer.send(peer, response).await;
                     }
@@ -454,16 +535,16 @@ async fn tcp_read(
     }
 }
 
-/// A TCP connection's place in [`TransportLayer::connections`], removed when its reader ends.
+/// A stream connection's place in [`TransportLayer::connections`], removed when its reader ends.
 struct ConnectionEntry {
     layer: Arc<TransportLayer>,
-    addr: SocketAddr,
+    peer: Peer,
     _slot: Option<Slot>,
 }
 
 impl Drop for ConnectionEntry {
     fn drop(&mut self) {
-        self.layer.connections.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.addr);
+        self.layer.connections.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.peer);
     }
 }
 

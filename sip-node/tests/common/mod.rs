@@ -16,6 +16,7 @@ use switchboard_node::drain::Drain;
 use switchboard_node::media::kernel::KernelMode;
 use switchboard_node::signaling::{self, Listening, SipArgs};
 
+pub mod pki;
 pub mod process;
 pub mod ua;
 use tokio::sync::watch;
@@ -63,6 +64,8 @@ pub fn sip_destination(port: u16) -> Destination {
 /// The node under test.
 pub struct Node {
     pub addr: SocketAddr,
+    /// The TLS listener (when the test gave the node a certificate).
+    pub tls: Option<SocketAddr>,
     pub http: SocketAddr,
     stop: watch::Sender<bool>,
     /// The node's draining switch (what SIGTERM turns on in the binary).
@@ -121,6 +124,7 @@ impl Node {
             agent: switchboard_node::bridge::answer::AgentArgs::default(),
             spool: None,
             guard: switchboard_node::sip::guard::GuardArgs::default(),
+            tls: switchboard_node::sip::tls::TlsArgs::default(),
         };
         tune(&mut args);
         let drain = Drain::default();
@@ -130,11 +134,11 @@ impl Node {
         let node_pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(10)
             .connect_lazy_with((*pool.connect_options()).clone());
-        let Listening { sip, http } =
+        let Listening { sip, sip_tls, http } =
             signaling::start(&args, node_pool, "sipp-node", handle, stop_rx, drain.clone(), &mut tasks, &mut graceful)
                 .await
                 .unwrap();
-        Node { addr: sip, http, stop, drain, tasks, graceful }
+        Node { addr: sip, tls: sip_tls, http, stop, drain, tasks, graceful }
     }
 
     pub async fn stop(mut self) {

@@ -149,7 +149,7 @@ impl Call {
             Target::SipUri(uri) => {
                 let Ok(uri) = rsip::Uri::try_from(uri.as_str()) else { return out };
                 let protocol = match (&uri.scheme, uri.transport()) {
-                    (Some(rsip::Scheme::Sips), _) => None,
+                    (Some(rsip::Scheme::Sips), _) | (_, Some(rsip::Transport::Tls)) => Some(Protocol::Tls),
                     (_, Some(rsip::Transport::Tcp)) => Some(Protocol::Tcp),
                     (_, None | Some(rsip::Transport::Udp)) => Some(Protocol::Udp),
                     (_, Some(_)) => None,

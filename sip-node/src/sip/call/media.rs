@@ -16,13 +16,15 @@
 //! an unreliable provisional response, and the node does not do PRACK.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use switchboard_model::{Codec, TrunkConfig};
 use tokio::sync::mpsc;
 
 use super::{Leg, MediaContext};
+use crate::media::engine::MediaEngine;
 use crate::media::ports::PortPair;
-use crate::media::relay::{LegId, RelayConfig, RelayEvent, RelayHandle, RelayStats, RtpLegSetup, spawn_relay};
+use crate::media::relay::{LegId, RelayConfig, RelayEvent, RelayHandle, RelayStats, RtpLegSetup};
 use crate::media::sdp::{
     LocalEndpoint, MediaDirection, MediaPolicy, NegotiatedMedia, SdpError, SdpSession, SessionDescription,
     answer_offer, create_offer, declared_direction, process_answer,
@@ -145,6 +147,8 @@ fn offered_codecs(sdp: &SessionDescription) -> Vec<Codec> {
 
 /// The anchored media of one call.
 pub(super) struct Anchor {
+    /// The media threads the relay runs on.
+    engine: Arc<MediaEngine>,
     address: IpAddr,
     config: RelayConfig,
     /// The caller's offer; `None` for a delayed-offer INVITE (the node offers in its 2xx).
@@ -172,6 +176,7 @@ impl Anchor {
         let a_pair = media.ports.allocate()?;
         let b_pair = media.ports.allocate()?;
         Ok(Anchor {
+            engine: Arc::clone(&media.engine),
             address: media.address,
             config: RelayConfig { media_timeout: media.timeout },
             caller_offer,
@@ -273,7 +278,7 @@ impl Anchor {
                 let (Some(a_pair), Some(b_pair)) = (self.a.pair.take(), self.b.pair.take()) else {
                     return Ok(());
                 };
-                match spawn_relay(
+                match self.engine.spawn_relay(
                     RtpLegSetup { ports: a_pair, media: (&a_media).into() },
                     RtpLegSetup { ports: b_pair, media: (&b_media).into() },
                     self.config,

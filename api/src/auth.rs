@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use super::error::ApiError;
+use crate::error::ApiError;
 
 /// The issuer Switchboard writes into its tokens and requires.
 pub const DEFAULT_ISSUER: &str = "switchboard";

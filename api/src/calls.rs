@@ -12,11 +12,11 @@ use sqlx::postgres::PgRow;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::AppState;
-use super::auth::Claims;
-use super::error::{ApiError, ApiJson, ApiQuery, ErrorBody};
-use super::limits::RouteLimits;
-use crate::crd::{E164_PATTERN, NAME_PATTERN};
+use crate::AppState;
+use crate::auth::Claims;
+use crate::error::{ApiError, ApiJson, ApiQuery, ErrorBody};
+use crate::limits::RouteLimits;
+use switchboard_operator::crd::{E164_PATTERN, NAME_PATTERN};
 
 fn e164(field: &str, value: &str) -> Result<(), ApiError> {
     static E164: std::sync::LazyLock<regex::Regex> =
@@ -440,7 +440,7 @@ pub async fn cdrs(
         Some((at, id)) => (Some(at), Some(id.parse::<i64>().map_err(|_| decode_cursor("!").unwrap_err())?)),
         None => (None, None),
     };
-    let trunk = query.trunk.as_deref().map(super::trunk_model::name_of);
+    let trunk = query.trunk.as_deref().map(crate::trunk_model::name_of);
     // Only the given filters go into the statement. With `$1 IS NULL OR provider = $1` the one
     // statement's generic plan walks the setup_at index and filters (0.3 s for a provider without
     // CDRs among a million), so Postgres must plan every execution anew, and a server on

@@ -10,13 +10,13 @@ use serde::Serialize;
 use sqlx::Row;
 use utoipa::ToSchema;
 
-use super::AppState;
-use super::error::{ApiError, ApiJson, ErrorBody};
-use super::store::{StoredTrunk, TrunkWrite, gitops_conflict};
-use super::trunk_model::{self, Counters, TrunkFields, TrunkResponse, name_of};
-use crate::crd::Condition;
-use crate::source::{Kind, ResourceKey, Spec};
-use crate::validate;
+use crate::AppState;
+use crate::error::{ApiError, ApiJson, ErrorBody};
+use crate::store::{StoredTrunk, TrunkWrite, gitops_conflict};
+use crate::trunk_model::{self, Counters, TrunkFields, TrunkResponse, name_of};
+use switchboard_operator::crd::Condition;
+use switchboard_operator::source::{Kind, ResourceKey, Spec};
+use switchboard_operator::validate;
 
 /// Resource status rows and call counters for the response.
 pub(crate) struct Observed {
@@ -143,7 +143,7 @@ fn check_id(id: &str) -> Result<(), ApiError> {
 fn validate_spec(
     namespace: &str,
     name: &str,
-    spec: &crate::crd::TrunkSpec,
+    spec: &switchboard_operator::crd::TrunkSpec,
     fields: &TrunkFields,
 ) -> Result<(), ApiError> {
     let key = ResourceKey { kind: Kind::Trunk, namespace: namespace.into(), name: name.into() };
@@ -266,7 +266,7 @@ pub async fn update(
 async fn write(
     state: &AppState,
     trunk: &StoredTrunk,
-    spec: crate::crd::TrunkSpec,
+    spec: switchboard_operator::crd::TrunkSpec,
     password: Option<String>,
 ) -> Result<(), ApiError> {
     state

@@ -14,12 +14,12 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 
-use super::error::ApiError;
-use super::trunk_model::{PASSWORD_KEY, TRUNK_ID_ANNOTATION};
-use crate::crd::{API_VERSION, Trunk, TrunkSpec};
-use crate::kubernetes::controller::CREDENTIALS_LABEL;
-use crate::source::folder::{FileCache, FolderSource, collect_manifests};
-use crate::source::{Kind, Spec};
+use crate::error::ApiError;
+use crate::trunk_model::{PASSWORD_KEY, TRUNK_ID_ANNOTATION};
+use switchboard_operator::crd::{API_VERSION, Trunk, TrunkSpec};
+use switchboard_operator::kubernetes::controller::CREDENTIALS_LABEL;
+use switchboard_operator::source::folder::{FileCache, FolderSource, collect_manifests};
+use switchboard_operator::source::{Kind, Spec};
 
 /// The field manager of every API write in Kubernetes.
 pub const FIELD_MANAGER: &str = "switchboard-api";

@@ -7,8 +7,8 @@ use http_body_util::BodyExt;
 use kube::Client;
 use kube::client::Body;
 use serde_json::{Value, json};
-use switchboard_operator::api::store::{KubernetesStore, TrunkStore, TrunkWrite};
-use switchboard_operator::api::trunk_model::{TrunkFields, apply_fields, default_spec};
+use switchboard_api::store::{KubernetesStore, TrunkStore, TrunkWrite};
+use switchboard_api::trunk_model::{TrunkFields, apply_fields, default_spec};
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 

@@ -11,12 +11,12 @@ use serde::{Deserialize, Serialize};
 use switchboard_model::{AuthMethod, Codec, Transport};
 use utoipa::ToSchema;
 
-use super::error::ApiError;
-use crate::crd::{
+use crate::error::ApiError;
+use switchboard_operator::crd::{
     Credentials, Gateway, InboundSpec, Limits, NumberFormat, OutboundSpec, Registrar, RegistrationSpec, SecretKeyRef,
     TrunkSpec,
 };
-use crate::validate::FieldError;
+use switchboard_operator::validate::FieldError;
 
 /// Annotation holding the API's `trunk_id` when it differs from the resource name.
 pub const TRUNK_ID_ANNOTATION: &str = "switchboard.dev/trunk-id";
@@ -198,7 +198,7 @@ fn cidr(value: &str) -> String {
 
 /// Applies the given fields onto `spec`. `name` is the trunk's resource name (for the Secret
 /// reference). Type-level problems (an unknown transport) are 422s here; the rest is left to
-/// [`crate::validate`].
+/// [`switchboard_operator::validate`].
 pub fn apply_fields(
     spec: &mut TrunkSpec,
     name: &str,
@@ -515,7 +515,7 @@ pub fn response(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::{Kind, ResourceKey, Spec};
+    use switchboard_operator::source::{Kind, ResourceKey, Spec};
 
     fn seed_skyetel() -> TrunkFields {
         serde_json::from_value(serde_json::json!({
@@ -533,7 +533,7 @@ mod tests {
         let mut spec = default_spec();
         apply_fields(&mut spec, "skyetel-main", &fields, true, true).unwrap();
         let key = ResourceKey { kind: Kind::Trunk, namespace: "default".into(), name: "skyetel-main".into() };
-        crate::validate::validate(&key, &Spec::Trunk(spec.clone())).unwrap();
+        switchboard_operator::validate::validate(&key, &Spec::Trunk(spec.clone())).unwrap();
         assert_eq!(spec.auth_method, AuthMethod::Digest);
         assert_eq!(spec.credentials.as_ref().unwrap().password_secret_ref.name, "skyetel-main-credentials");
         assert_eq!(spec.gateways[0].port, Some(5060));

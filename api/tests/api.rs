@@ -10,9 +10,9 @@ use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use switchboard_operator::api::auth::JwtVerifier;
-use switchboard_operator::api::store::FolderStore;
-use switchboard_operator::api::{AppState, router};
+use switchboard_api::auth::JwtVerifier;
+use switchboard_api::store::FolderStore;
+use switchboard_api::{AppState, router};
 use tower::ServiceExt;
 
 const SECRET: &[u8] = b"test-secret-test-secret-test-secret!";
@@ -478,7 +478,7 @@ async fn cdr_pages_follow_the_cursor(pool: PgPool) {
 /// a calls token places calls but sends no SMS; `admin` may do everything.
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
 async fn tokens_carry_scopes_and_a_bounded_lifetime(pool: PgPool) {
-    use switchboard_operator::api::auth::Scope;
+    use switchboard_api::auth::Scope;
     reconcile_examples(&pool).await;
     let api = api(pool);
     let verifier = JwtVerifier::new(SECRET, "switchboard");
@@ -605,7 +605,7 @@ async fn destinations_no_outbound_rule_covers_are_refused(pool: PgPool) {
 /// 429 with Retry-After once the burst is used up.
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
 async fn calls_and_messages_are_rate_limited(pool: PgPool) {
-    use switchboard_operator::api::limits::LimitArgs;
+    use switchboard_api::limits::LimitArgs;
     reconcile_examples(&pool).await;
     let dir = tempfile::tempdir().unwrap();
     let verifier = Arc::new(JwtVerifier::new(SECRET, "switchboard"));

@@ -1,0 +1,143 @@
+//! The node as a TLS client: which name a gateway's certificate must carry (the gateway's host
+//! name from the configuration, sent as SNI; its IP address when configured by address), which
+//! roots it must chain to (the web PKI, `--sip-tls-ca-file`, or the trunk's own CA), and the
+//! last handshake failure per address, so that `Reachable=False` can say why.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{CertificateError, ClientConfig, RootCertStore};
+
+use super::TlsError;
+
+/// How to reach one TLS target: the name to verify and, for a trunk with its own CA or client
+/// certificate, the configuration to use instead of the node's default.
+#[derive(Clone)]
+pub struct TlsTarget {
+    pub server_name: String,
+    pub config: Option<Arc<ClientConfig>>,
+}
+
+/// The outbound side of TLS.
+pub struct ClientTrust {
+    default: Arc<ClientConfig>,
+    /// Configurations of trunks with their own CA or client certificate, by gateway host.
+    by_host: arc_swap::ArcSwap<HashMap<String, Arc<ClientConfig>>>,
+    targets: Mutex<HashMap<SocketAddr, TlsTarget>>,
+    failures: Mutex<HashMap<SocketAddr, String>>,
+}
+
+/// At most this many addresses are remembered (names and failures); gateways are few.
+const MAX_REMEMBERED: usize = 4096;
+
+impl ClientTrust {
+    /// Trusts the web PKI roots (bundled, so the node needs no CA bundle in its image) and
+    /// `extra` CAs.
+    pub fn new(extra: Vec<CertificateDer<'static>>) -> Result<ClientTrust, TlsError> {
+        Ok(ClientTrust {
+            default: Arc::new(client_config(&extra, true, None)?),
+            by_host: arc_swap::ArcSwap::from_pointee(HashMap::new()),
+            targets: Mutex::default(),
+            failures: Mutex::default(),
+        })
+    }
+
+    /// Replaces the per-gateway configurations (trunks with their own CA or client certificate).
+    pub fn set_host_configs(&self, configs: HashMap<String, Arc<ClientConfig>>) {
+        self.by_host.store(Arc::new(configs));
+    }
+
+    /// Records that `addr` is the TLS gateway `host` (called when a TLS target resolves).
+    pub fn remember(&self, addr: SocketAddr, host: &str) {
+        let target = TlsTarget { server_name: host.to_string(), config: self.by_host.load().get(host).cloned() };
+        let mut targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
+        if targets.len() >= MAX_REMEMBERED && !targets.contains_key(&addr) {
+            targets.clear();
+        }
+        targets.insert(addr, target);
+    }
+
+    /// The name and configuration for a connection to `addr`.
+    pub(super) fn target(&self, addr: SocketAddr) -> Result<(ServerName<'static>, Arc<ClientConfig>), TlsError> {
+        let target = self.targets.lock().unwrap_or_else(|p| p.into_inner()).get(&addr).cloned();
+        let (name, config) = match target {
+            Some(t) => (t.server_name, t.config.unwrap_or_else(|| Arc::clone(&self.default))),
+            None => (addr.ip().to_string(), Arc::clone(&self.default)),
+        };
+        let name =
+            ServerName::try_from(name.trim_matches(['[', ']']).to_string()).map_err(|_| TlsError::ServerName(name))?;
+        Ok((name, config))
+    }
+
+    /// Remembers the outcome of the last handshake with `addr` (`None`: it succeeded).
+    pub(super) fn record(&self, addr: SocketAddr, failure: Option<String>) {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        match failure {
+            Some(reason) => {
+                if failures.len() >= MAX_REMEMBERED {
+                    failures.clear();
+                }
+                failures.insert(addr, reason);
+            }
+            None => {
+                failures.remove(&addr);
+            }
+        }
+    }
+
+    /// Why the last TLS handshake with `addr` failed, if it did.
+    pub fn last_failure(&self, addr: SocketAddr) -> Option<String> {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner()).get(&addr).cloned()
+    }
+}
+
+/// A client configuration trusting `extra` CAs (and the web PKI roots when `web_pki`), with a
+/// client certificate when given (mutual TLS).
+pub fn client_config(
+    extra: &[CertificateDer<'static>],
+    web_pki: bool,
+    client_cert: Option<(Vec<CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>)>,
+) -> Result<ClientConfig, TlsError> {
+    let mut roots = RootCertStore::empty();
+    if web_pki {
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    }
+    for cert in extra {
+        roots.add(cert.clone())?;
+    }
+    let builder = ClientConfig::builder_with_provider(super::provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    Ok(match client_cert {
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+        None => builder.with_no_client_auth(),
+    })
+}
+
+/// A handshake error in words an operator can act on (it ends up in `Reachable=False`).
+pub(super) fn explain(error: &std::io::Error) -> String {
+    let rustls_error = error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>());
+    match rustls_error {
+        Some(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)) => {
+            "the server's certificate is not trusted (unknown issuer): give the trunk the provider's CA \
+             (tls.caSecretRef) or use a certificate from a public CA"
+                .into()
+        }
+        Some(rustls::Error::InvalidCertificate(CertificateError::NotValidForName))
+        | Some(rustls::Error::InvalidCertificate(CertificateError::NotValidForNameContext { .. })) => {
+            "the server's certificate does not name this gateway: the gateway address must match the \
+             certificate's subject alternative names"
+                .into()
+        }
+        Some(rustls::Error::InvalidCertificate(CertificateError::Expired))
+        | Some(rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. })) => {
+            "the server's certificate has expired".into()
+        }
+        Some(rustls::Error::InvalidCertificate(other)) => format!("the server's certificate is refused: {other:?}"),
+        Some(rustls::Error::AlertReceived(alert)) => format!("the server refused the handshake ({alert:?})"),
+        Some(other) => other.to_string(),
+        None => error.to_string(),
+    }
+}
