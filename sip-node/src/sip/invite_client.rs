@@ -1,5 +1,5 @@
-//! The UAC side of one outbound INVITE attempt, shared by calls the node bridges (`call.rs`)
-//! and calls placed through the API (`originate.rs`): send the INVITE, follow its responses,
+//! The UAC side of one outbound INVITE attempt, shared by calls the node bridges (`call/`)
+//! and calls placed through the API (`originate/`): send the INVITE, follow its responses,
 //! answer one digest challenge, CANCEL (only once a provisional response arrived, RFC 3261
 //! 9.1), ACK a 2xx towards the dialog's route set or remote target, and the two timers a
 //! transaction layer does not have (no response at all; ringing too long).
@@ -15,7 +15,7 @@ use switchboard_model::{Credential, TrunkConfig};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
-use super::context::NodeContext as CallContext;
+use super::context::NodeContext;
 use super::control::reliable::{Provisional, ReliableReceiver};
 use super::control::session_timer::{self, UacOffer};
 use super::dialog::Dialog;
@@ -23,7 +23,7 @@ use super::digest::answer_challenge;
 use super::endpoint::{TuEvent, TuSender};
 use super::message::{self, HangupReason};
 use super::transaction::{TransactionKey, cancel_for, response_to};
-use super::transport::Peer;
+use super::transport::{Peer, Protocol};
 
 /// The timers and the retry material of one attempt.
 pub struct InviteSetup {
@@ -69,7 +69,7 @@ pub enum InviteEvent {
 
 /// One outbound INVITE in flight.
 pub struct InviteClient<'c> {
-    ctx: &'c CallContext,
+    ctx: &'c NodeContext,
     setup: InviteSetup,
     invite: Request,
     cseq: u32,
@@ -89,7 +89,7 @@ pub struct InviteClient<'c> {
 
 impl<'c> InviteClient<'c> {
     /// Registers the dialog and sends `invite` (CSeq 1 .. n, with a fresh Via) to `setup.peer`.
-    pub fn send(ctx: &'c CallContext, invite: Request, setup: InviteSetup) -> InviteClient<'c> {
+    pub fn send(ctx: &'c NodeContext, invite: Request, setup: InviteSetup) -> InviteClient<'c> {
         let call_id = message::call_id(&invite);
         let cseq = message::cseq(&invite).map(|(n, _)| n).unwrap_or(1);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -372,18 +372,35 @@ fn failed(code: u16, reason: String, failover: bool) -> InviteEvent {
 }
 
 /// Where in-dialog requests of an outbound leg go: the first route, else the Contact when it
-/// is an address, else the hop the INVITE went to.
-async fn in_dialog_peer(ctx: &CallContext, dialog: &Dialog, fallback: Peer) -> Peer {
+/// is an address, else the hop the INVITE went to. The transport is the URI's own (`sips:` or
+/// `;transport=`) when it names one, e.g. a callee's `;transport=UDP` Contact behind a TLS
+/// trunk; otherwise the INVITE's.
+async fn in_dialog_peer(ctx: &NodeContext, dialog: &Dialog, fallback: Peer) -> Peer {
     let uri = match dialog.route_set.first() {
         Some(route) => rsip::Uri::try_from(route.trim_start_matches('<').split('>').next().unwrap_or(route)).ok(),
         None => Some(dialog.remote_target.clone()),
     };
     let Some(uri) = uri else { return fallback };
+    let protocol = uri_protocol(&uri).unwrap_or(fallback.protocol);
     let host = uri.host().to_string();
     let port = uri.port().map(|p| *p.value());
-    match ctx.resolver.resolve(&host, port, fallback.protocol).await {
-        Ok(addrs) => addrs.first().map(|addr| Peer { protocol: fallback.protocol, addr: *addr }).unwrap_or(fallback),
+    match ctx.resolver.resolve(&host, port, protocol).await {
+        Ok(addrs) => addrs.first().map(|addr| Peer { protocol, addr: *addr }).unwrap_or(fallback),
         Err(_) => fallback,
+    }
+}
+
+/// The transport a URI asks for, if it says: `sips:` means TLS (RFC 3261 §26.2), else its
+/// `transport` parameter.
+fn uri_protocol(uri: &rsip::Uri) -> Option<Protocol> {
+    if uri.scheme == Some(rsip::Scheme::Sips) {
+        return Some(Protocol::Tls);
+    }
+    match uri.transport()? {
+        rsip::Transport::Udp => Some(Protocol::Udp),
+        rsip::Transport::Tcp => Some(Protocol::Tcp),
+        rsip::Transport::Tls => Some(Protocol::Tls),
+        _ => None,
     }
 }
 
@@ -396,6 +413,16 @@ pub fn failover_timeout(trunk: Option<&TrunkConfig>) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_uri_names_its_transport_or_leaves_it_open() {
+        let protocol = |text: &str| uri_protocol(&rsip::Uri::try_from(text).unwrap());
+        assert_eq!(protocol("sip:127.0.0.1:5070;transport=UDP"), Some(Protocol::Udp));
+        assert_eq!(protocol("sip:127.0.0.1:5070;transport=tcp"), Some(Protocol::Tcp));
+        assert_eq!(protocol("sip:127.0.0.1:5071;transport=tls;lr"), Some(Protocol::Tls));
+        assert_eq!(protocol("sips:carrier.example"), Some(Protocol::Tls));
+        assert_eq!(protocol("sip:127.0.0.1:5070;lr"), None);
+    }
 
     #[test]
     fn the_failover_timeout_is_the_trunks_within_bounds() {

@@ -8,7 +8,8 @@
 //! node's own SDP and RTP flows through the relay; calls to AI agents are in `agent.rs`.
 //!
 //! The call's modules, in the order a call goes through them: `admission` (is the INVITE let
-//! in?), `attempts` (targets, outbound INVITEs, failover), `connected` (the answered call),
+//! in?), `attempts` (targets, outbound INVITEs, failover), `connected` (the answered call, run by the
+//! sans-IO machine of `sip::connected`),
 //! `record` (CDRs, active row, metrics when it ends).
 
 use std::sync::Arc;
@@ -22,8 +23,8 @@ use switchboard_model::{Direction, TrunkConfig};
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
-pub use super::ALLOW;
-pub use super::context::{MediaContext, NodeContext as CallContext};
+use super::ALLOW;
+use super::context::{MediaContext, NodeContext};
 use super::control::reliable::{Reliability, ReliableSender, random_initial_rseq};
 use super::endpoint::{NewRequest, TuEvent};
 use super::guard::SourceClass;
@@ -43,11 +44,10 @@ pub(super) mod media;
 mod record;
 mod session;
 
+use super::connected::Leg;
 use admission::{admit, admitted_trunk, reason_header};
 use media::Anchor;
 
-/// How long the node waits for the far side to confirm a BYE before it forgets the call.
-const BYE_WAIT: Duration = Duration::from_secs(4);
 /// How long an outbound leg may ring before the node gives up with 480 (the transaction layer
 /// has no timer once a provisional response arrived).
 const RING_TIMEOUT: Duration = Duration::from_secs(120);
@@ -60,7 +60,7 @@ const PORTS_RETRY_AFTER: &str = "5";
 
 /// Answers out-of-dialog requests: INVITEs become calls, OPTIONS is answered, the rest is
 /// refused with the right code. Runs until the endpoint stops.
-pub async fn route_requests(ctx: Arc<CallContext>, mut requests: mpsc::Receiver<NewRequest>) {
+pub async fn route_requests(ctx: Arc<NodeContext>, mut requests: mpsc::Receiver<NewRequest>) {
     while let Some(NewRequest { request, key, peer, source }) = requests.recv().await {
         match request.method {
             Method::Invite | Method::Options if ctx.drain.is_draining() => {
@@ -104,7 +104,12 @@ pub async fn route_requests(ctx: Arc<CallContext>, mut requests: mpsc::Receiver<
                 let ctx = Arc::clone(&ctx);
                 let pool = ctx.pool.clone();
                 let hooks = ctx.webhooks.clone();
-                tokio::spawn(super::sms::receive(ctx, pool, hooks, NewRequest { request, key, peer, source }));
+                tokio::spawn(super::sms::receive(
+                    Arc::new(ctx.sms()),
+                    pool,
+                    hooks,
+                    NewRequest { request, key, peer, source },
+                ));
             }
             Method::Options => {
                 let mut response = response_to(&request, 200, Some("OK"), Some(&new_tag()));
@@ -135,7 +140,7 @@ struct CallFacts {
     inbound_trunk: Option<Arc<TrunkConfig>>,
 }
 
-async fn inbound_call(ctx: Arc<CallContext>, invite: Request, key: TransactionKey, peer: Peer) {
+async fn inbound_call(ctx: Arc<NodeContext>, invite: Request, key: TransactionKey, peer: Peer) {
     let snapshot = ctx.snapshot.current();
     let (a_tx, mut a_rx) = mpsc::unbounded_channel();
     ctx.endpoint.attach(&key, a_tx.clone());
@@ -219,7 +224,7 @@ async fn inbound_call(ctx: Arc<CallContext>, invite: Request, key: TransactionKe
 }
 
 struct Call {
-    ctx: Arc<CallContext>,
+    ctx: Arc<NodeContext>,
     snapshot: Arc<Snapshot>,
     invite: Request,
     key: TransactionKey,
@@ -244,11 +249,4 @@ struct Call {
     session_a: session::LegTimer,
     /// The session timer of the answered callee's leg.
     session_b: Option<session::LegTimer>,
-}
-
-/// Which leg a message belongs to.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
-enum Leg {
-    A,
-    B,
 }

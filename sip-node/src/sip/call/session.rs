@@ -3,19 +3,13 @@
 //! node's own offer. The refresh/expiry schedule of each leg then runs in the connected phase
 //! (`control::session_timer::SessionTimer`).
 
-use std::collections::HashMap;
-
 use rsip::Header;
-use tokio::time::Instant;
 
-use super::Leg;
 use super::admission::Refuse;
-use crate::sip::control::session_leg::LegSession;
 pub(crate) use crate::sip::control::session_leg::LegTimer;
 use crate::sip::control::session_timer::{
     self, SessionTimerError, TimerPolicy, TimerRequest, TimerResponse, UacOffer, UasDecision,
 };
-use crate::sip::control::session_timer::{SessionTimerAction, SessionTimerKind};
 
 /// The caller's leg: the timer the node's 2xx will set, or the refusal (400 for malformed
 /// timer headers, 422 with the node's Min-SE for an interval below it).
@@ -52,81 +46,6 @@ pub(super) fn callee_timer(offer: &UacOffer, answer: &rsip::Headers) -> LegTimer
     LegTimer { negotiated: offer.negotiate(&response), min_se: offer.min_se }
 }
 
-/// The session timers of both legs of a connected call and their armed deadlines.
-pub(super) struct CallSessions {
-    a: LegSession,
-    b: Option<LegSession>,
-    armed: HashMap<(Leg, SessionTimerKind), Instant>,
-}
-
-impl CallSessions {
-    /// Starts both legs' schedules.
-    pub(super) fn start(a: LegTimer, b: Option<LegTimer>, now: Instant) -> CallSessions {
-        let (a, a_actions) = LegSession::start(a);
-        let mut sessions = CallSessions { a, b: None, armed: HashMap::new() };
-        sessions.apply(Leg::A, a_actions, now);
-        if let Some(timer) = b {
-            let (b, b_actions) = LegSession::start(timer);
-            sessions.b = Some(b);
-            sessions.apply(Leg::B, b_actions, now);
-        }
-        sessions
-    }
-
-    /// A leg's session timer.
-    pub(super) fn leg(&mut self, leg: Leg) -> Option<&mut LegSession> {
-        match leg {
-            Leg::A => Some(&mut self.a),
-            Leg::B => self.b.as_mut(),
-        }
-    }
-
-    /// Arms and disarms what `actions` ask for; returns the others (refresh, expired).
-    pub(super) fn apply(
-        &mut self,
-        leg: Leg,
-        actions: Vec<SessionTimerAction>,
-        now: Instant,
-    ) -> Vec<SessionTimerAction> {
-        let mut rest = Vec::new();
-        for action in actions {
-            match action {
-                SessionTimerAction::Schedule(kind, after) => {
-                    self.armed.insert((leg, kind), now + after);
-                }
-                SessionTimerAction::Cancel(kind) => {
-                    self.armed.remove(&(leg, kind));
-                }
-                other => rest.push(other),
-            }
-        }
-        rest
-    }
-
-    /// The earliest armed deadline.
-    pub(super) fn next_deadline(&self) -> Option<Instant> {
-        self.armed.values().min().copied()
-    }
-
-    /// Fires the timers due at `now`: what each leg asks for.
-    pub(super) fn fire(&mut self, now: Instant) -> Vec<(Leg, SessionTimerAction)> {
-        let mut due: Vec<(Leg, SessionTimerKind)> =
-            self.armed.iter().filter(|(_, at)| **at <= now).map(|(key, _)| *key).collect();
-        // Expiry before refresh: an expired session is not refreshed any more.
-        due.sort_by_key(|(_, kind)| *kind != SessionTimerKind::Expiry);
-        let mut out = Vec::new();
-        for (leg, kind) in due {
-            self.armed.remove(&(leg, kind));
-            let actions = match self.leg(leg) {
-                Some(session) => session.on_timer(kind),
-                None => continue,
-            };
-            out.extend(self.apply(leg, actions, now).into_iter().map(|action| (leg, action)));
-        }
-        out
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,27 +80,6 @@ mod tests {
         assert_eq!(header_values(&answer, "Session-Expires")[0], "600;refresher=uac");
         assert_eq!(header_values(&answer, "Require")[0], "timer");
         assert_eq!(header_values(&answer, "Supported")[0], "timer");
-    }
-
-    #[test]
-    fn both_legs_are_scheduled_and_fire_in_order() {
-        let t0 = Instant::now();
-        let a = LegTimer {
-            negotiated: Negotiated { interval: 90, refresher: Refresher::Uac, we_refresh: false },
-            min_se: 90,
-        };
-        let b = LegTimer {
-            negotiated: Negotiated { interval: 120, refresher: Refresher::Uac, we_refresh: true },
-            min_se: 90,
-        };
-        let mut sessions = CallSessions::start(a, Some(b), t0);
-        // B refreshes at 60 s; A expires at 60 s too (90 - 30): the expiry comes first.
-        assert_eq!(sessions.next_deadline(), Some(t0 + std::time::Duration::from_secs(60)));
-        let fired = sessions.fire(t0 + std::time::Duration::from_secs(60));
-        assert_eq!(fired, vec![(Leg::A, SessionTimerAction::Expired), (Leg::B, SessionTimerAction::SendRefresh)]);
-        // B's expiry (120 - 32 = 88 s) is still armed.
-        assert_eq!(sessions.next_deadline(), Some(t0 + std::time::Duration::from_secs(88)));
-        assert!(sessions.fire(t0 + std::time::Duration::from_secs(61)).is_empty());
     }
 
     #[test]
