@@ -16,6 +16,13 @@
 //! The 2xx to the caller is retransmitted until the ACK comes by the one
 //! [`Uas2xxRetransmitter`]; a callee that retransmits its 2xx (our ACK was lost) is ACKed
 //! again. The async driver that feeds the machine from channels and timers is `driver.rs`.
+//!
+//! Extending it (session timers, PRACK, REFER): a feature adds [`Event`] variants for its
+//! inputs and [`Timer`] variants for its timers, and handles them in `on_connected` (an
+//! exhaustive match, so the compiler points at every place to decide); its outputs are the
+//! existing [`Action`]s (a new kind of output gets a variant, which the driver's exhaustive
+//! match then asks to carry out). Its state goes in a field of [`Connected`], its own sans-IO
+//! piece (see `sip/control/`) in a module beside it.
 
 mod driver;
 mod media;
