@@ -197,6 +197,7 @@ struct Pending {
     offer: Option<SessionDescription>,
 }
 
+/// A leg and the BYE the machine awaits the answer to on it.
 struct LegState {
     setup: LegSetup,
     /// The CSeq of our BYE while we wait for its final response.
@@ -499,12 +500,11 @@ impl<'m> Connected<'m> {
         }
     }
 
+    /// The call is over: nothing more is retransmitted, and the requests still forwarded get
+    /// no answer from here (their transactions time out with the legs).
     fn end(&mut self, ending: Ending, out: &mut Vec<Action>) {
         self.stop_2xx(out);
-        if self.closing.is_none() {
-            // Nothing else can come for the forwarded requests: the legs go away.
-            self.pending.clear();
-        }
+        self.pending.clear();
         self.ended = true;
         out.push(Action::End(ending));
     }
