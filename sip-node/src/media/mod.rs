@@ -11,6 +11,7 @@
 //!   (driven by the bridge's own task).
 //! - [`engine`]: the media threads that drive two-leg relays (level-triggered epoll).
 //! - [`kernel`]: the engine's fast path, an eBPF program that forwards steady RTP in the kernel.
+//! - [`srtp`]: SRTP/SRTCP with SDES keys (`a=crypto`) for one leg (not wired into the relay yet).
 //! - [`rx_time`]: kernel receive timestamps, from which the bridge measures the delay it adds.
 //! - `sys`: every system call and `unsafe` operation of the media path and the bridge, behind
 //!   safe functions (`recvmmsg`, `recvmsg` with timestamps, `setsockopt`, `clock_gettime`).
@@ -21,14 +22,32 @@
 //!
 //! Nothing here speaks SIP: the call layer feeds SDP bodies in and takes SDP bodies out.
 
+// Public: what the node's arguments and media context name (engine, kernel, ports, relay);
+// public with the `test-support` feature only: what the tests and benchmarks build packets
+// with (g711, rtp); the rest is the crate's own.
 pub mod engine;
+#[cfg(feature = "test-support")]
 pub mod g711;
+#[cfg(not(feature = "test-support"))]
+#[allow(
+    dead_code,
+    reason = "the codec functions the node does not call itself (linear encode and decode) are what the tests and benchmarks build audio with"
+)]
+pub(crate) mod g711;
 pub mod kernel;
 pub(crate) mod mailbox;
 pub mod ports;
 pub mod relay;
-pub mod rtcp;
+pub(crate) mod rtcp;
+#[cfg(feature = "test-support")]
 pub mod rtp;
+#[cfg(not(feature = "test-support"))]
+#[allow(
+    dead_code,
+    reason = "a few helpers (RTCP receiver reports, event payloads) only the tests and benchmarks build packets with"
+)]
+pub(crate) mod rtp;
 pub(crate) mod rx_time;
-pub mod sdp;
+pub(crate) mod sdp;
+pub mod srtp;
 pub(crate) mod sys;

@@ -46,8 +46,8 @@ fn recv_batch(socket: &std::net::UdpSocket, into: &mut Batch) -> std::io::Result
     let n = sys::recv_batch(socket, &mut into.datagrams)?;
     let mut clocks = None;
     for i in 0..n {
-        into.received[i] = into.datagrams.stamp[i]
-            .map(|stamp| clocks.get_or_insert_with(rx_time::Clocks::read).instant(&stamp));
+        into.received[i] =
+            into.datagrams.stamp[i].map(|stamp| clocks.get_or_insert_with(rx_time::Clocks::read).instant(&stamp));
     }
     Ok(n)
 }

@@ -217,5 +217,4 @@ impl Relay {
             Err(_) => bump(dropped, 1),
         }
     }
-
 }
