@@ -17,7 +17,7 @@
 //! | call helpers | `sip::invite_client`, `sip::dialog`, `sip::digest`, `sip::routing`, `sip::limits`, `sip::admission`, `sip::resolve`, `sip::guard`, `sip::control` | one outbound INVITE, dialogs, authentication, routing, limits, DNS, flood guard, sans-IO call-control pieces (session timers, PRACK, INFO DTMF, REFER) |
 //! | transactions | `sip::endpoint` (the task), `sip::transaction` (sans-IO RFC 3261 transactions, 2xx retransmission) | match messages to transactions and dialogs, retransmit, time out |
 //! | transport | `sip::transport`, `sip::tls`, `sip::message` | UDP, TCP and TLS sockets, framing, parsing |
-//! | media | `media` (SDP, RTP/RTCP, the relay and its engine threads, port pairs), `bridge` (AI agents over WebSocket) | RTP |
+//! | media | `media` (SDP, RTP/RTCP, SRTP, the relay and its engine threads, port pairs), `bridge` (AI agents over WebSocket) | RTP |
 //! | state | `config` (snapshot and watcher), `store` (buffered writes), `node_state`, `metrics`, `drain`, `http`, `webhook` | configuration in, records out |
 //!
 //! `sip::context` holds what every task shares (endpoint, snapshot, limits, store, metrics,
