@@ -141,8 +141,8 @@ fn the_guides_curl_commands_work_against_the_quick_start() {
     assert_eq!(code, 200, "{body}");
     let trunk: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(trunk["max_concurrent_calls"], 1000, "9.1's PUT applied: {body}");
-    // 7.2 with a real network instead of the placeholder: its TLS is refused (400 `unsupported`:
-    // the node has no SIP over TLS), the same update over TCP works.
+    // 7.2 with a real network instead of the placeholder: TLS is accepted (the node speaks SIP
+    // over TLS), and so is the same update over TCP.
     let put = |body: &str| {
         let mut owned: Vec<String> =
             ["-X", "PUT", "-H", "Content-Type: application/json", "-H", "Authorization: Bearer <token>"]
@@ -153,8 +153,8 @@ fn the_guides_curl_commands_work_against_the_quick_start() {
         curl(&owned.iter().map(String::as_str).collect::<Vec<_>>(), &token)
     };
     let (code, body) = put(r#"{"allowed_ips": ["192.0.2.0/24"], "transport": "TLS", "auth_method": "digest"}"#);
-    assert_eq!(code, 400, "{body}");
-    assert!(body.contains("unsupported") && body.contains("TLS is not supported"), "{body}");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"transport\":\"TLS\""), "{body}");
     let (code, body) = put(r#"{"allowed_ips": ["192.0.2.0/24"], "transport": "TCP", "auth_method": "digest"}"#);
     assert_eq!(code, 200, "{body}");
     // Without a token: 401 with the error shape.

@@ -41,7 +41,7 @@ pub struct ApiGateway {
     pub address: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
-    /// UDP or TCP (default UDP); TLS is refused with 400 `unsupported` until SIP over TLS exists.
+    /// UDP, TCP or TLS (default UDP).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<String>,
     /// Lower is tried first (default 10).
@@ -78,7 +78,7 @@ pub struct TrunkFields {
     pub realm: Option<String>,
     pub supports_outbound: Option<bool>,
     pub supports_inbound: Option<bool>,
-    /// UDP or TCP, for the first gateway (TLS: 400 `unsupported` until SIP over TLS exists).
+    /// UDP, TCP or TLS, for the first gateway.
     pub transport: Option<String>,
     /// Codecs in order of preference: PCMU, PCMA, telephone-event.
     pub preferred_codecs: Option<Vec<String>>,
@@ -87,7 +87,7 @@ pub struct TrunkFields {
     /// Source networks the provider signals from (CIDRs; a bare IP means that one host).
     pub allowed_ips: Option<Vec<String>>,
     /// `ip`, `digest` or `none` (default: `digest` with a username, else `ip`); `certificate`
-    /// is refused with 400 `unsupported` until SIP over TLS exists.
+    /// (mutual TLS) is refused with 400 `unsupported` until client certificates exist.
     pub auth_method: Option<String>,
     /// Trunks tried when this one fails or is at its limits (their `trunk_id`s).
     pub backup_trunks: Option<Vec<String>>,
@@ -427,7 +427,7 @@ pub(crate) fn api_field(path: &str, fields: &TrunkFields) -> String {
 /// the message.
 pub(crate) fn validation_error(errors: &[FieldError], fields: &TrunkFields) -> ApiError {
     // The field named is the first malformed one; when every problem is a value Switchboard
-    // does not implement (TLS), the answer is a 400 `unsupported` rather than a 422.
+    // does not implement (mutual TLS), the answer is a 400 `unsupported` rather than a 422.
     let only_unsupported = !errors.is_empty() && errors.iter().all(|e| e.unsupported);
     let first = errors
         .iter()

@@ -147,13 +147,11 @@ async fn trunk_crud_writes_the_folder(pool: PgPool) {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["error"]["field"], "rtp_timeout");
     assert_eq!(std::fs::read_to_string(api.dir.path().join("api/trunk-skyetel-main.yaml")).unwrap(), before);
-    // TLS and certificate authentication do not exist in the node: 400 `unsupported` naming the
-    // field, nothing written (they used to be stored and then sent as plaintext UDP).
-    for (update, field, needle) in [
-        (json!({"transport": "TLS"}), "transport", "TLS is not supported"),
-        (json!({"gateways": [{"address": "sip.skyetel.com", "transport": "tls"}]}), "gateways[0].transport", "TLS"),
-        (json!({"auth_method": "certificate"}), "auth_method", "certificate is not supported"),
-    ] {
+    // Certificate authentication (mutual TLS) does not exist in the node: 400 `unsupported`
+    // naming the field, nothing written. (TLS itself is accepted further down.)
+    for (update, field, needle) in
+        [(json!({"auth_method": "certificate"}), "auth_method", "certificate is not supported")]
+    {
         let (status, body) = api.send(Method::PUT, "/api/trunks/skyetel_main", Some(update.clone())).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{update}: {body}");
         assert_error_shape(&body, "unsupported");
@@ -168,6 +166,16 @@ async fn trunk_crud_writes_the_folder(pool: PgPool) {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["error"]["field"], "proxy_address");
     assert_eq!(files(api.dir.path()), vec!["api/trunk-skyetel-main.yaml"]);
+
+    // TLS is accepted (the node speaks SIP over TLS), in either spelling, and stored as TLS.
+    let (status, body) = api.send(Method::PUT, "/api/trunks/skyetel_main", Some(json!({"transport": "tls"}))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["transport"], "TLS", "{body}");
+    assert!(
+        std::fs::read_to_string(api.dir.path().join("api/trunk-skyetel-main.yaml")).unwrap().contains("transport: TLS")
+    );
+    let (status, body) = api.send(Method::PUT, "/api/trunks/skyetel_main", Some(json!({"transport": "UDP"}))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
 
     // Unknown ids.
     for (method, uri) in [

@@ -62,10 +62,12 @@ pub fn validate(args: ValidateArgs) -> anyhow::Result<()> {
     let state = FolderSource::new(&args.dir).read()?;
     let mut problems: Vec<String> = state.problems.iter().map(|p| p.message.clone()).collect();
     problems.extend(state.broken.iter().map(|b| b.message.clone()));
+    let mut warnings = Vec::new();
     for resource in &state.resources {
         if let Err(invalid) = validate::validate(&resource.key, &resource.spec) {
             problems.push(format!("{}: {invalid}", resource.origin));
         }
+        warnings.extend(validate::warnings(&resource.spec).into_iter().map(|w| format!("{}: {w}", resource.origin)));
     }
     println!(
         "{}: {} resources, {} secrets",
@@ -73,6 +75,9 @@ pub fn validate(args: ValidateArgs) -> anyhow::Result<()> {
         state.resources.len() + state.broken.len(),
         state.secrets.len()
     );
+    for warning in &warnings {
+        println!("  ! {warning}");
+    }
     if problems.is_empty() {
         println!("all valid");
         return Ok(());

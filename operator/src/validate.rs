@@ -71,12 +71,26 @@ impl std::fmt::Display for InvalidSpec {
     }
 }
 
-/// Why `transport: TLS` is refused: the node has no SIP over TLS, and sending to a TLS gateway
-/// over UDP would put digests, INVITEs and SDP in the clear while the manifest promises TLS.
-pub const TLS_UNSUPPORTED: &str = "transport TLS is not supported: Switchboard has no SIP over TLS yet, and will not send this trunk's signaling in plaintext";
-/// Why `authMethod: certificate` is refused: mutual TLS needs SIP over TLS.
-pub const CERTIFICATE_UNSUPPORTED: &str =
-    "authMethod certificate is not supported: it needs SIP over TLS, which Switchboard does not have yet";
+/// Why `authMethod: certificate` is refused: the node speaks SIP over TLS (`transport: TLS`),
+/// but does not yet present a trunk's client certificate or match a provider's, and accepting
+/// the value would promise a mutual authentication nobody performs.
+pub const CERTIFICATE_UNSUPPORTED: &str = "authMethod certificate is not supported yet: Switchboard speaks SIP over TLS but does not yet do mutual TLS (client certificates)";
+
+/// What a TLS gateway on the plain SIP port gets told: providers listen for TLS on 5061.
+pub const TLS_ON_5060: &str = "transport TLS on port 5060, the port of plain SIP: providers listen for TLS on 5061 (omit the port to use 5061 or the provider's SRV records)";
+
+/// Things that are valid but probably not meant, one line each with the field path: shown by
+/// `switchboard validate`, never a reason to refuse the resource.
+pub fn warnings(spec: &Spec) -> Vec<String> {
+    let Spec::Trunk(spec) = spec else { return Vec::new() };
+    let mut out = Vec::new();
+    for (i, gateway) in spec.gateways.iter().enumerate() {
+        if gateway.transport == Transport::Tls && gateway.port == Some(5060) {
+            out.push(format!("spec.gateways[{i}].port: {TLS_ON_5060}"));
+        }
+    }
+    out
+}
 
 static E164: LazyLock<Regex> = LazyLock::new(|| Regex::new(E164_PATTERN).expect("E.164 pattern compiles"));
 static NAME: LazyLock<Regex> = LazyLock::new(|| Regex::new(NAME_PATTERN).expect("name pattern compiles"));
@@ -237,13 +251,6 @@ fn trunk(p: &mut Problems, name: &str, spec: &TrunkSpec) {
         if let Some(port) = gateway.port {
             p.range(&format!("{path}.port"), port.into(), 1, 65535);
         }
-        if gateway.transport == Transport::Tls {
-            p.unsupported(
-                format!("{path}.transport"),
-                TLS_UNSUPPORTED,
-                "use UDP or TCP until SIP over TLS is implemented",
-            );
-        }
         if !seen.insert((gateway.address.to_lowercase(), gateway.port, gateway.transport)) {
             p.push(path, format!("{} is listed twice", gateway.address), "remove the duplicate gateway");
         }
@@ -272,7 +279,11 @@ fn trunk(p: &mut Problems, name: &str, spec: &TrunkSpec) {
         }
     }
     if spec.auth_method == AuthMethod::Certificate {
-        p.unsupported("spec.authMethod", CERTIFICATE_UNSUPPORTED, "use digest or ip");
+        p.unsupported(
+            "spec.authMethod",
+            CERTIFICATE_UNSUPPORTED,
+            "use digest or ip (with transport TLS for encryption)",
+        );
     }
     let registering = spec.registration.as_ref().is_some_and(|r| r.enabled);
     if spec.auth_method == AuthMethod::Digest && spec.credentials.is_none() {
@@ -549,17 +560,21 @@ mod tests {
         })
     }
 
-    /// TLS and certificate authentication do not exist in the node: refusing them (as
-    /// unsupported, not as malformed) is what keeps a manifest from promising encryption that
-    /// the node would not give.
+    /// The node speaks SIP over TLS, so `transport: TLS` is valid (a TLS gateway on 5060 only
+    /// warns); mutual TLS is not built yet, so certificate authentication is still refused (as
+    /// unsupported, not as malformed), which keeps a manifest from promising it.
     #[test]
-    fn tls_and_certificate_auth_are_refused_as_unsupported() {
+    fn tls_is_accepted_and_certificate_auth_still_refused_as_unsupported() {
         let mut tls = trunk();
         tls["gateways"] = json!([{"address": "sip.skyetel.com", "transport": "TLS"}]);
-        let invalid = check(Kind::Trunk, tls).expect_err("TLS is refused");
-        assert!(invalid.only_unsupported(), "{invalid}");
-        assert_eq!(invalid.errors[0].path, "spec.gateways[0].transport");
-        assert!(invalid.to_string().contains("TLS is not supported"), "{invalid}");
+        check(Kind::Trunk, tls.clone()).expect("TLS is valid");
+        let key = key(Kind::Trunk);
+        assert!(warnings(&parse_spec(&key, tls.clone()).unwrap()).is_empty(), "TLS on its default port is fine");
+        tls["gateways"][0]["port"] = json!(5060);
+        check(Kind::Trunk, tls.clone()).expect("TLS on 5060 is valid");
+        let warned = warnings(&parse_spec(&key, tls).unwrap());
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(warned[0].starts_with("spec.gateways[0].port") && warned[0].contains("5061"), "{warned:?}");
 
         let mut certificate = trunk();
         certificate["authMethod"] = json!("certificate");

@@ -246,14 +246,15 @@ async fn only_labelled_secrets_are_watched(pool: PgPool) {
     tokio::time::timeout(Duration::from_secs(10), running.task).await.expect("controllers stop on shutdown").unwrap();
 }
 
-/// A Trunk that asks for TLS (applied past the CRD's CEL, e.g. before the CRD was updated) is
-/// `Ready=False` with reason `Unsupported`, and its rows are not written.
+/// A Trunk that asks for mutual TLS (applied past the CRD's CEL, e.g. before the CRD was
+/// updated) is `Ready=False` with reason `Unsupported`, and its rows are not written.
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
-async fn a_tls_trunk_is_not_ready_unsupported(pool: PgPool) {
+async fn a_certificate_auth_trunk_is_not_ready_unsupported(pool: PgPool) {
     let fake = FakeApi::default();
     for mut manifest in example_manifests() {
         if manifest["metadata"]["name"] == "skyetel-example" {
             manifest["spec"]["gateways"][0]["transport"] = json!("TLS");
+            manifest["spec"]["authMethod"] = json!("certificate");
         }
         fake.apply(manifest);
     }
@@ -266,7 +267,7 @@ async fn a_tls_trunk_is_not_ready_unsupported(pool: PgPool) {
     let trunk = fake.get("Trunk", "default", "skyetel-example").unwrap();
     let ready_condition = trunk["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready");
     let message = ready_condition.unwrap()["message"].as_str().unwrap_or_default().to_string();
-    assert!(message.contains("TLS is not supported"), "{message}");
+    assert!(message.contains("authMethod certificate is not supported"), "{message}");
     assert_eq!(count(&pool, "SELECT count(*) FROM trunks WHERE name = 'skyetel-example'").await, 0);
     running.shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), running.task).await.expect("controllers stop on shutdown").unwrap();

@@ -185,25 +185,22 @@ async fn an_invalid_edit_keeps_the_last_good_config(pool: PgPool) {
     assert!(ready(&pool, "Trunk", "didforsale-example").await.0);
 }
 
-/// A trunk set to TLS is not ready with reason `Unsupported` (the node has no SIP over TLS), and
-/// its last good rows (UDP) stay: the database never holds a TLS gateway.
+/// A trunk set to TLS is ready and its gateway is stored as TLS (the node speaks SIP over TLS);
+/// certificate authentication (mutual TLS) is not built yet: not ready with reason
+/// `Unsupported`, and its last good rows stay.
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
-async fn tls_is_refused_as_unsupported(pool: PgPool) {
+async fn tls_is_stored_and_certificate_auth_refused_as_unsupported(pool: PgPool) {
     let folder = Folder::with_examples();
     folder.reconcile(&pool).await;
     folder.edit("trunk-skyetel.yaml", "transport: UDP", "transport: TLS");
     let report = folder.reconcile(&pool).await;
-    assert_eq!(report.generation, 1, "no rows changed");
-    let (is_ready, reason, message) = ready(&pool, "Trunk", "skyetel-example").await;
-    assert!(!is_ready);
-    assert_eq!(reason, "Unsupported");
-    assert!(message.contains("spec.gateways[0].transport"), "{message}");
-    assert!(message.contains("TLS is not supported"), "{message}");
+    assert_eq!(report.generation, 2, "the TLS gateway is a change");
+    assert!(ready(&pool, "Trunk", "skyetel-example").await.0);
     let tls: i64 = sqlx::query_scalar("SELECT count(*) FROM trunks WHERE gateways::text LIKE '%TLS%'")
         .fetch_one(&pool)
         .await
         .unwrap();
-    assert_eq!(tls, 0);
+    assert_eq!(tls, 1);
 
     folder.edit("trunk-skyetel.yaml", "transport: TLS", "transport: UDP");
     folder.edit("trunk-skyetel.yaml", "authMethod: ip", "authMethod: certificate");

@@ -213,9 +213,9 @@ pub async fn start(
     }
     let (received_tx, received_rx) = mpsc::channel(RECEIVE_QUEUE);
     let tls = crate::sip::tls::TlsLayer::from_args(&args.tls, &args.sip_listen).context("SIP over TLS")?;
-    if let Some(cert) = tls.server_cert() {
+    for cert in tls.watched_certs() {
         let interval = Duration::from_millis(args.tls.reload_ms.max(100));
-        tasks.spawn(Arc::clone(cert).watch(interval, stop.clone()));
+        tasks.spawn(cert.watch(interval, stop.clone()));
     }
     let transport = TransportLayer::bind(
         &TransportConfig {

@@ -49,11 +49,8 @@ use super::status::{Condition, NodeCounts};
         .reason(Reason::FieldValueRequired),
     validation = Rule::new("!has(self.codecs) || self.codecs.exists(c, c == 'PCMU' || c == 'PCMA')")
         .message("codecs must include an audio codec: add PCMU or PCMA"),
-    validation = Rule::new("self.gateways.all(g, !has(g.transport) || g.transport != 'TLS')")
-        .message("gateways[].transport TLS is not supported: Switchboard has no SIP over TLS yet, and will not send this trunk's signaling in plaintext; use UDP or TCP")
-        .reason(Reason::FieldValueForbidden),
     validation = Rule::new("!has(self.authMethod) || self.authMethod != 'certificate'")
-        .message("authMethod certificate is not supported: it needs SIP over TLS, which Switchboard does not have yet; use digest or ip")
+        .message("authMethod certificate is not supported yet: Switchboard speaks SIP over TLS but does not yet do mutual TLS (client certificates); use digest or ip, with gateways[].transport TLS for encryption")
         .reason(Reason::FieldValueForbidden)
 )]
 #[serde(rename_all = "camelCase")]
@@ -80,7 +77,7 @@ pub struct TrunkSpec {
     pub credentials: Option<Credentials>,
 
     /// How the provider and Switchboard authenticate each other: `ip`, `digest` or `none`
-    /// (`certificate` is refused until SIP over TLS exists).
+    /// (`certificate`, mutual TLS, is refused until client certificates are implemented).
     #[serde(default = "default_auth_method")]
     pub auth_method: AuthMethod,
 
@@ -151,11 +148,13 @@ pub struct Gateway {
     /// Host name or IP address (IPv6 without brackets).
     #[schemars(length(min = 1, max = 253), regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9.:]*[A-Za-z0-9])?$"))]
     pub address: String,
-    /// Port; defaults to 5060. Omit it to resolve SRV records.
+    /// Port; defaults to 5060 (5061 for TLS). Omit it to resolve SRV records. A TLS gateway on
+    /// 5060 is accepted, and `switchboard validate` warns about it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: Option<u16>,
-    /// UDP or TCP. TLS is refused (reason `Unsupported`) until SIP over TLS exists.
+    /// UDP, TCP or TLS (SIP over TLS, certificate checked against the web PKI roots or the
+    /// nodes' `--sip-tls-ca-file`).
     #[serde(default = "default_transport")]
     pub transport: Transport,
     /// Lower is tried first.

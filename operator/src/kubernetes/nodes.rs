@@ -27,6 +27,8 @@ pub struct TrunkFacts {
     pub last_error: Option<String>,
     pub reachable: u32,
     pub unreachable: u32,
+    /// Why a node last found the trunk unreachable, when it knows (a refused TLS handshake).
+    pub unreachable_reason: Option<String>,
     pub active_calls: u32,
     pub calls_last_hour: u32,
 }
@@ -71,7 +73,9 @@ impl NodeFacts {
                     (array_agg(r.last_error ORDER BY r.last_attempt_at DESC NULLS LAST, r.node_id)
                         FILTER (WHERE r.state = 'failed' AND r.last_error IS NOT NULL))[1] AS last_error,
                     count(*) FILTER (WHERE r.reachable) AS reachable,
-                    count(*) FILTER (WHERE r.reachable = FALSE) AS unreachable
+                    count(*) FILTER (WHERE r.reachable = FALSE) AS unreachable,
+                    (array_agg(r.unreachable_reason ORDER BY r.last_options_at DESC NULLS LAST, r.node_id)
+                        FILTER (WHERE r.reachable = FALSE AND r.unreachable_reason IS NOT NULL))[1] AS unreachable_reason
                FROM registrations r JOIN nodes n USING (node_id)
               WHERE n.stopped_at IS NULL AND n.heartbeat_at > now() - make_interval(secs => $1)
               GROUP BY r.namespace, r.trunk_name",
@@ -87,6 +91,7 @@ impl NodeFacts {
             facts.last_error = row.try_get("last_error")?;
             facts.reachable = row.try_get::<i64, _>("reachable")? as u32;
             facts.unreachable = row.try_get::<i64, _>("unreachable")? as u32;
+            facts.unreachable_reason = row.try_get("unreachable_reason")?;
         }
 
         let active = sqlx::query(

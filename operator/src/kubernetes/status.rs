@@ -9,7 +9,7 @@
 use chrono::{SecondsFormat, Utc};
 use serde::Serialize;
 
-use super::nodes::NodeFacts;
+use super::nodes::{NodeFacts, TrunkFacts};
 use crate::crd::{Condition, ConditionStatus, NodeCounts, TrunkSpec};
 use crate::reconcile::ResourceStatus;
 
@@ -104,6 +104,21 @@ impl Builder<'_> {
         if let Some(previous) = self.previous.condition(type_) {
             self.conditions.push(previous.clone());
         }
+    }
+}
+
+/// The `Reachable=False` message: the nodes' own reason when they have one (over TLS, why the
+/// handshake was refused), else what to check.
+fn unreachable_message(trunk: &TrunkFacts) -> String {
+    match &trunk.unreachable_reason {
+        Some(reason) => format!(
+            "no answer to OPTIONS from {} node(s): {reason}; check spec.gateways and the trunk's TLS trust",
+            trunk.unreachable
+        ),
+        None => format!(
+            "no answer to OPTIONS from {} node(s); check spec.gateways and that the provider allows the nodes' addresses",
+            trunk.unreachable
+        ),
     }
 }
 
@@ -279,15 +294,7 @@ fn trunk_conditions(
             format!("the provider answered OPTIONS from {} of {live} live nodes", trunk.reachable),
         );
     } else if trunk.unreachable > 0 {
-        b.set(
-            REACHABLE,
-            ConditionStatus::False,
-            reason::UNREACHABLE,
-            format!(
-                "no answer to OPTIONS from {} node(s); check spec.gateways and that the provider allows the nodes' addresses",
-                trunk.unreachable
-            ),
-        );
+        b.set(REACHABLE, ConditionStatus::False, reason::UNREACHABLE, unreachable_message(&trunk));
     } else {
         b.set(
             REACHABLE,
@@ -353,6 +360,22 @@ mod tests {
             trunk: None,
         };
         desired(&StatusDoc::default(), &inputs).condition(STALLED).cloned()
+    }
+
+    /// An untrusted provider certificate reaches the trunk's condition in the node's words.
+    #[test]
+    fn the_nodes_reason_for_unreachable_is_in_the_message() {
+        let tls = TrunkFacts {
+            unreachable: 2,
+            unreachable_reason: Some("the gateway did not answer: the server's certificate is not trusted".into()),
+            ..TrunkFacts::default()
+        };
+        let message = unreachable_message(&tls);
+        assert!(
+            message.contains("from 2 node(s): the gateway did not answer: the server's certificate is not trusted")
+        );
+        let silent = TrunkFacts { unreachable: 1, ..TrunkFacts::default() };
+        assert!(unreachable_message(&silent).contains("allows the nodes' addresses"));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //!   (driven by the bridge's own task).
 //! - [`engine`]: the media threads that drive two-leg relays (level-triggered epoll).
 //! - [`kernel`]: the engine's fast path, an eBPF program that forwards steady RTP in the kernel.
+//! - [`srtp`]: SRTP/SRTCP with SDES keys (`a=crypto`) for one leg (not wired into the relay yet).
 //! - [`rx_time`]: kernel receive timestamps, from which the bridge measures the delay it adds.
 //! - `sys`: every system call and `unsafe` operation of the media path and the bridge, behind
 //!   safe functions (`recvmmsg`, `recvmsg` with timestamps, `setsockopt`, `clock_gettime`).
@@ -48,4 +49,5 @@ pub mod rtp;
 pub(crate) mod rtp;
 pub(crate) mod rx_time;
 pub(crate) mod sdp;
+pub mod srtp;
 pub(crate) mod sys;

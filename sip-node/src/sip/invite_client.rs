@@ -21,7 +21,7 @@ use super::digest::answer_challenge;
 use super::endpoint::{TuEvent, TuSender};
 use super::message::{self, HangupReason};
 use super::transaction::{cancel_for, response_to};
-use super::transport::Peer;
+use super::transport::{Peer, Protocol};
 
 /// The timers and the retry material of one attempt.
 pub struct InviteSetup {
@@ -276,18 +276,35 @@ fn failed(code: u16, reason: String, failover: bool) -> InviteEvent {
 }
 
 /// Where in-dialog requests of an outbound leg go: the first route, else the Contact when it
-/// is an address, else the hop the INVITE went to.
+/// is an address, else the hop the INVITE went to. The transport is the URI's own (`sips:` or
+/// `;transport=`) when it names one, e.g. a callee's `;transport=UDP` Contact behind a TLS
+/// trunk; otherwise the INVITE's.
 async fn in_dialog_peer(ctx: &NodeContext, dialog: &Dialog, fallback: Peer) -> Peer {
     let uri = match dialog.route_set.first() {
         Some(route) => rsip::Uri::try_from(route.trim_start_matches('<').split('>').next().unwrap_or(route)).ok(),
         None => Some(dialog.remote_target.clone()),
     };
     let Some(uri) = uri else { return fallback };
+    let protocol = uri_protocol(&uri).unwrap_or(fallback.protocol);
     let host = uri.host().to_string();
     let port = uri.port().map(|p| *p.value());
-    match ctx.resolver.resolve(&host, port, fallback.protocol).await {
-        Ok(addrs) => addrs.first().map(|addr| Peer { protocol: fallback.protocol, addr: *addr }).unwrap_or(fallback),
+    match ctx.resolver.resolve(&host, port, protocol).await {
+        Ok(addrs) => addrs.first().map(|addr| Peer { protocol, addr: *addr }).unwrap_or(fallback),
         Err(_) => fallback,
+    }
+}
+
+/// The transport a URI asks for, if it says: `sips:` means TLS (RFC 3261 §26.2), else its
+/// `transport` parameter.
+fn uri_protocol(uri: &rsip::Uri) -> Option<Protocol> {
+    if uri.scheme == Some(rsip::Scheme::Sips) {
+        return Some(Protocol::Tls);
+    }
+    match uri.transport()? {
+        rsip::Transport::Udp => Some(Protocol::Udp),
+        rsip::Transport::Tcp => Some(Protocol::Tcp),
+        rsip::Transport::Tls => Some(Protocol::Tls),
+        _ => None,
     }
 }
 
@@ -300,6 +317,16 @@ pub fn failover_timeout(trunk: Option<&TrunkConfig>) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_uri_names_its_transport_or_leaves_it_open() {
+        let protocol = |text: &str| uri_protocol(&rsip::Uri::try_from(text).unwrap());
+        assert_eq!(protocol("sip:127.0.0.1:5070;transport=UDP"), Some(Protocol::Udp));
+        assert_eq!(protocol("sip:127.0.0.1:5070;transport=tcp"), Some(Protocol::Tcp));
+        assert_eq!(protocol("sip:127.0.0.1:5071;transport=tls;lr"), Some(Protocol::Tls));
+        assert_eq!(protocol("sips:carrier.example"), Some(Protocol::Tls));
+        assert_eq!(protocol("sip:127.0.0.1:5070;lr"), None);
+    }
 
     #[test]
     fn the_failover_timeout_is_the_trunks_within_bounds() {

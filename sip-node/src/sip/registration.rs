@@ -208,7 +208,7 @@ impl Registrar {
         let request = self.build(peer, expires, None).ok_or("registrar address is not a valid SIP URI")?;
         let mut response = request_once(&self.ctx.endpoint, request.clone(), peer)
             .await
-            .ok_or("registrar did not answer (timeout)")?;
+            .ok_or_else(|| no_answer(&self.ctx, peer, "registrar"))?;
         let mut code = message::status(&response);
         let mut asked_expires = expires;
         if code == 423 {
@@ -218,7 +218,7 @@ impl Registrar {
                 .unwrap_or(expires.max(60));
             let retry = self.build(peer, asked_expires, None).ok_or("bad registrar URI")?;
             response =
-                request_once(&self.ctx.endpoint, retry, peer).await.ok_or("registrar did not answer (timeout)")?;
+                request_once(&self.ctx.endpoint, retry, peer).await.ok_or_else(|| no_answer(&self.ctx, peer, "registrar"))?;
             code = message::status(&response);
         }
         if code == 401 || code == 407 {
@@ -236,7 +236,7 @@ impl Registrar {
             .map_err(|e| format!("cannot answer the challenge: {e}"))?;
             let retry = self.build(peer, asked_expires, Some(header)).ok_or("bad registrar URI")?;
             response =
-                request_once(&self.ctx.endpoint, retry, peer).await.ok_or("registrar did not answer (timeout)")?;
+                request_once(&self.ctx.endpoint, retry, peer).await.ok_or_else(|| no_answer(&self.ctx, peer, "registrar"))?;
             code = message::status(&response);
         }
         if (200..300).contains(&code) {
@@ -320,6 +320,23 @@ async fn register_loop(ctx: Arc<RegistrationContext>, trunk: Arc<TrunkConfig>, m
     }
 }
 
+/// Why `who` did not answer: over TLS, the last failed handshake with it says more than a
+/// timeout (an untrusted or expired certificate, a refused client certificate).
+fn no_answer(ctx: &RegistrationContext, peer: Peer, who: &str) -> String {
+    match tls_failure(ctx, peer) {
+        Some(failure) => format!("{who} did not answer: {failure}"),
+        None => format!("{who} did not answer (timeout)"),
+    }
+}
+
+/// The last failed TLS handshake with `peer`, if it is a TLS peer and the last one failed.
+fn tls_failure(ctx: &RegistrationContext, peer: Peer) -> Option<String> {
+    match (peer.protocol, ctx.endpoint.transport().tls()) {
+        (Protocol::Tls, Some(tls)) => tls.client().last_failure(peer.addr),
+        _ => None,
+    }
+}
+
 /// 2, 4, 8 ... seconds up to five minutes, with up to 20 % jitter.
 fn backoff(failures: u32) -> Duration {
     let base = Duration::from_secs(1u64 << failures.min(9)).min(MAX_BACKOFF);
@@ -338,6 +355,7 @@ async fn keepalive_loop(ctx: Arc<RegistrationContext>, trunk: Arc<TrunkConfig>) 
             tracing::warn!(trunk = %trunk.name, "no OPTIONS keepalive: {}", routing::TLS_UNSUPPORTED);
             return;
         };
+        let mut unreachable_reason = None;
         let reachable = match ctx.resolver.resolve(&gateway.address, gateway.port, protocol).await {
             Ok(addrs) => {
                 let peer = Peer { protocol, addr: addrs[0] };
@@ -369,12 +387,19 @@ async fn keepalive_loop(ctx: Arc<RegistrationContext>, trunk: Arc<TrunkConfig>) 
                         };
                         let sent = Instant::now();
                         // Any final response, even 404 or 405, proves the peer is there.
-                        request_once(&ctx.endpoint, request, peer).await.map(|_| sent.elapsed())
+                        let answered = request_once(&ctx.endpoint, request, peer).await.map(|_| sent.elapsed());
+                        if answered.is_none() {
+                            unreachable_reason = tls_failure(&ctx, peer);
+                        }
+                        answered
                     }
                     Err(_) => None,
                 }
             }
-            Err(_) => None,
+            Err(error) => {
+                unreachable_reason = Some(error.to_string());
+                None
+            }
         };
         ctx.store.record(StoreEvent::Reachability(ReachabilityUpdate {
             namespace: trunk.namespace.clone(),
@@ -382,6 +407,7 @@ async fn keepalive_loop(ctx: Arc<RegistrationContext>, trunk: Arc<TrunkConfig>) 
             reachable: reachable.is_some(),
             checked_at: Utc::now(),
             rtt_ms: reachable.map(|d| d.as_millis().min(u128::from(u32::MAX)) as u32),
+            unreachable_reason,
         }));
         tokio::time::sleep(interval).await;
     }

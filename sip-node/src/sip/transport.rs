@@ -510,7 +510,15 @@ async fn tcp_read<R: AsyncRead + Unpin>(layer: Arc<TransportLayer>, mut read: R,
     let mut framer = message::StreamFramer::default();
     'conn: loop {
         match tokio::time::timeout(TCP_IDLE, read.read_buf(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(0)) | Err(_) => break,
+            Ok(Err(error)) => {
+                // A TLS 1.3 server refuses a client certificate after the handshake: the alert
+                // arrives here, and is why the peer will not answer.
+                if let (Protocol::Tls, Some(tls)) = (peer.protocol, &layer.tls) {
+                    tls.session_failed(addr, &error);
+                }
+                break;
+            }
             Ok(Ok(_)) => {}
         }
         loop {

@@ -191,6 +191,10 @@ pub struct ReachabilityUpdate {
     pub checked_at: DateTime<Utc>,
     /// Round trip of the last answered OPTIONS.
     pub rtt_ms: Option<u32>,
+    /// Why the gateway counts as unreachable, when the node knows more than "no answer" (a
+    /// refused TLS handshake). Never key material.
+    #[serde(default)]
+    pub unreachable_reason: Option<String>,
 }
 
 /// Something to write.

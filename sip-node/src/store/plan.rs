@@ -268,6 +268,7 @@ pub(super) mod tests {
             reachable,
             checked_at: Utc::now(),
             rtt_ms: reachable.then_some(12),
+            unreachable_reason: None,
         }
     }
 

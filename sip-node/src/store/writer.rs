@@ -413,14 +413,14 @@ async fn write_trunks(tx: &mut Transaction<'_, Postgres>, node_id: &str, plan: &
     if !reachabilities.is_empty() {
         let done = sqlx::query(
             "INSERT INTO registrations (node_id, namespace, trunk_name, state, reachable, last_options_at,
-                options_rtt_ms, updated_at)
-             SELECT $1, u.namespace, u.trunk_name, 'unregistered', u.reachable, u.checked_at, u.rtt_ms, now()
-             FROM UNNEST($2::text[], $3::text[], $4::bool[], $5::timestamptz[], $6::int4[])
-                AS u(namespace, trunk_name, reachable, checked_at, rtt_ms)
+                options_rtt_ms, unreachable_reason, updated_at)
+             SELECT $1, u.namespace, u.trunk_name, 'unregistered', u.reachable, u.checked_at, u.rtt_ms, u.reason, now()
+             FROM UNNEST($2::text[], $3::text[], $4::bool[], $5::timestamptz[], $6::int4[], $7::text[])
+                AS u(namespace, trunk_name, reachable, checked_at, rtt_ms, reason)
              WHERE EXISTS (SELECT 1 FROM nodes WHERE node_id = $1)
              ON CONFLICT (node_id, namespace, trunk_name) DO UPDATE SET reachable = EXCLUDED.reachable,
                 last_options_at = EXCLUDED.last_options_at, options_rtt_ms = EXCLUDED.options_rtt_ms,
-                updated_at = now()",
+                unreachable_reason = EXCLUDED.unreachable_reason, updated_at = now()",
         )
         .bind(node_id)
         .bind(reachabilities.iter().map(|r| r.namespace.as_str()).collect::<Vec<_>>())
@@ -428,6 +428,7 @@ async fn write_trunks(tx: &mut Transaction<'_, Postgres>, node_id: &str, plan: &
         .bind(reachabilities.iter().map(|r| r.reachable).collect::<Vec<_>>())
         .bind(reachabilities.iter().map(|r| r.checked_at).collect::<Vec<_>>())
         .bind(reachabilities.iter().map(|r| r.rtt_ms.map(int)).collect::<Vec<_>>())
+        .bind(reachabilities.iter().map(|r| r.unreachable_reason.as_deref()).collect::<Vec<_>>())
         .execute(&mut **tx)
         .await?;
         upserted &= done.rows_affected() > 0;

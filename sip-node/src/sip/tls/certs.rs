@@ -135,6 +135,18 @@ impl rustls::server::ResolvesServerCert for ReloadingCert {
     }
 }
 
+/// As a client certificate: offered to every server that asks (the server decides whether it
+/// trusts it).
+impl rustls::client::ResolvesClientCert for ReloadingCert {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 fn read_pair(cert_path: &Path, key_path: &Path) -> Result<CertifiedKey, CertError> {
     let certs = read_certs(cert_path)?;
     let key_name = key_path.display().to_string();

@@ -23,6 +23,7 @@ pub struct TlsTarget {
 /// The outbound side of TLS.
 pub struct ClientTrust {
     default: Arc<ClientConfig>,
+    client_cert: Option<Arc<super::ReloadingCert>>,
     /// Configurations of trunks with their own CA or client certificate, by gateway host.
     by_host: arc_swap::ArcSwap<HashMap<String, Arc<ClientConfig>>>,
     targets: Mutex<HashMap<SocketAddr, TlsTarget>>,
@@ -35,13 +36,24 @@ const MAX_REMEMBERED: usize = 4096;
 impl ClientTrust {
     /// Trusts the web PKI roots (bundled, so the node needs no CA bundle in its image) and
     /// `extra` CAs.
-    pub fn new(extra: Vec<CertificateDer<'static>>) -> Result<ClientTrust, TlsError> {
+    /// `client_cert` is presented to servers that ask for a client certificate.
+    pub fn new(
+        extra: Vec<CertificateDer<'static>>,
+        client_cert: Option<Arc<super::ReloadingCert>>,
+    ) -> Result<ClientTrust, TlsError> {
+        let resolver = client_cert.clone().map(|c| c as Arc<dyn rustls::client::ResolvesClientCert>);
         Ok(ClientTrust {
-            default: Arc::new(client_config(&extra, true, None)?),
+            default: Arc::new(client_config(&extra, true, resolver)?),
+            client_cert,
             by_host: arc_swap::ArcSwap::from_pointee(HashMap::new()),
             targets: Mutex::default(),
             failures: Mutex::default(),
         })
+    }
+
+    /// The node's client certificate, if it has one.
+    pub fn client_cert(&self) -> Option<&Arc<super::ReloadingCert>> {
+        self.client_cert.as_ref()
     }
 
     /// Replaces the per-gateway configurations (trunks with their own CA or client certificate).
@@ -98,7 +110,7 @@ impl ClientTrust {
 pub fn client_config(
     extra: &[CertificateDer<'static>],
     web_pki: bool,
-    client_cert: Option<(Vec<CertificateDer<'static>>, rustls::pki_types::PrivateKeyDer<'static>)>,
+    client_cert: Option<Arc<dyn rustls::client::ResolvesClientCert>>,
 ) -> Result<ClientConfig, TlsError> {
     let mut roots = RootCertStore::empty();
     if web_pki {
@@ -111,7 +123,7 @@ pub fn client_config(
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots);
     Ok(match client_cert {
-        Some((chain, key)) => builder.with_client_auth_cert(chain, key)?,
+        Some(resolver) => builder.with_client_cert_resolver(resolver),
         None => builder.with_no_client_auth(),
     })
 }

@@ -53,6 +53,15 @@ pub struct TlsArgs {
     #[arg(long = "sip-tls-ca-file", env = "SWITCHBOARD_SIP_TLS_CA_FILE")]
     pub ca_file: Option<PathBuf>,
 
+    /// PEM client certificate chain the node presents to TLS gateways that ask for one (mutual
+    /// TLS, e.g. a carrier that admits trunks by certificate). Re-read when the file changes.
+    #[arg(long = "sip-tls-client-cert", env = "SWITCHBOARD_SIP_TLS_CLIENT_CERT")]
+    pub client_cert: Option<PathBuf>,
+
+    /// PEM private key of the client certificate. Never logged.
+    #[arg(long = "sip-tls-client-key", env = "SWITCHBOARD_SIP_TLS_CLIENT_KEY")]
+    pub client_key: Option<PathBuf>,
+
     /// Longest a TLS handshake may take, inbound or outbound, before the connection is closed.
     #[arg(
         long = "sip-tls-handshake-timeout-ms",
@@ -74,6 +83,8 @@ impl Default for TlsArgs {
             listen: Vec::new(),
             advertised_port: None,
             ca_file: None,
+            client_cert: None,
+            client_key: None,
             handshake_timeout_ms: 5_000,
             reload_ms: 2_000,
         }
@@ -85,8 +96,8 @@ impl Default for TlsArgs {
 pub enum TlsError {
     #[error(transparent)]
     Cert(#[from] CertError),
-    #[error("--sip-tls-cert and --sip-tls-key go together: set both or neither")]
-    HalfConfigured,
+    #[error("{0} go together: set both or neither")]
+    HalfConfigured(&'static str),
     #[error("TLS to {addr} failed: {reason}")]
     Handshake { addr: SocketAddr, reason: String },
     #[error("TLS handshake with {0} timed out")]
@@ -140,7 +151,12 @@ impl TlsLayer {
                 Some(Server { acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)), cert })
             }
             (None, None) => None,
-            _ => return Err(TlsError::HalfConfigured),
+            _ => return Err(TlsError::HalfConfigured("--sip-tls-cert and --sip-tls-key")),
+        };
+        let client_cert = match (&args.client_cert, &args.client_key) {
+            (Some(cert), Some(key)) => Some(ReloadingCert::load(cert.clone(), key.clone())?),
+            (None, None) => None,
+            _ => return Err(TlsError::HalfConfigured("--sip-tls-client-cert and --sip-tls-client-key")),
         };
         let listen = if !args.listen.is_empty() {
             args.listen.clone()
@@ -149,7 +165,7 @@ impl TlsLayer {
         };
         Ok(Arc::new(TlsLayer {
             server,
-            client: ClientTrust::new(extra_ca)?,
+            client: ClientTrust::new(extra_ca, client_cert)?,
             handshake_timeout: Duration::from_millis(args.handshake_timeout_ms.max(1)),
             listen,
             advertised_port: args.advertised_port,
@@ -168,6 +184,11 @@ impl TlsLayer {
     /// The listener's certificate, to start its reload watcher.
     pub fn server_cert(&self) -> Option<&Arc<ReloadingCert>> {
         self.server.as_ref().map(|s| &s.cert)
+    }
+
+    /// Every certificate the node reads from files (listener and client), for the reload watcher.
+    pub fn watched_certs(&self) -> Vec<Arc<ReloadingCert>> {
+        self.server_cert().into_iter().chain(self.client.client_cert()).cloned().collect()
     }
 
     /// The outbound trust and the names of TLS targets.
@@ -190,6 +211,16 @@ impl TlsLayer {
         };
         self.client.record(addr, result.as_ref().err().map(ToString::to_string));
         result
+    }
+}
+
+impl TlsLayer {
+    /// Records why an established session to `addr` ended with a TLS error (an alert from the
+    /// server), so that the next "did not answer" can say why.
+    pub(crate) fn session_failed(&self, addr: SocketAddr, error: &std::io::Error) {
+        if error.get_ref().is_some_and(|e| e.is::<rustls::Error>()) {
+            self.client.record(addr, Some(TlsError::Handshake { addr, reason: client::explain(error) }.to_string()));
+        }
     }
 }
 

@@ -235,9 +235,36 @@ async fn an_expired_server_certificate_is_refused() {
 #[test]
 fn half_a_certificate_configuration_is_an_error() {
     let args = TlsArgs { cert: Some("/nonexistent.crt".into()), ..TlsArgs::default() };
-    assert!(matches!(TlsLayer::from_args(&args, &[]), Err(TlsError::HalfConfigured)));
+    assert!(matches!(TlsLayer::from_args(&args, &[]), Err(TlsError::HalfConfigured(_))));
+    let args = TlsArgs { client_key: Some("/nonexistent.key".into()), ..TlsArgs::default() };
+    assert!(matches!(TlsLayer::from_args(&args, &[]), Err(TlsError::HalfConfigured(_))));
     let args =
         TlsArgs { cert: Some("/nonexistent.crt".into()), key: Some("/nonexistent.key".into()), ..TlsArgs::default() };
     let error = TlsLayer::from_args(&args, &[]).unwrap_err().to_string();
     assert!(error.contains("/nonexistent.crt"), "{error}");
+}
+
+/// The figure: full TLS handshakes per second the node's listener completes, one client after
+/// another on loopback (ECDSA P-256 certificate from rcgen, TLS 1.3, ring), printed, not asserted.
+#[tokio::test]
+#[ignore = "a figure, not a check: cargo test -p switchboard-node --release --lib sip::tls::tests::handshakes_per_second -- --ignored --nocapture"]
+async fn handshakes_per_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let (layer, _tls, _rx, _) = node(serving(dir.path(), &ca.leaf(&["127.0.0.1"]))).await;
+    let addr = layer.tls_addrs()[0];
+    let config = client_config(&ca);
+    let count = 500;
+    let started = std::time::Instant::now();
+    for _ in 0..count {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let connector = tokio_rustls::TlsConnector::from(Arc::clone(&config));
+        let mut session = connector.connect(ServerName::try_from("127.0.0.1").unwrap(), stream).await.unwrap();
+        session.shutdown().await.ok();
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "{count} TLS handshakes (client and node in one process) in {elapsed:?}: {:.0} handshakes/s",
+        f64::from(count) / elapsed.as_secs_f64()
+    );
 }

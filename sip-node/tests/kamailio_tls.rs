@@ -1,0 +1,336 @@
+//! Kamailio with its TLS module (Debian's `kamailio-tls-modules`) as a provider that speaks SIP
+//! over TLS: the node registers with digest over TLS, places calls through it over TLS, takes
+//! calls it relays over TLS, and refuses a provider whose certificate it cannot trust. Every
+//! certificate is made at test time (rcgen); Kamailio logs the transport it saw (`$pr`), so
+//! the tests know the messages really went over TLS.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::pki::Ca;
+use common::*;
+use sqlx::PgPool;
+use switchboard_model::{AuthMethod, Credential, Destination, DestinationType, Transport, TrunkConfig};
+use switchboard_node::sip::tls::TlsArgs;
+
+const USER: &str = "alice";
+const PASSWORD: &str = "s3cret-Pa55";
+const MODULES: &str = "/usr/lib/x86_64-linux-gnu/kamailio/modules/";
+
+/// A TCP port that was free a moment ago on loopback.
+fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The ports and certificates of one test: the CA both sides trust, Kamailio's certificate.
+struct Provider {
+    udp: u16,
+    tls: u16,
+    dir: tempfile::TempDir,
+    ca: Ca,
+}
+
+impl Provider {
+    fn new() -> Provider {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new("provider CA");
+        ca.leaf(&["127.0.0.1"]).write(dir.path(), "provider");
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        Provider { udp: free_port("127.0.0.1"), tls: free_tcp_port(), dir, ca }
+    }
+
+    fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// The node's TLS settings: a listener certificate from the provider's CA (Kamailio checks
+    /// it when it requires certificates) and the CA as trusted for the provider (`trust`).
+    fn node_tls(&self, trust: bool) -> TlsArgs {
+        let node_dir = self.dir.path().join("node");
+        std::fs::create_dir_all(&node_dir).unwrap();
+        let (cert, key) = self.ca.leaf(&["127.0.0.1"]).write(&node_dir, "node");
+        TlsArgs {
+            cert: Some(cert),
+            key: Some(key),
+            listen: vec!["127.0.0.1:0".parse().unwrap()],
+            ca_file: trust.then(|| self.ca_file()),
+            handshake_timeout_ms: 2_000,
+            ..TlsArgs::default()
+        }
+    }
+
+    /// The trunk towards the provider's TLS port.
+    fn trunk(&self) -> TrunkConfig {
+        let mut trunk = trunk("kamailio", vec![("127.0.0.1".into(), self.tls)]);
+        trunk.gateways[0].transport = Transport::Tls;
+        trunk.auth_method = AuthMethod::Digest;
+        trunk.allowed_source_cidrs = vec![];
+        trunk
+    }
+}
+
+/// A Kamailio process; stopped with SIGTERM on drop.
+struct Kamailio {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Kamailio {
+    fn start(
+        provider: &Provider,
+        uas_port: u16,
+        node_tls: Option<std::net::SocketAddr>,
+        require_cert: bool,
+    ) -> Kamailio {
+        assert!(
+            Path::new(MODULES).join("tls.so").exists(),
+            "Kamailio's TLS module is missing: apt-get install -y kamailio-tls-modules"
+        );
+        let template =
+            std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/kamailio/provider-tls.cfg"))
+                .unwrap();
+        let config = template
+            .replace("@KPORT@", &provider.udp.to_string())
+            .replace("@KTLS@", &provider.tls.to_string())
+            .replace("@UAS@", &format!("127.0.0.1:{uas_port}"))
+            .replace("@NODE_TLS@", &node_tls.map(|a| a.to_string()).unwrap_or_else(|| "127.0.0.1:9".into()))
+            .replace("@DID@", DID)
+            .replace("@USER@", USER)
+            .replace("@PASSWORD@", PASSWORD)
+            .replace("@DIR@", &provider.dir.path().display().to_string())
+            .replace("@REQUIRE_CERT@", if require_cert { "1" } else { "0" });
+        let path = provider.dir.path().join("kamailio.cfg");
+        std::fs::write(&path, config).unwrap();
+        let log = provider.dir.path().join("kamailio.log");
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new("kamailio")
+            .args(["-DD", "-E", "-m", "32", "-M", "8", "-Y"])
+            .arg(provider.dir.path())
+            .arg("-f")
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("kamailio (Debian package kamailio) must be installed");
+        let kamailio = Kamailio { child, log };
+        // Bounded wait until the TLS port accepts connections.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", provider.tls)).is_err() {
+            assert!(Instant::now() < deadline, "kamailio did not start: {}", kamailio.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        kamailio
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until Kamailio's log has `line`.
+    async fn wait_log(&self, line: &str) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self.log().contains(line) {
+            assert!(Instant::now() < deadline, "kamailio never logged {line:?}:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Kamailio {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn credential() -> Credential {
+    Credential {
+        namespace: "default".into(),
+        trunk_name: "kamailio".into(),
+        username: USER.into(),
+        password: PASSWORD.into(),
+        secret_name: "kamailio-credentials".into(),
+    }
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+struct Registration {
+    state: String,
+    last_error: Option<String>,
+    reachable: Option<bool>,
+    unreachable_reason: Option<String>,
+}
+
+/// Waits (bounded) until the trunk's registration row satisfies `check`.
+async fn wait_registration(pool: &PgPool, what: &str, check: impl Fn(&Registration) -> bool) -> Registration {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let row: Option<Registration> = sqlx::query_as(
+            "SELECT state, last_error, reachable, unreachable_reason FROM registrations WHERE trunk_name = 'kamailio'",
+        )
+        .fetch_optional(pool)
+        .await
+        .unwrap();
+        if let Some(row) = row.as_ref().filter(|r| check(r)) {
+            return row.clone();
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}; last: {row:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Short SIP timers, so that a refused handshake shows as a failed registration quickly.
+fn tuned(tls: TlsArgs) -> impl FnOnce(&mut switchboard_node::signaling::SipArgs) {
+    move |args| {
+        args.sip_t1_ms = 100;
+        args.tls = tls;
+    }
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn the_node_registers_with_digest_over_tls_and_answers_options(pool: PgPool) {
+    let provider = Provider::new();
+    let kamailio = Kamailio::start(&provider, free_port("127.0.0.1"), None, false);
+    let mut trunk = provider.trunk();
+    trunk.registration_enabled = true;
+    trunk.registration_expires = 60;
+    trunk.options_interval_seconds = 1;
+    let node = Node::start_tuned(&pool, vec![trunk], vec![], vec![credential()], tuned(provider.node_tls(true))).await;
+    wait_registration(&pool, "registered", |r| r.state == "registered").await;
+    let reachable = wait_registration(&pool, "reachable", |r| r.reachable == Some(true)).await;
+    assert_eq!(reachable.unreachable_reason, None);
+    kamailio.wait_log("REGISTER accepted for alice over tls").await;
+    kamailio.wait_log("OPTIONS answered over tls").await;
+    assert!(!kamailio.log().contains("over udp"), "nothing went in plaintext:\n{}", kamailio.log());
+    node.stop().await;
+    wait_registration(&pool, "unregistered on shutdown", |r| r.state == "unregistered").await;
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn an_untrusted_provider_certificate_is_refused_with_the_reason(pool: PgPool) {
+    let provider = Provider::new();
+    let kamailio = Kamailio::start(&provider, free_port("127.0.0.1"), None, false);
+    let mut trunk = provider.trunk();
+    trunk.registration_enabled = true;
+    trunk.options_interval_seconds = 1;
+    // The node trusts only the web PKI roots: the provider's private CA is unknown to it.
+    let node = Node::start_tuned(&pool, vec![trunk], vec![], vec![credential()], tuned(provider.node_tls(false))).await;
+    let failed = wait_registration(&pool, "a failed registration", |r| r.state == "failed").await;
+    let error = failed.last_error.unwrap_or_default();
+    assert!(error.contains("certificate is not trusted"), "{error}");
+    // The OPTIONS keepalive says why too (the operator puts it into Reachable=False).
+    let unreachable = wait_registration(&pool, "unreachable", |r| r.reachable == Some(false)).await;
+    let reason = unreachable.unreachable_reason.unwrap_or_default();
+    assert!(reason.contains("certificate is not trusted (unknown issuer)"), "{reason}");
+    assert!(!kamailio.log().contains("REGISTER accepted"), "{}", kamailio.log());
+    node.stop().await;
+}
+
+/// A provider that admits only clients with a certificate from its CA (Kamailio's
+/// `require_certificate`): the node registers when it presents its client certificate
+/// (`--sip-tls-client-cert`), and not without one.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_provider_requiring_a_client_certificate_admits_the_node_only_with_one(pool: PgPool) {
+    let provider = Provider::new();
+    let kamailio = Kamailio::start(&provider, free_port("127.0.0.1"), None, true);
+    let mut trunk = provider.trunk();
+    trunk.registration_enabled = true;
+    trunk.options_interval_seconds = 1;
+
+    let without = provider.node_tls(true);
+    let node = Node::start_tuned(&pool, vec![trunk.clone()], vec![], vec![credential()], tuned(without)).await;
+    let failed = wait_registration(&pool, "a failed registration", |r| r.state == "failed").await;
+    let error = failed.last_error.unwrap_or_default();
+    assert!(error.contains("refused the handshake"), "{error}");
+    assert!(!kamailio.log().contains("REGISTER accepted"), "{}", kamailio.log());
+    node.stop().await;
+
+    let client_dir = provider.dir.path().join("client");
+    std::fs::create_dir_all(&client_dir).unwrap();
+    let (client_cert, client_key) = provider.ca.leaf(&["node.switchboard.test"]).write(&client_dir, "client");
+    let with = TlsArgs { client_cert: Some(client_cert), client_key: Some(client_key), ..provider.node_tls(true) };
+    let node = Node::start_tuned(&pool, vec![trunk], vec![], vec![credential()], tuned(with)).await;
+    wait_registration(&pool, "registered with a client certificate", |r| r.state == "registered").await;
+    kamailio.wait_log("REGISTER accepted for alice over tls").await;
+    node.stop().await;
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn calls_go_out_over_tls_through_a_provider_that_challenges_invite(pool: PgPool) {
+    let provider = Provider::new();
+    let callee = free_port("127.0.0.1");
+    let kamailio = Kamailio::start(&provider, callee, None, false);
+    let destination = Destination {
+        kind: DestinationType::Number,
+        url: None,
+        uri: None,
+        number: Some("+15559990000".into()),
+        trunk_ref: Some("kamailio".into()),
+        reject_code: None,
+    };
+    let node = Node::start_tuned(
+        &pool,
+        vec![trunk("carrier", vec![]), provider.trunk()],
+        vec![number_to(destination)],
+        vec![credential()],
+        tuned(provider.node_tls(true)),
+    )
+    .await;
+    let uas = uas(&["-sf", &scenario("uas_record_route.xml")], callee, 1);
+    let uac = uac(&["-sn", "uac"], node.addr, "127.0.0.1", 1, &[]);
+    assert!(uac.wait().await.success(), "the call through Kamailio over TLS failed:\n{}", kamailio.log());
+    assert!(uas.wait().await.success(), "the callee behind Kamailio did not get the call:\n{}", kamailio.log());
+    kamailio.wait_log("INVITE authenticated for").await;
+    // The INVITE, and the ACK and BYE along the provider's route, all over TLS.
+    let log = kamailio.log();
+    for method in ["INVITE", "ACK", "BYE"] {
+        assert!(log.contains(&format!("request {method} ")), "no {method}:\n{log}");
+        assert!(
+            !log.lines().any(|l| l.contains(&format!("request {method} ")) && !l.ends_with("over tls")),
+            "{method} not over TLS:\n{log}"
+        );
+    }
+    let cdrs = cdrs(&pool, 1).await;
+    assert_eq!(cdrs.last().and_then(|c| c.sip_code), Some(200), "{cdrs:?}");
+    assert_eq!(cdrs.last().and_then(|c| c.trunk_name.clone()).as_deref(), Some("kamailio"));
+    node.stop().await;
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn calls_come_in_over_tls_from_the_provider(pool: PgPool) {
+    let provider = Provider::new();
+    let callee = free_port("127.0.0.1");
+    let mut number = number_to(sip_destination(callee));
+    number.trunk_ref = "kamailio".into();
+    let node = Node::start_tuned(
+        &pool,
+        vec![provider.trunk()],
+        vec![number],
+        vec![credential()],
+        tuned(provider.node_tls(true)),
+    )
+    .await;
+    let node_tls = node.tls.expect("the node listens on TLS");
+    let kamailio = Kamailio::start(&provider, free_port("127.0.0.1"), Some(node_tls), false);
+    let uas = uas(&["-sn", "uas"], callee, 1);
+    let entry = std::net::SocketAddr::from(([127, 0, 0, 1], provider.udp));
+    let uac = uac(&["-sf", &scenario("uac_record_route.xml")], entry, "127.0.0.1", 1, &[]);
+    assert!(uac.wait().await.success(), "the call from Kamailio over TLS failed:\n{}", kamailio.log());
+    assert!(uas.wait().await.success(), "the callee did not get the call");
+    kamailio.wait_log("relayed over TLS").await;
+    let cdrs = cdrs(&pool, 1).await;
+    assert_eq!(cdrs.last().and_then(|c| c.sip_code), Some(200), "{cdrs:?}");
+    node.stop().await;
+}
