@@ -243,6 +243,18 @@ pub fn is_final_for_caller(final_codes: &[u16], code: u16) -> bool {
     final_codes.contains(&code)
 }
 
+/// A trunk's codec list, or every codec the node relays when there is no trunk.
+pub(crate) fn codecs_of(trunk: Option<&TrunkConfig>) -> Vec<switchboard_model::Codec> {
+    match trunk {
+        Some(trunk) if !trunk.codecs.is_empty() => trunk.codecs.clone(),
+        _ => vec![
+            switchboard_model::Codec::Pcmu,
+            switchboard_model::Codec::Pcma,
+            switchboard_model::Codec::TelephoneEvent,
+        ],
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -449,17 +461,5 @@ pub(crate) mod tests {
         for code in [403, 400] {
             assert!(!is_final_for_caller(&DEFAULT_FINAL_CODES, code), "{code}");
         }
-    }
-}
-
-/// A trunk's codec list, or every codec the node relays when there is no trunk.
-pub(crate) fn codecs_of(trunk: Option<&TrunkConfig>) -> Vec<switchboard_model::Codec> {
-    match trunk {
-        Some(trunk) if !trunk.codecs.is_empty() => trunk.codecs.clone(),
-        _ => vec![
-            switchboard_model::Codec::Pcmu,
-            switchboard_model::Codec::Pcma,
-            switchboard_model::Codec::TelephoneEvent,
-        ],
     }
 }
