@@ -3,6 +3,14 @@
 //! One binary carries the roles a user starts by hand: the local stack (`local`), a SIP node
 //! (`node`, the same code as the `switchboard-node` image binary), the CRD generator (`crds`),
 //! `status`, and the benchmarks (`bench`, `bench-api`).
+//!
+//! What it owns: the command line and the wiring of the crates into processes. `local` starts
+//! Postgres, the reconcile of a folder, the REST API and a node child process (`src/local/`);
+//! `operator` starts the Kubernetes controllers, their metrics and health server, and the REST
+//! API (`src/operator.rs`). Logic that a process only composes belongs to the crates:
+//! `switchboard-model` (stored rows), `switchboard-operator` (resources, validation, reconcile,
+//! controllers), `switchboard-api` (REST API), `switchboard-node` (SIP node). Nothing in the
+//! workspace depends on this crate.
 
 use std::process::ExitCode;
 

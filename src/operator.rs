@@ -83,7 +83,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     health.ready.store(true, Ordering::SeqCst);
     // The REST API serves on every replica (writes go to the Kubernetes API, not to Postgres).
     let api = switchboard_api::start_for_operator(&args.api, pool.clone(), client.clone(), shutdown.clone()).await?;
-    // Every replica reaps; an advisory lock lets one pass run at a time (reaper.rs).
+    // Every replica reaps; an advisory lock lets one pass run at a time (operator/src/reaper/).
     tokio::spawn(reaper::run(pool.clone(), args.reaper.clone(), shutdown.clone()));
 
     let identity = args.identity.clone().unwrap_or_else(|| {

@@ -4,6 +4,17 @@
 //!
 //! Trunk writes go through a [`store::TrunkStore`]: the manifest folder in local mode, server-side
 //! apply in Kubernetes. Calls and messages are queued in Postgres for the SIP nodes.
+//!
+//! What it owns: the routes ([`router`]) and their handlers ([`trunks`], [`calls`]), the OpenAPI
+//! document ([`ApiDoc`]), tokens ([`auth`]), rate limits ([`limits`]), the error shape
+//! ([`error`]), the mapping between the seed's trunk fields and the `Trunk` spec
+//! ([`trunk_model`]) and where trunk writes go ([`store`]).
+//!
+//! What it must not depend on: the SIP node (calls and messages reach nodes only through
+//! Postgres queues and `NOTIFY`), and the binary. It uses the operator crate for the resource
+//! types, the validation path and the folder source, so that a trunk written here is checked
+//! exactly as the reconcile checks it; the operator crate must never depend on this one.
+//! `switchboard local` (folder store) and `switchboard operator` (Kubernetes store) start it.
 
 pub mod auth;
 pub mod calls;
@@ -143,8 +154,8 @@ impl ApiMetrics {
     info(title = "Switchboard API", description = "Trunks, calls and SMS over Switchboard's resources. Authenticate with `Authorization: Bearer <JWT>` (mint one with `switchboard token --subject NAME --scope read,calls`). Scopes: `read` for every GET, `trunks` for trunk writes, `calls` for `/api/calls/initiate`, `sms` for `/api/sms/send`, `admin` for all; a token without the route's scope gets 403 `insufficient_scope`."),
     paths(
         trunks::create, trunks::list, trunks::get, trunks::update, trunks::delete, trunks::activate,
-        trunks::status, trunks::status_all, trunks::stats_summary,
-        calls::initiate, calls::get_call, calls::active, calls::cdrs, calls::send_sms, calls::sms_history,
+        trunks::status::status, trunks::status::status_all, trunks::stats::stats_summary,
+        calls::initiate, calls::get_call, calls::active, calls::cdr::cdrs, calls::sms::send_sms, calls::sms::sms_history,
         healthz,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail)),
@@ -211,17 +222,17 @@ pub fn router(state: AppState, verifier: Arc<JwtVerifier>) -> Router {
     let api = Router::new()
         .route("/api/trunks", post(trunks::create).get(trunks::list))
         .route("/api/trunks/", post(trunks::create).get(trunks::list))
-        .route("/api/trunks/status", get(trunks::status_all))
-        .route("/api/trunks/stats/summary", get(trunks::stats_summary))
+        .route("/api/trunks/status", get(trunks::status::status_all))
+        .route("/api/trunks/stats/summary", get(trunks::stats::stats_summary))
         .route("/api/trunks/{trunk_id}", get(trunks::get).put(trunks::update).delete(trunks::delete))
         .route("/api/trunks/{trunk_id}/activate", post(trunks::activate))
-        .route("/api/trunks/{trunk_id}/status", get(trunks::status))
+        .route("/api/trunks/{trunk_id}/status", get(trunks::status::status))
         .route("/api/calls/initiate", post(calls::initiate))
         .route("/api/calls/active", get(calls::active))
-        .route("/api/calls/cdr", get(calls::cdrs))
+        .route("/api/calls/cdr", get(calls::cdr::cdrs))
         .route("/api/calls/{call_id}", get(calls::get_call))
-        .route("/api/sms/send", post(calls::send_sms))
-        .route("/api/sms/history", get(calls::sms_history))
+        .route("/api/sms/send", post(calls::sms::send_sms))
+        .route("/api/sms/history", get(calls::sms::sms_history))
         .route_layer(middleware::from_fn_with_state(verifier, auth::require_token));
     let open = Router::new().route("/healthz", get(healthz)).route("/metrics", get(metrics));
     let app: Router = api

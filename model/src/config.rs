@@ -7,6 +7,12 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, Row, postgres::PgRow};
 
+use crate::decode::{
+    column_error, decode_rows, opt_u16, opt_u32, parse_json, parse_opt_json, parse_text, to_i32, u32_col,
+};
+
+// The tables as a whole (row hashes, generation) live in `tables`; callers name them here too.
+pub use crate::tables::{ConfigTable, StoredHash, bump_generation, notify_generation};
 use crate::types::{AuthMethod, Codec, DestinationType, Direction, Transport, TrunkSelection};
 
 /// One provider address of a trunk. Failover tries gateways by ascending `priority` and spreads
@@ -152,95 +158,6 @@ pub struct RuleConfig {
     pub trunks: Vec<String>,
     pub trunk_selection: TrunkSelection,
     pub status_callback: Option<String>,
-}
-
-/// The stored hash and generation that tell whether a resource's rows are current.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredHash {
-    pub namespace: String,
-    pub name: String,
-    pub spec_hash: String,
-    /// The configuration generation that last wrote the row.
-    pub config_generation: i64,
-}
-
-/// A row that does not decode, named by its key so that the message points at the resource:
-/// `trunk default/main: error decoding column "codecs": "G729" is not one of PCMU, ...`. `load_all` returns
-/// it as [`sqlx::Error::Decode`]; the message carries the cause, so it has no `source()`.
-#[derive(Debug)]
-struct RowError {
-    /// What the row is, e.g. `trunk`.
-    kind: &'static str,
-    /// `namespace/name` of the row.
-    key: String,
-    error: sqlx::Error,
-}
-
-impl std::fmt::Display for RowError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}: ", self.kind, self.key)?;
-        match &self.error {
-            sqlx::Error::ColumnDecode { index, source } => write!(f, "error decoding column {index}: {source}"),
-            other => write!(f, "{other}"),
-        }
-    }
-}
-
-impl std::error::Error for RowError {}
-
-/// Decodes every row with `from_row`; the first row that does not decode fails the whole load
-/// with a [`RowError`] naming it by its `key_columns` (`?` for a key column that does not decode).
-fn decode_rows<T>(
-    rows: &[PgRow],
-    kind: &'static str,
-    [namespace, name]: [&str; 2],
-    from_row: fn(&PgRow) -> Result<T, sqlx::Error>,
-) -> Result<Vec<T>, sqlx::Error> {
-    let text = |row: &PgRow, column: &str| row.try_get::<String, _>(column).unwrap_or_else(|_| "?".into());
-    rows.iter()
-        .map(|row| {
-            from_row(row).map_err(|error| {
-                let key = format!("{}/{}", text(row, namespace), text(row, name));
-                sqlx::Error::Decode(Box::new(RowError { kind, key, error }))
-            })
-        })
-        .collect()
-}
-
-/// A value of `column` that was read but is not valid. The index is quoted as sqlx quotes it.
-fn column_error(column: &str, source: impl Into<sqlx::error::BoxDynError>) -> sqlx::Error {
-    sqlx::Error::ColumnDecode { index: format!("{column:?}"), source: source.into() }
-}
-
-fn parse_text<T: std::str::FromStr<Err = String>>(row: &PgRow, column: &str) -> Result<T, sqlx::Error> {
-    let text: String = row.try_get(column)?;
-    text.parse().map_err(|e: String| column_error(column, e))
-}
-
-fn parse_json<T: serde::de::DeserializeOwned>(row: &PgRow, column: &str) -> Result<T, sqlx::Error> {
-    let value: serde_json::Value = row.try_get(column)?;
-    serde_json::from_value(value).map_err(|e| column_error(column, e))
-}
-
-fn parse_opt_json<T: serde::de::DeserializeOwned>(row: &PgRow, column: &str) -> Result<Option<T>, sqlx::Error> {
-    let value: Option<serde_json::Value> = row.try_get(column)?;
-    value.map(serde_json::from_value).transpose().map_err(|e| column_error(column, e))
-}
-
-fn opt_u16(row: &PgRow, column: &str) -> Result<Option<u16>, sqlx::Error> {
-    Ok(row.try_get::<Option<i32>, _>(column)?.map(|v| v.clamp(0, u16::MAX as i32) as u16))
-}
-
-fn opt_u32(row: &PgRow, column: &str) -> Result<Option<u32>, sqlx::Error> {
-    Ok(row.try_get::<Option<i32>, _>(column)?.map(|v| v.max(0) as u32))
-}
-
-fn u32_col(row: &PgRow, column: &str) -> Result<u32, sqlx::Error> {
-    Ok(row.try_get::<i32, _>(column)?.max(0) as u32)
-}
-
-fn to_i32(v: u32) -> i32 {
-    i32::try_from(v).unwrap_or(i32::MAX)
 }
 
 impl TrunkConfig {
@@ -528,73 +445,6 @@ impl RuleConfig {
     }
 }
 
-/// The three configuration tables, one per resource kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum ConfigTable {
-    Trunks,
-    PhoneNumbers,
-    RoutingRules,
-}
-
-impl ConfigTable {
-    fn delete_sql(self) -> &'static str {
-        match self {
-            Self::Trunks => "DELETE FROM trunks WHERE namespace = $1 AND name = $2",
-            Self::PhoneNumbers => "DELETE FROM phone_numbers WHERE namespace = $1 AND name = $2",
-            Self::RoutingRules => "DELETE FROM routing_rules WHERE namespace = $1 AND name = $2",
-        }
-    }
-
-    fn hashes_sql(self) -> &'static str {
-        match self {
-            Self::Trunks => "SELECT namespace, name, spec_hash, config_generation FROM trunks",
-            Self::PhoneNumbers => "SELECT namespace, name, spec_hash, config_generation FROM phone_numbers",
-            Self::RoutingRules => "SELECT namespace, name, spec_hash, config_generation FROM routing_rules",
-        }
-    }
-
-    /// Deletes a resource's row; returns whether there was one.
-    pub async fn delete(self, conn: &mut PgConnection, namespace: &str, name: &str) -> Result<bool, sqlx::Error> {
-        let done = sqlx::query(self.delete_sql()).bind(namespace).bind(name).execute(conn).await?;
-        Ok(done.rows_affected() > 0)
-    }
-
-    /// The stored spec hash of every row, to tell what changed without reading whole rows.
-    pub async fn hashes(self, conn: &mut PgConnection) -> Result<Vec<StoredHash>, sqlx::Error> {
-        let rows = sqlx::query(self.hashes_sql()).fetch_all(conn).await?;
-        rows.iter()
-            .map(|row| {
-                Ok(StoredHash {
-                    namespace: row.try_get("namespace")?,
-                    name: row.try_get("name")?,
-                    spec_hash: row.try_get("spec_hash")?,
-                    config_generation: row.try_get("config_generation")?,
-                })
-            })
-            .collect()
-    }
-}
-
-/// Bumps the configuration generation inside the caller's transaction and returns the new value.
-pub async fn bump_generation(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "UPDATE config_state SET generation = generation + 1, updated_at = now() WHERE singleton RETURNING generation",
-    )
-    .fetch_one(conn)
-    .await
-}
-
-/// Announces a committed generation to listening nodes. Inside a transaction the notification
-/// is delivered at commit, so a node never sees a generation before its rows.
-pub async fn notify_generation(conn: &mut PgConnection, generation: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("SELECT pg_notify($1, $2)")
-        .bind(crate::db::CONFIG_CHANNEL)
-        .bind(generation.to_string())
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
 #[cfg(any(test, feature = "test-support"))]
 impl TrunkConfig {
     /// A trunk for tests on loopback: `namespace` `default`, provider `testcarrier`, IP
@@ -657,16 +507,6 @@ mod tests {
             registration_enabled, registration_expires, inbound_enabled, outbound_enabled, codecs, dtmf_relay,
             rtp_timeout_seconds, options_interval_seconds, failover_timeout_seconds, spec_hash, config_generation)
          VALUES ('default', 'main', 'acme', '[]', 'none', false, 3600, true, true, '{PCMU}', true, 30, 60, 5, 'h', 1)";
-
-    #[test]
-    fn row_errors_name_the_row_and_the_column() {
-        let error =
-            RowError { kind: "trunk", key: "default/main".into(), error: column_error("codecs", "unknown codec G729") };
-        assert_eq!(error.to_string(), r#"trunk default/main: error decoding column "codecs": unknown codec G729"#);
-        let error =
-            RowError { kind: "routing rule", key: "?/broken".into(), error: sqlx::Error::ColumnNotFound("x".into()) };
-        assert_eq!(error.to_string(), "routing rule ?/broken: no column found for name: x");
-    }
 
     #[sqlx::test(migrator = "crate::db::MIGRATOR")]
     async fn load_all_reads_inside_a_transaction_and_names_bad_rows(pool: sqlx::PgPool) {

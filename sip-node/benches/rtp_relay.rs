@@ -144,7 +144,8 @@ fn pin_to(cpu: usize) {
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid timespec to write to.
+    // SAFETY: clock_gettime writes one timespec through the pointer, a live one on this stack
+    // frame; a bad clock id only makes it fail.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
@@ -230,7 +231,8 @@ fn sockaddr_of(addr: SocketAddr) -> libc::sockaddr_in {
 }
 
 fn setsockopt_int(socket: &UdpSocket, level: libc::c_int, name: libc::c_int, value: libc::c_int) {
-    // SAFETY: a valid fd and a c_int option value of the right size.
+    // SAFETY: setsockopt reads `optlen` bytes at `optval`, a live c_int of that size on this
+    // stack frame; the socket is borrowed, so its descriptor is open.
     unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
@@ -245,6 +247,16 @@ fn setsockopt_int(socket: &UdpSocket, level: libc::c_int, name: libc::c_int, val
 // ---------------------------------------------------------------------------------------------
 // The load generator.
 
+/// An iovec describing no buffer (filled in before use).
+const EMPTY_IOVEC: libc::iovec = libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
+
+/// An `mmsghdr` with no buffers, name or control data (filled in before use).
+fn zeroed_mmsghdr() -> libc::mmsghdr {
+    // SAFETY: `mmsghdr` is a plain C struct of integers and raw pointers, for which all-zero
+    // is a valid value (null pointers, zero lengths and flags).
+    unsafe { zeroed() }
+}
+
 /// One generator socket's batch of datagrams for `sendmmsg` (headers point into `packets`).
 struct SendBatch {
     headers: Vec<libc::mmsghdr>,
@@ -253,16 +265,11 @@ struct SendBatch {
 
 impl SendBatch {
     fn new(capacity: usize) -> SendBatch {
-        // SAFETY: mmsghdr and iovec are plain C structs for which all-zero is valid.
-        SendBatch {
-            headers: (0..capacity).map(|_| unsafe { zeroed() }).collect(),
-            iovecs: (0..capacity).map(|_| unsafe { zeroed() }).collect(),
-        }
+        SendBatch { headers: (0..capacity).map(|_| zeroed_mmsghdr()).collect(), iovecs: vec![EMPTY_IOVEC; capacity] }
     }
 
     /// Sends `packets[i]` to `targets[i]` for every i in `calls`, stamping each with the time
     /// (written with `meta`'s codes for `side`).
-    #[allow(clippy::too_many_arguments)]
     fn send(
         &mut self,
         socket: &UdpSocket,
@@ -286,7 +293,10 @@ impl SendBatch {
         }
         let mut sent = 0;
         while sent < count {
-            // SAFETY: headers[sent..count] point at live packets, addresses and iovecs.
+            // SAFETY: headers[sent..count] were filled in above: each points at one iovec of
+            // `self.iovecs` over a PACKET_LEN-byte packet of `packets` and at a `sockaddr_in` of
+            // `targets`, all borrowed for this call; the count passed is the number of headers
+            // from `sent` on. sendmmsg only reads them.
             let n = unsafe {
                 libc::sendmmsg(socket.as_raw_fd(), self.headers[sent..].as_mut_ptr(), (count - sent) as libc::c_uint, 0)
             };
@@ -321,9 +331,8 @@ impl Receiver {
             meta,
             buffers: vec![[0; 2048]; RECV_BATCH],
             controls: vec![[0; 64]; RECV_BATCH],
-            // SAFETY: plain C structs for which all-zero is valid.
-            iovecs: (0..RECV_BATCH).map(|_| unsafe { zeroed() }).collect(),
-            headers: (0..RECV_BATCH).map(|_| unsafe { zeroed() }).collect(),
+            iovecs: vec![EMPTY_IOVEC; RECV_BATCH],
+            headers: (0..RECV_BATCH).map(|_| zeroed_mmsghdr()).collect(),
             histogram: vec![0; HISTOGRAM_US + 1],
             received: 0,
             min_ns: u64::MAX,
@@ -368,7 +377,9 @@ impl Receiver {
             header.msg_control = self.controls[i].as_mut_ptr() as *mut libc::c_void;
             header.msg_controllen = 64;
         }
-        // SAFETY: every header points at this receiver's own buffers.
+        // SAFETY: headers[..batch] point at this receiver's own iovecs (each over a 2048-byte
+        // buffer of `buffers`) and 64-byte control buffers, which `&mut self` keeps alive and
+        // unaliased for the call; the kernel writes within the lengths given.
         let n = unsafe {
             libc::recvmmsg(
                 socket.as_raw_fd(),
@@ -412,7 +423,10 @@ impl Receiver {
 
 /// The SO_TIMESTAMPNS receive time (ns of CLOCK_REALTIME) of a received message.
 fn kernel_timestamp(header: &libc::msghdr) -> Option<u64> {
-    // SAFETY: the control buffer was filled by the kernel for this message; CMSG_* walk it.
+    // SAFETY: `header` comes from a successful recvmmsg whose control buffer (this receiver's,
+    // still alive) the kernel filled with well-formed control messages; CMSG_FIRSTHDR and
+    // CMSG_NXTHDR return null or a header within `msg_controllen`, and the timespec is read
+    // unaligned.
     unsafe {
         let mut cmsg = libc::CMSG_FIRSTHDR(header);
         while !cmsg.is_null() {

@@ -91,7 +91,7 @@ struct {
     __type(value, struct forward_entry);
 } forwards SEC(".maps");
 
-// As in rtp.rs (StreamRewriter): a jump of this many or more starts a new segment.
+// As in media/rtp/stream.rs (StreamRewriter): a jump of this many or more starts a new segment.
 #define MAX_DROPOUT 3000
 #define MAX_MISORDER 100
 

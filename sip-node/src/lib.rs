@@ -1,4 +1,114 @@
-//! The Switchboard SIP node.
+//! The Switchboard SIP node: a back-to-back user agent (B2BUA) that carries the calls of the
+//! trunks, numbers and routing rules the operator stored in Postgres, anchors their media,
+//! bridges calls to AI agents over WebSocket, places calls the REST API queued, and writes what
+//! it did (active calls, CDRs, registrations) back to Postgres.
+//!
+//! # Map of the node
+//!
+//! ## Layers
+//!
+//! Each layer uses only the layers below it; nothing below the wiring imports `sip::call`.
+//!
+//! | Layer | Modules | Job |
+//! |---|---|---|
+//! | wiring | `signaling`, this file | start the tasks, build the node-wide `sip::context::NodeContext` |
+//! | call logic | `sip::call` (inbound B2BUA calls), `sip::originate` (API-placed calls), `sip::sms`, `sip::registration`, `sip::reaped` | one task per call, message or trunk |
+//! | connected calls | `sip::connected` | the answered call as a sans-IO machine, and its async driver |
+//! | call helpers | `sip::invite_client`, `sip::dialog`, `sip::digest`, `sip::routing`, `sip::limits`, `sip::admission`, `sip::resolve`, `sip::guard` | one outbound INVITE, dialogs, authentication, routing, limits, DNS, flood guard |
+//! | transactions | `sip::endpoint` (the task), `sip::transaction` (sans-IO RFC 3261 transactions, 2xx retransmission) | match messages to transactions and dialogs, retransmit, time out |
+//! | transport | `sip::transport`, `sip::message` | UDP and TCP sockets, framing, parsing |
+//! | media | `media` (SDP, RTP/RTCP, the relay and its engine threads, port pairs), `bridge` (AI agents over WebSocket) | RTP |
+//! | state | `config` (snapshot and watcher), `store` (buffered writes), `node_state`, `metrics`, `drain`, `http`, `webhook` | configuration in, records out |
+//!
+//! `sip::context` holds what every task shares (endpoint, snapshot, limits, store, metrics,
+//! resolver, digest challenger, media ports, drain); registration and messages get narrow views
+//! of it (`RegistrationContext`, `SmsContext`).
+//!
+//! ## Tasks and threads
+//!
+//! On the Tokio runtime:
+//! - **transport**: one receive task per UDP socket, one accept task per TCP listener, a read
+//!   and a write task per TCP connection (`sip::transport`). Messages are parsed there.
+//! - **endpoint**: one task (`sip::endpoint`) owns every transaction and the table that routes
+//!   in-dialog requests to their call.
+//! - **call router**: one task (`sip::call::route_requests`) takes out-of-dialog requests:
+//!   OPTIONS is answered, MESSAGE goes to a task of `sip::sms`, and each INVITE gets a **call
+//!   task** of its own (`sip::call`), which lives until the call ended and its CDR is recorded.
+//! - **queues**: `sip::originate::run` claims API call requests and starts a task per call;
+//!   `sip::sms::run` claims outbound messages; `sip::reaped` sends the final webhooks of
+//!   requests the operator reaped.
+//! - **registration**: a supervisor and, per trunk, a REGISTER loop and an OPTIONS keepalive
+//!   loop (`sip::registration`).
+//! - **bridge**: per call to an AI agent, one task owns the caller's RTP leg and the WebSocket
+//!   (`bridge`).
+//! - **state**: the store's writer (and spool) task, the configuration watcher and its LISTEN
+//!   task, the node-state heartbeat, the flood guard's configuration follower, the HTTP server,
+//!   and one ordered delivery task per call's webhooks.
+//!
+//! OS threads: the media engine's `media-N` threads (`media::engine`, level-triggered epoll)
+//! drive every two-leg RTP relay, away from the runtime's signaling and database bursts.
+//!
+//! ## Channels
+//!
+//! - transport → endpoint: parsed messages (`sip::transport::Received`, bounded, 8192).
+//! - anyone → endpoint: `Endpoint` commands (send a request, respond, send statelessly, route a
+//!   dialog), unbounded: callers never wait on the endpoint.
+//! - endpoint → call router: new out-of-dialog requests (`NewRequest`, bounded, 4096).
+//! - endpoint → a call: one `TuEvent` channel per leg (responses, in-dialog requests,
+//!   transaction timeouts, CANCEL). A leg's channel is registered for its dialog
+//!   (`Endpoint::register_dialog`) and used as the user of the requests the call sends.
+//! - relay → call: `media::relay::RelayEvent` (media timeout, DTMF, latching); call → relay:
+//!   `RelayHandle` commands (new leg media after a re-INVITE, stop), to the engine thread
+//!   through a channel and an eventfd.
+//! - call → store: `store::Store::record` appends to an in-memory queue and never blocks; the
+//!   writer task drains it into Postgres.
+//! - configuration → everyone: `config::SnapshotHandle` (an atomically swapped snapshot, plus a
+//!   generation watch); `drain::Drain` tells every task the node is draining or ending.
+//!
+//! ## Sockets
+//!
+//! - SIP (UDP and TCP): `sip::transport::TransportLayer`, shared by its receive tasks (which
+//!   answer what they cannot parse with 400) and the endpoint task, which sends everything else.
+//! - RTP and RTCP: a port pair per leg, taken from `media::ports::PortAllocator` by the call
+//!   (`sip::call::media::Anchor`, `sip::originate::media`), then owned by the relay (an engine
+//!   thread) or by the bridge task; the pair goes back when its owner drops it.
+//! - WebSocket to an AI agent: the bridge task.
+//! - HTTP (`/metrics`, `/healthz`, `/readyz`): the HTTP task. Postgres: the node's pool and the
+//!   LISTEN connections of the watcher and the queues.
+//!
+//! ## Where a call's state lives
+//!
+//! - Transactions: in the endpoint task (`sip::transaction` machines keyed by branch).
+//! - The call: in its call task, the `Call` of `sip::call` (the caller's INVITE, the facts for
+//!   its CDRs, attempts and their timing, the trunk permits it holds). Once answered, the
+//!   `sip::connected::Connected` machine holds both dialogs (CSeq, route set), the requests
+//!   forwarded between the legs, the 2xx retransmitter and the hangup in progress.
+//! - Media negotiation: `sip::call::media::Anchor` (one SDP session per leg) in the call task;
+//!   packet state (latching, SSRC rewriting, transcoding, timeouts) in the relay.
+//! - What outlives the call: its `active_calls` row and its CDRs, written by the store.
+//!
+//! ## Following one inbound call
+//!
+//! - **Admitted** in `sip::call::admission` (`admit`): source, number, trunk, digest
+//!   (`sip::digest::Challenger`), the trunk's limits (`sip::limits`, across nodes
+//!   `sip::admission`) and routing (`sip::routing`); refusals are answered there too. Before
+//!   that, `sip::call::route_requests` refuses INVITEs while the node drains and caps call
+//!   setups per non-carrier source.
+//! - **Fails over** in `sip::call::attempts` (`Call::run`): every gateway address of every
+//!   trunk in order, one `sip::invite_client::InviteClient` per attempt (its
+//!   `failover_timeout` bounds a silent gateway), the next target on a failover code, a trunk at
+//!   its limit skipped. API-placed calls fail over in `sip::originate::attempts` (`dial`).
+//! - **Media set up** in `sip::call::media` (`Anchor::new` answers the caller's offer from the
+//!   node's port pairs when the call starts; the callee's answer starts the relay,
+//!   `media::relay::spawn_relay` onto the engine); calls to AI agents in `sip::call::agent`
+//!   (`bridge_to_agent`), API-placed calls in `sip::originate::media`.
+//! - **Connected** in `sip::call::connected`, which hands the legs to the `sip::connected`
+//!   machine until a BYE, a media timeout, the 2xx never being ACKed, or the node stopping.
+//! - **CDR written** in `sip::call::record`: `CallFacts::write_cdr` for each failed-over
+//!   attempt at once, `Call::finish` for the last attempt and the end of the active row, through
+//!   `store::Store::record`; API-placed calls in `sip::originate::record`.
+//!
+//! # Configuration
 //!
 //! This layer gives the node its configuration: it loads an immutable [`config::Snapshot`] of
 //! the trunks, numbers, routing rules and credentials the operator stored in Postgres, follows

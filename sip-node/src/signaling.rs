@@ -16,7 +16,7 @@ use crate::drain::Drain;
 use crate::metrics::NodeMetrics;
 use crate::sip::admission::Admission;
 use crate::sip::call;
-use crate::sip::context::{MediaContext, NodeContext as CallContext};
+use crate::sip::context::{MediaContext, NodeContext};
 use crate::sip::digest::{self, Challenger};
 use crate::sip::endpoint::Endpoint;
 use crate::sip::guard::{Guard, GuardArgs};
@@ -253,7 +253,7 @@ pub async fn start(
         metrics.track_kernel_packets(move || engine.kernel_packets());
     }
     let limits = shared_limits(&pool, node_id, tasks).counted(metrics.clone());
-    let ctx = Arc::new(CallContext {
+    let ctx = Arc::new(NodeContext {
         endpoint,
         snapshot: snapshot.clone(),
         limits,
@@ -275,10 +275,10 @@ pub async fn start(
     let api_webhooks = crate::webhook::guarded_client(Arc::clone(&egress))
         .context("cannot set up the HTTP client of the API calls' webhooks")?;
     tasks.spawn(originate::run(Arc::clone(&ctx), pool.clone(), signer, egress, api_webhooks));
-    tasks.spawn(sms::run(Arc::clone(&ctx), pool.clone()));
+    tasks.spawn(sms::run(Arc::new(ctx.sms()), pool.clone()));
     // Draining or stopping: un-REGISTER (its state goes through the store); on stop, then
     // flush the store.
-    let registrations = tokio::spawn(registration::supervise(Arc::clone(&ctx), stop.clone()));
+    let registrations = tokio::spawn(registration::supervise(Arc::new(ctx.registration()), stop.clone()));
     {
         let mut stop = stop.clone();
         graceful.spawn(async move {

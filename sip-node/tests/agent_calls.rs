@@ -927,3 +927,29 @@ async fn the_drain_limit_ends_an_agent_call_with_bye_and_stop(pool: PgPool) {
     assert_eq!(reason, "node shutdown");
     node.stop().await;
 }
+
+/// The caller's ACK is late: the node retransmits its 200 OK (RFC 3261 13.3.1.4) until the ACK
+/// comes, counts every retransmission in `switchboard_sip_retransmissions_total` (like a
+/// B2BUA call's), and the call goes on.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_late_ack_gets_the_answer_retransmitted_and_counted(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let node = Node::start(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))]).await;
+    let before = metric(&node, "switchboard_sip_retransmissions_total").await.unwrap_or(0.0);
+    let mut caller = Caller::new(node.addr, "agent-call-late-ack", 0).await;
+    caller.invite().await;
+    let (ok, _) = caller.final_response().await;
+    agent.expect("start").await;
+    // No ACK: the same 200 OK comes again.
+    let again = loop {
+        let text = caller.next_sip().await;
+        if text.starts_with("SIP/2.0 200") {
+            break text;
+        }
+    };
+    assert_eq!(again, ok, "the retransmission is the 200 OK itself");
+    let after = metric(&node, "switchboard_sip_retransmissions_total").await.unwrap_or(0.0);
+    assert!(after > before, "the retransmission is counted: {before} -> {after}");
+    caller.accept(&ok).await;
+    hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
+}

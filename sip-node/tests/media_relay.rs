@@ -341,7 +341,11 @@ impl PeerNetwork {
     fn raw_sender(&self) -> RawSender {
         let peer_if = std::ffi::CString::new(self.peer_if.clone()).unwrap();
         let fd = self.inside(move || {
-            // SAFETY: plain socket calls on a descriptor this function owns.
+            // SAFETY: all-zero is a valid `sockaddr_ll` (a plain C struct of integers);
+            // if_nametoindex reads the NUL-terminated `peer_if`, alive for the call; bind reads
+            // `size_of::<sockaddr_ll>()` bytes of `address`, alive on this frame; and the
+            // descriptor handed to `OwnedFd` was just opened (checked non-negative) and is owned
+            // by nothing else, so it is closed exactly once.
             unsafe {
                 let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
                 assert!(fd >= 0, "AF_PACKET socket");
@@ -403,7 +407,8 @@ impl RawSender {
         };
         udp[6..8].copy_from_slice(&udp_sum.to_be_bytes());
         let frame = [&self.host_mac[..], &[0x02, 0, 0, 0, 0, 1], &[0x08, 0x00], &ip, &udp].concat();
-        // SAFETY: sends a buffer this function owns on an open descriptor.
+        // SAFETY: send reads `frame.len()` bytes of `frame`, alive for the call; `self.fd` is an
+        // `OwnedFd`, open for as long as `self` is.
         let sent = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
         assert_eq!(sent, frame.len() as isize, "raw frame sent");
     }

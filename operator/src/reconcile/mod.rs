@@ -146,7 +146,7 @@ fn stored_rows(stored: &Stored, key: &ResourceKey) -> RowGeneration {
     stored.hashes.get(key).map_or(RowGeneration::Absent, |h| RowGeneration::Stored(h.config_generation))
 }
 
-/// Decides what to write. Pure: the unit tests drive it with plain values.
+/// Decides what to write. Pure: the unit tests (`tests.rs`) drive it with plain values.
 fn plan(state: &DesiredState, stored: &Stored) -> Plan {
     let mut plan = Plan::default();
     let unchanged = |key: &ResourceKey, hash: &str| stored.hashes.get(key).is_some_and(|h| h.spec_hash == hash);
@@ -538,3 +538,6 @@ async fn delete_rows(conn: &mut PgConnection, key: &ResourceKey) -> Result<(), s
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

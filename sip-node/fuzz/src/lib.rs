@@ -11,10 +11,10 @@ pub mod message;
 #[path = "../../src/sip/digest.rs"]
 pub mod digest;
 
-#[path = "../../src/media/sdp.rs"]
+#[path = "../../src/media/sdp/mod.rs"]
 pub mod sdp;
 
-#[path = "../../src/media/rtp.rs"]
+#[path = "../../src/media/rtp/mod.rs"]
 pub mod rtp;
 
 // Uses `super::rtp`, which is the module above.

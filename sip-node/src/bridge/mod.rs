@@ -21,7 +21,7 @@
 mod agent;
 pub mod answer;
 pub mod latency;
-pub mod protocol;
+pub(crate) mod protocol;
 mod stream;
 pub mod tls;
 

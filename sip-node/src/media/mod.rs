@@ -22,15 +22,32 @@
 //!
 //! Nothing here speaks SIP: the call layer feeds SDP bodies in and takes SDP bodies out.
 
+// Public: what the node's arguments and media context name (engine, kernel, ports, relay);
+// public with the `test-support` feature only: what the tests and benchmarks build packets
+// with (g711, rtp); the rest is the crate's own.
 pub mod engine;
+#[cfg(feature = "test-support")]
 pub mod g711;
+#[cfg(not(feature = "test-support"))]
+#[allow(
+    dead_code,
+    reason = "the codec functions the node does not call itself (linear encode and decode) are what the tests and benchmarks build audio with"
+)]
+pub(crate) mod g711;
 pub mod kernel;
 pub(crate) mod mailbox;
 pub mod ports;
 pub mod relay;
-pub mod rtcp;
+pub(crate) mod rtcp;
+#[cfg(feature = "test-support")]
 pub mod rtp;
+#[cfg(not(feature = "test-support"))]
+#[allow(
+    dead_code,
+    reason = "a few helpers (RTCP receiver reports, event payloads) only the tests and benchmarks build packets with"
+)]
+pub(crate) mod rtp;
 pub(crate) mod rx_time;
-pub mod sdp;
+pub(crate) mod sdp;
 pub mod srtp;
 pub(crate) mod sys;

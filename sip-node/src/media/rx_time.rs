@@ -98,9 +98,9 @@ mod tests {
     #[test]
     fn a_stamp_from_the_future_counts_as_now() {
         let clocks = Clocks::read();
-        let future = libc::timespec { tv_sec: (clocks.realtime_ns / 1_000_000_000) as i64 + 10, tv_nsec: 0 };
+        let future = Stamp { tv_sec: (clocks.realtime_ns / 1_000_000_000) as i64 + 10, tv_nsec: 0 };
         assert_eq!(clocks.instant(&future), clocks.now);
-        let past = libc::timespec { tv_sec: (clocks.realtime_ns / 1_000_000_000) as i64 - 1, tv_nsec: 0 };
+        let past = Stamp { tv_sec: (clocks.realtime_ns / 1_000_000_000) as i64 - 1, tv_nsec: 0 };
         assert!(clocks.instant(&past) < clocks.now);
     }
 }

@@ -59,3 +59,47 @@ pub struct MediaContext {
     /// Whom `wss://` agent connections trust.
     pub agent_tls: crate::bridge::AgentTls,
 }
+
+/// What trunk registration and gateway keepalives need: a narrow view of [`NodeContext`].
+#[derive(Clone)]
+pub struct RegistrationContext {
+    pub endpoint: Endpoint,
+    pub snapshot: SnapshotHandle,
+    pub store: Store,
+    pub metrics: NodeMetrics,
+    pub resolver: Resolver,
+    pub drain: crate::drain::Drain,
+}
+
+/// What sending and receiving messages (SMS) needs: a narrow view of [`NodeContext`].
+#[derive(Clone)]
+pub struct SmsContext {
+    pub endpoint: Endpoint,
+    pub snapshot: SnapshotHandle,
+    pub resolver: Resolver,
+    pub node_id: String,
+}
+
+impl NodeContext {
+    /// The registration's view.
+    pub fn registration(&self) -> RegistrationContext {
+        RegistrationContext {
+            endpoint: self.endpoint.clone(),
+            snapshot: self.snapshot.clone(),
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+            resolver: self.resolver.clone(),
+            drain: self.drain.clone(),
+        }
+    }
+
+    /// The messages' view.
+    pub fn sms(&self) -> SmsContext {
+        SmsContext {
+            endpoint: self.endpoint.clone(),
+            snapshot: self.snapshot.clone(),
+            resolver: self.resolver.clone(),
+            node_id: self.node_id.clone(),
+        }
+    }
+}

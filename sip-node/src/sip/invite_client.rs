@@ -1,5 +1,5 @@
-//! The UAC side of one outbound INVITE attempt, shared by calls the node bridges (`call.rs`)
-//! and calls placed through the API (`originate.rs`): send the INVITE, follow its responses,
+//! The UAC side of one outbound INVITE attempt, shared by calls the node bridges (`call/`)
+//! and calls placed through the API (`originate/`): send the INVITE, follow its responses,
 //! answer one digest challenge, CANCEL (only once a provisional response arrived, RFC 3261
 //! 9.1), ACK a 2xx towards the dialog's route set or remote target, and the two timers a
 //! transaction layer does not have (no response at all; ringing too long).
@@ -15,7 +15,7 @@ use switchboard_model::{Credential, TrunkConfig};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
-use super::context::NodeContext as CallContext;
+use super::context::NodeContext;
 use super::dialog::Dialog;
 use super::digest::answer_challenge;
 use super::endpoint::{TuEvent, TuSender};
@@ -59,7 +59,7 @@ pub enum InviteEvent {
 
 /// One outbound INVITE in flight.
 pub struct InviteClient<'c> {
-    ctx: &'c CallContext,
+    ctx: &'c NodeContext,
     setup: InviteSetup,
     invite: Request,
     cseq: u32,
@@ -75,7 +75,7 @@ pub struct InviteClient<'c> {
 
 impl<'c> InviteClient<'c> {
     /// Registers the dialog and sends `invite` (CSeq 1 .. n, with a fresh Via) to `setup.peer`.
-    pub fn send(ctx: &'c CallContext, invite: Request, setup: InviteSetup) -> InviteClient<'c> {
+    pub fn send(ctx: &'c NodeContext, invite: Request, setup: InviteSetup) -> InviteClient<'c> {
         let call_id = message::call_id(&invite);
         let cseq = message::cseq(&invite).map(|(n, _)| n).unwrap_or(1);
         let (tx, rx) = mpsc::unbounded_channel();
@@ -279,7 +279,7 @@ fn failed(code: u16, reason: String, failover: bool) -> InviteEvent {
 /// is an address, else the hop the INVITE went to. The transport is the URI's own (`sips:` or
 /// `;transport=`) when it names one, e.g. a callee's `;transport=UDP` Contact behind a TLS
 /// trunk; otherwise the INVITE's.
-async fn in_dialog_peer(ctx: &CallContext, dialog: &Dialog, fallback: Peer) -> Peer {
+async fn in_dialog_peer(ctx: &NodeContext, dialog: &Dialog, fallback: Peer) -> Peer {
     let uri = match dialog.route_set.first() {
         Some(route) => rsip::Uri::try_from(route.trim_start_matches('<').split('>').next().unwrap_or(route)).ok(),
         None => Some(dialog.remote_target.clone()),

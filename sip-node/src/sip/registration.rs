@@ -19,8 +19,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use super::ALLOW;
-use super::context::NodeContext as CallContext;
+use super::context::RegistrationContext;
 use super::digest::answer_challenge;
+use super::endpoint::Endpoint;
 use super::endpoint::TuEvent;
 use super::message;
 use super::routing;
@@ -34,9 +35,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(300);
 const UNREGISTER_WAIT: Duration = Duration::from_secs(2);
 
 /// Sends one non-INVITE request and waits for its final response; `None` on timeout.
-pub async fn request_once(ctx: &CallContext, request: Request, peer: Peer) -> Option<Response> {
+pub async fn request_once(endpoint: &Endpoint, request: Request, peer: Peer) -> Option<Response> {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    ctx.endpoint.send_request(request, peer, tx);
+    endpoint.send_request(request, peer, tx);
     while let Some(event) = rx.recv().await {
         match event {
             TuEvent::Response(r) if message::status(&r) >= 200 => return Some(r),
@@ -75,7 +76,7 @@ type RunningRegistration = (Arc<TrunkConfig>, watch::Sender<bool>, JoinHandle<()
 /// Follows the snapshot and keeps one registration task and one keepalive task per trunk that
 /// needs them. On shutdown (the `stop` channel turns true) or once the node drains, every
 /// registration is removed.
-pub async fn supervise(ctx: Arc<CallContext>, mut stop: watch::Receiver<bool>) {
+pub async fn supervise(ctx: Arc<RegistrationContext>, mut stop: watch::Receiver<bool>) {
     let mut generations = ctx.snapshot.subscribe();
     let mut registrations: HashMap<TrunkKey, RunningRegistration> = HashMap::new();
     let mut keepalives: HashMap<(String, String), (Arc<TrunkConfig>, JoinHandle<()>)> = HashMap::new();
@@ -142,7 +143,7 @@ pub async fn supervise(ctx: Arc<CallContext>, mut stop: watch::Receiver<bool>) {
 
 /// Registration state of one trunk.
 struct Registrar {
-    ctx: Arc<CallContext>,
+    ctx: Arc<RegistrationContext>,
     trunk: Arc<TrunkConfig>,
     call_id: String,
     tag: String,
@@ -205,7 +206,7 @@ impl Registrar {
         let addrs = self.ctx.resolver.resolve(&self.host, self.port, self.protocol).await.map_err(|e| e.to_string())?;
         let peer = Peer { protocol: self.protocol, addr: addrs[0] };
         let request = self.build(peer, expires, None).ok_or("registrar address is not a valid SIP URI")?;
-        let mut response = request_once(&self.ctx, request.clone(), peer)
+        let mut response = request_once(&self.ctx.endpoint, request.clone(), peer)
             .await
             .ok_or_else(|| no_answer(&self.ctx, peer, "registrar"))?;
         let mut code = message::status(&response);
@@ -217,7 +218,7 @@ impl Registrar {
                 .unwrap_or(expires.max(60));
             let retry = self.build(peer, asked_expires, None).ok_or("bad registrar URI")?;
             response =
-                request_once(&self.ctx, retry, peer).await.ok_or_else(|| no_answer(&self.ctx, peer, "registrar"))?;
+                request_once(&self.ctx.endpoint, retry, peer).await.ok_or_else(|| no_answer(&self.ctx, peer, "registrar"))?;
             code = message::status(&response);
         }
         if code == 401 || code == 407 {
@@ -235,7 +236,7 @@ impl Registrar {
             .map_err(|e| format!("cannot answer the challenge: {e}"))?;
             let retry = self.build(peer, asked_expires, Some(header)).ok_or("bad registrar URI")?;
             response =
-                request_once(&self.ctx, retry, peer).await.ok_or_else(|| no_answer(&self.ctx, peer, "registrar"))?;
+                request_once(&self.ctx.endpoint, retry, peer).await.ok_or_else(|| no_answer(&self.ctx, peer, "registrar"))?;
             code = message::status(&response);
         }
         if (200..300).contains(&code) {
@@ -271,7 +272,7 @@ fn granted_expires(response: &Response) -> Option<u32> {
     from_contact.or_else(|| message::header_value(&response.headers, "Expires").and_then(|v| v.trim().parse().ok()))
 }
 
-async fn register_loop(ctx: Arc<CallContext>, trunk: Arc<TrunkConfig>, mut stop: watch::Receiver<bool>) {
+async fn register_loop(ctx: Arc<RegistrationContext>, trunk: Arc<TrunkConfig>, mut stop: watch::Receiver<bool>) {
     let Some((host, port, protocol)) = registrar(&trunk) else {
         tracing::warn!(trunk = %trunk.name, "registration enabled but the trunk has no registrar or gateway");
         return;
@@ -321,7 +322,7 @@ async fn register_loop(ctx: Arc<CallContext>, trunk: Arc<TrunkConfig>, mut stop:
 
 /// Why `who` did not answer: over TLS, the last failed handshake with it says more than a
 /// timeout (an untrusted or expired certificate, a refused client certificate).
-fn no_answer(ctx: &CallContext, peer: Peer, who: &str) -> String {
+fn no_answer(ctx: &RegistrationContext, peer: Peer, who: &str) -> String {
     match tls_failure(ctx, peer) {
         Some(failure) => format!("{who} did not answer: {failure}"),
         None => format!("{who} did not answer (timeout)"),
@@ -329,7 +330,7 @@ fn no_answer(ctx: &CallContext, peer: Peer, who: &str) -> String {
 }
 
 /// The last failed TLS handshake with `peer`, if it is a TLS peer and the last one failed.
-fn tls_failure(ctx: &CallContext, peer: Peer) -> Option<String> {
+fn tls_failure(ctx: &RegistrationContext, peer: Peer) -> Option<String> {
     match (peer.protocol, ctx.endpoint.transport().tls()) {
         (Protocol::Tls, Some(tls)) => tls.client().last_failure(peer.addr),
         _ => None,
@@ -344,7 +345,7 @@ fn backoff(failures: u32) -> Duration {
 }
 
 /// Pings the trunk's first gateway with OPTIONS every interval and reports reachability.
-async fn keepalive_loop(ctx: Arc<CallContext>, trunk: Arc<TrunkConfig>) {
+async fn keepalive_loop(ctx: Arc<RegistrationContext>, trunk: Arc<TrunkConfig>) {
     let interval = Duration::from_secs(u64::from(trunk.options_interval_seconds).max(1));
     let call_id = format!("{}@switchboard", uuid::Uuid::new_v4().simple());
     let mut cseq = 0u32;
@@ -386,7 +387,7 @@ async fn keepalive_loop(ctx: Arc<CallContext>, trunk: Arc<TrunkConfig>) {
                         };
                         let sent = Instant::now();
                         // Any final response, even 404 or 405, proves the peer is there.
-                        let answered = request_once(&ctx, request, peer).await.map(|_| sent.elapsed());
+                        let answered = request_once(&ctx.endpoint, request, peer).await.map(|_| sent.elapsed());
                         if answered.is_none() {
                             unreachable_reason = tls_failure(&ctx, peer);
                         }

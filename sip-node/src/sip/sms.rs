@@ -16,7 +16,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::context::NodeContext as CallContext;
+use super::context::SmsContext;
 use super::digest::answer_challenge;
 use super::endpoint::NewRequest;
 use super::message;
@@ -54,7 +54,7 @@ struct InboundEvent<'a> {
 }
 
 /// Claims and sends queued outbound messages until the node stops.
-pub async fn run(ctx: Arc<CallContext>, pool: PgPool) {
+pub async fn run(ctx: Arc<SmsContext>, pool: PgPool) {
     let (queue, node_id) = (&pool, &ctx.node_id);
     let claim = move || {
         sqlx::query_as::<_, Outgoing>(
@@ -72,7 +72,7 @@ pub async fn run(ctx: Arc<CallContext>, pool: PgPool) {
     super::queue::serve(queue, CHANNEL, "messages", claim, start).await;
 }
 
-async fn send(ctx: Arc<CallContext>, pool: PgPool, outgoing: Outgoing) {
+async fn send(ctx: Arc<SmsContext>, pool: PgPool, outgoing: Outgoing) {
     let (status, code, error, cost) = match deliver(&ctx, &outgoing).await {
         Ok((code, cost)) => ("sent", Some(i32::from(code)), None, cost),
         Err((code, error)) => ("failed", code.map(i32::from), Some(error), Decimal::ZERO),
@@ -94,7 +94,7 @@ async fn send(ctx: Arc<CallContext>, pool: PgPool, outgoing: Outgoing) {
 }
 
 /// Sends one MESSAGE; `Ok((final code, cost))` on 2xx.
-async fn deliver(ctx: &CallContext, outgoing: &Outgoing) -> Result<(u16, Decimal), (Option<u16>, String)> {
+async fn deliver(ctx: &SmsContext, outgoing: &Outgoing) -> Result<(u16, Decimal), (Option<u16>, String)> {
     let snapshot = ctx.snapshot.current();
     let namespace = outgoing.namespace.clone().unwrap_or_else(|| "default".into());
     let trunk_name = outgoing.trunk_name.clone().ok_or((None, "message has no trunk".to_string()))?;
@@ -140,8 +140,9 @@ async fn deliver(ctx: &CallContext, outgoing: &Outgoing) -> Result<(u16, Decimal
         Some(request)
     };
     let request = build(1, None).ok_or((None, "invalid destination URI".to_string()))?;
-    let mut response =
-        request_once(ctx, request.clone(), peer).await.ok_or((Some(408), "no answer from the trunk".to_string()))?;
+    let mut response = request_once(&ctx.endpoint, request.clone(), peer)
+        .await
+        .ok_or((Some(408), "no answer from the trunk".to_string()))?;
     let mut code = message::status(&response);
     if code == 401 || code == 407 {
         let credential = snapshot
@@ -152,7 +153,9 @@ async fn deliver(ctx: &CallContext, outgoing: &Outgoing) -> Result<(u16, Decimal
             answer_challenge(&response, &Method::Message, &request.uri, &credential.username, &credential.password, 1)
                 .map_err(|e| (Some(code), format!("cannot answer the challenge: {e}")))?;
         let retry = build(2, Some(header)).ok_or((None, "invalid destination URI".to_string()))?;
-        response = request_once(ctx, retry, peer).await.ok_or((Some(408), "no answer from the trunk".to_string()))?;
+        response = request_once(&ctx.endpoint, retry, peer)
+            .await
+            .ok_or((Some(408), "no answer from the trunk".to_string()))?;
         code = message::status(&response);
     }
     if (200..300).contains(&code) {
@@ -164,7 +167,7 @@ async fn deliver(ctx: &CallContext, outgoing: &Outgoing) -> Result<(u16, Decimal
 
 /// Answers an inbound MESSAGE: 403 for sources no trunk allows, 404 for numbers nobody owns,
 /// 413 for oversized bodies, else 200 once stored; then delivers it to the number's webhook.
-pub async fn receive(ctx: Arc<CallContext>, pool: PgPool, hooks: (reqwest::Client, Signer), new: NewRequest) {
+pub async fn receive(ctx: Arc<SmsContext>, pool: PgPool, hooks: (reqwest::Client, Signer), new: NewRequest) {
     let NewRequest { request, key, peer, .. } = new;
     let snapshot = ctx.snapshot.current();
     let respond = |code: u16, reason: &str| {

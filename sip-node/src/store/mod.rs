@@ -248,7 +248,18 @@ impl Default for StoreOptions {
 /// Handle to record events; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    shared: Arc<Shared>,
+    sink: Sink,
+}
+
+/// Where a [`Store`]'s events go.
+#[derive(Clone)]
+enum Sink {
+    /// Queued for the writer task (and the spool) that writes them to Postgres.
+    Writer(Arc<Shared>),
+    /// Sent to a channel: unit tests check what call logic records without Postgres
+    /// ([`Store::recording`]).
+    #[cfg(test)]
+    Channel(tokio::sync::mpsc::UnboundedSender<StoreEvent>),
 }
 
 /// State shared by the handles and the writer.
@@ -357,8 +368,8 @@ impl Store {
         for event in replayed.events.iter().cloned() {
             store.queue(event, false);
         }
-        let replayed_up_to = store.shared.lock().recorded;
-        task.spool = Some(tokio::spawn(spool::run(Arc::clone(&store.shared), spool, replayed_up_to)));
+        let replayed_up_to = task.shared.lock().recorded;
+        task.spool = Some(tokio::spawn(spool::run(Arc::clone(&task.shared), spool, replayed_up_to)));
         Ok((store, task, replayed))
     }
 
@@ -386,7 +397,15 @@ impl Store {
         });
         let writer = writer::Writer::new(pool, node_id, shared.clone(), options);
         let handle = tokio::spawn(writer.run());
-        (Store { shared: shared.clone() }, StoreTask { shared, handle, spool: None })
+        (Store { sink: Sink::Writer(shared.clone()) }, StoreTask { shared, handle, spool: None })
+    }
+
+    /// A store that writes nothing and sends every recorded event to the returned channel, for
+    /// unit tests of what call logic records.
+    #[cfg(test)]
+    pub(crate) fn recording() -> (Store, tokio::sync::mpsc::UnboundedReceiver<StoreEvent>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (Store { sink: Sink::Channel(tx) }, rx)
     }
 
     /// Queues `event` for writing (and for the spool, when there is one). Never blocks (a short
@@ -397,7 +416,14 @@ impl Store {
     }
 
     fn queue(&self, event: StoreEvent, spool: bool) {
-        let shared = &*self.shared;
+        let shared = match &self.sink {
+            Sink::Writer(shared) => &**shared,
+            #[cfg(test)]
+            Sink::Channel(tx) => {
+                let _ = tx.send(event);
+                return;
+            }
+        };
         let spooled = match &shared.spool {
             Some(counters) if spool && spool::spoolable(&event) => {
                 if counters.bytes.load(Ordering::Relaxed) < counters.max_bytes {
@@ -461,15 +487,26 @@ impl Store {
     /// Waits until every event recorded before the call is written (or refused by the
     /// database as invalid), for at most `limit`. Returns whether it was.
     pub async fn flush(&self, limit: Duration) -> bool {
-        let target = self.shared.lock().recorded;
-        let mut written = self.shared.written.subscribe();
+        let Some(shared) = self.shared() else { return true };
+        let target = shared.lock().recorded;
+        let mut written = shared.written.subscribe();
         tokio::time::timeout(limit, written.wait_for(|written| *written >= target)).await.is_ok_and(|r| r.is_ok())
     }
 
     /// Events recorded and not written yet.
     pub fn pending(&self) -> u64 {
-        let recorded = self.shared.lock().recorded;
-        self.shared.pending(recorded)
+        let Some(shared) = self.shared() else { return 0 };
+        let recorded = shared.lock().recorded;
+        shared.pending(recorded)
+    }
+
+    /// The writer's shared state (`None` for a recording store: nothing is pending).
+    fn shared(&self) -> Option<&Shared> {
+        match &self.sink {
+            Sink::Writer(shared) => Some(shared),
+            #[cfg(test)]
+            Sink::Channel(_) => None,
+        }
     }
 }
 

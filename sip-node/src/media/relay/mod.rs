@@ -38,7 +38,7 @@
 //! Whoever drives a relay (the engine thread, or the bridge session's task) owns its
 //! [`PortPair`]s: when the relay ends (stop, a handle dropped) the ports go back.
 //!
-//! The modules, in the order a packet meets them:
+//! The modules:
 //! - `leg`: one RTP leg (its two sockets, latching, receive-side checks and counters, the
 //!   media timeout), the same for both modes;
 //! - `transform`: what a leg does to the bytes on the wire beyond the relay's own rewriting
@@ -49,8 +49,8 @@
 //! - `bridged`: the caller's leg of a bridged call, driven by the bridge session's task.
 //!
 //! Dependencies run one way: the media engine ([`super::engine`]) drives `two_leg` relays and
-//! hands their handles an [`EngineHold`]; this module does not know the engine. The system calls
-//! are in [`super::sys`].
+//! hands their handles an `EngineHold`; this module does not know the engine. The system calls
+//! are in `media::sys`.
 
 mod bridged;
 mod leg;

@@ -337,3 +337,66 @@ fn outside_a_runtime_is_an_error() {
     assert!(matches!(start_bridged(a, RelayConfig::default()), Err(RelayError::NoRuntime)));
     assert_eq!(allocator.in_use(), 0);
 }
+
+/// A transform that stands for SRTP: what goes out to the leg is XORed and carries a one-byte
+/// tag; what comes in must carry it (else it is dropped) and is XORed back.
+struct Scramble;
+
+impl super::transform::PacketTransform for Scramble {
+    fn inbound(&mut self, packet: &mut [u8], _rtcp: bool) -> Option<usize> {
+        let (tag, body) = packet.split_last_mut()?;
+        if *tag != 0xA5 {
+            return None;
+        }
+        body.iter_mut().for_each(|b| *b ^= 0x5A);
+        Some(body.len())
+    }
+
+    fn outbound(&mut self, buf: &mut [u8], len: usize, _rtcp: bool) -> Option<usize> {
+        buf[..len].iter_mut().for_each(|b| *b ^= 0x5A);
+        buf[len] = 0xA5;
+        Some(len + 1)
+    }
+}
+
+fn scrambled(packet: &[u8]) -> Vec<u8> {
+    let mut out: Vec<u8> = packet.iter().map(|b| b ^ 0x5A).collect();
+    out.push(0xA5);
+    out
+}
+
+#[tokio::test]
+async fn a_legs_transform_sees_every_packet_both_ways() {
+    let allocator = allocator(42160);
+    let caller = peer().await;
+    let callee = peer().await;
+    let (a_ports, b_ports) = (allocator.allocate().unwrap(), allocator.allocate().unwrap());
+    let (to_a, to_b) =
+        (SocketAddr::new(localhost(), a_ports.rtp_port()), SocketAddr::new(localhost(), b_ports.rtp_port()));
+    let (mut relay, _events) = Relay::new(
+        RtpLegSetup { ports: a_ports, media: LegMedia::new(Codec::Pcmu, Some(caller.local_addr().unwrap())) },
+        RtpLegSetup { ports: b_ports, media: LegMedia::new(Codec::Pcmu, Some(callee.local_addr().unwrap())) },
+        RelayConfig::default(),
+    )
+    .unwrap();
+    relay.b.transform = Some(Box::new(Scramble));
+    let counters = relay.counters();
+    let handle = RelayHandle::on_engine(Box::new(engine().add(relay).unwrap()), counters);
+    // Plain from the caller, protected towards the callee.
+    caller.send_to(&rtp(0, 1, 0, 1, &[7; 160]), to_a).await.unwrap();
+    let (packet, _) = recv(&callee).await;
+    assert_eq!(packet.len(), 12 + 160 + 1, "the tag was added");
+    let plain: Vec<u8> = packet[..packet.len() - 1].iter().map(|b| b ^ 0x5A).collect();
+    let p = RtpPacket::parse(&plain).unwrap();
+    assert_eq!(p.payload, &[7; 160]);
+    // Protected from the callee, plain towards the caller; a packet that fails the check is
+    // dropped and counted.
+    callee.send_to(&scrambled(&rtp(0, 1, 0, 2, &[9; 160])), to_b).await.unwrap();
+    let (packet, _) = recv(&caller).await;
+    assert_eq!(RtpPacket::parse(&packet).unwrap().payload, &[9; 160]);
+    callee.send_to(&rtp(0, 2, 160, 2, &[9; 160]), to_b).await.unwrap();
+    nothing(&caller).await;
+    let stats = handle.stats();
+    assert_eq!(stats.b.dropped_invalid, 1);
+    assert_eq!(stats.b.bytes_out, 12 + 160 + 1);
+}

@@ -10,7 +10,7 @@ use rsip::headers::Header;
 use switchboard_model::{AuthMethod, Credential, NumberConfig, TrunkConfig};
 
 use super::record::{AttemptRecord, Ender, Outcome};
-use super::{Call, CallContext, PORTS_RETRY_AFTER};
+use super::{Call, NodeContext, PORTS_RETRY_AFTER};
 use crate::config::Snapshot;
 use crate::sip::digest::Verification;
 use crate::sip::limits::CallPermit;
@@ -47,7 +47,7 @@ pub(super) type Admitted = (NumberConfig, Arc<TrunkConfig>, Target, CallPermit);
 /// Source, number, trunk, authentication, limits and routing, in the order a carrier expects
 /// the answers: 403 for strangers, 404 for numbers nobody owns, 407 for digest, 503 for limits.
 pub(super) async fn admit(
-    ctx: &CallContext,
+    ctx: &NodeContext,
     snapshot: &Snapshot,
     invite: &Request,
     peer: Peer,
@@ -103,7 +103,7 @@ pub(super) async fn admit(
     Ok((number, trunk, target, permit))
 }
 
-pub(super) fn check_digest(ctx: &CallContext, invite: &Request, credential: Option<&Credential>) -> Result<(), Refuse> {
+pub(super) fn check_digest(ctx: &NodeContext, invite: &Request, credential: Option<&Credential>) -> Result<(), Refuse> {
     let Some(credential) = credential else {
         return Err(Refuse::new(403, "trunk uses digest but its Secret is missing"));
     };

@@ -2,7 +2,6 @@
 //! anchors the caller's RTP and bridges it to the agent (Twilio Media Streams).
 
 use chrono::Utc;
-use rsip::Method;
 use rsip::headers::{self, Header};
 use rsip::prelude::*;
 use switchboard_model::Codec;
@@ -12,10 +11,12 @@ use super::record::{AttemptRecord, Ender, Outcome};
 use super::{ALLOW, Call};
 use crate::bridge::BridgeEnd;
 use crate::bridge::answer::AgentAnswer;
+use crate::sip::connected::{
+    AgentSession, Answer, Channels, Connected, Io, Leg, LegChannels, LegSetup, LocalAnswerer, MediaMode, Setup, drive,
+};
 use crate::sip::dialog::Dialog;
 use crate::sip::endpoint::TuEvent;
 use crate::sip::message;
-use crate::sip::message::HangupReason;
 use crate::sip::transaction::response_to;
 use crate::store::StoreEvent;
 
@@ -31,10 +32,9 @@ impl Call {
         a_rx: &mut mpsc::UnboundedReceiver<TuEvent>,
     ) -> Outcome {
         use crate::bridge::{self, BridgeConfig, CallParameters};
-        use crate::media::relay::{LegId, LegMedia, RelayConfig, RelayEvent, RtpLegSetup};
+        use crate::media::relay::{LegMedia, RelayConfig, RtpLegSetup};
         use crate::media::sdp::{
             LocalEndpoint, MediaPolicy, SdpSession, SessionDescription, TELEPHONE_EVENT_PT, answer_offer, create_offer,
-            process_answer,
         };
 
         let setup_at = Utc::now();
@@ -76,7 +76,7 @@ impl Call {
         let codecs = trunk.as_ref().map(|t| t.codecs.clone()).unwrap_or_default();
         let policy = MediaPolicy::new(codecs, LocalEndpoint { address: media.address, rtp_port: pair.rtp_port() });
         let mut session = SdpSession::new(media.address);
-        let (answer, leg_media, mut awaiting_answer) = match &offer {
+        let (answer, leg_media, awaiting_answer) = match &offer {
             Some(offer) => match answer_offer(offer, &policy, &mut session) {
                 Ok((answer, negotiated)) => (answer, LegMedia::from(&negotiated), None),
                 Err(error) => {
@@ -118,7 +118,7 @@ impl Call {
                 return self.refuse_caller(503, format!("AI agent unreachable: {error}"), Some(record(None, None)));
             }
         };
-        let (mut agent, relay, mut relay_events) = match connection
+        let (mut agent, relay, relay_events) = match connection
             .spawn(RtpLegSetup { ports: pair, media: leg_media }, RelayConfig { media_timeout: media.timeout })
         {
             Ok(started) => started,
@@ -129,7 +129,7 @@ impl Call {
 
         // Answer the caller with the node's SDP.
         let contact = self.ctx.endpoint.contact_for(self.a_peer, "");
-        let Some(mut a) = Dialog::as_uas(&self.invite, &self.a_tag, self.a_peer, contact.clone()) else {
+        let Some(a) = Dialog::as_uas(&self.invite, &self.a_tag, self.a_peer, contact.clone()) else {
             let _ = agent.hangup().await;
             return self.refuse_caller(500, "internal: inbound dialog unusable".into(), Some(record(None, None)));
         };
@@ -176,104 +176,40 @@ impl Call {
         }
 
         self.ctx.endpoint.register_dialog(&a.call_id, &a.local_tag, self.a_tx.clone());
-        self.ctx.endpoint.respond(&self.key, ok.clone());
         let answered_at = Utc::now();
         self.answer_at = Some(answered_at);
         self.ctx.store.record(StoreEvent::CallAnswered { call_uuid: self.facts.call_uuid, at: answered_at });
 
-        let mut acked = self.a_peer.protocol.is_reliable();
-        let mut interval = self.ctx.timers.t1;
-        let give_up = tokio::time::Instant::now() + self.ctx.timers.t1 * 64;
-        let retransmit = tokio::time::sleep(interval);
-        tokio::pin!(retransmit);
-        let mut relay_alive = true;
-        let (code, reason, ender) = loop {
-            tokio::select! {
-                () = &mut retransmit, if !acked => {
-                    if tokio::time::Instant::now() >= give_up {
-                        let why = "caller never acknowledged the answer";
-                        self.send_bye(&mut a, &self.a_tx.clone(), &[HangupReason::timer(why).header()]);
-                        break (408, why.to_string(), Ender::System);
-                    }
-                    self.ctx.endpoint.send_stateless(rsip::SipMessage::Response(ok.clone()), self.a_peer);
-                    interval = (interval * 2).min(self.ctx.timers.t2);
-                    retransmit.as_mut().reset(tokio::time::Instant::now() + interval);
-                }
-                () = self.ctx.drain.ending() => {
-                    // `agent.hangup()` below sends the agent its `stop`.
-                    let a_tx = self.a_tx.clone();
-                    let reason = [HangupReason::normal(crate::drain::NODE_SHUTDOWN).header()];
-                    self.bye_and_wait(&mut a, &a_tx, a_rx, &reason).await;
-                    break (200, crate::drain::NODE_SHUTDOWN.to_string(), Ender::System);
-                }
-                end = agent.ended() => {
-                    let a_tx = self.a_tx.clone();
-                    let why = end_reason(&end);
-                    self.bye_and_wait(&mut a, &a_tx, a_rx, &[HangupReason::normal(&why).header()]).await;
-                    break (200, why, Ender::System);
-                }
-                event = relay_events.recv(), if relay_alive => {
-                    if event.is_none() {
-                        // The relay is gone; the bridge notices its closed channels and ends.
-                        relay_alive = false;
-                    }
-                    if let Some(RelayEvent::MediaTimeout { silent_for }) = event {
-                        let a_tx = self.a_tx.clone();
-                        let why = format!("media timeout: no RTP for {} s", silent_for.as_secs());
-                        self.bye_and_wait(&mut a, &a_tx, a_rx, &[HangupReason::timer(&why).header()]).await;
-                        break (408, why, Ender::System);
-                    }
-                }
-                event = a_rx.recv() => match event {
-                    Some(TuEvent::Request { request, key, .. }) => match (request.method, key) {
-                        (Method::Ack, _) => {
-                            acked = true;
-                            if let Some(ours) = awaiting_answer.take() {
-                                let answered = SessionDescription::parse_bytes(&request.body)
-                                    .and_then(|answer| process_answer(&ours, &answer));
-                                match answered {
-                                    Ok(negotiated) => {
-                                        let _ = relay.update_leg(LegId::A, (&negotiated).into());
-                                    }
-                                    Err(error) => {
-                                        tracing::info!(%error, "the caller's ACK has no usable answer to the node's offer");
-                                        let a_tx = self.a_tx.clone();
-                                        let why = format!("caller's answer in ACK: {error}");
-                                        self.bye_and_wait(&mut a, &a_tx, a_rx, &[HangupReason::incompatible(&why).header()]).await;
-                                        break (488, why, Ender::System);
-                                    }
-                                }
-                            }
-                        }
-                        (Method::Bye, Some(key)) => {
-                            self.ctx.endpoint.respond(&key, response_to(&request, 200, Some("OK"), None));
-                            break (200, "caller hung up".into(), Ender::Caller);
-                        }
-                        (Method::Invite | Method::Update, Some(key)) if !request.body.is_empty() => {
-                            // Hold and resume: answer on the same session, move the relay.
-                            acked = true;
-                            let answered = SessionDescription::parse_bytes(&request.body)
-                                .map_err(|e| e.sip_status())
-                                .and_then(|offer| answer_offer(&offer, &policy, &mut session).map_err(|e| e.sip_status()));
-                            match answered {
-                                Ok((answer, negotiated)) => {
-                                    let _ = relay.update_leg(LegId::A, (&negotiated).into());
-                                    let mut response = response_to(&request, 200, Some("OK"), None);
-                                    response.headers.push(Header::Contact(headers::Contact::new(a.contact.clone())));
-                                    message::set_body(&mut response.headers, &mut response.body, answer.to_string().into_bytes(), Some("application/sdp"));
-                                    self.ctx.endpoint.respond(&key, response);
-                                }
-                                Err(code) => self.ctx.endpoint.respond(&key, response_to(&request, code, None, None)),
-                            }
-                        }
-                        (_, Some(key)) => self.ctx.endpoint.respond(&key, response_to(&request, 200, Some("OK"), None)),
-                        (_, None) => {}
-                    },
-                    Some(_) => {}
-                    None => break (500, "internal: channel closed".into(), Ender::System),
-                },
-            }
+        // Connected: the machine answers the caller, retransmits the 2xx until the ACK and
+        // answers hold and resume here (the relay's leg follows).
+        let endpoint = &self.ctx.endpoint;
+        let a_leg = LegSetup {
+            sent_by: endpoint.transport().sent_by(self.a_peer.addr),
+            contact: endpoint.contact_for(self.a_peer, ""),
+            dialog: a,
         };
+        let answer = Answer { key: self.key.clone(), response: ok, reliable: self.a_peer.protocol.is_reliable() };
+        let mut answerer = LocalAnswerer { policy, session: &mut session, awaiting: awaiting_answer, relay: &relay };
+        let setup = Setup {
+            a: Some((a_leg, answer)),
+            b: None,
+            media: MediaMode::AnswerHere(&mut answerer),
+            timers: self.ctx.timers,
+            wait_for_bye: true,
+            max_duration: None,
+        };
+        let (mut machine, first) = Connected::new(setup);
+        let io = Io { endpoint: &self.ctx.endpoint, metrics: &self.ctx.metrics, drain: &self.ctx.drain };
+        let channels = Channels {
+            a: Some(LegChannels { peer: self.a_peer, tx: self.a_tx.clone(), rx: a_rx }),
+            b: None,
+            relay_events: Some(relay_events),
+            agent: Some(AgentSession { handle: &mut agent, reason: end_reason }),
+        };
+        // `agent.hangup()` below sends the agent its `stop` whatever ended the call.
+        let ending = drive(&mut machine, first, &io, channels).await;
+        let dialog = machine.dialog(Leg::A).map(|d| (d.call_id.clone(), d.local_tag.clone()));
+        drop(machine);
         let (end, bridge) = agent.hangup().await;
         let stats = relay.stop().await;
         tracing::info!(
@@ -285,8 +221,11 @@ impl Call {
             end = %end.reason(),
             "agent call media"
         );
-        self.ctx.endpoint.unregister_dialog(&a.call_id, &a.local_tag);
-        Outcome { code, reason, hangup_by: ender, attempt: Some(record(ring_at, Some(answered_at))) }
+        if let Some((call_id, tag)) = dialog {
+            self.ctx.endpoint.unregister_dialog(&call_id, &tag);
+        }
+        let attempt = Some(record(ring_at, Some(answered_at)));
+        Outcome { code: ending.code, reason: ending.reason, hangup_by: ending.by, attempt }
     }
 }
 

@@ -354,4 +354,10 @@ impl Call {
             Err(crate::media::sdp::SdpError::NoAudio)
         }
     }
+
+    /// Sends BYE on a leg with the `Reason` header(s) saying why (RFC 3326).
+    pub(super) fn send_bye(&self, dialog: &mut Dialog, tx: &mpsc::UnboundedSender<TuEvent>, reason: &[Header]) {
+        let bye = dialog.bye(self.ctx.endpoint.via_for(dialog.peer), reason);
+        self.ctx.endpoint.send_request(bye, dialog.peer, tx.clone());
+    }
 }

@@ -1,39 +1,32 @@
-//! The connected phase of a B2BUA call: the caller is answered, in-dialog requests pass
-//! across (re-INVITE, UPDATE, INFO, hold and resume re-offered by the node when media is
-//! anchored), until either side hangs up, the media goes silent or the node stops.
+//! The connected phase of a B2BUA call: the caller is answered and the two legs are handed to
+//! the sans-IO [`Connected`] machine (`sip/connected/`), which passes in-dialog requests
+//! across (re-INVITE, UPDATE, INFO; hold and resume re-offered by the node when media is
+//! anchored), retransmits the 2xx until the ACK, and ends the call when either side hangs up,
+//! the media goes silent or the node stops. This module only sets the machine up and cleans
+//! up after it (dialogs, relay).
 
 use chrono::Utc;
+use rsip::Response;
 use rsip::headers::{self, Header};
 use rsip::prelude::*;
-use rsip::{Method, Request, Response};
 use tokio::sync::mpsc;
 
 use super::media::Anchor;
 use super::record::{AttemptRecord, Ender, Outcome};
-use super::{ALLOW, BYE_WAIT, Call, Leg};
-use crate::media::relay::RelayEvent;
+use super::{ALLOW, Call};
+use crate::sip::connected::{Answer, Channels, Connected, Io, Leg, LegChannels, LegSetup, MediaMode, Setup, drive};
 use crate::sip::dialog::{Dialog, content_type};
 use crate::sip::endpoint::TuEvent;
-use crate::sip::message::{self, HangupReason};
-use crate::sip::transaction::{TransactionKey, response_to};
+use crate::sip::message;
+use crate::sip::transaction::response_to;
 use crate::store::StoreEvent;
 
-/// An in-dialog request forwarded from one leg to the other, waiting for its final response.
-struct Pending {
-    from: Leg,
-    key: TransactionKey,
-    request: Request,
-    cseq: u32,
-    /// The originator's offer when the node re-offered on the other leg (anchored media).
-    offer: Option<crate::media::sdp::SessionDescription>,
-}
-
 impl Call {
-    /// The established phase: answer the caller, then pass in-dialog requests across until
-    /// either side hangs up.
+    /// The established phase: answer the caller, then run the connected machine until the
+    /// call ends.
     pub(super) async fn connected(
         &mut self,
-        mut b: Dialog,
+        b: Dialog,
         answer: Response,
         mut record: AttemptRecord,
         a_rx: &mut mpsc::UnboundedReceiver<TuEvent>,
@@ -46,8 +39,9 @@ impl Call {
                 attempt: Some(record),
             };
         };
-        let contact = self.ctx.endpoint.contact_for(self.a_peer, "");
-        let Some(mut a) = Dialog::as_uas(&self.invite, &self.a_tag, self.a_peer, contact.clone()) else {
+        let endpoint = &self.ctx.endpoint;
+        let contact = endpoint.contact_for(self.a_peer, "");
+        let Some(a) = Dialog::as_uas(&self.invite, &self.a_tag, self.a_peer, contact.clone()) else {
             return Outcome {
                 code: 500,
                 reason: "internal: inbound dialog unusable".into(),
@@ -55,11 +49,10 @@ impl Call {
                 attempt: Some(record),
             };
         };
-        self.ctx.endpoint.register_dialog(&a.call_id, &a.local_tag, self.a_tx.clone());
-        let original_b_cseq = b.local_cseq;
+        endpoint.register_dialog(&a.call_id, &a.local_tag, self.a_tx.clone());
 
         let mut ok = response_to(&self.invite, 200, Some("OK"), Some(&self.a_tag));
-        ok.headers.push(Header::Contact(headers::Contact::new(contact)));
+        ok.headers.push(Header::Contact(headers::Contact::new(contact.clone())));
         ok.headers.push(Header::Allow(ALLOW.into()));
         match self.anchor.as_ref().and_then(Anchor::caller_final_body) {
             Some(sdp) => message::set_body(&mut ok.headers, &mut ok.body, sdp, Some("application/sdp")),
@@ -73,134 +66,48 @@ impl Call {
                 );
             }
         }
-        let mut relay_events = self.anchor.as_mut().and_then(Anchor::take_events);
-        self.ctx.endpoint.respond(&self.key, ok.clone());
+        let mut anchor = self.anchor.take();
+        let relay_events = anchor.as_mut().and_then(Anchor::take_events);
+        let b_peer = b.peer;
+        let a_leg = LegSetup { sent_by: endpoint.transport().sent_by(self.a_peer.addr), contact, dialog: a };
+        let b_leg = LegSetup {
+            sent_by: endpoint.transport().sent_by(b_peer.addr),
+            contact: endpoint.contact_for(b_peer, ""),
+            dialog: b,
+        };
+        let answer = Answer { key: self.key.clone(), response: ok, reliable: self.a_peer.protocol.is_reliable() };
+        let media = match anchor.as_mut() {
+            Some(anchor) => MediaMode::Anchored(anchor),
+            None => MediaMode::PassThrough,
+        };
+        let setup = Setup {
+            a: Some((a_leg, answer)),
+            b: Some(b_leg),
+            media,
+            timers: self.ctx.timers,
+            wait_for_bye: true,
+            max_duration: None,
+        };
+        let (mut machine, first) = Connected::new(setup);
         let answered_at = record.answer_at.unwrap_or_else(Utc::now);
         self.answer_at = Some(answered_at);
         self.ctx.store.record(StoreEvent::CallAnswered { call_uuid: self.facts.call_uuid, at: answered_at });
 
-        // RFC 3261 13.3.1.4: the 2xx is retransmitted until the ACK comes (UDP only).
-        let reliable = self.a_peer.protocol.is_reliable();
-        let mut acked = reliable;
-        let mut interval = self.ctx.timers.t1;
-        let give_up = tokio::time::Instant::now() + self.ctx.timers.t1 * 64;
-        let retransmit = tokio::time::sleep(interval);
-        tokio::pin!(retransmit);
-        let mut pending: Vec<Pending> = Vec::new();
-
-        let (code, reason, ender) = loop {
-            tokio::select! {
-                () = &mut retransmit, if !acked => {
-                    if tokio::time::Instant::now() >= give_up {
-                        tracing::warn!("no ACK for the 200 OK from the caller; ending the call");
-                        let why = "caller never acknowledged the answer";
-                        let reason = [HangupReason::timer(why).header()];
-                        self.send_bye(&mut b, &b_tx, &reason);
-                        self.send_bye(&mut a, &self.a_tx.clone(), &reason);
-                        break (408, why.to_string(), Ender::System);
-                    }
-                    self.ctx.endpoint.send_stateless(rsip::SipMessage::Response(ok.clone()), self.a_peer);
-                    self.ctx.metrics.retransmission();
-                    interval = (interval * 2).min(self.ctx.timers.t2);
-                    retransmit.as_mut().reset(tokio::time::Instant::now() + interval);
-                }
-                () = self.ctx.drain.ending() => {
-                    let reason = [HangupReason::normal(crate::drain::NODE_SHUTDOWN).header()];
-                    self.send_bye(&mut b, &b_tx, &reason);
-                    let a_tx = self.a_tx.clone();
-                    self.bye_and_wait(&mut a, &a_tx, a_rx, &reason).await;
-                    break (200, crate::drain::NODE_SHUTDOWN.to_string(), Ender::System);
-                }
-                event = next_relay_event(&mut relay_events) => match event {
-                    RelayEvent::MediaTimeout { silent_for } => {
-                        tracing::info!(silent_for = ?silent_for, "media timeout");
-                        let why = format!("media timeout: no RTP for {} s", silent_for.as_secs());
-                        let reason = [HangupReason::timer(&why).header()];
-                        self.send_bye(&mut b, &b_tx, &reason);
-                        let a_tx = self.a_tx.clone();
-                        self.bye_and_wait(&mut a, &a_tx, a_rx, &reason).await;
-                        break (408, why, Ender::System);
-                    }
-                    RelayEvent::Dtmf { leg, digit } => tracing::debug!(?leg, ?digit, "DTMF relayed"),
-                    RelayEvent::Latched { leg, source } => tracing::debug!(?leg, %source, "RTP latched"),
-                },
-                event = a_rx.recv() => {
-                    let Some(event) = event else { break (500, "internal: channel closed".into(), Ender::System) };
-                    match event {
-                        TuEvent::Request { request, key, .. } => match (request.method, key) {
-                            (Method::Ack, _) => {
-                                acked = true;
-                                if let Some(anchor) = self.anchor.as_mut().filter(|a| a.awaits_caller_answer()) {
-                                    // Delayed offer: the ACK carries the caller's answer.
-                                    if let Err(error) = anchor.caller_acked(&request.body) {
-                                        tracing::info!(%error, "the caller's ACK has no usable answer to the node's offer");
-                                        let why = format!("caller's answer in ACK: {error}");
-                                        let reason = [HangupReason::incompatible(&why).header()];
-                                        self.send_bye(&mut b, &b_tx, &reason);
-                                        let a_tx = self.a_tx.clone();
-                                        self.bye_and_wait(&mut a, &a_tx, a_rx, &reason).await;
-                                        break (488, why, Ender::System);
-                                    }
-                                    relay_events = anchor.take_events();
-                                }
-                            }
-                            (Method::Bye, Some(key)) => {
-                                self.ctx.endpoint.respond(&key, response_to(&request, 200, Some("OK"), None));
-                                let reason = relayed_reason(&request, "caller hung up");
-                                self.bye_and_wait(&mut b, &b_tx, &mut b_rx, &reason).await;
-                                break (200, "caller hung up".into(), Ender::Caller);
-                            }
-                            (_, Some(key)) => {
-                                acked = true;
-                                let from_contact = a.contact.clone();
-                                self.forward(Leg::A, request, key, &from_contact, &mut b, &b_tx, &mut pending);
-                            }
-                            (_, None) => {}
-                        },
-                        TuEvent::Response(response) => self.relay_final(Leg::A, response, &mut a, &mut pending),
-                        TuEvent::Timeout => self.fail_pending(Leg::A, &mut pending),
-                        TuEvent::Cancelled => {}
-                    }
-                }
-                event = b_rx.recv() => {
-                    let Some(event) = event else { break (500, "internal: channel closed".into(), Ender::System) };
-                    match event {
-                        TuEvent::Request { request, key, .. } => match (request.method, key) {
-                            (Method::Ack, _) => {}
-                            (Method::Bye, Some(key)) => {
-                                self.ctx.endpoint.respond(&key, response_to(&request, 200, Some("OK"), None));
-                                let a_tx = self.a_tx.clone();
-                                let reason = relayed_reason(&request, "callee hung up");
-                                self.bye_and_wait(&mut a, &a_tx, a_rx, &reason).await;
-                                break (200, "callee hung up".into(), Ender::Callee);
-                            }
-                            (_, Some(key)) => {
-                                let from_contact = b.contact.clone();
-                                let a_tx = self.a_tx.clone();
-                                self.forward(Leg::B, request, key, &from_contact, &mut a, &a_tx, &mut pending);
-                            }
-                            (_, None) => {}
-                        },
-                        TuEvent::Response(response) => {
-                            let is_original_2xx = matches!(message::cseq(&response), Some((n, Method::Invite)) if n == original_b_cseq)
-                                && (200..300).contains(&message::status(&response));
-                            if is_original_2xx {
-                                // Our ACK was lost: the callee retransmits its 2xx.
-                                let ack = b.request(Method::Ack, self.ctx.endpoint.via_for(b.peer), Some(original_b_cseq), None);
-                                self.ctx.endpoint.send_stateless(rsip::SipMessage::Request(ack), b.peer);
-                            } else {
-                                self.relay_final(Leg::B, response, &mut b, &mut pending);
-                            }
-                        }
-                        TuEvent::Timeout => self.fail_pending(Leg::B, &mut pending),
-                        TuEvent::Cancelled => {}
-                    }
-                }
-            }
+        let io = Io { endpoint: &self.ctx.endpoint, metrics: &self.ctx.metrics, drain: &self.ctx.drain };
+        let channels = Channels {
+            a: Some(LegChannels { peer: self.a_peer, tx: self.a_tx.clone(), rx: a_rx }),
+            b: Some(LegChannels { peer: b_peer, tx: b_tx, rx: &mut b_rx }),
+            relay_events,
+            agent: None,
         };
-        self.ctx.endpoint.unregister_dialog(&a.call_id, &a.local_tag);
-        self.ctx.endpoint.unregister_dialog(&b.call_id, &b.local_tag);
-        if let Some(anchor) = self.anchor.take()
+        let ending = drive(&mut machine, first, &io, channels).await;
+        for leg in [Leg::A, Leg::B] {
+            if let Some(dialog) = machine.dialog(leg) {
+                self.ctx.endpoint.unregister_dialog(&dialog.call_id, &dialog.local_tag);
+            }
+        }
+        drop(machine);
+        if let Some(anchor) = anchor
             && let Some(stats) = anchor.stop().await
         {
             tracing::info!(
@@ -212,167 +119,6 @@ impl Call {
             );
         }
         record.answer_at = Some(answered_at);
-        Outcome { code, reason, hangup_by: ender, attempt: Some(record) }
+        Outcome { code: ending.code, reason: ending.reason, hangup_by: ending.by, attempt: Some(record) }
     }
-
-    /// Passes an in-dialog request (re-INVITE, UPDATE, INFO, ...) from one leg to the other.
-    /// With anchored media an offer is not passed but re-offered by the node on the other leg
-    /// (mirroring its direction: hold and resume), and a re-INVITE without an offer is
-    /// answered here with the node's current SDP.
-    #[allow(clippy::too_many_arguments)]
-    fn forward(
-        &mut self,
-        from: Leg,
-        request: Request,
-        key: TransactionKey,
-        from_contact: &str,
-        other: &mut Dialog,
-        other_tx: &mpsc::UnboundedSender<TuEvent>,
-        pending: &mut Vec<Pending>,
-    ) {
-        let ct = content_type(&request.headers);
-        let mut body =
-            (!request.body.is_empty()).then(|| (ct.clone().unwrap_or("application/sdp".into()), request.body.clone()));
-        let mut offer = None;
-        let is_sdp = ct.as_deref().is_none_or(|ct| ct.to_ascii_lowercase().starts_with("application/sdp"));
-        if let Some(anchor) = self.anchor.as_mut()
-            && matches!(request.method, Method::Invite | Method::Update)
-        {
-            if request.body.is_empty() && request.method == Method::Invite {
-                let mut response = response_to(&request, 200, Some("OK"), None);
-                response.headers.push(Header::Contact(headers::Contact::new(from_contact.to_string())));
-                if let Some(sdp) = anchor.last_sent(from) {
-                    message::set_body(&mut response.headers, &mut response.body, sdp, Some("application/sdp"));
-                }
-                self.ctx.endpoint.respond(&key, response);
-                return;
-            }
-            if !request.body.is_empty() && is_sdp {
-                match anchor.reoffer(from, &request.body) {
-                    Ok((parsed, ours)) => {
-                        offer = Some(parsed);
-                        body = Some(("application/sdp".into(), ours));
-                    }
-                    Err(error) => {
-                        tracing::info!(%error, leg = ?from, "re-offer refused");
-                        self.ctx.endpoint.respond(&key, response_to(&request, error.sip_status(), None, None));
-                        return;
-                    }
-                }
-            }
-        }
-        let body = body.as_ref().map(|(ct, bytes)| (ct.as_str(), bytes.clone()));
-        let forwarded = other.request(request.method, self.ctx.endpoint.via_for(other.peer), None, body);
-        let cseq = other.local_cseq;
-        self.ctx.endpoint.send_request(forwarded, other.peer, other_tx.clone());
-        pending.push(Pending { from, key, request, cseq, offer });
-    }
-
-    /// Relays the final response to a forwarded request back to the leg it came from; `leg` is
-    /// the leg the response arrived on. A 2xx to a forwarded re-INVITE is ACKed here.
-    fn relay_final(&mut self, leg: Leg, response: Response, dialog: &mut Dialog, pending: &mut Vec<Pending>) {
-        let Some((number, method)) = message::cseq(&response) else { return };
-        let mut code = message::status(&response);
-        let Some(index) = pending.iter().position(|p| p.from != leg && p.cseq == number && p.request.method == method)
-        else {
-            return;
-        };
-        if code < 200 {
-            return;
-        }
-        let p = pending.remove(index);
-        if method == Method::Invite && (200..300).contains(&code) {
-            let ack = dialog.request(Method::Ack, self.ctx.endpoint.via_for(dialog.peer), Some(number), None);
-            self.ctx.endpoint.send_stateless(rsip::SipMessage::Request(ack), dialog.peer);
-        }
-        let mut body = (!response.body.is_empty())
-            .then(|| (content_type(&response.headers).unwrap_or("application/sdp".into()), response.body.clone()));
-        if let (Some(offer), Some(anchor)) = (p.offer.as_ref(), self.anchor.as_mut()) {
-            body = None;
-            if (200..300).contains(&code) {
-                match anchor.reanswer(p.from, offer, &response.body) {
-                    Ok(answer) => body = Some(("application/sdp".into(), answer)),
-                    Err(error) => {
-                        tracing::info!(%error, "the other leg's answer to a re-offer is unusable");
-                        code = 488;
-                    }
-                }
-            }
-        }
-        let mut relayed = response_to(&p.request, code, None, None);
-        if matches!(method, Method::Invite | Method::Update) && (200..300).contains(&code) {
-            let peer = if p.from == Leg::A { self.a_peer } else { dialog.peer };
-            relayed.headers.push(Header::Contact(headers::Contact::new(self.ctx.endpoint.contact_for(peer, ""))));
-        }
-        if let Some((ct, bytes)) = body {
-            message::set_body(&mut relayed.headers, &mut relayed.body, bytes, Some(&ct));
-        }
-        self.ctx.endpoint.respond(&p.key, relayed);
-    }
-
-    /// A forwarded request timed out on `leg`: answer its originator with 408.
-    fn fail_pending(&self, leg: Leg, pending: &mut Vec<Pending>) {
-        pending.retain(|p| {
-            if p.from != leg {
-                self.ctx.endpoint.respond(&p.key, response_to(&p.request, 408, None, None));
-                false
-            } else {
-                true
-            }
-        });
-    }
-
-    /// Sends BYE on a leg with the `Reason` header(s) saying why (RFC 3326).
-    pub(super) fn send_bye(&self, dialog: &mut Dialog, tx: &mpsc::UnboundedSender<TuEvent>, reason: &[Header]) {
-        let bye = dialog.bye(self.ctx.endpoint.via_for(dialog.peer), reason);
-        self.ctx.endpoint.send_request(bye, dialog.peer, tx.clone());
-    }
-
-    /// Sends BYE on a leg and waits (bounded) for its final response.
-    pub(super) async fn bye_and_wait(
-        &self,
-        dialog: &mut Dialog,
-        tx: &mpsc::UnboundedSender<TuEvent>,
-        rx: &mut mpsc::UnboundedReceiver<TuEvent>,
-        reason: &[Header],
-    ) {
-        self.send_bye(dialog, tx, reason);
-        let bye_cseq = dialog.local_cseq;
-        let _ = tokio::time::timeout(BYE_WAIT, async {
-            while let Some(event) = rx.recv().await {
-                match event {
-                    TuEvent::Response(r)
-                        if message::cseq(&r) == Some((bye_cseq, Method::Bye)) && message::status(&r) >= 200 =>
-                    {
-                        return;
-                    }
-                    TuEvent::Timeout => return,
-                    TuEvent::Request { request, key: Some(key), .. } => {
-                        // A crossing BYE (both hung up at once) or anything else: answer it.
-                        let code = if request.method == Method::Bye { 200 } else { 481 };
-                        self.ctx.endpoint.respond(&key, response_to(&request, code, None, None));
-                    }
-                    _ => {}
-                }
-            }
-        })
-        .await;
-    }
-}
-/// The next event of a call's relay; never resolves when there is none.
-async fn next_relay_event(events: &mut Option<mpsc::Receiver<RelayEvent>>) -> RelayEvent {
-    if let Some(rx) = events.as_mut()
-        && let Some(event) = rx.recv().await
-    {
-        return event;
-    }
-    *events = None;
-    std::future::pending().await
-}
-
-/// The Reason to put on the BYE relayed to the other leg: the hanging-up side's own, else
-/// normal clearing with `text`.
-fn relayed_reason(request: &Request, text: &str) -> Vec<Header> {
-    let theirs = message::reason_headers(request);
-    if theirs.is_empty() { vec![HangupReason::normal(text).header()] } else { theirs }
 }

@@ -385,3 +385,29 @@ impl Anchor {
 fn other_leg(leg: Leg) -> Leg {
     if leg == Leg::A { Leg::B } else { Leg::A }
 }
+
+impl crate::sip::connected::AnchoredMedia for Anchor {
+    fn awaits_caller_answer(&self) -> bool {
+        Anchor::awaits_caller_answer(self)
+    }
+
+    fn caller_acked(&mut self, body: &[u8]) -> Result<(), SdpError> {
+        Anchor::caller_acked(self, body)
+    }
+
+    fn last_sent(&self, leg: Leg) -> Option<Vec<u8>> {
+        Anchor::last_sent(self, leg)
+    }
+
+    fn reoffer(&mut self, from: Leg, body: &[u8]) -> Result<(SessionDescription, Vec<u8>), SdpError> {
+        Anchor::reoffer(self, from, body)
+    }
+
+    fn reanswer(&mut self, from: Leg, offer: &SessionDescription, body: &[u8]) -> Result<Vec<u8>, SdpError> {
+        Anchor::reanswer(self, from, offer, body)
+    }
+
+    fn take_events(&mut self) -> Option<mpsc::Receiver<RelayEvent>> {
+        Anchor::take_events(self)
+    }
+}

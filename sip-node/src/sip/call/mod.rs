@@ -8,7 +8,8 @@
 //! node's own SDP and RTP flows through the relay; calls to AI agents are in `agent.rs`.
 //!
 //! The call's modules, in the order a call goes through them: `admission` (is the INVITE let
-//! in?), `attempts` (targets, outbound INVITEs, failover), `connected` (the answered call),
+//! in?), `attempts` (targets, outbound INVITEs, failover), `connected` (the answered call, run by the
+//! sans-IO machine of `sip::connected`),
 //! `record` (CDRs, active row, metrics when it ends).
 
 use std::sync::Arc;
@@ -22,8 +23,8 @@ use switchboard_model::{Direction, TrunkConfig};
 use tokio::sync::mpsc;
 use tracing::Instrument as _;
 
-pub use super::ALLOW;
-pub use super::context::{MediaContext, NodeContext as CallContext};
+use super::ALLOW;
+use super::context::{MediaContext, NodeContext};
 use super::endpoint::{NewRequest, TuEvent};
 use super::guard::SourceClass;
 use super::limits::CallPermit;
@@ -41,11 +42,10 @@ mod connected;
 pub(super) mod media;
 mod record;
 
+use super::connected::Leg;
 use admission::{admit, admitted_trunk, reason_header};
 use media::Anchor;
 
-/// How long the node waits for the far side to confirm a BYE before it forgets the call.
-const BYE_WAIT: Duration = Duration::from_secs(4);
 /// How long an outbound leg may ring before the node gives up with 480 (the transaction layer
 /// has no timer once a provisional response arrived).
 const RING_TIMEOUT: Duration = Duration::from_secs(120);
@@ -58,7 +58,7 @@ const PORTS_RETRY_AFTER: &str = "5";
 
 /// Answers out-of-dialog requests: INVITEs become calls, OPTIONS is answered, the rest is
 /// refused with the right code. Runs until the endpoint stops.
-pub async fn route_requests(ctx: Arc<CallContext>, mut requests: mpsc::Receiver<NewRequest>) {
+pub async fn route_requests(ctx: Arc<NodeContext>, mut requests: mpsc::Receiver<NewRequest>) {
     while let Some(NewRequest { request, key, peer, source }) = requests.recv().await {
         match request.method {
             Method::Invite | Method::Options if ctx.drain.is_draining() => {
@@ -102,7 +102,12 @@ pub async fn route_requests(ctx: Arc<CallContext>, mut requests: mpsc::Receiver<
                 let ctx = Arc::clone(&ctx);
                 let pool = ctx.pool.clone();
                 let hooks = ctx.webhooks.clone();
-                tokio::spawn(super::sms::receive(ctx, pool, hooks, NewRequest { request, key, peer, source }));
+                tokio::spawn(super::sms::receive(
+                    Arc::new(ctx.sms()),
+                    pool,
+                    hooks,
+                    NewRequest { request, key, peer, source },
+                ));
             }
             Method::Options => {
                 let mut response = response_to(&request, 200, Some("OK"), Some(&new_tag()));
@@ -133,7 +138,7 @@ struct CallFacts {
     inbound_trunk: Option<Arc<TrunkConfig>>,
 }
 
-async fn inbound_call(ctx: Arc<CallContext>, invite: Request, key: TransactionKey, peer: Peer) {
+async fn inbound_call(ctx: Arc<NodeContext>, invite: Request, key: TransactionKey, peer: Peer) {
     let snapshot = ctx.snapshot.current();
     let (a_tx, mut a_rx) = mpsc::unbounded_channel();
     ctx.endpoint.attach(&key, a_tx.clone());
@@ -207,7 +212,7 @@ async fn inbound_call(ctx: Arc<CallContext>, invite: Request, key: TransactionKe
 }
 
 struct Call {
-    ctx: Arc<CallContext>,
+    ctx: Arc<NodeContext>,
     snapshot: Arc<Snapshot>,
     invite: Request,
     key: TransactionKey,
@@ -223,11 +228,4 @@ struct Call {
     b_tx: Option<mpsc::UnboundedSender<TuEvent>>,
     /// The call's anchored media (`None`: SDP passes through).
     anchor: Option<Anchor>,
-}
-
-/// Which leg a message belongs to.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Leg {
-    A,
-    B,
 }

@@ -7,23 +7,19 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use rsip::headers::{self, Header};
-use rsip::{Method, prelude::*};
 use switchboard_model::TrunkConfig;
-use tokio::sync::mpsc;
 
+use super::super::connected::{AgentSession, LocalAnswerer, MediaMode};
 use super::super::context::MediaContext;
 use super::super::dialog::Dialog;
-use super::super::endpoint::TuEvent;
-use super::super::message::{self, HangupReason};
-use super::super::transaction::response_to;
-use super::CallContext;
-use crate::bridge::{self, BridgeConfig, CallParameters};
+use super::super::message::HangupReason;
+use super::NodeContext;
+use super::connected::{CalleeLeg, run_connected};
+use crate::bridge::{self, BridgeConfig, BridgeEnd, CallParameters};
 use crate::media::ports::{PortError, PortPair};
-use crate::media::relay::{LegId, RelayConfig, RelayEvent, RtpLegSetup};
+use crate::media::relay::{RelayConfig, RtpLegSetup};
 use crate::media::sdp::{
-    LocalEndpoint, MediaPolicy, NegotiatedMedia, SdpError, SdpSession, SessionDescription, answer_offer, create_offer,
-    process_answer,
+    LocalEndpoint, MediaPolicy, NegotiatedMedia, SdpError, SdpSession, SessionDescription, create_offer, process_answer,
 };
 use crate::store::HangupBy;
 
@@ -89,23 +85,19 @@ pub(super) struct AgentTarget {
 }
 
 /// Bridges the answered callee to the agent until one of them ends the call, the media goes
-/// silent or `max_duration` passes; returns who ended it and why (for the CDR).
-#[allow(clippy::too_many_arguments)]
+/// silent or the maximum duration passes; returns who ended it and why (for the CDR).
 pub(super) async fn bridge_to_agent(
-    ctx: &CallContext,
-    dialog: &mut Dialog,
-    tx: &mpsc::UnboundedSender<TuEvent>,
-    rx: &mut mpsc::UnboundedReceiver<TuEvent>,
-    invite_cseq: u32,
+    ctx: &NodeContext,
+    leg: CalleeLeg<'_>,
     mut media: ApiMedia,
     negotiated: NegotiatedMedia,
     agent: AgentTarget,
-    max_duration: Duration,
 ) -> (HangupBy, String) {
     // Sends BYE with the Reason (RFC 3326) and returns the text for the CDR.
-    let bye = |dialog: &mut Dialog, reason: HangupReason| {
+    let bye = |dialog: &Dialog, reason: HangupReason| {
+        let mut dialog = dialog.clone();
         let request = dialog.bye(ctx.endpoint.via_for(dialog.peer), &[reason.header()]);
-        ctx.endpoint.send_request(request, dialog.peer, tx.clone());
+        ctx.endpoint.send_request(request, dialog.peer, leg.tx.clone());
         reason.text
     };
     let mut config = BridgeConfig::new(agent.url.clone(), &agent.parameters);
@@ -117,76 +109,29 @@ pub(super) async fn bridge_to_agent(
     let connection = match bridge::connect(config).await {
         Ok(connection) => connection,
         Err(error) => {
-            return (HangupBy::System, bye(dialog, HangupReason::normal(format!("AI agent unreachable: {error}"))));
+            return (HangupBy::System, bye(leg.dialog, HangupReason::normal(format!("AI agent unreachable: {error}"))));
         }
     };
     let Some(pair) = media.pair.take() else {
-        return (HangupBy::System, bye(dialog, HangupReason::normal("internal: the call's RTP ports are gone")));
+        return (HangupBy::System, bye(leg.dialog, HangupReason::normal("internal: the call's RTP ports are gone")));
     };
-    let (mut handle, relay, mut events) = match connection
+    let (mut handle, relay, events) = match connection
         .spawn(RtpLegSetup { ports: pair, media: (&negotiated).into() }, RelayConfig { media_timeout: media.timeout })
     {
         Ok(started) => started,
         Err(error) => {
-            return (HangupBy::System, bye(dialog, HangupReason::normal(format!("cannot start media: {error}"))));
+            return (HangupBy::System, bye(leg.dialog, HangupReason::normal(format!("cannot start media: {error}"))));
         }
     };
-    let limit = tokio::time::sleep(max_duration);
-    tokio::pin!(limit);
-    let ended = loop {
-        tokio::select! {
-            end = handle.ended() => {
-                break (HangupBy::System, bye(dialog, HangupReason::normal(format!("agent ended the call: {}", end.reason()))));
-            }
-            event = events.recv() => {
-                if let Some(RelayEvent::MediaTimeout { silent_for }) = event {
-                    let why = format!("media timeout: no RTP for {} s", silent_for.as_secs());
-                    break (HangupBy::System, bye(dialog, HangupReason::timer(why)));
-                }
-            }
-            event = rx.recv() => match event {
-                Some(TuEvent::Request { request, key: Some(key), .. }) => {
-                    if request.method == Method::Bye {
-                        ctx.endpoint.respond(&key, response_to(&request, 200, Some("OK"), None));
-                        break (HangupBy::Callee, "callee hung up".into());
-                    }
-                    let offer = matches!(request.method, Method::Invite | Method::Update) && !request.body.is_empty();
-                    if !offer {
-                        ctx.endpoint.respond(&key, response_to(&request, 200, Some("OK"), None));
-                        continue;
-                    }
-                    // Hold and resume from the callee: answered here, the relay follows.
-                    let policy = media.policy();
-                    let answered = SessionDescription::parse_bytes(&request.body)
-                        .and_then(|offer| answer_offer(&offer, &policy, &mut media.session));
-                    match answered {
-                        Ok((answer, negotiated)) => {
-                            let _ = relay.update_leg(LegId::A, (&negotiated).into());
-                            let mut response = response_to(&request, 200, Some("OK"), None);
-                            response.headers.push(Header::Contact(headers::Contact::new(dialog.contact.clone())));
-                            message::set_body(&mut response.headers, &mut response.body, answer.to_string().into_bytes(), Some("application/sdp"));
-                            ctx.endpoint.respond(&key, response);
-                        }
-                        Err(error) => ctx.endpoint.respond(&key, response_to(&request, error.sip_status(), None, None)),
-                    }
-                }
-                Some(TuEvent::Response(response)) if message::cseq(&response) == Some((invite_cseq, Method::Invite)) => {
-                    // The callee did not get our ACK and retransmits its 2xx.
-                    let ack = dialog.request(Method::Ack, ctx.endpoint.via_for(dialog.peer), Some(invite_cseq), None);
-                    ctx.endpoint.send_stateless(rsip::SipMessage::Request(ack), dialog.peer);
-                }
-                None => break (HangupBy::System, "internal: channel closed".into()),
-                _ => {}
-            },
-            () = ctx.drain.ending() => {
-                // `handle.hangup()` below sends the agent its `stop`.
-                break (HangupBy::System, bye(dialog, HangupReason::normal(crate::drain::NODE_SHUTDOWN)));
-            }
-            () = &mut limit => {
-                break (HangupBy::System, bye(dialog, HangupReason::normal("maximum call duration reached")));
-            }
-        }
-    };
+    // Hold and resume from the callee are answered here; the relay follows.
+    let policy = media.policy();
+    let mut answerer = LocalAnswerer { policy, session: &mut media.session, awaiting: None, relay: &relay };
+    let agent_end: fn(&BridgeEnd) -> String = |end| format!("agent ended the call: {}", end.reason());
+    let media_mode = MediaMode::AnswerHere(&mut answerer);
+    let agent = AgentSession { handle: &mut handle, reason: agent_end };
+    let ended = run_connected(ctx, leg, media_mode, Some(events), Some(agent)).await;
+    drop(answerer);
+    // `hangup()` sends the agent its `stop` whatever ended the call.
     let (_, stats) = handle.hangup().await;
     let relay_stats = relay.stop().await;
     tracing::info!(

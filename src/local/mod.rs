@@ -7,30 +7,27 @@
 //! node that exits is restarted with backoff. Ctrl-C or SIGTERM stops the node, then the
 //! private Postgres, and exits 0.
 
+mod node;
+mod watch;
+
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use nix::sys::signal::Signal;
-use notify_debouncer_full::notify::{self, EventKind, RecommendedWatcher, RecursiveMode};
-use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
 use sqlx::PgPool;
 use switchboard_model::db::{self, DbError};
 use switchboard_model::logging::LogFormat;
 use switchboard_operator::reconcile::{ReconcileReport, Reconciler};
-use switchboard_operator::source::folder::{FolderSource, is_manifest};
+use switchboard_operator::source::folder::FolderSource;
 use switchboard_operator::source::{DesiredState, DesiredStateSource, ResourceKey, SourceError};
-use tokio::process::{Child, Command};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::postgres::{Postgres, PostgresError};
-use crate::process::{self, Backoff};
+use crate::process::Backoff;
+use node::{NodeSupervisor, node_command};
+use watch::{follow_changes, watch_folder};
 
-/// Quiet time after a file change before the folder is reconciled.
-const DEBOUNCE: Duration = Duration::from_millis(100);
 /// Connections of local mode's own pool.
 const POOL_SIZE: u32 = 5;
 /// Attempts at the first connection before local mode gives up.
@@ -39,10 +36,6 @@ const CONNECT_ATTEMPTS: u32 = 3;
 const RETRY_INITIAL: Duration = Duration::from_millis(500);
 /// ... up to this one.
 const RETRY_MAX: Duration = Duration::from_secs(30);
-/// A node that ran this long before exiting restarts after the shortest delay again.
-const NODE_STABLE_RUN: Duration = Duration::from_secs(60);
-/// How long a node may take to stop after SIGTERM before it is killed.
-const NODE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Arguments of `switchboard local`.
 #[derive(clap::Args, Debug)]
@@ -148,7 +141,7 @@ async fn serve_with_pool(
     let secrets = private_dir().map_err(|e| LocalError::Api(format!("cannot create a private directory: {e}")))?;
     let webhook_secret = webhook_secret();
     let api = start_api(args, pool, secrets.path()).await?;
-    // Ends the rows of nodes that died and expires queued call requests (operator/src/reaper.rs).
+    // Ends the rows of nodes that died and expires queued call requests (operator/src/reaper/).
     let reaper = tokio::spawn(switchboard_operator::reaper::run(pool.clone(), args.reaper.clone(), api.stop.clone()));
     let node = if args.no_node {
         None
@@ -334,235 +327,6 @@ fn join_keys(keys: &[ResourceKey]) -> String {
     keys.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
 }
 
-type FolderWatcher = Debouncer<RecommendedWatcher, RecommendedCache>;
-
-/// Watches `dir` recursively; debounced batches of events arrive on the receiver. The watcher
-/// stops when the returned handle is dropped.
-fn watch_folder(dir: &Path) -> Result<(FolderWatcher, mpsc::UnboundedReceiver<DebounceEventResult>), LocalError> {
-    let watch_error = |error| LocalError::Watch { path: dir.to_path_buf(), error };
-    let (sender, receiver) = mpsc::unbounded_channel();
-    let mut debouncer = new_debouncer(DEBOUNCE, None, move |result: DebounceEventResult| {
-        let _ = sender.send(result);
-    })
-    .map_err(watch_error)?;
-    debouncer.watch(dir, RecursiveMode::Recursive).map_err(watch_error)?;
-    Ok((debouncer, receiver))
-}
-
-/// Re-runs the full reconcile after every relevant change until shutdown is requested.
-async fn follow_changes(
-    source: &FolderSource,
-    reconciler: &Reconciler,
-    changes: &mut mpsc::UnboundedReceiver<DebounceEventResult>,
-    shutdown: &mut Shutdown,
-) {
-    loop {
-        let batch = tokio::select! {
-            batch = changes.recv() => batch,
-            () = shutdown.requested() => return,
-        };
-        let Some(batch) = batch else {
-            // The watcher is gone; nothing more to follow.
-            return shutdown.requested().await;
-        };
-        // Coalesce everything that queued up meanwhile into one pass.
-        let mut relevant = batch_is_relevant(batch);
-        while let Ok(more) = changes.try_recv() {
-            relevant |= batch_is_relevant(more);
-        }
-        if !relevant {
-            continue;
-        }
-        match reconcile_with_retry(source, reconciler, shutdown).await {
-            Ok(Some(pass)) => log_report(&pass.report),
-            Ok(None) => return,
-            Err(error) => tracing::warn!("{error}; the configuration in effect stays as it is"),
-        }
-    }
-}
-
-/// True when a debounced batch touches manifests. Watch errors are logged and count as a
-/// change (a full reconcile is harmless when nothing changed).
-fn batch_is_relevant(batch: DebounceEventResult) -> bool {
-    match batch {
-        Ok(events) => events.iter().any(|event| is_relevant(&event.event)),
-        Err(errors) => {
-            for error in errors {
-                tracing::warn!("watching the manifest folder: {error}");
-            }
-            true
-        }
-    }
-}
-
-/// True for a created, modified, removed or renamed `*.yaml`/`*.yml` file, and for folders
-/// appearing, disappearing or being renamed (they may carry manifests).
-fn is_relevant(event: &notify::Event) -> bool {
-    use notify::event::{CreateKind, ModifyKind, RemoveKind};
-    match event.kind {
-        EventKind::Access(_) => false,
-        EventKind::Create(CreateKind::Folder) | EventKind::Remove(RemoveKind::Folder) => true,
-        EventKind::Modify(ModifyKind::Name(_)) => {
-            event.paths.iter().any(|path| is_manifest(path) || path.extension().is_none())
-        }
-        _ => event.paths.iter().any(|path| is_manifest(path)),
-    }
-}
-
-/// How to start the SIP node: this executable, `node --node-id ID` with DATABASE_URL set.
-#[derive(Debug, Clone)]
-struct NodeCommand {
-    exe: PathBuf,
-    database_url: String,
-    node_id: String,
-    log_format: LogFormat,
-    /// The node's `--state-dir` (spool, saved configuration): private to this local run and
-    /// removed with it, so that a later run on a fresh database never replays this run's
-    /// spool. `None` when `SWITCHBOARD_STATE_DIR` names one, which the node then inherits.
-    state_dir: Option<std::sync::Arc<tempfile::TempDir>>,
-    /// Passed in the environment (not argv, where `ps` shows it).
-    webhook_secret: String,
-    /// The API's egress allow-list, which the node applies to the same URLs.
-    egress_allow: String,
-}
-
-fn node_command(
-    args: &LocalArgs,
-    postgres: &Postgres,
-    log_format: LogFormat,
-    webhook_secret: &WebhookSecret,
-) -> Result<NodeCommand, LocalError> {
-    Ok(NodeCommand {
-        exe: std::env::current_exe().map_err(LocalError::CurrentExe)?,
-        database_url: postgres.url().to_string(),
-        node_id: args.node_id.clone(),
-        log_format,
-        state_dir: match std::env::var_os("SWITCHBOARD_STATE_DIR") {
-            Some(_) => None,
-            None => Some(std::sync::Arc::new(
-                tempfile::Builder::new().prefix("switchboard-local-node-").tempdir().map_err(LocalError::StateDir)?,
-            )),
-        },
-        webhook_secret: webhook_secret.value.clone(),
-        egress_allow: args.api.egress_allow.join(","),
-    })
-}
-
-impl NodeCommand {
-    /// Starts the node with inherited stdout/stderr, in its own process group (so that a
-    /// terminal Ctrl-C reaches local mode only, which then stops the node in order).
-    fn spawn(&self) -> Result<Child, LocalError> {
-        let log_format = match self.log_format {
-            LogFormat::Text => "text",
-            LogFormat::Json => "json",
-        };
-        let mut command = Command::new(&self.exe);
-        command
-            .args(["--log-format", log_format, "node", "--node-id", &self.node_id])
-            // Ctrl-C on a workstation stops now; draining calls is for rolling updates.
-            .args(["--drain-seconds", "0"])
-            // Through the environment, not argv: the URL may carry a password, and argv is
-            // visible to every user in `ps`.
-            .env("DATABASE_URL", &self.database_url)
-            .env("SWITCHBOARD_WEBHOOK_SECRET", &self.webhook_secret)
-            .env("SWITCHBOARD_EGRESS_ALLOW", &self.egress_allow)
-            .stdin(Stdio::null())
-            .process_group(0)
-            .kill_on_drop(true);
-        if let Some(dir) = &self.state_dir {
-            command.arg("--state-dir").arg(dir.path());
-        }
-        process::die_with_parent(&mut command, Signal::SIGTERM);
-        command.spawn().map_err(|error| LocalError::SpawnNode { exe: self.exe.clone(), error })
-    }
-}
-
-/// The SIP node child process and the task that restarts it when it exits.
-struct NodeSupervisor {
-    first_pid: u32,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
-}
-
-impl NodeSupervisor {
-    /// Starts the node and supervises it in a background task.
-    fn start(command: NodeCommand) -> Result<Self, LocalError> {
-        let child = command.spawn()?;
-        let first_pid = child.id().unwrap_or_default();
-        tracing::info!(node_id = %command.node_id, pid = first_pid, "started SIP node");
-        let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(supervise(command, child, stopped));
-        Ok(Self { first_pid, stop, task })
-    }
-
-    /// Stops the node (SIGTERM, bounded wait, SIGKILL) and the supervision.
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = self.task.await;
-    }
-}
-
-/// Waits for the node to exit and restarts it with backoff, until `stop` fires.
-async fn supervise(command: NodeCommand, mut child: Child, mut stop: oneshot::Receiver<()>) {
-    let mut backoff = Backoff::new(Duration::from_secs(1), RETRY_MAX);
-    loop {
-        let started = Instant::now();
-        let Some(exit) = wait_or_stop(&mut child, &mut stop).await else {
-            return;
-        };
-        if started.elapsed() >= NODE_STABLE_RUN {
-            backoff.reset();
-        }
-        let reason = format!("exited unexpectedly ({exit})");
-        let Some(next) = restart(&command, reason, &mut backoff, &mut stop).await else {
-            return;
-        };
-        child = next;
-    }
-}
-
-/// Waits for the node to exit (`Some(exit status)`), or for `stop`: then stops it and returns
-/// `None`.
-async fn wait_or_stop(child: &mut Child, stop: &mut oneshot::Receiver<()>) -> Option<String> {
-    tokio::select! {
-        status = child.wait() => Some(match status {
-            Ok(status) => status.to_string(),
-            Err(error) => error.to_string(),
-        }),
-        _ = stop => {
-            let pid = child.id();
-            if !process::stop_child(child, Signal::SIGTERM, NODE_STOP_TIMEOUT).await {
-                tracing::warn!(?pid, "SIP node did not stop within {NODE_STOP_TIMEOUT:?}; killed it");
-            }
-            None
-        }
-    }
-}
-
-/// Sleeps with backoff and starts the node again until it starts; `None` when `stop` fires.
-async fn restart(
-    command: &NodeCommand,
-    mut reason: String,
-    backoff: &mut Backoff,
-    stop: &mut oneshot::Receiver<()>,
-) -> Option<Child> {
-    loop {
-        let delay = backoff.next_delay();
-        tracing::warn!(node_id = %command.node_id, "SIP node {reason}; restarting it in {delay:?}");
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            _ = &mut *stop => return None,
-        }
-        match command.spawn() {
-            Ok(child) => {
-                tracing::info!(node_id = %command.node_id, pid = child.id(), "restarted SIP node");
-                return Some(child);
-            }
-            Err(error) => reason = format!("could not be started: {error}"),
-        }
-    }
-}
-
 /// Ctrl-C (SIGINT) and SIGTERM, installed before anything starts so that neither kills the
 /// process before it has stopped its children.
 struct Shutdown {
@@ -636,34 +400,9 @@ impl Summary<'_> {
 
 #[cfg(test)]
 mod tests {
-    use notify::event::{AccessKind, CreateKind, DataChange, ModifyKind, RemoveKind, RenameMode};
     use switchboard_operator::source::Kind;
 
     use super::*;
-
-    fn event(kind: EventKind, paths: &[&str]) -> notify::Event {
-        paths.iter().fold(notify::Event::new(kind), |event, path| event.add_path(PathBuf::from(path)))
-    }
-
-    #[test]
-    fn manifest_changes_are_relevant() {
-        let modify = EventKind::Modify(ModifyKind::Data(DataChange::Content));
-        assert!(is_relevant(&event(modify, &["/m/trunk.yaml"])));
-        assert!(is_relevant(&event(EventKind::Create(CreateKind::File), &["/m/a/rule.yml"])));
-        assert!(is_relevant(&event(EventKind::Remove(RemoveKind::File), &["/m/number.yaml"])));
-        let rename = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
-        assert!(is_relevant(&event(rename, &["/m/old.txt", "/m/new.yaml"])));
-        assert!(is_relevant(&event(rename, &["/m/dir", "/m/elsewhere"])));
-        assert!(is_relevant(&event(EventKind::Remove(RemoveKind::Folder), &["/m/dir"])));
-    }
-
-    #[test]
-    fn other_files_and_reads_are_not() {
-        let modify = EventKind::Modify(ModifyKind::Data(DataChange::Content));
-        assert!(!is_relevant(&event(modify, &["/m/notes.txt"])));
-        assert!(!is_relevant(&event(modify, &["/m/.trunk.yaml.swp"])));
-        assert!(!is_relevant(&event(EventKind::Access(AccessKind::Any), &["/m/trunk.yaml"])));
-    }
 
     #[test]
     fn summary_lists_components_and_not_ready_resources_without_passwords() {

@@ -1,7 +1,5 @@
-//! Where API writes go: the manifest folder (local mode; the folder stays the source of truth
-//! and the local runner's watcher reconciles the change) or the Kubernetes API (server-side
-//! apply with field manager [`FIELD_MANAGER`]). Reads come from the same place, so a GET after
-//! a write sees it at once.
+//! The folder store of `switchboard local`: trunks written as manifest files into the watched
+//! folder, which stays the source of truth (the local runner's watcher reconciles the change).
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -9,262 +7,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
-use kube::{Api, Client};
 use serde_json::{Value, json};
 
+use super::{StoredTrunk, TrunkStore, TrunkWrite, gitops_conflict, gitops_owner, trunk_manifest};
 use crate::error::ApiError;
-use crate::trunk_model::{PASSWORD_KEY, TRUNK_ID_ANNOTATION};
-use switchboard_operator::crd::{API_VERSION, Trunk, TrunkSpec};
+use crate::trunk_model::TRUNK_ID_ANNOTATION;
 use switchboard_operator::kubernetes::controller::CREDENTIALS_LABEL;
 use switchboard_operator::source::folder::{FileCache, FolderSource, collect_manifests};
 use switchboard_operator::source::{Kind, Spec};
-
-/// The field manager of every API write in Kubernetes.
-pub const FIELD_MANAGER: &str = "switchboard-api";
-
-/// A trunk as stored.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StoredTrunk {
-    pub namespace: String,
-    pub name: String,
-    /// The API's id (annotation), else the name.
-    pub trunk_id: String,
-    pub spec: TrunkSpec,
-    /// A GitOps tool that owns the resource, e.g. `Argo CD (argocd.argoproj.io/tracking-id=...)`.
-    pub gitops_owner: Option<String>,
-}
-
-/// One write: the whole spec (already merged and validated) and, when given, a new password.
-pub struct TrunkWrite {
-    pub namespace: String,
-    pub name: String,
-    pub trunk_id: String,
-    pub spec: TrunkSpec,
-    pub password: Option<String>,
-}
-
-impl std::fmt::Debug for TrunkWrite {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TrunkWrite")
-            .field("namespace", &self.namespace)
-            .field("name", &self.name)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .finish_non_exhaustive()
-    }
-}
-
-/// Read and write access to Trunk resources (and their password Secrets).
-#[async_trait]
-pub trait TrunkStore: Send + Sync {
-    /// `folder DIR` or `kubernetes`, for messages.
-    fn describe(&self) -> String;
-    async fn list(&self, namespace: &str) -> Result<Vec<StoredTrunk>, ApiError>;
-    async fn get(&self, namespace: &str, name: &str) -> Result<Option<StoredTrunk>, ApiError>;
-    /// Creates or replaces the trunk (and its Secret when a password is given).
-    async fn put(&self, write: TrunkWrite) -> Result<(), ApiError>;
-    /// Removes the trunk; false when it did not exist.
-    async fn delete(&self, namespace: &str, name: &str) -> Result<bool, ApiError>;
-}
-
-/// The GitOps tool that manages an object, judged from its labels and annotations.
-pub fn gitops_owner(labels: &BTreeMap<String, String>, annotations: &BTreeMap<String, String>) -> Option<String> {
-    if let Some(id) = annotations.get("argocd.argoproj.io/tracking-id") {
-        return Some(format!("Argo CD (annotation argocd.argoproj.io/tracking-id={id})"));
-    }
-    if let Some(app) = labels.get("argocd.argoproj.io/instance") {
-        return Some(format!("Argo CD (label argocd.argoproj.io/instance={app})"));
-    }
-    if let Some(manager) = labels.get("app.kubernetes.io/managed-by")
-        && matches!(manager.to_ascii_lowercase().as_str(), "argocd" | "argo-cd" | "flux" | "fluxcd")
-    {
-        let tool = if manager.to_ascii_lowercase().starts_with("argo") { "Argo CD" } else { "Flux" };
-        return Some(format!("{tool} (label app.kubernetes.io/managed-by={manager})"));
-    }
-    for (label, what) in [
-        ("kustomize.toolkit.fluxcd.io/name", "Flux Kustomization"),
-        ("helm.toolkit.fluxcd.io/name", "Flux HelmRelease"),
-    ] {
-        if let Some(name) = labels.get(label).or_else(|| annotations.get(label)) {
-            let namespace_key = label.replace("/name", "/namespace");
-            let namespace = labels.get(&namespace_key).or_else(|| annotations.get(&namespace_key));
-            let full = namespace.map(|ns| format!("{ns}/{name}")).unwrap_or_else(|| name.clone());
-            return Some(format!("{what} {full} (label {label})"));
-        }
-    }
-    None
-}
-
-/// The 409 for a GitOps-owned resource.
-pub fn gitops_conflict(namespace: &str, name: &str, owner: &str) -> ApiError {
-    ApiError::conflict(
-        "managed_by_gitops",
-        format!(
-            "Trunk {namespace}/{name} is managed by {owner}: a change made here would be reverted from Git; change it in its Git repository instead"
-        ),
-    )
-}
-
-// ---------------------------------------------------------------------------------------------
-// Kubernetes
-
-/// Writes through the Kubernetes API with server-side apply.
-pub struct KubernetesStore {
-    client: Client,
-}
-
-impl KubernetesStore {
-    pub fn new(client: Client) -> Self {
-        Self { client }
-    }
-
-    fn stored(trunk: Trunk) -> StoredTrunk {
-        let metadata = &trunk.metadata;
-        let labels = metadata.labels.clone().unwrap_or_default();
-        let annotations = metadata.annotations.clone().unwrap_or_default();
-        let name = metadata.name.clone().unwrap_or_default();
-        StoredTrunk {
-            namespace: metadata.namespace.clone().unwrap_or_else(|| "default".into()),
-            trunk_id: annotations.get(TRUNK_ID_ANNOTATION).cloned().unwrap_or_else(|| name.clone()),
-            name,
-            gitops_owner: gitops_owner(&labels, &annotations).or_else(|| field_manager_owner(metadata)),
-            spec: trunk.spec,
-        }
-    }
-}
-
-/// The GitOps tool among an object's field managers: Argo CD's server-side apply writes as
-/// `argocd-controller`, Flux's as `kustomize-controller` or `helm-controller`, even when the
-/// object carries none of their labels.
-pub fn field_manager_owner(metadata: &ObjectMeta) -> Option<String> {
-    metadata.managed_fields.iter().flatten().find_map(|entry| {
-        let manager = entry.manager.as_deref()?;
-        let tool = match manager {
-            m if m.starts_with("argocd") => "Argo CD",
-            "kustomize-controller" => "Flux Kustomization",
-            "helm-controller" => "Flux HelmRelease",
-            _ => return None,
-        };
-        Some(format!("{tool} (field manager {manager})"))
-    })
-}
-
-/// The label the REST API puts on the password Secrets it creates; it writes no other Secret.
-pub const SECRET_LABEL: (&str, &str) = ("app.kubernetes.io/managed-by", FIELD_MANAGER);
-
-/// The 409 for a password Secret the API did not create.
-pub fn foreign_secret_conflict(namespace: &str, name: &str) -> ApiError {
-    ApiError::conflict(
-        "secret_not_created_by_api",
-        format!(
-            "Secret {namespace}/{name} exists and was not created by this API (it lacks the label {}={}); the API does not overwrite it: change the password in that Secret, or name another Secret",
-            SECRET_LABEL.0, SECRET_LABEL.1
-        ),
-    )
-}
-
-fn kube_error(context: &str, error: kube::Error) -> ApiError {
-    match &error {
-        kube::Error::Api(status) if status.code == 409 => {
-            ApiError::conflict("conflict", format!("{context}: {}", status.message))
-        }
-        kube::Error::Api(status) if status.code == 422 || status.code == 400 => ApiError::new(
-            axum::http::StatusCode::UNPROCESSABLE_ENTITY,
-            "rejected_by_kubernetes",
-            format!("{context}: {}", status.message),
-        ),
-        kube::Error::Api(status) if status.code == 403 => ApiError::new(
-            axum::http::StatusCode::FORBIDDEN,
-            "forbidden",
-            format!("{context}: the operator's service account may not do this: {}", status.message),
-        ),
-        _ => ApiError::unavailable(context, error),
-    }
-}
-
-#[async_trait]
-impl TrunkStore for KubernetesStore {
-    fn describe(&self) -> String {
-        "kubernetes".into()
-    }
-
-    async fn list(&self, namespace: &str) -> Result<Vec<StoredTrunk>, ApiError> {
-        let api: Api<Trunk> = Api::namespaced(self.client.clone(), namespace);
-        let list = api.list(&ListParams::default()).await.map_err(|e| kube_error("cannot list Trunks", e))?;
-        Ok(list.items.into_iter().map(Self::stored).collect())
-    }
-
-    async fn get(&self, namespace: &str, name: &str) -> Result<Option<StoredTrunk>, ApiError> {
-        let api: Api<Trunk> = Api::namespaced(self.client.clone(), namespace);
-        let trunk = api.get_opt(name).await.map_err(|e| kube_error("cannot read the Trunk", e))?;
-        Ok(trunk.map(Self::stored))
-    }
-
-    async fn put(&self, write: TrunkWrite) -> Result<(), ApiError> {
-        if let Some(existing) = self.get(&write.namespace, &write.name).await?
-            && let Some(owner) = existing.gitops_owner
-        {
-            return Err(gitops_conflict(&write.namespace, &write.name, &owner));
-        }
-        let params = PatchParams::apply(FIELD_MANAGER).force();
-        if let (Some(password), Some(credentials)) = (&write.password, &write.spec.credentials) {
-            let secrets: Api<k8s_openapi::api::core::v1::Secret> =
-                Api::namespaced(self.client.clone(), &write.namespace);
-            let secret_name = &credentials.password_secret_ref.name;
-            if let Some(existing) =
-                secrets.get_opt(secret_name).await.map_err(|e| kube_error("cannot read the password Secret", e))?
-                && existing.metadata.labels.as_ref().and_then(|l| l.get(SECRET_LABEL.0)).map(String::as_str)
-                    != Some(SECRET_LABEL.1)
-            {
-                return Err(foreign_secret_conflict(&write.namespace, secret_name));
-            }
-            let secret = json!({
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {
-                    "name": credentials.password_secret_ref.name,
-                    "namespace": write.namespace,
-                    "labels": {SECRET_LABEL.0: SECRET_LABEL.1, (CREDENTIALS_LABEL.0): CREDENTIALS_LABEL.1},
-                },
-                "type": "Opaque",
-                "stringData": {credentials.password_secret_ref.key.clone(): password},
-            });
-            secrets
-                .patch(&credentials.password_secret_ref.name, &params, &Patch::Apply(&secret))
-                .await
-                .map_err(|e| kube_error("cannot write the password Secret", e))?;
-        }
-        let api: Api<Trunk> = Api::namespaced(self.client.clone(), &write.namespace);
-        let body = trunk_manifest(&write);
-        api.patch(&write.name, &params, &Patch::Apply(&body))
-            .await
-            .map_err(|e| kube_error("cannot apply the Trunk", e))?;
-        Ok(())
-    }
-
-    async fn delete(&self, namespace: &str, name: &str) -> Result<bool, ApiError> {
-        let Some(existing) = self.get(namespace, name).await? else { return Ok(false) };
-        if let Some(owner) = existing.gitops_owner {
-            return Err(gitops_conflict(namespace, name, &owner));
-        }
-        let api: Api<Trunk> = Api::namespaced(self.client.clone(), namespace);
-        match api.delete(name, &DeleteParams::default()).await {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
-            Err(error) => Err(kube_error("cannot delete the Trunk", error)),
-        }
-    }
-}
-
-/// The Trunk manifest of a write (the server-side apply body, and the folder's document).
-pub fn trunk_manifest(write: &TrunkWrite) -> Value {
-    let mut metadata = json!({"name": write.name, "namespace": write.namespace});
-    if write.trunk_id != write.name {
-        metadata["annotations"] = json!({ TRUNK_ID_ANNOTATION: write.trunk_id });
-    }
-    json!({"apiVersion": API_VERSION, "kind": "Trunk", "metadata": metadata, "spec": write.spec})
-}
 
 // ---------------------------------------------------------------------------------------------
 // Folder
@@ -594,21 +344,9 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| Err(ApiError::internal("a file task failed", e)))
 }
 
-/// The key under which the API writes passwords (re-exported for tests).
-pub const SECRET_KEY: &str = PASSWORD_KEY;
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn owners_are_recognised() {
-        let labels = BTreeMap::from([("kustomize.toolkit.fluxcd.io/name".to_string(), "apps".to_string())]);
-        assert!(gitops_owner(&labels, &BTreeMap::new()).unwrap().starts_with("Flux Kustomization apps"));
-        let annotations = BTreeMap::from([("argocd.argoproj.io/tracking-id".to_string(), "app:x".to_string())]);
-        assert!(gitops_owner(&BTreeMap::new(), &annotations).unwrap().starts_with("Argo CD"));
-        assert_eq!(gitops_owner(&BTreeMap::new(), &BTreeMap::new()), None);
-    }
 
     #[test]
     fn documents_split_and_keep_comments() {

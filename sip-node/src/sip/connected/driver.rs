@@ -1,0 +1,194 @@
+//! The async driver of the [`Connected`] machine: turns the legs' channels, the relay's and
+//! the agent's events, the node's drain and the machine's timers into [`Event`]s, and
+//! carries out the [`Action`]s through the endpoint. All decisions are the machine's.
+
+use std::collections::HashMap;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::{Action, Connected, Ending, Event, Leg, Timer};
+use crate::bridge::{BridgeEnd, BridgeHandle};
+use crate::drain::Drain;
+use crate::media::relay::RelayEvent;
+use crate::metrics::NodeMetrics;
+use crate::sip::endpoint::{Endpoint, TuEvent, TuSender};
+use crate::sip::transport::Peer;
+
+/// What the driver acts through.
+pub(crate) struct Io<'a> {
+    pub(crate) endpoint: &'a Endpoint,
+    pub(crate) metrics: &'a NodeMetrics,
+    pub(crate) drain: &'a Drain,
+}
+
+/// One SIP leg's channels: requests go out with `tx` as their user, events come on `rx`.
+pub(crate) struct LegChannels<'a> {
+    pub(crate) peer: Peer,
+    pub(crate) tx: TuSender,
+    pub(crate) rx: &'a mut mpsc::UnboundedReceiver<TuEvent>,
+}
+
+/// Where the machine's events come from.
+pub(crate) struct Channels<'a> {
+    pub(crate) a: Option<LegChannels<'a>>,
+    pub(crate) b: Option<LegChannels<'a>>,
+    /// The relay's events (anchored media hands its own over through the machine).
+    pub(crate) relay_events: Option<mpsc::Receiver<RelayEvent>>,
+    /// The AI agent's session, when the call is bridged to one.
+    pub(crate) agent: Option<AgentSession<'a>>,
+}
+
+/// A bridged call's agent session and how its end reads in the CDR.
+pub(crate) struct AgentSession<'a> {
+    pub(crate) handle: &'a mut BridgeHandle,
+    pub(crate) reason: fn(&BridgeEnd) -> String,
+}
+
+/// Runs the machine from its first actions until it ends; returns how.
+pub(crate) async fn drive(
+    machine: &mut Connected<'_>,
+    first: Vec<Action>,
+    io: &Io<'_>,
+    mut channels: Channels<'_>,
+) -> Ending {
+    let mut timers: HashMap<Timer, Instant> = HashMap::new();
+    let mut ending = execute(first, io, &channels, &mut timers);
+    let mut drained = false;
+    while ending.is_none() {
+        if channels.relay_events.is_none() {
+            channels.relay_events = machine.take_relay_events();
+        }
+        let next = timers.iter().min_by_key(|(_, at)| **at).map(|(timer, at)| (*timer, *at));
+        let event = tokio::select! {
+            () = sleep_until(next.map(|(_, at)| at)) => {
+                let Some((timer, _)) = next else { continue };
+                timers.remove(&timer);
+                Event::Timer(timer)
+            }
+            () = io.drain.ending(), if !drained => {
+                drained = true;
+                Event::Draining
+            }
+            event = recv_leg(channels.a.as_mut()) => match leg_event(Leg::A, event, &mut channels.a) {
+                Some(event) => event,
+                None => continue,
+            },
+            event = recv_leg(channels.b.as_mut()) => match leg_event(Leg::B, event, &mut channels.b) {
+                Some(event) => event,
+                None => continue,
+            },
+            event = recv_relay(channels.relay_events.as_mut()) => match event {
+                Some(RelayEvent::MediaTimeout { silent_for }) => Event::MediaTimeout { silent_for },
+                Some(RelayEvent::Dtmf { leg, digit }) => {
+                    tracing::debug!(?leg, ?digit, "DTMF relayed");
+                    continue;
+                }
+                Some(RelayEvent::Latched { leg, source }) => {
+                    tracing::debug!(?leg, %source, "RTP latched");
+                    continue;
+                }
+                None => {
+                    // The relay is gone (a bridge notices its closed channels and ends).
+                    channels.relay_events = None;
+                    continue;
+                }
+            },
+            reason = agent_ended(channels.agent.as_mut()) => {
+                channels.agent = None;
+                Event::AgentEnded { reason }
+            }
+        };
+        ending = execute(machine.on_event(event), io, &channels, &mut timers);
+    }
+    ending.unwrap_or_else(|| Ending { code: 500, reason: "internal: call ended".into(), by: super::Ender::System })
+}
+
+/// Carries out actions; returns the ending when one of them is [`Action::End`].
+fn execute(
+    actions: Vec<Action>,
+    io: &Io<'_>,
+    channels: &Channels<'_>,
+    timers: &mut HashMap<Timer, Instant>,
+) -> Option<Ending> {
+    let mut ending = None;
+    for action in actions {
+        let leg = |leg: Leg| match leg {
+            Leg::A => channels.a.as_ref(),
+            Leg::B => channels.b.as_ref(),
+        };
+        match action {
+            Action::Respond { key, response } => io.endpoint.respond(&key, response),
+            Action::Send { leg: l, request } => {
+                if let Some(channels) = leg(l) {
+                    io.endpoint.send_request(request, channels.peer, channels.tx.clone());
+                }
+            }
+            Action::SendStateless { leg: l, message } => {
+                if let Some(channels) = leg(l) {
+                    io.endpoint.send_stateless(message, channels.peer);
+                }
+            }
+            Action::Retransmit { leg: l, response } => {
+                if let Some(channels) = leg(l) {
+                    io.endpoint.send_stateless(rsip::SipMessage::Response(response), channels.peer);
+                    io.metrics.retransmission();
+                }
+            }
+            Action::Schedule(timer, after) => {
+                timers.insert(timer, Instant::now() + after);
+            }
+            Action::CancelTimer(timer) => {
+                timers.remove(&timer);
+            }
+            Action::End(end) => ending = Some(end),
+        }
+    }
+    ending
+}
+
+/// The machine's event for a leg's channel event (`None`: nothing for the machine). A closed
+/// channel is forgotten (`slot` emptied), so that it is not polled again.
+fn leg_event(leg: Leg, event: Option<TuEvent>, slot: &mut Option<LegChannels<'_>>) -> Option<Event> {
+    if event.is_none() {
+        *slot = None;
+    }
+    match event {
+        Some(TuEvent::Request { request, key, .. }) => Some(Event::Request { leg, request, key }),
+        Some(TuEvent::Response(response)) => Some(Event::Response { leg, response }),
+        Some(TuEvent::Timeout) => Some(Event::TransactionTimeout { leg }),
+        Some(TuEvent::Cancelled) => None,
+        None => Some(Event::ChannelClosed { leg }),
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next event of a leg; never resolves without the leg.
+async fn recv_leg(leg: Option<&mut LegChannels<'_>>) -> Option<TuEvent> {
+    match leg {
+        Some(leg) => leg.rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next relay event; never resolves without a relay.
+async fn recv_relay(events: Option<&mut mpsc::Receiver<RelayEvent>>) -> Option<RelayEvent> {
+    match events {
+        Some(events) => events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The agent session's end as CDR text; never resolves without an agent.
+async fn agent_ended(agent: Option<&mut AgentSession<'_>>) -> String {
+    match agent {
+        Some(agent) => (agent.reason)(&agent.handle.ended().await),
+        None => std::future::pending().await,
+    }
+}

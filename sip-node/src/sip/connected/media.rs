@@ -1,0 +1,65 @@
+//! What the connected machine asks of the call's media: negotiation only (offers, answers),
+//! synchronously. Moving RTP is the relay's business; an implementation may tell the relay
+//! about a new negotiation (a channel send), but the machine never waits on media.
+
+use tokio::sync::mpsc;
+
+use super::Leg;
+use crate::media::relay::{LegId, RelayEvent, RelayHandle};
+use crate::media::sdp::{MediaPolicy, SdpError, SdpSession, SessionDescription, answer_offer, process_answer};
+
+/// Media anchored on both legs of a B2BUA call (`sip/call/media.rs` `Anchor`).
+pub(crate) trait AnchoredMedia: Send {
+    /// Whether the node offered to the caller in its 2xx (delayed offer) and awaits the answer
+    /// in the ACK.
+    fn awaits_caller_answer(&self) -> bool;
+    /// The caller's ACK carries `body`, its answer to the node's offer.
+    fn caller_acked(&mut self, body: &[u8]) -> Result<(), SdpError>;
+    /// The last SDP the node sent on `leg` (for a re-INVITE without an offer).
+    fn last_sent(&self, leg: Leg) -> Option<Vec<u8>>;
+    /// An offer arrived on `from`: the offer as parsed and the node's offer for the other leg.
+    fn reoffer(&mut self, from: Leg, body: &[u8]) -> Result<(SessionDescription, Vec<u8>), SdpError>;
+    /// The other leg answered the node's re-offer with `body`: the node's answer to `offer`.
+    fn reanswer(&mut self, from: Leg, offer: &SessionDescription, body: &[u8]) -> Result<Vec<u8>, SdpError>;
+    /// The relay's events, once a relay runs (taken once).
+    fn take_events(&mut self) -> Option<mpsc::Receiver<RelayEvent>> {
+        None
+    }
+}
+
+/// Media the node terminates itself on the call's only SIP leg (an AI agent's bridge).
+pub(crate) trait LocalMedia: Send {
+    /// The ACK of a 2xx that carried the node's offer (delayed offer) brings the answer;
+    /// without an outstanding offer there is nothing to do.
+    fn ack_answer(&mut self, body: &[u8]) -> Result<(), SdpError>;
+    /// An offer in the dialog (hold, resume): the node's answer, or the SIP status refusing it.
+    fn answer(&mut self, offer: &[u8]) -> Result<Vec<u8>, u16>;
+}
+
+/// [`LocalMedia`] of a bridged leg: one SDP session answered by the node, the relay's leg
+/// following each negotiation.
+pub(crate) struct LocalAnswerer<'s> {
+    pub(crate) policy: MediaPolicy,
+    pub(crate) session: &'s mut SdpSession,
+    /// The node's offer in its 2xx, until the ACK answers it.
+    pub(crate) awaiting: Option<SessionDescription>,
+    /// The relay leg's new media (the bridged leg is the relay's leg A).
+    pub(crate) relay: &'s RelayHandle,
+}
+
+impl LocalMedia for LocalAnswerer<'_> {
+    fn ack_answer(&mut self, body: &[u8]) -> Result<(), SdpError> {
+        let Some(ours) = self.awaiting.take() else { return Ok(()) };
+        let negotiated = SessionDescription::parse_bytes(body).and_then(|answer| process_answer(&ours, &answer))?;
+        let _ = self.relay.update_leg(LegId::A, (&negotiated).into());
+        Ok(())
+    }
+
+    fn answer(&mut self, offer: &[u8]) -> Result<Vec<u8>, u16> {
+        let (answer, negotiated) = SessionDescription::parse_bytes(offer)
+            .and_then(|offer| answer_offer(&offer, &self.policy, self.session))
+            .map_err(|e| e.sip_status())?;
+        let _ = self.relay.update_leg(LegId::A, (&negotiated).into());
+        Ok(answer.to_string().into_bytes())
+    }
+}
