@@ -1,4 +1,3 @@
-
 use super::*;
 
 fn read(files: &[(&str, &str)]) -> DesiredState {
