@@ -14,10 +14,10 @@
 //! | wiring | `signaling`, this file | start the tasks, build the node-wide `sip::context::NodeContext` |
 //! | call logic | `sip::call` (inbound B2BUA calls), `sip::originate` (API-placed calls), `sip::sms`, `sip::registration`, `sip::reaped` | one task per call, message or trunk |
 //! | connected calls | `sip::connected` | the answered call as a sans-IO machine, and its async driver |
-//! | call helpers | `sip::invite_client`, `sip::dialog`, `sip::digest`, `sip::routing`, `sip::limits`, `sip::admission`, `sip::resolve`, `sip::guard` | one outbound INVITE, dialogs, authentication, routing, limits, DNS, flood guard |
+//! | call helpers | `sip::invite_client`, `sip::dialog`, `sip::digest`, `sip::routing`, `sip::limits`, `sip::admission`, `sip::resolve`, `sip::guard`, `sip::control` | one outbound INVITE, dialogs, authentication, routing, limits, DNS, flood guard, sans-IO call-control pieces (session timers, PRACK, INFO DTMF, REFER) |
 //! | transactions | `sip::endpoint` (the task), `sip::transaction` (sans-IO RFC 3261 transactions, 2xx retransmission) | match messages to transactions and dialogs, retransmit, time out |
-//! | transport | `sip::transport`, `sip::message` | UDP and TCP sockets, framing, parsing |
-//! | media | `media` (SDP, RTP/RTCP, the relay and its engine threads, port pairs), `bridge` (AI agents over WebSocket) | RTP |
+//! | transport | `sip::transport`, `sip::tls`, `sip::message` | UDP, TCP and TLS sockets, framing, parsing |
+//! | media | `media` (SDP, RTP/RTCP, SRTP, the relay and its engine threads, port pairs), `bridge` (AI agents over WebSocket) | RTP |
 //! | state | `config` (snapshot and watcher), `store` (buffered writes), `node_state`, `metrics`, `drain`, `http`, `webhook` | configuration in, records out |
 //!
 //! `sip::context` holds what every task shares (endpoint, snapshot, limits, store, metrics,
@@ -27,8 +27,9 @@
 //! ## Tasks and threads
 //!
 //! On the Tokio runtime:
-//! - **transport**: one receive task per UDP socket, one accept task per TCP listener, a read
-//!   and a write task per TCP connection (`sip::transport`). Messages are parsed there.
+//! - **transport**: one receive task per UDP socket, one accept task per TCP or TLS listener,
+//!   a read and a write task per stream connection (`sip::transport`, handshakes in
+//!   `sip::tls`). Messages are parsed there.
 //! - **endpoint**: one task (`sip::endpoint`) owns every transaction and the table that routes
 //!   in-dialog requests to their call.
 //! - **call router**: one task (`sip::call::route_requests`) takes out-of-dialog requests:
@@ -46,7 +47,8 @@
 //!   and one ordered delivery task per call's webhooks.
 //!
 //! OS threads: the media engine's `media-N` threads (`media::engine`, level-triggered epoll)
-//! drive every two-leg RTP relay, away from the runtime's signaling and database bursts.
+//! drive every two-leg RTP relay, away from the runtime's signaling and database bursts. The
+//! engine is created once by the wiring and passed to the calls in `MediaContext::engine`.
 //!
 //! ## Channels
 //!
@@ -67,7 +69,7 @@
 //!
 //! ## Sockets
 //!
-//! - SIP (UDP and TCP): `sip::transport::TransportLayer`, shared by its receive tasks (which
+//! - SIP (UDP, TCP and TLS): `sip::transport::TransportLayer`, shared by its receive tasks (which
 //!   answer what they cannot parse with 400) and the endpoint task, which sends everything else.
 //! - RTP and RTCP: a port pair per leg, taken from `media::ports::PortAllocator` by the call
 //!   (`sip::call::media::Anchor`, `sip::originate::media`), then owned by the relay (an engine
@@ -100,7 +102,7 @@
 //!   its limit skipped. API-placed calls fail over in `sip::originate::attempts` (`dial`).
 //! - **Media set up** in `sip::call::media` (`Anchor::new` answers the caller's offer from the
 //!   node's port pairs when the call starts; the callee's answer starts the relay,
-//!   `media::relay::spawn_relay` onto the engine); calls to AI agents in `sip::call::agent`
+//!   `media::engine::MediaEngine::spawn_relay`); calls to AI agents in `sip::call::agent`
 //!   (`bridge_to_agent`), API-placed calls in `sip::originate::media`.
 //! - **Connected** in `sip::call::connected`, which hands the legs to the `sip::connected`
 //!   machine until a BYE, a media timeout, the 2xx never being ACKed, or the node stopping.

@@ -257,7 +257,7 @@ enum Sink {
     /// Queued for the writer task (and the spool) that writes them to Postgres.
     Writer(Arc<Shared>),
     /// Sent to a channel: unit tests check what call logic records without Postgres
-    /// ([`Store::recording`]).
+    /// (`Store::recording`).
     #[cfg(test)]
     Channel(tokio::sync::mpsc::UnboundedSender<StoreEvent>),
 }

@@ -16,6 +16,13 @@
 //! The 2xx to the caller is retransmitted until the ACK comes by the one
 //! [`Uas2xxRetransmitter`]; a callee that retransmits its 2xx (our ACK was lost) is ACKed
 //! again. The async driver that feeds the machine from channels and timers is `driver.rs`.
+//!
+//! Extending it (session timers, PRACK, REFER): a feature adds [`Event`] variants for its
+//! inputs and [`Timer`] variants for its timers, and handles them in `on_connected` (an
+//! exhaustive match, so the compiler points at every place to decide); its outputs are the
+//! existing [`Action`]s (a new kind of output gets a variant, which the driver's exhaustive
+//! match then asks to carry out). Its state goes in a field of [`Connected`], its own sans-IO
+//! piece (see `sip/control/`) in a module beside it.
 
 mod control;
 mod driver;
@@ -200,6 +207,7 @@ struct Pending {
     offer: Option<SessionDescription>,
 }
 
+/// A leg and the BYE the machine awaits the answer to on it.
 struct LegState {
     setup: LegSetup,
     /// The CSeq of our BYE while we wait for its final response.
@@ -518,12 +526,11 @@ impl<'m> Connected<'m> {
         }
     }
 
+    /// The call is over: nothing more is retransmitted, and the requests still forwarded get
+    /// no answer from here (their transactions time out with the legs).
     fn end(&mut self, ending: Ending, out: &mut Vec<Action>) {
         self.stop_2xx(out);
-        if self.closing.is_none() {
-            // Nothing else can come for the forwarded requests: the legs go away.
-            self.pending.clear();
-        }
+        self.pending.clear();
         self.ended = true;
         out.push(Action::End(ending));
     }
