@@ -141,3 +141,15 @@ async fn info_dtmf_is_checked_and_passed_to_the_callee(pool: PgPool) {
     assert_eq!((cdrs[0].sip_code, cdrs[0].hangup_by.as_deref()), (Some(200), Some("caller")), "{cdrs:?}");
     node.stop().await;
 }
+
+/// RFC 3891: an INVITE with `Replaces` naming a dialog the node does not hold gets 481 (not a
+/// new call to the callee).
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn an_invite_replacing_an_unknown_dialog_gets_481(pool: PgPool) {
+    let callee = free_port("127.0.0.1");
+    let node = Node::start(&pool, vec![trunk("carrier", vec![])], vec![number_to(sip_destination(callee))]).await;
+    let uac = uac(&["-sf", &scenario("uac_replaces_unknown.xml")], node.addr, "127.0.0.1", 1, &[]);
+    assert!(uac.wait().await.success(), "an INVITE with Replaces of an unknown dialog must get 481");
+    assert_eq!(active_calls(&pool).await, 0);
+    node.stop().await;
+}

@@ -63,6 +63,7 @@ enum Command {
     Stateless { message: SipMessage, peer: Peer },
     Attach { key: TransactionKey, tu: TuSender },
     Dialog { call_id: String, local_tag: String, tu: Option<TuSender> },
+    HasDialog { call_id: String, local_tag: String, reply: tokio::sync::oneshot::Sender<bool> },
 }
 
 /// Handle to the endpoint task. Cloning is cheap; the task stops when every handle and the
@@ -143,6 +144,14 @@ impl Endpoint {
             local_tag: local_tag.to_string(),
             tu: None,
         });
+    }
+
+    /// Whether a dialog with this Call-ID and our tag is registered (an INVITE with
+    /// `Replaces`, RFC 3891, must name one).
+    pub async fn has_dialog(&self, call_id: &str, local_tag: &str) -> bool {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let command = Command::HasDialog { call_id: call_id.to_string(), local_tag: local_tag.to_string(), reply };
+        self.commands.send(command).is_ok() && answer.await.unwrap_or(false)
     }
 
     /// A Via header for a request towards `peer` with a fresh branch and `rport` (RFC 3581).
@@ -262,6 +271,9 @@ impl Core {
             }
             Command::Dialog { call_id, local_tag, tu: None } => {
                 self.dialogs.remove(&(call_id, local_tag));
+            }
+            Command::HasDialog { call_id, local_tag, reply } => {
+                let _ = reply.send(self.dialogs.contains_key(&(call_id, local_tag)));
             }
         }
     }

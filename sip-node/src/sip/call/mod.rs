@@ -42,6 +42,7 @@ mod attempts;
 mod connected;
 pub(super) mod media;
 mod record;
+mod replaces;
 mod session;
 
 use super::connected::Leg;
@@ -161,6 +162,10 @@ async fn inbound_call(ctx: Arc<NodeContext>, invite: Request, key: TransactionKe
     let admitted = admit(&ctx, &snapshot, &invite, peer, &called, &caller)
         .await
         .and_then(|admitted| Ok((admitted, session::caller_timer(&invite.headers, &ctx.session_timers)?)));
+    let admitted = match admitted {
+        Ok(admitted) => replaces::check(&ctx.endpoint, &invite.headers).await.map(|()| admitted),
+        Err(refuse) => Err(refuse),
+    };
     let ((_number, trunk, target, permit), session_a) = match admitted {
         Ok(admitted) => admitted,
         Err(refuse) => {
