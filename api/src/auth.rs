@@ -21,9 +21,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::ApiError;
 
 /// The issuer Switchboard writes into its tokens and requires.
-pub const DEFAULT_ISSUER: &str = "switchboard";
+pub(crate) const DEFAULT_ISSUER: &str = "switchboard";
 /// Shortest accepted secret: HS256 keys below 256 bits are guessable.
-pub const MIN_SECRET_BYTES: usize = 32;
+pub(crate) const MIN_SECRET_BYTES: usize = 32;
 
 /// Where the signing secret comes from (shared by `operator`, `local` and `token`).
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -45,7 +45,7 @@ pub struct JwtArgs {
 }
 
 /// Default of `--jwt-max-ttl-seconds`: one day.
-pub const DEFAULT_MAX_TTL_SECONDS: u64 = 86_400;
+pub(crate) const DEFAULT_MAX_TTL_SECONDS: u64 = 86_400;
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -84,7 +84,7 @@ impl Scope {
 /// that matched a route): GETs `read`, trunk writes `trunks`, placing calls `calls`, sending
 /// messages `sms`; anything else under `/api` (a route added later) `admin`, so that a new
 /// route is closed until someone decides who may use it.
-pub fn required_scope(method: &axum::http::Method, route: &str) -> Scope {
+pub(crate) fn required_scope(method: &axum::http::Method, route: &str) -> Scope {
     use axum::http::Method;
     match (method, route) {
         (&Method::GET | &Method::HEAD, _) => Scope::Read,
@@ -249,7 +249,11 @@ fn now_seconds() -> u64 {
 
 /// Middleware: requires `Authorization: Bearer <valid token>`; puts the [`Claims`] into the
 /// request extensions.
-pub async fn require_token(State(verifier): State<Arc<JwtVerifier>>, mut request: Request, next: Next) -> Response {
+pub(crate) async fn require_token(
+    State(verifier): State<Arc<JwtVerifier>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let header = request.headers().get(header::AUTHORIZATION).map(|v| v.to_str().unwrap_or_default());
     let token = match header {
         None => {

@@ -17,12 +17,12 @@
 //! `switchboard local` (folder store) and `switchboard operator` (Kubernetes store) start it.
 
 pub mod auth;
-pub mod calls;
-pub mod error;
+pub(crate) mod calls;
+pub(crate) mod error;
 pub mod limits;
 pub mod store;
 pub mod trunk_model;
-pub mod trunks;
+pub(crate) mod trunks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,7 +46,7 @@ use store::TrunkStore;
 use switchboard_model::egress::EgressPolicy;
 
 /// The request id header, taken from the request or generated.
-pub const REQUEST_ID: &str = "x-request-id";
+pub(crate) const REQUEST_ID: &str = "x-request-id";
 
 /// Address of the API (`switchboard operator` and `switchboard local`).
 #[derive(clap::Args, Debug, Clone)]

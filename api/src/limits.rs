@@ -51,7 +51,7 @@ struct Bucket {
 
 /// One token bucket per key.
 #[derive(Debug)]
-pub struct KeyedLimiter {
+pub(crate) struct KeyedLimiter {
     rate: Rate,
     buckets: Mutex<HashMap<String, Bucket>>,
 }
@@ -95,14 +95,14 @@ impl KeyedLimiter {
 
 /// The limiters of one money-spending route: per subject and per from-number.
 #[derive(Debug)]
-pub struct RouteLimits {
+pub(crate) struct RouteLimits {
     subject: KeyedLimiter,
     number: KeyedLimiter,
 }
 
 /// Which limit a request ran into.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limited {
+pub(crate) struct Limited {
     pub what: &'static str,
     pub retry_after: Duration,
 }
@@ -127,8 +127,8 @@ impl RouteLimits {
 /// The limits of both routes.
 #[derive(Debug)]
 pub struct ApiLimits {
-    pub calls: RouteLimits,
-    pub sms: RouteLimits,
+    pub(crate) calls: RouteLimits,
+    pub(crate) sms: RouteLimits,
 }
 
 impl ApiLimits {

@@ -19,9 +19,9 @@ use switchboard_operator::crd::{
 use switchboard_operator::validate::FieldError;
 
 /// Annotation holding the API's `trunk_id` when it differs from the resource name.
-pub const TRUNK_ID_ANNOTATION: &str = "switchboard.dev/trunk-id";
+pub(crate) const TRUNK_ID_ANNOTATION: &str = "switchboard.dev/trunk-id";
 /// The Secret key the API writes the password under.
-pub const PASSWORD_KEY: &str = "password";
+pub(crate) const PASSWORD_KEY: &str = "password";
 
 /// The resource name of a trunk id: lower case, `_` as `-`.
 pub fn name_of(trunk_id: &str) -> String {
@@ -29,7 +29,7 @@ pub fn name_of(trunk_id: &str) -> String {
 }
 
 /// The Secret the API writes a trunk's password to.
-pub fn secret_name_of(name: &str) -> String {
+pub(crate) fn secret_name_of(name: &str) -> String {
     format!("{name}-credentials")
 }
 
@@ -119,7 +119,7 @@ impl TrunkFields {
 
 /// A trunk as the API returns it. Never carries the password.
 #[derive(Serialize, ToSchema, Debug, Clone, PartialEq)]
-pub struct TrunkResponse {
+pub(crate) struct TrunkResponse {
     pub trunk_id: String,
     pub name: Option<String>,
     pub provider: String,
@@ -370,7 +370,7 @@ pub fn apply_fields(
 }
 
 /// The API field a validation error's spec path belongs to.
-pub fn api_field(path: &str, fields: &TrunkFields) -> String {
+pub(crate) fn api_field(path: &str, fields: &TrunkFields) -> String {
     let rest = path.strip_prefix("spec.").unwrap_or(path);
     let gateway = |index: &str, sub: &str| -> String {
         if fields.gateways.is_none() && index == "0" {
@@ -425,7 +425,7 @@ pub fn api_field(path: &str, fields: &TrunkFields) -> String {
 
 /// The 422 for a spec that fails validation: the first problem's API field, every problem in
 /// the message.
-pub fn validation_error(errors: &[FieldError], fields: &TrunkFields) -> ApiError {
+pub(crate) fn validation_error(errors: &[FieldError], fields: &TrunkFields) -> ApiError {
     // The field named is the first malformed one; when every problem is a value Switchboard
     // does not implement (mutual TLS), the answer is a 400 `unsupported` rather than a 422.
     let only_unsupported = !errors.is_empty() && errors.iter().all(|e| e.unsupported);
@@ -450,7 +450,7 @@ pub fn validation_error(errors: &[FieldError], fields: &TrunkFields) -> ApiError
 }
 
 /// The response of a stored trunk.
-pub fn response(
+pub(crate) fn response(
     trunk_id: &str,
     namespace: &str,
     name: &str,

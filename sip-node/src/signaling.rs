@@ -119,6 +119,10 @@ pub struct SipArgs {
     /// SIP over TLS: listener certificate, outbound trust.
     #[command(flatten)]
     pub tls: crate::sip::tls::TlsArgs,
+
+    /// RFC 4028 session timers on both legs of a call.
+    #[command(flatten)]
+    pub session: crate::sip::control::session_timer::SessionTimerArgs,
 }
 
 /// Shortest accepted webhook secret.
@@ -269,6 +273,7 @@ pub async fn start(
         media,
         final_codes: args.final_codes.clone(),
         drain: drain.clone(),
+        session_timers: args.session.policy(),
     });
     tasks.spawn(call::route_requests(Arc::clone(&ctx), new_requests));
     tasks.spawn(crate::sip::reaped::run(pool.clone(), signer.clone(), ctx.drain.clone()));

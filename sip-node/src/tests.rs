@@ -47,6 +47,7 @@ fn args(database_url: &str) -> NodeArgs {
             spool: None,
             guard: crate::sip::guard::GuardArgs::default(),
             tls: crate::sip::tls::TlsArgs::default(),
+            session: Default::default(),
         },
     }
 }

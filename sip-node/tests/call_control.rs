@@ -26,3 +26,118 @@ async fn an_invite_without_sdp_gets_the_nodes_offer_and_answers_in_the_ack(pool:
     assert_eq!(active_calls(&pool).await, 0);
     node.stop().await;
 }
+
+/// RFC 3262 on both legs: a caller that requires `100rel` is served (not refused with 420):
+/// the callee's 180 reaches it with `Require: 100rel` and an RSeq of the node's, a PRACK with a
+/// wrong RAck gets 481 and the right one 200; the callee's own reliable 180 is PRACKed by the
+/// node (the callee's scenario checks `Supported: 100rel` and the RAck).
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn reliable_provisional_responses_are_sent_and_pracked_on_both_legs(pool: PgPool) {
+    let callee = free_port("127.0.0.1");
+    let node = Node::start(&pool, vec![trunk("carrier", vec![])], vec![number_to(sip_destination(callee))]).await;
+    let uas = uas(&["-sf", &scenario("uas_reliable_180.xml")], callee, 1);
+    let uac = uac(&["-sf", &scenario("uac_100rel.xml")], node.addr, "127.0.0.1", 1, &[]);
+    assert!(
+        uac.wait().await.success(),
+        "the 100rel caller did not get a reliable 180, 481 and 200 to its PRACKs, and the answer"
+    );
+    assert!(uas.wait().await.success(), "the callee's reliable 180 was not PRACKed");
+    let cdrs = cdrs(&pool, 1).await;
+    assert_eq!(cdrs.len(), 1, "{cdrs:?}");
+    assert_eq!(cdrs[0].sip_code, Some(200));
+    assert_eq!(cdrs[0].hangup_by.as_deref(), Some("caller"));
+    node.stop().await;
+}
+
+/// RFC 4028 section 9: a Session-Expires below the node's Min-SE (the RFC's floor, 90 s) gets
+/// 422 with the node's Min-SE, so the caller can retry with a larger one.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn too_short_a_session_interval_gets_422_with_the_nodes_min_se(pool: PgPool) {
+    let callee = free_port("127.0.0.1");
+    let node = Node::start(&pool, vec![trunk("carrier", vec![])], vec![number_to(sip_destination(callee))]).await;
+    let uac = uac(&["-sf", &scenario("uac_expect_422.xml")], node.addr, "127.0.0.1", 1, &[]);
+    assert!(uac.wait().await.success(), "a 60 s Session-Expires must get 422 with Min-SE 90");
+    node.stop().await;
+}
+
+/// RFC 4028 on both legs, for longer than the session interval: the caller refreshes its own
+/// leg every 40 s with UPDATE (the node answers those refreshes on the caller's leg with
+/// Session-Expires naming the caller as refresher, and does not pass them on); the callee has
+/// no session timers, so the node refreshes the callee's leg itself at half the 90 s
+/// interval, twice, with re-INVITEs carrying its current SDP. The call outlives its
+/// Session-Expires and ends with the caller's BYE.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_call_outlives_its_session_interval_with_the_node_refreshing_the_callee(pool: PgPool) {
+    let callee = free_port("127.0.0.1");
+    let node = Node::start_tuned(
+        &pool,
+        vec![trunk("carrier", vec![])],
+        vec![number_to(sip_destination(callee))],
+        vec![],
+        |args| {
+            args.session.session_expires = 90;
+            // sipp sends no RTP: the media timeout must not end the call first.
+            args.media_timeout_seconds = 600;
+        },
+    )
+    .await;
+    let limit = std::time::Duration::from_secs(130);
+    let uas = long_uas(&scenario("uas_refreshed_by_node.xml"), callee, limit);
+    let uac = long_uac(&scenario("uac_session_timer_refresh.xml"), node.addr, limit);
+    assert!(
+        uac.wait().await.success(),
+        "the refreshing caller's call failed (a refresh unanswered, or the call ended early)"
+    );
+    assert!(uas.wait().await.success(), "the callee did not get exactly two refreshes from the node before the BYE");
+    let cdrs = cdrs(&pool, 1).await;
+    assert_eq!(cdrs.len(), 1, "{cdrs:?}");
+    assert_eq!((cdrs[0].sip_code, cdrs[0].hangup_by.as_deref()), (Some(200), Some("caller")), "{cdrs:?}");
+    node.stop().await;
+}
+
+/// A caller that asked to refresh and never does: the node ends the call before the interval
+/// is over (90 - min(32, 30) = 60 s) with BYE on both legs, and the CDR says why.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_session_nobody_refreshes_is_ended_by_the_node_with_a_cdr_reason(pool: PgPool) {
+    let callee = free_port("127.0.0.1");
+    let node = Node::start_tuned(
+        &pool,
+        vec![trunk("carrier", vec![])],
+        vec![number_to(sip_destination(callee))],
+        vec![],
+        |args| {
+            // sipp sends no RTP: the media timeout must not end the call first.
+            args.media_timeout_seconds = 600;
+        },
+    )
+    .await;
+    let limit = std::time::Duration::from_secs(90);
+    let uas = long_uas(&scenario("uas_answer_until_bye.xml"), callee, limit);
+    let uac = long_uac(&scenario("uac_session_timer_no_refresh.xml"), node.addr, limit);
+    assert!(uac.wait().await.success(), "the caller got no BYE from the node when its session expired");
+    assert!(uas.wait().await.success(), "the callee got no BYE from the node");
+    let cdrs = cdrs(&pool, 1).await;
+    assert_eq!(cdrs.len(), 1, "{cdrs:?}");
+    assert_eq!((cdrs[0].sip_code, cdrs[0].hangup_by.as_deref()), (Some(408), Some("system")), "{cdrs:?}");
+    let reason = cdrs[0].reason.as_deref().unwrap_or_default();
+    assert!(reason.contains("session timer expired on the caller's leg"), "{reason}");
+    assert_eq!(active_calls(&pool).await, 0);
+    node.stop().await;
+}
+
+/// DTMF by SIP INFO from the caller: well-formed key presses (`application/dtmf-relay` and
+/// `application/dtmf`) reach the callee as one `application/dtmf-relay` INFO each, answered
+/// 200 end to end; garbage bodies are refused with 400 by the node and never reach the callee
+/// (whose scenario fails on any INFO other than key 5 then key #).
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn info_dtmf_is_checked_and_passed_to_the_callee(pool: PgPool) {
+    let callee = free_port("127.0.0.1");
+    let node = Node::start(&pool, vec![trunk("carrier", vec![])], vec![number_to(sip_destination(callee))]).await;
+    let uas = uas(&["-sf", &scenario("uas_expects_info_dtmf.xml")], callee, 1);
+    let uac = uac(&["-sf", &scenario("uac_info_dtmf.xml")], node.addr, "127.0.0.1", 1, &[]);
+    assert!(uac.wait().await.success(), "the caller's INFOs were not answered 200/400/400/200");
+    assert!(uas.wait().await.success(), "the callee did not get key 5 then key # by INFO (and nothing else)");
+    let cdrs = cdrs(&pool, 1).await;
+    assert_eq!((cdrs[0].sip_code, cdrs[0].hangup_by.as_deref()), (Some(200), Some("caller")), "{cdrs:?}");
+    node.stop().await;
+}

@@ -334,3 +334,47 @@ async fn calls_come_in_over_tls_from_the_provider(pool: PgPool) {
     assert_eq!(cdrs.last().and_then(|c| c.sip_code), Some(200), "{cdrs:?}");
     node.stop().await;
 }
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_message_goes_out_over_tls(pool: PgPool) {
+    let provider = Provider::new();
+    let kamailio = Kamailio::start(&provider, free_port("127.0.0.1"), None, false);
+    let mut number = number_to(sip_destination(free_port("127.0.0.1")));
+    number.trunk_ref = "kamailio".into();
+    let node = Node::start_tuned(
+        &pool,
+        vec![provider.trunk()],
+        vec![number],
+        vec![credential()],
+        tuned(provider.node_tls(true)),
+    )
+    .await;
+    let id = uuid::Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO messages (id, direction, namespace, trunk_name, from_number, to_number, body, status)
+         VALUES ($1, 'outbound', 'default', 'kamailio', $2, '+15559990000', 'Hello over TLS', 'queued')",
+    )
+    .bind(id)
+    .bind(DID)
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("SELECT pg_notify('switchboard_messages', $1)").bind(id.to_string()).execute(&pool).await.unwrap();
+    kamailio.wait_log("with body [Hello over TLS] over tls").await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, code): (String, Option<i32>) =
+            sqlx::query_as("SELECT status, sip_code FROM messages WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        if status != "queued" && status != "sending" {
+            assert_eq!((status.as_str(), code), ("sent", Some(202)));
+            break;
+        }
+        assert!(Instant::now() < deadline, "the message was not sent: {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.stop().await;
+}

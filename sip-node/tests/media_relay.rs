@@ -128,8 +128,8 @@ async fn rtp_flows_through_the_node_both_ways_with_transcoding(pool: PgPool) {
     assert!(body(&invite).contains("PCMA/8000"), "the node offers the caller's codec first: {invite}");
     let supported = header(&invite, "Supported").unwrap_or_default();
     assert!(
-        supported.contains("replaces") && !supported.contains("100rel") && !supported.contains("timer"),
-        "only extensions the node handles are offered to the callee: {supported:?}"
+        supported.contains("replaces") && supported.contains("100rel") && supported.contains("timer"),
+        "extensions the node handles are offered to the callee (100rel: the node PRACKs; timer: it refreshes): {supported:?}"
     );
 
     // Audio from the caller (A-law) reaches the callee as μ-law, and back.

@@ -41,7 +41,7 @@ impl KubernetesStore {
 /// The GitOps tool among an object's field managers: Argo CD's server-side apply writes as
 /// `argocd-controller`, Flux's as `kustomize-controller` or `helm-controller`, even when the
 /// object carries none of their labels.
-pub fn field_manager_owner(metadata: &ObjectMeta) -> Option<String> {
+pub(crate) fn field_manager_owner(metadata: &ObjectMeta) -> Option<String> {
     metadata.managed_fields.iter().flatten().find_map(|entry| {
         let manager = entry.manager.as_deref()?;
         let tool = match manager {
@@ -55,10 +55,10 @@ pub fn field_manager_owner(metadata: &ObjectMeta) -> Option<String> {
 }
 
 /// The label the REST API puts on the password Secrets it creates; it writes no other Secret.
-pub const SECRET_LABEL: (&str, &str) = ("app.kubernetes.io/managed-by", FIELD_MANAGER);
+pub(crate) const SECRET_LABEL: (&str, &str) = ("app.kubernetes.io/managed-by", FIELD_MANAGER);
 
 /// The 409 for a password Secret the API did not create.
-pub fn foreign_secret_conflict(namespace: &str, name: &str) -> ApiError {
+pub(crate) fn foreign_secret_conflict(namespace: &str, name: &str) -> ApiError {
     ApiError::conflict(
         "secret_not_created_by_api",
         format!(

@@ -18,11 +18,11 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
-use crate::trunk_model::{PASSWORD_KEY, TRUNK_ID_ANNOTATION};
+use crate::trunk_model::TRUNK_ID_ANNOTATION;
 use switchboard_operator::crd::{API_VERSION, TrunkSpec};
 
 /// The field manager of every API write in Kubernetes.
-pub const FIELD_MANAGER: &str = "switchboard-api";
+pub(crate) const FIELD_MANAGER: &str = "switchboard-api";
 
 /// A trunk as stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,7 +69,10 @@ pub trait TrunkStore: Send + Sync {
 }
 
 /// The GitOps tool that manages an object, judged from its labels and annotations.
-pub fn gitops_owner(labels: &BTreeMap<String, String>, annotations: &BTreeMap<String, String>) -> Option<String> {
+pub(crate) fn gitops_owner(
+    labels: &BTreeMap<String, String>,
+    annotations: &BTreeMap<String, String>,
+) -> Option<String> {
     if let Some(id) = annotations.get("argocd.argoproj.io/tracking-id") {
         return Some(format!("Argo CD (annotation argocd.argoproj.io/tracking-id={id})"));
     }
@@ -97,7 +100,7 @@ pub fn gitops_owner(labels: &BTreeMap<String, String>, annotations: &BTreeMap<St
 }
 
 /// The 409 for a GitOps-owned resource.
-pub fn gitops_conflict(namespace: &str, name: &str, owner: &str) -> ApiError {
+pub(crate) fn gitops_conflict(namespace: &str, name: &str, owner: &str) -> ApiError {
     ApiError::conflict(
         "managed_by_gitops",
         format!(
@@ -107,16 +110,13 @@ pub fn gitops_conflict(namespace: &str, name: &str, owner: &str) -> ApiError {
 }
 
 /// The Trunk manifest of a write (the server-side apply body, and the folder's document).
-pub fn trunk_manifest(write: &TrunkWrite) -> Value {
+pub(crate) fn trunk_manifest(write: &TrunkWrite) -> Value {
     let mut metadata = json!({"name": write.name, "namespace": write.namespace});
     if write.trunk_id != write.name {
         metadata["annotations"] = json!({ TRUNK_ID_ANNOTATION: write.trunk_id });
     }
     json!({"apiVersion": API_VERSION, "kind": "Trunk", "metadata": metadata, "spec": write.spec})
 }
-
-/// The key under which the API writes passwords (re-exported for tests).
-pub const SECRET_KEY: &str = PASSWORD_KEY;
 
 #[cfg(test)]
 mod tests {

@@ -447,7 +447,7 @@ pub async fn run_controllers(
 
 /// Polls the node-written tables; when what they say changed, every object is reconciled (each
 /// writes only if its own status moved).
-pub async fn poll_nodes(
+pub(crate) async fn poll_nodes(
     pool: sqlx::PgPool,
     stores: KubeStores,
     triggers: Triggers,

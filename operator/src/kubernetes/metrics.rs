@@ -11,7 +11,7 @@ use crate::crd::{Condition, ConditionStatus};
 use crate::source::{Kind, ResourceKey};
 
 /// Every reason of `switchboard_operator_reconcile_errors_total` (see `controller::Error::reason`).
-pub const RECONCILE_ERROR_REASONS: [&str; 4] = ["KubeApi", "DatabaseUnavailable", "Conflict", "NotLeader"];
+pub(crate) const RECONCILE_ERROR_REASONS: [&str; 4] = ["KubeApi", "DatabaseUnavailable", "Conflict", "NotLeader"];
 /// What `switchboard_operator_api_writes_total{what}` counts.
 const API_WRITES: [&str; 3] = ["finalizer", "status", "event"];
 

@@ -17,7 +17,7 @@ use crate::source::{
 };
 
 /// `origin` of every resource that comes from the API server (shown in messages).
-pub const ORIGIN: &str = "kubernetes";
+pub(crate) const ORIGIN: &str = "kubernetes";
 
 /// The operator's in-memory view of the cluster.
 #[derive(Clone)]
@@ -40,7 +40,7 @@ pub fn key_of<K: Resource>(kind: Kind, object: &K) -> ResourceKey {
 
 /// Whether an object is being deleted (it is then left out of the desired state, so the next
 /// pass removes its rows before its finalizer goes).
-pub fn is_deleting<K: Resource>(object: &K) -> bool {
+pub(crate) fn is_deleting<K: Resource>(object: &K) -> bool {
     object.meta().deletion_timestamp.is_some()
 }
 

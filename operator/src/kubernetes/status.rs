@@ -15,11 +15,11 @@ use crate::reconcile::ResourceStatus;
 
 /// Condition types.
 pub const READY: &str = "Ready";
-pub const SYNCED: &str = "Synced";
+pub(crate) const SYNCED: &str = "Synced";
 pub const REGISTERED: &str = "Registered";
-pub const REACHABLE: &str = "Reachable";
+pub(crate) const REACHABLE: &str = "Reachable";
 /// kstatus' condition for a resource that cannot progress without a change by its author.
-pub const STALLED: &str = "Stalled";
+pub(crate) const STALLED: &str = "Stalled";
 
 /// Reasons this module adds to the reconcile core's.
 pub mod reason {
@@ -41,7 +41,7 @@ pub mod reason {
 
 /// The union of the three kinds' status shapes is the Trunk's (the others leave its trunk
 /// fields empty), so one piece of code compares and writes all of them.
-pub type StatusDoc = crate::crd::TrunkStatus;
+pub(crate) type StatusDoc = crate::crd::TrunkStatus;
 
 impl StatusDoc {
     /// The status of a serialised object (`.status`), empty when it has none or it does not parse.
@@ -307,7 +307,7 @@ fn trunk_conditions(
 
 /// The conditions whose status or reason changed from `previous` to `next` (each gets an event).
 /// `Stalled` gets none: it repeats the `Ready` condition, whose event already says it.
-pub fn changed_conditions<'a>(previous: &StatusDoc, next: &'a StatusDoc) -> Vec<&'a Condition> {
+pub(crate) fn changed_conditions<'a>(previous: &StatusDoc, next: &'a StatusDoc) -> Vec<&'a Condition> {
     next.conditions
         .iter()
         .filter(|c| c.type_ != STALLED)
@@ -317,7 +317,7 @@ pub fn changed_conditions<'a>(previous: &StatusDoc, next: &'a StatusDoc) -> Vec<
 
 /// The merge patch that turns `previous` into `next` on the status subresource: top-level fields
 /// that disappear are set to null, and the resourceVersion makes a concurrent change a 409.
-pub fn merge_patch(resource_version: Option<&str>, previous: &StatusDoc, next: &StatusDoc) -> serde_json::Value {
+pub(crate) fn merge_patch(resource_version: Option<&str>, previous: &StatusDoc, next: &StatusDoc) -> serde_json::Value {
     let mut status = serde_json::to_value(next).expect("a status serialises");
     let old = serde_json::to_value(previous).expect("a status serialises");
     if let (Some(status), Some(old)) = (status.as_object_mut(), old.as_object()) {

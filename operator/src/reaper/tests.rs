@@ -1,3 +1,4 @@
+//! The reaper against a real Postgres: one pass at a time, ending the rows of lost nodes only.
 
 use super::*;
 use sqlx::Row;

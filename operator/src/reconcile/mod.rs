@@ -26,7 +26,7 @@ use switchboard_model::config::{
     self as rows, ConfigTable, Credential, NumberConfig, RuleConfig, StoredHash, TrunkConfig,
 };
 
-pub use mapping::{CredentialError, fingerprint, number_config, rule_config, trunk_config, trunk_credential};
+pub(crate) use mapping::{fingerprint, number_config, rule_config, trunk_config, trunk_credential};
 pub use status::ResourceStatus;
 use status::{StoredStatus, reason};
 

@@ -119,7 +119,7 @@ pub async fn load(conn: &mut PgConnection) -> Result<HashMap<ResourceKey, Stored
 }
 
 /// Writes the statuses that differ from what is stored, in one statement. Returns how many.
-pub async fn write_changed(
+pub(crate) async fn write_changed(
     conn: &mut PgConnection,
     statuses: &[ResourceStatus],
     stored: &HashMap<ResourceKey, StoredStatus>,

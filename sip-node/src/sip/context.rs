@@ -38,6 +38,8 @@ pub struct NodeContext {
     pub final_codes: Vec<u16>,
     /// Whether the node is stopping: new calls are refused, calls in progress go on.
     pub drain: crate::drain::Drain,
+    /// RFC 4028 session timers: the interval the node asks for and the smallest it accepts.
+    pub session_timers: super::control::session_timer::TimerPolicy,
 }
 
 /// What the node needs to anchor a call's media.

@@ -16,11 +16,13 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
 use super::context::NodeContext;
+use super::control::reliable::{Provisional, ReliableReceiver};
+use super::control::session_timer::{self, UacOffer};
 use super::dialog::Dialog;
 use super::digest::answer_challenge;
 use super::endpoint::{TuEvent, TuSender};
 use super::message::{self, HangupReason};
-use super::transaction::{cancel_for, response_to};
+use super::transaction::{TransactionKey, cancel_for, response_to};
 use super::transport::{Peer, Protocol};
 
 /// The timers and the retry material of one attempt.
@@ -39,6 +41,9 @@ pub struct InviteSetup {
     pub gateway: String,
     /// The Contact user of our side of the dialog.
     pub contact_user: String,
+    /// The session timer the INVITE offers (RFC 4028): its headers are in the INVITE; a 422
+    /// raises it and the INVITE is sent again, once per larger Min-SE.
+    pub session: Option<UacOffer>,
 }
 
 /// What an attempt came to.
@@ -55,6 +60,11 @@ pub enum InviteEvent {
     /// Cancelled through [`InviteClient::next`]'s caller channel; a 2xx that crossed the CANCEL
     /// was ACKed and hung up.
     Cancelled,
+    /// A PRACK from the caller (RFC 3262) for a reliable provisional response the caller's
+    /// side sent; the attempt goes on. Only with a caller channel.
+    CallerPrack { request: Request, key: TransactionKey },
+    /// The `wake_at` of [`InviteClient::next_until`] passed; the attempt goes on.
+    Wake,
 }
 
 /// One outbound INVITE in flight.
@@ -71,6 +81,10 @@ pub struct InviteClient<'c> {
     authenticated: bool,
     no_response_at: Instant,
     ring_limit_at: Instant,
+    /// The reliable provisional responses received (RFC 3262), to PRACK each once.
+    reliable: ReliableReceiver,
+    /// The CSeq of the last PRACK sent (the confirmed dialog's requests count on from it).
+    prack_cseq: u32,
 }
 
 impl<'c> InviteClient<'c> {
@@ -94,6 +108,8 @@ impl<'c> InviteClient<'c> {
             provisional: false,
             cancel_pending: false,
             authenticated: false,
+            reliable: ReliableReceiver::default(),
+            prack_cseq: 0,
         }
     }
 
@@ -101,7 +117,18 @@ impl<'c> InviteClient<'c> {
     /// there is one: its CANCEL cancels this attempt, its other requests are refused with 491
     /// until the call is answered. Call again after [`InviteEvent::Provisional`]; the other
     /// events end the attempt.
-    pub async fn next(&mut self, mut caller: Option<&mut mpsc::UnboundedReceiver<TuEvent>>) -> InviteEvent {
+    pub async fn next(&mut self, caller: Option<&mut mpsc::UnboundedReceiver<TuEvent>>) -> InviteEvent {
+        self.next_until(caller, None).await
+    }
+
+    /// Like [`InviteClient::next`], and also returns [`InviteEvent::Wake`] at `wake_at` (the
+    /// caller's side has timers of its own: reliable provisional retransmissions) and hands
+    /// the caller's PRACKs over as [`InviteEvent::CallerPrack`] instead of refusing them.
+    pub async fn next_until(
+        &mut self,
+        mut caller: Option<&mut mpsc::UnboundedReceiver<TuEvent>>,
+        wake_at: Option<Instant>,
+    ) -> InviteEvent {
         let Some(mut rx) = self.rx.take() else {
             return InviteEvent::Failed { code: 500, reason: "attempt already ended".into(), failover: false };
         };
@@ -137,11 +164,15 @@ impl<'c> InviteClient<'c> {
                         // or the no-response timer ends the attempt.
                         self.cancel_pending = true;
                     }
+                    Some(TuEvent::Request { request, key: Some(key), .. }) if request.method == Method::PRack => {
+                        break InviteEvent::CallerPrack { request, key };
+                    }
                     Some(TuEvent::Request { request, key: Some(key), .. }) => {
                         self.ctx.endpoint.respond(&key, response_to(&request, 491, None, None));
                     }
                     _ => {}
                 },
+                () = sleep_until(wake_at.unwrap_or(self.ring_limit_at)), if wake_at.is_some() => break InviteEvent::Wake,
                 () = self.ctx.drain.ending() => {
                     // The node stops: CANCEL a ringing callee (never before a provisional
                     // response, RFC 3261 9.1). The caller tells it apart by `drain.is_ending()`.
@@ -164,7 +195,10 @@ impl<'c> InviteClient<'c> {
             }
         };
         match &event {
-            InviteEvent::Provisional(_) | InviteEvent::Answered(_) => self.rx = Some(rx),
+            InviteEvent::Provisional(_)
+            | InviteEvent::Answered(_)
+            | InviteEvent::CallerPrack { .. }
+            | InviteEvent::Wake => self.rx = Some(rx),
             InviteEvent::Failed { .. } | InviteEvent::Cancelled => {
                 self.ctx.endpoint.unregister_dialog(&self.call_id, &self.setup.tag)
             }
@@ -195,10 +229,21 @@ impl<'c> InviteClient<'c> {
                     self.send_cancel();
                     return Some(InviteEvent::Cancelled);
                 }
+                match self.reliable.on_provisional(&response) {
+                    Ok(Provisional::Unreliable) => {}
+                    Ok(Provisional::Prack(rack)) => self.send_prack(&response, rack.header()).await,
+                    // A retransmission (already PRACKed) or out of order: RFC 3262 section 4.
+                    Ok(Provisional::Discard) => return None,
+                    Err(error) => {
+                        tracing::info!(%error, gateway = %self.setup.gateway, "unusable reliable provisional response ignored");
+                        return None;
+                    }
+                }
                 Some(InviteEvent::Provisional(response))
             }
             200..=299 => Some(self.on_answer(response).await),
             401 | 407 if !self.authenticated => self.on_challenge(code, &response),
+            session_timer::TOO_SMALL if self.setup.session.is_some() => self.on_too_small(&response),
             _ => {
                 let reason = format!("{} from {}", response.status_code, self.setup.gateway);
                 let failover = !super::routing::is_final_for_caller(&self.ctx.final_codes, code);
@@ -215,6 +260,8 @@ impl<'c> InviteClient<'c> {
             return failed(502, format!("unusable 2xx from {}", self.setup.gateway), true);
         };
         dialog.peer = in_dialog_peer(self.ctx, &dialog, self.setup.peer).await;
+        // PRACKs were requests of this dialog: its next requests count on from them.
+        dialog.local_cseq = dialog.local_cseq.max(self.prack_cseq);
         let ack = dialog.request(Method::Ack, endpoint.via_for(dialog.peer), Some(self.cseq), None);
         endpoint.send_stateless(rsip::SipMessage::Request(ack), dialog.peer);
         if self.cancel_pending {
@@ -245,10 +292,37 @@ impl<'c> InviteClient<'c> {
             Err(error) => return Some(failed(code, format!("cannot answer the challenge: {error}"), true)),
         };
         self.authenticated = true;
+        self.invite.headers.push(header);
+        self.resend();
+        None
+    }
+
+    /// A 422: the callee wants a longer session interval. The INVITE goes again with its
+    /// Min-SE (RFC 4028 section 7.4), unless that would not raise it (then the 422 is final).
+    fn on_too_small(&mut self, response: &Response) -> Option<InviteEvent> {
+        let offer = self.setup.session.as_mut()?;
+        if let Err(error) = offer.on_too_small(&response.headers) {
+            return Some(failed(422, format!("422 from {}: {error}", self.setup.gateway), true));
+        }
+        let timer_headers = offer.request_headers();
+        let is_timer_header = |h: &Header| match h {
+            Header::Other(name, _) => {
+                name.eq_ignore_ascii_case("Session-Expires") || name.eq_ignore_ascii_case("Min-SE")
+            }
+            _ => false,
+        };
+        self.invite.headers.retain(|h| !is_timer_header(h));
+        self.invite.headers.extend(timer_headers.into_iter().filter(is_timer_header).collect::<Vec<_>>());
+        self.resend();
+        None
+    }
+
+    /// Sends the INVITE again with the next CSeq and a fresh Via (after a challenge or a 422).
+    fn resend(&mut self) {
         self.cseq += 1;
         let cseq = self.cseq;
         let via = self.ctx.endpoint.via_for(self.setup.peer);
-        let mut headers: Vec<Header> = Vec::with_capacity(self.invite.headers.iter().count() + 1);
+        let mut headers: Vec<Header> = Vec::with_capacity(self.invite.headers.iter().count());
         let mut via_replaced = false;
         for header in self.invite.headers.iter() {
             match header {
@@ -260,10 +334,32 @@ impl<'c> InviteClient<'c> {
                 other => headers.push(other.clone()),
             }
         }
-        headers.push(header);
         self.invite.headers = headers.into();
         self.ctx.endpoint.send_request(self.invite.clone(), self.setup.peer, self.tx.clone());
-        None
+    }
+
+    /// The session timer offer as the callee last saw it (after any 422).
+    pub fn session_offer(&self) -> Option<&UacOffer> {
+        self.setup.session.as_ref()
+    }
+
+    /// Acknowledges a reliable provisional response with a PRACK in its early dialog (RFC 3262
+    /// section 7.2: CSeq above the INVITE's, RAck naming the response).
+    async fn send_prack(&mut self, response: &Response, rack: Header) {
+        let endpoint = &self.ctx.endpoint;
+        let contact = endpoint.contact_for(self.setup.peer, &self.setup.contact_user);
+        let Some(mut early) = Dialog::as_uac(&self.invite, response, self.setup.peer, contact) else { return };
+        early.peer = in_dialog_peer(self.ctx, &early, self.setup.peer).await;
+        early.local_cseq = early.local_cseq.max(self.prack_cseq);
+        let mut prack = early.request(Method::PRack, endpoint.via_for(early.peer), None, None);
+        prack.headers.push(rack);
+        self.prack_cseq = early.local_cseq;
+        endpoint.send_request(prack, early.peer, self.tx.clone());
+    }
+
+    /// CANCELs the attempt (after a provisional response, RFC 3261 9.1).
+    pub fn cancel(&self) {
+        self.send_cancel();
     }
 
     fn send_cancel(&self) {

@@ -125,6 +125,7 @@ impl Node {
             spool: None,
             guard: switchboard_node::sip::guard::GuardArgs::default(),
             tls: switchboard_node::sip::tls::TlsArgs::default(),
+            session: Default::default(),
         };
         tune(&mut args);
         let drain = Drain::default();
@@ -154,25 +155,33 @@ impl Node {
 pub struct Sipp {
     child: Child,
     name: String,
+    /// How long sipp may run (its `-timeout`); [`Sipp::wait`] waits 10 s more.
+    limit: Duration,
 }
 
 impl Sipp {
     pub fn start(name: &str, args: &[String]) -> Sipp {
+        Sipp::start_for(name, args, Duration::from_secs(20))
+    }
+
+    /// Like [`Sipp::start`] for scenarios that take longer than 20 s (session timers).
+    pub fn start_for(name: &str, args: &[String], limit: Duration) -> Sipp {
+        let timeout = format!("{}s", limit.as_secs());
         let child = Command::new("sipp")
             .args(args)
-            .args(["-timeout", "20s", "-timeout_error", "-nostdin", "-trace_err", "-error_file"])
+            .args(["-timeout", &timeout, "-timeout_error", "-nostdin", "-trace_err", "-error_file"])
             .arg(std::env::temp_dir().join(format!("sipp-{name}-{}.log", std::process::id())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("sipp (Debian package sip-tester) must be installed");
-        Sipp { child, name: name.into() }
+        Sipp { child, name: name.into(), limit }
     }
 
     /// Waits (bounded) for sipp to exit.
     pub async fn wait(mut self) -> ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + self.limit + Duration::from_secs(10);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
@@ -197,13 +206,29 @@ pub fn uas(scenario_arg: &[&str], port: u16, calls: u32) -> Sipp {
 }
 
 pub fn uac(scenario_arg: &[&str], node: SocketAddr, local_ip: &str, calls: u32, extra: &[&str]) -> Sipp {
+    Sipp::start("uac", &uac_args(scenario_arg, node, local_ip, calls, extra))
+}
+
+fn uac_args(scenario_arg: &[&str], node: SocketAddr, local_ip: &str, calls: u32, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = scenario_arg.iter().map(|s| s.to_string()).collect();
     args.push(node.to_string());
     args.extend(
         ["-s", DID, "-i", local_ip, "-p", &free_port(local_ip).to_string(), "-m", &calls.to_string()].map(String::from),
     );
     args.extend(extra.iter().map(|s| s.to_string()));
-    Sipp::start("uac", &args)
+    args
+}
+
+/// One call from a caller scenario that may run for `limit` (session timers).
+pub fn long_uac(scenario: &str, node: SocketAddr, limit: Duration) -> Sipp {
+    Sipp::start_for("uac", &uac_args(&["-sf", scenario], node, "127.0.0.1", 1, &[]), limit)
+}
+
+/// One call to a callee scenario that may run for `limit` (session timers).
+pub fn long_uas(scenario: &str, port: u16, limit: Duration) -> Sipp {
+    let mut args: Vec<String> = vec!["-sf".into(), scenario.into()];
+    args.extend(["-i", "127.0.0.1", "-p", &port.to_string(), "-m", "1"].map(String::from));
+    Sipp::start_for("uas", &args, limit)
 }
 
 #[derive(Debug, sqlx::FromRow)]

@@ -1,3 +1,5 @@
+//! The folder source on temporary folders: documents and Secrets, problems named by file, line
+//! and field, duplicates, and the cache that parses only changed files.
 
 use super::*;
 

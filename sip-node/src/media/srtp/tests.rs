@@ -129,3 +129,28 @@ fn each_leg_negotiates_under_its_trunks_policy() {
     };
     assert!(why.contains("MKI"), "{why}");
 }
+
+/// The figure: what an SRTP leg costs per packet in user space (one 20 ms PCMU packet
+/// unprotected from the caller and protected again for the callee, as a relay between two SRTP
+/// legs would), and the calls per core that makes at 50 packets/s each way. Printed, not asserted.
+#[test]
+#[ignore = "a figure, not a check: cargo test -p switchboard-node --release --lib media::srtp::tests::srtp_packets_per_second -- --ignored --nocapture"]
+fn srtp_packets_per_second() {
+    let (mut caller, mut node) = call(Suite::AesCm128HmacSha1_80);
+    let (mut node_out, mut callee) = call(Suite::AesCm128HmacSha1_80);
+    let packets = 50_000u32;
+    let sent: Vec<_> = (0..packets).map(|i| caller.protect_rtp(&rtp(i as u16, 1)).unwrap()).collect();
+    let started = std::time::Instant::now();
+    for packet in &sent {
+        let plain = node.unprotect_rtp(packet).unwrap();
+        std::hint::black_box(node_out.protect_rtp(&plain).unwrap());
+    }
+    let elapsed = started.elapsed();
+    let per_second = f64::from(packets) / elapsed.as_secs_f64();
+    let _ = &mut callee;
+    println!(
+        "SRTP relay work (unprotect + protect, AES_CM_128_HMAC_SHA1_80, 172-byte RTP): {per_second:.0} packets/s on one core \
+         = {:.0} SRTP-to-SRTP calls per core at 100 packets/s per call (both directions)",
+        per_second / 100.0
+    );
+}

@@ -137,14 +137,19 @@ impl Call {
         ok.headers.push(Header::Contact(headers::Contact::new(contact.clone())));
         ok.headers.push(Header::Allow(ALLOW.into()));
         message::set_body(&mut ok.headers, &mut ok.body, answer.to_string().into_bytes(), Some("application/sdp"));
+        ok.headers.extend(super::session::answer_headers(&self.session_a));
 
         if answering.mode == AgentAnswer::FirstAudio {
             // Ring until the agent speaks (bounded): the 200 OK then goes out with its first
             // frame. The caller may send media from its offer on (RFC 3264 5.1), so nothing
             // is lost to the race between that frame and the 200 OK.
-            let mut ringing = response_to(&self.invite, 180, Some("Ringing"), Some(&self.a_tag));
-            ringing.headers.push(Header::Contact(headers::Contact::new(contact)));
-            self.ctx.endpoint.respond(&self.key, ringing);
+            // A caller that requires reliable provisional responses gets no 180 (this path takes
+            // no PRACK; provisional responses are optional, an unreliable one is not allowed).
+            if self.reliable.is_none() {
+                let mut ringing = response_to(&self.invite, 180, Some("Ringing"), Some(&self.a_tag));
+                ringing.headers.push(Header::Contact(headers::Contact::new(contact)));
+                self.ctx.endpoint.respond(&self.key, ringing);
+            }
             ring_at = Some(Utc::now());
             let deadline = tokio::time::sleep(answering.timeout);
             tokio::pin!(deadline);
@@ -187,6 +192,7 @@ impl Call {
             sent_by: endpoint.transport().sent_by(self.a_peer.addr),
             contact: endpoint.contact_for(self.a_peer, ""),
             dialog: a,
+            session: Some(self.session_a),
         };
         let answer = Answer { key: self.key.clone(), response: ok, reliable: self.a_peer.protocol.is_reliable() };
         let mut answerer = LocalAnswerer { policy, session: &mut session, awaiting: awaiting_answer, relay: &relay };
@@ -197,6 +203,7 @@ impl Call {
             timers: self.ctx.timers,
             wait_for_bye: true,
             max_duration: None,
+            session_policy: self.ctx.session_timers,
         };
         let (mut machine, first) = Connected::new(setup);
         let io = Io { endpoint: &self.ctx.endpoint, metrics: &self.ctx.metrics, drain: &self.ctx.drain };

@@ -10,17 +10,21 @@ use rsip::prelude::*;
 use rsip::{Method, Request, Response};
 use switchboard_model::TrunkConfig;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use super::media::Anchor;
 use super::record::{AttemptRecord, Ender, Outcome};
+use super::session;
 use super::{ALLOW, Call, RING_TIMEOUT};
+use crate::sip::control::reliable::{self, ReliableAction, ReliableSender};
+use crate::sip::control::session_timer::{self, UacOffer};
 use crate::sip::dialog::{Dialog, content_type};
 use crate::sip::endpoint::TuEvent;
 use crate::sip::invite_client::{InviteClient, InviteEvent, InviteSetup, failover_timeout};
 use crate::sip::limits::CallPermit;
 use crate::sip::message::{self, HangupReason};
 use crate::sip::routing::{self, Target};
-use crate::sip::transaction::{new_tag, response_to};
+use crate::sip::transaction::{TransactionKey, new_tag, response_to};
 use crate::sip::transport::{Peer, Protocol};
 
 /// A place one outbound INVITE goes to.
@@ -232,20 +236,25 @@ impl Call {
             Header::Allow(ALLOW.into()),
             Header::UserAgent("switchboard".into()),
         ];
+        // The node PRACKs the callee's reliable provisional responses itself (RFC 3262) and
+        // runs the leg's session timer itself (RFC 4028), so it offers both whatever the
+        // caller said; of the caller's other extensions, those the node passes end to end.
+        let timer = UacOffer::new(&self.ctx.session_timers);
+        let mut supported = vec![reliable::OPTION_TAG.to_string(), session_timer::OPTION_TAG.to_string()];
         if let Some(value) = message::header_value(&self.invite.headers, "Supported") {
-            // Only extensions the node itself handles end to end: it does not send PRACK
-            // (100rel) nor refresh sessions (timer), so the callee must not rely on them.
-            let kept: Vec<&str> = value
-                .split(',')
-                .map(str::trim)
-                .filter(|option| {
-                    !option.is_empty() && !matches!(option.to_ascii_lowercase().as_str(), "100rel" | "timer")
-                })
-                .collect();
-            if !kept.is_empty() {
-                headers.push(Header::Supported(kept.join(", ").into()));
-            }
+            supported.extend(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|option| {
+                        !option.is_empty() && !matches!(option.to_ascii_lowercase().as_str(), "100rel" | "timer")
+                    })
+                    .map(str::to_string),
+            );
         }
+        headers.push(Header::Supported(supported.join(", ").into()));
+        // Session-Expires and Min-SE (its Supported: timer is in the list above).
+        headers.extend(timer.request_headers().into_iter().filter(|h| !matches!(h, Header::Supported(_))));
         let mut request = Request {
             method: Method::Invite,
             uri: target.uri.clone(),
@@ -293,11 +302,26 @@ impl Call {
             ring_limit: RING_TIMEOUT,
             gateway: target.gateway.clone(),
             contact_user: self.caller_id(target),
+            session: Some(UacOffer::new(&self.ctx.session_timers)),
         };
         let ctx = Arc::clone(&self.ctx);
         let mut client = InviteClient::send(&ctx, invite, setup);
         loop {
-            match client.next(Some(&mut *a_rx)).await {
+            let wake_at = self.reliable.as_ref().and_then(ReliableSender::poll_timeout).map(Instant::from_std);
+            match client.next_until(Some(&mut *a_rx), wake_at).await {
+                InviteEvent::CallerPrack { request, key } => self.caller_prack(&request, &key),
+                InviteEvent::Wake => {
+                    if self.reliable_timeout() {
+                        // 64*T1 without the caller's PRACK (RFC 3262 section 3): the INVITE
+                        // fails; the ringing callee is cancelled.
+                        client.cancel();
+                        return AttemptEnd::Failed {
+                            code: 504,
+                            reason: "the caller never acknowledged the reliable provisional response".into(),
+                            failover: false,
+                        };
+                    }
+                }
                 InviteEvent::Provisional(response) => {
                     if record.ring_at.is_none() {
                         record.ring_at = Some(Utc::now());
@@ -308,6 +332,8 @@ impl Call {
                 InviteEvent::Answered(answered) => {
                     // The dialog's channel stays registered: in-dialog requests from the
                     // callee keep arriving on b_rx after this function returns.
+                    self.session_b =
+                        client.session_offer().map(|offer| session::callee_timer(offer, &answered.1.headers));
                     let (b_tx, b_rx) = client.into_channel();
                     self.b_tx = Some(b_tx);
                     self.b_rx = b_rx;
@@ -340,7 +366,57 @@ impl Call {
             let ct = content_type(&response.headers);
             message::set_body(&mut relayed.headers, &mut relayed.body, response.body.clone(), ct.as_deref());
         }
-        self.ctx.endpoint.respond(&self.key, relayed);
+        let Some(reliable) = self.reliable.as_mut() else {
+            self.ctx.endpoint.respond(&self.key, relayed);
+            return;
+        };
+        if !self.early_dialog {
+            // The caller's PRACKs come in its early dialog.
+            self.ctx.endpoint.register_dialog(&self.facts.call_id, &self.a_tag, self.a_tx.clone());
+            self.early_dialog = true;
+        }
+        for action in reliable.send(relayed, std::time::Instant::now()) {
+            self.reliable_action(action);
+        }
+    }
+
+    /// A PRACK from the caller: 200 when its RAck names the outstanding reliable provisional
+    /// response (the next queued one then goes out), 481 otherwise (RFC 3262 section 3).
+    fn caller_prack(&mut self, prack: &Request, key: &TransactionKey) {
+        let Some(reliable) = self.reliable.as_mut() else {
+            self.ctx.endpoint.respond(key, response_to(prack, 481, None, None));
+            return;
+        };
+        match reliable.on_prack(&prack.headers, std::time::Instant::now()) {
+            Ok(actions) => {
+                self.ctx.endpoint.respond(key, response_to(prack, 200, Some("OK"), None));
+                for action in actions {
+                    self.reliable_action(action);
+                }
+            }
+            Err(error) => {
+                tracing::info!(%error, "caller's PRACK refused");
+                self.ctx.endpoint.respond(key, response_to(prack, error.prack_status(), None, None));
+            }
+        }
+    }
+
+    /// The reliable provisional retransmission timer fired; `true` when the node gave up.
+    fn reliable_timeout(&mut self) -> bool {
+        let Some(reliable) = self.reliable.as_mut() else { return false };
+        let mut gave_up = false;
+        for action in reliable.handle_timeout(std::time::Instant::now()) {
+            gave_up |= action == ReliableAction::GiveUp;
+            self.reliable_action(action);
+        }
+        gave_up
+    }
+
+    fn reliable_action(&self, action: ReliableAction) {
+        match action {
+            ReliableAction::Send(response) => self.ctx.endpoint.respond(&self.key, response),
+            ReliableAction::GiveUp => tracing::info!("no PRACK from the caller within 64*T1"),
+        }
     }
 
     /// Applies the callee's answer to the anchored media (its 2xx SDP, else the early SDP).

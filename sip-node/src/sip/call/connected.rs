@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use super::media::Anchor;
 use super::record::{AttemptRecord, Ender, Outcome};
+use super::session;
 use super::{ALLOW, Call};
 use crate::sip::connected::{Answer, Channels, Connected, Io, Leg, LegChannels, LegSetup, MediaMode, Setup, drive};
 use crate::sip::dialog::{Dialog, content_type};
@@ -66,14 +67,25 @@ impl Call {
                 );
             }
         }
+        ok.headers.extend(session::answer_headers(&self.session_a));
+        if let Some(reliable) = self.reliable.as_mut() {
+            // The final response ends the reliable provisional retransmissions.
+            reliable.on_final();
+        }
         let mut anchor = self.anchor.take();
         let relay_events = anchor.as_mut().and_then(Anchor::take_events);
         let b_peer = b.peer;
-        let a_leg = LegSetup { sent_by: endpoint.transport().sent_by(self.a_peer.addr), contact, dialog: a };
+        let a_leg = LegSetup {
+            sent_by: endpoint.transport().sent_by(self.a_peer.addr),
+            contact,
+            dialog: a,
+            session: Some(self.session_a),
+        };
         let b_leg = LegSetup {
             sent_by: endpoint.transport().sent_by(b_peer.addr),
             contact: endpoint.contact_for(b_peer, ""),
             dialog: b,
+            session: self.session_b,
         };
         let answer = Answer { key: self.key.clone(), response: ok, reliable: self.a_peer.protocol.is_reliable() };
         let media = match anchor.as_mut() {
@@ -87,6 +99,7 @@ impl Call {
             timers: self.ctx.timers,
             wait_for_bye: true,
             max_duration: None,
+            session_policy: self.ctx.session_timers,
         };
         let (mut machine, first) = Connected::new(setup);
         let answered_at = record.answer_at.unwrap_or_else(Utc::now);

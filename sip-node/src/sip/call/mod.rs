@@ -25,6 +25,7 @@ use tracing::Instrument as _;
 
 use super::ALLOW;
 use super::context::{MediaContext, NodeContext};
+use super::control::reliable::{Reliability, ReliableSender, random_initial_rseq};
 use super::endpoint::{NewRequest, TuEvent};
 use super::guard::SourceClass;
 use super::limits::CallPermit;
@@ -41,6 +42,7 @@ mod attempts;
 mod connected;
 pub(super) mod media;
 mod record;
+mod session;
 
 use super::connected::Leg;
 use admission::{admit, admitted_trunk, reason_header};
@@ -156,8 +158,10 @@ async fn inbound_call(ctx: Arc<NodeContext>, invite: Request, key: TransactionKe
         inbound_trunk: None,
     };
 
-    let admitted = admit(&ctx, &snapshot, &invite, peer, &called, &caller).await;
-    let (_number, trunk, target, permit) = match admitted {
+    let admitted = admit(&ctx, &snapshot, &invite, peer, &called, &caller)
+        .await
+        .and_then(|admitted| Ok((admitted, session::caller_timer(&invite.headers, &ctx.session_timers)?)));
+    let ((_number, trunk, target, permit), session_a) = match admitted {
         Ok(admitted) => admitted,
         Err(refuse) => {
             tracing::info!(code = refuse.code, reason = %refuse.reason, "inbound call refused");
@@ -206,7 +210,15 @@ async fn inbound_call(ctx: Arc<NodeContext>, invite: Request, key: TransactionKe
         b_rx: None,
         b_tx: None,
         anchor: None,
+        reliable: None,
+        early_dialog: false,
+        session_a,
+        session_b: None,
     };
+    if Reliability::of(&call.invite.headers) == Reliability::Required {
+        let cseq = message::cseq(&call.invite).map(|(n, _)| n).unwrap_or(1);
+        call.reliable = Some(ReliableSender::new(cseq, random_initial_rseq(), ctx.timers.t1));
+    }
     let outcome = call.run(target, &mut a_rx).await;
     call.finish(outcome, setup_at);
 }
@@ -228,4 +240,13 @@ struct Call {
     b_tx: Option<mpsc::UnboundedSender<TuEvent>>,
     /// The call's anchored media (`None`: SDP passes through).
     anchor: Option<Anchor>,
+    /// The caller requires reliable provisional responses (RFC 3262): they are numbered,
+    /// retransmitted until PRACKed, and the caller's PRACKs are matched here.
+    reliable: Option<ReliableSender>,
+    /// The caller's early dialog is registered with the endpoint (for its PRACKs).
+    early_dialog: bool,
+    /// The session timer of the caller's leg, as the node's 2xx sets it (RFC 4028).
+    session_a: session::LegTimer,
+    /// The session timer of the answered callee's leg.
+    session_b: Option<session::LegTimer>,
 }

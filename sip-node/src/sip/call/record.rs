@@ -116,6 +116,11 @@ impl Call {
         };
         let (code, reason) = (outcome.code, outcome.reason.clone());
         let record = self.facts.write_end(&self.ctx.store, outcome, fallback, end_at);
+        if self.early_dialog {
+            // Registered for the caller's PRACKs before the answer (a no-op if the connected
+            // phase already unregistered it).
+            self.ctx.endpoint.unregister_dialog(&self.facts.call_id, &self.a_tag);
+        }
         let inbound = self.facts.inbound_trunk.as_ref();
         let provider = inbound.map(|t| t.provider.as_str()).unwrap_or("unknown");
         let trunk = inbound.map(|t| t.name.as_str()).unwrap_or("unknown");

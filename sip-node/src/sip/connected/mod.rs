@@ -24,6 +24,7 @@
 //! match then asks to carry out). Its state goes in a field of [`Connected`], its own sans-IO
 //! piece (see `sip/control/`) in a module beside it.
 
+mod control;
 mod driver;
 mod media;
 #[cfg(test)]
@@ -38,6 +39,9 @@ use rsip::{Method, Request, Response, SipMessage};
 pub(crate) use driver::{AgentSession, Channels, Io, LegChannels, drive};
 pub(crate) use media::{AnchoredMedia, LocalAnswerer, LocalMedia};
 
+use super::control::dtmf_info;
+use super::control::session_leg::{LegSession, LegTimer};
+use super::control::session_timer::{SessionTimerKind, TimerPolicy};
 use super::dialog::{Dialog, content_type};
 use super::message::{self, HangupReason};
 use super::transaction::uas2xx::{Uas2xxAction, Uas2xxRetransmitter, Uas2xxTimer};
@@ -101,6 +105,8 @@ pub(crate) enum Timer {
     ByeWait,
     /// The call's maximum duration passed.
     MaxDuration,
+    /// A leg's session timer (RFC 4028): refresh or expiry.
+    Session(Leg, SessionTimerKind),
 }
 
 /// What happened to the call.
@@ -162,6 +168,8 @@ pub(crate) struct LegSetup {
     pub(crate) sent_by: (String, u16),
     /// The node's Contact towards the leg's peer without a user (for relayed 2xx).
     pub(crate) contact: String,
+    /// The leg's session timer as its setup negotiated it (RFC 4028); `None`: no timer.
+    pub(crate) session: Option<LegTimer>,
 }
 
 /// Everything the machine starts with.
@@ -176,6 +184,8 @@ pub(crate) struct Setup<'m> {
     pub(crate) wait_for_bye: bool,
     /// End the call after this long.
     pub(crate) max_duration: Option<Duration>,
+    /// The node's session-timer policy, for the peers' refreshes.
+    pub(crate) session_policy: TimerPolicy,
 }
 
 /// The 2xx that answers the caller's INVITE.
@@ -202,6 +212,8 @@ struct LegState {
     setup: LegSetup,
     /// The CSeq of our BYE while we wait for its final response.
     bye_wait: Option<u32>,
+    /// The leg's session timer (RFC 4028).
+    session: Option<LegSession>,
 }
 
 /// The connected call. See the module doc.
@@ -217,6 +229,7 @@ pub(crate) struct Connected<'m> {
     /// Set once the call is ending: the machine only waits for BYE answers.
     closing: Option<Ending>,
     ended: bool,
+    session_policy: TimerPolicy,
 }
 
 impl<'m> Connected<'m> {
@@ -229,9 +242,9 @@ impl<'m> Connected<'m> {
             let (retransmitter, timers) = Uas2xxRetransmitter::new(answer.response, answer.reliable, &setup.timers);
             uas2xx = Some(retransmitter);
             actions.extend(timers.into_iter().filter_map(|a| uas2xx_action(Leg::A, a)));
-            LegState { setup: leg, bye_wait: None }
+            LegState::new(Leg::A, leg, &mut actions)
         });
-        let b = setup.b.map(|leg| LegState { setup: leg, bye_wait: None });
+        let b = setup.b.map(|leg| LegState::new(Leg::B, leg, &mut actions));
         if let Some(limit) = setup.max_duration {
             actions.push(Action::Schedule(Timer::MaxDuration, limit));
         }
@@ -245,6 +258,7 @@ impl<'m> Connected<'m> {
             wait_for_bye: setup.wait_for_bye,
             closing: None,
             ended: false,
+            session_policy: setup.session_policy,
         };
         (machine, actions)
     }
@@ -280,7 +294,13 @@ impl<'m> Connected<'m> {
         match event {
             Event::Request { leg, request, key } => self.on_request(leg, request, key, out),
             Event::Response { leg, response } => self.on_response(leg, response, out),
-            Event::TransactionTimeout { leg } => self.fail_pending(leg, out),
+            Event::TransactionTimeout { leg } => {
+                if self.refresh_timed_out(leg, out) {
+                    return;
+                }
+                self.fail_pending(leg, out)
+            }
+            Event::Timer(Timer::Session(leg, kind)) => self.on_session_timer(leg, kind, out),
             Event::Timer(Timer::Uas2xx(timer)) => {
                 let actions = self.uas2xx.as_mut().map(|r| r.on_timer(timer)).unwrap_or_default();
                 for action in actions {
@@ -391,6 +411,9 @@ impl<'m> Connected<'m> {
             self.close(Ending { code: 200, reason: text.into(), by }, out);
             return;
         }
+        if self.answer_plain_refresh(leg, &request, &key, out) {
+            return;
+        }
         if self.leg(leg.other()).is_some() {
             self.forward(leg, request, key, out);
             return;
@@ -459,6 +482,9 @@ impl<'m> Connected<'m> {
             }
             return;
         }
+        if self.refresh_answered(leg, &response, out) {
+            return;
+        }
         self.relay_final(leg, response, out);
     }
 
@@ -519,6 +545,17 @@ impl<'m> Connected<'m> {
             (!request.body.is_empty()).then(|| (ct.clone().unwrap_or("application/sdp".into()), request.body.clone()));
         let mut offer = None;
         let is_sdp = ct.as_deref().is_none_or(|ct| ct.to_ascii_lowercase().starts_with("application/sdp"));
+        if request.method == Method::Info
+            && let Some(ct) = ct.as_deref().filter(|ct| dtmf_info::is_dtmf_content_type(ct))
+        {
+            match self.dtmf_info(from, &request, ct) {
+                Ok(normalized) => body = Some(normalized),
+                Err(refusal) => {
+                    out.push(Action::Respond { key, response: refusal });
+                    return;
+                }
+            }
+        }
         let from_contact = self.leg(from).map(|l| l.setup.dialog.contact.clone()).unwrap_or_default();
         if let MediaMode::Anchored(anchor) = &mut self.media
             && matches!(request.method, Method::Invite | Method::Update)
@@ -553,7 +590,13 @@ impl<'m> Connected<'m> {
         let Some(other) = self.leg_mut(to) else { return };
         let via = via(&other.setup);
         let body = body.as_ref().map(|(ct, bytes)| (ct.as_str(), bytes.clone()));
-        let forwarded = other.setup.dialog.request(request.method, via, None, body);
+        let mut forwarded = other.setup.dialog.request(request.method, via, None, body);
+        if matches!(request.method, Method::Invite | Method::Update)
+            && let Some(session) = other.session.as_ref()
+        {
+            // The other leg's session is refreshed by this request too (RFC 4028).
+            forwarded.headers.extend(session.forwarded_request_headers());
+        }
         let cseq = other.setup.dialog.local_cseq;
         out.push(Action::Send { leg: to, request: forwarded });
         self.pending.push(Pending { from, key, request, cseq, offer });
@@ -602,6 +645,9 @@ impl<'m> Connected<'m> {
         }
         if let Some((ct, bytes)) = body {
             message::set_body(&mut relayed.headers, &mut relayed.body, bytes, Some(&ct));
+        }
+        if matches!(method, Method::Invite | Method::Update) && (200..300).contains(&code) {
+            self.offer_answered(leg, &response, p.from, &p.request, &mut relayed, out);
         }
         out.push(Action::Respond { key: p.key, response: relayed });
     }

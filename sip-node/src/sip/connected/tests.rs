@@ -35,6 +35,7 @@ fn leg(call_id: &str, tag: &str, cseq: u32, peer: Peer) -> LegSetup {
         dialog: dialog(call_id, tag, cseq, peer),
         sent_by: ("198.51.100.1".into(), 5060),
         contact: format!("<sip:198.51.100.1:5060;leg={tag}>"),
+        session: None,
     }
 }
 
@@ -90,6 +91,7 @@ fn b2bua(media: MediaMode<'_>, reliable: bool) -> (Connected<'_>, Vec<Action>) {
         timers: TimerConfig::default(),
         wait_for_bye: true,
         max_duration: None,
+        session_policy: Default::default(),
     })
 }
 
@@ -459,6 +461,7 @@ fn agent_call(media: MediaMode<'_>) -> (Connected<'_>, Vec<Action>) {
         timers: TimerConfig::default(),
         wait_for_bye: true,
         max_duration: None,
+        session_policy: Default::default(),
     })
 }
 
@@ -513,6 +516,7 @@ fn api_call(media: MediaMode<'_>) -> (Connected<'_>, Vec<Action>) {
         timers: TimerConfig::default(),
         wait_for_bye: false,
         max_duration: Some(Duration::from_secs(60)),
+        session_policy: Default::default(),
     })
 }
 
@@ -546,4 +550,110 @@ fn api_call_ends_on_callee_bye_and_media_timeout() {
     let actions = call.on_event(Event::MediaTimeout { silent_for: Duration::from_secs(5) });
     assert_eq!(sent(&actions, Leg::B).len(), 1);
     assert_eq!(ending(&actions).map(|e| e.reason), Some("media timeout: no RTP for 5 s".into()));
+}
+
+// Session timers (RFC 4028, `control.rs`): the caller refreshes its own leg (the node does not),
+// the node refreshes the callee's leg, both with a 90 s interval.
+fn timed_b2bua(media: MediaMode<'_>) -> (Connected<'_>, Vec<Action>) {
+    use crate::sip::control::session_timer::{Negotiated, Refresher};
+    let timer = |we_refresh| LegTimer {
+        negotiated: Negotiated { interval: 90, refresher: Refresher::Uac, we_refresh },
+        min_se: 90,
+    };
+    let mut a = leg("a-call", "atag", 1, peer(5061, Protocol::Udp));
+    a.session = Some(timer(false));
+    let mut b = leg("b-call", "btag", 1, peer(5062, Protocol::Udp));
+    b.session = Some(timer(true));
+    Connected::new(Setup {
+        a: Some((a, answer(true))),
+        b: Some(b),
+        media,
+        timers: TimerConfig::default(),
+        wait_for_bye: true,
+        max_duration: None,
+        session_policy: Default::default(),
+    })
+}
+
+fn hv(headers: &rsip::Headers, name: &str) -> Option<String> {
+    crate::sip::control::header_values(headers, name).first().map(|v| v.to_string())
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+#[test]
+fn session_timers_are_armed_per_leg_and_the_node_refreshes_the_callee() {
+    let (mut call, first) = timed_b2bua(MediaMode::PassThrough);
+    for armed in [
+        Action::Schedule(Timer::Session(Leg::A, SessionTimerKind::Expiry), secs(60)),
+        Action::CancelTimer(Timer::Session(Leg::A, SessionTimerKind::Refresh)),
+        Action::Schedule(Timer::Session(Leg::B, SessionTimerKind::Expiry), secs(60)),
+        Action::Schedule(Timer::Session(Leg::B, SessionTimerKind::Refresh), secs(45)),
+    ] {
+        assert!(first.contains(&armed), "{armed:?} in {first:?}");
+    }
+    // Half the interval: a refresh on the callee's leg (UPDATE: no anchored SDP to send).
+    let actions = call.on_event(Event::Timer(Timer::Session(Leg::B, SessionTimerKind::Refresh)));
+    let refresh = sent(&actions, Leg::B);
+    assert_eq!(refresh.len(), 1, "{actions:?}");
+    assert_eq!(refresh[0].method, Method::Update);
+    assert_eq!(hv(&refresh[0].headers, "Session-Expires").as_deref(), Some("90;refresher=uac"));
+    assert!(sent(&actions, Leg::A).is_empty(), "the caller's leg is not bothered");
+    // Its 2xx (a callee without timers: no Session-Expires) restarts the callee's schedule.
+    let actions = call.on_event(Event::Response { leg: Leg::B, response: answer_to(&refresh[0], 200, "") });
+    assert!(actions.contains(&Action::Schedule(Timer::Session(Leg::B, SessionTimerKind::Expiry), secs(60))));
+    assert!(actions.contains(&Action::Schedule(Timer::Session(Leg::B, SessionTimerKind::Refresh), secs(45))));
+    assert!(responses(&actions).is_empty(), "the refresh's answer is not relayed to the caller");
+}
+
+#[test]
+fn the_callers_refresh_without_sdp_is_answered_on_its_leg() {
+    let (mut call, _) = timed_b2bua(MediaMode::PassThrough);
+    let update = incoming("UPDATE", 2, "", "Supported: timer\r\nSession-Expires: 90;refresher=uac\r\n");
+    let actions = call.on_event(request_event(Leg::A, update));
+    assert!(sent(&actions, Leg::B).is_empty(), "not passed to the callee: {actions:?}");
+    let ok = &responses(&actions)[0];
+    assert_eq!(message::status(ok), 200);
+    assert_eq!(hv(&ok.headers, "Session-Expires").as_deref(), Some("90;refresher=uac"));
+    assert!(actions.contains(&Action::Schedule(Timer::Session(Leg::A, SessionTimerKind::Expiry), secs(60))));
+    // Too short an interval: 422 with the node's Min-SE.
+    let short = incoming("UPDATE", 3, "", "Supported: timer\r\nSession-Expires: 30\r\n");
+    let actions = call.on_event(request_event(Leg::A, short));
+    assert_eq!(message::status(&responses(&actions)[0]), 422);
+    assert_eq!(hv(&responses(&actions)[0].headers, "Min-SE").as_deref(), Some("90"));
+}
+
+#[test]
+fn an_expired_session_or_a_refresh_answered_481_ends_the_call() {
+    let (mut call, _) = timed_b2bua(MediaMode::PassThrough);
+    let actions = call.on_event(Event::Timer(Timer::Session(Leg::A, SessionTimerKind::Expiry)));
+    assert_eq!(sent(&actions, Leg::B)[0].method, Method::Bye);
+    assert_eq!(sent(&actions, Leg::A)[0].method, Method::Bye);
+    call.on_event(Event::Timer(Timer::ByeWait));
+    let (mut call, _) = timed_b2bua(MediaMode::PassThrough);
+    let refresh = sent(&call.on_event(Event::Timer(Timer::Session(Leg::B, SessionTimerKind::Refresh))), Leg::B);
+    let actions = call.on_event(Event::Response { leg: Leg::B, response: answer_to(&refresh[0], 481, "") });
+    assert_eq!(sent(&actions, Leg::A)[0].method, Method::Bye, "{actions:?}");
+    let actions = call.on_event(Event::Timer(Timer::ByeWait));
+    let end = ending(&actions).expect("ended");
+    assert_eq!(end.code, 408);
+    assert!(end.reason.contains("session refresh on the callee's leg answered 481"), "{}", end.reason);
+}
+
+#[test]
+fn a_garbage_info_dtmf_body_is_refused_and_a_good_one_passed_on_normalised() {
+    let (mut call, _) = b2bua(MediaMode::PassThrough, true);
+    let mut info = incoming("INFO", 2, "", "");
+    message::set_body(&mut info.headers, &mut info.body, b"Signal=Z".to_vec(), Some("application/dtmf-relay"));
+    let actions = call.on_event(request_event(Leg::A, info));
+    assert!(sent(&actions, Leg::B).is_empty());
+    assert_eq!(message::status(&responses(&actions)[0]), 400);
+    let mut info = incoming("INFO", 3, "", "");
+    message::set_body(&mut info.headers, &mut info.body, b"#".to_vec(), Some("application/dtmf"));
+    let actions = call.on_event(request_event(Leg::A, info));
+    let forwarded = &sent(&actions, Leg::B)[0];
+    assert_eq!(forwarded.body, b"Signal=#\r\nDuration=250\r\n");
+    assert_eq!(hv(&forwarded.headers, "Content-Type").as_deref(), Some("application/dtmf-relay"));
 }

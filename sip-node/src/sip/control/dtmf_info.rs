@@ -19,6 +19,15 @@ pub const MAX_DURATION_MS: u32 = 8_000;
 /// Bodies larger than this are not DTMF (a dtmf-relay body is two short lines).
 const MAX_BODY: usize = 256;
 
+/// The content type of Cisco's DTMF INFO body, the one the node sends.
+pub const RELAY_CONTENT_TYPE: &str = "application/dtmf-relay";
+
+/// Whether an INFO with this content type carries DTMF (parameters ignored).
+pub fn is_dtmf_content_type(content_type: &str) -> bool {
+    let media_type = content_type.split(';').next().unwrap_or_default().trim();
+    media_type.eq_ignore_ascii_case(RELAY_CONTENT_TYPE) || media_type.eq_ignore_ascii_case("application/dtmf")
+}
+
 /// Why an INFO body is not a DTMF key press.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DtmfInfoError {
@@ -210,6 +219,14 @@ mod tests {
         assert_eq!(parse("application/dtmf", &[b'1'; 300]), Err(DtmfInfoError::TooLarge(300)));
         assert_eq!(parse("text/plain", b"").unwrap_err().status(), 415);
         assert_eq!(parse("application/dtmf", b"x").unwrap_err().status(), 400);
+    }
+
+    #[test]
+    fn dtmf_content_types_are_recognised() {
+        assert!(is_dtmf_content_type("application/dtmf-relay"));
+        assert!(is_dtmf_content_type("Application/DTMF; x=y"));
+        assert!(!is_dtmf_content_type("application/sdp"));
+        assert!(!is_dtmf_content_type("application/dtmf-relayed"));
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //!   both roles, `422`, and the refresh/expiry schedule of a dialog.
 //! - [`reliable`]: RFC 3262 reliable provisional responses: `RSeq`/`RAck`, the retransmission
 //!   of a reliable 1xx until its PRACK, PRACK matching (`481` for a wrong `RAck`).
+//! - [`session_leg`]: one dialog's session timer in the connected phase: the node's
+//!   refreshes and their outcome, the peer's refreshes answered on their own leg.
 //! - [`dtmf_info`]: DTMF carried in SIP INFO bodies (`application/dtmf-relay`,
 //!   `application/dtmf`) and its mapping to RFC 4733 telephone events.
 //! - [`refer`]: RFC 3515 REFER (`Refer-To`), RFC 3891 `Replaces`, and the RFC 3420
@@ -17,6 +19,7 @@
 pub mod dtmf_info;
 pub mod refer;
 pub mod reliable;
+pub mod session_leg;
 pub mod session_timer;
 
 use std::borrow::Cow;

@@ -156,6 +156,35 @@ impl TimerPolicy {
     }
 }
 
+/// The node's session-timer settings (command line / environment).
+#[derive(clap::Args, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionTimerArgs {
+    /// RFC 4028 session interval (seconds) the node asks for on both legs of a call and the
+    /// largest it accepts without lowering it; the refresher re-INVITEs at half of it, and a
+    /// session not refreshed in time is ended with BYE.
+    #[arg(long = "session-expires", env = "SWITCHBOARD_SESSION_EXPIRES", default_value_t = DEFAULT_SESSION_EXPIRES,
+          value_parser = clap::value_parser!(u32).range(90..=86_400))]
+    pub session_expires: u32,
+    /// Smallest session interval (seconds) the node accepts; a request asking for less gets
+    /// `422` (RFC 4028 section 9). At least 90.
+    #[arg(long = "min-se", env = "SWITCHBOARD_MIN_SE", default_value_t = MIN_SE_FLOOR,
+          value_parser = clap::value_parser!(u32).range(90..=86_400))]
+    pub min_se: u32,
+}
+
+impl Default for SessionTimerArgs {
+    fn default() -> Self {
+        SessionTimerArgs { session_expires: DEFAULT_SESSION_EXPIRES, min_se: MIN_SE_FLOOR }
+    }
+}
+
+impl SessionTimerArgs {
+    /// The policy these settings make.
+    pub fn policy(&self) -> TimerPolicy {
+        TimerPolicy::new(self.session_expires, self.min_se)
+    }
+}
+
 /// What a request says about session timers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TimerRequest {

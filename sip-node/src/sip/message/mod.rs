@@ -427,10 +427,10 @@ pub fn header_value<'a>(headers: &'a rsip::Headers, name: &str) -> Option<Cow<'a
     })
 }
 
-/// SIP extensions (option tags, RFC 3261 19.2) this node implements as a UAS. None yet: it
-/// sends no reliable provisional responses (`100rel`, RFC 3262) and refreshes no sessions
-/// (`timer`, RFC 4028), so a request that requires either must not be accepted.
-pub const SUPPORTED_EXTENSIONS: &[&str] = &[];
+/// SIP extensions (option tags, RFC 3261 19.2) this node implements as a UAS: reliable
+/// provisional responses (`100rel`, RFC 3262, `sip/control/reliable.rs`). It refreshes no
+/// sessions yet (`timer`, RFC 4028), so a request that requires that is refused with 420.
+pub const SUPPORTED_EXTENSIONS: &[&str] = &["100rel"];
 
 /// The option tags in the request's `Require` headers that this node does not implement, in
 /// the order given (RFC 3261 8.2.2.3: such a request is refused with `420 Bad Extension`

@@ -57,7 +57,7 @@ fn required_extensions_the_node_lacks_are_listed_once_in_order() {
         From: <sip:b@127.0.0.1>;tag=1\r\nTo: <sip:a@127.0.0.1>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n\
         Require: 100rel, timer\r\nrequire: ,TIMER,\r\nRequire: foo\r\nSupported: replaces\r\nContent-Length: 0\r\n\r\n";
     let Ok(Incoming::Message(rsip::SipMessage::Request(request))) = parse(bytes, false) else { panic!("parses") };
-    assert_eq!(unsupported_requirements(&request.headers), ["100rel", "timer", "foo"]);
+    assert_eq!(unsupported_requirements(&request.headers), ["timer", "foo"], "100rel is served (RFC 3262)");
     let plain = b"OPTIONS sip:a@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:9;branch=z9hG4bK2\r\n\
         From: <sip:b@127.0.0.1>;tag=1\r\nTo: <sip:a@127.0.0.1>\r\nCall-ID: d\r\nCSeq: 1 OPTIONS\r\n\
         Proxy-Require: foo\r\nSupported: 100rel\r\nContent-Length: 0\r\n\r\n";

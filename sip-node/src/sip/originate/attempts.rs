@@ -159,6 +159,7 @@ async fn one_attempt(
         ring_limit: RING_TIMEOUT,
         gateway: host.to_string(),
         contact_user: request.from_number.clone(),
+        session: None,
     };
     let mut client = InviteClient::send(ctx, invite, setup);
     let mut ring_at = None;
@@ -179,6 +180,8 @@ async fn one_attempt(
                 ended.failover = failover;
                 return ended;
             }
+            // Without a caller channel and a wake time neither comes.
+            InviteEvent::CallerPrack { .. } | InviteEvent::Wake => {}
             InviteEvent::Cancelled => {
                 let mut ended = failed(487, crate::drain::NODE_SHUTDOWN.into(), ring_at);
                 ended.failover = false;

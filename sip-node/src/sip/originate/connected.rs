@@ -38,9 +38,18 @@ pub(super) async fn run_connected(
         sent_by: ctx.endpoint.transport().sent_by(peer.addr),
         contact: ctx.endpoint.contact_for(peer, ""),
         dialog: leg.dialog.clone(),
+        // API-placed calls offer no session timer yet.
+        session: None,
     };
-    let setup =
-        Setup { a: None, b: Some(b), media, timers: ctx.timers, wait_for_bye: false, max_duration: Some(MAX_DURATION) };
+    let setup = Setup {
+        a: None,
+        b: Some(b),
+        media,
+        timers: ctx.timers,
+        wait_for_bye: false,
+        max_duration: Some(MAX_DURATION),
+        session_policy: ctx.session_timers,
+    };
     let (mut machine, first) = Connected::new(setup);
     let io = Io { endpoint: &ctx.endpoint, metrics: &ctx.metrics, drain: &ctx.drain };
     let channels =

@@ -268,3 +268,31 @@ async fn handshakes_per_second() {
         f64::from(count) / elapsed.as_secs_f64()
     );
 }
+
+/// The TLS flags live beside the node's others without a clash of clap ids (the UDP/TCP
+/// `--advertised-port` and the TLS one once shared a field name).
+#[test]
+fn the_tls_flags_parse_beside_the_nodes_other_flags() {
+    use clap::{CommandFactory, Parser};
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        sip: crate::signaling::SipArgs,
+    }
+    Cli::command().debug_assert();
+    let cli = Cli::try_parse_from([
+        "node",
+        "--advertised-port=5060",
+        "--sip-tls-advertised-port=5062",
+        "--sip-tls-cert=/tls/tls.crt",
+        "--sip-tls-key=/tls/tls.key",
+        "--sip-tls-client-cert=/tls/client.crt",
+        "--sip-tls-client-key=/tls/client.key",
+        "--sip-tls-ca-file=/tls/ca.pem",
+        "--sip-tls-listen=0.0.0.0:5061",
+    ])
+    .unwrap();
+    assert_eq!((cli.sip.advertised_port, cli.sip.tls.advertised_port), (Some(5060), Some(5062)));
+    assert_eq!(cli.sip.tls.listen, vec!["0.0.0.0:5061".parse::<SocketAddr>().unwrap()]);
+    assert!(cli.sip.tls.client_key.is_some() && cli.sip.tls.ca_file.is_some());
+}
