@@ -285,7 +285,13 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let drain = Drain::with_limit(Duration::from_secs(args.drain_seconds));
     let outcome = tokio::select! {
-        result = start(&args, &node, &handle, &pool_slot, &mut tasks, &mut graceful, stop_rx, drain.clone()) => result,
+        result = start(
+            &args,
+            &node,
+            &handle,
+            &pool_slot,
+            signaling::NodeTasks { tasks: &mut tasks, graceful: &mut graceful, stop: stop_rx, drain: drain.clone() },
+        ) => result,
         signal = shutdown_signal() => signal.map(|name| tracing::info!("received {name}")),
     };
     if outcome.is_ok() {
@@ -357,17 +363,14 @@ async fn end_calls(drain: &Drain) {
 
 /// Connects, starts the watcher and the node-state task, and returns only if one of them
 /// fails unexpectedly (or the configuration is unusable).
-#[allow(clippy::too_many_arguments)]
 async fn start(
     args: &NodeArgs,
     node: &NodeIdentity,
     handle: &SnapshotHandle,
     pool_slot: &OnceLock<PgPool>,
-    tasks: &mut JoinSet<()>,
-    graceful: &mut JoinSet<()>,
-    stop: tokio::sync::watch::Receiver<bool>,
-    drain: Drain,
+    lifecycle: signaling::NodeTasks<'_>,
 ) -> anyhow::Result<()> {
+    let signaling::NodeTasks { tasks, graceful, stop, drain } = lifecycle;
     let state = state_dir(args.state_dir.as_deref(), &node.node_id)?;
     let disk = state.as_deref().map(config::disk::DiskSnapshot::new);
     let timeout = Duration::from_secs(args.database_start_timeout_seconds);
@@ -403,7 +406,14 @@ async fn start(
     }
     let liveness =
         node_state::Liveness { every: Duration::from_millis(args.heartbeat_interval_ms), drain: drain.clone() };
-    signaling::start(&sip, pool.clone(), &node.node_id, handle.clone(), stop, drain, tasks, graceful).await?;
+    signaling::start(
+        &sip,
+        pool.clone(),
+        &node.node_id,
+        handle.clone(),
+        signaling::NodeTasks { tasks, graceful, stop, drain },
+    )
+    .await?;
     tasks.spawn(node_state::run(pool, node.clone(), handle.clone(), health, liveness));
     match tasks.join_next().await {
         Some(Err(error)) => Err(anyhow::anyhow!("a node task failed: {error}")),

@@ -161,20 +161,30 @@ pub struct Listening {
     pub http: SocketAddr,
 }
 
-/// Starts signaling. Tasks that must finish cleanly on shutdown (un-REGISTER, store flush)
-/// go into `graceful` and end once `stop` turns true; the rest into `tasks`. Once `drain`
-/// begins, new calls are refused and registrations removed while calls in progress go on.
-#[allow(clippy::too_many_arguments)]
+/// Where a node's tasks go and the signals that end them: the node's process (or a test
+/// harness) owns the task sets and joins them at shutdown.
+pub struct NodeTasks<'a> {
+    /// Tasks aborted when the node stops.
+    pub tasks: &'a mut JoinSet<()>,
+    /// Tasks that must finish cleanly on shutdown (un-REGISTER, store flush); they end once
+    /// `stop` turns true.
+    pub graceful: &'a mut JoinSet<()>,
+    /// Turns true when the node stops.
+    pub stop: watch::Receiver<bool>,
+    /// Once it begins, new calls are refused and registrations removed while calls in
+    /// progress go on.
+    pub drain: Drain,
+}
+
+/// Starts signaling, handing its tasks to `lifecycle`.
 pub async fn start(
     args: &SipArgs,
     pool: PgPool,
     node_id: &str,
     snapshot: SnapshotHandle,
-    stop: watch::Receiver<bool>,
-    drain: Drain,
-    tasks: &mut JoinSet<()>,
-    graceful: &mut JoinSet<()>,
+    lifecycle: NodeTasks<'_>,
 ) -> anyhow::Result<Listening> {
+    let NodeTasks { tasks, graceful, stop, drain } = lifecycle;
     let metrics = NodeMetrics::new();
     drain.track_calls(metrics.active_calls_gauge());
     drain.track_metrics(metrics.clone());

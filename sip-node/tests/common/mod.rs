@@ -135,10 +135,15 @@ impl Node {
         let node_pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(10)
             .connect_lazy_with((*pool.connect_options()).clone());
-        let Listening { sip, sip_tls, http } =
-            signaling::start(&args, node_pool, "sipp-node", handle, stop_rx, drain.clone(), &mut tasks, &mut graceful)
-                .await
-                .unwrap();
+        let Listening { sip, sip_tls, http } = signaling::start(
+            &args,
+            node_pool,
+            "sipp-node",
+            handle,
+            signaling::NodeTasks { tasks: &mut tasks, graceful: &mut graceful, stop: stop_rx, drain: drain.clone() },
+        )
+        .await
+        .unwrap();
         Node { addr: sip, tls: sip_tls, http, stop, drain, tasks, graceful }
     }
 
