@@ -217,8 +217,9 @@ impl Registrar {
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(expires.max(60));
             let retry = self.build(peer, asked_expires, None).ok_or("bad registrar URI")?;
-            response =
-                request_once(&self.ctx.endpoint, retry, peer).await.ok_or_else(|| no_answer(&self.ctx, peer, "registrar"))?;
+            response = request_once(&self.ctx.endpoint, retry, peer)
+                .await
+                .ok_or_else(|| no_answer(&self.ctx, peer, "registrar"))?;
             code = message::status(&response);
         }
         if code == 401 || code == 407 {
@@ -235,8 +236,9 @@ impl Registrar {
             )
             .map_err(|e| format!("cannot answer the challenge: {e}"))?;
             let retry = self.build(peer, asked_expires, Some(header)).ok_or("bad registrar URI")?;
-            response =
-                request_once(&self.ctx.endpoint, retry, peer).await.ok_or_else(|| no_answer(&self.ctx, peer, "registrar"))?;
+            response = request_once(&self.ctx.endpoint, retry, peer)
+                .await
+                .ok_or_else(|| no_answer(&self.ctx, peer, "registrar"))?;
             code = message::status(&response);
         }
         if (200..300).contains(&code) {

@@ -45,7 +45,11 @@ pub struct TlsArgs {
     /// TLS port to advertise in Via and Contact (defaults to the TLS listen port).
     // Its own id: clap names an argument by its field, and the node's UDP/TCP
     // `advertised_port` already holds that name in the flattened command.
-    #[arg(id = "sip_tls_advertised_port", long = "sip-tls-advertised-port", env = "SWITCHBOARD_SIP_TLS_ADVERTISED_PORT")]
+    #[arg(
+        id = "sip_tls_advertised_port",
+        long = "sip-tls-advertised-port",
+        env = "SWITCHBOARD_SIP_TLS_ADVERTISED_PORT"
+    )]
     pub advertised_port: Option<u16>,
 
     /// PEM file of CA certificates trusted for TLS gateways besides the web PKI roots (a
