@@ -191,6 +191,14 @@ fn declared_length(head: &str) -> Result<Option<usize>, ParseError> {
 /// Parses one message. `stream` says whether it came framed from TCP (Content-Length is then
 /// mandatory and exact) or as a UDP datagram (a missing Content-Length means "the rest").
 pub fn parse(bytes: &[u8], stream: bool) -> Result<Incoming, ParseError> {
+    parse_keeping_via(bytes, stream).map(|(incoming, _)| incoming)
+}
+
+/// [`parse`], also returning the top Via as the mandatory-header check parsed it. Parsing a Via
+/// with rsip costs about as much as the rest of the message; the transport needs the typed top
+/// Via of every request it stamps (`received`, `rport`), and takes it from here instead of
+/// parsing it a second time.
+pub fn parse_keeping_via(bytes: &[u8], stream: bool) -> Result<(Incoming, rsip::typed::Via), ParseError> {
     if bytes.len() > MAX_MESSAGE_SIZE {
         return Err(ParseError::TooLarge(bytes.len()));
     }
@@ -209,18 +217,19 @@ pub fn parse(bytes: &[u8], stream: bool) -> Result<Incoming, ParseError> {
     raw.extend_from_slice(body);
     let message = SipMessage::try_from(raw.as_slice())
         .map_err(|e| ParseError::Malformed(truncate(&e.to_string()).to_string()))?;
-    check_mandatory(&message)?;
-    match (unknown_method, message) {
-        (Some(method), SipMessage::Request(request)) => Ok(Incoming::UnknownMethod { method, request }),
-        (_, message) => Ok(Incoming::Message(message)),
-    }
+    let top_via = check_mandatory(&message)?;
+    let incoming = match (unknown_method, message) {
+        (Some(method), SipMessage::Request(request)) => Incoming::UnknownMethod { method, request },
+        (_, message) => Incoming::Message(message),
+    };
+    Ok((incoming, top_via))
 }
 
 /// RFC 3261 8.1.1: Via, From, To, Call-ID and CSeq must be present and parse; the upper layers
-/// rely on it and never have to handle their absence.
-fn check_mandatory(message: &SipMessage) -> Result<(), ParseError> {
+/// rely on it and never have to handle their absence. Returns the parsed top Via.
+fn check_mandatory(message: &SipMessage) -> Result<rsip::typed::Via, ParseError> {
     let via = message.via_header().map_err(|_| ParseError::MissingHeader("Via"))?;
-    via.typed().map_err(|_| ParseError::MissingHeader("Via"))?;
+    let top_via = via.typed().map_err(|_| ParseError::MissingHeader("Via"))?;
     message
         .from_header()
         .map_err(|_| ParseError::MissingHeader("From"))?
@@ -240,7 +249,7 @@ fn check_mandatory(message: &SipMessage) -> Result<(), ParseError> {
     if number.is_none() || cseq.value().split_whitespace().count() != 2 {
         return Err(ParseError::MissingHeader("CSeq"));
     }
-    Ok(())
+    Ok(top_via)
 }
 
 /// A `400 Bad Request` for bytes that did not parse, built from their raw header lines when
