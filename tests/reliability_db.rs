@@ -414,6 +414,9 @@ async fn two_nodes_hold_one_trunk_limit_between_them(pool: PgPool) {
     let _callee = Sipp::callee(callee_port);
     // Both nodes must see each other live before the calls (heartbeats every 200 ms).
     wait_until("both nodes live", LIMIT, || async { count(&pool, "SELECT count(*) FROM live_nodes").await == 2 }).await;
+    // Each node counts the live nodes once a second (for its fallback of `limit / live nodes`
+    // when an admission query is slow): let both count the other before the calls.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
 
     let mut to_a = Sipp::callers(sip_a, 20, 200, HOLD_MS);
     let mut to_b = Sipp::callers(sip_b, 20, 200, HOLD_MS);

@@ -177,15 +177,20 @@ impl Admission {
     /// node's own count of its calls), and counts the live nodes. Runs until the task is aborted.
     pub async fn run(self, count: impl Fn(&TrunkKey) -> u32) {
         let mut adopted = false;
+        let mut counted = tokio::time::Instant::now();
         loop {
             if !adopted {
                 adopted = self.adopt().await;
             }
             tokio::select! {
                 () = self.inner.wake.notified() => {}
-                () = tokio::time::sleep(WORKER_EVERY) => {
-                    self.count_live_nodes().await;
-                }
+                () = tokio::time::sleep(WORKER_EVERY) => {}
+            }
+            // Counted on a schedule of its own: releases wake the worker often under load, and
+            // a count skipped on every wake would leave the fallback's `limit / live nodes` stale.
+            if counted.elapsed() >= WORKER_EVERY {
+                self.count_live_nodes().await;
+                counted = tokio::time::Instant::now();
             }
             let (releases, resync) = {
                 let mut state = self.state();
