@@ -5,10 +5,10 @@
 //! or the BPF program, and builds in a fraction of the time.
 #![allow(dead_code, clippy::all)]
 
-#[path = "../../src/sip/message.rs"]
+#[path = "../../src/sip/message/mod.rs"]
 pub mod message;
 
-#[path = "../../src/sip/digest.rs"]
+#[path = "../../src/sip/digest/mod.rs"]
 pub mod digest;
 
 #[path = "../../src/media/sdp/mod.rs"]
