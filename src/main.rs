@@ -25,12 +25,6 @@ mod operator;
 mod postgres;
 mod process;
 
-/// mimalloc instead of glibc's malloc: the SIP node allocates and frees many small buffers per
-/// message (parsed headers, serialized messages, channel events), and mimalloc's per-thread free
-/// lists make each of those cheaper (`scripts/profile-calls` counts the instructions per call).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Switchboard: declarative, GitOps-configured telephony. Trunk, PhoneNumber and RoutingRule
 /// resources (from Kubernetes or a folder of YAML manifests) are reconciled into Postgres, and SIP
 /// nodes pick every change up live.

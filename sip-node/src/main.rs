@@ -6,11 +6,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use switchboard_model::logging::{self, LogFormat};
 
-/// mimalloc, as in the `switchboard` binary: the node allocates and frees many small buffers
-/// per SIP message, and mimalloc's per-thread free lists make each cheaper.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Switchboard SIP node: loads the trunks, numbers, routing rules and credentials that the
 /// operator stores in Postgres into an in-memory snapshot, follows every change live (LISTEN
 /// plus a periodic check), and reports its heartbeat and applied config generation in the
