@@ -25,6 +25,9 @@ use super::transaction::{
 use super::transport::{Peer, Protocol, Received, TransportLayer};
 use crate::metrics::NodeMetrics;
 
+mod entries;
+use entries::{ClientEntry, ClientTxn, ServerEntry, ServerTxn, TxnRef};
+
 /// Capacity of the queue of new out-of-dialog requests waiting for the call router; beyond it
 /// the node answers `503` at once instead of queueing work it cannot do in time.
 const NEW_REQUEST_QUEUE: usize = 4096;
@@ -175,39 +178,6 @@ impl Endpoint {
             format!("<sip:{user}@{host}:{port}{transport}>")
         }
     }
-}
-
-#[allow(clippy::large_enum_variant)] // one per live transaction; boxing would only add a pointer chase
-enum ClientTxn {
-    Invite(ClientInvite),
-    NonInvite(ClientNonInvite),
-}
-
-struct ClientEntry {
-    txn: ClientTxn,
-    peer: Peer,
-    tu: TuSender,
-}
-
-enum ServerTxn {
-    Invite(ServerInvite),
-    NonInvite(ServerNonInvite),
-}
-
-struct ServerEntry {
-    txn: ServerTxn,
-    peer: Peer,
-    source: SourceClass,
-    tu: Option<TuSender>,
-    cancelled: bool,
-    /// A non-carrier's share of the transaction budget, given back when the entry goes.
-    _slot: Option<Slot>,
-}
-
-#[derive(Clone, PartialEq, Eq, Hash)]
-enum TxnRef {
-    Client(TransactionKey),
-    Server(TransactionKey),
 }
 
 struct Core {
