@@ -298,3 +298,18 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> String {
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response)).await.unwrap().unwrap();
     response
 }
+
+/// Stops a child process the test started: SIGTERM, up to 5 s for it to exit, then SIGKILL.
+/// For the `Drop` of process guards (Kamailio), so that a failing test leaves nothing running.
+pub fn terminate(child: &mut Child) {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
