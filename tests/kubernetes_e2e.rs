@@ -170,8 +170,9 @@ fn condition(object: &DynamicObject, type_: &str) -> Option<(String, String)> {
     })
 }
 
-/// A child process killed when the test ends, whatever happens.
-struct Process(Child);
+/// A child process killed when the test ends, whatever happens, and the file that holds its
+/// log (shown when it does not exit in time).
+struct Process(Child, Option<PathBuf>);
 
 impl Drop for Process {
     fn drop(&mut self) {
@@ -191,7 +192,10 @@ impl Process {
             if let Some(status) = self.0.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "the process did not exit within {within:?}");
+            if Instant::now() >= deadline {
+                let log = self.1.as_ref().and_then(|path| std::fs::read_to_string(path).ok()).unwrap_or_default();
+                panic!("the process did not exit within {within:?}; its log:\n{log}");
+            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -382,7 +386,7 @@ impl Setup {
             .stderr(log_file)
             .spawn()
             .expect("starting switchboard operator");
-        Process(child)
+        Process(child, Some(log.to_path_buf()))
     }
 
     /// Leaves the cluster as it was: objects left over lose their finalizers (the operator may
@@ -508,6 +512,7 @@ async fn operator_on_a_real_cluster() {
             .stderr(node_log_file)
             .spawn()
             .expect("starting switchboard node"),
+        Some(node_log.clone()),
     );
 
     kubectl_ok(&["wait", "-n", ns, "--for=condition=Ready", "--timeout=90s", kinds, "--all"]);
