@@ -153,3 +153,37 @@ async fn an_invite_replacing_an_unknown_dialog_gets_481(pool: PgPool) {
     assert_eq!(active_calls(&pool).await, 0);
     node.stop().await;
 }
+
+/// DTMF by SIP INFO from the caller towards a callee that negotiated telephone-event: each
+/// key press reaches the callee as RFC 4733 events in its RTP stream (payload type 101, the
+/// key's event code, the end bit), not as INFO (the callee's scenario fails on any INFO);
+/// garbage bodies are still refused with 400 and the call goes on to the caller's BYE.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn info_dtmf_reaches_a_telephone_event_callee_as_rfc4733(pool: PgPool) {
+    let callee = free_port("127.0.0.1");
+    let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let sink_port = sink.local_addr().unwrap().port().to_string();
+    let node = Node::start(&pool, vec![trunk("carrier", vec![])], vec![number_to(sip_destination(callee))]).await;
+    let uas = uas(&["-sf", &scenario("uas_telephone_event.xml"), "-key", "rtp_sink", &sink_port], callee, 1);
+    let uac = uac(&["-sf", &scenario("uac_info_dtmf.xml")], node.addr, "127.0.0.1", 1, &[]);
+    // The callee's RTP: (payload type, event code, end bit) of every telephone-event packet.
+    let mut events = vec![];
+    let mut buf = [0u8; 2048];
+    while let Ok(Ok((n, _))) = tokio::time::timeout(std::time::Duration::from_secs(4), sink.recv_from(&mut buf)).await {
+        let Ok(packet) = switchboard_node::media::rtp::RtpPacket::parse(&buf[..n]) else { continue };
+        if packet.payload_type == 101 && packet.payload.len() >= 4 {
+            events.push((packet.payload[0], packet.payload[1] & 0x80 != 0, packet.marker));
+        }
+    }
+    assert!(uac.wait().await.success(), "the caller's INFOs were not answered 200/400/400/200");
+    assert!(uas.wait().await.success(), "the callee got an INFO, or the call did not end with the caller's BYE");
+    let keys: Vec<u8> = events.iter().filter(|(_, _, marker)| *marker).map(|(code, _, _)| *code).collect();
+    assert_eq!(keys, [5, 11], "one event per key press (5, then #), each starting with the marker: {events:?}");
+    for key in [5u8, 11] {
+        let ends = events.iter().filter(|(code, end, _)| *code == key && *end).count();
+        assert_eq!(ends, 3, "the end of key {key} is sent three times (RFC 4733 2.5.1.4): {events:?}");
+    }
+    let cdrs = cdrs(&pool, 1).await;
+    assert_eq!((cdrs[0].sip_code, cdrs[0].hangup_by.as_deref()), (Some(200), Some("caller")), "{cdrs:?}");
+    node.stop().await;
+}

@@ -24,11 +24,12 @@ use tokio::sync::mpsc;
 use super::{Leg, MediaContext};
 use crate::media::engine::MediaEngine;
 use crate::media::ports::PortPair;
-use crate::media::relay::{LegId, RelayConfig, RelayEvent, RelayHandle, RelayStats, RtpLegSetup};
+use crate::media::relay::{DtmfPress, LegId, RelayConfig, RelayEvent, RelayHandle, RelayStats, RtpLegSetup};
 use crate::media::sdp::{
     LocalEndpoint, MediaDirection, MediaPolicy, NegotiatedMedia, SdpError, SdpSession, SessionDescription,
     answer_offer, create_offer, declared_direction, process_answer,
 };
+use crate::sip::control::dtmf_info::InfoDtmf;
 use crate::sip::routing::codecs_of;
 
 /// Why a call cannot be anchored: the SIP answer to give the caller.
@@ -409,5 +410,17 @@ impl crate::sip::connected::AnchoredMedia for Anchor {
 
     fn take_events(&mut self) -> Option<mpsc::Receiver<RelayEvent>> {
         Anchor::take_events(self)
+    }
+
+    fn send_dtmf(&mut self, to: Leg, dtmf: &InfoDtmf) -> bool {
+        // RFC 4733 only where the leg agreed to telephone-event; else the caller sends INFO.
+        let (Some(relay), true) =
+            (&self.relay, self.leg(to).negotiated.as_ref().is_some_and(|n| n.telephone_event.is_some()))
+        else {
+            return false;
+        };
+        let id = if to == Leg::A { LegId::A } else { LegId::B };
+        let press = DtmfPress { key: dtmf.key, events: dtmf.telephone_events(8000, 50) };
+        relay.send_dtmf(id, press).is_ok()
     }
 }

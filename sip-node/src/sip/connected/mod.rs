@@ -26,6 +26,7 @@
 
 mod control;
 mod driver;
+mod dtmf;
 mod media;
 #[cfg(test)]
 mod tests;
@@ -411,7 +412,7 @@ impl<'m> Connected<'m> {
             self.close(Ending { code: 200, reason: text.into(), by }, out);
             return;
         }
-        if self.answer_plain_refresh(leg, &request, &key, out) {
+        if self.answer_plain_refresh(leg, &request, &key, out) || self.info_dtmf(leg, &request, &key, out) {
             return;
         }
         if self.leg(leg.other()).is_some() {
