@@ -187,3 +187,87 @@ async fn info_dtmf_reaches_a_telephone_event_callee_as_rfc4733(pool: PgPool) {
     assert_eq!((cdrs[0].sip_code, cdrs[0].hangup_by.as_deref()), (Some(200), Some("caller")), "{cdrs:?}");
     node.stop().await;
 }
+
+/// The outbound rule of the REFER tests: numbers under +1555000 go out through trunk `pstn`.
+fn refer_rule() -> switchboard_model::RuleConfig {
+    switchboard_model::RuleConfig {
+        namespace: "default".into(),
+        name: "outbound".into(),
+        direction: switchboard_model::Direction::Outbound,
+        priority: 1,
+        match_spec: switchboard_model::MatchSpec {
+            destination_patterns: vec![r"^\+1555000".into()],
+            ..Default::default()
+        },
+        destination: None,
+        trunks: vec!["pstn".into()],
+        trunk_selection: switchboard_model::TrunkSelection::Ordered,
+        status_callback: None,
+    }
+}
+
+/// A blind transfer by the callee (RFC 3515): its REFER to +15550003333, a number an outbound
+/// RoutingRule sends through trunk `pstn`, gets 202; the node places the new leg itself
+/// through that trunk (a sipp callee as its gateway), tells the referrer with NOTIFYs
+/// (`SIP/2.0 100` while active, `SIP/2.0 200` terminated, `Event: refer`), ends the referrer's
+/// leg with BYE, and the caller, still in its call, is now bridged to the target: its BYE
+/// reaches the target. The CDRs show the callee's leg ending at the transfer and the target's
+/// leg ending with the caller's BYE.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_blind_refer_from_the_callee_transfers_the_caller_to_the_target(pool: PgPool) {
+    let callee = free_port("127.0.0.1");
+    let target = free_port("127.0.0.1");
+    let node = Node::start_routed(
+        &pool,
+        vec![trunk("carrier", vec![]), trunk("pstn", vec![("127.0.0.1".into(), target)])],
+        vec![number_to(sip_destination(callee))],
+        vec![refer_rule()],
+        |args| args.media_timeout_seconds = 600,
+    )
+    .await;
+    let target_uas = uas(&["-sn", "uas"], target, 1);
+    let referrer = uas(&["-sf", &scenario("uas_refers_caller.xml")], callee, 1);
+    let caller = uac(&["-sn", "uac", "-d", "3000"], node.addr, "127.0.0.1", 1, &[]);
+    assert!(referrer.wait().await.success(), "the referrer did not get 202, NOTIFY 100 and 200, and the node's BYE");
+    assert!(caller.wait().await.success(), "the caller's call did not survive the transfer until its BYE");
+    assert!(target_uas.wait().await.success(), "the target was not called, or did not get the caller's BYE");
+    let cdrs = cdrs(&pool, 2).await;
+    assert_eq!(cdrs.len(), 2, "{cdrs:?}");
+    assert_eq!(
+        (cdrs[0].attempt, cdrs[0].sip_code, cdrs[0].reason.as_deref(), cdrs[0].hangup_by.as_deref()),
+        (1, Some(200), Some("transferred by REFER"), Some("callee")),
+        "{cdrs:?}"
+    );
+    assert_eq!(
+        (cdrs[1].attempt, cdrs[1].trunk_name.as_deref(), cdrs[1].hangup_by.as_deref()),
+        (2, Some("pstn"), Some("caller")),
+        "{cdrs:?}"
+    );
+    assert!(cdrs[1].answer_at.is_some(), "{cdrs:?}");
+    assert_eq!(active_calls(&pool).await, 0);
+    node.stop().await;
+}
+
+/// No open relay: a REFER to a number no outbound RoutingRule allows gets 403, nothing is
+/// dialled, and the call goes on until the caller hangs up.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_refer_to_a_target_no_rule_allows_gets_403(pool: PgPool) {
+    let callee = free_port("127.0.0.1");
+    let target = free_port("127.0.0.1");
+    let node = Node::start_routed(
+        &pool,
+        vec![trunk("carrier", vec![]), trunk("pstn", vec![("127.0.0.1".into(), target)])],
+        vec![number_to(sip_destination(callee))],
+        vec![refer_rule()],
+        |args| args.media_timeout_seconds = 600,
+    )
+    .await;
+    let referrer = uas(&["-sf", &scenario("uas_refer_forbidden.xml")], callee, 1);
+    let caller = uac(&["-sn", "uac", "-d", "2000"], node.addr, "127.0.0.1", 1, &[]);
+    assert!(referrer.wait().await.success(), "the REFER to +19009999999 did not get 403, or the call did not go on");
+    assert!(caller.wait().await.success(), "the caller's call did not go on to its BYE");
+    let cdrs = cdrs(&pool, 1).await;
+    assert_eq!(cdrs.len(), 1, "nothing else was dialled: {cdrs:?}");
+    assert_eq!((cdrs[0].sip_code, cdrs[0].hangup_by.as_deref()), (Some(200), Some("caller")), "{cdrs:?}");
+    node.stop().await;
+}

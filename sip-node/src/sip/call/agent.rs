@@ -212,6 +212,7 @@ impl Call {
             b: None,
             relay_events: Some(relay_events),
             agent: Some(AgentSession { handle: &mut agent, reason: end_reason }),
+            referrals: None,
         };
         // `agent.hangup()` below sends the agent its `stop` whatever ended the call.
         let ending = drive(&mut machine, first, &io, channels).await;

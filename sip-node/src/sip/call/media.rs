@@ -158,6 +158,9 @@ pub(super) struct Anchor {
     b: LegState,
     relay: Option<RelayHandle>,
     events: Option<mpsc::Receiver<RelayEvent>>,
+    /// The node's offer to a party that is to replace a leg (REFER), with the SDP session it
+    /// was made in; the leg keeps its own until that party answers.
+    referred: Option<(Leg, SdpSession, SessionDescription)>,
 }
 
 impl Anchor {
@@ -185,6 +188,7 @@ impl Anchor {
             b: LegState::new(b_pair, media.address, vec![]),
             relay: None,
             events: None,
+            referred: None,
         })
     }
 
@@ -410,6 +414,33 @@ impl crate::sip::connected::AnchoredMedia for Anchor {
 
     fn take_events(&mut self) -> Option<mpsc::Receiver<RelayEvent>> {
         Anchor::take_events(self)
+    }
+
+    fn offer_new_leg(&mut self, leg: Leg) -> Vec<u8> {
+        // A new dialog gets a new SDP session (its own o= line); every codec the node relays,
+        // whatever the trunk the call places it on (the relay transcodes).
+        let mut session = SdpSession::new(self.address);
+        let policy = self.leg(leg).policy(self.address, codecs_of(None), MediaDirection::default());
+        let offer = create_offer(&policy, &mut session);
+        let body = offer.to_string().into_bytes();
+        self.referred = Some((leg, session, offer));
+        body
+    }
+
+    fn new_leg_answered(&mut self, leg: Leg, body: &[u8]) -> Result<(), SdpError> {
+        let (offered_on, session, offer) = self.referred.take().ok_or(SdpError::NoAudio)?;
+        if offered_on != leg {
+            return Err(SdpError::NoAudio);
+        }
+        let answer = SessionDescription::parse_bytes(body)?;
+        let negotiated = process_answer(&offer, &answer)?;
+        let state = self.leg_mut(leg);
+        state.session = session;
+        state.allowed = codecs_of(None);
+        state.negotiated = Some(negotiated);
+        state.last_sent = Some(offer);
+        state.offer = None;
+        self.apply()
     }
 
     fn send_dtmf(&mut self, to: Leg, dtmf: &InfoDtmf) -> bool {

@@ -42,6 +42,7 @@ mod attempts;
 mod connected;
 pub(super) mod media;
 mod record;
+mod referral;
 mod replaces;
 mod session;
 
@@ -131,6 +132,7 @@ pub async fn route_requests(ctx: Arc<NodeContext>, mut requests: mpsc::Receiver<
 }
 
 /// The shared facts of a call.
+#[derive(Clone)]
 struct CallFacts {
     /// The node's own id of the call (keys its active row and CDRs).
     call_uuid: uuid::Uuid,

@@ -31,6 +31,16 @@ pub(crate) trait AnchoredMedia: Send {
     fn send_dtmf(&mut self, _to: Leg, _dtmf: &InfoDtmf) -> bool {
         false
     }
+    /// The node's offer to a new party that is to take `leg`'s place (a REFER): from the
+    /// leg's own port, so that the relay only has to follow the new far end.
+    fn offer_new_leg(&mut self, _leg: Leg) -> Vec<u8> {
+        Vec::new()
+    }
+    /// The new party answered [`AnchoredMedia::offer_new_leg`] with `body`: `leg` of the relay
+    /// now goes to it.
+    fn new_leg_answered(&mut self, _leg: Leg, _body: &[u8]) -> Result<(), SdpError> {
+        Err(SdpError::NoAudio)
+    }
 }
 
 /// Media the node terminates itself on the call's only SIP leg (an AI agent's bridge).

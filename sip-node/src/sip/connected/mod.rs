@@ -28,6 +28,7 @@ mod control;
 mod driver;
 mod dtmf;
 mod media;
+mod refer;
 #[cfg(test)]
 mod tests;
 
@@ -37,8 +38,9 @@ use rsip::headers::{self, Header};
 use rsip::prelude::*;
 use rsip::{Method, Request, Response, SipMessage};
 
-pub(crate) use driver::{AgentSession, Channels, Io, LegChannels, drive};
+pub(crate) use driver::{AgentSession, Channels, Io, LegChannels, Referrals, drive};
 pub(crate) use media::{AnchoredMedia, LocalAnswerer, LocalMedia};
+pub(crate) use refer::{NewLeg, PlaceLeg, ReferralUpdate};
 
 use super::control::dtmf_info;
 use super::control::session_leg::{LegSession, LegTimer};
@@ -129,6 +131,8 @@ pub(crate) enum Event {
     AgentEnded { reason: String },
     /// A leg's event channel closed (the endpoint stopped).
     ChannelClosed { leg: Leg },
+    /// How placing a referred leg goes (`refer.rs`).
+    Referral(ReferralUpdate),
 }
 
 /// What the driver must do, in order.
@@ -146,6 +150,12 @@ pub(crate) enum Action {
     Schedule(Timer, Duration),
     /// Disarm a timer.
     CancelTimer(Timer),
+    /// Check a REFER's target and place the new leg (`refer.rs`); the outcome comes back as
+    /// [`Event::Referral`].
+    PlaceLeg(Box<PlaceLeg>),
+    /// The referred leg took `leg`'s place: its channels replace the old ones, and the old
+    /// dialog is unregistered.
+    ReplaceLeg { leg: Leg, old_call_id: String, old_local_tag: String },
     /// The call is over; nothing more will be asked.
     End(Ending),
 }
@@ -231,6 +241,8 @@ pub(crate) struct Connected<'m> {
     closing: Option<Ending>,
     ended: bool,
     session_policy: TimerPolicy,
+    /// A REFER being carried out (`refer.rs`).
+    referral: Option<refer::Referral>,
 }
 
 impl<'m> Connected<'m> {
@@ -260,6 +272,7 @@ impl<'m> Connected<'m> {
             closing: None,
             ended: false,
             session_policy: setup.session_policy,
+            referral: None,
         };
         (machine, actions)
     }
@@ -334,6 +347,7 @@ impl<'m> Connected<'m> {
             Event::AgentEnded { reason } => {
                 self.system_hangup(HangupReason::normal(&reason), 200, reason.clone(), out);
             }
+            Event::Referral(update) => self.on_referral(update, out),
             Event::ChannelClosed { .. } => {
                 self.end(Ending { code: 500, reason: "internal: channel closed".into(), by: Ender::System }, out);
             }
@@ -397,6 +411,9 @@ impl<'m> Connected<'m> {
             // Any request in the dialog shows the caller has the 2xx.
             self.stop_2xx(out);
         }
+        if request.method == Method::Bye && self.referrer_hangs_up(leg, &request, &key, out) {
+            return;
+        }
         if request.method == Method::Bye {
             out.push(Action::Respond { key, response: response_to(&request, 200, Some("OK"), None) });
             let (text, by) = match leg {
@@ -412,7 +429,10 @@ impl<'m> Connected<'m> {
             self.close(Ending { code: 200, reason: text.into(), by }, out);
             return;
         }
-        if self.answer_plain_refresh(leg, &request, &key, out) || self.info_dtmf(leg, &request, &key, out) {
+        if self.answer_plain_refresh(leg, &request, &key, out)
+            || self.info_dtmf(leg, &request, &key, out)
+            || self.on_refer(leg, &request, &key, out)
+        {
             return;
         }
         if self.leg(leg.other()).is_some() {
