@@ -271,3 +271,62 @@ async fn a_refer_to_a_target_no_rule_allows_gets_403(pool: PgPool) {
     assert_eq!((cdrs[0].sip_code, cdrs[0].hangup_by.as_deref()), (Some(200), Some("caller")), "{cdrs:?}");
     node.stop().await;
 }
+
+/// RFC 3891 for a dialog the node holds (attended transfer's last step): a call from A to B is
+/// up; C's INVITE with `Replaces` naming the node's dialog with A is answered 200 from the same
+/// RTP port A had, A's dialog gets BYE, B's leg is untouched and now bridged to C (C's RTP
+/// reaches B), and C's BYE ends the call with B. One call, one CDR.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn an_invite_with_replaces_takes_over_the_held_dialog(pool: PgPool) {
+    use common::ua::*;
+    let (a, b, c) = (Ua::new().await, Ua::new().await, Ua::new().await);
+    let node =
+        Node::start(&pool, vec![trunk("carrier", vec![])], vec![number_to(sip_destination(b.sip_addr().port()))]).await;
+    // A calls B through the node.
+    a.send(&invite_to_did(node.addr, a.sip_addr(), "held-call", &sdp(a.rtp_port(), "0", "sendrecv")), node.addr).await;
+    let (invite, from) = b.request("INVITE").await;
+    b.send(&reply(&invite, "200 OK", b.sip_addr(), Some(&sdp(b.rtp_port(), "0", "sendrecv"))), from).await;
+    let a_ok = a.final_response().await;
+    assert!(a_ok.starts_with("SIP/2.0 200"), "{a_ok}");
+    let node_tag = to_tag(&a_ok);
+    a.send(&caller_in_dialog("ACK", node.addr, a.sip_addr(), "held-call", &node_tag, 1), node.addr).await;
+    b.request("ACK").await;
+
+    // C replaces A's dialog (the Replaces tags from the node's view: to-tag is the node's).
+    let replacing = invite_to_did(node.addr, c.sip_addr(), "replacing-call", &sdp(c.rtp_port(), "0", "sendrecv"))
+        .replacen(
+            "Max-Forwards: 70\r\n",
+            &format!("Max-Forwards: 70\r\nReplaces: held-call;to-tag={node_tag};from-tag=caller\r\n"),
+            1,
+        );
+    c.send(&replacing, node.addr).await;
+    let c_ok = c.final_response().await;
+    assert!(c_ok.starts_with("SIP/2.0 200"), "the INVITE with Replaces must be answered 200: {c_ok}");
+    assert_eq!(sdp_rtp(&c_ok), sdp_rtp(&a_ok), "C gets the RTP port the replaced dialog had");
+    let c_tag = to_tag(&c_ok);
+    c.send(&caller_in_dialog("ACK", node.addr, c.sip_addr(), "replacing-call", &c_tag, 1), node.addr).await;
+    let (bye, from) = a.request("BYE").await;
+    assert!(bye.contains("Call-ID: held-call"), "{bye}");
+    a.send(&reply(&bye, "200 OK", a.sip_addr(), None), from).await;
+
+    // C and B talk: C's audio reaches B through the same relay.
+    let node_rtp = sdp_rtp(&c_ok);
+    for seq in 0..10u16 {
+        c.rtp_send(node_rtp, 0, seq, &[0x5c; 160]).await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let heard = b.rtp_collect(std::time::Duration::from_millis(500)).await;
+    assert!(heard.iter().filter(|(pt, payload)| *pt == 0 && payload == &vec![0x5c; 160]).count() >= 5, "{heard:?}");
+
+    // C hangs up: B gets the BYE, and the call ends.
+    c.send(&caller_in_dialog("BYE", node.addr, c.sip_addr(), "replacing-call", &c_tag, 2), node.addr).await;
+    let (bye, from) = b.request("BYE").await;
+    b.send(&reply(&bye, "200 OK", b.sip_addr(), None), from).await;
+    let c_bye = c.final_response().await;
+    assert!(c_bye.starts_with("SIP/2.0 200"), "{c_bye}");
+    let cdrs = cdrs(&pool, 1).await;
+    assert_eq!(cdrs.len(), 1, "{cdrs:?}");
+    assert_eq!((cdrs[0].sip_code, cdrs[0].hangup_by.as_deref()), (Some(200), Some("caller")), "{cdrs:?}");
+    assert_eq!(active_calls(&pool).await, 0);
+    node.stop().await;
+}

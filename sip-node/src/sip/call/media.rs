@@ -443,6 +443,26 @@ impl crate::sip::connected::AnchoredMedia for Anchor {
         self.apply()
     }
 
+    fn answer_new_leg(&mut self, leg: Leg, body: &[u8]) -> Result<Vec<u8>, SdpError> {
+        let offer = SessionDescription::parse_bytes(body)?;
+        let address = self.address;
+        let preferred = self.leg(other_leg(leg)).negotiated.as_ref().map(|n| n.codec);
+        let state = self.leg_mut(leg);
+        // A new dialog gets a new SDP session; the leg keeps its old one if the offer fails.
+        let old = std::mem::replace(&mut state.session, SdpSession::new(address));
+        match state.answer(address, &offer, preferred, MediaDirection::default()) {
+            Ok((answer, _)) => {
+                state.offer = None;
+                self.apply()?;
+                Ok(answer.to_string().into_bytes())
+            }
+            Err(error) => {
+                state.session = old;
+                Err(error)
+            }
+        }
+    }
+
     fn send_dtmf(&mut self, to: Leg, dtmf: &InfoDtmf) -> bool {
         // RFC 4733 only where the leg agreed to telephone-event; else the caller sends INFO.
         let (Some(relay), true) =

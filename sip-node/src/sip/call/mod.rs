@@ -165,7 +165,17 @@ async fn inbound_call(ctx: Arc<NodeContext>, invite: Request, key: TransactionKe
         .await
         .and_then(|admitted| Ok((admitted, session::caller_timer(&invite.headers, &ctx.session_timers)?)));
     let admitted = match admitted {
-        Ok(admitted) => replaces::check(&ctx.endpoint, &invite.headers).await.map(|()| admitted),
+        Ok(admitted) => match replaces::check(&ctx.endpoint, &invite.headers).await {
+            Ok(None) => Ok(admitted),
+            Ok(Some(holder)) => {
+                let gone = response_to(&invite, 481, None, Some(&a_tag));
+                if !replaces::hand_over(&holder, invite, key.clone(), peer) {
+                    ctx.endpoint.respond(&key, gone);
+                }
+                return;
+            }
+            Err(refuse) => Err(refuse),
+        },
         Err(refuse) => Err(refuse),
     };
     let ((_number, trunk, target, permit), session_a) = match admitted {

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::{Action, Connected, Ending, Event, Leg, PlaceLeg, ReferralUpdate, Timer};
+use super::{Action, Connected, Ending, Event, Leg, PlaceLeg, ReferralUpdate, Replacing, Timer};
 use crate::bridge::{BridgeEnd, BridgeHandle};
 use crate::drain::Drain;
 use crate::media::relay::RelayEvent;
@@ -96,11 +96,11 @@ pub(crate) async fn drive(
                 drained = true;
                 Event::Draining
             }
-            event = recv_leg(channels.a.as_mut(), swaps.a.as_mut()) => match leg_event(Leg::A, event, &mut channels.a) {
+            event = recv_leg(channels.a.as_mut(), swaps.a.as_mut()) => match leg_event(io, Leg::A, event, &mut channels.a) {
                 Some(event) => event,
                 None => continue,
             },
-            event = recv_leg(channels.b.as_mut(), swaps.b.as_mut()) => match leg_event(Leg::B, event, &mut channels.b) {
+            event = recv_leg(channels.b.as_mut(), swaps.b.as_mut()) => match leg_event(io, Leg::B, event, &mut channels.b) {
                 Some(event) => event,
                 None => continue,
             },
@@ -202,6 +202,17 @@ fn execute(
                     *owned = Some(rx);
                 }
             }
+            Action::Rebind { leg: l, peer, register, unregister } => {
+                io.endpoint.unregister_dialog(&unregister.0, &unregister.1);
+                let slot = match l {
+                    Leg::A => channels.a.as_mut(),
+                    Leg::B => channels.b.as_mut(),
+                };
+                if let Some(slot) = slot {
+                    io.endpoint.register_dialog(&register.0, &register.1, slot.tx.clone());
+                    slot.peer = peer;
+                }
+            }
             Action::End(end) => ending = Some(end),
         }
     }
@@ -217,11 +228,20 @@ fn leg_of<'c, 'a>(channels: &'c Channels<'a>, leg: Leg) -> Option<&'c LegChannel
 
 /// The machine's event for a leg's channel event (`None`: nothing for the machine). A closed
 /// channel is forgotten (`slot` emptied), so that it is not polled again.
-fn leg_event(leg: Leg, event: Option<TuEvent>, slot: &mut Option<LegChannels<'_>>) -> Option<Event> {
+fn leg_event(io: &Io<'_>, leg: Leg, event: Option<TuEvent>, slot: &mut Option<LegChannels<'_>>) -> Option<Event> {
     if event.is_none() {
         *slot = None;
     }
     match event {
+        // An INVITE of another dialog, handed over because its Replaces names this leg's.
+        Some(TuEvent::Request { request, key: Some(key), peer })
+            if request.method == rsip::Method::Invite
+                && crate::sip::message::header_value(&request.headers, "Replaces").is_some() =>
+        {
+            let sent_by = io.endpoint.transport().sent_by(peer.addr);
+            let contact = io.endpoint.contact_for(peer, "");
+            Some(Event::Replacing(Box::new(Replacing { leg, request, key, peer, sent_by, contact })))
+        }
         Some(TuEvent::Request { request, key, .. }) => Some(Event::Request { leg, request, key }),
         Some(TuEvent::Response(response)) => Some(Event::Response { leg, response }),
         Some(TuEvent::Timeout) => Some(Event::TransactionTimeout { leg }),

@@ -41,6 +41,11 @@ pub(crate) trait AnchoredMedia: Send {
     fn new_leg_answered(&mut self, _leg: Leg, _body: &[u8]) -> Result<(), SdpError> {
         Err(SdpError::NoAudio)
     }
+    /// A new dialog offers `body` to take `leg`'s place (INVITE with `Replaces`): the node's
+    /// answer from the leg's own port; the relay's leg follows the new far end.
+    fn answer_new_leg(&mut self, _leg: Leg, _body: &[u8]) -> Result<Vec<u8>, SdpError> {
+        Err(SdpError::NoAudio)
+    }
 }
 
 /// Media the node terminates itself on the call's only SIP leg (an AI agent's bridge).

@@ -29,6 +29,7 @@ mod driver;
 mod dtmf;
 mod media;
 mod refer;
+mod replaces;
 #[cfg(test)]
 mod tests;
 
@@ -41,6 +42,7 @@ use rsip::{Method, Request, Response, SipMessage};
 pub(crate) use driver::{AgentSession, Channels, Io, LegChannels, Referrals, drive};
 pub(crate) use media::{AnchoredMedia, LocalAnswerer, LocalMedia};
 pub(crate) use refer::{NewLeg, PlaceLeg, ReferralUpdate};
+pub(crate) use replaces::Replacing;
 
 use super::control::dtmf_info;
 use super::control::session_leg::{LegSession, LegTimer};
@@ -133,6 +135,8 @@ pub(crate) enum Event {
     ChannelClosed { leg: Leg },
     /// How placing a referred leg goes (`refer.rs`).
     Referral(ReferralUpdate),
+    /// An INVITE with `Replaces` for a leg's dialog (`replaces.rs`).
+    Replacing(Box<Replacing>),
 }
 
 /// What the driver must do, in order.
@@ -156,6 +160,9 @@ pub(crate) enum Action {
     /// The referred leg took `leg`'s place: its channels replace the old ones, and the old
     /// dialog is unregistered.
     ReplaceLeg { leg: Leg, old_call_id: String, old_local_tag: String },
+    /// A new dialog with `peer` took `leg`'s place on the same channel (INVITE with
+    /// `Replaces`): register it (Call-ID, our tag), unregister the old one.
+    Rebind { leg: Leg, peer: crate::sip::transport::Peer, register: (String, String), unregister: (String, String) },
     /// The call is over; nothing more will be asked.
     End(Ending),
 }
@@ -243,6 +250,8 @@ pub(crate) struct Connected<'m> {
     session_policy: TimerPolicy,
     /// A REFER being carried out (`refer.rs`).
     referral: Option<refer::Referral>,
+    /// The transaction timers (for the 2xx of a dialog that replaces the caller's).
+    timers: TimerConfig,
 }
 
 impl<'m> Connected<'m> {
@@ -273,6 +282,7 @@ impl<'m> Connected<'m> {
             ended: false,
             session_policy: setup.session_policy,
             referral: None,
+            timers: setup.timers,
         };
         (machine, actions)
     }
@@ -348,6 +358,7 @@ impl<'m> Connected<'m> {
                 self.system_hangup(HangupReason::normal(&reason), 200, reason.clone(), out);
             }
             Event::Referral(update) => self.on_referral(update, out),
+            Event::Replacing(replacing) => self.on_replacing(*replacing, out),
             Event::ChannelClosed { .. } => {
                 self.end(Ending { code: 500, reason: "internal: channel closed".into(), by: Ender::System }, out);
             }
@@ -372,6 +383,11 @@ impl<'m> Connected<'m> {
                 }
             }
             Event::TransactionTimeout { leg } | Event::ChannelClosed { leg } => self.bye_answered(leg, out),
+            Event::Replacing(replacing) => {
+                // The call is ending: nothing left to replace.
+                let response = response_to(&replacing.request, 481, None, None);
+                out.push(Action::Respond { key: replacing.key, response });
+            }
             Event::Timer(Timer::ByeWait) => {
                 for leg in [Leg::A, Leg::B] {
                     if let Some(state) = self.leg_mut(leg) {
