@@ -29,6 +29,8 @@ mod driver;
 mod dtmf;
 mod media;
 mod refer;
+#[cfg(test)]
+mod refer_tests;
 mod replaces;
 #[cfg(test)]
 mod tests;
