@@ -330,3 +330,91 @@ async fn an_invite_with_replaces_takes_over_the_held_dialog(pool: PgPool) {
     assert_eq!(active_calls(&pool).await, 0);
     node.stop().await;
 }
+
+/// A REFER from the caller's side (the caller transfers the callee, RFC 3515), with raw UAs
+/// to see the media: A calls B, A's REFER to +15550003333 gets 202 and NOTIFY 100; the node
+/// calls the target T through trunk `pstn`, NOTIFYs 200 and sends A a BYE; then B and T hear
+/// each other through the node's relay (each one's RTP reaches the other), and T's BYE ends
+/// the call with B.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_refer_from_the_caller_bridges_the_callee_to_the_target_with_media(pool: PgPool) {
+    use common::ua::*;
+    let (a, b, t) = (Ua::new().await, Ua::new().await, Ua::new().await);
+    let node = Node::start_routed(
+        &pool,
+        vec![trunk("carrier", vec![]), trunk("pstn", vec![("127.0.0.1".into(), t.sip_addr().port())])],
+        vec![number_to(sip_destination(b.sip_addr().port()))],
+        vec![refer_rule()],
+        |_| {},
+    )
+    .await;
+    a.send(&invite_to_did(node.addr, a.sip_addr(), "refer-call", &sdp(a.rtp_port(), "0", "sendrecv")), node.addr).await;
+    let (b_invite, from) = b.request("INVITE").await;
+    b.send(&reply(&b_invite, "200 OK", b.sip_addr(), Some(&sdp(b.rtp_port(), "0", "sendrecv"))), from).await;
+    let a_ok = a.final_response().await;
+    let node_tag = to_tag(&a_ok);
+    a.send(&caller_in_dialog("ACK", node.addr, a.sip_addr(), "refer-call", &node_tag, 1), node.addr).await;
+    b.request("ACK").await;
+
+    let refer = caller_in_dialog("REFER", node.addr, a.sip_addr(), "refer-call", &node_tag, 2).replacen(
+        "Max-Forwards: 70\r\n",
+        &format!(
+            "Max-Forwards: 70\r\nContact: <sip:caller@{}>\r\nRefer-To: <sip:+15550003333@example.invalid>\r\n",
+            a.sip_addr()
+        ),
+        1,
+    );
+    a.send(&refer, node.addr).await;
+    let (accepted, _) = a.recv().await;
+    assert!(accepted.starts_with("SIP/2.0 202"), "{accepted}");
+    let (trying, from) = a.request("NOTIFY").await;
+    assert!(body(&trying).starts_with("SIP/2.0 100"), "{trying}");
+    assert!(header(&trying, "Event").is_some_and(|e| e.starts_with("refer")), "{trying}");
+    a.send(&reply(&trying, "200 OK", a.sip_addr(), None), from).await;
+
+    // The node calls the target through the rule's trunk, from the caller's RTP port.
+    let (t_invite, from) = t.request("INVITE").await;
+    assert!(t_invite.starts_with("INVITE sip:+15550003333@127.0.0.1"), "{t_invite}");
+    assert_eq!(sdp_rtp(&t_invite), sdp_rtp(&a_ok), "the new leg takes the caller's RTP port");
+    t.send(&reply(&t_invite, "200 OK", t.sip_addr(), Some(&sdp(t.rtp_port(), "0", "sendrecv"))), from).await;
+    t.request("ACK").await;
+    let (done, from) = a.request("NOTIFY").await;
+    assert!(body(&done).starts_with("SIP/2.0 200"), "{done}");
+    assert!(header(&done, "Subscription-State").is_some_and(|s| s.starts_with("terminated")), "{done}");
+    a.send(&reply(&done, "200 OK", a.sip_addr(), None), from).await;
+    let (bye, from) = a.request("BYE").await;
+    a.send(&reply(&bye, "200 OK", a.sip_addr(), None), from).await;
+
+    // B and T hear each other.
+    let (to_b_side, to_t_side) = (sdp_rtp(&b_invite), sdp_rtp(&t_invite));
+    for seq in 0..10u16 {
+        t.rtp_send(to_t_side, 0, seq, &[0x11; 160]).await;
+        b.rtp_send(to_b_side, 0, seq, &[0x22; 160]).await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let window = std::time::Duration::from_millis(300);
+    let (b_heard, t_heard) = tokio::join!(b.rtp_collect(window), t.rtp_collect(window));
+    assert!(b_heard.iter().filter(|(_, p)| p == &vec![0x11; 160]).count() >= 5, "B hears T: {b_heard:?}");
+    assert!(t_heard.iter().filter(|(_, p)| p == &vec![0x22; 160]).count() >= 5, "T hears B: {t_heard:?}");
+
+    // T hangs up: B gets the BYE.
+    let t_to = header(&t_invite, "To").unwrap();
+    let t_from = header(&t_invite, "From").unwrap();
+    let t_contact = header(&t_invite, "Contact").unwrap();
+    let t_bye = format!(
+        "BYE {} SIP/2.0\r\nVia: SIP/2.0/UDP {};branch=z9hG4bK-t-bye\r\nFrom: {t_to};tag=callee\r\nTo: {t_from}\r\n\
+         Call-ID: {}\r\nCSeq: 1 BYE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+        t_contact.trim_start_matches('<').split('>').next().unwrap(),
+        t.sip_addr(),
+        header(&t_invite, "Call-ID").unwrap()
+    );
+    t.send(&t_bye, node.addr).await;
+    let (bye, from) = b.request("BYE").await;
+    b.send(&reply(&bye, "200 OK", b.sip_addr(), None), from).await;
+    assert!(t.final_response().await.starts_with("SIP/2.0 200"));
+    let cdrs = cdrs(&pool, 2).await;
+    assert_eq!(cdrs.len(), 2, "{cdrs:?}");
+    assert_eq!((cdrs[1].attempt, cdrs[1].trunk_name.as_deref()), (2, Some("pstn")), "{cdrs:?}");
+    assert_eq!(active_calls(&pool).await, 0);
+    node.stop().await;
+}
