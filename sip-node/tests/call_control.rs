@@ -338,6 +338,19 @@ async fn an_invite_with_replaces_takes_over_the_held_dialog(pool: PgPool) {
 /// the call with B.
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
 async fn a_refer_from_the_caller_bridges_the_callee_to_the_target_with_media(pool: PgPool) {
+    caller_refers_the_callee(pool, false).await;
+}
+
+/// Like the test above with the usual phone behaviour: the caller puts the callee on hold
+/// (re-INVITE `sendonly`, which the node mirrors to B) before its REFER; once the target
+/// answered, the node takes B off hold with a re-INVITE offering `sendrecv`, so that B and
+/// the target hear each other both ways.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_callee_held_by_the_referrer_is_taken_off_hold_after_the_transfer(pool: PgPool) {
+    caller_refers_the_callee(pool, true).await;
+}
+
+async fn caller_refers_the_callee(pool: PgPool, hold_first: bool) {
     use common::ua::*;
     let (a, b, t) = (Ua::new().await, Ua::new().await, Ua::new().await);
     let node = Node::start_routed(
@@ -355,8 +368,29 @@ async fn a_refer_from_the_caller_bridges_the_callee_to_the_target_with_media(poo
     let node_tag = to_tag(&a_ok);
     a.send(&caller_in_dialog("ACK", node.addr, a.sip_addr(), "refer-call", &node_tag, 1), node.addr).await;
     b.request("ACK").await;
+    let mut cseq = 2;
+    if hold_first {
+        let hold = sdp(a.rtp_port(), "0", "sendonly");
+        let reinvite = caller_in_dialog("INVITE", node.addr, a.sip_addr(), "refer-call", &node_tag, cseq).replacen(
+            "Content-Length: 0\r\n\r\n",
+            &format!(
+                "Contact: <sip:caller@{}>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{hold}",
+                a.sip_addr(),
+                hold.len()
+            ),
+            1,
+        );
+        a.send(&reinvite, node.addr).await;
+        let (held, from) = b.request("INVITE").await;
+        assert!(body(&held).contains("a=sendonly"), "the node mirrors the hold: {held}");
+        b.send(&reply(&held, "200 OK", b.sip_addr(), Some(&sdp(b.rtp_port(), "0", "recvonly"))), from).await;
+        b.request("ACK").await;
+        assert!(a.final_response().await.starts_with("SIP/2.0 200"));
+        a.send(&caller_in_dialog("ACK", node.addr, a.sip_addr(), "refer-call", &node_tag, cseq), node.addr).await;
+        cseq += 1;
+    }
 
-    let refer = caller_in_dialog("REFER", node.addr, a.sip_addr(), "refer-call", &node_tag, 2).replacen(
+    let refer = caller_in_dialog("REFER", node.addr, a.sip_addr(), "refer-call", &node_tag, cseq).replacen(
         "Max-Forwards: 70\r\n",
         &format!(
             "Max-Forwards: 70\r\nContact: <sip:caller@{}>\r\nRefer-To: <sip:+15550003333@example.invalid>\r\n",
@@ -384,6 +418,12 @@ async fn a_refer_from_the_caller_bridges_the_callee_to_the_target_with_media(poo
     a.send(&reply(&done, "200 OK", a.sip_addr(), None), from).await;
     let (bye, from) = a.request("BYE").await;
     a.send(&reply(&bye, "200 OK", a.sip_addr(), None), from).await;
+    if hold_first {
+        let (resume, from) = b.request("INVITE").await;
+        assert!(body(&resume).contains("a=sendrecv"), "the node takes B off hold: {resume}");
+        b.send(&reply(&resume, "200 OK", b.sip_addr(), Some(&sdp(b.rtp_port(), "0", "sendrecv"))), from).await;
+        b.request("ACK").await;
+    }
 
     // B and T hear each other.
     let (to_b_side, to_t_side) = (sdp_rtp(&b_invite), sdp_rtp(&t_invite));

@@ -463,6 +463,35 @@ impl crate::sip::connected::AnchoredMedia for Anchor {
         }
     }
 
+    fn resume_offer(&mut self, leg: Leg) -> Option<Vec<u8>> {
+        let address = self.address;
+        let state = self.leg_mut(leg);
+        let negotiated = state.negotiated.as_ref()?;
+        if negotiated.direction == MediaDirection::SendRecv {
+            return None;
+        }
+        let mut codecs = vec![negotiated.codec];
+        if negotiated.telephone_event.is_some() {
+            codecs.push(Codec::TelephoneEvent);
+        }
+        let policy = state.policy(address, codecs, MediaDirection::SendRecv);
+        let offer = create_offer(&policy, &mut state.session);
+        let body = offer.to_string().into_bytes();
+        state.last_sent = Some(offer.clone());
+        state.offer = Some(offer);
+        Some(body)
+    }
+
+    fn resume_answered(&mut self, leg: Leg, body: &[u8]) -> Result<(), SdpError> {
+        let offer = self.leg(leg).offer.clone().ok_or(SdpError::NoAudio)?;
+        let answer = SessionDescription::parse_bytes(body)?;
+        let negotiated = process_answer(&offer, &answer)?;
+        let state = self.leg_mut(leg);
+        state.negotiated = Some(negotiated);
+        state.offer = None;
+        self.apply()
+    }
+
     fn send_dtmf(&mut self, to: Leg, dtmf: &InfoDtmf) -> bool {
         // RFC 4733 only where the leg agreed to telephone-event; else the caller sends INFO.
         let (Some(relay), true) =

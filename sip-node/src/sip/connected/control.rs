@@ -28,7 +28,7 @@ impl LegState {
 
 /// The machine's action for a session timer's schedule action (the others are handled by the
 /// caller).
-fn timer_action(leg: Leg, action: SessionTimerAction) -> Option<Action> {
+pub(super) fn timer_action(leg: Leg, action: SessionTimerAction) -> Option<Action> {
     match action {
         SessionTimerAction::Schedule(kind, after) => Some(Action::Schedule(Timer::Session(leg, kind), after)),
         SessionTimerAction::Cancel(kind) => Some(Action::CancelTimer(Timer::Session(leg, kind))),

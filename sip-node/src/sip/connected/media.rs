@@ -46,6 +46,15 @@ pub(crate) trait AnchoredMedia: Send {
     fn answer_new_leg(&mut self, _leg: Leg, _body: &[u8]) -> Result<Vec<u8>, SdpError> {
         Err(SdpError::NoAudio)
     }
+    /// After the other leg was replaced: the node's sendrecv offer for `leg` when its media is
+    /// not sendrecv (the party that left had put it on hold), else `None`.
+    fn resume_offer(&mut self, _leg: Leg) -> Option<Vec<u8>> {
+        None
+    }
+    /// `leg` answered [`AnchoredMedia::resume_offer`] with `body`.
+    fn resume_answered(&mut self, _leg: Leg, _body: &[u8]) -> Result<(), SdpError> {
+        Ok(())
+    }
 }
 
 /// Media the node terminates itself on the call's only SIP leg (an AI agent's bridge).

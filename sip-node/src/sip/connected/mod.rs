@@ -254,6 +254,8 @@ pub(crate) struct Connected<'m> {
     referral: Option<refer::Referral>,
     /// The transaction timers (for the 2xx of a dialog that replaces the caller's).
     timers: TimerConfig,
+    /// The node's re-INVITE taking a leg off hold after the other leg was replaced (leg, CSeq).
+    resuming: Option<(Leg, u32)>,
 }
 
 impl<'m> Connected<'m> {
@@ -285,6 +287,7 @@ impl<'m> Connected<'m> {
             session_policy: setup.session_policy,
             referral: None,
             timers: setup.timers,
+            resuming: None,
         };
         (machine, actions)
     }
@@ -521,7 +524,7 @@ impl<'m> Connected<'m> {
             }
             return;
         }
-        if self.refresh_answered(leg, &response, out) {
+        if self.refresh_answered(leg, &response, out) || self.resume_answered(leg, &response, out) {
             return;
         }
         self.relay_final(leg, response, out);

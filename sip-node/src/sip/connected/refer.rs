@@ -224,7 +224,57 @@ impl Connected<'_> {
             // The new party's SDP is unusable: the call cannot go on.
             let why = format!("referred party's SDP: {error}");
             self.system_hangup(HangupReason::incompatible(&why), 488, why, out);
+            return;
         }
+        self.resume(leg.other(), out);
+    }
+
+    /// The leg that stays after `leg.other()` was replaced: when the party that left had put
+    /// it on hold, the node takes it off hold with a re-INVITE offering sendrecv.
+    pub(super) fn resume(&mut self, leg: Leg, out: &mut Vec<Action>) {
+        let MediaMode::Anchored(anchor) = &mut self.media else { return };
+        let Some(offer) = anchor.resume_offer(leg) else { return };
+        let Some(state) = self.leg_mut(leg) else { return };
+        let via = via(&state.setup);
+        let mut request = state.setup.dialog.request(Method::Invite, via, None, Some(("application/sdp", offer)));
+        if let Some(session) = state.session.as_ref() {
+            request.headers.extend(session.forwarded_request_headers());
+        }
+        tracing::info!(?leg, "taking the transferred party off hold");
+        self.resuming = Some((leg, state.setup.dialog.local_cseq));
+        out.push(Action::Send { leg, request });
+    }
+
+    /// A response on `leg`; `true` when it answers the node's re-INVITE of [`Self::resume`]
+    /// (its 2xx is ACKed and its answer applied).
+    pub(super) fn resume_answered(&mut self, leg: Leg, response: &rsip::Response, out: &mut Vec<Action>) -> bool {
+        let Some((resumed, cseq)) = self.resuming else { return false };
+        if resumed != leg || message::cseq(response) != Some((cseq, Method::Invite)) {
+            return false;
+        }
+        let status = message::status(response);
+        if status < 200 {
+            return true;
+        }
+        self.resuming = None;
+        if !(200..300).contains(&status) {
+            tracing::info!(status, ?leg, "the transferred party did not take the node's resume offer");
+            return true;
+        }
+        let Some(state) = self.leg_mut(leg) else { return true };
+        let via = via(&state.setup);
+        let ack = state.setup.dialog.request(Method::Ack, via, Some(cseq), None);
+        out.push(Action::SendStateless { leg, message: rsip::SipMessage::Request(ack) });
+        if let Some(session) = state.session.as_mut() {
+            let actions = session.forwarded_answered(response);
+            out.extend(actions.into_iter().filter_map(|a| super::control::timer_action(leg, a)));
+        }
+        if let MediaMode::Anchored(anchor) = &mut self.media
+            && let Err(error) = anchor.resume_answered(leg, &response.body)
+        {
+            tracing::info!(%error, ?leg, "the transferred party's answer to the resume offer is unusable");
+        }
+        true
     }
 
     /// Sends a NOTIFY with `frag` for the referral on `leg` (RFC 3515 2.4.4).

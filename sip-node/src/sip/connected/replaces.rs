@@ -100,6 +100,7 @@ impl Connected<'_> {
         if let Some(unregister) = old {
             out.push(Action::Rebind { leg, peer, register, unregister });
         }
+        self.resume(leg.other(), out);
     }
 
     /// Retransmits the 2xx of the caller's leg until its ACK (RFC 3261 13.3.1.4).
