@@ -458,3 +458,31 @@ async fn caller_refers_the_callee(pool: PgPool, hold_first: bool) {
     assert_eq!(active_calls(&pool).await, 0);
     node.stop().await;
 }
+
+/// The blind REFER with Kamailio in the path: the callee sits behind a record-routing proxy,
+/// so its REFER reaches the node through Kamailio and the node's NOTIFYs and BYE must follow
+/// the dialog's route set back through it (the proxy's log shows each one routed).
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_refer_through_kamailio_gets_its_notifies_along_the_route_set(pool: PgPool) {
+    let (kport, callee, target) = (free_port("127.0.0.1"), free_port("127.0.0.1"), free_port("127.0.0.1"));
+    let kamailio = common::kamailio::Kamailio::start("proxy.cfg", kport, &[("@UAS@", format!("127.0.0.1:{callee}"))]);
+    let node = Node::start_routed(
+        &pool,
+        vec![trunk("carrier", vec![]), trunk("pstn", vec![("127.0.0.1".into(), target)])],
+        vec![number_to(sip_destination(kport))],
+        vec![refer_rule()],
+        |args| args.media_timeout_seconds = 600,
+    )
+    .await;
+    let target_uas = uas(&["-sn", "uas"], target, 1);
+    let referrer = uas(&["-sf", &scenario("uas_refers_caller.xml")], callee, 1);
+    let caller = uac(&["-sn", "uac", "-d", "3000"], node.addr, "127.0.0.1", 1, &[]);
+    assert!(referrer.wait().await.success(), "the referrer behind Kamailio did not get 202, both NOTIFYs and the BYE");
+    assert!(caller.wait().await.success(), "the caller's call did not survive the transfer");
+    assert!(target_uas.wait().await.success(), "the target was not called or did not get the caller's BYE");
+    let log = kamailio.log();
+    for method in ["REFER", "NOTIFY", "BYE"] {
+        assert!(log.contains(&format!("in-dialog {method} routed")), "no {method} through Kamailio:\n{log}");
+    }
+    node.stop().await;
+}
