@@ -42,6 +42,9 @@
 //!   loop (`sip::registration`).
 //! - **bridge**: per call to an AI agent, one task owns the caller's RTP leg and the WebSocket
 //!   (`bridge`).
+//! - **referrals**: per anchored B2BUA call, one task places the legs its REFERs ask for
+//!   (`sip::call::referral`: routing check, failover, CDRs); its jobs and their outcome pass
+//!   through the connected driver (`sip::connected::Referrals`).
 //! - **state**: the store's writer (and spool) task, the configuration watcher and its LISTEN
 //!   task, the node-state heartbeat, the flood guard's configuration follower, the HTTP server,
 //!   and one ordered delivery task per call's webhooks.

@@ -486,3 +486,103 @@ async fn a_refer_through_kamailio_gets_its_notifies_along_the_route_set(pool: Pg
     }
     node.stop().await;
 }
+
+/// An attended transfer between two calls of the node (RFC 3891 inside RFC 3515): A called B
+/// (call 1), B called C (call 2), then B REFERs call 1 to C with a `Replaces` naming its call-2
+/// dialog. The node sends itself the INVITE with `Replaces` (a hairpin), call 2 takes it in
+/// B's place, B gets 202, NOTIFY 100/200 and a BYE on each of its dialogs, and A and C hear
+/// each other; A's BYE reaches C.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn an_attended_refer_with_replaces_joins_the_two_calls_on_the_node(pool: PgPool) {
+    use common::ua::*;
+    const DID2: &str = "+15550002222";
+    let (a, b, c) = (Ua::new().await, Ua::new().await, Ua::new().await);
+    let second = switchboard_model::NumberConfig {
+        name: "did2".into(),
+        number: DID2.into(),
+        ..number_to(sip_destination(c.sip_addr().port()))
+    };
+    let node = Node::start(
+        &pool,
+        vec![trunk("carrier", vec![])],
+        vec![number_to(sip_destination(b.sip_addr().port())), second],
+    )
+    .await;
+    // Call 1: A to B.
+    a.send(&invite_to_did(node.addr, a.sip_addr(), "att-1", &sdp(a.rtp_port(), "0", "sendrecv")), node.addr).await;
+    let (call1, from) = b.request("INVITE").await;
+    b.send(&reply(&call1, "200 OK", b.sip_addr(), Some(&sdp(b.rtp_port(), "0", "sendrecv"))), from).await;
+    let a_ok = a.final_response().await;
+    let a_tag = to_tag(&a_ok);
+    a.send(&caller_in_dialog("ACK", node.addr, a.sip_addr(), "att-1", &a_tag, 1), node.addr).await;
+    b.request("ACK").await;
+    // Call 2: B to C.
+    let to_did2 = |text: String| text.replace(DID, DID2);
+    b.send(&to_did2(invite_to_did(node.addr, b.sip_addr(), "att-2", &sdp(b.rtp_port(), "0", "sendrecv"))), node.addr)
+        .await;
+    let (call2, from) = c.request("INVITE").await;
+    c.send(&reply(&call2, "200 OK", c.sip_addr(), Some(&sdp(c.rtp_port(), "0", "sendrecv"))), from).await;
+    let b_ok = b.final_response().await;
+    let b_tag = to_tag(&b_ok);
+    b.send(&to_did2(caller_in_dialog("ACK", node.addr, b.sip_addr(), "att-2", &b_tag, 1)), node.addr).await;
+    c.request("ACK").await;
+
+    // B transfers A to C: REFER in call 1 (B is its callee) with Replaces of call 2.
+    let contact = header(&call1, "Contact").unwrap().trim_start_matches('<').split('>').next().unwrap().to_string();
+    let refer = format!(
+        "REFER {contact} SIP/2.0\r\nVia: SIP/2.0/UDP {};branch=z9hG4bK-b-refer\r\nFrom: {};tag=callee\r\nTo: {}\r\n\
+         Call-ID: {}\r\nCSeq: 1 REFER\r\nContact: <sip:callee@{}>\r\nMax-Forwards: 70\r\n\
+         Refer-To: <sip:{DID2}@{}?Replaces=att-2%3Bto-tag%3D{b_tag}%3Bfrom-tag%3Dcaller>\r\nContent-Length: 0\r\n\r\n",
+        b.sip_addr(),
+        header(&call1, "To").unwrap(),
+        header(&call1, "From").unwrap(),
+        header(&call1, "Call-ID").unwrap(),
+        b.sip_addr(),
+        node.addr,
+    );
+    b.send(&refer, node.addr).await;
+    let (mut accepted, mut notified, mut byes) = (false, vec![], vec![]);
+    while !(accepted && notified.len() == 2 && byes.len() == 2) {
+        let (text, from) = b.recv().await;
+        if text.starts_with("SIP/2.0 202") {
+            accepted = true;
+        } else if text.starts_with("NOTIFY ") {
+            notified.push(body(&text).lines().next().unwrap_or_default().to_string());
+            b.send(&reply(&text, "200 OK", b.sip_addr(), None), from).await;
+        } else if text.starts_with("BYE ") {
+            byes.push(header(&text, "Call-ID").unwrap_or_default().to_string());
+            b.send(&reply(&text, "200 OK", b.sip_addr(), None), from).await;
+        } else if !text.starts_with("SIP/2.0 ") {
+            panic!("B got an unexpected request: {text}");
+        }
+    }
+    assert_eq!(notified, ["SIP/2.0 100 Trying", "SIP/2.0 200 OK"]);
+    byes.sort();
+    let mut expected = vec!["att-2".to_string(), header(&call1, "Call-ID").unwrap().to_string()];
+    expected.sort();
+    assert_eq!(byes, expected, "B's two dialogs end");
+
+    // A and C hear each other.
+    let (to_a_side, to_c_side) = (sdp_rtp(&a_ok), sdp_rtp(&call2));
+    for seq in 0..10u16 {
+        a.rtp_send(to_a_side, 0, seq, &[0x33; 160]).await;
+        c.rtp_send(to_c_side, 0, seq, &[0x44; 160]).await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let window = std::time::Duration::from_millis(300);
+    let (a_heard, c_heard) = tokio::join!(a.rtp_collect(window), c.rtp_collect(window));
+    assert!(c_heard.iter().filter(|(_, p)| p == &vec![0x33; 160]).count() >= 5, "C hears A: {c_heard:?}");
+    assert!(a_heard.iter().filter(|(_, p)| p == &vec![0x44; 160]).count() >= 5, "A hears C: {a_heard:?}");
+
+    // A hangs up: C gets the BYE; both calls end.
+    a.send(&caller_in_dialog("BYE", node.addr, a.sip_addr(), "att-1", &a_tag, 2), node.addr).await;
+    let (bye, from) = c.request("BYE").await;
+    c.send(&reply(&bye, "200 OK", c.sip_addr(), None), from).await;
+    assert!(a.final_response().await.starts_with("SIP/2.0 200"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while active_calls(&pool).await > 0 {
+        assert!(std::time::Instant::now() < deadline, "calls left active");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    node.stop().await;
+}

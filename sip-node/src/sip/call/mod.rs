@@ -161,6 +161,16 @@ async fn inbound_call(ctx: Arc<NodeContext>, invite: Request, key: TransactionKe
         inbound_trunk: None,
     };
 
+    if referral::is_own(&ctx, peer)
+        && let Ok(Some(holder)) = replaces::check(&ctx.endpoint, &invite.headers).await
+    {
+        // The node's own hairpin INVITE of an attended transfer between two of its calls
+        // (`referral.rs`): no admission, it goes straight to the call holding the dialog.
+        if !replaces::hand_over(&holder, invite.clone(), key.clone(), peer) {
+            ctx.endpoint.respond(&key, response_to(&invite, 481, None, Some(&a_tag)));
+        }
+        return;
+    }
     let admitted = admit(&ctx, &snapshot, &invite, peer, &called, &caller)
         .await
         .and_then(|admitted| Ok((admitted, session::caller_timer(&invite.headers, &ctx.session_timers)?)));

@@ -14,6 +14,7 @@
 //!
 //! The task ends with the call (its channels close); a leg still ringing then is cancelled.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
@@ -36,6 +37,7 @@ use crate::sip::limits::CallPermit;
 use crate::sip::message;
 use crate::sip::routing::{self, Target};
 use crate::sip::transaction::new_tag;
+use crate::sip::transport::{Peer, Protocol};
 
 /// What the call needs to know afterwards about the legs its referrals placed.
 #[derive(Default)]
@@ -82,15 +84,20 @@ async fn run(
     log: Arc<Mutex<ReferralLog>>,
 ) {
     while let Some(job) = jobs.recv().await {
-        let namespace = context.facts.inbound_trunk.as_ref().map_or("default", |t| t.namespace.as_str());
-        let (number, trunks) = match allowed_target(&context.snapshot, namespace, &job.target) {
-            Ok(routed) => routed,
-            Err(reason) => {
-                let _ = updates.send(ReferralUpdate::Refused { code: 403, reason });
-                continue;
+        let targets = match local_replaces(&context.ctx, &job.target).await {
+            Some(target) => vec![target],
+            None => {
+                let namespace = context.facts.inbound_trunk.as_ref().map_or("default", |t| t.namespace.as_str());
+                let (number, trunks) = match allowed_target(&context.snapshot, namespace, &job.target) {
+                    Ok(routed) => routed,
+                    Err(reason) => {
+                        let _ = updates.send(ReferralUpdate::Refused { code: 403, reason });
+                        continue;
+                    }
+                };
+                targets(&context.ctx, Target::Number { number, trunks }).await
             }
         };
-        let targets = targets(&context.ctx, Target::Number { number, trunks }).await;
         if targets.is_empty() {
             let reason = "no reachable gateway for the referred number".to_string();
             let _ = updates.send(ReferralUpdate::Refused { code: 503, reason });
@@ -104,6 +111,43 @@ async fn run(
             return;
         }
     }
+}
+
+/// An attended transfer between two calls of this node: the `Replaces` names a dialog the
+/// node holds, so the new leg is an INVITE to the node itself (a hairpin over its own UDP
+/// socket), which the inbound side hands to the call holding that dialog without admission
+/// ([`is_own`]). No routing check: the target is on this node already.
+async fn local_replaces(ctx: &NodeContext, target: &ReferTo) -> Option<AttemptTarget> {
+    let replaces = target.replaces.as_ref()?;
+    if !ctx.endpoint.has_dialog(&replaces.call_id, &replaces.to_tag).await {
+        return None;
+    }
+    let own = own_address(ctx);
+    let user = target.user.clone().unwrap_or_else(|| "transfer".into());
+    let uri = rsip::Uri::try_from(format!("sip:{user}@{own}").as_str()).ok()?;
+    tracing::info!(call_id = %replaces.call_id, "attended transfer to a dialog of this node: hairpin");
+    Some(AttemptTarget {
+        uri,
+        to_user: user,
+        peer: Peer { protocol: Protocol::Udp, addr: own },
+        trunk: None,
+        gateway: own.to_string(),
+    })
+}
+
+/// The node's own UDP address (loopback for a wildcard listener).
+fn own_address(ctx: &NodeContext) -> SocketAddr {
+    let local = ctx.endpoint.transport().local_addr();
+    match local.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), local.port()),
+        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), local.port()),
+        _ => local,
+    }
+}
+
+/// Whether a request came from the node itself (a hairpin INVITE of [`local_replaces`]).
+pub(super) fn is_own(ctx: &NodeContext, peer: Peer) -> bool {
+    peer.protocol == Protocol::Udp && peer.addr == own_address(ctx)
 }
 
 /// The E.164 number of a REFER target and the trunks an outbound RoutingRule sends it to, or
