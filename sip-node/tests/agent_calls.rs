@@ -953,3 +953,221 @@ async fn a_late_ack_gets_the_answer_retransmitted_and_counted(pool: PgPool) {
     caller.accept(&ok).await;
     hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
 }
+
+// --- transfers (POST /api/calls/{call_id}/transfer, as the API queues them) ---
+
+/// Status webhooks received, in order.
+type Hooks = std::sync::Arc<std::sync::Mutex<Vec<Value>>>;
+
+/// A webhook receiver on loopback; returns its URL and what it received.
+async fn webhook_receiver() -> (String, Hooks) {
+    use axum::extract::State;
+    let seen: Hooks = Default::default();
+    async fn receive(State(seen): State<Hooks>, body: String) -> &'static str {
+        seen.lock().unwrap().push(serde_json::from_str(&body).unwrap());
+        "ok"
+    }
+    let app = axum::Router::new().route("/hooks", axum::routing::post(receive)).with_state(seen.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, seen)
+}
+
+/// The statuses received so far, once `expected` of them arrived (bounded wait).
+async fn statuses(hooks: &Hooks, expected: usize) -> Vec<String> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let seen: Vec<String> =
+            hooks.lock().unwrap().iter().map(|v| v["status"].as_str().unwrap_or_default().to_string()).collect();
+        if seen.len() >= expected || Instant::now() > deadline {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Queues a transfer for the call whose `callSid` is `call_sid` exactly as the REST API does
+/// (a `call_commands` row for the node in the call's `active_calls` row, then NOTIFY), and
+/// waits for the node's answer: `accepted`, or `rejected` with the reason.
+async fn ask_transfer(pool: &PgPool, call_sid: &str, body: Value) -> (String, Option<String>) {
+    let id = uuid::Uuid::new_v4();
+    // The node writes the active row through its buffered store: wait for it.
+    let deadline = Instant::now() + WAIT;
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM active_calls WHERE call_id = $1")
+        .bind(call_sid)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the call has no active row");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let inserted = sqlx::query(
+        "INSERT INTO call_commands (id, call_id, call_uuid, node_id, kind, body)
+         SELECT $1, call_id, call_uuid, node_id, 'transfer', $3 FROM active_calls WHERE call_id = $2",
+    )
+    .bind(id)
+    .bind(call_sid)
+    .bind(&body)
+    .execute(pool)
+    .await
+    .unwrap();
+    assert_eq!(inserted.rows_affected(), 1, "the call has an active row");
+    sqlx::query("SELECT pg_notify('switchboard_call_commands', $1)").bind(id.to_string()).execute(pool).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (state, error): (String, Option<String>) =
+            sqlx::query_as("SELECT state, error FROM call_commands WHERE id = $1")
+                .bind(id)
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        if state == "accepted" || state == "rejected" {
+            return (state, error);
+        }
+        assert!(Instant::now() < deadline, "the node did not answer the transfer request ({state})");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A CDR of a transferred call: attempt, direction, to_number, answered, reason.
+type CdrLeg = (i32, String, Option<String>, bool, Option<String>);
+
+/// The carrier trunk, its gateway being the human the agent transfers to.
+fn carrier_to(human: SocketAddr) -> switchboard_model::TrunkConfig {
+    let mut carrier = trunk("carrier", vec![("127.0.0.1".into(), human.port())]);
+    carrier.codecs = vec![Codec::Pcmu, Codec::Pcma, Codec::TelephoneEvent];
+    carrier
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_blind_transfer_bridges_the_caller_to_the_human_and_ends_the_agent_stream(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let human = ua::Ua::new().await;
+    let node = Node::start(&pool, vec![carrier_to(human.sip_addr())], vec![number_to(websocket(&agent.url))]).await;
+    let (webhook_url, hooks) = webhook_receiver().await;
+    let mut caller = Caller::new(node.addr, "transfer-blind", 0).await;
+    caller.call().await;
+    let (_, start) = agent.expect("start").await;
+    let call_sid = start["start"]["callSid"].as_str().unwrap().to_string();
+    assert_eq!(call_sid, "transfer-blind", "the callSid is the caller's Call-ID");
+
+    // Before: the caller talks to the agent.
+    caller.send_audio(&[0x11; 160]).await;
+    assert_eq!(payload_of(&agent.expect("media").await.1), vec![0x11; 160]);
+
+    let body = json!({"to": "+15552223333", "mode": "blind", "summary": "wants a refund\r\nX-Evil: 1",
+                      "timeout_seconds": 20, "webhook_url": webhook_url});
+    assert_eq!(ask_transfer(&pool, &call_sid, body).await, ("accepted".to_string(), None));
+
+    // The node dials the human through the carrier trunk, with the caller's number.
+    let (invite, from) = human.request("INVITE").await;
+    assert!(invite.starts_with("INVITE sip:+15552223333@127.0.0.1"), "{invite}");
+    assert!(ua::header(&invite, "From").is_some_and(|f| f.contains("+15557654321")), "{invite}");
+    assert_eq!(ua::header(&invite, "X-Transfer-Summary"), Some("wants a refundX-Evil: 1"), "{invite}");
+    assert!(ua::header(&invite, "X-Evil").is_none(), "no header injection: {invite}");
+    let node_b_rtp = ua::sdp_rtp(&invite);
+    assert_ne!(Some(node_b_rtp), caller.node_rtp, "the target's leg has a port of its own");
+    // While the human's phone rings the caller is still with the agent.
+    human.send(&ua::reply(&invite, "180 Ringing", human.sip_addr(), None), from).await;
+    caller.send_audio(&[0x12; 160]).await;
+    assert_eq!(payload_of(&agent.expect("media").await.1), vec![0x12; 160]);
+    let answer = ua::sdp(human.rtp_port(), "0 101", "sendrecv");
+    human.send(&ua::reply(&invite, "200 OK", human.sip_addr(), Some(&answer)), from).await;
+    human.request("ACK").await;
+
+    // The agent's stream ends: `stop`, then the socket closes.
+    agent.expect("stop").await;
+    agent.expect("closed").await;
+
+    // The caller and the human hear each other, through the port the caller always used.
+    let caller_says: Vec<Vec<u8>> = (0..10u8).map(|i| vec![0x40 | i; 160]).collect();
+    let human_says: Vec<Vec<u8>> = (0..10u8).map(|i| vec![0xA0 | i; 160]).collect();
+    for (i, (c, h)) in caller_says.iter().zip(&human_says).enumerate() {
+        caller.send_audio(c).await;
+        human.rtp_send(node_b_rtp, 0, 500 + i as u16, h).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let heard_by_human: Vec<Vec<u8>> =
+        human.rtp_collect(Duration::from_millis(600)).await.into_iter().map(|(_, p)| p).collect();
+    assert_eq!(heard_by_human, caller_says, "the human hears the caller");
+    let mut heard_by_caller = vec![];
+    while let Some((_, pt, payload)) = caller.hear(Duration::from_millis(300)).await {
+        assert_eq!(pt, 0);
+        heard_by_caller.push(payload);
+    }
+    assert_eq!(heard_by_caller, human_says, "the caller hears the human");
+
+    // The caller hangs up: the human gets the BYE; nothing is left behind.
+    caller.hang_up().await;
+    let (bye, from) = human.request("BYE").await;
+    human.send(&ua::reply(&bye, "200 OK", human.sip_addr(), None), from).await;
+    assert_clean_end(&pool, &node, 200).await;
+    let legs: Vec<CdrLeg> = sqlx::query_as(
+        "SELECT attempt, direction, to_number, answer_at IS NOT NULL, reason FROM cdrs
+          WHERE call_uuid = (SELECT call_uuid FROM cdrs WHERE call_id = $1 AND attempt = 1) ORDER BY attempt",
+    )
+    .bind(&call_sid)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(legs.len(), 2, "the caller's leg and the transfer's leg share the call's id: {legs:?}");
+    assert_eq!((legs[0].0, legs[0].1.as_str(), legs[0].3), (1, "inbound", true), "{legs:?}");
+    assert_eq!((legs[1].0, legs[1].1.as_str(), legs[1].3), (2, "outbound", true), "{legs:?}");
+    assert_eq!(legs[1].2.as_deref(), Some("+15552223333"), "{legs:?}");
+    assert!(legs[1].4.as_deref().is_some_and(|r| r.starts_with("transfer: caller hung up")), "{legs:?}");
+    assert_eq!(
+        statuses(&hooks, 3).await,
+        ["transfer_started", "transfer_answered", "transfer_completed"],
+        "{:?}",
+        hooks.lock().unwrap()
+    );
+    node.stop().await;
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_failed_transfer_returns_the_caller_to_the_agent(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let human = ua::Ua::new().await;
+    let node = Node::start(&pool, vec![carrier_to(human.sip_addr())], vec![number_to(websocket(&agent.url))]).await;
+    let (webhook_url, hooks) = webhook_receiver().await;
+    let mut caller = Caller::new(node.addr, "transfer-busy", 0).await;
+    caller.call().await;
+    let (_, start) = agent.expect("start").await;
+    let call_sid = start["start"]["callSid"].as_str().unwrap().to_string();
+
+    // Modes this node does not carry out yet, and targets no trunk reaches, are refused.
+    let (state, error) = ask_transfer(&pool, &call_sid, json!({"to": "+15552223333", "mode": "warm"})).await;
+    assert_eq!(state, "rejected");
+    assert!(error.as_deref().is_some_and(|e| e.contains("warm")), "{error:?}");
+
+    let body = json!({"to": "+15552223333", "mode": "blind", "webhook_url": webhook_url});
+    assert_eq!(ask_transfer(&pool, &call_sid, body).await.0, "accepted");
+    let (invite, from) = human.request("INVITE").await;
+    human.send(&ua::reply(&invite, "486 Busy Here", human.sip_addr(), None), from).await;
+    human.request("ACK").await;
+
+    // The agent hears why, and the caller is still with it, both ways.
+    let (_, failed) = agent.expect("transfer_failed").await;
+    assert_eq!(failed["transfer"]["sipCode"], 486, "{failed}");
+    assert_eq!(failed["transfer"]["to"], "+15552223333", "{failed}");
+    assert_eq!(failed["streamSid"], start["streamSid"], "{failed}");
+    caller.send_audio(&[0x21; 160]).await;
+    assert_eq!(payload_of(&agent.expect("media").await.1), vec![0x21; 160], "the agent hears the caller");
+    agent.send_audio(&[0x99; 160]);
+    let (_, _, payload) = caller.hear(Duration::from_secs(2)).await.expect("the caller hears the agent");
+    assert_eq!(payload, vec![0x99; 160]);
+    assert_eq!(statuses(&hooks, 2).await, ["transfer_started", "transfer_failed"]);
+    assert_eq!(hooks.lock().unwrap()[1]["sip_code"], 486);
+
+    hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
+    let attempts: Vec<(i32, Option<i32>)> =
+        sqlx::query_as("SELECT attempt, sip_code FROM cdrs WHERE call_id = $1 ORDER BY attempt")
+            .bind(&call_sid)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(attempts, [(1, Some(200)), (2, Some(486))], "the failed transfer attempt has its CDR");
+}

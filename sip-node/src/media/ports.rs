@@ -234,6 +234,12 @@ impl PortPair {
     pub fn take_sockets(&mut self) -> Option<(UdpSocket, UdpSocket)> {
         self.sockets.take()
     }
+
+    /// Puts the sockets taken by [`PortPair::take_sockets`] back, so that another relay can
+    /// take them over (a transferred call keeps the port the caller's SDP names).
+    pub(crate) fn restore_sockets(&mut self, rtp: UdpSocket, rtcp: UdpSocket) {
+        self.sockets = Some((rtp, rtcp));
+    }
 }
 
 impl Drop for PortPair {

@@ -38,7 +38,7 @@ use super::tls::AgentTls;
 use crate::media::g711::ULAW_SILENCE;
 use crate::media::mailbox::{MailboxReceiver, MailboxSender, mailbox};
 use crate::media::relay::{
-    BridgedLeg, CallerInput, RelayConfig, RelayError, RelayEvent, RelayHandle, RtpLegSetup, start_bridged,
+    BridgedLeg, CallerInput, LegStop, RelayConfig, RelayError, RelayEvent, RelayHandle, RtpLegSetup, start_bridged,
 };
 
 /// One frame of 8 kHz μ-law: 20 ms.
@@ -388,6 +388,9 @@ impl AgentConnection {
 
 enum Control {
     Hangup(oneshot::Sender<()>),
+    /// A JSON event for the agent (a transfer's progress); `streamSid` and `sequenceNumber`
+    /// are added by the session.
+    Event(serde_json::Map<String, serde_json::Value>),
 }
 
 /// The call's hold on a running bridge session.
@@ -445,6 +448,18 @@ impl BridgeHandle {
             self.first_audio = if rx.await.is_ok() { FirstAudio::Arrived } else { FirstAudio::Never };
         }
         matches!(self.first_audio, FirstAudio::Arrived)
+    }
+
+    /// Sends the agent a JSON event of the node's own (`{"event": name, "streamSid": ..,
+    /// "sequenceNumber": .., ...fields}`), e.g. `transfer_failed`; dropped when the session
+    /// has ended.
+    pub fn notify(&self, name: &str, fields: serde_json::Value) {
+        let mut event = match fields {
+            serde_json::Value::Object(map) => map,
+            _ => serde_json::Map::new(),
+        };
+        event.insert("event".into(), name.into());
+        let _ = self.control.send(Control::Event(event));
     }
 
     /// The caller hung up: sends `stop`, closes the socket cleanly (waiting up to a second for
