@@ -987,47 +987,71 @@ async fn statuses(hooks: &Hooks, expected: usize) -> Vec<String> {
     }
 }
 
-/// Queues a transfer for the call whose `callSid` is `call_sid` exactly as the REST API does
-/// (a `call_commands` row for the node in the call's `active_calls` row, then NOTIFY), and
-/// waits for the node's answer: `accepted`, or `rejected` with the reason.
-async fn ask_transfer(pool: &PgPool, call_sid: &str, body: Value) -> (String, Option<String>) {
-    let id = uuid::Uuid::new_v4();
-    // The node writes the active row through its buffered store: wait for it.
+/// The REST API over the test database on loopback, with a token that may transfer calls
+/// (the folder store is unused: no trunk is written). The DID and an outbound RoutingRule
+/// covering +1555 numbers are written into the tables the API's toll-fraud guard reads.
+struct RestApi {
+    base: String,
+    token: String,
+    _dir: tempfile::TempDir,
+}
+
+impl RestApi {
+    async fn start(pool: &PgPool) -> RestApi {
+        use switchboard_api::auth::{JwtVerifier, Scope};
+        sqlx::query(
+            "INSERT INTO phone_numbers (namespace, name, number, trunk_ref, spec_hash, config_generation)
+             VALUES ('default', 'did', $1, 'carrier', 'test', 1)",
+        )
+        .bind(DID)
+        .execute(pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO routing_rules (namespace, name, direction, match_spec, trunks, spec_hash, config_generation)
+             VALUES ('default', 'to-humans', 'outbound', '{\"destinationPatterns\": [\"^\\\\+1555\"]}', '{carrier}', 'test', 1)",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let verifier = std::sync::Arc::new(JwtVerifier::new(b"transfer-test-secret-transfer-test!!", "switchboard"));
+        let token = verifier.mint_scoped("agent", 300, &[Scope::Calls]).unwrap();
+        let store = std::sync::Arc::new(switchboard_api::store::FolderStore::new(dir.path()));
+        let egress = switchboard_model::egress::EgressPolicy::parse(&["127.0.0.0/8".to_string()]).unwrap();
+        let state = switchboard_api::AppState::new(pool.clone(), store, "default").with_egress(egress);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let app = switchboard_api::router(state, verifier);
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        RestApi { base, token, _dir: dir }
+    }
+
+    /// `POST /api/calls/{call_sid}/transfer` as an agent makes it: the status and the body.
+    async fn transfer(&self, call_sid: &str, body: Value) -> (u16, Value) {
+        let response = reqwest::Client::new()
+            .post(format!("{}/api/calls/{call_sid}/transfer", self.base))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .timeout(Duration::from_secs(15))
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.json().await.unwrap())
+    }
+}
+
+/// Waits until the node has written the call's active row (its store is buffered).
+async fn wait_for_active_row(pool: &PgPool, call_sid: &str) {
     let deadline = Instant::now() + WAIT;
-    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM active_calls WHERE call_id = $1")
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM active_calls WHERE call_id = $1 AND state = 'answered'")
         .bind(call_sid)
         .fetch_one(pool)
         .await
         .unwrap()
         == 0
     {
-        assert!(Instant::now() < deadline, "the call has no active row");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let inserted = sqlx::query(
-        "INSERT INTO call_commands (id, call_id, call_uuid, node_id, kind, body)
-         SELECT $1, call_id, call_uuid, node_id, 'transfer', $3 FROM active_calls WHERE call_id = $2",
-    )
-    .bind(id)
-    .bind(call_sid)
-    .bind(&body)
-    .execute(pool)
-    .await
-    .unwrap();
-    assert_eq!(inserted.rows_affected(), 1, "the call has an active row");
-    sqlx::query("SELECT pg_notify('switchboard_call_commands', $1)").bind(id.to_string()).execute(pool).await.unwrap();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (state, error): (String, Option<String>) =
-            sqlx::query_as("SELECT state, error FROM call_commands WHERE id = $1")
-                .bind(id)
-                .fetch_one(pool)
-                .await
-                .unwrap();
-        if state == "accepted" || state == "rejected" {
-            return (state, error);
-        }
-        assert!(Instant::now() < deadline, "the node did not answer the transfer request ({state})");
+        assert!(Instant::now() < deadline, "the call has no answered active row");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -1048,6 +1072,7 @@ async fn a_blind_transfer_bridges_the_caller_to_the_human_and_ends_the_agent_str
     let human = ua::Ua::new().await;
     let node = Node::start(&pool, vec![carrier_to(human.sip_addr())], vec![number_to(websocket(&agent.url))]).await;
     let (webhook_url, hooks) = webhook_receiver().await;
+    let api = RestApi::start(&pool).await;
     let mut caller = Caller::new(node.addr, "transfer-blind", 0).await;
     caller.call().await;
     let (_, start) = agent.expect("start").await;
@@ -1060,7 +1085,10 @@ async fn a_blind_transfer_bridges_the_caller_to_the_human_and_ends_the_agent_str
 
     let body = json!({"to": "+15552223333", "mode": "blind", "summary": "wants a refund\r\nX-Evil: 1",
                       "timeout_seconds": 20, "webhook_url": webhook_url});
-    assert_eq!(ask_transfer(&pool, &call_sid, body).await, ("accepted".to_string(), None));
+    wait_for_active_row(&pool, &call_sid).await;
+    let (status, accepted) = api.transfer(&call_sid, body).await;
+    assert_eq!(status, 202, "{accepted}");
+    assert_eq!((accepted["status"].as_str(), accepted["call_id"].as_str()), (Some("accepted"), Some("transfer-blind")));
 
     // The node dials the human through the carrier trunk, with the caller's number.
     let (invite, from) = human.request("INVITE").await;
@@ -1133,18 +1161,20 @@ async fn a_failed_transfer_returns_the_caller_to_the_agent(pool: PgPool) {
     let human = ua::Ua::new().await;
     let node = Node::start(&pool, vec![carrier_to(human.sip_addr())], vec![number_to(websocket(&agent.url))]).await;
     let (webhook_url, hooks) = webhook_receiver().await;
+    let api = RestApi::start(&pool).await;
     let mut caller = Caller::new(node.addr, "transfer-busy", 0).await;
     caller.call().await;
     let (_, start) = agent.expect("start").await;
     let call_sid = start["start"]["callSid"].as_str().unwrap().to_string();
 
-    // Modes this node does not carry out yet, and targets no trunk reaches, are refused.
-    let (state, error) = ask_transfer(&pool, &call_sid, json!({"to": "+15552223333", "mode": "warm"})).await;
-    assert_eq!(state, "rejected");
-    assert!(error.as_deref().is_some_and(|e| e.contains("warm")), "{error:?}");
+    // A mode this node does not carry out is refused by the node: 409 with its reason.
+    wait_for_active_row(&pool, &call_sid).await;
+    let (status, refused) = api.transfer(&call_sid, json!({"to": "+15552223333", "mode": "refer"})).await;
+    assert_eq!(status, 409, "{refused}");
+    assert!(refused["error"]["message"].as_str().is_some_and(|m| m.contains("refer")), "{refused}");
 
     let body = json!({"to": "+15552223333", "mode": "blind", "webhook_url": webhook_url});
-    assert_eq!(ask_transfer(&pool, &call_sid, body).await.0, "accepted");
+    assert_eq!(api.transfer(&call_sid, body).await.0, 202);
     let (invite, from) = human.request("INVITE").await;
     human.send(&ua::reply(&invite, "486 Busy Here", human.sip_addr(), None), from).await;
     human.request("ACK").await;
