@@ -90,7 +90,12 @@ pub(crate) fn required_scope(method: &axum::http::Method, route: &str) -> Scope 
     match (method, route) {
         (&Method::GET | &Method::HEAD, _) => Scope::Read,
         (_, "/api/calls/initiate") => Scope::Calls,
-        (&Method::POST, r) if r.starts_with("/api/calls/") && r.ends_with("/transfer") => Scope::Calls,
+        (&Method::POST, r)
+            if r.starts_with("/api/calls/")
+                && ["/transfer", "/transfer/complete", "/transfer/cancel"].iter().any(|end| r.ends_with(end)) =>
+        {
+            Scope::Calls
+        }
         (_, "/api/sms/send") => Scope::Sms,
         (&Method::POST | &Method::PUT | &Method::DELETE, r) if r.starts_with("/api/trunks") => Scope::Trunks,
         _ => Scope::Admin,
@@ -364,6 +369,8 @@ mod tests {
             (Method::POST, "/api/trunks/{trunk_id}/activate", Scope::Trunks),
             (Method::POST, "/api/calls/initiate", Scope::Calls),
             (Method::POST, "/api/calls/CA123@carrier/transfer", Scope::Calls),
+            (Method::POST, "/api/calls/CA123@carrier/transfer/complete", Scope::Calls),
+            (Method::POST, "/api/calls/CA123@carrier/transfer/cancel", Scope::Calls),
             (Method::POST, "/api/sms/send", Scope::Sms),
             (Method::POST, "/api/something/new", Scope::Admin),
         ] {

@@ -767,6 +767,10 @@ async fn transfer_requests_are_checked_and_queued_for_the_calls_node(pool: PgPoo
     assert_eq!((node.as_str(), state.as_str()), ("n1", "rejected"));
     assert_eq!(stored["summary"], "refund", "{stored}");
 
+    // Completing or cancelling needs a call in progress too.
+    let (status, body) = api.send(Method::POST, "/api/calls/CA-nowhere/transfer/complete", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+
     // The transfer route needs the `calls` scope.
     let verifier = JwtVerifier::new(SECRET, "switchboard");
     let read_only = verifier.mint_scoped("reader", 300, &[switchboard_api::auth::Scope::Read]).unwrap();
@@ -784,6 +788,12 @@ async fn the_transfer_route_is_documented(pool: PgPool) {
     let route = &doc["paths"]["/api/calls/{call_id}/transfer"]["post"];
     for code in ["202", "403", "404", "409", "422", "503"] {
         assert!(route["responses"][code].is_object(), "{code} missing: {route}");
+    }
+    for step in ["complete", "cancel"] {
+        let route = &doc["paths"][format!("/api/calls/{{call_id}}/transfer/{step}")]["post"];
+        for code in ["200", "404", "409", "503"] {
+            assert!(route["responses"][code].is_object(), "{step} {code} missing: {route}");
+        }
     }
     let schema = &doc["components"]["schemas"]["TransferCall"];
     assert_eq!(schema["properties"]["mode"]["$ref"], "#/components/schemas/TransferMode", "{schema}");

@@ -1029,14 +1029,15 @@ impl RestApi {
 
     /// `POST /api/calls/{call_sid}/transfer` as an agent makes it: the status and the body.
     async fn transfer(&self, call_sid: &str, body: Value) -> (u16, Value) {
-        let response = reqwest::Client::new()
-            .post(format!("{}/api/calls/{call_sid}/transfer", self.base))
-            .bearer_auth(&self.token)
-            .json(&body)
-            .timeout(Duration::from_secs(15))
-            .send()
-            .await
-            .unwrap();
+        self.post(&format!("/api/calls/{call_sid}/transfer"), Some(body)).await
+    }
+
+    async fn post(&self, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = reqwest::Client::new().post(format!("{}{path}", self.base)).bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.timeout(Duration::from_secs(15)).send().await.unwrap();
         (response.status().as_u16(), response.json().await.unwrap())
     }
 }
@@ -1200,4 +1201,136 @@ async fn a_failed_transfer_returns_the_caller_to_the_agent(pool: PgPool) {
             .await
             .unwrap();
     assert_eq!(attempts, [(1, Some(200)), (2, Some(486))], "the failed transfer attempt has its CDR");
+}
+
+/// A test frame's id: every byte of it (a frame whose bytes differ is reported as 0).
+fn frame_id(payload: &[u8]) -> u8 {
+    match payload.first() {
+        Some(first) if payload.len() == 160 && payload.iter().all(|b| b == first) => *first,
+        _ => 0,
+    }
+}
+
+/// The human answers a transfer's INVITE (180, then 200 with its SDP) and takes the ACK;
+/// returns the INVITE and the node's RTP address for the human's leg.
+async fn human_answers(human: &ua::Ua) -> (String, SocketAddr) {
+    let (invite, from) = human.request("INVITE").await;
+    human.send(&ua::reply(&invite, "180 Ringing", human.sip_addr(), None), from).await;
+    let answer = ua::sdp(human.rtp_port(), "0 101", "sendrecv");
+    human.send(&ua::reply(&invite, "200 OK", human.sip_addr(), Some(&answer)), from).await;
+    human.request("ACK").await;
+    let node_rtp = ua::sdp_rtp(&invite);
+    (invite, node_rtp)
+}
+
+/// A warm transfer starts like a blind one, then the agent briefs the human (the caller on
+/// hold hears nothing of it); on the agent's completion, caller and human are bridged.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_warm_transfer_lets_the_agent_brief_the_human_then_bridges_the_caller(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let human = ua::Ua::new().await;
+    let node = Node::start(&pool, vec![carrier_to(human.sip_addr())], vec![number_to(websocket(&agent.url))]).await;
+    let (webhook_url, hooks) = webhook_receiver().await;
+    let api = RestApi::start(&pool).await;
+    let mut caller = Caller::new(node.addr, "transfer-warm", 0).await;
+    caller.call().await;
+    let (_, start) = agent.expect("start").await;
+    let call_sid = start["start"]["callSid"].as_str().unwrap().to_string();
+    wait_for_active_row(&pool, &call_sid).await;
+    // Completing before anything was started is refused.
+    let (status, refused) = api.post(&format!("/api/calls/{call_sid}/transfer/complete"), None).await;
+    assert_eq!(status, 409, "{refused}");
+
+    let body = json!({"to": "+15552223333", "mode": "warm", "summary": "billing question", "webhook_url": webhook_url});
+    assert_eq!(api.transfer(&call_sid, body).await.0, 202);
+    let (invite, node_b_rtp) = human_answers(&human).await;
+    assert_eq!(ua::header(&invite, "X-Transfer-Summary"), Some("billing question"), "{invite}");
+    let (_, answered) = agent.expect("transfer_answered").await;
+    assert_eq!(answered["transfer"]["to"], "+15552223333", "{answered}");
+
+    // The consultation: the agent and the human hear each other; the caller hears nothing and
+    // is not heard.
+    let briefing: Vec<u8> = (0..10u8).flat_map(|i| [0x60 | i; 160]).collect();
+    agent.send_audio(&briefing);
+    for i in 0..10u8 {
+        human.rtp_send(node_b_rtp, 0, 700 + u16::from(i), &[0xB0 | i; 160]).await;
+        caller.send_audio(&[0x31; 160]).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let heard_by_human: Vec<Vec<u8>> =
+        human.rtp_collect(Duration::from_millis(600)).await.into_iter().map(|(_, p)| p).collect();
+    let expected: Vec<Vec<u8>> = (0..10u8).map(|i| vec![0x60 | i; 160]).collect();
+    assert_eq!(heard_by_human, expected, "the human heard the agent's briefing, all of it, in order");
+    let mut agent_heard = vec![];
+    while agent_heard.len() < 10 {
+        agent_heard.push(payload_of(&agent.expect("media").await.1));
+    }
+    let expected: Vec<Vec<u8>> = (0..10u8).map(|i| vec![0xB0 | i; 160]).collect();
+    assert_eq!(agent_heard, expected, "the agent hears the human, not the caller on hold");
+    assert!(
+        caller.hear(Duration::from_millis(300)).await.is_none(),
+        "the caller on hold hears nothing of the briefing"
+    );
+
+    // The agent completes: its stream ends, caller and human hear each other.
+    let (status, done) = api.post(&format!("/api/calls/{call_sid}/transfer/complete"), None).await;
+    assert_eq!((status, done["status"].as_str()), (200, Some("completed")), "{done}");
+    agent.expect("stop").await;
+    agent.expect("closed").await;
+    for i in 0..10u8 {
+        caller.send_audio(&[0x40 | i; 160]).await;
+        human.rtp_send(node_b_rtp, 0, 800 + u16::from(i), &[0xA0 | i; 160]).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let heard_by_human: Vec<u8> =
+        human.rtp_collect(Duration::from_millis(600)).await.into_iter().map(|(_, p)| frame_id(&p)).collect();
+    assert_eq!(
+        heard_by_human,
+        (0..10u8).map(|i| 0x40 | i).collect::<Vec<_>>(),
+        "the human hears the caller, not the hold"
+    );
+    let mut heard_by_caller = vec![];
+    while let Some((_, _, payload)) = caller.hear(Duration::from_millis(300)).await {
+        heard_by_caller.push(frame_id(&payload));
+    }
+    assert_eq!(heard_by_caller, (0..10u8).map(|i| 0xA0 | i).collect::<Vec<_>>(), "the caller hears the human");
+
+    caller.hang_up().await;
+    let (bye, from) = human.request("BYE").await;
+    human.send(&ua::reply(&bye, "200 OK", human.sip_addr(), None), from).await;
+    assert_clean_end(&pool, &node, 200).await;
+    assert_eq!(statuses(&hooks, 3).await, ["transfer_started", "transfer_answered", "transfer_completed"]);
+    node.stop().await;
+}
+
+/// The agent calls a warm transfer off: the human is hung up and the caller is back with the
+/// agent, both ways.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_cancelled_warm_transfer_hangs_up_the_human_and_returns_the_caller(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let human = ua::Ua::new().await;
+    let node = Node::start(&pool, vec![carrier_to(human.sip_addr())], vec![number_to(websocket(&agent.url))]).await;
+    let api = RestApi::start(&pool).await;
+    let mut caller = Caller::new(node.addr, "transfer-cancel", 0).await;
+    caller.call().await;
+    let (_, start) = agent.expect("start").await;
+    let call_sid = start["start"]["callSid"].as_str().unwrap().to_string();
+    wait_for_active_row(&pool, &call_sid).await;
+    assert_eq!(api.transfer(&call_sid, json!({"to": "+15552223333", "mode": "warm"})).await.0, 202);
+    human_answers(&human).await;
+    agent.expect("transfer_answered").await;
+
+    let (status, done) = api.post(&format!("/api/calls/{call_sid}/transfer/cancel"), None).await;
+    assert_eq!((status, done["status"].as_str()), (200, Some("cancelled")), "{done}");
+    let (bye, from) = human.request("BYE").await;
+    human.send(&ua::reply(&bye, "200 OK", human.sip_addr(), None), from).await;
+    let (_, failed) = agent.expect("transfer_failed").await;
+    assert!(failed["transfer"]["reason"].as_str().is_some_and(|r| r.contains("cancelled")), "{failed}");
+
+    caller.send_audio(&[0x21; 160]).await;
+    assert_eq!(payload_of(&agent.expect("media").await.1), vec![0x21; 160], "the agent hears the caller again");
+    agent.send_audio(&[0x99; 160]);
+    let (_, _, payload) = caller.hear(Duration::from_secs(2)).await.expect("the caller hears the agent again");
+    assert_eq!(payload, vec![0x99; 160]);
+    hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
 }

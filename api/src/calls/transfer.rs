@@ -34,8 +34,10 @@ pub enum TransferMode {
     /// bridged to it and the agent's stream ends (`stop`). If it fails, the caller stays with
     /// the agent, which gets a `transfer_failed` event.
     Blind,
-    /// The agent briefs the human before the caller is bridged (not carried out by nodes yet:
-    /// 409).
+    /// The caller is put on hold while the node dials `to`; when the human answers, the
+    /// agent's stream carries the human's audio (the agent briefs them; it gets a
+    /// `transfer_answered` event), then `POST .../transfer/complete` bridges caller and human
+    /// and ends the agent's stream, or `POST .../transfer/cancel` hangs the human up.
     Warm,
     /// A REFER to the caller's carrier (not carried out by nodes yet: 409).
     Refer,
@@ -117,23 +119,8 @@ pub async fn transfer(
         _ => error,
     })?;
     rate_limit(&state.limits.calls, &claims, own_number)?;
-    let id = Uuid::new_v4();
     let command = serde_json::to_value(&body).map_err(|e| ApiError::internal("cannot store the request", e))?;
-    sqlx::query(
-        "INSERT INTO call_commands (id, call_id, call_uuid, node_id, kind, body) VALUES ($1, $2, $3, $4, 'transfer', $5)",
-    )
-    .bind(id)
-    .bind(&call.call_id)
-    .bind(call.call_uuid)
-    .bind(&call.node_id)
-    .bind(&command)
-    .execute(&state.pool)
-    .await?;
-    let _ = sqlx::query("SELECT pg_notify('switchboard_call_commands', $1)")
-        .bind(id.to_string())
-        .execute(&state.pool)
-        .await;
-    tracing::info!(transfer = %id, call = %call.call_id, node = %call.node_id, "transfer requested");
+    let id = queue(&state, &call, &command).await?;
     match node_answer(&state, id).await? {
         NodeAnswer::Accepted => Ok((
             StatusCode::ACCEPTED,
@@ -147,6 +134,87 @@ pub async fn transfer(
         )),
         NodeAnswer::Rejected(reason) => Err(ApiError::conflict("not_transferable", reason)),
     }
+}
+
+/// What became of a warm transfer's last step.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct TransferStepResponse {
+    /// The call's `callSid`.
+    pub call_id: String,
+    /// `completed` (caller and human are being bridged; the agent's stream ends) or
+    /// `cancelled` (the human is hung up; the caller stays with the agent).
+    pub status: String,
+}
+
+/// Complete a warm transfer: the caller is bridged to the human the agent has been briefing,
+/// and the agent's stream ends (`stop`, then the socket closes).
+#[utoipa::path(post, path = "/api/calls/{call_id}/transfer/complete", tag = "calls",
+    params(("call_id" = String, Path, description = "The agent's `callSid`, or an id from /api/calls/initiate")),
+    responses(
+        (status = 200, description = "The node is bridging caller and human", body = TransferStepResponse),
+        (status = 404, description = "No call in progress has this id", body = ErrorBody),
+        (status = 409, description = "No warm transfer is waiting for completion on this call (`not_transferable`)", body = ErrorBody),
+        (status = 503, description = "The node holding the call did not answer in time", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn complete(
+    State(state): State<AppState>,
+    Path(call_id): Path<String>,
+) -> Result<Json<TransferStepResponse>, ApiError> {
+    step(&state, &call_id, "complete", "completed").await
+}
+
+/// Cancel a warm transfer: the human is hung up and the caller stays with the agent, which
+/// gets a `transfer_failed` event.
+#[utoipa::path(post, path = "/api/calls/{call_id}/transfer/cancel", tag = "calls",
+    params(("call_id" = String, Path, description = "The agent's `callSid`, or an id from /api/calls/initiate")),
+    responses(
+        (status = 200, description = "The human is hung up; the caller is back with the agent", body = TransferStepResponse),
+        (status = 404, description = "No call in progress has this id", body = ErrorBody),
+        (status = 409, description = "No warm transfer is in its consultation on this call (`not_transferable`)", body = ErrorBody),
+        (status = 503, description = "The node holding the call did not answer in time", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    Path(call_id): Path<String>,
+) -> Result<Json<TransferStepResponse>, ApiError> {
+    step(&state, &call_id, "cancel", "cancelled").await
+}
+
+async fn step(
+    state: &AppState,
+    call_id: &str,
+    action: &str,
+    done: &str,
+) -> Result<Json<TransferStepResponse>, ApiError> {
+    let call = find_call(state, call_id).await?;
+    let id = queue(state, &call, &serde_json::json!({"action": action})).await?;
+    match node_answer(state, id).await? {
+        NodeAnswer::Accepted => Ok(Json(TransferStepResponse { call_id: call.call_id, status: done.into() })),
+        NodeAnswer::Rejected(reason) => Err(ApiError::conflict("not_transferable", reason)),
+    }
+}
+
+/// Queues a command for the node holding `call` and wakes it.
+async fn queue(state: &AppState, call: &ActiveCall, body: &serde_json::Value) -> Result<Uuid, ApiError> {
+    let id = Uuid::new_v4();
+    sqlx::query(
+        "INSERT INTO call_commands (id, call_id, call_uuid, node_id, kind, body) VALUES ($1, $2, $3, $4, 'transfer', $5)",
+    )
+    .bind(id)
+    .bind(&call.call_id)
+    .bind(call.call_uuid)
+    .bind(&call.node_id)
+    .bind(body)
+    .execute(&state.pool)
+    .await?;
+    let _ = sqlx::query("SELECT pg_notify('switchboard_call_commands', $1)")
+        .bind(id.to_string())
+        .execute(&state.pool)
+        .await;
+    tracing::info!(command = %id, call = %call.call_id, node = %call.node_id, "transfer command queued");
+    Ok(id)
 }
 
 fn check_body(state: &AppState, body: &TransferCall) -> Result<(), ApiError> {

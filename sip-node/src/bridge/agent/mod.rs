@@ -391,6 +391,9 @@ enum Control {
     /// A JSON event for the agent (a transfer's progress); `streamSid` and `sequenceNumber`
     /// are added by the session.
     Event(serde_json::Map<String, serde_json::Value>),
+    /// Put another RTP leg where the caller's was (a warm transfer's consult leg, or the
+    /// caller back); the previous leg's ports and media go to the sender.
+    Swap(Box<BridgedLeg>, oneshot::Sender<Option<RtpLegSetup>>),
 }
 
 /// The call's hold on a running bridge session.
@@ -460,6 +463,22 @@ impl BridgeHandle {
         };
         event.insert("event".into(), name.into());
         let _ = self.control.send(Control::Event(event));
+    }
+
+    /// Bridges the agent to another RTP leg from now on (a warm transfer: the human the agent
+    /// briefs, then the caller again if the transfer is called off). Audio still queued for
+    /// the previous leg is dropped. Returns the new leg's relay handle and events, and the
+    /// previous leg's port pair (sockets inside) with its media.
+    pub async fn swap_leg(
+        &self,
+        leg: RtpLegSetup,
+        config: RelayConfig,
+    ) -> Result<(RelayHandle, mpsc::Receiver<RelayEvent>, Option<RtpLegSetup>), RelayError> {
+        let (bridged, relay, events) = start_bridged(leg, config)?;
+        let (tx, rx) = oneshot::channel();
+        self.control.send(Control::Swap(Box::new(bridged), tx)).map_err(|_| RelayError::Stopped)?;
+        let previous = rx.await.map_err(|_| RelayError::Stopped)?;
+        Ok((relay, events, previous))
     }
 
     /// The caller hung up: sends `stop`, closes the socket cleanly (waiting up to a second for

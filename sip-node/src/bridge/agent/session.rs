@@ -117,6 +117,12 @@ impl Session {
                     let _ = done.send(());
                     return BridgeEnd::CallerHangup;
                 }
+                Wake::Control(Some(Control::Swap(leg, reply))) => {
+                    let previous = self.leg.replace(*leg).map(BridgedLeg::into_setup);
+                    self.playback.clear();
+                    let _ = reply.send(previous);
+                    Ok(())
+                }
                 Wake::Control(Some(Control::Event(mut event))) => {
                     event.insert("sequenceNumber".into(), self.conn.next_sequence().into());
                     event.insert("streamSid".into(), self.conn.config.stream_sid.clone().into());

@@ -12,9 +12,10 @@ use uuid::Uuid;
 
 use super::dial::{Answered, DialPlan, Dialed, dial, write_cdr};
 use super::media::TransferMedia;
-use super::{Command, DEFAULT_TIMEOUT, Mode, TransferEvent, TransferRequest};
+use super::warm::{Consult, Consulted};
+use super::{Command, DEFAULT_TIMEOUT, Intent, Mode, TransferEvent, TransferRequest};
 use crate::bridge::{BridgeEnd, BridgeHandle};
-use crate::media::relay::{RelayConfig, RelayEvent, RelayHandle};
+use crate::media::relay::{RelayConfig, RelayEvent, RelayHandle, RtpLegSetup};
 use crate::sip::connected::{
     Action, AgentSession, Channels, Connected, Driven, Ender, Ending, Io, Leg, LegChannels, LegSetup, MediaMode,
     Resume, Setup, drive, drive_until,
@@ -75,6 +76,9 @@ pub(crate) async fn run_agent_call(call: AgentCall<'_, '_>) -> AgentCallEnd {
     let mut resume = Resume { actions: first, relay_events: Some(relay_events) };
     // CDR attempt 1 is the caller's leg to the agent; transfer attempts count on from 2.
     let mut next_attempt = 2;
+    // The caller's leg's relay handle after a warm transfer was called off (the bridge then
+    // holds a new leg for the caller; `relay` is the first one's).
+    let mut caller_relay: Option<RelayHandle> = None;
     loop {
         macro_rules! channels {
             ($events:expr) => {
@@ -98,7 +102,14 @@ pub(crate) async fn run_agent_call(call: AgentCall<'_, '_>) -> AgentCallEnd {
                 }
             };
         resume = resumed;
-        let Command { id, request, reply, hooks } = command;
+        let Command { id, action, reply, hooks } = command;
+        let request = match action {
+            Intent::Transfer(request) => request,
+            Intent::Complete | Intent::Cancel => {
+                let _ = reply.send(Err("no warm transfer is in progress on this call".into()));
+                continue;
+            }
+        };
         let trunks = match plan_route(ctx, &caller, &request) {
             Ok(trunks) => trunks,
             Err(why) => {
@@ -149,11 +160,37 @@ pub(crate) async fn run_agent_call(call: AgentCall<'_, '_>) -> AgentCallEnd {
                 report.send("transfer_failed", Some(code), Some(reason));
                 resume = resumed;
             }
-            Driven::Interrupted(Dialed::Answered(target), _) => {
+            Driven::Interrupted(Dialed::Answered(mut target), resumed) => {
                 report.send("transfer_answered", Some(200), None);
-                let legs = TransferredLegs { a_peer, a_tx, a_rx, caller_sdp: caller.answer_sdp };
                 let transfer = Transfer { ctx, io: &io, plan: &plan, report: &report };
-                let ending = bridge(&transfer, machine, relay, legs, *target).await;
+                let caller_media = if request.mode == Mode::Warm {
+                    let consult = Consult {
+                        transfer: &transfer,
+                        machine: &mut machine,
+                        a: LegChannels { peer: a_peer, tx: a_tx.clone(), rx: &mut *a_rx },
+                        agent: &mut *agent,
+                        agent_reason,
+                        registration: &mut registration,
+                        resume: resumed,
+                        id,
+                    };
+                    match consult.run(&mut target).await {
+                        Consulted::Ended(ending) => return end(ending),
+                        Consulted::Complete(caller_media) => Some(caller_media),
+                        Consulted::Back(resumed, relay) => {
+                            next_attempt = target.attempt.number + 1;
+                            resume = resumed;
+                            if relay.is_some() {
+                                caller_relay = relay;
+                            }
+                            continue;
+                        }
+                    }
+                } else {
+                    caller_relay.as_ref().unwrap_or(relay).release().await
+                };
+                let legs = TransferredLegs { a_peer, a_tx, a_rx, caller_sdp: caller.answer_sdp };
+                let ending = bridge(&transfer, machine, caller_media, legs, *target).await;
                 return end(ending);
             }
         }
@@ -161,15 +198,15 @@ pub(crate) async fn run_agent_call(call: AgentCall<'_, '_>) -> AgentCallEnd {
 }
 
 /// Sends a transfer's status webhooks.
-struct Reporter<'a> {
+pub(super) struct Reporter<'a> {
     hooks: &'a CallHooks,
     call_sid: &'a str,
-    id: Uuid,
+    pub(super) id: Uuid,
     request: &'a TransferRequest,
 }
 
 impl Reporter<'_> {
-    fn send(&self, status: &'static str, sip_code: Option<u16>, reason: Option<String>) {
+    pub(super) fn send(&self, status: &'static str, sip_code: Option<u16>, reason: Option<String>) {
         self.hooks.send(&TransferEvent {
             status,
             call_id: self.call_sid,
@@ -191,7 +228,7 @@ fn plan_route(
     caller: &CallerFacts,
     request: &TransferRequest,
 ) -> Result<Vec<Arc<TrunkConfig>>, String> {
-    if request.mode != Mode::Blind {
+    if request.mode == Mode::Refer {
         return Err(format!("{:?} transfers are not supported by this node yet", request.mode).to_lowercase());
     }
     if ctx.media.is_none() {
@@ -223,7 +260,7 @@ fn summary_header(request: &TransferRequest) -> Vec<Header> {
 }
 
 /// Hangs up an answered target the call no longer wants, and records its attempt.
-fn hang_up_target(ctx: &NodeContext, plan: &DialPlan, target: &mut Answered, why: &str) {
+pub(super) fn hang_up_target(ctx: &NodeContext, plan: &DialPlan, target: &mut Answered, why: &str) {
     let dialog = &mut target.dialog;
     let bye = dialog.bye(ctx.endpoint.via_for(dialog.peer), &[HangupReason::normal(why).header()]);
     ctx.endpoint.send_request(bye, dialog.peer, target.tx.clone());
@@ -232,7 +269,7 @@ fn hang_up_target(ctx: &NodeContext, plan: &DialPlan, target: &mut Answered, why
 }
 
 /// The caller's leg, handed from the agent's machine to the transferred call's.
-struct TransferredLegs<'a> {
+pub(super) struct TransferredLegs<'a> {
     a_peer: Peer,
     a_tx: TuSender,
     a_rx: &'a mut mpsc::UnboundedReceiver<TuEvent>,
@@ -240,20 +277,21 @@ struct TransferredLegs<'a> {
 }
 
 /// What bridging the answered target needs besides the legs.
-struct Transfer<'a> {
-    ctx: &'a NodeContext,
-    io: &'a Io<'a>,
-    plan: &'a DialPlan,
-    report: &'a Reporter<'a>,
+pub(super) struct Transfer<'a> {
+    pub(super) ctx: &'a NodeContext,
+    pub(super) io: &'a Io<'a>,
+    pub(super) plan: &'a DialPlan,
+    pub(super) report: &'a Reporter<'a>,
 }
 
-/// The target answered: the caller's RTP leg leaves the agent's bridge (the agent gets `stop`
-/// and the socket closes), a two-leg relay joins caller and target, and a new machine runs
-/// the call with both legs until it ends.
+/// The target answered (blind) or the agent completed (warm): `caller_media` is the caller's
+/// RTP leg, taken from the agent's bridge (the agent got `stop` and the socket closed); a
+/// two-leg relay joins caller and target, and a new machine runs the call with both legs
+/// until it ends.
 async fn bridge(
     transfer: &Transfer<'_>,
     machine: Connected<'_>,
-    relay: &RelayHandle,
+    caller_media: Option<RtpLegSetup>,
     legs: TransferredLegs<'_>,
     mut target: Answered,
 ) -> Ending {
@@ -262,7 +300,6 @@ async fn bridge(
         hang_up_target(ctx, plan, &mut target, "internal: the caller's leg is gone");
         return Ending { code: 500, reason: "internal: the caller's leg is gone".into(), by: Ender::System };
     };
-    let caller_media = relay.release().await;
     let media = ctx.media.as_ref();
     let target_media = target.media.take();
     let started = match (caller_media, target_media, media) {

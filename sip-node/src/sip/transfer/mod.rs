@@ -19,6 +19,10 @@
 //! goes on in a new connected machine with both legs. When every attempt fails, the caller
 //! stays with the agent, which gets a `transfer_failed` event.
 //!
+//! A warm transfer (`warm`) dials the same way; when the human answers, the agent briefs them
+//! before the caller is joined (`complete`) or the human is hung up (`cancel`), both asked
+//! for through the API as further commands of the call.
+//!
 //! Status webhooks (`transfer_started`, `transfer_answered`, `transfer_failed`,
 //! `transfer_completed`) go to the request's `webhook_url`, signed like the call status
 //! callbacks.
@@ -27,6 +31,7 @@ mod agent;
 mod dial;
 mod media;
 pub mod queue;
+mod warm;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -74,10 +79,34 @@ pub struct TransferRequest {
     pub webhook_url: Option<String>,
 }
 
-/// A transfer request on its way to a call, with where its acceptance goes.
+/// What the API asks of a call.
+#[derive(Debug, Clone)]
+pub(crate) enum Intent {
+    /// Start a transfer.
+    Transfer(TransferRequest),
+    /// Bridge the caller to the human the agent is briefing (a warm transfer's last step).
+    Complete,
+    /// Call off the warm transfer in progress: the human is hung up, the caller is back with
+    /// the agent.
+    Cancel,
+}
+
+impl Intent {
+    /// The action a `call_commands` body asks for: `{"action": "complete" | "cancel"}`, else
+    /// a transfer request.
+    pub(crate) fn from_body(body: serde_json::Value) -> Result<Intent, serde_json::Error> {
+        match body.get("action").and_then(|a| a.as_str()) {
+            Some("complete") => Ok(Intent::Complete),
+            Some("cancel") => Ok(Intent::Cancel),
+            _ => serde_json::from_value(body).map(Intent::Transfer),
+        }
+    }
+}
+
+/// A request on its way to a call, with where its acceptance goes.
 pub(crate) struct Command {
     pub(crate) id: uuid::Uuid,
-    pub(crate) request: TransferRequest,
+    pub(crate) action: Intent,
     /// `Ok`: the call started the transfer; `Err`: why it cannot.
     pub(crate) reply: oneshot::Sender<Result<(), String>>,
     /// The request's status webhooks.
@@ -168,7 +197,7 @@ mod tests {
             webhook_url: None,
         };
         let hooks = crate::webhook::CallHooks::start(reqwest::Client::new(), crate::webhook::Signer::new("test"), None);
-        (Command { id: uuid::Uuid::new_v4(), request, reply, hooks }, rx)
+        (Command { id: uuid::Uuid::new_v4(), action: Intent::Transfer(request), reply, hooks }, rx)
     }
 
     #[tokio::test]
@@ -178,7 +207,8 @@ mod tests {
         let mut call = transfers.register("CA1");
         assert!(!transfers.deliver("CA2", command().0), "another sid");
         assert!(transfers.deliver("CA1", command().0), "delivered");
-        assert_eq!(call.next().await.map(|c| c.request.to).as_deref(), Some("+15550002222"));
+        let delivered = call.next().await.map(|c| c.action);
+        assert!(matches!(delivered, Some(Intent::Transfer(r)) if r.to == "+15550002222"));
         drop(call);
         assert!(!transfers.deliver("CA1", command().0), "unregistered on drop");
     }
@@ -189,5 +219,8 @@ mod tests {
         let request: TransferRequest = serde_json::from_value(body).expect("parses");
         assert_eq!((request.mode, request.summary.as_deref()), (Mode::Warm, Some("billing question")));
         assert!(serde_json::from_value::<TransferRequest>(serde_json::json!({"to": "+1", "mode": "cold"})).is_err());
+        assert!(matches!(Intent::from_body(serde_json::json!({"action": "complete"})), Ok(Intent::Complete)));
+        assert!(matches!(Intent::from_body(serde_json::json!({"action": "cancel"})), Ok(Intent::Cancel)));
+        assert!(Intent::from_body(serde_json::json!({"action": "explode"})).is_err());
     }
 }

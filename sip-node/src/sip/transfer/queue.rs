@@ -9,7 +9,7 @@ use sqlx::PgPool;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::{CHANNEL, Command, TransferRequest, Transfers};
+use super::{CHANNEL, Command, Intent, Transfers};
 use crate::drain::Drain;
 use crate::webhook::{CallHooks, Signer};
 use switchboard_model::egress::EgressPolicy;
@@ -84,10 +84,14 @@ async fn deliver(
     body: serde_json::Value,
     (client, signer, egress): (reqwest::Client, Signer, Arc<EgressPolicy>),
 ) -> Result<(), String> {
-    let request: TransferRequest = serde_json::from_value(body).map_err(|e| format!("unreadable request: {e}"))?;
-    let hooks = CallHooks::start_guarded(client, signer, request.webhook_url.clone(), &egress);
+    let action = Intent::from_body(body).map_err(|e| format!("unreadable request: {e}"))?;
+    let webhook = match &action {
+        Intent::Transfer(request) => request.webhook_url.clone(),
+        Intent::Complete | Intent::Cancel => None,
+    };
+    let hooks = CallHooks::start_guarded(client, signer, webhook, &egress);
     let (reply, answer) = oneshot::channel();
-    if !transfers.deliver(call_sid, Command { id, request, reply, hooks }) {
+    if !transfers.deliver(call_sid, Command { id, action, reply, hooks }) {
         return Err("the call is not connected to an AI agent on this node".into());
     }
     match tokio::time::timeout(REPLY_WAIT, answer).await {
