@@ -92,7 +92,9 @@ pub(crate) fn required_scope(method: &axum::http::Method, route: &str) -> Scope 
         (_, "/api/calls/initiate") => Scope::Calls,
         (&Method::POST, r)
             if r.starts_with("/api/calls/")
-                && ["/transfer", "/transfer/complete", "/transfer/cancel"].iter().any(|end| r.ends_with(end)) =>
+                && ["/transfer", "/transfer/complete", "/transfer/cancel", "/transfer/dtmf"]
+                    .iter()
+                    .any(|end| r.ends_with(end)) =>
         {
             Scope::Calls
         }

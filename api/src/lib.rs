@@ -156,7 +156,7 @@ impl ApiMetrics {
         trunks::create, trunks::list, trunks::get, trunks::update, trunks::delete, trunks::activate,
         trunks::status::status, trunks::status::status_all, trunks::stats::stats_summary,
         calls::initiate, calls::get_call, calls::active, calls::cdr::cdrs, calls::sms::send_sms, calls::sms::sms_history,
-        calls::transfer::transfer, calls::transfer::complete, calls::transfer::cancel,
+        calls::transfer::transfer, calls::transfer::complete, calls::transfer::cancel, calls::transfer::dtmf,
         healthz,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail)),
@@ -235,6 +235,7 @@ pub fn router(state: AppState, verifier: Arc<JwtVerifier>) -> Router {
         .route("/api/calls/{call_id}/transfer", post(calls::transfer::transfer))
         .route("/api/calls/{call_id}/transfer/complete", post(calls::transfer::complete))
         .route("/api/calls/{call_id}/transfer/cancel", post(calls::transfer::cancel))
+        .route("/api/calls/{call_id}/transfer/dtmf", post(calls::transfer::dtmf))
         .route("/api/sms/send", post(calls::sms::send_sms))
         .route("/api/sms/history", get(calls::sms::sms_history))
         .route_layer(middleware::from_fn_with_state(verifier, auth::require_token));

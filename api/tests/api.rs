@@ -770,6 +770,15 @@ async fn transfer_requests_are_checked_and_queued_for_the_calls_node(pool: PgPoo
     // Completing or cancelling needs a call in progress too.
     let (status, body) = api.send(Method::POST, "/api/calls/CA-nowhere/transfer/complete", None).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    for digits in ["", "12x", "1; DROP"] {
+        let (status, body) =
+            api.send(Method::POST, "/api/calls/CA-answered/transfer/dtmf", Some(json!({"digits": digits}))).await;
+        assert_eq!(
+            (status, body["error"]["field"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("digits")),
+            "{body}"
+        );
+    }
 
     // The transfer route needs the `calls` scope.
     let verifier = JwtVerifier::new(SECRET, "switchboard");
@@ -789,7 +798,7 @@ async fn the_transfer_route_is_documented(pool: PgPool) {
     for code in ["202", "403", "404", "409", "422", "503"] {
         assert!(route["responses"][code].is_object(), "{code} missing: {route}");
     }
-    for step in ["complete", "cancel"] {
+    for step in ["complete", "cancel", "dtmf"] {
         let route = &doc["paths"][format!("/api/calls/{{call_id}}/transfer/{step}")]["post"];
         for code in ["200", "404", "409", "503"] {
             assert!(route["responses"][code].is_object(), "{step} {code} missing: {route}");

@@ -141,8 +141,8 @@ pub async fn transfer(
 pub struct TransferStepResponse {
     /// The call's `callSid`.
     pub call_id: String,
-    /// `completed` (caller and human are being bridged; the agent's stream ends) or
-    /// `cancelled` (the human is hung up; the caller stays with the agent).
+    /// `completed` (caller and human are being bridged; the agent's stream ends),
+    /// `cancelled` (the human is hung up; the caller stays with the agent) or `sent` (DTMF).
     pub status: String,
 }
 
@@ -161,7 +161,7 @@ pub async fn complete(
     State(state): State<AppState>,
     Path(call_id): Path<String>,
 ) -> Result<Json<TransferStepResponse>, ApiError> {
-    step(&state, &call_id, "complete", "completed").await
+    step(&state, &call_id, serde_json::json!({"action": "complete"}), "completed").await
 }
 
 /// Cancel a warm transfer: the human is hung up and the caller stays with the agent, which
@@ -179,17 +179,51 @@ pub async fn cancel(
     State(state): State<AppState>,
     Path(call_id): Path<String>,
 ) -> Result<Json<TransferStepResponse>, ApiError> {
-    step(&state, &call_id, "cancel", "cancelled").await
+    step(&state, &call_id, serde_json::json!({"action": "cancel"}), "cancelled").await
+}
+
+/// Keys for the human's leg of a warm transfer.
+#[derive(Deserialize, Serialize, ToSchema, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct TransferDigits {
+    /// 1 to 32 of `0`-`9`, `*`, `#`, `A`-`D`.
+    #[schema(example = "1234#")]
+    pub digits: String,
+}
+
+/// Send DTMF to the human's leg of a warm transfer (to pass the human's IVR): one SIP INFO
+/// (`application/dtmf-relay`) per key, in order, each after the previous one was answered.
+#[utoipa::path(post, path = "/api/calls/{call_id}/transfer/dtmf", tag = "calls", request_body = TransferDigits,
+    params(("call_id" = String, Path, description = "The agent's `callSid`, or an id from /api/calls/initiate")),
+    responses(
+        (status = 200, description = "The keys are on their way to the human's leg", body = TransferStepResponse),
+        (status = 404, description = "No call in progress has this id", body = ErrorBody),
+        (status = 409, description = "No warm transfer is in its consultation on this call (`not_transferable`)", body = ErrorBody),
+        (status = 422, description = "Not DTMF keys", body = ErrorBody),
+        (status = 503, description = "The node holding the call did not answer in time", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn dtmf(
+    State(state): State<AppState>,
+    Path(call_id): Path<String>,
+    ApiJson(body): ApiJson<TransferDigits>,
+) -> Result<Json<TransferStepResponse>, ApiError> {
+    let digits = &body.digits;
+    let keys = digits.chars().all(|c| c.is_ascii_digit() || matches!(c, '*' | '#' | 'A'..='D'));
+    if !keys || !(1..=32).contains(&digits.len()) {
+        return Err(ApiError::invalid("digits", format!("{digits:?} is not 1 to 32 of 0-9 * # A-D")));
+    }
+    step(&state, &call_id, serde_json::json!({"action": "dtmf", "digits": digits}), "sent").await
 }
 
 async fn step(
     state: &AppState,
     call_id: &str,
-    action: &str,
+    command: serde_json::Value,
     done: &str,
 ) -> Result<Json<TransferStepResponse>, ApiError> {
     let call = find_call(state, call_id).await?;
-    let id = queue(state, &call, &serde_json::json!({"action": action})).await?;
+    let id = queue(state, &call, &command).await?;
     match node_answer(state, id).await? {
         NodeAnswer::Accepted => Ok(Json(TransferStepResponse { call_id: call.call_id, status: done.into() })),
         NodeAnswer::Rejected(reason) => Err(ApiError::conflict("not_transferable", reason)),

@@ -105,7 +105,7 @@ pub(crate) async fn run_agent_call(call: AgentCall<'_, '_>) -> AgentCallEnd {
         let Command { id, action, reply, hooks } = command;
         let request = match action {
             Intent::Transfer(request) => request,
-            Intent::Complete | Intent::Cancel => {
+            Intent::Complete | Intent::Cancel | Intent::Dtmf(_) => {
                 let _ = reply.send(Err("no warm transfer is in progress on this call".into()));
                 continue;
             }

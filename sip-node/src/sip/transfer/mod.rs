@@ -89,15 +89,32 @@ pub(crate) enum Intent {
     /// Call off the warm transfer in progress: the human is hung up, the caller is back with
     /// the agent.
     Cancel,
+    /// Send these keys to the human's leg of a warm transfer (to pass an IVR).
+    Dtmf(String),
+}
+
+/// The most keys one request may send.
+pub const MAX_DIGITS: usize = 32;
+
+/// Whether `digits` are DTMF keys (`0`-`9`, `*`, `#`, `A`-`D`), at least one and at most
+/// [`MAX_DIGITS`].
+pub fn valid_digits(digits: &str) -> bool {
+    (1..=MAX_DIGITS).contains(&digits.len())
+        && digits.chars().all(|c| c.is_ascii_digit() || matches!(c, '*' | '#' | 'A'..='D'))
 }
 
 impl Intent {
-    /// The action a `call_commands` body asks for: `{"action": "complete" | "cancel"}`, else
-    /// a transfer request.
+    /// The action a `call_commands` body asks for: `{"action": "complete" | "cancel"}`,
+    /// `{"action": "dtmf", "digits": "12#"}`, else a transfer request.
     pub(crate) fn from_body(body: serde_json::Value) -> Result<Intent, serde_json::Error> {
+        use serde::de::Error as _;
         match body.get("action").and_then(|a| a.as_str()) {
             Some("complete") => Ok(Intent::Complete),
             Some("cancel") => Ok(Intent::Cancel),
+            Some("dtmf") => match body.get("digits").and_then(|d| d.as_str()) {
+                Some(digits) if valid_digits(digits) => Ok(Intent::Dtmf(digits.to_string())),
+                _ => Err(serde_json::Error::custom("digits must be 1-32 of 0-9 * # A-D")),
+            },
             _ => serde_json::from_value(body).map(Intent::Transfer),
         }
     }
@@ -222,5 +239,12 @@ mod tests {
         assert!(matches!(Intent::from_body(serde_json::json!({"action": "complete"})), Ok(Intent::Complete)));
         assert!(matches!(Intent::from_body(serde_json::json!({"action": "cancel"})), Ok(Intent::Cancel)));
         assert!(Intent::from_body(serde_json::json!({"action": "explode"})).is_err());
+        assert!(matches!(
+            Intent::from_body(serde_json::json!({"action": "dtmf", "digits": "12#*"})),
+            Ok(Intent::Dtmf(d)) if d == "12#*"
+        ));
+        for bad in ["", "12x", "1 2", &"1".repeat(33)] {
+            assert!(Intent::from_body(serde_json::json!({"action": "dtmf", "digits": bad})).is_err(), "{bad:?}");
+        }
     }
 }

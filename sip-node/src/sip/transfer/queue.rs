@@ -87,7 +87,7 @@ async fn deliver(
     let action = Intent::from_body(body).map_err(|e| format!("unreadable request: {e}"))?;
     let webhook = match &action {
         Intent::Transfer(request) => request.webhook_url.clone(),
-        Intent::Complete | Intent::Cancel => None,
+        Intent::Complete | Intent::Cancel | Intent::Dtmf(_) => None,
     };
     let hooks = CallHooks::start_guarded(client, signer, webhook, &egress);
     let (reply, answer) = oneshot::channel();

@@ -9,6 +9,8 @@
 //! hung up); either way, a human who hangs up first sends the caller back to the agent, which
 //! gets `transfer_failed`.
 
+use std::collections::VecDeque;
+
 use rsip::Method;
 
 use super::agent::{Reporter, Transfer, hang_up_target};
@@ -17,6 +19,7 @@ use super::{Command, Intent, Registration};
 use crate::bridge::{BridgeEnd, BridgeHandle};
 use crate::media::relay::{RelayConfig, RelayHandle, RtpLegSetup};
 use crate::sip::connected::{AgentSession, Channels, Connected, Driven, Ending, LegChannels, Resume, drive_until};
+use crate::sip::control::dtmf_info::{self, InfoDtmf};
 use crate::sip::endpoint::{Endpoint, TuEvent};
 use crate::sip::transaction::response_to;
 use crate::store::HangupBy;
@@ -148,9 +151,25 @@ fn tell_agent(agent: &BridgeHandle, report: &Reporter<'_>, id: uuid::Uuid, to: &
 }
 
 /// Waits for the agent's decision (through the API) or the human hanging up; answers the
-/// human's other in-dialog requests (an offer with 488: the consultation's media is fixed).
+/// human's other in-dialog requests (an offer with 488: the consultation's media is fixed),
+/// and sends the keys the agent asks for to the human's leg, one INFO
+/// (`application/dtmf-relay`) per key, each after the previous one's final response.
 async fn decision(endpoint: &Endpoint, registration: &mut Registration, target: &mut Answered) -> Decision {
+    let mut keys: VecDeque<char> = VecDeque::new();
+    // The CSeq of the INFO in flight.
+    let mut in_flight: Option<u32> = None;
     loop {
+        if in_flight.is_none()
+            && let Some(key) = keys.pop_front()
+        {
+            let body = dtmf_info::relay_body(&InfoDtmf { key, duration_ms: dtmf_info::DEFAULT_DURATION_MS });
+            let dialog = &mut target.dialog;
+            let via = endpoint.via_for(dialog.peer);
+            let info =
+                dialog.request(Method::Info, via, None, Some((dtmf_info::RELAY_CONTENT_TYPE, body.into_bytes())));
+            in_flight = Some(dialog.local_cseq);
+            endpoint.send_request(info, dialog.peer, target.tx.clone());
+        }
         tokio::select! {
             command = registration.next() => match command {
                 Some(Command { action: Intent::Complete, reply, .. }) => {
@@ -160,6 +179,10 @@ async fn decision(endpoint: &Endpoint, registration: &mut Registration, target: 
                 Some(Command { action: Intent::Cancel, reply, .. }) => {
                     let _ = reply.send(Ok(()));
                     return Decision::Cancel;
+                }
+                Some(Command { action: Intent::Dtmf(digits), reply, .. }) => {
+                    keys.extend(digits.chars());
+                    let _ = reply.send(Ok(()));
                 }
                 Some(Command { action: Intent::Transfer(_), reply, .. }) => {
                     let _ = reply.send(Err("a warm transfer is in progress: complete or cancel it first".into()));
@@ -175,6 +198,15 @@ async fn decision(endpoint: &Endpoint, registration: &mut Registration, target: 
                         return Decision::HumanLeft;
                     }
                 }
+                Some(TuEvent::Response(response)) => {
+                    let final_for_info = crate::sip::message::cseq(&response)
+                        .is_some_and(|(n, method)| method == Method::Info && Some(n) == in_flight)
+                        && crate::sip::message::status(&response) >= 200;
+                    if final_for_info {
+                        in_flight = None;
+                    }
+                }
+                Some(TuEvent::Timeout) => in_flight = None,
                 None => return Decision::HumanLeft,
                 Some(_) => {}
             },
