@@ -68,7 +68,7 @@ use std::time::Duration;
 use switchboard_model::Codec;
 use tokio::sync::oneshot;
 
-pub(crate) use self::bridged::{BridgedLeg, CallerInput, start_bridged};
+pub(crate) use self::bridged::{BridgedLeg, CallerInput, LegStop, start_bridged};
 pub(crate) use self::transform::RECEIVE_BUFFER;
 pub(crate) use self::two_leg::Relay;
 use super::mailbox::MailboxSender;
@@ -324,6 +324,9 @@ pub(crate) enum Control {
     /// rare; a boxed update keeps that block at 16 bytes a message instead of 80.
     Update(LegId, Box<LegMedia>),
     Stop(oneshot::Sender<()>),
+    /// Stop, handing the leg's port pair (sockets inside) and media back (bridged legs only;
+    /// a two-leg relay drops the sender).
+    Release(oneshot::Sender<RtpLegSetup>),
 }
 
 /// The call's hold on a running relay. Dropping it stops the relay (and frees its ports), so a
@@ -395,6 +398,17 @@ impl RelayHandle {
             Driver::Mailbox(control) => control.is_closed(),
             Driver::Engine(relay) => relay.as_ref().is_none_or(|relay| relay.is_finished()),
         }
+    }
+
+    /// Stops a bridged leg and takes its port pair back with its sockets open and its current
+    /// media, for another relay (a call transferred off its agent keeps the caller's port).
+    /// `None` for a two-leg relay, or when the leg had already stopped. The handle stays
+    /// (stopping it afterwards returns at once).
+    pub async fn release(&self) -> Option<RtpLegSetup> {
+        let Driver::Mailbox(control) = &self.driver else { return None };
+        let (tx, rx) = oneshot::channel();
+        control.send(Control::Release(tx)).ok()?;
+        rx.await.ok()
     }
 
     /// Stops the relay and waits until its sockets are closed and its ports released; returns
