@@ -46,13 +46,15 @@
 //! - `two_leg`: the relay between two legs that a media engine thread drives;
 //! - `offload`: handing a steady direction of a two-leg relay to the kernel fast path
 //!   ([`super::kernel`]) and folding its counters back;
-//! - `bridged`: the caller's leg of a bridged call, driven by the bridge session's task.
+//! - `bridged`: the caller's leg of a bridged call, driven by the bridge session's task;
+//! - `dtmf`: key presses the node puts into a leg itself (RFC 4733 events it generates).
 //!
 //! Dependencies run one way: the media engine ([`super::engine`]) drives `two_leg` relays and
 //! hands their handles an `EngineHold`; this module does not know the engine. The system calls
 //! are in `media::sys`.
 
 mod bridged;
+mod dtmf;
 mod leg;
 mod offload;
 mod transform;
@@ -69,6 +71,7 @@ use switchboard_model::Codec;
 use tokio::sync::oneshot;
 
 pub(crate) use self::bridged::{BridgedLeg, CallerInput, LegStop, start_bridged};
+pub(crate) use self::dtmf::DtmfPress;
 pub(crate) use self::transform::RECEIVE_BUFFER;
 pub(crate) use self::two_leg::Relay;
 use super::mailbox::MailboxSender;
@@ -323,6 +326,9 @@ pub(crate) enum Control {
     /// Boxed: the channel allocates room for 32 messages per relay up front, and re-INVITEs are
     /// rare; a boxed update keeps that block at 16 bytes a message instead of 80.
     Update(LegId, Box<LegMedia>),
+    /// A key press for a leg (`dtmf`): RFC 4733 events on an RTP leg, a `dtmf` message for
+    /// the agent in bridged mode (leg B).
+    Dtmf(LegId, Box<DtmfPress>),
     Stop(oneshot::Sender<()>),
     /// Stop, handing the leg's port pair (sockets inside) and media back (bridged legs only;
     /// a two-leg relay drops the sender).
@@ -378,6 +384,18 @@ impl RelayHandle {
         match &self.driver {
             Driver::Mailbox(control) => control.send(update).map_err(|_| RelayError::Stopped),
             Driver::Engine(Some(relay)) => relay.control(update),
+            Driver::Engine(None) => Err(RelayError::Stopped),
+        }
+    }
+
+    /// Plays a key press into `to` (DTMF that came by SIP INFO): RFC 4733 events on a two-leg
+    /// relay's leg (the call checks first that the leg negotiated telephone-event, see
+    /// `dtmf`), a `dtmf` message to the agent for leg B of a bridged call.
+    pub(crate) fn send_dtmf(&self, to: LegId, press: DtmfPress) -> Result<(), RelayError> {
+        let dtmf = Control::Dtmf(to, Box::new(press));
+        match &self.driver {
+            Driver::Mailbox(control) => control.send(dtmf).map_err(|_| RelayError::Stopped),
+            Driver::Engine(Some(relay)) => relay.control(dtmf),
             Driver::Engine(None) => Err(RelayError::Stopped),
         }
     }
