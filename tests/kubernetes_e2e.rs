@@ -735,8 +735,16 @@ async fn operator_on_a_real_cluster() {
 
     // SIGTERM: a clean exit.
     operator.signal(nix::sys::signal::Signal::SIGTERM);
+    let terminated = Instant::now();
     let status = operator.wait_exit(Duration::from_secs(20)).await;
     assert!(status.success(), "operator exit status {status}");
+    let overran: Vec<String> = std::fs::read_to_string(&operator_log)
+        .unwrap()
+        .lines()
+        .filter(|line| line.contains("did not stop within"))
+        .map(str::to_owned)
+        .collect();
+    println!("kubernetes_e2e: the operator exited {:?} after SIGTERM {overran:?}", terminated.elapsed());
     println!("kubernetes_e2e: passed against {}", setup.server_url);
     setup.teardown().await;
 }

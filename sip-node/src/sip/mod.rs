@@ -22,6 +22,7 @@ pub mod routing;
 pub(crate) mod sms;
 pub mod tls;
 pub mod transaction;
+pub mod transfer;
 pub mod transport;
 
 /// Methods the node accepts, for Allow headers.

@@ -70,7 +70,7 @@ use std::time::Duration;
 use switchboard_model::Codec;
 use tokio::sync::oneshot;
 
-pub(crate) use self::bridged::{BridgedLeg, CallerInput, start_bridged};
+pub(crate) use self::bridged::{BridgedLeg, CallerInput, LegStop, start_bridged};
 pub(crate) use self::dtmf::DtmfPress;
 pub(crate) use self::transform::RECEIVE_BUFFER;
 pub(crate) use self::two_leg::Relay;
@@ -78,6 +78,7 @@ use super::mailbox::MailboxSender;
 use super::ports::PortPair;
 use super::rtp::DtmfDigit;
 use super::sdp::{MediaDirection, NegotiatedMedia};
+use super::srtp::SrtpKeys;
 
 /// The default media timeout.
 pub const DEFAULT_MEDIA_TIMEOUT: Duration = Duration::from_secs(30);
@@ -132,6 +133,8 @@ pub struct LegMedia {
     pub direction: MediaDirection,
     /// How the leg latches.
     pub latch: LatchMode,
+    /// The leg's SRTP keys (`None`: plain RTP). An SRTP leg is relayed in user space.
+    pub srtp: Option<SrtpKeys>,
 }
 
 impl LegMedia {
@@ -146,6 +149,7 @@ impl LegMedia {
             telephone_event: None,
             direction: MediaDirection::SendRecv,
             latch: LatchMode::Any,
+            srtp: None,
         }
     }
 }
@@ -160,6 +164,7 @@ impl From<&NegotiatedMedia> for LegMedia {
             telephone_event: n.telephone_event,
             direction: n.direction,
             latch: LatchMode::Any,
+            srtp: n.srtp.clone(),
         }
     }
 }
@@ -246,8 +251,11 @@ pub struct LegStats {
     pub bytes_out: u64,
     /// Packets from a source other than the latched one.
     pub dropped_source: u64,
-    /// Datagrams that are not valid RTP/RTCP.
+    /// Datagrams that are not valid RTP/RTCP (including those counted in `srtp_rejected`).
     pub dropped_invalid: u64,
+    /// SRTP/SRTCP packets from the leg that did not authenticate or were replays (a wrong
+    /// key, tampering), dropped.
+    pub srtp_rejected: u64,
     /// Valid packets not relayed: unknown payload type, direction, no destination, a full
     /// bridge slot or socket buffer.
     pub dropped_other: u64,
@@ -282,6 +290,7 @@ pub(crate) struct Counters {
     bytes_out: AtomicU64,
     dropped_source: AtomicU64,
     dropped_invalid: AtomicU64,
+    srtp_rejected: AtomicU64,
     dropped_other: AtomicU64,
     lost: AtomicU64,
     late: AtomicU64,
@@ -311,6 +320,7 @@ impl Counters {
             bytes_out: get(&self.bytes_out),
             dropped_source: get(&self.dropped_source),
             dropped_invalid: get(&self.dropped_invalid),
+            srtp_rejected: get(&self.srtp_rejected),
             dropped_other: get(&self.dropped_other),
             lost: get(&self.lost),
             late: get(&self.late),
@@ -330,6 +340,9 @@ pub(crate) enum Control {
     /// the agent in bridged mode (leg B).
     Dtmf(LegId, Box<DtmfPress>),
     Stop(oneshot::Sender<()>),
+    /// Stop, handing the leg's port pair (sockets inside) and media back (bridged legs only;
+    /// a two-leg relay drops the sender).
+    Release(oneshot::Sender<RtpLegSetup>),
 }
 
 /// The call's hold on a running relay. Dropping it stops the relay (and frees its ports), so a
@@ -413,6 +426,17 @@ impl RelayHandle {
             Driver::Mailbox(control) => control.is_closed(),
             Driver::Engine(relay) => relay.as_ref().is_none_or(|relay| relay.is_finished()),
         }
+    }
+
+    /// Stops a bridged leg and takes its port pair back with its sockets open and its current
+    /// media, for another relay (a call transferred off its agent keeps the caller's port).
+    /// `None` for a two-leg relay, or when the leg had already stopped. The handle stays
+    /// (stopping it afterwards returns at once).
+    pub async fn release(&self) -> Option<RtpLegSetup> {
+        let Driver::Mailbox(control) = &self.driver else { return None };
+        let (tx, rx) = oneshot::channel();
+        control.send(Control::Release(tx)).ok()?;
+        rx.await.ok()
     }
 
     /// Stops the relay and waits until its sockets are closed and its ports released; returns

@@ -139,11 +139,13 @@ impl Call {
         if let Some(anchor) = anchor
             && let Some(stats) = anchor.stop().await
         {
+            self.ctx.metrics.srtp_rejected(&stats);
             tracing::info!(
                 caller_in = stats.a.packets_in,
                 caller_out = stats.a.packets_out,
                 callee_in = stats.b.packets_in,
                 callee_out = stats.b.packets_out,
+                srtp_rejected = stats.a.srtp_rejected + stats.b.srtp_rejected,
                 "call media"
             );
         }

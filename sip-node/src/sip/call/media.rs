@@ -29,6 +29,7 @@ use crate::media::sdp::{
     LocalEndpoint, MediaDirection, MediaPolicy, NegotiatedMedia, SdpError, SdpSession, SessionDescription,
     answer_offer, create_offer, declared_direction, process_answer,
 };
+use crate::media::srtp::SrtpPolicy;
 use crate::sip::control::dtmf_info::InfoDtmf;
 use crate::sip::routing::codecs_of;
 
@@ -73,11 +74,20 @@ struct LegState {
     last_sent: Option<SessionDescription>,
     /// The node's outstanding offer on this leg (initial INVITE or re-offer).
     offer: Option<SessionDescription>,
+    /// SRTP on this leg: the `media.srtp` of the leg's own trunk (plain without one).
+    srtp: SrtpPolicy,
+}
+
+/// The SRTP policy of a leg through `trunk` (plain RTP for a leg without a trunk: a SIP URI
+/// destination, a caller from no trunk).
+fn srtp_of(trunk: Option<&TrunkConfig>) -> SrtpPolicy {
+    trunk.map_or(SrtpPolicy::Off, |t| t.srtp.into())
 }
 
 impl LegState {
-    fn new(pair: PortPair, address: IpAddr, allowed: Vec<Codec>) -> LegState {
+    fn new(pair: PortPair, address: IpAddr, allowed: Vec<Codec>, srtp: SrtpPolicy) -> LegState {
         LegState {
+            srtp,
             port: pair.rtp_port(),
             pair: Some(pair),
             session: SdpSession::new(address),
@@ -91,6 +101,7 @@ impl LegState {
     fn policy(&self, address: IpAddr, codecs: Vec<Codec>, direction: MediaDirection) -> MediaPolicy {
         let mut policy = MediaPolicy::new(codecs, LocalEndpoint { address, rtp_port: self.port });
         policy.direction = direction;
+        policy.srtp = self.srtp;
         policy
     }
 
@@ -168,12 +179,15 @@ impl Anchor {
     /// without a codec the inbound trunk allows before any outbound attempt is made.
     pub(super) fn new(media: &MediaContext, body: &[u8], inbound: Option<&TrunkConfig>) -> Result<Anchor, AnchorError> {
         let inbound_codecs = codecs_of(inbound);
+        let inbound_srtp = srtp_of(inbound);
         let caller_offer = if body.is_empty() {
             None
         } else {
             let offer = SessionDescription::parse_bytes(body)?;
             // A dry run: is there anything to agree on with the caller at all?
-            let probe = MediaPolicy::new(inbound_codecs.clone(), LocalEndpoint { address: media.address, rtp_port: 9 });
+            let mut probe =
+                MediaPolicy::new(inbound_codecs.clone(), LocalEndpoint { address: media.address, rtp_port: 9 });
+            probe.srtp = inbound_srtp;
             answer_offer(&offer, &probe, &mut SdpSession::new(media.address))?;
             Some(offer)
         };
@@ -184,8 +198,8 @@ impl Anchor {
             address: media.address,
             config: RelayConfig { media_timeout: media.timeout },
             caller_offer,
-            a: LegState::new(a_pair, media.address, inbound_codecs),
-            b: LegState::new(b_pair, media.address, vec![]),
+            a: LegState::new(a_pair, media.address, inbound_codecs, inbound_srtp),
+            b: LegState::new(b_pair, media.address, vec![], SrtpPolicy::Off),
             relay: None,
             events: None,
             referred: None,
@@ -208,6 +222,7 @@ impl Anchor {
             codecs.insert(0, codec);
         }
         self.b.allowed = codecs.clone();
+        self.b.srtp = srtp_of(trunk);
         let direction = self.caller_offer.as_ref().map(declared).unwrap_or_default();
         let policy = self.b.policy(self.address, codecs, direction);
         let offer = create_offer(&policy, &mut self.b.session);

@@ -71,12 +71,45 @@ pub(crate) async fn drive(
     machine: &mut Connected<'_>,
     first: Vec<Action>,
     io: &Io<'_>,
-    mut channels: Channels<'_>,
+    channels: Channels<'_>,
 ) -> Ending {
+    match drive_until(machine, first, io, channels, std::future::pending::<()>()).await {
+        Driven::Ended(ending) => ending,
+        Driven::Interrupted((), _) => unreachable!("a pending future never resolves"),
+    }
+}
+
+/// How [`drive_until`] returned.
+pub(crate) enum Driven<T> {
+    /// The machine ended.
+    Ended(Ending),
+    /// `until` resolved first: its output, and what driving the same machine on needs.
+    Interrupted(T, Resume),
+}
+
+/// What [`drive_until`] hands back when interrupted.
+pub(crate) struct Resume {
+    /// Re-arm the machine's timers: pass them as `first` to drive the same machine on.
+    pub(crate) actions: Vec<Action>,
+    /// The relay's events (they were in the channels).
+    pub(crate) relay_events: Option<mpsc::Receiver<RelayEvent>>,
+}
+
+/// Runs the machine like [`drive`] until it ends or `until` resolves, whichever comes first:
+/// the call keeps serving its legs while something else (a transfer's outbound attempt, a
+/// command) runs beside it.
+pub(crate) async fn drive_until<T>(
+    machine: &mut Connected<'_>,
+    first: Vec<Action>,
+    io: &Io<'_>,
+    mut channels: Channels<'_>,
+    until: impl std::future::Future<Output = T>,
+) -> Driven<T> {
     let mut timers: HashMap<Timer, Instant> = HashMap::new();
     let mut swaps = Swaps::default();
     let mut ending = execute(first, io, &mut channels, &mut timers, &mut swaps);
     let mut drained = false;
+    tokio::pin!(until);
     while ending.is_none() {
         if let Some(event) = swaps.feedback.pop() {
             ending = execute(machine.on_event(event), io, &mut channels, &mut timers, &mut swaps);
@@ -137,6 +170,14 @@ pub(crate) async fn drive(
                 channels.agent = None;
                 Event::AgentEnded { reason }
             }
+            output = &mut until => {
+                let now = Instant::now();
+                let actions = timers
+                    .into_iter()
+                    .map(|(timer, at)| Action::Schedule(timer, at.saturating_duration_since(now)))
+                    .collect();
+                return Driven::Interrupted(output, Resume { actions, relay_events: channels.relay_events });
+            }
         };
         ending = execute(machine.on_event(event), io, &mut channels, &mut timers, &mut swaps);
         if let Some((mut dialog, tx, _rx)) = swaps.answered.take() {
@@ -146,7 +187,11 @@ pub(crate) async fn drive(
             io.endpoint.unregister_dialog(&dialog.call_id, &dialog.local_tag);
         }
     }
-    ending.unwrap_or_else(|| Ending { code: 500, reason: "internal: call ended".into(), by: super::Ender::System })
+    Driven::Ended(ending.unwrap_or_else(|| Ending {
+        code: 500,
+        reason: "internal: call ended".into(),
+        by: super::Ender::System,
+    }))
 }
 
 /// Carries out actions; returns the ending when one of them is [`Action::End`].

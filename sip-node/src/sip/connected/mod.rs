@@ -41,7 +41,7 @@ use rsip::headers::{self, Header};
 use rsip::prelude::*;
 use rsip::{Method, Request, Response, SipMessage};
 
-pub(crate) use driver::{AgentSession, Channels, Io, LegChannels, Referrals, drive};
+pub(crate) use driver::{AgentSession, Channels, Driven, Io, LegChannels, Referrals, Resume, drive, drive_until};
 pub(crate) use media::{AnchoredMedia, LocalAnswerer, LocalMedia};
 pub(crate) use refer::{NewLeg, PlaceLeg, ReferralUpdate};
 pub(crate) use replaces::Replacing;
@@ -292,9 +292,28 @@ impl<'m> Connected<'m> {
         (machine, actions)
     }
 
+    /// A call whose caller's leg `a` was answered by an earlier machine (handed over with
+    /// [`Connected::into_leg`]) and goes on with the new far leg in `setup.b`: a transferred
+    /// call. `setup.a` is ignored; nothing is answered.
+    pub(crate) fn transferred(a: LegSetup, setup: Setup<'m>) -> (Connected<'m>, Vec<Action>) {
+        let (mut machine, mut actions) = Connected::new(Setup { a: None, ..setup });
+        machine.a = Some(LegState::new(Leg::A, a, &mut actions));
+        (machine, actions)
+    }
+
     /// A leg's dialog (to unregister it when the call is over).
     pub(crate) fn dialog(&self, leg: Leg) -> Option<&Dialog> {
         self.leg(leg).map(|l| &l.setup.dialog)
+    }
+
+    /// Hands a leg over to another machine (a transferred call goes on with a new far leg):
+    /// its dialog as it stands (CSeq, route set) and its setup. Nothing is sent.
+    pub(crate) fn into_leg(self, leg: Leg) -> Option<LegSetup> {
+        let state = match leg {
+            Leg::A => self.a,
+            Leg::B => self.b,
+        };
+        state.map(|state| state.setup)
     }
 
     /// The relay's event channel when anchored media started one since the last call.
