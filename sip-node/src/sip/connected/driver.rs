@@ -87,7 +87,9 @@ pub(crate) enum Driven<T> {
     Interrupted(T, Resume),
 }
 
-/// What [`drive_until`] hands back when interrupted.
+/// What [`drive_until`] hands back when interrupted. A leg a REFER replaced is not carried
+/// over (its channel is the driver's): calls that take REFERs (`Channels::referrals`) are driven
+/// by [`drive`], which is never interrupted.
 pub(crate) struct Resume {
     /// Re-arm the machine's timers: pass them as `first` to drive the same machine on.
     pub(crate) actions: Vec<Action>,
