@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use super::dial::{Answered, DialPlan, Dialed, dial, write_cdr};
 use super::media::TransferMedia;
+use super::refer::{ReferCall, Referred};
 use super::warm::{Consult, Consulted};
 use super::{Command, DEFAULT_TIMEOUT, Intent, Mode, TransferEvent, TransferRequest};
 use crate::bridge::{BridgeEnd, BridgeHandle};
@@ -40,6 +41,8 @@ pub(crate) struct CallerFacts {
     pub(crate) trunk: Option<Arc<TrunkConfig>>,
     /// The node's SDP answer to the caller.
     pub(crate) answer_sdp: Vec<u8>,
+    /// The number the caller dialled (a REFER names it as the referrer).
+    pub(crate) did: String,
 }
 
 /// An answered call to an AI agent, as `sip::call::agent` hands it over.
@@ -110,6 +113,47 @@ pub(crate) async fn run_agent_call(call: AgentCall<'_, '_>) -> AgentCallEnd {
                 continue;
             }
         };
+        if request.mode == Mode::Refer {
+            let _ = reply.send(Ok(()));
+            let report = Reporter { hooks: &hooks, call_sid: &caller.call_sid, id, request: &request };
+            let limit = request.timeout_seconds.map_or(DEFAULT_TIMEOUT, |s| std::time::Duration::from_secs(s.into()))
+                + super::refer::EXTRA_WAIT;
+            let referral = ReferCall {
+                io: &io,
+                machine: &mut machine,
+                a_peer,
+                a_tx: a_tx.clone(),
+                a_rx: &mut *a_rx,
+                agent: &mut *agent,
+                agent_reason,
+                resume,
+                to: &request.to,
+                limit,
+                referred_by: &caller.did,
+            };
+            match referral.run(&report).await {
+                Referred::Ended(ending) => {
+                    report.send("transfer_failed", Some(ending.code), Some(format!("call ended: {}", ending.reason)));
+                    return end(ending);
+                }
+                Referred::Transferred(resumed, status) => {
+                    report.send("transfer_answered", Some(status), None);
+                    report.send("transfer_completed", Some(status), None);
+                    let ending = drive(&mut machine, resumed.actions, &io, channels!(resumed.relay_events)).await;
+                    return end(ending);
+                }
+                Referred::Failed(resumed, code, reason) => {
+                    tracing::info!(transfer = %id, code, %reason, "REFER transfer failed; the caller stays with the agent");
+                    agent.notify(
+                        "transfer_failed",
+                        serde_json::json!({"transfer": {"id": id.to_string(), "to": request.to, "sipCode": code, "reason": reason}}),
+                    );
+                    report.send("transfer_failed", Some(code), Some(reason));
+                    resume = resumed;
+                    continue;
+                }
+            }
+        }
         let trunks = match plan_route(ctx, &caller, &request) {
             Ok(trunks) => trunks,
             Err(why) => {
@@ -228,9 +272,6 @@ fn plan_route(
     caller: &CallerFacts,
     request: &TransferRequest,
 ) -> Result<Vec<Arc<TrunkConfig>>, String> {
-    if request.mode == Mode::Refer {
-        return Err(format!("{:?} transfers are not supported by this node yet", request.mode).to_lowercase());
-    }
     if ctx.media.is_none() {
         return Err("this node anchors no media".into());
     }

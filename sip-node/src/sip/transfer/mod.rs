@@ -31,6 +31,7 @@ mod agent;
 mod dial;
 mod media;
 pub mod queue;
+mod refer;
 mod warm;
 
 use std::collections::HashMap;
