@@ -1443,3 +1443,52 @@ async fn a_failed_refer_transfer_returns_the_caller_to_the_agent(pool: PgPool) {
     assert_eq!(payload, vec![0x98; 160]);
     hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
 }
+
+/// With `--transfer-hold-audio`, the caller on hold during a warm transfer hears the file in a
+/// loop (from the port it always used), and not the briefing; after a cancel the agent again.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_caller_on_hold_hears_the_hold_audio_during_a_warm_transfer(pool: PgPool) {
+    let hold = tempfile::NamedTempFile::new().unwrap();
+    let audio: Vec<u8> = [[0x2A; 160], [0x2B; 160]].concat();
+    std::fs::write(hold.path(), &audio).unwrap();
+    let path = hold.path().to_path_buf();
+    let mut agent = Agent::start().await;
+    let human = ua::Ua::new().await;
+    let trunks = vec![carrier_to(human.sip_addr())];
+    let numbers = vec![number_to(websocket(&agent.url))];
+    let node =
+        Node::start_tuned(&pool, trunks, numbers, vec![], |args| args.agent.transfer_hold_audio = Some(path)).await;
+    let api = RestApi::start(&pool).await;
+    let mut caller = Caller::new(node.addr, "transfer-hold", 0).await;
+    caller.call().await;
+    let (_, start) = agent.expect("start").await;
+    let call_sid = start["start"]["callSid"].as_str().unwrap().to_string();
+    wait_for_active_row(&pool, &call_sid).await;
+    assert_eq!(api.transfer(&call_sid, json!({"to": "+15552223333", "mode": "warm"})).await.0, 202);
+    human_answers(&human).await;
+    agent.expect("transfer_answered").await;
+    agent.send_audio(&[0x66; 160 * 10]);
+
+    let mut held = vec![];
+    while held.len() < 10 {
+        let (_, pt, payload) =
+            caller.hear(Duration::from_secs(2)).await.expect("the caller on hold hears the hold audio");
+        assert_eq!(pt, 0);
+        held.push(frame_id(&payload));
+    }
+    assert!(held.iter().all(|id| *id == 0x2A || *id == 0x2B), "only the hold audio, not the briefing: {held:x?}");
+    assert!(held.windows(2).all(|w| w[0] != w[1]), "the file's frames in turn: {held:x?}");
+
+    let (status, _) = api.post(&format!("/api/calls/{call_sid}/transfer/cancel"), None).await;
+    assert_eq!(status, 200);
+    let (bye, from) = human.request("BYE").await;
+    human.send(&ua::reply(&bye, "200 OK", human.sip_addr(), None), from).await;
+    agent.expect("transfer_failed").await;
+    // The hold audio stops; what the agent says reaches the caller again.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    while caller.hear(Duration::from_millis(50)).await.is_some() {}
+    agent.send_audio(&[0x97; 160]);
+    let (_, _, payload) = caller.hear(Duration::from_secs(2)).await.expect("the caller hears the agent again");
+    assert_eq!(frame_id(&payload), 0x97);
+    hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
+}

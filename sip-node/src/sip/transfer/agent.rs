@@ -18,7 +18,7 @@ use super::{Command, DEFAULT_TIMEOUT, Intent, Mode, TransferEvent, TransferReque
 use crate::bridge::{BridgeEnd, BridgeHandle};
 use crate::media::relay::{RelayConfig, RelayEvent, RelayHandle, RtpLegSetup};
 use crate::sip::connected::{
-    Action, AgentSession, Channels, Connected, Driven, Ender, Ending, Io, Leg, LegChannels, LegSetup, MediaMode,
+    Action, AgentSession, Channels, Connected, Driven, Ender, Ending, Event, Io, Leg, LegChannels, LegSetup, MediaMode,
     Resume, Setup, drive, drive_until,
 };
 use crate::sip::context::NodeContext;
@@ -220,6 +220,11 @@ pub(crate) async fn run_agent_call(call: AgentCall<'_, '_>) -> AgentCallEnd {
                     };
                     match consult.run(&mut target).await {
                         Consulted::Ended(ending) => return end(ending),
+                        Consulted::Lost(mut resumed, ending) => {
+                            resumed.actions.extend(machine.on_event(Event::AgentEnded { reason: ending.reason }));
+                            let channels = channels!(resumed.relay_events);
+                            return end(drive(&mut machine, resumed.actions, &io, channels).await);
+                        }
                         Consulted::Complete(caller_media) => Some(caller_media),
                         Consulted::Back(resumed, relay) => {
                             next_attempt = target.attempt.number + 1;

@@ -29,6 +29,7 @@
 
 mod agent;
 mod dial;
+pub mod hold;
 mod media;
 pub mod queue;
 mod refer;
