@@ -412,3 +412,29 @@ async fn bridge(
     write_cdr(ctx, plan, &target.attempt, ending.code, &ending.reason, Some(hangup_by));
     ending
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(summary: Option<&str>) -> TransferRequest {
+        TransferRequest {
+            to: "+15552223333".into(),
+            mode: Mode::Blind,
+            summary: summary.map(String::from),
+            timeout_seconds: None,
+            caller_id: None,
+            webhook_url: None,
+        }
+    }
+
+    #[test]
+    fn the_summary_header_carries_no_line_breaks_and_is_bounded() {
+        let header = |summary| summary_header(&request(summary)).into_iter().map(|h| h.to_string()).collect::<Vec<_>>();
+        assert_eq!(header(Some("refund\r\nX-Evil: 1")), ["X-Transfer-Summary: refundX-Evil: 1"]);
+        assert!(header(None).is_empty());
+        assert!(header(Some(" \r\n\t")).is_empty(), "nothing but control characters and spaces: no header");
+        let long = "a".repeat(5000);
+        assert_eq!(header(Some(&long))[0].len(), "X-Transfer-Summary: ".len() + 1024);
+    }
+}
