@@ -1492,3 +1492,50 @@ async fn a_caller_on_hold_hears_the_hold_audio_during_a_warm_transfer(pool: PgPo
     assert_eq!(frame_id(&payload), 0x97);
     hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
 }
+
+/// DTMF by SIP INFO from the caller of an agent call (carriers that send key presses as INFO,
+/// issue 24): `application/dtmf-relay` and `application/dtmf` bodies are answered 200 and
+/// reach the agent as `dtmf` messages, like RFC 4733 key presses; a garbage body gets 400 with
+/// no `dtmf` for the agent, and the call goes on (the agent still hears the caller).
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn info_dtmf_reaches_the_agent_as_dtmf_events(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let node = Node::start(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))]).await;
+    let mut caller = Caller::new(node.addr, "agent-call-info-dtmf", 0).await;
+    caller.call().await;
+    agent.expect("start").await;
+    let mut codes = vec![];
+    for (content_type, body) in [
+        ("application/dtmf-relay", "Signal=7\r\nDuration=160\r\n"),
+        ("application/dtmf-relay", "Signal=pizza\r\n"),
+        ("application/dtmf", "*"),
+    ] {
+        caller.cseq += 1;
+        let request = caller.in_dialog("INFO", caller.cseq).replace(
+            "Content-Length: 0\r\n\r\n",
+            &format!("Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}", body.len()),
+        );
+        caller.send_sip(&request).await;
+        let response = loop {
+            let text = caller.next_sip().await;
+            if text.starts_with("SIP/2.0 ") && text.contains(" INFO\r\n") {
+                break text;
+            }
+        };
+        codes.push(response.get(8..11).unwrap_or_default().to_string());
+    }
+    assert_eq!(codes, ["200", "400", "200"], "key, garbage, key");
+    let mut digits = vec![];
+    for _ in 0..2 {
+        let (_, dtmf) = agent.expect("dtmf").await;
+        assert_eq!(dtmf["dtmf"]["track"], "inbound_track");
+        digits.push(dtmf["dtmf"]["digit"].as_str().unwrap().to_string());
+    }
+    assert_eq!(digits, ["7", "*"]);
+    // The call survived the garbage: the caller's audio still reaches the agent.
+    caller.send_audio(&[0x42; 160]).await;
+    let (_, media) = agent.expect("media").await;
+    assert_eq!(payload_of(&media), vec![0x42; 160]);
+    hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
+    assert_eq!(agent.logged("dtmf").len(), 2, "no dtmf for the garbage body");
+}

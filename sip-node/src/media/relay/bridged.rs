@@ -190,6 +190,12 @@ impl BridgedLeg {
                     self.timeout_reported = false;
                 }
                 Some(Control::Update(LegId::B, _)) => {} // refused by the handle
+                // Leg B is the agent: the key press becomes its `dtmf` message. (A key for
+                // the caller's leg has no sender in bridged mode.)
+                Some(Control::Dtmf(LegId::B, press)) => {
+                    sink(cx, CallerInput::Key(press.key));
+                }
+                Some(Control::Dtmf(LegId::A, _)) => {}
             }
         }
         let mut more = false;

@@ -11,7 +11,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::transform::PacketTransform;
+use super::transform::{self, PacketTransform};
 use super::{Counters, LatchMode, LegId, LegMedia, RelayError, RelayEvent, RtpLegSetup, bump};
 use crate::media::ports::PortPair;
 use crate::media::rtp::{
@@ -72,6 +72,7 @@ impl<S> RtpLeg<S> {
     ) -> Result<RtpLeg<S>, RelayError> {
         let (rtp, rtcp) = setup.ports.take_sockets().ok_or(RelayError::NoSockets(id))?;
         let local_rtp = rtp.local_addr().ok();
+        let transform = transform::for_media(&setup.media);
         Ok(RtpLeg {
             id,
             rtp: wrap(rtp)?,
@@ -85,7 +86,7 @@ impl<S> RtpLeg<S> {
             dtmf: DtmfDetector::new(),
             last_rx: now,
             local_rtp,
-            transform: None,
+            transform,
         })
     }
 
@@ -249,6 +250,11 @@ impl<S> RtpLeg<S> {
         // A leg resuming from hold is expected to send again from now.
         if !self.media.direction.receives() && media.direction.receives() {
             self.last_rx = Instant::now();
+        }
+        // New keys (a re-INVITE may rekey, or turn SRTP on or off): a new context; the same
+        // keys keep the running one (its rollover counters and replay windows).
+        if self.media.srtp != media.srtp {
+            self.transform = transform::for_media(&media);
         }
         self.media = media;
         moved

@@ -73,7 +73,9 @@ impl Call {
         };
         let trunk = self.facts.inbound_trunk.clone();
         let codecs = trunk.as_ref().map(|t| t.codecs.clone()).unwrap_or_default();
-        let policy = MediaPolicy::new(codecs, LocalEndpoint { address: media.address, rtp_port: pair.rtp_port() });
+        let mut policy = MediaPolicy::new(codecs, LocalEndpoint { address: media.address, rtp_port: pair.rtp_port() });
+        // The caller's leg is SRTP as its trunk says; the agent's side is the WebSocket.
+        policy.srtp = trunk.as_ref().map_or(crate::media::srtp::SrtpPolicy::Off, |t| t.srtp.into());
         let mut session = SdpSession::new(media.address);
         let (answer, leg_media, awaiting_answer) = match &offer {
             Some(offer) => match answer_offer(offer, &policy, &mut session) {
@@ -232,11 +234,13 @@ impl Call {
         let AgentCallEnd { ending, dialog } = run_agent_call(call).await;
         let (end, bridge) = agent.hangup().await;
         let stats = relay.stop().await;
+        self.ctx.metrics.srtp_rejected(&stats);
         tracing::info!(
             packets_in = stats.a.packets_in,
             packets_out = stats.a.packets_out,
             dropped_invalid = stats.a.dropped_invalid,
             dropped_source = stats.a.dropped_source,
+            srtp_rejected = stats.a.srtp_rejected,
             ?bridge,
             end = %end.reason(),
             "agent call media"

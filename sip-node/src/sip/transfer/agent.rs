@@ -90,6 +90,7 @@ pub(crate) async fn run_agent_call(call: AgentCall<'_, '_>) -> AgentCallEnd {
                     b: None,
                     relay_events: $events,
                     agent: Some(AgentSession { handle: &mut *agent, reason: agent_reason }),
+                    referrals: None,
                 }
             };
         }
@@ -392,6 +393,7 @@ async fn bridge(
         b: Some(LegChannels { peer: b_peer, tx: target.tx.clone(), rx: &mut target.rx }),
         relay_events: Some(events),
         agent: None,
+        referrals: None,
     };
     let ending = drive(&mut transferred, first, io, channels).await;
     drop(transferred);

@@ -93,6 +93,7 @@ impl ReferCall<'_, '_> {
             b: None,
             relay_events: resume.relay_events,
             agent: Some(AgentSession { handle: &mut *agent, reason: agent_reason }),
+            referrals: None,
         };
         let (outcome, mut resumed) = match drive_until(machine, resume.actions, io, channels, follow).await {
             Driven::Ended(ending) => return Referred::Ended(ending),

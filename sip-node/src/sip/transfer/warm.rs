@@ -91,7 +91,13 @@ impl Consult<'_, '_, '_> {
         agent.notify("transfer_answered", serde_json::json!({"transfer": {"id": id.to_string(), "to": plan.to}}));
         tracing::info!(transfer = %id, "warm transfer: the agent is briefing the human; the caller is on hold");
         let agent_session = AgentSession { handle: &mut *agent, reason: agent_reason };
-        let channels = Channels { a: Some(a), b: None, relay_events: resume.relay_events, agent: Some(agent_session) };
+        let channels = Channels {
+            a: Some(a),
+            b: None,
+            relay_events: resume.relay_events,
+            agent: Some(agent_session),
+            referrals: None,
+        };
         let decided =
             drive_until(machine, resume.actions, io, channels, decision(io.endpoint, registration, target)).await;
         let caller = match held {
