@@ -17,6 +17,32 @@ use crate::media::relay::RtpLegSetup;
 const FRAME: usize = 160;
 const TICK: Duration = Duration::from_millis(20);
 
+/// The caller's leg while on hold.
+pub(super) enum Held {
+    /// The hold audio plays; [`HoldPlayer::stop`] gives the leg back.
+    Playing(HoldPlayer),
+    /// Silence: the leg, untouched.
+    Silent(RtpLegSetup),
+}
+
+impl Held {
+    /// Puts the caller on hold: `audio` plays when there is some and somewhere to send it.
+    pub(super) fn start(leg: RtpLegSetup, audio: Option<Arc<[u8]>>) -> Held {
+        match audio {
+            Some(audio) => HoldPlayer::start(leg, audio),
+            None => Held::Silent(leg),
+        }
+    }
+
+    /// Takes the caller off hold: its leg with its sockets (`None` if the player failed).
+    pub(super) async fn end(self) -> Option<RtpLegSetup> {
+        match self {
+            Held::Playing(player) => player.stop().await,
+            Held::Silent(leg) => Some(leg),
+        }
+    }
+}
+
 /// A running hold player; [`HoldPlayer::stop`] gives the caller's leg back.
 pub(super) struct HoldPlayer {
     stop: oneshot::Sender<()>,
@@ -24,18 +50,18 @@ pub(super) struct HoldPlayer {
 }
 
 impl HoldPlayer {
-    /// Plays `audio` to the caller of `leg` until stopped; `Err` gives the leg back untouched
+    /// Plays `audio` to the caller of `leg` until stopped; the leg stays silent, untouched,
     /// when there is nothing to play or nowhere to send it.
-    pub(super) fn start(mut leg: RtpLegSetup, audio: Arc<[u8]>) -> Result<HoldPlayer, RtpLegSetup> {
-        let Some(to) = leg.media.remote_rtp.filter(|_| audio.len() >= FRAME) else { return Err(leg) };
-        let Some((rtp, rtcp)) = leg.ports.take_sockets() else { return Err(leg) };
+    fn start(mut leg: RtpLegSetup, audio: Arc<[u8]>) -> Held {
+        let Some(to) = leg.media.remote_rtp.filter(|_| audio.len() >= FRAME) else { return Held::Silent(leg) };
+        let Some((rtp, rtcp)) = leg.ports.take_sockets() else { return Held::Silent(leg) };
         let socket = match tokio::net::UdpSocket::from_std(rtp) {
             Ok(socket) => socket,
             Err(error) => {
                 tracing::warn!(%error, "cannot play hold audio");
                 // The std socket is gone with the error: the caller's leg has no RTP socket.
                 drop(rtcp);
-                return Err(leg);
+                return Held::Silent(leg);
             }
         };
         let (stop, mut stopped) = oneshot::channel();
@@ -72,11 +98,11 @@ impl HoldPlayer {
             leg.ports.restore_sockets(rtp, rtcp);
             Some(leg)
         });
-        Ok(HoldPlayer { stop, task })
+        Held::Playing(HoldPlayer { stop, task })
     }
 
     /// Stops the audio; the caller's leg with its sockets (`None` if the task failed).
-    pub(super) async fn stop(self) -> Option<RtpLegSetup> {
+    async fn stop(self) -> Option<RtpLegSetup> {
         let _ = self.stop.send(());
         self.task.await.ok().flatten()
     }

@@ -15,7 +15,7 @@ use rsip::Method;
 
 use super::agent::{Reporter, Transfer, hang_up_target};
 use super::dial::{Answered, write_cdr};
-use super::hold::HoldPlayer;
+use super::hold::Held;
 use super::{Command, Intent, Registration};
 use crate::bridge::{BridgeEnd, BridgeHandle};
 use crate::media::relay::{RelayConfig, RelayHandle, RtpLegSetup};
@@ -53,12 +53,6 @@ pub(super) enum Consulted {
     Back(Resume, Option<RelayHandle>),
 }
 
-/// The caller's leg during the consultation.
-enum Held {
-    Playing(HoldPlayer),
-    Silent(RtpLegSetup),
-}
-
 /// What ended the wait for the agent's decision.
 enum Decision {
     Complete,
@@ -81,13 +75,7 @@ impl Consult<'_, '_, '_> {
             Err(error) => return called_off(transfer, target, agent, resume, &error),
         };
         // The caller on hold: the node's hold audio, else silence.
-        let held = match ctx.media.as_ref().and_then(|m| m.hold_audio.clone()) {
-            Some(audio) => match HoldPlayer::start(caller, audio) {
-                Ok(player) => Held::Playing(player),
-                Err(caller) => Held::Silent(caller),
-            },
-            None => Held::Silent(caller),
-        };
+        let held = Held::start(caller, ctx.media.as_ref().and_then(|m| m.hold_audio.clone()));
         agent.notify("transfer_answered", serde_json::json!({"transfer": {"id": id.to_string(), "to": plan.to}}));
         tracing::info!(transfer = %id, "warm transfer: the agent is briefing the human; the caller is on hold");
         let agent_session = AgentSession { handle: &mut *agent, reason: agent_reason };
@@ -100,10 +88,7 @@ impl Consult<'_, '_, '_> {
         };
         let decided =
             drive_until(machine, resume.actions, io, channels, decision(io.endpoint, registration, target)).await;
-        let caller = match held {
-            Held::Playing(player) => player.stop().await,
-            Held::Silent(caller) => Some(caller),
-        };
+        let caller = held.end().await;
         let (decision, resumed) = match decided {
             Driven::Ended(ending) => {
                 hang_up_target(ctx, plan, target, &format!("call ended during the consultation: {}", ending.reason));
