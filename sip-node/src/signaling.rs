@@ -453,6 +453,10 @@ fn media_context(args: &SipArgs, sip: SocketAddr, metrics: &NodeMetrics) -> anyh
         tracing::warn!("listening on {sip} without --advertised-host: SDP will say {address}; set it for real peers");
     }
     let bind = if sip.ip().is_unspecified() { sip.ip() } else { address };
+    let hold_audio = match args.agent.transfer_hold_audio.as_deref() {
+        Some(path) => Some(crate::sip::transfer::hold::load(path).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     let engine = crate::media::engine::EngineConfig {
         threads: args.media_threads,
         cpus: Vec::new(),
@@ -481,6 +485,7 @@ fn media_context(args: &SipArgs, sip: SocketAddr, metrics: &NodeMetrics) -> anyh
                 agent_answer: args.agent.answer_policy(),
                 bridge_latency: metrics.bridge_latency(),
                 agent_tls,
+                hold_audio,
             }
         }),
         Err(error) => {

@@ -1168,11 +1168,11 @@ async fn a_failed_transfer_returns_the_caller_to_the_agent(pool: PgPool) {
     let (_, start) = agent.expect("start").await;
     let call_sid = start["start"]["callSid"].as_str().unwrap().to_string();
 
-    // A mode this node does not carry out is refused by the node: 409 with its reason.
+    // A step of a warm transfer that is not there is refused by the node: 409 with its reason.
     wait_for_active_row(&pool, &call_sid).await;
-    let (status, refused) = api.transfer(&call_sid, json!({"to": "+15552223333", "mode": "refer"})).await;
+    let (status, refused) = api.post(&format!("/api/calls/{call_sid}/transfer/cancel"), None).await;
     assert_eq!(status, 409, "{refused}");
-    assert!(refused["error"]["message"].as_str().is_some_and(|m| m.contains("refer")), "{refused}");
+    assert!(refused["error"]["message"].as_str().is_some_and(|m| m.contains("no warm transfer")), "{refused}");
 
     let body = json!({"to": "+15552223333", "mode": "blind", "webhook_url": webhook_url});
     assert_eq!(api.transfer(&call_sid, body).await.0, 202);
@@ -1332,6 +1332,164 @@ async fn a_cancelled_warm_transfer_hangs_up_the_human_and_returns_the_caller(poo
     agent.send_audio(&[0x99; 160]);
     let (_, _, payload) = caller.hear(Duration::from_secs(2)).await.expect("the caller hears the agent again");
     assert_eq!(payload, vec![0x99; 160]);
+    hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
+}
+
+impl Caller {
+    /// Answers a request from the node with `status` (Via, From, To, Call-ID, CSeq copied).
+    async fn respond(&self, request: &str, status: &str) {
+        let mut response = format!("SIP/2.0 {status}\r\n");
+        for name in ["Via", "From", "To", "Call-ID", "CSeq"] {
+            for line in request.lines().filter(|l| l.split(':').next() == Some(name)) {
+                response.push_str(line);
+                response.push_str("\r\n");
+            }
+        }
+        response.push_str("Content-Length: 0\r\n\r\n");
+        self.send_sip(&response).await;
+    }
+
+    /// The carrier's NOTIFY of a REFER's progress; waits for the node's 200.
+    async fn notify_refer(&mut self, frag: &str, state: &str) {
+        self.cseq += 1;
+        let body = format!("{frag}\r\n");
+        let notify = self.in_dialog("NOTIFY", self.cseq).replace(
+            "Content-Length: 0\r\n\r\n",
+            &format!(
+                "Event: refer\r\nSubscription-State: {state}\r\nContent-Type: message/sipfrag;version=2.0\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+        );
+        self.send_sip(&notify).await;
+        loop {
+            let text = self.next_sip().await;
+            if text.starts_with("SIP/2.0 ") && text.contains(" NOTIFY\r\n") {
+                assert!(text.starts_with("SIP/2.0 200"), "{text}");
+                return;
+            }
+        }
+    }
+
+    /// Waits for the node's REFER; returns it.
+    async fn expect_refer(&self) -> String {
+        loop {
+            let text = self.next_sip().await;
+            if text.starts_with("REFER ") {
+                return text;
+            }
+        }
+    }
+}
+
+/// `mode: refer`: the node asks the caller's carrier (here the caller itself) to call the
+/// target, follows the NOTIFYs to the final 200, then hangs up its leg and ends the agent's
+/// stream; the call's CDR says it was transferred.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_refer_transfer_hands_the_caller_to_the_carrier(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let node = Node::start(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))]).await;
+    let (webhook_url, hooks) = webhook_receiver().await;
+    let api = RestApi::start(&pool).await;
+    let mut caller = Caller::new(node.addr, "transfer-refer", 0).await;
+    caller.call().await;
+    let (_, start) = agent.expect("start").await;
+    let call_sid = start["start"]["callSid"].as_str().unwrap().to_string();
+    wait_for_active_row(&pool, &call_sid).await;
+    let body = json!({"to": "+15552223333", "mode": "refer", "webhook_url": webhook_url});
+    assert_eq!(api.transfer(&call_sid, body).await.0, 202);
+
+    let refer = caller.expect_refer().await;
+    let refer_to = header(&refer, "Refer-To").unwrap_or_default();
+    assert!(refer_to.contains("sip:+15552223333@127.0.0.1"), "{refer}");
+    assert!(header(&refer, "Referred-By").is_some_and(|r| r.contains(DID)), "{refer}");
+    caller.respond(&refer, "202 Accepted").await;
+    caller.notify_refer("SIP/2.0 100 Trying", "active;expires=60").await;
+    // Still with the agent while the carrier calls the target.
+    caller.send_audio(&[0x51; 160]).await;
+    assert_eq!(payload_of(&agent.expect("media").await.1), vec![0x51; 160]);
+    caller.notify_refer("SIP/2.0 200 OK", "terminated;reason=noresource").await;
+
+    // Transferred: the node hangs up its leg, the agent's stream ends.
+    caller.expect_bye().await;
+    agent.expect("stop").await;
+    let reason = assert_clean_end(&pool, &node, 200).await;
+    assert!(reason.contains("transferred by REFER to +15552223333"), "{reason}");
+    assert_eq!(statuses(&hooks, 3).await, ["transfer_started", "transfer_answered", "transfer_completed"]);
+    node.stop().await;
+}
+
+/// A referral the carrier reports as failed leaves the caller with the agent.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_failed_refer_transfer_returns_the_caller_to_the_agent(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let node = Node::start(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))]).await;
+    let api = RestApi::start(&pool).await;
+    let mut caller = Caller::new(node.addr, "transfer-refer-busy", 0).await;
+    caller.call().await;
+    let (_, start) = agent.expect("start").await;
+    let call_sid = start["start"]["callSid"].as_str().unwrap().to_string();
+    wait_for_active_row(&pool, &call_sid).await;
+    assert_eq!(api.transfer(&call_sid, json!({"to": "+15552223333", "mode": "refer"})).await.0, 202);
+    let refer = caller.expect_refer().await;
+    caller.respond(&refer, "202 Accepted").await;
+    caller.notify_refer("SIP/2.0 486 Busy Here", "terminated;reason=noresource").await;
+    let (_, failed) = agent.expect("transfer_failed").await;
+    assert_eq!(failed["transfer"]["sipCode"], 486, "{failed}");
+    caller.send_audio(&[0x52; 160]).await;
+    assert_eq!(payload_of(&agent.expect("media").await.1), vec![0x52; 160], "the agent hears the caller");
+    agent.send_audio(&[0x98; 160]);
+    let (_, _, payload) = caller.hear(Duration::from_secs(2)).await.expect("the caller hears the agent");
+    assert_eq!(payload, vec![0x98; 160]);
+    hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
+}
+
+/// With `--transfer-hold-audio`, the caller on hold during a warm transfer hears the file in a
+/// loop (from the port it always used), and not the briefing; after a cancel the agent again.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_caller_on_hold_hears_the_hold_audio_during_a_warm_transfer(pool: PgPool) {
+    let hold = tempfile::NamedTempFile::new().unwrap();
+    let audio: Vec<u8> = [[0x2A; 160], [0x2B; 160]].concat();
+    std::fs::write(hold.path(), &audio).unwrap();
+    let path = hold.path().to_path_buf();
+    let mut agent = Agent::start().await;
+    let human = ua::Ua::new().await;
+    let trunks = vec![carrier_to(human.sip_addr())];
+    let numbers = vec![number_to(websocket(&agent.url))];
+    let node =
+        Node::start_tuned(&pool, trunks, numbers, vec![], |args| args.agent.transfer_hold_audio = Some(path)).await;
+    let api = RestApi::start(&pool).await;
+    let mut caller = Caller::new(node.addr, "transfer-hold", 0).await;
+    caller.call().await;
+    let (_, start) = agent.expect("start").await;
+    let call_sid = start["start"]["callSid"].as_str().unwrap().to_string();
+    wait_for_active_row(&pool, &call_sid).await;
+    assert_eq!(api.transfer(&call_sid, json!({"to": "+15552223333", "mode": "warm"})).await.0, 202);
+    human_answers(&human).await;
+    agent.expect("transfer_answered").await;
+    agent.send_audio(&[0x66; 160 * 10]);
+
+    let mut held = vec![];
+    while held.len() < 10 {
+        let (_, pt, payload) =
+            caller.hear(Duration::from_secs(2)).await.expect("the caller on hold hears the hold audio");
+        assert_eq!(pt, 0);
+        held.push(frame_id(&payload));
+    }
+    assert!(held.iter().all(|id| *id == 0x2A || *id == 0x2B), "only the hold audio, not the briefing: {held:x?}");
+    assert!(held.windows(2).all(|w| w[0] != w[1]), "the file's frames in turn: {held:x?}");
+
+    let (status, _) = api.post(&format!("/api/calls/{call_sid}/transfer/cancel"), None).await;
+    assert_eq!(status, 200);
+    let (bye, from) = human.request("BYE").await;
+    human.send(&ua::reply(&bye, "200 OK", human.sip_addr(), None), from).await;
+    agent.expect("transfer_failed").await;
+    // The hold audio stops; what the agent says reaches the caller again.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    while caller.hear(Duration::from_millis(50)).await.is_some() {}
+    agent.send_audio(&[0x97; 160]);
+    let (_, _, payload) = caller.hear(Duration::from_secs(2)).await.expect("the caller hears the agent again");
+    assert_eq!(frame_id(&payload), 0x97);
     hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
 }
 

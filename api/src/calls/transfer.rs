@@ -39,7 +39,10 @@ pub enum TransferMode {
     /// `transfer_answered` event), then `POST .../transfer/complete` bridges caller and human
     /// and ends the agent's stream, or `POST .../transfer/cancel` hangs the human up.
     Warm,
-    /// A REFER to the caller's carrier (not carried out by nodes yet: 409).
+    /// A REFER on the caller's leg asks the caller's carrier to call `to` itself; the node
+    /// follows the carrier's NOTIFYs, and on the final 2xx hangs up its leg and ends the
+    /// agent's stream. A refused or failed referral leaves the caller with the agent
+    /// (`transfer_failed`).
     Refer,
 }
 

@@ -46,6 +46,12 @@ pub struct AgentArgs {
     /// that cannot be read or holds no certificate stops the node.
     #[arg(long, env = "SWITCHBOARD_AGENT_CA_FILE", value_name = "PEM_FILE")]
     pub agent_ca_file: Option<PathBuf>,
+
+    /// What a caller on hold hears while the agent briefs a human (warm transfer): a raw
+    /// 8 kHz μ-law file played in a loop (`sox hold.wav -t ul -r 8000 -c 1 hold.ul`); silence
+    /// without one. Read at start-up; a file that cannot be read stops the node.
+    #[arg(long, env = "SWITCHBOARD_TRANSFER_HOLD_AUDIO", value_name = "ULAW_FILE")]
+    pub transfer_hold_audio: Option<PathBuf>,
 }
 
 impl Default for AgentArgs {
@@ -55,6 +61,7 @@ impl Default for AgentArgs {
             agent_answer_timeout_ms: 5000,
             agent_connect_timeout_ms: 5000,
             agent_ca_file: None,
+            transfer_hold_audio: None,
         }
     }
 }

@@ -62,6 +62,8 @@ pub struct MediaContext {
     pub bridge_latency: crate::bridge::BridgeLatency,
     /// Whom `wss://` agent connections trust.
     pub agent_tls: crate::bridge::AgentTls,
+    /// What a caller on hold hears during a warm transfer (8 kHz μ-law); `None`: silence.
+    pub hold_audio: Option<Arc<[u8]>>,
 }
 
 /// What trunk registration and gateway keepalives need: a narrow view of [`NodeContext`].

@@ -227,6 +227,7 @@ impl Call {
                 from: self.facts.from.clone(),
                 trunk: trunk.clone(),
                 answer_sdp,
+                did: self.facts.to.clone(),
             },
         };
         // `agent.hangup()` below sends the agent its `stop` whatever ended the call.

@@ -301,6 +301,15 @@ impl<'m> Connected<'m> {
         (machine, actions)
     }
 
+    /// A request of the node's own on a leg's dialog (the dialog's next CSeq, a fresh Via),
+    /// for the caller to complete and send: a REFER the node originates. `None` without the
+    /// leg. Its responses come back on the leg's channel, where the machine ignores them.
+    pub(crate) fn new_request(&mut self, leg: Leg, method: Method, body: Option<(&str, Vec<u8>)>) -> Option<Request> {
+        let state = self.leg_mut(leg)?;
+        let via = via(&state.setup);
+        Some(state.setup.dialog.request(method, via, None, body))
+    }
+
     /// A leg's dialog (to unregister it when the call is over).
     pub(crate) fn dialog(&self, leg: Leg) -> Option<&Dialog> {
         self.leg(leg).map(|l| &l.setup.dialog)

@@ -12,12 +12,13 @@ use uuid::Uuid;
 
 use super::dial::{Answered, DialPlan, Dialed, dial, write_cdr};
 use super::media::TransferMedia;
+use super::refer::{ReferCall, Referred};
 use super::warm::{Consult, Consulted};
 use super::{Command, DEFAULT_TIMEOUT, Intent, Mode, TransferEvent, TransferRequest};
 use crate::bridge::{BridgeEnd, BridgeHandle};
 use crate::media::relay::{RelayConfig, RelayEvent, RelayHandle, RtpLegSetup};
 use crate::sip::connected::{
-    Action, AgentSession, Channels, Connected, Driven, Ender, Ending, Io, Leg, LegChannels, LegSetup, MediaMode,
+    Action, AgentSession, Channels, Connected, Driven, Ender, Ending, Event, Io, Leg, LegChannels, LegSetup, MediaMode,
     Resume, Setup, drive, drive_until,
 };
 use crate::sip::context::NodeContext;
@@ -40,6 +41,8 @@ pub(crate) struct CallerFacts {
     pub(crate) trunk: Option<Arc<TrunkConfig>>,
     /// The node's SDP answer to the caller.
     pub(crate) answer_sdp: Vec<u8>,
+    /// The number the caller dialled (a REFER names it as the referrer).
+    pub(crate) did: String,
 }
 
 /// An answered call to an AI agent, as `sip::call::agent` hands it over.
@@ -111,6 +114,47 @@ pub(crate) async fn run_agent_call(call: AgentCall<'_, '_>) -> AgentCallEnd {
                 continue;
             }
         };
+        if request.mode == Mode::Refer {
+            let _ = reply.send(Ok(()));
+            let report = Reporter { hooks: &hooks, call_sid: &caller.call_sid, id, request: &request };
+            let limit = request.timeout_seconds.map_or(DEFAULT_TIMEOUT, |s| std::time::Duration::from_secs(s.into()))
+                + super::refer::EXTRA_WAIT;
+            let referral = ReferCall {
+                io: &io,
+                machine: &mut machine,
+                a_peer,
+                a_tx: a_tx.clone(),
+                a_rx: &mut *a_rx,
+                agent: &mut *agent,
+                agent_reason,
+                resume,
+                to: &request.to,
+                limit,
+                referred_by: &caller.did,
+            };
+            match referral.run(&report).await {
+                Referred::Ended(ending) => {
+                    report.send("transfer_failed", Some(ending.code), Some(format!("call ended: {}", ending.reason)));
+                    return end(ending);
+                }
+                Referred::Transferred(resumed, status) => {
+                    report.send("transfer_answered", Some(status), None);
+                    report.send("transfer_completed", Some(status), None);
+                    let ending = drive(&mut machine, resumed.actions, &io, channels!(resumed.relay_events)).await;
+                    return end(ending);
+                }
+                Referred::Failed(resumed, code, reason) => {
+                    tracing::info!(transfer = %id, code, %reason, "REFER transfer failed; the caller stays with the agent");
+                    agent.notify(
+                        "transfer_failed",
+                        serde_json::json!({"transfer": {"id": id.to_string(), "to": request.to, "sipCode": code, "reason": reason}}),
+                    );
+                    report.send("transfer_failed", Some(code), Some(reason));
+                    resume = resumed;
+                    continue;
+                }
+            }
+        }
         let trunks = match plan_route(ctx, &caller, &request) {
             Ok(trunks) => trunks,
             Err(why) => {
@@ -177,6 +221,11 @@ pub(crate) async fn run_agent_call(call: AgentCall<'_, '_>) -> AgentCallEnd {
                     };
                     match consult.run(&mut target).await {
                         Consulted::Ended(ending) => return end(ending),
+                        Consulted::Lost(mut resumed, ending) => {
+                            resumed.actions.extend(machine.on_event(Event::AgentEnded { reason: ending.reason }));
+                            let channels = channels!(resumed.relay_events);
+                            return end(drive(&mut machine, resumed.actions, &io, channels).await);
+                        }
                         Consulted::Complete(caller_media) => Some(caller_media),
                         Consulted::Back(resumed, relay) => {
                             next_attempt = target.attempt.number + 1;
@@ -229,9 +278,6 @@ fn plan_route(
     caller: &CallerFacts,
     request: &TransferRequest,
 ) -> Result<Vec<Arc<TrunkConfig>>, String> {
-    if request.mode == Mode::Refer {
-        return Err(format!("{:?} transfers are not supported by this node yet", request.mode).to_lowercase());
-    }
     if ctx.media.is_none() {
         return Err("this node anchors no media".into());
     }
@@ -367,4 +413,30 @@ async fn bridge(
     };
     write_cdr(ctx, plan, &target.attempt, ending.code, &ending.reason, Some(hangup_by));
     ending
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(summary: Option<&str>) -> TransferRequest {
+        TransferRequest {
+            to: "+15552223333".into(),
+            mode: Mode::Blind,
+            summary: summary.map(String::from),
+            timeout_seconds: None,
+            caller_id: None,
+            webhook_url: None,
+        }
+    }
+
+    #[test]
+    fn the_summary_header_carries_no_line_breaks_and_is_bounded() {
+        let header = |summary| summary_header(&request(summary)).into_iter().map(|h| h.to_string()).collect::<Vec<_>>();
+        assert_eq!(header(Some("refund\r\nX-Evil: 1")), ["X-Transfer-Summary: refundX-Evil: 1"]);
+        assert!(header(None).is_empty());
+        assert!(header(Some(" \r\n\t")).is_empty(), "nothing but control characters and spaces: no header");
+        let long = "a".repeat(5000);
+        assert_eq!(header(Some(&long))[0].len(), "X-Transfer-Summary: ".len() + 1024);
+    }
 }

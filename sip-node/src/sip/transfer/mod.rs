@@ -29,8 +29,10 @@
 
 mod agent;
 mod dial;
+pub mod hold;
 mod media;
 pub mod queue;
+mod refer;
 mod warm;
 
 use std::collections::HashMap;

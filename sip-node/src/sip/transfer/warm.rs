@@ -15,6 +15,7 @@ use rsip::Method;
 
 use super::agent::{Reporter, Transfer, hang_up_target};
 use super::dial::{Answered, write_cdr};
+use super::hold::Held;
 use super::{Command, Intent, Registration};
 use crate::bridge::{BridgeEnd, BridgeHandle};
 use crate::media::relay::{RelayConfig, RelayHandle, RtpLegSetup};
@@ -44,6 +45,9 @@ pub(super) enum Consulted {
     /// The agent completed: the caller's leg, to be joined with the human's (now in the
     /// target's `media`).
     Complete(RtpLegSetup),
+    /// The caller's media is gone: end the call (drive on with these actions after the
+    /// machine's hangup) with this ending.
+    Lost(Resume, Ending),
     /// Called off: the caller is back with the agent; drive its machine on with this. The
     /// caller's leg now has this relay handle (keep it: dropping it ends the bridge).
     Back(Resume, Option<RelayHandle>),
@@ -70,6 +74,8 @@ impl Consult<'_, '_, '_> {
             Ok((_, _, None)) => return called_off(transfer, target, agent, resume, "the caller's media is gone"),
             Err(error) => return called_off(transfer, target, agent, resume, &error),
         };
+        // The caller on hold: the node's hold audio, else silence.
+        let held = Held::start(caller, ctx.media.as_ref().and_then(|m| m.hold_audio.clone()));
         agent.notify("transfer_answered", serde_json::json!({"transfer": {"id": id.to_string(), "to": plan.to}}));
         tracing::info!(transfer = %id, "warm transfer: the agent is briefing the human; the caller is on hold");
         let agent_session = AgentSession { handle: &mut *agent, reason: agent_reason };
@@ -82,6 +88,7 @@ impl Consult<'_, '_, '_> {
         };
         let decided =
             drive_until(machine, resume.actions, io, channels, decision(io.endpoint, registration, target)).await;
+        let caller = held.end().await;
         let (decision, resumed) = match decided {
             Driven::Ended(ending) => {
                 hang_up_target(ctx, plan, target, &format!("call ended during the consultation: {}", ending.reason));
@@ -89,6 +96,13 @@ impl Consult<'_, '_, '_> {
                 return Consulted::Ended(ending);
             }
             Driven::Interrupted(decision, resumed) => (decision, resumed),
+        };
+        let Some(caller) = caller else {
+            let why = "internal: the caller's media was lost on hold";
+            hang_up_target(ctx, plan, target, why);
+            tell_agent(agent, report, id, plan.to.as_str(), why);
+            let ending = Ending { code: 500, reason: why.into(), by: crate::sip::connected::Ender::System };
+            return Consulted::Lost(resumed, ending);
         };
         match decision {
             Decision::Complete => {
