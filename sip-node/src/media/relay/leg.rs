@@ -47,6 +47,20 @@ pub(super) struct RtpLeg<S = LegSocket> {
     pub(super) transform: Option<Box<dyn PacketTransform>>,
 }
 
+impl RtpLeg<LegSocket> {
+    /// Gives the leg's sockets back in its port pair, with its current media, for another
+    /// relay to take over (the reservation never lapses, so the port stays the caller's).
+    pub(super) fn into_setup(self) -> RtpLegSetup {
+        let RtpLeg { rtp, rtcp, _ports: mut ports, mut media, latched, .. } = self;
+        ports.restore_sockets(rtp.into_inner(), rtcp.into_inner());
+        // Where the caller really sends from (behind NAT it is not the SDP address).
+        if latched.is_some() {
+            media.remote_rtp = latched;
+        }
+        RtpLegSetup { ports, media }
+    }
+}
+
 impl<S> RtpLeg<S> {
     /// Takes the sockets out of the setup's port pair, wrapped by `wrap` (tokio registration or
     /// none).

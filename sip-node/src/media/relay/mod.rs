@@ -46,13 +46,15 @@
 //! - `two_leg`: the relay between two legs that a media engine thread drives;
 //! - `offload`: handing a steady direction of a two-leg relay to the kernel fast path
 //!   ([`super::kernel`]) and folding its counters back;
-//! - `bridged`: the caller's leg of a bridged call, driven by the bridge session's task.
+//! - `bridged`: the caller's leg of a bridged call, driven by the bridge session's task;
+//! - `dtmf`: key presses the node puts into a leg itself (RFC 4733 events it generates).
 //!
 //! Dependencies run one way: the media engine ([`super::engine`]) drives `two_leg` relays and
 //! hands their handles an `EngineHold`; this module does not know the engine. The system calls
 //! are in `media::sys`.
 
 mod bridged;
+mod dtmf;
 mod leg;
 mod offload;
 mod transform;
@@ -68,7 +70,8 @@ use std::time::Duration;
 use switchboard_model::Codec;
 use tokio::sync::oneshot;
 
-pub(crate) use self::bridged::{BridgedLeg, CallerInput, start_bridged};
+pub(crate) use self::bridged::{BridgedLeg, CallerInput, LegStop, start_bridged};
+pub(crate) use self::dtmf::DtmfPress;
 pub(crate) use self::transform::RECEIVE_BUFFER;
 pub(crate) use self::two_leg::Relay;
 use super::mailbox::MailboxSender;
@@ -333,7 +336,13 @@ pub(crate) enum Control {
     /// Boxed: the channel allocates room for 32 messages per relay up front, and re-INVITEs are
     /// rare; a boxed update keeps that block at 16 bytes a message instead of 80.
     Update(LegId, Box<LegMedia>),
+    /// A key press for a leg (`dtmf`): RFC 4733 events on an RTP leg, a `dtmf` message for
+    /// the agent in bridged mode (leg B).
+    Dtmf(LegId, Box<DtmfPress>),
     Stop(oneshot::Sender<()>),
+    /// Stop, handing the leg's port pair (sockets inside) and media back (bridged legs only;
+    /// a two-leg relay drops the sender).
+    Release(oneshot::Sender<RtpLegSetup>),
 }
 
 /// The call's hold on a running relay. Dropping it stops the relay (and frees its ports), so a
@@ -389,6 +398,18 @@ impl RelayHandle {
         }
     }
 
+    /// Plays a key press into `to` (DTMF that came by SIP INFO): RFC 4733 events on a two-leg
+    /// relay's leg (the call checks first that the leg negotiated telephone-event, see
+    /// `dtmf`), a `dtmf` message to the agent for leg B of a bridged call.
+    pub(crate) fn send_dtmf(&self, to: LegId, press: DtmfPress) -> Result<(), RelayError> {
+        let dtmf = Control::Dtmf(to, Box::new(press));
+        match &self.driver {
+            Driver::Mailbox(control) => control.send(dtmf).map_err(|_| RelayError::Stopped),
+            Driver::Engine(Some(relay)) => relay.control(dtmf),
+            Driver::Engine(None) => Err(RelayError::Stopped),
+        }
+    }
+
     /// A bridged call's leg: the bridge session drives it, and it has no leg B.
     fn is_bridged(&self) -> bool {
         matches!(self.driver, Driver::Mailbox(_))
@@ -405,6 +426,17 @@ impl RelayHandle {
             Driver::Mailbox(control) => control.is_closed(),
             Driver::Engine(relay) => relay.as_ref().is_none_or(|relay| relay.is_finished()),
         }
+    }
+
+    /// Stops a bridged leg and takes its port pair back with its sockets open and its current
+    /// media, for another relay (a call transferred off its agent keeps the caller's port).
+    /// `None` for a two-leg relay, or when the leg had already stopped. The handle stays
+    /// (stopping it afterwards returns at once).
+    pub async fn release(&self) -> Option<RtpLegSetup> {
+        let Driver::Mailbox(control) = &self.driver else { return None };
+        let (tx, rx) = oneshot::channel();
+        control.send(Control::Release(tx)).ok()?;
+        rx.await.ok()
     }
 
     /// Stops the relay and waits until its sockets are closed and its ports released; returns
