@@ -101,7 +101,9 @@ pub struct TrunkConfig {
     pub calls_per_second: Option<u32>,
     pub codecs: Vec<Codec>,
     pub dtmf_relay: bool,
-    /// SRTP on this trunk's legs (`media.srtp`).
+    /// SRTP on this trunk's legs (`media.srtp`). Defaulted when absent, so that a snapshot a
+    /// node saved to its state directory before the field existed still loads.
+    #[serde(default)]
     pub srtp: SrtpMode,
     pub rtp_timeout_seconds: u32,
     pub options_interval_seconds: u32,
@@ -560,5 +562,14 @@ mod tests {
         assert_eq!(secure.srtp, SrtpMode::Required, "the upsert updates it");
         let bad = sqlx::query("UPDATE trunks SET srtp = 'off' WHERE name = 'secure'").execute(&pool).await;
         assert!(bad.is_err(), "the column takes the three modes only");
+    }
+
+    /// A trunk serialized before `srtp` existed (a node's saved snapshot) reads as disabled.
+    #[test]
+    fn a_trunk_saved_without_srtp_reads_as_disabled() {
+        let mut json = serde_json::to_value(TrunkConfig::loopback("old", [("127.0.0.1".to_string(), 5060)])).unwrap();
+        json.as_object_mut().unwrap().remove("srtp").expect("the field is serialized");
+        let trunk: TrunkConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(trunk.srtp, SrtpMode::Disabled);
     }
 }
