@@ -101,7 +101,9 @@ pub struct TrunkConfig {
     pub calls_per_second: Option<u32>,
     pub codecs: Vec<Codec>,
     pub dtmf_relay: bool,
-    /// SRTP on this trunk's legs (`media.srtp`).
+    /// SRTP on this trunk's legs (`media.srtp`). Defaulted when absent, so that a snapshot a
+    /// node saved to its state directory before the field existed still loads.
+    #[serde(default)]
     pub srtp: SrtpMode,
     pub rtp_timeout_seconds: u32,
     pub options_interval_seconds: u32,
@@ -541,5 +543,33 @@ mod tests {
         let error = RuleConfig::load_all(&pool).await.expect_err("match_spec is malformed").to_string();
         assert!(error.contains(r#"routing rule default/broken: error decoding column "match_spec": "#), "{error}");
         assert_eq!(TrunkConfig::load_all(&pool).await.unwrap().len(), 1, "the rollback kept the good row");
+    }
+
+    /// `srtp` survives the round trip through Postgres; a row written before migration 0008
+    /// (no value) reads as disabled.
+    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
+    async fn srtp_round_trips_and_defaults_to_disabled(pool: sqlx::PgPool) {
+        sqlx::query(INSERT_TRUNK).execute(&pool).await.unwrap();
+        assert_eq!(TrunkConfig::load_all(&pool).await.unwrap()[0].srtp, SrtpMode::Disabled);
+        let mut trunk = TrunkConfig::loopback("secure", [("127.0.0.1".to_string(), 5061)]);
+        trunk.srtp = SrtpMode::Optional;
+        let mut conn = pool.acquire().await.unwrap();
+        trunk.upsert(&mut conn, "h", 2).await.unwrap();
+        trunk.srtp = SrtpMode::Required;
+        trunk.upsert(&mut conn, "h2", 3).await.unwrap();
+        let stored = TrunkConfig::load_all(&pool).await.unwrap();
+        let secure = stored.iter().find(|t| t.name == "secure").unwrap();
+        assert_eq!(secure.srtp, SrtpMode::Required, "the upsert updates it");
+        let bad = sqlx::query("UPDATE trunks SET srtp = 'off' WHERE name = 'secure'").execute(&pool).await;
+        assert!(bad.is_err(), "the column takes the three modes only");
+    }
+
+    /// A trunk serialized before `srtp` existed (a node's saved snapshot) reads as disabled.
+    #[test]
+    fn a_trunk_saved_without_srtp_reads_as_disabled() {
+        let mut json = serde_json::to_value(TrunkConfig::loopback("old", [("127.0.0.1".to_string(), 5060)])).unwrap();
+        json.as_object_mut().unwrap().remove("srtp").expect("the field is serialized");
+        let trunk: TrunkConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(trunk.srtp, SrtpMode::Disabled);
     }
 }

@@ -71,6 +71,7 @@ string_enum! {
 
 string_enum! {
     /// Whether a trunk's media is SRTP (RFC 3711) with SDES keys (RFC 4568 `a=crypto`).
+    #[derive(Default)]
     SrtpMode {
         /// Only SRTP: a plain-RTP offer from the trunk is refused with 488, and offers to it
         /// are `RTP/SAVP` with `a=crypto`.
@@ -80,13 +81,8 @@ string_enum! {
         Optional = "optional",
         /// Plain RTP only (the default). Spelt `disabled`, not `off`: Kubernetes reads YAML 1.1,
         /// where an unquoted `off` is the boolean false, which the schema would refuse.
+        #[default]
         Disabled = "disabled",
-    }
-}
-
-impl Default for SrtpMode {
-    fn default() -> Self {
-        Self::Disabled
     }
 }
 

@@ -329,6 +329,83 @@ async fn a_callee_behind_an_srtp_required_trunk_gets_an_savp_offer_and_talks_to_
     node.stop().await;
 }
 
+/// A re-INVITE from the caller of [`invite_to_did`]'s dialog, offering `sdp`.
+fn caller_reinvite(node: SocketAddr, from: SocketAddr, call_id: &str, to_tag: &str, cseq: u32, sdp: &str) -> String {
+    let did = DID;
+    format!(
+        "INVITE sip:{did}@{node} SIP/2.0\r\nVia: SIP/2.0/UDP {from};branch=z9hG4bK-{call_id}-re{cseq}\r\n\
+         From: <sip:+15557654321@{from}>;tag=caller\r\nTo: <sip:{did}@{node}>;tag={to_tag}\r\nCall-ID: {call_id}\r\n\
+         CSeq: {cseq} INVITE\r\nContact: <sip:caller@{from}>\r\nMax-Forwards: 70\r\n\
+         Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+        sdp.len()
+    )
+}
+
+/// A re-INVITE with a new key (RFC 4568 §7.1.4: rekeying is a new offer) moves the caller's leg
+/// to a new SRTP context both ways; the plain callee hears no difference.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_re_invite_with_a_new_key_rekeys_the_callers_leg(pool: PgPool) {
+    let caller = Peer::new().await;
+    let callee = Peer::new().await;
+    let mut carrier = trunk("carrier", vec![]);
+    carrier.srtp = SrtpMode::Required;
+    let node = Node::start(&pool, vec![carrier], vec![number_to(sip_destination(callee.ua.sip_addr().port()))]).await;
+    let first = CryptoAttr::generate(1, Suite::AesCm128HmacSha1_80);
+    let (ok, invite) = establish(&node, &caller, &callee, "srtp-rekey", &caller.sdp("RTP/SAVP", &[&first]), |_| {
+        callee.sdp("RTP/AVP", &[])
+    })
+    .await;
+    let tag = to_tag(&ok);
+    let mut old = SrtpLeg::new(&first, &crypto_of(&ok)[0]).unwrap();
+    let heard = tokio::join!(
+        stream(&caller.ua.rtp, sdp_rtp(&ok), |i| old.protect_rtp(&rtp(1 + i, 0x7777, fill(i))).unwrap().to_vec()),
+        callee.ua.rtp_collect_raw(Duration::from_millis(600))
+    )
+    .1;
+    assert_eq!(heard.len(), FRAMES as usize, "before the rekey");
+
+    let second = CryptoAttr::generate(1, Suite::AesCm128HmacSha1_80);
+    let reoffer = caller.sdp("RTP/SAVP", &[&second]);
+    caller.ua.send(&caller_reinvite(node.addr, caller.ua.sip_addr(), "srtp-rekey", &tag, 2, &reoffer), node.addr).await;
+    let (reinvite, from) = callee.ua.request("INVITE").await;
+    assert_eq!(crypto_of(&reinvite).len(), 0, "the callee's leg stays plain: {reinvite}");
+    callee.ua.send(&reply(&reinvite, "200 OK", callee.ua.sip_addr(), Some(&callee.sdp("RTP/AVP", &[]))), from).await;
+    let _ = callee.ua.request("ACK").await;
+    let ok2 = caller.ua.final_response().await;
+    assert!(ok2.starts_with("SIP/2.0 200"), "{ok2}");
+    caller.ua.send(&caller_in_dialog("ACK", node.addr, caller.ua.sip_addr(), "srtp-rekey", &tag, 2), node.addr).await;
+    let answered = crypto_of(&ok2);
+    assert_eq!(answered.len(), 1, "{ok2}");
+    let mut new = SrtpLeg::new(&second, &answered[0]).unwrap();
+
+    // The new key is heard; the callee's audio comes back under the node's new key.
+    let heard = tokio::join!(
+        stream(&caller.ua.rtp, sdp_rtp(&ok2), |i| new.protect_rtp(&rtp(1 + i, 0x8888, fill(i + 20))).unwrap().to_vec()),
+        callee.ua.rtp_collect_raw(Duration::from_millis(600))
+    )
+    .1;
+    let payloads: Vec<Vec<u8>> = heard.iter().map(|p| p[12..].to_vec()).collect();
+    assert_eq!(payloads, (0..FRAMES).map(|i| vec![fill(i + 20); 160]).collect::<Vec<_>>(), "after the rekey");
+    let back = tokio::join!(
+        stream(&callee.ua.rtp, sdp_rtp(&invite), |i| rtp(300 + i, 0x9999, fill(i + 30))),
+        collect(&caller.ua.rtp, Duration::from_millis(600))
+    )
+    .1;
+    assert_eq!(back.len(), FRAMES as usize);
+    assert!(back.iter().all(|p| new.unprotect_rtp(p).is_some()), "encrypted with the node's new key");
+    // The old key no longer gets through.
+    let stale = old.protect_rtp(&rtp(50, 0x7777, 1)).unwrap();
+    caller.ua.rtp.send_to(&stale, sdp_rtp(&ok2)).await.unwrap();
+    assert!(callee.ua.rtp_collect_raw(Duration::from_millis(300)).await.is_empty(), "the old key is refused");
+
+    caller.ua.send(&caller_in_dialog("BYE", node.addr, caller.ua.sip_addr(), "srtp-rekey", &tag, 3), node.addr).await;
+    let (bye, from) = callee.ua.request("BYE").await;
+    callee.ua.send(&reply(&bye, "200 OK", callee.ua.sip_addr(), None), from).await;
+    assert!(caller.ua.final_response().await.starts_with("SIP/2.0 200"));
+    assert_eq!(rejected_reaches(&node, 1.0).await, 1.0, "the stale packet is counted");
+    node.stop().await;
+}
+
 /// A minimal Twilio Media Streams agent: every `media` payload it gets goes to `heard`; every
 /// payload the test puts on `say` goes to the node as a `media` event.
 async fn agent() -> (String, mpsc::UnboundedReceiver<Vec<u8>>, mpsc::UnboundedSender<Vec<u8>>) {

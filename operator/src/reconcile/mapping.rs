@@ -193,6 +193,22 @@ mod tests {
         assert_eq!(config.allowed_source_cidrs[0].to_string(), "52.41.52.34/32");
     }
 
+    /// `media.srtp` reaches the stored trunk (what the nodes negotiate by), plain by default.
+    #[test]
+    fn media_srtp_is_stored_and_defaults_to_disabled() {
+        let mut json = serde_json::json!({
+            "provider": "skyetel",
+            "gateways": [{"address": "sip.skyetel.com", "transport": "TLS"}],
+            "inbound": {"allowedSourceCidrs": ["52.41.52.34/32"]}
+        });
+        assert_eq!(trunk_config("default", "t", &trunk(json.clone())).srtp, switchboard_model::SrtpMode::Disabled);
+        json["media"] = serde_json::json!({"srtp": "required"});
+        let required = trunk_config("default", "t", &trunk(json.clone()));
+        assert_eq!(required.srtp, switchboard_model::SrtpMode::Required);
+        json["media"] = serde_json::json!({});
+        assert_eq!(trunk_config("default", "t", &trunk(json)).srtp, switchboard_model::SrtpMode::Disabled);
+    }
+
     #[test]
     fn credentials_resolve_or_say_what_is_missing() {
         let spec = trunk(serde_json::json!({

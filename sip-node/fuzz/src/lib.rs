@@ -14,11 +14,14 @@ pub mod digest;
 #[path = "../../src/media/sdp/mod.rs"]
 pub mod sdp;
 
-/// What `sdp` uses of the node's `media` besides itself: the SDES attributes and negotiation.
+/// The SDES attributes and negotiation, which `sdp` uses as `crate::media::srtp::sdes`.
+#[path = "../../src/media/srtp/sdes.rs"]
+pub mod sdes;
+
+/// `sdp`'s path to [`sdes`], as in the node.
 pub mod media {
     pub mod srtp {
-        #[path = "../../../../src/media/srtp/sdes.rs"]
-        pub mod sdes;
+        pub use crate::sdes;
     }
 }
 

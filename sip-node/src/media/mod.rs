@@ -11,7 +11,8 @@
 //!   (driven by the bridge's own task).
 //! - [`engine`]: the media threads that drive two-leg relays (level-triggered epoll).
 //! - [`kernel`]: the engine's fast path, an eBPF program that forwards steady RTP in the kernel.
-//! - [`srtp`]: SRTP/SRTCP with SDES keys (`a=crypto`) for one leg (not wired into the relay yet).
+//! - [`srtp`]: SRTP/SRTCP with SDES keys (`a=crypto`) for one leg: each leg negotiates it under
+//!   its trunk's `media.srtp` (`sdp`), the relay runs it as the leg's packet transform.
 //! - [`rx_time`]: kernel receive timestamps, from which the bridge measures the delay it adds.
 //! - `sys`: every system call and `unsafe` operation of the media path and the bridge, behind
 //!   safe functions (`recvmmsg`, `recvmsg` with timestamps, `setsockopt`, `clock_gettime`).

@@ -42,7 +42,7 @@
 //! - `leg`: one RTP leg (its two sockets, latching, receive-side checks and counters, the
 //!   media timeout), the same for both modes;
 //! - `transform`: what a leg does to the bytes on the wire beyond the relay's own rewriting
-//!   (nothing for plain RTP; the hook for SRTP), user space only;
+//!   (nothing for plain RTP; SRTP/SRTCP for a leg with keys), user space only;
 //! - `two_leg`: the relay between two legs that a media engine thread drives;
 //! - `offload`: handing a steady direction of a two-leg relay to the kernel fast path
 //!   ([`super::kernel`]) and folding its counters back;

@@ -163,7 +163,7 @@ pub enum LegMedia {
 pub enum Refused {
     #[error("the trunk requires SRTP (media.srtp: required) and the offer is plain RTP")]
     SrtpRequired,
-    #[error("the offer is SRTP only and the trunk has media.srtp: off")]
+    #[error("the offer is SRTP only and the trunk has media.srtp: disabled")]
     SrtpOff,
     #[error("no usable a=crypto in the SRTP offer: {0}")]
     NoUsableCrypto(String),
