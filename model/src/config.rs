@@ -13,7 +13,7 @@ use crate::decode::{
 
 // The tables as a whole (row hashes, generation) live in `tables`; callers name them here too.
 pub use crate::tables::{ConfigTable, StoredHash, bump_generation, notify_generation};
-use crate::types::{AuthMethod, Codec, DestinationType, Direction, SrtpMode, Transport, TrunkSelection};
+use crate::types::{AuthMethod, Codec, DestinationType, Direction, SrtpMode, TransferMode, Transport, TrunkSelection};
 
 /// One provider address of a trunk. Failover tries gateways by ascending `priority` and spreads
 /// calls by `weight` within a priority, as DNS SRV does.
@@ -105,6 +105,10 @@ pub struct TrunkConfig {
     /// node saved to its state directory before the field existed still loads.
     #[serde(default)]
     pub srtp: SrtpMode,
+    /// Whether the provider takes REFER for transfers (`transfer`). Defaulted when absent, as
+    /// `srtp` is.
+    #[serde(default)]
+    pub transfer: TransferMode,
     pub rtp_timeout_seconds: u32,
     pub options_interval_seconds: u32,
     pub failover_timeout_seconds: u32,
@@ -196,6 +200,7 @@ impl TrunkConfig {
             codecs,
             dtmf_relay: row.try_get("dtmf_relay")?,
             srtp: parse_text(row, "srtp")?,
+            transfer: parse_text(row, "transfer")?,
             rtp_timeout_seconds: u32_col(row, "rtp_timeout_seconds")?,
             options_interval_seconds: u32_col(row, "options_interval_seconds")?,
             failover_timeout_seconds: u32_col(row, "failover_timeout_seconds")?,
@@ -219,9 +224,9 @@ impl TrunkConfig {
                 codecs, dtmf_relay, rtp_timeout_seconds, options_interval_seconds,
                 failover_timeout_seconds, backup_trunks, rate_outbound_per_minute,
                 rate_inbound_per_minute, rate_per_message, currency, spec_hash, config_generation,
-                srtp, updated_at)
+                srtp, transfer, updated_at)
              VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,
-                $23,$24,$25,$26,$27,$28,$29,$30,$31,$32,$33, now())
+                $23,$24,$25,$26,$27,$28,$29,$30,$31,$32,$33,$34, now())
              ON CONFLICT (namespace, name) DO UPDATE SET
                 provider = EXCLUDED.provider, display_name = EXCLUDED.display_name,
                 suspended = EXCLUDED.suspended, gateways = EXCLUDED.gateways,
@@ -243,7 +248,7 @@ impl TrunkConfig {
                 rate_inbound_per_minute = EXCLUDED.rate_inbound_per_minute,
                 rate_per_message = EXCLUDED.rate_per_message, currency = EXCLUDED.currency,
                 spec_hash = EXCLUDED.spec_hash, config_generation = EXCLUDED.config_generation,
-                srtp = EXCLUDED.srtp, updated_at = now()",
+                srtp = EXCLUDED.srtp, transfer = EXCLUDED.transfer, updated_at = now()",
         )
         .bind(&self.namespace)
         .bind(&self.name)
@@ -278,6 +283,7 @@ impl TrunkConfig {
         .bind(spec_hash)
         .bind(generation)
         .bind(self.srtp.as_str())
+        .bind(self.transfer.as_str())
         .execute(conn)
         .await?;
         Ok(())
@@ -493,6 +499,7 @@ impl TrunkConfig {
             codecs: vec![Codec::Pcmu],
             dtmf_relay: true,
             srtp: SrtpMode::Disabled,
+            transfer: TransferMode::None,
             rtp_timeout_seconds: 60,
             options_interval_seconds: 0,
             failover_timeout_seconds: 5,
@@ -562,6 +569,28 @@ mod tests {
         assert_eq!(secure.srtp, SrtpMode::Required, "the upsert updates it");
         let bad = sqlx::query("UPDATE trunks SET srtp = 'off' WHERE name = 'secure'").execute(&pool).await;
         assert!(bad.is_err(), "the column takes the three modes only");
+    }
+
+    /// `transfer` survives the round trip through Postgres and its upsert; a row written
+    /// before migration 0010 reads as `none`; the column takes the two modes only.
+    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
+    async fn transfer_round_trips_and_defaults_to_none(pool: sqlx::PgPool) {
+        sqlx::query(INSERT_TRUNK).execute(&pool).await.unwrap();
+        assert_eq!(TrunkConfig::load_all(&pool).await.unwrap()[0].transfer, TransferMode::None);
+        let mut trunk = TrunkConfig::loopback("carrier", [("127.0.0.1".to_string(), 5060)]);
+        let mut conn = pool.acquire().await.unwrap();
+        trunk.upsert(&mut conn, "h", 2).await.unwrap();
+        trunk.transfer = TransferMode::Refer;
+        trunk.upsert(&mut conn, "h2", 3).await.unwrap();
+        let stored = TrunkConfig::load_all(&pool).await.unwrap();
+        let carrier = stored.iter().find(|t| t.name == "carrier").unwrap();
+        assert_eq!(carrier.transfer, TransferMode::Refer, "the upsert updates it");
+        let bad = sqlx::query("UPDATE trunks SET transfer = 'blind' WHERE name = 'carrier'").execute(&pool).await;
+        assert!(bad.is_err(), "the column takes refer and none only");
+        let mut json = serde_json::to_value(&trunk).unwrap();
+        json.as_object_mut().unwrap().remove("transfer").expect("the field is serialized");
+        let old: TrunkConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(old.transfer, TransferMode::None, "a snapshot saved before the field loads");
     }
 
     /// A trunk serialized before `srtp` existed (a node's saved snapshot) reads as disabled.

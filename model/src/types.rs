@@ -87,6 +87,22 @@ string_enum! {
 }
 
 string_enum! {
+    /// Whether the provider behind a trunk carries out call transfers itself (the `refer` mode
+    /// of `POST /api/calls/{id}/transfer`). Blind and warm transfers need nothing from the
+    /// provider (the node dials the target and bridges the legs) and work on every trunk.
+    #[derive(Default)]
+    TransferMode {
+        /// The provider accepts REFER (RFC 3515) on calls it delivered: the node may ask it to
+        /// call the target itself, which frees the node's media and trunk capacity.
+        Refer = "refer",
+        /// No REFER to the provider (the default): many carriers refuse it, or bill the
+        /// second call to the customer, so it is opted into per trunk.
+        #[default]
+        None = "none",
+    }
+}
+
+string_enum! {
     /// Audio codecs and the DTMF event payload a trunk may negotiate.
     Codec { Pcmu = "PCMU", Pcma = "PCMA", TelephoneEvent = "telephone-event" }
 }

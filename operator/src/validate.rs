@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use regex::Regex;
 use serde::de::DeserializeOwned;
 use switchboard_model::config::{Destination, MatchSpec};
-use switchboard_model::{AuthMethod, Codec, DestinationType, Direction, SrtpMode, Transport};
+use switchboard_model::{AuthMethod, Codec, DestinationType, Direction, SrtpMode, TransferMode, Transport};
 
 use crate::crd::{DECIMAL_PATTERN, E164_PATTERN, NAME_PATTERN, PhoneNumberSpec, RoutingRuleSpec, TrunkSpec};
 use crate::source::{Kind, ResourceKey, Spec};
@@ -93,8 +93,16 @@ pub fn warnings(spec: &Spec) -> Vec<String> {
     if srtp != SrtpMode::Disabled && spec.gateways.iter().any(|g| g.transport != Transport::Tls) {
         out.push(format!("spec.media.srtp: {SRTP_WITHOUT_TLS}"));
     }
+    if spec.transfer == TransferMode::Refer && spec.inbound.as_ref().is_some_and(|i| !i.enabled) {
+        out.push(format!("spec.transfer: {REFER_WITHOUT_INBOUND}"));
+    }
     out
 }
+
+/// What a `transfer: refer` trunk that takes no calls gets told: a REFER goes to the provider
+/// that delivered the call, so the setting only matters for inbound calls.
+pub const REFER_WITHOUT_INBOUND: &str =
+    "refer is used on calls that came in on this trunk, and inbound is disabled: the setting has no effect";
 
 /// What an SRTP trunk with a gateway on plain SIP gets told: SDES keys are only as secret as
 /// the signaling that carries them (RFC 4568 §8.1).
@@ -599,6 +607,28 @@ mod tests {
     /// `media.srtp` takes the three modes; SRTP over a gateway that is not TLS is valid but
     /// warned about (the SDES keys travel in the clear), and a misspelt mode is refused with the
     /// accepted ones.
+    /// `transfer` takes `refer` and `none` (the default) and nothing else; `refer` on a trunk
+    /// without inbound calls warns.
+    #[test]
+    fn transfer_modes_are_checked_and_refer_without_inbound_warns() {
+        let key = key(Kind::Trunk);
+        let Spec::Trunk(parsed) = parse_spec(&key, trunk()).unwrap() else { panic!("a trunk") };
+        assert_eq!(parsed.transfer, TransferMode::None, "the default");
+        let mut spec = trunk();
+        spec["transfer"] = json!("refer");
+        check(Kind::Trunk, spec.clone()).expect("refer is valid");
+        let Spec::Trunk(parsed) = parse_spec(&key, spec.clone()).unwrap() else { panic!("a trunk") };
+        assert_eq!(parsed.transfer, TransferMode::Refer);
+        assert!(warnings(&parse_spec(&key, spec.clone()).unwrap()).is_empty());
+        spec["inbound"] = json!({"enabled": false});
+        let warned = warnings(&parse_spec(&key, spec).unwrap());
+        assert!(warned.len() == 1 && warned[0].starts_with("spec.transfer:"), "{warned:?}");
+        let mut wrong = trunk();
+        wrong["transfer"] = json!("blind");
+        let text = check(Kind::Trunk, wrong).expect_err("an unknown mode is refused").to_string();
+        assert!(text.contains("transfer") && text.contains("refer") && text.contains("none"), "{text}");
+    }
+
     #[test]
     fn media_srtp_modes_are_accepted_and_srtp_without_tls_warns() {
         let key = key(Kind::Trunk);

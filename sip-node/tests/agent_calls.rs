@@ -184,6 +184,13 @@ fn carrier() -> switchboard_model::TrunkConfig {
     carrier
 }
 
+/// A carrier that takes REFER for transfers (`transfer: refer` on its Trunk).
+fn referring_carrier() -> switchboard_model::TrunkConfig {
+    let mut carrier = carrier();
+    carrier.transfer = switchboard_model::TransferMode::Refer;
+    carrier
+}
+
 // --- the caller ---
 
 /// A raw SIP + RTP caller.
@@ -1388,7 +1395,7 @@ impl Caller {
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
 async fn a_refer_transfer_hands_the_caller_to_the_carrier(pool: PgPool) {
     let mut agent = Agent::start().await;
-    let node = Node::start(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))]).await;
+    let node = Node::start(&pool, vec![referring_carrier()], vec![number_to(websocket(&agent.url))]).await;
     let (webhook_url, hooks) = webhook_receiver().await;
     let api = RestApi::start(&pool).await;
     let mut caller = Caller::new(node.addr, "transfer-refer", 0).await;
@@ -1419,11 +1426,34 @@ async fn a_refer_transfer_hands_the_caller_to_the_carrier(pool: PgPool) {
     node.stop().await;
 }
 
+/// `mode: refer` on a call whose trunk does not take REFER (`transfer` is `none`, the
+/// default) is refused with 409 naming the field; no REFER is sent and the caller stays with
+/// the agent.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_refer_transfer_on_a_trunk_without_refer_is_refused(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let node = Node::start(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))]).await;
+    let api = RestApi::start(&pool).await;
+    let mut caller = Caller::new(node.addr, "transfer-refer-off", 0).await;
+    caller.call().await;
+    let (_, start) = agent.expect("start").await;
+    let call_sid = start["start"]["callSid"].as_str().unwrap().to_string();
+    wait_for_active_row(&pool, &call_sid).await;
+    let (status, refused) = api.transfer(&call_sid, json!({"to": "+15552223333", "mode": "refer"})).await;
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(refused["error"]["code"], "not_transferable", "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("transfer: refer") && message.contains("default/carrier"), "{refused}");
+    caller.send_audio(&[0x53; 160]).await;
+    assert_eq!(payload_of(&agent.expect("media").await.1), vec![0x53; 160], "the agent still hears the caller");
+    hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
+}
+
 /// A referral the carrier reports as failed leaves the caller with the agent.
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
 async fn a_failed_refer_transfer_returns_the_caller_to_the_agent(pool: PgPool) {
     let mut agent = Agent::start().await;
-    let node = Node::start(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))]).await;
+    let node = Node::start(&pool, vec![referring_carrier()], vec![number_to(websocket(&agent.url))]).await;
     let api = RestApi::start(&pool).await;
     let mut caller = Caller::new(node.addr, "transfer-refer-busy", 0).await;
     caller.call().await;

@@ -94,7 +94,7 @@ pub struct TransferResponse {
         (status = 202, description = "The node holding the call started the transfer", body = TransferResponse),
         (status = 403, description = "The token lacks the `calls` scope, or no outbound RoutingRule matches `to` (`destination_not_allowed`)", body = ErrorBody),
         (status = 404, description = "No call in progress has this id", body = ErrorBody),
-        (status = 409, description = "The call cannot be transferred now (`not_transferable`): not answered yet, not bridged to an AI agent, a transfer already in progress, or a mode the node does not carry out", body = ErrorBody),
+        (status = 409, description = "The call cannot be transferred now (`not_transferable`): not answered yet, not bridged to an AI agent, a transfer already in progress, a mode the node does not carry out, or `refer` on a trunk without `transfer: refer`", body = ErrorBody),
         (status = 422, description = "Invalid body", body = ErrorBody),
         (status = 429, description = "Over the rate limit", body = ErrorBody),
         (status = 503, description = "The node holding the call did not answer in time", body = ErrorBody),

@@ -3,7 +3,7 @@
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use switchboard_model::{AuthMethod, Codec, SrtpMode, Transport};
+use switchboard_model::{AuthMethod, Codec, SrtpMode, TransferMode, Transport};
 
 use super::status::{Condition, NodeCounts};
 
@@ -109,6 +109,13 @@ pub struct TrunkSpec {
     /// Media protection on this trunk's call legs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub media: Option<MediaSpec>,
+
+    /// Whether the provider takes REFER (RFC 3515) for call transfers: `refer` lets the
+    /// `refer` mode of `POST /api/calls/{id}/transfer` ask the provider to call the target
+    /// itself (the node then leaves the call); `none` (the default) refuses that mode with 409.
+    /// Blind and warm transfers, which the node carries out itself, work either way.
+    #[serde(default, skip_serializing_if = "is_no_transfer")]
+    pub transfer: TransferMode,
 
     /// End a call after this many seconds without RTP.
     #[serde(default = "default_rtp_timeout")]
@@ -365,4 +372,10 @@ fn default_zero() -> String {
 }
 fn default_currency() -> String {
     "USD".into()
+}
+
+/// Leaves the default `transfer` out of a serialized spec (its hash stays what it was before
+/// the field existed).
+fn is_no_transfer(mode: &TransferMode) -> bool {
+    *mode == TransferMode::None
 }

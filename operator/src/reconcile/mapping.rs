@@ -81,6 +81,7 @@ pub fn trunk_config(namespace: &str, name: &str, spec: &TrunkSpec) -> TrunkConfi
         codecs: spec.codecs.clone(),
         dtmf_relay: spec.dtmf_relay,
         srtp: spec.media.as_ref().map(|m| m.srtp).unwrap_or_default(),
+        transfer: spec.transfer,
         rtp_timeout_seconds: spec.rtp_timeout_seconds,
         options_interval_seconds: spec.options_interval_seconds,
         failover_timeout_seconds: spec.failover_timeout_seconds,
@@ -207,6 +208,16 @@ mod tests {
         assert_eq!(required.srtp, switchboard_model::SrtpMode::Required);
         json["media"] = serde_json::json!({});
         assert_eq!(trunk_config("default", "t", &trunk(json)).srtp, switchboard_model::SrtpMode::Disabled);
+    }
+
+    /// `transfer` reaches the stored trunk (what the node checks a REFER transfer against),
+    /// `none` when absent.
+    #[test]
+    fn transfer_is_stored_and_defaults_to_none() {
+        let mut json = serde_json::json!({"provider": "skyetel", "gateways": [{"address": "sip.skyetel.com"}]});
+        assert_eq!(trunk_config("default", "t", &trunk(json.clone())).transfer, switchboard_model::TransferMode::None);
+        json["transfer"] = serde_json::json!("refer");
+        assert_eq!(trunk_config("default", "t", &trunk(json)).transfer, switchboard_model::TransferMode::Refer);
     }
 
     #[test]

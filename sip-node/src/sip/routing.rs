@@ -294,6 +294,7 @@ pub(crate) mod tests {
             codecs: vec![Codec::Pcmu],
             dtmf_relay: true,
             srtp: switchboard_model::SrtpMode::Disabled,
+            transfer: switchboard_model::TransferMode::None,
             rtp_timeout_seconds: 60,
             options_interval_seconds: 30,
             failover_timeout_seconds: 5,

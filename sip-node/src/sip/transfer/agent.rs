@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use rsip::headers::Header;
-use switchboard_model::TrunkConfig;
+use switchboard_model::{TransferMode, TrunkConfig};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -115,6 +115,10 @@ pub(crate) async fn run_agent_call(call: AgentCall<'_, '_>) -> AgentCallEnd {
             }
         };
         if request.mode == Mode::Refer {
+            if let Err(why) = refer_allowed(ctx, &caller) {
+                let _ = reply.send(Err(why));
+                continue;
+            }
             let _ = reply.send(Ok(()));
             let report = Reporter { hooks: &hooks, call_sid: &caller.call_sid, id, request: &request };
             let limit = request.timeout_seconds.map_or(DEFAULT_TIMEOUT, |s| std::time::Duration::from_secs(s.into()))
@@ -293,6 +297,25 @@ fn plan_route(
         return Err(format!("no trunk of namespace {} can reach {}", trunk.namespace, request.to));
     }
     Ok(trunks)
+}
+
+/// Whether the call's trunk lets a transfer go to its provider as a REFER (`transfer: refer`
+/// on the Trunk). The trunk as configured now is asked (an edit applies to calls in progress),
+/// the one the call came in on if it was removed since.
+fn refer_allowed(ctx: &NodeContext, caller: &CallerFacts) -> Result<(), String> {
+    let Some(trunk) = caller.trunk.as_ref() else {
+        return Err("the call came in on no trunk: there is no carrier to send a REFER to".into());
+    };
+    let snapshot = ctx.snapshot.current();
+    let mode = snapshot.trunk(&trunk.namespace, &trunk.name).map_or(trunk.transfer, |now| now.transfer);
+    match mode {
+        TransferMode::Refer => Ok(()),
+        TransferMode::None => Err(format!(
+            "trunk {}/{} does not take REFER (its spec.transfer is none): set `transfer: refer` on the Trunk, \
+             or use mode blind or warm",
+            trunk.namespace, trunk.name
+        )),
+    }
 }
 
 /// `X-Transfer-Summary` with the request's summary (control characters dropped: it goes into
