@@ -486,6 +486,7 @@ fn media_context(args: &SipArgs, sip: SocketAddr, metrics: &NodeMetrics) -> anyh
                 bridge_latency: metrics.bridge_latency(),
                 agent_tls,
                 hold_audio,
+                transfer_ringback: args.agent.transfer_ringback,
             }
         }),
         Err(error) => {

@@ -1523,6 +1523,103 @@ async fn a_caller_on_hold_hears_the_hold_audio_during_a_warm_transfer(pool: PgPo
     hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
 }
 
+/// With `--transfer-ringback` and a hold-audio file, the caller of a blind transfer hears the
+/// file (not the agent) while the target rings; when the target is busy, the caller is back
+/// with the agent, both ways.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_blind_transfer_with_ringback_plays_the_hold_audio_while_ringing_and_returns_the_caller(pool: PgPool) {
+    let hold = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(hold.path(), [[0x2A; 160], [0x2B; 160]].concat()).unwrap();
+    let path = hold.path().to_path_buf();
+    let mut agent = Agent::start().await;
+    let human = ua::Ua::new().await;
+    let trunks = vec![carrier_to(human.sip_addr())];
+    let numbers = vec![number_to(websocket(&agent.url))];
+    let node = Node::start_tuned(&pool, trunks, numbers, vec![], |args| {
+        args.agent.transfer_hold_audio = Some(path);
+        args.agent.transfer_ringback = true;
+    })
+    .await;
+    let api = RestApi::start(&pool).await;
+    let mut caller = Caller::new(node.addr, "transfer-ringback", 0).await;
+    caller.call().await;
+    let (_, start) = agent.expect("start").await;
+    let call_sid = start["start"]["callSid"].as_str().unwrap().to_string();
+    wait_for_active_row(&pool, &call_sid).await;
+    assert_eq!(api.transfer(&call_sid, json!({"to": "+15552223333", "mode": "blind"})).await.0, 202);
+    let (invite, from) = human.request("INVITE").await;
+    human.send(&ua::reply(&invite, "180 Ringing", human.sip_addr(), None), from).await;
+    agent.send_audio(&[0x66; 160 * 10]);
+    let mut heard = vec![];
+    while heard.len() < 10 {
+        let (_, pt, payload) = caller.hear(Duration::from_secs(2)).await.expect("the caller hears the hold audio");
+        assert_eq!(pt, 0);
+        heard.push(frame_id(&payload));
+    }
+    assert!(heard.iter().all(|id| *id == 0x2A || *id == 0x2B), "the hold audio, not the agent: {heard:x?}");
+    assert!(heard.windows(2).all(|w| w[0] != w[1]), "the file's frames in turn: {heard:x?}");
+
+    human.send(&ua::reply(&invite, "486 Busy Here", human.sip_addr(), None), from).await;
+    human.request("ACK").await;
+    let (_, failed) = agent.expect("transfer_failed").await;
+    assert_eq!(failed["transfer"]["sipCode"], 486, "{failed}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    while caller.hear(Duration::from_millis(50)).await.is_some() {}
+    caller.send_audio(&[0x23; 160]).await;
+    assert_eq!(payload_of(&agent.expect("media").await.1), vec![0x23; 160], "the agent hears the caller again");
+    agent.send_audio(&[0x96; 160]);
+    let (_, _, payload) = caller.hear(Duration::from_secs(2)).await.expect("the caller hears the agent again");
+    assert_eq!(frame_id(&payload), 0x96);
+    hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
+}
+
+/// With `--transfer-ringback` and no hold-audio file, the caller of a blind transfer hears a
+/// ringback tone (not silence, not the agent) while the target rings, then the target.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_blind_transfer_with_ringback_plays_a_tone_then_bridges_the_target(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let human = ua::Ua::new().await;
+    let trunks = vec![carrier_to(human.sip_addr())];
+    let numbers = vec![number_to(websocket(&agent.url))];
+    let node = Node::start_tuned(&pool, trunks, numbers, vec![], |args| args.agent.transfer_ringback = true).await;
+    let api = RestApi::start(&pool).await;
+    let mut caller = Caller::new(node.addr, "transfer-ringback-tone", 0).await;
+    caller.call().await;
+    let (_, start) = agent.expect("start").await;
+    let call_sid = start["start"]["callSid"].as_str().unwrap().to_string();
+    wait_for_active_row(&pool, &call_sid).await;
+    assert_eq!(api.transfer(&call_sid, json!({"to": "+15552223333", "mode": "blind"})).await.0, 202);
+    let (invite, from) = human.request("INVITE").await;
+    human.send(&ua::reply(&invite, "180 Ringing", human.sip_addr(), None), from).await;
+    agent.send_audio(&[0x66; 160 * 10]);
+    for _ in 0..10 {
+        let (_, pt, payload) = caller.hear(Duration::from_secs(2)).await.expect("the caller hears ringback");
+        assert_eq!((pt, payload.len()), (0, 160));
+        assert!(!payload.contains(&0x66), "not the agent: {payload:x?}");
+        // μ-law silence is 0xFF (or 0x7F): a tone varies over a 20 ms frame.
+        let levels: std::collections::HashSet<u8> = payload.iter().copied().collect();
+        assert!(levels.len() > 8, "a tone, not silence: {payload:x?}");
+    }
+    let node_b_rtp = ua::sdp_rtp(&invite);
+    let answer = ua::sdp(human.rtp_port(), "0 101", "sendrecv");
+    human.send(&ua::reply(&invite, "200 OK", human.sip_addr(), Some(&answer)), from).await;
+    human.request("ACK").await;
+    agent.expect("stop").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    while caller.hear(Duration::from_millis(50)).await.is_some() {}
+    human.rtp_send(node_b_rtp, 0, 700, &[0xA7; 160]).await;
+    let (_, _, payload) = caller.hear(Duration::from_secs(2)).await.expect("the caller hears the target");
+    assert_eq!(payload, vec![0xA7; 160]);
+    caller.send_audio(&[0x47; 160]).await;
+    let heard: Vec<Vec<u8>> = human.rtp_collect(Duration::from_millis(600)).await.into_iter().map(|(_, p)| p).collect();
+    assert_eq!(heard, [vec![0x47; 160]], "the target hears the caller");
+    caller.hang_up().await;
+    let (bye, from) = human.request("BYE").await;
+    human.send(&ua::reply(&bye, "200 OK", human.sip_addr(), None), from).await;
+    assert_clean_end(&pool, &node, 200).await;
+    node.stop().await;
+}
+
 /// DTMF by SIP INFO from the caller of an agent call (carriers that send key presses as INFO,
 /// issue 24): `application/dtmf-relay` and `application/dtmf` bodies are answered 200 and
 /// reach the agent as `dtmf` messages, like RFC 4733 key presses; a garbage body gets 400 with

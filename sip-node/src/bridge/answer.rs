@@ -52,6 +52,14 @@ pub struct AgentArgs {
     /// without one. Read at start-up; a file that cannot be read stops the node.
     #[arg(long, env = "SWITCHBOARD_TRANSFER_HOLD_AUDIO", value_name = "ULAW_FILE")]
     pub transfer_hold_audio: Option<PathBuf>,
+
+    /// While a blind transfer's target rings, the caller hears the `--transfer-hold-audio`
+    /// file, or a ringback tone (440+480 Hz, 2 s on, 4 s off) without one; the agent no longer
+    /// hears the caller, and gets the caller back if the transfer fails. Off (the default),
+    /// the caller stays with the agent until the target answers: the agent can say "please
+    /// hold" or keep talking, and a failed transfer needs no hand-back.
+    #[arg(long, env = "SWITCHBOARD_TRANSFER_RINGBACK")]
+    pub transfer_ringback: bool,
 }
 
 impl Default for AgentArgs {
@@ -62,6 +70,7 @@ impl Default for AgentArgs {
             agent_connect_timeout_ms: 5000,
             agent_ca_file: None,
             transfer_hold_audio: None,
+            transfer_ringback: false,
         }
     }
 }

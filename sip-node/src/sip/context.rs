@@ -64,6 +64,9 @@ pub struct MediaContext {
     pub agent_tls: crate::bridge::AgentTls,
     /// What a caller on hold hears during a warm transfer (8 kHz μ-law); `None`: silence.
     pub hold_audio: Option<Arc<[u8]>>,
+    /// Whether the caller of a blind transfer hears ringback (or the hold audio) while the
+    /// target rings, instead of the agent.
+    pub transfer_ringback: bool,
 }
 
 /// What trunk registration and gateway keepalives need: a narrow view of [`NodeContext`].

@@ -13,6 +13,7 @@ use uuid::Uuid;
 use super::dial::{Answered, DialPlan, Dialed, dial, write_cdr};
 use super::media::TransferMedia;
 use super::refer::{ReferCall, Referred};
+use super::ringing::Ringing;
 use super::warm::{Consult, Consulted};
 use super::{Command, DEFAULT_TIMEOUT, Intent, Mode, TransferEvent, TransferRequest};
 use crate::bridge::{BridgeEnd, BridgeHandle};
@@ -180,6 +181,14 @@ pub(crate) async fn run_agent_call(call: AgentCall<'_, '_>) -> AgentCallEnd {
             ring_limit: request.timeout_seconds.map_or(DEFAULT_TIMEOUT, |s| std::time::Duration::from_secs(s.into())),
             headers: summary_header(&request),
         };
+        // With `--transfer-ringback`, a blind transfer's caller hears ringback while it rings.
+        let mut ringing = None;
+        if request.mode == Mode::Blind && ctx.media.as_ref().is_some_and(|m| m.transfer_ringback) {
+            match Ringing::start(ctx, agent).await {
+                Ok(started) => ringing = Some(started),
+                Err(why) => tracing::warn!(transfer = %id, %why, "no ringback: the caller stays with the agent"),
+            }
+        }
         let cancel = CancellationToken::new();
         let mut task = tokio::spawn(dial(Arc::clone(ctx), plan.clone(), cancel.clone()));
         let dialed = async {
@@ -199,8 +208,14 @@ pub(crate) async fn run_agent_call(call: AgentCall<'_, '_>) -> AgentCallEnd {
                 report.send("transfer_failed", Some(ending.code), Some(format!("call ended: {}", ending.reason)));
                 return end(ending);
             }
-            Driven::Interrupted(Dialed::Failed { code, reason, attempts }, resumed) => {
+            Driven::Interrupted(Dialed::Failed { code, reason, attempts }, mut resumed) => {
                 next_attempt += attempts;
+                if let Some(ringing) = ringing.take()
+                    && let Some((relay, events)) = ringing.back(agent).await
+                {
+                    caller_relay = Some(relay);
+                    resumed.relay_events = Some(events);
+                }
                 tracing::info!(transfer = %id, code, %reason, "transfer failed; the caller stays with the agent");
                 agent.notify(
                     "transfer_failed",
@@ -240,6 +255,8 @@ pub(crate) async fn run_agent_call(call: AgentCall<'_, '_>) -> AgentCallEnd {
                             continue;
                         }
                     }
+                } else if let Some(ringing) = ringing.take() {
+                    ringing.answered().await
                 } else {
                     caller_relay.as_ref().unwrap_or(relay).release().await
                 };

@@ -1,4 +1,5 @@
-//! Hold audio for a caller waiting through a warm transfer's consultation: the node's
+//! Hold audio for a caller waiting through a warm transfer's consultation (or while a blind
+//! transfer's target rings, with `--transfer-ringback`; `ringback` without a file): the node's
 //! `--transfer-hold-audio` file (raw 8 kHz μ-law) played in a loop to the caller's RTP address
 //! from the caller's own port, one 20 ms packet per tick (A-law for an A-law caller). Without
 //! a file the caller hears silence (nothing is sent).
@@ -108,6 +109,31 @@ impl HoldPlayer {
     }
 }
 
+/// The North American ringback tone (ANSI T1.401: 440 Hz + 480 Hz, 2 s on, 4 s off) as one
+/// 6 s cadence of 8 kHz μ-law, for a caller waiting on a blind transfer when the node has no
+/// hold-audio file. Generated once.
+pub(super) fn ringback() -> Arc<[u8]> {
+    static TONE: std::sync::LazyLock<Arc<[u8]>> = std::sync::LazyLock::new(|| {
+        const RATE: f64 = 8000.0;
+        // Each tone at about -19 dBm0 (the sum stays well below full scale).
+        const AMPLITUDE: f64 = 3000.0;
+        let (on, period) = (2 * 8000, 6 * 8000);
+        (0..period)
+            .map(|n| {
+                if n >= on {
+                    return g711::linear_to_ulaw(0);
+                }
+                let t = f64::from(n) / RATE;
+                let tau = std::f64::consts::TAU;
+                let sample = AMPLITUDE * ((tau * 440.0 * t).sin() + (tau * 480.0 * t).sin());
+                g711::linear_to_ulaw(sample.round() as i16)
+            })
+            .collect::<Vec<u8>>()
+            .into()
+    });
+    Arc::clone(&TONE)
+}
+
 /// Reads a hold-audio file: raw 8 kHz μ-law, at least one 20 ms frame.
 pub fn load(path: &std::path::Path) -> Result<Arc<[u8]>, String> {
     let audio = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -115,4 +141,31 @@ pub fn load(path: &std::path::Path) -> Result<Arc<[u8]>, String> {
         return Err(format!("{} holds less than 20 ms of 8 kHz μ-law audio", path.display()));
     }
     Ok(audio.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ringback cadence: 2 s of 440+480 Hz, then 4 s of μ-law silence.
+    #[test]
+    fn the_ringback_tone_is_440_plus_480_hz_two_seconds_on_four_off() {
+        let tone = ringback();
+        assert_eq!(tone.len(), 6 * 8000);
+        assert!(tone[16_000..].iter().all(|&code| code == g711::linear_to_ulaw(0)), "4 s of silence");
+        let samples: Vec<f64> = tone[..16_000].iter().map(|&c| f64::from(g711::ulaw_to_linear(c))).collect();
+        // The power at a frequency over the 2 s (a single DFT bin: 0.5 Hz resolution).
+        let power = |hz: f64| {
+            let (mut re, mut im) = (0.0, 0.0);
+            for (n, x) in samples.iter().enumerate() {
+                let phase = std::f64::consts::TAU * hz * n as f64 / 8000.0;
+                re += x * phase.cos();
+                im += x * phase.sin();
+            }
+            re * re + im * im
+        };
+        let (p440, p480, p400, p1000) = (power(440.0), power(480.0), power(400.0), power(1000.0));
+        assert!(p440 > 100.0 * p400 && p480 > 100.0 * p1000, "{p440} {p480} {p400} {p1000}");
+        assert!((p440 / p480 - 1.0).abs() < 0.1, "equal levels: {p440} {p480}");
+    }
 }

@@ -17,7 +17,9 @@
 //! back from the agent's bridge with its port (the caller's SDP stays true), the agent gets
 //! `stop` and its socket closes, and a two-leg relay joins the caller and the target; the call
 //! goes on in a new connected machine with both legs. When every attempt fails, the caller
-//! stays with the agent, which gets a `transfer_failed` event.
+//! stays with the agent, which gets a `transfer_failed` event. With `--transfer-ringback` the
+//! caller hears ringback (or the hold audio) instead of the agent while the target rings
+//! (`ringing`).
 //!
 //! A warm transfer (`warm`) dials the same way; when the human answers, the agent briefs them
 //! before the caller is joined (`complete`) or the human is hung up (`cancel`), both asked
@@ -33,6 +35,7 @@ pub mod hold;
 mod media;
 pub mod queue;
 mod refer;
+mod ringing;
 mod warm;
 
 use std::collections::HashMap;
