@@ -27,6 +27,8 @@
 mod control;
 mod driver;
 mod dtmf;
+mod events;
+mod forward;
 mod media;
 mod refer;
 #[cfg(test)]
@@ -42,14 +44,17 @@ use rsip::prelude::*;
 use rsip::{Method, Request, Response, SipMessage};
 
 pub(crate) use driver::{AgentSession, Channels, Driven, Io, LegChannels, Referrals, Resume, drive, drive_until};
+pub(crate) use events::{Action, Ender, Ending, Event, Leg, Timer};
 pub(crate) use media::{AnchoredMedia, LocalAnswerer, LocalMedia};
 pub(crate) use refer::{NewLeg, PlaceLeg, ReferralUpdate};
 pub(crate) use replaces::Replacing;
 
-use super::control::dtmf_info;
 use super::control::session_leg::{LegSession, LegTimer};
-use super::control::session_timer::{SessionTimerKind, TimerPolicy};
-use super::dialog::{Dialog, content_type};
+// The tests name the session timers through `use super::*`, as before the events moved out.
+#[cfg(test)]
+use super::control::session_timer::SessionTimerKind;
+use super::control::session_timer::TimerPolicy;
+use super::dialog::Dialog;
 use super::message::{self, HangupReason};
 use super::transaction::uas2xx::{Uas2xxAction, Uas2xxRetransmitter, Uas2xxTimer};
 use super::transaction::{TimerConfig, TransactionKey, new_branch, response_to};
@@ -57,117 +62,6 @@ use crate::media::sdp::SessionDescription;
 
 /// How long the node waits for the far side to confirm a BYE before it forgets the call.
 pub(crate) const BYE_WAIT: Duration = Duration::from_secs(4);
-
-/// Which leg a message belongs to.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
-pub(crate) enum Leg {
-    /// The caller's dialog: the node answered its INVITE (UAS).
-    A,
-    /// The callee's dialog: the node sent the INVITE (UAC).
-    B,
-}
-
-impl Leg {
-    /// The other leg.
-    pub(crate) fn other(self) -> Leg {
-        match self {
-            Leg::A => Leg::B,
-            Leg::B => Leg::A,
-        }
-    }
-}
-
-/// Which side ended a call.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum Ender {
-    Caller,
-    Callee,
-    System,
-}
-
-impl From<Ender> for crate::store::HangupBy {
-    fn from(ender: Ender) -> Self {
-        match ender {
-            Ender::Caller => crate::store::HangupBy::Caller,
-            Ender::Callee => crate::store::HangupBy::Callee,
-            Ender::System => crate::store::HangupBy::System,
-        }
-    }
-}
-
-/// How the connected phase ended: the CDR's code, reason and who hung up.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Ending {
-    pub(crate) code: u16,
-    pub(crate) reason: String,
-    pub(crate) by: Ender,
-}
-
-/// The machine's timers. New features (session refresh, ...) add their own variant.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
-pub(crate) enum Timer {
-    /// The 2xx retransmission timers of leg A.
-    Uas2xx(Uas2xxTimer),
-    /// The wait for the final response to our BYE ran out.
-    ByeWait,
-    /// The call's maximum duration passed.
-    MaxDuration,
-    /// A leg's session timer (RFC 4028): refresh or expiry.
-    Session(Leg, SessionTimerKind),
-}
-
-/// What happened to the call.
-#[derive(Debug)]
-pub(crate) enum Event {
-    /// A request in a leg's dialog; `key` is `None` for ACK (no transaction).
-    Request { leg: Leg, request: Request, key: Option<TransactionKey> },
-    /// A response on a leg (to a request the machine sent, or a retransmitted 2xx).
-    Response { leg: Leg, response: Response },
-    /// A request the machine sent on `leg` got no final response (Timer B/F).
-    TransactionTimeout { leg: Leg },
-    /// A timer the machine asked for expired.
-    Timer(Timer),
-    /// The node is stopping: calls in progress are ended.
-    Draining,
-    /// No RTP for `silent_for`.
-    MediaTimeout { silent_for: Duration },
-    /// The AI agent's session ended; `reason` is the CDR text.
-    AgentEnded { reason: String },
-    /// A leg's event channel closed (the endpoint stopped).
-    ChannelClosed { leg: Leg },
-    /// How placing a referred leg goes (`refer.rs`).
-    Referral(ReferralUpdate),
-    /// An INVITE with `Replaces` for a leg's dialog (`replaces.rs`).
-    Replacing(Box<Replacing>),
-}
-
-/// What the driver must do, in order.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Action {
-    /// Answer a request through its server transaction.
-    Respond { key: TransactionKey, response: Response },
-    /// Send a request on a leg through a client transaction (its events come back on the leg).
-    Send { leg: Leg, request: Request },
-    /// Send a message statelessly to the leg's peer (ACK for a 2xx).
-    SendStateless { leg: Leg, message: SipMessage },
-    /// Retransmit the 2xx to the caller statelessly (counted in the node's metrics).
-    Retransmit { leg: Leg, response: Response },
-    /// Arm (or re-arm) a timer.
-    Schedule(Timer, Duration),
-    /// Disarm a timer.
-    CancelTimer(Timer),
-    /// Check a REFER's target and place the new leg (`refer.rs`); the outcome comes back as
-    /// [`Event::Referral`].
-    PlaceLeg(Box<PlaceLeg>),
-    /// The referred leg took `leg`'s place: its channels replace the old ones, and the old
-    /// dialog is unregistered.
-    ReplaceLeg { leg: Leg, old_call_id: String, old_local_tag: String },
-    /// A new dialog with `peer` took `leg`'s place on the same channel (INVITE with
-    /// `Replaces`): register it (Call-ID, our tag), unregister the old one.
-    Rebind { leg: Leg, peer: crate::sip::transport::Peer, register: (String, String), unregister: (String, String) },
-    /// The call is over; nothing more will be asked.
-    End(Ending),
-}
 
 /// How in-dialog offers (re-INVITE, UPDATE with SDP) are handled.
 pub(crate) enum MediaMode<'m> {
@@ -603,135 +497,6 @@ impl<'m> Connected<'m> {
         self.pending.clear();
         self.ended = true;
         out.push(Action::End(ending));
-    }
-
-    /// Passes an in-dialog request (re-INVITE, UPDATE, INFO, ...) from one leg to the other.
-    /// With anchored media an offer is not passed but re-offered by the node on the other leg
-    /// (mirroring its direction: hold and resume), and a re-INVITE without an offer is
-    /// answered here with the node's current SDP.
-    fn forward(&mut self, from: Leg, request: Request, key: TransactionKey, out: &mut Vec<Action>) {
-        let ct = content_type(&request.headers);
-        let mut body =
-            (!request.body.is_empty()).then(|| (ct.clone().unwrap_or("application/sdp".into()), request.body.clone()));
-        let mut offer = None;
-        let is_sdp = ct.as_deref().is_none_or(|ct| ct.to_ascii_lowercase().starts_with("application/sdp"));
-        if request.method == Method::Info
-            && let Some(ct) = ct.as_deref().filter(|ct| dtmf_info::is_dtmf_content_type(ct))
-        {
-            match self.dtmf_info(from, &request, ct) {
-                Ok(normalized) => body = Some(normalized),
-                Err(refusal) => {
-                    out.push(Action::Respond { key, response: refusal });
-                    return;
-                }
-            }
-        }
-        let from_contact = self.leg(from).map(|l| l.setup.dialog.contact.clone()).unwrap_or_default();
-        if let MediaMode::Anchored(anchor) = &mut self.media
-            && matches!(request.method, Method::Invite | Method::Update)
-        {
-            if request.body.is_empty() && request.method == Method::Invite {
-                let mut response = response_to(&request, 200, Some("OK"), None);
-                response.headers.push(Header::Contact(headers::Contact::new(from_contact)));
-                if let Some(sdp) = anchor.last_sent(from) {
-                    message::set_body(&mut response.headers, &mut response.body, sdp, Some("application/sdp"));
-                }
-                out.push(Action::Respond { key, response });
-                return;
-            }
-            if !request.body.is_empty() && is_sdp {
-                match anchor.reoffer(from, &request.body) {
-                    Ok((parsed, ours)) => {
-                        offer = Some(parsed);
-                        body = Some(("application/sdp".into(), ours));
-                    }
-                    Err(error) => {
-                        tracing::info!(%error, leg = ?from, "re-offer refused");
-                        out.push(Action::Respond {
-                            key,
-                            response: response_to(&request, error.sip_status(), None, None),
-                        });
-                        return;
-                    }
-                }
-            }
-        }
-        let to = from.other();
-        let Some(other) = self.leg_mut(to) else { return };
-        let via = via(&other.setup);
-        let body = body.as_ref().map(|(ct, bytes)| (ct.as_str(), bytes.clone()));
-        let mut forwarded = other.setup.dialog.request(request.method, via, None, body);
-        if matches!(request.method, Method::Invite | Method::Update)
-            && let Some(session) = other.session.as_ref()
-        {
-            // The other leg's session is refreshed by this request too (RFC 4028).
-            forwarded.headers.extend(session.forwarded_request_headers());
-        }
-        let cseq = other.setup.dialog.local_cseq;
-        out.push(Action::Send { leg: to, request: forwarded });
-        self.pending.push(Pending { from, key, request, cseq, offer });
-    }
-
-    /// Relays the final response to a forwarded request back to the leg it came from; `leg` is
-    /// the leg the response arrived on. A 2xx to a forwarded re-INVITE is ACKed here.
-    fn relay_final(&mut self, leg: Leg, response: Response, out: &mut Vec<Action>) {
-        let Some((number, method)) = message::cseq(&response) else { return };
-        let mut code = message::status(&response);
-        let Some(index) =
-            self.pending.iter().position(|p| p.from != leg && p.cseq == number && p.request.method == method)
-        else {
-            return;
-        };
-        if code < 200 {
-            return;
-        }
-        let p = self.pending.remove(index);
-        if method == Method::Invite
-            && (200..300).contains(&code)
-            && let Some(state) = self.leg_mut(leg)
-        {
-            let via = via(&state.setup);
-            let ack = state.setup.dialog.request(Method::Ack, via, Some(number), None);
-            out.push(Action::SendStateless { leg, message: SipMessage::Request(ack) });
-        }
-        let mut body = (!response.body.is_empty())
-            .then(|| (content_type(&response.headers).unwrap_or("application/sdp".into()), response.body.clone()));
-        if let (Some(offer), MediaMode::Anchored(anchor)) = (p.offer.as_ref(), &mut self.media) {
-            body = None;
-            if (200..300).contains(&code) {
-                match anchor.reanswer(p.from, offer, &response.body) {
-                    Ok(answer) => body = Some(("application/sdp".into(), answer)),
-                    Err(error) => {
-                        tracing::info!(%error, "the other leg's answer to a re-offer is unusable");
-                        code = 488;
-                    }
-                }
-            }
-        }
-        let mut relayed = response_to(&p.request, code, None, None);
-        if matches!(method, Method::Invite | Method::Update) && (200..300).contains(&code) {
-            let contact = self.leg(p.from).map(|l| l.setup.contact.clone()).unwrap_or_default();
-            relayed.headers.push(Header::Contact(headers::Contact::new(contact)));
-        }
-        if let Some((ct, bytes)) = body {
-            message::set_body(&mut relayed.headers, &mut relayed.body, bytes, Some(&ct));
-        }
-        if matches!(method, Method::Invite | Method::Update) && (200..300).contains(&code) {
-            self.offer_answered(leg, &response, p.from, &p.request, &mut relayed, out);
-        }
-        out.push(Action::Respond { key: p.key, response: relayed });
-    }
-
-    /// A forwarded request timed out on `leg`: answer its originator with 408.
-    fn fail_pending(&mut self, leg: Leg, out: &mut Vec<Action>) {
-        self.pending.retain(|p| {
-            if p.from != leg {
-                out.push(Action::Respond { key: p.key.clone(), response: response_to(&p.request, 408, None, None) });
-                false
-            } else {
-                true
-            }
-        });
     }
 
     fn leg(&self, leg: Leg) -> Option<&LegState> {
