@@ -8,7 +8,7 @@
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
-use switchboard_model::{AuthMethod, Codec, Transport};
+use switchboard_model::{AuthMethod, Codec, TransferMode, Transport};
 use utoipa::ToSchema;
 
 use crate::error::ApiError;
@@ -98,6 +98,9 @@ pub struct TrunkFields {
     pub strip_digits: Option<u32>,
     pub prepend_digits: Option<String>,
     pub enable_dtmf_relay: Option<bool>,
+    /// `refer` when the provider takes REFER for call transfers (the `refer` mode of
+    /// `POST /api/calls/{id}/transfer`), `none` otherwise (the default): the Trunk's `transfer`.
+    pub transfer: Option<String>,
     /// Seconds without RTP before a call is ended.
     pub rtp_timeout: Option<u32>,
     /// OPTIONS keepalive interval in seconds (0: off).
@@ -145,6 +148,8 @@ pub(crate) struct TrunkResponse {
     pub strip_digits: u32,
     pub prepend_digits: Option<String>,
     pub enable_dtmf_relay: bool,
+    /// `refer` or `none` (the Trunk's `transfer`).
+    pub transfer: String,
     pub rtp_timeout: u32,
     pub heartbeat_interval: u32,
     pub registration_expire: u32,
@@ -357,6 +362,9 @@ pub fn apply_fields(
     if let Some(dtmf) = fields.enable_dtmf_relay {
         spec.dtmf_relay = dtmf;
     }
+    if let Some(transfer) = &fields.transfer {
+        spec.transfer = parse_enum::<TransferMode>("transfer", &transfer.to_ascii_lowercase())?;
+    }
     if let Some(timeout) = fields.rtp_timeout {
         spec.rtp_timeout_seconds = timeout;
     }
@@ -485,6 +493,7 @@ pub(crate) fn response(
         strip_digits: spec.number_format.as_ref().map(|f| f.strip_digits).unwrap_or_default(),
         prepend_digits: spec.number_format.as_ref().and_then(|f| f.prepend_digits.clone()),
         enable_dtmf_relay: spec.dtmf_relay,
+        transfer: spec.transfer.to_string(),
         rtp_timeout: spec.rtp_timeout_seconds,
         heartbeat_interval: spec.options_interval_seconds,
         registration_expire: spec.registration.as_ref().map(|r| r.expires_seconds).unwrap_or(3600),

@@ -135,6 +135,16 @@ async fn trunk_crud_writes_the_folder(pool: PgPool) {
     let text = std::fs::read_to_string(api.dir.path().join("api/trunk-skyetel-main.yaml")).unwrap();
     assert!(text.contains(PASSWORD), "a PUT without a password keeps the Secret");
 
+    // `transfer: refer` (the provider takes REFER) reaches the Trunk; an unknown mode is a 422.
+    assert_eq!(body["transfer"], "none", "the default");
+    let (status, body) = api.send(Method::PUT, "/api/trunks/skyetel_main", Some(json!({"transfer": "refer"}))).await;
+    assert_eq!((status, &body["transfer"]), (StatusCode::OK, &json!("refer")), "{body}");
+    let text = std::fs::read_to_string(api.dir.path().join("api/trunk-skyetel-main.yaml")).unwrap();
+    assert!(text.contains("transfer: refer"), "{text}");
+    let (status, body) = api.send(Method::PUT, "/api/trunks/skyetel_main", Some(json!({"transfer": "blind"}))).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(body.to_string().contains("transfer"), "{body}");
+
     // 422 with the API field, nothing written.
     let before = std::fs::read_to_string(api.dir.path().join("api/trunk-skyetel-main.yaml")).unwrap();
     let (status, body) = api
