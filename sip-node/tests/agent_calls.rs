@@ -1620,6 +1620,43 @@ async fn a_blind_transfer_with_ringback_plays_a_tone_then_bridges_the_target(poo
     node.stop().await;
 }
 
+/// A caller who hangs up while hearing ringback: the target's INVITE is cancelled, the agent
+/// gets `stop`, and nothing is left behind (the caller's leg in the player and the placeholder
+/// leg in the agent's bridge give their ports back).
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_caller_hanging_up_during_ringback_leaves_nothing_behind(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let human = ua::Ua::new().await;
+    let trunks = vec![carrier_to(human.sip_addr())];
+    let numbers = vec![number_to(websocket(&agent.url))];
+    let node = Node::start_tuned(&pool, trunks, numbers, vec![], |args| args.agent.transfer_ringback = true).await;
+    let api = RestApi::start(&pool).await;
+    let mut caller = Caller::new(node.addr, "transfer-ringback-bye", 0).await;
+    caller.call().await;
+    let (_, start) = agent.expect("start").await;
+    let call_sid = start["start"]["callSid"].as_str().unwrap().to_string();
+    wait_for_active_row(&pool, &call_sid).await;
+    assert_eq!(api.transfer(&call_sid, json!({"to": "+15552223333", "mode": "blind"})).await.0, 202);
+    let (invite, from) = human.request("INVITE").await;
+    human.send(&ua::reply(&invite, "180 Ringing", human.sip_addr(), None), from).await;
+    caller.hear(Duration::from_secs(2)).await.expect("the caller hears ringback");
+    caller.hang_up().await;
+    let (cancel, from) = human.request("CANCEL").await;
+    human.send(&ua::reply(&cancel, "200 OK", human.sip_addr(), None), from).await;
+    human.send(&ua::reply(&invite, "487 Request Terminated", human.sip_addr(), None), from).await;
+    agent.expect("stop").await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (ports, active) = (rtp_ports_in_use(&node).await, active_calls(&pool).await);
+        if ports == 0.0 && active == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "left behind: ports {ports}, active_calls {active}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.stop().await;
+}
+
 /// DTMF by SIP INFO from the caller of an agent call (carriers that send key presses as INFO,
 /// issue 24): `application/dtmf-relay` and `application/dtmf` bodies are answered 200 and
 /// reach the agent as `dtmf` messages, like RFC 4733 key presses; a garbage body gets 400 with
