@@ -123,7 +123,7 @@ impl Call {
         if let Some(anchor) = anchor
             && let Some(stats) = anchor.stop().await
         {
-            tracing::info!(
+            tracing::debug!(
                 caller_in = stats.a.packets_in,
                 caller_out = stats.a.packets_out,
                 callee_in = stats.b.packets_in,
