@@ -126,6 +126,7 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         settings,
         stop.clone(),
     );
+    let controllers = stop_within(controllers, &stop, "the controllers");
     let ended = match &election {
         Some(election) => {
             let holder = async {
@@ -133,19 +134,19 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
                 stop.cancel();
                 ended
             };
-            let (ended, ()) = tokio::join!(holder, controllers);
+            let (ended, _) = tokio::join!(holder, controllers);
             ended
         }
         None => {
-            controllers.await;
+            let _ = controllers.await;
             Ended::Shutdown
         }
     };
     metrics.leader.set(0);
     shutdown.cancel();
-    let _ = server.await;
+    let _ = stop_within(server, &shutdown, "the health server").await;
     if let Some(api) = api {
-        let _ = api.await;
+        let _ = stop_within(api, &shutdown, "the REST API").await;
     }
     match ended {
         Ended::Shutdown => {
@@ -153,6 +154,33 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
             Ok(())
         }
         Ended::Lost => anyhow::bail!("lost the leader lease; exiting so that this replica restarts as a standby"),
+    }
+}
+
+/// How long one part of the process may take to stop once told to (in-flight reconciles, HTTP
+/// connections kept open by clients). Kubernetes kills the pod 30 s after SIGTERM by default;
+/// the parts stop in turn within that.
+const STOP_GRACE: Duration = Duration::from_secs(8);
+
+/// Runs `work` to its end, but no longer than [`STOP_GRACE`] after `stopped` is cancelled: a
+/// part that does not stop (a reconcile waiting on an unresponsive API server, a client holding
+/// a connection open) must not keep the replica from exiting. Says which part overran.
+async fn stop_within<T>(
+    work: impl std::future::Future<Output = T>,
+    stopped: &CancellationToken,
+    what: &str,
+) -> Option<T> {
+    tokio::pin!(work);
+    tokio::select! {
+        output = &mut work => return Some(output),
+        _ = stopped.cancelled() => {}
+    }
+    match tokio::time::timeout(STOP_GRACE, work).await {
+        Ok(output) => Some(output),
+        Err(_) => {
+            tracing::warn!("{what} did not stop within {STOP_GRACE:?} of shutdown; exiting without them");
+            None
+        }
     }
 }
 

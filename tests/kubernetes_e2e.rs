@@ -152,14 +152,26 @@ async fn apply(client: &Client, object: &Value) -> Result<DynamicObject, kube::E
     api_for(client, object).patch(name_of(object), &PatchParams::apply(MANAGER).force(), &Patch::Apply(object)).await
 }
 
-async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut check: F)
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    wait_for_showing(what, timeout, None, check).await
+}
+
+/// [`wait_for`], showing the log of the process it waits on when it times out.
+async fn wait_for_showing<F, Fut>(what: &str, timeout: Duration, log: Option<&Path>, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
     let deadline = Instant::now() + timeout;
     while !check().await {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        if Instant::now() >= deadline {
+            let log = log.and_then(|path| std::fs::read_to_string(path).ok()).unwrap_or_default();
+            panic!("timed out after {timeout:?} waiting for {what}\n{log}");
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -487,7 +499,7 @@ async fn operator_on_a_real_cluster() {
     write_yaml(&examples_file, &examples);
     kubectl_ok(&["apply", "--server-side", "--field-manager", MANAGER, "-f", examples_file.to_str().unwrap()]);
     let kinds = "trunks.switchboard.dev,phonenumbers.switchboard.dev,routingrules.switchboard.dev";
-    wait_for("the operator's first pass", Duration::from_secs(60), || async {
+    wait_for_showing("the operator's first pass", Duration::from_secs(60), Some(&operator_log), || async {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM trunks").fetch_one(pool).await.is_ok_and(|n| n == 2)
     })
     .await;
@@ -723,8 +735,16 @@ async fn operator_on_a_real_cluster() {
 
     // SIGTERM: a clean exit.
     operator.signal(nix::sys::signal::Signal::SIGTERM);
+    let terminated = Instant::now();
     let status = operator.wait_exit(Duration::from_secs(20)).await;
     assert!(status.success(), "operator exit status {status}");
+    let overran: Vec<String> = std::fs::read_to_string(&operator_log)
+        .unwrap()
+        .lines()
+        .filter(|line| line.contains("did not stop within"))
+        .map(str::to_owned)
+        .collect();
+    println!("kubernetes_e2e: the operator exited {:?} after SIGTERM {overran:?}", terminated.elapsed());
     println!("kubernetes_e2e: passed against {}", setup.server_url);
     setup.teardown().await;
 }
@@ -793,7 +813,13 @@ async fn lease_failover_after_sigkill() {
     assert_eq!(lease.lease_transitions, Some(1));
     b.signal(nix::sys::signal::Signal::SIGTERM);
     // (It releases the Lease and stops its watches first: generous for a loaded machine.)
+    let terminated = Instant::now();
     assert!(b.wait_exit(Duration::from_secs(60)).await.success());
+    let log = std::fs::read_to_string(&log_b).unwrap();
+    let lines: Vec<&str> = log.lines().collect();
+    let shutdown = lines[lines.len().saturating_sub(8)..].join("\n");
+    println!("kubernetes_e2e: replica-b exited {:?} after SIGTERM:\n{shutdown}", terminated.elapsed());
+    // A part cut off at the grace limit (src/operator.rs stop_within) says so in these lines.
     setup.teardown().await;
 }
 

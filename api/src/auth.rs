@@ -54,7 +54,8 @@ pub enum Scope {
     Read,
     /// Create, change, activate and delete trunks.
     Trunks,
-    /// Place calls (`POST /api/calls/initiate`).
+    /// Place calls (`POST /api/calls/initiate`) and transfer them
+    /// (`POST /api/calls/{call_id}/transfer`).
     Calls,
     /// Send messages (`POST /api/sms/send`).
     Sms,
@@ -89,6 +90,14 @@ pub(crate) fn required_scope(method: &axum::http::Method, route: &str) -> Scope 
     match (method, route) {
         (&Method::GET | &Method::HEAD, _) => Scope::Read,
         (_, "/api/calls/initiate") => Scope::Calls,
+        (&Method::POST, r)
+            if r.starts_with("/api/calls/")
+                && ["/transfer", "/transfer/complete", "/transfer/cancel", "/transfer/dtmf"]
+                    .iter()
+                    .any(|end| r.ends_with(end)) =>
+        {
+            Scope::Calls
+        }
         (_, "/api/sms/send") => Scope::Sms,
         (&Method::POST | &Method::PUT | &Method::DELETE, r) if r.starts_with("/api/trunks") => Scope::Trunks,
         _ => Scope::Admin,
@@ -361,6 +370,9 @@ mod tests {
             (Method::DELETE, "/api/trunks/{trunk_id}", Scope::Trunks),
             (Method::POST, "/api/trunks/{trunk_id}/activate", Scope::Trunks),
             (Method::POST, "/api/calls/initiate", Scope::Calls),
+            (Method::POST, "/api/calls/CA123@carrier/transfer", Scope::Calls),
+            (Method::POST, "/api/calls/CA123@carrier/transfer/complete", Scope::Calls),
+            (Method::POST, "/api/calls/CA123@carrier/transfer/cancel", Scope::Calls),
             (Method::POST, "/api/sms/send", Scope::Sms),
             (Method::POST, "/api/something/new", Scope::Admin),
         ] {

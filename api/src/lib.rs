@@ -151,11 +151,12 @@ impl ApiMetrics {
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Switchboard API", description = "Trunks, calls and SMS over Switchboard's resources. Authenticate with `Authorization: Bearer <JWT>` (mint one with `switchboard token --subject NAME --scope read,calls`). Scopes: `read` for every GET, `trunks` for trunk writes, `calls` for `/api/calls/initiate`, `sms` for `/api/sms/send`, `admin` for all; a token without the route's scope gets 403 `insufficient_scope`."),
+    info(title = "Switchboard API", description = "Trunks, calls and SMS over Switchboard's resources. Authenticate with `Authorization: Bearer <JWT>` (mint one with `switchboard token --subject NAME --scope read,calls`). Scopes: `read` for every GET, `trunks` for trunk writes, `calls` for `/api/calls/initiate` and `/api/calls/{call_id}/transfer`, `sms` for `/api/sms/send`, `admin` for all; a token without the route's scope gets 403 `insufficient_scope`."),
     paths(
         trunks::create, trunks::list, trunks::get, trunks::update, trunks::delete, trunks::activate,
         trunks::status::status, trunks::status::status_all, trunks::stats::stats_summary,
         calls::initiate, calls::get_call, calls::active, calls::cdr::cdrs, calls::sms::send_sms, calls::sms::sms_history,
+        calls::transfer::transfer, calls::transfer::complete, calls::transfer::cancel, calls::transfer::dtmf,
         healthz,
     ),
     components(schemas(error::ErrorBody, error::ErrorDetail)),
@@ -231,6 +232,10 @@ pub fn router(state: AppState, verifier: Arc<JwtVerifier>) -> Router {
         .route("/api/calls/active", get(calls::active))
         .route("/api/calls/cdr", get(calls::cdr::cdrs))
         .route("/api/calls/{call_id}", get(calls::get_call))
+        .route("/api/calls/{call_id}/transfer", post(calls::transfer::transfer))
+        .route("/api/calls/{call_id}/transfer/complete", post(calls::transfer::complete))
+        .route("/api/calls/{call_id}/transfer/cancel", post(calls::transfer::cancel))
+        .route("/api/calls/{call_id}/transfer/dtmf", post(calls::transfer::dtmf))
         .route("/api/sms/send", post(calls::sms::send_sms))
         .route("/api/sms/history", get(calls::sms::sms_history))
         .route_layer(middleware::from_fn_with_state(verifier, auth::require_token));

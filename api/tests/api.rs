@@ -696,3 +696,114 @@ async fn requests_expire_and_active_calls_come_from_live_nodes(pool: PgPool) {
     let (_, body) = api.send(Method::GET, "/api/trunks/stats/summary", None).await;
     assert_eq!((&body["trunks"][0]["active_calls"], &body["total"]["active_calls"]), (&json!(1), &json!(1)), "{body}");
 }
+
+/// `POST /api/calls/{call_id}/transfer`: the body, the call and the toll-fraud guard are
+/// checked before anything is queued; a request is queued for the node in the call's active
+/// row, and when that node does not take it in time it is withdrawn (503). The node's side
+/// (accepting, dialling, bridging) is tested against a real node in the SIP node's
+/// `agent_calls` tests.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn transfer_requests_are_checked_and_queued_for_the_calls_node(pool: PgPool) {
+    reconcile_examples(&pool).await;
+    let api = api(pool.clone());
+    sqlx::query("INSERT INTO nodes (node_id, hostname, version, heartbeat_at) VALUES ('n1', 'h', 'v', now())")
+        .execute(&pool)
+        .await
+        .unwrap();
+    for (call_id, state) in [("CA-answered", "answered"), ("CA-ringing", "ringing")] {
+        sqlx::query(
+            "INSERT INTO active_calls (call_uuid, call_id, node_id, direction, from_number, to_number, state)
+             VALUES (gen_random_uuid(), $1, 'n1', 'inbound', '+15557654321', '+15551234567', $2)",
+        )
+        .bind(call_id)
+        .bind(state)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let transfer = |body: Value| (Method::POST, "/api/calls/CA-answered/transfer", Some(body));
+
+    // 422: a bad body, naming the field.
+    for (body, field) in [
+        (json!({"to": "12345", "mode": "blind"}), Some("to")),
+        (json!({"to": "sip:human@example.com", "mode": "blind"}), Some("to")),
+        (json!({"to": "+19876543210", "mode": "blind", "timeout_seconds": 1}), Some("timeout_seconds")),
+        (json!({"to": "+19876543210", "mode": "blind", "caller_id": "anonymous"}), Some("caller_id")),
+        (json!({"to": "+19876543210", "mode": "blind", "summary": "x".repeat(1025)}), Some("summary")),
+        (json!({"to": "+19876543210", "mode": "blind", "webhook_url": "http://10.0.0.1/hook"}), Some("webhook_url")),
+        (json!({"to": "+19876543210", "mode": "cold"}), None),
+        (json!({"to": "+19876543210", "mode": "blind", "extra": 1}), None),
+    ] {
+        let (method, uri, body) = transfer(body.clone());
+        let (status, answer) = api.send(method, uri, body.clone()).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body:?}: {answer}");
+        if let Some(field) = field {
+            assert_eq!(answer["error"]["field"], field, "{answer}");
+        }
+    }
+    // 404: no such call; 409: not answered yet; 403: a target no outbound rule covers.
+    let good = json!({"to": "+19876543210", "mode": "blind"});
+    let (status, body) = api.send(Method::POST, "/api/calls/CA-nowhere/transfer", Some(good.clone())).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    let (status, body) = api.send(Method::POST, "/api/calls/CA-ringing/transfer", Some(good.clone())).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_error_shape(&body, "not_transferable");
+    let (method, uri, body) = transfer(json!({"to": "+882345678901", "mode": "blind"}));
+    let (status, body) = api.send(method, uri, body).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(
+        (body["error"]["code"].as_str(), body["error"]["field"].as_str()),
+        (Some("destination_not_allowed"), Some("to"))
+    );
+    let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM call_commands").fetch_one(&pool).await.unwrap();
+    assert_eq!(queued, 0, "nothing queued for a refused request");
+
+    // A good request is queued for the call's node; no node takes it here: 503, withdrawn.
+    let (method, uri, body) = transfer(json!({"to": "+19876543210", "mode": "blind", "summary": "refund"}));
+    let (status, answer) = api.send(method, uri, body).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    let (node, state, stored): (String, String, Value) =
+        sqlx::query_as("SELECT node_id, state, body FROM call_commands").fetch_one(&pool).await.unwrap();
+    assert_eq!((node.as_str(), state.as_str()), ("n1", "rejected"));
+    assert_eq!(stored["summary"], "refund", "{stored}");
+
+    // Completing or cancelling needs a call in progress too.
+    let (status, body) = api.send(Method::POST, "/api/calls/CA-nowhere/transfer/complete", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    for digits in ["", "12x", "1; DROP"] {
+        let (status, body) =
+            api.send(Method::POST, "/api/calls/CA-answered/transfer/dtmf", Some(json!({"digits": digits}))).await;
+        assert_eq!(
+            (status, body["error"]["field"].as_str()),
+            (StatusCode::UNPROCESSABLE_ENTITY, Some("digits")),
+            "{body}"
+        );
+    }
+
+    // The transfer route needs the `calls` scope.
+    let verifier = JwtVerifier::new(SECRET, "switchboard");
+    let read_only = verifier.mint_scoped("reader", 300, &[switchboard_api::auth::Scope::Read]).unwrap();
+    let body = good.to_string();
+    let (status, _, _) = api.call(Method::POST, "/api/calls/CA-answered/transfer", Some(&body), Some(&read_only)).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+}
+
+/// The transfer route is in the OpenAPI document with its error responses.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn the_transfer_route_is_documented(pool: PgPool) {
+    let api = api(pool);
+    let (status, doc, _) = api.call(Method::GET, "/openapi.json", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let route = &doc["paths"]["/api/calls/{call_id}/transfer"]["post"];
+    for code in ["202", "403", "404", "409", "422", "503"] {
+        assert!(route["responses"][code].is_object(), "{code} missing: {route}");
+    }
+    for step in ["complete", "cancel", "dtmf"] {
+        let route = &doc["paths"][format!("/api/calls/{{call_id}}/transfer/{step}")]["post"];
+        for code in ["200", "404", "409", "503"] {
+            assert!(route["responses"][code].is_object(), "{step} {code} missing: {route}");
+        }
+    }
+    let schema = &doc["components"]["schemas"]["TransferCall"];
+    assert_eq!(schema["properties"]["mode"]["$ref"], "#/components/schemas/TransferMode", "{schema}");
+}

@@ -13,7 +13,7 @@ use crate::decode::{
 
 // The tables as a whole (row hashes, generation) live in `tables`; callers name them here too.
 pub use crate::tables::{ConfigTable, StoredHash, bump_generation, notify_generation};
-use crate::types::{AuthMethod, Codec, DestinationType, Direction, Transport, TrunkSelection};
+use crate::types::{AuthMethod, Codec, DestinationType, Direction, SrtpMode, Transport, TrunkSelection};
 
 /// One provider address of a trunk. Failover tries gateways by ascending `priority` and spreads
 /// calls by `weight` within a priority, as DNS SRV does.
@@ -101,6 +101,8 @@ pub struct TrunkConfig {
     pub calls_per_second: Option<u32>,
     pub codecs: Vec<Codec>,
     pub dtmf_relay: bool,
+    /// SRTP on this trunk's legs (`media.srtp`).
+    pub srtp: SrtpMode,
     pub rtp_timeout_seconds: u32,
     pub options_interval_seconds: u32,
     pub failover_timeout_seconds: u32,
@@ -191,6 +193,7 @@ impl TrunkConfig {
             calls_per_second: opt_u32(row, "calls_per_second")?,
             codecs,
             dtmf_relay: row.try_get("dtmf_relay")?,
+            srtp: parse_text(row, "srtp")?,
             rtp_timeout_seconds: u32_col(row, "rtp_timeout_seconds")?,
             options_interval_seconds: u32_col(row, "options_interval_seconds")?,
             failover_timeout_seconds: u32_col(row, "failover_timeout_seconds")?,
@@ -214,9 +217,9 @@ impl TrunkConfig {
                 codecs, dtmf_relay, rtp_timeout_seconds, options_interval_seconds,
                 failover_timeout_seconds, backup_trunks, rate_outbound_per_minute,
                 rate_inbound_per_minute, rate_per_message, currency, spec_hash, config_generation,
-                updated_at)
+                srtp, updated_at)
              VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,
-                $23,$24,$25,$26,$27,$28,$29,$30,$31,$32, now())
+                $23,$24,$25,$26,$27,$28,$29,$30,$31,$32,$33, now())
              ON CONFLICT (namespace, name) DO UPDATE SET
                 provider = EXCLUDED.provider, display_name = EXCLUDED.display_name,
                 suspended = EXCLUDED.suspended, gateways = EXCLUDED.gateways,
@@ -238,7 +241,7 @@ impl TrunkConfig {
                 rate_inbound_per_minute = EXCLUDED.rate_inbound_per_minute,
                 rate_per_message = EXCLUDED.rate_per_message, currency = EXCLUDED.currency,
                 spec_hash = EXCLUDED.spec_hash, config_generation = EXCLUDED.config_generation,
-                updated_at = now()",
+                srtp = EXCLUDED.srtp, updated_at = now()",
         )
         .bind(&self.namespace)
         .bind(&self.name)
@@ -272,6 +275,7 @@ impl TrunkConfig {
         .bind(&self.currency)
         .bind(spec_hash)
         .bind(generation)
+        .bind(self.srtp.as_str())
         .execute(conn)
         .await?;
         Ok(())
@@ -486,6 +490,7 @@ impl TrunkConfig {
             calls_per_second: None,
             codecs: vec![Codec::Pcmu],
             dtmf_relay: true,
+            srtp: SrtpMode::Disabled,
             rtp_timeout_seconds: 60,
             options_interval_seconds: 0,
             failover_timeout_seconds: 5,

@@ -22,4 +22,4 @@ pub mod tables;
 pub mod types;
 
 pub use config::{Credential, Destination, GatewayConfig, MatchSpec, NumberConfig, RuleConfig, TrunkConfig};
-pub use types::{AuthMethod, Codec, DestinationType, Direction, Transport, TrunkSelection};
+pub use types::{AuthMethod, Codec, DestinationType, Direction, SrtpMode, Transport, TrunkSelection};

@@ -52,11 +52,16 @@ where
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(command) {
+    let code = match runtime.block_on(command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    // Dropping a runtime waits for every blocking task without limit (a getaddrinfo or file
+    // write stuck in the kernel would keep a finished process alive): the command has done
+    // its orderly shutdown by now, so give the stragglers a bounded moment.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    code
 }

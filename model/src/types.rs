@@ -70,6 +70,27 @@ string_enum! {
 }
 
 string_enum! {
+    /// Whether a trunk's media is SRTP (RFC 3711) with SDES keys (RFC 4568 `a=crypto`).
+    SrtpMode {
+        /// Only SRTP: a plain-RTP offer from the trunk is refused with 488, and offers to it
+        /// are `RTP/SAVP` with `a=crypto`.
+        Required = "required",
+        /// SRTP when the peer does it: offers to the trunk are `RTP/AVP` with `a=crypto`
+        /// (best effort), an offer from it is answered in kind.
+        Optional = "optional",
+        /// Plain RTP only (the default). Spelt `disabled`, not `off`: Kubernetes reads YAML 1.1,
+        /// where an unquoted `off` is the boolean false, which the schema would refuse.
+        Disabled = "disabled",
+    }
+}
+
+impl Default for SrtpMode {
+    fn default() -> Self {
+        Self::Disabled
+    }
+}
+
+string_enum! {
     /// Audio codecs and the DTMF event payload a trunk may negotiate.
     Codec { Pcmu = "PCMU", Pcma = "PCMA", TelephoneEvent = "telephone-event" }
 }

@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use regex::Regex;
 use serde::de::DeserializeOwned;
 use switchboard_model::config::{Destination, MatchSpec};
-use switchboard_model::{AuthMethod, Codec, DestinationType, Direction, Transport};
+use switchboard_model::{AuthMethod, Codec, DestinationType, Direction, SrtpMode, Transport};
 
 use crate::crd::{DECIMAL_PATTERN, E164_PATTERN, NAME_PATTERN, PhoneNumberSpec, RoutingRuleSpec, TrunkSpec};
 use crate::source::{Kind, ResourceKey, Spec};
@@ -89,8 +89,16 @@ pub fn warnings(spec: &Spec) -> Vec<String> {
             out.push(format!("spec.gateways[{i}].port: {TLS_ON_5060}"));
         }
     }
+    let srtp = spec.media.as_ref().map(|m| m.srtp).unwrap_or_default();
+    if srtp != SrtpMode::Disabled && spec.gateways.iter().any(|g| g.transport != Transport::Tls) {
+        out.push(format!("spec.media.srtp: {SRTP_WITHOUT_TLS}"));
+    }
     out
 }
+
+/// What an SRTP trunk with a gateway on plain SIP gets told: SDES keys are only as secret as
+/// the signaling that carries them (RFC 4568 §8.1).
+pub const SRTP_WITHOUT_TLS: &str = "SRTP with SDES keys sends its keys in the SDP, readable on a gateway that is not TLS: set every gateways[].transport to TLS";
 
 static E164: LazyLock<Regex> = LazyLock::new(|| Regex::new(E164_PATTERN).expect("E.164 pattern compiles"));
 static NAME: LazyLock<Regex> = LazyLock::new(|| Regex::new(NAME_PATTERN).expect("name pattern compiles"));
@@ -586,6 +594,40 @@ mod tests {
         both["authMethod"] = json!("certificate");
         both["provider"] = json!("Not Valid");
         assert!(!check(Kind::Trunk, both).unwrap_err().only_unsupported(), "a malformed field is InvalidSpec");
+    }
+
+    /// `media.srtp` takes the three modes; SRTP over a gateway that is not TLS is valid but
+    /// warned about (the SDES keys travel in the clear), and a misspelt mode is refused with the
+    /// accepted ones.
+    #[test]
+    fn media_srtp_modes_are_accepted_and_srtp_without_tls_warns() {
+        let key = key(Kind::Trunk);
+        for mode in ["required", "optional", "disabled"] {
+            let mut spec = trunk();
+            spec["media"] = json!({"srtp": mode});
+            check(Kind::Trunk, spec.clone()).unwrap_or_else(|e| panic!("{mode}: {e}"));
+            let Spec::Trunk(parsed) = parse_spec(&key, spec.clone()).unwrap() else { panic!("a trunk") };
+            assert_eq!(parsed.media.unwrap().srtp.as_str(), mode);
+            let warned = warnings(&parse_spec(&key, spec.clone()).unwrap());
+            if mode == "disabled" {
+                assert!(warned.is_empty(), "{warned:?}");
+            } else {
+                assert_eq!(warned.len(), 1, "{mode}: {warned:?}");
+                assert!(warned[0].starts_with("spec.media.srtp") && warned[0].contains("TLS"), "{warned:?}");
+                spec["gateways"] = json!([{"address": "sip.skyetel.com", "transport": "TLS"}]);
+                assert!(warnings(&parse_spec(&key, spec).unwrap()).is_empty(), "{mode} over TLS is fine");
+            }
+        }
+        // `srtp: off` unquoted reaches the API server as the boolean false (YAML 1.1).
+        let mut boolean = trunk();
+        boolean["media"] = json!({"srtp": false});
+        check(Kind::Trunk, boolean).expect_err("a boolean is refused");
+        let mut wrong = trunk();
+        wrong["media"] = json!({"srtp": "mandatory"});
+        let invalid = check(Kind::Trunk, wrong).expect_err("an unknown mode is refused");
+        let text = invalid.to_string();
+        assert!(text.contains("spec.media.srtp") || text.contains("media"), "{text}");
+        assert!(text.contains("required") && text.contains("optional") && text.contains("disabled"), "{text}");
     }
 
     #[test]

@@ -363,3 +363,39 @@ fn reconcile_count(metrics: &Metrics) -> u64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum()
 }
+
+/// SIGTERM while the API server has not yet answered the watches' first lists (right after a
+/// replica wins the lease): the controllers stop at once. kube-runtime's applier waits for a
+/// store that its own graceful shutdown keeps from ever filling; run_controllers drops such a
+/// controller instead (it hung the end-to-end suite's replica for good before).
+#[tokio::test]
+async fn controllers_shut_down_before_their_first_list_stop_at_once() {
+    let (service, _unanswered) =
+        tower_test::mock::pair::<http::Request<kube::client::Body>, http::Response<kube::client::Body>>();
+    let client = kube::Client::new(service, "default");
+    // Never connected: nothing reaches the database before the stores are ready.
+    let pool = PgPool::connect_lazy("postgres://nobody@127.0.0.1:9/nothing").unwrap();
+    let shutdown = CancellationToken::new();
+    let settings = ControllerSettings {
+        scope: WatchScope { namespace: None },
+        secret_selector: DEFAULT_SECRET_SELECTOR.into(),
+        node_poll: Duration::from_secs(1),
+        node_timeout: Duration::from_secs(30),
+        pass_resync: Duration::from_secs(60),
+    };
+    let task = tokio::spawn(run_controllers(
+        client,
+        Reconciler::new(pool),
+        Arc::new(Metrics::new()),
+        Arc::new(AtomicBool::new(true)),
+        settings,
+        shutdown.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!task.is_finished(), "the controllers ended before shutdown");
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the controllers did not stop within 10 s of shutdown")
+        .unwrap();
+}

@@ -12,7 +12,7 @@
 //! | Layer | Modules | Job |
 //! |---|---|---|
 //! | wiring | `signaling`, this file | start the tasks, build the node-wide `sip::context::NodeContext` |
-//! | call logic | `sip::call` (inbound B2BUA calls), `sip::originate` (API-placed calls), `sip::sms`, `sip::registration`, `sip::reaped` | one task per call, message or trunk |
+//! | call logic | `sip::call` (inbound B2BUA calls), `sip::originate` (API-placed calls), `sip::transfer` (API transfers of agent calls), `sip::sms`, `sip::registration`, `sip::reaped` | one task per call, message or trunk |
 //! | connected calls | `sip::connected` | the answered call as a sans-IO machine, and its async driver |
 //! | call helpers | `sip::invite_client`, `sip::dialog`, `sip::digest`, `sip::routing`, `sip::limits`, `sip::admission`, `sip::resolve`, `sip::guard`, `sip::control` | one outbound INVITE, dialogs, authentication, routing, limits, DNS, flood guard, sans-IO call-control pieces (session timers, PRACK, INFO DTMF, REFER) |
 //! | transactions | `sip::endpoint` (the task), `sip::transaction` (sans-IO RFC 3261 transactions, 2xx retransmission) | match messages to transactions and dialogs, retransmit, time out |
@@ -36,6 +36,7 @@
 //!   OPTIONS is answered, MESSAGE goes to a task of `sip::sms`, and each INVITE gets a **call
 //!   task** of its own (`sip::call`), which lives until the call ended and its CDR is recorded.
 //! - **queues**: `sip::originate::run` claims API call requests and starts a task per call;
+//!   `sip::transfer::queue::run` claims the API's transfer requests and hands each to its call;
 //!   `sip::sms::run` claims outbound messages; `sip::reaped` sends the final webhooks of
 //!   requests the operator reaped.
 //! - **registration**: a supervisor and, per trunk, a REGISTER loop and an OPTIONS keepalive

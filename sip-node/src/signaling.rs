@@ -284,11 +284,24 @@ pub async fn start(
         final_codes: args.final_codes.clone(),
         drain: drain.clone(),
         session_timers: args.session.policy(),
+        transfers: crate::sip::transfer::Transfers::default(),
     });
     tasks.spawn(call::route_requests(Arc::clone(&ctx), new_requests));
     tasks.spawn(crate::sip::reaped::run(pool.clone(), signer.clone(), ctx.drain.clone()));
     let api_webhooks = crate::webhook::guarded_client(Arc::clone(&egress))
         .context("cannot set up the HTTP client of the API calls' webhooks")?;
+    let transfer_webhooks = crate::sip::transfer::queue::Webhooks {
+        client: api_webhooks.clone(),
+        signer: signer.clone(),
+        egress: Arc::clone(&egress),
+    };
+    tasks.spawn(crate::sip::transfer::queue::run(
+        ctx.transfers.clone(),
+        pool.clone(),
+        node_id.to_string(),
+        ctx.drain.clone(),
+        transfer_webhooks,
+    ));
     tasks.spawn(originate::run(Arc::clone(&ctx), pool.clone(), signer, egress, api_webhooks));
     tasks.spawn(sms::run(Arc::new(ctx.sms()), pool.clone()));
     // Draining or stopping: un-REGISTER (its state goes through the store); on stop, then

@@ -953,3 +953,431 @@ async fn a_late_ack_gets_the_answer_retransmitted_and_counted(pool: PgPool) {
     caller.accept(&ok).await;
     hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
 }
+
+// --- transfers (POST /api/calls/{call_id}/transfer, as the API queues them) ---
+
+/// Status webhooks received, in order.
+type Hooks = std::sync::Arc<std::sync::Mutex<Vec<Value>>>;
+
+/// A webhook receiver on loopback; returns its URL and what it received.
+async fn webhook_receiver() -> (String, Hooks) {
+    use axum::extract::State;
+    let seen: Hooks = Default::default();
+    async fn receive(State(seen): State<Hooks>, body: String) -> &'static str {
+        seen.lock().unwrap().push(serde_json::from_str(&body).unwrap());
+        "ok"
+    }
+    let app = axum::Router::new().route("/hooks", axum::routing::post(receive)).with_state(seen.clone());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hooks", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, seen)
+}
+
+/// The statuses received so far, once `expected` of them arrived (bounded wait).
+async fn statuses(hooks: &Hooks, expected: usize) -> Vec<String> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let seen: Vec<String> =
+            hooks.lock().unwrap().iter().map(|v| v["status"].as_str().unwrap_or_default().to_string()).collect();
+        if seen.len() >= expected || Instant::now() > deadline {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The REST API over the test database on loopback, with a token that may transfer calls
+/// (the folder store is unused: no trunk is written). The DID and an outbound RoutingRule
+/// covering +1555 numbers are written into the tables the API's toll-fraud guard reads.
+struct RestApi {
+    base: String,
+    token: String,
+    _dir: tempfile::TempDir,
+}
+
+impl RestApi {
+    async fn start(pool: &PgPool) -> RestApi {
+        use switchboard_api::auth::{JwtVerifier, Scope};
+        sqlx::query(
+            "INSERT INTO phone_numbers (namespace, name, number, trunk_ref, spec_hash, config_generation)
+             VALUES ('default', 'did', $1, 'carrier', 'test', 1)",
+        )
+        .bind(DID)
+        .execute(pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO routing_rules (namespace, name, direction, match_spec, trunks, spec_hash, config_generation)
+             VALUES ('default', 'to-humans', 'outbound', '{\"destinationPatterns\": [\"^\\\\+1555\"]}', '{carrier}', 'test', 1)",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let verifier = std::sync::Arc::new(JwtVerifier::new(b"transfer-test-secret-transfer-test!!", "switchboard"));
+        let token = verifier.mint_scoped("agent", 300, &[Scope::Calls]).unwrap();
+        let store = std::sync::Arc::new(switchboard_api::store::FolderStore::new(dir.path()));
+        let egress = switchboard_model::egress::EgressPolicy::parse(&["127.0.0.0/8".to_string()]).unwrap();
+        let state = switchboard_api::AppState::new(pool.clone(), store, "default").with_egress(egress);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let app = switchboard_api::router(state, verifier);
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        RestApi { base, token, _dir: dir }
+    }
+
+    /// `POST /api/calls/{call_sid}/transfer` as an agent makes it: the status and the body.
+    async fn transfer(&self, call_sid: &str, body: Value) -> (u16, Value) {
+        self.post(&format!("/api/calls/{call_sid}/transfer"), Some(body)).await
+    }
+
+    async fn post(&self, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = reqwest::Client::new().post(format!("{}{path}", self.base)).bearer_auth(&self.token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.timeout(Duration::from_secs(15)).send().await.unwrap();
+        (response.status().as_u16(), response.json().await.unwrap())
+    }
+}
+
+/// Waits until the node has written the call's active row (its store is buffered).
+async fn wait_for_active_row(pool: &PgPool, call_sid: &str) {
+    let deadline = Instant::now() + WAIT;
+    while sqlx::query_scalar::<_, i64>("SELECT count(*) FROM active_calls WHERE call_id = $1 AND state = 'answered'")
+        .bind(call_sid)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+        == 0
+    {
+        assert!(Instant::now() < deadline, "the call has no answered active row");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A CDR of a transferred call: attempt, direction, to_number, answered, reason.
+type CdrLeg = (i32, String, Option<String>, bool, Option<String>);
+
+/// The carrier trunk, its gateway being the human the agent transfers to.
+fn carrier_to(human: SocketAddr) -> switchboard_model::TrunkConfig {
+    let mut carrier = trunk("carrier", vec![("127.0.0.1".into(), human.port())]);
+    carrier.codecs = vec![Codec::Pcmu, Codec::Pcma, Codec::TelephoneEvent];
+    carrier
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_blind_transfer_bridges_the_caller_to_the_human_and_ends_the_agent_stream(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let human = ua::Ua::new().await;
+    let node = Node::start(&pool, vec![carrier_to(human.sip_addr())], vec![number_to(websocket(&agent.url))]).await;
+    let (webhook_url, hooks) = webhook_receiver().await;
+    let api = RestApi::start(&pool).await;
+    let mut caller = Caller::new(node.addr, "transfer-blind", 0).await;
+    caller.call().await;
+    let (_, start) = agent.expect("start").await;
+    let call_sid = start["start"]["callSid"].as_str().unwrap().to_string();
+    assert_eq!(call_sid, "transfer-blind", "the callSid is the caller's Call-ID");
+
+    // Before: the caller talks to the agent.
+    caller.send_audio(&[0x11; 160]).await;
+    assert_eq!(payload_of(&agent.expect("media").await.1), vec![0x11; 160]);
+
+    let body = json!({"to": "+15552223333", "mode": "blind", "summary": "wants a refund\r\nX-Evil: 1",
+                      "timeout_seconds": 20, "webhook_url": webhook_url});
+    wait_for_active_row(&pool, &call_sid).await;
+    let (status, accepted) = api.transfer(&call_sid, body).await;
+    assert_eq!(status, 202, "{accepted}");
+    assert_eq!((accepted["status"].as_str(), accepted["call_id"].as_str()), (Some("accepted"), Some("transfer-blind")));
+
+    // The node dials the human through the carrier trunk, with the caller's number.
+    let (invite, from) = human.request("INVITE").await;
+    assert!(invite.starts_with("INVITE sip:+15552223333@127.0.0.1"), "{invite}");
+    assert!(ua::header(&invite, "From").is_some_and(|f| f.contains("+15557654321")), "{invite}");
+    assert_eq!(ua::header(&invite, "X-Transfer-Summary"), Some("wants a refundX-Evil: 1"), "{invite}");
+    assert!(ua::header(&invite, "X-Evil").is_none(), "no header injection: {invite}");
+    let node_b_rtp = ua::sdp_rtp(&invite);
+    assert_ne!(Some(node_b_rtp), caller.node_rtp, "the target's leg has a port of its own");
+    // While the human's phone rings the caller is still with the agent.
+    human.send(&ua::reply(&invite, "180 Ringing", human.sip_addr(), None), from).await;
+    caller.send_audio(&[0x12; 160]).await;
+    assert_eq!(payload_of(&agent.expect("media").await.1), vec![0x12; 160]);
+    let answer = ua::sdp(human.rtp_port(), "0 101", "sendrecv");
+    human.send(&ua::reply(&invite, "200 OK", human.sip_addr(), Some(&answer)), from).await;
+    human.request("ACK").await;
+
+    // The agent's stream ends: `stop`, then the socket closes.
+    agent.expect("stop").await;
+    agent.expect("closed").await;
+
+    // The caller and the human hear each other, through the port the caller always used.
+    let caller_says: Vec<Vec<u8>> = (0..10u8).map(|i| vec![0x40 | i; 160]).collect();
+    let human_says: Vec<Vec<u8>> = (0..10u8).map(|i| vec![0xA0 | i; 160]).collect();
+    for (i, (c, h)) in caller_says.iter().zip(&human_says).enumerate() {
+        caller.send_audio(c).await;
+        human.rtp_send(node_b_rtp, 0, 500 + i as u16, h).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let heard_by_human: Vec<Vec<u8>> =
+        human.rtp_collect(Duration::from_millis(600)).await.into_iter().map(|(_, p)| p).collect();
+    assert_eq!(heard_by_human, caller_says, "the human hears the caller");
+    let mut heard_by_caller = vec![];
+    while let Some((_, pt, payload)) = caller.hear(Duration::from_millis(300)).await {
+        assert_eq!(pt, 0);
+        heard_by_caller.push(payload);
+    }
+    assert_eq!(heard_by_caller, human_says, "the caller hears the human");
+
+    // The caller hangs up: the human gets the BYE; nothing is left behind.
+    caller.hang_up().await;
+    let (bye, from) = human.request("BYE").await;
+    human.send(&ua::reply(&bye, "200 OK", human.sip_addr(), None), from).await;
+    assert_clean_end(&pool, &node, 200).await;
+    let legs: Vec<CdrLeg> = sqlx::query_as(
+        "SELECT attempt, direction, to_number, answer_at IS NOT NULL, reason FROM cdrs
+          WHERE call_uuid = (SELECT call_uuid FROM cdrs WHERE call_id = $1 AND attempt = 1) ORDER BY attempt",
+    )
+    .bind(&call_sid)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(legs.len(), 2, "the caller's leg and the transfer's leg share the call's id: {legs:?}");
+    assert_eq!((legs[0].0, legs[0].1.as_str(), legs[0].3), (1, "inbound", true), "{legs:?}");
+    assert_eq!((legs[1].0, legs[1].1.as_str(), legs[1].3), (2, "outbound", true), "{legs:?}");
+    assert_eq!(legs[1].2.as_deref(), Some("+15552223333"), "{legs:?}");
+    assert!(legs[1].4.as_deref().is_some_and(|r| r.starts_with("transfer: caller hung up")), "{legs:?}");
+    assert_eq!(
+        statuses(&hooks, 3).await,
+        ["transfer_started", "transfer_answered", "transfer_completed"],
+        "{:?}",
+        hooks.lock().unwrap()
+    );
+    node.stop().await;
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_failed_transfer_returns_the_caller_to_the_agent(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let human = ua::Ua::new().await;
+    let node = Node::start(&pool, vec![carrier_to(human.sip_addr())], vec![number_to(websocket(&agent.url))]).await;
+    let (webhook_url, hooks) = webhook_receiver().await;
+    let api = RestApi::start(&pool).await;
+    let mut caller = Caller::new(node.addr, "transfer-busy", 0).await;
+    caller.call().await;
+    let (_, start) = agent.expect("start").await;
+    let call_sid = start["start"]["callSid"].as_str().unwrap().to_string();
+
+    // A mode this node does not carry out is refused by the node: 409 with its reason.
+    wait_for_active_row(&pool, &call_sid).await;
+    let (status, refused) = api.transfer(&call_sid, json!({"to": "+15552223333", "mode": "refer"})).await;
+    assert_eq!(status, 409, "{refused}");
+    assert!(refused["error"]["message"].as_str().is_some_and(|m| m.contains("refer")), "{refused}");
+
+    let body = json!({"to": "+15552223333", "mode": "blind", "webhook_url": webhook_url});
+    assert_eq!(api.transfer(&call_sid, body).await.0, 202);
+    let (invite, from) = human.request("INVITE").await;
+    human.send(&ua::reply(&invite, "486 Busy Here", human.sip_addr(), None), from).await;
+    human.request("ACK").await;
+
+    // The agent hears why, and the caller is still with it, both ways.
+    let (_, failed) = agent.expect("transfer_failed").await;
+    assert_eq!(failed["transfer"]["sipCode"], 486, "{failed}");
+    assert_eq!(failed["transfer"]["to"], "+15552223333", "{failed}");
+    assert_eq!(failed["streamSid"], start["streamSid"], "{failed}");
+    caller.send_audio(&[0x21; 160]).await;
+    assert_eq!(payload_of(&agent.expect("media").await.1), vec![0x21; 160], "the agent hears the caller");
+    agent.send_audio(&[0x99; 160]);
+    let (_, _, payload) = caller.hear(Duration::from_secs(2)).await.expect("the caller hears the agent");
+    assert_eq!(payload, vec![0x99; 160]);
+    assert_eq!(statuses(&hooks, 2).await, ["transfer_started", "transfer_failed"]);
+    assert_eq!(hooks.lock().unwrap()[1]["sip_code"], 486);
+
+    hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
+    let attempts: Vec<(i32, Option<i32>)> =
+        sqlx::query_as("SELECT attempt, sip_code FROM cdrs WHERE call_id = $1 ORDER BY attempt")
+            .bind(&call_sid)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(attempts, [(1, Some(200)), (2, Some(486))], "the failed transfer attempt has its CDR");
+}
+
+/// A test frame's id: every byte of it (a frame whose bytes differ is reported as 0).
+fn frame_id(payload: &[u8]) -> u8 {
+    match payload.first() {
+        Some(first) if payload.len() == 160 && payload.iter().all(|b| b == first) => *first,
+        _ => 0,
+    }
+}
+
+/// The human answers a transfer's INVITE (180, then 200 with its SDP) and takes the ACK;
+/// returns the INVITE and the node's RTP address for the human's leg.
+async fn human_answers(human: &ua::Ua) -> (String, SocketAddr) {
+    let (invite, from) = human.request("INVITE").await;
+    human.send(&ua::reply(&invite, "180 Ringing", human.sip_addr(), None), from).await;
+    let answer = ua::sdp(human.rtp_port(), "0 101", "sendrecv");
+    human.send(&ua::reply(&invite, "200 OK", human.sip_addr(), Some(&answer)), from).await;
+    human.request("ACK").await;
+    let node_rtp = ua::sdp_rtp(&invite);
+    (invite, node_rtp)
+}
+
+/// A warm transfer starts like a blind one, then the agent briefs the human (the caller on
+/// hold hears nothing of it); on the agent's completion, caller and human are bridged.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_warm_transfer_lets_the_agent_brief_the_human_then_bridges_the_caller(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let human = ua::Ua::new().await;
+    let node = Node::start(&pool, vec![carrier_to(human.sip_addr())], vec![number_to(websocket(&agent.url))]).await;
+    let (webhook_url, hooks) = webhook_receiver().await;
+    let api = RestApi::start(&pool).await;
+    let mut caller = Caller::new(node.addr, "transfer-warm", 0).await;
+    caller.call().await;
+    let (_, start) = agent.expect("start").await;
+    let call_sid = start["start"]["callSid"].as_str().unwrap().to_string();
+    wait_for_active_row(&pool, &call_sid).await;
+    // Completing before anything was started is refused.
+    let (status, refused) = api.post(&format!("/api/calls/{call_sid}/transfer/complete"), None).await;
+    assert_eq!(status, 409, "{refused}");
+
+    let body = json!({"to": "+15552223333", "mode": "warm", "summary": "billing question", "webhook_url": webhook_url});
+    assert_eq!(api.transfer(&call_sid, body).await.0, 202);
+    let (invite, node_b_rtp) = human_answers(&human).await;
+    assert_eq!(ua::header(&invite, "X-Transfer-Summary"), Some("billing question"), "{invite}");
+    let (_, answered) = agent.expect("transfer_answered").await;
+    assert_eq!(answered["transfer"]["to"], "+15552223333", "{answered}");
+
+    // The consultation: the agent and the human hear each other; the caller hears nothing and
+    // is not heard.
+    let briefing: Vec<u8> = (0..10u8).flat_map(|i| [0x60 | i; 160]).collect();
+    agent.send_audio(&briefing);
+    for i in 0..10u8 {
+        human.rtp_send(node_b_rtp, 0, 700 + u16::from(i), &[0xB0 | i; 160]).await;
+        caller.send_audio(&[0x31; 160]).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let heard_by_human: Vec<Vec<u8>> =
+        human.rtp_collect(Duration::from_millis(600)).await.into_iter().map(|(_, p)| p).collect();
+    let expected: Vec<Vec<u8>> = (0..10u8).map(|i| vec![0x60 | i; 160]).collect();
+    assert_eq!(heard_by_human, expected, "the human heard the agent's briefing, all of it, in order");
+    let mut agent_heard = vec![];
+    while agent_heard.len() < 10 {
+        agent_heard.push(payload_of(&agent.expect("media").await.1));
+    }
+    let expected: Vec<Vec<u8>> = (0..10u8).map(|i| vec![0xB0 | i; 160]).collect();
+    assert_eq!(agent_heard, expected, "the agent hears the human, not the caller on hold");
+    assert!(
+        caller.hear(Duration::from_millis(300)).await.is_none(),
+        "the caller on hold hears nothing of the briefing"
+    );
+
+    // The agent completes: its stream ends, caller and human hear each other.
+    let (status, done) = api.post(&format!("/api/calls/{call_sid}/transfer/complete"), None).await;
+    assert_eq!((status, done["status"].as_str()), (200, Some("completed")), "{done}");
+    agent.expect("stop").await;
+    agent.expect("closed").await;
+    for i in 0..10u8 {
+        caller.send_audio(&[0x40 | i; 160]).await;
+        human.rtp_send(node_b_rtp, 0, 800 + u16::from(i), &[0xA0 | i; 160]).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let heard_by_human: Vec<u8> =
+        human.rtp_collect(Duration::from_millis(600)).await.into_iter().map(|(_, p)| frame_id(&p)).collect();
+    assert_eq!(
+        heard_by_human,
+        (0..10u8).map(|i| 0x40 | i).collect::<Vec<_>>(),
+        "the human hears the caller, not the hold"
+    );
+    let mut heard_by_caller = vec![];
+    while let Some((_, _, payload)) = caller.hear(Duration::from_millis(300)).await {
+        heard_by_caller.push(frame_id(&payload));
+    }
+    assert_eq!(heard_by_caller, (0..10u8).map(|i| 0xA0 | i).collect::<Vec<_>>(), "the caller hears the human");
+
+    caller.hang_up().await;
+    let (bye, from) = human.request("BYE").await;
+    human.send(&ua::reply(&bye, "200 OK", human.sip_addr(), None), from).await;
+    assert_clean_end(&pool, &node, 200).await;
+    assert_eq!(statuses(&hooks, 3).await, ["transfer_started", "transfer_answered", "transfer_completed"]);
+    node.stop().await;
+}
+
+/// The agent calls a warm transfer off: the human is hung up and the caller is back with the
+/// agent, both ways.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_cancelled_warm_transfer_hangs_up_the_human_and_returns_the_caller(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let human = ua::Ua::new().await;
+    let node = Node::start(&pool, vec![carrier_to(human.sip_addr())], vec![number_to(websocket(&agent.url))]).await;
+    let api = RestApi::start(&pool).await;
+    let mut caller = Caller::new(node.addr, "transfer-cancel", 0).await;
+    caller.call().await;
+    let (_, start) = agent.expect("start").await;
+    let call_sid = start["start"]["callSid"].as_str().unwrap().to_string();
+    wait_for_active_row(&pool, &call_sid).await;
+    assert_eq!(api.transfer(&call_sid, json!({"to": "+15552223333", "mode": "warm"})).await.0, 202);
+    human_answers(&human).await;
+    agent.expect("transfer_answered").await;
+
+    let (status, done) = api.post(&format!("/api/calls/{call_sid}/transfer/cancel"), None).await;
+    assert_eq!((status, done["status"].as_str()), (200, Some("cancelled")), "{done}");
+    let (bye, from) = human.request("BYE").await;
+    human.send(&ua::reply(&bye, "200 OK", human.sip_addr(), None), from).await;
+    let (_, failed) = agent.expect("transfer_failed").await;
+    assert!(failed["transfer"]["reason"].as_str().is_some_and(|r| r.contains("cancelled")), "{failed}");
+
+    caller.send_audio(&[0x21; 160]).await;
+    assert_eq!(payload_of(&agent.expect("media").await.1), vec![0x21; 160], "the agent hears the caller again");
+    agent.send_audio(&[0x99; 160]);
+    let (_, _, payload) = caller.hear(Duration::from_secs(2)).await.expect("the caller hears the agent again");
+    assert_eq!(payload, vec![0x99; 160]);
+    hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
+}
+
+/// DTMF by SIP INFO from the caller of an agent call (carriers that send key presses as INFO,
+/// issue 24): `application/dtmf-relay` and `application/dtmf` bodies are answered 200 and
+/// reach the agent as `dtmf` messages, like RFC 4733 key presses; a garbage body gets 400 with
+/// no `dtmf` for the agent, and the call goes on (the agent still hears the caller).
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn info_dtmf_reaches_the_agent_as_dtmf_events(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let node = Node::start(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))]).await;
+    let mut caller = Caller::new(node.addr, "agent-call-info-dtmf", 0).await;
+    caller.call().await;
+    agent.expect("start").await;
+    let mut codes = vec![];
+    for (content_type, body) in [
+        ("application/dtmf-relay", "Signal=7\r\nDuration=160\r\n"),
+        ("application/dtmf-relay", "Signal=pizza\r\n"),
+        ("application/dtmf", "*"),
+    ] {
+        caller.cseq += 1;
+        let request = caller.in_dialog("INFO", caller.cseq).replace(
+            "Content-Length: 0\r\n\r\n",
+            &format!("Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}", body.len()),
+        );
+        caller.send_sip(&request).await;
+        let response = loop {
+            let text = caller.next_sip().await;
+            if text.starts_with("SIP/2.0 ") && text.contains(" INFO\r\n") {
+                break text;
+            }
+        };
+        codes.push(response.get(8..11).unwrap_or_default().to_string());
+    }
+    assert_eq!(codes, ["200", "400", "200"], "key, garbage, key");
+    let mut digits = vec![];
+    for _ in 0..2 {
+        let (_, dtmf) = agent.expect("dtmf").await;
+        assert_eq!(dtmf["dtmf"]["track"], "inbound_track");
+        digits.push(dtmf["dtmf"]["digit"].as_str().unwrap().to_string());
+    }
+    assert_eq!(digits, ["7", "*"]);
+    // The call survived the garbage: the caller's audio still reaches the agent.
+    caller.send_audio(&[0x42; 160]).await;
+    let (_, media) = agent.expect("media").await;
+    assert_eq!(payload_of(&media), vec![0x42; 160]);
+    hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
+    assert_eq!(agent.logged("dtmf").len(), 2, "no dtmf for the garbage body");
+}

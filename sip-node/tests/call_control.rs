@@ -153,3 +153,268 @@ async fn an_invite_replacing_an_unknown_dialog_gets_481(pool: PgPool) {
     assert_eq!(active_calls(&pool).await, 0);
     node.stop().await;
 }
+
+/// DTMF by SIP INFO from the caller towards a callee that negotiated telephone-event: each
+/// key press reaches the callee as RFC 4733 events in its RTP stream (payload type 101, the
+/// key's event code, the end bit), not as INFO (the callee's scenario fails on any INFO);
+/// garbage bodies are still refused with 400 and the call goes on to the caller's BYE.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn info_dtmf_reaches_a_telephone_event_callee_as_rfc4733(pool: PgPool) {
+    let callee = free_port("127.0.0.1");
+    let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let sink_port = sink.local_addr().unwrap().port().to_string();
+    let node = Node::start(&pool, vec![trunk("carrier", vec![])], vec![number_to(sip_destination(callee))]).await;
+    let uas = uas(&["-sf", &scenario("uas_telephone_event.xml"), "-key", "rtp_sink", &sink_port], callee, 1);
+    let uac = uac(&["-sf", &scenario("uac_info_dtmf.xml")], node.addr, "127.0.0.1", 1, &[]);
+    // The callee's RTP: (payload type, event code, end bit) of every telephone-event packet.
+    let mut events = vec![];
+    let mut buf = [0u8; 2048];
+    while let Ok(Ok((n, _))) = tokio::time::timeout(std::time::Duration::from_secs(4), sink.recv_from(&mut buf)).await {
+        let Ok(packet) = switchboard_node::media::rtp::RtpPacket::parse(&buf[..n]) else { continue };
+        if packet.payload_type == 101 && packet.payload.len() >= 4 {
+            events.push((packet.payload[0], packet.payload[1] & 0x80 != 0, packet.marker));
+        }
+    }
+    assert!(uac.wait().await.success(), "the caller's INFOs were not answered 200/400/400/200");
+    assert!(uas.wait().await.success(), "the callee got an INFO, or the call did not end with the caller's BYE");
+    let keys: Vec<u8> = events.iter().filter(|(_, _, marker)| *marker).map(|(code, _, _)| *code).collect();
+    assert_eq!(keys, [5, 11], "one event per key press (5, then #), each starting with the marker: {events:?}");
+    for key in [5u8, 11] {
+        let ends = events.iter().filter(|(code, end, _)| *code == key && *end).count();
+        assert_eq!(ends, 3, "the end of key {key} is sent three times (RFC 4733 2.5.1.4): {events:?}");
+    }
+    let cdrs = cdrs(&pool, 1).await;
+    assert_eq!((cdrs[0].sip_code, cdrs[0].hangup_by.as_deref()), (Some(200), Some("caller")), "{cdrs:?}");
+    node.stop().await;
+}
+
+/// The outbound rule of the REFER tests: numbers under +1555000 go out through trunk `pstn`.
+fn refer_rule() -> switchboard_model::RuleConfig {
+    switchboard_model::RuleConfig {
+        namespace: "default".into(),
+        name: "outbound".into(),
+        direction: switchboard_model::Direction::Outbound,
+        priority: 1,
+        match_spec: switchboard_model::MatchSpec {
+            destination_patterns: vec![r"^\+1555000".into()],
+            ..Default::default()
+        },
+        destination: None,
+        trunks: vec!["pstn".into()],
+        trunk_selection: switchboard_model::TrunkSelection::Ordered,
+        status_callback: None,
+    }
+}
+
+/// A blind transfer by the callee (RFC 3515): its REFER to +15550003333, a number an outbound
+/// RoutingRule sends through trunk `pstn`, gets 202; the node places the new leg itself
+/// through that trunk (a sipp callee as its gateway), tells the referrer with NOTIFYs
+/// (`SIP/2.0 100` while active, `SIP/2.0 200` terminated, `Event: refer`), ends the referrer's
+/// leg with BYE, and the caller, still in its call, is now bridged to the target: its BYE
+/// reaches the target. The CDRs show the callee's leg ending at the transfer and the target's
+/// leg ending with the caller's BYE.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_blind_refer_from_the_callee_transfers_the_caller_to_the_target(pool: PgPool) {
+    let callee = free_port("127.0.0.1");
+    let target = free_port("127.0.0.1");
+    let node = Node::start_routed(
+        &pool,
+        vec![trunk("carrier", vec![]), trunk("pstn", vec![("127.0.0.1".into(), target)])],
+        vec![number_to(sip_destination(callee))],
+        vec![refer_rule()],
+        |args| args.media_timeout_seconds = 600,
+    )
+    .await;
+    let target_uas = uas(&["-sn", "uas"], target, 1);
+    let referrer = uas(&["-sf", &scenario("uas_refers_caller.xml")], callee, 1);
+    let caller = uac(&["-sn", "uac", "-d", "3000"], node.addr, "127.0.0.1", 1, &[]);
+    assert!(referrer.wait().await.success(), "the referrer did not get 202, NOTIFY 100 and 200, and the node's BYE");
+    assert!(caller.wait().await.success(), "the caller's call did not survive the transfer until its BYE");
+    assert!(target_uas.wait().await.success(), "the target was not called, or did not get the caller's BYE");
+    let cdrs = cdrs(&pool, 2).await;
+    assert_eq!(cdrs.len(), 2, "{cdrs:?}");
+    assert_eq!(
+        (cdrs[0].attempt, cdrs[0].sip_code, cdrs[0].reason.as_deref(), cdrs[0].hangup_by.as_deref()),
+        (1, Some(200), Some("transferred by REFER"), Some("callee")),
+        "{cdrs:?}"
+    );
+    assert_eq!(
+        (cdrs[1].attempt, cdrs[1].trunk_name.as_deref(), cdrs[1].hangup_by.as_deref()),
+        (2, Some("pstn"), Some("caller")),
+        "{cdrs:?}"
+    );
+    assert!(cdrs[1].answer_at.is_some(), "{cdrs:?}");
+    assert_eq!(active_calls(&pool).await, 0);
+    node.stop().await;
+}
+
+/// No open relay: a REFER to a number no outbound RoutingRule allows gets 403, nothing is
+/// dialled, and the call goes on until the caller hangs up.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_refer_to_a_target_no_rule_allows_gets_403(pool: PgPool) {
+    let callee = free_port("127.0.0.1");
+    let target = free_port("127.0.0.1");
+    let node = Node::start_routed(
+        &pool,
+        vec![trunk("carrier", vec![]), trunk("pstn", vec![("127.0.0.1".into(), target)])],
+        vec![number_to(sip_destination(callee))],
+        vec![refer_rule()],
+        |args| args.media_timeout_seconds = 600,
+    )
+    .await;
+    let referrer = uas(&["-sf", &scenario("uas_refer_forbidden.xml")], callee, 1);
+    let caller = uac(&["-sn", "uac", "-d", "2000"], node.addr, "127.0.0.1", 1, &[]);
+    assert!(referrer.wait().await.success(), "the REFER to +19009999999 did not get 403, or the call did not go on");
+    assert!(caller.wait().await.success(), "the caller's call did not go on to its BYE");
+    let cdrs = cdrs(&pool, 1).await;
+    assert_eq!(cdrs.len(), 1, "nothing else was dialled: {cdrs:?}");
+    assert_eq!((cdrs[0].sip_code, cdrs[0].hangup_by.as_deref()), (Some(200), Some("caller")), "{cdrs:?}");
+    node.stop().await;
+}
+
+/// RFC 3891 for a dialog the node holds (attended transfer's last step): a call from A to B is
+/// up; C's INVITE with `Replaces` naming the node's dialog with A is answered 200 from the same
+/// RTP port A had, A's dialog gets BYE, B's leg is untouched and now bridged to C (C's RTP
+/// reaches B), and C's BYE ends the call with B. One call, one CDR.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn an_invite_with_replaces_takes_over_the_held_dialog(pool: PgPool) {
+    use common::ua::*;
+    let (a, b, c) = (Ua::new().await, Ua::new().await, Ua::new().await);
+    let node =
+        Node::start(&pool, vec![trunk("carrier", vec![])], vec![number_to(sip_destination(b.sip_addr().port()))]).await;
+    // A calls B through the node.
+    a.send(&invite_to_did(node.addr, a.sip_addr(), "held-call", &sdp(a.rtp_port(), "0", "sendrecv")), node.addr).await;
+    let (invite, from) = b.request("INVITE").await;
+    b.send(&reply(&invite, "200 OK", b.sip_addr(), Some(&sdp(b.rtp_port(), "0", "sendrecv"))), from).await;
+    let a_ok = a.final_response().await;
+    assert!(a_ok.starts_with("SIP/2.0 200"), "{a_ok}");
+    let node_tag = to_tag(&a_ok);
+    a.send(&caller_in_dialog("ACK", node.addr, a.sip_addr(), "held-call", &node_tag, 1), node.addr).await;
+    b.request("ACK").await;
+
+    // C replaces A's dialog (the Replaces tags from the node's view: to-tag is the node's).
+    let replacing = invite_to_did(node.addr, c.sip_addr(), "replacing-call", &sdp(c.rtp_port(), "0", "sendrecv"))
+        .replacen(
+            "Max-Forwards: 70\r\n",
+            &format!("Max-Forwards: 70\r\nReplaces: held-call;to-tag={node_tag};from-tag=caller\r\n"),
+            1,
+        );
+    c.send(&replacing, node.addr).await;
+    let c_ok = c.final_response().await;
+    assert!(c_ok.starts_with("SIP/2.0 200"), "the INVITE with Replaces must be answered 200: {c_ok}");
+    assert_eq!(sdp_rtp(&c_ok), sdp_rtp(&a_ok), "C gets the RTP port the replaced dialog had");
+    let c_tag = to_tag(&c_ok);
+    c.send(&caller_in_dialog("ACK", node.addr, c.sip_addr(), "replacing-call", &c_tag, 1), node.addr).await;
+    let (bye, from) = a.request("BYE").await;
+    assert!(bye.contains("Call-ID: held-call"), "{bye}");
+    a.send(&reply(&bye, "200 OK", a.sip_addr(), None), from).await;
+
+    // C and B talk: C's audio reaches B through the same relay.
+    let node_rtp = sdp_rtp(&c_ok);
+    for seq in 0..10u16 {
+        c.rtp_send(node_rtp, 0, seq, &[0x5c; 160]).await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let heard = b.rtp_collect(std::time::Duration::from_millis(500)).await;
+    assert!(heard.iter().filter(|(pt, payload)| *pt == 0 && payload == &vec![0x5c; 160]).count() >= 5, "{heard:?}");
+
+    // C hangs up: B gets the BYE, and the call ends.
+    c.send(&caller_in_dialog("BYE", node.addr, c.sip_addr(), "replacing-call", &c_tag, 2), node.addr).await;
+    let (bye, from) = b.request("BYE").await;
+    b.send(&reply(&bye, "200 OK", b.sip_addr(), None), from).await;
+    let c_bye = c.final_response().await;
+    assert!(c_bye.starts_with("SIP/2.0 200"), "{c_bye}");
+    let cdrs = cdrs(&pool, 1).await;
+    assert_eq!(cdrs.len(), 1, "{cdrs:?}");
+    assert_eq!((cdrs[0].sip_code, cdrs[0].hangup_by.as_deref()), (Some(200), Some("caller")), "{cdrs:?}");
+    assert_eq!(active_calls(&pool).await, 0);
+    node.stop().await;
+}
+
+/// A REFER from the caller's side (the caller transfers the callee, RFC 3515), with raw UAs
+/// to see the media: A calls B, A's REFER to +15550003333 gets 202 and NOTIFY 100; the node
+/// calls the target T through trunk `pstn`, NOTIFYs 200 and sends A a BYE; then B and T hear
+/// each other through the node's relay (each one's RTP reaches the other), and T's BYE ends
+/// the call with B.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_refer_from_the_caller_bridges_the_callee_to_the_target_with_media(pool: PgPool) {
+    use common::ua::*;
+    let (a, b, t) = (Ua::new().await, Ua::new().await, Ua::new().await);
+    let node = Node::start_routed(
+        &pool,
+        vec![trunk("carrier", vec![]), trunk("pstn", vec![("127.0.0.1".into(), t.sip_addr().port())])],
+        vec![number_to(sip_destination(b.sip_addr().port()))],
+        vec![refer_rule()],
+        |_| {},
+    )
+    .await;
+    a.send(&invite_to_did(node.addr, a.sip_addr(), "refer-call", &sdp(a.rtp_port(), "0", "sendrecv")), node.addr).await;
+    let (b_invite, from) = b.request("INVITE").await;
+    b.send(&reply(&b_invite, "200 OK", b.sip_addr(), Some(&sdp(b.rtp_port(), "0", "sendrecv"))), from).await;
+    let a_ok = a.final_response().await;
+    let node_tag = to_tag(&a_ok);
+    a.send(&caller_in_dialog("ACK", node.addr, a.sip_addr(), "refer-call", &node_tag, 1), node.addr).await;
+    b.request("ACK").await;
+
+    let refer = caller_in_dialog("REFER", node.addr, a.sip_addr(), "refer-call", &node_tag, 2).replacen(
+        "Max-Forwards: 70\r\n",
+        &format!(
+            "Max-Forwards: 70\r\nContact: <sip:caller@{}>\r\nRefer-To: <sip:+15550003333@example.invalid>\r\n",
+            a.sip_addr()
+        ),
+        1,
+    );
+    a.send(&refer, node.addr).await;
+    let (accepted, _) = a.recv().await;
+    assert!(accepted.starts_with("SIP/2.0 202"), "{accepted}");
+    let (trying, from) = a.request("NOTIFY").await;
+    assert!(body(&trying).starts_with("SIP/2.0 100"), "{trying}");
+    assert!(header(&trying, "Event").is_some_and(|e| e.starts_with("refer")), "{trying}");
+    a.send(&reply(&trying, "200 OK", a.sip_addr(), None), from).await;
+
+    // The node calls the target through the rule's trunk, from the caller's RTP port.
+    let (t_invite, from) = t.request("INVITE").await;
+    assert!(t_invite.starts_with("INVITE sip:+15550003333@127.0.0.1"), "{t_invite}");
+    assert_eq!(sdp_rtp(&t_invite), sdp_rtp(&a_ok), "the new leg takes the caller's RTP port");
+    t.send(&reply(&t_invite, "200 OK", t.sip_addr(), Some(&sdp(t.rtp_port(), "0", "sendrecv"))), from).await;
+    t.request("ACK").await;
+    let (done, from) = a.request("NOTIFY").await;
+    assert!(body(&done).starts_with("SIP/2.0 200"), "{done}");
+    assert!(header(&done, "Subscription-State").is_some_and(|s| s.starts_with("terminated")), "{done}");
+    a.send(&reply(&done, "200 OK", a.sip_addr(), None), from).await;
+    let (bye, from) = a.request("BYE").await;
+    a.send(&reply(&bye, "200 OK", a.sip_addr(), None), from).await;
+
+    // B and T hear each other.
+    let (to_b_side, to_t_side) = (sdp_rtp(&b_invite), sdp_rtp(&t_invite));
+    for seq in 0..10u16 {
+        t.rtp_send(to_t_side, 0, seq, &[0x11; 160]).await;
+        b.rtp_send(to_b_side, 0, seq, &[0x22; 160]).await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let window = std::time::Duration::from_millis(300);
+    let (b_heard, t_heard) = tokio::join!(b.rtp_collect(window), t.rtp_collect(window));
+    assert!(b_heard.iter().filter(|(_, p)| p == &vec![0x11; 160]).count() >= 5, "B hears T: {b_heard:?}");
+    assert!(t_heard.iter().filter(|(_, p)| p == &vec![0x22; 160]).count() >= 5, "T hears B: {t_heard:?}");
+
+    // T hangs up: B gets the BYE.
+    let t_to = header(&t_invite, "To").unwrap();
+    let t_from = header(&t_invite, "From").unwrap();
+    let t_contact = header(&t_invite, "Contact").unwrap();
+    let t_bye = format!(
+        "BYE {} SIP/2.0\r\nVia: SIP/2.0/UDP {};branch=z9hG4bK-t-bye\r\nFrom: {t_to};tag=callee\r\nTo: {t_from}\r\n\
+         Call-ID: {}\r\nCSeq: 1 BYE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+        t_contact.trim_start_matches('<').split('>').next().unwrap(),
+        t.sip_addr(),
+        header(&t_invite, "Call-ID").unwrap()
+    );
+    t.send(&t_bye, node.addr).await;
+    let (bye, from) = b.request("BYE").await;
+    b.send(&reply(&bye, "200 OK", b.sip_addr(), None), from).await;
+    assert!(t.final_response().await.starts_with("SIP/2.0 200"));
+    let cdrs = cdrs(&pool, 2).await;
+    assert_eq!(cdrs.len(), 2, "{cdrs:?}");
+    assert_eq!((cdrs[1].attempt, cdrs[1].trunk_name.as_deref()), (2, Some("pstn")), "{cdrs:?}");
+    assert_eq!(active_calls(&pool).await, 0);
+    node.stop().await;
+}

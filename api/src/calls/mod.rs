@@ -7,6 +7,7 @@ pub mod cdr;
 mod checks;
 mod paging;
 pub mod sms;
+pub mod transfer;
 
 use axum::Json;
 use axum::extract::{Extension, Path, State};

@@ -15,8 +15,8 @@ pub use phone_number::{Messaging, PhoneNumber, PhoneNumberSpec, PhoneNumberStatu
 pub use routing_rule::{RoutingRule, RoutingRuleSpec, RoutingRuleStatus};
 pub use status::{Condition, ConditionStatus, NodeCounts};
 pub use trunk::{
-    Credentials, Gateway, InboundSpec, Limits, NumberFormat, OutboundSpec, Rates, Registrar, RegistrationSpec,
-    SecretKeyRef, Trunk, TrunkSpec, TrunkStatus,
+    Credentials, Gateway, InboundSpec, Limits, MediaSpec, NumberFormat, OutboundSpec, Rates, Registrar,
+    RegistrationSpec, SecretKeyRef, Trunk, TrunkSpec, TrunkStatus,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -3,7 +3,7 @@
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use switchboard_model::{AuthMethod, Codec, Transport};
+use switchboard_model::{AuthMethod, Codec, SrtpMode, Transport};
 
 use super::status::{Condition, NodeCounts};
 
@@ -105,6 +105,10 @@ pub struct TrunkSpec {
     /// Relay DTMF as RFC 4733 telephone-events.
     #[serde(default = "default_true")]
     pub dtmf_relay: bool,
+
+    /// Media protection on this trunk's call legs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media: Option<MediaSpec>,
 
     /// End a call after this many seconds without RTP.
     #[serde(default = "default_rtp_timeout")]
@@ -230,6 +234,20 @@ pub struct InboundSpec {
     #[schemars(length(max = 64), inner(length(min = 3, max = 49)))]
     #[x_kube(validation = Rule::new("self.all(c, isCIDR(c))").message("allowedSourceCidrs must be CIDRs such as 203.0.113.0/24 or 2001:db8::/32"))]
     pub allowed_source_cidrs: Vec<String>,
+}
+
+/// Media protection of a trunk's legs.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MediaSpec {
+    /// SRTP with SDES keys (RFC 4568 `a=crypto`, AES_CM_128_HMAC_SHA1_80 or _32): `required`
+    /// (plain RTP offers from the provider get 488; offers to it are `RTP/SAVP`), `optional`
+    /// (SRTP when the provider does it; offers to it are `RTP/AVP` with `a=crypto`) or
+    /// `disabled` (the default). Each leg of a call negotiates on its own: an SRTP provider leg bridges
+    /// to a plain-RTP callee or to an AI agent. SRTP legs are relayed in user space, never by
+    /// the kernel fast path. SDES keys travel in the SDP: use TLS gateways with it.
+    #[serde(default)]
+    pub srtp: SrtpMode,
 }
 
 /// Calls to the provider.

@@ -413,6 +413,8 @@ pub async fn run_controllers(
     let secret_stream = stream!(settings.scope.api::<Secret>(&client), secret_config, secrets_writer);
 
     let secret_stores = stores.clone();
+    let (trunks_ready, numbers_ready, rules_ready) =
+        (trunks_reader.clone(), numbers_reader.clone(), rules_reader.clone());
     let trunks = Controller::for_stream(trunk_stream, trunks_reader)
         .watches_stream(secret_stream, move |secret: Secret| secret_stores.trunks_using(&secret))
         .reconcile_on(streams.trunks)
@@ -440,9 +442,39 @@ pub async fn run_controllers(
         settings.node_timeout,
         shutdown.clone(),
     );
+    let trunks = until_stopped(trunks, trunks_ready, &shutdown);
+    let numbers = until_stopped(numbers, numbers_ready, &shutdown);
+    let rules = until_stopped(rules, rules_ready, &shutdown);
     tracing::info!(scope = %settings.scope.describe(), "controllers started");
     tokio::join!(trunks, numbers, rules, driver, poller);
     tracing::info!("controllers stopped");
+}
+
+/// Runs one controller until it stops after `shutdown`. kube-runtime's applier holds its
+/// runner until the controller's store has seen its first list, and its graceful shutdown ends
+/// the watch that would fill that store: a shutdown during the first list (SIGTERM right after
+/// winning the lease, an API server slow to answer) would wait forever. No reconcile can have
+/// started before the store was ready, so such a controller is dropped at once, losing nothing;
+/// once ready, in-flight reconciles finish as usual.
+async fn until_stopped<K>(
+    controller: impl std::future::Future<Output = ()>,
+    store: reflector::Store<K>,
+    shutdown: &CancellationToken,
+) where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    tokio::pin!(controller);
+    tokio::select! {
+        () = &mut controller => return,
+        () = shutdown.cancelled() => {}
+    }
+    let ready = futures::FutureExt::now_or_never(store.wait_until_ready()).is_some_and(|ready| ready.is_ok());
+    if ready {
+        controller.await;
+    } else {
+        tracing::debug!("controller stopped before its first list; dropped");
+    }
 }
 
 /// Polls the node-written tables; when what they say changed, every object is reconciled (each

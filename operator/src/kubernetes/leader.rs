@@ -208,9 +208,17 @@ impl LeaderElection {
         }
     }
 
-    /// Gives the lease up so that a standby takes over without waiting for it to expire.
+    /// Gives the lease up so that a standby takes over without waiting for it to expire. Bounded
+    /// by the retry period: a slow or unreachable API server must not hold up the exit (the
+    /// lease then expires by itself).
     pub async fn release(&self) {
         self.is_leader.store(false, Ordering::SeqCst);
+        if tokio::time::timeout(self.timing.retry_period, self.give_up()).await.is_err() {
+            tracing::warn!(lease = %self.name, "the API server did not answer the release in time; the lease expires by itself");
+        }
+    }
+
+    async fn give_up(&self) {
         let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else { return };
         let Some(spec) = lease.spec.as_mut() else { return };
         if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {

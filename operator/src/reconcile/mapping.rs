@@ -80,6 +80,7 @@ pub fn trunk_config(namespace: &str, name: &str, spec: &TrunkSpec) -> TrunkConfi
         calls_per_second: limits.calls_per_second,
         codecs: spec.codecs.clone(),
         dtmf_relay: spec.dtmf_relay,
+        srtp: spec.media.as_ref().map(|m| m.srtp).unwrap_or_default(),
         rtp_timeout_seconds: spec.rtp_timeout_seconds,
         options_interval_seconds: spec.options_interval_seconds,
         failover_timeout_seconds: spec.failover_timeout_seconds,

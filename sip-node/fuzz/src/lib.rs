@@ -14,6 +14,14 @@ pub mod digest;
 #[path = "../../src/media/sdp/mod.rs"]
 pub mod sdp;
 
+/// What `sdp` uses of the node's `media` besides itself: the SDES attributes and negotiation.
+pub mod media {
+    pub mod srtp {
+        #[path = "../../../../src/media/srtp/sdes.rs"]
+        pub mod sdes;
+    }
+}
+
 #[path = "../../src/media/rtp/mod.rs"]
 pub mod rtp;
 

@@ -387,6 +387,7 @@ pub(crate) mod tests {
             calls_per_second: None,
             codecs: vec![Codec::Pcmu, Codec::Pcma],
             dtmf_relay: true,
+            srtp: switchboard_model::SrtpMode::Disabled,
             rtp_timeout_seconds: 30,
             options_interval_seconds: 30,
             failover_timeout_seconds: 5,

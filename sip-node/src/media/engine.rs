@@ -398,10 +398,17 @@ impl Worker {
                         entry.deadline = Instant::now();
                     }
                 }
+                Command::Control(id, Control::Dtmf(leg, press)) => {
+                    if let Some(entry) = self.ids.get(&id).and_then(|&s| self.slots[s].as_mut()) {
+                        entry.relay.inject_dtmf(leg, &press);
+                    }
+                }
                 Command::Control(id, Control::Stop(reply)) => {
                     self.remove(id);
                     let _ = reply.send(());
                 }
+                // Only bridged legs hand their sockets back (the handle never sends it here).
+                Command::Control(_, Control::Release(_)) => {}
                 Command::KernelReleased(id, last) => {
                     if let Some(entry) = self.ids.get(&id).and_then(|&s| self.slots[s].as_mut()) {
                         entry.relay.kernel_released(last);

@@ -234,6 +234,29 @@ impl PortPair {
     pub fn take_sockets(&mut self) -> Option<(UdpSocket, UdpSocket)> {
         self.sockets.take()
     }
+
+    /// Reads and drops the datagrams queued on the sockets (still here): what a caller on hold
+    /// sent while nothing read its port must not reach whoever it is joined with next.
+    /// Returns how many were dropped.
+    pub(crate) fn discard_queued(&self) -> usize {
+        let Some((rtp, rtcp)) = &self.sockets else { return 0 };
+        let mut buf = [0u8; 2048];
+        let mut dropped = 0;
+        for socket in [rtp, rtcp] {
+            // Non-blocking sockets: stops at WouldBlock (or any error); bounded in case a
+            // flood keeps the queue full.
+            while dropped < 100_000 && socket.recv_from(&mut buf).is_ok() {
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+
+    /// Puts the sockets taken by [`PortPair::take_sockets`] back, so that another relay can
+    /// take them over (a transferred call keeps the port the caller's SDP names).
+    pub(crate) fn restore_sockets(&mut self, rtp: UdpSocket, rtcp: UdpSocket) {
+        self.sockets = Some((rtp, rtcp));
+    }
 }
 
 impl Drop for PortPair {

@@ -120,6 +120,7 @@ pub struct NodeMetrics {
     config_generation: IntGauge,
     rtp_ports_capacity: IntGauge,
     rtp_port_exhaustions: IntCounter,
+    srtp_rejected: IntCounter,
     bridge_latency: crate::bridge::BridgeLatency,
 }
 
@@ -256,6 +257,14 @@ impl NodeMetrics {
                 IntCounter::new(
                     "switchboard_rtp_port_exhaustions_total",
                     "Calls refused with 503 because no RTP port pair was free.",
+                )
+                .expect("valid metric"),
+            ),
+            srtp_rejected: register(
+                &registry,
+                IntCounter::new(
+                    "switchboard_srtp_rejected_packets_total",
+                    "SRTP and SRTCP packets dropped because they did not authenticate or were replays (a wrong key, tampering); counted when the call's relay ends.",
                 )
                 .expect("valid metric"),
             ),

@@ -42,6 +42,11 @@ impl NodeMetrics {
         self.rtp_port_exhaustions.inc();
     }
 
+    /// Adds the SRTP/SRTCP packets a call's relay refused (its legs' `srtp_rejected`).
+    pub fn srtp_rejected(&self, stats: &crate::media::relay::RelayStats) {
+        self.srtp_rejected.inc_by(stats.a.srtp_rejected + stats.b.srtp_rejected);
+    }
+
     /// Samples, at each scrape, the number of two-leg RTP relays on the node's media threads.
     /// Registered once; later calls are ignored.
     pub fn track_media_relays(&self, relays: impl Fn() -> usize + Send + Sync + 'static) {

@@ -40,6 +40,8 @@ pub struct NodeContext {
     pub drain: crate::drain::Drain,
     /// RFC 4028 session timers: the interval the node asks for and the smallest it accepts.
     pub session_timers: super::control::session_timer::TimerPolicy,
+    /// The calls that take transfer requests from the API (`sip::transfer`).
+    pub transfers: super::transfer::Transfers,
 }
 
 /// What the node needs to anchor a call's media.

@@ -22,7 +22,8 @@ pub mod routing;
 pub(crate) mod sms;
 pub mod tls;
 pub mod transaction;
+pub mod transfer;
 pub mod transport;
 
 /// Methods the node accepts, for Allow headers.
-pub(crate) const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, MESSAGE";
+pub(crate) const ALLOW: &str = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, MESSAGE, REFER";

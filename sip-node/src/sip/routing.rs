@@ -293,6 +293,7 @@ pub(crate) mod tests {
             calls_per_second: None,
             codecs: vec![Codec::Pcmu],
             dtmf_relay: true,
+            srtp: switchboard_model::SrtpMode::Disabled,
             rtp_timeout_seconds: 60,
             options_interval_seconds: 30,
             failover_timeout_seconds: 5,

@@ -275,7 +275,8 @@ impl TransportLayer {
         let (tx, rx) = mpsc::channel(TCP_WRITE_QUEUE);
         self.connections.lock().unwrap_or_else(|p| p.into_inner()).insert(peer, tx.clone());
         tokio::spawn(tcp_write(write, rx));
-        tokio::spawn(tcp_read(Arc::clone(self), read, peer, slot));
+        let entry = ConnectionEntry { layer: Arc::clone(self), peer, sender: tx.downgrade(), _slot: slot };
+        tokio::spawn(tcp_read(entry, read));
         tx
     }
 
@@ -536,11 +537,11 @@ async fn tcp_write<W: AsyncWrite + Unpin>(mut write: W, mut rx: mpsc::Receiver<V
     let _ = write.shutdown().await;
 }
 
-async fn tcp_read<R: AsyncRead + Unpin>(layer: Arc<TransportLayer>, mut read: R, peer: Peer, slot: Option<Slot>) {
+async fn tcp_read<R: AsyncRead + Unpin>(entry: ConnectionEntry, mut read: R) {
+    // Whatever ends this task (even a panic), `entry` drops: the connection leaves the table,
+    // so its writer stops and the socket closes.
+    let (layer, peer) = (&entry.layer, entry.peer);
     let addr = peer.addr;
-    // Whatever ends this task (even a panic), the connection leaves the table, so its writer
-    // stops and the socket closes.
-    let _entry = ConnectionEntry { layer: Arc::clone(&layer), peer, _slot: slot };
     let mut buf = BytesMut::with_capacity(8192);
     let mut framer = message::StreamFramer::default();
     'conn: loop {
@@ -582,12 +583,20 @@ async fn tcp_read<R: AsyncRead + Unpin>(layer: Arc<TransportLayer>, mut read: R,
 struct ConnectionEntry {
     layer: Arc<TransportLayer>,
     peer: Peer,
+    /// This connection's writer queue. Weak: the table's sender is what keeps the writer open.
+    sender: mpsc::WeakSender<Vec<u8>>,
     _slot: Option<Slot>,
 }
 
 impl Drop for ConnectionEntry {
+    /// Removes the table's entry only when it is still this connection: a newer connection to
+    /// the same peer (a reconnect after this one died) must outlive the old one's reader.
     fn drop(&mut self) {
-        self.layer.connections.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.peer);
+        let mut table = self.layer.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = self.sender.upgrade();
+        if table.get(&self.peer).zip(mine).is_some_and(|(current, mine)| current.same_channel(&mine)) {
+            table.remove(&self.peer);
+        }
     }
 }
 
@@ -619,5 +628,42 @@ From: <sip:a@b>;tag=1\r\nTo: <sip:n@c>\r\nCall-ID: x\r\nCSeq: 1 OPTIONS\r\nConte
         let via = message::header_value(&request.headers, "Via").unwrap().to_string();
         assert!(via.contains("received=192.0.2.7"), "{via}");
         assert!(via.contains("rport=40000"), "{via}");
+    }
+
+    /// A reconnect to a peer whose old connection is still being torn down: the old reader's
+    /// end must not take the new connection out of the table (sends would then open a third).
+    #[tokio::test]
+    async fn an_old_connection_ending_leaves_a_newer_one_to_the_same_peer() {
+        let snapshot = crate::config::Snapshot::from_parts(1, vec![], vec![], vec![], vec![]).unwrap();
+        let guard = Guard::new(&crate::sip::guard::GuardArgs::default(), 1_000, &snapshot);
+        let config = TransportConfig {
+            listen: vec!["127.0.0.1:0".parse().unwrap()],
+            advertised_host: None,
+            advertised_port: None,
+            tls: None,
+        };
+        let (sink, _received) = mpsc::channel(4);
+        let layer = TransportLayer::bind(&config, sink, guard, NodeMetrics::new()).await.unwrap();
+        let peer = Peer { protocol: Protocol::Tcp, addr: "127.0.0.1:5999".parse().unwrap() };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let old_far = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (old_near, _) = listener.accept().await.unwrap();
+        let _new_far = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (new_near, _) = listener.accept().await.unwrap();
+        layer.adopt(old_near, peer, None);
+        let new = layer.adopt(new_near, peer, None);
+        // Each reader holds the layer: the count drops when the old one has ended.
+        let with_both = Arc::strong_count(&layer);
+        drop(old_far);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while Arc::strong_count(&layer) == with_both {
+            assert!(std::time::Instant::now() < deadline, "the old connection's reader did not end");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let table = layer.connections.lock().unwrap();
+        assert!(
+            table.get(&peer).is_some_and(|current| current.same_channel(&new)),
+            "the newer connection left the table"
+        );
     }
 }

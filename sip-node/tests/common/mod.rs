@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use rust_decimal::Decimal;
 use sqlx::PgPool;
-use switchboard_model::{Credential, Destination, DestinationType, NumberConfig, TrunkConfig};
+use switchboard_model::{Credential, Destination, DestinationType, NumberConfig, RuleConfig, TrunkConfig};
 use switchboard_node::config::{Snapshot, SnapshotHandle};
 use switchboard_node::drain::Drain;
 use switchboard_node::media::kernel::KernelMode;
@@ -96,11 +96,33 @@ impl Node {
         credentials: Vec<Credential>,
         tune: impl FnOnce(&mut SipArgs),
     ) -> Node {
+        Node::start_full(pool, trunks, numbers, vec![], credentials, tune).await
+    }
+
+    /// Starts the node with routing rules (outbound rules decide where REFER targets may go).
+    pub async fn start_routed(
+        pool: &PgPool,
+        trunks: Vec<TrunkConfig>,
+        numbers: Vec<NumberConfig>,
+        rules: Vec<RuleConfig>,
+        tune: impl FnOnce(&mut SipArgs),
+    ) -> Node {
+        Node::start_full(pool, trunks, numbers, rules, vec![], tune).await
+    }
+
+    async fn start_full(
+        pool: &PgPool,
+        trunks: Vec<TrunkConfig>,
+        numbers: Vec<NumberConfig>,
+        rules: Vec<RuleConfig>,
+        credentials: Vec<Credential>,
+        tune: impl FnOnce(&mut SipArgs),
+    ) -> Node {
         sqlx::query("INSERT INTO nodes (node_id, hostname, version) VALUES ('sipp-node', 'test', 'test') ON CONFLICT DO NOTHING")
             .execute(pool)
             .await
             .unwrap();
-        let snapshot = Snapshot::from_parts(1, trunks, numbers, vec![], credentials).unwrap();
+        let snapshot = Snapshot::from_parts(1, trunks, numbers, rules, credentials).unwrap();
         let handle = SnapshotHandle::new(snapshot);
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();

@@ -38,7 +38,7 @@ use super::tls::AgentTls;
 use crate::media::g711::ULAW_SILENCE;
 use crate::media::mailbox::{MailboxReceiver, MailboxSender, mailbox};
 use crate::media::relay::{
-    BridgedLeg, CallerInput, RelayConfig, RelayError, RelayEvent, RelayHandle, RtpLegSetup, start_bridged,
+    BridgedLeg, CallerInput, LegStop, RelayConfig, RelayError, RelayEvent, RelayHandle, RtpLegSetup, start_bridged,
 };
 
 /// One frame of 8 kHz μ-law: 20 ms.
@@ -388,6 +388,12 @@ impl AgentConnection {
 
 enum Control {
     Hangup(oneshot::Sender<()>),
+    /// A JSON event for the agent (a transfer's progress); `streamSid` and `sequenceNumber`
+    /// are added by the session.
+    Event(serde_json::Map<String, serde_json::Value>),
+    /// Put another RTP leg where the caller's was (a warm transfer's consult leg, or the
+    /// caller back); the previous leg's ports and media go to the sender.
+    Swap(Box<BridgedLeg>, oneshot::Sender<Option<RtpLegSetup>>),
 }
 
 /// The call's hold on a running bridge session.
@@ -445,6 +451,34 @@ impl BridgeHandle {
             self.first_audio = if rx.await.is_ok() { FirstAudio::Arrived } else { FirstAudio::Never };
         }
         matches!(self.first_audio, FirstAudio::Arrived)
+    }
+
+    /// Sends the agent a JSON event of the node's own (`{"event": name, "streamSid": ..,
+    /// "sequenceNumber": .., ...fields}`), e.g. `transfer_failed`; dropped when the session
+    /// has ended.
+    pub fn notify(&self, name: &str, fields: serde_json::Value) {
+        let mut event = match fields {
+            serde_json::Value::Object(map) => map,
+            _ => serde_json::Map::new(),
+        };
+        event.insert("event".into(), name.into());
+        let _ = self.control.send(Control::Event(event));
+    }
+
+    /// Bridges the agent to another RTP leg from now on (a warm transfer: the human the agent
+    /// briefs, then the caller again if the transfer is called off). Audio still queued for
+    /// the previous leg is dropped. Returns the new leg's relay handle and events, and the
+    /// previous leg's port pair (sockets inside) with its media.
+    pub async fn swap_leg(
+        &self,
+        leg: RtpLegSetup,
+        config: RelayConfig,
+    ) -> Result<(RelayHandle, mpsc::Receiver<RelayEvent>, Option<RtpLegSetup>), RelayError> {
+        let (bridged, relay, events) = start_bridged(leg, config)?;
+        let (tx, rx) = oneshot::channel();
+        self.control.send(Control::Swap(Box::new(bridged), tx)).map_err(|_| RelayError::Stopped)?;
+        let previous = rx.await.map_err(|_| RelayError::Stopped)?;
+        Ok((relay, events, previous))
     }
 
     /// The caller hung up: sends `stop`, closes the socket cleanly (waiting up to a second for

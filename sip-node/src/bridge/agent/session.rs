@@ -35,8 +35,9 @@ pub(super) struct Session {
 
 enum Wake {
     Agent(Option<Result<Message, tokio_tungstenite::tungstenite::Error>>),
-    /// The relay handle stopped the caller's leg (with the acknowledgement to send) or was dropped.
-    MediaStopped(Option<oneshot::Sender<()>>),
+    /// The relay handle stopped the caller's leg (with the acknowledgement to send), asked for
+    /// it back (a transfer), or was dropped.
+    MediaStopped(LegStop),
     Control(Option<Control>),
     Tick(Instant),
     WriteFailed(String),
@@ -92,11 +93,21 @@ impl Session {
                     Ok(()) => self.flush_marks_if_idle().await,
                     Err(end) => return end,
                 },
-                Wake::MediaStopped(done) => {
-                    // The ports go back before the stop is acknowledged.
-                    self.leg = None;
-                    if let Some(done) = done {
-                        let _ = done.send(());
+                Wake::MediaStopped(stop) => {
+                    // The ports go back (or over to the next relay) before the stop is
+                    // acknowledged.
+                    let leg = self.leg.take();
+                    match stop {
+                        LegStop::Stop(Some(done)) => {
+                            drop(leg);
+                            let _ = done.send(());
+                        }
+                        LegStop::Stop(None) => {}
+                        LegStop::Release(to) => {
+                            if let Some(leg) = leg {
+                                let _ = to.send(leg.into_setup());
+                            }
+                        }
                     }
                     self.stop_and_close().await;
                     return BridgeEnd::MediaEnded;
@@ -105,6 +116,18 @@ impl Session {
                     self.stop_and_close().await;
                     let _ = done.send(());
                     return BridgeEnd::CallerHangup;
+                }
+                Wake::Control(Some(Control::Swap(leg, reply))) => {
+                    let previous = self.leg.replace(*leg).map(BridgedLeg::into_setup);
+                    self.playback.clear();
+                    let _ = reply.send(previous);
+                    Ok(())
+                }
+                Wake::Control(Some(Control::Event(mut event))) => {
+                    event.insert("sequenceNumber".into(), self.conn.next_sequence().into());
+                    event.insert("streamSid".into(), self.conn.config.stream_sid.clone().into());
+                    let text = serde_json::Value::Object(event).to_string();
+                    self.conn.socket.send(Message::text(text)).await.map_err(|e| e.to_string())
                 }
                 Wake::Control(None) => {
                     self.stop_and_close().await;

@@ -115,6 +115,15 @@ pub(crate) struct BridgedLeg {
     partial: Vec<u8>,
 }
 
+/// Why a bridged leg's poll ended.
+pub(crate) enum LegStop {
+    /// The relay handle stopped the leg (with the acknowledgement to send once it is dropped)
+    /// or was dropped (`None`).
+    Stop(Option<oneshot::Sender<()>>),
+    /// The relay handle takes the leg back ([`BridgedLeg::into_setup`] goes to the sender).
+    Release(oneshot::Sender<RtpLegSetup>),
+}
+
 /// The agent's frame: 20 ms of 8 kHz μ-law, as Twilio Media Streams sends it. Caller audio
 /// in packets of another size (ptime 10, 30, 40) is cut into frames of this size.
 const AGENT_FRAME: usize = 160;
@@ -156,25 +165,37 @@ pub(crate) fn start_bridged(
 }
 
 impl BridgedLeg {
+    /// The leg's port pair with its sockets and current media, for another relay.
+    pub(crate) fn into_setup(self) -> RtpLegSetup {
+        self.leg.into_setup()
+    }
+
     /// Does what the leg has to do now: re-INVITE updates, caller RTP (each frame and key
     /// press goes to `sink`, which returns whether it took the frame; a frame it did not take
     /// is counted as `dropped_other`), RTCP (which ends at the node), the media timeout.
     /// `Ready` when the relay handle asked to stop (with the acknowledgement to send once the
-    /// leg is dropped) or was dropped (`None`).
+    /// leg is dropped), to release the leg, or was dropped.
     pub(crate) fn poll(
         &mut self,
         cx: &mut Context<'_>,
         sink: &mut dyn FnMut(&mut Context<'_>, CallerInput<'_>) -> bool,
-    ) -> Poll<Option<oneshot::Sender<()>>> {
+    ) -> Poll<LegStop> {
         while let Poll::Ready(control) = self.control.poll_recv(cx) {
             match control {
-                None => return Poll::Ready(None),
-                Some(Control::Stop(done)) => return Poll::Ready(Some(done)),
+                None => return Poll::Ready(LegStop::Stop(None)),
+                Some(Control::Stop(done)) => return Poll::Ready(LegStop::Stop(Some(done))),
+                Some(Control::Release(to)) => return Poll::Ready(LegStop::Release(to)),
                 Some(Control::Update(LegId::A, media)) => {
                     self.leg.apply(*media);
                     self.timeout_reported = false;
                 }
                 Some(Control::Update(LegId::B, _)) => {} // refused by the handle
+                // Leg B is the agent: the key press becomes its `dtmf` message. (A key for
+                // the caller's leg has no sender in bridged mode.)
+                Some(Control::Dtmf(LegId::B, press)) => {
+                    sink(cx, CallerInput::Key(press.key));
+                }
+                Some(Control::Dtmf(LegId::A, _)) => {}
             }
         }
         let mut more = false;

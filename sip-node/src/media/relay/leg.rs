@@ -11,7 +11,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use super::transform::PacketTransform;
+use super::transform::{self, PacketTransform};
 use super::{Counters, LatchMode, LegId, LegMedia, RelayError, RelayEvent, RtpLegSetup, bump};
 use crate::media::ports::PortPair;
 use crate::media::rtp::{
@@ -47,6 +47,20 @@ pub(super) struct RtpLeg<S = LegSocket> {
     pub(super) transform: Option<Box<dyn PacketTransform>>,
 }
 
+impl RtpLeg<LegSocket> {
+    /// Gives the leg's sockets back in its port pair, with its current media, for another
+    /// relay to take over (the reservation never lapses, so the port stays the caller's).
+    pub(super) fn into_setup(self) -> RtpLegSetup {
+        let RtpLeg { rtp, rtcp, _ports: mut ports, mut media, latched, .. } = self;
+        ports.restore_sockets(rtp.into_inner(), rtcp.into_inner());
+        // Where the caller really sends from (behind NAT it is not the SDP address).
+        if latched.is_some() {
+            media.remote_rtp = latched;
+        }
+        RtpLegSetup { ports, media }
+    }
+}
+
 impl<S> RtpLeg<S> {
     /// Takes the sockets out of the setup's port pair, wrapped by `wrap` (tokio registration or
     /// none).
@@ -58,6 +72,7 @@ impl<S> RtpLeg<S> {
     ) -> Result<RtpLeg<S>, RelayError> {
         let (rtp, rtcp) = setup.ports.take_sockets().ok_or(RelayError::NoSockets(id))?;
         let local_rtp = rtp.local_addr().ok();
+        let transform = transform::for_media(&setup.media);
         Ok(RtpLeg {
             id,
             rtp: wrap(rtp)?,
@@ -71,7 +86,7 @@ impl<S> RtpLeg<S> {
             dtmf: DtmfDetector::new(),
             last_rx: now,
             local_rtp,
-            transform: None,
+            transform,
         })
     }
 
@@ -235,6 +250,11 @@ impl<S> RtpLeg<S> {
         // A leg resuming from hold is expected to send again from now.
         if !self.media.direction.receives() && media.direction.receives() {
             self.last_rx = Instant::now();
+        }
+        // New keys (a re-INVITE may rekey, or turn SRTP on or off): a new context; the same
+        // keys keep the running one (its rollover counters and replay windows).
+        if self.media.srtp != media.srtp {
+            self.transform = transform::for_media(&media);
         }
         self.media = media;
         moved

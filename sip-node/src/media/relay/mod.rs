@@ -46,13 +46,15 @@
 //! - `two_leg`: the relay between two legs that a media engine thread drives;
 //! - `offload`: handing a steady direction of a two-leg relay to the kernel fast path
 //!   ([`super::kernel`]) and folding its counters back;
-//! - `bridged`: the caller's leg of a bridged call, driven by the bridge session's task.
+//! - `bridged`: the caller's leg of a bridged call, driven by the bridge session's task;
+//! - `dtmf`: key presses the node puts into a leg itself (RFC 4733 events it generates).
 //!
 //! Dependencies run one way: the media engine ([`super::engine`]) drives `two_leg` relays and
 //! hands their handles an `EngineHold`; this module does not know the engine. The system calls
 //! are in `media::sys`.
 
 mod bridged;
+mod dtmf;
 mod leg;
 mod offload;
 mod transform;
@@ -68,13 +70,15 @@ use std::time::Duration;
 use switchboard_model::Codec;
 use tokio::sync::oneshot;
 
-pub(crate) use self::bridged::{BridgedLeg, CallerInput, start_bridged};
+pub(crate) use self::bridged::{BridgedLeg, CallerInput, LegStop, start_bridged};
+pub(crate) use self::dtmf::DtmfPress;
 pub(crate) use self::transform::RECEIVE_BUFFER;
 pub(crate) use self::two_leg::Relay;
 use super::mailbox::MailboxSender;
 use super::ports::PortPair;
 use super::rtp::DtmfDigit;
 use super::sdp::{MediaDirection, NegotiatedMedia};
+use super::srtp::SrtpKeys;
 
 /// The default media timeout.
 pub const DEFAULT_MEDIA_TIMEOUT: Duration = Duration::from_secs(30);
@@ -129,6 +133,8 @@ pub struct LegMedia {
     pub direction: MediaDirection,
     /// How the leg latches.
     pub latch: LatchMode,
+    /// The leg's SRTP keys (`None`: plain RTP). An SRTP leg is relayed in user space.
+    pub srtp: Option<SrtpKeys>,
 }
 
 impl LegMedia {
@@ -143,6 +149,7 @@ impl LegMedia {
             telephone_event: None,
             direction: MediaDirection::SendRecv,
             latch: LatchMode::Any,
+            srtp: None,
         }
     }
 }
@@ -157,6 +164,7 @@ impl From<&NegotiatedMedia> for LegMedia {
             telephone_event: n.telephone_event,
             direction: n.direction,
             latch: LatchMode::Any,
+            srtp: n.srtp.clone(),
         }
     }
 }
@@ -243,8 +251,11 @@ pub struct LegStats {
     pub bytes_out: u64,
     /// Packets from a source other than the latched one.
     pub dropped_source: u64,
-    /// Datagrams that are not valid RTP/RTCP.
+    /// Datagrams that are not valid RTP/RTCP (including those counted in `srtp_rejected`).
     pub dropped_invalid: u64,
+    /// SRTP/SRTCP packets from the leg that did not authenticate or were replays (a wrong
+    /// key, tampering), dropped.
+    pub srtp_rejected: u64,
     /// Valid packets not relayed: unknown payload type, direction, no destination, a full
     /// bridge slot or socket buffer.
     pub dropped_other: u64,
@@ -279,6 +290,7 @@ pub(crate) struct Counters {
     bytes_out: AtomicU64,
     dropped_source: AtomicU64,
     dropped_invalid: AtomicU64,
+    srtp_rejected: AtomicU64,
     dropped_other: AtomicU64,
     lost: AtomicU64,
     late: AtomicU64,
@@ -308,6 +320,7 @@ impl Counters {
             bytes_out: get(&self.bytes_out),
             dropped_source: get(&self.dropped_source),
             dropped_invalid: get(&self.dropped_invalid),
+            srtp_rejected: get(&self.srtp_rejected),
             dropped_other: get(&self.dropped_other),
             lost: get(&self.lost),
             late: get(&self.late),
@@ -323,7 +336,13 @@ pub(crate) enum Control {
     /// Boxed: the channel allocates room for 32 messages per relay up front, and re-INVITEs are
     /// rare; a boxed update keeps that block at 16 bytes a message instead of 80.
     Update(LegId, Box<LegMedia>),
+    /// A key press for a leg (`dtmf`): RFC 4733 events on an RTP leg, a `dtmf` message for
+    /// the agent in bridged mode (leg B).
+    Dtmf(LegId, Box<DtmfPress>),
     Stop(oneshot::Sender<()>),
+    /// Stop, handing the leg's port pair (sockets inside) and media back (bridged legs only;
+    /// a two-leg relay drops the sender).
+    Release(oneshot::Sender<RtpLegSetup>),
 }
 
 /// The call's hold on a running relay. Dropping it stops the relay (and frees its ports), so a
@@ -379,6 +398,18 @@ impl RelayHandle {
         }
     }
 
+    /// Plays a key press into `to` (DTMF that came by SIP INFO): RFC 4733 events on a two-leg
+    /// relay's leg (the call checks first that the leg negotiated telephone-event, see
+    /// `dtmf`), a `dtmf` message to the agent for leg B of a bridged call.
+    pub(crate) fn send_dtmf(&self, to: LegId, press: DtmfPress) -> Result<(), RelayError> {
+        let dtmf = Control::Dtmf(to, Box::new(press));
+        match &self.driver {
+            Driver::Mailbox(control) => control.send(dtmf).map_err(|_| RelayError::Stopped),
+            Driver::Engine(Some(relay)) => relay.control(dtmf),
+            Driver::Engine(None) => Err(RelayError::Stopped),
+        }
+    }
+
     /// A bridged call's leg: the bridge session drives it, and it has no leg B.
     fn is_bridged(&self) -> bool {
         matches!(self.driver, Driver::Mailbox(_))
@@ -395,6 +426,17 @@ impl RelayHandle {
             Driver::Mailbox(control) => control.is_closed(),
             Driver::Engine(relay) => relay.as_ref().is_none_or(|relay| relay.is_finished()),
         }
+    }
+
+    /// Stops a bridged leg and takes its port pair back with its sockets open and its current
+    /// media, for another relay (a call transferred off its agent keeps the caller's port).
+    /// `None` for a two-leg relay, or when the leg had already stopped. The handle stays
+    /// (stopping it afterwards returns at once).
+    pub async fn release(&self) -> Option<RtpLegSetup> {
+        let Driver::Mailbox(control) = &self.driver else { return None };
+        let (tx, rx) = oneshot::channel();
+        control.send(Control::Release(tx)).ok()?;
+        rx.await.ok()
     }
 
     /// Stops the relay and waits until its sockets are closed and its ports released; returns

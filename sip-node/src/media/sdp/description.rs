@@ -97,7 +97,7 @@ pub struct Origin {
 }
 
 /// One `a=` line: `name` or `name:value`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Attribute {
     /// The attribute name, as written.
     pub name: String,
@@ -121,6 +121,18 @@ impl Attribute {
             Some((name, value)) => Attribute { name: name.to_string(), value: Some(value.to_string()) },
             None => Attribute { name: text.to_string(), value: None },
         }
+    }
+}
+
+impl fmt::Debug for Attribute {
+    /// The value of an `a=crypto` line is an SRTP master key: left out, so that an SDP in a
+    /// log line or a test failure does not hand out a call's keys.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let value = match &self.value {
+            Some(_) if self.name.eq_ignore_ascii_case("crypto") => Some("<redacted>"),
+            other => other.as_deref(),
+        };
+        f.debug_struct("Attribute").field("name", &self.name).field("value", &value).finish()
     }
 }
 
@@ -209,10 +221,11 @@ pub struct MediaDescription {
 }
 
 impl MediaDescription {
-    /// Whether this is an audio stream over plain RTP that the relay can carry.
+    /// Whether this is an audio stream over RTP that the relay can carry: plain RTP, or SRTP
+    /// (`RTP/SAVP`, which the leg's SRTP policy then accepts or refuses).
     pub fn is_rtp_audio(&self) -> bool {
         self.media.eq_ignore_ascii_case("audio")
-            && (self.protocol.eq_ignore_ascii_case("RTP/AVP") || self.protocol.eq_ignore_ascii_case("RTP/AVPF"))
+            && ["RTP/AVP", "RTP/AVPF", "RTP/SAVP"].iter().any(|p| self.protocol.eq_ignore_ascii_case(p))
     }
 
     /// The payload types listed in the m= line, in order (formats that are not numbers in

@@ -11,6 +11,7 @@
 //! parse/serialise round trip loses nothing, bounds the size of what it reads, and never panics
 //! on input from the network.
 
+mod crypto;
 mod description;
 mod offer_answer;
 
@@ -72,6 +73,10 @@ pub enum SdpError {
     /// The answerer rejected the audio stream (port 0).
     #[error("the answer rejected the audio stream")]
     AudioRejected,
+    /// SRTP could not be agreed on under the leg's trunk policy (`media.srtp`), or an answer's
+    /// `a=crypto` does not fit the offer. Never carries key material.
+    #[error("SRTP: {0}")]
+    Srtp(String),
 }
 
 impl SdpError {
@@ -84,7 +89,8 @@ impl SdpError {
             | SdpError::NoCommonCodec { .. }
             | SdpError::NoConnection
             | SdpError::AnswerMismatch(_)
-            | SdpError::AudioRejected => 488,
+            | SdpError::AudioRejected
+            | SdpError::Srtp(_) => 488,
             _ => 400,
         }
     }

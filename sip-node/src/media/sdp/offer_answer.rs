@@ -6,6 +6,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use switchboard_model::Codec;
 
 use super::*;
+use crate::media::srtp::sdes::{SrtpKeys, SrtpPolicy};
 
 /// The node's end of one leg's media: its advertised address and the RTP port of the pair
 /// allocated for the leg.
@@ -29,12 +30,14 @@ pub struct MediaPolicy {
     pub direction: MediaDirection,
     /// The packet time the node asks for and sends, in milliseconds.
     pub ptime: u32,
+    /// SRTP on this leg (its trunk's `media.srtp`).
+    pub srtp: SrtpPolicy,
 }
 
 impl MediaPolicy {
-    /// A policy with the default ptime and sendrecv.
+    /// A policy with the default ptime, sendrecv and plain RTP.
     pub fn new(codecs: Vec<Codec>, local: LocalEndpoint) -> MediaPolicy {
-        MediaPolicy { codecs, local, direction: MediaDirection::SendRecv, ptime: DEFAULT_PTIME }
+        MediaPolicy { codecs, local, direction: MediaDirection::SendRecv, ptime: DEFAULT_PTIME, srtp: SrtpPolicy::Off }
     }
 }
 
@@ -58,6 +61,8 @@ pub struct NegotiatedMedia {
     pub direction: MediaDirection,
     /// The index of the audio section in the SDP (the same in offer and answer).
     pub media_index: usize,
+    /// The leg's SRTP keys; `None` for plain RTP.
+    pub srtp: Option<SrtpKeys>,
 }
 
 /// Keeps a leg's `o=` line stable across the dialog: the same session id, and a version that
@@ -168,13 +173,15 @@ pub fn create_offer(policy: &MediaPolicy, session: &mut SdpSession) -> SessionDe
         attributes.push(rtpmap_attribute(TELEPHONE_EVENT_PT, Codec::TelephoneEvent));
         attributes.push(Attribute::value("fmtp", format!("{TELEPHONE_EVENT_PT} 0-16")));
     }
+    let (protocol, crypto) = crypto::offer(policy.srtp);
+    attributes.extend(crypto);
     attributes.push(Attribute::value("ptime", policy.ptime.to_string()));
     attributes.push(Attribute::flag(policy.direction.as_str()));
     sdp.media.push(MediaDescription {
         media: "audio".into(),
         port: policy.local.rtp_port,
         port_count: None,
-        protocol: "RTP/AVP".into(),
+        protocol: protocol.into(),
         formats,
         connection: None,
         bandwidth: vec![],
@@ -204,11 +211,12 @@ pub fn answer_offer(
     policy: &MediaPolicy,
     session: &mut SdpSession,
 ) -> Result<(SessionDescription, NegotiatedMedia), SdpError> {
-    let index = offer.audio_index().ok_or(SdpError::NoAudio)?;
+    let index = crypto::audio_index_for(offer, policy.srtp).ok_or(SdpError::NoAudio)?;
     let offered = &offer.media[index];
     if offer.connection_of(offered).is_none() {
         return Err(SdpError::NoConnection);
     }
+    let srtp = crypto::answer(policy.srtp, offered)?;
     let (payload_type, codec) = offered
         .payload_types()
         .find_map(|pt| {
@@ -252,6 +260,9 @@ pub fn answer_offer(
             let events = offered.fmtp(pt).filter(|f| !f.is_empty()).unwrap_or("0-16");
             attributes.push(Attribute::value("fmtp", format!("{pt} {events}")));
         }
+        if let Some(keys) = &srtp {
+            attributes.push(Attribute::value("crypto", keys.local.value()));
+        }
         attributes.push(Attribute::value("ptime", policy.ptime.to_string()));
         attributes.push(Attribute::flag(direction.as_str()));
         sdp.media.push(MediaDescription {
@@ -275,6 +286,7 @@ pub fn answer_offer(
         remote_rtcp,
         direction,
         media_index: index,
+        srtp,
     };
     Ok((sdp, negotiated))
 }
@@ -323,6 +335,7 @@ pub fn process_answer(offer: &SessionDescription, answer: &SessionDescription) -
     let ours = offer.direction_of(offered);
     let direction = declared_direction(answer, answered).reverse().intersect(ours);
     let (remote_rtp, remote_rtcp) = remote_addresses(answer, answered);
+    let srtp = crypto::from_answer(offered, answered)?;
     Ok(NegotiatedMedia {
         codec,
         payload_type,
@@ -332,6 +345,7 @@ pub fn process_answer(offer: &SessionDescription, answer: &SessionDescription) -
         remote_rtcp,
         direction,
         media_index: index,
+        srtp,
     })
 }
 

@@ -317,3 +317,147 @@ fn ipv6_connection() {
     assert!(answer.to_string().contains("c=IN IP6 2001:db8::7\r\n"));
     assert_eq!(unspecified_like(p.local.address), IpAddr::V6(Ipv6Addr::UNSPECIFIED));
 }
+
+// SRTP with SDES (`a=crypto`) under a leg's policy.
+
+use crate::media::srtp::{CryptoAttr, SrtpPolicy, Suite};
+
+fn srtp_policy(srtp: SrtpPolicy) -> MediaPolicy {
+    let mut policy = policy(&[Codec::Pcmu]);
+    policy.srtp = srtp;
+    policy
+}
+
+/// An offer with one audio section per `(profile, crypto lines)`, ports 5000, 5002, ...
+fn offer_with(sections: &[(&str, &[&CryptoAttr])]) -> SessionDescription {
+    let mut text = "v=0\r\no=- 1 1 IN IP4 192.0.2.1\r\ns=-\r\nc=IN IP4 192.0.2.1\r\nt=0 0\r\n".to_string();
+    for (i, (profile, crypto)) in sections.iter().enumerate() {
+        text += &format!("m=audio {} {profile} 0\r\na=rtpmap:0 PCMU/8000\r\n", 5000 + 2 * i);
+        for c in *crypto {
+            text += &format!("a=crypto:{}\r\n", c.value());
+        }
+    }
+    SessionDescription::parse(&text).unwrap()
+}
+
+fn crypto_lines(media: &MediaDescription) -> Vec<CryptoAttr> {
+    media
+        .attributes
+        .iter()
+        .filter(|a| a.name == "crypto")
+        .map(|a| CryptoAttr::parse(a.value.as_deref().unwrap()).unwrap())
+        .collect()
+}
+
+#[test]
+fn an_srtp_offer_is_answered_with_the_nodes_own_key_under_required_and_optional() {
+    let theirs = CryptoAttr::generate(7, Suite::AesCm128HmacSha1_32);
+    let offer = offer_with(&[("RTP/SAVP", &[&theirs])]);
+    for srtp in [SrtpPolicy::Required, SrtpPolicy::Optional] {
+        let (answer, negotiated) = answer_offer(&offer, &srtp_policy(srtp), &mut session()).unwrap();
+        let audio = &answer.media[0];
+        assert_eq!(audio.protocol, "RTP/SAVP", "{srtp:?}");
+        let ours = crypto_lines(audio);
+        assert_eq!(ours.len(), 1, "one a=crypto in the answer");
+        assert_eq!((ours[0].tag(), ours[0].suite()), (7, Suite::AesCm128HmacSha1_32), "the offer's tag and suite");
+        assert_ne!(ours[0], theirs, "the node answers with a key of its own");
+        let keys = negotiated.srtp.clone().expect("the leg is SRTP");
+        assert_eq!((keys.remote, keys.local), (theirs.clone(), ours[0].clone()));
+        // The answer reads back, and its Debug form does not give the key away.
+        let again = SessionDescription::parse(&answer.to_string()).unwrap();
+        assert_eq!(crypto_lines(&again.media[0]), ours);
+        let key = ours[0].value().rsplit(':').next().unwrap().to_string();
+        assert!(!format!("{answer:?} {negotiated:?}").contains(&key), "no key in Debug output");
+    }
+}
+
+#[test]
+fn each_policy_refuses_what_it_cannot_do_with_488_and_says_why() {
+    let key = CryptoAttr::generate(1, Suite::AesCm128HmacSha1_80);
+    let savp = offer_with(&[("RTP/SAVP", &[&key])]);
+    let err = answer_offer(&savp, &srtp_policy(SrtpPolicy::Off), &mut session()).unwrap_err();
+    assert_eq!(err.sip_status(), 488);
+    assert!(err.to_string().contains("media.srtp"), "{err}");
+    let plain = offer_with(&[("RTP/AVP", &[])]);
+    let err = answer_offer(&plain, &srtp_policy(SrtpPolicy::Required), &mut session()).unwrap_err();
+    assert_eq!(err.sip_status(), 488);
+    assert!(err.to_string().contains("requires SRTP"), "{err}");
+    // Plain stays plain where plain is allowed.
+    for srtp in [SrtpPolicy::Off, SrtpPolicy::Optional] {
+        let (answer, negotiated) = answer_offer(&plain, &srtp_policy(srtp), &mut session()).unwrap();
+        assert_eq!((answer.media[0].protocol.as_str(), negotiated.srtp), ("RTP/AVP", None));
+        assert!(crypto_lines(&answer.media[0]).is_empty());
+    }
+    // SRTP without a usable key: an unknown suite.
+    let text = "v=0\r\no=- 1 1 IN IP4 192.0.2.1\r\ns=-\r\nc=IN IP4 192.0.2.1\r\nt=0 0\r\n\
+                m=audio 5000 RTP/SAVP 0\r\na=crypto:1 AEAD_AES_256_GCM inline:AAAA\r\n";
+    let err =
+        answer_offer(&SessionDescription::parse(text).unwrap(), &srtp_policy(SrtpPolicy::Required), &mut session())
+            .unwrap_err();
+    assert_eq!(err.sip_status(), 488);
+    assert!(err.to_string().contains("no usable a=crypto"), "{err}");
+}
+
+#[test]
+fn with_both_an_srtp_and_a_plain_section_each_policy_takes_its_own() {
+    let key = CryptoAttr::generate(1, Suite::AesCm128HmacSha1_80);
+    let offer = offer_with(&[("RTP/SAVP", &[&key]), ("RTP/AVP", &[])]);
+    let (answer, negotiated) = answer_offer(&offer, &srtp_policy(SrtpPolicy::Off), &mut session()).unwrap();
+    assert_eq!((negotiated.media_index, negotiated.srtp.is_none()), (1, true));
+    assert_eq!((answer.media[0].port, answer.media[1].port), (0, 10000), "the SRTP section is rejected");
+    let (answer, negotiated) = answer_offer(&offer, &srtp_policy(SrtpPolicy::Required), &mut session()).unwrap();
+    assert_eq!((negotiated.media_index, negotiated.srtp.is_some()), (0, true));
+    assert_eq!((answer.media[0].port, answer.media[1].port), (10000, 0));
+}
+
+#[test]
+fn a_best_effort_offer_rtp_avp_with_crypto_is_srtp_when_allowed() {
+    let key = CryptoAttr::generate(3, Suite::AesCm128HmacSha1_80);
+    let offer = offer_with(&[("RTP/AVP", &[&key])]);
+    let (answer, negotiated) = answer_offer(&offer, &srtp_policy(SrtpPolicy::Optional), &mut session()).unwrap();
+    assert_eq!(answer.media[0].protocol, "RTP/AVP", "answered in the offer's profile");
+    assert_eq!(negotiated.srtp.unwrap().remote, key);
+    let (answer, negotiated) = answer_offer(&offer, &srtp_policy(SrtpPolicy::Off), &mut session()).unwrap();
+    assert!(negotiated.srtp.is_none() && crypto_lines(&answer.media[0]).is_empty(), "disabled: plain");
+}
+
+/// The callee's side: what the node offers under each policy, and what it makes of answers.
+#[test]
+fn the_nodes_offers_carry_keys_by_policy_and_the_answer_picks_one() {
+    let offer = create_offer(&srtp_policy(SrtpPolicy::Required), &mut session());
+    let audio = &offer.media[0];
+    assert_eq!(audio.protocol, "RTP/SAVP");
+    let ours = crypto_lines(audio);
+    assert_eq!(
+        ours.iter().map(|c| (c.tag(), c.suite())).collect::<Vec<_>>(),
+        [(1, Suite::AesCm128HmacSha1_80), (2, Suite::AesCm128HmacSha1_32)]
+    );
+    // The callee takes tag 2 and answers with its key.
+    let callee_key = CryptoAttr::generate(2, Suite::AesCm128HmacSha1_32);
+    let answer = |profile: &str, crypto: &[&CryptoAttr]| {
+        let mut sdp = offer_with(&[(profile, crypto)]);
+        sdp.media[0].port = 6000;
+        sdp
+    };
+    let negotiated = process_answer(&offer, &answer("RTP/SAVP", &[&callee_key])).unwrap();
+    let keys = negotiated.srtp.unwrap();
+    assert_eq!((keys.local, keys.remote), (ours[1].clone(), callee_key.clone()));
+    // Required: an answer without a key is no SRTP, refused (488).
+    let err = process_answer(&offer, &answer("RTP/SAVP", &[])).unwrap_err();
+    assert_eq!(err.sip_status(), 488);
+    // A tag the node never offered.
+    let stranger = CryptoAttr::generate(9, Suite::AesCm128HmacSha1_80);
+    assert!(process_answer(&offer, &answer("RTP/SAVP", &[&stranger])).unwrap_err().to_string().contains("tag 9"));
+
+    // Optional: RTP/AVP with keys; a plain answer keeps the leg plain, a keyed one makes it SRTP.
+    let offer = create_offer(&srtp_policy(SrtpPolicy::Optional), &mut session());
+    assert_eq!((offer.media[0].protocol.as_str(), crypto_lines(&offer.media[0]).len()), ("RTP/AVP", 2));
+    assert_eq!(process_answer(&offer, &answer("RTP/AVP", &[])).unwrap().srtp, None);
+    let first = CryptoAttr::generate(1, Suite::AesCm128HmacSha1_80);
+    assert!(process_answer(&offer, &answer("RTP/AVP", &[&first])).unwrap().srtp.is_some());
+
+    // Disabled: no keys offered, and an SRTP answer to a plain offer is refused.
+    let offer = create_offer(&srtp_policy(SrtpPolicy::Off), &mut session());
+    assert_eq!((offer.media[0].protocol.as_str(), crypto_lines(&offer.media[0]).len()), ("RTP/AVP", 0));
+    assert_eq!(process_answer(&offer, &answer("RTP/SAVP", &[&first])).unwrap_err().sip_status(), 488);
+}

@@ -10,9 +10,11 @@
 //! protection per SSRC. libsrtp2 is faster per packet; the relay's figure decides whether that
 //! matters.
 //!
-//! Not wired into the relay yet: an SRTP leg relays in user space (the kernel forwarder only
-//! copies plain RTP), which the relay will do once the call layer negotiates per leg with
-//! [`sdes::negotiate`].
+//! Where it is used: each leg negotiates on its own under its trunk's `media.srtp`
+//! (`media::sdp`'s offers and answers carry the `a=crypto` lines, [`sdes::negotiate`] decides),
+//! and the relay runs an SRTP leg through [`SrtpLeg`] as the leg's packet transform
+//! (`media::relay::transform`). An SRTP leg is relayed in user space: the kernel forwarder only
+//! copies plain RTP.
 
 pub mod sdes;
 
@@ -24,20 +26,19 @@ use webrtc_srtp::context::Context;
 use webrtc_srtp::option::{srtcp_replay_protection, srtp_replay_protection};
 use webrtc_srtp::protection_profile::ProtectionProfile;
 
-pub use sdes::{CryptoAttr, Suite};
+pub use sdes::{CryptoAttr, SrtpKeys, SrtpPolicy, Suite};
 
 /// Packets of reordering the replay check tolerates (RFC 3711 §3.3.2's minimum).
 const REPLAY_WINDOW: usize = 64;
 
-/// A trunk's `media.srtp`: whether its legs must, may or must not use SRTP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SrtpPolicy {
-    /// Only `RTP/SAVP` with a usable `a=crypto`; a plain offer is refused (488).
-    Required,
-    /// SRTP when the peer offers it, plain RTP otherwise.
-    Optional,
-    /// Plain RTP only; an `RTP/SAVP`-only offer is refused (488).
-    Off,
+impl From<switchboard_model::SrtpMode> for SrtpPolicy {
+    fn from(mode: switchboard_model::SrtpMode) -> SrtpPolicy {
+        match mode {
+            switchboard_model::SrtpMode::Required => SrtpPolicy::Required,
+            switchboard_model::SrtpMode::Optional => SrtpPolicy::Optional,
+            switchboard_model::SrtpMode::Disabled => SrtpPolicy::Off,
+        }
+    }
 }
 
 /// Why SRTP could not be set up. Never carries key material.

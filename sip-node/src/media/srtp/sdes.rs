@@ -4,11 +4,31 @@
 //! unknown suite, several keys, an MKI, or session parameters is not usable (the next line is
 //! tried), never a panic. Keys come from the OS's random source and are never logged (`Debug`
 //! leaves them out).
+//!
+//! This file depends on nothing else of the node (the fuzz crate compiles it on its own, for
+//! the SDP target).
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 
-use super::SrtpPolicy;
+/// A trunk's `media.srtp`: whether its legs must, may or must not use SRTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SrtpPolicy {
+    /// Only `RTP/SAVP` with a usable `a=crypto`; a plain offer is refused (488).
+    Required,
+    /// SRTP when the peer offers it, plain RTP otherwise.
+    Optional,
+    /// Plain RTP only; an `RTP/SAVP`-only offer is refused (488).
+    Off,
+}
+
+/// The keys of one SRTP leg, as offer/answer agreed on them: the node's (`local`, what it
+/// encrypts with) and the peer's (`remote`). `Debug` shows tags and suites only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SrtpKeys {
+    pub local: CryptoAttr,
+    pub remote: CryptoAttr,
+}
 
 /// Master key and salt lengths of the AES-CM-128 suites (RFC 3711 §8.2).
 const KEY_LEN: usize = 16;

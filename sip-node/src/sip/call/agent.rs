@@ -11,13 +11,12 @@ use super::record::{AttemptRecord, Ender, Outcome};
 use super::{ALLOW, Call};
 use crate::bridge::BridgeEnd;
 use crate::bridge::answer::AgentAnswer;
-use crate::sip::connected::{
-    AgentSession, Answer, Channels, Connected, Io, Leg, LegChannels, LegSetup, LocalAnswerer, MediaMode, Setup, drive,
-};
+use crate::sip::connected::{Answer, Connected, LegSetup, LocalAnswerer, MediaMode, Setup};
 use crate::sip::dialog::Dialog;
 use crate::sip::endpoint::TuEvent;
 use crate::sip::message;
 use crate::sip::transaction::response_to;
+use crate::sip::transfer::{AgentCall, AgentCallEnd, CallerFacts, run_agent_call};
 use crate::store::StoreEvent;
 
 impl Call {
@@ -74,7 +73,9 @@ impl Call {
         };
         let trunk = self.facts.inbound_trunk.clone();
         let codecs = trunk.as_ref().map(|t| t.codecs.clone()).unwrap_or_default();
-        let policy = MediaPolicy::new(codecs, LocalEndpoint { address: media.address, rtp_port: pair.rtp_port() });
+        let mut policy = MediaPolicy::new(codecs, LocalEndpoint { address: media.address, rtp_port: pair.rtp_port() });
+        // The caller's leg is SRTP as its trunk says; the agent's side is the WebSocket.
+        policy.srtp = trunk.as_ref().map_or(crate::media::srtp::SrtpPolicy::Off, |t| t.srtp.into());
         let mut session = SdpSession::new(media.address);
         let (answer, leg_media, awaiting_answer) = match &offer {
             Some(offer) => match answer_offer(offer, &policy, &mut session) {
@@ -136,7 +137,8 @@ impl Call {
         let mut ok = response_to(&self.invite, 200, Some("OK"), Some(&self.a_tag));
         ok.headers.push(Header::Contact(headers::Contact::new(contact.clone())));
         ok.headers.push(Header::Allow(ALLOW.into()));
-        message::set_body(&mut ok.headers, &mut ok.body, answer.to_string().into_bytes(), Some("application/sdp"));
+        let answer_sdp = answer.to_string().into_bytes();
+        message::set_body(&mut ok.headers, &mut ok.body, answer_sdp.clone(), Some("application/sdp"));
         ok.headers.extend(super::session::answer_headers(&self.session_a));
 
         if answering.mode == AgentAnswer::FirstAudio {
@@ -205,25 +207,39 @@ impl Call {
             max_duration: None,
             session_policy: self.ctx.session_timers,
         };
-        let (mut machine, first) = Connected::new(setup);
-        let io = Io { endpoint: &self.ctx.endpoint, metrics: &self.ctx.metrics, drain: &self.ctx.drain };
-        let channels = Channels {
-            a: Some(LegChannels { peer: self.a_peer, tx: self.a_tx.clone(), rx: a_rx }),
-            b: None,
-            relay_events: Some(relay_events),
-            agent: Some(AgentSession { handle: &mut agent, reason: end_reason }),
+        let (machine, first) = Connected::new(setup);
+        // Connected: the transfer module runs the machine and carries out the API's transfer
+        // requests meanwhile (the caller may leave the agent for a human).
+        let call = AgentCall {
+            ctx: &self.ctx,
+            machine,
+            first,
+            a_peer: self.a_peer,
+            a_tx: self.a_tx.clone(),
+            a_rx,
+            relay_events,
+            agent: &mut agent,
+            agent_reason: end_reason,
+            relay: &relay,
+            caller: CallerFacts {
+                call_uuid: self.facts.call_uuid,
+                call_sid: self.facts.call_id.clone(),
+                from: self.facts.from.clone(),
+                trunk: trunk.clone(),
+                answer_sdp,
+            },
         };
         // `agent.hangup()` below sends the agent its `stop` whatever ended the call.
-        let ending = drive(&mut machine, first, &io, channels).await;
-        let dialog = machine.dialog(Leg::A).map(|d| (d.call_id.clone(), d.local_tag.clone()));
-        drop(machine);
+        let AgentCallEnd { ending, dialog } = run_agent_call(call).await;
         let (end, bridge) = agent.hangup().await;
         let stats = relay.stop().await;
+        self.ctx.metrics.srtp_rejected(&stats);
         tracing::info!(
             packets_in = stats.a.packets_in,
             packets_out = stats.a.packets_out,
             dropped_invalid = stats.a.dropped_invalid,
             dropped_source = stats.a.dropped_source,
+            srtp_rejected = stats.a.srtp_rejected,
             ?bridge,
             end = %end.reason(),
             "agent call media"

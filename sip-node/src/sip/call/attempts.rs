@@ -16,6 +16,7 @@ use super::media::Anchor;
 use super::record::{AttemptRecord, Ender, Outcome};
 use super::session;
 use super::{ALLOW, Call, RING_TIMEOUT};
+use crate::sip::context::NodeContext;
 use crate::sip::control::reliable::{self, ReliableAction, ReliableSender};
 use crate::sip::control::session_timer::{self, UacOffer};
 use crate::sip::dialog::{Dialog, content_type};
@@ -148,71 +149,9 @@ impl Call {
         };
         self.refuse_caller(code, last.1, None)
     }
-    /// Every place to try, in order: each gateway address of each trunk, or the SIP URI's
-    /// addresses.
+    /// Every place to try, in order (see [`targets`]).
     async fn targets(&self, target: Target) -> Vec<AttemptTarget> {
-        let mut out = Vec::new();
-        match target {
-            Target::SipUri(uri) => {
-                let Ok(uri) = rsip::Uri::try_from(uri.as_str()) else { return out };
-                let protocol = match (&uri.scheme, uri.transport()) {
-                    (Some(rsip::Scheme::Sips), _) | (_, Some(rsip::Transport::Tls)) => Some(Protocol::Tls),
-                    (_, Some(rsip::Transport::Tcp)) => Some(Protocol::Tcp),
-                    (_, None | Some(rsip::Transport::Udp)) => Some(Protocol::Udp),
-                    (_, Some(_)) => None,
-                };
-                let Some(protocol) = protocol else {
-                    tracing::warn!(%uri, "{}", routing::TLS_UNSUPPORTED);
-                    return out;
-                };
-                let host = uri.host().to_string();
-                let port = uri.port().map(|p| *p.value());
-                if let Ok(addrs) = self.ctx.resolver.resolve(&host, port, protocol).await {
-                    let to_user = uri.user().unwrap_or_default().to_string();
-                    for addr in addrs {
-                        out.push(AttemptTarget {
-                            uri: uri.clone(),
-                            to_user: to_user.clone(),
-                            peer: Peer { protocol, addr },
-                            trunk: None,
-                            gateway: addr.to_string(),
-                        });
-                    }
-                }
-            }
-            Target::Number { number, trunks } => {
-                for trunk in trunks {
-                    let user = routing::format_for_trunk(&trunk, &number);
-                    for gateway in routing::gateway_order(&trunk) {
-                        let Some(protocol) = routing::signaling_protocol(gateway.transport) else {
-                            tracing::warn!(gateway = %gateway.address, "{}", routing::TLS_UNSUPPORTED);
-                            continue;
-                        };
-                        let Ok(addrs) = self.ctx.resolver.resolve(&gateway.address, gateway.port, protocol).await
-                        else {
-                            tracing::warn!(gateway = %gateway.address, "gateway does not resolve");
-                            continue;
-                        };
-                        let host = match gateway.port {
-                            Some(port) => format!("{}:{port}", gateway.address),
-                            None => gateway.address.clone(),
-                        };
-                        let Ok(uri) = rsip::Uri::try_from(format!("sip:{user}@{host}").as_str()) else { continue };
-                        for addr in addrs {
-                            out.push(AttemptTarget {
-                                uri: uri.clone(),
-                                to_user: user.clone(),
-                                peer: Peer { protocol, addr },
-                                trunk: Some(Arc::clone(&trunk)),
-                                gateway: host.clone(),
-                            });
-                        }
-                    }
-                }
-            }
-            Target::WebSocket(_) | Target::Reject(_) => {}
-        }
-        out
+        targets(&self.ctx, target).await
     }
 
     /// Builds the outbound INVITE for `target`.
@@ -439,4 +378,70 @@ impl Call {
         let bye = dialog.bye(self.ctx.endpoint.via_for(dialog.peer), reason);
         self.ctx.endpoint.send_request(bye, dialog.peer, tx.clone());
     }
+}
+
+/// Every place to try, in order: each gateway address of each trunk, or the SIP URI's
+/// addresses.
+pub(super) async fn targets(ctx: &NodeContext, target: Target) -> Vec<AttemptTarget> {
+    let mut out = Vec::new();
+    match target {
+        Target::SipUri(uri) => {
+            let Ok(uri) = rsip::Uri::try_from(uri.as_str()) else { return out };
+            let protocol = match (&uri.scheme, uri.transport()) {
+                (Some(rsip::Scheme::Sips), _) | (_, Some(rsip::Transport::Tls)) => Some(Protocol::Tls),
+                (_, Some(rsip::Transport::Tcp)) => Some(Protocol::Tcp),
+                (_, None | Some(rsip::Transport::Udp)) => Some(Protocol::Udp),
+                (_, Some(_)) => None,
+            };
+            let Some(protocol) = protocol else {
+                tracing::warn!(%uri, "{}", routing::TLS_UNSUPPORTED);
+                return out;
+            };
+            let host = uri.host().to_string();
+            let port = uri.port().map(|p| *p.value());
+            if let Ok(addrs) = ctx.resolver.resolve(&host, port, protocol).await {
+                let to_user = uri.user().unwrap_or_default().to_string();
+                for addr in addrs {
+                    out.push(AttemptTarget {
+                        uri: uri.clone(),
+                        to_user: to_user.clone(),
+                        peer: Peer { protocol, addr },
+                        trunk: None,
+                        gateway: addr.to_string(),
+                    });
+                }
+            }
+        }
+        Target::Number { number, trunks } => {
+            for trunk in trunks {
+                let user = routing::format_for_trunk(&trunk, &number);
+                for gateway in routing::gateway_order(&trunk) {
+                    let Some(protocol) = routing::signaling_protocol(gateway.transport) else {
+                        tracing::warn!(gateway = %gateway.address, "{}", routing::TLS_UNSUPPORTED);
+                        continue;
+                    };
+                    let Ok(addrs) = ctx.resolver.resolve(&gateway.address, gateway.port, protocol).await else {
+                        tracing::warn!(gateway = %gateway.address, "gateway does not resolve");
+                        continue;
+                    };
+                    let host = match gateway.port {
+                        Some(port) => format!("{}:{port}", gateway.address),
+                        None => gateway.address.clone(),
+                    };
+                    let Ok(uri) = rsip::Uri::try_from(format!("sip:{user}@{host}").as_str()) else { continue };
+                    for addr in addrs {
+                        out.push(AttemptTarget {
+                            uri: uri.clone(),
+                            to_user: user.clone(),
+                            peer: Peer { protocol, addr },
+                            trunk: Some(Arc::clone(&trunk)),
+                            gateway: host.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        Target::WebSocket(_) | Target::Reject(_) => {}
+    }
+    out
 }

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use super::media::Anchor;
 use super::record::{AttemptRecord, Ender, Outcome};
+use super::referral::{self, ReferralContext, ReferralLog};
 use super::session;
 use super::{ALLOW, Call};
 use crate::sip::connected::{Answer, Channels, Connected, Io, Leg, LegChannels, LegSetup, MediaMode, Setup, drive};
@@ -88,6 +89,7 @@ impl Call {
             session: self.session_b,
         };
         let answer = Answer { key: self.key.clone(), response: ok, reliable: self.a_peer.protocol.is_reliable() };
+        let anchored = anchor.is_some();
         let media = match anchor.as_mut() {
             Some(anchor) => MediaMode::Anchored(anchor),
             None => MediaMode::PassThrough,
@@ -107,11 +109,25 @@ impl Call {
         self.ctx.store.record(StoreEvent::CallAnswered { call_uuid: self.facts.call_uuid, at: answered_at });
 
         let io = Io { endpoint: &self.ctx.endpoint, metrics: &self.ctx.metrics, drain: &self.ctx.drain };
+        // REFERs are taken in anchored calls: the node places the referred leg (`referral.rs`).
+        let (referrals, referral_log) = match anchored {
+            true => {
+                let (referrals, log) = referral::start(ReferralContext {
+                    ctx: std::sync::Arc::clone(&self.ctx),
+                    snapshot: std::sync::Arc::clone(&self.snapshot),
+                    facts: self.facts.clone(),
+                    attempts: self.attempts,
+                });
+                (Some(referrals), Some(log))
+            }
+            false => (None, None),
+        };
         let channels = Channels {
             a: Some(LegChannels { peer: self.a_peer, tx: self.a_tx.clone(), rx: a_rx }),
             b: Some(LegChannels { peer: b_peer, tx: b_tx, rx: &mut b_rx }),
             relay_events,
             agent: None,
+            referrals,
         };
         let ending = drive(&mut machine, first, &io, channels).await;
         for leg in [Leg::A, Leg::B] {
@@ -123,15 +139,46 @@ impl Call {
         if let Some(anchor) = anchor
             && let Some(stats) = anchor.stop().await
         {
+            self.ctx.metrics.srtp_rejected(&stats);
             tracing::debug!(
                 caller_in = stats.a.packets_in,
                 caller_out = stats.a.packets_out,
                 callee_in = stats.b.packets_in,
                 callee_out = stats.b.packets_out,
+                srtp_rejected = stats.a.srtp_rejected + stats.b.srtp_rejected,
                 "call media"
             );
         }
         record.answer_at = Some(answered_at);
+        if let Some(log) = referral_log {
+            record = self.record_transfers(record, &log, &ending);
+        }
         Outcome { code: ending.code, reason: ending.reason, hangup_by: ending.by, attempt: Some(record) }
+    }
+}
+
+impl Call {
+    /// The CDRs of a call whose legs REFERs replaced: a callee's leg that was replaced ends at
+    /// the transfer ("transferred by REFER"), and the leg that replaced it carries the call's
+    /// end; a leg that replaced the caller's gets a CDR with the call's end too. Returns the
+    /// record of the call's last callee leg.
+    fn record_transfers(
+        &self,
+        mut record: AttemptRecord,
+        log: &std::sync::Mutex<ReferralLog>,
+        ending: &crate::sip::connected::Ending,
+    ) -> AttemptRecord {
+        let transfers = std::mem::take(&mut log.lock().unwrap_or_else(|p| p.into_inner()).transfers);
+        let end_at = Utc::now();
+        for transfer in transfers {
+            match transfer.leg {
+                Leg::B => {
+                    self.write_cdr(&record, transfer.at, 200, "transferred by REFER", Ender::Callee);
+                    record = transfer.record;
+                }
+                Leg::A => self.write_cdr(&transfer.record, end_at, ending.code, &ending.reason, ending.by),
+            }
+        }
+        record
     }
 }

@@ -24,11 +24,13 @@ use tokio::sync::mpsc;
 use super::{Leg, MediaContext};
 use crate::media::engine::MediaEngine;
 use crate::media::ports::PortPair;
-use crate::media::relay::{LegId, RelayConfig, RelayEvent, RelayHandle, RelayStats, RtpLegSetup};
+use crate::media::relay::{DtmfPress, LegId, RelayConfig, RelayEvent, RelayHandle, RelayStats, RtpLegSetup};
 use crate::media::sdp::{
     LocalEndpoint, MediaDirection, MediaPolicy, NegotiatedMedia, SdpError, SdpSession, SessionDescription,
     answer_offer, create_offer, declared_direction, process_answer,
 };
+use crate::media::srtp::SrtpPolicy;
+use crate::sip::control::dtmf_info::InfoDtmf;
 use crate::sip::routing::codecs_of;
 
 /// Why a call cannot be anchored: the SIP answer to give the caller.
@@ -72,11 +74,20 @@ struct LegState {
     last_sent: Option<SessionDescription>,
     /// The node's outstanding offer on this leg (initial INVITE or re-offer).
     offer: Option<SessionDescription>,
+    /// SRTP on this leg: the `media.srtp` of the leg's own trunk (plain without one).
+    srtp: SrtpPolicy,
+}
+
+/// The SRTP policy of a leg through `trunk` (plain RTP for a leg without a trunk: a SIP URI
+/// destination, a caller from no trunk).
+fn srtp_of(trunk: Option<&TrunkConfig>) -> SrtpPolicy {
+    trunk.map_or(SrtpPolicy::Off, |t| t.srtp.into())
 }
 
 impl LegState {
-    fn new(pair: PortPair, address: IpAddr, allowed: Vec<Codec>) -> LegState {
+    fn new(pair: PortPair, address: IpAddr, allowed: Vec<Codec>, srtp: SrtpPolicy) -> LegState {
         LegState {
+            srtp,
             port: pair.rtp_port(),
             pair: Some(pair),
             session: SdpSession::new(address),
@@ -90,6 +101,7 @@ impl LegState {
     fn policy(&self, address: IpAddr, codecs: Vec<Codec>, direction: MediaDirection) -> MediaPolicy {
         let mut policy = MediaPolicy::new(codecs, LocalEndpoint { address, rtp_port: self.port });
         policy.direction = direction;
+        policy.srtp = self.srtp;
         policy
     }
 
@@ -157,6 +169,9 @@ pub(super) struct Anchor {
     b: LegState,
     relay: Option<RelayHandle>,
     events: Option<mpsc::Receiver<RelayEvent>>,
+    /// The node's offer to a party that is to replace a leg (REFER), with the SDP session it
+    /// was made in; the leg keeps its own until that party answers.
+    referred: Option<(Leg, SdpSession, SessionDescription)>,
 }
 
 impl Anchor {
@@ -164,12 +179,15 @@ impl Anchor {
     /// without a codec the inbound trunk allows before any outbound attempt is made.
     pub(super) fn new(media: &MediaContext, body: &[u8], inbound: Option<&TrunkConfig>) -> Result<Anchor, AnchorError> {
         let inbound_codecs = codecs_of(inbound);
+        let inbound_srtp = srtp_of(inbound);
         let caller_offer = if body.is_empty() {
             None
         } else {
             let offer = SessionDescription::parse_bytes(body)?;
             // A dry run: is there anything to agree on with the caller at all?
-            let probe = MediaPolicy::new(inbound_codecs.clone(), LocalEndpoint { address: media.address, rtp_port: 9 });
+            let mut probe =
+                MediaPolicy::new(inbound_codecs.clone(), LocalEndpoint { address: media.address, rtp_port: 9 });
+            probe.srtp = inbound_srtp;
             answer_offer(&offer, &probe, &mut SdpSession::new(media.address))?;
             Some(offer)
         };
@@ -180,10 +198,11 @@ impl Anchor {
             address: media.address,
             config: RelayConfig { media_timeout: media.timeout },
             caller_offer,
-            a: LegState::new(a_pair, media.address, inbound_codecs),
-            b: LegState::new(b_pair, media.address, vec![]),
+            a: LegState::new(a_pair, media.address, inbound_codecs, inbound_srtp),
+            b: LegState::new(b_pair, media.address, vec![], SrtpPolicy::Off),
             relay: None,
             events: None,
+            referred: None,
         })
     }
 
@@ -203,6 +222,7 @@ impl Anchor {
             codecs.insert(0, codec);
         }
         self.b.allowed = codecs.clone();
+        self.b.srtp = srtp_of(trunk);
         let direction = self.caller_offer.as_ref().map(declared).unwrap_or_default();
         let policy = self.b.policy(self.address, codecs, direction);
         let offer = create_offer(&policy, &mut self.b.session);
@@ -409,5 +429,64 @@ impl crate::sip::connected::AnchoredMedia for Anchor {
 
     fn take_events(&mut self) -> Option<mpsc::Receiver<RelayEvent>> {
         Anchor::take_events(self)
+    }
+
+    fn offer_new_leg(&mut self, leg: Leg) -> Vec<u8> {
+        // A new dialog gets a new SDP session (its own o= line); every codec the node relays,
+        // whatever the trunk the call places it on (the relay transcodes).
+        let mut session = SdpSession::new(self.address);
+        let policy = self.leg(leg).policy(self.address, codecs_of(None), MediaDirection::default());
+        let offer = create_offer(&policy, &mut session);
+        let body = offer.to_string().into_bytes();
+        self.referred = Some((leg, session, offer));
+        body
+    }
+
+    fn new_leg_answered(&mut self, leg: Leg, body: &[u8]) -> Result<(), SdpError> {
+        let (offered_on, session, offer) = self.referred.take().ok_or(SdpError::NoAudio)?;
+        if offered_on != leg {
+            return Err(SdpError::NoAudio);
+        }
+        let answer = SessionDescription::parse_bytes(body)?;
+        let negotiated = process_answer(&offer, &answer)?;
+        let state = self.leg_mut(leg);
+        state.session = session;
+        state.allowed = codecs_of(None);
+        state.negotiated = Some(negotiated);
+        state.last_sent = Some(offer);
+        state.offer = None;
+        self.apply()
+    }
+
+    fn answer_new_leg(&mut self, leg: Leg, body: &[u8]) -> Result<Vec<u8>, SdpError> {
+        let offer = SessionDescription::parse_bytes(body)?;
+        let address = self.address;
+        let preferred = self.leg(other_leg(leg)).negotiated.as_ref().map(|n| n.codec);
+        let state = self.leg_mut(leg);
+        // A new dialog gets a new SDP session; the leg keeps its old one if the offer fails.
+        let old = std::mem::replace(&mut state.session, SdpSession::new(address));
+        match state.answer(address, &offer, preferred, MediaDirection::default()) {
+            Ok((answer, _)) => {
+                state.offer = None;
+                self.apply()?;
+                Ok(answer.to_string().into_bytes())
+            }
+            Err(error) => {
+                state.session = old;
+                Err(error)
+            }
+        }
+    }
+
+    fn send_dtmf(&mut self, to: Leg, dtmf: &InfoDtmf) -> bool {
+        // RFC 4733 only where the leg agreed to telephone-event; else the caller sends INFO.
+        let (Some(relay), true) =
+            (&self.relay, self.leg(to).negotiated.as_ref().is_some_and(|n| n.telephone_event.is_some()))
+        else {
+            return false;
+        };
+        let id = if to == Leg::A { LegId::A } else { LegId::B };
+        let press = DtmfPress { key: dtmf.key, events: dtmf.telephone_events(8000, 50) };
+        relay.send_dtmf(id, press).is_ok()
     }
 }

@@ -42,6 +42,7 @@ mod attempts;
 mod connected;
 pub(super) mod media;
 mod record;
+mod referral;
 mod replaces;
 mod session;
 
@@ -131,6 +132,7 @@ pub async fn route_requests(ctx: Arc<NodeContext>, mut requests: mpsc::Receiver<
 }
 
 /// The shared facts of a call.
+#[derive(Clone)]
 struct CallFacts {
     /// The node's own id of the call (keys its active row and CDRs).
     call_uuid: uuid::Uuid,
@@ -163,7 +165,17 @@ async fn inbound_call(ctx: Arc<NodeContext>, invite: Request, key: TransactionKe
         .await
         .and_then(|admitted| Ok((admitted, session::caller_timer(&invite.headers, &ctx.session_timers)?)));
     let admitted = match admitted {
-        Ok(admitted) => replaces::check(&ctx.endpoint, &invite.headers).await.map(|()| admitted),
+        Ok(admitted) => match replaces::check(&ctx.endpoint, &invite.headers).await {
+            Ok(None) => Ok(admitted),
+            Ok(Some(holder)) => {
+                let gone = response_to(&invite, 481, None, Some(&a_tag));
+                if !replaces::hand_over(&holder, invite, key.clone(), peer) {
+                    ctx.endpoint.respond(&key, gone);
+                }
+                return;
+            }
+            Err(refuse) => Err(refuse),
+        },
         Err(refuse) => Err(refuse),
     };
     let ((_number, trunk, target, permit), session_a) = match admitted {

@@ -5,8 +5,9 @@
 use tokio::sync::mpsc;
 
 use super::Leg;
-use crate::media::relay::{LegId, RelayEvent, RelayHandle};
+use crate::media::relay::{DtmfPress, LegId, RelayEvent, RelayHandle};
 use crate::media::sdp::{MediaPolicy, SdpError, SdpSession, SessionDescription, answer_offer, process_answer};
+use crate::sip::control::dtmf_info::InfoDtmf;
 
 /// Media anchored on both legs of a B2BUA call (`sip/call/media.rs` `Anchor`).
 pub(crate) trait AnchoredMedia: Send {
@@ -25,6 +26,26 @@ pub(crate) trait AnchoredMedia: Send {
     fn take_events(&mut self) -> Option<mpsc::Receiver<RelayEvent>> {
         None
     }
+    /// Plays a key press (from SIP INFO on the other leg) into `to` as RFC 4733 events;
+    /// `false` when `to` negotiated no telephone-event (the key then goes by INFO).
+    fn send_dtmf(&mut self, _to: Leg, _dtmf: &InfoDtmf) -> bool {
+        false
+    }
+    /// The node's offer to a new party that is to take `leg`'s place (a REFER): from the
+    /// leg's own port, so that the relay only has to follow the new far end.
+    fn offer_new_leg(&mut self, _leg: Leg) -> Vec<u8> {
+        Vec::new()
+    }
+    /// The new party answered [`AnchoredMedia::offer_new_leg`] with `body`: `leg` of the relay
+    /// now goes to it.
+    fn new_leg_answered(&mut self, _leg: Leg, _body: &[u8]) -> Result<(), SdpError> {
+        Err(SdpError::NoAudio)
+    }
+    /// A new dialog offers `body` to take `leg`'s place (INVITE with `Replaces`): the node's
+    /// answer from the leg's own port; the relay's leg follows the new far end.
+    fn answer_new_leg(&mut self, _leg: Leg, _body: &[u8]) -> Result<Vec<u8>, SdpError> {
+        Err(SdpError::NoAudio)
+    }
 }
 
 /// Media the node terminates itself on the call's only SIP leg (an AI agent's bridge).
@@ -34,6 +55,11 @@ pub(crate) trait LocalMedia: Send {
     fn ack_answer(&mut self, body: &[u8]) -> Result<(), SdpError>;
     /// An offer in the dialog (hold, resume): the node's answer, or the SIP status refusing it.
     fn answer(&mut self, offer: &[u8]) -> Result<Vec<u8>, u16>;
+    /// Passes a key press (from SIP INFO) to the agent as its `dtmf` message; `false` when
+    /// there is no agent to tell.
+    fn send_dtmf_to_agent(&mut self, _dtmf: &InfoDtmf) -> bool {
+        false
+    }
 }
 
 /// [`LocalMedia`] of a bridged leg: one SDP session answered by the node, the relay's leg
@@ -61,5 +87,11 @@ impl LocalMedia for LocalAnswerer<'_> {
             .map_err(|e| e.sip_status())?;
         let _ = self.relay.update_leg(LegId::A, (&negotiated).into());
         Ok(answer.to_string().into_bytes())
+    }
+
+    fn send_dtmf_to_agent(&mut self, dtmf: &InfoDtmf) -> bool {
+        // The bridged relay's leg B is the agent.
+        let press = DtmfPress { key: dtmf.key, events: Vec::new() };
+        self.relay.send_dtmf(LegId::B, press).is_ok()
     }
 }

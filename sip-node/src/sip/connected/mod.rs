@@ -26,7 +26,12 @@
 
 mod control;
 mod driver;
+mod dtmf;
 mod media;
+mod refer;
+#[cfg(test)]
+mod refer_tests;
+mod replaces;
 #[cfg(test)]
 mod tests;
 
@@ -36,8 +41,10 @@ use rsip::headers::{self, Header};
 use rsip::prelude::*;
 use rsip::{Method, Request, Response, SipMessage};
 
-pub(crate) use driver::{AgentSession, Channels, Io, LegChannels, drive};
+pub(crate) use driver::{AgentSession, Channels, Driven, Io, LegChannels, Referrals, Resume, drive, drive_until};
 pub(crate) use media::{AnchoredMedia, LocalAnswerer, LocalMedia};
+pub(crate) use refer::{NewLeg, PlaceLeg, ReferralUpdate};
+pub(crate) use replaces::Replacing;
 
 use super::control::dtmf_info;
 use super::control::session_leg::{LegSession, LegTimer};
@@ -128,6 +135,10 @@ pub(crate) enum Event {
     AgentEnded { reason: String },
     /// A leg's event channel closed (the endpoint stopped).
     ChannelClosed { leg: Leg },
+    /// How placing a referred leg goes (`refer.rs`).
+    Referral(ReferralUpdate),
+    /// An INVITE with `Replaces` for a leg's dialog (`replaces.rs`).
+    Replacing(Box<Replacing>),
 }
 
 /// What the driver must do, in order.
@@ -145,6 +156,15 @@ pub(crate) enum Action {
     Schedule(Timer, Duration),
     /// Disarm a timer.
     CancelTimer(Timer),
+    /// Check a REFER's target and place the new leg (`refer.rs`); the outcome comes back as
+    /// [`Event::Referral`].
+    PlaceLeg(Box<PlaceLeg>),
+    /// The referred leg took `leg`'s place: its channels replace the old ones, and the old
+    /// dialog is unregistered.
+    ReplaceLeg { leg: Leg, old_call_id: String, old_local_tag: String },
+    /// A new dialog with `peer` took `leg`'s place on the same channel (INVITE with
+    /// `Replaces`): register it (Call-ID, our tag), unregister the old one.
+    Rebind { leg: Leg, peer: crate::sip::transport::Peer, register: (String, String), unregister: (String, String) },
     /// The call is over; nothing more will be asked.
     End(Ending),
 }
@@ -230,6 +250,10 @@ pub(crate) struct Connected<'m> {
     closing: Option<Ending>,
     ended: bool,
     session_policy: TimerPolicy,
+    /// A REFER being carried out (`refer.rs`).
+    referral: Option<refer::Referral>,
+    /// The transaction timers (for the 2xx of a dialog that replaces the caller's).
+    timers: TimerConfig,
 }
 
 impl<'m> Connected<'m> {
@@ -259,13 +283,34 @@ impl<'m> Connected<'m> {
             closing: None,
             ended: false,
             session_policy: setup.session_policy,
+            referral: None,
+            timers: setup.timers,
         };
+        (machine, actions)
+    }
+
+    /// A call whose caller's leg `a` was answered by an earlier machine (handed over with
+    /// [`Connected::into_leg`]) and goes on with the new far leg in `setup.b`: a transferred
+    /// call. `setup.a` is ignored; nothing is answered.
+    pub(crate) fn transferred(a: LegSetup, setup: Setup<'m>) -> (Connected<'m>, Vec<Action>) {
+        let (mut machine, mut actions) = Connected::new(Setup { a: None, ..setup });
+        machine.a = Some(LegState::new(Leg::A, a, &mut actions));
         (machine, actions)
     }
 
     /// A leg's dialog (to unregister it when the call is over).
     pub(crate) fn dialog(&self, leg: Leg) -> Option<&Dialog> {
         self.leg(leg).map(|l| &l.setup.dialog)
+    }
+
+    /// Hands a leg over to another machine (a transferred call goes on with a new far leg):
+    /// its dialog as it stands (CSeq, route set) and its setup. Nothing is sent.
+    pub(crate) fn into_leg(self, leg: Leg) -> Option<LegSetup> {
+        let state = match leg {
+            Leg::A => self.a,
+            Leg::B => self.b,
+        };
+        state.map(|state| state.setup)
     }
 
     /// The relay's event channel when anchored media started one since the last call.
@@ -333,6 +378,8 @@ impl<'m> Connected<'m> {
             Event::AgentEnded { reason } => {
                 self.system_hangup(HangupReason::normal(&reason), 200, reason.clone(), out);
             }
+            Event::Referral(update) => self.on_referral(update, out),
+            Event::Replacing(replacing) => self.on_replacing(*replacing, out),
             Event::ChannelClosed { .. } => {
                 self.end(Ending { code: 500, reason: "internal: channel closed".into(), by: Ender::System }, out);
             }
@@ -357,6 +404,11 @@ impl<'m> Connected<'m> {
                 }
             }
             Event::TransactionTimeout { leg } | Event::ChannelClosed { leg } => self.bye_answered(leg, out),
+            Event::Replacing(replacing) => {
+                // The call is ending: nothing left to replace.
+                let response = response_to(&replacing.request, 481, None, None);
+                out.push(Action::Respond { key: replacing.key, response });
+            }
             Event::Timer(Timer::ByeWait) => {
                 for leg in [Leg::A, Leg::B] {
                     if let Some(state) = self.leg_mut(leg) {
@@ -396,6 +448,9 @@ impl<'m> Connected<'m> {
             // Any request in the dialog shows the caller has the 2xx.
             self.stop_2xx(out);
         }
+        if request.method == Method::Bye && self.referrer_hangs_up(leg, &request, &key, out) {
+            return;
+        }
         if request.method == Method::Bye {
             out.push(Action::Respond { key, response: response_to(&request, 200, Some("OK"), None) });
             let (text, by) = match leg {
@@ -411,7 +466,10 @@ impl<'m> Connected<'m> {
             self.close(Ending { code: 200, reason: text.into(), by }, out);
             return;
         }
-        if self.answer_plain_refresh(leg, &request, &key, out) {
+        if self.answer_plain_refresh(leg, &request, &key, out)
+            || self.info_dtmf(leg, &request, &key, out)
+            || self.on_refer(leg, &request, &key, out)
+        {
             return;
         }
         if self.leg(leg.other()).is_some() {

@@ -66,7 +66,7 @@ enum Command {
     Stateless { message: SipMessage, peer: Peer },
     Attach { key: TransactionKey, tu: TuSender },
     Dialog { call_id: String, local_tag: String, tu: Option<TuSender> },
-    HasDialog { call_id: String, local_tag: String, reply: tokio::sync::oneshot::Sender<bool> },
+    HasDialog { call_id: String, local_tag: String, reply: tokio::sync::oneshot::Sender<Option<TuSender>> },
 }
 
 /// Handle to the endpoint task. Cloning is cheap; the task stops when every handle and the
@@ -152,9 +152,16 @@ impl Endpoint {
     /// Whether a dialog with this Call-ID and our tag is registered (an INVITE with
     /// `Replaces`, RFC 3891, must name one).
     pub async fn has_dialog(&self, call_id: &str, local_tag: &str) -> bool {
+        self.dialog_user(call_id, local_tag).await.is_some()
+    }
+
+    /// The user a dialog's requests go to, if the dialog is registered (an INVITE with
+    /// `Replaces` is handed to the call that holds the dialog it names).
+    pub async fn dialog_user(&self, call_id: &str, local_tag: &str) -> Option<TuSender> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let command = Command::HasDialog { call_id: call_id.to_string(), local_tag: local_tag.to_string(), reply };
-        self.commands.send(command).is_ok() && answer.await.unwrap_or(false)
+        self.commands.send(command).ok()?;
+        answer.await.ok().flatten()
     }
 
     /// A Via header for a request towards `peer` with a fresh branch and `rport` (RFC 3581).
@@ -246,7 +253,7 @@ impl Core {
                 self.dialogs.remove(&(call_id, local_tag));
             }
             Command::HasDialog { call_id, local_tag, reply } => {
-                let _ = reply.send(self.dialogs.contains_key(&(call_id, local_tag)));
+                let _ = reply.send(self.dialogs.get(&(call_id, local_tag)).cloned());
             }
         }
     }

@@ -52,8 +52,13 @@ pub(super) async fn run_connected(
     };
     let (mut machine, first) = Connected::new(setup);
     let io = Io { endpoint: &ctx.endpoint, metrics: &ctx.metrics, drain: &ctx.drain };
-    let channels =
-        Channels { a: None, b: Some(LegChannels { peer, tx: leg.tx.clone(), rx: leg.rx }), relay_events, agent };
+    let channels = Channels {
+        a: None,
+        b: Some(LegChannels { peer, tx: leg.tx.clone(), rx: leg.rx }),
+        relay_events,
+        agent,
+        referrals: None,
+    };
     let ending = drive(&mut machine, first, &io, channels).await;
     (HangupBy::from(ending.by), ending.reason)
 }

@@ -31,6 +31,8 @@ pub(super) struct ApiMedia {
     session: SdpSession,
     offer: Option<SessionDescription>,
     codecs: Vec<switchboard_model::Codec>,
+    /// SRTP towards the callee: the trunk's `media.srtp`.
+    srtp: crate::media::srtp::SrtpPolicy,
     timeout: Duration,
     connect_timeout: Duration,
     latency: crate::bridge::BridgeLatency,
@@ -48,6 +50,7 @@ impl ApiMedia {
             session: SdpSession::new(media.address),
             offer: None,
             codecs: vec![],
+            srtp: crate::media::srtp::SrtpPolicy::Off,
             timeout: media.timeout,
             connect_timeout: media.agent_connect_timeout,
             latency: media.bridge_latency.clone(),
@@ -56,12 +59,16 @@ impl ApiMedia {
     }
 
     fn policy(&self) -> MediaPolicy {
-        MediaPolicy::new(self.codecs.clone(), LocalEndpoint { address: self.address, rtp_port: self.port })
+        let mut policy =
+            MediaPolicy::new(self.codecs.clone(), LocalEndpoint { address: self.address, rtp_port: self.port });
+        policy.srtp = self.srtp;
+        policy
     }
 
     /// The offer for an attempt through `trunk` (its codecs, the node's address and port).
     pub(super) fn offer(&mut self, trunk: &TrunkConfig) -> Vec<u8> {
         self.codecs = super::super::routing::codecs_of(Some(trunk));
+        self.srtp = trunk.srtp.into();
         let offer = create_offer(&self.policy(), &mut self.session);
         let body = offer.to_string().into_bytes();
         self.offer = Some(offer);
@@ -134,6 +141,7 @@ pub(super) async fn bridge_to_agent(
     // `hangup()` sends the agent its `stop` whatever ended the call.
     let (_, stats) = handle.hangup().await;
     let relay_stats = relay.stop().await;
+    ctx.metrics.srtp_rejected(&relay_stats);
     tracing::info!(
         callee_frames = stats.caller_frames,
         callee_packets_in = relay_stats.a.packets_in,

@@ -1,0 +1,370 @@
+//! A call bridged to an AI agent, connected: its machine runs until the call ends, and between
+//! its events the call takes transfer requests (see the module doc of `sip::transfer`).
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use rsip::headers::Header;
+use switchboard_model::TrunkConfig;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::dial::{Answered, DialPlan, Dialed, dial, write_cdr};
+use super::media::TransferMedia;
+use super::warm::{Consult, Consulted};
+use super::{Command, DEFAULT_TIMEOUT, Intent, Mode, TransferEvent, TransferRequest};
+use crate::bridge::{BridgeEnd, BridgeHandle};
+use crate::media::relay::{RelayConfig, RelayEvent, RelayHandle, RtpLegSetup};
+use crate::sip::connected::{
+    Action, AgentSession, Channels, Connected, Driven, Ender, Ending, Io, Leg, LegChannels, LegSetup, MediaMode,
+    Resume, Setup, drive, drive_until,
+};
+use crate::sip::context::NodeContext;
+use crate::sip::endpoint::{TuEvent, TuSender};
+use crate::sip::message::HangupReason;
+use crate::sip::routing;
+use crate::sip::transport::Peer;
+use crate::store::HangupBy;
+use crate::webhook::CallHooks;
+
+/// The caller's side of the call, as a transfer needs it.
+pub(crate) struct CallerFacts {
+    pub(crate) call_uuid: Uuid,
+    /// The caller's SIP Call-ID: the agent's `callSid`.
+    pub(crate) call_sid: String,
+    /// The caller's number (the target sees it unless the request names a `caller_id`).
+    pub(crate) from: String,
+    /// The trunk the call came in on: its namespace's outbound rules route the target, and it
+    /// is the route when none matches.
+    pub(crate) trunk: Option<Arc<TrunkConfig>>,
+    /// The node's SDP answer to the caller.
+    pub(crate) answer_sdp: Vec<u8>,
+}
+
+/// An answered call to an AI agent, as `sip::call::agent` hands it over.
+pub(crate) struct AgentCall<'a, 'm> {
+    pub(crate) ctx: &'a Arc<NodeContext>,
+    pub(crate) machine: Connected<'m>,
+    pub(crate) first: Vec<Action>,
+    pub(crate) a_peer: Peer,
+    pub(crate) a_tx: TuSender,
+    pub(crate) a_rx: &'a mut mpsc::UnboundedReceiver<TuEvent>,
+    pub(crate) relay_events: mpsc::Receiver<RelayEvent>,
+    pub(crate) agent: &'a mut BridgeHandle,
+    /// The CDR text of the agent session's end.
+    pub(crate) agent_reason: fn(&BridgeEnd) -> String,
+    /// The caller's leg of the bridge (released to the target's relay on a transfer).
+    pub(crate) relay: &'a RelayHandle,
+    pub(crate) caller: CallerFacts,
+}
+
+/// How the call ended, and the caller's dialog to unregister (Call-ID, local tag).
+pub(crate) struct AgentCallEnd {
+    pub(crate) ending: Ending,
+    pub(crate) dialog: Option<(String, String)>,
+}
+
+/// Runs the connected call until it ends, carrying out the transfers asked for meanwhile.
+pub(crate) async fn run_agent_call(call: AgentCall<'_, '_>) -> AgentCallEnd {
+    let AgentCall { ctx, mut machine, first, a_peer, a_tx, a_rx, relay_events, agent, agent_reason, relay, caller } =
+        call;
+    let io = Io { endpoint: &ctx.endpoint, metrics: &ctx.metrics, drain: &ctx.drain };
+    let dialog = machine.dialog(Leg::A).map(|d| (d.call_id.clone(), d.local_tag.clone()));
+    let end = |ending| AgentCallEnd { ending, dialog: dialog.clone() };
+    let mut registration = ctx.transfers.register(&caller.call_sid);
+    let mut resume = Resume { actions: first, relay_events: Some(relay_events) };
+    // CDR attempt 1 is the caller's leg to the agent; transfer attempts count on from 2.
+    let mut next_attempt = 2;
+    // The caller's leg's relay handle after a warm transfer was called off (the bridge then
+    // holds a new leg for the caller; `relay` is the first one's).
+    let mut caller_relay: Option<RelayHandle> = None;
+    loop {
+        macro_rules! channels {
+            ($events:expr) => {
+                Channels {
+                    a: Some(LegChannels { peer: a_peer, tx: a_tx.clone(), rx: &mut *a_rx }),
+                    b: None,
+                    relay_events: $events,
+                    agent: Some(AgentSession { handle: &mut *agent, reason: agent_reason }),
+                    referrals: None,
+                }
+            };
+        }
+        let (command, resumed) =
+            match drive_until(&mut machine, resume.actions, &io, channels!(resume.relay_events), registration.next())
+                .await
+            {
+                Driven::Ended(ending) => return end(ending),
+                Driven::Interrupted(Some(command), resumed) => (command, resumed),
+                // The registry holds the sender while the call is registered: not reached.
+                Driven::Interrupted(None, resumed) => {
+                    return end(drive(&mut machine, resumed.actions, &io, channels!(resumed.relay_events)).await);
+                }
+            };
+        resume = resumed;
+        let Command { id, action, reply, hooks } = command;
+        let request = match action {
+            Intent::Transfer(request) => request,
+            Intent::Complete | Intent::Cancel | Intent::Dtmf(_) => {
+                let _ = reply.send(Err("no warm transfer is in progress on this call".into()));
+                continue;
+            }
+        };
+        let trunks = match plan_route(ctx, &caller, &request) {
+            Ok(trunks) => trunks,
+            Err(why) => {
+                let _ = reply.send(Err(why));
+                continue;
+            }
+        };
+        let _ = reply.send(Ok(()));
+        let report = Reporter { hooks: &hooks, call_sid: &caller.call_sid, id, request: &request };
+        report.send("transfer_started", None, None);
+        tracing::info!(transfer = %id, to = %request.to, "transfer started");
+        let plan = DialPlan {
+            trunks,
+            to: request.to.clone(),
+            from: request.caller_id.clone().unwrap_or_else(|| caller.from.clone()),
+            call_uuid: caller.call_uuid,
+            call_id: caller.call_sid.clone(),
+            first_attempt: next_attempt,
+            ring_limit: request.timeout_seconds.map_or(DEFAULT_TIMEOUT, |s| std::time::Duration::from_secs(s.into())),
+            headers: summary_header(&request),
+        };
+        let cancel = CancellationToken::new();
+        let mut task = tokio::spawn(dial(Arc::clone(ctx), plan.clone(), cancel.clone()));
+        let dialed = async {
+            (&mut task).await.unwrap_or_else(|error| Dialed::Failed {
+                code: 500,
+                reason: format!("transfer task failed: {error}"),
+                attempts: 0,
+            })
+        };
+        match drive_until(&mut machine, resume.actions, &io, channels!(resume.relay_events), dialed).await {
+            Driven::Ended(ending) => {
+                // The caller (or the node) ended the call while the target was being dialled.
+                cancel.cancel();
+                if let Ok(Dialed::Answered(mut target)) = task.await {
+                    hang_up_target(ctx, &plan, &mut target, "caller hung up during the transfer");
+                }
+                report.send("transfer_failed", Some(ending.code), Some(format!("call ended: {}", ending.reason)));
+                return end(ending);
+            }
+            Driven::Interrupted(Dialed::Failed { code, reason, attempts }, resumed) => {
+                next_attempt += attempts;
+                tracing::info!(transfer = %id, code, %reason, "transfer failed; the caller stays with the agent");
+                agent.notify(
+                    "transfer_failed",
+                    serde_json::json!({"transfer": {"id": id.to_string(), "to": request.to, "sipCode": code, "reason": reason}}),
+                );
+                report.send("transfer_failed", Some(code), Some(reason));
+                resume = resumed;
+            }
+            Driven::Interrupted(Dialed::Answered(mut target), resumed) => {
+                report.send("transfer_answered", Some(200), None);
+                let transfer = Transfer { ctx, io: &io, plan: &plan, report: &report };
+                let caller_media = if request.mode == Mode::Warm {
+                    let consult = Consult {
+                        transfer: &transfer,
+                        machine: &mut machine,
+                        a: LegChannels { peer: a_peer, tx: a_tx.clone(), rx: &mut *a_rx },
+                        agent: &mut *agent,
+                        agent_reason,
+                        registration: &mut registration,
+                        resume: resumed,
+                        id,
+                    };
+                    match consult.run(&mut target).await {
+                        Consulted::Ended(ending) => return end(ending),
+                        Consulted::Complete(caller_media) => Some(caller_media),
+                        Consulted::Back(resumed, relay) => {
+                            next_attempt = target.attempt.number + 1;
+                            resume = resumed;
+                            if relay.is_some() {
+                                caller_relay = relay;
+                            }
+                            continue;
+                        }
+                    }
+                } else {
+                    caller_relay.as_ref().unwrap_or(relay).release().await
+                };
+                let legs = TransferredLegs { a_peer, a_tx, a_rx, caller_sdp: caller.answer_sdp };
+                let ending = bridge(&transfer, machine, caller_media, legs, *target).await;
+                return end(ending);
+            }
+        }
+    }
+}
+
+/// Sends a transfer's status webhooks.
+pub(super) struct Reporter<'a> {
+    hooks: &'a CallHooks,
+    call_sid: &'a str,
+    pub(super) id: Uuid,
+    request: &'a TransferRequest,
+}
+
+impl Reporter<'_> {
+    pub(super) fn send(&self, status: &'static str, sip_code: Option<u16>, reason: Option<String>) {
+        self.hooks.send(&TransferEvent {
+            status,
+            call_id: self.call_sid,
+            transfer_id: self.id.to_string(),
+            mode: self.request.mode,
+            to: &self.request.to,
+            timestamp: Utc::now().to_rfc3339(),
+            sip_code,
+            reason,
+        });
+    }
+}
+
+/// The trunks a transfer to `request.to` goes through: those of the first outbound RoutingRule
+/// of the call's namespace that matches, else the call's own trunk. Refused: modes not built
+/// yet, and targets nothing routes.
+fn plan_route(
+    ctx: &NodeContext,
+    caller: &CallerFacts,
+    request: &TransferRequest,
+) -> Result<Vec<Arc<TrunkConfig>>, String> {
+    if request.mode == Mode::Refer {
+        return Err(format!("{:?} transfers are not supported by this node yet", request.mode).to_lowercase());
+    }
+    if ctx.media.is_none() {
+        return Err("this node anchors no media".into());
+    }
+    let Some(trunk) = caller.trunk.as_ref() else {
+        return Err("the call came in on no trunk: there is no route for a transfer".into());
+    };
+    let snapshot = ctx.snapshot.current();
+    let mut trunks = routing::outbound_trunks(&snapshot, &trunk.namespace, &request.to, None);
+    if trunks.is_empty() {
+        trunks = routing::outbound_trunks(&snapshot, &trunk.namespace, &request.to, Some(&trunk.name));
+    }
+    if trunks.is_empty() {
+        return Err(format!("no trunk of namespace {} can reach {}", trunk.namespace, request.to));
+    }
+    Ok(trunks)
+}
+
+/// `X-Transfer-Summary` with the request's summary (control characters dropped: it goes into
+/// a header line).
+fn summary_header(request: &TransferRequest) -> Vec<Header> {
+    let Some(summary) = request.summary.as_deref() else { return vec![] };
+    let clean: String = summary.chars().filter(|c| !c.is_control()).take(1024).collect();
+    if clean.trim().is_empty() {
+        return vec![];
+    }
+    vec![Header::Other("X-Transfer-Summary".into(), clean.trim().to_string())]
+}
+
+/// Hangs up an answered target the call no longer wants, and records its attempt.
+pub(super) fn hang_up_target(ctx: &NodeContext, plan: &DialPlan, target: &mut Answered, why: &str) {
+    let dialog = &mut target.dialog;
+    let bye = dialog.bye(ctx.endpoint.via_for(dialog.peer), &[HangupReason::normal(why).header()]);
+    ctx.endpoint.send_request(bye, dialog.peer, target.tx.clone());
+    ctx.endpoint.unregister_dialog(&dialog.call_id, &dialog.local_tag);
+    write_cdr(ctx, plan, &target.attempt, 200, why, Some(HangupBy::System));
+}
+
+/// The caller's leg, handed from the agent's machine to the transferred call's.
+pub(super) struct TransferredLegs<'a> {
+    a_peer: Peer,
+    a_tx: TuSender,
+    a_rx: &'a mut mpsc::UnboundedReceiver<TuEvent>,
+    caller_sdp: Vec<u8>,
+}
+
+/// What bridging the answered target needs besides the legs.
+pub(super) struct Transfer<'a> {
+    pub(super) ctx: &'a NodeContext,
+    pub(super) io: &'a Io<'a>,
+    pub(super) plan: &'a DialPlan,
+    pub(super) report: &'a Reporter<'a>,
+}
+
+/// The target answered (blind) or the agent completed (warm): `caller_media` is the caller's
+/// RTP leg, taken from the agent's bridge (the agent got `stop` and the socket closed); a
+/// two-leg relay joins caller and target, and a new machine runs the call with both legs
+/// until it ends.
+async fn bridge(
+    transfer: &Transfer<'_>,
+    machine: Connected<'_>,
+    caller_media: Option<RtpLegSetup>,
+    legs: TransferredLegs<'_>,
+    mut target: Answered,
+) -> Ending {
+    let Transfer { ctx, io, plan, report } = *transfer;
+    let Some(mut a) = machine.into_leg(Leg::A) else {
+        hang_up_target(ctx, plan, &mut target, "internal: the caller's leg is gone");
+        return Ending { code: 500, reason: "internal: the caller's leg is gone".into(), by: Ender::System };
+    };
+    let media = ctx.media.as_ref();
+    let target_media = target.media.take();
+    let started = match (caller_media, target_media, media) {
+        (Some(caller_media), Some(target_media), Some(media)) => media
+            .engine
+            .spawn_relay(caller_media, target_media, RelayConfig { media_timeout: media.timeout })
+            .map_err(|e| e.to_string()),
+        _ => Err("the caller's media ended".into()),
+    };
+    let (transferred_relay, events) = match started {
+        Ok(started) => started,
+        Err(error) => {
+            let why = format!("cannot join the caller and the target: {error}");
+            tracing::warn!(%why);
+            let bye = a.dialog.bye(io.endpoint.via_for(a.dialog.peer), &[HangupReason::normal(&why).header()]);
+            io.endpoint.send_request(bye, legs.a_peer, legs.a_tx.clone());
+            hang_up_target(ctx, plan, &mut target, &why);
+            report.send("transfer_failed", Some(500), Some(why.clone()));
+            return Ending { code: 500, reason: why, by: Ender::System };
+        }
+    };
+    let mut media = TransferMedia { caller_sdp: legs.caller_sdp, target_sdp: std::mem::take(&mut target.offer) };
+    let b_peer = target.dialog.peer;
+    let b = LegSetup {
+        sent_by: io.endpoint.transport().sent_by(b_peer.addr),
+        contact: io.endpoint.contact_for(b_peer, ""),
+        dialog: target.dialog.clone(),
+        session: None,
+    };
+    let setup = Setup {
+        a: None,
+        b: Some(b),
+        media: MediaMode::Anchored(&mut media),
+        timers: ctx.timers,
+        wait_for_bye: true,
+        max_duration: None,
+        session_policy: ctx.session_timers,
+    };
+    let (mut transferred, first) = Connected::transferred(a, setup);
+    report.send("transfer_completed", None, None);
+    tracing::info!(to = %plan.to, "transfer completed: the caller is bridged to the target");
+    let channels = Channels {
+        a: Some(LegChannels { peer: legs.a_peer, tx: legs.a_tx, rx: legs.a_rx }),
+        b: Some(LegChannels { peer: b_peer, tx: target.tx.clone(), rx: &mut target.rx }),
+        relay_events: Some(events),
+        agent: None,
+        referrals: None,
+    };
+    let ending = drive(&mut transferred, first, io, channels).await;
+    drop(transferred);
+    let stats = transferred_relay.stop().await;
+    tracing::info!(
+        caller_packets_in = stats.a.packets_in,
+        target_packets_in = stats.b.packets_in,
+        code = ending.code,
+        reason = %ending.reason,
+        "transferred call ended"
+    );
+    io.endpoint.unregister_dialog(&target.dialog.call_id, &target.dialog.local_tag);
+    let hangup_by = match ending.by {
+        Ender::Caller => HangupBy::Caller,
+        Ender::Callee => HangupBy::Callee,
+        Ender::System => HangupBy::System,
+    };
+    write_cdr(ctx, plan, &target.attempt, ending.code, &ending.reason, Some(hangup_by));
+    ending
+}

@@ -1,0 +1,425 @@
+//! SRTP with SDES keys through the node, each leg under its own trunk's `media.srtp`: a caller
+//! on loopback offering `RTP/SAVP` with `a=crypto` (a test peer that encrypts with the same
+//! SRTP implementation as the node, webrtc-srtp) talks to a plain-RTP callee, to an SRTP callee
+//! behind an SRTP-required trunk, and to an AI agent over WebSocket. Checked: the audio each
+//! side hears is what the other sent (decrypted on the plain leg, encrypted on the SRTP leg),
+//! RTCP crosses as SRTCP, a caller encrypting with another key than it offered is heard by
+//! nobody and counted in `switchboard_srtp_rejected_packets_total`, and a plain offer to an
+//! SRTP-required trunk gets 488.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use common::ua::*;
+use common::*;
+use futures::{SinkExt as _, StreamExt as _};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use switchboard_model::{Destination, DestinationType, SrtpMode};
+use switchboard_node::media::srtp::{CryptoAttr, SrtpLeg, Suite};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+
+const FRAMES: u16 = 10;
+
+/// An audio section with `profile`, PCMU, an `a=rtcp` port and the given `a=crypto` lines.
+fn media_sdp(rtp: u16, rtcp: u16, profile: &str, crypto: &[&CryptoAttr]) -> String {
+    let mut out = format!(
+        "v=0\r\no=peer 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio {rtp} {profile} 0\r\n\
+         a=rtpmap:0 PCMU/8000\r\na=rtcp:{rtcp}\r\n"
+    );
+    for c in crypto {
+        out.push_str(&format!("a=crypto:{}\r\n", c.value()));
+    }
+    out.push_str("a=ptime:20\r\na=sendrecv\r\n");
+    out
+}
+
+/// The `a=crypto` lines of a message's SDP.
+fn crypto_of(message: &str) -> Vec<CryptoAttr> {
+    body(message)
+        .lines()
+        .filter_map(|l| l.strip_prefix("a=crypto:"))
+        .map(|v| CryptoAttr::parse(v.trim()).unwrap())
+        .collect()
+}
+
+/// The protocol of the message's audio section.
+fn profile_of(message: &str) -> String {
+    body(message)
+        .lines()
+        .find_map(|l| l.strip_prefix("m=audio "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .to_string()
+}
+
+/// A plain RTP packet (PCMU, SSRC `ssrc`) whose 160 payload bytes are all `fill`.
+fn rtp(seq: u16, ssrc: u32, fill: u8) -> Vec<u8> {
+    let mut packet = vec![0x80, 0];
+    packet.extend_from_slice(&seq.to_be_bytes());
+    packet.extend_from_slice(&(u32::from(seq) * 160).to_be_bytes());
+    packet.extend_from_slice(&ssrc.to_be_bytes());
+    packet.extend(std::iter::repeat_n(fill, 160));
+    packet
+}
+
+/// An RTCP sender report of `ssrc` (28 bytes).
+fn sender_report(ssrc: u32) -> Vec<u8> {
+    let mut packet = vec![0x80, 200, 0, 6];
+    packet.extend_from_slice(&ssrc.to_be_bytes());
+    packet.extend_from_slice(&[0u8; 20]);
+    packet
+}
+
+fn fill(i: u16) -> u8 {
+    0x20 + (i as u8) * 3
+}
+
+/// Sends `FRAMES` packets made by `make(i)` from `socket` to `to`, 20 ms apart.
+async fn stream(socket: &UdpSocket, to: SocketAddr, mut make: impl FnMut(u16) -> Vec<u8>) {
+    for i in 0..FRAMES {
+        socket.send_to(&make(i), to).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every datagram arriving on `socket` within `window`.
+async fn collect(socket: &UdpSocket, window: Duration) -> Vec<Vec<u8>> {
+    let mut out = vec![];
+    let mut buf = [0u8; 2048];
+    let deadline = tokio::time::Instant::now() + window;
+    while let Ok(Ok((n, _))) = tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await {
+        out.push(buf[..n].to_vec());
+    }
+    out
+}
+
+fn rtcp_port(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip(), addr.port() + 1)
+}
+
+/// The metric once it reached `expected` (bounded wait: it is counted as the call's relay ends).
+async fn rejected_reaches(node: &Node, expected: f64) -> f64 {
+    let name = "switchboard_srtp_rejected_packets_total";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let value = metric(node, name).await.unwrap_or(-1.0);
+        if value >= expected || tokio::time::Instant::now() > deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A caller with an RTCP socket of its own (announced with `a=rtcp`).
+struct Peer {
+    ua: Ua,
+    rtcp: UdpSocket,
+}
+
+impl Peer {
+    async fn new() -> Peer {
+        Peer { ua: Ua::new().await, rtcp: UdpSocket::bind("127.0.0.1:0").await.unwrap() }
+    }
+
+    fn sdp(&self, profile: &str, crypto: &[&CryptoAttr]) -> String {
+        media_sdp(self.ua.rtp_port(), self.rtcp.local_addr().unwrap().port(), profile, crypto)
+    }
+}
+
+/// Sets up a call from `caller` offering `offer`, answered by `callee` with `answer(invite)`.
+/// Returns the node's 200 to the caller and the callee's INVITE; the caller has ACKed.
+async fn establish(
+    node: &Node,
+    caller: &Peer,
+    callee: &Peer,
+    call_id: &str,
+    offer: &str,
+    answer: impl FnOnce(&str) -> String,
+) -> (String, String) {
+    caller.ua.send(&invite_to_did(node.addr, caller.ua.sip_addr(), call_id, offer), node.addr).await;
+    let (invite, from) = callee.ua.request("INVITE").await;
+    let sdp = answer(&invite);
+    callee.ua.send(&reply(&invite, "200 OK", callee.ua.sip_addr(), Some(&sdp)), from).await;
+    let _ack = callee.ua.request("ACK").await;
+    let ok = caller.ua.final_response().await;
+    assert!(ok.starts_with("SIP/2.0 200"), "{ok}");
+    caller
+        .ua
+        .send(&caller_in_dialog("ACK", node.addr, caller.ua.sip_addr(), call_id, &to_tag(&ok), 1), node.addr)
+        .await;
+    (ok, invite)
+}
+
+/// The caller hangs up; the callee confirms.
+async fn hang_up(node: &Node, caller: &Peer, callee: &Peer, call_id: &str, ok: &str) {
+    caller.ua.send(&caller_in_dialog("BYE", node.addr, caller.ua.sip_addr(), call_id, &to_tag(ok), 2), node.addr).await;
+    let (bye, from) = callee.ua.request("BYE").await;
+    callee.ua.send(&reply(&bye, "200 OK", callee.ua.sip_addr(), None), from).await;
+    assert!(caller.ua.final_response().await.starts_with("SIP/2.0 200"));
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn an_srtp_caller_and_a_plain_callee_hear_each_other_with_rtcp_as_srtcp(pool: PgPool) {
+    let caller = Peer::new().await;
+    let callee = Peer::new().await;
+    let mut carrier = trunk("carrier", vec![]);
+    carrier.srtp = SrtpMode::Required;
+    let node = Node::start(&pool, vec![carrier], vec![number_to(sip_destination(callee.ua.sip_addr().port()))]).await;
+
+    let key = CryptoAttr::generate(1, Suite::AesCm128HmacSha1_80);
+    let offer = caller.sdp("RTP/SAVP", &[&key]);
+    let (ok, invite) = establish(&node, &caller, &callee, "srtp-plain", &offer, |_| callee.sdp("RTP/AVP", &[])).await;
+    // Each leg on its own terms: SRTP with the node's own key to the caller, plain to the callee.
+    assert_eq!((profile_of(&invite), crypto_of(&invite).len()), ("RTP/AVP".to_string(), 0), "{invite}");
+    assert_eq!(profile_of(&ok), "RTP/SAVP", "{ok}");
+    let answered = crypto_of(&ok);
+    assert_eq!(answered.len(), 1, "{ok}");
+    assert_eq!((answered[0].tag(), answered[0].suite()), (1, Suite::AesCm128HmacSha1_80));
+    assert_ne!(answered[0], key, "the node encrypts with a key of its own");
+    let mut srtp = SrtpLeg::new(&key, &answered[0]).unwrap();
+    let node_for_caller = sdp_rtp(&ok);
+    let node_for_callee = sdp_rtp(&invite);
+
+    // Caller → callee: encrypted on the wire in, plain and identical audio out.
+    let sent: Vec<Vec<u8>> =
+        (0..FRAMES).map(|i| srtp.protect_rtp(&rtp(100 + i, 0x1111, fill(i))).unwrap().to_vec()).collect();
+    assert!(
+        sent.iter().all(|p| p.len() == 12 + 160 + 10 && p[12..172] != [p[12]; 160]),
+        "the caller's audio is encrypted"
+    );
+    let heard = tokio::join!(
+        stream(&caller.ua.rtp, node_for_caller, |i| sent[i as usize].clone()),
+        callee.ua.rtp_collect_raw(Duration::from_millis(700))
+    )
+    .1;
+    let payloads: Vec<Vec<u8>> = heard.iter().map(|p| p[12..].to_vec()).collect();
+    let expected: Vec<Vec<u8>> = (0..FRAMES).map(|i| vec![fill(i); 160]).collect();
+    assert_eq!(payloads, expected, "the callee hears the caller's audio decrypted, complete and in order");
+    assert!(heard.iter().all(|p| p[1] & 0x7f == 0));
+
+    // Callee → caller: plain in, SRTP out under the node's key.
+    let back = tokio::join!(
+        stream(&callee.ua.rtp, node_for_callee, |i| rtp(500 + i, 0x2222, fill(i + 40))),
+        collect(&caller.ua.rtp, Duration::from_millis(700))
+    )
+    .1;
+    assert_eq!(back.len(), FRAMES as usize, "every callee frame reaches the caller");
+    for (i, packet) in back.iter().enumerate() {
+        assert_eq!(packet.len(), 12 + 160 + 10, "SRTP with an 80-bit tag");
+        assert_ne!(packet[12..172], [fill(i as u16 + 40); 160], "encrypted towards the caller");
+        let plain = srtp.unprotect_rtp(packet).expect("authenticates under the node's key");
+        assert_eq!(plain[12..], [fill(i as u16 + 40); 160]);
+    }
+
+    // RTCP: the caller's SRTCP reaches the callee as RTCP, the callee's RTCP the caller as SRTCP.
+    let srtcp = srtp.protect_rtcp(&sender_report(0x1111)).unwrap();
+    caller.rtcp.send_to(&srtcp, rtcp_port(node_for_caller)).await.unwrap();
+    let reports = collect(&callee.rtcp, Duration::from_millis(500)).await;
+    assert_eq!(reports.len(), 1, "the caller's SRTCP is relayed");
+    assert_eq!((reports[0].len(), reports[0][1]), (28, 200), "as a plain sender report");
+    callee.rtcp.send_to(&sender_report(0x2222), rtcp_port(node_for_callee)).await.unwrap();
+    let reports = collect(&caller.rtcp, Duration::from_millis(500)).await;
+    assert_eq!(reports.len(), 1, "the callee's RTCP is relayed");
+    let plain = srtp.unprotect_rtcp(&reports[0]).expect("SRTCP under the node's key");
+    assert_eq!((plain.len(), plain[1]), (28, 200));
+
+    hang_up(&node, &caller, &callee, "srtp-plain", &ok).await;
+    assert_eq!(rejected_reaches(&node, 0.0).await, 0.0, "nothing was refused");
+    node.stop().await;
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_wrong_key_gives_no_audio_and_is_counted_and_a_plain_offer_gets_488(pool: PgPool) {
+    let caller = Peer::new().await;
+    let callee = Peer::new().await;
+    let mut carrier = trunk("carrier", vec![]);
+    carrier.srtp = SrtpMode::Required;
+    let node = Node::start(&pool, vec![carrier], vec![number_to(sip_destination(callee.ua.sip_addr().port()))]).await;
+
+    // media.srtp: required refuses plain RTP before any outbound attempt (another caller: the
+    // node repeats its 488 until an ACK, which this one does not send).
+    let plain_caller = Peer::new().await;
+    let plain = plain_caller.sdp("RTP/AVP", &[]);
+    plain_caller.ua.send(&invite_to_did(node.addr, plain_caller.ua.sip_addr(), "srtp-488", &plain), node.addr).await;
+    let refused = plain_caller.ua.final_response().await;
+    assert!(refused.starts_with("SIP/2.0 488"), "{refused}");
+
+    let offered = CryptoAttr::generate(1, Suite::AesCm128HmacSha1_32);
+    let offer = caller.sdp("RTP/SAVP", &[&offered]);
+    let (ok, invite) = establish(&node, &caller, &callee, "srtp-wrong", &offer, |_| callee.sdp("RTP/AVP", &[])).await;
+    let answered = crypto_of(&ok);
+    assert_eq!(answered[0].suite(), Suite::AesCm128HmacSha1_32);
+    // The caller encrypts with a key it never offered (a stale or corrupted a=crypto).
+    let other = CryptoAttr::generate(1, Suite::AesCm128HmacSha1_32);
+    let mut wrong = SrtpLeg::new(&other, &answered[0]).unwrap();
+    let heard = tokio::join!(
+        stream(&caller.ua.rtp, sdp_rtp(&ok), |i| wrong.protect_rtp(&rtp(1 + i, 0x3333, fill(i))).unwrap().to_vec()),
+        callee.ua.rtp_collect_raw(Duration::from_millis(600))
+    )
+    .1;
+    assert!(heard.is_empty(), "nothing that fails authentication is relayed: {} packets", heard.len());
+    let _ = invite;
+    hang_up(&node, &caller, &callee, "srtp-wrong", &ok).await;
+    assert_eq!(rejected_reaches(&node, f64::from(FRAMES)).await, f64::from(FRAMES), "every refused packet counted");
+    node.stop().await;
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_callee_behind_an_srtp_required_trunk_gets_an_savp_offer_and_talks_to_a_plain_caller(pool: PgPool) {
+    let caller = Peer::new().await;
+    let callee = Peer::new().await;
+    let inbound = trunk("carrier", vec![]);
+    let mut secure = trunk("secure", vec![("127.0.0.1".into(), callee.ua.sip_addr().port())]);
+    secure.srtp = SrtpMode::Required;
+    let destination = Destination {
+        kind: DestinationType::Number,
+        url: None,
+        uri: None,
+        number: Some("+15559990000".into()),
+        trunk_ref: Some("secure".into()),
+        reject_code: None,
+    };
+    let node = Node::start(&pool, vec![inbound, secure], vec![number_to(destination)]).await;
+
+    let callee_key = CryptoAttr::generate(2, Suite::AesCm128HmacSha1_32);
+    let mut offered = vec![];
+    let (ok, invite) = establish(&node, &caller, &callee, "srtp-out", &caller.sdp("RTP/AVP", &[]), |invite| {
+        offered = crypto_of(invite);
+        callee.sdp("RTP/SAVP", &[&callee_key])
+    })
+    .await;
+    assert_eq!(profile_of(&invite), "RTP/SAVP", "{invite}");
+    assert_eq!(
+        offered.iter().map(|c| (c.tag(), c.suite())).collect::<Vec<_>>(),
+        [(1, Suite::AesCm128HmacSha1_80), (2, Suite::AesCm128HmacSha1_32)],
+        "{invite}"
+    );
+    assert_eq!((profile_of(&ok), crypto_of(&ok).len()), ("RTP/AVP".to_string(), 0), "the caller's leg stays plain");
+    // The callee took tag 2: the node encrypts with its tag-2 key.
+    let mut srtp = SrtpLeg::new(&callee_key, &offered[1]).unwrap();
+
+    let heard = tokio::join!(
+        stream(&caller.ua.rtp, sdp_rtp(&ok), |i| rtp(1 + i, 0x4444, fill(i))),
+        collect(&callee.ua.rtp, Duration::from_millis(700))
+    )
+    .1;
+    assert_eq!(heard.len(), FRAMES as usize);
+    for (i, packet) in heard.iter().enumerate() {
+        assert_eq!(packet.len(), 12 + 160 + 4, "SRTP with a 32-bit tag");
+        assert_eq!(srtp.unprotect_rtp(packet).expect("the node's tag-2 key")[12..], [fill(i as u16); 160]);
+    }
+    let back = tokio::join!(
+        stream(&callee.ua.rtp, sdp_rtp(&invite), |i| srtp
+            .protect_rtp(&rtp(900 + i, 0x5555, fill(i + 9)))
+            .unwrap()
+            .to_vec()),
+        caller.ua.rtp_collect_raw(Duration::from_millis(700))
+    )
+    .1;
+    let payloads: Vec<Vec<u8>> = back.iter().map(|p| p[12..].to_vec()).collect();
+    assert_eq!(payloads, (0..FRAMES).map(|i| vec![fill(i + 9); 160]).collect::<Vec<_>>(), "decrypted for the caller");
+    hang_up(&node, &caller, &callee, "srtp-out", &ok).await;
+    node.stop().await;
+}
+
+/// A minimal Twilio Media Streams agent: every `media` payload it gets goes to `heard`; every
+/// payload the test puts on `say` goes to the node as a `media` event.
+async fn agent() -> (String, mpsc::UnboundedReceiver<Vec<u8>>, mpsc::UnboundedSender<Vec<u8>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/agent", listener.local_addr().unwrap());
+    let (heard_tx, heard) = mpsc::unbounded_channel();
+    let (say, mut say_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+        loop {
+            tokio::select! {
+                message = ws.next() => match message {
+                    Some(Ok(Message::Text(text))) => {
+                        let value: Value = serde_json::from_str(&text).unwrap();
+                        if value["event"] == "media" {
+                            let payload = BASE64.decode(value["media"]["payload"].as_str().unwrap()).unwrap();
+                            let _ = heard_tx.send(payload);
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => break,
+                },
+                audio = say_rx.recv() => {
+                    let Some(audio) = audio else { break };
+                    let event = json!({"event": "media", "streamSid": "MZtest", "media": {"payload": BASE64.encode(audio)}});
+                    if ws.send(Message::text(event.to_string())).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    (url, heard, say)
+}
+
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn an_srtp_caller_is_heard_by_the_ai_agent_and_hears_it(pool: PgPool) {
+    let caller = Peer::new().await;
+    let (url, mut heard, say) = agent().await;
+    let mut carrier = trunk("carrier", vec![]);
+    carrier.srtp = SrtpMode::Required;
+    let websocket = Destination {
+        kind: DestinationType::Websocket,
+        url: Some(url),
+        uri: None,
+        number: None,
+        trunk_ref: None,
+        reject_code: None,
+    };
+    let node = Node::start(&pool, vec![carrier], vec![number_to(websocket)]).await;
+    let key = CryptoAttr::generate(5, Suite::AesCm128HmacSha1_80);
+    let offer = caller.sdp("RTP/SAVP", &[&key]);
+    caller.ua.send(&invite_to_did(node.addr, caller.ua.sip_addr(), "srtp-agent", &offer), node.addr).await;
+    let ok = caller.ua.final_response().await;
+    assert!(ok.starts_with("SIP/2.0 200"), "{ok}");
+    caller
+        .ua
+        .send(&caller_in_dialog("ACK", node.addr, caller.ua.sip_addr(), "srtp-agent", &to_tag(&ok), 1), node.addr)
+        .await;
+    assert_eq!(profile_of(&ok), "RTP/SAVP", "{ok}");
+    let answered = crypto_of(&ok);
+    assert_eq!((answered.len(), answered[0].tag()), (1, 5), "{ok}");
+    let mut srtp = SrtpLeg::new(&key, &answered[0]).unwrap();
+
+    stream(&caller.ua.rtp, sdp_rtp(&ok), |i| srtp.protect_rtp(&rtp(10 + i, 0x6666, fill(i))).unwrap().to_vec()).await;
+    let mut frames = vec![];
+    while frames.len() < FRAMES as usize {
+        match tokio::time::timeout(Duration::from_secs(3), heard.recv()).await {
+            Ok(Some(frame)) => frames.push(frame),
+            _ => break,
+        }
+    }
+    assert_eq!(
+        frames,
+        (0..FRAMES).map(|i| vec![fill(i); 160]).collect::<Vec<_>>(),
+        "the agent hears the caller in clear"
+    );
+
+    for i in 0..3u16 {
+        say.send(vec![fill(i + 60); 160]).unwrap();
+    }
+    let back = collect(&caller.ua.rtp, Duration::from_millis(800)).await;
+    let decrypted: Vec<Vec<u8>> =
+        back.iter().map(|p| srtp.unprotect_rtp(p).expect("SRTP under the node's key")[12..].to_vec()).collect();
+    assert_eq!(decrypted, (0..3u16).map(|i| vec![fill(i + 60); 160]).collect::<Vec<_>>(), "the caller hears the agent");
+
+    caller
+        .ua
+        .send(&caller_in_dialog("BYE", node.addr, caller.ua.sip_addr(), "srtp-agent", &to_tag(&ok), 2), node.addr)
+        .await;
+    assert!(caller.ua.final_response().await.starts_with("SIP/2.0 200"));
+    node.stop().await;
+}
