@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use switchboard_model::{Credential, NumberConfig, RuleConfig, TrunkConfig};
+use switchboard_model::{Credential, NumberConfig, RuleConfig, TrunkConfig, TrunkTls};
 
 use super::{Snapshot, SnapshotHandle};
 
@@ -42,6 +42,9 @@ struct Saved {
     numbers: Vec<NumberConfig>,
     rules: Vec<RuleConfig>,
     credentials: Vec<Credential>,
+    /// Trunks' TLS material; absent in files saved before it existed.
+    #[serde(default)]
+    trunk_tls: Vec<TrunkTls>,
 }
 
 /// A saved snapshot read back.
@@ -82,6 +85,7 @@ impl DiskSnapshot {
             numbers: snapshot.numbers().cloned().collect(),
             rules: snapshot.rules().iter().map(|r| r.as_ref().clone()).collect(),
             credentials: snapshot.credentials().cloned().collect(),
+            trunk_tls: snapshot.all_trunk_tls().map(|t| t.as_ref().clone()).collect(),
         };
         let bytes = serde_json::to_vec(&saved)
             .map_err(|error| DiskError::Unusable { path: self.path(), problem: error.to_string() })?;
@@ -112,7 +116,8 @@ impl DiskSnapshot {
         }
         let snapshot =
             Snapshot::from_parts(saved.generation, saved.trunks, saved.numbers, saved.rules, saved.credentials)
-                .map_err(|error| unusable(error.to_string()))?;
+                .map_err(|error| unusable(error.to_string()))?
+                .with_trunk_tls(saved.trunk_tls);
         Ok(Some(Loaded { snapshot, saved_at: saved.saved_at }))
     }
 }
