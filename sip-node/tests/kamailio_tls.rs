@@ -281,7 +281,9 @@ async fn a_certificate_auth_trunk_presents_its_own_client_certificate(pool: PgPo
         ..TrunkTls::default()
     };
     let snapshot = |tls: TrunkTls| {
-        Snapshot::from_parts(1, vec![trunk.clone()], vec![], vec![], vec![credential()]).unwrap().with_trunk_tls(vec![tls])
+        Snapshot::from_parts(1, vec![trunk.clone()], vec![], vec![], vec![credential()])
+            .unwrap()
+            .with_trunk_tls(vec![tls])
     };
 
     // The trunk's CA but no client certificate: the provider refuses the handshake.

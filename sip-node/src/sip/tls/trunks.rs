@@ -59,9 +59,7 @@ pub(super) fn host_configs(snapshot: &Snapshot, defaults: &Defaults<'_>) -> Host
 /// One trunk's client configuration: its CA (else the web PKI and the node's CAs) and its
 /// client certificate (else the node's, if any).
 pub(super) fn trunk_config(tls: &TrunkTls, defaults: &Defaults<'_>) -> Result<ClientConfig, String> {
-    let what = |field: &str, secret: &Option<String>| {
-        format!("{field} of Secret {}", secret.as_deref().unwrap_or("?"))
-    };
+    let what = |field: &str, secret: &Option<String>| format!("{field} of Secret {}", secret.as_deref().unwrap_or("?"));
     let (roots, web_pki) = match &tls.ca_pem {
         Some(pem) => {
             let name = what("ca.crt", &tls.ca_secret_name);
