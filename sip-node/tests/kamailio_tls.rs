@@ -311,6 +311,53 @@ async fn a_certificate_auth_trunk_presents_its_own_client_certificate(pool: PgPo
     node.stop().await;
 }
 
+/// A call through a certificate-auth trunk: the provider requires a client certificate, and
+/// the node has only the trunk's (and trusts the provider through the trunk's CA alone).
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_call_goes_out_through_a_certificate_auth_trunk(pool: PgPool) {
+    let provider = Provider::new();
+    let callee = free_port("127.0.0.1");
+    let kamailio = Kamailio::start(&provider, callee, None, true);
+    let mut certificate_trunk = provider.trunk();
+    certificate_trunk.auth_method = AuthMethod::Certificate;
+    let client = provider.ca.leaf(&["trunk.switchboard.test"]);
+    let tls = TrunkTls {
+        namespace: "default".into(),
+        trunk_name: "kamailio".into(),
+        client_cert_pem: Some(client.cert_pem.clone()),
+        client_key_pem: Some(client.key_pem.clone()),
+        ca_pem: Some(provider.ca.pem()),
+        client_secret_name: Some("kamailio-client".into()),
+        ca_secret_name: Some("kamailio-ca".into()),
+    };
+    let destination = Destination {
+        kind: DestinationType::Number,
+        url: None,
+        uri: None,
+        number: Some("+15559990000".into()),
+        trunk_ref: Some("kamailio".into()),
+        reject_code: None,
+    };
+    let snapshot = Snapshot::from_parts(
+        1,
+        vec![trunk("carrier", vec![]), certificate_trunk],
+        vec![number_to(destination)],
+        vec![],
+        vec![credential()],
+    )
+    .unwrap()
+    .with_trunk_tls(vec![tls]);
+    let node = Node::start_snapshot(&pool, snapshot, tuned(provider.node_tls(false))).await;
+    let uas = uas(&["-sf", &scenario("uas_record_route.xml")], callee, 1);
+    let uac = uac(&["-sn", "uac"], node.addr, "127.0.0.1", 1, &[]);
+    assert!(uac.wait().await.success(), "the call through the certificate-auth trunk failed:\n{}", kamailio.log());
+    assert!(uas.wait().await.success(), "the callee behind Kamailio did not get the call:\n{}", kamailio.log());
+    kamailio.wait_log("INVITE authenticated for").await;
+    let cdrs = cdrs(&pool, 1).await;
+    assert_eq!(cdrs.last().and_then(|c| c.sip_code), Some(200), "{cdrs:?}");
+    node.stop().await;
+}
+
 /// A trunk whose client certificate does not parse is unreachable with a reason naming the
 /// trunk and its Secret, instead of silently connecting without a certificate.
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
