@@ -105,3 +105,74 @@ impl rustls::client::ResolvesClientCert for FixedCert {
         true
     }
 }
+
+#[cfg(test)]
+#[path = "../../../tests/common/pki.rs"]
+mod pki;
+
+#[cfg(test)]
+mod tests {
+    use switchboard_model::GatewayConfig;
+
+    use super::*;
+    use crate::config::fixtures::trunk;
+
+    use super::pki;
+
+    fn gateway(address: &str, transport: Transport) -> GatewayConfig {
+        GatewayConfig { address: address.into(), port: None, transport, priority: 10, weight: 100, enabled: true }
+    }
+
+    fn material(cert: &str, key: &str) -> TrunkTls {
+        TrunkTls {
+            namespace: "default".into(),
+            trunk_name: "mtls".into(),
+            client_cert_pem: Some(cert.into()),
+            client_key_pem: Some(key.into()),
+            client_secret_name: Some("mtls-client".into()),
+            ..TrunkTls::default()
+        }
+    }
+
+    fn snapshot(tls: TrunkTls) -> Snapshot {
+        let mut mtls = trunk("default", "mtls");
+        mtls.gateways =
+            vec![gateway("sip.provider.test", Transport::Tls), gateway("udp.provider.test", Transport::Udp)];
+        mtls.registrar_address = Some("registrar.provider.test".into());
+        let other = trunk("default", "other");
+        Snapshot::from_parts(7, vec![mtls, other], vec![], vec![], vec![]).unwrap().with_trunk_tls(vec![tls])
+    }
+
+    fn defaults() -> Defaults<'static> {
+        Defaults { extra_ca: &[], client_cert: None }
+    }
+
+    /// The trunk's configuration serves its TLS gateways and its registrar, not its UDP
+    /// gateways nor other trunks' hosts.
+    #[test]
+    fn a_trunks_configuration_serves_its_tls_gateways_and_registrar() {
+        let ca = pki::Ca::new("provider CA");
+        let leaf = ca.leaf(&["trunk.switchboard.test"]);
+        let configs = host_configs(&snapshot(material(&leaf.cert_pem, &leaf.key_pem)), &defaults());
+        assert_eq!(configs.generation, Some(7));
+        let mut hosts: Vec<&str> = configs.by_host.keys().map(String::as_str).collect();
+        hosts.sort();
+        assert_eq!(hosts, ["registrar.provider.test", "sip.provider.test"]);
+        let config = configs.by_host["sip.provider.test"].as_ref().expect("a usable configuration");
+        assert!(config.client_auth_cert_resolver.has_certs(), "the trunk's client certificate is offered");
+    }
+
+    /// Unusable material is an error naming the trunk and the Secret (never the key's text).
+    #[test]
+    fn unusable_material_names_the_trunk_and_secret() {
+        let configs = host_configs(&snapshot(material("garbage", "SECRET-KEY-TEXT")), &defaults());
+        let problem = configs.by_host["sip.provider.test"].as_ref().expect_err("garbage is refused").clone();
+        assert!(problem.contains("trunk default/mtls") && problem.contains("mtls-client"), "{problem}");
+        assert!(!problem.contains("SECRET-KEY-TEXT"), "{problem}");
+
+        let mut half = material("x", "y");
+        half.client_key_pem = None;
+        let problem = trunk_config(&half, &defaults()).expect_err("a certificate without its key");
+        assert!(problem.contains("tls.crt and tls.key"), "{problem}");
+    }
+}
