@@ -107,17 +107,13 @@ impl rustls::client::ResolvesClientCert for FixedCert {
 }
 
 #[cfg(test)]
-#[path = "../../../tests/common/pki.rs"]
-mod pki;
-
-#[cfg(test)]
 mod tests {
     use switchboard_model::GatewayConfig;
 
     use super::*;
     use crate::config::fixtures::trunk;
 
-    use super::pki;
+    use crate::sip::tls::tests::pki;
 
     fn gateway(address: &str, transport: Transport) -> GatewayConfig {
         GatewayConfig { address: address.into(), port: None, transport, priority: 10, weight: 100, enabled: true }
