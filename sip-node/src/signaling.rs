@@ -288,7 +288,20 @@ pub async fn start(
         transfers: crate::sip::transfer::Transfers::default(),
     });
     tasks.spawn(call::route_requests(Arc::clone(&ctx), new_requests));
-    tasks.spawn(crate::sip::reaped::run(pool.clone(), signer.clone(), ctx.drain.clone()));
+    // One LISTEN connection wakes every queue (sip/queue.rs); it lives as long as the tasks.
+    let wakeups = crate::sip::queue::Wakeups::new(&[
+        crate::sip::reaped::CHANNEL,
+        crate::sip::transfer::CHANNEL,
+        originate::CHANNEL,
+        sms::CHANNEL,
+    ]);
+    tasks.spawn(wakeups.clone().relay(pool.clone()));
+    tasks.spawn(crate::sip::reaped::run(
+        pool.clone(),
+        wakeups.of(crate::sip::reaped::CHANNEL),
+        signer.clone(),
+        ctx.drain.clone(),
+    ));
     let api_webhooks = crate::webhook::guarded_client(Arc::clone(&egress))
         .context("cannot set up the HTTP client of the API calls' webhooks")?;
     let transfer_webhooks = crate::sip::transfer::queue::Webhooks {
@@ -299,12 +312,20 @@ pub async fn start(
     tasks.spawn(crate::sip::transfer::queue::run(
         ctx.transfers.clone(),
         pool.clone(),
+        wakeups.of(crate::sip::transfer::CHANNEL),
         node_id.to_string(),
         ctx.drain.clone(),
         transfer_webhooks,
     ));
-    tasks.spawn(originate::run(Arc::clone(&ctx), pool.clone(), signer, egress, api_webhooks));
-    tasks.spawn(sms::run(Arc::new(ctx.sms()), pool.clone()));
+    tasks.spawn(originate::run(
+        Arc::clone(&ctx),
+        pool.clone(),
+        wakeups.of(originate::CHANNEL),
+        signer,
+        egress,
+        api_webhooks,
+    ));
+    tasks.spawn(sms::run(Arc::new(ctx.sms()), pool.clone(), wakeups.of(sms::CHANNEL)));
     // Draining or stopping: un-REGISTER (its state goes through the store); on stop, then
     // flush the store.
     let registrations = tokio::spawn(registration::supervise(Arc::new(ctx.registration()), stop.clone()));

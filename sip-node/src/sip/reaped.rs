@@ -43,7 +43,7 @@ impl Reaped {
 }
 
 /// Sends owed final webhooks until the node stops; a draining node leaves them to others.
-pub async fn run(pool: PgPool, signer: Signer, drain: Drain) {
+pub async fn run(pool: PgPool, wakeup: std::sync::Arc<tokio::sync::Notify>, signer: Signer, drain: Drain) {
     let client = reqwest::Client::builder().build().unwrap_or_default();
     let queue = &pool;
     let drain = &drain;
@@ -65,7 +65,7 @@ pub async fn run(pool: PgPool, signer: Signer, drain: Drain) {
         // Dropping the hooks lets the queued event be delivered (with retries) and the task end.
         CallHooks::start(client.clone(), signer.clone(), reaped.webhook_url.clone()).send(&reaped.event());
     };
-    super::queue::serve(queue, CHANNEL, "final webhooks of reaped call requests", claim, start).await;
+    super::queue::serve(wakeup, "final webhooks of reaped call requests", claim, start).await;
 }
 
 #[cfg(test)]

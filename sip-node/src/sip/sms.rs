@@ -54,7 +54,7 @@ struct InboundEvent<'a> {
 }
 
 /// Claims and sends queued outbound messages until the node stops.
-pub async fn run(ctx: Arc<SmsContext>, pool: PgPool) {
+pub async fn run(ctx: Arc<SmsContext>, pool: PgPool, wakeup: Arc<tokio::sync::Notify>) {
     let (queue, node_id) = (&pool, &ctx.node_id);
     let claim = move || {
         sqlx::query_as::<_, Outgoing>(
@@ -69,7 +69,7 @@ pub async fn run(ctx: Arc<SmsContext>, pool: PgPool) {
     let start = |outgoing: Outgoing| {
         tokio::spawn(send(Arc::clone(&ctx), pool.clone(), outgoing));
     };
-    super::queue::serve(queue, CHANNEL, "messages", claim, start).await;
+    super::queue::serve(wakeup, "messages", claim, start).await;
 }
 
 async fn send(ctx: Arc<SmsContext>, pool: PgPool, outgoing: Outgoing) {

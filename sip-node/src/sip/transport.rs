@@ -391,6 +391,7 @@ async fn bind_pair(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)
     let mut last_error = None;
     for _ in 0..attempts {
         let socket = UdpSocket::bind(addr).await?;
+        widen_receive_buffer(&socket);
         match TcpListener::bind(socket.local_addr()?).await {
             Ok(listener) => return Ok((socket, listener)),
             Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => last_error = Some(error),
@@ -398,6 +399,30 @@ async fn bind_pair(addr: SocketAddr) -> std::io::Result<(UdpSocket, TcpListener)
         }
     }
     Err(last_error.unwrap_or_else(|| std::io::ErrorKind::AddrInUse.into()))
+}
+
+/// What the SIP UDP socket asks the kernel to buffer for it: 4 MiB (8 MiB once the kernel
+/// doubles it for its bookkeeping) holds about 3,500 datagrams on loopback, a quarter to a
+/// third of a second of the messages of 1,500–2,500 calls/s. Enough to ride out a pause of the
+/// receive task; not so much that a node falling behind for good queues more than T1 (500 ms)
+/// of stale requests that the peers retransmit anyway.
+const UDP_RECEIVE_BUFFER: usize = 4 << 20;
+
+/// Asks for a receive buffer of [`UDP_RECEIVE_BUFFER`] bytes on the SIP UDP socket. The
+/// kernel's default (`net.core.rmem_default`, 208 KiB) holds about a hundred datagrams; one
+/// receive task drains the socket, and a pause of a few milliseconds at 1,500 calls/s (a
+/// scheduler time slice on a busy core) overflowed it: the kernel dropped callers' INVITEs
+/// and callees' answers, which came back only as retransmissions after 500 ms or as 408s
+/// (issue 22's "408 bursts"). `SO_RCVBUFFORCE` passes `net.core.rmem_max` when the node may
+/// (`CAP_NET_ADMIN`); otherwise `SO_RCVBUF` gets as much as `rmem_max` allows.
+fn widen_receive_buffer(socket: &UdpSocket) {
+    use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+    if setsockopt(socket, sockopt::RcvBufForce, &UDP_RECEIVE_BUFFER).is_err() {
+        let _ = setsockopt(socket, sockopt::RcvBuf, &UDP_RECEIVE_BUFFER);
+    }
+    if let Ok(size) = getsockopt(socket, sockopt::RcvBuf) {
+        tracing::debug!(bytes = size, "SIP UDP receive buffer");
+    }
 }
 
 /// The address to advertise when listening on an unspecified address: loopback for loopback
@@ -578,6 +603,18 @@ impl Drop for ConnectionEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The SIP UDP socket holds at least what `net.core.rmem_max` lets any socket ask for (up
+    /// to [`UDP_RECEIVE_BUFFER`]), not the kernel's default that overflowed at 1,500 calls/s.
+    #[tokio::test]
+    async fn the_sip_udp_socket_gets_a_large_receive_buffer() {
+        use nix::sys::socket::{getsockopt, sockopt};
+        let (socket, _listener) = bind_pair("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap().trim().parse().unwrap();
+        let size = getsockopt(&socket, sockopt::RcvBuf).unwrap();
+        // Linux doubles what it is asked for (bookkeeping overhead) and reports the double.
+        assert!(size >= 2 * rmem_max.min(UDP_RECEIVE_BUFFER), "receive buffer {size} bytes, rmem_max {rmem_max}");
+    }
 
     #[test]
     fn received_and_rport_are_stamped() {

@@ -95,7 +95,10 @@ impl Call {
                 ring_at: None,
                 answer_at: None,
             };
-            tracing::info!(attempt = self.attempts, gateway = %target.gateway, trunk = target.trunk.as_ref().map(|t| t.name.as_str()), "outbound attempt");
+            // Per call (as the call's end and media counts): debug, since a line per call at
+            // info cost a few per cent of the node's instructions per call (issue 22); the CDR
+            // keeps every attempt.
+            tracing::debug!(attempt = self.attempts, gateway = %target.gateway, trunk = target.trunk.as_ref().map(|t| t.name.as_str()), "outbound attempt");
             match self.attempt(&target, &mut record, a_rx).await {
                 AttemptEnd::Answered(answered) => {
                     let (mut b_dialog, answer) = *answered;

@@ -140,7 +140,7 @@ impl Call {
             && let Some(stats) = anchor.stop().await
         {
             self.ctx.metrics.srtp_rejected(&stats);
-            tracing::info!(
+            tracing::debug!(
                 caller_in = stats.a.packets_in,
                 caller_out = stats.a.packets_out,
                 callee_in = stats.b.packets_in,

@@ -127,7 +127,7 @@ impl Call {
         let talk_time = record.answer_at.map(|a| (end_at - a).to_std().unwrap_or_default());
         let status = if record.answer_at.is_some() { CallStatus::Answered } else { CallStatus::from_final_code(code) };
         self.ctx.metrics.call_ended(provider, trunk, status, talk_time);
-        tracing::info!(code, %reason, attempts = self.attempts, "call ended");
+        tracing::debug!(code, %reason, attempts = self.attempts, "call ended");
     }
 }
 

@@ -26,8 +26,8 @@ use std::borrow::Cow;
 
 use rsip::Header;
 
-/// Every value of the headers named `name` (case-insensitive; typed rsip headers through their
-/// display form), in order. Unlike [`super::message::header_value`], which returns the first,
+/// Every value of the headers named `name` (case-insensitive; typed rsip headers by the name
+/// and trimmed value of their display form, without formatting them), in order. Unlike [`super::message::header_value`], which returns the first,
 /// this sees option tags spread over several `Supported`/`Require` headers.
 pub fn header_values<'a>(headers: &'a rsip::Headers, name: &str) -> Vec<Cow<'a, str>> {
     headers
@@ -35,10 +35,9 @@ pub fn header_values<'a>(headers: &'a rsip::Headers, name: &str) -> Vec<Cow<'a, 
         .filter_map(|h| match h {
             Header::Other(n, v) if n.eq_ignore_ascii_case(name) => Some(Cow::Borrowed(v.as_str())),
             Header::Other(..) => None,
-            other => {
-                let text = other.to_string();
-                let (n, v) = text.split_once(':')?;
-                n.trim().eq_ignore_ascii_case(name).then(|| Cow::Owned(v.trim().to_string()))
+            typed => {
+                let (n, v) = super::message::name_and_value(typed);
+                n.eq_ignore_ascii_case(name).then(|| Cow::Borrowed(v.trim()))
             }
         })
         .collect()

@@ -254,3 +254,28 @@ fn reason_headers_are_found_whatever_their_case() {
     assert_eq!(found.len(), 1);
     assert!(found[0].to_string().ends_with("Q.850;cause=16"), "{}", found[0]);
 }
+
+/// `tokenize` (requests straight to the request parser) gives what rsip's `SipMessage` parser
+/// gives, for requests, responses and what is neither.
+#[test]
+fn tokenize_agrees_with_rsip() {
+    let inputs: &[&str] = &[
+        "INVITE sip:n@h SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nContent-Length: 0\r\n\r\n",
+        "BYE sip:n@h SIP/2.0\r\nCall-ID: x\r\n\r\n",
+        "SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nContent-Length: 0\r\n\r\n",
+        "SIP/2.0 180 Ringing\r\n\r\n",
+        "SIP/2.0 nonsense\r\n\r\n",
+        "SIP/x INVITE\r\n\r\n",
+        "sip/2.0 200 OK\r\n\r\n",
+        "garbage\r\n\r\n",
+        "\r\n\r\n",
+    ];
+    for input in inputs {
+        let ours = tokenize(input.as_bytes());
+        let rsip = SipMessage::try_from(input.as_bytes());
+        assert_eq!(ours.is_ok(), rsip.is_ok(), "{input:?}");
+        if let (Ok(ours), Ok(rsip)) = (ours, rsip) {
+            assert_eq!(ours, rsip, "{input:?}");
+        }
+    }
+}

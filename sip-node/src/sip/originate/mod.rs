@@ -110,6 +110,7 @@ struct StatusEvent<'a> {
 pub async fn run(
     ctx: Arc<NodeContext>,
     pool: PgPool,
+    wakeup: Arc<tokio::sync::Notify>,
     signer: Signer,
     egress: Arc<EgressPolicy>,
     client: reqwest::Client,
@@ -122,7 +123,7 @@ pub async fn run(
         tokio::spawn(tracing::Instrument::instrument(call, span));
     };
     let drain = &ctx.drain;
-    super::queue::serve(queue, CHANNEL, "call requests", move || claim(queue, node_id, drain), start).await;
+    super::queue::serve(wakeup, "call requests", move || claim(queue, node_id, drain), start).await;
 }
 
 /// Claims the oldest queued request, unless the node is draining (another node takes it).

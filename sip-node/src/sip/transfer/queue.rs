@@ -9,7 +9,7 @@ use sqlx::PgPool;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::{CHANNEL, Command, Intent, Transfers};
+use super::{Command, Intent, Transfers};
 use crate::drain::Drain;
 use crate::webhook::{CallHooks, Signer};
 use switchboard_model::egress::EgressPolicy;
@@ -34,7 +34,14 @@ pub struct Webhooks {
 }
 
 /// Claims and delivers this node's call commands until the node stops.
-pub async fn run(transfers: Transfers, pool: PgPool, node_id: String, drain: Drain, webhooks: Webhooks) {
+pub async fn run(
+    transfers: Transfers,
+    pool: PgPool,
+    wakeup: Arc<tokio::sync::Notify>,
+    node_id: String,
+    drain: Drain,
+    webhooks: Webhooks,
+) {
     let transfers = Arc::new(transfers);
     let (queue, node_id, drain) = (&pool, &node_id, &drain);
     let start = |row: Row| {
@@ -58,7 +65,7 @@ pub async fn run(transfers: Transfers, pool: PgPool, node_id: String, drain: Dra
             }
         });
     };
-    crate::sip::queue::serve(queue, CHANNEL, "call commands", move || claim(queue, node_id, drain), start).await;
+    crate::sip::queue::serve(wakeup, "call commands", move || claim(queue, node_id, drain), start).await;
 }
 
 async fn claim(pool: &PgPool, node_id: &str, drain: &Drain) -> Result<Option<Row>, sqlx::Error> {
