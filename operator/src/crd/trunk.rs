@@ -410,3 +410,27 @@ fn default_zero() -> String {
 fn default_currency() -> String {
     "USD".into()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The operator watches (and re-reconciles a trunk on) every Secret the trunk reads: the
+    /// password's and the TLS material's.
+    #[test]
+    fn secret_names_lists_the_password_and_tls_secrets() {
+        let spec: TrunkSpec = serde_json::from_value(serde_json::json!({
+            "provider": "p",
+            "authMethod": "certificate",
+            "gateways": [{"address": "sip.example.com", "transport": "TLS"}],
+            "credentials": {"username": "u", "passwordSecretRef": {"name": "pw"}},
+            "tls": {"clientCertSecretRef": {"name": "client"}, "caSecretRef": {"name": "ca"}},
+        }))
+        .unwrap();
+        assert_eq!(spec.secret_names().collect::<Vec<_>>(), ["pw", "client", "ca"]);
+        let plain: TrunkSpec =
+            serde_json::from_value(serde_json::json!({"provider": "p", "gateways": [{"address": "a.example"}]}))
+                .unwrap();
+        assert_eq!(plain.secret_names().count(), 0);
+    }
+}

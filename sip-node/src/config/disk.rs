@@ -189,6 +189,29 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path().join("node-a")).expect("dir").count(), 1);
     }
 
+    /// A node that starts from its disk while Postgres is down keeps its trunks' TLS material
+    /// (client certificates), so a certificate-auth trunk still connects.
+    #[test]
+    fn the_trunks_tls_material_is_saved_and_read_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = DiskSnapshot::new(dir.path());
+        let tls = switchboard_model::TrunkTls {
+            namespace: "default".into(),
+            trunk_name: "main".into(),
+            client_cert_pem: Some("cert".into()),
+            client_key_pem: Some("key".into()),
+            ..Default::default()
+        };
+        disk.save(&snapshot(9).with_trunk_tls(vec![tls.clone()])).expect("save");
+        let loaded = disk.load().expect("load").expect("saved").snapshot;
+        assert_eq!(loaded.trunk_tls("default", "main").map(|t| t.as_ref()), Some(&tls));
+        // A file saved before the field existed still loads, without material.
+        let old = fs::read_to_string(disk.path()).expect("read").replace(",\"trunk_tls\":", ",\"ignored\":");
+        fs::write(disk.path(), old).expect("write");
+        let loaded = disk.load().expect("an older file loads").expect("saved").snapshot;
+        assert!(loaded.trunk_tls("default", "main").is_none());
+    }
+
     #[test]
     fn a_damaged_file_is_a_clear_error() {
         let dir = tempfile::tempdir().expect("tempdir");
