@@ -87,7 +87,8 @@ pub struct TrunkFields {
     /// Source networks the provider signals from (CIDRs; a bare IP means that one host).
     pub allowed_ips: Option<Vec<String>>,
     /// `ip`, `digest` or `none` (default: `digest` with a username, else `ip`); `certificate`
-    /// (mutual TLS) is refused with 400 `unsupported` until client certificates exist.
+    /// (mutual TLS) is refused with 400 `unsupported` unless the trunk's manifest already has
+    /// `spec.tls.clientCertSecretRef` (the API cannot set it).
     pub auth_method: Option<String>,
     /// Trunks tried when this one fails or is at its limits (their `trunk_id`s).
     pub backup_trunks: Option<Vec<String>>,
@@ -324,6 +325,16 @@ pub fn apply_fields(
             spec.auth_method = AuthMethod::Digest;
         }
         None => {}
+    }
+    let client_cert = spec.tls.as_ref().is_some_and(|t| t.client_cert_secret_ref.is_some());
+    if fields.auth_method.is_some() && spec.auth_method == AuthMethod::Certificate && !client_cert {
+        // The API has no field for the client certificate (a Secret reference): a manifest does.
+        return Err(ApiError::bad_request(
+            "unsupported",
+            "auth_method certificate is not supported through the REST API, which cannot set the client \
+             certificate: write a Trunk manifest with spec.tls.clientCertSecretRef (a kubernetes.io/tls Secret)",
+        )
+        .with_field("auth_method"));
     }
     if let Some(backups) = &fields.backup_trunks {
         spec.backup_trunks = backups.iter().map(|id| name_of(id)).collect();

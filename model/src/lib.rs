@@ -19,7 +19,9 @@ mod decode;
 pub mod egress;
 pub mod logging;
 pub mod tables;
+pub mod trunk_tls;
 pub mod types;
 
 pub use config::{Credential, Destination, GatewayConfig, MatchSpec, NumberConfig, RuleConfig, TrunkConfig};
+pub use trunk_tls::TrunkTls;
 pub use types::{AuthMethod, Codec, DestinationType, Direction, SrtpMode, TransferMode, Transport, TrunkSelection};

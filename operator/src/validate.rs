@@ -71,11 +71,6 @@ impl std::fmt::Display for InvalidSpec {
     }
 }
 
-/// Why `authMethod: certificate` is refused: the node speaks SIP over TLS (`transport: TLS`),
-/// but does not yet present a trunk's client certificate or match a provider's, and accepting
-/// the value would promise a mutual authentication nobody performs.
-pub const CERTIFICATE_UNSUPPORTED: &str = "authMethod certificate is not supported yet: Switchboard speaks SIP over TLS but does not yet do mutual TLS (client certificates)";
-
 /// What a TLS gateway on the plain SIP port gets told: providers listen for TLS on 5061.
 pub const TLS_ON_5060: &str = "transport TLS on port 5060, the port of plain SIP: providers listen for TLS on 5061 (omit the port to use 5061 or the provider's SRV records)";
 
@@ -127,10 +122,6 @@ struct Problems(Vec<FieldError>);
 impl Problems {
     fn push(&mut self, path: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) {
         self.0.push(FieldError { path: path.into(), problem: problem.into(), fix: fix.into(), unsupported: false });
-    }
-
-    fn unsupported(&mut self, path: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) {
-        self.0.push(FieldError { path: path.into(), problem: problem.into(), fix: fix.into(), unsupported: true });
     }
 
     fn name_ref(&mut self, path: &str, value: &str, what: &str) {
@@ -294,12 +285,35 @@ fn trunk(p: &mut Problems, name: &str, spec: &TrunkSpec) {
             );
         }
     }
+    let tls = spec.tls.as_ref();
+    let client_cert = tls.and_then(|t| t.client_cert_secret_ref.as_ref());
+    if let Some(reference) = client_cert {
+        p.name_ref("spec.tls.clientCertSecretRef.name", &reference.name, "Secret");
+    }
+    if let Some(reference) = tls.and_then(|t| t.ca_secret_ref.as_ref()) {
+        p.name_ref("spec.tls.caSecretRef.name", &reference.name, "Secret");
+    }
     if spec.auth_method == AuthMethod::Certificate {
-        p.unsupported(
-            "spec.authMethod",
-            CERTIFICATE_UNSUPPORTED,
-            "use digest or ip (with transport TLS for encryption)",
-        );
+        // Mutual TLS: the nodes present the trunk's client certificate, which only TLS carries.
+        if client_cert.is_none() {
+            p.push(
+                "spec.tls.clientCertSecretRef",
+                "authMethod certificate needs a client certificate",
+                "set spec.tls.clientCertSecretRef to a kubernetes.io/tls Secret (tls.crt, tls.key), e.g. one cert-manager issues",
+            );
+        }
+        for (i, gateway) in spec.gateways.iter().enumerate() {
+            if gateway.transport != Transport::Tls {
+                p.push(
+                    format!("spec.gateways[{i}].transport"),
+                    format!(
+                        "{} with authMethod certificate: the client certificate is sent over TLS only",
+                        gateway.transport
+                    ),
+                    "set transport: TLS on every gateway of a certificate-auth trunk",
+                );
+            }
+        }
     }
     let registering = spec.registration.as_ref().is_some_and(|r| r.enabled);
     if spec.auth_method == AuthMethod::Digest && spec.credentials.is_none() {
@@ -577,10 +591,9 @@ mod tests {
     }
 
     /// The node speaks SIP over TLS, so `transport: TLS` is valid (a TLS gateway on 5060 only
-    /// warns); mutual TLS is not built yet, so certificate authentication is still refused (as
-    /// unsupported, not as malformed), which keeps a manifest from promising it.
+    /// warns).
     #[test]
-    fn tls_is_accepted_and_certificate_auth_still_refused_as_unsupported() {
+    fn tls_is_accepted_and_tls_on_5060_warns() {
         let mut tls = trunk();
         tls["gateways"] = json!([{"address": "sip.skyetel.com", "transport": "TLS"}]);
         check(Kind::Trunk, tls.clone()).expect("TLS is valid");
@@ -591,17 +604,36 @@ mod tests {
         let warned = warnings(&parse_spec(&key, tls).unwrap());
         assert_eq!(warned.len(), 1, "{warned:?}");
         assert!(warned[0].starts_with("spec.gateways[0].port") && warned[0].contains("5061"), "{warned:?}");
+    }
 
+    /// Certificate authentication (mutual TLS) is valid with a client certificate Secret and
+    /// TLS gateways only; each missing piece is named with what to write.
+    #[test]
+    fn certificate_auth_needs_a_client_certificate_and_tls_gateways() {
         let mut certificate = trunk();
         certificate["authMethod"] = json!("certificate");
-        let invalid = check(Kind::Trunk, certificate).expect_err("certificate is refused");
-        assert!(invalid.only_unsupported(), "{invalid}");
-        assert_eq!(invalid.errors[0].path, "spec.authMethod");
+        certificate["gateways"] = json!([{"address": "sip.skyetel.com", "transport": "TLS"}]);
+        certificate["tls"] =
+            json!({"clientCertSecretRef": {"name": "skyetel-client"}, "caSecretRef": {"name": "skyetel-ca"}});
+        check(Kind::Trunk, certificate.clone()).expect("certificate auth with a client certificate over TLS");
 
-        let mut both = trunk();
-        both["authMethod"] = json!("certificate");
-        both["provider"] = json!("Not Valid");
-        assert!(!check(Kind::Trunk, both).unwrap_err().only_unsupported(), "a malformed field is InvalidSpec");
+        let mut no_cert = certificate.clone();
+        no_cert["tls"] = json!({"caSecretRef": {"name": "skyetel-ca"}});
+        let invalid = check(Kind::Trunk, no_cert).expect_err("a client certificate is required");
+        assert!(!invalid.only_unsupported(), "malformed, not unsupported: {invalid}");
+        assert_eq!(invalid.errors[0].path, "spec.tls.clientCertSecretRef");
+        assert!(invalid.errors[0].fix.contains("kubernetes.io/tls"), "{invalid}");
+
+        let mut udp = certificate.clone();
+        udp["gateways"] = json!([{"address": "sip.skyetel.com", "transport": "TLS"}, {"address": "sip2.skyetel.com"}]);
+        let invalid = check(Kind::Trunk, udp).expect_err("every gateway must be TLS");
+        assert_eq!(invalid.errors[0].path, "spec.gateways[1].transport", "{invalid}");
+        assert!(invalid.errors[0].fix.contains("transport: TLS"), "{invalid}");
+
+        let mut bad_name = certificate;
+        bad_name["tls"]["clientCertSecretRef"]["name"] = json!("Not A Name");
+        let invalid = check(Kind::Trunk, bad_name).expect_err("a Secret name");
+        assert_eq!(invalid.errors[0].path, "spec.tls.clientCertSecretRef.name", "{invalid}");
     }
 
     /// `media.srtp` takes the three modes; SRTP over a gateway that is not TLS is valid but

@@ -246,29 +246,69 @@ async fn only_labelled_secrets_are_watched(pool: PgPool) {
     tokio::time::timeout(Duration::from_secs(10), running.task).await.expect("controllers stop on shutdown").unwrap();
 }
 
-/// A Trunk that asks for mutual TLS (applied past the CRD's CEL, e.g. before the CRD was
-/// updated) is `Ready=False` with reason `Unsupported`, and its rows are not written.
+/// The client certificate of a certificate-auth trunk (mutual TLS) as its Secret holds it.
+fn client_cert_secret(cert: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "skyetel-client", "namespace": "default", "labels": {"switchboard.dev/credentials": "true"}},
+        "type": "kubernetes.io/tls",
+        "stringData": {
+            "tls.crt": format!("-----BEGIN CERTIFICATE-----\n{cert}\n-----END CERTIFICATE-----\n"),
+            "tls.key": "-----BEGIN PRIVATE KEY-----\nkey\n-----END PRIVATE KEY-----\n",
+        },
+    })
+}
+
+async fn stored_client_cert(pool: &PgPool) -> Option<String> {
+    sqlx::query_scalar("SELECT client_cert_pem FROM trunk_tls WHERE trunk_name = 'skyetel-example'")
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+        .flatten()
+}
+
+/// A certificate-auth Trunk (mutual TLS) reads its client certificate from the Secret named by
+/// `tls.clientCertSecretRef`: `Ready=False` with `SecretNotFound` (saying which Secret and
+/// label) until the Secret exists, then Ready with the certificate stored for the nodes; a
+/// renewed certificate in the Secret (cert-manager) reaches the stored row without any change
+/// to the Trunk.
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
-async fn a_certificate_auth_trunk_is_not_ready_unsupported(pool: PgPool) {
+async fn a_certificate_auth_trunk_stores_the_client_certificate_of_its_secret(pool: PgPool) {
     let fake = FakeApi::default();
     for mut manifest in example_manifests() {
         if manifest["metadata"]["name"] == "skyetel-example" {
             manifest["spec"]["gateways"][0]["transport"] = json!("TLS");
+            manifest["spec"]["gateways"][1]["transport"] = json!("TLS");
             manifest["spec"]["authMethod"] = json!("certificate");
+            manifest["spec"]["tls"] = json!({"clientCertSecretRef": {"name": "skyetel-client"}});
         }
         fake.apply(manifest);
     }
     let running = start(&fake, &pool, Duration::from_millis(200));
-    wait_for("Unsupported", Duration::from_secs(30), async || {
+    wait_for("SecretNotFound", Duration::from_secs(30), async || {
         fake.get("Trunk", "default", "skyetel-example")
-            .is_some_and(|t| condition(&t, "Ready") == Some(("False".into(), "Unsupported".into())))
+            .is_some_and(|t| condition(&t, "Ready") == Some(("False".into(), "SecretNotFound".into())))
     })
     .await;
     let trunk = fake.get("Trunk", "default", "skyetel-example").unwrap();
     let ready_condition = trunk["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready");
     let message = ready_condition.unwrap()["message"].as_str().unwrap_or_default().to_string();
-    assert!(message.contains("authMethod certificate is not supported"), "{message}");
-    assert_eq!(count(&pool, "SELECT count(*) FROM trunks WHERE name = 'skyetel-example'").await, 0);
+    assert!(message.contains("default/skyetel-client") && message.contains("clientCertSecretRef"), "{message}");
+    assert!(message.contains("switchboard.dev/credentials=true"), "{message}");
+
+    fake.apply(client_cert_secret("first"));
+    wait_for("Ready with the client certificate", Duration::from_secs(10), async || {
+        fake.get("Trunk", "default", "skyetel-example").is_some_and(|t| ready(&t))
+    })
+    .await;
+    let stored = stored_client_cert(&pool).await.expect("the client certificate is stored");
+    assert!(stored.contains("first"), "{stored}");
+
+    fake.apply(client_cert_secret("renewed"));
+    wait_for("the renewed certificate stored", Duration::from_secs(10), async || {
+        stored_client_cert(&pool).await.is_some_and(|c| c.contains("renewed"))
+    })
+    .await;
     running.shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), running.task).await.expect("controllers stop on shutdown").unwrap();
 }

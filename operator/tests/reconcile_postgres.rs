@@ -186,10 +186,11 @@ async fn an_invalid_edit_keeps_the_last_good_config(pool: PgPool) {
 }
 
 /// A trunk set to TLS is ready and its gateway is stored as TLS (the node speaks SIP over TLS);
-/// certificate authentication (mutual TLS) is not built yet: not ready with reason
-/// `Unsupported`, and its last good rows stay.
+/// certificate authentication (mutual TLS) without a client certificate is not ready with
+/// reason `InvalidSpec` saying what to set, and with its Secret (a local-mode Secret file) the
+/// certificate and CA are stored for the nodes.
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
-async fn tls_is_stored_and_certificate_auth_refused_as_unsupported(pool: PgPool) {
+async fn tls_is_stored_and_certificate_auth_needs_its_client_certificate(pool: PgPool) {
     let folder = Folder::with_examples();
     folder.reconcile(&pool).await;
     folder.edit("trunk-skyetel.yaml", "transport: UDP", "transport: TLS");
@@ -202,13 +203,51 @@ async fn tls_is_stored_and_certificate_auth_refused_as_unsupported(pool: PgPool)
         .unwrap();
     assert_eq!(tls, 1);
 
-    folder.edit("trunk-skyetel.yaml", "transport: TLS", "transport: UDP");
     folder.edit("trunk-skyetel.yaml", "authMethod: ip", "authMethod: certificate");
     folder.reconcile(&pool).await;
     let (is_ready, reason, message) = ready(&pool, "Trunk", "skyetel-example").await;
     assert!(!is_ready);
-    assert_eq!(reason, "Unsupported");
-    assert!(message.contains("authMethod certificate is not supported"), "{message}");
+    assert_eq!(reason, "InvalidSpec");
+    assert!(message.contains("spec.tls.clientCertSecretRef"), "{message}");
+
+    // The second gateway too: a certificate-auth trunk's gateways are all TLS.
+    folder.edit("trunk-skyetel.yaml", "transport: UDP", "transport: TLS");
+    folder.edit(
+        "trunk-skyetel.yaml",
+        "authMethod: certificate",
+        "authMethod: certificate\n  tls: {clientCertSecretRef: {name: skyetel-client}, caSecretRef: {name: skyetel-ca}}",
+    );
+    folder.write(
+        "skyetel-tls.yaml",
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: skyetel-client}\ntype: kubernetes.io/tls\n\
+         stringData: {tls.crt: \"-----BEGIN CERTIFICATE-----\\nc\\n-----END CERTIFICATE-----\", \
+         tls.key: \"-----BEGIN PRIVATE KEY-----\\nk\\n-----END PRIVATE KEY-----\"}\n---\n\
+         apiVersion: v1\nkind: Secret\nmetadata: {name: skyetel-ca}\n\
+         stringData: {ca.crt: \"-----BEGIN CERTIFICATE-----\\nca\\n-----END CERTIFICATE-----\"}\n",
+    );
+    folder.reconcile(&pool).await;
+    let (is_ready, reason, message) = ready(&pool, "Trunk", "skyetel-example").await;
+    assert!(is_ready, "{reason}: {message}");
+    let (cert, key, ca): (Option<String>, Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT client_cert_pem, client_key_pem, ca_pem FROM trunk_tls WHERE trunk_name = 'skyetel-example'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(cert.unwrap().contains("BEGIN CERTIFICATE") && key.unwrap().contains("PRIVATE KEY"));
+    assert!(ca.unwrap().contains("\nca\n"));
+
+    // Back to ip authentication without spec.tls: the material is removed.
+    folder.edit("trunk-skyetel.yaml", "authMethod: certificate", "authMethod: ip");
+    folder.edit(
+        "trunk-skyetel.yaml",
+        "\n  tls: {clientCertSecretRef: {name: skyetel-client}, caSecretRef: {name: skyetel-ca}}",
+        "",
+    );
+    folder.reconcile(&pool).await;
+    assert!(ready(&pool, "Trunk", "skyetel-example").await.0);
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM trunk_tls").fetch_one(&pool).await.unwrap();
+    assert_eq!(left, 0);
 }
 
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use common::pki::Ca;
 use common::*;
 use sqlx::PgPool;
-use switchboard_model::{AuthMethod, Credential, Destination, DestinationType, Transport, TrunkConfig};
+use switchboard_model::{AuthMethod, Credential, Destination, DestinationType, Transport, TrunkConfig, TrunkTls};
+use switchboard_node::config::Snapshot;
 use switchboard_node::sip::tls::TlsArgs;
 
 const USER: &str = "alice";
@@ -255,6 +256,132 @@ async fn a_provider_requiring_a_client_certificate_admits_the_node_only_with_one
     let node = Node::start_tuned(&pool, vec![trunk], vec![], vec![credential()], tuned(with)).await;
     wait_registration(&pool, "registered with a client certificate", |r| r.state == "registered").await;
     kamailio.wait_log("REGISTER accepted for alice over tls").await;
+    node.stop().await;
+}
+
+/// A certificate-auth trunk (`authMethod: certificate`) with its own client certificate and
+/// CA (`tls.clientCertSecretRef`, `tls.caSecretRef`, as the operator stores them): the node has
+/// neither a node-wide CA nor a client certificate, so the trunk's are the only way in. With
+/// them the provider, which requires a client certificate, takes the REGISTER and answers the
+/// OPTIONS keepalives; with the trunk's CA but no client certificate it refuses the handshake.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_certificate_auth_trunk_presents_its_own_client_certificate(pool: PgPool) {
+    let provider = Provider::new();
+    let kamailio = Kamailio::start(&provider, free_port("127.0.0.1"), None, true);
+    let mut trunk = provider.trunk();
+    trunk.auth_method = AuthMethod::Certificate;
+    trunk.registration_enabled = true;
+    trunk.registration_expires = 60;
+    trunk.options_interval_seconds = 1;
+    let ca_only = TrunkTls {
+        namespace: "default".into(),
+        trunk_name: "kamailio".into(),
+        ca_pem: Some(provider.ca.pem()),
+        ca_secret_name: Some("kamailio-ca".into()),
+        ..TrunkTls::default()
+    };
+    let snapshot = |tls: TrunkTls| {
+        Snapshot::from_parts(1, vec![trunk.clone()], vec![], vec![], vec![credential()])
+            .unwrap()
+            .with_trunk_tls(vec![tls])
+    };
+
+    // The trunk's CA but no client certificate: the provider refuses the handshake.
+    let node = Node::start_snapshot(&pool, snapshot(ca_only.clone()), tuned(provider.node_tls(false))).await;
+    let failed = wait_registration(&pool, "a failed registration", |r| r.state == "failed").await;
+    let error = failed.last_error.unwrap_or_default();
+    assert!(error.contains("refused the handshake"), "{error}");
+    assert!(!kamailio.log().contains("REGISTER accepted"), "{}", kamailio.log());
+    node.stop().await;
+
+    // The trunk's client certificate (from its Secret): registered and reachable over TLS.
+    let client = provider.ca.leaf(&["trunk.switchboard.test"]);
+    let with_cert = TrunkTls {
+        client_cert_pem: Some(client.cert_pem.clone()),
+        client_key_pem: Some(client.key_pem.clone()),
+        client_secret_name: Some("kamailio-client".into()),
+        ..ca_only
+    };
+    let node = Node::start_snapshot(&pool, snapshot(with_cert), tuned(provider.node_tls(false))).await;
+    wait_registration(&pool, "registered with the trunk's certificate", |r| r.state == "registered").await;
+    let reachable = wait_registration(&pool, "reachable", |r| r.reachable == Some(true)).await;
+    assert_eq!(reachable.unreachable_reason, None);
+    kamailio.wait_log("REGISTER accepted for alice over tls").await;
+    kamailio.wait_log("OPTIONS answered over tls").await;
+    node.stop().await;
+}
+
+/// A call through a certificate-auth trunk: the provider requires a client certificate, and
+/// the node has only the trunk's (and trusts the provider through the trunk's CA alone).
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_call_goes_out_through_a_certificate_auth_trunk(pool: PgPool) {
+    let provider = Provider::new();
+    let callee = free_port("127.0.0.1");
+    let kamailio = Kamailio::start(&provider, callee, None, true);
+    let mut certificate_trunk = provider.trunk();
+    certificate_trunk.auth_method = AuthMethod::Certificate;
+    let client = provider.ca.leaf(&["trunk.switchboard.test"]);
+    let tls = TrunkTls {
+        namespace: "default".into(),
+        trunk_name: "kamailio".into(),
+        client_cert_pem: Some(client.cert_pem.clone()),
+        client_key_pem: Some(client.key_pem.clone()),
+        ca_pem: Some(provider.ca.pem()),
+        client_secret_name: Some("kamailio-client".into()),
+        ca_secret_name: Some("kamailio-ca".into()),
+    };
+    let destination = Destination {
+        kind: DestinationType::Number,
+        url: None,
+        uri: None,
+        number: Some("+15559990000".into()),
+        trunk_ref: Some("kamailio".into()),
+        reject_code: None,
+    };
+    let snapshot = Snapshot::from_parts(
+        1,
+        vec![trunk("carrier", vec![]), certificate_trunk],
+        vec![number_to(destination)],
+        vec![],
+        vec![credential()],
+    )
+    .unwrap()
+    .with_trunk_tls(vec![tls]);
+    let node = Node::start_snapshot(&pool, snapshot, tuned(provider.node_tls(false))).await;
+    let uas = uas(&["-sf", &scenario("uas_record_route.xml")], callee, 1);
+    let uac = uac(&["-sn", "uac"], node.addr, "127.0.0.1", 1, &[]);
+    assert!(uac.wait().await.success(), "the call through the certificate-auth trunk failed:\n{}", kamailio.log());
+    assert!(uas.wait().await.success(), "the callee behind Kamailio did not get the call:\n{}", kamailio.log());
+    kamailio.wait_log("INVITE authenticated for").await;
+    let cdrs = cdrs(&pool, 1).await;
+    assert_eq!(cdrs.last().and_then(|c| c.sip_code), Some(200), "{cdrs:?}");
+    node.stop().await;
+}
+
+/// A trunk whose client certificate does not parse is unreachable with a reason naming the
+/// trunk and its Secret, instead of silently connecting without a certificate.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_trunk_with_an_unusable_client_certificate_says_which_secret(pool: PgPool) {
+    let provider = Provider::new();
+    let _kamailio = Kamailio::start(&provider, free_port("127.0.0.1"), None, true);
+    let mut trunk = provider.trunk();
+    trunk.auth_method = AuthMethod::Certificate;
+    trunk.registration_enabled = true;
+    trunk.options_interval_seconds = 1;
+    let broken = TrunkTls {
+        namespace: "default".into(),
+        trunk_name: "kamailio".into(),
+        client_cert_pem: Some("not a certificate".into()),
+        client_key_pem: Some("not a key".into()),
+        client_secret_name: Some("kamailio-client".into()),
+        ..TrunkTls::default()
+    };
+    let snapshot =
+        Snapshot::from_parts(1, vec![trunk], vec![], vec![], vec![credential()]).unwrap().with_trunk_tls(vec![broken]);
+    let node = Node::start_snapshot(&pool, snapshot, tuned(provider.node_tls(true))).await;
+    let unreachable = wait_registration(&pool, "unreachable", |r| r.reachable == Some(false)).await;
+    let reason = unreachable.unreachable_reason.unwrap_or_default();
+    assert!(reason.contains("trunk default/kamailio") && reason.contains("kamailio-client"), "{reason}");
     node.stop().await;
 }
 

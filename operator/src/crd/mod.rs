@@ -16,7 +16,7 @@ pub use routing_rule::{RoutingRule, RoutingRuleSpec, RoutingRuleStatus};
 pub use status::{Condition, ConditionStatus, NodeCounts};
 pub use trunk::{
     Credentials, Gateway, InboundSpec, Limits, MediaSpec, NumberFormat, OutboundSpec, Rates, Registrar,
-    RegistrationSpec, SecretKeyRef, Trunk, TrunkSpec, TrunkStatus,
+    RegistrationSpec, SecretKeyRef, SecretRef, Trunk, TrunkSpec, TrunkStatus, TrunkTlsSpec,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

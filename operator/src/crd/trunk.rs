@@ -49,9 +49,11 @@ use super::status::{Condition, NodeCounts};
         .reason(Reason::FieldValueRequired),
     validation = Rule::new("!has(self.codecs) || self.codecs.exists(c, c == 'PCMU' || c == 'PCMA')")
         .message("codecs must include an audio codec: add PCMU or PCMA"),
-    validation = Rule::new("!has(self.authMethod) || self.authMethod != 'certificate'")
-        .message("authMethod certificate is not supported yet: Switchboard speaks SIP over TLS but does not yet do mutual TLS (client certificates); use digest or ip, with gateways[].transport TLS for encryption")
-        .reason(Reason::FieldValueForbidden)
+    validation = Rule::new("!has(self.authMethod) || self.authMethod != 'certificate' || (has(self.tls) && has(self.tls.clientCertSecretRef))")
+        .message("authMethod certificate needs a client certificate: set spec.tls.clientCertSecretRef to a kubernetes.io/tls Secret (tls.crt, tls.key)")
+        .reason(Reason::FieldValueRequired),
+    validation = Rule::new("!has(self.authMethod) || self.authMethod != 'certificate' || self.gateways.all(g, has(g.transport) && g.transport == 'TLS')")
+        .message("authMethod certificate needs TLS gateways: set transport: TLS on every gateway (a client certificate is only sent over TLS)")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TrunkSpec {
@@ -76,10 +78,16 @@ pub struct TrunkSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<Credentials>,
 
-    /// How the provider and Switchboard authenticate each other: `ip`, `digest` or `none`
-    /// (`certificate`, mutual TLS, is refused until client certificates are implemented).
+    /// How the provider and Switchboard authenticate each other: `ip`, `digest`, `none` or
+    /// `certificate` (mutual TLS: the nodes present `tls.clientCertSecretRef` on the trunk's
+    /// TLS gateways, which must all use `transport: TLS`).
     #[serde(default = "default_auth_method")]
     pub auth_method: AuthMethod,
+
+    /// The trunk's own TLS material, from Secrets of its namespace that carry the label
+    /// `switchboard.dev/credentials=true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TrunkTlsSpec>,
 
     /// REGISTER to the provider (only providers that deliver calls to a registered contact).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -152,6 +160,17 @@ pub struct TrunkSpec {
     pub suspend: bool,
 }
 
+impl TrunkSpec {
+    /// The Secrets (same namespace) the trunk reads: its password and its TLS material.
+    pub fn secret_names(&self) -> impl Iterator<Item = &str> {
+        let password = self.credentials.as_ref().map(|c| c.password_secret_ref.name.as_str());
+        let tls = self.tls.as_ref();
+        let client = tls.and_then(|t| t.client_cert_secret_ref.as_ref()).map(|r| r.name.as_str());
+        let ca = tls.and_then(|t| t.ca_secret_ref.as_ref()).map(|r| r.name.as_str());
+        password.into_iter().chain(client).chain(ca)
+    }
+}
+
 /// One provider address.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -202,6 +221,31 @@ pub struct Credentials {
     pub realm: Option<String>,
     /// The Secret (same namespace) and key that hold the password.
     pub password_secret_ref: SecretKeyRef,
+}
+
+/// A trunk's own TLS material.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrunkTlsSpec {
+    /// A `kubernetes.io/tls` Secret (keys `tls.crt`, `tls.key`; cert-manager writes these) whose
+    /// certificate the nodes present on this trunk's outbound TLS connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_secret_ref: Option<SecretRef>,
+    /// A Secret with key `ca.crt`: the CA(s) the gateways' certificates must chain to, instead
+    /// of the web PKI roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretRef>,
+}
+
+/// A Secret in the resource's namespace.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub name: String,
 }
 
 /// A key of a Secret in the resource's namespace.
@@ -378,4 +422,28 @@ fn default_currency() -> String {
 /// the field existed).
 fn is_no_transfer(mode: &TransferMode) -> bool {
     *mode == TransferMode::None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The operator watches (and re-reconciles a trunk on) every Secret the trunk reads: the
+    /// password's and the TLS material's.
+    #[test]
+    fn secret_names_lists_the_password_and_tls_secrets() {
+        let spec: TrunkSpec = serde_json::from_value(serde_json::json!({
+            "provider": "p",
+            "authMethod": "certificate",
+            "gateways": [{"address": "sip.example.com", "transport": "TLS"}],
+            "credentials": {"username": "u", "passwordSecretRef": {"name": "pw"}},
+            "tls": {"clientCertSecretRef": {"name": "client"}, "caSecretRef": {"name": "ca"}},
+        }))
+        .unwrap();
+        assert_eq!(spec.secret_names().collect::<Vec<_>>(), ["pw", "client", "ca"]);
+        let plain: TrunkSpec =
+            serde_json::from_value(serde_json::json!({"provider": "p", "gateways": [{"address": "a.example"}]}))
+                .unwrap();
+        assert_eq!(plain.secret_names().count(), 0);
+    }
 }

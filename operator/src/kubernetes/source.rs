@@ -80,11 +80,10 @@ impl KubeStores {
         let mut state = DesiredState::default();
         for trunk in live(&self.trunks) {
             let key = key_of(Kind::Trunk, trunk.as_ref());
-            if let Some(credentials) = &trunk.spec.credentials {
-                let secret_name = &credentials.password_secret_ref.name;
+            for secret_name in trunk.spec.secret_names() {
                 let reference = ObjectRef::<Secret>::new(secret_name).within(&key.namespace);
                 if let Some(secret) = self.secrets.get(&reference) {
-                    state.secrets.insert((key.namespace.clone(), secret_name.clone()), secret_data(&secret));
+                    state.secrets.insert((key.namespace.clone(), secret_name.to_string()), secret_data(&secret));
                 }
             }
             state.resources.push(DesiredResource {
@@ -121,7 +120,7 @@ impl KubeStores {
             .state()
             .iter()
             .filter(|t| t.metadata.namespace.as_deref() == Some(namespace))
-            .filter(|t| t.spec.credentials.as_ref().is_some_and(|c| c.password_secret_ref.name == name))
+            .filter(|t| t.spec.secret_names().any(|s| s == name))
             .map(|t| ObjectRef::from_obj(t.as_ref()))
             .collect()
     }

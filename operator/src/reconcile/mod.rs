@@ -17,6 +17,7 @@
 
 mod mapping;
 pub mod status;
+mod tls;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -124,6 +125,8 @@ struct PendingStatus {
 #[derive(Default)]
 struct Plan {
     trunks: Vec<(TrunkConfig, Option<Credential>, String)>,
+    /// The TLS material of the trunks in `trunks` (namespace, name, what to do with the row).
+    trunk_tls: Vec<(String, String, tls::TlsRow)>,
     numbers: Vec<(NumberConfig, String)>,
     rules: Vec<(RuleConfig, String)>,
     /// Number rows removed before any insert, so that a number can move between resources.
@@ -280,9 +283,23 @@ fn plan(state: &DesiredState, stored: &Stored) -> Plan {
                         ),
                     ));
                 }
+                let tls = match tls::trunk_tls(ns, name, spec, secret) {
+                    Ok(Some(row)) => tls::TlsRow::Write(row),
+                    Ok(None) => tls::TlsRow::Absent,
+                    Err(error) => {
+                        if problem.is_none() {
+                            problem = Some((
+                                reason::SECRET_NOT_FOUND,
+                                format!("{error}; the last stored TLS material stays in use"),
+                            ));
+                        }
+                        tls::TlsRow::KeepLast
+                    }
+                };
                 let config = trunk_config(ns, name, spec);
-                let hash = fingerprint(&config, credential.as_ref());
+                let hash = tls::fingerprint_with_tls(fingerprint(&config, credential.as_ref()), tls.row());
                 if !unchanged(key, &hash) {
+                    plan.trunk_tls.push((ns.to_string(), name.to_string(), tls));
                     plan.trunks.push((config, credential, hash));
                     rows = RowGeneration::New;
                 }
@@ -489,6 +506,15 @@ impl Reconciler {
         for key in &plan.numbers_released {
             ConfigTable::PhoneNumbers.delete(&mut *conn, &key.namespace, &key.name).await?;
         }
+        for (namespace, name, tls) in &plan.trunk_tls {
+            match tls {
+                tls::TlsRow::Write(row) => row.upsert(&mut *conn, generation).await?,
+                tls::TlsRow::Absent => {
+                    switchboard_model::TrunkTls::delete(&mut *conn, namespace, name).await?;
+                }
+                tls::TlsRow::KeepLast => {}
+            }
+        }
         for (config, credential, hash) in &plan.trunks {
             config.upsert(&mut *conn, hash, generation).await?;
             if let Some(credential) = credential {
@@ -527,7 +553,8 @@ async fn delete_rows(conn: &mut PgConnection, key: &ResourceKey) -> Result<(), s
     match key.kind {
         Kind::Trunk => {
             ConfigTable::Trunks.delete(&mut *conn, &key.namespace, &key.name).await?;
-            Credential::delete(conn, &key.namespace, &key.name).await?;
+            Credential::delete(&mut *conn, &key.namespace, &key.name).await?;
+            switchboard_model::TrunkTls::delete(conn, &key.namespace, &key.name).await?;
         }
         Kind::PhoneNumber => {
             ConfigTable::PhoneNumbers.delete(conn, &key.namespace, &key.name).await?;

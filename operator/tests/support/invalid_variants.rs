@@ -37,10 +37,14 @@ pub fn invalid_variants(manifests: &[Value]) -> Vec<(&'static str, Value, &'stat
     let mut inbound_without_destination = inbound.clone();
     inbound_without_destination["spec"].as_object_mut().unwrap().remove("destination");
     cases.push(("inbound needs destination", inbound_without_destination, "destination"));
-    // Until mutual TLS exists, certificate authentication is refused (reason Unsupported in the
-    // operator), not stored and then believed. (TLS itself is accepted: the node speaks it.)
+    // Certificate authentication (mutual TLS) needs the client certificate's Secret.
     let mut certificate = trunk.clone();
     certificate["spec"]["authMethod"] = json!("certificate");
-    cases.push(("certificate is unsupported", certificate, "authMethod certificate is not supported"));
+    certificate["spec"]["gateways"] = json!([{"address": "sip.example.com", "transport": "TLS"}]);
+    cases.push(("certificate needs a client certificate", certificate.clone(), "needs a client certificate"));
+    // ... and TLS gateways: the client certificate is sent over TLS only.
+    certificate["spec"]["tls"] = json!({"clientCertSecretRef": {"name": "client-cert"}});
+    certificate["spec"]["gateways"] = json!([{"address": "sip.example.com", "transport": "UDP"}]);
+    cases.push(("certificate needs TLS gateways", certificate, "transport: TLS"));
     cases
 }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use switchboard_model::{Credential, NumberConfig, RuleConfig, TrunkConfig};
+use switchboard_model::{Credential, NumberConfig, RuleConfig, TrunkConfig, TrunkTls};
 
 use super::{Snapshot, SnapshotHandle};
 
@@ -42,6 +42,9 @@ struct Saved {
     numbers: Vec<NumberConfig>,
     rules: Vec<RuleConfig>,
     credentials: Vec<Credential>,
+    /// Trunks' TLS material; absent in files saved before it existed.
+    #[serde(default)]
+    trunk_tls: Vec<TrunkTls>,
 }
 
 /// A saved snapshot read back.
@@ -82,6 +85,7 @@ impl DiskSnapshot {
             numbers: snapshot.numbers().cloned().collect(),
             rules: snapshot.rules().iter().map(|r| r.as_ref().clone()).collect(),
             credentials: snapshot.credentials().cloned().collect(),
+            trunk_tls: snapshot.all_trunk_tls().map(|t| t.as_ref().clone()).collect(),
         };
         let bytes = serde_json::to_vec(&saved)
             .map_err(|error| DiskError::Unusable { path: self.path(), problem: error.to_string() })?;
@@ -112,7 +116,8 @@ impl DiskSnapshot {
         }
         let snapshot =
             Snapshot::from_parts(saved.generation, saved.trunks, saved.numbers, saved.rules, saved.credentials)
-                .map_err(|error| unusable(error.to_string()))?;
+                .map_err(|error| unusable(error.to_string()))?
+                .with_trunk_tls(saved.trunk_tls);
         Ok(Some(Loaded { snapshot, saved_at: saved.saved_at }))
     }
 }
@@ -182,6 +187,29 @@ mod tests {
         disk.save(&snapshot(8)).expect("save again");
         assert_eq!(disk.load().expect("load").expect("saved").snapshot.generation(), 8);
         assert_eq!(fs::read_dir(dir.path().join("node-a")).expect("dir").count(), 1);
+    }
+
+    /// A node that starts from its disk while Postgres is down keeps its trunks' TLS material
+    /// (client certificates), so a certificate-auth trunk still connects.
+    #[test]
+    fn the_trunks_tls_material_is_saved_and_read_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let disk = DiskSnapshot::new(dir.path());
+        let tls = switchboard_model::TrunkTls {
+            namespace: "default".into(),
+            trunk_name: "main".into(),
+            client_cert_pem: Some("cert".into()),
+            client_key_pem: Some("key".into()),
+            ..Default::default()
+        };
+        disk.save(&snapshot(9).with_trunk_tls(vec![tls.clone()])).expect("save");
+        let loaded = disk.load().expect("load").expect("saved").snapshot;
+        assert_eq!(loaded.trunk_tls("default", "main").map(|t| t.as_ref()), Some(&tls));
+        // A file saved before the field existed still loads, without material.
+        let old = fs::read_to_string(disk.path()).expect("read").replace(",\"trunk_tls\":", ",\"ignored\":");
+        fs::write(disk.path(), old).expect("write");
+        let loaded = disk.load().expect("an older file loads").expect("saved").snapshot;
+        assert!(loaded.trunk_tls("default", "main").is_none());
     }
 
     #[test]

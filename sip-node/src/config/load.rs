@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use sqlx::PgPool;
 use switchboard_model::db::current_generation;
-use switchboard_model::{Credential, NumberConfig, RuleConfig, TrunkConfig};
+use switchboard_model::{Credential, NumberConfig, RuleConfig, TrunkConfig, TrunkTls};
 
 use super::Snapshot;
 
@@ -45,8 +45,9 @@ pub async fn load_snapshot(pool: &PgPool) -> Result<Snapshot, LoadError> {
     let numbers = NumberConfig::load_all(&mut *tx).await.map_err(invalid)?;
     let rules = RuleConfig::load_all(&mut *tx).await.map_err(invalid)?;
     let credentials = Credential::load_all(&mut *tx).await.map_err(invalid)?;
+    let trunk_tls = TrunkTls::load_all(&mut *tx).await.map_err(invalid)?;
     tx.commit().await?;
-    Snapshot::from_parts(generation, trunks, numbers, rules, credentials)
+    Ok(Snapshot::from_parts(generation, trunks, numbers, rules, credentials)?.with_trunk_tls(trunk_tls))
 }
 
 /// Classifies an error of a model `load_all`: a row that does not decode

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
-use switchboard_model::{Credential, Direction, NumberConfig, RuleConfig, TrunkConfig};
+use switchboard_model::{Credential, Direction, NumberConfig, RuleConfig, TrunkConfig, TrunkTls};
 use tokio::sync::watch;
 
 use super::LoadError;
@@ -33,6 +33,8 @@ pub struct Snapshot {
     outbound: Vec<Arc<RuleConfig>>,
     rules_by_name: ByName<Arc<RuleConfig>>,
     credentials: ByName<Credential>,
+    /// Trunks' own TLS material (client certificate, CA), set by [`Snapshot::with_trunk_tls`].
+    trunk_tls: ByName<Arc<TrunkTls>>,
 }
 
 impl Snapshot {
@@ -110,7 +112,28 @@ impl Snapshot {
             outbound,
             rules_by_name,
             credentials: credential_map,
+            trunk_tls: HashMap::new(),
         })
+    }
+
+    /// The snapshot with the trunks' TLS material (one entry per trunk; a later duplicate
+    /// replaces an earlier one, which the table's key rules out).
+    pub fn with_trunk_tls(mut self, rows: Vec<TrunkTls>) -> Self {
+        for row in rows {
+            let (namespace, trunk) = (row.namespace.clone(), row.trunk_name.clone());
+            self.trunk_tls.entry(namespace).or_default().insert(trunk, Arc::new(row));
+        }
+        self
+    }
+
+    /// The TLS material of a trunk, if it has any.
+    pub fn trunk_tls(&self, namespace: &str, trunk_name: &str) -> Option<&Arc<TrunkTls>> {
+        self.trunk_tls.get(namespace)?.get(trunk_name)
+    }
+
+    /// Every trunk's TLS material.
+    pub fn all_trunk_tls(&self) -> impl Iterator<Item = &Arc<TrunkTls>> {
+        self.trunk_tls.values().flat_map(HashMap::values)
     }
 
     /// The configuration generation this snapshot reflects ([`Snapshot::UNLOADED`] before the
@@ -205,6 +228,7 @@ impl Default for Snapshot {
             outbound: Vec::new(),
             rules_by_name: HashMap::new(),
             credentials: HashMap::new(),
+            trunk_tls: HashMap::new(),
         }
     }
 }

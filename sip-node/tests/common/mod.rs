@@ -119,11 +119,17 @@ impl Node {
         credentials: Vec<Credential>,
         tune: impl FnOnce(&mut SipArgs),
     ) -> Node {
+        let snapshot = Snapshot::from_parts(1, trunks, numbers, rules, credentials).unwrap();
+        Node::start_snapshot(pool, snapshot, tune).await
+    }
+
+    /// Starts the node serving `snapshot` (for parts `from_parts` does not take, such as the
+    /// trunks' TLS material).
+    pub async fn start_snapshot(pool: &PgPool, snapshot: Snapshot, tune: impl FnOnce(&mut SipArgs)) -> Node {
         sqlx::query("INSERT INTO nodes (node_id, hostname, version) VALUES ('sipp-node', 'test', 'test') ON CONFLICT DO NOTHING")
             .execute(pool)
             .await
             .unwrap();
-        let snapshot = Snapshot::from_parts(1, trunks, numbers, rules, credentials).unwrap();
         let handle = SnapshotHandle::new(snapshot);
         let (stop, stop_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();

@@ -12,20 +12,24 @@ use rustls::{CertificateError, ClientConfig, RootCertStore};
 
 use super::TlsError;
 
-/// How to reach one TLS target: the name to verify and, for a trunk with its own CA or client
-/// certificate, the configuration to use instead of the node's default.
+/// How to reach one TLS target: the name to verify (the configuration of a trunk with its own
+/// CA or client certificate is looked up by this name when connecting).
 #[derive(Clone)]
 pub struct TlsTarget {
     pub server_name: String,
-    pub config: Option<Arc<ClientConfig>>,
 }
 
 /// The outbound side of TLS.
 pub struct ClientTrust {
     default: Arc<ClientConfig>,
     client_cert: Option<Arc<super::ReloadingCert>>,
-    /// Configurations of trunks with their own CA or client certificate, by gateway host.
-    by_host: arc_swap::ArcSwap<HashMap<String, Arc<ClientConfig>>>,
+    /// The node's extra CAs (`--sip-tls-ca-file`), for trunks without a CA of their own.
+    extra: Vec<CertificateDer<'static>>,
+    /// The configuration the per-trunk settings come from (set once the node has one).
+    snapshot: std::sync::OnceLock<crate::config::SnapshotHandle>,
+    /// Configurations of trunks with their own CA or client certificate, by gateway host, as of
+    /// one snapshot generation.
+    by_host: arc_swap::ArcSwap<super::trunks::HostConfigs>,
     targets: Mutex<HashMap<SocketAddr, TlsTarget>>,
     failures: Mutex<HashMap<SocketAddr, String>>,
 }
@@ -45,7 +49,9 @@ impl ClientTrust {
         Ok(ClientTrust {
             default: Arc::new(client_config(&extra, true, resolver)?),
             client_cert,
-            by_host: arc_swap::ArcSwap::from_pointee(HashMap::new()),
+            extra,
+            snapshot: std::sync::OnceLock::new(),
+            by_host: arc_swap::ArcSwap::from_pointee(super::trunks::HostConfigs::default()),
             targets: Mutex::default(),
             failures: Mutex::default(),
         })
@@ -56,14 +62,29 @@ impl ClientTrust {
         self.client_cert.as_ref()
     }
 
-    /// Replaces the per-gateway configurations (trunks with their own CA or client certificate).
-    pub fn set_host_configs(&self, configs: HashMap<String, Arc<ClientConfig>>) {
-        self.by_host.store(Arc::new(configs));
+    /// Takes the per-trunk TLS settings (`spec.tls`) from `snapshot` from now on: each
+    /// connection uses the configuration of the snapshot current when it is opened.
+    pub fn follow(&self, snapshot: crate::config::SnapshotHandle) {
+        let _ = self.snapshot.set(snapshot);
+    }
+
+    /// The configuration for gateway `host`: its trunk's when the trunk has TLS settings.
+    fn host_config(&self, host: &str) -> Option<super::trunks::HostConfig> {
+        let snapshot = self.snapshot.get()?;
+        let mut configs = self.by_host.load_full();
+        if configs.generation != Some(snapshot.generation()) {
+            let current = snapshot.current();
+            let resolver = self.client_cert.clone().map(|c| c as Arc<dyn rustls::client::ResolvesClientCert>);
+            let defaults = super::trunks::Defaults { extra_ca: &self.extra, client_cert: resolver };
+            configs = Arc::new(super::trunks::host_configs(&current, &defaults));
+            self.by_host.store(Arc::clone(&configs));
+        }
+        configs.by_host.get(host).cloned()
     }
 
     /// Records that `addr` is the TLS gateway `host` (called when a TLS target resolves).
     pub fn remember(&self, addr: SocketAddr, host: &str) {
-        let target = TlsTarget { server_name: host.to_string(), config: self.by_host.load().get(host).cloned() };
+        let target = TlsTarget { server_name: host.to_string() };
         let mut targets = self.targets.lock().unwrap_or_else(|p| p.into_inner());
         if targets.len() >= MAX_REMEMBERED && !targets.contains_key(&addr) {
             targets.clear();
@@ -74,9 +95,11 @@ impl ClientTrust {
     /// The name and configuration for a connection to `addr`.
     pub(super) fn target(&self, addr: SocketAddr) -> Result<(ServerName<'static>, Arc<ClientConfig>), TlsError> {
         let target = self.targets.lock().unwrap_or_else(|p| p.into_inner()).get(&addr).cloned();
-        let (name, config) = match target {
-            Some(t) => (t.server_name, t.config.unwrap_or_else(|| Arc::clone(&self.default))),
-            None => (addr.ip().to_string(), Arc::clone(&self.default)),
+        let name = target.map_or_else(|| addr.ip().to_string(), |t| t.server_name);
+        let config = match self.host_config(&name) {
+            Some(Ok(config)) => config,
+            Some(Err(problem)) => return Err(TlsError::TrunkMaterial(problem)),
+            None => Arc::clone(&self.default),
         };
         let name =
             ServerName::try_from(name.trim_matches(['[', ']']).to_string()).map_err(|_| TlsError::ServerName(name))?;

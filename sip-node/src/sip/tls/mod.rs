@@ -10,6 +10,7 @@
 mod accept;
 mod certs;
 mod client;
+mod trunks;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -108,6 +109,8 @@ pub enum TlsError {
     HandshakeTimeout(SocketAddr),
     #[error("{0:?} is not a valid TLS server name")]
     ServerName(String),
+    #[error("{0}")]
+    TrunkMaterial(String),
     #[error("rustls refused the configuration: {0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -206,7 +209,13 @@ impl TlsLayer {
         stream: tokio::net::TcpStream,
         addr: SocketAddr,
     ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, TlsError> {
-        let (name, config) = self.client.target(addr)?;
+        let (name, config) = match self.client.target(addr) {
+            Ok(target) => target,
+            Err(error) => {
+                self.client.record(addr, Some(error.to_string()));
+                return Err(error);
+            }
+        };
         let connector = tokio_rustls::TlsConnector::from(config);
         let result = match tokio::time::timeout(self.handshake_timeout, connector.connect(name, stream)).await {
             Ok(Ok(stream)) => Ok(stream),

@@ -17,7 +17,7 @@ use crate::sip::guard::{Guard, GuardArgs};
 use crate::sip::transport::{Peer, Protocol, Received, TransportConfig, TransportLayer};
 
 #[path = "../../../tests/common/pki.rs"]
-mod pki;
+pub(super) mod pki;
 use pki::{Ca, Leaf};
 
 const OPTIONS: &str = "OPTIONS sip:node@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/TLS 127.0.0.1:5999;branch=z9hG4bKtls1;rport\r\n\
