@@ -91,11 +91,22 @@ struct WorkerLink {
 }
 
 impl WorkerLink {
+    /// Queues `command` and wakes the worker, unless a wake is already pending: the worker
+    /// takes the whole queue after each wake, so only a push into an empty queue needs one.
+    /// At 2,000 calls/s an eventfd write per command (each a context switch to the media thread
+    /// when it shares the signaling core) was 3-4 % of the node's CPU.
     fn send(&self, command: Command) {
-        self.commands.lock().unwrap_or_else(|p| p.into_inner()).push(command);
-        // A full eventfd counter (2^64 - 2 wakes pending) cannot happen; a failed write only
-        // delays the command to the next sweep.
-        let _ = self.wake.write(1);
+        let was_empty = {
+            let mut commands = self.commands.lock().unwrap_or_else(|p| p.into_inner());
+            let was_empty = commands.is_empty();
+            commands.push(command);
+            was_empty
+        };
+        if was_empty {
+            // A full eventfd counter (2^64 - 2 wakes pending) cannot happen; a failed write
+            // only delays the command to the next sweep.
+            let _ = self.wake.write(1);
+        }
     }
 }
 
@@ -329,8 +340,10 @@ impl Worker {
         let mut buf = vec![0u8; RECEIVE_BUFFER];
         let mut next_sweep = Instant::now() + SWEEP;
         loop {
-            // Commands are taken when the eventfd says there are some (below): every push
-            // writes it, and one pushed before this thread first waits leaves it readable.
+            // Commands are taken when the eventfd says there are some (below): a push into an
+            // empty queue writes it, and one pushed before this thread first waits leaves it
+            // readable. The eventfd is read before the queue is taken, so a push that found
+            // the queue non-empty is always in a take that follows a read.
             let timeout = if self.ids.is_empty() {
                 EpollTimeout::NONE
             } else {
@@ -515,6 +528,48 @@ mod tests {
         drop(engine);
         assert!(handles.iter().all(|h| h.is_finished()), "the engine's end ends its relays");
         assert_eq!(allocator.in_use(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn commands_sent_from_many_threads_at_once_all_reach_the_worker() {
+        use std::net::{IpAddr, Ipv4Addr};
+
+        use switchboard_model::Codec;
+
+        use crate::media::ports::{PortAllocator, PortRange};
+        use crate::media::relay::{LegMedia, RtpLegSetup};
+
+        let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let allocator = Arc::new(PortAllocator::new(localhost, PortRange { min: 43000, max: 43799 }).unwrap());
+        let engine = Arc::new(MediaEngine::start(&EngineConfig { threads: 1, ..EngineConfig::default() }).unwrap());
+        let far = std::net::UdpSocket::bind((localhost, 0)).unwrap().local_addr().unwrap();
+        let mut tasks = vec![];
+        for _ in 0..8 {
+            let (engine, allocator) = (engine.clone(), allocator.clone());
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..20 {
+                    let leg = |ports| RtpLegSetup { ports, media: LegMedia::new(Codec::Pcmu, Some(far)) };
+                    let (a, b) = (allocator.allocate().unwrap(), allocator.allocate().unwrap());
+                    let handle = engine.spawn_relay(leg(a), leg(b), RelayConfig::default()).unwrap().0;
+                    // Stopping waits for the worker to apply the removal: a lost wake hangs it.
+                    if tokio::time::timeout(Duration::from_secs(5), handle.stop()).await.is_err() {
+                        return false;
+                    }
+                }
+                true
+            }));
+        }
+        let mut applied = true;
+        for task in tasks {
+            applied &= task.await.unwrap();
+        }
+        if !applied {
+            // Dropping the engine would wait for its worker, which a lost wake leaves asleep.
+            std::mem::forget(engine);
+            panic!("a relay's stop was not applied within 5 s: the worker missed a wake");
+        }
+        assert_eq!(engine.relays(), 0);
+        assert_eq!(allocator.in_use(), 0, "every relay's ports went back");
     }
 
     #[test]
