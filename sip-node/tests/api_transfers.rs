@@ -108,17 +108,28 @@ async fn raw_callee_answers(
     (invite, node_rtp, call_sid)
 }
 
-/// A BYE from the answering side of `invite` (the peer replied with [`ua::reply`]'s tag).
-async fn hang_up_as_callee(peer: &Ua, invite: &str, node: SocketAddr) {
+/// A request from the answering side of `invite` (the peer replied with [`ua::reply`]'s tag),
+/// with `sdp` as its body if any.
+async fn request_as_callee(peer: &Ua, invite: &str, node: SocketAddr, method: &str, cseq: u32, sdp: Option<&str>) {
     let (from, to) = (ua::header(invite, "From").unwrap(), ua::header(invite, "To").unwrap());
     let call_id = ua::header(invite, "Call-ID").unwrap();
     let sip = peer.sip_addr();
-    let bye = format!(
-        "BYE sip:switchboard@{node} SIP/2.0\r\nVia: SIP/2.0/UDP {sip};branch=z9hG4bK-{}-bye\r\nFrom: {to};tag=callee\r\n\
-         To: {from}\r\nCall-ID: {call_id}\r\nCSeq: 9 BYE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+    let body = match sdp {
+        Some(sdp) => format!("Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}", sdp.len()),
+        None => "Content-Length: 0\r\n\r\n".to_string(),
+    };
+    let request = format!(
+        "{method} sip:switchboard@{node} SIP/2.0\r\nVia: SIP/2.0/UDP {sip};branch=z9hG4bK-{}-{method}{cseq}\r\n\
+         From: {to};tag=callee\r\nTo: {from}\r\nCall-ID: {call_id}\r\nCSeq: {cseq} {method}\r\n\
+         Contact: <sip:callee@{sip}>\r\nMax-Forwards: 70\r\n{body}",
         sip.port()
     );
-    peer.send(&bye, node).await;
+    peer.send(&request, node).await;
+}
+
+/// A BYE from the answering side of `invite`, answered 200.
+async fn hang_up_as_callee(peer: &Ua, invite: &str, node: SocketAddr) {
+    request_as_callee(peer, invite, node, "BYE", 90, None).await;
     let ok = peer.final_response().await;
     assert!(ok.starts_with("SIP/2.0 200"), "{ok}");
 }
@@ -460,5 +471,56 @@ async fn sip_uris_go_through_their_gateways_trunk_and_nowhere_else(pool: PgPool)
         .await
         .unwrap();
     assert_eq!(trunk.as_deref(), Some("humans"));
+    node.stop().await;
+}
+
+/// After a transfer, the callee's re-INVITE with an offer (hold, then resume) is no longer
+/// refused with 488: the node re-offers to the human from the human leg's port with the same
+/// direction, answers the callee from the callee leg's port with the direction the human
+/// declared, and after the resume both hear each other again.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_transferred_callee_holds_and_resumes_the_human_through_the_node(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let (callee, human) = (Ua::new().await, Ua::new().await);
+    let node = node(&pool, callee.sip_addr().port(), human.sip_addr(), false).await;
+    let (webhook_url, _hooks) = webhook_receiver().await;
+    let api = RestApi::start(&pool).await;
+    let (invite, node_a_rtp, call_sid) = raw_callee_answers(&api, &mut agent, &callee, &webhook_url).await;
+    wait_for_active_row(&pool, &call_sid).await;
+    assert_eq!(api.transfer(&call_sid, json!({"to": HUMAN, "mode": "blind"})).await.0, 202);
+    let (_, node_b_rtp) = human_answers(&human).await;
+    agent.expect("stop").await;
+
+    for (cseq, callee_says, human_says) in [(10, "sendonly", "recvonly"), (11, "sendrecv", "sendrecv")] {
+        let offer = ua::sdp(callee.rtp_port(), "0 101", callee_says);
+        request_as_callee(&callee, &invite, node.addr, "INVITE", cseq, Some(&offer)).await;
+        let (reinvite, from) = human.request("INVITE").await;
+        assert_eq!(ua::sdp_rtp(&reinvite), node_b_rtp, "re-offered from the human leg's port: {reinvite}");
+        assert!(ua::body(&reinvite).contains(&format!("a={callee_says}")), "{reinvite}");
+        let answer = ua::sdp(human.rtp_port(), "0 101", human_says);
+        human.send(&ua::reply(&reinvite, "200 OK", human.sip_addr(), Some(&answer)), from).await;
+        human.request("ACK").await;
+        let ok = callee.final_response().await;
+        assert!(ok.starts_with("SIP/2.0 200"), "no more 488: {ok}");
+        assert_eq!(ua::sdp_rtp(&ok), node_a_rtp, "answered from the callee leg's port: {ok}");
+        assert!(ua::body(&ok).contains(&format!("a={human_says}")), "{ok}");
+        request_as_callee(&callee, &invite, node.addr, "ACK", cseq, None).await;
+    }
+
+    for i in 0..10u8 {
+        callee.rtp_send(node_a_rtp, 0, 100 + u16::from(i), &[0x40 | i; 160]).await;
+        human.rtp_send(node_b_rtp, 0, 800 + u16::from(i), &[0xA0 | i; 160]).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (heard_by_human, heard_by_callee) =
+        tokio::join!(human.rtp_collect(Duration::from_millis(600)), callee.rtp_collect(Duration::from_millis(600)));
+    let ids: Vec<u8> = heard_by_human.iter().map(|(_, p)| frame_id(p)).collect();
+    assert_eq!(ids, (0..10u8).map(|i| 0x40 | i).collect::<Vec<_>>(), "the human hears the callee after the resume");
+    let ids: Vec<u8> = heard_by_callee.iter().map(|(_, p)| frame_id(p)).collect();
+    assert_eq!(ids, (0..10u8).map(|i| 0xA0 | i).collect::<Vec<_>>(), "the callee hears the human after the resume");
+    hang_up_as_callee(&callee, &invite, node.addr).await;
+    let (bye, from) = human.request("BYE").await;
+    human.send(&ua::reply(&bye, "200 OK", human.sip_addr(), None), from).await;
+    call_cdrs(&pool, &call_sid, 2).await;
     node.stop().await;
 }

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::dial::{Answered, DialPlan, Dialed, dial, write_cdr};
-use super::media::TransferMedia;
+use super::media::{LegFacts, LegSide, TransferMedia};
 use super::refer::{ReferCall, Referred};
 use super::ringing::Ringing;
 use super::target::{self, Route, RouteError};
@@ -25,6 +25,7 @@ use super::warm::{Consult, Consulted};
 use super::{Command, DEFAULT_TIMEOUT, Intent, Mode, TransferEvent, TransferRequest};
 use crate::bridge::{BridgeEnd, BridgeHandle};
 use crate::media::relay::{RelayConfig, RelayEvent, RelayHandle, RtpLegSetup};
+use crate::media::srtp::SrtpPolicy;
 use crate::sip::connected::{
     Action, AgentSession, Channels, Connected, Driven, Ender, Ending, Event, Io, Leg, LegChannels, LegSetup, MediaMode,
     Resume, Setup, drive, drive_until,
@@ -32,6 +33,7 @@ use crate::sip::connected::{
 use crate::sip::context::NodeContext;
 use crate::sip::endpoint::{TuEvent, TuSender};
 use crate::sip::message::HangupReason;
+use crate::sip::routing;
 use crate::sip::transport::Peer;
 use crate::store::HangupBy;
 use crate::webhook::CallHooks;
@@ -301,6 +303,7 @@ pub(crate) async fn run_agent_call(call: AgentCall<'_, '_>) -> AgentCallEnd {
                     a_tx,
                     a_rx,
                     caller_sdp: caller.answer_sdp,
+                    caller_trunk: caller.trunk.clone(),
                     deadline: caller.deadline,
                 };
                 let ending = bridge(&transfer, machine, caller_media, legs, *target).await;
@@ -398,6 +401,8 @@ pub(super) struct TransferredLegs<'a> {
     a_tx: TuSender,
     a_rx: &'a mut mpsc::UnboundedReceiver<TuEvent>,
     caller_sdp: Vec<u8>,
+    /// The trunk of the caller's leg (its codecs and SRTP for re-offers).
+    caller_trunk: Option<Arc<TrunkConfig>>,
     deadline: Option<tokio::time::Instant>,
 }
 
@@ -427,14 +432,37 @@ async fn bridge(
     };
     let media = ctx.media.as_ref();
     let target_media = target.media.take();
-    let started = match (caller_media, target_media, media) {
-        (Some(caller_media), Some(target_media), Some(media)) => media
+    // What the transferred call's re-offers start from, taken before the relay owns the legs.
+    let trunk_of =
+        |trunk: Option<&TrunkConfig>| (routing::codecs_of(trunk), trunk.map_or(SrtpPolicy::Off, |t| t.srtp.into()));
+    let sides = caller_media.as_ref().zip(target_media.as_ref()).map(|(caller, target_leg)| {
+        let (caller_codecs, caller_srtp) = trunk_of(legs.caller_trunk.as_deref());
+        let (target_codecs, target_srtp) = trunk_of(target.attempt.trunk.as_deref());
+        let caller = LegFacts {
+            last_sent: legs.caller_sdp.clone(),
+            port: caller.ports.rtp_port(),
+            allowed: caller_codecs,
+            srtp: caller_srtp,
+            media: caller.media.clone(),
+        };
+        let target = LegFacts {
+            last_sent: target.offer.clone(),
+            port: target_leg.ports.rtp_port(),
+            allowed: target_codecs,
+            srtp: target_srtp,
+            media: target_leg.media.clone(),
+        };
+        (caller, target)
+    });
+    let started = match (caller_media, target_media, media, sides) {
+        (Some(caller_media), Some(target_media), Some(media), Some(sides)) => media
             .engine
             .spawn_relay(caller_media, target_media, RelayConfig { media_timeout: media.timeout })
+            .map(|(relay, events)| (relay, events, sides, media.address))
             .map_err(|e| e.to_string()),
         _ => Err("the caller's media ended".into()),
     };
-    let (transferred_relay, events) = match started {
+    let (transferred_relay, events, (caller_side, target_side), address) = match started {
         Ok(started) => started,
         Err(error) => {
             let why = format!("cannot join the caller and the target: {error}");
@@ -446,7 +474,12 @@ async fn bridge(
             return Ending { code: 500, reason: why, by: Ender::System };
         }
     };
-    let mut media = TransferMedia { caller_sdp: legs.caller_sdp, target_sdp: std::mem::take(&mut target.offer) };
+    let mut media = TransferMedia {
+        caller: LegSide::new(caller_side, address),
+        target: LegSide::new(target_side, address),
+        address,
+        relay: &transferred_relay,
+    };
     let b_peer = target.dialog.peer;
     let b = LegSetup {
         sent_by: io.endpoint.transport().sent_by(b_peer.addr),
