@@ -524,3 +524,65 @@ async fn a_transferred_callee_holds_and_resumes_the_human_through_the_node(pool:
     call_cdrs(&pool, &call_sid, 2).await;
     node.stop().await;
 }
+
+/// An API call answered on its second attempt (the first gateway answers 503): the agent's
+/// `callSid` is that attempt's Call-ID (`ID-2`), which the transfer request may name; the
+/// transfer's attempt counts on from the answered one (3), under the call's own id.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_failed_over_api_call_is_transferred_by_its_agents_call_sid(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let (busy, callee, human) = (Ua::new().await, Ua::new().await, Ua::new().await);
+    let mut carrier = trunk(
+        "carrier",
+        vec![("127.0.0.1".into(), busy.sip_addr().port()), ("127.0.0.1".into(), callee.sip_addr().port())],
+    );
+    carrier.codecs = vec![Codec::Pcmu, Codec::TelephoneEvent];
+    let mut humans = trunk("humans", vec![("127.0.0.1".into(), human.sip_addr().port())]);
+    humans.codecs = vec![Codec::Pcmu];
+    let rule = RuleConfig {
+        namespace: "default".into(),
+        name: "to-humans".into(),
+        direction: Direction::Outbound,
+        priority: 1,
+        match_spec: MatchSpec { destination_patterns: vec![r"^\+1555222".into()], ..Default::default() },
+        destination: None,
+        trunks: vec!["humans".into()],
+        trunk_selection: TrunkSelection::Ordered,
+        status_callback: None,
+    };
+    let did = number_to(Destination {
+        kind: DestinationType::Reject,
+        url: None,
+        uri: None,
+        number: None,
+        trunk_ref: None,
+        reject_code: Some(603),
+    });
+    let node = Node::start_routed(&pool, vec![carrier, humans], vec![did], vec![rule], |_| {}).await;
+    let (webhook_url, _hooks) = webhook_receiver().await;
+    let api = RestApi::start(&pool).await;
+    initiate(&api, &agent, &webhook_url).await;
+    let (first, from) = busy.request("INVITE").await;
+    busy.send(&ua::reply(&first, "503 Service Unavailable", busy.sip_addr(), None), from).await;
+    let (invite, from) = callee.request("INVITE").await;
+    let answer = ua::sdp(callee.rtp_port(), "0 101", "sendrecv");
+    callee.send(&ua::reply(&invite, "200 OK", callee.sip_addr(), Some(&answer)), from).await;
+    callee.request("ACK").await;
+    let call_sid = started(&mut agent).await;
+    let call_id = ua::header(&first, "Call-ID").unwrap().to_string();
+    assert_eq!(call_sid, format!("{call_id}-2"), "the agent knows the answered attempt's Call-ID");
+    wait_for_active_row(&pool, &call_id).await;
+
+    let (status, accepted) = api.transfer(&call_sid, json!({"to": HUMAN, "mode": "blind"})).await;
+    assert_eq!(status, 202, "{accepted}");
+    assert_eq!(accepted["call_id"].as_str(), Some(call_id.as_str()), "the call's own id: {accepted}");
+    human_answers(&human).await;
+    agent.expect("stop").await;
+    hang_up_as_callee(&callee, &invite, node.addr).await;
+    let (bye, from) = human.request("BYE").await;
+    human.send(&ua::reply(&bye, "200 OK", human.sip_addr(), None), from).await;
+    let legs = call_cdrs(&pool, &call_id, 3).await;
+    let attempts: Vec<(i32, &str, bool)> = legs.iter().map(|l| (l.0, l.1.as_str(), l.2)).collect();
+    assert_eq!(attempts, [(1, CALLEE, false), (2, CALLEE, true), (3, HUMAN, true)], "{legs:?}");
+    node.stop().await;
+}
