@@ -62,8 +62,9 @@ pub struct ApiArgs {
     pub jwt: auth::JwtArgs,
     /// Targets that `webhook_url` and `agent_websocket_url` may name although they are not
     /// public (comma-separated CIDRs, IP addresses, host names, `.suffix`): by default loopback,
-    /// link-local, private and cluster-internal targets are refused. The SIP nodes take the same
-    /// list (`SWITCHBOARD_EGRESS_ALLOW`).
+    /// link-local, private and cluster-internal targets are refused. Also the only hosts,
+    /// besides Trunk gateways, that a transfer's SIP URI `to` may dial (public or not). The SIP
+    /// nodes take the same list (`SWITCHBOARD_EGRESS_ALLOW`).
     #[arg(long, env = "SWITCHBOARD_EGRESS_ALLOW", value_delimiter = ',')]
     pub egress_allow: Vec<String>,
     #[command(flatten)]

@@ -736,7 +736,8 @@ async fn transfer_requests_are_checked_and_queued_for_the_calls_node(pool: PgPoo
     // 422: a bad body, naming the field.
     for (body, field) in [
         (json!({"to": "12345", "mode": "blind"}), Some("to")),
-        (json!({"to": "sip:human@example.com", "mode": "blind"}), Some("to")),
+        (json!({"to": "sip:human@example.com?Route=%3Csip:evil%3E", "mode": "blind"}), Some("to")),
+        (json!({"to": "sip:human@exa mple.com", "mode": "blind"}), Some("to")),
         (json!({"to": "+19876543210", "mode": "blind", "timeout_seconds": 1}), Some("timeout_seconds")),
         (json!({"to": "+19876543210", "mode": "blind", "caller_id": "anonymous"}), Some("caller_id")),
         (json!({"to": "+19876543210", "mode": "blind", "summary": "x".repeat(1025)}), Some("summary")),
@@ -765,6 +766,21 @@ async fn transfer_requests_are_checked_and_queued_for_the_calls_node(pool: PgPoo
         (body["error"]["code"].as_str(), body["error"]["field"].as_str()),
         (Some("destination_not_allowed"), Some("to"))
     );
+    // SIP URIs: no open relay. A host that is no trunk's gateway and not on the egress
+    // allow-list is refused, saying how to allow it; a number at a trunk's gateway must pass
+    // the outbound rules like any number.
+    for (to, says) in [
+        ("sip:human@pbx.example.com", "SWITCHBOARD_EGRESS_ALLOW"),
+        ("sip:human@203.0.113.7:5080", "Trunk's gateways"),
+        ("sip:+882345678901@sip.skyetel.com", "no outbound RoutingRule"),
+    ] {
+        let (method, uri, body) = transfer(json!({"to": to, "mode": "blind"}));
+        let (status, body) = api.send(method, uri, body).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{to}: {body}");
+        assert_eq!(body["error"]["code"], "destination_not_allowed", "{body}");
+        assert_eq!(body["error"]["field"], "to", "{body}");
+        assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains(says)), "{to}: {body}");
+    }
     let queued: i64 = sqlx::query_scalar("SELECT count(*) FROM call_commands").fetch_one(&pool).await.unwrap();
     assert_eq!(queued, 0, "nothing queued for a refused request");
 
@@ -776,6 +792,16 @@ async fn transfer_requests_are_checked_and_queued_for_the_calls_node(pool: PgPoo
         sqlx::query_as("SELECT node_id, state, body FROM call_commands").fetch_one(&pool).await.unwrap();
     assert_eq!((node.as_str(), state.as_str()), ("n1", "rejected"));
     assert_eq!(stored["summary"], "refund", "{stored}");
+    // A URI at a trunk's gateway (host case aside), whose number a rule allows, is queued too.
+    let to = "sips:+19876543210@SIP2.skyetel.com:5061";
+    let (method, uri, body) = transfer(json!({"to": to, "mode": "blind"}));
+    let (status, answer) = api.send(method, uri, body).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{to}: {answer}");
+    let targets: Vec<Value> = sqlx::query_scalar("SELECT body -> 'to' FROM call_commands ORDER BY created_at")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(targets[1..], [json!(to)]);
 
     // Completing or cancelling needs a call in progress too.
     let (status, body) = api.send(Method::POST, "/api/calls/CA-nowhere/transfer/complete", None).await;

@@ -133,6 +133,18 @@ impl EgressPolicy {
         Ok(allowed)
     }
 
+    /// Whether the allow-list itself names `host`: a listed name (or a name under a listed
+    /// `.suffix`), or an IP literal inside a listed network. Being public is not enough here:
+    /// this is the check for destinations that cost money or reach people (SIP URIs an API
+    /// client asks the nodes to call), which the operator must list explicitly.
+    pub fn lists(&self, host: &str) -> bool {
+        let bare = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        match bare.parse::<IpAddr>() {
+            Ok(ip) => self.nets.iter().any(|net| net.contains(&canonical(ip))),
+            Err(_) => self.host_listed(bare),
+        }
+    }
+
     /// Resolves `host:port` once and returns the allowed addresses (see
     /// [`EgressPolicy::allowed_addrs`]); connect to one of these, never to the name again.
     pub async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, ResolveError> {
@@ -322,5 +334,17 @@ mod tests {
         assert!(error.to_string().contains("169.254.169.254"), "{error}");
         let listed = EgressPolicy::parse(&["hooks.example.com"]).unwrap();
         assert_eq!(listed.allowed_addrs("hooks.example.com", &rebound).unwrap(), rebound.to_vec());
+    }
+
+    #[test]
+    fn only_what_the_list_names_is_listed_public_is_not_enough() {
+        let policy = EgressPolicy::parse(&["10.1.0.0/16", "pbx.example.com", ".voice.example"]).unwrap();
+        for listed in ["10.1.2.3", "pbx.example.com", "PBX.example.com.", "desk.voice.example"] {
+            assert!(policy.lists(listed), "{listed}");
+        }
+        for not in ["8.8.8.8", "10.2.0.1", "example.com", "voice.example", "[2001:db8::1]"] {
+            assert!(!policy.lists(not), "{not}");
+        }
+        assert!(!EgressPolicy::default().lists("pbx.example.com"));
     }
 }

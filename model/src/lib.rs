@@ -6,7 +6,8 @@
 //!
 //! What it owns: the configuration rows ([`config`]: one type per table with its SQL, both
 //! directions), the tables as a whole and the configuration generation ([`tables`]), the pool,
-//! migrations and `NOTIFY` channel ([`db`]), the egress policy API and nodes share ([`egress`]),
+//! migrations and `NOTIFY` channel ([`db`]), the egress policy API and nodes share ([`egress`])
+//! and their one reading of destination SIP URIs ([`sip_uri`]),
 //! the small enums of the schema ([`types`]) and the logging setup of every binary ([`logging`]).
 //!
 //! What it must not depend on: every other crate of the workspace depends on this one, so it
@@ -18,6 +19,7 @@ pub mod db;
 mod decode;
 pub mod egress;
 pub mod logging;
+pub mod sip_uri;
 pub mod tables;
 pub mod trunk_tls;
 pub mod types;

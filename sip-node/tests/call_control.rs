@@ -228,7 +228,10 @@ async fn a_blind_refer_from_the_callee_transfers_the_caller_to_the_target(pool: 
     let target_uas = uas(&["-sn", "uas"], target, 1);
     let referrer = uas(&["-sf", &scenario("uas_refers_caller.xml")], callee, 1);
     let caller = uac(&["-sn", "uac", "-d", "3000"], node.addr, "127.0.0.1", 1, &[]);
-    assert!(referrer.wait().await.success(), "the referrer did not get 202, NOTIFY 100 and 200, and the node's BYE");
+    assert!(
+        referrer.wait().await.success(),
+        "the referrer did not get 202, NOTIFY 100, 180 and 200, and the node's BYE"
+    );
     assert!(caller.wait().await.success(), "the caller's call did not survive the transfer until its BYE");
     assert!(target_uas.wait().await.success(), "the target was not called, or did not get the caller's BYE");
     let cdrs = cdrs(&pool, 2).await;
@@ -245,6 +248,36 @@ async fn a_blind_refer_from_the_callee_transfers_the_caller_to_the_target(pool: 
     );
     assert!(cdrs[1].answer_at.is_some(), "{cdrs:?}");
     assert_eq!(active_calls(&pool).await, 0);
+    node.stop().await;
+}
+
+/// RFC 4488: a REFER with `Refer-Sub: false` gets `Refer-Sub: false` in its 202 and no
+/// NOTIFY (the sipp scenario fails on any), the transfer goes ahead as with a subscription: the
+/// referrer's leg ends with BYE and the caller is bridged to the target.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_refer_without_a_subscription_transfers_without_notifies(pool: PgPool) {
+    let callee = free_port("127.0.0.1");
+    let target = free_port("127.0.0.1");
+    let node = Node::start_routed(
+        &pool,
+        vec![trunk("carrier", vec![]), trunk("pstn", vec![("127.0.0.1".into(), target)])],
+        vec![number_to(sip_destination(callee))],
+        vec![refer_rule()],
+        |args| args.media_timeout_seconds = 600,
+    )
+    .await;
+    let target_uas = uas(&["-sn", "uas"], target, 1);
+    let referrer = uas(&["-sf", &scenario("uas_refers_without_subscription.xml")], callee, 1);
+    let caller = uac(&["-sn", "uac", "-d", "3000"], node.addr, "127.0.0.1", 1, &[]);
+    assert!(referrer.wait().await.success(), "the referrer did not get 202 with Refer-Sub: false and then only BYE");
+    assert!(caller.wait().await.success(), "the caller's call did not survive the transfer until its BYE");
+    assert!(target_uas.wait().await.success(), "the target was not called, or did not get the caller's BYE");
+    let cdrs = cdrs(&pool, 2).await;
+    assert_eq!(cdrs.len(), 2, "{cdrs:?}");
+    assert_eq!(
+        (cdrs[0].reason.as_deref(), cdrs[1].trunk_name.as_deref()),
+        (Some("transferred by REFER"), Some("pstn"))
+    );
     node.stop().await;
 }
 

@@ -500,3 +500,164 @@ async fn an_srtp_caller_is_heard_by_the_ai_agent_and_hears_it(pool: PgPool) {
     assert!(caller.ua.final_response().await.starts_with("SIP/2.0 200"));
     node.stop().await;
 }
+
+/// An SRTP caller waiting on a blind transfer with `--transfer-ringback` hears the ringback as
+/// SRTP under the node's key of its leg (before, the tone went out as plain RTP, which an SRTP
+/// phone drops: the caller heard nothing); when the target answers, the caller hears it,
+/// still as SRTP.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn an_srtp_caller_hears_the_transfer_ringback_encrypted(pool: PgPool) {
+    use common::agent::{Agent, RestApi, wait_for_active_row};
+    let caller = Peer::new().await;
+    let human = Ua::new().await;
+    let mut agent = Agent::start().await;
+    let mut carrier = trunk("carrier", vec![]);
+    carrier.srtp = SrtpMode::Required;
+    // The human is reached through a plain trunk (an outbound rule), so its audio is in clear.
+    let humans = trunk("humans", vec![("127.0.0.1".into(), human.sip_addr().port())]);
+    let rule = switchboard_model::RuleConfig {
+        namespace: "default".into(),
+        name: "to-humans".into(),
+        direction: switchboard_model::Direction::Outbound,
+        priority: 1,
+        match_spec: switchboard_model::MatchSpec {
+            destination_patterns: vec![r"^\+1555222".into()],
+            ..Default::default()
+        },
+        destination: None,
+        trunks: vec!["humans".into()],
+        trunk_selection: switchboard_model::TrunkSelection::Ordered,
+        status_callback: None,
+    };
+    let websocket = Destination {
+        kind: DestinationType::Websocket,
+        url: Some(agent.url.clone()),
+        uri: None,
+        number: None,
+        trunk_ref: None,
+        reject_code: None,
+    };
+    let numbers = vec![number_to(websocket)];
+    let tune = |args: &mut switchboard_node::signaling::SipArgs| args.agent.transfer_ringback = true;
+    let node = Node::start_routed(&pool, vec![carrier, humans], numbers, vec![rule], tune).await;
+    let api = RestApi::start(&pool).await;
+    let key = CryptoAttr::generate(1, Suite::AesCm128HmacSha1_80);
+    let offer = caller.sdp("RTP/SAVP", &[&key]);
+    caller.ua.send(&invite_to_did(node.addr, caller.ua.sip_addr(), "srtp-ringback", &offer), node.addr).await;
+    let ok = caller.ua.final_response().await;
+    assert!(ok.starts_with("SIP/2.0 200"), "{ok}");
+    caller
+        .ua
+        .send(&caller_in_dialog("ACK", node.addr, caller.ua.sip_addr(), "srtp-ringback", &to_tag(&ok), 1), node.addr)
+        .await;
+    let mut srtp = SrtpLeg::new(&key, &crypto_of(&ok)[0]).unwrap();
+    agent.expect("start").await;
+    wait_for_active_row(&pool, "srtp-ringback").await;
+
+    assert_eq!(api.transfer("srtp-ringback", json!({"to": "+15552223333", "mode": "blind"})).await.0, 202);
+    let (invite, from) = human.request("INVITE").await;
+    human.send(&reply(&invite, "180 Ringing", human.sip_addr(), None), from).await;
+    let rang = collect(&caller.ua.rtp, Duration::from_millis(500)).await;
+    assert!(rang.len() >= 10, "the caller hears ringback: {} packets", rang.len());
+    for packet in &rang {
+        let plain = srtp.unprotect_rtp(packet).expect("SRTP under the node's key, not plain RTP");
+        let levels: std::collections::HashSet<u8> = plain[12..].iter().copied().collect();
+        assert!(plain.len() == 172 && levels.len() > 8, "a 20 ms frame of a tone, not silence");
+    }
+
+    let answer = sdp(human.rtp_port(), "0", "sendrecv");
+    human.send(&reply(&invite, "200 OK", human.sip_addr(), Some(&answer)), from).await;
+    human.request("ACK").await;
+    agent.expect("stop").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    collect(&caller.ua.rtp, Duration::from_millis(50)).await;
+    stream(&human.rtp, sdp_rtp(&invite), |i| rtp(300 + i, 0x7777, fill(i))).await;
+    let heard = collect(&caller.ua.rtp, Duration::from_millis(500)).await;
+    let decrypted: Vec<Vec<u8>> =
+        heard.iter().map(|p| srtp.unprotect_rtp(p).expect("SRTP under the node's key")[12..].to_vec()).collect();
+    assert_eq!(decrypted, (0..FRAMES).map(|i| vec![fill(i); 160]).collect::<Vec<_>>(), "the caller hears the human");
+    caller
+        .ua
+        .send(&caller_in_dialog("BYE", node.addr, caller.ua.sip_addr(), "srtp-ringback", &to_tag(&ok), 2), node.addr)
+        .await;
+    let (bye, from) = human.request("BYE").await;
+    human.send(&reply(&bye, "200 OK", human.sip_addr(), None), from).await;
+    node.stop().await;
+}
+
+/// A transfer's target behind an SRTP-required trunk is offered `RTP/SAVP` with the node's key
+/// (as any outbound leg through that trunk) and the relay joins it to a plain caller: each
+/// hears the other, encrypted on the target's leg only.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_transfer_target_behind_an_srtp_trunk_is_called_with_srtp(pool: PgPool) {
+    use common::agent::{Agent, RestApi, wait_for_active_row};
+    let (caller, human) = (Peer::new().await, Peer::new().await);
+    let mut agent = Agent::start().await;
+    let mut humans = trunk("humans", vec![("127.0.0.1".into(), human.ua.sip_addr().port())]);
+    humans.srtp = SrtpMode::Required;
+    let rule = switchboard_model::RuleConfig {
+        namespace: "default".into(),
+        name: "to-humans".into(),
+        direction: switchboard_model::Direction::Outbound,
+        priority: 1,
+        match_spec: switchboard_model::MatchSpec {
+            destination_patterns: vec![r"^\+1555222".into()],
+            ..Default::default()
+        },
+        destination: None,
+        trunks: vec!["humans".into()],
+        trunk_selection: switchboard_model::TrunkSelection::Ordered,
+        status_callback: None,
+    };
+    let websocket = Destination {
+        kind: DestinationType::Websocket,
+        url: Some(agent.url.clone()),
+        uri: None,
+        number: None,
+        trunk_ref: None,
+        reject_code: None,
+    };
+    let trunks = vec![trunk("carrier", vec![]), humans];
+    let node = Node::start_routed(&pool, trunks, vec![number_to(websocket)], vec![rule], |_| {}).await;
+    let api = RestApi::start(&pool).await;
+    let offer = caller.sdp("RTP/AVP", &[]);
+    caller.ua.send(&invite_to_did(node.addr, caller.ua.sip_addr(), "srtp-target", &offer), node.addr).await;
+    let ok = caller.ua.final_response().await;
+    assert!(ok.starts_with("SIP/2.0 200"), "{ok}");
+    caller
+        .ua
+        .send(&caller_in_dialog("ACK", node.addr, caller.ua.sip_addr(), "srtp-target", &to_tag(&ok), 1), node.addr)
+        .await;
+    agent.expect("start").await;
+    wait_for_active_row(&pool, "srtp-target").await;
+
+    assert_eq!(api.transfer("srtp-target", json!({"to": "+15552223333", "mode": "blind"})).await.0, 202);
+    let (invite, from) = human.ua.request("INVITE").await;
+    assert_eq!(profile_of(&invite), "RTP/SAVP", "{invite}");
+    let offered = crypto_of(&invite);
+    assert!(!offered.is_empty(), "the node's key: {invite}");
+    let key = CryptoAttr::generate(offered[0].tag(), offered[0].suite());
+    let answer = human.sdp("RTP/SAVP", &[&key]);
+    human.ua.send(&reply(&invite, "200 OK", human.ua.sip_addr(), Some(&answer)), from).await;
+    human.ua.request("ACK").await;
+    agent.expect("stop").await;
+    let mut srtp = SrtpLeg::new(&key, &offered[0]).unwrap();
+
+    stream(&caller.ua.rtp, sdp_rtp(&ok), |i| rtp(10 + i, 0x1111, fill(i))).await;
+    let heard = collect(&human.ua.rtp, Duration::from_millis(500)).await;
+    let decrypted: Vec<Vec<u8>> =
+        heard.iter().map(|p| srtp.unprotect_rtp(p).expect("SRTP under the node's key")[12..].to_vec()).collect();
+    assert_eq!(decrypted, (0..FRAMES).map(|i| vec![fill(i); 160]).collect::<Vec<_>>(), "the human hears the caller");
+    stream(&human.ua.rtp, sdp_rtp(&invite), |i| srtp.protect_rtp(&rtp(40 + i, 0x2222, fill(i + 20))).unwrap().to_vec())
+        .await;
+    let heard: Vec<Vec<u8>> =
+        collect(&caller.ua.rtp, Duration::from_millis(500)).await.iter().map(|p| p[12..].to_vec()).collect();
+    assert_eq!(heard, (0..FRAMES).map(|i| vec![fill(i + 20); 160]).collect::<Vec<_>>(), "the caller hears the human");
+    caller
+        .ua
+        .send(&caller_in_dialog("BYE", node.addr, caller.ua.sip_addr(), "srtp-target", &to_tag(&ok), 2), node.addr)
+        .await;
+    let (bye, from) = human.ua.request("BYE").await;
+    human.ua.send(&reply(&bye, "200 OK", human.ua.sip_addr(), None), from).await;
+    node.stop().await;
+}

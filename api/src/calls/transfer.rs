@@ -11,10 +11,11 @@ use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
+use switchboard_model::sip_uri::SipUri;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::checks::{e164, outbound_allowed, rate_limit, url};
+use super::checks::{e164, outbound_allowed, rate_limit, sip_uri_allowed, url};
 use crate::AppState;
 use crate::auth::Claims;
 use crate::error::{ApiError, ApiJson, ErrorBody};
@@ -50,8 +51,11 @@ pub enum TransferMode {
 #[derive(Deserialize, Serialize, ToSchema, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct TransferCall {
-    /// The target (E.164); an outbound RoutingRule of the call's namespace must match it (403
-    /// `destination_not_allowed` otherwise).
+    /// The target: an E.164 number, which an outbound RoutingRule of the call's namespace must
+    /// match, or a SIP URI (`sip:` / `sips:`, no `?headers`), whose host must be a gateway of
+    /// a Trunk of the call's namespace (the call then goes through that trunk; a dial-string
+    /// user must also match an outbound RoutingRule) or named by the egress allow-list
+    /// (`SWITCHBOARD_EGRESS_ALLOW`; dialled directly). Otherwise 403 `destination_not_allowed`.
     #[schema(example = "+15552223333")]
     pub to: String,
     pub mode: TransferMode,
@@ -92,7 +96,7 @@ pub struct TransferResponse {
     params(("call_id" = String, Path, description = "The agent's `callSid`, or an id from /api/calls/initiate")),
     responses(
         (status = 202, description = "The node holding the call started the transfer", body = TransferResponse),
-        (status = 403, description = "The token lacks the `calls` scope, or no outbound RoutingRule matches `to` (`destination_not_allowed`)", body = ErrorBody),
+        (status = 403, description = "The token lacks the `calls` scope, or `to` is not allowed (`destination_not_allowed`): no outbound RoutingRule matches the number, or a SIP URI's host is neither a Trunk's gateway nor on the egress allow-list", body = ErrorBody),
         (status = 404, description = "No call in progress has this id", body = ErrorBody),
         (status = 409, description = "The call cannot be transferred now (`not_transferable`): not answered yet, not bridged to an AI agent, a transfer already in progress, a mode the node does not carry out, or `refer` on a trunk without `transfer: refer`", body = ErrorBody),
         (status = 422, description = "Invalid body", body = ErrorBody),
@@ -117,10 +121,14 @@ pub async fn transfer(
     // The toll-fraud guard of placing calls: the call's own number must be one of this
     // deployment's, and an outbound rule of its namespace must cover the target.
     let own_number = if call.direction == "inbound" { &call.to_number } else { &call.from_number };
-    outbound_allowed(&state, own_number, &body.to).await.map_err(|error| match error.detail.field.as_deref() {
-        Some("to_number") => error.with_field("to"),
-        _ => error,
-    })?;
+    if is_sip_uri(&body.to) {
+        sip_uri_allowed(&state, own_number, &body.to).await?;
+    } else {
+        outbound_allowed(&state, own_number, &body.to).await.map_err(|error| match error.detail.field.as_deref() {
+            Some("to_number") => error.with_field("to"),
+            _ => error,
+        })?;
+    }
     rate_limit(&state.limits.calls, &claims, own_number)?;
     let command = serde_json::to_value(&body).map_err(|e| ApiError::internal("cannot store the request", e))?;
     let id = queue(&state, &call, &command).await?;
@@ -254,11 +262,18 @@ async fn queue(state: &AppState, call: &ActiveCall, body: &serde_json::Value) ->
     Ok(id)
 }
 
+/// Whether the target is a SIP URI (else it must be E.164).
+fn is_sip_uri(to: &str) -> bool {
+    let scheme = to.split_once(':').map(|(scheme, _)| scheme.to_ascii_lowercase());
+    matches!(scheme.as_deref(), Some("sip" | "sips"))
+}
+
 fn check_body(state: &AppState, body: &TransferCall) -> Result<(), ApiError> {
-    if body.to.starts_with("sip:") || body.to.starts_with("sips:") {
-        return Err(ApiError::invalid("to", "SIP URI targets are not supported yet; give an E.164 number"));
+    if is_sip_uri(&body.to) {
+        SipUri::parse(&body.to).map_err(|error| ApiError::invalid("to", format!("{:?}: {error}", body.to)))?;
+    } else {
+        e164("to", &body.to)?;
     }
-    e164("to", &body.to)?;
     if let Some(caller_id) = &body.caller_id {
         e164("caller_id", caller_id)?;
     }
@@ -305,15 +320,23 @@ async fn find_call(state: &AppState, id: &str) -> Result<ActiveCall, ApiError> {
             call_id = sip_call_id;
         }
     }
-    let row = sqlx::query(
-        "SELECT call_uuid, call_id, node_id, direction, from_number, to_number, state FROM active_calls
-          WHERE call_id = $1 AND node_id IN (SELECT node_id FROM live_nodes)
-          ORDER BY started_at DESC LIMIT 1",
-    )
-    .bind(&call_id)
-    .fetch_optional(&state.pool)
-    .await?
-    .ok_or_else(|| ApiError::not_found(format!("no call in progress has the id {id:?}")))?;
+    let lookup = |call_id: String| async move {
+        sqlx::query(
+            "SELECT call_uuid, call_id, node_id, direction, from_number, to_number, state FROM active_calls
+              WHERE call_id = $1 AND node_id IN (SELECT node_id FROM live_nodes)
+              ORDER BY started_at DESC LIMIT 1",
+        )
+        .bind(call_id)
+        .fetch_optional(&state.pool)
+        .await
+    };
+    let mut row = lookup(call_id.clone()).await?;
+    if row.is_none()
+        && let Some(placed) = placed_call_id(&call_id)
+    {
+        row = lookup(placed.to_string()).await?;
+    }
+    let row = row.ok_or_else(|| ApiError::not_found(format!("no call in progress has the id {id:?}")))?;
     Ok(ActiveCall {
         call_uuid: row.try_get("call_uuid")?,
         call_id: row.try_get("call_id")?,
@@ -323,6 +346,15 @@ async fn find_call(state: &AppState, id: &str) -> Result<ActiveCall, ApiError> {
         to_number: row.try_get("to_number")?,
         state: row.try_get("state")?,
     })
+}
+
+/// The call's own Call-ID for the `callSid` of an API-placed call's later attempt: the node
+/// gives attempt N (after failovers) the Call-ID `ID-N`, while the call (its `active_calls`
+/// row) keeps the first one, `ID`.
+fn placed_call_id(call_sid: &str) -> Option<&str> {
+    let (call_id, attempt) = call_sid.rsplit_once('-')?;
+    let numbered = !attempt.is_empty() && attempt.bytes().all(|b| b.is_ascii_digit());
+    (numbered && call_id.ends_with("@switchboard")).then_some(call_id)
 }
 
 enum NodeAnswer {
@@ -371,5 +403,19 @@ async fn node_answer(state: &AppState, id: Uuid) -> Result<NodeAnswer, ApiError>
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::placed_call_id;
+
+    #[test]
+    fn a_later_attempts_call_sid_names_the_api_call() {
+        assert_eq!(placed_call_id("0af3@switchboard-2"), Some("0af3@switchboard"));
+        assert_eq!(placed_call_id("0af3@switchboard-12"), Some("0af3@switchboard"));
+        for not in ["0af3@switchboard", "abc-2", "0af3@switchboard-", "0af3@switchboard-x2", "caller-call-id"] {
+            assert_eq!(placed_call_id(not), None, "{not}");
+        }
     }
 }

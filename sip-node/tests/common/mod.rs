@@ -16,6 +16,7 @@ use switchboard_node::drain::Drain;
 use switchboard_node::media::kernel::KernelMode;
 use switchboard_node::signaling::{self, Listening, SipArgs};
 
+pub mod agent;
 pub mod kamailio;
 pub mod pki;
 pub mod process;

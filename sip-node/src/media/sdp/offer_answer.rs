@@ -83,6 +83,21 @@ impl SdpSession {
         SdpSession { username: "switchboard".into(), session_id, version: session_id, address, last_body: None }
     }
 
+    /// The session that produced `sent` (the node's last SDP on a leg), carried on by another
+    /// owner: the same `o=` id, and a version that goes up from `sent`'s at the next change
+    /// (a transferred call answering re-offers on a leg an earlier machine negotiated).
+    pub fn resume(sent: &SessionDescription, address: IpAddr) -> SdpSession {
+        let mut session = SdpSession::new(address);
+        let Ok(session_id) = sent.origin.session_id.parse::<u64>() else { return session };
+        session.username = sent.origin.username.clone();
+        session.session_id = session_id;
+        session.version = sent.origin.session_version;
+        let mut unversioned = sent.clone();
+        unversioned.origin.session_version = 0;
+        session.last_body = Some(unversioned.to_string());
+        session
+    }
+
     /// Sets the origin of `sdp`, bumping the version if the body differs from the last one.
     pub fn stamp(&mut self, sdp: &mut SessionDescription) {
         sdp.origin = Origin {

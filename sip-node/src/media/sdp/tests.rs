@@ -461,3 +461,23 @@ fn the_nodes_offers_carry_keys_by_policy_and_the_answer_picks_one() {
     assert_eq!((offer.media[0].protocol.as_str(), crypto_lines(&offer.media[0]).len()), ("RTP/AVP", 0));
     assert_eq!(process_answer(&offer, &answer("RTP/SAVP", &[&first])).unwrap_err().sip_status(), 488);
 }
+
+#[test]
+fn a_resumed_session_keeps_the_origin_and_bumps_the_version_only_on_change() {
+    let p = policy(&[Codec::Pcmu]);
+    let mut first = session();
+    let sent = create_offer(&p, &mut first);
+    let mut resumed = SdpSession::resume(&sent, local().address);
+    let again = create_offer(&p, &mut resumed);
+    assert_eq!(again.origin, sent.origin, "an unchanged SDP keeps id and version (RFC 3264 8)");
+    let mut held = p.clone();
+    held.direction = MediaDirection::SendOnly;
+    let changed = create_offer(&held, &mut resumed);
+    assert_eq!(changed.origin.session_id, sent.origin.session_id);
+    assert_eq!(changed.origin.session_version, sent.origin.session_version + 1);
+    // An origin the node did not write (a non-numeric id) starts a session of its own.
+    let mut foreign = sent.clone();
+    foreign.origin.session_id = "abc".into();
+    let fresh = create_offer(&p, &mut SdpSession::resume(&foreign, local().address));
+    assert_ne!(fresh.origin.session_id, "abc");
+}

@@ -11,12 +11,12 @@ use super::record::{AttemptRecord, Ender, Outcome};
 use super::{ALLOW, Call};
 use crate::bridge::BridgeEnd;
 use crate::bridge::answer::AgentAnswer;
-use crate::sip::connected::{Answer, Connected, LegSetup, LocalAnswerer, MediaMode, Setup};
+use crate::sip::connected::{Answer, Connected, Leg, LegSetup, LocalAnswerer, MediaMode, Setup};
 use crate::sip::dialog::Dialog;
 use crate::sip::endpoint::TuEvent;
 use crate::sip::message;
 use crate::sip::transaction::response_to;
-use crate::sip::transfer::{AgentCall, AgentCallEnd, CallerFacts, run_agent_call};
+use crate::sip::transfer::{AgentCall, AgentCallEnd, CallerFacts, CallerLeg, run_agent_call};
 use crate::store::StoreEvent;
 
 impl Call {
@@ -214,9 +214,7 @@ impl Call {
             ctx: &self.ctx,
             machine,
             first,
-            a_peer: self.a_peer,
-            a_tx: self.a_tx.clone(),
-            a_rx,
+            leg: CallerLeg { leg: Leg::A, peer: self.a_peer, tx: self.a_tx.clone(), rx: a_rx },
             relay_events,
             agent: &mut agent,
             agent_reason: end_reason,
@@ -228,6 +226,8 @@ impl Call {
                 trunk: trunk.clone(),
                 answer_sdp,
                 did: self.facts.to.clone(),
+                attempt: 1,
+                deadline: None,
             },
         };
         // `agent.hangup()` below sends the agent its `stop` whatever ended the call.

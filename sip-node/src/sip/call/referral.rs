@@ -9,8 +9,10 @@
 //! - **Normal outbound routing**: every gateway of every trunk in order, trunk limits (a trunk
 //!   at its limit is skipped), failover on the failover codes, a CDR for each failed attempt;
 //!   the answered leg's permit is held until the call ends.
-//! - The new leg's dialog, answer and channel go back to the machine as
-//!   [`ReferralUpdate::Answered`]; its CDR is written when the call ends ([`ReferralLog`]).
+//! - Its first ringing (180 or 183) goes back to the machine as [`ReferralUpdate::Ringing`]
+//!   (a NOTIFY `SIP/2.0 180 Ringing` to the referrer); the new leg's dialog, answer and
+//!   channel as [`ReferralUpdate::Answered`]; its CDR is written when the call ends
+//!   ([`ReferralLog`]).
 //!
 //! The task ends with the call (its channels close); a leg still ringing then is cancelled.
 
@@ -232,8 +234,13 @@ async fn place(
                 return ReferralUpdate::Failed { code: 487, reason: "the call ended".into() };
             };
             match event {
-                InviteEvent::Provisional(_) => {
+                InviteEvent::Provisional(response) => {
                     record.ring_at.get_or_insert_with(Utc::now);
+                    // The referrer hears that the target rings (the machine tells it once).
+                    let code = message::status(&response);
+                    if (180..200).contains(&code) {
+                        let _ = updates.send(ReferralUpdate::Ringing { code });
+                    }
                 }
                 InviteEvent::Answered(answered) => {
                     let (dialog, response) = *answered;

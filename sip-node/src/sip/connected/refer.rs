@@ -8,6 +8,7 @@
 //!  REFER ───────────▶ offer from X's port ── PlaceLeg ──▶ routing allows the target?
 //!  ◀── 202 ────────── ◀────────────── Referral(Accepted) ─┤ (else Refused: 403, no relay)
 //!  ◀── NOTIFY 100 ───                                     │ INVITE, failover, a CDR each
+//!  ◀── NOTIFY 180 ─── ◀────────────── Referral(Ringing) ──┤ (the first 18x of the new leg)
 //!  ◀── NOTIFY 200 ─── ◀── Referral(Answered: new leg) ────┘ (or Failed: NOTIFY 4xx-6xx,
 //!  ◀── BYE ────────── relay leg X now the new party;          the call goes on)
 //!                     ReplaceLeg: the driver swaps X's channels
@@ -15,7 +16,10 @@
 //!
 //! The referrer may hang up once it has its 202 (blind transfer): its BYE then ends only its
 //! leg, and the transferred party waits for the new leg; if that fails, the call ends. One
-//! referral at a time (another REFER meanwhile gets 491). The `Replaces` of an attended
+//! referral at a time (another REFER meanwhile gets 491). A referrer that asks for no
+//! subscription (`Refer-Sub: false`, RFC 4488) gets `Refer-Sub: false` in the 202 and no
+//! NOTIFY at all: it learns the outcome from the BYE (or from the call going on). The
+//! `Replaces` of an attended
 //! transfer's `Refer-To` goes into the new INVITE (RFC 3891), so the target (possibly this
 //! node again) replaces the dialog it names.
 
@@ -48,6 +52,9 @@ pub(crate) enum ReferralUpdate {
     Accepted,
     /// The target is not allowed (or not reachable at all): the REFER gets `code`.
     Refused { code: u16, reason: String },
+    /// The new leg rings (its first provisional response from 180 on): the referrer hears
+    /// of it in a NOTIFY (RFC 3515 2.4.5 lets the transferee report any progress).
+    Ringing { code: u16 },
     /// The new leg answered.
     Answered(Box<NewLeg>),
     /// Every attempt failed: the referrer is told `code`.
@@ -68,6 +75,7 @@ impl fmt::Debug for ReferralUpdate {
         match self {
             ReferralUpdate::Accepted => f.write_str("Accepted"),
             ReferralUpdate::Refused { code, reason } => write!(f, "Refused({code} {reason})"),
+            ReferralUpdate::Ringing { code } => write!(f, "Ringing({code})"),
             ReferralUpdate::Answered(leg) => write!(f, "Answered({})", leg.setup.dialog.call_id),
             ReferralUpdate::Failed { code, reason } => write!(f, "Failed({code} {reason})"),
         }
@@ -85,6 +93,10 @@ pub(super) struct Referral {
     cseq: u32,
     /// The referrer hung up (its leg is gone; no more NOTIFYs).
     referrer_left: bool,
+    /// The referrer asked for no subscription (`Refer-Sub: false`, RFC 4488): no NOTIFYs.
+    no_subscription: bool,
+    /// The referrer was told the new leg rings (once per referral, whatever the failovers).
+    ringing_told: bool,
 }
 
 impl Connected<'_> {
@@ -122,6 +134,8 @@ impl Connected<'_> {
             refer: request.clone(),
             cseq: message::cseq(request).map(|(n, _)| n).unwrap_or(0),
             referrer_left: false,
+            no_subscription: refer_sub_false(request),
+            ringing_told: false,
         });
         out.push(Action::PlaceLeg(Box::new(PlaceLeg { from, target, offer })));
         true
@@ -154,11 +168,22 @@ impl Connected<'_> {
         match update {
             ReferralUpdate::Accepted => {
                 if let Some(key) = referral.key.take() {
-                    let response = response_to(&referral.refer, 202, Some("Accepted"), None);
+                    let mut response = response_to(&referral.refer, 202, Some("Accepted"), None);
+                    if referral.no_subscription {
+                        response.headers.push(Header::Other(REFER_SUB.into(), "false".into()));
+                    }
                     out.push(Action::Respond { key, response });
                 }
                 let (from, cseq) = (referral.from, referral.cseq);
                 self.notify(from, cseq, &SipFrag::new(100, "Trying"), out);
+            }
+            ReferralUpdate::Ringing { code } => {
+                if std::mem::replace(&mut referral.ringing_told, true) {
+                    return;
+                }
+                let (from, cseq) = (referral.from, referral.cseq);
+                let reason = if code == 183 { "Session Progress" } else { "Ringing" };
+                self.notify(from, cseq, &SipFrag::new(code, reason), out);
             }
             ReferralUpdate::Refused { code, reason } => {
                 tracing::info!(code, %reason, "REFER target refused");
@@ -178,7 +203,7 @@ impl Connected<'_> {
                     let other = referral.from.other();
                     self.bye(other, &[HangupReason::normal(&why).header()], self.wait_for_bye, out);
                     self.close(Ending { code, reason: why, by: Ender::System }, out);
-                } else {
+                } else if !referral.no_subscription {
                     self.notify(referral.from, referral.cseq, &SipFrag::new(code, &reason), out);
                 }
             }
@@ -199,7 +224,9 @@ impl Connected<'_> {
                 Ok(()) => SipFrag::new(200, "OK"),
                 Err(_) => SipFrag::new(488, "Not Acceptable Here"),
             };
-            self.notify(leg, referral.cseq, &frag, out);
+            if !referral.no_subscription {
+                self.notify(leg, referral.cseq, &frag, out);
+            }
             self.bye(leg, &[HangupReason::normal("transferred").header()], false, out);
         }
         let Some(old) = self.leg(leg).map(|l| (l.setup.dialog.call_id.clone(), l.setup.dialog.local_tag.clone()))
@@ -277,8 +304,12 @@ impl Connected<'_> {
         true
     }
 
-    /// Sends a NOTIFY with `frag` for the referral on `leg` (RFC 3515 2.4.4).
+    /// Sends a NOTIFY with `frag` for the referral on `leg` (RFC 3515 2.4.4), unless the
+    /// referrer left or asked for no subscription (RFC 4488).
     fn notify(&mut self, leg: Leg, cseq: u32, frag: &SipFrag, out: &mut Vec<Action>) {
+        if self.referral.as_ref().is_some_and(|r| r.no_subscription || r.referrer_left) {
+            return;
+        }
         let Some(state) = self.leg_mut(leg) else { return };
         let via = via(&state.setup);
         let body = frag.body().into_bytes();
@@ -289,6 +320,16 @@ impl Connected<'_> {
         request.headers.push(Header::Contact(headers::Contact::new(state.setup.dialog.contact.clone())));
         out.push(Action::Send { leg, request });
     }
+}
+
+/// RFC 4488's header: `Refer-Sub: false` asks the REFER's recipient for no implicit
+/// subscription (no NOTIFYs), and the 2xx repeats it when the recipient obliges.
+const REFER_SUB: &str = "Refer-Sub";
+
+/// Whether the REFER asks for no subscription (`Refer-Sub: false`, RFC 4488 section 4).
+fn refer_sub_false(request: &Request) -> bool {
+    message::header_value(&request.headers, REFER_SUB)
+        .is_some_and(|value| value.split(';').next().is_some_and(|v| v.trim().eq_ignore_ascii_case("false")))
 }
 
 /// A refusal of `request` with `code` and a Warning saying why.

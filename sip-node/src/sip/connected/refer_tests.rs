@@ -181,6 +181,58 @@ fn a_refer_places_the_new_leg_notifies_and_the_new_leg_replaces_the_referrer() {
 }
 
 #[test]
+fn the_referrer_hears_once_that_the_new_leg_rings() {
+    let mut anchor = Anchor::default();
+    let (mut call, _) = b2bua(MediaMode::Anchored(&mut anchor));
+    call.on_event(on(Leg::B, refer(7, "<tel:+15550003333>")));
+    call.on_event(Event::Referral(ReferralUpdate::Accepted));
+    let actions = call.on_event(Event::Referral(ReferralUpdate::Ringing { code: 180 }));
+    let notify = &sent(&actions, Leg::B)[0];
+    assert_eq!(notify.body, b"SIP/2.0 180 Ringing\r\n");
+    assert_eq!(header_values(&notify.headers, "Event")[0], "refer;id=7");
+    assert!(header_values(&notify.headers, "Subscription-State")[0].starts_with("active"), "not final yet");
+    // Another 18x (a failover's attempt, a 183 after the 180): nothing more.
+    assert!(call.on_event(Event::Referral(ReferralUpdate::Ringing { code: 183 })).is_empty());
+    let new_leg = NewLeg { setup: leg("c-call", "ctag", 5063), answer: b"their answer".to_vec(), channel: None };
+    let actions = call.on_event(Event::Referral(ReferralUpdate::Answered(Box::new(new_leg))));
+    assert_eq!(sent(&actions, Leg::B)[0].body, b"SIP/2.0 200 OK\r\n");
+}
+
+#[test]
+fn a_referrer_that_wants_no_subscription_gets_refer_sub_false_and_no_notify() {
+    let mut anchor = Anchor::default();
+    let (mut call, _) = b2bua(MediaMode::Anchored(&mut anchor));
+    let no_sub = |cseq| {
+        incoming("REFER", cseq, "Refer-To: <tel:+15550003333>\r\nRefer-Sub: False\r\nSupported: norefersub\r\n", "")
+    };
+    assert!(placed(&call.on_event(on(Leg::B, no_sub(7)))).is_some());
+    let actions = call.on_event(Event::Referral(ReferralUpdate::Accepted));
+    let accepted =
+        actions.iter().find_map(|a| if let Action::Respond { response, .. } = a { Some(response) } else { None });
+    let accepted = accepted.expect("the REFER is answered");
+    assert_eq!(message::status(accepted), 202);
+    assert_eq!(header_values(&accepted.headers, "Refer-Sub"), ["false"]);
+    assert!(sent(&actions, Leg::B).is_empty(), "no NOTIFY 100: {actions:?}");
+    assert!(call.on_event(Event::Referral(ReferralUpdate::Ringing { code: 180 })).is_empty(), "no NOTIFY 180");
+    // A failure is not NOTIFYed either; the call goes on and the next REFER may subscribe.
+    let actions = call.on_event(Event::Referral(ReferralUpdate::Failed { code: 486, reason: "Busy Here".into() }));
+    assert!(sent(&actions, Leg::B).is_empty(), "{actions:?}");
+    assert!(placed(&call.on_event(on(Leg::B, no_sub(8)))).is_some());
+    call.on_event(Event::Referral(ReferralUpdate::Accepted));
+    // Answered: the referrer only gets the BYE that ends its leg.
+    let new_leg = NewLeg { setup: leg("c-call", "ctag", 5063), answer: b"their answer".to_vec(), channel: None };
+    let actions = call.on_event(Event::Referral(ReferralUpdate::Answered(Box::new(new_leg))));
+    let to_referrer: Vec<Method> = sent(&actions, Leg::B).iter().map(|r| r.method).collect();
+    assert_eq!(to_referrer, [Method::Bye], "{actions:?}");
+    // A REFER with `Refer-Sub: true` (or none) subscribes as before.
+    let mut other = Anchor::default();
+    let (mut call, _) = b2bua(MediaMode::Anchored(&mut other));
+    call.on_event(on(Leg::A, incoming("REFER", 3, "Refer-To: <tel:+15550003333>\r\nRefer-Sub: true\r\n", "")));
+    let actions = call.on_event(Event::Referral(ReferralUpdate::Accepted));
+    assert_eq!(sent(&actions, Leg::A)[0].body, b"SIP/2.0 100 Trying\r\n");
+}
+
+#[test]
 fn a_refused_or_malformed_refer_leaves_the_call_as_it_was() {
     let mut anchor = Anchor::default();
     let (mut call, _) = b2bua(MediaMode::Anchored(&mut anchor));

@@ -44,15 +44,19 @@ pub(super) struct Placing<'a> {
     pub(super) event: &'a (dyn Fn(&'static str) -> StatusEvent<'a> + Sync),
     /// The node's id of the call: the key of its `active_calls` row and of its CDRs.
     pub(super) call_uuid: Uuid,
+    /// The call's own Call-ID (its first attempt's): the `call_id` of its `active_calls` row,
+    /// CDRs and webhooks, and what transfer requests name.
+    pub(super) call_id: &'a str,
     /// When the node took the request (the `active_calls` row's start).
     pub(super) started_at: chrono::DateTime<Utc>,
 }
 
 impl Placing<'_> {
-    /// Reports `status` (`ringing`, `answered`) to the webhook and in the request's row.
-    async fn report(&self, status: &'static str, call_id: &str) {
+    /// Reports `status` (`ringing`, `answered`) to the webhook and in the request's row (with
+    /// the call's own Call-ID, which its `active_calls` row and transfer requests use).
+    async fn report(&self, status: &'static str) {
         self.hooks.send(&(self.event)(status));
-        set_state(self.pool, self.request.id, status, call_id, None).await;
+        set_state(self.pool, self.request.id, status, self.call_id, None).await;
     }
 }
 
@@ -102,7 +106,8 @@ pub(super) async fn dial(
                 }));
                 let peer = Peer { protocol, addr };
                 let attempt_call_id = if attempt == 1 { call_id.to_string() } else { format!("{call_id}-{attempt}") };
-                let gateway = Gateway { call_id: &attempt_call_id, user: &user, host: &host, peer, trunk: &trunk };
+                let gateway =
+                    Gateway { call_id: &attempt_call_id, user: &user, host: &host, peer, trunk: &trunk, attempt };
                 let outcome = one_attempt(placing, &mut target, &gateway, &mut rang).await;
                 let mut ended = outcome;
                 ended.trunk = Some(Arc::clone(&trunk));
@@ -134,6 +139,8 @@ struct Gateway<'a> {
     host: &'a str,
     peer: Peer,
     trunk: &'a Arc<TrunkConfig>,
+    /// The attempt's number (its CDR's).
+    attempt: u32,
 }
 
 /// One INVITE to one gateway address, and the call if it is answered.
@@ -144,7 +151,7 @@ async fn one_attempt(
     rang: &mut bool,
 ) -> Ended {
     let (ctx, request) = (placing.ctx, placing.request);
-    let Gateway { call_id, user, host, peer, trunk } = *gateway;
+    let Gateway { user, host, peer, trunk, .. } = *gateway;
     let failed = Ended::unanswered;
     let tag = new_tag();
     let offer = target.media.as_mut().map(|media| media.offer(trunk));
@@ -170,7 +177,7 @@ async fn one_attempt(
                     ring_at = Some(Utc::now());
                     if !*rang {
                         *rang = true;
-                        placing.report("ringing", call_id).await;
+                        placing.report("ringing").await;
                     }
                 }
             }
@@ -227,7 +234,7 @@ async fn answered(
     };
     let answer_at = Utc::now();
     ctx.store.record(StoreEvent::CallAnswered { call_uuid: placing.call_uuid, at: answer_at });
-    placing.report("answered", call_id).await;
+    placing.report("answered").await;
     let agent = target.agent.clone().zip(negotiated).zip(target.media.take());
     let (hangup_by, reason) = match agent {
         Some((((url, egress), negotiated), media)) => {
@@ -241,6 +248,18 @@ async fn answered(
                     number: request.from_number.clone(),
                 },
                 call_sid: call_id.to_string(),
+                transferable: crate::sip::transfer::CallerFacts {
+                    call_uuid: placing.call_uuid,
+                    call_sid: placing.call_id.to_string(),
+                    // The human a transfer reaches sees the party handed over, as for an
+                    // inbound caller.
+                    from: request.to_number.clone(),
+                    trunk: Some(Arc::clone(trunk)),
+                    answer_sdp: vec![],
+                    did: request.from_number.clone(),
+                    attempt: gateway.attempt,
+                    deadline: None,
+                },
             };
             media::bridge_to_agent(ctx, leg, media, negotiated, agent).await
         }

@@ -3,7 +3,7 @@
 use tokio::sync::mpsc;
 
 use super::MAX_DURATION;
-use crate::sip::connected::{AgentSession, Channels, Connected, Io, LegChannels, LegSetup, MediaMode, Setup, drive};
+use crate::sip::connected::{Action, Channels, Connected, Io, LegChannels, LegSetup, MediaMode, Setup, drive};
 use crate::sip::context::NodeContext;
 use crate::sip::dialog::Dialog;
 use crate::sip::endpoint::TuEvent;
@@ -11,9 +11,21 @@ use crate::store::HangupBy;
 
 /// Keeps the answered call up until the callee hangs up or the maximum duration passes.
 /// Without anchored media a new offer cannot be answered: 488 keeps the call up (RFC 3261
-/// 14.2). Everything else in the dialog is acknowledged.
+/// 14.2). Everything else in the dialog is acknowledged. Returns who ended it and why (for the
+/// CDR). (A call bridged to an agent runs in `sip::transfer`, which takes transfers too.)
 pub(super) async fn hold_until_hangup(ctx: &NodeContext, leg: CalleeLeg<'_>) -> (HangupBy, String) {
-    run_connected(ctx, leg, MediaMode::RefuseOffers, None, None).await
+    let peer = leg.dialog.peer;
+    let (mut machine, first) = callee_machine(ctx, leg.dialog, MediaMode::RefuseOffers);
+    let io = Io { endpoint: &ctx.endpoint, metrics: &ctx.metrics, drain: &ctx.drain };
+    let channels = Channels {
+        a: None,
+        b: Some(LegChannels { peer, tx: leg.tx.clone(), rx: leg.rx }),
+        relay_events: None,
+        agent: None,
+        referrals: None,
+    };
+    let ending = drive(&mut machine, first, &io, channels).await;
+    (HangupBy::from(ending.by), ending.reason)
 }
 
 /// The answered callee's leg.
@@ -23,25 +35,21 @@ pub(super) struct CalleeLeg<'a> {
     pub(super) rx: &'a mut mpsc::UnboundedReceiver<TuEvent>,
 }
 
-/// Runs the connected machine (`sip/connected/`) on the callee's leg until the call ends:
-/// the callee hangs up, the maximum duration passes, the node stops, or (bridged) the agent
-/// leaves or the media goes silent. Returns who ended it and why (for the CDR).
-pub(super) async fn run_connected(
+/// The connected machine of an answered API call: only the callee's leg (B), the call's
+/// maximum duration, no session timer (API-placed calls offer none yet).
+pub(super) fn callee_machine<'m>(
     ctx: &NodeContext,
-    leg: CalleeLeg<'_>,
-    media: MediaMode<'_>,
-    relay_events: Option<mpsc::Receiver<crate::media::relay::RelayEvent>>,
-    agent: Option<AgentSession<'_>>,
-) -> (HangupBy, String) {
-    let peer = leg.dialog.peer;
+    dialog: &Dialog,
+    media: MediaMode<'m>,
+) -> (Connected<'m>, Vec<Action>) {
+    let peer = dialog.peer;
     let b = LegSetup {
         sent_by: ctx.endpoint.transport().sent_by(peer.addr),
         contact: ctx.endpoint.contact_for(peer, ""),
-        dialog: leg.dialog.clone(),
-        // API-placed calls offer no session timer yet.
+        dialog: dialog.clone(),
         session: None,
     };
-    let setup = Setup {
+    Connected::new(Setup {
         a: None,
         b: Some(b),
         media,
@@ -49,16 +57,5 @@ pub(super) async fn run_connected(
         wait_for_bye: false,
         max_duration: Some(MAX_DURATION),
         session_policy: ctx.session_timers,
-    };
-    let (mut machine, first) = Connected::new(setup);
-    let io = Io { endpoint: &ctx.endpoint, metrics: &ctx.metrics, drain: &ctx.drain };
-    let channels = Channels {
-        a: None,
-        b: Some(LegChannels { peer, tx: leg.tx.clone(), rx: leg.rx }),
-        relay_events,
-        agent,
-        referrals: None,
-    };
-    let ending = drive(&mut machine, first, &io, channels).await;
-    (HangupBy::from(ending.by), ending.reason)
+    })
 }

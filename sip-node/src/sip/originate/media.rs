@@ -5,16 +5,18 @@
 //! until the call ends.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use switchboard_model::TrunkConfig;
 
-use super::super::connected::{AgentSession, LocalAnswerer, MediaMode};
+use super::super::connected::{Leg, LocalAnswerer, MediaMode};
 use super::super::context::MediaContext;
 use super::super::dialog::Dialog;
 use super::super::message::HangupReason;
-use super::NodeContext;
-use super::connected::{CalleeLeg, run_connected};
+use super::super::transfer::{AgentCall, AgentCallEnd, CallerFacts, CallerLeg, run_agent_call};
+use super::connected::{CalleeLeg, callee_machine};
+use super::{MAX_DURATION, NodeContext};
 use crate::bridge::{self, BridgeConfig, BridgeEnd, CallParameters};
 use crate::media::ports::{PortError, PortPair};
 use crate::media::relay::{RelayConfig, RtpLegSetup};
@@ -89,12 +91,17 @@ pub(super) struct AgentTarget {
     pub egress: Option<std::sync::Arc<switchboard_model::egress::EgressPolicy>>,
     pub parameters: CallParameters,
     pub call_sid: String,
+    /// The callee as a transfer sees it (the party handed to a human); its `answer_sdp` is
+    /// filled in here.
+    pub transferable: CallerFacts,
 }
 
 /// Bridges the answered callee to the agent until one of them ends the call, the media goes
-/// silent or the maximum duration passes; returns who ended it and why (for the CDR).
+/// silent or the maximum duration passes; returns who ended it and why (for the CDR). The
+/// call takes transfer requests meanwhile, like an inbound call to an agent: the callee is
+/// then the party handed to the human (`sip::transfer`).
 pub(super) async fn bridge_to_agent(
-    ctx: &NodeContext,
+    ctx: &Arc<NodeContext>,
     leg: CalleeLeg<'_>,
     mut media: ApiMedia,
     negotiated: NegotiatedMedia,
@@ -130,13 +137,26 @@ pub(super) async fn bridge_to_agent(
             return (HangupBy::System, bye(leg.dialog, HangupReason::normal(format!("cannot start media: {error}"))));
         }
     };
+    let mut caller = agent.transferable;
+    caller.answer_sdp = media.offer.as_ref().map(|o| o.to_string().into_bytes()).unwrap_or_default();
+    caller.deadline = Some(tokio::time::Instant::now() + MAX_DURATION);
     // Hold and resume from the callee are answered here; the relay follows.
     let policy = media.policy();
     let mut answerer = LocalAnswerer { policy, session: &mut media.session, awaiting: None, relay: &relay };
     let agent_end: fn(&BridgeEnd) -> String = |end| format!("agent ended the call: {}", end.reason());
-    let media_mode = MediaMode::AnswerHere(&mut answerer);
-    let agent = AgentSession { handle: &mut handle, reason: agent_end };
-    let ended = run_connected(ctx, leg, media_mode, Some(events), Some(agent)).await;
+    let (machine, first) = callee_machine(ctx, leg.dialog, MediaMode::AnswerHere(&mut answerer));
+    let call = AgentCall {
+        ctx,
+        machine,
+        first,
+        leg: CallerLeg { leg: Leg::B, peer: leg.dialog.peer, tx: leg.tx.clone(), rx: leg.rx },
+        relay_events: events,
+        agent: &mut handle,
+        agent_reason: agent_end,
+        relay: &relay,
+        caller,
+    };
+    let AgentCallEnd { ending, .. } = run_agent_call(call).await;
     drop(answerer);
     // `hangup()` sends the agent its `stop` whatever ended the call.
     let (_, stats) = handle.hangup().await;
@@ -148,5 +168,5 @@ pub(super) async fn bridge_to_agent(
         callee_packets_out = relay_stats.a.packets_out,
         "API call bridged to the agent ended"
     );
-    ended
+    (HangupBy::from(ending.by), ending.reason)
 }

@@ -221,6 +221,7 @@ async fn place(ctx: Arc<NodeContext>, pool: PgPool, request: CallRequest, hooks:
             hooks: &hooks,
             event: &event,
             call_uuid,
+            call_id: &call_id,
             started_at: setup_at,
         };
         dial(&placing, &call_id, target, trunks).await

@@ -1,23 +1,31 @@
 //! A call bridged to an AI agent, connected: its machine runs until the call ends, and between
 //! its events the call takes transfer requests (see the module doc of `sip::transfer`).
+//!
+//! "The caller" here is the party the agent talks to: the caller of an inbound call (leg A of
+//! its machine) or the callee of a call placed through the API (leg B of its machine). Either
+//! way, once transferred, that party is the caller of the transferred call (leg A of the new
+//! machine, the human leg B), so the transfer's CDRs read the same for both.
 
 use std::sync::Arc;
 
 use chrono::Utc;
 use rsip::headers::Header;
+use switchboard_model::egress::EgressPolicy;
 use switchboard_model::{TransferMode, TrunkConfig};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::dial::{Answered, DialPlan, Dialed, dial, write_cdr};
-use super::media::TransferMedia;
+use super::media::{LegFacts, LegSide, TransferMedia};
 use super::refer::{ReferCall, Referred};
 use super::ringing::Ringing;
+use super::target::{self, Route, RouteError};
 use super::warm::{Consult, Consulted};
 use super::{Command, DEFAULT_TIMEOUT, Intent, Mode, TransferEvent, TransferRequest};
 use crate::bridge::{BridgeEnd, BridgeHandle};
 use crate::media::relay::{RelayConfig, RelayEvent, RelayHandle, RtpLegSetup};
+use crate::media::srtp::SrtpPolicy;
 use crate::sip::connected::{
     Action, AgentSession, Channels, Connected, Driven, Ender, Ending, Event, Io, Leg, LegChannels, LegSetup, MediaMode,
     Resume, Setup, drive, drive_until,
@@ -44,6 +52,33 @@ pub(crate) struct CallerFacts {
     pub(crate) answer_sdp: Vec<u8>,
     /// The number the caller dialled (a REFER names it as the referrer).
     pub(crate) did: String,
+    /// The CDR attempt number of the caller's leg to the agent (the transfer's attempts count
+    /// on from the next one): 1 for an inbound call, the answered attempt's for an API call.
+    pub(crate) attempt: u32,
+    /// When the call must end at the latest (an API call's maximum duration), kept by the
+    /// transferred call.
+    pub(crate) deadline: Option<tokio::time::Instant>,
+}
+
+/// The caller's SIP leg: which leg of the agent call's machine it is, and its channels.
+pub(crate) struct CallerLeg<'a> {
+    /// [`Leg::A`] for an inbound caller, [`Leg::B`] for the callee of an API-placed call.
+    pub(crate) leg: Leg,
+    pub(crate) peer: Peer,
+    pub(crate) tx: TuSender,
+    pub(crate) rx: &'a mut mpsc::UnboundedReceiver<TuEvent>,
+}
+
+/// A machine's leg channels with `channels` in the caller's slot (`leg`) and nothing in the
+/// other.
+pub(super) fn caller_slots<'c>(
+    leg: Leg,
+    channels: LegChannels<'c>,
+) -> (Option<LegChannels<'c>>, Option<LegChannels<'c>>) {
+    match leg {
+        Leg::A => (Some(channels), None),
+        Leg::B => (None, Some(channels)),
+    }
 }
 
 /// An answered call to an AI agent, as `sip::call::agent` hands it over.
@@ -51,9 +86,7 @@ pub(crate) struct AgentCall<'a, 'm> {
     pub(crate) ctx: &'a Arc<NodeContext>,
     pub(crate) machine: Connected<'m>,
     pub(crate) first: Vec<Action>,
-    pub(crate) a_peer: Peer,
-    pub(crate) a_tx: TuSender,
-    pub(crate) a_rx: &'a mut mpsc::UnboundedReceiver<TuEvent>,
+    pub(crate) leg: CallerLeg<'a>,
     pub(crate) relay_events: mpsc::Receiver<RelayEvent>,
     pub(crate) agent: &'a mut BridgeHandle,
     /// The CDR text of the agent session's end.
@@ -71,29 +104,30 @@ pub(crate) struct AgentCallEnd {
 
 /// Runs the connected call until it ends, carrying out the transfers asked for meanwhile.
 pub(crate) async fn run_agent_call(call: AgentCall<'_, '_>) -> AgentCallEnd {
-    let AgentCall { ctx, mut machine, first, a_peer, a_tx, a_rx, relay_events, agent, agent_reason, relay, caller } =
-        call;
+    let AgentCall { ctx, mut machine, first, leg, relay_events, agent, agent_reason, relay, caller } = call;
+    let CallerLeg { leg: caller_leg, peer: a_peer, tx: a_tx, rx: a_rx } = leg;
     let io = Io { endpoint: &ctx.endpoint, metrics: &ctx.metrics, drain: &ctx.drain };
-    let dialog = machine.dialog(Leg::A).map(|d| (d.call_id.clone(), d.local_tag.clone()));
+    let dialog = machine.dialog(caller_leg).map(|d| (d.call_id.clone(), d.local_tag.clone()));
     let end = |ending| AgentCallEnd { ending, dialog: dialog.clone() };
     let mut registration = ctx.transfers.register(&caller.call_sid);
     let mut resume = Resume { actions: first, relay_events: Some(relay_events) };
-    // CDR attempt 1 is the caller's leg to the agent; transfer attempts count on from 2.
-    let mut next_attempt = 2;
+    // The caller's leg to the agent has its CDR attempt; transfer attempts count on from there.
+    let mut next_attempt = caller.attempt + 1;
     // The caller's leg's relay handle after a warm transfer was called off (the bridge then
     // holds a new leg for the caller; `relay` is the first one's).
     let mut caller_relay: Option<RelayHandle> = None;
     loop {
         macro_rules! channels {
-            ($events:expr) => {
+            ($events:expr) => {{
+                let (a, b) = caller_slots(caller_leg, LegChannels { peer: a_peer, tx: a_tx.clone(), rx: &mut *a_rx });
                 Channels {
-                    a: Some(LegChannels { peer: a_peer, tx: a_tx.clone(), rx: &mut *a_rx }),
-                    b: None,
+                    a,
+                    b,
                     relay_events: $events,
                     agent: Some(AgentSession { handle: &mut *agent, reason: agent_reason }),
                     referrals: None,
                 }
-            };
+            }};
         }
         let (command, resumed) =
             match drive_until(&mut machine, resume.actions, &io, channels!(resume.relay_events), registration.next())
@@ -107,7 +141,7 @@ pub(crate) async fn run_agent_call(call: AgentCall<'_, '_>) -> AgentCallEnd {
                 }
             };
         resume = resumed;
-        let Command { id, action, reply, hooks } = command;
+        let Command { id, action, reply, hooks, egress } = command;
         let request = match action {
             Intent::Transfer(request) => request,
             Intent::Complete | Intent::Cancel | Intent::Dtmf(_) => {
@@ -116,7 +150,11 @@ pub(crate) async fn run_agent_call(call: AgentCall<'_, '_>) -> AgentCallEnd {
             }
         };
         if request.mode == Mode::Refer {
-            if let Err(why) = refer_allowed(ctx, &caller) {
+            // A SIP URI is referred to only where the node would dial it itself (no open relay).
+            let uri_refused = target::is_uri(&request.to)
+                .then(|| plan_route(ctx, &caller, &request, &egress).err().map(|e| e.to_string()))
+                .flatten();
+            if let Some(why) = uri_refused.or_else(|| refer_allowed(ctx, &caller).err()) {
                 let _ = reply.send(Err(why));
                 continue;
             }
@@ -127,9 +165,7 @@ pub(crate) async fn run_agent_call(call: AgentCall<'_, '_>) -> AgentCallEnd {
             let referral = ReferCall {
                 io: &io,
                 machine: &mut machine,
-                a_peer,
-                a_tx: a_tx.clone(),
-                a_rx: &mut *a_rx,
+                leg: CallerLeg { leg: caller_leg, peer: a_peer, tx: a_tx.clone(), rx: &mut *a_rx },
                 agent: &mut *agent,
                 agent_reason,
                 resume,
@@ -160,10 +196,10 @@ pub(crate) async fn run_agent_call(call: AgentCall<'_, '_>) -> AgentCallEnd {
                 }
             }
         }
-        let trunks = match plan_route(ctx, &caller, &request) {
-            Ok(trunks) => trunks,
+        let route = match plan_route(ctx, &caller, &request, &egress) {
+            Ok(route) => route,
             Err(why) => {
-                let _ = reply.send(Err(why));
+                let _ = reply.send(Err(why.to_string()));
                 continue;
             }
         };
@@ -172,7 +208,7 @@ pub(crate) async fn run_agent_call(call: AgentCall<'_, '_>) -> AgentCallEnd {
         report.send("transfer_started", None, None);
         tracing::info!(transfer = %id, to = %request.to, "transfer started");
         let plan = DialPlan {
-            trunks,
+            route,
             to: request.to.clone(),
             from: request.caller_id.clone().unwrap_or_else(|| caller.from.clone()),
             call_uuid: caller.call_uuid,
@@ -231,6 +267,7 @@ pub(crate) async fn run_agent_call(call: AgentCall<'_, '_>) -> AgentCallEnd {
                     let consult = Consult {
                         transfer: &transfer,
                         machine: &mut machine,
+                        leg: caller_leg,
                         a: LegChannels { peer: a_peer, tx: a_tx.clone(), rx: &mut *a_rx },
                         agent: &mut *agent,
                         agent_reason,
@@ -260,9 +297,20 @@ pub(crate) async fn run_agent_call(call: AgentCall<'_, '_>) -> AgentCallEnd {
                 } else {
                     caller_relay.as_ref().unwrap_or(relay).release().await
                 };
-                let legs = TransferredLegs { a_peer, a_tx, a_rx, caller_sdp: caller.answer_sdp };
+                let legs = TransferredLegs {
+                    leg: caller_leg,
+                    a_peer,
+                    a_tx,
+                    a_rx,
+                    caller_sdp: caller.answer_sdp,
+                    caller_trunk: caller.trunk.clone(),
+                    deadline: caller.deadline,
+                };
                 let ending = bridge(&transfer, machine, caller_media, legs, *target).await;
-                return end(ending);
+                return end(match caller_leg {
+                    Leg::A => ending,
+                    Leg::B => as_placed_call(ending),
+                });
             }
         }
     }
@@ -291,29 +339,19 @@ impl Reporter<'_> {
     }
 }
 
-/// The trunks a transfer to `request.to` goes through: those of the first outbound RoutingRule
-/// of the call's namespace that matches, else the call's own trunk. Refused: modes not built
-/// yet, and targets nothing routes.
+/// How a transfer to `request.to` is reached (`target`): a number through the outbound
+/// routing of the call's namespace, a SIP URI at a trunk's gateway or on the egress allow-list.
 fn plan_route(
     ctx: &NodeContext,
     caller: &CallerFacts,
     request: &TransferRequest,
-) -> Result<Vec<Arc<TrunkConfig>>, String> {
+    egress: &EgressPolicy,
+) -> Result<Route, RouteError> {
     if ctx.media.is_none() {
-        return Err("this node anchors no media".into());
+        return Err(RouteError::NoMedia);
     }
-    let Some(trunk) = caller.trunk.as_ref() else {
-        return Err("the call came in on no trunk: there is no route for a transfer".into());
-    };
-    let snapshot = ctx.snapshot.current();
-    let mut trunks = routing::outbound_trunks(&snapshot, &trunk.namespace, &request.to, None);
-    if trunks.is_empty() {
-        trunks = routing::outbound_trunks(&snapshot, &trunk.namespace, &request.to, Some(&trunk.name));
-    }
-    if trunks.is_empty() {
-        return Err(format!("no trunk of namespace {} can reach {}", trunk.namespace, request.to));
-    }
-    Ok(trunks)
+    let trunk = caller.trunk.as_ref().ok_or(RouteError::NoTrunk)?;
+    target::route(&ctx.snapshot.current(), trunk, &request.to, egress)
 }
 
 /// Whether the call's trunk lets a transfer go to its provider as a REFER (`transfer: refer`
@@ -357,10 +395,15 @@ pub(super) fn hang_up_target(ctx: &NodeContext, plan: &DialPlan, target: &mut An
 
 /// The caller's leg, handed from the agent's machine to the transferred call's.
 pub(super) struct TransferredLegs<'a> {
+    /// Which leg of the agent call's machine the caller was.
+    leg: Leg,
     a_peer: Peer,
     a_tx: TuSender,
     a_rx: &'a mut mpsc::UnboundedReceiver<TuEvent>,
     caller_sdp: Vec<u8>,
+    /// The trunk of the caller's leg (its codecs and SRTP for re-offers).
+    caller_trunk: Option<Arc<TrunkConfig>>,
+    deadline: Option<tokio::time::Instant>,
 }
 
 /// What bridging the answered target needs besides the legs.
@@ -383,20 +426,43 @@ async fn bridge(
     mut target: Answered,
 ) -> Ending {
     let Transfer { ctx, io, plan, report } = *transfer;
-    let Some(mut a) = machine.into_leg(Leg::A) else {
+    let Some(mut a) = machine.into_leg(legs.leg) else {
         hang_up_target(ctx, plan, &mut target, "internal: the caller's leg is gone");
         return Ending { code: 500, reason: "internal: the caller's leg is gone".into(), by: Ender::System };
     };
     let media = ctx.media.as_ref();
     let target_media = target.media.take();
-    let started = match (caller_media, target_media, media) {
-        (Some(caller_media), Some(target_media), Some(media)) => media
+    // What the transferred call's re-offers start from, taken before the relay owns the legs.
+    let trunk_of =
+        |trunk: Option<&TrunkConfig>| (routing::codecs_of(trunk), trunk.map_or(SrtpPolicy::Off, |t| t.srtp.into()));
+    let sides = caller_media.as_ref().zip(target_media.as_ref()).map(|(caller, target_leg)| {
+        let (caller_codecs, caller_srtp) = trunk_of(legs.caller_trunk.as_deref());
+        let (target_codecs, target_srtp) = trunk_of(target.attempt.trunk.as_deref());
+        let caller = LegFacts {
+            last_sent: legs.caller_sdp.clone(),
+            port: caller.ports.rtp_port(),
+            allowed: caller_codecs,
+            srtp: caller_srtp,
+            media: caller.media.clone(),
+        };
+        let target = LegFacts {
+            last_sent: target.offer.clone(),
+            port: target_leg.ports.rtp_port(),
+            allowed: target_codecs,
+            srtp: target_srtp,
+            media: target_leg.media.clone(),
+        };
+        (caller, target)
+    });
+    let started = match (caller_media, target_media, media, sides) {
+        (Some(caller_media), Some(target_media), Some(media), Some(sides)) => media
             .engine
             .spawn_relay(caller_media, target_media, RelayConfig { media_timeout: media.timeout })
+            .map(|(relay, events)| (relay, events, sides, media.address))
             .map_err(|e| e.to_string()),
         _ => Err("the caller's media ended".into()),
     };
-    let (transferred_relay, events) = match started {
+    let (transferred_relay, events, (caller_side, target_side), address) = match started {
         Ok(started) => started,
         Err(error) => {
             let why = format!("cannot join the caller and the target: {error}");
@@ -408,7 +474,12 @@ async fn bridge(
             return Ending { code: 500, reason: why, by: Ender::System };
         }
     };
-    let mut media = TransferMedia { caller_sdp: legs.caller_sdp, target_sdp: std::mem::take(&mut target.offer) };
+    let mut media = TransferMedia {
+        caller: LegSide::new(caller_side, address),
+        target: LegSide::new(target_side, address),
+        address,
+        relay: &transferred_relay,
+    };
     let b_peer = target.dialog.peer;
     let b = LegSetup {
         sent_by: io.endpoint.transport().sent_by(b_peer.addr),
@@ -422,7 +493,7 @@ async fn bridge(
         media: MediaMode::Anchored(&mut media),
         timers: ctx.timers,
         wait_for_bye: true,
-        max_duration: None,
+        max_duration: legs.deadline.map(|at| at.saturating_duration_since(tokio::time::Instant::now())),
         session_policy: ctx.session_timers,
     };
     let (mut transferred, first) = Connected::transferred(a, setup);
@@ -455,9 +526,35 @@ async fn bridge(
     ending
 }
 
+/// How the call placed through the API reads an ending of its transferred call: there its
+/// callee (the party the agent talked to) is the caller and the human the callee; in the API
+/// call's own CDR the callee is the callee and the other side (now the human) the caller.
+fn as_placed_call(ending: Ending) -> Ending {
+    let (by, reason) = match (ending.by, ending.reason.as_str()) {
+        (Ender::Caller, "caller hung up") => (Ender::Callee, "callee hung up".to_string()),
+        (Ender::Callee, "callee hung up") => (Ender::Caller, "transfer target hung up".to_string()),
+        (Ender::Caller, _) => (Ender::Callee, ending.reason),
+        (Ender::Callee, _) => (Ender::Caller, ending.reason),
+        (Ender::System, _) => (Ender::System, ending.reason),
+    };
+    Ending { code: ending.code, reason, by }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_api_call_reads_its_transferred_ending_with_its_callee_as_the_callee() {
+        let ending = |by, reason: &str| Ending { code: 200, reason: reason.into(), by };
+        assert_eq!(as_placed_call(ending(Ender::Caller, "caller hung up")), ending(Ender::Callee, "callee hung up"));
+        assert_eq!(
+            as_placed_call(ending(Ender::Callee, "callee hung up")),
+            ending(Ender::Caller, "transfer target hung up")
+        );
+        let timeout = ending(Ender::System, "media timeout: no RTP for 30 s");
+        assert_eq!(as_placed_call(timeout.clone()), timeout);
+    }
 
     fn request(summary: Option<&str>) -> TransferRequest {
         TransferRequest {

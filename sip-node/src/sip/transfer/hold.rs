@@ -2,7 +2,8 @@
 //! transfer's target rings, with `--transfer-ringback`; `ringback` without a file): the node's
 //! `--transfer-hold-audio` file (raw 8 kHz μ-law) played in a loop to the caller's RTP address
 //! from the caller's own port, one 20 ms packet per tick (A-law for an A-law caller). Without
-//! a file the caller hears silence (nothing is sent).
+//! a file the caller hears silence (nothing is sent). An SRTP caller gets the audio as SRTP,
+//! with the node's key of its leg.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::media::g711;
 use crate::media::relay::RtpLegSetup;
+use crate::media::srtp::SrtpLeg;
 
 /// One packet's worth of 8 kHz audio.
 const FRAME: usize = 160;
@@ -65,6 +67,19 @@ impl HoldPlayer {
                 return Held::Silent(leg);
             }
         };
+        // An SRTP caller gets the audio encrypted with the node's key of its leg (in a stream of
+        // its own SSRC); a context that cannot be made means silence, never plain RTP.
+        let mut srtp = match leg.media.srtp.as_ref().map(|keys| SrtpLeg::new(&keys.local, &keys.remote)) {
+            None => None,
+            Some(Ok(context)) => Some(context),
+            Some(Err(error)) => {
+                tracing::warn!(%error, "cannot play hold audio to an SRTP caller");
+                if let Ok(rtp) = socket.into_std() {
+                    leg.ports.restore_sockets(rtp, rtcp);
+                }
+                return Held::Silent(leg);
+            }
+        };
         let (stop, mut stopped) = oneshot::channel();
         let task = tokio::spawn(async move {
             let (pt, alaw) = (leg.media.payload_type, leg.media.codec == Codec::Pcma);
@@ -90,7 +105,16 @@ impl HoldPlayer {
                     g711::ulaw_to_alaw_in_place(&mut packet[12..]);
                 }
                 // A full send buffer drops the packet, as the relay does.
-                let _ = socket.try_send_to(&packet, to);
+                match srtp.as_mut() {
+                    None => {
+                        let _ = socket.try_send_to(&packet, to);
+                    }
+                    Some(srtp) => {
+                        if let Some(protected) = srtp.protect_rtp(&packet) {
+                            let _ = socket.try_send_to(&protected, to);
+                        }
+                    }
+                }
                 offset += FRAME;
                 seq = seq.wrapping_add(1);
                 ts = ts.wrapping_add(FRAME as u32);

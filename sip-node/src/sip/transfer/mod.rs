@@ -36,6 +36,7 @@ mod media;
 pub mod queue;
 mod refer;
 mod ringing;
+mod target;
 mod warm;
 
 use std::collections::HashMap;
@@ -45,7 +46,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-pub(crate) use agent::{AgentCall, AgentCallEnd, CallerFacts, run_agent_call};
+pub(crate) use agent::{AgentCall, AgentCallEnd, CallerFacts, CallerLeg, run_agent_call};
 
 /// The NOTIFY channel the API wakes nodes on.
 pub const CHANNEL: &str = "switchboard_call_commands";
@@ -67,7 +68,8 @@ pub enum Mode {
 /// A transfer request as the API stored it (`call_commands.body`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct TransferRequest {
-    /// The target: an E.164 number.
+    /// The target: an E.164 number, or a SIP URI (`target`: at a trunk's gateway or on the
+    /// egress allow-list).
     pub to: String,
     pub mode: Mode,
     /// For the target (warm transfers: `X-Transfer-Summary`).
@@ -133,6 +135,8 @@ pub(crate) struct Command {
     pub(crate) reply: oneshot::Sender<Result<(), String>>,
     /// The request's status webhooks.
     pub(crate) hooks: crate::webhook::CallHooks,
+    /// The egress allow-list: a SIP URI target not at a trunk's gateway must be on it.
+    pub(crate) egress: Arc<switchboard_model::egress::EgressPolicy>,
 }
 
 /// The calls that take transfer requests, by the call-sid their agent knows.
@@ -219,7 +223,8 @@ mod tests {
             webhook_url: None,
         };
         let hooks = crate::webhook::CallHooks::start(reqwest::Client::new(), crate::webhook::Signer::new("test"), None);
-        (Command { id: uuid::Uuid::new_v4(), action: Intent::Transfer(request), reply, hooks }, rx)
+        let egress = Arc::default();
+        (Command { id: uuid::Uuid::new_v4(), action: Intent::Transfer(request), reply, hooks, egress }, rx)
     }
 
     #[tokio::test]

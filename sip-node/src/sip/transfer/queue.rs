@@ -98,7 +98,7 @@ async fn deliver(
     };
     let hooks = CallHooks::start_guarded(client, signer, webhook, &egress);
     let (reply, answer) = oneshot::channel();
-    if !transfers.deliver(call_sid, Command { id, action, reply, hooks }) {
+    if !transfers.deliver(call_sid, Command { id, action, reply, hooks, egress }) {
         return Err("the call is not connected to an AI agent on this node".into());
     }
     match tokio::time::timeout(REPLY_WAIT, answer).await {

@@ -15,16 +15,15 @@ use rsip::Method;
 use rsip::headers::Header;
 use tokio::sync::mpsc;
 
-use super::agent::Reporter;
+use super::agent::{CallerLeg, Reporter, caller_slots};
 use crate::bridge::{BridgeEnd, BridgeHandle};
 use crate::sip::connected::{
-    AgentSession, Channels, Connected, Driven, Ending, Event, Io, Leg, LegChannels, Resume, drive_until,
+    AgentSession, Channels, Connected, Driven, Ending, Event, Io, LegChannels, Resume, drive_until,
 };
 use crate::sip::control::refer::{ReferProgress, ReferTo};
-use crate::sip::endpoint::{TuEvent, TuSender};
+use crate::sip::endpoint::TuEvent;
 use crate::sip::message;
 use crate::sip::transaction::response_to;
-use crate::sip::transport::Peer;
 
 /// How long the carrier may take to report the referral's final status after the REFER.
 pub(super) const EXTRA_WAIT: Duration = Duration::from_secs(10);
@@ -33,13 +32,12 @@ pub(super) const EXTRA_WAIT: Duration = Duration::from_secs(10);
 pub(super) struct ReferCall<'a, 'm> {
     pub(super) io: &'a Io<'a>,
     pub(super) machine: &'a mut Connected<'m>,
-    pub(super) a_peer: Peer,
-    pub(super) a_tx: TuSender,
-    pub(super) a_rx: &'a mut mpsc::UnboundedReceiver<TuEvent>,
+    /// The caller's leg: the REFER goes on its dialog.
+    pub(super) leg: CallerLeg<'a>,
     pub(super) agent: &'a mut BridgeHandle,
     pub(super) agent_reason: fn(&BridgeEnd) -> String,
     pub(super) resume: Resume,
-    /// The target (E.164) and how long the referral may take in all.
+    /// The target (E.164 or a SIP URI) and how long the referral may take in all.
     pub(super) to: &'a str,
     pub(super) limit: Duration,
     /// The number the REFER names as referrer (the DID).
@@ -65,15 +63,19 @@ enum Outcome {
 
 impl ReferCall<'_, '_> {
     pub(super) async fn run(self, report: &Reporter<'_>) -> Referred {
-        let ReferCall { io, machine, a_peer, a_tx, a_rx, agent, agent_reason, resume, to, limit, referred_by } = self;
-        let Some(host) = machine.dialog(Leg::A).map(|d| d.remote_target.host().to_string()) else {
+        let ReferCall { io, machine, leg, agent, agent_reason, resume, to, limit, referred_by } = self;
+        let CallerLeg { leg, peer: a_peer, tx: a_tx, rx: a_rx } = leg;
+        let Some(host) = machine.dialog(leg).map(|d| d.remote_target.host().to_string()) else {
             return Referred::Failed(resume, 500, "the caller's leg is gone".into());
         };
-        let target = match ReferTo::blind(&format!("sip:{to}@{host};user=phone")) {
+        // A number goes to the carrier that sent the call; a SIP URI (checked like one the node
+        // would dial) as it is.
+        let refer_to = if super::target::is_uri(to) { to.to_string() } else { format!("sip:{to}@{host};user=phone") };
+        let target = match ReferTo::blind(&refer_to) {
             Ok(target) => target,
             Err(error) => return Referred::Failed(resume, 400, format!("cannot refer to {to}: {error}")),
         };
-        let Some(mut refer) = machine.new_request(Leg::A, Method::Refer, None) else {
+        let Some(mut refer) = machine.new_request(leg, Method::Refer, None) else {
             return Referred::Failed(resume, 500, "the caller's leg is gone".into());
         };
         let contact = io.endpoint.contact_for(a_peer, referred_by);
@@ -88,9 +90,10 @@ impl ReferCall<'_, '_> {
         // The machine reads the caller's events from here on, as this loop passes them.
         let (pass_tx, mut pass_rx) = mpsc::unbounded_channel();
         let follow = follow(io, a_rx, &pass_tx, refer_cseq, limit);
+        let (a, b) = caller_slots(leg, LegChannels { peer: a_peer, tx: a_tx.clone(), rx: &mut pass_rx });
         let channels = Channels {
-            a: Some(LegChannels { peer: a_peer, tx: a_tx.clone(), rx: &mut pass_rx }),
-            b: None,
+            a,
+            b,
             relay_events: resume.relay_events,
             agent: Some(AgentSession { handle: &mut *agent, reason: agent_reason }),
             referrals: None,

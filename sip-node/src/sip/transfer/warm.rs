@@ -13,13 +13,13 @@ use std::collections::VecDeque;
 
 use rsip::Method;
 
-use super::agent::{Reporter, Transfer, hang_up_target};
+use super::agent::{Reporter, Transfer, caller_slots, hang_up_target};
 use super::dial::{Answered, write_cdr};
 use super::hold::Held;
 use super::{Command, Intent, Registration};
 use crate::bridge::{BridgeEnd, BridgeHandle};
 use crate::media::relay::{RelayConfig, RelayHandle, RtpLegSetup};
-use crate::sip::connected::{AgentSession, Channels, Connected, Driven, Ending, LegChannels, Resume, drive_until};
+use crate::sip::connected::{AgentSession, Channels, Connected, Driven, Ending, Leg, LegChannels, Resume, drive_until};
 use crate::sip::control::dtmf_info::{self, InfoDtmf};
 use crate::sip::endpoint::{Endpoint, TuEvent};
 use crate::sip::transaction::response_to;
@@ -29,6 +29,8 @@ use crate::store::HangupBy;
 pub(super) struct Consult<'a, 'b, 'm> {
     pub(super) transfer: &'a Transfer<'a>,
     pub(super) machine: &'a mut Connected<'m>,
+    /// Which leg of the machine the caller is.
+    pub(super) leg: Leg,
     /// The caller's leg (its machine keeps serving it).
     pub(super) a: LegChannels<'b>,
     pub(super) agent: &'b mut BridgeHandle,
@@ -62,7 +64,7 @@ enum Decision {
 
 impl Consult<'_, '_, '_> {
     pub(super) async fn run(self, target: &mut Answered) -> Consulted {
-        let Consult { transfer, machine, a, agent, agent_reason, registration, resume, id } = self;
+        let Consult { transfer, machine, leg, a, agent, agent_reason, registration, resume, id } = self;
         let Transfer { ctx, io, plan, report } = *transfer;
         let config = relay_config(transfer);
         let swapped = match target.media.take() {
@@ -79,13 +81,9 @@ impl Consult<'_, '_, '_> {
         agent.notify("transfer_answered", serde_json::json!({"transfer": {"id": id.to_string(), "to": plan.to}}));
         tracing::info!(transfer = %id, "warm transfer: the agent is briefing the human; the caller is on hold");
         let agent_session = AgentSession { handle: &mut *agent, reason: agent_reason };
-        let channels = Channels {
-            a: Some(a),
-            b: None,
-            relay_events: resume.relay_events,
-            agent: Some(agent_session),
-            referrals: None,
-        };
+        let (a, b) = caller_slots(leg, a);
+        let channels =
+            Channels { a, b, relay_events: resume.relay_events, agent: Some(agent_session), referrals: None };
         let decided =
             drive_until(machine, resume.actions, io, channels, decision(io.endpoint, registration, target)).await;
         let caller = held.end().await;
