@@ -665,6 +665,22 @@ async fn a_certificate_auth_trunk_refuses_calls_without_a_certificate(pool: PgPo
     assert!(response.starts_with("SIP/2.0 403"), "{response}");
     assert!(response.contains("this request came over UDP"), "{response}");
     assert_eq!(tls_peer_refusals(&node, "not_tls").await, 1);
+
+    // A MESSAGE for the trunk's number over UDP: refused the same way (and nothing stored).
+    let (node_addr, from) = (node.addr, caller.sip_addr());
+    let body = "hello";
+    let message = format!(
+        "MESSAGE sip:{DID}@{node_addr} SIP/2.0\r\nVia: SIP/2.0/UDP {from};branch=z9hG4bK-mtls-message\r\n\
+         From: <sip:+15557654321@{from}>;tag=m\r\nTo: <sip:{DID}@{node_addr}>\r\nCall-ID: mtls-message\r\n\
+         CSeq: 1 MESSAGE\r\nMax-Forwards: 70\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    caller.send(&message, node_addr).await;
+    let response = caller.final_response().await;
+    assert!(response.starts_with("SIP/2.0 403"), "{response}");
+    assert_eq!(tls_peer_refusals(&node, "not_tls").await, 2);
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM messages").fetch_one(&pool).await.unwrap();
+    assert_eq!(stored, 0);
     node.stop().await;
 }
 
