@@ -123,8 +123,6 @@ pub enum TlsError {
 pub struct TlsLayer {
     server: Option<Server>,
     client: ClientTrust,
-    /// Asks inbound clients for a certificate while a trunk admits callers by one.
-    verifier: Arc<verifier::AskClientCertificate>,
     /// What the clients of open inbound connections presented, for admission.
     peers: Arc<PeerTable>,
     handshake_timeout: Duration,
@@ -156,6 +154,7 @@ impl TlsLayer {
             Some(path) => certs::read_certs(path)?,
             None => Vec::new(),
         };
+        // Inbound mutual TLS: every client is asked for a certificate, none must present one.
         let verifier = Arc::new(verifier::AskClientCertificate::new(provider()));
         let server = match (&args.cert, &args.key) {
             (Some(cert), Some(key)) => {
@@ -184,7 +183,6 @@ impl TlsLayer {
         Ok(Arc::new(TlsLayer {
             server,
             client: ClientTrust::new(extra_ca, client_cert)?,
-            verifier,
             peers: Arc::default(),
             handshake_timeout: Duration::from_millis(args.handshake_timeout_ms.max(1)),
             listen,
@@ -216,10 +214,9 @@ impl TlsLayer {
         &self.client
     }
 
-    /// Takes the trunks' TLS settings from `snapshot` from now on: per-trunk client
-    /// configurations outbound, and whether inbound clients are asked for a certificate.
+    /// Takes the trunks' TLS settings from `snapshot` from now on (per-trunk client
+    /// configurations towards their gateways).
     pub fn follow(&self, snapshot: crate::config::SnapshotHandle) {
-        self.verifier.follow(snapshot.clone());
         self.client.follow(snapshot);
     }
 

@@ -175,9 +175,9 @@ fn client_with_certificate(ca: &Ca, name: &str) -> Arc<rustls::ClientConfig> {
     Arc::new(config)
 }
 
-/// Inbound mutual TLS at the listener: no certificate is asked for until a trunk admits callers
-/// by one; then what a client presents is kept while its connection lives (for admission) and
-/// forgotten after, and a client without a certificate still connects.
+/// Inbound mutual TLS at the listener: every client is asked for a certificate; what one
+/// presents is kept while its connection lives (for admission) and forgotten after, and a client
+/// without a certificate still connects.
 #[tokio::test]
 async fn a_presented_client_certificate_is_kept_while_its_connection_lives() {
     let dir = tempfile::tempdir().unwrap();
@@ -192,16 +192,6 @@ async fn a_presented_client_certificate_is_kept_while_its_connection_lives() {
         session
     };
 
-    let _unasked = connect(client_with_certificate(&ca, "caller.test")).await;
-    let received = next_message(&mut rx).await;
-    assert!(tls.peer_certificate(received.peer.addr).is_none(), "no trunk wants certificates: none asked for");
-
-    let mut mtls = switchboard_model::TrunkConfig::loopback("mtls", vec![]);
-    mtls.auth_method = switchboard_model::AuthMethod::Certificate;
-    mtls.tls_peer_names = vec!["caller.test".into()];
-    let snapshot = Snapshot::from_parts(2, vec![mtls], vec![], vec![], vec![]).unwrap();
-    tls.follow(crate::config::SnapshotHandle::new(snapshot));
-
     let with_cert = connect(client_with_certificate(&ca, "caller.test")).await;
     let received = next_message(&mut rx).await;
     let presented = tls.peer_certificate(received.peer.addr).expect("the certificate is kept");
@@ -211,6 +201,7 @@ async fn a_presented_client_certificate_is_kept_while_its_connection_lives() {
     let _without = connect(client_config(&ca)).await;
     let received = next_message(&mut rx).await;
     assert!(tls.peer_certificate(received.peer.addr).is_none(), "a client without a certificate still connects");
+    assert!(!tls.presented(received.peer));
 
     drop(with_cert);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);

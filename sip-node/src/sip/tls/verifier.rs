@@ -1,5 +1,5 @@
-//! The listener's client-certificate policy: ask TLS clients for a certificate when a trunk
-//! admits callers by certificate, never require one, and judge it per trunk at admission.
+//! The listener's client-certificate policy: ask every TLS client for a certificate, never
+//! require one, and judge it per trunk at admission.
 //!
 //! **Why the handshake does not check the chain.** Which CA a caller's certificate must chain
 //! to, and which names it must carry, belong to the trunk the request is for (its
@@ -12,64 +12,35 @@
 //! ([`super::peer_auth`]), and a request on a certificate trunk without a usable certificate gets
 //! `403` saying what was presented.
 //!
-//! **Why only when a trunk wants it.** Without a certificate-auth trunk that names its peers,
-//! the listener asks for no certificate at all, as before: nothing changes for nodes that do not
-//! use inbound mutual TLS.
+//! **Why always ask.** Peers are added to a trunk while connections are open, and a carrier's
+//! proxy keeps one connection for hours: a listener that asked only once some trunk wanted
+//! certificates would leave that connection without one, and its calls refused until it
+//! reconnected. A client without a certificate answers the request with an empty Certificate
+//! message (RFC 8446 §4.4.2, RFC 5246 §7.4.6) and carries on, so asking costs nothing.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
-use crate::config::SnapshotHandle;
-
-/// Asks for (never requires) a client certificate while some inbound trunk admits callers by
-/// certificate; accepts any certificate whose key signed the handshake.
+/// Asks every client for a certificate, never requires one, and accepts any certificate whose
+/// key signed the handshake.
+#[derive(Debug)]
 pub struct AskClientCertificate {
     provider: Arc<rustls::crypto::CryptoProvider>,
-    snapshot: OnceLock<SnapshotHandle>,
-    /// `(generation, wanted)` of the snapshot last looked at.
-    wanted: Mutex<Option<(i64, bool)>>,
-}
-
-impl std::fmt::Debug for AskClientCertificate {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AskClientCertificate").field("wanted", &self.wanted()).finish_non_exhaustive()
-    }
 }
 
 impl AskClientCertificate {
     pub fn new(provider: Arc<rustls::crypto::CryptoProvider>) -> AskClientCertificate {
-        AskClientCertificate { provider, snapshot: OnceLock::new(), wanted: Mutex::new(None) }
-    }
-
-    /// Takes the trunks from `snapshot` from now on (before, no certificate is asked for).
-    pub fn follow(&self, snapshot: SnapshotHandle) {
-        let _ = self.snapshot.set(snapshot);
-    }
-
-    /// Whether an inbound trunk of the current configuration admits callers by certificate
-    /// (looked at once per configuration generation).
-    fn wanted(&self) -> bool {
-        let Some(snapshot) = self.snapshot.get() else { return false };
-        let generation = snapshot.generation();
-        let mut cached = self.wanted.lock().unwrap_or_else(|p| p.into_inner());
-        match *cached {
-            Some((seen, wanted)) if seen == generation => wanted,
-            _ => {
-                let wanted = snapshot.current().trunks().any(|t| t.inbound_enabled && t.requires_peer_certificate());
-                *cached = Some((generation, wanted));
-                wanted
-            }
-        }
+        AskClientCertificate { provider }
     }
 }
 
 impl ClientCertVerifier for AskClientCertificate {
     fn offer_client_auth(&self) -> bool {
-        self.wanted()
+        true
     }
 
     fn client_auth_mandatory(&self) -> bool {
