@@ -82,7 +82,8 @@ pub struct TrunkSpec {
 
     /// How the provider and Switchboard authenticate each other: `ip`, `digest`, `none` or
     /// `certificate` (mutual TLS: the nodes present `tls.clientCertSecretRef` on the trunk's
-    /// TLS gateways, which must all use `transport: TLS`).
+    /// TLS gateways, which must all use `transport: TLS`; with `tls.peerNames` or
+    /// `tls.peerFingerprints`, inbound calls need the provider's client certificate too).
     #[serde(default = "default_auth_method")]
     pub auth_method: AuthMethod,
 
