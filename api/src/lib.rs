@@ -22,6 +22,7 @@ pub(crate) mod error;
 pub mod limits;
 pub mod store;
 pub mod trunk_model;
+pub mod trunk_security;
 pub(crate) mod trunks;
 
 use std::net::SocketAddr;

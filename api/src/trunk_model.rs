@@ -12,6 +12,7 @@ use switchboard_model::{AuthMethod, Codec, TransferMode, Transport};
 use utoipa::ToSchema;
 
 use crate::error::ApiError;
+pub use crate::trunk_security::ApiTrunkTls;
 use switchboard_operator::crd::{
     Credentials, Gateway, InboundSpec, Limits, NumberFormat, OutboundSpec, Registrar, RegistrationSpec, SecretKeyRef,
     TrunkSpec,
@@ -86,10 +87,14 @@ pub struct TrunkFields {
     pub calls_per_second_limit: Option<u32>,
     /// Source networks the provider signals from (CIDRs; a bare IP means that one host).
     pub allowed_ips: Option<Vec<String>>,
-    /// `ip`, `digest` or `none` (default: `digest` with a username, else `ip`); `certificate`
-    /// (mutual TLS) is refused with 400 `unsupported` unless the trunk's manifest already has
-    /// `spec.tls.clientCertSecretRef` (the API cannot set it).
+    /// `ip`, `digest`, `none` (default: `digest` with a username, else `ip`) or `certificate`
+    /// (mutual TLS: needs `tls.client_cert_secret` and TLS gateways; `tls.peer_names` or
+    /// `tls.peer_fingerprints` make inbound calls need the provider's client certificate).
     pub auth_method: Option<String>,
+    /// TLS settings: the client certificate and CA Secrets, the peers of inbound mutual TLS.
+    pub tls: Option<ApiTrunkTls>,
+    /// SRTP on the trunk's call legs: `required`, `optional` or `disabled` (the default).
+    pub srtp: Option<String>,
     /// Trunks tried when this one fails or is at its limits (their `trunk_id`s).
     pub backup_trunks: Option<Vec<String>>,
     pub registrar_address: Option<String>,
@@ -141,6 +146,11 @@ pub(crate) struct TrunkResponse {
     pub calls_per_second_limit: Option<u32>,
     pub allowed_ips: Vec<String>,
     pub auth_method: String,
+    /// The trunk's TLS settings, when it has any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ApiTrunkTls>,
+    /// `required`, `optional` or `disabled` (the Trunk's `media.srtp`).
+    pub srtp: String,
     pub backup_trunks: Vec<String>,
     pub registrar_address: Option<String>,
     pub registrar_port: Option<u16>,
@@ -318,6 +328,7 @@ pub fn apply_fields(
             limits.calls_per_second = Some(cps);
         }
     }
+    crate::trunk_security::apply(spec, fields.tls.as_ref(), fields.srtp.as_deref())?;
     match &fields.auth_method {
         Some(method) => spec.auth_method = parse_enum::<AuthMethod>("auth_method", &method.to_ascii_lowercase())?,
         None if creating && spec.credentials.is_some() => {
@@ -325,16 +336,6 @@ pub fn apply_fields(
             spec.auth_method = AuthMethod::Digest;
         }
         None => {}
-    }
-    let client_cert = spec.tls.as_ref().is_some_and(|t| t.client_cert_secret_ref.is_some());
-    if fields.auth_method.is_some() && spec.auth_method == AuthMethod::Certificate && !client_cert {
-        // The API has no field for the client certificate (a Secret reference): a manifest does.
-        return Err(ApiError::bad_request(
-            "unsupported",
-            "auth_method certificate is not supported through the REST API, which cannot set the client \
-             certificate: write a Trunk manifest with spec.tls.clientCertSecretRef (a kubernetes.io/tls Secret)",
-        )
-        .with_field("auth_method"));
     }
     if let Some(backups) = &fields.backup_trunks {
         spec.backup_trunks = backups.iter().map(|id| name_of(id)).collect();
@@ -405,6 +406,9 @@ pub(crate) fn api_field(path: &str, fields: &TrunkFields) -> String {
     if let Some(after) = rest.strip_prefix("gateways[") {
         let (index, sub) = after.split_once(']').unwrap_or((after, ""));
         return gateway(index, sub.trim_start_matches('.'));
+    }
+    if let Some(field) = crate::trunk_security::api_field(rest) {
+        return field;
     }
     if let Some(index) = rest.strip_prefix("inbound.allowedSourceCidrs") {
         return format!("allowed_ips{index}");
@@ -496,6 +500,8 @@ pub(crate) fn response(
         calls_per_second_limit: spec.limits.as_ref().and_then(|l| l.calls_per_second),
         allowed_ips: spec.inbound.as_ref().map(|i| i.allowed_source_cidrs.clone()).unwrap_or_default(),
         auth_method: spec.auth_method.to_string(),
+        tls: crate::trunk_security::response(spec),
+        srtp: spec.media.as_ref().map(|m| m.srtp).unwrap_or_default().to_string(),
         backup_trunks: spec.backup_trunks.clone(),
         registrar_address: spec.registrar.as_ref().map(|r| r.address.clone()),
         registrar_port: spec.registrar.as_ref().and_then(|r| r.port),

@@ -157,16 +157,24 @@ async fn trunk_crud_writes_the_folder(pool: PgPool) {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["error"]["field"], "rtp_timeout");
     assert_eq!(std::fs::read_to_string(api.dir.path().join("api/trunk-skyetel-main.yaml")).unwrap(), before);
-    // Certificate authentication (mutual TLS) does not exist in the node: 400 `unsupported`
-    // naming the field, nothing written. (TLS itself is accepted further down.)
-    for (update, field, needle) in
-        [(json!({"auth_method": "certificate"}), "auth_method", "certificate is not supported")]
-    {
+    // Certificate authentication (mutual TLS) needs the client certificate's Secret
+    // (`tls.client_cert_secret`) and TLS gateways: each missing piece is a 422 naming the API
+    // field, nothing written. (The accepted case is further down.)
+    for (update, field, needle) in [
+        (json!({"auth_method": "certificate"}), "tls.client_cert_secret", "needs a client certificate"),
+        (
+            json!({"auth_method": "certificate", "tls": {"client_cert_secret": "skyetel-client"}}),
+            "transport",
+            "sent over TLS only",
+        ),
+        (json!({"tls": {"peer_names": ["sip.skyetel.com"]}}), "tls.peer_names", "authMethod certificate"),
+        (json!({"srtp": "off"}), "srtp", "required"),
+    ] {
         let (status, body) = api.send(Method::PUT, "/api/trunks/skyetel_main", Some(update.clone())).await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{update}: {body}");
-        assert_error_shape(&body, "unsupported");
-        assert_eq!(body["error"]["field"], field, "{body}");
-        assert!(body["error"]["message"].as_str().unwrap().contains(needle), "{body}");
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{update}: {body}");
+        assert_error_shape(&body, "invalid_field");
+        assert_eq!(body["error"]["field"], field, "{update}: {body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains(needle), "{update}: {body}");
     }
     assert_eq!(std::fs::read_to_string(api.dir.path().join("api/trunk-skyetel-main.yaml")).unwrap(), before);
     let mut bad = skyetel();
@@ -186,6 +194,37 @@ async fn trunk_crud_writes_the_folder(pool: PgPool) {
     );
     let (status, body) = api.send(Method::PUT, "/api/trunks/skyetel_main", Some(json!({"transport": "UDP"}))).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+
+    // A certificate-auth trunk over TLS with SRTP: the `tls` object and `srtp` reach the
+    // manifest and come back; a malformed fingerprint is a 422 naming its index.
+    let pin = "AB:".repeat(31) + "CD";
+    let mutual_tls = json!({
+        "auth_method": "certificate", "transport": "TLS", "srtp": "required",
+        "tls": {"client_cert_secret": "skyetel-client", "ca_secret": "skyetel-ca",
+                "peer_names": ["sip.skyetel.com"], "peer_fingerprints": [pin]}
+    });
+    let (status, body) = api.send(Method::PUT, "/api/trunks/skyetel_main", Some(mutual_tls.clone())).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["auth_method"], "certificate");
+    assert_eq!(body["srtp"], "required");
+    assert_eq!(body["tls"], mutual_tls["tls"], "{body}");
+    let text = std::fs::read_to_string(api.dir.path().join("api/trunk-skyetel-main.yaml")).unwrap();
+    for needle in
+        ["clientCertSecretRef", "skyetel-client", "caSecretRef", "peerNames", "peerFingerprints", "srtp: required"]
+    {
+        assert!(text.contains(needle), "{needle}: {text}");
+    }
+    let (_, got) = api.send(Method::GET, "/api/trunks/skyetel_main", None).await;
+    assert_eq!(got["tls"], mutual_tls["tls"], "{got}");
+    let bad_pin = json!({"tls": {"peer_fingerprints": [pin, "AB:CD"]}});
+    let (status, body) = api.send(Method::PUT, "/api/trunks/skyetel_main", Some(bad_pin)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["field"], "tls.peer_fingerprints[1]", "{body}");
+    let back = json!({"auth_method": "digest", "transport": "UDP", "srtp": "disabled",
+        "tls": {"client_cert_secret": "", "ca_secret": "", "peer_names": [], "peer_fingerprints": []}});
+    let (status, body) = api.send(Method::PUT, "/api/trunks/skyetel_main", Some(back)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.get("tls").is_none(), "no TLS settings left: {body}");
 
     // Unknown ids.
     for (method, uri) in [
@@ -335,6 +374,15 @@ async fn auth_and_error_shapes(pool: PgPool) {
     let (_, openapi, _) = api.call(Method::GET, "/openapi.json", None, None).await;
     assert!(openapi["paths"]["/api/trunks/{trunk_id}"].is_object());
     assert!(openapi["components"]["schemas"]["TrunkFields"].is_object());
+    // The trunk JSON's TLS and SRTP fields are documented, in and out.
+    let schemas = &openapi["components"]["schemas"];
+    for schema in ["TrunkFields", "TrunkResponse"] {
+        assert!(schemas[schema]["properties"]["tls"].is_object(), "{schema}: {}", schemas[schema]);
+        assert!(schemas[schema]["properties"]["srtp"].is_object(), "{schema}: {}", schemas[schema]);
+    }
+    for field in ["client_cert_secret", "ca_secret", "peer_names", "peer_fingerprints"] {
+        assert!(schemas["ApiTrunkTls"]["properties"][field].is_object(), "{field}: {}", schemas["ApiTrunkTls"]);
+    }
 
     let (status, body, headers) = api.call(Method::GET, "/nowhere", None, None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);

@@ -109,6 +109,17 @@ pub struct TrunkConfig {
     /// `srtp` is.
     #[serde(default)]
     pub transfer: TransferMode,
+    /// Names an inbound mutual-TLS peer of a certificate-auth trunk must carry (`tls.peerNames`:
+    /// a DNS or `sip:` URI subject alternative name, or the subject CN of a certificate without
+    /// either), its chain verified against the trunk's CA. Defaulted when absent, as `srtp` is,
+    /// and left out when empty, so that the operator's hash of a trunk without peers (and so
+    /// its stored row) does not change with this field's arrival.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tls_peer_names: Vec<String>,
+    /// SHA-256 fingerprints (colon hex, upper case) of certificates admitted as they are
+    /// (`tls.peerFingerprints`, pinning). Defaulted when absent, left out when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tls_peer_fingerprints: Vec<String>,
     pub rtp_timeout_seconds: u32,
     pub options_interval_seconds: u32,
     pub failover_timeout_seconds: u32,
@@ -169,6 +180,14 @@ pub struct RuleConfig {
 }
 
 impl TrunkConfig {
+    /// Whether inbound requests on this trunk must come over TLS with a matching client
+    /// certificate: a certificate-auth trunk that names its peers (`tls.peerNames` or
+    /// `tls.peerFingerprints`). Without them it admits by source address, as before.
+    pub fn requires_peer_certificate(&self) -> bool {
+        self.auth_method == AuthMethod::Certificate
+            && !(self.tls_peer_names.is_empty() && self.tls_peer_fingerprints.is_empty())
+    }
+
     fn from_row(row: &PgRow) -> Result<Self, sqlx::Error> {
         let codecs: Vec<String> = row.try_get("codecs")?;
         let codecs = codecs
@@ -201,6 +220,8 @@ impl TrunkConfig {
             dtmf_relay: row.try_get("dtmf_relay")?,
             srtp: parse_text(row, "srtp")?,
             transfer: parse_text(row, "transfer")?,
+            tls_peer_names: row.try_get("tls_peer_names")?,
+            tls_peer_fingerprints: row.try_get("tls_peer_fingerprints")?,
             rtp_timeout_seconds: u32_col(row, "rtp_timeout_seconds")?,
             options_interval_seconds: u32_col(row, "options_interval_seconds")?,
             failover_timeout_seconds: u32_col(row, "failover_timeout_seconds")?,
@@ -224,9 +245,9 @@ impl TrunkConfig {
                 codecs, dtmf_relay, rtp_timeout_seconds, options_interval_seconds,
                 failover_timeout_seconds, backup_trunks, rate_outbound_per_minute,
                 rate_inbound_per_minute, rate_per_message, currency, spec_hash, config_generation,
-                srtp, transfer, updated_at)
+                srtp, transfer, tls_peer_names, tls_peer_fingerprints, updated_at)
              VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,$22,
-                $23,$24,$25,$26,$27,$28,$29,$30,$31,$32,$33,$34, now())
+                $23,$24,$25,$26,$27,$28,$29,$30,$31,$32,$33,$34,$35,$36, now())
              ON CONFLICT (namespace, name) DO UPDATE SET
                 provider = EXCLUDED.provider, display_name = EXCLUDED.display_name,
                 suspended = EXCLUDED.suspended, gateways = EXCLUDED.gateways,
@@ -248,7 +269,9 @@ impl TrunkConfig {
                 rate_inbound_per_minute = EXCLUDED.rate_inbound_per_minute,
                 rate_per_message = EXCLUDED.rate_per_message, currency = EXCLUDED.currency,
                 spec_hash = EXCLUDED.spec_hash, config_generation = EXCLUDED.config_generation,
-                srtp = EXCLUDED.srtp, transfer = EXCLUDED.transfer, updated_at = now()",
+                srtp = EXCLUDED.srtp, transfer = EXCLUDED.transfer,
+                tls_peer_names = EXCLUDED.tls_peer_names,
+                tls_peer_fingerprints = EXCLUDED.tls_peer_fingerprints, updated_at = now()",
         )
         .bind(&self.namespace)
         .bind(&self.name)
@@ -284,6 +307,8 @@ impl TrunkConfig {
         .bind(generation)
         .bind(self.srtp.as_str())
         .bind(self.transfer.as_str())
+        .bind(&self.tls_peer_names)
+        .bind(&self.tls_peer_fingerprints)
         .execute(conn)
         .await?;
         Ok(())
@@ -500,6 +525,8 @@ impl TrunkConfig {
             dtmf_relay: true,
             srtp: SrtpMode::Disabled,
             transfer: TransferMode::None,
+            tls_peer_names: vec![],
+            tls_peer_fingerprints: vec![],
             rtp_timeout_seconds: 60,
             options_interval_seconds: 0,
             failover_timeout_seconds: 5,

@@ -112,4 +112,41 @@ mod tests {
         assert!(!printed.contains("SECRETKEY") && !printed.contains("PRIVATE"), "{printed}");
         assert!(printed.contains("client_cert: true"), "{printed}");
     }
+
+    /// A trunk's `tls.peerNames` and `tls.peerFingerprints` survive Postgres and the upsert; a
+    /// row written before migration 0011 names no peers; a snapshot saved before the fields
+    /// existed (the node's state directory) still loads.
+    #[sqlx::test(migrator = "crate::db::MIGRATOR")]
+    async fn trunk_peers_round_trip_and_default_to_none(pool: sqlx::PgPool) {
+        use crate::TrunkConfig;
+        sqlx::query(
+            "INSERT INTO trunks (namespace, name, provider, gateways, auth_method, registration_enabled,
+                registration_expires, inbound_enabled, outbound_enabled, codecs, dtmf_relay, rtp_timeout_seconds,
+                options_interval_seconds, failover_timeout_seconds, spec_hash, config_generation)
+             VALUES ('default', 'old', 'acme', '[]', 'none', false, 3600, true, true, '{PCMU}', true, 30, 60, 5, 'h', 1)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        let old = TrunkConfig::load_all(&pool).await.unwrap();
+        assert!(old[0].tls_peer_names.is_empty() && old[0].tls_peer_fingerprints.is_empty());
+
+        let mut trunk = TrunkConfig::loopback("mtls", [("127.0.0.1".to_string(), 5061)]);
+        trunk.tls_peer_names = vec!["sip.carrier.example".into(), "sip:edge.carrier.example".into()];
+        trunk.tls_peer_fingerprints = vec!["AB:".repeat(31) + "CD"];
+        let mut conn = pool.acquire().await.unwrap();
+        trunk.upsert(&mut conn, "h", 2).await.unwrap();
+        trunk.tls_peer_names.pop();
+        trunk.upsert(&mut conn, "h2", 3).await.unwrap();
+        let stored = TrunkConfig::load_all(&pool).await.unwrap();
+        let mtls = stored.iter().find(|t| t.name == "mtls").unwrap();
+        assert_eq!(mtls, &trunk, "the upsert writes and updates both lists");
+
+        let mut json = serde_json::to_value(&trunk).unwrap();
+        let object = json.as_object_mut().unwrap();
+        object.remove("tls_peer_names").expect("the field is serialized");
+        object.remove("tls_peer_fingerprints").expect("the field is serialized");
+        let saved: TrunkConfig = serde_json::from_value(json).unwrap();
+        assert!(saved.tls_peer_names.is_empty() && saved.tls_peer_fingerprints.is_empty());
+    }
 }

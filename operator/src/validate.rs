@@ -17,7 +17,10 @@ use switchboard_model::config::{Destination, MatchSpec};
 use switchboard_model::{AuthMethod, Codec, DestinationType, Direction, SrtpMode, TransferMode, Transport};
 
 use crate::crd::{DECIMAL_PATTERN, E164_PATTERN, NAME_PATTERN, PhoneNumberSpec, RoutingRuleSpec, TrunkSpec};
+
+mod tls;
 use crate::source::{Kind, ResourceKey, Spec};
+pub use tls::CERTIFICATE_WITHOUT_PEERS;
 
 /// One problem with one field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +93,10 @@ pub fn warnings(spec: &Spec) -> Vec<String> {
     }
     if spec.transfer == TransferMode::Refer && spec.inbound.as_ref().is_some_and(|i| !i.enabled) {
         out.push(format!("spec.transfer: {REFER_WITHOUT_INBOUND}"));
+    }
+    let names_peers = spec.tls.as_ref().is_some_and(|t| !t.peer_names.is_empty() || !t.peer_fingerprints.is_empty());
+    if spec.auth_method == AuthMethod::Certificate && spec.inbound.as_ref().is_none_or(|i| i.enabled) && !names_peers {
+        out.push(format!("spec.tls: {CERTIFICATE_WITHOUT_PEERS}"));
     }
     out
 }
@@ -292,6 +299,9 @@ fn trunk(p: &mut Problems, name: &str, spec: &TrunkSpec) {
     }
     if let Some(reference) = tls.and_then(|t| t.ca_secret_ref.as_ref()) {
         p.name_ref("spec.tls.caSecretRef.name", &reference.name, "Secret");
+    }
+    if let Some(tls) = tls {
+        tls::peers(p, spec.auth_method, tls);
     }
     if spec.auth_method == AuthMethod::Certificate {
         // Mutual TLS: the nodes present the trunk's client certificate, which only TLS carries.
@@ -634,6 +644,43 @@ mod tests {
         bad_name["tls"]["clientCertSecretRef"]["name"] = json!("Not A Name");
         let invalid = check(Kind::Trunk, bad_name).expect_err("a Secret name");
         assert_eq!(invalid.errors[0].path, "spec.tls.clientCertSecretRef.name", "{invalid}");
+    }
+
+    /// `tls.peerNames` and `tls.peerFingerprints` (inbound mutual TLS): well-formed entries on a
+    /// certificate-auth trunk are valid; a malformed one, or either list on another trunk, is
+    /// named with what to write; a certificate-auth trunk taking calls without them warns.
+    #[test]
+    fn tls_peers_are_checked_and_certificate_auth_without_them_warns() {
+        let key = key(Kind::Trunk);
+        let mut certificate = trunk();
+        certificate["authMethod"] = json!("certificate");
+        certificate["gateways"] = json!([{"address": "sip.skyetel.com", "transport": "TLS"}]);
+        certificate["tls"] = json!({"clientCertSecretRef": {"name": "skyetel-client"}});
+        let warned = warnings(&parse_spec(&key, certificate.clone()).unwrap());
+        assert!(
+            warned.len() == 1 && warned[0].starts_with("spec.tls:") && warned[0].contains("peerNames"),
+            "{warned:?}"
+        );
+
+        let pin = "0A:".repeat(31) + "ff";
+        certificate["tls"]["peerNames"] = json!(["sip.skyetel.com", "sip:edge.skyetel.com"]);
+        certificate["tls"]["peerFingerprints"] = json!([pin]);
+        check(Kind::Trunk, certificate.clone()).expect("names and a pin on a certificate-auth trunk");
+        assert!(warnings(&parse_spec(&key, certificate.clone()).unwrap()).is_empty());
+
+        let mut bad = certificate.clone();
+        bad["tls"]["peerNames"] = json!(["sip.skyetel.com", "two names"]);
+        bad["tls"]["peerFingerprints"] = json!(["AB:CD"]);
+        let invalid = check(Kind::Trunk, bad).expect_err("malformed entries");
+        let found: Vec<&str> = invalid.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(found, ["spec.tls.peerNames[1]", "spec.tls.peerFingerprints[0]"], "{invalid}");
+        assert!(invalid.errors[1].fix.contains("openssl x509"), "{invalid}");
+
+        let mut digest = trunk();
+        digest["tls"] = json!({"peerFingerprints": [pin]});
+        let invalid = check(Kind::Trunk, digest).expect_err("peers without certificate auth");
+        assert_eq!(invalid.errors[0].path, "spec.tls.peerFingerprints", "{invalid}");
+        assert!(invalid.errors[0].fix.contains("authMethod: certificate"), "{invalid}");
     }
 
     /// `media.srtp` takes the three modes; SRTP over a gateway that is not TLS is valid but

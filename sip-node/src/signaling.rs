@@ -227,7 +227,7 @@ pub async fn start(
     }
     let (received_tx, received_rx) = mpsc::channel(RECEIVE_QUEUE);
     let tls = crate::sip::tls::TlsLayer::from_args(&args.tls, &args.sip_listen).context("SIP over TLS")?;
-    tls.client().follow(snapshot.clone());
+    tls.follow(snapshot.clone());
     for cert in tls.watched_certs() {
         let interval = Duration::from_millis(args.tls.reload_ms.max(100));
         tasks.spawn(cert.watch(interval, stop.clone()));

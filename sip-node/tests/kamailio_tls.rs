@@ -1,8 +1,9 @@
 //! Kamailio with its TLS module (Debian's `kamailio-tls-modules`) as a provider that speaks SIP
 //! over TLS: the node registers with digest over TLS, places calls through it over TLS, takes
-//! calls it relays over TLS, and refuses a provider whose certificate it cannot trust. Every
-//! certificate is made at test time (rcgen); Kamailio logs the transport it saw (`$pr`), so
-//! the tests know the messages really went over TLS.
+//! calls it relays over TLS (admitted by Kamailio's client certificate on a certificate-auth
+//! trunk, and refused with another or none), and refuses a provider whose certificate it cannot
+//! trust or that has expired. Every certificate is made at test time (rcgen); Kamailio logs the
+//! transport it saw (`$pr`), so the tests know the messages really went over TLS.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::pki::Ca;
+use common::pki::{Ca, Leaf};
 use common::*;
 use sqlx::PgPool;
 use switchboard_model::{AuthMethod, Credential, Destination, DestinationType, Transport, TrunkConfig, TrunkTls};
@@ -86,6 +87,36 @@ impl Kamailio {
         node_tls: Option<std::net::SocketAddr>,
         require_cert: bool,
     ) -> Kamailio {
+        Kamailio::start_with(provider, uas_port, node_tls, require_cert, None)
+    }
+
+    /// Kamailio relaying calls to the node's TLS listener and presenting `caller` (a leaf of
+    /// the provider's CA) as its client certificate there (`[client:default]` of a tls.cfg).
+    fn start_presenting(provider: &Provider, node_tls: std::net::SocketAddr, caller: &Leaf) -> Kamailio {
+        let dir = provider.dir.path();
+        let (cert, key) = caller.write(dir, "caller");
+        let server = format!(
+            "method = TLSv1.2+\nverify_certificate = no\nrequire_certificate = no\ncertificate = {d}/provider.crt\n\
+             private_key = {d}/provider.key\nca_list = {d}/ca.pem\n",
+            d = dir.display()
+        );
+        let client = format!(
+            "method = TLSv1.2+\nverify_certificate = no\nrequire_certificate = no\ncertificate = {}\nprivate_key = {}\n",
+            cert.display(),
+            key.display()
+        );
+        let path = dir.join("tls.cfg");
+        std::fs::write(&path, format!("[server:default]\n{server}\n[client:default]\n{client}")).unwrap();
+        Kamailio::start_with(provider, free_port("127.0.0.1"), Some(node_tls), false, Some(path))
+    }
+
+    fn start_with(
+        provider: &Provider,
+        uas_port: u16,
+        node_tls: Option<std::net::SocketAddr>,
+        require_cert: bool,
+        tls_config: Option<PathBuf>,
+    ) -> Kamailio {
         assert!(
             Path::new(MODULES).join("tls.so").exists(),
             "Kamailio's TLS module is missing: apt-get install -y kamailio-tls-modules"
@@ -102,7 +133,11 @@ impl Kamailio {
             .replace("@USER@", USER)
             .replace("@PASSWORD@", PASSWORD)
             .replace("@DIR@", &provider.dir.path().display().to_string())
-            .replace("@REQUIRE_CERT@", if require_cert { "1" } else { "0" });
+            .replace("@REQUIRE_CERT@", if require_cert { "1" } else { "0" })
+            .replace(
+                "@TLS_CONFIG@",
+                &tls_config.map(|p| format!("modparam(\"tls\", \"config\", \"{}\")", p.display())).unwrap_or_default(),
+            );
         let path = provider.dir.path().join("kamailio.cfg");
         std::fs::write(&path, config).unwrap();
         let log = provider.dir.path().join("kamailio.log");
@@ -494,5 +529,178 @@ async fn a_message_goes_out_over_tls(pool: PgPool) {
         assert!(Instant::now() < deadline, "the message was not sent: {status}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    node.stop().await;
+}
+
+/// The peer name the certificate-auth trunk of the inbound mutual-TLS tests expects.
+const CALLER_NAME: &str = "caller.provider.test";
+
+/// Inbound mutual TLS: the Kamailio trunk authenticates callers by certificate
+/// (`tls.peerNames: [caller.provider.test]`, chained to the provider's CA from
+/// `tls.caSecretRef`), and its number rings a sipp callee.
+fn mutual_tls_snapshot(provider: &Provider, callee: u16) -> Snapshot {
+    let mut trunk = provider.trunk();
+    trunk.auth_method = AuthMethod::Certificate;
+    trunk.tls_peer_names = vec![CALLER_NAME.into()];
+    let mut number = number_to(sip_destination(callee));
+    number.trunk_ref = "kamailio".into();
+    let ca = TrunkTls {
+        namespace: "default".into(),
+        trunk_name: "kamailio".into(),
+        ca_pem: Some(provider.ca.pem()),
+        ca_secret_name: Some("kamailio-ca".into()),
+        ..TrunkTls::default()
+    };
+    Snapshot::from_parts(1, vec![trunk], vec![number], vec![], vec![credential()]).unwrap().with_trunk_tls(vec![ca])
+}
+
+/// The node's count of requests refused for their client certificate, by `reason`.
+async fn tls_peer_refusals(node: &Node, reason: &str) -> u64 {
+    let text = http_get(node.http, "/metrics").await;
+    text.lines()
+        .filter(|l| l.starts_with("switchboard_sip_tls_peer_refused_total{"))
+        .filter(|l| l.contains(&format!("reason=\"{reason}\"")) && l.contains("trunk=\"kamailio\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Kamailio relays a call to the node over TLS presenting a client certificate from the
+/// provider's CA that carries the trunk's peer name: the node asks for it, admits the call on
+/// the certificate-auth trunk, and the callee answers.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_call_over_mutual_tls_is_admitted_by_the_callers_certificate(pool: PgPool) {
+    let provider = Provider::new();
+    let callee = free_port("127.0.0.1");
+    let node =
+        Node::start_snapshot(&pool, mutual_tls_snapshot(&provider, callee), tuned(provider.node_tls(true))).await;
+    let node_tls = node.tls.expect("the node listens on TLS");
+    let kamailio = Kamailio::start_presenting(&provider, node_tls, &provider.ca.leaf(&[CALLER_NAME]));
+    let uas = uas(&["-sn", "uas"], callee, 1);
+    let entry = std::net::SocketAddr::from(([127, 0, 0, 1], provider.udp));
+    let uac = uac(&["-sf", &scenario("uac_record_route.xml")], entry, "127.0.0.1", 1, &[]);
+    assert!(uac.wait().await.success(), "the call over mutual TLS failed:\n{}", kamailio.log());
+    assert!(uas.wait().await.success(), "the callee did not get the call:\n{}", kamailio.log());
+    kamailio.wait_log("relayed over TLS").await;
+    let cdrs = cdrs(&pool, 1).await;
+    assert_eq!(cdrs.last().and_then(|c| c.sip_code), Some(200), "{cdrs:?}");
+    assert_eq!(cdrs.last().and_then(|c| c.trunk_name.clone()).as_deref(), Some("kamailio"));
+    node.stop().await;
+}
+
+/// The same call with Kamailio presenting a certificate from the provider's CA that names
+/// someone else: `403`, whose Reason says what was presented, and counted.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_call_over_mutual_tls_with_another_certificate_is_refused(pool: PgPool) {
+    let provider = Provider::new();
+    let callee = free_port("127.0.0.1");
+    let node =
+        Node::start_snapshot(&pool, mutual_tls_snapshot(&provider, callee), tuned(provider.node_tls(true))).await;
+    let node_tls = node.tls.expect("the node listens on TLS");
+    let _kamailio = Kamailio::start_presenting(&provider, node_tls, &provider.ca.leaf(&["someone-else.test"]));
+    let caller = ua::Ua::new().await;
+    let entry = std::net::SocketAddr::from(([127, 0, 0, 1], provider.udp));
+    let offer = ua::sdp(caller.rtp_port(), "0", "sendrecv");
+    caller.send(&ua::invite_to_did(entry, caller.sip_addr(), "mtls-other-cert", &offer), entry).await;
+    let response = caller.final_response().await;
+    assert!(response.starts_with("SIP/2.0 403"), "{response}");
+    let reason = ua::header(&response, "Reason").unwrap_or_default();
+    assert!(reason.contains("DNS:someone-else.test") && reason.contains("SHA-256 "), "{response}");
+    assert!(
+        reason.contains("matches no tls.peerNames or tls.peerFingerprints of trunk default/kamailio"),
+        "{response}"
+    );
+    assert_eq!(tls_peer_refusals(&node, "no_match").await, 1);
+    node.stop().await;
+}
+
+/// Without a client certificate, or not over TLS at all, the certificate-auth trunk refuses
+/// the call even from its gateway's address, saying which.
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn a_certificate_auth_trunk_refuses_calls_without_a_certificate(pool: PgPool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let provider = Provider::new();
+    let node = Node::start_snapshot(
+        &pool,
+        mutual_tls_snapshot(&provider, free_port("127.0.0.1")),
+        tuned(provider.node_tls(true)),
+    )
+    .await;
+    let node_tls = node.tls.expect("the node listens on TLS");
+
+    // Over TLS, without a client certificate (a rustls client trusting the provider's CA).
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls::pki_types::CertificateDer::from(provider.ca.der())).unwrap();
+    let config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let stream = tokio::net::TcpStream::connect(node_tls).await.unwrap();
+    let local = stream.local_addr().unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, stream).await.unwrap();
+    let invite = ua::invite_to_did(node_tls, local, "mtls-no-cert", &ua::sdp(4000, "0", "sendrecv")).replacen(
+        "SIP/2.0/UDP",
+        "SIP/2.0/TLS",
+        1,
+    );
+    tls.write_all(invite.as_bytes()).await.unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !seen.split_once("SIP/2.0 403").is_some_and(|(_, rest)| rest.contains("\r\n\r\n")) {
+        let n = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await.expect("an answer").unwrap();
+        assert!(n > 0, "closed without an answer: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(seen.contains("none was presented on this TLS connection"), "{seen}");
+    assert_eq!(tls_peer_refusals(&node, "no_certificate").await, 1);
+
+    // Over UDP from the gateway's address: the certificate is the credential, so refused.
+    let caller = ua::Ua::new().await;
+    caller
+        .send(&ua::invite_to_did(node.addr, caller.sip_addr(), "mtls-udp", &ua::sdp(4002, "0", "sendrecv")), node.addr)
+        .await;
+    let response = caller.final_response().await;
+    assert!(response.starts_with("SIP/2.0 403"), "{response}");
+    assert!(response.contains("this request came over UDP"), "{response}");
+    assert_eq!(tls_peer_refusals(&node, "not_tls").await, 1);
+
+    // A MESSAGE for the trunk's number over UDP: refused the same way (and nothing stored).
+    let (node_addr, from) = (node.addr, caller.sip_addr());
+    let body = "hello";
+    let message = format!(
+        "MESSAGE sip:{DID}@{node_addr} SIP/2.0\r\nVia: SIP/2.0/UDP {from};branch=z9hG4bK-mtls-message\r\n\
+         From: <sip:+15557654321@{from}>;tag=m\r\nTo: <sip:{DID}@{node_addr}>\r\nCall-ID: mtls-message\r\n\
+         CSeq: 1 MESSAGE\r\nMax-Forwards: 70\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    caller.send(&message, node_addr).await;
+    let response = caller.final_response().await;
+    assert!(response.starts_with("SIP/2.0 403"), "{response}");
+    assert_eq!(tls_peer_refusals(&node, "not_tls").await, 2);
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM messages").fetch_one(&pool).await.unwrap();
+    assert_eq!(stored, 0);
+    node.stop().await;
+}
+
+/// A provider whose server certificate has expired: the node refuses the handshake and the
+/// trunk says so (`Reachable=False` with the reason, `Registered=False`).
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn an_expired_provider_certificate_is_refused_with_the_reason(pool: PgPool) {
+    let provider = Provider::new();
+    provider.ca.expired_leaf(&["127.0.0.1"]).write(provider.dir.path(), "provider");
+    let kamailio = Kamailio::start(&provider, free_port("127.0.0.1"), None, false);
+    let mut trunk = provider.trunk();
+    trunk.registration_enabled = true;
+    trunk.options_interval_seconds = 1;
+    let node = Node::start_tuned(&pool, vec![trunk], vec![], vec![credential()], tuned(provider.node_tls(true))).await;
+    let failed = wait_registration(&pool, "a failed registration", |r| r.state == "failed").await;
+    let error = failed.last_error.unwrap_or_default();
+    assert!(error.contains("certificate has expired"), "{error}");
+    let unreachable = wait_registration(&pool, "unreachable", |r| r.reachable == Some(false)).await;
+    let reason = unreachable.unreachable_reason.unwrap_or_default();
+    assert!(reason.contains("the server's certificate has expired"), "{reason}");
+    assert!(!kamailio.log().contains("REGISTER accepted"), "{}", kamailio.log());
     node.stop().await;
 }

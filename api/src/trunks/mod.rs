@@ -163,7 +163,7 @@ fn validate_spec(
     responses(
         (status = 201, description = "Created; the reconcile applies it shortly", body = TrunkResponse),
         (status = 409, description = "A trunk with this id exists", body = ErrorBody),
-        (status = 400, description = "The trunk asks for something Switchboard does not implement (`unsupported`: authMethod certificate)", body = ErrorBody),
+        (status = 400, description = "The trunk asks for something Switchboard does not implement (`unsupported`)", body = ErrorBody),
         (status = 422, description = "Invalid trunk; `field` names the first problem", body = ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -234,7 +234,7 @@ pub async fn get(State(state): State<AppState>, Path(id): Path<String>) -> Resul
     responses(
         (status = 200, body = TrunkResponse),
         (status = 404, body = ErrorBody),
-        (status = 400, description = "Unsupported value (`unsupported`: authMethod certificate)", body = ErrorBody),
+        (status = 400, description = "Unsupported value (`unsupported`)", body = ErrorBody),
         (status = 409, description = "Managed by Argo CD or Flux", body = ErrorBody),
         (status = 422, body = ErrorBody),
     ),

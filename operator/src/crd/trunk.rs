@@ -53,7 +53,9 @@ use super::status::{Condition, NodeCounts};
         .message("authMethod certificate needs a client certificate: set spec.tls.clientCertSecretRef to a kubernetes.io/tls Secret (tls.crt, tls.key)")
         .reason(Reason::FieldValueRequired),
     validation = Rule::new("!has(self.authMethod) || self.authMethod != 'certificate' || self.gateways.all(g, has(g.transport) && g.transport == 'TLS')")
-        .message("authMethod certificate needs TLS gateways: set transport: TLS on every gateway (a client certificate is only sent over TLS)")
+        .message("authMethod certificate needs TLS gateways: set transport: TLS on every gateway (a client certificate is only sent over TLS)"),
+    validation = Rule::new("(has(self.authMethod) && self.authMethod == 'certificate') || !has(self.tls) || ((!has(self.tls.peerNames) || size(self.tls.peerNames) == 0) && (!has(self.tls.peerFingerprints) || size(self.tls.peerFingerprints) == 0))")
+        .message("tls.peerNames and tls.peerFingerprints admit inbound calls by the caller's client certificate: set authMethod: certificate, or remove them")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TrunkSpec {
@@ -80,7 +82,8 @@ pub struct TrunkSpec {
 
     /// How the provider and Switchboard authenticate each other: `ip`, `digest`, `none` or
     /// `certificate` (mutual TLS: the nodes present `tls.clientCertSecretRef` on the trunk's
-    /// TLS gateways, which must all use `transport: TLS`).
+    /// TLS gateways, which must all use `transport: TLS`; with `tls.peerNames` or
+    /// `tls.peerFingerprints`, inbound calls need the provider's client certificate too).
     #[serde(default = "default_auth_method")]
     pub auth_method: AuthMethod,
 
@@ -223,8 +226,8 @@ pub struct Credentials {
     pub password_secret_ref: SecretKeyRef,
 }
 
-/// A trunk's own TLS material.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+/// A trunk's own TLS material and who may call in over mutual TLS.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TrunkTlsSpec {
     /// A `kubernetes.io/tls` Secret (keys `tls.crt`, `tls.key`; cert-manager writes these) whose
@@ -232,9 +235,25 @@ pub struct TrunkTlsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_cert_secret_ref: Option<SecretRef>,
     /// A Secret with key `ca.crt`: the CA(s) the gateways' certificates must chain to, instead
-    /// of the web PKI roots.
+    /// of the web PKI roots; also what an inbound peer's certificate must chain to for
+    /// `peerNames`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret_ref: Option<SecretRef>,
+    /// Inbound mutual TLS (`authMethod: certificate`): the provider's certificate must carry one
+    /// of these names, as a DNS subject alternative name, a `sip:`/`sips:` URI one (its host or
+    /// the whole URI), or the subject CN of a certificate with neither (RFC 5922; no wildcard
+    /// matching), and chain to `caSecretRef` (the web PKI roots and the nodes'
+    /// `--sip-tls-ca-file` without it). Without peerNames and peerFingerprints inbound calls are
+    /// admitted by source address, as on an `ip` trunk.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 253), regex(pattern = r"^[^\s,]+$")))]
+    pub peer_names: Vec<String>,
+    /// Inbound mutual TLS: SHA-256 fingerprints (colon hex, as `openssl x509 -noout -fingerprint
+    /// -sha256` prints them) of provider certificates admitted as they are, self-signed or not
+    /// (pinning); their validity dates are still checked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), inner(regex(pattern = r"^([0-9A-Fa-f]{2}:){31}[0-9A-Fa-f]{2}$")))]
+    pub peer_fingerprints: Vec<String>,
 }
 
 /// A Secret in the resource's namespace.

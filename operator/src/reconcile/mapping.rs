@@ -82,6 +82,13 @@ pub fn trunk_config(namespace: &str, name: &str, spec: &TrunkSpec) -> TrunkConfi
         dtmf_relay: spec.dtmf_relay,
         srtp: spec.media.as_ref().map(|m| m.srtp).unwrap_or_default(),
         transfer: spec.transfer,
+        tls_peer_names: spec.tls.as_ref().map(|t| t.peer_names.clone()).unwrap_or_default(),
+        // Upper case, as OpenSSL prints them: the node compares them as text.
+        tls_peer_fingerprints: spec
+            .tls
+            .as_ref()
+            .map(|t| t.peer_fingerprints.iter().map(|f| f.to_ascii_uppercase()).collect())
+            .unwrap_or_default(),
         rtp_timeout_seconds: spec.rtp_timeout_seconds,
         options_interval_seconds: spec.options_interval_seconds,
         failover_timeout_seconds: spec.failover_timeout_seconds,
@@ -218,6 +225,20 @@ mod tests {
         assert_eq!(trunk_config("default", "t", &trunk(json.clone())).transfer, switchboard_model::TransferMode::None);
         json["transfer"] = serde_json::json!("refer");
         assert_eq!(trunk_config("default", "t", &trunk(json)).transfer, switchboard_model::TransferMode::Refer);
+    }
+
+    /// `tls.peerNames` and `tls.peerFingerprints` reach the stored trunk (fingerprints in upper
+    /// case), empty when absent.
+    #[test]
+    fn tls_peers_are_stored() {
+        let mut json = serde_json::json!({"provider": "carrier", "gateways": [{"address": "sip.carrier.example"}]});
+        let plain = trunk_config("default", "t", &trunk(json.clone()));
+        assert!(plain.tls_peer_names.is_empty() && plain.tls_peer_fingerprints.is_empty());
+        let pin = "ab:".repeat(31) + "cd";
+        json["tls"] = serde_json::json!({"peerNames": ["sip.carrier.example"], "peerFingerprints": [pin]});
+        let stored = trunk_config("default", "t", &trunk(json));
+        assert_eq!(stored.tls_peer_names, ["sip.carrier.example"]);
+        assert_eq!(stored.tls_peer_fingerprints, ["AB:".repeat(31) + "CD"]);
     }
 
     #[test]

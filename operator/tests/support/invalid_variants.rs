@@ -46,5 +46,9 @@ pub fn invalid_variants(manifests: &[Value]) -> Vec<(&'static str, Value, &'stat
     certificate["spec"]["tls"] = json!({"clientCertSecretRef": {"name": "client-cert"}});
     certificate["spec"]["gateways"] = json!([{"address": "sip.example.com", "transport": "UDP"}]);
     cases.push(("certificate needs TLS gateways", certificate, "transport: TLS"));
+    // Peer certificates (inbound mutual TLS) are only checked on a certificate-auth trunk.
+    let mut peers_without_certificate = trunk.clone();
+    peers_without_certificate["spec"]["tls"] = json!({"peerNames": ["sip.example.com"]});
+    cases.push(("peer names need certificate auth", peers_without_certificate, "authMethod: certificate"));
     cases
 }

@@ -121,6 +121,7 @@ pub struct NodeMetrics {
     rtp_ports_capacity: IntGauge,
     rtp_port_exhaustions: IntCounter,
     srtp_rejected: IntCounter,
+    tls_peer_refused: IntCounterVec,
     bridge_latency: crate::bridge::BridgeLatency,
 }
 
@@ -267,6 +268,11 @@ impl NodeMetrics {
                     "SRTP and SRTCP packets dropped because they did not authenticate or were replays (a wrong key, tampering); counted when the call's relay ends.",
                 )
                 .expect("valid metric"),
+            ),
+            tls_peer_refused: counter_vec(
+                "switchboard_sip_tls_peer_refused_total",
+                "Requests refused with 403 on a certificate-auth trunk because of the caller's TLS client certificate, by trunk and reason (not_tls, no_certificate, source, expired, untrusted, no_match, material).",
+                &["trunk", "reason"],
             ),
             bridge_latency: crate::bridge::BridgeLatency::new(),
             registry,

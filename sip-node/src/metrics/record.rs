@@ -159,6 +159,11 @@ impl NodeMetrics {
         self.dropped.with_label_values(&[reason]).inc();
     }
 
+    /// A request refused on a certificate-auth trunk because of its client certificate.
+    pub fn tls_peer_refused(&self, trunk: &str, reason: &str) {
+        self.tls_peer_refused.with_label_values(&[trunk, reason]).inc();
+    }
+
     // --- store and config ---
 
     /// Events waiting in the store.

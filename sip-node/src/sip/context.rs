@@ -87,6 +87,8 @@ pub struct SmsContext {
     pub snapshot: SnapshotHandle,
     pub resolver: Resolver,
     pub node_id: String,
+    /// Counts MESSAGEs refused on a certificate-auth trunk (inbound mutual TLS).
+    pub metrics: NodeMetrics,
 }
 
 impl NodeContext {
@@ -109,6 +111,7 @@ impl NodeContext {
             snapshot: self.snapshot.clone(),
             resolver: self.resolver.clone(),
             node_id: self.node_id.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }

@@ -161,6 +161,9 @@ pub enum SourceClass {
 pub struct SourcePolicy {
     carriers: Vec<IpNet>,
     open: bool,
+    /// An inbound certificate-auth trunk names its peers: a TLS client that presented a
+    /// certificate may try (the call's admission checks the certificate against the trunk).
+    mutual_tls: bool,
 }
 
 impl SourcePolicy {
@@ -169,7 +172,7 @@ impl SourcePolicy {
     /// inbound trunk takes digest or unauthenticated calls from anywhere.
     pub fn from_snapshot(snapshot: &Snapshot) -> SourcePolicy {
         let mut carriers = Vec::new();
-        let mut open = false;
+        let (mut open, mut mutual_tls) = (false, false);
         for trunk in snapshot.trunks() {
             carriers.extend(trunk.allowed_source_cidrs.iter().copied());
             for gateway in &trunk.gateways {
@@ -180,8 +183,19 @@ impl SourcePolicy {
             if trunk.inbound_enabled && matches!(trunk.auth_method, AuthMethod::Digest | AuthMethod::None) {
                 open = true;
             }
+            mutual_tls |= trunk.inbound_enabled && trunk.requires_peer_certificate();
         }
-        SourcePolicy { carriers, open }
+        SourcePolicy { carriers, open, mutual_tls }
+    }
+
+    /// [`Self::classify`] for a message that came over a TLS connection whose client presented
+    /// a certificate (`presented_certificate`): such a source may try when some trunk admits
+    /// callers by certificate, wherever it connects from.
+    pub fn classify_presenting(&self, ip: IpAddr, presented_certificate: bool) -> SourceClass {
+        match self.classify(ip) {
+            SourceClass::Unknown if presented_certificate && self.mutual_tls => SourceClass::Admissible,
+            class => class,
+        }
     }
 
     /// The class of `ip`.
@@ -357,6 +371,12 @@ impl Guard {
         self.policy.load().classify(ip)
     }
 
+    /// The class of a message's source, knowing whether it came over a TLS connection whose
+    /// client presented a certificate (see [`SourcePolicy::classify_presenting`]).
+    pub fn classify_presenting(&self, ip: IpAddr, presented_certificate: bool) -> SourceClass {
+        self.policy.load().classify_presenting(ip, presented_certificate)
+    }
+
     /// Whether a message from `ip` is within its source's rate.
     pub fn allow_message(&self, ip: IpAddr) -> bool {
         let mut rates = self.rates.lock().unwrap_or_else(|p| p.into_inner());
@@ -463,6 +483,30 @@ mod tests {
         let policy = SourcePolicy::from_snapshot(&snapshot);
         assert_eq!(policy.classify(ip("192.0.2.9")), SourceClass::Carrier);
         assert_eq!(policy.classify(ip("203.0.113.1")), SourceClass::Admissible);
+    }
+
+    /// A TLS client that presented a certificate may try from anywhere when an inbound
+    /// certificate-auth trunk names its peers; without a certificate, or without such a trunk,
+    /// it is as unknown as any other source.
+    #[test]
+    fn a_presented_certificate_is_admissible_only_where_a_trunk_names_peers() {
+        let mut mtls = crate::sip::routing::tests::trunk("mtls");
+        mtls.allowed_source_cidrs = vec![];
+        mtls.gateways[0].address = "198.51.100.7".into();
+        mtls.auth_method = AuthMethod::Certificate;
+        let stranger = ip("203.0.113.1");
+        let policy =
+            SourcePolicy::from_snapshot(&Snapshot::from_parts(1, vec![mtls.clone()], vec![], vec![], vec![]).unwrap());
+        assert_eq!(policy.classify_presenting(stranger, true), SourceClass::Unknown, "the trunk names no peers");
+        mtls.tls_peer_names = vec!["sip.carrier.example".into()];
+        let policy =
+            SourcePolicy::from_snapshot(&Snapshot::from_parts(1, vec![mtls.clone()], vec![], vec![], vec![]).unwrap());
+        assert_eq!(policy.classify_presenting(stranger, true), SourceClass::Admissible);
+        assert_eq!(policy.classify_presenting(stranger, false), SourceClass::Unknown, "no certificate");
+        assert_eq!(policy.classify_presenting(ip("198.51.100.7"), false), SourceClass::Carrier);
+        mtls.inbound_enabled = false;
+        let policy = SourcePolicy::from_snapshot(&Snapshot::from_parts(1, vec![mtls], vec![], vec![], vec![]).unwrap());
+        assert_eq!(policy.classify_presenting(stranger, true), SourceClass::Unknown, "no inbound calls");
     }
 
     #[test]

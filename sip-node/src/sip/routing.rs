@@ -295,6 +295,8 @@ pub(crate) mod tests {
             dtmf_relay: true,
             srtp: switchboard_model::SrtpMode::Disabled,
             transfer: switchboard_model::TransferMode::None,
+            tls_peer_names: vec![],
+            tls_peer_fingerprints: vec![],
             rtp_timeout_seconds: 60,
             options_interval_seconds: 30,
             failover_timeout_seconds: 5,

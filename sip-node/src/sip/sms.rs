@@ -187,7 +187,14 @@ pub async fn receive(ctx: Arc<SmsContext>, pool: PgPool, hooks: (reqwest::Client
     let Some(trunk) = snapshot.trunk(&number.namespace, &number.trunk_ref).cloned() else {
         return respond(404, "Not Found");
     };
-    if !routing::trunk_accepts_source(&trunk, source) {
+    if trunk.requires_peer_certificate() {
+        // Inbound mutual TLS, as for calls: the connection's client certificate admits.
+        let tls = ctx.endpoint.transport().tls().map(|t| &**t);
+        if let Err(reason) = super::tls::peer_auth::admit(tls, &snapshot, &trunk, peer, &ctx.metrics) {
+            tracing::debug!(%reason, "inbound MESSAGE refused");
+            return respond(403, "Forbidden");
+        }
+    } else if !routing::trunk_accepts_source(&trunk, source) {
         return respond(403, "Forbidden");
     }
     if request.body.len() > MAX_BODY {

@@ -316,7 +316,8 @@ impl TransportLayer {
             self.metrics.message_dropped("flood");
             return;
         }
-        let source = self.guard.classify(peer.addr.ip());
+        let presented = self.tls.as_ref().is_some_and(|tls| tls.presented(peer));
+        let source = self.guard.classify_presenting(peer.addr.ip(), presented);
         // A scan is dropped before it costs a parse: a request without a To tag cannot belong
         // to anything the node has, and only `reject` needs the parsed request.
         if source == SourceClass::Unknown

@@ -49,6 +49,25 @@ impl Ca {
         })
     }
 
+    /// A leaf whose subject CN is `cn` and whose subject alternative names are `sans` (none:
+    /// a certificate that names its holder in the CN only).
+    pub fn leaf_cn(&self, cn: &str, sans: &[&str]) -> Leaf {
+        self.leaf_with(sans, |params| {
+            params.distinguished_name = rcgen::DistinguishedName::new();
+            params.distinguished_name.push(DnType::CommonName, cn);
+        })
+    }
+
+    /// A leaf for `names` with a SIP URI subject alternative name as well (RFC 5922).
+    pub fn leaf_with_uri(&self, names: &[&str], uri: &str) -> Leaf {
+        self.leaf_with(names, |params| params.subject_alt_names.push(rcgen::SanType::URI(uri.try_into().unwrap())))
+    }
+
+    /// A leaf for servers only (extended key usage serverAuth), as public CAs now issue them.
+    pub fn server_only_leaf(&self, names: &[&str]) -> Leaf {
+        self.leaf_with(names, |params| params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth])
+    }
+
     fn leaf_with(&self, names: &[&str], tune: impl FnOnce(&mut CertificateParams)) -> Leaf {
         let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
         params.distinguished_name.push(DnType::CommonName, names.first().copied().unwrap_or("leaf"));
@@ -59,6 +78,15 @@ impl Ca {
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().to_vec() }
     }
+}
+
+/// A self-signed certificate for `names` (what a provider pins by fingerprint).
+pub fn self_signed(names: &[&str]) -> Leaf {
+    let mut params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, names.first().copied().unwrap_or("self-signed"));
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().to_vec() }
 }
 
 impl Leaf {

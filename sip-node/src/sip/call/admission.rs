@@ -16,8 +16,9 @@ use crate::sip::digest::Verification;
 use crate::sip::limits::CallPermit;
 use crate::sip::message;
 use crate::sip::routing::{self, Target};
+use crate::sip::tls::peer_auth;
 use crate::sip::transaction::response_to;
-use crate::sip::transport::Peer;
+use crate::sip::transport::{Peer, Protocol};
 
 /// Why the inbound leg was refused before any outbound attempt.
 pub(super) struct Refuse {
@@ -61,7 +62,9 @@ pub(super) async fn admit(
     let known_source = snapshot.trunks().any(|t| t.inbound_enabled && routing::trunk_accepts_source(t, source));
     let digest_possible = snapshot.trunks().any(|t| t.inbound_enabled && t.auth_method == AuthMethod::Digest);
     let open_trunk = snapshot.trunks().any(|t| t.inbound_enabled && t.auth_method == AuthMethod::None);
-    if !known_source && !digest_possible && !open_trunk {
+    let certificate_possible =
+        peer.protocol == Protocol::Tls && snapshot.trunks().any(|t| t.inbound_enabled && t.requires_peer_certificate());
+    if !known_source && !digest_possible && !open_trunk && !certificate_possible {
         return Err(Refuse::new(403, format!("source {source} is not allowed by any trunk")));
     }
     let number = snapshot
@@ -81,6 +84,11 @@ pub(super) async fn admit(
         AuthMethod::Digest if !accepted_by_ip => {
             let credential = snapshot.credential(&trunk.namespace, &trunk.name);
             check_digest(ctx, invite, credential)?;
+        }
+        // Inbound mutual TLS: the connection's client certificate, whatever the source address.
+        AuthMethod::Certificate if trunk.requires_peer_certificate() => {
+            let tls = ctx.endpoint.transport().tls().map(|t| &**t);
+            peer_auth::admit(tls, snapshot, &trunk, peer, &ctx.metrics).map_err(|reason| Refuse::new(403, reason))?;
         }
         _ if !accepted_by_ip => {
             return Err(Refuse::new(403, format!("source {source} is not allowed by trunk {}", trunk.name)));
@@ -130,9 +138,10 @@ pub(super) fn check_digest(ctx: &NodeContext, invite: &Request, credential: Opti
     }
 }
 
-/// A `Reason` header (RFC 3326) carrying the node's explanation.
+/// A `Reason` header (RFC 3326) carrying the node's explanation. Up to 400 characters: room for
+/// a refused client certificate's names and SHA-256 fingerprint (95 characters) and what to fix.
 pub(super) fn reason_header(code: u16, text: &str) -> Header {
-    let text: String = text.chars().filter(|c| *c != '"' && !c.is_control()).take(200).collect();
+    let text: String = text.chars().filter(|c| *c != '"' && !c.is_control()).take(400).collect();
     Header::Other("Reason".into(), format!("SIP;cause={code};text=\"{text}\""))
 }
 

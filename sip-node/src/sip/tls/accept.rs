@@ -30,9 +30,17 @@ pub(crate) async fn accept_loop(layer: Arc<TransportLayer>, listener: TcpListene
                 };
                 let _ = stream.set_nodelay(true);
                 let (layer, acceptor, timeout) = (Arc::clone(&layer), acceptor.clone(), tls.handshake_timeout);
+                let tls = Arc::clone(&tls);
                 tokio::spawn(async move {
                     match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
                         Ok(Ok(session)) => {
+                            // What the client presented, kept for admission while the
+                            // connection lives (see peer.rs).
+                            let presented = session.get_ref().1.peer_certificates().map(<[_]>::to_vec);
+                            let registration = presented
+                                .and_then(super::PeerCertificate::new)
+                                .map(|cert| tls.peers.register(addr, cert));
+                            let session = super::peer::Registered::new(session, registration);
                             layer.adopt(session, Peer { protocol: Protocol::Tls, addr }, slot);
                         }
                         Ok(Err(error)) => {

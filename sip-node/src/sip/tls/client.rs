@@ -57,6 +57,11 @@ impl ClientTrust {
         })
     }
 
+    /// The node's extra CAs (`--sip-tls-ca-file`).
+    pub fn extra_ca(&self) -> &[CertificateDer<'static>] {
+        &self.extra
+    }
+
     /// The node's client certificate, if it has one.
     pub fn client_cert(&self) -> Option<&Arc<super::ReloadingCert>> {
         self.client_cert.as_ref()

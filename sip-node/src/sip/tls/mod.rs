@@ -10,7 +10,10 @@
 mod accept;
 mod certs;
 mod client;
+mod peer;
+pub mod peer_auth;
 mod trunks;
+mod verifier;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,6 +23,7 @@ use std::time::Duration;
 pub(crate) use accept::accept_loop;
 pub use certs::{CertError, ReloadingCert};
 pub use client::{ClientTrust, TlsTarget};
+pub use peer::{PeerCertificate, PeerTable};
 
 #[cfg(test)]
 mod tests;
@@ -119,6 +123,8 @@ pub enum TlsError {
 pub struct TlsLayer {
     server: Option<Server>,
     client: ClientTrust,
+    /// What the clients of open inbound connections presented, for admission.
+    peers: Arc<PeerTable>,
     handshake_timeout: Duration,
     listen: Vec<SocketAddr>,
     advertised_port: Option<u16>,
@@ -148,12 +154,16 @@ impl TlsLayer {
             Some(path) => certs::read_certs(path)?,
             None => Vec::new(),
         };
+        // Inbound mutual TLS: every client is asked for a certificate, none must present one.
+        let verifier = Arc::new(verifier::AskClientCertificate::new(provider()));
         let server = match (&args.cert, &args.key) {
             (Some(cert), Some(key)) => {
                 let cert = ReloadingCert::load(cert.clone(), key.clone())?;
                 let config = rustls::ServerConfig::builder_with_provider(provider())
                     .with_safe_default_protocol_versions()?
-                    .with_no_client_auth()
+                    .with_client_cert_verifier(
+                        Arc::clone(&verifier) as Arc<dyn rustls::server::danger::ClientCertVerifier>
+                    )
                     .with_cert_resolver(Arc::clone(&cert) as Arc<dyn rustls::server::ResolvesServerCert>);
                 Some(Server { acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)), cert })
             }
@@ -173,6 +183,7 @@ impl TlsLayer {
         Ok(Arc::new(TlsLayer {
             server,
             client: ClientTrust::new(extra_ca, client_cert)?,
+            peers: Arc::default(),
             handshake_timeout: Duration::from_millis(args.handshake_timeout_ms.max(1)),
             listen,
             advertised_port: args.advertised_port,
@@ -201,6 +212,27 @@ impl TlsLayer {
     /// The outbound trust and the names of TLS targets.
     pub fn client(&self) -> &ClientTrust {
         &self.client
+    }
+
+    /// Takes the trunks' TLS settings from `snapshot` from now on (per-trunk client
+    /// configurations towards their gateways).
+    pub fn follow(&self, snapshot: crate::config::SnapshotHandle) {
+        self.client.follow(snapshot);
+    }
+
+    /// What the client of the open inbound connection from `addr` presented, if anything.
+    pub fn peer_certificate(&self, addr: SocketAddr) -> Option<Arc<PeerCertificate>> {
+        self.peers.get(addr)
+    }
+
+    /// The presented certificates of open inbound connections.
+    pub fn peers(&self) -> &PeerTable {
+        &self.peers
+    }
+
+    /// Whether `peer` is an inbound TLS connection whose client presented a certificate.
+    pub(crate) fn presented(&self, peer: crate::sip::transport::Peer) -> bool {
+        peer.protocol == crate::sip::transport::Protocol::Tls && self.peers.get(peer.addr).is_some()
     }
 
     /// Opens a TLS session over a connected stream to `addr` (client side).

@@ -125,6 +125,92 @@ async fn stalled_and_garbage_handshakes_are_closed_and_counted() {
     assert_eq!(next_message(&mut rx).await.peer.protocol, Protocol::Tls);
 }
 
+/// A client that stops in the middle of its ClientHello is closed at the handshake timeout,
+/// counted, and leaves no task behind (the handshake's task ends with it).
+#[tokio::test]
+async fn a_client_stalling_mid_handshake_is_closed_and_leaves_no_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let (layer, _tls, mut rx, metrics) = node(serving(dir.path(), &ca.leaf(&["127.0.0.1"]))).await;
+    let addr = layer.tls_addrs()[0];
+    let tasks = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+    let before = tasks();
+    let mut stalled = TcpStream::connect(addr).await.unwrap();
+    // A handshake record announcing a 512-byte ClientHello, and only its first six bytes.
+    stalled.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03]).await.unwrap();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match stalled.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a half-sent ClientHello keeps its connection past the timeout");
+    assert!(metrics.render().contains("tls_handshake_timeout"), "{}", metrics.render());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while tasks() > before {
+        assert!(std::time::Instant::now() < deadline, "{} tasks left after the stalled handshake", tasks() - before);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(rx.try_recv().is_err(), "nothing reached the transaction layer");
+}
+
+/// A TLS client with a certificate for `name` from `ca`, trusting `ca` for the node.
+fn client_with_certificate(ca: &Ca, name: &str) -> Arc<rustls::ClientConfig> {
+    let leaf = ca.leaf(&[name]);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(ca.der())).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![CertificateDer::from(leaf.der.clone())],
+            PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    Arc::new(config)
+}
+
+/// Inbound mutual TLS at the listener: every client is asked for a certificate; what one
+/// presents is kept while its connection lives (for admission) and forgotten after, and a client
+/// without a certificate still connects.
+#[tokio::test]
+async fn a_presented_client_certificate_is_kept_while_its_connection_lives() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("test CA");
+    let (layer, tls, mut rx, _) = node(serving(dir.path(), &ca.leaf(&["127.0.0.1"]))).await;
+    let addr = layer.tls_addrs()[0];
+    let connect = move |config: Arc<rustls::ClientConfig>| async move {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let mut session = tokio_rustls::TlsConnector::from(config).connect(name, stream).await.unwrap();
+        session.write_all(OPTIONS.as_bytes()).await.unwrap();
+        session
+    };
+
+    let with_cert = connect(client_with_certificate(&ca, "caller.test")).await;
+    let received = next_message(&mut rx).await;
+    let presented = tls.peer_certificate(received.peer.addr).expect("the certificate is kept");
+    assert_eq!(presented.dns_names, ["caller.test"]);
+    assert!(tls.presented(received.peer));
+
+    let _without = connect(client_config(&ca)).await;
+    let received = next_message(&mut rx).await;
+    assert!(tls.peer_certificate(received.peer.addr).is_none(), "a client without a certificate still connects");
+    assert!(!tls.presented(received.peer));
+
+    drop(with_cert);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !tls.peers().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the closed connection's certificate is still kept");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_renewed_certificate_serves_new_connections_while_old_ones_carry_on() {
     let dir = tempfile::tempdir().unwrap();
@@ -253,20 +339,33 @@ async fn handshakes_per_second() {
     let ca = Ca::new("test CA");
     let (layer, _tls, _rx, _) = node(serving(dir.path(), &ca.leaf(&["127.0.0.1"]))).await;
     let addr = layer.tls_addrs()[0];
-    let config = client_config(&ca);
-    let count = 500;
-    let started = std::time::Instant::now();
-    for _ in 0..count {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let connector = tokio_rustls::TlsConnector::from(Arc::clone(&config));
-        let mut session = connector.connect(ServerName::try_from("127.0.0.1").unwrap(), stream).await.unwrap();
-        session.shutdown().await.ok();
+    // Without a client certificate, and with one (inbound mutual TLS: the client signs, the node
+    // verifies), in alternating batches so that other load on the machine weighs on both alike.
+    let kinds = [
+        ("without a client certificate", client_config(&ca)),
+        ("mutual TLS", client_with_certificate(&ca, "caller.test")),
+    ];
+    let (rounds, batch) = (5, 100u32);
+    let mut spent = [Duration::ZERO; 2];
+    for _ in 0..rounds {
+        for (i, (_, config)) in kinds.iter().enumerate() {
+            let started = std::time::Instant::now();
+            for _ in 0..batch {
+                let stream = TcpStream::connect(addr).await.unwrap();
+                let connector = tokio_rustls::TlsConnector::from(Arc::clone(config));
+                let mut session = connector.connect(ServerName::try_from("127.0.0.1").unwrap(), stream).await.unwrap();
+                session.shutdown().await.ok();
+            }
+            spent[i] += started.elapsed();
+        }
     }
-    let elapsed = started.elapsed();
-    println!(
-        "{count} TLS handshakes (client and node in one process) in {elapsed:?}: {:.0} handshakes/s",
-        f64::from(count) / elapsed.as_secs_f64()
-    );
+    for ((what, _), elapsed) in kinds.iter().zip(spent) {
+        let count = rounds * batch;
+        println!(
+            "{count} TLS handshakes {what} (client and node in one process) in {elapsed:?}: {:.0} handshakes/s",
+            f64::from(count) / elapsed.as_secs_f64()
+        );
+    }
 }
 
 /// The TLS flags live beside the node's others without a clash of clap ids (the UDP/TCP
