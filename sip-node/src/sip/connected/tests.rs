@@ -522,7 +522,7 @@ fn api_call(media: MediaMode<'_>) -> (Connected<'_>, Vec<Action>) {
 
 #[test]
 fn api_call_refuses_offers_without_media_and_ends_at_its_maximum_duration() {
-    let (mut call, first) = api_call(MediaMode::RefuseOffers);
+    let (mut call, first) = api_call(MediaMode::RefuseOffers { sent: None });
     assert_eq!(first, vec![Action::Schedule(Timer::MaxDuration, Duration::from_secs(60))]);
     let actions = call.on_event(request_event(Leg::B, incoming("INVITE", 2, SDP, "")));
     assert_eq!(message::status(&responses(&actions)[0]), 488);
@@ -540,7 +540,7 @@ fn api_call_refuses_offers_without_media_and_ends_at_its_maximum_duration() {
 
 #[test]
 fn api_call_ends_on_callee_bye_and_media_timeout() {
-    let (mut call, _) = api_call(MediaMode::RefuseOffers);
+    let (mut call, _) = api_call(MediaMode::RefuseOffers { sent: None });
     let actions = call.on_event(request_event(Leg::B, incoming("BYE", 2, "", "")));
     assert!(sent(&actions, Leg::B).is_empty());
     assert_eq!(ending(&actions), Some(Ending { code: 200, reason: "callee hung up".into(), by: Ender::Callee }));
