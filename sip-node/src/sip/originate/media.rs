@@ -178,12 +178,12 @@ pub(super) async fn bridge_to_agent(
 /// session refreshes carry: a re-INVITE that changes nothing (RFC 4028 section 7.4), because
 /// a callee need not allow UPDATE. The offer's version is left as it is: the same SDP again is
 /// no change (RFC 3264 section 8).
-struct Refreshable<'s> {
-    inner: LocalAnswerer<'s>,
+struct Refreshable<L> {
+    inner: L,
     sent: Vec<u8>,
 }
 
-impl LocalMedia for Refreshable<'_> {
+impl<L: LocalMedia> LocalMedia for Refreshable<L> {
     fn ack_answer(&mut self, body: &[u8]) -> Result<(), SdpError> {
         self.inner.ack_answer(body)
     }
@@ -200,5 +200,37 @@ impl LocalMedia for Refreshable<'_> {
 
     fn last_sent(&self) -> Option<Vec<u8>> {
         Some(self.sent.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answers every offer with "answer N", counting; refuses "bad" with 488.
+    #[derive(Default)]
+    struct Counting(u32);
+
+    impl LocalMedia for Counting {
+        fn ack_answer(&mut self, _body: &[u8]) -> Result<(), SdpError> {
+            Ok(())
+        }
+        fn answer(&mut self, offer: &[u8]) -> Result<Vec<u8>, u16> {
+            if offer == b"bad" {
+                return Err(488);
+            }
+            self.0 += 1;
+            Ok(format!("answer {}", self.0).into_bytes())
+        }
+    }
+
+    #[test]
+    fn the_refreshed_sdp_is_the_offer_then_each_answer_given() {
+        let mut media = Refreshable { inner: Counting::default(), sent: b"offer".to_vec() };
+        assert_eq!(media.last_sent().as_deref(), Some(b"offer".as_slice()));
+        assert_eq!(media.answer(b"hold"), Ok(b"answer 1".to_vec()));
+        assert_eq!(media.last_sent().as_deref(), Some(b"answer 1".as_slice()));
+        assert_eq!(media.answer(b"bad"), Err(488));
+        assert_eq!(media.last_sent().as_deref(), Some(b"answer 1".as_slice()), "a refused offer changes nothing");
     }
 }
