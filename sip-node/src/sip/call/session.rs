@@ -7,9 +7,7 @@ use rsip::Header;
 
 use super::admission::Refuse;
 pub(crate) use crate::sip::control::session_leg::LegTimer;
-use crate::sip::control::session_timer::{
-    self, SessionTimerError, TimerPolicy, TimerRequest, UacOffer, UasDecision,
-};
+use crate::sip::control::session_timer::{self, SessionTimerError, TimerPolicy, TimerRequest, UacOffer, UasDecision};
 
 /// The caller's leg: the timer the node's 2xx will set, or the refusal (400 for malformed
 /// timer headers, 422 with the node's Min-SE for an interval below it).

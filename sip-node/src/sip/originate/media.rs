@@ -11,8 +11,8 @@ use std::time::Duration;
 use switchboard_model::TrunkConfig;
 
 use super::super::connected::{Leg, LocalAnswerer, LocalMedia, MediaMode};
-use super::super::control::dtmf_info::InfoDtmf;
 use super::super::context::MediaContext;
+use super::super::control::dtmf_info::InfoDtmf;
 use super::super::dialog::Dialog;
 use super::super::message::HangupReason;
 use super::super::transfer::{AgentCall, AgentCallEnd, CallerFacts, CallerLeg, run_agent_call};
