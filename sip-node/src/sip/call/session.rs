@@ -7,9 +7,7 @@ use rsip::Header;
 
 use super::admission::Refuse;
 pub(crate) use crate::sip::control::session_leg::LegTimer;
-use crate::sip::control::session_timer::{
-    self, SessionTimerError, TimerPolicy, TimerRequest, TimerResponse, UacOffer, UasDecision,
-};
+use crate::sip::control::session_timer::{self, SessionTimerError, TimerPolicy, TimerRequest, UacOffer, UasDecision};
 
 /// The caller's leg: the timer the node's 2xx will set, or the refusal (400 for malformed
 /// timer headers, 422 with the node's Min-SE for an interval below it).
@@ -39,11 +37,10 @@ pub(crate) fn answer_headers(timer: &LegTimer) -> Vec<Header> {
     headers
 }
 
-/// The callee's leg after its 2xx to the node's INVITE that carried `offer`. Malformed timer
-/// headers in the 2xx are read as none: the node then refreshes the leg itself.
+/// The callee's leg after its 2xx to the node's INVITE that carried `offer` (see
+/// [`LegTimer::after_answer`]).
 pub(super) fn callee_timer(offer: &UacOffer, answer: &rsip::Headers) -> LegTimer {
-    let response = TimerResponse::from_headers(answer).unwrap_or_default();
-    LegTimer { negotiated: offer.negotiate(&response), min_se: offer.min_se }
+    LegTimer::after_answer(offer, answer)
 }
 
 #[cfg(test)]

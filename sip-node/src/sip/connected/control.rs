@@ -44,11 +44,15 @@ fn leg_name(leg: Leg) -> &'static str {
 }
 
 impl Connected<'_> {
-    /// The node's current SDP on `leg`, when it anchors the media.
+    /// The node's current SDP on `leg`, when it knows it: it anchors the media, or it is the
+    /// far end of an API call's only leg (whose refreshes then go by re-INVITE: a callee need
+    /// not allow UPDATE).
     fn sdp_on(&self, leg: Leg) -> Option<Vec<u8>> {
         match &self.media {
             MediaMode::Anchored(anchor) => anchor.last_sent(leg),
-            _ => None,
+            MediaMode::AnswerHere(local) => local.last_sent(),
+            MediaMode::RefuseOffers { sent } => sent.clone(),
+            MediaMode::PassThrough => None,
         }
     }
 

@@ -69,6 +69,12 @@ pub(crate) trait LocalMedia: Send {
     fn send_dtmf_to_agent(&mut self, _dtmf: &InfoDtmf) -> bool {
         false
     }
+    /// The node's SDP last sent on the leg, for session refreshes by re-INVITE (and answers to
+    /// re-INVITEs without an offer); `None` (calls to AI agents from a caller) refreshes with
+    /// UPDATE without a body.
+    fn last_sent(&self) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 /// [`LocalMedia`] of a bridged leg: one SDP session answered by the node, the relay's leg

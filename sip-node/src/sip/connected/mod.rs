@@ -10,7 +10,7 @@
 //!   callee's (the node is its UAC); in-dialog requests pass from one leg to the other, with
 //!   the node re-offering when it anchors the media;
 //! - a call to an AI agent (`sip/call/agent.rs`): only leg A; offers are answered here;
-//! - an API-placed call (`sip/originate.rs`): only leg B; offers are answered here when an
+//! - an API-placed call (`sip/originate/`): only leg B; offers are answered here when an
 //!   agent is bridged, refused with 488 otherwise, and the call has a maximum duration.
 //!
 //! The 2xx to the caller is retransmitted until the ACK comes by the one
@@ -71,8 +71,10 @@ pub(crate) enum MediaMode<'m> {
     Anchored(&'m mut dyn AnchoredMedia),
     /// The node is the far end of the only SIP leg and answers offers itself.
     AnswerHere(&'m mut dyn LocalMedia),
-    /// Nothing to negotiate with: offers are refused with 488, the call stays up (RFC 3261 14.2).
-    RefuseOffers,
+    /// Nothing to negotiate with: offers are refused with 488, the call stays up (RFC 3261
+    /// 14.2). `sent` is the node's SDP on the leg (an API call's offer), which the node's
+    /// session refreshes carry; `None`: the node refreshes with UPDATE without a body.
+    RefuseOffers { sent: Option<Vec<u8>> },
 }
 
 /// One SIP leg of the call as the machine sees it.
@@ -395,7 +397,7 @@ impl<'m> Connected<'m> {
                 }
                 Err(code) => response_to(&request, code, None, None),
             },
-            MediaMode::RefuseOffers if is_offer => response_to(&request, 488, None, None),
+            MediaMode::RefuseOffers { .. } if is_offer => response_to(&request, 488, None, None),
             _ => response_to(&request, 200, Some("OK"), None),
         };
         out.push(Action::Respond { key, response });

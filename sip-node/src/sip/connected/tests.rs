@@ -522,7 +522,7 @@ fn api_call(media: MediaMode<'_>) -> (Connected<'_>, Vec<Action>) {
 
 #[test]
 fn api_call_refuses_offers_without_media_and_ends_at_its_maximum_duration() {
-    let (mut call, first) = api_call(MediaMode::RefuseOffers);
+    let (mut call, first) = api_call(MediaMode::RefuseOffers { sent: None });
     assert_eq!(first, vec![Action::Schedule(Timer::MaxDuration, Duration::from_secs(60))]);
     let actions = call.on_event(request_event(Leg::B, incoming("INVITE", 2, SDP, "")));
     assert_eq!(message::status(&responses(&actions)[0]), 488);
@@ -540,7 +540,7 @@ fn api_call_refuses_offers_without_media_and_ends_at_its_maximum_duration() {
 
 #[test]
 fn api_call_ends_on_callee_bye_and_media_timeout() {
-    let (mut call, _) = api_call(MediaMode::RefuseOffers);
+    let (mut call, _) = api_call(MediaMode::RefuseOffers { sent: None });
     let actions = call.on_event(request_event(Leg::B, incoming("BYE", 2, "", "")));
     assert!(sent(&actions, Leg::B).is_empty());
     assert_eq!(ending(&actions), Some(Ending { code: 200, reason: "callee hung up".into(), by: Ender::Callee }));
@@ -656,4 +656,76 @@ fn a_garbage_info_dtmf_body_is_refused_and_a_good_one_passed_on_normalised() {
     let forwarded = &sent(&actions, Leg::B)[0];
     assert_eq!(forwarded.body, b"Signal=#\r\nDuration=250\r\n");
     assert_eq!(hv(&forwarded.headers, "Content-Type").as_deref(), Some("application/dtmf-relay"));
+}
+
+// Session timers on an API call's only leg (B): the node's refreshes carry its offer, the
+// callee's refreshes are answered on the leg, an unrefreshed session ends the call.
+fn timed_api_call(we_refresh: bool, sent: Option<&str>) -> (Connected<'static>, Vec<Action>) {
+    use crate::sip::control::session_timer::{Negotiated, Refresher};
+    let mut b = leg("b-call", "btag", 1, peer(5062, Protocol::Udp));
+    let refresher = if we_refresh { Refresher::Uac } else { Refresher::Uas };
+    b.session = Some(LegTimer { negotiated: Negotiated { interval: 90, refresher, we_refresh }, min_se: 90 });
+    Connected::new(Setup {
+        a: None,
+        b: Some(b),
+        media: MediaMode::RefuseOffers { sent: sent.map(|sdp| sdp.as_bytes().to_vec()) },
+        timers: TimerConfig::default(),
+        wait_for_bye: false,
+        max_duration: Some(Duration::from_secs(4 * 3600)),
+        session_policy: Default::default(),
+    })
+}
+
+#[test]
+fn an_api_call_refreshes_its_callee_with_a_reinvite_carrying_its_offer() {
+    let (mut call, first) = timed_api_call(true, Some(SDP));
+    assert!(first.contains(&Action::Schedule(Timer::Session(Leg::B, SessionTimerKind::Refresh), secs(45))));
+    assert!(first.contains(&Action::Schedule(Timer::Session(Leg::B, SessionTimerKind::Expiry), secs(60))));
+    let actions = call.on_event(Event::Timer(Timer::Session(Leg::B, SessionTimerKind::Refresh)));
+    let refresh = sent(&actions, Leg::B);
+    assert_eq!(refresh.len(), 1, "{actions:?}");
+    assert_eq!((refresh[0].method, refresh[0].body.as_slice()), (Method::Invite, SDP.as_bytes()));
+    assert_eq!(hv(&refresh[0].headers, "Session-Expires").as_deref(), Some("90;refresher=uac"));
+    assert_eq!(hv(&refresh[0].headers, "Min-SE").as_deref(), Some("90"));
+    // The callee's 2xx is ACKed by the node and restarts the schedule.
+    let actions = call.on_event(Event::Response { leg: Leg::B, response: answer_to(&refresh[0], 200, SDP) });
+    assert!(matches!(&actions[0], Action::SendStateless { leg: Leg::B, .. }), "{actions:?}");
+    assert!(actions.contains(&Action::Schedule(Timer::Session(Leg::B, SessionTimerKind::Refresh), secs(45))));
+    // A 422 to a later refresh is retried at once with the callee's Min-SE.
+    let refresh = sent(&call.on_event(Event::Timer(Timer::Session(Leg::B, SessionTimerKind::Refresh))), Leg::B);
+    let mut too_small = answer_to(&refresh[0], 422, "");
+    too_small.headers.push(rsip::Header::Other("Min-SE".into(), "180".into()));
+    let retry = sent(&call.on_event(Event::Response { leg: Leg::B, response: too_small }), Leg::B);
+    assert_eq!(retry[0].body, SDP.as_bytes());
+    assert_eq!(hv(&retry[0].headers, "Session-Expires").as_deref(), Some("180;refresher=uac"));
+    // A callee that never answers a refresh: the call ends, the CDR reason says why.
+    let actions = call.on_event(Event::TransactionTimeout { leg: Leg::B });
+    assert_eq!(sent(&actions, Leg::B)[0].method, Method::Bye);
+    let end = ending(&actions).expect("ended");
+    assert!(end.reason.contains("session refresh on the callee's leg got no answer"), "{}", end.reason);
+}
+
+#[test]
+fn an_api_calls_callee_refreshes_are_answered_and_its_silence_ends_the_call() {
+    let (mut call, first) = timed_api_call(false, Some(SDP));
+    assert!(first.contains(&Action::CancelTimer(Timer::Session(Leg::B, SessionTimerKind::Refresh))));
+    let update = incoming("UPDATE", 2, "", "Supported: timer\r\nSession-Expires: 90;refresher=uac\r\n");
+    let actions = call.on_event(request_event(Leg::B, update));
+    let ok = &responses(&actions)[0];
+    assert_eq!(message::status(ok), 200);
+    assert_eq!(hv(&ok.headers, "Session-Expires").as_deref(), Some("90;refresher=uac"));
+    assert!(actions.contains(&Action::Schedule(Timer::Session(Leg::B, SessionTimerKind::Expiry), secs(60))));
+    // A re-INVITE without an offer gets the node's SDP as the offer in the 200.
+    let actions = call.on_event(request_event(Leg::B, incoming("INVITE", 3, "", "Supported: timer\r\n")));
+    let ok = &responses(&actions)[0];
+    assert_eq!((message::status(ok), ok.body.as_slice()), (200, SDP.as_bytes()));
+    // An offer is still refused (no media to negotiate with), the call stays up.
+    let actions = call.on_event(request_event(Leg::B, incoming("INVITE", 4, SDP, "")));
+    assert_eq!(message::status(&responses(&actions)[0]), 488);
+    let actions = call.on_event(Event::Timer(Timer::Session(Leg::B, SessionTimerKind::Expiry)));
+    let bye = sent(&actions, Leg::B);
+    assert!(header(&bye[0], "Reason")[0].contains("session timer expired"), "{:?}", header(&bye[0], "Reason"));
+    let end = ending(&actions).expect("an API call does not wait for the BYE's answer");
+    assert_eq!((end.code, end.by), (408, Ender::System));
+    assert_eq!(end.reason, "session timer expired on the callee's leg (RFC 4028)");
 }

@@ -26,6 +26,18 @@ pub struct LegTimer {
     pub min_se: u32,
 }
 
+impl LegTimer {
+    /// The timer of a leg the node called, after the callee's 2xx to the node's INVITE that
+    /// carried `offer` (after any 422, whose Min-SE the leg's refreshes keep carrying).
+    /// Malformed timer headers in the 2xx are read as none: the node then refreshes the leg
+    /// itself, which is always safe. Shared by every outbound leg (B2BUA callees, REFER
+    /// targets, calls placed through the API).
+    pub fn after_answer(offer: &UacOffer, answer: &rsip::Headers) -> LegTimer {
+        let response = TimerResponse::from_headers(answer).unwrap_or_default();
+        LegTimer { negotiated: offer.negotiate(&response), min_se: offer.min_se }
+    }
+}
+
 /// What a response on the leg meant for its session timer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RefreshOutcome {

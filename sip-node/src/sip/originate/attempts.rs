@@ -17,6 +17,8 @@ use super::record::{Ended, write_cdr};
 use super::{CallRequest, RING_TIMEOUT, StatusEvent, media, set_state};
 use crate::sip::ALLOW;
 use crate::sip::context::NodeContext;
+use crate::sip::control::session_leg::LegTimer;
+use crate::sip::control::session_timer::UacOffer;
 use crate::sip::invite_client::{InviteClient, InviteEvent, InviteSetup, failover_timeout};
 use crate::sip::message;
 use crate::sip::routing;
@@ -155,9 +157,15 @@ async fn one_attempt(
     let failed = Ended::unanswered;
     let tag = new_tag();
     let offer = target.media.as_mut().map(|media| media.offer(trunk));
-    let Some(invite) = build_invite(ctx, &request.from_number, gateway, &tag, offer.as_deref()) else {
+    // The callee's leg gets a session timer like every leg the node places (RFC 4028): the
+    // node keeps it alive itself when the callee does not refresh, and a refresh answered 481
+    // or never tells it the callee is gone.
+    let timer = UacOffer::new(&ctx.session_timers);
+    let Some(invite) = build_invite(ctx, &request.from_number, gateway, &tag, offer.as_deref(), &timer) else {
         return failed(400, format!("cannot build a request URI for {user}@{host}"), None);
     };
+    // What the node's session refreshes carry: its offer, unchanged.
+    let sdp = invite.body.clone();
     let setup = InviteSetup {
         peer,
         tag,
@@ -166,7 +174,7 @@ async fn one_attempt(
         ring_limit: RING_TIMEOUT,
         gateway: host.to_string(),
         contact_user: request.from_number.clone(),
-        session: None,
+        session: Some(timer),
     };
     let mut client = InviteClient::send(ctx, invite, setup);
     let mut ring_at = None;
@@ -196,10 +204,13 @@ async fn one_attempt(
             }
         }
     };
+    // The offer as the callee last saw it (a 422 raises it) and the callee's 2xx decide who
+    // refreshes.
+    let session = client.session_offer().map(|offer| LegTimer::after_answer(offer, &response.headers));
     let (tx, rx) = client.into_channel();
     let result = match rx {
         Some(mut rx) => {
-            let leg = CalleeLeg { dialog: &dialog, tx: &tx, rx: &mut rx };
+            let leg = CalleeLeg { dialog: &dialog, tx: &tx, rx: &mut rx, session, sdp };
             answered(placing, target, gateway, leg, &response, ring_at).await
         }
         None => failed(500, "the endpoint stopped".into(), ring_at),
@@ -269,19 +280,21 @@ async fn answered(
 }
 
 /// The INVITE of an attempt from `from_number` (CSeq 1), with the node's offer (or, without
-/// RTP ports, an offer that names no usable port).
+/// RTP ports, an offer that names no usable port) and the session timer `timer` asks for
+/// (`Supported: timer`, `Session-Expires`, `Min-SE`).
 fn build_invite(
     ctx: &NodeContext,
     from_number: &str,
     gateway: &Gateway<'_>,
     tag: &str,
     offer: Option<&[u8]>,
+    timer: &UacOffer,
 ) -> Option<Request> {
     let Gateway { call_id, user, host, peer, .. } = *gateway;
     let cseq = 1;
     let (our_host, our_port) = ctx.endpoint.transport().sent_by(peer.addr);
     let uri = rsip::Uri::try_from(format!("sip:{user}@{host}").as_str()).ok()?;
-    let headers: Vec<Header> = vec![
+    let mut headers: Vec<Header> = vec![
         ctx.endpoint.via_for(peer),
         Header::MaxForwards(headers::MaxForwards::from(70u32)),
         Header::From(headers::From::new(format!("<sip:{}@{our_host}:{our_port}>;tag={tag}", from_number))),
@@ -292,6 +305,7 @@ fn build_invite(
         Header::Allow(ALLOW.into()),
         Header::UserAgent("switchboard".into()),
     ];
+    headers.extend(timer.request_headers());
     let mut invite =
         Request { method: Method::Invite, uri, version: rsip::Version::V2, headers: headers.into(), body: vec![] };
     if let Some(offer) = offer {

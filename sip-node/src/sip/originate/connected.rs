@@ -5,17 +5,20 @@ use tokio::sync::mpsc;
 use super::MAX_DURATION;
 use crate::sip::connected::{Action, Channels, Connected, Io, LegChannels, LegSetup, MediaMode, Setup, drive};
 use crate::sip::context::NodeContext;
+use crate::sip::control::session_leg::LegTimer;
 use crate::sip::dialog::Dialog;
 use crate::sip::endpoint::TuEvent;
 use crate::store::HangupBy;
 
 /// Keeps the answered call up until the callee hangs up or the maximum duration passes.
 /// Without anchored media a new offer cannot be answered: 488 keeps the call up (RFC 3261
-/// 14.2). Everything else in the dialog is acknowledged. Returns who ended it and why (for the
-/// CDR). (A call bridged to an agent runs in `sip::transfer`, which takes transfers too.)
+/// 14.2). Everything else in the dialog is acknowledged. The node's session refreshes carry
+/// its offer unchanged. Returns who ended it and why (for the CDR). (A call bridged to an
+/// agent runs in `sip::transfer`, which takes transfers too.)
 pub(super) async fn hold_until_hangup(ctx: &NodeContext, leg: CalleeLeg<'_>) -> (HangupBy, String) {
     let peer = leg.dialog.peer;
-    let (mut machine, first) = callee_machine(ctx, leg.dialog, MediaMode::RefuseOffers);
+    let media = MediaMode::RefuseOffers { sent: Some(leg.sdp.clone()) };
+    let (mut machine, first) = callee_machine(ctx, leg.dialog, leg.session, media);
     let io = Io { endpoint: &ctx.endpoint, metrics: &ctx.metrics, drain: &ctx.drain };
     let channels = Channels {
         a: None,
@@ -33,13 +36,18 @@ pub(super) struct CalleeLeg<'a> {
     pub(super) dialog: &'a Dialog,
     pub(super) tx: &'a mpsc::UnboundedSender<TuEvent>,
     pub(super) rx: &'a mut mpsc::UnboundedReceiver<TuEvent>,
+    /// The leg's session timer as the INVITE and the callee's 2xx negotiated it (RFC 4028).
+    pub(super) session: Option<LegTimer>,
+    /// The node's SDP on the leg: the offer of the INVITE the callee answered.
+    pub(super) sdp: Vec<u8>,
 }
 
-/// The connected machine of an answered API call: only the callee's leg (B), the call's
-/// maximum duration, no session timer (API-placed calls offer none yet).
+/// The connected machine of an answered API call: only the callee's leg (B), with its
+/// session timer, and the call's maximum duration.
 pub(super) fn callee_machine<'m>(
     ctx: &NodeContext,
     dialog: &Dialog,
+    session: Option<LegTimer>,
     media: MediaMode<'m>,
 ) -> (Connected<'m>, Vec<Action>) {
     let peer = dialog.peer;
@@ -47,7 +55,7 @@ pub(super) fn callee_machine<'m>(
         sent_by: ctx.endpoint.transport().sent_by(peer.addr),
         contact: ctx.endpoint.contact_for(peer, ""),
         dialog: dialog.clone(),
-        session: None,
+        session,
     };
     Connected::new(Setup {
         a: None,

@@ -8,6 +8,11 @@
 //! Media (`media.rs`): the offer carries the node's address and a port pair from its range;
 //! a request with an agent WebSocket URL (or a routing rule whose destination is one) bridges
 //! the answered callee to the agent. Without an agent the callee hears silence.
+//!
+//! Session timers (RFC 4028): the INVITE offers the node's interval like every leg the node
+//! places (a `422` is retried by the invite client), and the answered callee's leg runs its
+//! timer on the connected machine: the node refreshes when the callee does not (a re-INVITE
+//! with the node's current SDP), answers the callee's refreshes, and ends an expired session.
 
 //!
 //! The modules: `attempts` (trunks, gateways, the outbound INVITE, failover), `record` (how an
