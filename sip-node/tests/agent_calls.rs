@@ -489,6 +489,63 @@ async fn a_delayed_offer_caller_answers_in_its_ack_and_talks_to_the_agent(pool: 
     hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
 }
 
+/// A caller without session timers (no `Supported: timer`, no UPDATE in an `Allow`) on a call
+/// to an AI agent: the node is the refresher (RFC 4028) and keeps the caller's leg alive with a
+/// re-INVITE carrying the SDP of its 200 at half the 90 s interval; an UPDATE refresh would be
+/// refused by such a caller and the call lost at expiry. Takes about 46 s (90 s is the smallest
+/// interval the node's --session-expires takes).
+#[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
+async fn the_node_refreshes_an_agent_callers_session_with_a_reinvite_carrying_its_sdp(pool: PgPool) {
+    let mut agent = Agent::start().await;
+    let node = Node::start_tuned(&pool, vec![carrier()], vec![number_to(websocket(&agent.url))], vec![], |args| {
+        args.session.session_expires = 90;
+        // The caller sends no RTP while it waits: the media timeout must not end the call first.
+        args.media_timeout_seconds = 600;
+    })
+    .await;
+    let mut caller = Caller::new(node.addr, "agent-call-refreshed", 0).await;
+    caller.invite().await;
+    let (ok, _) = caller.final_response().await;
+    caller.accept(&ok).await;
+    agent.expect("start").await;
+    let media_line = |text: &str| text.lines().find(|l| l.starts_with("m=audio")).map(str::to_string);
+
+    let deadline = Instant::now() + Duration::from_secs(70);
+    let mut buf = vec![0u8; 8192];
+    let refresh = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(Ok((n, _))) = tokio::time::timeout(left, caller.sip.recv_from(&mut buf)).await else {
+            panic!("no session refresh from the node within 70 s");
+        };
+        let text = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(!text.starts_with("UPDATE "), "a caller that allows no UPDATE was refreshed with one: {text}");
+        assert!(!text.starts_with("BYE "), "the node ended the call instead of refreshing it: {text}");
+        if text.starts_with("INVITE ") {
+            break text;
+        }
+    };
+    assert_eq!(media_line(&refresh), media_line(&ok), "the refresh carries the SDP of the node's 200: {refresh}");
+    let mut answer = String::from("SIP/2.0 200 OK\r\n");
+    for name in ["Via", "From", "To", "Call-ID", "CSeq"] {
+        for line in refresh.lines().filter(|l| l.split(':').next() == Some(name)) {
+            answer.push_str(line);
+            answer.push_str("\r\n");
+        }
+    }
+    let sdp = caller.sdp();
+    answer.push_str(&format!(
+        "Contact: <sip:caller@{}>\r\nContent-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+        caller.sip_addr(),
+        sdp.len()
+    ));
+    caller.send_sip(&answer).await;
+    // The call goes on after the refresh: the caller still reaches the agent.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    caller.send_audio(&[0xff; 160]).await;
+    agent.expect("media").await;
+    hang_up_cleanly(&mut caller, &mut agent, &pool, node).await;
+}
+
 #[sqlx::test(migrator = "switchboard_model::db::MIGRATOR")]
 async fn a_caller_at_30_ms_ptime_reaches_the_agent_in_20_ms_frames(pool: PgPool) {
     let mut agent = Agent::start().await;

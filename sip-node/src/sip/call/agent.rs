@@ -11,7 +11,7 @@ use super::record::{AttemptRecord, Ender, Outcome};
 use super::{ALLOW, Call};
 use crate::bridge::BridgeEnd;
 use crate::bridge::answer::AgentAnswer;
-use crate::sip::connected::{Answer, Connected, Leg, LegSetup, LocalAnswerer, MediaMode, Setup};
+use crate::sip::connected::{Answer, Connected, Leg, LegSetup, LocalAnswerer, MediaMode, Refreshable, Setup};
 use crate::sip::dialog::Dialog;
 use crate::sip::endpoint::TuEvent;
 use crate::sip::message;
@@ -197,7 +197,11 @@ impl Call {
             session: Some(self.session_a),
         };
         let answer = Answer { key: self.key.clone(), response: ok, reliable: self.a_peer.protocol.is_reliable() };
-        let mut answerer = LocalAnswerer { policy, session: &mut session, awaiting: awaiting_answer, relay: &relay };
+        let answerer = LocalAnswerer { policy, session: &mut session, awaiting: awaiting_answer, relay: &relay };
+        // The node's session refreshes toward the caller re-INVITE with the SDP it last sent
+        // (RFC 4028 section 7.4): a caller need not allow UPDATE, and one that does not would
+        // refuse an UPDATE refresh and lose the call at expiry.
+        let mut answerer = Refreshable { inner: answerer, sent: answer_sdp.clone() };
         let setup = Setup {
             a: Some((a_leg, answer)),
             b: None,

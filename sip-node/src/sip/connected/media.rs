@@ -70,8 +70,8 @@ pub(crate) trait LocalMedia: Send {
         false
     }
     /// The node's SDP last sent on the leg, for session refreshes by re-INVITE (and answers to
-    /// re-INVITEs without an offer); `None` (calls to AI agents from a caller) refreshes with
-    /// UPDATE without a body.
+    /// re-INVITEs without an offer); `None` refreshes with UPDATE without a body. Bridged legs
+    /// wrap their media in [`Refreshable`], which keeps it.
     fn last_sent(&self) -> Option<Vec<u8>> {
         None
     }
@@ -108,5 +108,67 @@ impl LocalMedia for LocalAnswerer<'_> {
         // The bridged relay's leg B is the agent.
         let press = DtmfPress { key: dtmf.key, events: Vec::new() };
         self.relay.send_dtmf(LegId::B, press).is_ok()
+    }
+}
+
+/// A bridged leg's media as the connected machine sees it: the agent bridge's [`LocalAnswerer`]
+/// and the node's SDP last sent on the leg (its offer or its answer in the 2xx, then each answer), which the node's
+/// session refreshes carry: a re-INVITE that changes nothing (RFC 4028 section 7.4), because
+/// a peer need not allow UPDATE. The offer's version is left as it is: the same SDP again is
+/// no change (RFC 3264 section 8).
+pub(crate) struct Refreshable<L> {
+    pub(crate) inner: L,
+    pub(crate) sent: Vec<u8>,
+}
+
+impl<L: LocalMedia> LocalMedia for Refreshable<L> {
+    fn ack_answer(&mut self, body: &[u8]) -> Result<(), SdpError> {
+        self.inner.ack_answer(body)
+    }
+
+    fn answer(&mut self, offer: &[u8]) -> Result<Vec<u8>, u16> {
+        let answer = self.inner.answer(offer)?;
+        self.sent.clone_from(&answer);
+        Ok(answer)
+    }
+
+    fn send_dtmf_to_agent(&mut self, dtmf: &InfoDtmf) -> bool {
+        self.inner.send_dtmf_to_agent(dtmf)
+    }
+
+    fn last_sent(&self) -> Option<Vec<u8>> {
+        Some(self.sent.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answers every offer with "answer N", counting; refuses "bad" with 488.
+    #[derive(Default)]
+    struct Counting(u32);
+
+    impl LocalMedia for Counting {
+        fn ack_answer(&mut self, _body: &[u8]) -> Result<(), SdpError> {
+            Ok(())
+        }
+        fn answer(&mut self, offer: &[u8]) -> Result<Vec<u8>, u16> {
+            if offer == b"bad" {
+                return Err(488);
+            }
+            self.0 += 1;
+            Ok(format!("answer {}", self.0).into_bytes())
+        }
+    }
+
+    #[test]
+    fn the_refreshed_sdp_is_the_offer_then_each_answer_given() {
+        let mut media = Refreshable { inner: Counting::default(), sent: b"offer".to_vec() };
+        assert_eq!(media.last_sent().as_deref(), Some(b"offer".as_slice()));
+        assert_eq!(media.answer(b"hold"), Ok(b"answer 1".to_vec()));
+        assert_eq!(media.last_sent().as_deref(), Some(b"answer 1".as_slice()));
+        assert_eq!(media.answer(b"bad"), Err(488));
+        assert_eq!(media.last_sent().as_deref(), Some(b"answer 1".as_slice()), "a refused offer changes nothing");
     }
 }

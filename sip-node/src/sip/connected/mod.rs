@@ -45,7 +45,7 @@ use rsip::{Method, Request, Response, SipMessage};
 
 pub(crate) use driver::{AgentSession, Channels, Driven, Io, LegChannels, Referrals, Resume, drive, drive_until};
 pub(crate) use events::{Action, Ender, Ending, Event, Leg, Timer};
-pub(crate) use media::{AnchoredMedia, LocalAnswerer, LocalMedia};
+pub(crate) use media::{AnchoredMedia, LocalAnswerer, LocalMedia, Refreshable};
 pub(crate) use refer::{NewLeg, PlaceLeg, ReferralUpdate};
 pub(crate) use replaces::Replacing;
 

@@ -10,9 +10,8 @@ use std::time::Duration;
 
 use switchboard_model::TrunkConfig;
 
-use super::super::connected::{Leg, LocalAnswerer, LocalMedia, MediaMode};
+use super::super::connected::{Leg, LocalAnswerer, MediaMode, Refreshable};
 use super::super::context::MediaContext;
-use super::super::control::dtmf_info::InfoDtmf;
 use super::super::dialog::Dialog;
 use super::super::message::HangupReason;
 use super::super::transfer::{AgentCall, AgentCallEnd, CallerFacts, CallerLeg, run_agent_call};
@@ -171,66 +170,4 @@ pub(super) async fn bridge_to_agent(
         "API call bridged to the agent ended"
     );
     (HangupBy::from(ending.by), ending.reason)
-}
-
-/// The callee's media as the connected machine sees it: the agent bridge's [`LocalAnswerer`]
-/// and the node's SDP last sent to the callee (its offer, then each answer), which the node's
-/// session refreshes carry: a re-INVITE that changes nothing (RFC 4028 section 7.4), because
-/// a callee need not allow UPDATE. The offer's version is left as it is: the same SDP again is
-/// no change (RFC 3264 section 8).
-struct Refreshable<L> {
-    inner: L,
-    sent: Vec<u8>,
-}
-
-impl<L: LocalMedia> LocalMedia for Refreshable<L> {
-    fn ack_answer(&mut self, body: &[u8]) -> Result<(), SdpError> {
-        self.inner.ack_answer(body)
-    }
-
-    fn answer(&mut self, offer: &[u8]) -> Result<Vec<u8>, u16> {
-        let answer = self.inner.answer(offer)?;
-        self.sent.clone_from(&answer);
-        Ok(answer)
-    }
-
-    fn send_dtmf_to_agent(&mut self, dtmf: &InfoDtmf) -> bool {
-        self.inner.send_dtmf_to_agent(dtmf)
-    }
-
-    fn last_sent(&self) -> Option<Vec<u8>> {
-        Some(self.sent.clone())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Answers every offer with "answer N", counting; refuses "bad" with 488.
-    #[derive(Default)]
-    struct Counting(u32);
-
-    impl LocalMedia for Counting {
-        fn ack_answer(&mut self, _body: &[u8]) -> Result<(), SdpError> {
-            Ok(())
-        }
-        fn answer(&mut self, offer: &[u8]) -> Result<Vec<u8>, u16> {
-            if offer == b"bad" {
-                return Err(488);
-            }
-            self.0 += 1;
-            Ok(format!("answer {}", self.0).into_bytes())
-        }
-    }
-
-    #[test]
-    fn the_refreshed_sdp_is_the_offer_then_each_answer_given() {
-        let mut media = Refreshable { inner: Counting::default(), sent: b"offer".to_vec() };
-        assert_eq!(media.last_sent().as_deref(), Some(b"offer".as_slice()));
-        assert_eq!(media.answer(b"hold"), Ok(b"answer 1".to_vec()));
-        assert_eq!(media.last_sent().as_deref(), Some(b"answer 1".as_slice()));
-        assert_eq!(media.answer(b"bad"), Err(488));
-        assert_eq!(media.last_sent().as_deref(), Some(b"answer 1".as_slice()), "a refused offer changes nothing");
-    }
 }
