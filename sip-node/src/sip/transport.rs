@@ -433,15 +433,6 @@ fn loopback_or_unspecified(to: SocketAddr, local: SocketAddr) -> IpAddr {
     if to.ip().is_loopback() { to.ip() } else { local.ip() }
 }
 
-/// [`stamp_parsed`] for a request whose top Via is not parsed yet (the tests' entry).
-#[cfg(test)]
-fn stamp_received(request: &mut rsip::Request, source: SocketAddr) {
-    use rsip::prelude::*;
-    let Ok(via) = request.via_header() else { return };
-    let Ok(typed) = via.typed() else { return };
-    stamp_parsed(request, typed, source);
-}
-
 /// RFC 3261 18.2.1 and RFC 3581: records the source address in the top Via as `received`, and
 /// fills in an empty `rport`, so that responses find their way back through NAT. `typed` is the
 /// request's top Via as [`message::parse_keeping_via`] parsed it, so that a request's Via is
@@ -604,6 +595,14 @@ impl Drop for ConnectionEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`stamp_parsed`] for a request whose top Via is not parsed yet.
+    fn stamp_received(request: &mut rsip::Request, source: SocketAddr) {
+        use rsip::prelude::*;
+        let Ok(via) = request.via_header() else { return };
+        let Ok(typed) = via.typed() else { return };
+        stamp_parsed(request, typed, source);
+    }
 
     /// The SIP UDP socket holds at least what `net.core.rmem_max` lets any socket ask for (up
     /// to [`UDP_RECEIVE_BUFFER`]), not the kernel's default that overflowed at 1,500 calls/s.
