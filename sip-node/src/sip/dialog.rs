@@ -66,13 +66,21 @@ impl Dialog {
     }
 
     /// The UAC side of a dialog established by `response` (18x with tag or 2xx) to our
-    /// `invite`; the route set is the response's Record-Route reversed (RFC 3261 12.1.2).
-    pub fn as_uac(invite: &Request, response: &Response, peer: Peer, contact: String) -> Option<Dialog> {
+    /// `invite`, whose From tag is `local_tag` (passed in: the caller chose it, and reading it
+    /// back costs an rsip From parse); the route set is the response's Record-Route reversed
+    /// (RFC 3261 12.1.2).
+    pub fn as_uac(
+        invite: &Request,
+        local_tag: &str,
+        response: &Response,
+        peer: Peer,
+        contact: String,
+    ) -> Option<Dialog> {
         let mut route_set = record_routes(&response.headers);
         route_set.reverse();
         Some(Dialog {
             call_id: message::call_id(invite),
-            local_tag: message::from_tag(invite)?,
+            local_tag: local_tag.to_string(),
             local: invite.from_header().ok()?.value().to_string(),
             remote: response.to_header().ok()?.value().to_string(),
             remote_target: contact_uri(response).unwrap_or_else(|| invite.uri.clone()),

@@ -256,7 +256,8 @@ impl<'c> InviteClient<'c> {
     async fn on_answer(&mut self, response: Response) -> InviteEvent {
         let endpoint = &self.ctx.endpoint;
         let contact = endpoint.contact_for(self.setup.peer, &self.setup.contact_user);
-        let Some(mut dialog) = Dialog::as_uac(&self.invite, &response, self.setup.peer, contact) else {
+        let Some(mut dialog) = Dialog::as_uac(&self.invite, &self.setup.tag, &response, self.setup.peer, contact)
+        else {
             return failed(502, format!("unusable 2xx from {}", self.setup.gateway), true);
         };
         dialog.peer = in_dialog_peer(self.ctx, &dialog, self.setup.peer).await;
@@ -348,7 +349,9 @@ impl<'c> InviteClient<'c> {
     async fn send_prack(&mut self, response: &Response, rack: Header) {
         let endpoint = &self.ctx.endpoint;
         let contact = endpoint.contact_for(self.setup.peer, &self.setup.contact_user);
-        let Some(mut early) = Dialog::as_uac(&self.invite, response, self.setup.peer, contact) else { return };
+        let Some(mut early) = Dialog::as_uac(&self.invite, &self.setup.tag, response, self.setup.peer, contact) else {
+            return;
+        };
         early.peer = in_dialog_peer(self.ctx, &early, self.setup.peer).await;
         early.local_cseq = early.local_cseq.max(self.prack_cseq);
         let mut prack = early.request(Method::PRack, endpoint.via_for(early.peer), None, None);

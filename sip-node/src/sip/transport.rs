@@ -62,6 +62,9 @@ pub struct Peer {
 #[derive(Debug)]
 pub struct Received {
     pub message: Incoming,
+    /// A request's To tag as the parse read it (`None` for responses), so that the endpoint
+    /// need not parse the To header again to find the dialog.
+    pub to_tag: Option<String>,
     pub peer: Peer,
     /// What the configuration says about the source (see [`super::guard`]).
     pub source: SourceClass,
@@ -327,9 +330,9 @@ impl TransportLayer {
             self.metrics.message_dropped("unknown_source");
             return;
         }
-        match message::parse_keeping_via(bytes, peer.protocol.is_reliable()) {
-            Ok((mut incoming, top_via)) => {
-                if source == SourceClass::Unknown && !in_dialog(&incoming) {
+        match message::parse_checked(bytes, peer.protocol.is_reliable()) {
+            Ok((mut incoming, message::Checked { top_via, to_tag })) => {
+                if source == SourceClass::Unknown && !in_dialog(&incoming, to_tag.is_some()) {
                     self.metrics.message_dropped("unknown_source");
                     if self.guard.unknown_sources() == UnknownSources::Reject {
                         self.reject(&incoming, peer).await;
@@ -339,7 +342,9 @@ impl TransportLayer {
                 if let Incoming::Message(rsip::SipMessage::Request(request)) = &mut incoming {
                     stamp_parsed(request, top_via, peer.addr);
                 }
-                if self.sink.send(Received { message: incoming, peer, source }).await.is_err() {
+                let to_tag =
+                    if matches!(incoming, Incoming::Message(rsip::SipMessage::Request(_))) { to_tag } else { None };
+                if self.sink.send(Received { message: incoming, to_tag, peer, source }).await.is_err() {
                     self.metrics.message_dropped("shutdown");
                 }
             }
@@ -377,10 +382,10 @@ impl TransportLayer {
 
 /// Whether a message may belong to something the node started: a response (to one of its
 /// requests), or a request with a To tag (in a dialog). The endpoint decides whether it does.
-fn in_dialog(incoming: &Incoming) -> bool {
+fn in_dialog(incoming: &Incoming, has_to_tag: bool) -> bool {
     match incoming {
         Incoming::Message(rsip::SipMessage::Response(_)) => true,
-        Incoming::Message(rsip::SipMessage::Request(request)) => message::to_tag(request).is_some(),
+        Incoming::Message(rsip::SipMessage::Request(_)) => has_to_tag,
         Incoming::UnknownMethod { .. } => false,
     }
 }
@@ -435,7 +440,7 @@ fn loopback_or_unspecified(to: SocketAddr, local: SocketAddr) -> IpAddr {
 
 /// RFC 3261 18.2.1 and RFC 3581: records the source address in the top Via as `received`, and
 /// fills in an empty `rport`, so that responses find their way back through NAT. `typed` is the
-/// request's top Via as [`message::parse_keeping_via`] parsed it, so that a request's Via is
+/// request's top Via as [`message::parse_checked`] parsed it, so that a request's Via is
 /// parsed once on its way in, not twice.
 fn stamp_parsed(request: &mut rsip::Request, mut typed: rsip::typed::Via, source: SocketAddr) {
     use rsip::common::uri::param::{OtherParam, OtherParamValue};

@@ -25,12 +25,27 @@ pub(super) enum ServerTxn {
 
 pub(super) struct ServerEntry {
     pub(super) txn: ServerTxn,
+    /// The request's To tag as the transport parsed it, for delivering it to its dialog.
+    pub(super) to_tag: Option<String>,
     pub(super) peer: Peer,
     pub(super) source: SourceClass,
     pub(super) tu: Option<TuSender>,
     pub(super) cancelled: bool,
     /// A non-carrier's share of the transaction budget, given back when the entry goes.
     pub(super) _slot: Option<Slot>,
+}
+
+impl ServerEntry {
+    /// A new transaction's entry, its user not known yet.
+    pub(super) fn new(
+        txn: ServerTxn,
+        to_tag: Option<String>,
+        peer: Peer,
+        source: SourceClass,
+        slot: Option<Slot>,
+    ) -> Self {
+        ServerEntry { txn, to_tag, peer, source, tu: None, cancelled: false, _slot: slot }
+    }
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]

@@ -287,7 +287,7 @@ impl Core {
     }
 
     fn on_received(&mut self, received: Received) {
-        let Received { peer, source, .. } = received;
+        let Received { peer, source, to_tag, .. } = received;
         match received.message {
             Incoming::UnknownMethod { method, request } => {
                 self.metrics.message_received("unknown");
@@ -302,7 +302,7 @@ impl Core {
             }
             Incoming::Message(SipMessage::Request(request)) => {
                 self.metrics.message_received(&request.method.to_string());
-                self.on_request(request, peer, source);
+                self.on_request(request, to_tag, peer, source);
             }
         }
     }
@@ -333,7 +333,8 @@ impl Core {
         self.metrics.message_dropped("stray_response");
     }
 
-    fn on_request(&mut self, request: Request, peer: Peer, source: SourceClass) {
+    /// `to_tag` is the request's To tag as the transport's parse read it ([`Received::to_tag`]).
+    fn on_request(&mut self, request: Request, to_tag: Option<String>, peer: Peer, source: SourceClass) {
         let Some(key) = TransactionKey::for_server_request(&request) else {
             // RFC 2543 peers without the magic cookie are not supported; say so.
             if source != SourceClass::Unknown {
@@ -354,9 +355,9 @@ impl Core {
         // it gets no answer and no transaction (the transports already dropped what is
         // plainly out of dialog).
         if source == SourceClass::Unknown {
-            let dialog = message::to_tag(&request).is_some_and(|tag| {
+            let dialog = to_tag.as_ref().is_some_and(|tag| {
                 let call_id = message::call_id(&request);
-                self.dialogs.contains_key(&(call_id, tag))
+                self.dialogs.contains_key(&(call_id, tag.clone()))
             });
             if !dialog {
                 self.metrics.message_dropped("unknown_source");
@@ -366,7 +367,7 @@ impl Core {
         match request.method {
             Method::Ack => {
                 // ACK for a 2xx: no transaction, it belongs to the dialog.
-                if let Some(tag) = message::to_tag(&request)
+                if let Some(tag) = to_tag
                     && let Some(tu) = self.dialogs.get(&(message::call_id(&request), tag))
                 {
                     let _ = tu.send(TuEvent::Request { request, key: None, peer });
@@ -375,7 +376,7 @@ impl Core {
                 }
             }
             Method::Cancel => self.on_cancel(request, key, peer, source),
-            _ => self.start_server(request, key, peer, source),
+            _ => self.start_server(request, to_tag, key, peer, source),
         }
     }
 
@@ -416,15 +417,20 @@ impl Core {
         let (txn, mut actions) = ServerNonInvite::new(request.clone(), peer.protocol.is_reliable(), &self.timers);
         actions.retain(|a| !matches!(a, Action::Deliver(_)));
         self.metrics.server_transaction_started();
-        let entry =
-            ServerEntry { txn: ServerTxn::NonInvite(txn), peer, source, tu: None, cancelled: false, _slot: slot };
-        self.servers.insert(key.clone(), entry);
+        self.servers.insert(key.clone(), ServerEntry::new(ServerTxn::NonInvite(txn), None, peer, source, slot));
         self.apply(TxnRef::Server(key.clone()), actions, false);
         let response = response_to(&request, code, None, None);
         self.on_command(Command::Respond { key, response });
     }
 
-    fn start_server(&mut self, request: Request, key: TransactionKey, peer: Peer, source: SourceClass) {
+    fn start_server(
+        &mut self,
+        request: Request,
+        to_tag: Option<String>,
+        key: TransactionKey,
+        peer: Peer,
+        source: SourceClass,
+    ) {
         let Ok(slot) = self.transaction_slot(peer, source) else { return };
         let reliable = peer.protocol.is_reliable();
         let (txn, actions) = if request.method == Method::Invite {
@@ -435,13 +441,16 @@ impl Core {
             (ServerTxn::NonInvite(txn), actions)
         };
         self.metrics.server_transaction_started();
-        self.servers.insert(key.clone(), ServerEntry { txn, peer, source, tu: None, cancelled: false, _slot: slot });
+        self.servers.insert(key.clone(), ServerEntry::new(txn, to_tag, peer, source, slot));
         self.apply(TxnRef::Server(key), actions, false);
     }
 
     /// Hands a new server transaction's request to its dialog or to the router, unless it
     /// requires an extension the node does not implement (`420`, in or out of a dialog).
-    fn deliver_request(&mut self, key: TransactionKey, request: Request, peer: Peer, source: SourceClass) {
+    fn deliver_request(&mut self, key: TransactionKey, request: Request) {
+        let Some((peer, source, to_tag)) = self.servers.get(&key).map(|e| (e.peer, e.source, e.to_tag.clone())) else {
+            return;
+        };
         let unsupported = message::unsupported_requirements(&request.headers);
         if !unsupported.is_empty() {
             tracing::debug!(method = %request.method, peer = %peer.addr, ?unsupported, "request requires unsupported extensions");
@@ -450,7 +459,7 @@ impl Core {
             self.on_command(Command::Respond { key, response });
             return;
         }
-        if let Some(tag) = message::to_tag(&request) {
+        if let Some(tag) = to_tag {
             if let Some(tu) = self.dialogs.get(&(message::call_id(&request), tag)).cloned() {
                 if let Some(entry) = self.servers.get_mut(&key) {
                     entry.tu = Some(tu.clone());
@@ -511,9 +520,7 @@ impl Core {
                         }
                     }
                     (TxnRef::Server(key), SipMessage::Request(request)) => {
-                        if let Some((peer, source)) = self.servers.get(key).map(|e| (e.peer, e.source)) {
-                            self.deliver_request(key.clone(), request, peer, source);
-                        }
+                        self.deliver_request(key.clone(), request);
                     }
                     _ => {}
                 },

@@ -191,14 +191,23 @@ fn declared_length(head: &str) -> Result<Option<usize>, ParseError> {
 /// Parses one message. `stream` says whether it came framed from TCP (Content-Length is then
 /// mandatory and exact) or as a UDP datagram (a missing Content-Length means "the rest").
 pub fn parse(bytes: &[u8], stream: bool) -> Result<Incoming, ParseError> {
-    parse_keeping_via(bytes, stream).map(|(incoming, _)| incoming)
+    parse_checked(bytes, stream).map(|(incoming, _)| incoming)
 }
 
-/// [`parse`], also returning the top Via as the mandatory-header check parsed it. Parsing a Via
-/// with rsip costs about as much as the rest of the message; the transport needs the typed top
-/// Via of every request it stamps (`received`, `rport`), and takes it from here instead of
-/// parsing it a second time.
-pub fn parse_keeping_via(bytes: &[u8], stream: bool) -> Result<(Incoming, rsip::typed::Via), ParseError> {
+/// What [`check_mandatory`] parsed on the way, handed on so that no later layer parses it again:
+/// rsip's typed Via and To parses cost about as much as the rest of the message. The transport
+/// stamps requests through `top_via` (`received`, `rport`); the endpoint routes in-dialog
+/// requests by `to_tag` (three To parses per call before, issue 22).
+#[derive(Debug)]
+pub struct Checked {
+    /// The top Via, typed.
+    pub top_via: rsip::typed::Via,
+    /// The To tag, as [`to_tag`] would read it.
+    pub to_tag: Option<String>,
+}
+
+/// [`parse`], also returning what the mandatory-header check parsed (see [`Checked`]).
+pub fn parse_checked(bytes: &[u8], stream: bool) -> Result<(Incoming, Checked), ParseError> {
     if bytes.len() > MAX_MESSAGE_SIZE {
         return Err(ParseError::TooLarge(bytes.len()));
     }
@@ -216,12 +225,12 @@ pub fn parse_keeping_via(bytes: &[u8], stream: bool) -> Result<(Incoming, rsip::
     let mut raw = head.into_bytes();
     raw.extend_from_slice(body);
     let message = tokenize(&raw).map_err(|e| ParseError::Malformed(truncate(&e.to_string()).to_string()))?;
-    let top_via = check_mandatory(&message)?;
+    let checked = check_mandatory(&message)?;
     let incoming = match (unknown_method, message) {
         (Some(method), SipMessage::Request(request)) => Incoming::UnknownMethod { method, request },
         (_, message) => Incoming::Message(message),
     };
-    Ok((incoming, top_via))
+    Ok((incoming, checked))
 }
 
 /// rsip's `SipMessage::try_from`, without its failed first try: it parses every message as a
@@ -239,8 +248,8 @@ fn tokenize(raw: &[u8]) -> Result<SipMessage, rsip::Error> {
 }
 
 /// RFC 3261 8.1.1: Via, From, To, Call-ID and CSeq must be present and parse; the upper layers
-/// rely on it and never have to handle their absence. Returns the parsed top Via.
-fn check_mandatory(message: &SipMessage) -> Result<rsip::typed::Via, ParseError> {
+/// rely on it and never have to handle their absence. Returns what it parsed.
+fn check_mandatory(message: &SipMessage) -> Result<Checked, ParseError> {
     let via = message.via_header().map_err(|_| ParseError::MissingHeader("Via"))?;
     let top_via = via.typed().map_err(|_| ParseError::MissingHeader("Via"))?;
     message
@@ -248,7 +257,7 @@ fn check_mandatory(message: &SipMessage) -> Result<rsip::typed::Via, ParseError>
         .map_err(|_| ParseError::MissingHeader("From"))?
         .typed()
         .map_err(|_| ParseError::MissingHeader("From"))?;
-    message
+    let to = message
         .to_header()
         .map_err(|_| ParseError::MissingHeader("To"))?
         .typed()
@@ -262,7 +271,7 @@ fn check_mandatory(message: &SipMessage) -> Result<rsip::typed::Via, ParseError>
     if number.is_none() || cseq.value().split_whitespace().count() != 2 {
         return Err(ParseError::MissingHeader("CSeq"));
     }
-    Ok(top_via)
+    Ok(Checked { top_via, to_tag: to.tag().map(|tag| tag.value().to_string()) })
 }
 
 /// A `400 Bad Request` for bytes that did not parse, built from their raw header lines when

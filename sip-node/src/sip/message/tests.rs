@@ -34,6 +34,21 @@ fn compact_headers_folding_and_datagram_truncation() {
     assert_eq!(header_value(&request.headers, "subject").as_deref(), Some("a folded"));
 }
 
+/// The endpoint routes by the To tag the parse hands on instead of parsing To again: it must be
+/// the tag `to_tag` reads, with a tag, without one, and with the tag among other parameters.
+#[test]
+fn the_checked_to_tag_is_the_one_to_tag_reads() {
+    let tagged = INVITE.replace("t: <sip:+15551234567@10.0.0.1>", "t: <sip:+15551234567@10.0.0.1>;x=1;tag=a6c85cf");
+    let bare = INVITE.replace("t: <sip:+15551234567@10.0.0.1>", "To: sip:+15551234567@10.0.0.1;tag=b7");
+    for (text, want) in [(INVITE.to_string(), None), (tagged, Some("a6c85cf")), (bare, Some("b7"))] {
+        let (incoming, checked) = parse_checked(text.as_bytes(), false).unwrap();
+        let Incoming::Message(message) = incoming else { panic!("unexpected {incoming:?}") };
+        assert_eq!(checked.to_tag.as_deref(), want, "{text}");
+        assert_eq!(checked.to_tag, to_tag(&message), "{text}");
+        assert_eq!(checked.top_via.branch().map(|b| b.to_string()), Some("z9hG4bK776asdhds".to_string()));
+    }
+}
+
 #[test]
 fn short_body_and_missing_length_on_streams_are_errors() {
     let short = INVITE.replace("l: 4", "l: 400");
