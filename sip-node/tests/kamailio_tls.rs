@@ -200,9 +200,11 @@ struct Registration {
     unreachable_reason: Option<String>,
 }
 
-/// Waits (bounded) until the trunk's registration row satisfies `check`.
+/// Waits (bounded) until the trunk's registration row satisfies `check`. The bound is wide:
+/// under CI's load (two tests at once, each with a Kamailio doing TLS) a registration that
+/// takes 3 s alone stayed "registering" past 20 s once.
 async fn wait_registration(pool: &PgPool, what: &str, check: impl Fn(&Registration) -> bool) -> Registration {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let row: Option<Registration> = sqlx::query_as(
             "SELECT state, last_error, reachable, unreachable_reason FROM registrations WHERE trunk_name = 'kamailio'",
