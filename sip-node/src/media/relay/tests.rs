@@ -108,7 +108,14 @@ async fn packets_flow_both_ways_in_order_and_ports_are_released() {
         let (packet, _) = recv(&s.caller).await;
         assert_eq!(RtpPacket::parse(&packet).unwrap().payload, &[!(i as u8); 160]);
     }
-    let stats = s.handle.stats();
+    // The relay counts a packet once its send returned, which can be just after the packet
+    // reached the test's socket: wait (bounded) for the last count.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let mut stats = s.handle.stats();
+    while stats.a.packets_out < 20 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        stats = s.handle.stats();
+    }
     assert_eq!(stats.a.packets_in, 20);
     assert_eq!(stats.b.packets_out, 20);
     assert_eq!(stats.b.packets_in, 20);
